@@ -1,0 +1,149 @@
+"""From flags to tensors: parse a dataset, pick train/eval groups, embed, build GroupData.
+
+This is the only place that knows every dataset; the training code sees `ExperimentData`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.seeding import generator
+
+from .schema import DataError, GroupData, RawDataset, build_group_data
+from .synthetic import SyntheticSpec, make_synthetic
+
+DATASETS = ("globalqa", "opinionqa", "synthetic")
+# Default share of groups used for training when groups are split at random (paper: 60/40).
+DEFAULT_GROUP_SPLIT = 0.6
+
+
+@dataclass
+class ExperimentData:
+    dataset: str
+    train: dict[str, GroupData]
+    eval: dict[str, GroupData]
+    dim_x: int
+    has_ordinals: bool
+    info: dict = field(default_factory=dict)
+
+
+def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool = False,
+                     groups: list[str] | None = None, log=print) -> RawDataset:
+    """Parse a real dataset's files (globalqa or opinionqa) without embedding them."""
+    if dataset == "globalqa":
+        from .globalqa import load_globalqa
+        return load_globalqa(data_path, groups=groups, strict=strict, log=log)
+    if dataset == "opinionqa":
+        from .opinionqa import resolve_root, load_opinionqa
+        return load_opinionqa(resolve_root(data_path), groups=groups, strict=strict, log=log)
+    raise DataError(f"--dataset {dataset!r} has no files to parse",
+                    f"choose one of {', '.join(DATASETS)}")
+
+
+def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] | None]:
+    """(all default groups, default train list, default eval list) for a dataset."""
+    if dataset == "globalqa":
+        from .globalqa import COUNTRIES, EVAL_GROUPS, TRAIN_GROUPS
+        return COUNTRIES, TRAIN_GROUPS, EVAL_GROUPS
+    if dataset == "opinionqa":
+        from .opinionqa import OPINIONQA_GROUPS
+        return list(OPINIONQA_GROUPS), None, None
+    raise ValueError(dataset)
+
+
+def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded random train/eval split of `pool`; at least one group on each side."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--group_split {fraction} must be in (0, 1)",
+                        "it is the share of groups used for training, e.g. 0.6")
+    if len(pool) < 2:
+        raise DataError(f"cannot split {len(pool)} group(s) into train and eval",
+                        "name at least two groups")
+    perm = torch.randperm(len(pool), generator=generator(seed, "group_split")).tolist()
+    n_train = min(max(1, round(fraction * len(pool))), len(pool) - 1)
+    shuffled = [pool[i] for i in perm]
+    return sorted(shuffled[:n_train]), sorted(shuffled[n_train:])
+
+
+def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: int,
+                  all_groups: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Resolve --train_groups / --eval_groups / --group_split into two disjoint lists."""
+    if dataset == "synthetic":
+        pool, fixed_train, fixed_eval = list(all_groups), None, None
+    else:
+        pool, fixed_train, fixed_eval = default_pool(dataset)
+    if train_groups and eval_groups and group_split is None:
+        train, evals = list(train_groups), list(eval_groups)
+    elif train_groups or eval_groups:
+        if group_split is not None:
+            pool = list(train_groups or []) + list(eval_groups or [])
+            train, evals = split_groups(pool, group_split, seed)
+        else:
+            named = list(train_groups or eval_groups)
+            rest = [g for g in pool if g not in named]
+            train, evals = (named, rest) if train_groups else (rest, named)
+    elif group_split is not None or fixed_train is None:
+        train, evals = split_groups(pool, group_split or DEFAULT_GROUP_SPLIT, seed)
+    else:
+        train, evals = list(fixed_train), list(fixed_eval)
+    overlap = sorted(set(train) & set(evals))
+    if overlap:
+        raise DataError(f"groups {overlap} are in both --train_groups and --eval_groups",
+                        "a group is either a training client or a held-out evaluation group")
+    for flag, names in (("--train_groups", train), ("--eval_groups", evals)):
+        if not names:
+            raise DataError(f"{flag} resolved to no groups", "name at least one group for each role")
+        if len(set(names)) != len(names):
+            raise DataError(f"{flag} names a group twice: {names}", "list each group once")
+    return train, evals
+
+
+def prepare_experiment(args, log=print) -> ExperimentData:
+    """Everything a run needs from the data flags: groups as tensors, plus provenance."""
+    t0 = time.perf_counter()
+    if args.dataset == "synthetic":
+        raw, emb = make_synthetic(synthetic_spec(args))
+        train, evals = choose_groups("synthetic", args.train_groups, args.eval_groups,
+                                     args.group_split, args.seed, all_groups=list(raw.groups))
+        emb_info = {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
+    else:
+        train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups,
+                                     args.group_split, args.seed)
+        raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict,
+                               groups=train + evals, log=log)
+        from .embeddings import get_embeddings
+        emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(train + evals)},
+                                       cache_dir=args.cache_dir, device=args.emb_device,
+                                       batch_size=args.emb_batch_size, dtype=args.emb_dtype,
+                                       pickle_path=args.emb_pickle, log=log)
+    for line in raw.report.lines():
+        log(line)
+    unknown = [g for g in train + evals if g not in raw.groups]
+    if unknown:
+        raise DataError(f"group(s) {unknown} not found in the {args.dataset} data",
+                        f"available: {', '.join(sorted(raw.groups))}")
+    build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
+    data = ExperimentData(args.dataset, build(train), build(evals), int(emb.shape[1]),
+                          raw.bank.ordinals is not None)
+    data.info = {"source_hash": raw.source_hash, "source": raw.report.source,
+                 "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
+                 "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
+                 "load_seconds": round(time.perf_counter() - t0, 3)}
+    log_groups(data, log)
+    return data
+
+
+def synthetic_spec(args) -> SyntheticSpec:
+    return SyntheticSpec(num_groups=args.syn_groups, num_questions=args.syn_questions,
+                         min_options=args.syn_min_options, max_options=args.syn_max_options,
+                         dim=args.syn_dim, seed=args.seed)
+
+
+def log_groups(data: ExperimentData, log=print) -> None:
+    for role, groups in (("train", data.train), ("eval", data.eval)):
+        for name, g in groups.items():
+            log(f"  {role:5s} {name}: {g.num_questions} questions, {g.num_points} options")
+    log(f"loaded {data.dataset}: {len(data.train)} train + {len(data.eval)} eval groups, "
+        f"dim {data.dim_x}, in {data.info['load_seconds']:.2f} s")

@@ -1,0 +1,105 @@
+"""Episodes: which questions of a group are context and which are targets, as padded tensors.
+
+Sampling follows method.md §4: draw n_ctx and n_tar, shuffle the group's questions, take
+the first n_ctx as context and the next n_tar as targets. Collation gathers the points of
+those questions from the group's CSR tensors in one vectorised step per episode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.gpo import Episode
+
+from .schema import DataError, GroupData, gather_points
+
+
+@dataclass(frozen=True)
+class EpisodeSizes:
+    """Bounds on context / target questions per episode (flags *_ctx_num_qs, *_tar_num_qs)."""
+
+    min_ctx: int = 10
+    max_ctx: int = 100
+    min_tar: int = 10
+    max_tar: int = 100
+
+    def validate(self) -> None:
+        for lo, hi, name in ((self.min_ctx, self.max_ctx, "ctx"), (self.min_tar, self.max_tar, "tar")):
+            if not 1 <= lo <= hi:
+                raise DataError(f"--min_{name}_num_qs {lo} / --max_{name}_num_qs {hi}: need 1 <= min <= max",
+                                "both bounds count questions per episode")
+
+    def draw(self, gen: torch.Generator) -> tuple[int, int]:
+        n_ctx = int(torch.randint(self.min_ctx, self.max_ctx + 1, (1,), generator=gen))
+        n_tar = int(torch.randint(self.min_tar, self.max_tar + 1, (1,), generator=gen))
+        return n_ctx, n_tar
+
+    def check_group(self, group: GroupData, role: str) -> None:
+        need = self.min_ctx + self.min_tar
+        if group.num_questions < need:
+            raise DataError(
+                f"{role} group {group.name!r} has {group.num_questions} questions, fewer than "
+                f"--min_ctx_num_qs + --min_tar_num_qs = {need}",
+                "lower --min_ctx_num_qs / --min_tar_num_qs, or drop the group")
+
+
+def choose_questions(num_q: int, n_ctx: int, n_tar: int, min_tar: int,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, target) question indices of one episode.
+
+    A group with fewer questions than n_ctx + n_tar keeps at least `min_tar` targets by
+    shortening the context, then gets fewer targets (method.md §4: "fewer if the group has
+    fewer questions").
+    """
+    n_ctx = max(1, min(n_ctx, num_q - min_tar))
+    perm = torch.randperm(num_q, generator=gen)
+    return perm[:n_ctx], perm[n_ctx:n_ctx + n_tar]
+
+
+def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torch.Tensor],
+            tgt_groups: list[GroupData] | None = None) -> Episode:
+    """Pad one episode per group into a batch. Question order within an episode is kept.
+
+    Targets come from `tgt_groups` when given (a training group's held-out questions are
+    a separate GroupData from the local questions its context is drawn from).
+    """
+    B = len(groups)
+    tgt_groups = tgt_groups or groups
+    dev = groups[0].offsets.device
+    ctx_parts = [gather_points(g.offsets, q.to(dev)) for g, q in zip(groups, ctx_q)]
+    tgt_parts = [gather_points(g.offsets, q.to(dev)) for g, q in zip(tgt_groups, tgt_q)]
+    nc = max(len(p) for p, _ in ctx_parts)
+    nt = max(len(p) for p, _ in tgt_parts)
+    ref = groups[0].x
+    D = ref.shape[1]
+    xc, yc = ref.new_zeros(B, nc, D), ref.new_zeros(B, nc)
+    xt, yt = ref.new_zeros(B, nt, D), ref.new_zeros(B, nt)
+    ctx_mask = torch.zeros(B, nc, dtype=torch.bool, device=ref.device)
+    tgt_mask = torch.zeros(B, nt, dtype=torch.bool, device=ref.device)
+    tgt_seg = torch.zeros(B, nt, dtype=torch.long, device=ref.device)
+    for b, (g, tg, (cp, _), (tp, tseg)) in enumerate(zip(groups, tgt_groups, ctx_parts, tgt_parts)):
+        xc[b, :len(cp)], yc[b, :len(cp)], ctx_mask[b, :len(cp)] = g.x[cp], g.y[cp], True
+        xt[b, :len(tp)], yt[b, :len(tp)], tgt_mask[b, :len(tp)] = tg.x[tp], tg.y[tp], True
+        tgt_seg[b, :len(tp)] = tseg
+    num_tgt_q = max(len(q) for q in tgt_q)
+    return Episode(xc, yc, ctx_mask, xt, yt, tgt_mask, tgt_seg, num_tgt_q)
+
+
+def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) -> Episode:
+    """One training episode of one group (a client's local step)."""
+    n_ctx, n_tar = sizes.draw(gen)
+    c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
+    return collate([group], [c], [t])
+
+
+def sample_batch(groups: list[GroupData], sizes: EpisodeSizes, gen: torch.Generator,
+                 shared_sizes: bool = True) -> Episode:
+    """One episode per group in one padded batch.
+
+    shared_sizes=True draws n_ctx, n_tar once for the batch (the released code's
+    centralized batch); False draws them per group.
+    """
+    drawn = [sizes.draw(gen)] * len(groups) if shared_sizes else [sizes.draw(gen) for _ in groups]
+    picks = [choose_questions(g.num_questions, nc, nt, sizes.min_tar, gen) for g, (nc, nt) in zip(groups, drawn)]
+    return collate(groups, [c for c, _ in picks], [t for _, t in picks])

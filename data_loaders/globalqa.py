@@ -1,0 +1,182 @@
+"""GlobalOpinionQA (Anthropic/llm_global_opinions) from its hub CSV (method.md §1).
+
+Each CSV row is one question; `selections` holds every surveyed country's answer
+distribution. We keep a question when every *considered* group that appears in it has a
+non-empty, non-zero vector (the paper's filter over its 14 countries), and emit one
+preference record per (question, considered group).
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset
+
+HUB_REPO = "Anthropic/llm_global_opinions"
+HUB_FILE = "data/global_opinions.csv"
+ENV_VAR = "PLURALLLM_GLOBALQA_CSV"
+
+# The paper's 14 countries and the released code's fixed split (method.md §1).
+TRAIN_GROUPS = ["Nigeria", "Egypt", "India (Current national sample)", "Germany",
+                "United States", "Canada", "Argentina", "Australia"]
+EVAL_GROUPS = ["China", "Japan", "France", "Spain", "Brazil", "New Zealand"]
+COUNTRIES = TRAIN_GROUPS + EVAL_GROUPS
+
+
+def resolve_csv(data_path: str | None, log=print) -> Path:
+    """--data_path, else $PLURALLLM_GLOBALQA_CSV, else download from the hub."""
+    for origin, value in (("--data_path", data_path), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise DataError(f"GlobalOpinionQA CSV not found: {path} (from {origin})",
+                                "pass the path of global_opinions.csv with --data_path")
+            return path
+    return _download_csv(log)
+
+
+def _download_csv(log) -> Path:
+    log(f"downloading {HUB_FILE} of the dataset {HUB_REPO} from the Hugging Face hub")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset",
+                                    local_files_only=bool(HF_HUB_OFFLINE), etag_timeout=10))
+    except Exception as err:  # offline, DNS failure, gated repo, ...: one clear message
+        raise DataError(f"could not download {HUB_FILE} of {HUB_REPO}: {type(err).__name__}: {err}",
+                        f"on a machine without internet pass the CSV with --data_path "
+                        f"or set ${ENV_VAR}") from err
+
+
+def parse_selections(text: str) -> dict:
+    """`defaultdict(<class 'list'>, {...})` -> the dict between the first `{` and its `}`."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise ValueError("no {...} dict literal")
+    value = ast.literal_eval(text[start:end + 1])
+    if not isinstance(value, dict):
+        raise ValueError(f"selections is a {type(value).__name__}, not a dict")
+    return value
+
+
+def parse_options(text: str) -> list[str]:
+    value = ast.literal_eval(text)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"options is a {type(value).__name__}, not a list")
+    return [str(o) for o in value]  # the hub file has numeric options: keep their text
+
+
+def _check_vector(vec, n_options: int) -> str | None:
+    """Why a group's vector cannot be used (None if it can)."""
+    if not isinstance(vec, (list, tuple)) or len(vec) == 0:
+        return "empty or non-list probability vector"
+    try:
+        arr = np.asarray(vec, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "non-numeric probability vector"
+    if not np.all(np.isfinite(arr)):
+        return "NaN or infinite probability"
+    if np.any(arr < 0):
+        return "negative probability"
+    if arr.sum() == 0:
+        return "all-zero probability vector"
+    if len(arr) != n_options:
+        return "options/selections length mismatch"
+    return None
+
+
+def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = None,
+                  strict: bool = False, log=print) -> RawDataset:
+    """Parse the hub CSV into a RawDataset restricted to `groups` (default: the paper's 14)."""
+    path = resolve_csv(data_path, log)
+    groups = list(groups or COUNTRIES)
+    wanted = set(groups)
+    report = LoadReport(source=str(path))
+    raw_bytes = path.read_bytes()
+    csv.field_size_limit(sys.maxsize)
+    reader = csv.DictReader(raw_bytes.decode("utf-8").splitlines(keepends=True))
+    missing = {"question", "selections", "options"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}",
+                        "the file must be the hub's data/global_opinions.csv format")
+
+    qkeys, questions, options = [], [], []
+    probs: dict[str, tuple[list[int], list[np.ndarray]]] = {g: ([], []) for g in groups}
+    seen_groups: set[str] = set()
+    unnormalised = 0
+    for qkey, row in enumerate(reader):
+        where = f"{path}: row {qkey} (data line {qkey + 2})"
+        question = (row.get("question") or "").strip()
+        if not question or not (row.get("options") or "").strip():
+            report.drop("empty question or options")
+            continue
+        try:
+            opts = parse_options(row["options"])
+            sel = parse_selections(row.get("selections") or "")
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
+            _bad_row(report, strict, where, f"unparsable row ({err})",
+                     "selections must hold a {...} dict literal and options a [...] list literal")
+            continue
+        if not opts:
+            report.drop("empty question or options")
+            continue
+        seen_groups.update(sel)
+        present = [g for g in groups if g in sel]
+        problems = {g: _check_vector(sel[g], len(opts)) for g in present}
+        bad = {g: why for g, why in problems.items() if why}
+        for g, why in bad.items():
+            if why == "options/selections length mismatch" and strict:
+                raise DataError(f"{where}: group {g!r} has {len(sel[g])} probabilities "
+                                f"for {len(opts)} options",
+                                "fix the row or drop --strict to skip such questions")
+        if bad:
+            # The paper's filter drops the whole question when any considered group is bad.
+            for why in set(bad.values()):
+                report.drop(f"question with a considered group's {why}")
+            continue
+        if not present:
+            report.drop("question answered by none of the considered groups")
+            continue
+        qkeys.append(qkey)
+        questions.append(question)
+        options.append(opts)
+        for g in present:
+            vec = np.asarray(sel[g], dtype=np.float64)
+            unnormalised += abs(vec.sum() - 1.0) > 1e-3
+            probs[g][0].append(qkey)
+            probs[g][1].append(vec / vec.sum())
+
+    unknown = [g for g in groups if g not in seen_groups]
+    if unknown:
+        raise DataError(f"{path}: group(s) {unknown} appear in no row's selections",
+                        _close_names_hint(unknown, seen_groups))
+    report.kept_questions = len(qkeys)
+    if unnormalised:
+        report.notes.append(f"{unnormalised} (question, group) vectors did not sum to 1 "
+                            "(|sum-1| > 1e-3) and were renormalised")
+    bank = QuestionBank(np.array(qkeys, dtype=np.int64), questions, options)
+    group_prefs = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in probs.items()}
+    return RawDataset("globalqa", bank, group_prefs, report,
+                      source_hash=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def _bad_row(report: LoadReport, strict: bool, where: str, what: str, hint: str) -> None:
+    if strict:
+        raise DataError(f"{where}: {what}", hint)
+    warnings.warn(f"{where}: {what}; skipped (use --strict to stop instead)", stacklevel=3)
+    report.drop("unparsable row")
+
+
+def _close_names_hint(unknown: list[str], known: set[str]) -> str:
+    import difflib
+    sugg = {u: difflib.get_close_matches(u, sorted(known), n=3) for u in unknown}
+    parts = [f"{u!r}: did you mean {', '.join(map(repr, s))}?" for u, s in sugg.items() if s]
+    return "; ".join(parts) or "check --train_groups / --eval_groups against the CSV's country names"
+

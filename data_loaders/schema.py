@@ -1,0 +1,179 @@
+"""The one data representation that flows through PluralLLM.
+
+A dataset is a `QuestionBank` (question texts and their options, shared by all groups)
+plus, per group, the group's answer distribution over each question it answered.
+`build_group_data` turns one group into tensors once, at load time: episodes and
+evaluation batches are index slices of those tensors, never re-parsed tables.
+
+Points are stored flat in CSR layout: question q of a group owns the points
+`offsets[q]:offsets[q+1]`, one point per option, ordered by option position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, row or flag, and ends with a hint."""
+
+    def __init__(self, what: str, hint: str | None = None):
+        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
+        self.hint = hint
+
+
+@dataclass
+class QuestionBank:
+    """Questions with their options, in the order embeddings are stored.
+
+    qkeys: stable integer key per question (GlobalOpinionQA: the CSV row index).
+    ordinals: per question, one number per option (OpinionQA's option_ordinal), or None.
+    """
+
+    qkeys: np.ndarray
+    questions: list[str]
+    options: list[list[str]]
+    ordinals: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        self.qkeys = np.asarray(self.qkeys, dtype=np.int64)
+        if not (len(self.qkeys) == len(self.questions) == len(self.options)):
+            raise ValueError("qkeys, questions and options must have the same length")
+        if self.ordinals is not None and len(self.ordinals) != len(self.options):
+            raise ValueError("ordinals must have one entry per question")
+        sizes = np.array([len(o) for o in self.options], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._row_of_qkey = {int(k): i for i, k in enumerate(self.qkeys)}
+
+    def __len__(self) -> int:
+        return len(self.qkeys)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.offsets[-1])
+
+    def row(self, qkey: int) -> int:
+        return self._row_of_qkey[int(qkey)]
+
+
+@dataclass
+class GroupPrefs:
+    """One group's answers: `probs[i]` is its distribution over the options of `qkeys[i]`."""
+
+    name: str
+    qkeys: np.ndarray
+    probs: list[np.ndarray]
+
+
+@dataclass
+class LoadReport:
+    """What a loader kept and dropped, in counts, with reasons: printed, never silent."""
+
+    source: str
+    kept_questions: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def lines(self) -> list[str]:
+        out = [f"{self.source}: kept {self.kept_questions} questions"]
+        out += [f"  dropped {n}: {reason}" for reason, n in sorted(self.dropped.items())]
+        out += [f"  note: {note}" for note in self.notes]
+        return out
+
+
+@dataclass
+class RawDataset:
+    """A parsed dataset before embedding: shared questions plus per-group answers."""
+
+    name: str
+    bank: QuestionBank
+    groups: dict[str, GroupPrefs]
+    report: LoadReport
+    source_hash: str  # content hash of the files it was read from (keys the embedding cache)
+
+
+@dataclass
+class GroupData:
+    """One group as tensors: everything a client, an episode or an evaluation needs.
+
+    x:        [P, D] option embeddings, P = total options over the group's questions
+    y:        [P]    the group's probability for each option (sums to 1 per question)
+    offsets:  [Q+1]  CSR offsets; question q owns points offsets[q]:offsets[q+1]
+    qkeys:    [Q]    question keys, ascending
+    ordinals: [P]    option ordinals (Wasserstein scoring) or None
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    offsets: torch.Tensor
+    qkeys: torch.Tensor
+    ordinals: torch.Tensor | None = None
+
+    @property
+    def num_questions(self) -> int:
+        return int(self.qkeys.numel())
+
+    @property
+    def num_points(self) -> int:
+        return int(self.y.numel())
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def subset(self, q_idx: torch.Tensor) -> "GroupData":
+        """The group restricted to questions `q_idx` (kept in the given order)."""
+        q_idx = torch.as_tensor(q_idx, dtype=torch.long)
+        points, _ = gather_points(self.offsets, q_idx)
+        sizes = self.sizes[q_idx]
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        ords = None if self.ordinals is None else self.ordinals[points]
+        return GroupData(self.name, self.x[points], self.y[points], offsets, self.qkeys[q_idx], ords)
+
+    def split(self, fraction: float) -> tuple["GroupData", "GroupData"]:
+        """Client-local split (method.md §4): first `fraction` of questions in qkey order."""
+        n_train = int(self.num_questions * fraction)
+        idx = torch.arange(self.num_questions)
+        return self.subset(idx[:n_train]), self.subset(idx[n_train:])
+
+    def to(self, device: torch.device | str) -> "GroupData":
+        ords = None if self.ordinals is None else self.ordinals.to(device)
+        return GroupData(self.name, self.x.to(device), self.y.to(device), self.offsets.to(device),
+                         self.qkeys.to(device), ords)
+
+
+def gather_points(offsets: torch.Tensor, q_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point indices of questions `q_idx` (in that order) and each point's position in q_idx.
+
+    Vectorised CSR gather: no Python loop over questions.
+    """
+    starts = offsets[q_idx]
+    sizes = offsets[q_idx + 1] - starts
+    seg = torch.repeat_interleave(torch.arange(len(q_idx), device=offsets.device), sizes)
+    first = torch.cumsum(sizes, 0) - sizes
+    points = starts[seg] + torch.arange(int(sizes.sum()), device=offsets.device) - first[seg]
+    return points, seg
+
+
+def build_group_data(raw: RawDataset, name: str, embeddings: torch.Tensor) -> GroupData:
+    """Tensors for one group from the shared embedding table (rows in bank order)."""
+    prefs = raw.groups[name]
+    bank = raw.bank
+    order = np.argsort(prefs.qkeys, kind="stable")
+    rows = np.array([bank.row(k) for k in prefs.qkeys[order]], dtype=np.int64)
+    rows_t = torch.from_numpy(rows)
+    points, _ = gather_points(torch.from_numpy(bank.offsets), rows_t)
+    sizes = torch.from_numpy(bank.offsets[rows + 1] - bank.offsets[rows])
+    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    y = torch.from_numpy(np.concatenate([prefs.probs[i] for i in order]).astype(np.float32)) \
+        if len(order) else torch.zeros(0)
+    ords = None
+    if bank.ordinals is not None:
+        ords = torch.tensor([o for r in rows for o in bank.ordinals[r]], dtype=torch.float32)
+    return GroupData(name, embeddings[points].float(), y, offsets, torch.from_numpy(bank.qkeys[rows]), ords)

@@ -1,0 +1,1 @@
+"""Federated training: group clients, FedAvg aggregation and the in-process engine."""

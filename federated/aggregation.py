@@ -1,0 +1,62 @@
+"""FedAvg aggregation as pure functions (method.md §5): θ ← Σ_g p_g θ_g.
+
+The weighting modes:
+  dataset_size   p_g ∝ the client's number of local training questions (paper)
+  episode_points p_g ∝ points in the client's first local episode of the round (released code)
+  uniform        p_g = 1 / #clients
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+WEIGHTINGS = ("dataset_size", "episode_points", "uniform")
+
+
+def aggregation_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float],
+                        mode: str) -> list[float]:
+    """Normalised p_g for each replying client."""
+    if mode == "dataset_size":
+        raw = [float(n) for n in dataset_sizes]
+    elif mode == "episode_points":
+        raw = [float(n) for n in episode_points]
+    elif mode == "uniform":
+        raw = [1.0] * len(dataset_sizes)
+    else:
+        raise ValueError(f"--weighting {mode!r}: choose one of {', '.join(WEIGHTINGS)}")
+    total = sum(raw)
+    if not raw or total <= 0:
+        raise ValueError(f"cannot aggregate: weights {raw} (mode {mode}) have no positive mass")
+    return [r / total for r in raw]
+
+
+def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Σ_g w_g · state_g per tensor, accumulated in float64 and cast back to each tensor's dtype.
+
+    Clients are summed in the given order; callers pass them in a canonical order (sorted
+    by client name) so the result never depends on who replied first.
+    """
+    if len(states) != len(weights) or not states:
+        raise ValueError("need one weight per state and at least one state")
+    out = {}
+    for key, ref in states[0].items():
+        if not ref.is_floating_point():  # e.g. integer buffers: take the first client's
+            out[key] = ref.clone()
+            continue
+        acc = torch.zeros_like(ref, dtype=torch.float64)
+        for state, w in zip(states, weights):
+            acc += w * state[key].to(torch.float64)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def sample_clients(names: Sequence[str], fraction: float, gen: torch.Generator) -> list[str]:
+    """max(1, round(fraction·n)) clients without replacement, returned in name order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--client_fraction {fraction} must be in (0, 1]")
+    n = max(1, round(fraction * len(names)))
+    if n == len(names):
+        return sorted(names)
+    pick = torch.randperm(len(names), generator=gen)[:n].tolist()
+    return sorted(names[i] for i in pick)

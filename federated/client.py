@@ -1,0 +1,100 @@
+"""A group as a federated client: it holds only its own data and returns only weights and numbers.
+
+The same class serves the in-process engine and the Flower ClientApp. Model compute is
+borrowed: the caller passes a scratch GPO whose weights the client overwrites, so a
+process hosting many clients keeps one model, not one per client.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_loaders.episodes import EpisodeSizes
+from data_loaders.schema import GroupData
+from models.gpo import GPO
+from training.evaluation import GroupEval, context_questions, score_group
+from training.local import OptimConfig, OptimState, local_train
+from utils.seeding import generator
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    seed: int = 0
+    epochs: int = 6                 # local steps per round
+    data_split: float = 0.9         # local training share of the group's questions (qkey order)
+    sizes: EpisodeSizes = EpisodeSizes()
+    optim: OptimConfig = OptimConfig()
+    eval_num_qs: int = 20
+    eval_seed: int = 0
+    eval_resample: bool = False
+    eval_batch_size: int = 0        # target questions per evaluation pass (0 = all)
+    metric: str = "jsd"
+
+
+@dataclass
+class FitResult:
+    name: str
+    state: dict[str, torch.Tensor]
+    num_examples: int           # local training questions (paper's |D_g|)
+    episode_points: int         # points in the first local episode (released code's weight)
+    losses: list[float]
+
+
+class GroupClient:
+    """role 'train': trains on its first data_split of questions, scores the rest.
+    role 'eval': never trains; adapts in context and scores its other questions."""
+
+    def __init__(self, group: GroupData, cfg: ClientConfig, role: str):
+        self.name, self.cfg, self.role = group.name, cfg, role
+        if role == "train":
+            self.local, self.heldout = group.split(cfg.data_split)
+        elif role == "eval":
+            self.local, self.heldout = group, None
+        else:
+            raise ValueError(f"role must be 'train' or 'eval', not {role!r}")
+        self.optim_state = OptimState()
+        self._fixed_ctx: torch.Tensor | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.local.num_questions
+
+    def fit(self, model: GPO, global_state: dict, round_: int) -> FitResult:
+        """Load the global weights, run `epochs` local steps, return the new weights."""
+        model.load_state_dict(global_state)
+        gen = generator(self.cfg.seed, "episodes", self.name, round_)
+        res = local_train(model, self.local, self.cfg.epochs, self.cfg.sizes, self.cfg.optim,
+                          self.optim_state, gen)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses)
+
+    def evaluate(self, model: GPO, global_state: dict, round_: int) -> GroupEval | None:
+        """Per-question distances under the global model, or None if nothing to score."""
+        ctx_q = self._context(round_)
+        if self.role == "eval":
+            mask = torch.ones(self.local.num_questions, dtype=torch.bool)
+            mask[ctx_q] = False
+            tgt, tgt_q = self.local, mask.nonzero().squeeze(1)
+        else:
+            if self.heldout.num_questions == 0:
+                return None
+            tgt, tgt_q = self.heldout, torch.arange(self.heldout.num_questions)
+        model.load_state_dict(global_state)
+        return score_group(model, self.local, ctx_q, tgt, tgt_q, self.cfg.metric, self.cfg.eval_batch_size)
+
+    def _context(self, round_: int) -> torch.Tensor:
+        c = self.cfg
+        if c.eval_resample:
+            return context_questions(self.local.num_questions, c.eval_num_qs, c.eval_seed, self.name, round_, self.role)
+        if self._fixed_ctx is None:  # drawn once from eval_seed, reused at every evaluation
+            self._fixed_ctx = context_questions(self.local.num_questions, c.eval_num_qs, c.eval_seed,
+                                                self.name, None, self.role)
+        return self._fixed_ctx
+
+    # what a checkpoint needs to resume this client exactly
+    def state_dict(self) -> dict:
+        return {"adam": self.optim_state.adam, "step": self.optim_state.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optim_state = OptimState(state["adam"], int(state["step"]))

@@ -1,0 +1,80 @@
+"""FedAvg in one process: sample clients, train each locally, aggregate (method.md §5).
+
+The server side only ever sees what a client returns (weights, counts, losses,
+per-question distances), so a Flower deployment can replace this loop message for message.
+"""
+from __future__ import annotations
+
+import torch
+
+from data_loaders.datasets import ExperimentData
+from models.gpo import GPO, GPOConfig
+from training.evaluation import GroupEval
+from utils.seeding import generator
+
+from .aggregation import aggregation_weights, sample_clients, weighted_average
+from .client import ClientConfig, FitResult, GroupClient
+
+
+def init_global_state(model_cfg: GPOConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Initial weights from (seed, 'init') alone: the same on every engine and device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator(seed, "init").initial_seed())
+        model = GPO(model_cfg)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_clients(data: ExperimentData, cfg: ClientConfig, device) -> tuple[dict, dict]:
+    train = {n: GroupClient(g.to(device), cfg, "train") for n, g in sorted(data.train.items())}
+    evals = {n: GroupClient(g.to(device), cfg, "eval") for n, g in sorted(data.eval.items())}
+    return train, evals
+
+
+class FedAvgTrainer:
+    method = "fedavg"
+
+    def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
+                 weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu"):
+        self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
+        self.device = torch.device(device)
+        self.clients, self.eval_clients = make_clients(data, cfg, self.device)
+        self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
+        self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
+
+    def train_round(self, round_: int) -> dict:
+        names = sample_clients(list(self.clients), self.client_fraction,
+                               generator(self.cfg.seed, "client_sampling", round_))
+        results: list[FitResult] = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
+        self.global_state = self.aggregate(results)
+        per_client = {r.name: sum(r.losses) / len(r.losses) for r in results}
+        return {"train_loss": sum(per_client.values()) / len(per_client),
+                "train_loss_per_client": per_client,
+                "grad_steps": sum(len(r.losses) for r in results),
+                "clients": names}
+
+    def aggregate(self, results: list[FitResult]) -> dict[str, torch.Tensor]:
+        results = sorted(results, key=lambda r: r.name)
+        w = aggregation_weights([r.num_examples for r in results], [r.episode_points for r in results],
+                                self.weighting)
+        return weighted_average([r.state for r in results], w)
+
+    def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
+        return evaluate_clients(self.model, self.global_state, self.eval_clients, self.clients, round_)
+
+    def load_global(self, weights: dict) -> None:
+        self.global_state = {k: v.to(self.device) for k, v in weights.items()}
+
+    def state_dict(self) -> dict:
+        return {"clients": {n: c.state_dict() for n, c in self.clients.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, s in state["clients"].items():
+            self.clients[n].load_state_dict(s)
+
+
+def evaluate_clients(model: GPO, global_state: dict, eval_clients: dict, train_clients: dict,
+                     round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
+    """Each client scores itself; only per-question distances come back."""
+    evals = {n: c.evaluate(model, global_state, round_) for n, c in eval_clients.items()}
+    trains = {n: c.evaluate(model, global_state, round_) for n, c in train_clients.items()}
+    return evals, {n: e for n, e in trains.items() if e is not None}

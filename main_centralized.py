@@ -1,0 +1,10 @@
+"""The centralized baseline: the same GPO model trained on the training groups' pooled data.
+
+    python main_centralized.py --dataset globalqa   # see README
+"""
+import sys
+
+from training.experiment import main
+
+if __name__ == "__main__":
+    sys.exit(main("centralized"))

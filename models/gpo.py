@@ -1,0 +1,161 @@
+"""GPO: a transformer neural process over (option embedding, group probability) points.
+
+method.md §3. Every token attends only to real context tokens, so the layer is computed
+as attention with queries = [context; targets] and keys/values = context: the same
+numbers as the full self-attention with the GPO mask, without the target-target block
+(cost O((Nc+Nt)·Nc) instead of O((Nc+Nt)^2)). Targets never see each other, which is why
+scoring all of a group's questions in one pass equals scoring them one at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPOConfig:
+    dim_x: int                    # option-embedding size, taken from the data
+    dim_y: int = 1
+    d_model: int = 128
+    emb_depth: int = 4            # linear layers in the input embedder
+    dim_feedforward: int = 128
+    nhead: int = 4
+    dropout: float = 0.0
+    num_layers: int = 6
+    bound_std: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Episode:
+    """A padded batch of B episodes. Masks are True for real points.
+
+    tgt_seg gives each target point its question's index within the episode; padded
+    target points carry any valid index, their mask keeps them out of every sum.
+    """
+
+    xc: torch.Tensor        # [B, Nc, D]
+    yc: torch.Tensor        # [B, Nc]
+    ctx_mask: torch.Tensor  # [B, Nc] bool
+    xt: torch.Tensor        # [B, Nt, D]
+    yt: torch.Tensor        # [B, Nt]
+    tgt_mask: torch.Tensor  # [B, Nt] bool
+    tgt_seg: torch.Tensor   # [B, Nt] long
+    num_tgt_q: int          # max target questions per episode (segment count)
+
+    def to(self, device) -> "Episode":
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return Episode(**moved)
+
+    @property
+    def num_target_points(self) -> int:
+        return int(self.tgt_mask.sum())
+
+
+def mlp(dim_in: int, dim_hid: int, dim_out: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(dim_in, dim_hid), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(dim_hid, dim_hid), nn.ReLU()]
+    layers.append(nn.Linear(dim_hid, dim_out))
+    return nn.Sequential(*layers)
+
+
+class ContextAttentionLayer(nn.Module):
+    """Post-norm transformer layer (as nn.TransformerEncoderLayer, ReLU) whose keys are the context.
+
+    Parameter names match nn.TransformerEncoderLayer so weights move between the two.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.nhead = nhead
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = dropout
+
+    def forward(self, h: torch.Tensor, num_ctx: int, key_mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = h.shape
+        hd = d // self.nhead
+        w, b = self.self_attn.in_proj_weight, self.self_attn.in_proj_bias
+        q = F.linear(h, w[:d], b[:d])
+        kv = F.linear(h[:, :num_ctx], w[d:], b[d:])  # only context tokens are ever keys
+        k, v = kv.chunk(2, dim=-1)
+        split = lambda t: t.view(B, -1, self.nhead, hd).transpose(1, 2)  # noqa: E731
+        p = self.dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(split(q), split(k), split(v),
+                                             attn_mask=key_mask[:, None, None, :], dropout_p=p)
+        att = self.self_attn.out_proj(att.transpose(1, 2).reshape(B, T, d))
+        h = self.norm1(h + F.dropout(att, p, self.training))
+        ff = self.linear2(F.dropout(F.relu(self.linear1(h)), p, self.training))
+        return self.norm2(h + F.dropout(ff, p, self.training))
+
+
+class GPO(nn.Module):
+    def __init__(self, config: GPOConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedder = mlp(c.dim_x + c.dim_y, c.d_model, c.d_model, c.emb_depth)
+        self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)
+                                    for _ in range(c.num_layers))
+        self.predictor = nn.Sequential(nn.Linear(c.d_model, c.dim_feedforward), nn.ReLU(),
+                                       nn.Linear(c.dim_feedforward, c.dim_y * 2))
+
+    def encode_targets(self, ep: Episode) -> torch.Tensor:
+        """Representations of the target tokens, [B, Nt, d_model]."""
+        ctx = torch.cat([ep.xc, ep.yc.unsqueeze(-1).to(ep.xc.dtype)], dim=-1)
+        tgt = torch.cat([ep.xt, torch.zeros_like(ep.xt[..., :1])], dim=-1)
+        h = self.embedder(torch.cat([ctx, tgt], dim=1))
+        num_ctx = ep.xc.shape[1]
+        for layer in self.layers:
+            h = layer(h, num_ctx, ep.ctx_mask)
+        return h[:, num_ctx:]
+
+    def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-question softmax of the means, std), both [B, Nt]."""
+        out = self.predictor(self.encode_targets(ep))
+        raw_mean, raw_std = out[..., 0], out[..., 1]
+        mean = segment_softmax(raw_mean.float(), ep.tgt_seg, ep.tgt_mask, ep.num_tgt_q)
+        std = 0.05 + 0.95 * F.softplus(raw_std.float()) if self.config.bound_std else raw_std.float().exp()
+        return mean, std
+
+    def forward(self, ep: Episode) -> torch.Tensor:
+        """Per-episode negative log-likelihood summed over real target points, [B]."""
+        mean, std = self.predict_raw(ep)
+        var = std ** 2
+        log_prob = -((ep.yt - mean) ** 2) / (2 * var) - std.log() - 0.5 * math.log(2 * math.pi)
+        return -(log_prob * ep.tgt_mask).sum(-1)
+
+    def loss(self, ep: Episode) -> torch.Tensor:
+        """Mean over the batch of episodes (method.md §3)."""
+        return self.forward(ep).mean()
+
+    @torch.no_grad()
+    def predict(self, ep: Episode) -> torch.Tensor:
+        """Predicted distribution of every target question (softmax over its options), [B, Nt]."""
+        return self.predict_raw(ep)[0]
+
+
+def segment_softmax(values: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, num_seg: int) -> torch.Tensor:
+    """Softmax of `values` within each (row, segment); masked entries get 0.
+
+    Vectorised with scatter: row b's segment s becomes flat bucket b*num_seg + s.
+    """
+    B, N = values.shape
+    bucket = (seg + torch.arange(B, device=seg.device)[:, None] * num_seg).reshape(-1)
+    flat = values.masked_fill(~mask, -torch.inf).reshape(-1)
+    peak = flat.new_full((B * num_seg,), -torch.inf).scatter_reduce(0, bucket, flat, "amax")
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    e = (flat - peak[bucket]).exp()  # exp(-inf) = 0 for masked entries
+    total = flat.new_zeros(B * num_seg).index_add(0, bucket, e)
+    out = e / total[bucket].clamp_min(torch.finfo(e.dtype).tiny)
+    return out.view(B, N)

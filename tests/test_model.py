@@ -1,0 +1,91 @@
+"""GPO model: equal to the GPO-masked nn.TransformerEncoder, vectorised softmax, one-pass scoring."""
+import math
+
+import torch
+import torch.nn as nn
+
+from data_loaders.episodes import collate
+from data_loaders.synthetic import SyntheticSpec, make_synthetic
+from data_loaders.schema import build_group_data
+from models.gpo import GPO, GPOConfig, segment_softmax
+
+
+def tiny_model(dim_x=6, seed=0):
+    torch.manual_seed(seed)
+    return GPO(GPOConfig(dim_x=dim_x, d_model=16, dim_feedforward=24, nhead=4, num_layers=2))
+
+
+def reference_targets(model: GPO, ep) -> torch.Tensor:
+    """The original formulation: full self-attention over [ctx; tgt] with the GPO mask."""
+    layer = nn.TransformerEncoderLayer(16, 4, 24, 0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, len(model.layers), enable_nested_tensor=False)
+    for ref, ours in zip(enc.layers, model.layers):
+        ref.load_state_dict(ours.state_dict(), strict=False)
+    ctx = torch.cat([ep.xc, ep.yc.unsqueeze(-1)], -1)
+    tgt = torch.cat([ep.xt, torch.zeros_like(ep.xt[..., :1])], -1)
+    h = model.embedder(torch.cat([ctx, tgt], 1))
+    nc, nt = ep.xc.shape[1], ep.xt.shape[1]
+    mask = torch.full((nc + nt, nc + nt), float("-inf"))
+    mask[:, :nc] = 0.0
+    pad = torch.cat([~ep.ctx_mask, torch.zeros_like(ep.tgt_mask)], 1)
+    enc.eval()
+    with torch.no_grad():
+        return enc(h, mask=mask, src_key_padding_mask=pad)[:, nc:]
+
+
+def toy_episode(seed=1):
+    raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=12, dim=6, seed=seed))
+    gs = [build_group_data(raw, n, x) for n in raw.groups]
+    ctx = [torch.tensor([0, 3, 5]), torch.tensor([1, 2])]
+    tgt = [torch.tensor([7, 8, 9, 11]), torch.tensor([4, 6])]
+    return collate(gs, ctx, tgt), gs
+
+
+def test_matches_masked_transformer_encoder():
+    model = tiny_model().eval()
+    ep, _ = toy_episode()
+    with torch.no_grad():
+        ours = model.encode_targets(ep)
+    ref = reference_targets(model, ep)
+    real = ep.tgt_mask
+    assert torch.allclose(ours[real], ref[real], atol=1e-5)
+
+
+def test_segment_softmax_exact():
+    vals = torch.tensor([[0.0, math.log(3.0), 5.0, 1.0], [2.0, 2.0, 9.0, 0.0]])
+    seg = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    out = segment_softmax(vals, seg, mask, 2)
+    expected = torch.tensor([[0.25, 0.75, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert torch.allclose(out, expected, atol=1e-7)
+
+
+def test_predict_all_targets_equals_one_at_a_time():
+    model = tiny_model().eval()
+    _, gs = toy_episode()
+    g = gs[0]
+    ctx = torch.tensor([0, 1, 2])
+    targets = torch.arange(3, g.num_questions)
+    together = model.predict(collate([g], [ctx], [targets]))[0]
+    alone = torch.cat([model.predict(collate([g], [ctx], [t.view(1)]))[0] for t in targets])
+    assert torch.allclose(together[: len(alone)], alone, atol=1e-6)
+    sums = torch.zeros(len(targets)).index_add(0, collate([g], [ctx], [targets]).tgt_seg[0], together)
+    assert torch.allclose(sums, torch.ones(len(targets)), atol=1e-6)
+
+
+def test_padding_does_not_change_predictions():
+    model = tiny_model().eval()
+    ep, gs = toy_episode()
+    batched = model.predict(ep)
+    single = model.predict(collate([gs[1]], [torch.tensor([1, 2])], [torch.tensor([4, 6])]))
+    n = int(ep.tgt_mask[1].sum())
+    assert torch.allclose(batched[1, :n], single[0, :n], atol=1e-6)
+
+
+def test_loss_is_gaussian_nll_summed_over_real_targets():
+    model = tiny_model().eval()
+    ep, _ = toy_episode()
+    mean, std = model.predict_raw(ep)
+    dist = torch.distributions.Normal(mean, std)
+    expected = -(dist.log_prob(ep.yt) * ep.tgt_mask).sum(-1).mean()
+    assert torch.allclose(model.loss(ep), expected, atol=1e-5)

@@ -1,0 +1,1 @@
+"""What both methods share: local steps, evaluation, the centralized baseline, the run loop."""

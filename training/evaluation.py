@@ -1,0 +1,64 @@
+"""In-context evaluation (method.md §7): a group's context questions in, all its targets scored.
+
+A group is scored in one forward pass: targets attend only to the context, so this
+equals predicting each target question on its own (tests/test_model.py pins it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_loaders.episodes import collate
+from data_loaders.schema import DataError, GroupData, gather_points
+from models.gpo import GPO
+from utils.metrics import score_questions
+from utils.seeding import generator
+
+
+@dataclass
+class GroupEval:
+    """Per-question distances of one group; the score is 1 - their mean."""
+
+    name: str
+    distances: torch.Tensor  # [Q_target] float64, CPU
+
+    @property
+    def score(self) -> float:
+        return 1.0 - float(self.distances.mean())
+
+
+def context_questions(num_q: int, eval_num_qs: int, seed: int, name: str, round_: int | None,
+                      role: str) -> torch.Tensor:
+    """The evaluation context of a group: drawn from (eval_seed, group), or per round when resampling."""
+    if eval_num_qs >= num_q and role == "eval":
+        raise DataError(f"evaluation group {name!r} has {num_q} questions; --eval_num_qs {eval_num_qs} "
+                        "leaves none to score", "lower --eval_num_qs or drop the group")
+    parts = ("eval_context", name) if round_ is None else ("eval_context", name, round_)
+    return torch.randperm(num_q, generator=generator(seed, *parts))[:min(eval_num_qs, num_q)]
+
+
+@torch.no_grad()
+def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData, tgt_q: torch.Tensor,
+                metric: str, chunk: int = 0) -> GroupEval:
+    """Adapt on `ctx_q` of `ctx`, score every question `tgt_q` of `tgt`.
+
+    One forward pass for all targets, or passes of `chunk` target questions to bound memory
+    (the numbers are the same either way: targets never attend to each other).
+    """
+    if chunk and len(tgt_q) > chunk:
+        parts = [score_group(model, ctx, ctx_q, tgt, tgt_q[i:i + chunk], metric).distances
+                 for i in range(0, len(tgt_q), chunk)]
+        return GroupEval(ctx.name, torch.cat(parts))
+    model.eval()
+    ep = collate([ctx], [ctx_q], [tgt_q], tgt_groups=[tgt])
+    pred = model.predict(ep)[0][ep.tgt_mask[0]]
+    true = ep.yt[0][ep.tgt_mask[0]]
+    sizes = tgt.sizes[tgt_q.to(tgt.offsets.device)]
+    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    ords = None
+    if metric == "wasserstein":
+        ords = tgt.ordinals[gather_points(tgt.offsets, tgt_q.to(tgt.offsets.device))[0]]
+    dist = score_questions(pred.double().cpu(), true.double().cpu(), offsets.cpu(), metric=metric,
+                           ordinals=None if ords is None else ords.double().cpu())
+    return GroupEval(ctx.name, dist)

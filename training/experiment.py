@@ -1,0 +1,122 @@
+"""From parsed flags to a finished run: data → clients → trainer → run loop → summary."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from data_loaders.datasets import ExperimentData, prepare_experiment
+from data_loaders.episodes import EpisodeSizes
+from data_loaders.schema import DataError
+from federated.client import ClientConfig
+from federated.fedavg import FedAvgTrainer
+from models.gpo import GPOConfig
+from training.centralized import CentralizedTrainer
+from training.local import OptimConfig
+from training.loop import LoopConfig, RunLoop
+from utils.cli import resolve_metric
+from utils.device import resolve_device
+from utils.run_io import RunDir, default_run_dir, environment_info
+from utils.seeding import seed_everything
+from utils.wandb_logger import WandbLogger
+
+
+def client_config(args, metric: str) -> ClientConfig:
+    sizes = EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
+    sizes.validate()
+    return ClientConfig(seed=args.seed, epochs=getattr(args, "epochs", 6), data_split=args.data_split,
+                        sizes=sizes, optim=OptimConfig(lr=args.lr, num_steps=args.num_steps),
+                        eval_num_qs=args.eval_num_qs, eval_seed=args.eval_seed,
+                        eval_resample=args.eval_resample, eval_batch_size=args.eval_batch_size, metric=metric)
+
+
+def model_config(args, dim_x: int) -> GPOConfig:
+    return GPOConfig(dim_x=dim_x, d_model=args.d_model, emb_depth=args.emb_depth,
+                     dim_feedforward=args.dim_feedforward, nhead=args.nhead, dropout=args.dropout,
+                     num_layers=args.num_layers, bound_std=args.bound_std)
+
+
+def validate(args, data: ExperimentData, cfg: ClientConfig, metric: str) -> None:
+    """Fail before training on anything that would fail (or mean nothing) later."""
+    if not 0 < args.data_split < 1:
+        raise DataError(f"--data_split {args.data_split} must be in (0, 1)", "the paper uses 0.9")
+    if metric == "wasserstein" and not data.has_ordinals:
+        raise DataError(f"--metric wasserstein needs ordinal options; {args.dataset} has none",
+                        "use --metric jsd")
+    for name, g in data.train.items():
+        local, _ = g.split(args.data_split)
+        cfg.sizes.check_group(local, "training")
+    for name, g in data.eval.items():
+        if g.num_questions <= args.eval_num_qs:
+            raise DataError(f"evaluation group {name!r} has {g.num_questions} questions; --eval_num_qs "
+                            f"{args.eval_num_qs} leaves none to score", "lower --eval_num_qs")
+
+
+def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, device):
+    mcfg = model_config(args, data.dim_x)
+    if method == "fedavg":
+        return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
+                             device=device)
+    return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
+                              train_batch_size=args.train_batch_size, device=device)
+
+
+def resolved_config(args, method: str, data: ExperimentData, metric: str, device) -> dict:
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg.update(method=method, metric=metric, device_resolved=str(device), dim_x=data.dim_x,
+               train_groups=sorted(data.train), eval_groups=sorted(data.eval),
+               data=data.info, environment=environment_info(),
+               model_config=model_config(args, data.dim_x).to_dict())
+    return cfg
+
+
+def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print) -> dict:
+    """Train one method on already-prepared data and write its run folder; returns the summary."""
+    metric = resolve_metric(args)
+    device = resolve_device(args.device)
+    cfg = client_config(args, metric)
+    validate(args, data, cfg, metric)
+    seed_everything(args.seed)
+    run_dir = RunDir(out_dir or default_run_dir(method, args.seed))
+    if args.resume and not (run_dir.path / "config.json").exists():
+        raise DataError(f"--resume: {run_dir.path} holds no run (no config.json)",
+                        "point --out_dir at the folder of the run to continue")
+    if not args.resume:
+        run_dir.write_config(resolved_config(args, method, data, metric, device))
+    log(f"{method}: run folder {run_dir.path} on {device}")
+    trainer = make_trainer(method, args, data, cfg, device)
+    rounds = args.comm_round if method == "fedavg" else args.central_epochs
+    every = args.federated_eval if method == "fedavg" else args.eval_freq
+    loop_cfg = LoopConfig(rounds=rounds, eval_every=max(1, every), save_client=getattr(args, "save_client", False))
+    wandb = WandbLogger(args.wandb, project=args.wndb_project_name, run_name=run_dir.path.name,
+                        config=resolved_config(args, method, data, metric, device), dir=run_dir.path,
+                        group=f"{args.dataset}-s{args.seed}")
+    loop = RunLoop(trainer, loop_cfg, run_dir, wandb, log=log)
+    try:
+        if args.resume:
+            loop.resume()
+        summary = loop.run()
+    finally:
+        wandb.finish()
+    log(f"{method}: summary in {run_dir.path / 'summary.json'}")
+    return summary
+
+
+def main(method: str, argv=None) -> int:
+    from utils.cli import build_parser
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser(method).parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        data = prepare_experiment(args, log=print)
+        run_method(method, args, data, args.out_dir)
+        if method == "fedavg" and args.also_centralized:
+            # The baseline gets a sibling folder so both runs keep the standard layout.
+            central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
+            run_method("centralized", args, data, central_dir)
+        print(f"done in {time.perf_counter() - t0:.1f} s")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

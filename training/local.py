@@ -1,0 +1,75 @@
+"""A client's local steps: Adam with a cosine learning rate that persists across rounds.
+
+The learning rate is the closed form of CosineAnnealingLR(T_max=num_steps) at the
+client's step count, so the schedule state is one integer that travels with the
+optimizer state (and equals PyTorch's scheduler, tested in tests/test_training.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from data_loaders.episodes import EpisodeSizes, sample_episode
+from data_loaders.schema import GroupData
+from models.gpo import GPO
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    num_steps: int = 100  # T_max of the cosine schedule
+
+
+@dataclass
+class OptimState:
+    """What a client (or the centralized trainer) keeps between rounds."""
+
+    adam: dict | None = None
+    step: int = 0
+
+
+@dataclass
+class LocalResult:
+    losses: list[float] = field(default_factory=list)
+    first_episode_points: int = 0
+
+
+def cosine_lr(step: int, cfg: OptimConfig, eta_min: float = 0.0) -> float:
+    return eta_min + (cfg.lr - eta_min) * (1 + math.cos(math.pi * step / cfg.num_steps)) / 2
+
+
+def make_adam(model: GPO, cfg: OptimConfig, state: OptimState) -> torch.optim.Adam:
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    if state.adam is not None:
+        opt.load_state_dict(state.adam)
+    return opt
+
+
+def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, state: OptimState) -> float:
+    """One optimizer step on one (batched) episode; advances the schedule."""
+    for group in opt.param_groups:
+        group["lr"] = cosine_lr(state.step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss = model.loss(episode)
+    loss.backward()
+    opt.step()
+    state.step += 1
+    return float(loss.detach())
+
+
+def local_train(model: GPO, data: GroupData, steps: int, sizes: EpisodeSizes, cfg: OptimConfig,
+                state: OptimState, gen: torch.Generator) -> LocalResult:
+    """`steps` local steps, one sampled episode each (method.md §5). Updates `state` in place."""
+    model.train()
+    opt = make_adam(model, cfg, state)
+    result = LocalResult()
+    for i in range(steps):
+        ep = sample_episode(data, sizes, gen)
+        if i == 0:
+            result.first_episode_points = int(ep.ctx_mask.sum() + ep.tgt_mask.sum())
+        result.losses.append(adam_step(model, opt, ep, cfg, state))
+    state.adam = opt.state_dict()
+    return result

@@ -1,0 +1,1 @@
+"""Shared utilities for PluralLLM (metrics and helpers used across training and evaluation)."""

@@ -1,0 +1,115 @@
+"""Command-line flags shared by main_fl.py and main_centralized.py.
+
+Names follow the authors' released code; defaults follow the paper (method.md), and the
+README's flag table says where the two differ.
+"""
+from __future__ import annotations
+
+import argparse
+
+from data_loaders.datasets import DATASETS
+from federated.aggregation import WEIGHTINGS
+from training.centralized import CENTRAL_MODES
+
+
+def _groups(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    """method: 'fedavg' or 'centralized' (decides a few flags and the description)."""
+    desc = {"fedavg": "Train GPO with FedAvg: one client per training group (PluralLLM).",
+            "centralized": "Train GPO on the training groups' pooled data (the centralized baseline)."}[method]
+    p = argparse.ArgumentParser(description=desc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="globalqa", choices=DATASETS, help="survey data set")
+    d.add_argument("--data_path", default=None,
+                   help="globalqa: the hub CSV (else $PLURALLLM_GLOBALQA_CSV, else download); "
+                        "opinionqa: the human_resp folder (else $PLURALLLM_OPINIONQA_DIR)")
+    d.add_argument("--strict", action="store_true", help="stop at the first unparsable row instead of skipping it")
+    d.add_argument("--train_groups", type=_groups, default=None,
+                   help="comma-separated training groups (default: the paper's 8 countries for globalqa)")
+    d.add_argument("--eval_groups", type=_groups, default=None,
+                   help="comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)")
+    d.add_argument("--group_split", type=float, default=None,
+                   help="seeded random train share of the groups instead of fixed lists "
+                        "(opinionqa and synthetic default to 0.6)")
+    d.add_argument("--data_split", type=float, default=0.9,
+                   help="share of each training group's questions (qkey order) used for local training")
+    d.add_argument("--emb_model", default="auto",
+                   help="auto | alpaca | llama | minilm | a Hugging Face causal LM name or path")
+    d.add_argument("--emb_pickle", default=None, help="the authors' embeddings_alpaca_globalqa.pkl (runs code: trusted files only)")
+    d.add_argument("--cache_dir", default=None, help="embedding cache (default ~/.cache/plurallm/embeddings or $PLURALLLM_CACHE_DIR)")
+    d.add_argument("--emb_device", default="auto", help="device for computing embeddings")
+    d.add_argument("--emb_batch_size", type=int, default=16, help="texts per forward pass when embedding")
+    d.add_argument("--emb_dtype", default="fp32", choices=("fp32", "bf16"), help="LLM dtype when embedding")
+    s = p.add_argument_group("synthetic data (--dataset synthetic)")
+    s.add_argument("--syn_groups", type=int, default=14, help="number of groups")
+    s.add_argument("--syn_questions", type=int, default=200, help="questions per group")
+    s.add_argument("--syn_min_options", type=int, default=2, help="fewest options per question")
+    s.add_argument("--syn_max_options", type=int, default=7, help="most options per question")
+    s.add_argument("--syn_dim", type=int, default=64, help="embedding dimension")
+    s.add_argument("--syn_seed", type=int, default=0, help="seed of the generated data (kept apart from --seed)")
+
+    m = p.add_argument_group("model (GPO, method.md §3)")
+    m.add_argument("--model", default="gpo", choices=("gpo",), help="model family")
+    m.add_argument("--d_model", type=int, default=128, help="transformer width")
+    m.add_argument("--emb_depth", type=int, default=4, help="linear layers in the input embedder")
+    m.add_argument("--dim_feedforward", type=int, default=128, help="feed-forward width")
+    m.add_argument("--nhead", type=int, default=4, help="attention heads")
+    m.add_argument("--num_layers", type=int, default=6, help="transformer layers")
+    m.add_argument("--dropout", type=float, default=0.0, help="dropout")
+    m.add_argument("--bound_std", action="store_true", help="std = 0.05 + 0.95·softplus instead of exp")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--seed", type=int, default=0,
+                   help="controls model init, episodes, client sampling and random group splits")
+    t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    t.add_argument("--num_steps", type=int, default=100, help="T_max of the cosine learning-rate schedule (in steps)")
+    t.add_argument("--max_ctx_num_qs", type=int, default=100, help="most context questions per episode")
+    t.add_argument("--min_ctx_num_qs", type=int, default=10, help="fewest context questions per episode")
+    t.add_argument("--max_tar_num_qs", type=int, default=100, help="most target questions per episode")
+    t.add_argument("--min_tar_num_qs", type=int, default=10, help="fewest target questions per episode")
+    t.add_argument("--train_batch_size", type=int, default=32,
+                   help="groups per step in --central_mode batched")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    if method == "fedavg":
+        t.add_argument("--comm_round", type=int, default=1300, help="communication rounds (paper: 1300)")
+        t.add_argument("--epochs", type=int, default=6, help="local steps per client per round")
+        t.add_argument("--client_fraction", type=float, default=1.0, help="share of training clients sampled per round")
+        t.add_argument("--weighting", default="dataset_size", choices=WEIGHTINGS,
+                       help="FedAvg weights: dataset_size (paper), episode_points (released code), uniform")
+        t.add_argument("--save_client", action="store_true", help="also save each client's optimizer state in checkpoints")
+        t.add_argument("--also_centralized", action="store_true",
+                       help="then train the centralized baseline in the same process (its own run folder)")
+    t.add_argument("--central_epochs", type=int, default=1300, help="centralized epochs (paper: 1300)")
+    t.add_argument("--central_mode", default="sequential", choices=CENTRAL_MODES,
+                   help="sequential: one step per group per epoch (paper); batched: one step per batch (released code)")
+
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--federated_eval", type=int, default=10, help="FedAvg: evaluate every N rounds")
+    e.add_argument("--eval_freq", type=int, default=10, help="centralized: evaluate every N epochs")
+    e.add_argument("--eval_num_qs", type=int, default=20, help="context questions given to a group at evaluation")
+    e.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation context questions")
+    e.add_argument("--eval_resample", action="store_true",
+                   help="redraw evaluation contexts at every evaluation (released code) instead of once")
+    e.add_argument("--eval_batch_size", type=int, default=0,
+                   help="target questions per evaluation forward pass (0 = all of a group's at once)")
+    e.add_argument("--metric", default="auto", choices=("auto", "jsd", "wasserstein"),
+                   help="auto: wasserstein for opinionqa (ordinal options), jsd otherwise")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out_dir", default=None, help="run folder (default runs/<timestamp>_<method>_s<seed>)")
+    o.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
+    o.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "off"),
+                   help="Weights & Biases: online when logged in (auto), offline files, or nothing")
+    o.add_argument("--wndb_project_name", default="plurallm", help="W&B project")
+    o.add_argument("--quiet", action="store_true", help="print less (no per-group load lines)")
+    return p
+
+
+def resolve_metric(args) -> str:
+    if args.metric != "auto":
+        return args.metric
+    return "wasserstein" if args.dataset == "opinionqa" else "jsd"

@@ -1,0 +1,20 @@
+"""--device auto|cpu|cuda[:N]."""
+from __future__ import annotations
+
+import torch
+
+from data_loaders.schema import DataError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {name}: this PyTorch build sees no CUDA device "
+                            f"(torch {torch.__version__})",
+                            "use --device cpu, or --device auto to pick CUDA only when present")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DataError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N", "use --device auto")
