@@ -112,7 +112,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     seen_groups: set[str] = set()
     unnormalised = 0
     for qkey, row in enumerate(reader):
-        where = f"{path}: row {qkey} (data line {qkey + 2})"
+        where = f"{path}: row {qkey} (ending on line {reader.line_num})"
         question = (row.get("question") or "").strip()
         if not question or not (row.get("options") or "").strip():
             report.drop("empty question or options")

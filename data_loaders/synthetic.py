@@ -4,10 +4,10 @@ Every option has latent features f ∈ R^r; its embedding is a fixed random line
 f plus noise (so the features are recoverable from x). Every group has a latent vector
 u_g ∈ R^r, and its distribution over a question's options is
 
-    p_g(k) = softmax_k( beta * <u_g, f_k> / sqrt(r) + gamma * c_k )
+    p_g(k) = softmax_k( < gamma * w + beta * u_g, f_k > / sqrt(r) )
 
-where c_k is a popularity score shared by all groups. The shared term is learnable from
-any group; the group term can only be predicted for an unseen group by inferring u_g from
+where w is a direction of popularity shared by all groups. The shared term is learnable
+from any group and carries over to unseen questions; the group term can only be predicted for an unseen group by inferring u_g from
 its context answers, which is exactly the in-context transfer GPO is meant to do.
 Everything is drawn from one torch.Generator seeded by `seed`: same spec, same tensors.
 """
@@ -32,8 +32,8 @@ class SyntheticSpec:
     dim: int = 64                 # embedding dimension (paper scale: 4096)
     latent_dim: int = 8
     coverage: float = 1.0
-    beta: float = 2.0             # strength of group-specific preferences
-    gamma: float = 1.0            # strength of the shared popularity term
+    beta: float = 1.0             # strength of group-specific preferences
+    gamma: float = 1.0            # strength of the preference shared by all groups
     noise: float = 0.1            # embedding noise relative to signal
     seed: int = 0
 
@@ -58,13 +58,13 @@ def make_synthetic(spec: SyntheticSpec) -> tuple[RawDataset, torch.Tensor]:
     sizes = torch.randint(spec.min_options, spec.max_options + 1, (spec.num_questions,), generator=gen)
     n_points = int(sizes.sum())
     feats = torch.randn(n_points, spec.latent_dim, generator=gen)
-    popularity = torch.randn(n_points, generator=gen)
+    shared = torch.randn(spec.latent_dim, generator=gen)
     proj = torch.randn(spec.latent_dim, spec.dim, generator=gen) / spec.latent_dim ** 0.5
     x = feats @ proj + spec.noise * torch.randn(n_points, spec.dim, generator=gen)
     users = torch.randn(spec.num_groups, spec.latent_dim, generator=gen)
 
-    # /sqrt(r) keeps the group term's scale at beta whatever the latent size.
-    logits = spec.beta * users @ feats.T / spec.latent_dim ** 0.5 + spec.gamma * popularity  # [G, P]
+    # /sqrt(r) keeps each term's scale at beta (gamma) whatever the latent size.
+    logits = (spec.gamma * shared + spec.beta * users) @ feats.T / spec.latent_dim ** 0.5  # [G, P]
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
     seg = torch.repeat_interleave(torch.arange(spec.num_questions), sizes)
     probs = _segment_softmax_rows(logits, seg, spec.num_questions)

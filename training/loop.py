@@ -6,7 +6,6 @@ A "round" is a communication round for FedAvg and an epoch for the centralized b
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from training.evaluation import GroupEval
 from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from utils.console import format_group_table
 from utils.metrics import convergence_round, cov, fairness_index, mean_alignment
-from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, read_metrics
+from utils.run_io import MetricsWriter, RunDir, read_metrics, trim_metrics
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 # Keys that measure time, not training: excluded when runs are compared for determinism.
@@ -83,8 +82,8 @@ class RunLoop:
         self.start_round, self.grad_steps = int(meta["round"]), int(meta["grad_steps"])
         self.wall_offset = float(meta["wall_time_s"])
         for path in (self.run_dir.metrics_path, self.losses_path):
-            kept = [r for r in read_metrics(path) if r["round"] <= self.start_round] if path.exists() else []
-            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            if path.exists():
+                trim_metrics(path, self.start_round)
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         return True
 

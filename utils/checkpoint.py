@@ -1,0 +1,206 @@
+"""Checkpoints that hold everything needed to resume, and load without running pickled code.
+
+A checkpoint ``<tag>`` in a folder is three files:
+
+- ``<tag>.safetensors``: the model weights;
+- ``<tag>.state.pt``: everything else (optimizer and scheduler state dicts, one per client
+  if need be, RNG states, counters), restricted to tensors and plain Python values so that
+  ``torch.load(weights_only=True)`` can read it;
+- ``<tag>.json``: the caller's meta (must include ``round``), the save time, and the two
+  file names with their sizes and SHA-256 digests.
+
+All three are written atomically and the JSON last, so a checkpoint is complete iff its
+JSON exists and the files it names exist; the digests turn silent corruption into a clear
+error on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from utils.run_io import atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESUME_HINT = "delete it or resume from an earlier checkpoint"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
+
+    def __init__(self, what: str, hint: str | None = None):
+        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
+        self.hint = hint
+
+
+def round_tag(round_num: int) -> str:
+    """The tag of the checkpoint saved after round ``round_num``, e.g. ``round_00010``."""
+    return f"round_{round_num:05d}"
+
+
+def _check_tag(tag: str) -> None:
+    if not _TAG_RE.match(tag):
+        raise ValueError(f"checkpoint tag {tag!r} must be letters, digits, '_', '.', '-' "
+                         "(it becomes a file name)")
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Reject anything ``torch.load(weights_only=True)`` would refuse, naming where it is."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, _PLAIN):
+                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} is not allowed")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__name__}; checkpoint state may hold only tensors, "
+                    "str/int/float/bool/None, lists, tuples and dicts (store a state_dict() "
+                    "or generator.get_state(), not the object)")
+
+
+def _plain_containers(obj: Any) -> Any:
+    # OrderedDict and namedtuple subclasses would need allow-listed globals to unpickle.
+    if isinstance(obj, dict):
+        return {k: _plain_containers(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_plain_containers(v) for v in obj)
+    if isinstance(obj, list):
+        return [_plain_containers(v) for v in obj]
+    return obj
+
+
+def _paths(directory: Path, tag: str) -> tuple[Path, Path, Path]:
+    return (directory / f"{tag}.safetensors", directory / f"{tag}.state.pt",
+            directory / f"{tag}.json")
+
+
+def save_checkpoint(directory: str | Path, tag: str, *, model_state: dict[str, torch.Tensor],
+                    extra_states: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Save a checkpoint; returns the path of its ``<tag>.json``.
+
+    ``meta`` must be strict-JSON-able and contain an integer ``round`` (used by
+    ``latest_checkpoint``). Re-saving an existing tag first removes its JSON, so a crash
+    midway leaves it incomplete rather than mixing old and new files.
+    """
+    directory = Path(directory)
+    _check_tag(tag)
+    if not isinstance(meta.get("round"), int) or isinstance(meta.get("round"), bool):
+        raise ValueError(f"checkpoint {tag!r}: meta must contain an integer 'round', got {meta.get('round')!r}")
+    _check_loadable(extra_states, "extra_states")
+    # clone: safetensors refuses tensors that share storage (tied or sliced weights).
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
+    buf = io.BytesIO()
+    torch.save(_plain_containers(extra_states), buf)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path, state_path, json_path = _paths(directory, tag)
+    json_path.unlink(missing_ok=True)
+    files = {}
+    for role, path, data in (("model", weights_path, safetensors_save(weights)),
+                             ("state", state_path, buf.getvalue())):
+        atomic_write_bytes(path, data)
+        files[role] = {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    record = {"format": FORMAT_VERSION, "tag": tag, "round": meta["round"],
+              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_at_unix": time.time(),
+              "files": files, "meta": meta}
+    return atomic_write_json(json_path, record)
+
+
+def _read_record(json_path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+        files = record["files"]
+        _ = (files["model"]["name"], files["state"]["name"], record["meta"], record["round"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint index {json_path} is unreadable or malformed ({e!r})",
+                              _RESUME_HINT) from e
+    return record
+
+
+def _read_verified(json_path: Path, entry: dict[str, Any]) -> bytes:
+    path = json_path.parent / entry["name"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({e.strerror})", _RESUME_HINT) from e
+    if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"checkpoint file {path} is corrupted (size or SHA-256 differs from "
+                              f"what {json_path.name} recorded)", _RESUME_HINT)
+    return data
+
+
+def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Load ``(model_state, extra_states, meta)``; never unpickles arbitrary objects."""
+    directory = Path(directory)
+    _check_tag(tag)
+    weights_path, state_path, json_path = _paths(directory, tag)
+    try:
+        record = _read_record(json_path)
+    except FileNotFoundError:
+        latest = latest_checkpoint(directory) if directory.is_dir() else None
+        raise CheckpointError(
+            f"checkpoint {tag!r} in {directory} is missing or incomplete (no {json_path.name})",
+            f"resume from the latest complete checkpoint ({latest!r})" if latest
+            else "no complete checkpoint in that folder; start a fresh run") from None
+    files = record["files"]
+    raw_weights = _read_verified(json_path, files["model"])
+    raw_state = _read_verified(json_path, files["state"])
+    try:
+        model_state = safetensors_load(raw_weights)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {weights_path} is not valid safetensors ({e})",
+                              _RESUME_HINT) from e
+    try:
+        extra_states = torch.load(io.BytesIO(raw_state), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {state_path} cannot be loaded with "
+                              f"weights_only=True ({e})", _RESUME_HINT) from e
+    if map_location != "cpu":
+        model_state = {k: v.to(map_location) for k, v in model_state.items()}
+    return model_state, extra_states, record["meta"]
+
+
+def latest_checkpoint(directory: str | Path) -> str | None:
+    """Tag of the complete checkpoint with the highest round (ties: the last saved), or None.
+
+    Incomplete checkpoints (no JSON, or a JSON naming missing files) are skipped; a JSON that
+    cannot be parsed is skipped with a warning.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    best: tuple[int, float, str] | None = None
+    for json_path in directory.glob("*.json"):
+        try:
+            record = _read_record(json_path)
+        except (CheckpointError, FileNotFoundError) as e:
+            warnings.warn(f"ignoring checkpoint index {json_path}: {e}", stacklevel=2)
+            continue
+        if not all((directory / f["name"]).is_file() for f in record["files"].values()):
+            warnings.warn(f"ignoring incomplete checkpoint {json_path} (a file it names is missing)",
+                          stacklevel=2)
+            continue
+        key = (int(record["round"]), float(record.get("saved_at_unix", 0.0)), json_path.stem)
+        if best is None or key > best:
+            best = key
+    return best[2] if best else None

@@ -1,0 +1,64 @@
+"""Plain-text result table printed at the end of a run (no dependencies beyond stdlib).
+
+Example::
+
+    Final evaluation (round 1300)
+    Group                              Alignment
+    ---------------------------------  ---------
+    Eval groups (unseen)
+      China                               0.8123
+      Japan                               0.7990
+      mean                                0.8057
+      CoV                                 0.0082
+      FI                                  0.9918
+    Train groups (held-out questions)
+      Nigeria                             0.8401
+      ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+_VALUE_WIDTH = 9  # fits "Alignment" and "-123.4567"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def _mean(scores: Mapping[str, float]) -> float | None:
+    vals = [float(v) for v in scores.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _section(title: str, scores: Mapping[str, float], cov: float | None,
+             fi: float | None) -> list[tuple[str, str]]:
+    rows = [(title, "")]
+    rows += [(f"  {group}", _fmt(score)) for group, score in scores.items()]
+    rows += [("  mean", _fmt(_mean(scores))), ("  CoV", _fmt(cov)), ("  FI", _fmt(fi))]
+    return rows
+
+
+def format_group_table(eval_scores: Mapping[str, float], train_scores: Mapping[str, float] | None,
+                       eval_cov: float | None, eval_fi: float | None,
+                       train_cov: float | None = None, train_fi: float | None = None,
+                       title: str = "") -> str:
+    """Per-group alignment scores with their mean, CoV and FI, values to 4 decimals.
+
+    Groups keep the order of the dicts given; ``train_scores`` (scores on the training
+    groups' held-out questions) may be None to print the eval section only.
+    """
+    rows = _section("Eval groups (unseen)", eval_scores, eval_cov, eval_fi)
+    if train_scores is not None:
+        rows += _section("Train groups (held-out questions)", train_scores, train_cov, train_fi)
+    name_width = max(len("Group"), *(len(name) for name, _ in rows))
+    lines = [title] if title else []
+    lines.append(f"{'Group':<{name_width}}  {'Alignment':>{_VALUE_WIDTH}}")
+    lines.append(f"{'-' * name_width}  {'-' * _VALUE_WIDTH}")
+    lines += [f"{name:<{name_width}}  {value:>{_VALUE_WIDTH}}".rstrip() for name, value in rows]
+    return "\n".join(lines)

@@ -1,0 +1,447 @@
+"""Run-folder I/O: atomic files, an append-only metrics log, and provenance.
+
+Every training run writes a self-describing folder::
+
+    runs/<YYYYmmdd-HHMMSS>_<method>_s<seed>/
+        config.json        resolved configuration (strict JSON)
+        environment.json   library versions, device, git commit
+        metrics.jsonl      one JSON object per evaluation round, appended
+        summary.json       final numbers, written once at the end
+        checkpoints/       see utils/checkpoint.py
+
+Files that are rewritten (config, summary, checkpoints) go through a temp file
+and ``os.replace`` so a crash leaves either the old file or the new one, never
+half of each. The metrics log is append-only: each record is one ``write`` of a
+whole line followed by ``fsync``, so a crash can cost at most the last line,
+which ``read_metrics`` detects and drops with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_OUT_DIR_HINT = "choose another --out_dir, or fix the folder's permissions"
+
+
+class OutputDirError(OSError):
+    """An output file or folder cannot be written; the message names it and gives a hint."""
+
+    def __init__(self, what: str, hint: str | None = None, err: int | None = None):
+        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
+        self.errno = err
+        self.hint = hint
+
+
+# ---------------------------------------------------------------------------
+# Run folder naming
+
+
+def default_run_dir(method: str, seed: int, root: str | Path = "runs") -> Path:
+    """Create and return a fresh ``<root>/<YYYYmmdd-HHMMSS>_<method>_s<seed>`` folder.
+
+    The folder is created here (``mkdir`` without ``exist_ok``) so two runs started in
+    the same second cannot both claim it; the loser gets a ``-1``, ``-2``... suffix.
+    """
+    safe_method = re.sub(r"[^A-Za-z0-9_.-]+", "-", method).strip("-") or "run"
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}_{safe_method}_s{seed}"
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"cannot create run root folder {root}: {e.strerror}",
+                             _OUT_DIR_HINT, e.errno) from e
+    for n in range(10_000):
+        candidate = root / (base if n == 0 else f"{base}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputDirError(f"cannot create run folder {candidate}: {e.strerror}",
+                                 _OUT_DIR_HINT, e.errno) from e
+    raise OutputDirError(f"too many run folders named {base}-N in {root}", _OUT_DIR_HINT)
+
+
+# ---------------------------------------------------------------------------
+# Strict JSON
+
+
+def _json_default(obj: Any) -> Any:
+    """Turn paths, numpy/torch scalars and arrays into JSON values (NaN checks still apply)."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays/scalars, tensors
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _first_nonfinite(obj: Any, where: str) -> str | None:
+    """Where the first NaN/inf sits in a nested structure, e.g. ``summary['eval_cov']``."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    if isinstance(obj, dict):
+        items: Iterable = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _first_nonfinite(v, f"{where}[{k!r}]")
+        if found:
+            return found
+    return None
+
+
+def to_strict_json(obj: Any, *, what: str = "value", indent: int | None = None) -> str:
+    """Serialise ``obj`` as strict JSON; NaN/inf raise a ValueError naming the key."""
+    try:
+        return json.dumps(obj, allow_nan=False, indent=indent, default=_json_default)
+    except ValueError as e:
+        if "Out of range float" not in str(e):
+            raise
+        plain = json.loads(json.dumps(obj, default=_json_default))  # NaN-tolerant, to locate it
+        where = _first_nonfinite(plain, what) or what
+        raise ValueError(f"{where} is not finite (NaN or inf); strict JSON cannot hold it ({e})"
+                         "\n  hint: fix the value upstream, or store it as null/a string") from e
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: on POSIX the directory entry itself must be flushed."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the data itself is synced
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
+
+    On any failure the temp file is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        # 0o666 lets the umask decide permissions, like a plain open() would.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        state = "does not exist" if e.errno == errno.ENOENT else "is not writable"
+        raise OutputDirError(f"cannot write {path.name}: folder {directory} {state} ({e.strerror})",
+                             _OUT_DIR_HINT, e.errno) from e
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, OutputDirError):
+            hint = ("free some disk space, or " + _OUT_DIR_HINT) if e.errno == errno.ENOSPC \
+                else _OUT_DIR_HINT
+            raise OutputDirError(f"could not write {path}: {e.strerror or e}; "
+                                 "the previous file (if any) is untouched", hint, e.errno) from e
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
+    """Write ``obj`` as strict, indented JSON atomically (NaN/inf raise ValueError)."""
+    text = to_strict_json(obj, what=Path(path).name, indent=indent) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# Metrics log (JSON lines)
+
+
+class MetricsWriter:
+    """Append-only JSON-lines log, one record per line, each line fsynced as a whole.
+
+    Opening an existing file whose last line was cut by a crash trims that partial
+    line first (with a warning), so new records never get glued onto it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._repair_tail()
+        try:
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputDirError(f"cannot open metrics log {self.path}: {e.strerror}",
+                                 _OUT_DIR_HINT, e.errno) from e
+
+    def _repair_tail(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        warnings.warn(f"{self.path}: dropping a partial last line ({len(data) - keep} bytes, "
+                      "left by an interrupted write) before appending", stacklevel=3)
+        os.truncate(self.path, keep)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record; NaN/inf raise ValueError before anything is written."""
+        if self._fd is None:
+            raise ValueError(f"metrics log {self.path} is closed")
+        if not isinstance(record, dict):
+            raise TypeError(f"a metrics record must be a dict, got {type(record).__name__}")
+        line = (to_strict_json(record, what="metrics record") + "\n").encode("utf-8")
+        try:
+            _write_all(self._fd, line)
+            os.fsync(self._fd)
+        except OSError as e:
+            raise OutputDirError(f"could not append to {self.path}: {e.strerror or e}",
+                                 "free some disk space, or " + _OUT_DIR_HINT, e.errno) from e
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.close()
+
+
+def _parse_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines metrics log.
+
+    A bad last line is what a crash mid-append leaves: it is dropped with a warning.
+    A bad line anywhere else means the file was damaged or edited: ValueError with the
+    line number. Blank lines are skipped.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
+    records: list[dict[str, Any]] = []
+    for k, (lineno, raw) in enumerate(numbered):
+        rec = _parse_record(raw)
+        if rec is not None:
+            records.append(rec)
+        elif k == len(numbered) - 1:
+            warnings.warn(f"{path}: line {lineno} is truncated or invalid JSON (a write was "
+                          f"interrupted); dropped it, kept {len(records)} records", stacklevel=2)
+        else:
+            raise ValueError(f"{path}: line {lineno} is not a JSON object: {raw[:80]!r}"
+                             "\n  hint: the file was damaged or edited; fix or delete that line")
+    return records
+
+
+def trim_metrics(path: str | Path, last_round: int) -> int:
+    """Drop records with ``round > last_round`` (logged after the checkpoint a run resumes
+    from); returns how many were dropped. The file is rewritten atomically."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    records = read_metrics(path)
+    kept = [r for r in records if not (isinstance(r.get("round"), int) and r["round"] > last_round)]
+    dropped = len(records) - len(kept)
+    if dropped or path.read_bytes()[-1:] not in (b"", b"\n"):
+        body = "".join(to_strict_json(r, what="metrics record") + "\n" for r in kept)
+        atomic_write_bytes(path, body.encode("utf-8"))
+    return dropped
+
+
+# ---------------------------------------------------------------------------
+# Run folder
+
+
+class RunDir:
+    """One run's output folder: config, environment, metrics log, summary, checkpoints."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(f"cannot create run folder {self.path}: {e.strerror}",
+                                 _OUT_DIR_HINT, e.errno) from e
+        self._metrics: MetricsWriter | None = None
+
+    @classmethod
+    def create(cls, method: str, seed: int, root: str | Path = "runs") -> RunDir:
+        return cls(default_run_dir(method, seed, root))
+
+    config_path = property(lambda self: self.path / "config.json")
+    environment_path = property(lambda self: self.path / "environment.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    summary_path = property(lambda self: self.path / "summary.json")
+    checkpoint_dir = property(lambda self: self.path / "checkpoints")
+
+    def write_config(self, config: dict[str, Any]) -> Path:
+        return atomic_write_json(self.config_path, config)
+
+    def write_environment(self, info: dict[str, Any] | None = None) -> Path:
+        return atomic_write_json(self.environment_path, info if info is not None else environment_info())
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        return atomic_write_json(self.summary_path, summary)
+
+    @property
+    def metrics(self) -> MetricsWriter:
+        """The metrics log, opened on first use so read-only users never create it."""
+        if self._metrics is None:
+            self._metrics = MetricsWriter(self.metrics_path)
+        return self._metrics
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+
+# ---------------------------------------------------------------------------
+# Provenance
+
+
+def _dist_version(name: str) -> str | None:
+    # Reading package metadata avoids importing heavy libraries (transformers) just for a version.
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True,
+                             timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions, hardware and code revision, for the run folder (every field may be None)."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "argv": list(sys.argv),
+    }
+    for dist in ("torch", "numpy", "transformers", "flwr", "safetensors", "wandb"):
+        info[dist] = _dist_version(dist)
+    info["cuda"] = info["cuda_device"] = None
+    try:
+        import torch
+
+        info["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+    except Exception:  # a broken CUDA install must not stop a run from recording the rest
+        pass
+    info["git_commit"] = _git("rev-parse", "HEAD") or None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info["git_dirty"] = None if status is None or info["git_commit"] is None else bool(status)
+    return info
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks so large embedding files fit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(paths: str | Path | Iterable[str | Path]) -> str:
+    """One digest over files and folders: sorted relative paths plus each file's SHA-256.
+
+    A folder contributes its files with paths relative to the folder (so renaming the
+    folder keeps the digest); a file given directly contributes its name. Two entries with
+    the same relative path are ambiguous and raise ValueError.
+    """
+    items = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    entries: dict[str, Path] = {}
+    for item in items:
+        if item.is_dir():
+            files = {f.relative_to(item).as_posix(): f for f in item.rglob("*") if f.is_file()}
+        elif item.is_file():
+            files = {item.name: item}
+        else:
+            raise FileNotFoundError(f"tree_sha256: {item} does not exist")
+        clash = entries.keys() & files.keys()
+        if clash:
+            raise ValueError(f"tree_sha256: {sorted(clash)[0]!r} appears under two of the given paths")
+        entries.update(files)
+    h = hashlib.sha256()
+    for rel in sorted(entries):
+        h.update(f"{rel}\0{file_sha256(entries[rel])}\n".encode("utf-8"))
+    return h.hexdigest()

@@ -1,0 +1,218 @@
+"""Optional Weights & Biases logging that can never stop a training run.
+
+Modes:
+
+- ``off``: wandb is not even imported; every method is a no-op.
+- ``online``: needs credentials (``wandb login`` or ``WANDB_API_KEY``); fails at start-up
+  with a hint if there are none, before any training time is spent.
+- ``offline``: writes the run under ``dir``; ``finish()`` prints the ``wandb sync`` line.
+- ``auto``: follows ``WANDB_MODE`` if set, else online when credentials exist (checked
+  locally, no network), otherwise offline.
+
+If wandb fails to start (server unreachable) the logger warns and falls back to offline,
+then to off; if a later ``log`` fails it warns once and stops logging. The run folder's
+metrics.jsonl stays the record of truth either way.
+
+Metric names are grouped (``loss/...``, ``alignment/...``, ``fairness/...``) so the
+dashboard sections read like the paper's figures; see ``wandb_metrics``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+MODES = ("auto", "online", "offline", "off")
+_MODE_HINT = "run `wandb login` (or set WANDB_API_KEY), or choose wandb mode 'offline' or 'off'"
+
+# metrics.jsonl key -> dashboard name; dict-valued keys get "/<group>" appended.
+_SCALARS = {
+    "train_loss": "loss/train_mean",
+    "eval_alignment_score": "alignment/eval_mean",
+    "train_alignment_score": "alignment/train_heldout_mean",
+    "eval_fi": "fairness/eval_fi",
+    "eval_cov": "fairness/eval_cov",
+    "train_fi": "fairness/train_fi",
+    "train_cov": "fairness/train_cov",
+    "grad_steps": "compute/grad_steps",
+    "wall_time_s": "time/wall_s",
+}
+_PER_GROUP = {
+    "train_loss_per_client": "loss/client",
+    "eval_group_scores": "alignment/eval",
+    "train_group_scores": "alignment/train_heldout",
+}
+_SKIP = {"round"}  # logged as the step, not as a metric
+
+
+def _clean_group(name: Any) -> str:
+    # a "/" inside a group name would open a spurious dashboard section
+    return str(name).replace("/", "-")
+
+
+def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """Map a metrics.jsonl record to grouped dashboard names; None values are skipped.
+
+    Keys we do not know are kept under ``other/<key>`` (dicts flattened) rather than lost.
+    """
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if value is None or key in _SKIP:
+            continue
+        if key in _SCALARS:
+            out[_SCALARS[key]] = value
+            continue
+        prefix = _PER_GROUP.get(key, f"other/{key}")
+        if isinstance(value, dict):
+            out.update({f"{prefix}/{_clean_group(g)}": v for g, v in value.items() if v is not None})
+        else:
+            out[prefix] = value
+    return out
+
+
+def has_wandb_credentials() -> bool:
+    """Whether wandb could authenticate, judged from env vars and the netrc file only."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    if "NETRC" in os.environ:
+        candidates = [Path(os.environ["NETRC"]).expanduser()]
+    else:
+        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    for path in candidates:
+        try:
+            creds = netrc.netrc(path).authenticators(host or "")
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if creds and creds[2]:
+            return True
+    return False
+
+
+def _resolve_mode(mode: str) -> tuple[str, str]:
+    """(online|offline|off, why) for a requested mode."""
+    if mode not in MODES:
+        raise ValueError(f"wandb mode {mode!r} is not one of {MODES}")
+    if mode != "auto":
+        return mode, "requested"
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode in ("offline", "dryrun"):
+        return "offline", "WANDB_MODE=" + env_mode
+    if env_mode == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return "off", "wandb disabled by environment"
+    if env_mode in ("online", "run"):
+        return "online", "WANDB_MODE=" + env_mode
+    if has_wandb_credentials():
+        return "online", "API key found"
+    return "offline", "no API key found (WANDB_API_KEY or netrc)"
+
+
+class WandbLogger:
+    """Thin wrapper around a wandb run; see the module docstring for the modes."""
+
+    def __init__(self, mode: str = "auto", project: str = "plurallm", run_name: str | None = None,
+                 config: dict[str, Any] | None = None, dir: str | Path = "runs",
+                 group: str | None = None):
+        self.mode, why = _resolve_mode(mode)
+        self.requested_mode = mode
+        self.run: Any = None
+        self._failed_log = False
+        if self.mode == "off":
+            return
+        if self.mode == "online" and mode == "online" and not has_wandb_credentials():
+            raise RuntimeError(f"wandb mode 'online' was requested but no W&B credentials were "
+                               f"found\n  hint: {_MODE_HINT}")
+        # wandb's own banners would interleave with the progress bar; we print our own lines.
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+        except ImportError as e:
+            if mode == "auto":
+                warnings.warn("wandb is not installed; W&B logging is off", stacklevel=2)
+                self.mode = "off"
+                return
+            raise ImportError(f"wandb mode {mode!r} needs the wandb package\n  hint: pip install "
+                              "wandb, or choose wandb mode 'off'") from e
+        self._wandb = wandb
+        self.dir = Path(dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        init_kwargs = dict(project=project, name=run_name, config=config or {}, group=group,
+                           dir=str(self.dir))
+        self.run = self._start(init_kwargs)
+        if self.run is None:
+            return
+        if self.mode == "online":
+            print(f"wandb: logging online ({why}): {getattr(self.run, 'url', '')}")
+        else:
+            print(f"wandb: logging offline ({why}) to {self.sync_dir}")
+
+    def _start(self, init_kwargs: dict[str, Any]) -> Any:
+        """Start a run, degrading online -> offline -> off instead of raising."""
+        for attempt in ("online", "offline"):
+            if self.mode == "online" or attempt == "offline":
+                # console capture would duplicate stdout/tqdm into the run; the run folder has the logs
+                settings = self._wandb.Settings(mode=attempt, console="off", init_timeout=60)
+                try:
+                    run = self._wandb.init(settings=settings, reinit="finish_previous", **init_kwargs)
+                except Exception as e:  # network, auth or filesystem: never fatal for training
+                    warnings.warn(f"wandb.init ({attempt}) failed: {e!r}; "
+                                  + ("falling back to offline" if attempt == "online"
+                                     else "W&B logging is off for this run"), stacklevel=3)
+                    continue
+                self.mode = attempt
+                return run
+        self.mode = "off"
+        return None
+
+    @property
+    def sync_dir(self) -> Path | None:
+        """The offline run folder that ``wandb sync`` uploads (None when not logging)."""
+        if self.run is None:
+            return None
+        return Path(self.run.dir).parent  # run.dir is <sync_dir>/files
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.run is None or self._failed_log:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            self._failed_log = True
+            warnings.warn(f"wandb {what} failed: {e!r}; W&B logging stops here "
+                          "(metrics.jsonl is unaffected)", stacklevel=3)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self._guard("log", self.run.log, metrics, step=step)
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Log a metrics.jsonl record under grouped names, at step = its round."""
+        if self.run is not None:
+            self.log(wandb_metrics(record), step=int(record["round"]))
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self._guard("summary", self.run.summary.update, values)
+
+    def finish(self) -> None:
+        """Close the run (idempotent); for offline runs print how to upload them."""
+        if self.run is None:
+            return
+        run, sync_dir, offline = self.run, self.sync_dir, self.mode == "offline"
+        self.run = None
+        try:
+            run.finish()
+        except Exception as e:
+            warnings.warn(f"wandb finish failed: {e!r}", stacklevel=2)
+        if offline:
+            print(f"wandb: offline run saved; to upload it run:\n  wandb sync {sync_dir}")
+
+    def __enter__(self) -> WandbLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
