@@ -131,7 +131,7 @@ def prepare_experiment(args, log=print) -> ExperimentData:
                  "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
                  "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
                  "load_seconds": round(time.perf_counter() - t0, 3)}
-    log_groups(data, log)
+    log_groups(data, log, per_group=not getattr(args, "quiet", False))
     return data
 
 
@@ -141,9 +141,10 @@ def synthetic_spec(args) -> SyntheticSpec:
                          dim=args.syn_dim, seed=args.seed)
 
 
-def log_groups(data: ExperimentData, log=print) -> None:
+def log_groups(data: ExperimentData, log=print, per_group: bool = True) -> None:
     for role, groups in (("train", data.train), ("eval", data.eval)):
         for name, g in groups.items():
-            log(f"  {role:5s} {name}: {g.num_questions} questions, {g.num_points} options")
+            if per_group:
+                log(f"  {role:5s} {name}: {g.num_questions} questions, {g.num_points} options")
     log(f"loaded {data.dataset}: {len(data.train)} train + {len(data.eval)} eval groups, "
         f"dim {data.dim_x}, in {data.info['load_seconds']:.2f} s")

@@ -40,11 +40,13 @@ class FedAvgTrainer:
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
         self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
+        self.last_client_states: dict[str, dict] = {}
 
     def train_round(self, round_: int) -> dict:
         names = sample_clients(list(self.clients), self.client_fraction,
                                generator(self.cfg.seed, "client_sampling", round_))
         results: list[FitResult] = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
+        self.last_client_states = {r.name: r.state for r in results}  # for --save_client
         self.global_state = self.aggregate(results)
         per_client = {r.name: sum(r.losses) / len(r.losses) for r in results}
         return {"train_loss": sum(per_client.values()) / len(per_client),

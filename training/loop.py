@@ -10,13 +10,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from training.evaluation import GroupEval
 from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from utils.console import format_group_table
 from utils.metrics import convergence_round, cov, fairness_index, mean_alignment
-from utils.run_io import MetricsWriter, RunDir, read_metrics, trim_metrics
+from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, read_metrics, trim_metrics
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 # Keys that measure time, not training: excluded when runs are compared for determinism.
@@ -126,6 +127,17 @@ class RunLoop:
                 "method": self.trainer.method}
         weights = {k: v.detach().cpu().contiguous() for k, v in self.trainer.global_state.items()}
         save_checkpoint(self.ckpt_dir, tag, model_state=weights, extra_states=extra, meta=meta)
+        if self.cfg.save_client:
+            self._save_client_weights(tag)
+
+    def _save_client_weights(self, tag: str) -> None:
+        """Each client's locally trained weights of the last round (the released code's --save_client)."""
+        folder = self.ckpt_dir / "clients" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, state in getattr(self.trainer, "last_client_states", {}).items():
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+            blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+            atomic_write_bytes(folder / f"{safe}.safetensors", blob)
 
     def _finish(self, t0: float) -> dict:
         records = read_metrics(self.run_dir.metrics_path)
