@@ -100,8 +100,12 @@ def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: in
     return train, evals
 
 
-def prepare_experiment(args, log=print) -> ExperimentData:
-    """Everything a run needs from the data flags: groups as tensors, plus provenance."""
+def prepare_experiment(args, log=print, check=None) -> ExperimentData:
+    """Everything a run needs from the data flags: groups as tensors, plus provenance.
+
+    `check(question_counts, train, evals)` runs after parsing and before embedding, so a
+    configuration that cannot run fails in seconds, not after an embedding pass.
+    """
     t0 = time.perf_counter()
     if args.dataset == "synthetic":
         raw, emb = make_synthetic(synthetic_spec(args))
@@ -113,6 +117,9 @@ def prepare_experiment(args, log=print) -> ExperimentData:
                                      args.group_split, args.seed)
         raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict,
                                groups=train + evals, log=log)
+        _check_known(raw, train + evals, args.dataset)
+        if check is not None:
+            check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
         from .embeddings import get_embeddings
         emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(train + evals)},
                                        cache_dir=args.cache_dir, device=args.emb_device,
@@ -120,10 +127,9 @@ def prepare_experiment(args, log=print) -> ExperimentData:
                                        load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
     for line in raw.report.lines():
         log(line)
-    unknown = [g for g in train + evals if g not in raw.groups]
-    if unknown:
-        raise DataError(f"group(s) {unknown} not found in the {args.dataset} data",
-                        f"available: {', '.join(sorted(raw.groups))}")
+    _check_known(raw, train + evals, args.dataset)
+    if check is not None and args.dataset == "synthetic":
+        check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
     build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
     data = ExperimentData(args.dataset, build(train), build(evals), int(emb.shape[1]),
                           raw.bank.ordinals is not None)
@@ -133,6 +139,13 @@ def prepare_experiment(args, log=print) -> ExperimentData:
                  "load_seconds": round(time.perf_counter() - t0, 3)}
     log_groups(data, log, per_group=not getattr(args, "quiet", False))
     return data
+
+
+def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:
+    unknown = [g for g in names if g not in raw.groups]
+    if unknown:
+        raise DataError(f"group(s) {unknown} not found in the {dataset} data",
+                        f"available: {', '.join(sorted(raw.groups))}")
 
 
 def synthetic_spec(args) -> SyntheticSpec:

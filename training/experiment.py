@@ -23,7 +23,6 @@ from utils.wandb_logger import WandbLogger
 
 def client_config(args, metric: str) -> ClientConfig:
     sizes = EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
-    sizes.validate()
     return ClientConfig(seed=args.seed, epochs=getattr(args, "epochs", 6), data_split=args.data_split,
                         sizes=sizes, optim=OptimConfig(lr=args.lr, num_steps=args.num_steps),
                         eval_num_qs=args.eval_num_qs, eval_seed=args.eval_seed,
@@ -36,20 +35,40 @@ def model_config(args, dim_x: int) -> GPOConfig:
                      num_layers=args.num_layers, bound_std=args.bound_std)
 
 
-def validate(args, data: ExperimentData, cfg: ClientConfig, metric: str) -> None:
-    """Fail before training on anything that would fail (or mean nothing) later."""
+def check_flags(args) -> None:
+    """Flag values that are wrong whatever the data."""
     if not 0 < args.data_split < 1:
         raise DataError(f"--data_split {args.data_split} must be in (0, 1)", "the paper uses 0.9")
+    if args.eval_num_qs < 1:
+        raise DataError(f"--eval_num_qs {args.eval_num_qs} must be >= 1", "the paper uses 20")
+    sizes = EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
+    sizes.validate()
+
+
+def check_question_counts(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
+    """Every training group must fit an episode in its local split; every eval group must keep targets."""
+    need = args.min_ctx_num_qs + args.min_tar_num_qs
+    for name in train:
+        local = int(counts[name] * args.data_split)
+        if local < need:
+            raise DataError(
+                f"training group {name!r} has {local} local questions ({args.data_split:g} of {counts[name]}), "
+                f"fewer than --min_ctx_num_qs + --min_tar_num_qs = {need}",
+                "lower --min_ctx_num_qs / --min_tar_num_qs, or leave the group out with --train_groups")
+    for name in evals:
+        if counts[name] <= args.eval_num_qs:
+            raise DataError(f"evaluation group {name!r} has {counts[name]} questions; --eval_num_qs "
+                            f"{args.eval_num_qs} leaves none to score",
+                            "lower --eval_num_qs, or leave the group out with --eval_groups")
+
+
+def validate(args, data: ExperimentData, metric: str) -> None:
+    """Fail before training on anything that would fail (or mean nothing) later."""
     if metric == "wasserstein" and not data.has_ordinals:
         raise DataError(f"--metric wasserstein needs ordinal options; {args.dataset} has none",
                         "use --metric jsd")
-    for name, g in data.train.items():
-        local, _ = g.split(args.data_split)
-        cfg.sizes.check_group(local, "training")
-    for name, g in data.eval.items():
-        if g.num_questions <= args.eval_num_qs:
-            raise DataError(f"evaluation group {name!r} has {g.num_questions} questions; --eval_num_qs "
-                            f"{args.eval_num_qs} leaves none to score", "lower --eval_num_qs")
+    counts = {n: g.num_questions for n, g in {**data.train, **data.eval}.items()}
+    check_question_counts(args, counts, sorted(data.train), sorted(data.eval))
 
 
 def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, device):
@@ -75,7 +94,7 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     metric = resolve_metric(args)
     device = resolve_device(args.device)
     cfg = client_config(args, metric)
-    validate(args, data, cfg, metric)
+    validate(args, data, metric)
     seed_everything(args.seed)
     run_dir = RunDir(out_dir or default_run_dir(method, args.seed))
     if args.resume and not (run_dir.path / "config.json").exists():
@@ -109,7 +128,9 @@ def main(method: str, argv=None) -> int:
     args = build_parser(method).parse_args(argv)
     try:
         t0 = time.perf_counter()
-        data = prepare_experiment(args, log=print)
+        check_flags(args)
+        data = prepare_experiment(args, log=print,
+                                  check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
         run_method(method, args, data, args.out_dir)
         if method == "fedavg" and args.also_centralized:
             # The baseline gets a sibling folder so both runs keep the standard layout.
