@@ -46,6 +46,7 @@ import torch
 from data_loaders.authors_pickle import load_authors_pickle
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, RawDataset
+from utils.device import resolve_device as _resolve_device
 
 Log = Callable[[str], None]
 
@@ -148,15 +149,7 @@ def _read_json(path: Path, default: Any) -> Any:
 # ---------------------------------------------------------------------------- computing
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {device} was asked for, but no CUDA GPU is visible",
-                        hint="use --device auto or --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise DataError(f"unknown --device {device!r}", hint="use auto, cpu or cuda") from exc
+    return _resolve_device(device, flag="--emb_device")
 
 
 def _check_dtype(dtype: str) -> None:

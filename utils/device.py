@@ -1,4 +1,4 @@
-"""--device auto|cpu|cuda[:N]."""
+"""--device auto|cpu|cuda[:N] (and --emb_device): one resolution, one error message."""
 from __future__ import annotations
 
 import torch
@@ -6,15 +6,15 @@ import torch
 from data_loaders.schema import DataError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DataError(f"--device {name}: this PyTorch build sees no CUDA device "
+            raise DataError(f"{flag} {name}: this PyTorch build sees no CUDA device "
                             f"(torch {torch.__version__})",
-                            "use --device cpu, or --device auto to pick CUDA only when present")
+                            f"use {flag} cpu, or {flag} auto to pick CUDA only when present")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise DataError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N", "use --device auto")
+    raise DataError(f"{flag} {name!r} is not one of auto, cpu, cuda, cuda:N", f"use {flag} auto")
