@@ -14,6 +14,7 @@ from utils.seeding import generator
 
 from .aggregation import aggregation_weights, sample_clients, weighted_average
 from .client import ClientConfig, FitResult, GroupClient
+from .vmap_engine import VmapClientEngine
 
 
 def init_global_state(model_cfg: GPOConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -34,18 +35,26 @@ class FedAvgTrainer:
     method = "fedavg"
 
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
-                 weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu"):
+                 weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
+                 client_engine: str = "loop", vmap_chunk: int = 0):
         self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
         self.device = torch.device(device)
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
         self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
         self.last_client_states: dict[str, dict] = {}
+        if client_engine not in ("loop", "vmap"):
+            raise ValueError(f"--client_engine {client_engine!r}: choose loop or vmap")
+        self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if client_engine == "vmap" else None
 
     def train_round(self, round_: int) -> dict:
         names = sample_clients(list(self.clients), self.client_fraction,
                                generator(self.cfg.seed, "client_sampling", round_))
-        results: list[FitResult] = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
+        if self.vmap is not None:
+            results = self.vmap.fit([self.clients[n] for n in names], self.global_state, round_,
+                                    self.cfg.epochs, self.cfg.seed)
+        else:
+            results = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
         self.last_client_states = {r.name: r.state for r in results}  # for --save_client
         self.global_state = self.aggregate(results)
         per_client = {r.name: sum(r.losses) / len(r.losses) for r in results}

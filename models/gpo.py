@@ -9,6 +9,7 @@ scoring all of a group's questions in one pass equals scoring them one at a time
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,6 +28,7 @@ class GPOConfig:
     dropout: float = 0.0
     num_layers: int = 6
     bound_std: bool = False
+    precision: str = "fp32"       # "bf16": matmuls under autocast; softmax, loss and std stay fp32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +83,9 @@ class ContextAttentionLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = dropout
+        # torch.func.vmap has no batching rule for the fused CPU kernel; the vmap client
+        # engine switches to explicit matmuls, which give the same numbers.
+        self.fused_attention = True
 
     def forward(self, h: torch.Tensor, num_ctx: int, key_mask: torch.Tensor) -> torch.Tensor:
         B, T, d = h.shape
@@ -91,8 +96,13 @@ class ContextAttentionLayer(nn.Module):
         k, v = kv.chunk(2, dim=-1)
         split = lambda t: t.view(B, -1, self.nhead, hd).transpose(1, 2)  # noqa: E731
         p = self.dropout if self.training else 0.0
-        att = F.scaled_dot_product_attention(split(q), split(k), split(v),
-                                             attn_mask=key_mask[:, None, None, :], dropout_p=p)
+        mask = key_mask[:, None, None, :]
+        if self.fused_attention:
+            att = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=p)
+        else:
+            scores = (split(q) / math.sqrt(hd)) @ split(k).transpose(-2, -1)  # scale the smaller tensor
+            weights = F.dropout(scores.masked_fill_(~mask, -torch.inf).softmax(-1), p, self.training)
+            att = weights @ split(v)
         att = self.self_attn.out_proj(att.transpose(1, 2).reshape(B, T, d))
         h = self.norm1(h + F.dropout(att, p, self.training))
         ff = self.linear2(F.dropout(F.relu(self.linear1(h)), p, self.training))
@@ -110,6 +120,17 @@ class GPO(nn.Module):
         self.predictor = nn.Sequential(nn.Linear(c.d_model, c.dim_feedforward), nn.ReLU(),
                                        nn.Linear(c.dim_feedforward, c.dim_y * 2))
 
+    @contextmanager
+    def explicit_attention(self):
+        """Attention as explicit matmuls while inside the block (for torch.func.vmap)."""
+        for layer in self.layers:
+            layer.fused_attention = False
+        try:
+            yield self
+        finally:
+            for layer in self.layers:
+                layer.fused_attention = True
+
     def encode_targets(self, ep: Episode) -> torch.Tensor:
         """Representations of the target tokens, [B, Nt, d_model]."""
         ctx = torch.cat([ep.xc, ep.yc.unsqueeze(-1).to(ep.xc.dtype)], dim=-1)
@@ -122,7 +143,8 @@ class GPO(nn.Module):
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""
-        out = self.predictor(self.encode_targets(ep))
+        with torch.autocast(ep.xc.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            out = self.predictor(self.encode_targets(ep))
         raw_mean, raw_std = out[..., 0], out[..., 1]
         mean = segment_softmax(raw_mean.float(), ep.tgt_seg, ep.tgt_mask, ep.num_tgt_q)
         std = 0.05 + 0.95 * F.softplus(raw_std.float()) if self.config.bound_std else raw_std.float().exp()

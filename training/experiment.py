@@ -32,7 +32,7 @@ def client_config(args, metric: str) -> ClientConfig:
 def model_config(args, dim_x: int) -> GPOConfig:
     return GPOConfig(dim_x=dim_x, d_model=args.d_model, emb_depth=args.emb_depth,
                      dim_feedforward=args.dim_feedforward, nhead=args.nhead, dropout=args.dropout,
-                     num_layers=args.num_layers, bound_std=args.bound_std)
+                     num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision)
 
 
 def check_flags(args) -> None:
@@ -75,7 +75,7 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
     mcfg = model_config(args, data.dim_x)
     if method == "fedavg":
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
-                             device=device)
+                             device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
                               train_batch_size=args.train_batch_size, device=device)
 

@@ -75,12 +75,19 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--train_batch_size", type=int, default=32,
                    help="groups per step in --central_mode batched")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16 runs the model's matmuls under autocast (loss and softmax stay fp32)")
     if method == "fedavg":
         t.add_argument("--comm_round", type=int, default=1300, help="communication rounds (paper: 1300)")
         t.add_argument("--epochs", type=int, default=6, help="local steps per client per round")
         t.add_argument("--client_fraction", type=float, default=1.0, help="share of training clients sampled per round")
         t.add_argument("--weighting", default="dataset_size", choices=WEIGHTINGS,
                        help="FedAvg weights: dataset_size (paper), episode_points (released code), uniform")
+        t.add_argument("--client_engine", default="loop", choices=("loop", "vmap"),
+                       help="run the sampled clients' local steps one client after another (loop) or as one "
+                            "batched computation over stacked client weights (vmap); same numbers")
+        t.add_argument("--vmap_chunk", type=int, default=0,
+                       help="with --client_engine vmap: clients per batched chunk to bound memory (0 = all)")
         t.add_argument("--save_client", action="store_true", help="also save each client's optimizer state in checkpoints")
         t.add_argument("--also_centralized", action="store_true",
                        help="then train the centralized baseline in the same process (its own run folder)")
