@@ -50,8 +50,11 @@ def _adam_state(client: GroupClient, names: list[str], params: dict[str, torch.T
         return 0.0, [torch.zeros_like(params[n]) for n in names], [torch.zeros_like(params[n]) for n in names]
     state = adam["state"]
     step = float(state[0]["step"]) if 0 in state else 0.0
-    m = [state[i]["exp_avg"] if i in state else torch.zeros_like(params[n]) for i, n in enumerate(names)]
-    v = [state[i]["exp_avg_sq"] if i in state else torch.zeros_like(params[n]) for i, n in enumerate(names)]
+    # .to(): a checkpoint loads on the CPU while the weights may live on a GPU
+    m = [state[i]["exp_avg"].to(params[n].device) if i in state else torch.zeros_like(params[n])
+         for i, n in enumerate(names)]
+    v = [state[i]["exp_avg_sq"].to(params[n].device) if i in state else torch.zeros_like(params[n])
+         for i, n in enumerate(names)]
     return step, m, v
 
 
