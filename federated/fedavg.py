@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from data_loaders.datasets import ExperimentData
+from data_loaders.schema import DataError
 from models.gpo import GPO, GPOConfig
 from training.evaluation import GroupEval
 from utils.seeding import generator
@@ -45,6 +46,10 @@ class FedAvgTrainer:
         self.last_client_states: dict[str, dict] = {}
         if client_engine not in ("loop", "vmap"):
             raise ValueError(f"--client_engine {client_engine!r}: choose loop or vmap")
+        if client_engine == "vmap" and model_cfg.precision != "fp32":
+            raise DataError("--precision bf16 does not work with --client_engine vmap: autocast does not "
+                            "compose with torch.func's grad under vmap (backward fails on mixed dtypes)",
+                            "use --client_engine loop with bf16, or fp32 with vmap")
         self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if client_engine == "vmap" else None
 
     def train_round(self, round_: int) -> dict:

@@ -70,3 +70,9 @@ def test_engines_share_client_state():
     ev_b, _ = mixed_vmap.evaluate(2)
     for name in ev_a:
         assert torch.allclose(ev_a[name].distances, ev_b[name].distances, atol=1e-5)
+
+
+def test_vmap_with_bf16_is_refused_clearly():
+    from data_loaders.schema import DataError
+    with pytest.raises(DataError, match="--precision bf16 does not work with --client_engine vmap"):
+        trainer("--client_engine", "vmap", "--precision", "bf16")

@@ -1,0 +1,541 @@
+"""Time what users run: data loading, a local step, a FedAvg round, evaluation, a centralized epoch.
+
+Every number goes through the code path of main_fl.py: flags parsed by
+utils.cli.build_parser("fedavg"), data built by prepare_experiment, trainers made by
+training.experiment.make_trainer. Each scale point (and engine / precision) runs in a
+fresh subprocess (`--one-scale`), so its peak RSS is its own. Commands and the meaning
+of every number: benchmarks/README.md.
+
+    python -m benchmarks.bench --scale paper --save
+    python -m benchmarks.bench --scale clients --engines loop,vmap --precisions fp32,bf16 --save
+    python -m benchmarks.bench --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+MEASURES = ("step", "round", "eval", "central")
+TRAIN_FACTOR = 3  # forward + backward ≈ 3 forward passes (backward = grads of inputs and of weights)
+
+
+# --- scales -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scale:
+    clients: tuple[int, ...]      # training clients, one benchmark point each
+    eval_clients: int = 6         # held-out evaluation groups
+    questions: int = 800          # questions per group (every group answers every question)
+    min_options: int = 2
+    max_options: int = 7
+    dim: int = 4096               # option-embedding size
+    epochs: int = 6               # local steps per client per round
+    rounds: int = 3               # timed rounds / epochs, after one warm-up
+    repeats: int = 3              # timed local-step fits / evaluations, after one warm-up
+    measure: tuple[str, ...] = MEASURES
+
+
+SCALES: dict[str, Scale] = {
+    # GlobalOpinionQA as in the paper: 14 countries (8 train / 6 eval), Alpaca-7B embeddings.
+    "paper": Scale(clients=(8,), dim=4096),
+    "minilm": Scale(clients=(8,), dim=384),
+    # 225 questions: a client's local 90% is 202 questions, more than the largest episode
+    # (max_ctx + max_tar = 200), so episodes, hence step cost, are drawn exactly as at
+    # 800 questions, while 518 groups stay ≈ 1.6 GB (two fp32 copies of 225·4.5·384 per group).
+    "clients": Scale(clients=(8, 32, 128, 512), questions=225, dim=384, rounds=2, measure=("step", "round")),
+    # For tests and smoke runs: seconds on a laptop.
+    "tiny": Scale(clients=(2,), eval_clients=2, questions=50, dim=32, rounds=1, repeats=1),
+}
+
+
+def group_names(n: int) -> list[str]:
+    from data_loaders.synthetic import group_names as names
+    return names(n)
+
+
+def cli_argv(point: dict) -> list[str]:
+    """The main_fl.py flags of one benchmark point: synthetic data, explicit group lists."""
+    n_train, n_eval = point["clients"], point["eval_clients"]
+    names = group_names(n_train + n_eval)
+    argv = ["--dataset", "synthetic", "--syn_groups", str(n_train + n_eval),
+            "--syn_questions", str(point["questions"]), "--syn_min_options", str(point["min_options"]),
+            "--syn_max_options", str(point["max_options"]), "--syn_dim", str(point["dim"]),
+            "--train_groups", ",".join(names[:n_train]), "--eval_groups", ",".join(names[n_train:]),
+            "--epochs", str(point["epochs"]), "--device", point["device"], "--wandb", "off", "--quiet"]
+    if point.get("engine_flag"):
+        argv += ["--client_engine", point["engine"]]
+    if point.get("precision_flag"):
+        argv += ["--precision", point["precision"]]
+    return argv + shlex.split(point.get("cli_args", ""))
+
+
+def optional_flag(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | None:
+    """The parser's action for `flag`, or None when this checkout does not have it yet."""
+    # argparse has no public lookup by option string; this mapping is stable since Python 2.7.
+    return parser._option_string_actions.get(flag)
+
+
+# --- FLOPs --------------------------------------------------------------------------
+
+def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
+    """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points.
+
+    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)).
+    """
+    d, ff, tokens = cfg.d_model, cfg.dim_feedforward, n_ctx + n_tgt
+    embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
+    per_layer = (tokens * d * d            # Q projection, every token
+                 + 2 * n_ctx * d * d       # K and V projections, context tokens only
+                 + 2 * tokens * n_ctx * d  # scores Q·Kᵀ and the weighted sum of V, over all heads
+                 + tokens * d * d          # output projection
+                 + 2 * tokens * d * ff)    # feed-forward, two linears
+    predictor = n_tgt * (d * ff + ff * 2 * cfg.dim_y)
+    return embedder + cfg.num_layers * per_layer + predictor
+
+
+def train_flops(cfg, n_ctx: int, n_tgt: int) -> int:
+    """FLOPs of one training step: 2 per multiply-add, TRAIN_FACTOR forward passes."""
+    return TRAIN_FACTOR * 2 * forward_macs(cfg, n_ctx, n_tgt)
+
+
+def episode_points(group, sizes, gen: torch.Generator, steps: int) -> list[tuple[int, int]]:
+    """(context points, target points) of the next `steps` episodes sample_episode would draw from `gen`.
+
+    Same draws as data_loaders.episodes.sample_episode, without gathering the embeddings.
+    """
+    from data_loaders.episodes import choose_questions
+    q_sizes = group.sizes.cpu()
+    out = []
+    for _ in range(steps):
+        n_ctx, n_tar = sizes.draw(gen)
+        c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
+        out.append((int(q_sizes[c].sum()), int(q_sizes[t].sum())))
+    return out
+
+
+def fit_episodes(client, cfg, round_: int) -> list[tuple[int, int]]:
+    """The episodes `client.fit(..., round_)` trains on (same generator as GroupClient.fit)."""
+    from utils.seeding import generator
+    return episode_points(client.local, cfg.sizes, generator(cfg.seed, "episodes", client.name, round_), cfg.epochs)
+
+
+# --- timing -------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def repeat_timed(fn: Callable[[int], Any], n: int, device: torch.device, first: int = 1) -> list[tuple[Any, float]]:
+    """Call fn(i) for i = first .. first+n (the first call warms up and is dropped)."""
+    runs = [timed(lambda i=i: fn(i), device) for i in range(first, first + n + 1)]
+    return runs[1:]
+
+
+def median_s(runs: list[tuple[Any, float]]) -> float:
+    return statistics.median(s for _, s in runs)
+
+
+def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, min_time: float = 0.5,
+                min_reps: int = 3, max_reps: int = 1000) -> dict:
+    """This machine's achieved GFLOP/s on a size×size torch.mm: best and median of repeats."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    timed(lambda: torch.mm(a, b), device)  # warm-up: kernel selection, allocation
+    times: list[float] = []
+    while len(times) < max_reps and (len(times) < min_reps or sum(times) < min_time):
+        times.append(timed(lambda: torch.mm(a, b), device)[1])
+    flop = 2 * size ** 3
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "reps": len(times),
+            "gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9}
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 2 ** 10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# --- machine ------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device: torch.device) -> dict:
+    from utils.run_io import environment_info
+    env = environment_info()
+    info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "memory_gb": memory_gb(), "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
+            "device_name": cpu_model(), "cuda": torch.version.cuda, "cuda_device": None,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty")}
+    if device.type == "cuda":
+        info["cuda_device"] = info["device_name"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
+    return info
+
+
+def device_slug(info: dict) -> str:
+    if info["device"].startswith("cuda"):
+        return re.sub(r"[^a-z0-9]+", "-", info["cuda_device"].lower()).strip("-")
+    return "cpu"
+
+
+# --- one scale point (child process) ------------------------------------------------
+
+def scratch_model(trainer, model_cfg, device):
+    """The trainer's compute model when it has one (it carries any precision setting), else a new GPO."""
+    from models.gpo import GPO
+    model = getattr(trainer, "model", None)
+    return model if model is not None else GPO(model_cfg).to(device)
+
+
+def measure_local_step(trainer, model, cfg, model_cfg, repeats: int, device) -> dict:
+    """Local steps of one client on the loop path: GroupClient.fit time / epochs."""
+    _, client = min(trainer.clients.items())
+    base = 10_000  # rounds the FedAvg timing never reaches, so its episodes stay untouched
+    runs = repeat_timed(lambda r: client.fit(model, trainer.global_state, base + r), repeats, device)
+    eps = [fit_episodes(client, cfg, base + r) for r in range(2, repeats + 2)]
+    flops = [sum(train_flops(model_cfg, c, t) for c, t in e) for e in eps]
+    secs = [s for _, s in runs]
+    points = [p for e in eps for p in e]
+    return {"local_step_s": statistics.median(s / cfg.epochs for s in secs),
+            "local_step_samples_s": [s / cfg.epochs for s in secs],
+            "gflop_per_step": sum(flops) / len(points) / 1e9, "step_gflops": sum(flops) / sum(secs) / 1e9,
+            "mean_ctx_points": sum(c for c, _ in points) / len(points),
+            "mean_tgt_points": sum(t for _, t in points) / len(points)}
+
+
+def round_flops(trainer, cfg, model_cfg, names: list[str], round_: int) -> tuple[int, int]:
+    """(useful FLOPs, FLOPs with every client's step padded to that step's largest episode).
+
+    The second is what the vmap engine computes: it stacks all clients' episodes of a step.
+    """
+    eps = [fit_episodes(trainer.clients[n], cfg, round_) for n in names]
+    useful = sum(train_flops(model_cfg, c, t) for e in eps for c, t in e)
+    padded = sum(len(names) * train_flops(model_cfg, max(e[i][0] for e in eps), max(e[i][1] for e in eps))
+                 for i in range(cfg.epochs))
+    return useful, padded
+
+
+def measure_rounds(trainer, cfg, model_cfg, rounds: int, device, engine: str) -> dict:
+    runs = repeat_timed(trainer.train_round, rounds, device)
+    counts = [round_flops(trainer, cfg, model_cfg, stats.get("clients") or sorted(trainer.clients), r)
+              for r, (stats, _) in enumerate(runs, start=2)]
+    secs = [s for _, s in runs]
+    useful = [u for u, _ in counts]
+    out = {"fedavg_round_s": statistics.median(secs), "fedavg_round_samples_s": secs,
+           "gflop_per_round": sum(useful) / len(useful) / 1e9, "round_gflops": sum(useful) / sum(secs) / 1e9}
+    if engine == "vmap":
+        out["gflop_per_round_padded"] = sum(p for _, p in counts) / len(counts) / 1e9
+    return out
+
+
+def measure_eval(trainer, model, repeats: int, device) -> dict:
+    """Evaluation groups only (what the eval alignment needs), and the full evaluate (+ train held-out)."""
+    groups = repeat_timed(lambda r: {n: c.evaluate(model, trainer.global_state, r)
+                                     for n, c in trainer.eval_clients.items()}, repeats, device)
+    full = repeat_timed(trainer.evaluate, repeats, device)
+    return {"eval_s": median_s(groups), "eval_full_s": median_s(full)}
+
+
+def measure_central(args, data, cfg, rounds: int, repeats: int, device) -> dict:
+    from training.experiment import make_trainer
+    out: dict[str, Any] = {"central_epoch_s": {}}
+    for mode in ("sequential", "batched"):
+        trainer = make_trainer("centralized", argparse.Namespace(**{**vars(args), "central_mode": mode}),
+                               data, cfg, device)
+        out["central_epoch_s"][mode] = median_s(repeat_timed(trainer.train_round, rounds, device))
+        if mode == "sequential":
+            out["central_eval_full_s"] = median_s(repeat_timed(trainer.evaluate, repeats, device))
+        del trainer
+        free(device)
+    return out
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def num_evaluations(rounds: int, every: int) -> int:
+    """Evaluations of the run loop: round 0, every `every` rounds, and the last round."""
+    every = max(1, every)
+    return 1 + rounds // every + (1 if rounds % every else 0)
+
+
+def projection(rec: dict, args) -> dict:
+    """Seconds of the whole protocol (both methods, all evaluations), or the missing inputs."""
+    n_fed = num_evaluations(args.comm_round, args.federated_eval)
+    n_cen = num_evaluations(args.central_epochs, args.eval_freq)
+    terms = {"load_s": (1, rec.get("load_s")),
+             "fedavg_round_s": (args.comm_round, rec.get("fedavg_round_s")),
+             "central_epoch_s.sequential": (args.central_epochs, rec.get("central_epoch_s", {}).get("sequential")),
+             "eval_full_s": (n_fed, rec.get("eval_full_s")),
+             "central_eval_full_s": (n_cen, rec.get("central_eval_full_s"))}
+    formula = " + ".join(f"{k} × {n}" if n != 1 else k for k, (n, _) in terms.items())
+    missing = [k for k, (_, v) in terms.items() if v is None]
+    total = None if missing else sum(n * v for n, v in terms.values())
+    return {"formula": f"projected_full_protocol_s = {formula}", "missing": missing,
+            "terms": {k: {"count": n, "seconds": v} for k, (n, v) in terms.items()}, "total_s": total}
+
+
+def run_point(point: dict, log: Callable[[str], None]) -> dict:
+    """Every measurement of one scale point, in this process."""
+    from data_loaders.datasets import prepare_experiment
+    from training.experiment import (check_flags, check_question_counts, client_config, make_trainer,
+                                     model_config, validate)
+    from utils.cli import build_parser, resolve_metric
+    from utils.device import resolve_device
+    from utils.seeding import seed_everything
+
+    if point.get("threads"):
+        torch.set_num_threads(point["threads"])
+    args = build_parser("fedavg").parse_args(cli_argv(point))
+    check_flags(args)
+    metric, device = resolve_metric(args), resolve_device(args.device)
+    (data, load_s) = timed(lambda: prepare_experiment(
+        args, log=log, check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev)), device)
+    validate(args, data, metric)
+    cfg, model_cfg = client_config(args, metric), model_config(args, data.dim_x)
+    seed_everything(args.seed)
+    rec: dict[str, Any] = {**point, "model": model_cfg.to_dict(), "torch_threads": torch.get_num_threads(),
+                           "load_s": load_s}
+    measure = set(point["measure"])
+    if measure & {"step", "round", "eval"}:
+        trainer = make_trainer("fedavg", args, data, cfg, device)
+        model = scratch_model(trainer, model_cfg, device)
+        if "step" in measure:
+            log("local steps")
+            rec.update(measure_local_step(trainer, model, cfg, model_cfg, point["repeats"], device))
+        if "round" in measure:
+            log("fedavg rounds")
+            rec.update(measure_rounds(trainer, cfg, model_cfg, point["rounds"], device, point["engine"]))
+        if "eval" in measure:
+            log("evaluation")
+            rec.update(measure_eval(trainer, model, point["repeats"], device))
+        del trainer, model
+        free(device)
+    if "central" in measure:
+        log("centralized epochs")
+        rec.update(measure_central(args, data, cfg, point["rounds"], point["repeats"], device))
+    proj = projection(rec, args)
+    rec["projected_full_protocol_s"], rec["projection"] = proj["total_s"], proj
+    rec["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return rec
+
+
+# --- driver -------------------------------------------------------------------------
+
+def add_peak_fractions(rec: dict, peaks: dict) -> None:
+    """Achieved / measured matmul peak of the run's precision (bf16 runs against the bf16 peak)."""
+    peak = peaks.get("bf16" if rec.get("precision") == "bf16" else "fp32")
+    if not peak or "error" in peak:
+        return
+    for key in ("step_gflops", "round_gflops"):
+        if rec.get(key) is not None:
+            rec[key.replace("gflops", "fraction_of_peak")] = rec[key] / peak["gflops"]
+
+
+def run_child(point: dict) -> dict:
+    """One point in a fresh interpreter; its log streams to our stderr, its JSON comes back on stdout."""
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--one-scale", json.dumps(point)]
+    last = ""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            last = line.strip() or last
+        rc = proc.wait()
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    if rc != 0 or not lines:
+        return {**point, "error": f"exit status {rc}: {last}"}
+    return json.loads(lines[-1])
+
+
+def resolve_variants(parser: argparse.ArgumentParser, flag: str, requested: str | None,
+                     fallback: str) -> list[tuple[str, bool]]:
+    """[(label, pass the flag?)] for --engines / --precisions, checked against utils/cli.py."""
+    action = optional_flag(parser, flag)
+    if action is None:
+        if requested and requested.split(",") != [fallback]:
+            raise SystemExit(f"error: this checkout's utils/cli.py has no {flag}; "
+                             f"leave out the list (only {fallback} exists here)")
+        return [(fallback, False)]
+    values = requested.split(",") if requested else [action.default]
+    bad = [v for v in values if action.choices and v not in action.choices]
+    if bad:
+        raise SystemExit(f"error: {flag} {bad[0]!r} is not one of {', '.join(action.choices)}")
+    return [(v, True) for v in values]
+
+
+def scale_points(opts: argparse.Namespace) -> list[dict]:
+    from utils.cli import build_parser
+    sc = SCALES[opts.scale]
+    over = {k: getattr(opts, k) for k in ("eval_clients", "questions", "min_options", "max_options", "dim",
+                                          "epochs", "rounds", "repeats") if getattr(opts, k) is not None}
+    if opts.clients:
+        over["clients"] = tuple(int(c) for c in opts.clients.split(","))
+    if opts.measure:
+        unknown = set(opts.measure.split(",")) - set(MEASURES)
+        if unknown:
+            raise SystemExit(f"error: --measure {sorted(unknown)}: choose from {', '.join(MEASURES)}")
+        over["measure"] = tuple(opts.measure.split(","))
+    sc = dataclasses.replace(sc, **over)
+    parser = build_parser("fedavg")
+    engines = resolve_variants(parser, "--client_engine", opts.engines, "loop")
+    precisions = resolve_variants(parser, "--precision", opts.precisions, "fp32")
+    base = {k: v for k, v in dataclasses.asdict(sc).items() if k != "clients"}
+    return [{"scale": opts.scale, **base, "clients": n, "engine": e, "engine_flag": ef, "precision": p,
+             "precision_flag": pf, "device": opts.device, "threads": opts.threads, "cli_args": opts.cli_args}
+            for n in sc.clients for e, ef in engines for p, pf in precisions]
+
+
+def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
+    from utils.device import resolve_device
+    points = scale_points(opts)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = resolve_device(opts.device)
+    machine = machine_info(device)
+    size = opts.peak_size or (8192 if device.type == "cuda" else 2048)
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        try:
+            peaks[name] = matmul_peak(dtype, size, device)
+        except RuntimeError as err:  # a device without that dtype's matmul: say so, keep going
+            peaks[name] = {"error": str(err)}
+    log("matmul peak: " + ", ".join(f"{k} {v.get('gflops', 0):.1f} GFLOP/s" for k, v in peaks.items()))
+    runs = []
+    for point in points:
+        log(f"point: {point['clients']} clients, dim {point['dim']}, engine {point['engine']}, "
+            f"precision {point['precision']}")
+        rec = run_child(point)
+        add_peak_fractions(rec, peaks)
+        runs.append(rec)
+        log(summary_line(rec))
+    result = {"benchmark": "plurallm", "scale": opts.scale, "created": datetime.now(timezone.utc).isoformat(),
+              "command": ["python", "-m", "benchmarks.bench", *argv], "machine": machine,
+              "matmul_peak": peaks, "runs": runs}
+    text = json.dumps(result, indent=2, allow_nan=False)
+    print(text)
+    if opts.save:
+        out = Path(opts.results_dir) / f"{opts.scale}_{device_slug(machine)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        log(f"saved {out}")
+    return 1 if any("error" in r for r in runs) else 0
+
+
+def summary_line(rec: dict) -> str:
+    if "error" in rec:
+        return f"  failed: {rec['error']}"
+    keys = ("load_s", "local_step_s", "fedavg_round_s", "eval_s", "eval_full_s", "projected_full_protocol_s")
+    parts = [f"{k} {rec[k]:.4g}" for k in keys if rec.get(k) is not None]
+    return "  " + ", ".join(parts + [f"peak_rss_mb {rec['peak_rss_mb']:.0f}"])
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark the PluralLLM training code on synthetic data.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", default="minilm", choices=sorted(SCALES), help="named preset (benchmarks/README.md)")
+    p.add_argument("--clients", default=None, help="comma-separated training-client counts (overrides the preset)")
+    p.add_argument("--eval_clients", type=int, default=None, help="evaluation groups")
+    p.add_argument("--questions", type=int, default=None, help="questions per group")
+    p.add_argument("--min_options", type=int, default=None, help="fewest options per question")
+    p.add_argument("--max_options", type=int, default=None, help="most options per question")
+    p.add_argument("--dim", type=int, default=None, help="embedding dimension")
+    p.add_argument("--epochs", type=int, default=None, help="local steps per client per round")
+    p.add_argument("--rounds", type=int, default=None, help="timed FedAvg rounds / centralized epochs (+1 warm-up)")
+    p.add_argument("--repeats", type=int, default=None, help="timed local-step fits and evaluations (+1 warm-up)")
+    p.add_argument("--measure", default=None, help=f"comma-separated subset of {','.join(MEASURES)}")
+    p.add_argument("--engines", default=None, help="comma-separated --client_engine values (if utils/cli.py has it)")
+    p.add_argument("--precisions", default=None, help="comma-separated --precision values (if utils/cli.py has it)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--cli_args", default="", help="more main_fl.py flags, e.g. \"--eval_batch_size 200\"")
+    p.add_argument("--save", action="store_true", help="write <results_dir>/<scale>_<device>.json")
+    p.add_argument("--results_dir", default=str(RESULTS_DIR), help="where --save and --markdown read and write")
+    p.add_argument("--markdown", action="store_true", help="only write <results_dir>/results.md from the saved JSON")
+    p.add_argument("--one-scale", dest="one_scale", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts = build_parser().parse_args(argv)
+    if opts.one_scale is not None:
+        from data_loaders.schema import DataError
+        try:
+            rec = run_point(json.loads(opts.one_scale), log)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(rec, allow_nan=False))
+        return 0
+    if opts.markdown:
+        from benchmarks.plot import write_markdown
+        log(f"wrote {write_markdown(Path(opts.results_dir))}")
+        return 0
+    return run_driver(opts, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
