@@ -137,10 +137,19 @@ class GroupData:
         return GroupData(self.name, self.x[points], self.y[points], offsets, self.qkeys[q_idx], ords)
 
     def split(self, fraction: float) -> tuple["GroupData", "GroupData"]:
-        """Client-local split (method.md §4): first `fraction` of questions in qkey order."""
+        """Client-local split (method.md §4): first `fraction` of questions in qkey order.
+
+        Both halves are views of this group's tensors (the questions are contiguous), so
+        a client's split costs no memory.
+        """
         n_train = int(self.num_questions * fraction)
-        idx = torch.arange(self.num_questions)
-        return self.subset(idx[:n_train]), self.subset(idx[n_train:])
+        return self._range(0, n_train), self._range(n_train, self.num_questions)
+
+    def _range(self, start: int, stop: int) -> "GroupData":
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        ords = None if self.ordinals is None else self.ordinals[lo:hi]
+        return GroupData(self.name, self.x[lo:hi], self.y[lo:hi], self.offsets[start:stop + 1] - lo,
+                         self.qkeys[start:stop], ords)
 
     def to(self, device: torch.device | str) -> "GroupData":
         ords = None if self.ordinals is None else self.ordinals.to(device)

@@ -72,3 +72,15 @@ def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(DataError, match="--device cuda.*no CUDA"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_split_is_a_view_with_the_same_numbers_as_subset():
+    raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=10, dim=4))
+    g = build_group_data(raw, "g00", x)
+    local, held = g.split(0.9)
+    ref_local, ref_held = g.subset(torch.arange(9)), g.subset(torch.tensor([9]))
+    for a, b in ((local, ref_local), (held, ref_held)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.offsets, b.offsets)
+        assert torch.equal(a.qkeys, b.qkeys)
+    assert local.x.data_ptr() == g.x.data_ptr()  # no copy
+    assert local.num_questions == 9 and held.num_questions == 1
