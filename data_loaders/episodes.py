@@ -69,6 +69,11 @@ def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torc
     dev = groups[0].offsets.device
     ctx_parts = [gather_points(g.offsets, q.to(dev)) for g, q in zip(groups, ctx_q)]
     tgt_parts = [gather_points(g.offsets, q.to(dev)) for g, q in zip(tgt_groups, tgt_q)]
+    if B == 1:  # a client's own episode: nothing to pad
+        (cp, _), (tp, tseg), g, tg = ctx_parts[0], tgt_parts[0], groups[0], tgt_groups[0]
+        ones = lambda n: torch.ones(1, n, dtype=torch.bool, device=dev)  # noqa: E731
+        return Episode(g.x[cp][None], g.y[cp][None], ones(len(cp)), tg.x[tp][None], tg.y[tp][None],
+                       ones(len(tp)), tseg[None], len(tgt_q[0]))
     nc = max(len(p) for p, _ in ctx_parts)
     nt = max(len(p) for p, _ in tgt_parts)
     ref = groups[0].x

@@ -131,11 +131,21 @@ class GPO(nn.Module):
             for layer in self.layers:
                 layer.fused_attention = True
 
+    def embed(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The embedder MLP on [x, y] (y = 0 for targets), without building [x, y].
+
+        The first layer is split as x·W_x + y·w_y: concatenating a column to thousands of
+        embedding dimensions would copy the whole episode once more per forward pass.
+        """
+        first, dim_x = self.embedder[0], self.config.dim_x
+        h = F.linear(x, first.weight[:, :dim_x], first.bias)
+        if y is not None:
+            h = h + y.unsqueeze(-1).to(h.dtype) * first.weight[:, dim_x]
+        return self.embedder[1:](h)
+
     def encode_targets(self, ep: Episode) -> torch.Tensor:
         """Representations of the target tokens, [B, Nt, d_model]."""
-        ctx = torch.cat([ep.xc, ep.yc.unsqueeze(-1).to(ep.xc.dtype)], dim=-1)
-        tgt = torch.cat([ep.xt, torch.zeros_like(ep.xt[..., :1])], dim=-1)
-        h = self.embedder(torch.cat([ctx, tgt], dim=1))
+        h = torch.cat([self.embed(ep.xc, ep.yc), self.embed(ep.xt, None)], dim=1)
         num_ctx = ep.xc.shape[1]
         for layer in self.layers:
             h = layer(h, num_ctx, ep.ctx_mask)

@@ -42,7 +42,8 @@ def cosine_lr(step: int, cfg: OptimConfig, eta_min: float = 0.0) -> float:
 
 
 def make_adam(model: GPO, cfg: OptimConfig, state: OptimState) -> torch.optim.Adam:
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    # fused: one kernel for all parameters (the per-tensor loop was ~10% of a step at paper scale)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
     if state.adam is not None:
         opt.load_state_dict(state.adam)
     return opt
