@@ -472,7 +472,8 @@ def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
     text = json.dumps(result, indent=2, allow_nan=False)
     print(text)
     if opts.save:
-        out = Path(opts.results_dir) / f"{opts.scale}_{device_slug(machine)}.json"
+        tag = f"_{opts.tag}" if opts.tag else ""
+        out = Path(opts.results_dir) / f"{opts.scale}{tag}_{device_slug(machine)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
         log(f"saved {out}")
@@ -511,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--cli_args", default="", help="more main_fl.py flags, e.g. \"--eval_batch_size 200\"")
-    p.add_argument("--save", action="store_true", help="write <results_dir>/<scale>_<device>.json")
+    p.add_argument("--save", action="store_true", help="write <results_dir>/<scale>[_<tag>]_<device>.json")
+    p.add_argument("--tag", default="", help="extra name part for --save, to keep several runs of one scale")
     p.add_argument("--results_dir", default=str(RESULTS_DIR), help="where --save and --markdown read and write")
     p.add_argument("--markdown", action="store_true", help="only write <results_dir>/results.md from the saved JSON")
     p.add_argument("--one-scale", dest="one_scale", default=None, help=argparse.SUPPRESS)
