@@ -49,6 +49,9 @@ def test_flops_match_torch_flop_counter():
     if not any("scaled_dot_product" in op for op in ops):
         # CPU attention is not registered with the counter: add its two T×Nc×d products per layer.
         counted += cfg.num_layers * 2 * 2 * (nc + nt) * nc * cfg.d_model
+    # The embedder's y column is applied elementwise (GPO.embed), not by a matmul the counter sees:
+    # one multiply-add per token and d_model unit (targets' y = 0 is skipped, same arithmetic).
+    counted += 2 * (nc + nt) * cfg.d_model
     assert counted == 2 * forward_macs(cfg, nc, nt)
 
 
