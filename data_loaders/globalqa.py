@@ -97,7 +97,6 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     """Parse the hub CSV into a RawDataset restricted to `groups` (default: the paper's 14)."""
     path = resolve_csv(data_path, log)
     groups = list(groups or COUNTRIES)
-    wanted = set(groups)
     report = LoadReport(source=str(path))
     raw_bytes = path.read_bytes()
     csv.field_size_limit(sys.maxsize)
