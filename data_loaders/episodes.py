@@ -35,14 +35,6 @@ class EpisodeSizes:
         n_tar = int(torch.randint(self.min_tar, self.max_tar + 1, (1,), generator=gen))
         return n_ctx, n_tar
 
-    def check_group(self, group: GroupData, role: str) -> None:
-        need = self.min_ctx + self.min_tar
-        if group.num_questions < need:
-            raise DataError(
-                f"{role} group {group.name!r} has {group.num_questions} questions, fewer than "
-                f"--min_ctx_num_qs + --min_tar_num_qs = {need}",
-                "lower --min_ctx_num_qs / --min_tar_num_qs, or drop the group")
-
 
 def choose_questions(num_q: int, n_ctx: int, n_tar: int, min_tar: int,
                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,10 +55,6 @@ class Episode:
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
         return Episode(**moved)
 
-    @property
-    def num_target_points(self) -> int:
-        return int(self.tgt_mask.sum())
-
 
 def mlp(dim_in: int, dim_hid: int, dim_out: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(dim_in, dim_hid), nn.ReLU()]

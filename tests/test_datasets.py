@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from data_loaders.datasets import choose_groups, split_groups
-from data_loaders.episodes import EpisodeSizes, choose_questions
+from data_loaders.episodes import choose_questions
 from data_loaders.globalqa import EVAL_GROUPS, TRAIN_GROUPS
 from data_loaders.schema import DataError, build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
@@ -44,11 +44,13 @@ def test_synthetic_is_deterministic_in_its_seed():
 
 
 def test_too_few_questions_for_episode_sizes():
-    raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=15, dim=4))
-    g = build_group_data(raw, "g00", x)
-    with pytest.raises(DataError, match=r"'g00' has 15 questions, fewer than .* = 20"):
-        EpisodeSizes(10, 100, 10, 100).check_group(g, "training")
-    EpisodeSizes(5, 100, 10, 100).check_group(g, "training")
+    from types import SimpleNamespace
+    from training.experiment import check_question_counts
+    flags = SimpleNamespace(min_ctx_num_qs=10, min_tar_num_qs=10, data_split=0.9, eval_num_qs=5)
+    with pytest.raises(DataError, match=r"'g00' has 13 local questions \(0.9 of 15\), fewer than .* = 20"):
+        check_question_counts(flags, {"g00": 15, "g01": 15}, ["g00"], ["g01"])
+    flags.min_ctx_num_qs = 3
+    check_question_counts(flags, {"g00": 15, "g01": 15}, ["g00"], ["g01"])
 
 
 def test_episode_keeps_min_targets_when_group_is_small():

@@ -36,6 +36,7 @@ class CentralizedTrainer:
         self.model = GPO(model_cfg).to(self.device)
         self.model.load_state_dict(init_global_state(model_cfg, cfg.seed))
         self.optim_state = OptimState()
+        self._eval_model = GPO(model_cfg).to(self.device)  # evaluation never touches the trained model
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -69,8 +70,7 @@ class CentralizedTrainer:
 
     def evaluate(self, epoch: int):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        scratch = GPO(self.model.config).to(self.device)
-        return evaluate_clients(scratch, state, self.eval_clients, self.clients, epoch)
+        return evaluate_clients(self._eval_model, state, self.eval_clients, self.clients, epoch)
 
     def state_dict(self) -> dict:
         return {"adam": self.optim_state.adam, "step": self.optim_state.step}

@@ -100,15 +100,16 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     if args.resume and not (run_dir.path / "config.json").exists():
         raise DataError(f"--resume: {run_dir.path} holds no run (no config.json)",
                         "point --out_dir at the folder of the run to continue")
+    config = resolved_config(args, method, data, metric, device)
     if not args.resume:
-        run_dir.write_config(resolved_config(args, method, data, metric, device))
+        run_dir.write_config(config)
     log(f"{method}: run folder {run_dir.path} on {device}")
     trainer = make_trainer(method, args, data, cfg, device)
     rounds = args.comm_round if method == "fedavg" else args.central_epochs
     every = args.federated_eval if method == "fedavg" else args.eval_freq
     loop_cfg = LoopConfig(rounds=rounds, eval_every=max(1, every), save_client=getattr(args, "save_client", False))
     wandb = WandbLogger(args.wandb, project=args.wndb_project_name, run_name=run_dir.path.name,
-                        config=resolved_config(args, method, data, metric, device), dir=run_dir.path,
+                        config=config, dir=run_dir.path,
                         group=f"{args.dataset}-s{args.seed}")
     loop = RunLoop(trainer, loop_cfg, run_dir, wandb, log=log)
     try:

@@ -20,10 +20,6 @@ from utils.metrics import convergence_round, cov, fairness_index, mean_alignment
 from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, read_metrics, trim_metrics
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
-# Keys that measure time, not training: excluded when runs are compared for determinism.
-TIMING_KEYS = ("wall_time_s",)
-
-
 @dataclass
 class LoopConfig:
     rounds: int
@@ -91,9 +87,9 @@ class RunLoop:
     # --- the loop -----------------------------------------------------------------
     def run(self) -> dict:
         t0 = time.perf_counter() - self.wall_offset
-        metrics, losses = MetricsWriter(self.run_dir.metrics_path), MetricsWriter(self.losses_path)
+        losses = MetricsWriter(self.losses_path)
         if self.start_round == 0:
-            self._evaluate(0, [], t0, metrics)
+            self._evaluate(0, [], t0)
         window: list[dict] = []
         bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=self.trainer.method,
                    unit="round", dynamic_ncols=True, disable=None)
@@ -107,16 +103,17 @@ class RunLoop:
             self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps}, step=rnd)
             window.append(row)
             if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
-                rec = self._evaluate(rnd, window, t0, metrics)
+                rec = self._evaluate(rnd, window, t0)
                 last_align, window = rec["eval_alignment_score"], []
             bar.set_postfix(loss=f"{stats['train_loss']:.3f}",
                             align="-" if last_align is None else f"{last_align:.4f}")
+        losses.close()
         return self._finish(t0)
 
-    def _evaluate(self, rnd: int, window: list[dict], t0: float, metrics: MetricsWriter) -> dict:
+    def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         evals, trains = self.trainer.evaluate(rnd)
         rec = eval_record(rnd, evals, trains, window, self.grad_steps, time.perf_counter() - t0)
-        metrics.write(rec)
+        self.run_dir.log_metrics(rec)
         self.wandb.log(wandb_metrics(rec), step=rnd)
         self._checkpoint(f"round_{rnd:05d}", rnd, rec["wall_time_s"])
         return rec
@@ -140,6 +137,7 @@ class RunLoop:
             atomic_write_bytes(folder / f"{safe}.safetensors", blob)
 
     def _finish(self, t0: float) -> dict:
+        self.run_dir.close()
         records = read_metrics(self.run_dir.metrics_path)
         losses = read_metrics(self.losses_path)
         wall = time.perf_counter() - t0
