@@ -39,6 +39,7 @@ class FitResult:
     num_examples: int           # local training questions (paper's |D_g|)
     episode_points: int         # points in the first local episode (released code's weight)
     losses: list[float]
+    points: int = 0             # real points over all local episodes this round
 
 
 class GroupClient:
@@ -67,7 +68,7 @@ class GroupClient:
         res = local_train(model, self.local, self.cfg.epochs, self.cfg.sizes, self.cfg.optim,
                           self.optim_state, gen)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses)
+        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points)
 
     def evaluate(self, model: GPO, global_state: dict, round_: int) -> GroupEval | None:
         """Per-question distances under the global model, or None if nothing to score."""

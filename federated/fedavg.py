@@ -66,6 +66,7 @@ class FedAvgTrainer:
         return {"train_loss": sum(per_client.values()) / len(per_client),
                 "train_loss_per_client": per_client,
                 "grad_steps": sum(len(r.losses) for r in results),
+                "points": sum(r.points for r in results),
                 "clients": names}
 
     def aggregate(self, results: list[FitResult]) -> dict[str, torch.Tensor]:

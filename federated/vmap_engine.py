@@ -18,7 +18,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from data_loaders.episodes import sample_episode
 from models.gpo import GPO, Episode
-from training.local import OptimConfig, cosine_lr
+from training.local import OptimConfig, cosine_lr, episode_points
 from utils.seeding import generator
 
 from .client import FitResult, GroupClient
@@ -88,17 +88,20 @@ class VmapClientEngine:
         gens = [generator(seed, "episodes", c.name, round_) for c in clients]
         grad_fn = vmap(grad_and_value(self._loss), in_dims=(0, 0, None), chunk_size=self.chunk)
         losses: list[list[float]] = [[] for _ in clients]
-        first_points = [0] * C  # filled at the first step
+        first_points, points = [0] * C, [0] * C  # first episode's and all episodes' points
         self.model.train()
         with self.model.explicit_attention():
-            self._steps(clients, params, m, v, adam_steps, gens, grad_fn, losses, first_points, steps)
-        return self._results(clients, params, m, v, adam_steps, losses, first_points, steps)
+            self._steps(clients, params, m, v, adam_steps, gens, grad_fn, losses, first_points, points, steps)
+        return self._results(clients, params, m, v, adam_steps, losses, first_points, points, steps)
 
-    def _steps(self, clients, params, m, v, adam_steps, gens, grad_fn, losses, first_points, steps) -> None:
+    def _steps(self, clients, params, m, v, adam_steps, gens, grad_fn, losses, first_points, points, steps) -> None:
         for i in range(steps):
             eps = [sample_episode(c.local, c.cfg.sizes, g) for c, g in zip(clients, gens)]
+            counts = [episode_points(e) for e in eps]
+            for c, n in enumerate(counts):
+                points[c] += n
             if i == 0:
-                first_points[:] = [int(e.ctx_mask.sum() + e.tgt_mask.sum()) for e in eps]
+                first_points[:] = counts
             fields, num_tgt_q = stack_episodes(eps)
             lrs = [cosine_lr(c.optim_state.step + i, self.optim) for c in clients]
             grads, loss = grad_fn(params, fields, num_tgt_q)
@@ -121,12 +124,12 @@ class VmapClientEngine:
             denom = (v[i].sqrt() / bc2_sqrt.view(shape)).add_(ADAM_EPS)
             p.sub_(step_size.view(shape) * m[i] / denom)
 
-    def _results(self, clients, params, m, v, adam_steps, losses, first_points, steps) -> list[FitResult]:
+    def _results(self, clients, params, m, v, adam_steps, losses, first_points, points, steps) -> list[FitResult]:
         out = []
         for c, client in enumerate(clients):
             client.optim_state.adam = _torch_adam_dict(self.template, adam_steps[c],
                                                        [mi[c] for mi in m], [vi[c] for vi in v])
             client.optim_state.step += steps
             state = {n: params[n][c].clone() for n in self.names}
-            out.append(FitResult(client.name, state, client.num_examples, first_points[c], losses[c]))
+            out.append(FitResult(client.name, state, client.num_examples, first_points[c], losses[c], points[c]))
         return out

@@ -39,6 +39,7 @@ def test_vmap_engine_matches_loop_engine(extra):
     for rnd in (1, 2):
         a, b = loop.train_round(rnd), vm.train_round(rnd)
         assert a["clients"] == b["clients"] and a["grad_steps"] == b["grad_steps"]
+        assert a["points"] == b["points"] > 0
         for name in a["train_loss_per_client"]:
             assert b["train_loss_per_client"][name] == pytest.approx(a["train_loss_per_client"][name], rel=1e-5)
     for name, w in loop.global_state.items():

@@ -116,3 +116,21 @@ def test_cli_help_lists_every_flag():
                  "min_tar_num_qs", "emb_model", "wndb_project_name", "save_client", "model", "data_path",
                  "out_dir", "device", "wandb", "weighting", "client_fraction", "central_mode", "metric"]:
         assert f"--{flag} " in out or f"--{flag}\n" in out, flag
+
+
+def test_points_count_the_real_points_of_every_local_episode():
+    """points = Σ over the local steps of the episode's real context + target points (no padding)."""
+    import torch
+    from data_loaders.episodes import EpisodeSizes, sample_episode
+    from data_loaders.synthetic import SyntheticSpec, make_synthetic
+    from data_loaders.schema import build_group_data
+    from models.gpo import GPO, GPOConfig
+    from training.local import OptimConfig, OptimState, local_train
+    raw, emb = make_synthetic(SyntheticSpec(num_groups=2, num_questions=12, dim=8, seed=0))
+    group = build_group_data(raw, next(iter(raw.groups)), emb)
+    sizes = EpisodeSizes(2, 4, 2, 4)
+    model = GPO(GPOConfig(dim_x=8, d_model=16, dim_feedforward=16, num_layers=1))
+    res = local_train(model, group, 3, sizes, OptimConfig(), OptimState(), torch.Generator().manual_seed(1))
+    replay = torch.Generator().manual_seed(1)
+    expected = [int(e.ctx_mask.sum() + e.tgt_mask.sum()) for e in (sample_episode(group, sizes, replay) for _ in range(3))]
+    assert res.points == sum(expected) and res.first_episode_points == expected[0]

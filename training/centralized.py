@@ -16,7 +16,7 @@ from data_loaders.episodes import sample_batch, sample_episode
 from federated.client import ClientConfig
 from federated.fedavg import evaluate_clients, init_global_state, make_clients
 from models.gpo import GPO, GPOConfig
-from training.local import OptimState, adam_step, make_adam
+from training.local import OptimState, adam_step, episode_points, make_adam
 from utils.seeding import generator
 
 CENTRAL_MODES = ("sequential", "batched")
@@ -47,11 +47,12 @@ class CentralizedTrainer:
         opt = make_adam(self.model, self.cfg.optim, self.optim_state)
         names = list(self.clients)
         per_group: dict[str, list[float]] = {n: [] for n in names}
-        steps = 0
+        steps = points = 0
         if self.mode == "sequential":
             for n in names:
                 gen = generator(self.cfg.seed, "central_episodes", n, epoch)
                 ep = sample_episode(self.clients[n].local, self.cfg.sizes, gen)
+                points += episode_points(ep)
                 per_group[n].append(adam_step(self.model, opt, ep, self.cfg.optim, self.optim_state))
                 steps += 1
         else:
@@ -59,6 +60,7 @@ class CentralizedTrainer:
                 chunk = names[start:start + self.batch_size]
                 gen = generator(self.cfg.seed, "central_batch", start, epoch)
                 ep = sample_batch([self.clients[n].local for n in chunk], self.cfg.sizes, gen)
+                points += episode_points(ep)
                 loss = adam_step(self.model, opt, ep, self.cfg.optim, self.optim_state)
                 for n in chunk:
                     per_group[n].append(loss)
@@ -66,7 +68,7 @@ class CentralizedTrainer:
         self.optim_state.adam = opt.state_dict()
         per_client = {n: sum(v) / len(v) for n, v in per_group.items()}
         return {"train_loss": sum(per_client.values()) / len(per_client),
-                "train_loss_per_client": per_client, "grad_steps": steps, "clients": names}
+                "train_loss_per_client": per_client, "grad_steps": steps, "points": points, "clients": names}
 
     def evaluate(self, epoch: int):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -35,6 +35,7 @@ class OptimState:
 class LocalResult:
     losses: list[float] = field(default_factory=list)
     first_episode_points: int = 0
+    points: int = 0  # real (unpadded) points over all local episodes, for compute-normalised curves
 
 
 def cosine_lr(step: int, cfg: OptimConfig, eta_min: float = 0.0) -> float:
@@ -61,6 +62,11 @@ def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, stat
     return float(loss.detach())
 
 
+def episode_points(ep) -> int:
+    """Real context and target points in an (optionally batched) episode."""
+    return int(ep.ctx_mask.sum() + ep.tgt_mask.sum())
+
+
 def local_train(model: GPO, data: GroupData, steps: int, sizes: EpisodeSizes, cfg: OptimConfig,
                 state: OptimState, gen: torch.Generator) -> LocalResult:
     """`steps` local steps, one sampled episode each (method.md §5). Updates `state` in place."""
@@ -69,8 +75,10 @@ def local_train(model: GPO, data: GroupData, steps: int, sizes: EpisodeSizes, cf
     result = LocalResult()
     for i in range(steps):
         ep = sample_episode(data, sizes, gen)
+        points = episode_points(ep)
+        result.points += points
         if i == 0:
-            result.first_episode_points = int(ep.ctx_mask.sum() + ep.tgt_mask.sum())
+            result.first_episode_points = points
         result.losses.append(adam_step(model, opt, ep, cfg, state))
     state.adam = opt.state_dict()
     return result

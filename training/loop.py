@@ -40,7 +40,7 @@ def group_stats(evals: dict[str, GroupEval]) -> dict:
 
 
 def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_steps: int,
-                wall: float) -> dict:
+                points: int, wall: float) -> dict:
     e, t = group_stats(evals), group_stats(trains)
     rec = {"round": round_}
     if window_losses:
@@ -56,7 +56,7 @@ def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_step
         rec[f"{prefix}_alignment_score"] = s["alignment_score"]
         rec[f"{prefix}_group_scores"] = s["group_scores"]
         rec[f"{prefix}_cov"], rec[f"{prefix}_fi"] = s["cov"], s["fi"]
-    rec["grad_steps"], rec["wall_time_s"] = grad_steps, round(wall, 3)
+    rec["grad_steps"], rec["points"], rec["wall_time_s"] = grad_steps, points, round(wall, 3)
     return rec
 
 
@@ -65,7 +65,7 @@ class RunLoop:
         self.trainer, self.cfg, self.run_dir, self.wandb, self.log = trainer, cfg, run_dir, wandb, log
         self.losses_path = run_dir.path / "losses.jsonl"
         self.ckpt_dir = run_dir.path / "checkpoints"
-        self.start_round, self.grad_steps, self.wall_offset = 0, 0, 0.0
+        self.start_round, self.grad_steps, self.points, self.wall_offset = 0, 0, 0, 0.0
 
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -77,6 +77,7 @@ class RunLoop:
         self.trainer.load_global(weights)
         self.trainer.load_state_dict(extra["trainer"])
         self.start_round, self.grad_steps = int(meta["round"]), int(meta["grad_steps"])
+        self.points = int(meta.get("points", 0))
         self.wall_offset = float(meta["wall_time_s"])
         for path in (self.run_dir.metrics_path, self.losses_path):
             if path.exists():
@@ -97,10 +98,13 @@ class RunLoop:
         for rnd in bar:
             stats = self.trainer.train_round(rnd)
             self.grad_steps += stats["grad_steps"]
+            self.points += stats["points"]
             row = {"round": rnd, "train_loss": stats["train_loss"],
-                   "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps}
+                   "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps,
+                   "points": self.points}
             losses.write(row)
-            self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps}, step=rnd)
+            self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
+                            "compute/points": self.points}, step=rnd)
             window.append(row)
             if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
                 rec = self._evaluate(rnd, window, t0)
@@ -112,7 +116,7 @@ class RunLoop:
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         evals, trains = self.trainer.evaluate(rnd)
-        rec = eval_record(rnd, evals, trains, window, self.grad_steps, time.perf_counter() - t0)
+        rec = eval_record(rnd, evals, trains, window, self.grad_steps, self.points, time.perf_counter() - t0)
         self.run_dir.log_metrics(rec)
         self.wandb.log(wandb_metrics(rec), step=rnd)
         self._checkpoint(f"round_{rnd:05d}", rnd, rec["wall_time_s"])
@@ -120,7 +124,7 @@ class RunLoop:
 
     def _checkpoint(self, tag: str, rnd: int, wall: float) -> None:
         extra = {"trainer": self.trainer.state_dict(), "torch_rng": torch.get_rng_state()}
-        meta = {"round": rnd, "grad_steps": self.grad_steps, "wall_time_s": wall,
+        meta = {"round": rnd, "grad_steps": self.grad_steps, "points": self.points, "wall_time_s": wall,
                 "method": self.trainer.method}
         weights = {k: v.detach().cpu().contiguous() for k, v in self.trainer.global_state.items()}
         save_checkpoint(self.ckpt_dir, tag, model_state=weights, extra_states=extra, meta=meta)
@@ -162,6 +166,7 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
         window -= 1 - window % 2  # the centred average needs an odd window
         conv = convergence_round([r["round"] for r in losses], [r["train_loss"] for r in losses],
                                  threshold=cfg.convergence_threshold, smoothing="centred", window=window)
+    at_conv = next((r for r in losses if r["round"] == conv), {}) if conv is not None else {}
     return {
         "rounds": final["round"],
         "final_eval_alignment_score": final["eval_alignment_score"],
@@ -172,9 +177,12 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
         "final_train_fi": final["train_fi"], "final_train_cov": final["train_cov"],
         "final_train_loss": losses[-1]["train_loss"] if losses else None,
         "convergence_round": conv,
+        "convergence_grad_steps": at_conv.get("grad_steps"),
+        "convergence_points": at_conv.get("points"),
         "convergence": {"threshold": cfg.convergence_threshold, "smoothing": "centred moving average",
                         "window_rounds": cfg.convergence_window},
         "total_grad_steps": final["grad_steps"],
+        "total_points": final.get("points"),
         "wall_time_s": round(wall, 3),
         "final_eval_group_scores": final["eval_group_scores"],
     }

@@ -39,6 +39,7 @@ _SCALARS = {
     "train_fi": "fairness/train_fi",
     "train_cov": "fairness/train_cov",
     "grad_steps": "compute/grad_steps",
+    "points": "compute/points",
     "wall_time_s": "time/wall_s",
 }
 _PER_GROUP = {
