@@ -1,6 +1,7 @@
 """From parsed flags to a finished run: data → clients → trainer → run loop → summary."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,9 +15,12 @@ from models.gpo import GPOConfig
 from training.centralized import CentralizedTrainer
 from training.local import OptimConfig
 from training.loop import LoopConfig, RunLoop
+from training.resume import plan_run
 from utils.cli import resolve_metric
 from utils.device import resolve_device
-from utils.run_io import RunDir, default_run_dir, environment_info
+from utils.checkpoint import CheckpointError
+from utils.metrics import MetricError
+from utils.run_io import OutputDirError, environment_info
 from utils.seeding import seed_everything
 from utils.wandb_logger import WandbLogger
 
@@ -96,13 +100,12 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     cfg = client_config(args, metric)
     validate(args, data, metric)
     seed_everything(args.seed)
-    run_dir = RunDir(out_dir or default_run_dir(method, args.seed))
-    if args.resume and not (run_dir.path / "config.json").exists():
-        raise DataError(f"--resume: {run_dir.path} holds no run (no config.json)",
-                        "point --out_dir at the folder of the run to continue")
     config = resolved_config(args, method, data, metric, device)
-    if not args.resume:
-        run_dir.write_config(config)
+    plan = plan_run(method, args, config, out_dir, log)
+    run_dir = plan.run_dir
+    if plan.finished:
+        log(f"{method}: nothing to do; summary in {run_dir.summary_path}")
+        return json.loads(run_dir.summary_path.read_text())
     log(f"{method}: run folder {run_dir.path} on {device}")
     trainer = make_trainer(method, args, data, cfg, device)
     rounds = args.comm_round if method == "fedavg" else args.central_epochs
@@ -113,13 +116,17 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
                         group=f"{args.dataset}-s{args.seed}")
     loop = RunLoop(trainer, loop_cfg, run_dir, wandb, log=log)
     try:
-        if args.resume:
+        if plan.resume:
             loop.resume()
         summary = loop.run()
     finally:
         wandb.finish()
     log(f"{method}: summary in {run_dir.path / 'summary.json'}")
     return summary
+
+
+# Errors whose message names the bad input and gives a hint: print it, exit 2, no traceback.
+USER_ERRORS = (DataError, OutputDirError, CheckpointError, MetricError)
 
 
 def main(method: str, argv=None) -> int:
@@ -138,7 +145,7 @@ def main(method: str, argv=None) -> int:
             central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
             run_method("centralized", args, data, central_dir)
         print(f"done in {time.perf_counter() - t0:.1f} s")
-    except DataError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

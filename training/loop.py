@@ -71,7 +71,9 @@ class RunLoop:
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint; drop metrics written after it."""
         tag = latest_checkpoint(self.ckpt_dir)
-        if tag is None:
+        if tag is None:  # killed before the round-0 checkpoint: anything logged so far is redone
+            self._trim(-1)
+            self.log(f"no complete checkpoint in {self.ckpt_dir}; starting from round 0")
             return False
         weights, extra, meta = load_checkpoint(self.ckpt_dir, tag)
         self.trainer.load_global(weights)
@@ -79,11 +81,17 @@ class RunLoop:
         self.start_round, self.grad_steps = int(meta["round"]), int(meta["grad_steps"])
         self.points = int(meta.get("points", 0))
         self.wall_offset = float(meta["wall_time_s"])
-        for path in (self.run_dir.metrics_path, self.losses_path):
-            if path.exists():
-                trim_metrics(path, self.start_round)
+        self._trim(self.start_round)
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         return True
+
+    def _trim(self, last_round: int) -> None:
+        for path in (self.run_dir.metrics_path, self.losses_path):
+            if path.exists():
+                dropped = trim_metrics(path, last_round)
+                if dropped:
+                    self.log(f"dropped {dropped} records after round {last_round} from {path.name} "
+                             "(written after the checkpoint the run resumes from)")
 
     # --- the loop -----------------------------------------------------------------
     def run(self) -> dict:

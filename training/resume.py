@@ -1,0 +1,137 @@
+"""Which run folder a command writes to, and whether it continues an earlier run.
+
+A run is identified by what decides its numbers: flags, data (content hash, not path),
+embedding model, groups, model shape. Flags that only change where output goes or how
+fast it is computed (device, engine, batch sizes, logging) may differ between the
+interrupted command and the resuming one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_loaders.schema import DataError
+from utils.run_io import RunDir, default_run_dir
+
+RUNS_ROOT = "runs"
+
+# Keys of config.json that do not change a run's numbers (or are outputs of the run).
+VOLATILE = frozenset({
+    "resume", "out_dir", "quiet", "wandb", "wndb_project_name", "environment", "device",
+    "device_resolved", "data_path", "cache_dir", "emb_device", "emb_batch_size", "also_centralized",
+    "client_engine", "vmap_chunk", "eval_batch_size", "save_client",
+})
+_DATA_IDENTITY = ("source_hash", "kept_questions")
+_EMBEDDING_IDENTITY = ("model_id", "dim", "prompt_style", "precision")
+
+
+def run_identity(config: dict) -> dict:
+    """The part of a resolved config that decides the run's numbers."""
+    ident = {k: v for k, v in config.items() if k not in VOLATILE and k != "data"}
+    data = config.get("data") or {}
+    ident["data"] = {k: data.get(k) for k in _DATA_IDENTITY}
+    emb = data.get("embedding") or {}
+    ident["data"]["embedding"] = {k: emb.get(k) for k in _EMBEDDING_IDENTITY}
+    return ident
+
+
+def fingerprint(config: dict) -> str:
+    blob = json.dumps(run_identity(config), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def differences(saved: dict, wanted: dict) -> list[str]:
+    """'key: saved -> wanted' for every identity key that differs (nested keys dotted)."""
+    a, b = run_identity(saved), run_identity(wanted)
+    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _diff(a, b, "")]
+
+
+def _diff(a, b, prefix):
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            yield f"{prefix}{k}", x, y
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read as JSON ({e})",
+                        "the run folder is damaged; delete it or point --out_dir elsewhere") from e
+
+
+def is_finished(folder: Path) -> bool:
+    """The loop writes summary.json last, after the final checkpoint."""
+    return (folder / "summary.json").exists()
+
+
+def find_latest(root: Path, method: str, config: dict) -> Path | None:
+    """The newest folder under `root` holding a run of `method` with this config's identity."""
+    if not root.is_dir():
+        return None
+    want = fingerprint(config)
+    candidates = []
+    for cfg_path in root.glob("*/config.json"):
+        try:
+            saved = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged folder is not a candidate; it is named only if pointed at
+        if saved.get("method") == method and fingerprint(saved) == want:
+            candidates.append((cfg_path.stat().st_mtime, cfg_path.parent.name, cfg_path.parent))
+    return max(candidates)[2] if candidates else None
+
+
+@dataclass
+class RunPlan:
+    run_dir: RunDir
+    resume: bool        # continue from the latest checkpoint in run_dir
+    finished: bool      # nothing left to do: the summary is already there
+
+
+def plan_run(method: str, args, config: dict, out_dir=None, log=print) -> RunPlan:
+    """Decide the folder: a new one, the one --out_dir names, or (--resume alone) the latest match."""
+    if args.resume:
+        folder = Path(out_dir) if out_dir else find_latest(Path(RUNS_ROOT), method, config)
+        if folder is None:
+            log(f"--resume: no earlier {method} run with this configuration under {RUNS_ROOT}/; starting a new one")
+            return _fresh(method, args, config)
+        return _continue(folder, method, config, log)
+    if out_dir and _holds_run(Path(out_dir)):
+        raise DataError(f"--out_dir {out_dir} already holds a run (config.json and outputs are there)",
+                        "add --resume to continue it, or choose another --out_dir (or delete that folder)")
+    return _fresh(method, args, config, out_dir)
+
+
+def _fresh(method, args, config, out_dir=None) -> RunPlan:
+    run_dir = RunDir(out_dir or default_run_dir(method, args.seed, RUNS_ROOT))
+    run_dir.write_config(config)
+    return RunPlan(run_dir, resume=False, finished=False)
+
+
+def _holds_run(folder: Path) -> bool:
+    return (folder / "config.json").exists() and any(
+        (folder / name).exists() for name in ("metrics.jsonl", "losses.jsonl", "checkpoints"))
+
+
+def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
+    if not (folder / "config.json").exists():
+        raise DataError(f"--resume: {folder} holds no run (no config.json)",
+                        "point --out_dir at the folder of the run to continue, or drop --resume")
+    saved = read_config(folder)
+    if saved.get("method") != method:
+        raise DataError(f"--resume: {folder} holds a {saved.get('method')!r} run, not {method!r}",
+                        "resume it with its own entry point, or point --out_dir elsewhere")
+    diff = differences(saved, config)
+    if diff:
+        raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff),
+                        "rerun the same command as the interrupted run (plus --resume), or start a new run "
+                        "without --resume")
+    finished = is_finished(folder)
+    log(f"--resume: {'already finished' if finished else 'continuing'} run {folder}")
+    return RunPlan(RunDir(folder), resume=True, finished=finished)
