@@ -110,11 +110,11 @@ def prepare_experiment(args, log=print, check=None) -> ExperimentData:
     if args.dataset == "synthetic":
         raw, emb = make_synthetic(synthetic_spec(args))
         train, evals = choose_groups("synthetic", args.train_groups, args.eval_groups,
-                                     args.group_split, args.seed, all_groups=list(raw.groups))
+                                     args.group_split, split_seed(args), all_groups=list(raw.groups))
         emb_info = {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
     else:
         train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups,
-                                     args.group_split, args.seed)
+                                     args.group_split, split_seed(args))
         raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict,
                                groups=train + evals, log=log)
         _check_known(raw, train + evals, args.dataset)
@@ -148,10 +148,17 @@ def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:
                         f"available: {', '.join(sorted(raw.groups))}")
 
 
+def split_seed(args) -> int:
+    """--split_seed, else --seed: one seed controls everything unless the split is pinned
+    (reproducing over seeds keeps the same groups and varies only training)."""
+    value = getattr(args, "split_seed", None)
+    return args.seed if value is None else value
+
+
 def synthetic_spec(args) -> SyntheticSpec:
     return SyntheticSpec(num_groups=args.syn_groups, num_questions=args.syn_questions,
                          min_options=args.syn_min_options, max_options=args.syn_max_options,
-                         dim=args.syn_dim, seed=args.seed)
+                         dim=args.syn_dim, seed=args.syn_seed)
 
 
 def log_groups(data: ExperimentData, log=print, per_group: bool = True) -> None:

@@ -28,6 +28,8 @@ TRAIN_GROUPS = ["Nigeria", "Egypt", "India (Current national sample)", "Germany"
                 "United States", "Canada", "Argentina", "Australia"]
 EVAL_GROUPS = ["China", "Japan", "France", "Spain", "Brazil", "New Zealand"]
 COUNTRIES = TRAIN_GROUPS + EVAL_GROUPS
+# Vectors the paper's filter drops as a matter of course (never an error, even with --strict).
+PAPER_FILTER = ("empty or non-list probability vector", "all-zero probability vector")
 
 
 def resolve_csv(data_path: str | None, log=print) -> Path:
@@ -131,9 +133,10 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         problems = {g: _check_vector(sel[g], len(opts)) for g in present}
         bad = {g: why for g, why in problems.items() if why}
         for g, why in bad.items():
-            if why == "options/selections length mismatch" and strict:
-                raise DataError(f"{where}: group {g!r} has {len(sel[g])} probabilities "
-                                f"for {len(opts)} options",
+            if strict and why not in PAPER_FILTER:
+                detail = (f"has {len(sel[g])} probabilities for {len(opts)} options"
+                          if why == "options/selections length mismatch" else f"has a {why}: {sel[g]!r}")
+                raise DataError(f"{where}: group {g!r} {detail}",
                                 "fix the row or drop --strict to skip such questions")
         if bad:
             # The paper's filter drops the whole question when any considered group is bad.

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .schema import GroupPrefs, LoadReport, QuestionBank, RawDataset
+from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset
 
 
 @dataclass
@@ -39,11 +39,15 @@ class SyntheticSpec:
 
     def validate(self) -> None:
         if self.num_groups < 2 or self.num_questions < 1:
-            raise ValueError("synthetic data needs >= 2 groups and >= 1 question")
+            raise DataError(f"synthetic data needs >= 2 groups and >= 1 question, got --syn_groups "
+                            f"{self.num_groups} and --syn_questions {self.num_questions}", "raise them")
         if not 2 <= self.min_options <= self.max_options:
-            raise ValueError("need 2 <= min_options <= max_options")
+            raise DataError(f"--syn_min_options {self.min_options} / --syn_max_options {self.max_options}: "
+                            "need 2 <= min <= max", "a question needs at least two options")
         if not 0 < self.coverage <= 1:
-            raise ValueError("coverage must be in (0, 1]")
+            raise DataError(f"synthetic coverage {self.coverage} must be in (0, 1]", "use 1.0")
+        if self.dim < 1:
+            raise DataError(f"--syn_dim {self.dim} must be >= 1", "the paper's embeddings have 4096")
 
 
 def group_names(n: int) -> list[str]:

@@ -6,9 +6,12 @@ import os
 import sys
 import time
 
+import torch
+
 from data_loaders.datasets import ExperimentData, prepare_experiment
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
+from federated.aggregation import sample_clients
 from federated.client import ClientConfig
 from federated.fedavg import FedAvgTrainer
 from models.gpo import GPOConfig
@@ -22,7 +25,7 @@ from utils.checkpoint import CheckpointError
 from utils.metrics import MetricError
 from utils.run_io import OutputDirError, environment_info
 from utils.seeding import seed_everything
-from utils.wandb_logger import WandbLogger
+from utils.wandb_logger import WandbLogger, has_wandb_credentials
 
 
 def client_config(args, metric: str) -> ClientConfig:
@@ -39,12 +42,40 @@ def model_config(args, dim_x: int) -> GPOConfig:
                      num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision)
 
 
+# (flag, is the value fine, what it must be); flags missing from a parser are skipped.
+_FLAG_RULES = (
+    ("data_split", lambda v: 0 < v < 1, "in (0, 1); the paper uses 0.9"),
+    ("eval_num_qs", lambda v: v >= 1, ">= 1; the paper uses 20"),
+    ("comm_round", lambda v: v >= 1, ">= 1; the paper uses 1300"),
+    ("central_epochs", lambda v: v >= 1, ">= 1; the paper uses 1300"),
+    ("epochs", lambda v: v >= 1, ">= 1 local steps; the paper uses 6"),
+    ("federated_eval", lambda v: v >= 1, ">= 1 rounds between evaluations"),
+    ("eval_freq", lambda v: v >= 1, ">= 1 epochs between evaluations"),
+    ("lr", lambda v: v > 0, "> 0; the paper uses 3e-4"),
+    ("num_steps", lambda v: v >= 1, ">= 1 (T_max of the cosine schedule); the paper uses 100"),
+    ("client_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("train_batch_size", lambda v: v >= 1, ">= 1 groups per step"),
+    ("eval_batch_size", lambda v: v >= 0, ">= 0 (0 = all targets at once)"),
+    ("vmap_chunk", lambda v: v >= 0, ">= 0 (0 = all clients at once)"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("d_model", lambda v: v >= 1, ">= 1"),
+    ("num_layers", lambda v: v >= 1, ">= 1"),
+    ("emb_depth", lambda v: v >= 1, ">= 1 linear layers"),
+)
+
+
 def check_flags(args) -> None:
-    """Flag values that are wrong whatever the data."""
-    if not 0 < args.data_split < 1:
-        raise DataError(f"--data_split {args.data_split} must be in (0, 1)", "the paper uses 0.9")
-    if args.eval_num_qs < 1:
-        raise DataError(f"--eval_num_qs {args.eval_num_qs} must be >= 1", "the paper uses 20")
+    """Flag values that are wrong whatever the data; checked before anything is loaded or written."""
+    for flag, ok, need in _FLAG_RULES:
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise DataError(f"--{flag} {value} must be {need}", f"fix --{flag}")
+    if args.d_model % args.nhead:
+        raise DataError(f"--d_model {args.d_model} is not divisible by --nhead {args.nhead}",
+                        "attention splits d_model evenly across heads; the paper uses 128 and 4")
+    if args.wandb == "online" and not has_wandb_credentials():
+        raise DataError("--wandb online: no W&B credentials found (WANDB_API_KEY or netrc)",
+                        "run `wandb login`, or use --wandb offline (sync later) or --wandb off")
     sizes = EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
     sizes.validate()
 
@@ -52,6 +83,11 @@ def check_flags(args) -> None:
 def check_question_counts(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
     """Every training group must fit an episode in its local split; every eval group must keep targets."""
     need = args.min_ctx_num_qs + args.min_tar_num_qs
+    for name in (*train, *evals):
+        if counts[name] == 0:
+            raise DataError(f"group {name!r} has no questions left after the data filter",
+                            "see the drop counts in the load log; leave the group out with "
+                            "--train_groups / --eval_groups")
     for name in train:
         local = int(counts[name] * args.data_split)
         if local < need:
@@ -77,11 +113,24 @@ def validate(args, data: ExperimentData, metric: str) -> None:
 
 def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, device):
     mcfg = model_config(args, data.dim_x)
+    if method == "fedavg" and getattr(args, "engine", "inprocess") == "flower":
+        from flower_app.federation import FlowerTrainer  # data: FederatedData from the ServerApp
+        return FlowerTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
+                             min_clients=args.min_clients, round_timeout=args.round_timeout)
     if method == "fedavg":
+        check_min_clients(args, len(data.train))
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
                              device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
                               train_batch_size=args.train_batch_size, device=device)
+
+
+def check_min_clients(args, num_train: int) -> None:
+    """In one process every sampled client replies, so only the sample size can fall short."""
+    sampled = len(sample_clients([str(i) for i in range(num_train)], args.client_fraction, torch.Generator()))
+    if getattr(args, "min_clients", 1) > sampled:
+        raise DataError(f"--min_clients {args.min_clients} exceeds the {sampled} client(s) sampled per round",
+                        "lower --min_clients, or raise --client_fraction / add training groups")
 
 
 def resolved_config(args, method: str, data: ExperimentData, metric: str, device) -> dict:
@@ -137,6 +186,11 @@ def main(method: str, argv=None) -> int:
     try:
         t0 = time.perf_counter()
         check_flags(args)
+        if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
+            from flower_app.simulation import run_simulation_engine
+            run_simulation_engine(args)
+            print(f"done in {time.perf_counter() - t0:.1f} s")
+            return 0
         data = prepare_experiment(args, log=print,
                                   check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
         run_method(method, args, data, args.out_dir)

@@ -35,6 +35,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     d.add_argument("--group_split", type=float, default=None,
                    help="seeded random train share of the groups instead of fixed lists "
                         "(opinionqa and synthetic default to 0.6)")
+    d.add_argument("--split_seed", type=int, default=None,
+                   help="seed of the --group_split draw (default: --seed); fix it to vary only training over seeds")
     d.add_argument("--data_split", type=float, default=0.9,
                    help="share of each training group's questions (qkey order) used for local training")
     d.add_argument("--emb_model", default="auto",
@@ -106,6 +108,24 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="target questions per evaluation forward pass (0 = all of a group's at once)")
     e.add_argument("--metric", default="auto", choices=("auto", "jsd", "wasserstein"),
                    help="auto: wasserstein for opinionqa (ordinal options), jsd otherwise")
+
+    if method == "fedavg":
+        f = p.add_argument_group("federation engine (flower_app/, docs/federation.md)")
+        f.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"),
+                       help="inprocess: every client in this process; flower: every group a Flower node, "
+                            "here on Flower's simulation runtime (one machine, Ray workers)")
+        f.add_argument("--min_clients", type=int, default=1,
+                       help="fewest training clients whose replies a round aggregates; a round with fewer "
+                            "stops the run with an error (inprocess: checked against the sample size)")
+        f.add_argument("--round_timeout", type=float, default=0.0,
+                       help="flower: seconds the server waits for a round's replies before leaving the "
+                            "silent clients out (0 = until every node replies or the SuperLink reports it gone)")
+        f.add_argument("--node_wait", type=float, default=120.0,
+                       help="flower: seconds to wait for every group's node to connect and load its data")
+        f.add_argument("--sim_client_cpus", type=float, default=1.0,
+                       help="flower simulation: CPU cores Ray reserves per virtual client (sets how many run at once)")
+        f.add_argument("--sim_client_gpus", type=float, default=0.0,
+                       help="flower simulation: GPUs Ray reserves per virtual client (e.g. 0.25 shares one GPU by 4)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out_dir", default=None, help="run folder (default runs/<timestamp>_<method>_s<seed>)")

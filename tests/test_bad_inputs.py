@@ -1,0 +1,295 @@
+"""The README's bad-input table, row by row (rows pinned in other files are named there).
+
+Each row's test feeds the bad input through the user-facing command (`main`) where the
+failure can be reached without an embedding pass, and checks the exit code, that the
+message names the input and carries a hint, and that nothing is left looking complete.
+"""
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from data_loaders.globalqa import load_globalqa
+from data_loaders.schema import DataError
+from training.experiment import main
+from utils import run_io
+
+SMALL = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",
+         "--d_model", "16", "--dim_feedforward", "16", "--num_layers", "1",
+         "--min_ctx_num_qs", "3", "--max_ctx_num_qs", "10", "--min_tar_num_qs", "3", "--max_tar_num_qs", "10",
+         "--eval_num_qs", "5", "--wandb", "off", "--quiet", "--comm_round", "2", "--federated_eval", "1",
+         "--epochs", "1", "--device", "cpu"]
+QUIET = lambda *a: None  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """A command that wrongly went ahead would write runs/ here, not into the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+def fails(capsys, *argv, method="fedavg", expect: str) -> str:
+    """Run the command, which must exit 2 with `expect` and a hint in its message."""
+    assert main(method, list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expect in err and "hint:" in err, err
+    return err
+
+
+def sel(d):
+    return f"defaultdict(<class 'list'>, {d!r})"
+
+
+def write_csv(path: Path, rows, header=("question", "selections", "options", "source")) -> str:
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+GOOD = ["Q0", sel({"Japan": [0.25, 0.75], "China": [0.5, 0.5]}), "['Yes', 'No']", "GAS"]
+
+
+def load_with(tmp_path, bad_row, **kw):
+    return load_globalqa(write_csv(tmp_path / "g.csv", [GOOD, bad_row]), groups=["Japan", "China"],
+                         log=QUIET, **kw)
+
+
+# ---------------------------------------------------------------- survey files (rows 1-9)
+
+def test_row01_missing_data_file(tmp_path, capsys):
+    fails(capsys, "--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"),
+          expect=f"GlobalOpinionQA CSV not found: {tmp_path / 'nope.csv'} (from --data_path)")
+
+
+def test_row02_csv_without_a_required_column(tmp_path, capsys):
+    path = write_csv(tmp_path / "g.csv", [["Q0", "['A']", "GAS"]], header=("question", "options", "source"))
+    fails(capsys, "--dataset", "globalqa", "--data_path", path, expect="missing column(s) ['selections']")
+
+
+def test_row03_malformed_row_is_skipped_and_counted_or_fatal_with_strict(tmp_path, capsys):
+    bad = ["Q1", "defaultdict(<class 'list'>, {'Japan': [0.5,", "['A']", "GAS"]
+    with pytest.warns(UserWarning, match="row 1"):
+        raw = load_with(tmp_path, bad)
+    assert raw.report.dropped == {"unparsable row": 1}
+    fails(capsys, "--dataset", "globalqa", "--data_path", str(tmp_path / "g.csv"), "--strict",
+          expect="row 1 (ending on line 3): unparsable")
+
+
+def test_row04_selections_not_a_dict(tmp_path):
+    bad = ["Q1", "defaultdict(<class 'list'>, {1, 2})", "['A']", "GAS"]
+    with pytest.raises(DataError, match="selections is a set, not a dict"):
+        load_with(tmp_path, bad, strict=True)
+    with pytest.warns(UserWarning):
+        assert load_with(tmp_path, bad).report.dropped == {"unparsable row": 1}
+
+
+def test_row05_options_not_a_list(tmp_path):
+    bad = ["Q1", sel({"Japan": [1.0]}), "'Yes'", "GAS"]
+    with pytest.raises(DataError, match="options is a str, not a list"):
+        load_with(tmp_path, bad, strict=True)
+    with pytest.warns(UserWarning):
+        assert load_with(tmp_path, bad).report.dropped == {"unparsable row": 1}
+
+
+@pytest.mark.parametrize("vector,reason", [
+    ([0.2, 0.3, 0.5], "options/selections length mismatch"),   # row 6
+    ([-0.5, 1.5], "negative probability"),                       # row 7
+    ([0.0, 0.0], "all-zero probability vector"),                 # row 9
+])
+def test_rows06_07_09_unusable_probability_vectors_drop_the_question_and_are_counted(tmp_path, vector, reason):
+    bad = ["Q1", sel({"Japan": vector, "China": [0.5, 0.5]}), "['A', 'B']", "GAS"]
+    raw = load_with(tmp_path, bad)
+    assert raw.report.dropped == {f"question with a considered group's {reason}": 1}
+    assert raw.report.kept_questions == 1 and raw.groups["China"].qkeys.tolist() == [0]
+    assert any(reason in line for line in raw.report.lines())
+    if reason == "all-zero probability vector":  # the paper's filter: dropped even with --strict
+        assert load_with(tmp_path, bad, strict=True).report.dropped == raw.report.dropped
+    else:
+        with pytest.raises(DataError, match=r"row 1 .*group 'Japan' has"):
+            load_with(tmp_path, bad, strict=True)
+
+
+def test_row08_nan_probability(tmp_path):
+    """The CSV can only spell NaN as the bare word nan, which is not a literal: the row is unparsable."""
+    bad = ["Q1", sel({"Japan": [0.5, 0.5], "China": [0.5, 0.5]}).replace("[0.5, 0.5]", "[nan, 1.0]", 1),
+           "['A', 'B']", "GAS"]
+    with pytest.warns(UserWarning, match="row 1"):
+        assert load_with(tmp_path, bad).report.dropped == {"unparsable row": 1}
+    with pytest.raises(DataError, match="row 1"):
+        load_with(tmp_path, bad, strict=True)
+
+
+def test_row10_opinionqa_folder_missing(tmp_path, capsys):
+    fails(capsys, "--dataset", "opinionqa", "--data_path", str(tmp_path / "nope"), expect=str(tmp_path / "nope"))
+
+
+# ---------------------------------------------------------------- groups (rows 12-16)
+
+def test_row12_unknown_group_name(capsys):
+    err = fails(capsys, *SMALL, "--train_groups", "g00,g1", "--eval_groups", "g02",
+                expect="group(s) ['g1'] not found in the synthetic data")
+    assert "available: g00, g01" in err
+
+
+def test_row12_unknown_group_name_on_real_data_suggests_the_closest(capsys, globalqa_csv):
+    fails(capsys, "--dataset", "globalqa", "--data_path", str(globalqa_csv), "--train_groups", "Japn",
+          "--eval_groups", "China", expect="did you mean 'Japan'")
+
+
+def test_row13_train_and_eval_groups_overlap(capsys):
+    fails(capsys, *SMALL, "--train_groups", "g00,g01", "--eval_groups", "g01",
+          expect="groups ['g01'] are in both --train_groups and --eval_groups")
+
+
+def test_row14_group_left_with_no_questions(tmp_path, capsys):
+    path = write_csv(tmp_path / "g.csv", [["Q0", sel({"Japan": [0.0, 0.0], "China": [0.5, 0.5]}), "['A', 'B']", "GAS"],
+                                          ["Q1", sel({"China": [0.5, 0.5]}), "['A', 'B']", "GAS"]])
+    fails(capsys, "--dataset", "globalqa", "--data_path", path, "--train_groups", "China", "--eval_groups", "Japan",
+          expect="group 'Japan' has no questions left after the data filter")
+
+
+def test_row15_eval_num_qs_not_below_a_groups_questions(capsys):
+    fails(capsys, *SMALL, "--eval_num_qs", "40",
+          expect="has 40 questions; --eval_num_qs 40 leaves none to score")
+
+
+def test_row16_too_few_questions_for_the_episode_sizes(capsys):
+    fails(capsys, *SMALL, "--min_ctx_num_qs", "35", "--max_ctx_num_qs", "35",
+          expect="has 36 local questions (0.9 of 40), fewer than --min_ctx_num_qs + --min_tar_num_qs = 38")
+
+
+# ---------------------------------------------------------------- outputs (rows 21-25)
+
+def finished_run(tmp_path) -> Path:
+    out = tmp_path / "run"
+    assert main("fedavg", [*SMALL, "--out_dir", str(out)]) == 0
+    return out
+
+
+def as_if_killed(out: Path) -> None:
+    """Remove what only a finished run has: its summary and final checkpoint."""
+    (out / "summary.json").unlink()
+    for f in (out / "checkpoints").glob("final.*"):
+        f.unlink()
+
+
+def test_row21_corrupted_checkpoint_on_resume(tmp_path, capsys):
+    out = finished_run(tmp_path)
+    as_if_killed(out)
+    victim = out / "checkpoints" / "round_00002.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    err = fails(capsys, *SMALL, "--out_dir", str(out), "--resume", expect="round_00002.safetensors")
+    assert "delete it or resume from an earlier checkpoint" in err
+    assert not (out / "summary.json").exists()
+
+
+def test_row22_truncated_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path):
+    out = finished_run(tmp_path)
+    reference = (out / "metrics.jsonl").read_text().splitlines()
+    as_if_killed(out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "train_lo')  # what a crash in the middle of an append leaves
+    with pytest.warns(UserWarning, match="truncated or invalid JSON"):
+        assert main("fedavg", [*SMALL, "--out_dir", str(out), "--resume"]) == 0
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "wall_time_s"} for l in lines]  # noqa
+    assert strip((out / "metrics.jsonl").read_text().splitlines()) == strip(reference)
+
+
+def test_row23_unwritable_out_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        fails(capsys, *SMALL, "--out_dir", str(locked / "run"), expect=f"cannot create run folder {locked / 'run'}")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_row23_out_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    fails(capsys, *SMALL, "--out_dir", str(target / "run"), expect=f"cannot create run folder {target / 'run'}")
+
+
+def test_row24_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
+    real_write_all = run_io._write_all
+
+    def fill_up(fd, data):
+        if len(data) > 10_000:  # the model weights: the first large file of the run
+            os.write(fd, bytes(data[:100]))  # part of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(run_io, "_write_all", fill_up)
+    out = tmp_path / "run"
+    err = fails(capsys, *SMALL, "--out_dir", str(out), expect="No space left on device")
+    assert "free some disk space" in err
+    ckpt = out / "checkpoints"
+    assert not list(ckpt.glob("*.safetensors")) and not list(ckpt.glob("*.json"))  # nothing half-written
+    assert not list(ckpt.glob(".*.tmp")) and not (out / "summary.json").exists()
+
+
+def test_row25_wandb_online_without_credentials(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "run"
+    fails(capsys, *[a if a != "off" else "online" for a in SMALL], "--out_dir", str(out),
+          expect="--wandb online: no W&B credentials found")
+    assert not out.exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------- flags (rows 27-31)
+
+def test_row27_cuda_requested_without_cuda(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    fails(capsys, *SMALL, "--device", "cuda", expect="--device cuda: this PyTorch build sees no CUDA device")
+
+
+def test_row28_conflicting_flags_vmap_and_bf16(capsys):
+    fails(capsys, *SMALL, "--client_engine", "vmap", "--precision", "bf16",
+          expect="--precision bf16 does not work with --client_engine vmap")
+
+
+def test_row29_min_above_max_episode_size(capsys):
+    fails(capsys, *SMALL, "--min_ctx_num_qs", "12", expect="--min_ctx_num_qs 12 / --max_ctx_num_qs 10")
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--data_split", "1.5", "--data_split 1.5 must be in (0, 1)"),
+    ("--epochs", "0", "--epochs 0 must be >= 1 local steps"),
+    ("--lr", "0", "--lr 0.0 must be > 0"),
+    ("--client_fraction", "0", "--client_fraction 0.0 must be in (0, 1]"),
+    ("--comm_round", "0", "--comm_round 0 must be >= 1"),
+    ("--nhead", "3", "--d_model 16 is not divisible by --nhead 3"),
+    ("--syn_min_options", "1", "--syn_min_options 1 / --syn_max_options 7"),
+])
+def test_row30_out_of_range_values(capsys, flag, value, expect):
+    fails(capsys, *SMALL, flag, value, expect=expect)
+
+
+def test_row31_wasserstein_on_data_without_ordinals(capsys):
+    fails(capsys, *SMALL, "--metric", "wasserstein", expect="--metric wasserstein needs ordinal options")
+
+
+def test_row34_resume_a_folder_without_a_run(tmp_path, capsys):
+    fails(capsys, *SMALL, "--out_dir", str(tmp_path), "--resume", expect="holds no run (no config.json)")
+
+
+def test_nothing_was_left_looking_complete_by_any_refused_command(tmp_path, capsys):
+    """A refused command leaves no run folder with a summary (the folder of a config error is never made)."""
+    out = tmp_path / "run"
+    fails(capsys, *SMALL, "--out_dir", str(out), "--metric", "wasserstein", expect="ordinal")
+    assert not out.exists()
