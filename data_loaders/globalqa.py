@@ -139,9 +139,9 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
                 raise DataError(f"{where}: group {g!r} {detail}",
                                 "fix the row or drop --strict to skip such questions")
         if bad:
-            # The paper's filter drops the whole question when any considered group is bad.
-            for why in set(bad.values()):
-                report.drop(f"question with a considered group's {why}")
+            # The paper's filter drops the whole question when any considered group is bad;
+            # counted once, under the first bad group's reason, so the counts add up to the rows.
+            report.drop(f"question with a considered group's {next(iter(bad.values()))}")
             continue
         if not present:
             report.drop("question answered by none of the considered groups")
