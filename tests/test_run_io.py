@@ -429,3 +429,24 @@ def test_console_table():
     assert "  CoV                                    n/a" in lines
     widths = {len(line) for line in lines[1:] if not line.strip().endswith(")")}
     assert widths == {len(lines[1])}  # every value row ends in the same column
+
+
+def test_no_pickle_loading_outside_the_authors_pickle_module():
+    """Safe loading: the only unpickling is the authors' embedding file (explicit path or drop-in,
+    with a warning); checkpoints use weights_only=True. This scans the project's sources."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    unsafe = re.compile(r"pickle\.loads?\(|read_pickle\(|allow_pickle\s*=\s*True|import dill|joblib\.load")
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith((".ci/", "venv/", ".venv/")) or "/site-packages/" in rel:
+            continue
+        text = path.read_text(encoding="utf-8")
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.lstrip().startswith("#") or "unsafe = re.compile" in line:
+                continue
+            unsafe_torch = "torch.load(" in line and "weights_only=True" not in line
+            if (unsafe.search(line) and rel != "data_loaders/authors_pickle.py") or unsafe_torch:
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert offenders == []
