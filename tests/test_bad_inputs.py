@@ -284,7 +284,7 @@ def test_row31_wasserstein_on_data_without_ordinals(capsys):
     fails(capsys, *SMALL, "--metric", "wasserstein", expect="--metric wasserstein needs ordinal options")
 
 
-def test_row34_resume_a_folder_without_a_run(tmp_path, capsys):
+def test_row32_resume_a_folder_without_a_run(tmp_path, capsys):
     fails(capsys, *SMALL, "--out_dir", str(tmp_path), "--resume", expect="holds no run (no config.json)")
 
 
