@@ -293,3 +293,21 @@ def test_nothing_was_left_looking_complete_by_any_refused_command(tmp_path, caps
     out = tmp_path / "run"
     fails(capsys, *SMALL, "--out_dir", str(out), "--metric", "wasserstein", expect="ordinal")
     assert not out.exists()
+
+
+def test_every_readme_row_has_a_test():
+    """The README's bad-input table and these tests stay in step: each row number has a
+    test_rowNN here, or names the test elsewhere that pins it, and that test exists."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Crashes, resume and bad input", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \|(.*)$", table, flags=re.M)
+    assert len(rows) >= 20
+    here = (root / "tests" / "test_bad_inputs.py").read_text(encoding="utf-8")
+    covered = {int(n) for names in re.findall(r"def test_rows?((?:\d\d_?)+)", here) for n in re.findall(r"\d\d", names)}
+    for number, text in rows:
+        named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", text)
+        for path, test in named:
+            assert f"def {test}(" in (root / path).read_text(encoding="utf-8"), (number, test)
+        assert int(number) in covered or named, f"README bad-input row {number} has no test"
