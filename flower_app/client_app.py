@@ -1,0 +1,33 @@
+"""The ClientApp (Flower Message API): query, train and evaluate handlers of flower_app.node.
+
+`app` is the ClientApp a SuperNode runs (pyproject.toml [tool.flwr.app.components]); it
+learns its group from the SuperNode's --node-config. `make_client_app(groups)` is the
+simulation's variant: virtual node i holds groups[i].
+"""
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from .node import handle_evaluate, handle_query, handle_train
+
+
+def make_client_app(partition_groups: list[str] | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, partition_groups)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, partition_groups)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, partition_groups)
+
+    return app
+
+
+app = make_client_app()

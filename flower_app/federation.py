@@ -1,0 +1,242 @@
+"""The server side of the federation: find each group's node, then run FedAvg over the Grid.
+
+`FlowerTrainer` has the interface of `FedAvgTrainer` (train_round, evaluate, global_state,
+load_global, state_dict, load_state_dict), so the same `RunLoop` drives it and writes the
+same run folder. Client sampling, initial weights and aggregation are the in-process
+engine's own functions; only where a client's computation happens differs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from data_loaders.datasets import ExperimentData, choose_groups
+from data_loaders.schema import DataError
+from federated.aggregation import aggregation_weights, sample_clients, weighted_average
+from federated.client import ClientConfig, FitResult
+from federated.fedavg import init_global_state
+from models.gpo import GPOConfig
+from training.evaluation import GroupEval
+from utils.seeding import generator
+
+from .protocol import (EVALUATE, QUERY, TRAIN, NodeReport, instruction, read_eval_reply, read_fit_reply,
+                       read_query_reply)
+
+POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's own helper waits 3 s)
+
+
+# --- which groups, and where they live -----------------------------------------------
+
+def resolve_groups(args) -> tuple[list[str], list[str]]:
+    """The train/eval groups prepare_experiment would choose, without loading any data."""
+    if args.dataset == "synthetic":
+        from data_loaders.synthetic import group_names
+        return choose_groups("synthetic", args.train_groups, args.eval_groups, args.group_split, args.seed,
+                             all_groups=group_names(args.syn_groups))
+    return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, args.seed)
+
+
+def make_setup(args, metric: str, train: list[str], evals: list[str]) -> str:
+    """What every instruction carries: the run's flags and group lists (JSON, sorted keys)."""
+    return json.dumps({"flags": vars(args), "metric": metric, "train_groups": list(train),
+                       "eval_groups": list(evals)}, sort_keys=True)
+
+
+def exchange(grid: Grid, messages: dict[str, Message], timeout: float | None) -> dict[str, Message]:
+    """Send one message per group and collect the replies that arrive within `timeout` seconds.
+
+    Replies are matched to groups by the instruction they answer, never by arrival order;
+    error replies (a ClientApp that raised, a node the SuperLink saw leave) come back too.
+    """
+    names = list(messages)
+    ids = list(grid.push_messages([messages[n] for n in names]))
+    pending = {mid: n for mid, n in zip(ids, names) if mid}
+    replies: dict[str, Message] = {}
+    end = None if timeout is None else time.monotonic() + timeout
+    while pending and (end is None or time.monotonic() < end):
+        for reply in grid.pull_messages(list(pending)):
+            name = pending.pop(reply.metadata.reply_to_message_id, None)
+            if name is not None:
+                replies[name] = reply
+        if pending:
+            time.sleep(POLL_S)
+    return replies
+
+
+def discover(grid: Grid, setup: str, groups: list[str], wait_s: float, log=print) -> dict[str, NodeReport]:
+    """Ask every connected node which group it holds until each of `groups` has one.
+
+    Nodes may connect late (a SuperNode started after the run): new ones are asked as they
+    appear, until `wait_s` runs out.
+    """
+    deadline = time.monotonic() + wait_s
+    asked: set[int] = set()
+    reports: dict[str, NodeReport] = {}
+    errors: list[str] = []
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        asked.update(new)
+        if new:
+            msgs = {str(n): instruction(QUERY, n, setup, 0) for n in new}
+            replies = exchange(grid, msgs, max(1.0, deadline - time.monotonic()))
+            for node, reply in replies.items():
+                if reply.has_error():
+                    errors.append(f"node {node}: {reply.error.reason}")
+                    log(f"flower: node {node} did not join: {reply.error.reason}")
+                    continue
+                rep = read_query_reply(reply)
+                if rep.group in reports:
+                    raise DataError(f"two SuperNodes ({reports[rep.group].node_id}, {rep.node_id}) hold group "
+                                    f"{rep.group!r}", "give each SuperNode a different group in its --node-config")
+                reports[rep.group] = rep
+        missing = [g for g in groups if g not in reports]
+        if not missing:
+            return reports
+        if time.monotonic() >= deadline:
+            raise DataError(f"no node holds group(s) {missing} after waiting {wait_s:g} s "
+                            f"({len(asked)} node(s) connected" + (f"; errors: {errors}" if errors else "") + ")",
+                            "start one SuperNode per group (--node-config \"group='NAME' ...\"), name fewer "
+                            "groups with --train_groups/--eval_groups, or wait longer with --node_wait")
+        time.sleep(0.2)
+
+
+@dataclass
+class RemoteGroup:
+    """What the server knows of a group: its size (for the same checks as in-process), not its data."""
+
+    name: str
+    num_questions: int
+    num_points: int
+    node_id: int
+
+
+@dataclass
+class FederatedData(ExperimentData):
+    """ExperimentData whose groups live on nodes: run_method validates and records it as usual."""
+
+    grid: Grid | None = None
+    setup: str = ""
+    nodes: dict[str, int] = field(default_factory=dict)
+    # Filled by the FlowerTrainer as it runs, read by the ServerApp for federation.json.
+    failures: list[dict] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
+    log: Callable[[str], None] = print  # where the trainer reports clients left out
+
+
+def federated_data(args, grid: Grid, setup: str, reports: dict[str, NodeReport], train: list[str],
+                   evals: list[str], log=print) -> FederatedData:
+    used = [reports[g] for g in train + evals]
+    for key in ("dim_x", "has_ordinals"):
+        values = {getattr(r, key) for r in used}
+        if len(values) > 1:
+            raise DataError(f"nodes disagree on {key}: " + ", ".join(f"{r.group}={getattr(r, key)}" for r in used),
+                            "every node must load the same dataset version and embedding model")
+    hashes = {r.info.get("source_hash") for r in used}
+    if len(hashes) > 1:
+        raise DataError(f"nodes hold different versions of the {args.dataset} data (content hashes {sorted(hashes)})",
+                        "point every SuperNode at the same release of the data files")
+    remote = lambda names: {g: RemoteGroup(g, reports[g].num_questions, reports[g].num_points,  # noqa: E731
+                                           reports[g].node_id) for g in names}
+    info = dict(used[0].info)
+    info["federation"] = {"engine": "flower", "nodes": {r.group: r.node_id for r in used}}
+    return FederatedData(args.dataset, remote(train), remote(evals), used[0].dim_x, used[0].has_ordinals,
+                         info, grid=grid, setup=setup, nodes={r.group: r.node_id for r in used}, log=log)
+
+
+# --- FedAvg over the Grid ----------------------------------------------------------------
+
+def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tensor]:
+    """FedAvgTrainer.aggregate: clients in name order, the same weights, float64 sums."""
+    results = sorted(results, key=lambda r: r.name)
+    w = aggregation_weights([r.num_examples for r in results], [r.episode_points for r in results], weighting)
+    return weighted_average([r.state for r in results], w)
+
+
+def check_min_clients(min_clients: int, sampled: int, flag_hint: str = "") -> None:
+    if min_clients > sampled:
+        raise DataError(f"--min_clients {min_clients} exceeds the {sampled} client(s) sampled per round",
+                        "lower --min_clients, or raise --client_fraction / add training groups" + flag_hint)
+
+
+class FlowerTrainer:
+    method = "fedavg"
+
+    def __init__(self, data: FederatedData, cfg: ClientConfig, model_cfg: GPOConfig, *,
+                 weighting: str = "dataset_size", client_fraction: float = 1.0, min_clients: int = 1,
+                 round_timeout: float = 0.0):
+        self.grid, self.setup, self.nodes = data.grid, data.setup, dict(data.nodes)
+        self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
+        self.min_clients, self.log = max(1, min_clients), data.log
+        self.timeout = round_timeout if round_timeout > 0 else None
+        self.train_names, self.eval_names = sorted(data.train), sorted(data.eval)
+        self.global_state = init_global_state(model_cfg, cfg.seed)
+        self.last_client_states: dict[str, dict] = {}
+        self.failures = data.failures            # every client left out, with round, phase and reason
+        self.round_seconds = data.round_seconds  # wall time of each train_round (for the benchmark)
+        n = len(sample_clients(self.train_names, client_fraction, generator(cfg.seed, "client_sampling", 1)))
+        check_min_clients(self.min_clients, n)
+
+    def _ask(self, kind: str, names: list[str], round_: int) -> dict[str, Message]:
+        """Send `kind` to each group's node; return the good replies, log and record the rest."""
+        msgs = {n: instruction(kind, self.nodes[n], self.setup, round_, self.global_state) for n in names}
+        replies = exchange(self.grid, msgs, self.timeout)
+        good = {}
+        for name in names:
+            reply = replies.get(name)
+            if reply is None:
+                reason = f"no reply within --round_timeout {self.timeout:g} s"
+            elif reply.has_error():
+                reason = reply.error.reason
+            else:
+                good[name] = reply
+                continue
+            self.failures.append({"round": round_, "phase": kind, "client": name, "reason": reason})
+            self.log(f"flower: round {round_} {kind}: client {name} left out ({reason})")
+        return good
+
+    def train_round(self, round_: int) -> dict:
+        t0 = time.perf_counter()
+        names = sample_clients(self.train_names, self.client_fraction,
+                               generator(self.cfg.seed, "client_sampling", round_))
+        results = [read_fit_reply(n, m) for n, m in self._ask(TRAIN, names, round_).items()]
+        if len(results) < self.min_clients:
+            raise DataError(f"round {round_}: {len(results)} of {len(names)} sampled clients replied, fewer than "
+                            f"--min_clients {self.min_clients}; the round is not aggregated",
+                            "check the SuperNodes' logs; the run folder keeps the last checkpoint")
+        self.last_client_states = {r.name: r.state for r in results}
+        self.global_state = aggregate(results, self.weighting)
+        per_client = {r.name: sum(r.losses) / len(r.losses) for r in sorted(results, key=lambda r: r.name)}
+        self.round_seconds.append(time.perf_counter() - t0)
+        return {"train_loss": sum(per_client.values()) / len(per_client),
+                "train_loss_per_client": per_client,
+                "grad_steps": sum(len(r.losses) for r in results),
+                "points": sum(r.points for r in results),
+                "clients": sorted(per_client)}
+
+    def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
+        replies = self._ask(EVALUATE, self.eval_names + self.train_names, round_)
+        scored = {n: read_eval_reply(n, m) for n, m in replies.items()}
+        evals = {n: scored[n] for n in self.eval_names if scored.get(n) is not None}
+        trains = {n: scored[n] for n in self.train_names if scored.get(n) is not None}
+        if not evals:
+            raise DataError(f"round {round_}: no evaluation group replied",
+                            "check the evaluation groups' SuperNodes")
+        return evals, trains
+
+    def load_global(self, weights: dict) -> None:
+        self.global_state = {k: v.detach().cpu() for k, v in weights.items()}
+
+    # The clients' Adam states live on their nodes, so a checkpoint holds only the weights.
+    def state_dict(self) -> dict:
+        return {"clients": {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("clients"):
+            raise DataError("this checkpoint holds in-process clients' optimizer states",
+                            "resume it with --engine inprocess")

@@ -1,0 +1,173 @@
+"""The client side of the federation: one node holds one group and runs the in-process engine's client.
+
+A node learns which group it holds from its node config (`group`, `dataset`, `data-path`,
+optionally `cache-dir` and `device`; in simulation, from its partition id), and the
+experiment's flags from each instruction. It loads only that group's GroupData and
+wraps it in the same `GroupClient` the in-process engine uses, so a round on a node is
+the same computation as a round in one process: episodes from (seed, group, round), the
+client's Adam state carried across rounds in the node's own context.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Context, Message
+
+from data_loaders.datasets import load_raw_dataset, synthetic_spec
+from data_loaders.schema import DataError, GroupData, build_group_data
+from federated.client import GroupClient
+from models.gpo import GPO
+from training.experiment import client_config, model_config
+from utils.device import resolve_device
+
+from .protocol import (ADAM_ARRAYS, ADAM_META, NodeReport, adam_from_records, adam_to_records, eval_reply,
+                       fit_reply, query_reply, read_instruction)
+
+NODE_CONFIG_HINT = ("start the SuperNode with --node-config \"group='NAME' dataset='DATASET' "
+                    "data-path='PATH'\" (see docs/federation.md)")
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    group: str
+    dataset: str | None = None      # None: take the server's --dataset (simulation)
+    data_path: str | None = None    # None: take the server's --data_path
+    cache_dir: str | None = None
+    device: str | None = None
+
+
+def node_identity(node_config: dict, partition_groups: list[str] | None) -> NodeIdentity:
+    """From the SuperNode's --node-config, or the simulation's partition id -> group table."""
+    if "group" in node_config:
+        get = lambda k: None if node_config.get(k) in (None, "") else str(node_config[k])  # noqa: E731
+        return NodeIdentity(str(node_config["group"]), get("dataset"), get("data-path"),
+                            get("cache-dir"), get("device"))
+    if partition_groups is not None and "partition-id" in node_config:
+        return NodeIdentity(partition_groups[int(node_config["partition-id"])])
+    raise DataError("this SuperNode's node config names no group", NODE_CONFIG_HINT)
+
+
+def node_args(setup: dict, ident: NodeIdentity) -> argparse.Namespace:
+    """The run's flags as this node must apply them: its own data location and device."""
+    args = argparse.Namespace(**setup["flags"])
+    if ident.dataset is not None and ident.dataset != args.dataset:
+        raise DataError(f"node of group {ident.group!r} holds dataset {ident.dataset!r}, but the run "
+                        f"uses --dataset {args.dataset}", f"restart the SuperNode with dataset='{args.dataset}'")
+    for attr, value in (("data_path", ident.data_path), ("cache_dir", ident.cache_dir), ("device", ident.device)):
+        if value is not None:
+            setattr(args, attr, value)
+    return args
+
+
+def load_group(args, group: str, considered: list[str], log=print) -> tuple[GroupData, bool, dict]:
+    """This group's tensors only, identical to what prepare_experiment builds for it.
+
+    Real datasets are parsed with the run's whole group list, because a question is kept
+    only when every considered group that answers it has a usable answer; embeddings come
+    from the content-keyed cache under the same key as the in-process engine's (question
+    texts are public survey items; the answers, which are the private data, stay here).
+    """
+    t0 = time.perf_counter()
+    if args.dataset == "synthetic":
+        from data_loaders.synthetic import make_synthetic
+        raw, emb = make_synthetic(synthetic_spec(args))
+        emb_info = {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
+    else:
+        from data_loaders.embeddings import get_embeddings
+        raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=considered, log=log)
+        if group not in raw.groups:
+            raise DataError(f"group {group!r} not found in the {args.dataset} data at {args.data_path}",
+                            f"available: {', '.join(sorted(raw.groups))}")
+        emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(considered)},
+                                       cache_dir=args.cache_dir, device=args.emb_device,
+                                       batch_size=args.emb_batch_size, dtype=args.emb_dtype,
+                                       load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
+    if group not in raw.groups:
+        raise DataError(f"group {group!r} not found in the {args.dataset} data",
+                        f"available: {', '.join(sorted(raw.groups))}")
+    data = build_group_data(raw, group, emb)
+    info = {"source_hash": raw.source_hash, "source": raw.report.source,
+            "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
+            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
+            "load_seconds": round(time.perf_counter() - t0, 3)}
+    return data, raw.bank.ordinals is not None, info
+
+
+@dataclass
+class NodeClient:
+    client: GroupClient
+    model: GPO               # scratch compute for this node's client
+    device: torch.device
+    report: NodeReport
+
+
+# Built clients per (run, node, setup): a process that serves several messages (a Ray
+# actor in simulation) loads its group once. Deployment starts one process per message,
+# so there the data are loaded per message and only the Adam state persists (context.state).
+_NODES: dict[tuple, NodeClient] = {}
+
+
+def get_node_client(setup: dict, context: Context, partition_groups: list[str] | None) -> NodeClient:
+    ident = node_identity(dict(context.node_config), partition_groups)
+    key = (context.run_id, context.node_id, json.dumps(setup, sort_keys=True), ident)
+    if key not in _NODES:
+        for old in [k for k in _NODES if k[:2] == key[:2] or k[0] != key[0]]:
+            del _NODES[old]  # an earlier run, or this node's earlier setup: free its tensors
+        _NODES[key] = build_node_client(setup, ident, context.node_id)
+    return _NODES[key]
+
+
+def build_node_client(setup: dict, ident: NodeIdentity, node_id: int) -> NodeClient:
+    train, evals = setup["train_groups"], setup["eval_groups"]
+    if ident.group in train:
+        role = "train"
+    elif ident.group in evals:
+        role = "eval"
+    else:
+        raise DataError(f"this node holds group {ident.group!r}, which is in neither --train_groups "
+                        f"{train} nor --eval_groups {evals}", "the server ignores this node for this run")
+    args = node_args(setup, ident)
+    data, has_ordinals, info = load_group(args, ident.group, train + evals, log=lambda *a: None)
+    device = resolve_device(args.device)
+    cfg = client_config(args, setup["metric"])
+    client = GroupClient(data.to(device), cfg, role)
+    model = GPO(model_config(args, data.x.shape[1])).to(device)
+    report = NodeReport(ident.group, node_id, data.num_questions, data.num_points, int(data.x.shape[1]),
+                        has_ordinals, info)
+    return NodeClient(client, model, device, report)
+
+
+# --- the three message handlers (the ClientApp registers these) ------------------------
+
+def handle_query(msg: Message, context: Context, partition_groups: list[str] | None = None) -> Message:
+    """Opening handshake: load the group, say which it is and how big."""
+    setup, _, _ = read_instruction(msg)
+    return query_reply(msg, get_node_client(setup, context, partition_groups).report)
+
+
+def handle_train(msg: Message, context: Context, partition_groups: list[str] | None = None) -> Message:
+    """`epochs` local steps from the global weights; the Adam state persists in context.state."""
+    setup, round_, state = read_instruction(msg)
+    node = get_node_client(setup, context, partition_groups)
+    if node.client.role != "train":
+        raise DataError(f"group {node.client.name!r} is an evaluation group and never trains",
+                        "the server sends train instructions to training groups only")
+    if ADAM_ARRAYS in context.state:
+        node.client.load_state_dict(adam_from_records(context.state[ADAM_ARRAYS], context.state[ADAM_META]))
+    res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_)
+    records = adam_to_records(node.client.state_dict())
+    if records is not None:
+        context.state[ADAM_ARRAYS], context.state[ADAM_META] = records
+    return fit_reply(msg, res)
+
+
+def handle_evaluate(msg: Message, context: Context, partition_groups: list[str] | None = None) -> Message:
+    """Per-question distances of this group under the global weights (nothing else leaves)."""
+    setup, round_, state = read_instruction(msg)
+    node = get_node_client(setup, context, partition_groups)
+    result = node.client.evaluate(node.model, {k: v.to(node.device) for k, v in state.items()}, round_)
+    return eval_reply(msg, result)

@@ -1,0 +1,106 @@
+"""The ServerApp: the main_fl.py experiment with its clients on Flower nodes.
+
+It parses the same flags as main_fl.py (in a deployment, from the run config key `flags`:
+pyproject.toml [tool.flwr.app.config], overridden with `flwr run ... --run-config`),
+finds the node of every group, and hands a FlowerTrainer to the same `run_method` the
+in-process engine uses, so config.json, metrics.jsonl, losses.jsonl, summary.json,
+checkpoints and W&B come from the same code. It adds federation.json: which node held
+which group, every client left out of a round and why, and each round's wall time.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from data_loaders.schema import DataError
+from utils.run_io import atomic_write_bytes, default_run_dir
+
+from .federation import discover, federated_data, make_setup, resolve_groups
+
+
+def args_from_run_config(run_config: dict):
+    """main_fl.py's flags from the run config's `flags` string."""
+    from utils.cli import build_parser
+    text = run_config.get("flags")
+    if not isinstance(text, str):
+        raise DataError("the run config has no 'flags' string",
+                        "set [tool.flwr.app.config] flags in pyproject.toml or pass --run-config 'flags=\"...\"'")
+    try:
+        args = build_parser("fedavg").parse_args(shlex.split(text))
+    except SystemExit as err:  # argparse already printed what is wrong
+        raise DataError(f"the run config's flags are not valid main_fl.py flags: {text!r}",
+                        "python main_fl.py --help lists them") from err
+    args.engine = "flower"
+    return args
+
+
+def check_supported(args) -> None:
+    """Flags that mean something in one process but not in a federation."""
+    if args.resume:
+        raise DataError("--resume is not supported with --engine flower: the clients' Adam states live on "
+                        "their nodes, so a restarted federation would not continue the same run",
+                        "rerun from round 0, or use --engine inprocess for resumable runs")
+    if args.also_centralized:
+        raise DataError("--also_centralized pools every group's data in one process, which a federation "
+                        "does not have", "run main_centralized.py with the same flags instead")
+    if args.client_engine != "loop":
+        raise DataError("--client_engine vmap batches clients inside one process; with --engine flower "
+                        "every client runs on its own node", "drop --client_engine")
+
+
+def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
+    """Find the nodes, then train and evaluate through the shared run loop; returns the summary."""
+    from training.experiment import check_flags, run_method  # late: training imports flower_app lazily too
+    from utils.cli import resolve_metric
+    args.engine = "flower"
+    check_flags(args)
+    check_supported(args)
+    metric = resolve_metric(args)
+    train, evals = resolve_groups(args)
+    setup = make_setup(args, metric, train, evals)
+    log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
+    reports = discover(grid, setup, train + evals, args.node_wait, log)
+    data = federated_data(args, grid, setup, reports, train, evals, log)
+    out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", args.seed)
+    try:
+        return run_method("fedavg", args, data, out_dir, log=log)
+    finally:
+        write_federation_record(out_dir, runtime, data)
+
+
+def write_federation_record(out_dir: Path, runtime: str, data) -> None:
+    import json
+    record = {"engine": "flower", "runtime": runtime, "nodes": data.nodes,
+              "failures": data.failures, "round_seconds": [round(s, 4) for s in data.round_seconds]}
+    if out_dir.is_dir():
+        atomic_write_bytes(out_dir / "federation.json", (json.dumps(record, indent=2) + "\n").encode())
+
+
+def make_server_app(args=None, outcome: dict | None = None, runtime: str = "simulation") -> ServerApp:
+    """A ServerApp for `args` (simulation), or for the run config's flags (`args=None`: deployment).
+
+    With `outcome`, the summary or the exception is stored there instead of raised, so the
+    simulation's caller can report it after the runtime has shut down.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_args = args if args is not None else args_from_run_config(dict(context.run_config))
+            summary = run_federation(grid, run_args, runtime)
+            if outcome is not None:
+                outcome["summary"] = summary
+        except Exception as err:  # noqa: BLE001 - handed to the caller, or re-raised
+            if outcome is None:
+                print(f"error: {err}")
+                raise
+            outcome["error"] = err
+
+    return app
+
+
+app = make_server_app(runtime="deployment")
