@@ -48,16 +48,20 @@ def make_setup(args, metric: str, train: list[str], evals: list[str]) -> str:
                        "eval_groups": list(evals)}, sort_keys=True)
 
 
-def exchange(grid: Grid, messages: dict[str, Message], timeout: float | None) -> dict[str, Message]:
+REFUSED = "the SuperLink did not accept the message (its node is no longer registered)"
+
+
+def exchange(grid: Grid, messages: dict[str, Message], timeout: float | None) -> dict[str, Message | str]:
     """Send one message per group and collect the replies that arrive within `timeout` seconds.
 
     Replies are matched to groups by the instruction they answer, never by arrival order;
     error replies (a ClientApp that raised, a node the SuperLink saw leave) come back too.
+    A message the SuperLink refused maps to the reason (a string) instead of a reply.
     """
     names = list(messages)
     ids = list(grid.push_messages([messages[n] for n in names]))
     pending = {mid: n for mid, n in zip(ids, names) if mid}
-    replies: dict[str, Message] = {}
+    replies: dict[str, Message | str] = {n: REFUSED for mid, n in zip(ids, names) if not mid}
     end = None if timeout is None else time.monotonic() + timeout
     while pending and (end is None or time.monotonic() < end):
         for reply in grid.pull_messages(list(pending)):
@@ -86,9 +90,10 @@ def discover(grid: Grid, setup: str, groups: list[str], wait_s: float, log=print
             msgs = {str(n): instruction(QUERY, n, setup, 0) for n in new}
             replies = exchange(grid, msgs, max(1.0, deadline - time.monotonic()))
             for node, reply in replies.items():
-                if reply.has_error():
-                    errors.append(f"node {node}: {reply.error.reason}")
-                    log(f"flower: node {node} did not join: {reply.error.reason}")
+                reason = reply if isinstance(reply, str) else reply.error.reason if reply.has_error() else None
+                if reason is not None:
+                    errors.append(f"node {node}: {reason}")
+                    log(f"flower: node {node} did not join: {reason}")
                     continue
                 rep = read_query_reply(reply)
                 if rep.group in reports:
@@ -126,6 +131,7 @@ class FederatedData(ExperimentData):
     # Filled by the FlowerTrainer as it runs, read by the ServerApp for federation.json.
     failures: list[dict] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
     log: Callable[[str], None] = print  # where the trainer reports clients left out
 
 
@@ -179,6 +185,7 @@ class FlowerTrainer:
         self.last_client_states: dict[str, dict] = {}
         self.failures = data.failures            # every client left out, with round, phase and reason
         self.round_seconds = data.round_seconds  # wall time of each train_round (for the benchmark)
+        self.eval_seconds = data.eval_seconds    # and of each evaluation
         n = len(sample_clients(self.train_names, client_fraction, generator(cfg.seed, "client_sampling", 1)))
         check_min_clients(self.min_clients, n)
 
@@ -191,6 +198,8 @@ class FlowerTrainer:
             reply = replies.get(name)
             if reply is None:
                 reason = f"no reply within --round_timeout {self.timeout:g} s"
+            elif isinstance(reply, str):
+                reason = reply
             elif reply.has_error():
                 reason = reply.error.reason
             else:
@@ -220,6 +229,7 @@ class FlowerTrainer:
                 "clients": sorted(per_client)}
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
+        t0 = time.perf_counter()
         replies = self._ask(EVALUATE, self.eval_names + self.train_names, round_)
         scored = {n: read_eval_reply(n, m) for n, m in replies.items()}
         evals = {n: scored[n] for n in self.eval_names if scored.get(n) is not None}
@@ -227,6 +237,7 @@ class FlowerTrainer:
         if not evals:
             raise DataError(f"round {round_}: no evaluation group replied",
                             "check the evaluation groups' SuperNodes")
+        self.eval_seconds.append(time.perf_counter() - t0)
         return evals, trains
 
     def load_global(self, weights: dict) -> None:

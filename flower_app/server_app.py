@@ -74,7 +74,8 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
 def write_federation_record(out_dir: Path, runtime: str, data) -> None:
     import json
     record = {"engine": "flower", "runtime": runtime, "nodes": data.nodes,
-              "failures": data.failures, "round_seconds": [round(s, 4) for s in data.round_seconds]}
+              "failures": data.failures, "round_seconds": [round(s, 4) for s in data.round_seconds],
+              "eval_seconds": [round(s, 4) for s in data.eval_seconds]}
     if out_dir.is_dir():
         atomic_write_bytes(out_dir / "federation.json", (json.dumps(record, indent=2) + "\n").encode())
 

@@ -1,0 +1,138 @@
+"""What a round costs on each engine: in-process, Flower simulation, Flower deployment on loopback.
+
+The same small synthetic experiment (2 training groups + 1 evaluation group) runs
+    inprocess   FedAvgTrainer in this process (the computation itself),
+    simulation  `main_fl.py --engine flower` in a fresh process (Ray workers),
+    deployment  a SuperLink + 3 SuperNodes on 127.0.0.1, started with `flwr run`,
+and each reports the wall time of every training round (send weights, local steps on
+every client, replies, aggregation) and of every evaluation. The first round of the
+Flower engines also pays for warm-up (workers importing torch, nodes loading data), so
+it is reported apart and the per-round figures are medians over the later rounds.
+Prints JSON; --save writes benchmarks/results/flower_overhead_<device>.json.
+
+    python -m benchmarks.flower_overhead --save
+    python -m benchmarks.flower_overhead --engines inprocess,simulation --rounds 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+ENGINES = ("inprocess", "simulation", "deployment")
+GROUPS = ["g00", "g01", "g02"]
+FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "100", "--syn_dim", "64",
+         "--train_groups", "g00,g01", "--eval_groups", "g02", "--d_model", "32", "--dim_feedforward", "32",
+         "--num_layers", "2", "--min_ctx_num_qs", "5", "--max_ctx_num_qs", "20", "--min_tar_num_qs", "5",
+         "--max_tar_num_qs", "20", "--eval_num_qs", "10", "--epochs", "6", "--wandb", "off", "--quiet",
+         "--device", "cpu"]
+
+
+def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
+    later = round_s[1:] or round_s
+    return {"round_s": [round(x, 4) for x in round_s], "first_round_s": round(round_s[0], 4),
+            "median_round_s": round(statistics.median(later), 4), "eval_s": [round(x, 4) for x in eval_s],
+            "median_eval_s": round(statistics.median(eval_s), 4), **extra}
+
+
+def run_inprocess(rounds: int) -> dict:
+    """Time FedAvgTrainer.train_round and .evaluate directly: no messages at all."""
+    from data_loaders.datasets import prepare_experiment
+    from training.experiment import client_config, make_trainer
+    from utils.cli import build_parser
+    args = build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)])
+    trainer = make_trainer("fedavg", args, prepare_experiment(args, log=lambda *a: None), client_config(args, "jsd"),
+                           "cpu")
+    round_s, eval_s = [], []
+    for when, fn in [(0, trainer.evaluate)] + [(r, trainer.train_round) for r in range(1, rounds + 1)] + \
+            [(rounds, trainer.evaluate)]:
+        t0 = time.perf_counter()
+        fn(when)
+        (eval_s if fn == trainer.evaluate else round_s).append(time.perf_counter() - t0)
+    return summarise(round_s, eval_s)
+
+
+def flower_record(out: Path, wall: float) -> dict:
+    fed = json.loads((out / "federation.json").read_text())
+    if fed["failures"] or not (out / "summary.json").exists():
+        raise RuntimeError(f"the Flower run in {out} did not finish cleanly: {fed['failures']}")
+    return summarise(fed["round_seconds"], fed["eval_seconds"], total_wall_s=round(wall, 2))
+
+
+def run_simulation(rounds: int, tmp: Path) -> dict:
+    out = tmp / "simulation"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "main_fl.py", *FLAGS, "--comm_round", str(rounds), "--federated_eval",
+                    str(rounds), "--out_dir", str(out), "--engine", "flower"], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+                                                   "RAY_USAGE_STATS_ENABLED": "0"})
+    return flower_record(out, time.perf_counter() - t0)
+
+
+def run_deployment(rounds: int, tmp: Path) -> dict:
+    from flower_app.loopback import LoopbackFederation
+    fed = LoopbackFederation(tmp / "federation")
+    out = tmp / "deployment"
+    try:
+        t0 = time.perf_counter()
+        fed.start_superlink()
+        for group in GROUPS:
+            fed.start_supernode(group)
+        fed.run([*FLAGS, "--comm_round", str(rounds), "--federated_eval", str(rounds), "--out_dir", str(out)])
+        fed.wait_done(out, timeout=120 + 60 * rounds)
+        return flower_record(out, time.perf_counter() - t0)
+    finally:
+        left = fed.close()
+        if left:
+            print(f"warning: processes left running: {left}", file=sys.stderr)
+
+
+def machine() -> dict:
+    import torch
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--rounds", type=int, default=6, help="timed training rounds per engine (eval at 0 and the end)")
+    p.add_argument("--save", action="store_true", help="also write benchmarks/results/flower_overhead_cpu.json")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    result = {"config": {"flags": FLAGS, "rounds": args.rounds, "groups": {"train": GROUPS[:2], "eval": GROUPS[2:]}},
+              "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="flower_overhead_") as tmp:
+        for engine in args.engines.split(","):
+            print(f"{engine}...", file=sys.stderr, flush=True)
+            runner = {"inprocess": lambda: run_inprocess(args.rounds),
+                      "simulation": lambda: run_simulation(args.rounds, Path(tmp)),
+                      "deployment": lambda: run_deployment(args.rounds, Path(tmp))}[engine]
+            result[engine] = runner()
+    if "inprocess" in result:
+        base = result["inprocess"]
+        result["overhead_vs_inprocess"] = {
+            e: {"per_round_s": round(result[e]["median_round_s"] - base["median_round_s"], 4),
+                "per_eval_s": round(result[e]["median_eval_s"] - base["median_eval_s"], 4),
+                "round_ratio": round(result[e]["median_round_s"] / base["median_round_s"], 1)}
+            for e in ("simulation", "deployment") if e in result}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "flower_overhead_cpu.json").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
