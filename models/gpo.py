@@ -50,6 +50,7 @@ class Episode:
     tgt_mask: torch.Tensor  # [B, Nt] bool
     tgt_seg: torch.Tensor   # [B, Nt] long
     num_tgt_q: int          # max target questions per episode (segment count)
+    projected: bool = False  # xc/xt already hold x·W_x + b (see GPO.project), [B, N, d_model]
 
     def to(self, device) -> "Episode":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
@@ -127,21 +128,34 @@ class GPO(nn.Module):
             for layer in self.layers:
                 layer.fused_attention = True
 
-    def embed(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x·W_x + b, the embedder's first layer without the y column, for points given once.
+
+        Evaluation embeds a whole group's points with it and then gathers 128-wide rows,
+        instead of gathering 4096-wide embeddings into an episode first.
+        """
+        first, dim_x = self.embedder[0], self.config.dim_x
+        with self._autocast(x):
+            return F.linear(x, first.weight[:, :dim_x], first.bias)
+
+    def _autocast(self, x: torch.Tensor):
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def embed(self, x: torch.Tensor, y: torch.Tensor | None, projected: bool = False) -> torch.Tensor:
         """The embedder MLP on [x, y] (y = 0 for targets), without building [x, y].
 
         The first layer is split as x·W_x + y·w_y: concatenating a column to thousands of
         embedding dimensions would copy the whole episode once more per forward pass.
         """
         first, dim_x = self.embedder[0], self.config.dim_x
-        h = F.linear(x, first.weight[:, :dim_x], first.bias)
+        h = x if projected else F.linear(x, first.weight[:, :dim_x], first.bias)
         if y is not None:
             h = h + y.unsqueeze(-1).to(h.dtype) * first.weight[:, dim_x]
         return self.embedder[1:](h)
 
     def encode_targets(self, ep: Episode) -> torch.Tensor:
         """Representations of the target tokens, [B, Nt, d_model]."""
-        h = torch.cat([self.embed(ep.xc, ep.yc), self.embed(ep.xt, None)], dim=1)
+        h = torch.cat([self.embed(ep.xc, ep.yc, ep.projected), self.embed(ep.xt, None, ep.projected)], dim=1)
         num_ctx = ep.xc.shape[1]
         for layer in self.layers:
             h = layer(h, num_ctx, ep.ctx_mask)
@@ -149,7 +163,7 @@ class GPO(nn.Module):
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""
-        with torch.autocast(ep.xc.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with self._autocast(ep.xc):
             out = self.predictor(self.encode_targets(ep))
         raw_mean, raw_std = out[..., 0], out[..., 1]
         mean = segment_softmax(raw_mean.float(), ep.tgt_seg, ep.tgt_mask, ep.num_tgt_q)

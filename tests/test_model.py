@@ -89,3 +89,25 @@ def test_loss_is_gaussian_nll_summed_over_real_targets():
     dist = torch.distributions.Normal(mean, std)
     expected = -(dist.log_prob(ep.yt) * ep.tgt_mask).sum(-1).mean()
     assert torch.allclose(model.loss(ep), expected, atol=1e-5)
+
+
+def test_score_group_projected_path_equals_gathering_the_embeddings():
+    """Evaluation embeds a group's points once (GPO.project) and gathers d_model-wide rows;
+    the distances equal those of a plainly collated episode, with and without chunks."""
+    from training.evaluation import score_group
+    from utils.metrics import score_questions
+    raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=30, dim=6, seed=3))
+    group = build_group_data(raw, next(iter(raw.groups)), x)
+    local, heldout = group.split(0.8)
+    model = tiny_model()
+    model.eval()
+    for ctx, ctx_q, tgt, tgt_q in ((group, torch.tensor([4, 0, 17]), group, torch.tensor([1, 2, 3, 9, 29])),
+                                   (local, torch.tensor([5, 6]), heldout, torch.arange(heldout.num_questions))):
+        ep = collate([ctx], [ctx_q], [tgt_q], tgt_groups=[tgt])
+        pred = model.predict(ep)[0]
+        sizes = tgt.sizes[tgt_q]
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        want = score_questions(pred.double(), ep.yt[0].double(), offsets, metric="jsd")
+        for chunk in (0, 2):
+            got = score_group(model, ctx, ctx_q, tgt, tgt_q, "jsd", chunk=chunk).distances
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -5,7 +5,7 @@ equals predicting each target question on its own (tests/test_model.py pins it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,12 +46,20 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
     One forward pass for all targets, or passes of `chunk` target questions to bound memory
     (the numbers are the same either way: targets never attend to each other).
     """
-    if chunk and len(tgt_q) > chunk:
-        parts = [score_group(model, ctx, ctx_q, tgt, tgt_q[i:i + chunk], metric).distances
-                 for i in range(0, len(tgt_q), chunk)]
-        return GroupEval(ctx.name, torch.cat(parts))
     model.eval()
-    ep = collate([ctx], [ctx_q], [tgt_q], tgt_groups=[tgt])
+    # Embed each group's points once (x·W_x over the whole group), then gather d_model-wide
+    # rows: cheaper than gathering dim_x-wide embeddings, and evaluation uses nearly all points.
+    ctx_p = replace(ctx, x=model.project(ctx.x))
+    tgt_p = ctx_p if tgt is ctx else replace(tgt, x=model.project(tgt.x))
+    step = chunk if chunk and len(tgt_q) > chunk else len(tgt_q)
+    parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
+             for i in range(0, len(tgt_q), step)]
+    return GroupEval(ctx.name, torch.cat(parts))
+
+
+def _distances(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData, tgt_q: torch.Tensor,
+               metric: str) -> torch.Tensor:
+    ep = replace(collate([ctx], [ctx_q], [tgt_q], tgt_groups=[tgt]), projected=True)
     pred = model.predict(ep)[0][ep.tgt_mask[0]]
     true = ep.yt[0][ep.tgt_mask[0]]
     sizes = tgt.sizes[tgt_q.to(tgt.offsets.device)]
@@ -59,6 +67,5 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
     ords = None
     if metric == "wasserstein":
         ords = tgt.ordinals[gather_points(tgt.offsets, tgt_q.to(tgt.offsets.device))[0]]
-    dist = score_questions(pred.double().cpu(), true.double().cpu(), offsets.cpu(), metric=metric,
+    return score_questions(pred.double().cpu(), true.double().cpu(), offsets.cpu(), metric=metric,
                            ordinals=None if ords is None else ords.double().cpu())
-    return GroupEval(ctx.name, dist)
