@@ -311,3 +311,31 @@ def test_eval_node_refuses_to_train():
 def test_flags_without_meaning_in_a_federation_are_refused(tmp_path, capsys, flag):
     assert main("fedavg", [*SMALL, "--out_dir", str(tmp_path), "--engine", "flower", flag]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_node_loads_exactly_its_groups_tensors_from_real_data(globalqa_csv, monkeypatch):
+    """GlobalOpinionQA sample: a node's GroupData equals prepare_experiment's for that group, and it asks
+    the embedding cache for the same entry (same parsed questions, same options). The embedder is
+    replaced by a fixed table (MiniLM on the sample takes minutes on 2 busy cores)."""
+    import data_loaders.embeddings as emb_mod
+    from data_loaders.datasets import prepare_experiment
+    from flower_app.node import load_group
+    calls = []
+
+    def fake_embeddings(raw, emb_model, **kw):
+        calls.append((raw.source_hash, len(raw.bank), emb_model, {k: v for k, v in kw.items() if k != "log"}))
+        x = torch.linspace(-1, 1, raw.bank.num_points * 8).reshape(-1, 8)
+        return x, {"emb_model": emb_model, "dim": 8, "model_id": "fixed-table"}
+
+    monkeypatch.setattr(emb_mod, "get_embeddings", fake_embeddings)
+    args = build_parser("fedavg").parse_args(["--dataset", "globalqa", "--data_path", str(globalqa_csv),
+                                              "--emb_model", "minilm", "--quiet"])
+    data = prepare_experiment(args, log=lambda *a: None)
+    train, evals = resolve_groups(args)
+    assert (sorted(data.train), sorted(data.eval)) == (sorted(train), sorted(evals))
+    for group, want in [(train[0], data.train[train[0]]), (evals[-1], data.eval[evals[-1]])]:
+        got, has_ordinals, info = load_group(args, group, train + evals, log=lambda *a: None)
+        for name in ("x", "y", "offsets", "qkeys"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (group, name)
+        assert not has_ordinals and info["source_hash"] == data.info["source_hash"]
+        assert calls[-1] == calls[0]  # same raw questions and the same cache key ingredients

@@ -50,6 +50,17 @@ def wait(federation, what, check):
         pytest.fail(f"{err}\n{federation.logs()}")
 
 
+def final_status(federation, run_id: str) -> str:
+    """The SuperLink marks the run finished once the ServerApp process has exited (just after federation.json)."""
+    def finished():
+        status = federation.status(run_id)
+        return status if status.startswith("finished") else None
+    try:
+        return poll(finished, 60, f"run {run_id} to be marked finished", every=1.0)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\n{federation.logs()}")
+
+
 def start(federation, out: Path, *extra: str) -> str:
     return federation.run([*FLAGS, "--out_dir", str(out), *extra])
 
@@ -63,7 +74,7 @@ def test_two_rounds_on_superlink_and_supernodes_match_the_in_process_engine(fede
     run_id = start(federation, out, "--comm_round", "2", "--federated_eval", "2")
     wait(federation, "the run to finish", (out / "federation.json").exists)
     assert (out / "summary.json").exists(), federation.logs()
-    assert federation.status(run_id) == "finished:completed"
+    assert final_status(federation, run_id) == "finished:completed"
     fed = json.loads((out / "federation.json").read_text())
     assert fed["runtime"] == "deployment" and fed["failures"] == [] and sorted(fed["nodes"]) == GROUPS
     metrics, losses = records(out / "metrics.jsonl"), records(out / "losses.jsonl")
@@ -91,7 +102,7 @@ def test_killed_supernode_is_left_out_and_the_run_continues(federation, tmp_path
     assert not alive(federation.procs["g01"].pid)
     wait(federation, "the run to finish", (out / "federation.json").exists)
     assert (out / "summary.json").exists(), federation.logs()
-    assert federation.status(run_id) == "finished:completed"
+    assert final_status(federation, run_id) == "finished:completed"
     losses = records(out / "losses.jsonl")
     assert [r["round"] for r in losses] == [1, 2]
     assert sorted(losses[0]["train_loss_per_client"]) == ["g00", "g01"]
