@@ -8,7 +8,10 @@ and each reports the wall time of every training round (send weights, local step
 every client, replies, aggregation) and of every evaluation. The first round of the
 Flower engines also pays for warm-up (workers importing torch, nodes loading data), so
 it is reported apart and the per-round figures are medians over the later rounds.
-Prints JSON; --save writes benchmarks/results/flower_overhead_<device>.json.
+Every engine computes with --threads torch threads per process (default 1, what Flower's
+Ray workers use): on a small shared CPU, more threads than free cores make OpenMP spin
+and turn a 0.05 s round into seconds, which would drown the overhead being measured.
+Prints JSON; --save writes benchmarks/results/flower_overhead_cpu.json.
 
     python -m benchmarks.flower_overhead --save
     python -m benchmarks.flower_overhead --engines inprocess,simulation --rounds 4
@@ -68,19 +71,23 @@ def flower_record(out: Path, wall: float) -> dict:
     return summarise(fed["round_seconds"], fed["eval_seconds"], total_wall_s=round(wall, 2))
 
 
-def run_simulation(rounds: int, tmp: Path) -> dict:
+def thread_env(threads: int) -> dict:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_simulation(rounds: int, tmp: Path, threads: int) -> dict:
     out = tmp / "simulation"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "main_fl.py", *FLAGS, "--comm_round", str(rounds), "--federated_eval",
                     str(rounds), "--out_dir", str(out), "--engine", "flower"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
-                                                   "RAY_USAGE_STATS_ENABLED": "0"})
+                   stdout=subprocess.DEVNULL, env={**os.environ, **thread_env(threads),
+                                                   "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"})
     return flower_record(out, time.perf_counter() - t0)
 
 
-def run_deployment(rounds: int, tmp: Path) -> dict:
+def run_deployment(rounds: int, tmp: Path, threads: int) -> dict:
     from flower_app.loopback import LoopbackFederation
-    fed = LoopbackFederation(tmp / "federation")
+    fed = LoopbackFederation(tmp / "federation", env=thread_env(threads))
     out = tmp / "deployment"
     try:
         t0 = time.perf_counter()
@@ -99,7 +106,7 @@ def run_deployment(rounds: int, tmp: Path) -> dict:
 def machine() -> dict:
     import torch
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
             "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
 
 
@@ -107,17 +114,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--rounds", type=int, default=6, help="timed training rounds per engine (eval at 0 and the end)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process, on every engine")
     p.add_argument("--save", action="store_true", help="also write benchmarks/results/flower_overhead_cpu.json")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    result = {"config": {"flags": FLAGS, "rounds": args.rounds, "groups": {"train": GROUPS[:2], "eval": GROUPS[2:]}},
+    import torch
+    torch.set_num_threads(args.threads)
+    result = {"config": {"flags": FLAGS, "rounds": args.rounds, "threads": args.threads,
+                         "groups": {"train": GROUPS[:2], "eval": GROUPS[2:]}},
               "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="flower_overhead_") as tmp:
         for engine in args.engines.split(","):
             print(f"{engine}...", file=sys.stderr, flush=True)
             runner = {"inprocess": lambda: run_inprocess(args.rounds),
-                      "simulation": lambda: run_simulation(args.rounds, Path(tmp)),
-                      "deployment": lambda: run_deployment(args.rounds, Path(tmp))}[engine]
+                      "simulation": lambda: run_simulation(args.rounds, Path(tmp), args.threads),
+                      "deployment": lambda: run_deployment(args.rounds, Path(tmp), args.threads)}[engine]
             result[engine] = runner()
     if "inprocess" in result:
         base = result["inprocess"]

@@ -73,7 +73,7 @@ def alive(pid: int) -> bool:
 
 
 class LoopbackFederation:
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, env: dict | None = None):
         self.root, self.port = Path(root), port or free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.seen: set[int] = set()
@@ -82,7 +82,7 @@ class LoopbackFederation:
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home),
+        self.env = {**os.environ, **QUIET_ENV, **(env or {}), "FLWR_HOME": str(home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     # --- processes -----------------------------------------------------------------
