@@ -1,9 +1,10 @@
 """What a round costs on each engine: in-process, Flower simulation, Flower deployment on loopback.
 
 The same small synthetic experiment (2 training groups + 1 evaluation group) runs
-    inprocess   FedAvgTrainer in this process (the computation itself),
-    simulation  `main_fl.py --engine flower` in a fresh process (Ray workers),
-    deployment  a SuperLink + 3 SuperNodes on 127.0.0.1, started with `flwr run`,
+    inprocess       FedAvgTrainer in this process (the computation itself),
+    simulation      `main_fl.py --engine flower` in a fresh process (thread backend),
+    simulation_ray  the same with `--sim_backend ray` (Ray worker processes),
+    deployment      a SuperLink + 3 SuperNodes on 127.0.0.1, started with `flwr run`,
 and each reports the wall time of every training round (send weights, local steps on
 every client, replies, aggregation) and of every evaluation. The first round of the
 Flower engines also pays for warm-up (workers importing torch, nodes loading data), so
@@ -31,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-ENGINES = ("inprocess", "simulation", "deployment")
+ENGINES = ("inprocess", "simulation", "simulation_ray", "deployment")
 GROUPS = ["g00", "g01", "g02"]
 FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "100", "--syn_dim", "64",
          "--train_groups", "g00,g01", "--eval_groups", "g02", "--d_model", "32", "--dim_feedforward", "32",
@@ -75,11 +76,12 @@ def thread_env(threads: int) -> dict:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_simulation(rounds: int, tmp: Path, threads: int) -> dict:
-    out = tmp / "simulation"
+def run_simulation(rounds: int, tmp: Path, threads: int, backend: str) -> dict:
+    out = tmp / f"simulation_{backend}"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "main_fl.py", *FLAGS, "--comm_round", str(rounds), "--federated_eval",
-                    str(rounds), "--out_dir", str(out), "--engine", "flower"], cwd=REPO, check=True,
+                    str(rounds), "--out_dir", str(out), "--engine", "flower", "--sim_backend", backend],
+                   cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, **thread_env(threads),
                                                    "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"})
     return flower_record(out, time.perf_counter() - t0)
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
         for engine in args.engines.split(","):
             print(f"{engine}...", file=sys.stderr, flush=True)
             runner = {"inprocess": lambda: run_inprocess(args.rounds),
-                      "simulation": lambda: run_simulation(args.rounds, Path(tmp), args.threads),
+                      "simulation": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread"),
+                      "simulation_ray": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "ray"),
                       "deployment": lambda: run_deployment(args.rounds, Path(tmp), args.threads)}[engine]
             result[engine] = runner()
     if "inprocess" in result:
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
             e: {"per_round_s": round(result[e]["median_round_s"] - base["median_round_s"], 4),
                 "per_eval_s": round(result[e]["median_eval_s"] - base["median_eval_s"], 4),
                 "round_ratio": round(result[e]["median_round_s"] / base["median_round_s"], 1)}
-            for e in ("simulation", "deployment") if e in result}
+            for e in ENGINES[1:] if e in result}
     text = json.dumps(result, indent=2)
     print(text)
     if args.save:

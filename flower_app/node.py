@@ -34,7 +34,7 @@ NODE_CONFIG_HINT = ("start the SuperNode with --node-config \"group='NAME' datas
 @dataclass(frozen=True)
 class NodeIdentity:
     group: str
-    dataset: str | None = None      # None: take the server's --dataset (simulation)
+    dataset: str | None = None      # None only in simulation: the server's --dataset
     data_path: str | None = None    # None: take the server's --data_path
     cache_dir: str | None = None
     device: str | None = None
@@ -43,12 +43,19 @@ class NodeIdentity:
 def node_identity(node_config: dict, partition_groups: list[str] | None) -> NodeIdentity:
     """From the SuperNode's --node-config, or the simulation's partition id -> group table."""
     if "group" in node_config:
-        get = lambda k: None if node_config.get(k) in (None, "") else str(node_config[k])  # noqa: E731
-        return NodeIdentity(str(node_config["group"]), get("dataset"), get("data-path"),
-                            get("cache-dir"), get("device"))
+        if node_config.get("dataset") in (None, ""):  # a node must say what it holds; the run checks it
+            raise DataError(f"the node config of group {node_config['group']!r} names no dataset", NODE_CONFIG_HINT)
+        return NodeIdentity(str(node_config["group"]), str(node_config["dataset"]),
+                            _optional(node_config, "data-path"), _optional(node_config, "cache-dir"),
+                            _optional(node_config, "device"))
     if partition_groups is not None and "partition-id" in node_config:
         return NodeIdentity(partition_groups[int(node_config["partition-id"])])
     raise DataError("this SuperNode's node config names no group", NODE_CONFIG_HINT)
+
+
+def _optional(node_config: dict, key: str) -> str | None:
+    value = node_config.get(key)
+    return None if value in (None, "") else str(value)
 
 
 def node_args(setup: dict, ident: NodeIdentity) -> argparse.Namespace:

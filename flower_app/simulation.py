@@ -1,13 +1,29 @@
 """`main_fl.py --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime.
 
-One virtual SuperNode per group (node i holds the i-th of the train then eval groups), run
-by Flower's Ray backend in worker processes on this machine; the ServerApp runs in this
-process and writes the run folder. Telemetry, Ray usage stats and Flower's update check
-are switched off before Flower starts.
+One virtual SuperNode per group (node i holds the i-th of the train then eval groups).
+Flower's simulation runtime (in-memory SuperLink state, Grid, message workers) runs in
+this process; the backend that executes the ClientApp is chosen by --sim_backend:
+
+    thread  the ClientApp runs in worker threads of this process: no Ray, no extra
+            processes, no network ports, no start-up cost (default)
+    ray     Flower's Ray backend: ClientApps in Ray worker processes, with CPU/GPU
+            reservations per client. Ray's own servers listen on every interface.
+
+flwr 1.41 hard-wires the Ray backend inside the runtime (vce_api.start_vce imports
+`RayBackend` when the run starts); the thread backend implements the same `Backend`
+interface and is put in its place for the duration of one run only.
+Telemetry, Ray usage stats and Flower's update check are switched off before Flower starts.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 from data_loaders.schema import DataError
 
@@ -15,10 +31,58 @@ from .federation import resolve_groups
 from .server_app import check_supported
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+SIM_BACKENDS = ("thread", "ray")
+
+
+class ThreadBackend(Backend):
+    """Runs the ClientApp in the runtime's worker threads (as many as client_resources allow)."""
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        super().__init__(backend_config)
+        per_client = float(backend_config.get("client_resources", {}).get("num_cpus", 1) or 1)
+        self.workers = max(1, int((os.cpu_count() or 1) // per_client))
+        self.app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        self.app_fn = None
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        """What Ray's actor does, in this thread: errors become ClientAppException (an error reply)."""
+        try:
+            return self.app_fn()(message=message, context=context), context
+        except LoadClientAppError:
+            raise
+        except Exception as ex:  # noqa: BLE001 - reported to the server as the node's error
+            raise ClientAppException(str(ex)) from ex
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Make Flower's simulation runtime build `name`'s backend for runs started inside."""
+    if name == "ray":
+        yield
+        return
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    original = raybackend.RayBackend
+    raybackend.RayBackend = ThreadBackend
+    try:
+        yield
+    finally:
+        raybackend.RayBackend = original
 
 
 def backend_config(args) -> dict:
-    """Ray resources: each virtual client reserves --sim_client_cpus CPUs (and --sim_client_gpus GPUs)."""
+    """Resources per virtual client: --sim_client_cpus CPUs (and --sim_client_gpus GPUs with Ray)."""
     return {"client_resources": {"num_cpus": args.sim_client_cpus, "num_gpus": args.sim_client_gpus},
             "init_args": {"logging_level": "ERROR", "log_to_driver": True}}
 
@@ -28,7 +92,10 @@ def run_simulation_engine(args, log=print) -> dict:
     for key, value in QUIET_ENV.items():
         os.environ[key] = value
     args.engine = "flower"
-    check_supported(args)  # before Ray starts: these flags fail in seconds, not after a minute
+    check_supported(args)  # before the runtime starts: these flags fail in seconds
+    if args.sim_backend not in SIM_BACKENDS:
+        raise DataError(f"--sim_backend {args.sim_backend!r} is not one of {', '.join(SIM_BACKENDS)}",
+                        "use --sim_backend thread (no Ray) or ray")
     from flwr.simulation import run_simulation
 
     from .client_app import make_client_app
@@ -36,10 +103,11 @@ def run_simulation_engine(args, log=print) -> dict:
     train, evals = resolve_groups(args)
     groups = list(train) + list(evals)
     outcome: dict = {}
-    log(f"flower simulation: {len(groups)} virtual SuperNodes, one per group")
-    run_simulation(server_app=make_server_app(args, outcome, runtime="simulation"),
-                   client_app=make_client_app(groups), num_supernodes=len(groups),
-                   backend_config=backend_config(args))
+    log(f"flower simulation ({args.sim_backend} backend): {len(groups)} virtual SuperNodes, one per group")
+    with use_backend(args.sim_backend):
+        run_simulation(server_app=make_server_app(args, outcome, runtime=f"simulation-{args.sim_backend}"),
+                       client_app=make_client_app(groups), num_supernodes=len(groups),
+                       backend_config=backend_config(args))
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:

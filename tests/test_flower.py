@@ -8,6 +8,7 @@ in-process engine; tests/test_flower_deploy.py does the same on real SuperLink/S
 processes.
 """
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,10 +180,14 @@ def test_randomness_does_not_depend_on_message_order_or_process(inprocess, tmp_p
     assert strip_time(records(tmp_path / "r" / "metrics.jsonl")) == strip_time(records(inprocess / "metrics.jsonl"))
 
 
-def test_flower_simulation_runtime_matches_in_process_engine(inprocess, tmp_path):
-    """main_fl.py --engine flower on Flower's simulation runtime (Ray workers, their own threads)."""
+@pytest.mark.parametrize("backend", ["thread", pytest.param("ray", marks=pytest.mark.skipif(
+    os.environ.get("PLURALLLM_TEST_RAY") != "1",
+    reason="Ray's own servers listen on every interface, tests keep to 127.0.0.1; PLURALLLM_TEST_RAY=1 runs it"))])
+def test_flower_simulation_runtime_matches_in_process_engine(inprocess, tmp_path, backend):
+    """main_fl.py --engine flower: Flower's simulation runtime with the thread or the Ray backend."""
+    from flower_app.loopback import descendants
     out = tmp_path / "sim"
-    assert main("fedavg", [*SMALL, "--out_dir", str(out), "--engine", "flower"]) == 0
+    assert main("fedavg", [*SMALL, "--out_dir", str(out), "--engine", "flower", "--sim_backend", backend]) == 0
     a, b = load_file(inprocess / "checkpoints" / "final.safetensors"), load_file(out / "checkpoints" / "final.safetensors")
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -197,7 +202,11 @@ def test_flower_simulation_runtime_matches_in_process_engine(inprocess, tmp_path
         assert g["train_group_scores"] == pytest.approx(w["train_group_scores"], abs=1e-6)
     config = json.loads((out / "config.json").read_text())
     assert config["engine"] == "flower" and config["data"]["federation"]["engine"] == "flower"
-    assert json.loads((out / "federation.json").read_text())["runtime"] == "simulation"
+    fed = json.loads((out / "federation.json").read_text())
+    assert fed["runtime"] == f"simulation-{backend}" and fed["failures"] == []
+    if backend == "thread":  # same process, same threads: exact; and nothing was started beside us
+        assert diff == 0.0
+        assert not descendants(os.getpid())
 
 
 # --- faults ------------------------------------------------------------------------------------
@@ -282,6 +291,8 @@ def test_node_identity_comes_from_node_config_or_partition():
     assert node_identity({"partition-id": 1, "num-partitions": 2}, ["a", "b"]) == NodeIdentity("b")
     with pytest.raises(DataError, match="names no group"):
         node_identity({"dataset": "synthetic"}, None)
+    with pytest.raises(DataError, match="node config of group 'g03' names no dataset"):
+        node_identity({"group": "g03"}, None)
     setup = {"flags": vars(parse(Path("/tmp/x")))}
     with pytest.raises(DataError, match="holds dataset 'globalqa', but the run uses --dataset synthetic"):
         node_args(setup, NodeIdentity("g00", "globalqa"))

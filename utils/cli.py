@@ -122,10 +122,13 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                             "silent clients out (0 = until every node replies or the SuperLink reports it gone)")
         f.add_argument("--node_wait", type=float, default=120.0,
                        help="flower: seconds to wait for every group's node to connect and load its data")
+        f.add_argument("--sim_backend", default="thread", choices=("thread", "ray"),
+                       help="flower simulation: run the virtual clients in threads of this process (no Ray, "
+                            "no ports) or in Ray worker processes (Ray's servers listen on every interface)")
         f.add_argument("--sim_client_cpus", type=float, default=1.0,
-                       help="flower simulation: CPU cores Ray reserves per virtual client (sets how many run at once)")
+                       help="flower simulation: CPU cores per virtual client (sets how many run at once: cores / this)")
         f.add_argument("--sim_client_gpus", type=float, default=0.0,
-                       help="flower simulation: GPUs Ray reserves per virtual client (e.g. 0.25 shares one GPU by 4)")
+                       help="flower simulation, ray backend: GPUs reserved per virtual client (0.25 shares one GPU by 4)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out_dir", default=None, help="run folder (default runs/<timestamp>_<method>_s<seed>)")
