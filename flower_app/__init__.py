@@ -7,6 +7,9 @@
                    and aggregation as FedAvgTrainer)
     server_app.py  the ServerApp: builds the same run loop and run folder as main_fl.py
     simulation.py  `main_fl.py --engine flower`: the two apps on Flower's simulation runtime
+                   (thread backend, or Flower's Ray backend)
+    loopback.py    a SuperLink and one SuperNode per group on 127.0.0.1, for tests, the
+                   benchmark and trying a deployment on one machine
 
 Commands for a real deployment (SuperLink, one SuperNode per group, `flwr run`):
 docs/federation.md.

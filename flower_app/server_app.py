@@ -9,6 +9,7 @@ which group, every client left out of a round and why, and each round's wall tim
 """
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -65,14 +66,15 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     reports = discover(grid, setup, train + evals, args.node_wait, log)
     data = federated_data(args, grid, setup, reports, train, evals, log)
     out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", args.seed)
+    ours = not (out_dir / "config.json").exists()  # run_method refuses a folder holding another run
     try:
         return run_method("fedavg", args, data, out_dir, log=log)
     finally:
-        write_federation_record(out_dir, runtime, data)
+        if ours:
+            write_federation_record(out_dir, runtime, data)
 
 
 def write_federation_record(out_dir: Path, runtime: str, data) -> None:
-    import json
     record = {"engine": "flower", "runtime": runtime, "nodes": data.nodes,
               "failures": data.failures, "round_seconds": [round(s, 4) for s in data.round_seconds],
               "eval_seconds": [round(s, 4) for s in data.eval_seconds]}

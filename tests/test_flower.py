@@ -350,3 +350,10 @@ def test_node_loads_exactly_its_groups_tensors_from_real_data(globalqa_csv, monk
             assert torch.equal(getattr(got, name), getattr(want, name)), (group, name)
         assert not has_ordinals and info["source_hash"] == data.info["source_hash"]
         assert calls[-1] == calls[0]  # same raw questions and the same cache key ingredients
+
+
+def test_out_dir_holding_another_run_is_refused_and_left_alone(inprocess, tmp_path):
+    before = sorted(p.name for p in inprocess.iterdir())
+    with pytest.raises(DataError, match="already holds a run"):
+        local_run(inprocess)
+    assert sorted(p.name for p in inprocess.iterdir()) == before  # no federation.json written into it
