@@ -1,0 +1,204 @@
+"""The paper's figures from run folders (matplotlib, Agg backend: no display needed).
+
+Every curve figure draws, per method, the mean over seeds as a line and the min–max range
+over seeds as a shaded band. Loss curves are first smoothed per seed with the centred
+moving average that defines the convergence round (utils/metrics.py), so the dotted
+vertical lines (mean convergence round / gradient steps over seeds) sit on the drawn curves.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from utils.metrics import smooth_curve
+
+from .runs import METHOD_LABELS, METHODS, Run, RunSet
+
+COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange"}
+BAND = "band: min–max over seeds; line: mean over seeds"
+
+
+def smoothing_window(run: Run, length: int) -> int:
+    w = int(((run.summary or {}).get("convergence") or {}).get("window_rounds", 21))
+    w = max(1, min(w, length))
+    return w if w % 2 else w - 1
+
+
+def loss_matrix(runs: dict[int, Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(rounds [T], smoothed loss [S, T], cumulative gradient steps [S, T], window), cut to the shortest run."""
+    series = [r.losses for _, r in sorted(runs.items()) if r.losses]
+    if not series:
+        return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), 1
+    t = min(len(s) for s in series)
+    rounds = np.array([rec["round"] for rec in series[0][:t]])
+    first = next(r for _, r in sorted(runs.items()) if r.losses)
+    w = smoothing_window(first, t)
+    loss = np.stack([smooth_curve([rec["train_loss"] for rec in s[:t]], smoothing="centred", window=w)
+                     for s in series])
+    steps = np.stack([np.array([rec.get("grad_steps", np.nan) for rec in s[:t]], dtype=float) for s in series])
+    return rounds, loss, steps, w
+
+
+def eval_matrix(runs: dict[int, Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rounds [E], values [S, E], gradient steps [S, E]) of an evaluation metric, cut to the shortest run."""
+    series = [[rec for rec in r.metrics if rec.get(key) is not None] for _, r in sorted(runs.items())]
+    series = [s for s in series if s]
+    if not series:
+        return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
+    t = min(len(s) for s in series)
+    rounds = np.array([rec["round"] for rec in series[0][:t]])
+    vals = np.stack([np.array([rec[key] for rec in s[:t]], dtype=float) for s in series])
+    steps = np.stack([np.array([rec.get("grad_steps", np.nan) for rec in s[:t]], dtype=float) for s in series])
+    return rounds, vals, steps
+
+
+def _band(ax, x, ys, method):
+    c = COLORS[method]
+    ax.plot(x, ys.mean(0), color=c, lw=1.8, label=f"{METHOD_LABELS[method]} (n={ys.shape[0]})")
+    if ys.shape[0] > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.2, lw=0)
+
+
+def _conv_lines(ax, runset: RunSet, key: str):
+    for m in METHODS:
+        vals = [(r.summary or {}).get(key) for r in runset.finished(m).values()]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            ax.axvline(float(np.mean(vals)), color=COLORS[m], ls=":", lw=1.2)
+
+
+def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn, window = False, 21
+    for m in METHODS:
+        rounds, loss, steps, window = loss_matrix(runset.finished(m))
+        if loss.size == 0:
+            continue
+        x = rounds if x_axis == "round" else np.nanmean(steps, 0)
+        _band(ax, x, loss, m)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    _conv_lines(ax, runset, "convergence_round" if x_axis == "round" else "convergence_grad_steps")
+    xlabel = ("Round (FedAvg: communication round; centralized: epoch)" if x_axis == "round"
+              else "Gradient steps (cumulative, all clients)")
+    title = ("Training loss vs round (paper Fig. 2)" if x_axis == "round"
+             else "Training loss vs gradient steps (compute-normalised Fig. 2)")
+    return _finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {window}-round moving average)", path,
+                   BAND + "; dotted: mean convergence " + ("round" if x_axis == "round" else "gradient steps"))
+
+
+def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_axis: str = "round") -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for m in METHODS:
+        rounds, vals, steps = eval_matrix(runset.finished(m), key)
+        if vals.size == 0:
+            continue
+        _band(ax, rounds if x_axis == "round" else np.nanmean(steps, 0), vals, m)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    xlabel = ("Round (FedAvg: communication round; centralized: epoch)" if x_axis == "round"
+              else "Gradient steps (cumulative, all clients)")
+    title = ("Mean evaluation alignment vs round (paper Fig. 4)" if x_axis == "round"
+             else "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)")
+    return _finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
+
+
+def fig_fi(runset: RunSet, path: Path) -> Path | None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), sharex=True)
+    drawn = False
+    for ax, key, what in ((axes[0], "eval_fi", "unseen evaluation groups"),
+                          (axes[1], "train_fi", "training groups (held-out questions)")):
+        for m in METHODS:
+            rounds, vals, _ = eval_matrix(runset.finished(m), key)
+            if vals.size:
+                _band(ax, rounds, vals, m)
+                drawn = True
+        ax.set_title(f"FI over {what}", fontsize=10)
+        ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
+        ax.set_ylabel("Fairness index 1/(1+CoV²)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.suptitle("Fairness index vs round (paper Fig. 5)", fontsize=11)
+    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_predictions(pred: dict, path: Path) -> Path:
+    """Fig. 3: one question, two evaluation groups; ground truth vs FedAvg vs centralized."""
+    groups = pred["groups"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.6), sharey=True)
+    axes = np.atleast_1d(axes)
+    options = pred["options"]
+    x = np.arange(len(options))
+    width = 0.27
+    series = (("truth", "Ground truth", "0.3"), ("fedavg", "FedAvg", COLORS["fedavg"]),
+              ("centralized", "Centralized", COLORS["centralized"]))
+    for ax, g in zip(axes, groups):
+        for i, (key, label, color) in enumerate(series):
+            vals = pred["dists"][g].get(key)
+            if vals is None:
+                continue
+            score = "" if key == "truth" else f" (AS {pred['scores'][g][key]:.3f})"
+            ax.bar(x + (i - 1) * width, vals, width, label=label + score, color=color)
+        ax.set_title(g, fontsize=10)
+        ax.set_xticks(x)
+        ax.set_xticklabels(["\n".join(textwrap.wrap(o, 14)) for o in options], fontsize=7)
+        ax.set_ylabel("Probability")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    q = "\n".join(textwrap.wrap(pred["question"], 110)[:3])
+    fig.suptitle(f"Predicted vs true answer distributions (paper Fig. 3), seed {pred['seed']}, "
+                 f"final weights\nQ{pred['qkey']}: {q}", fontsize=9)
+    fig.text(0.01, 0.005, f"AS = 1 − {pred['metric_label']} on this question; the question is a target "
+             "(not in the group's evaluation context) for both groups", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_figures(runset: RunSet, out_dir: Path, stem: str, pred: dict | None = None) -> dict[str, Path]:
+    """All figures; returns {name: path} of those drawn."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = {
+        "loss_vs_round": fig_loss(runset, out_dir / f"{stem}_fig2_loss_vs_round.png"),
+        "alignment_vs_round": fig_eval(runset, out_dir / f"{stem}_fig4_alignment_vs_round.png"),
+        "fi_vs_round": fig_fi(runset, out_dir / f"{stem}_fig5_fi_vs_round.png"),
+        "loss_vs_steps": fig_loss(runset, out_dir / f"{stem}_fig2c_loss_vs_grad_steps.png", x_axis="steps"),
+        "alignment_vs_steps": fig_eval(runset, out_dir / f"{stem}_fig4c_alignment_vs_grad_steps.png",
+                                       x_axis="steps"),
+    }
+    if pred is not None:
+        made["predictions"] = fig_predictions(pred, out_dir / f"{stem}_fig3_predictions.png")
+    return {k: v for k, v in made.items() if v is not None}

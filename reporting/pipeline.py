@@ -1,0 +1,335 @@
+"""One command for the paper's tables and figures: train every (method, seed), then report.
+
+  <out_root>/fedavg_s<seed>/, <out_root>/centralized_s<seed>/   one standard run folder each
+  <out_root>/reproduce.json                                      the command(s), split rule, timings
+
+A folder that finished with the same result-changing flags is reused; one that was
+interrupted (config.json, no summary.json) is resumed from its latest checkpoint; one
+whose flags differ is an error (never overwritten). All folders are checked before any
+training starts, so a mismatch fails in seconds.
+
+The group split is drawn once (from --split_seed) and passed to every run as explicit
+lists, so seeds vary only the training (initial weights, episodes, client sampling).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_loaders.datasets import DEFAULT_GROUP_SPLIT, choose_groups, prepare_experiment
+from data_loaders.schema import DataError
+from training.experiment import check_flags, check_question_counts, resolved_config, run_method
+from training.resume import differences
+from utils.checkpoint import CheckpointError, latest_checkpoint
+from utils.cli import build_parser, resolve_metric
+from utils.device import resolve_device
+from utils.run_io import atomic_write_json
+
+from .predictions import prediction_data
+from .report import MANIFEST, write_report
+from .runs import METHODS, RunFolderError, collect, find_run_folders
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothing (resuming is automatic)",
+             "--also_centralized": "nothing (both methods always run)"}
+
+
+def _default_globalqa_csv() -> str | None:
+    env = os.environ.get("PLURALLLM_GLOBALQA_CSV")
+    if env:
+        return env
+    p = REPO.parent / "shared" / "data" / "globalopinionqa_sample" / "global_opinions_sample.csv"
+    return str(p) if p.is_file() else None
+
+
+# A few rounds of both methods on the real GlobalOpinionQA sample with MiniLM embeddings and
+# a small model: the whole pipeline (train, reuse, report, figures) in about two minutes.
+PRESETS = {
+    "smoke": dict(dataset="globalqa", seeds=[0, 1], comm_round=4, central_epochs=4, federated_eval=2,
+                  eval_freq=2, epochs=2, emb_model="minilm", wandb="off", quiet=True, d_model=32,
+                  dim_feedforward=32, num_layers=2, min_ctx_num_qs=3, max_ctx_num_qs=15, min_tar_num_qs=3,
+                  max_tar_num_qs=15, eval_num_qs=5, name="smoke"),
+}
+
+
+def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    p = build_parser("fedavg")
+    p.description = ("Train FedAvg and the centralized baseline for every seed (one run folder each; finished "
+                     "runs reused, interrupted ones resumed), then write the paper's table, figures and a "
+                     "report from the run folders. Every training flag of main_fl.py passes through.")
+    r = p.add_argument_group("reproduce")
+    r.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default 0 1 2 3)")
+    r.add_argument("--out_root", default=None, help="folder of the run folders (default runs/reproduce/<name>)")
+    r.add_argument("--results_dir", default=None,
+                   help="where the report, tables and figures go (default docs/results; smoke: <out_root>/results)")
+    r.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    r.add_argument("--report_only", action="store_true",
+                   help="train nothing: report from existing run folders (--runs, else --out_root)")
+    r.add_argument("--runs", nargs="+", default=None,
+                   help="with --report_only: run folders or globs (a root folder means its run subfolders)")
+    r.add_argument("--fig3_groups", nargs=2, default=None, metavar=("GROUP_A", "GROUP_B"),
+                   help="the two evaluation groups of Fig. 3 (default: the most different pair)")
+    r.add_argument("--fig3_qkey", type=int, default=None, help="the question of Fig. 3 (default: chosen)")
+    r.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                   help="smoke: 2 seeds, 4 rounds, small model, GlobalOpinionQA sample (about 2 minutes)")
+    if preset:
+        values = dict(PRESETS[preset])
+        if values.get("dataset") == "globalqa":
+            values.setdefault("data_path", _default_globalqa_csv())
+        p.set_defaults(**values)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    known, _ = pre.parse_known_args(argv)
+    for flag, instead in FORBIDDEN.items():
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise DataError(f"{flag} is not a flag of scripts/reproduce.py", f"use {instead}")
+    args = build_reproduce_parser(known.preset).parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0, 1, 2, 3]
+    if len(set(args.seeds)) != len(args.seeds):
+        raise DataError(f"--seeds {args.seeds} names a seed twice", "list each seed once")
+    args.name_given = args.name is not None
+    args.name = args.name or args.dataset
+    args.out_root = Path(args.out_root or Path("runs") / "reproduce" / args.name)
+    if args.results_dir is None:
+        args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
+    args.results_dir = Path(args.results_dir)
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# group split
+
+
+def resolve_split(args) -> str:
+    """Fix the train/eval groups once, in args, and return the rule in words."""
+    if args.train_groups and args.eval_groups and args.group_split is None:
+        return "named with --train_groups / --eval_groups"
+    if args.split_seed is None:  # main_fl.py would split by --seed; here the split must not move with it
+        args.split_seed = 0
+    if args.dataset == "synthetic":  # group names exist only once generated: split inside data loading
+        f = args.group_split if args.group_split is not None else DEFAULT_GROUP_SPLIT
+        return (f"seeded random {f:.0%}/{1 - f:.0%} split of the generated groups (data from --syn_seed "
+                f"{args.syn_seed}) with --split_seed {args.split_seed}, the same for every seed")
+    frac = args.group_split
+    train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups, frac, args.split_seed)
+    random_split = frac is not None or args.dataset == "opinionqa"
+    args.train_groups, args.eval_groups, args.group_split = train, evals, None
+    if random_split:
+        f = frac if frac is not None else DEFAULT_GROUP_SPLIT
+        return (f"seeded random {f:.0%}/{1 - f:.0%} split of the groups drawn once with split seed "
+                f"{args.split_seed} (data_loaders.datasets.split_groups), passed to every run as explicit "
+                "lists so that the seeds vary training only")
+    return "the released code's fixed country lists (method.md §1), the same for every seed"
+
+
+# ----------------------------------------------------------------------------------------
+# plan: reuse / resume / fresh, checked before anything trains
+
+
+@dataclass
+class Planned:
+    method: str
+    seed: int
+    path: Path
+    action: str            # fresh | reuse | resume | restart (config matched, no checkpoint yet)
+
+
+_FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in METHODS}
+
+
+def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argparse.Namespace:
+    """The flags of one run, exactly as main_fl.py / main_centralized.py would have parsed them.
+
+    Only that entry point's flags are kept (none of this script's own, and for the centralized
+    run none of FedAvg's such as --comm_round), so the run's config.json, and the run identity
+    that decides reuse, is the same as if the run had been started by hand.
+    """
+    a = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in _FLAGS[method]})
+    a.seed, a.out_dir, a.resume = seed, str(out_dir), resume
+    if method == "fedavg":
+        a.also_centralized = False
+    return a
+
+
+def plan_runs(args, data_for_seed, device) -> list[Planned]:
+    plan, errors = [], []
+    metric = resolve_metric(args)
+    for seed in args.seeds:
+        for method in METHODS:
+            path = args.out_root / f"{method}_s{seed}"
+            cfg_path = path / "config.json"
+            if not cfg_path.is_file():
+                if path.is_dir() and any(path.iterdir()):
+                    errors.append(f"{path} exists and is not empty but holds no config.json")
+                    continue
+                plan.append(Planned(method, seed, path, "fresh"))
+                continue
+            try:
+                stored = json.loads(cfg_path.read_text())
+            except ValueError as e:
+                errors.append(f"{cfg_path} is unreadable ({e})")
+                continue
+            if stored.get("method") != method:
+                errors.append(f"{path} holds a {stored.get('method')!r} run, not {method!r}")
+                continue
+            requested = resolved_config(seed_args(args, seed, path, False, method), method, data_for_seed(seed),
+                                        metric, device)
+            diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
+            if diffs:
+                more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
+                errors.append(f"{path} was trained with different flags (folder -> requested): "
+                              f"{'; '.join(diffs[:8])}{more}")
+                continue
+            if (path / "summary.json").is_file():
+                plan.append(Planned(method, seed, path, "reuse"))
+            elif latest_checkpoint(path / "checkpoints") is not None:
+                plan.append(Planned(method, seed, path, "resume"))
+            else:
+                plan.append(Planned(method, seed, path, "restart"))
+    if errors:
+        raise RunFolderError("cannot use these run folders:\n  - " + "\n  - ".join(errors),
+                             "pass the flags those runs used, choose another --out_root, or delete the folders "
+                             "named above to retrain them with these flags")
+    return plan
+
+
+def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=None) -> dict:
+    """Train what the plan says; `on_progress(done)` after each run (keeps the manifest current)."""
+    done = {"trained": [], "resumed": [], "reused": []}
+    todo = [p for p in plan if p.action != "reuse"]
+    for p in plan:
+        if p.action == "reuse":
+            log(f"reuse   {p.path} (finished, same flags)")
+            done["reused"].append(p.path.name)
+    for i, p in enumerate(todo, 1):
+        # An interrupted folder (with or without a checkpoint yet) continues through the training
+        # code's --resume, which trims anything logged after the checkpoint it restarts from.
+        resume = p.action in ("resume", "restart")
+        log(f"[{i}/{len(todo)}] {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
+        t0 = time.perf_counter()
+        run_method(p.method, seed_args(args, p.seed, p.path, resume, p.method), data_for_seed(p.seed), p.path,
+                   log=log)
+        log(f"[{i}/{len(todo)}] {p.method} seed {p.seed} done in {time.perf_counter() - t0:.1f} s")
+        done["resumed" if resume else "trained"].append(p.path.name)
+        if on_progress:
+            on_progress(done)
+    return done
+
+
+def _command(argv: list[str]) -> str:
+    return "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in argv)
+
+
+def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, session: dict) -> None:
+    """Insert or replace this invocation's entry (keyed by its start time) in <out_root>/reproduce.json."""
+    path = out_root / MANIFEST
+    manifest = {}
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError:
+            manifest = {}
+    sessions = [s for s in manifest.get("sessions", []) if s.get("started") != session["started"]] + [session]
+    working = [s for s in sessions if s.get("trained") or s.get("resumed")]
+    manifest.update(command=_command(argv), split_rule=split_rule, threads=args.threads or torch.get_num_threads(),
+                    seeds=args.seeds, sessions=sessions,
+                    wall_time_s=round(sum(s["wall_time_s"] for s in working), 1) if working else None)
+    out_root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, data=None, log=print) -> dict:
+    runset = collect(paths, seeds)
+    c = runset.counts()
+    for m, k in c.items():
+        log(f"{m}: {k['finished']} finished, {k['interrupted']} interrupted, {k['missing']} missing "
+            f"(of {k['expected']} seeds)")
+    for w in runset.warnings:
+        log(f"warning: {w}")
+    if not runset.all_finished():
+        raise RunFolderError("no finished run folder to report on", "train first, or point --runs at run folders")
+    if args.report_only and not args.name_given:  # name the outputs after the runs, not the --dataset default
+        args.name = runset.all_finished()[0].config.get("dataset") or args.name
+    pred, pred_error = None, None
+    try:
+        pred = prediction_data(runset, data=data, data_path=args.data_path if args.report_only else None,
+                               cache_dir=args.cache_dir, groups=args.fig3_groups, qkey=args.fig3_qkey, log=log)
+    except Exception as e:  # noqa: BLE001 - Fig. 3 needs data files and checkpoints; the rest does not
+        pred_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"fig. 3 skipped: {pred_error}")
+    cmd = ["scripts/reproduce.py", *argv] if args.report_only else [
+        "scripts/reproduce.py", "--report_only", "--runs", str(args.out_root), "--name", args.name,
+        "--results_dir", str(args.results_dir)]
+    out = write_report(runset, args.results_dir, args.name, pred=pred, pred_error=pred_error, report_command=cmd)
+    for k, v in out.items():
+        log(f"wrote {k}: {v}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        args = parse_args(argv)
+        if getattr(args, "engine", "inprocess") != "inprocess":
+            raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
+                            "train with the in-process engine here, or run main_fl.py --engine flower yourself "
+                            "and report with --report_only --runs <folders>")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.report_only:
+            paths = find_run_folders(args.runs or [str(args.out_root)])
+            seeds = args.seeds if any(a == "--seeds" for a in argv) else None
+            report(args, argv, paths, seeds)
+            return 0
+        t0 = time.perf_counter()
+        check_flags(args)
+        split_rule = resolve_split(args)
+        print(f"groups: {split_rule}")
+        cache: dict = {}
+
+        def data_for_seed(seed: int):
+            # The data and the split do not depend on the seed (split fixed above, synthetic data
+            # from --syn_seed), so it is loaded once for every method and seed.
+            if not cache:
+                cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
+                                                   check_question_counts(args, counts, tr, ev))
+            return cache["data"]
+
+        device = resolve_device(args.device)
+        plan = plan_runs(args, data_for_seed, device)
+        actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "resume", "restart")}
+        print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n))
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+        def save(done: dict, status: str) -> None:
+            update_manifest(args.out_root, argv, args, split_rule,
+                            {"started": started, "command": _command(argv), "status": status,
+                             "wall_time_s": round(time.perf_counter() - t0, 1), **done})
+
+        save({}, "running")
+        save(execute(plan, args, data_for_seed, on_progress=lambda d: save(d, "running")), "finished")
+        paths = [p.path for p in plan]
+        report(args, argv, paths, args.seeds, data=data_for_seed(args.seeds[0]))
+        print(f"done in {time.perf_counter() - t0:.1f} s")
+    except (DataError, RunFolderError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

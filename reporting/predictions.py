@@ -1,0 +1,177 @@
+"""Fig. 3 data: for one question and two evaluation groups, the true answer distribution and
+the distributions predicted by FedAvg's and the centralized baseline's final weights.
+
+Each group is evaluated exactly as during training (federated/client.py): its evaluation
+context questions come from the client's own context choice, and the question shown is a
+target for both groups. Unless named, the pair of groups and the question are the ones
+whose true distributions differ most (largest JS distance; questions with 3–6 options
+preferred, as they read best as bars): the plural case the method is about.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from data_loaders.datasets import ExperimentData, load_raw_dataset, prepare_experiment
+from data_loaders.episodes import collate
+from data_loaders.schema import gather_points
+from federated.client import GroupClient
+from models.gpo import GPO
+from training.experiment import client_config, model_config
+from utils.checkpoint import load_checkpoint
+from utils.cli import build_parser
+from utils.metrics import js_distance, score_questions
+
+from .runs import Run, RunSet
+
+METRIC_LABELS = {"jsd": "Jensen–Shannon distance", "wasserstein": "normalised Wasserstein distance"}
+
+
+def args_from_config(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> argparse.Namespace:
+    """The flags a run was trained with, as a parsed Namespace (unknown keys ignored)."""
+    args = build_parser("fedavg").parse_args([])
+    for k, v in config.items():
+        if hasattr(args, k):
+            setattr(args, k, v)
+    args.group_split = None  # train_groups / eval_groups in a config are already resolved lists
+    if data_path:
+        args.data_path = data_path
+    if cache_dir:
+        args.cache_dir = cache_dir
+    emb = ((config.get("data") or {}).get("embedding") or {}).get("emb_model")
+    if emb and emb not in ("auto", "synthetic"):
+        args.emb_model = emb
+    args.quiet, args.resume = True, False
+    return args
+
+
+def load_model(run: Run) -> GPO:
+    args = args_from_config(run.config)
+    model = GPO(model_config(args, int(run.config["dim_x"])))
+    weights, _, _ = load_checkpoint(run.path / "checkpoints", "final")
+    model.load_state_dict(weights)
+    model.eval()
+    return model
+
+
+def _targets(group, args, metric: str, rnd: int) -> torch.Tensor:
+    client = GroupClient(group, client_config(args, metric), "eval")
+    ctx = client._context(rnd)
+    mask = torch.ones(group.num_questions, dtype=torch.bool)
+    mask[ctx] = False
+    return ctx, mask.nonzero().squeeze(1)
+
+
+def _per_question(values: torch.Tensor, sizes: torch.Tensor) -> list[np.ndarray]:
+    return [v.numpy() for v in torch.split(values.detach().double().cpu(), sizes.tolist())]
+
+
+def _truth(group, q_idx: torch.Tensor) -> list[np.ndarray]:
+    points, _ = gather_points(group.offsets, q_idx)
+    return _per_question(group.y[points], group.sizes[q_idx])
+
+
+def choose(data: ExperimentData, args, metric: str, rnd: int, groups: list[str] | None = None,
+           qkey: int | None = None) -> tuple[list[str], int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(two eval groups, question key, {group: (context, targets)})."""
+    names = sorted(data.eval)
+    ctx_tgt = {g: _targets(data.eval[g], args, metric, rnd) for g in names}
+    pairs = [tuple(groups)] if groups else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    best = None
+    for a, b in pairs:
+        ga, gb = data.eval[a], data.eval[b]
+        ka = {int(ga.qkeys[i]): int(i) for i in ctx_tgt[a][1]}
+        kb = {int(gb.qkeys[i]): int(i) for i in ctx_tgt[b][1]}
+        common = sorted(set(ka) & set(kb))
+        if qkey is not None:
+            common = [k for k in common if k == qkey]
+        if not common:
+            continue
+        ia = torch.tensor([ka[k] for k in common])
+        ib = torch.tensor([kb[k] for k in common])
+        ta, tb = _truth(ga, ia), _truth(gb, ib)
+        sizes = torch.tensor([len(t) for t in ta])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        d = js_distance(torch.from_numpy(np.concatenate(ta)), torch.from_numpy(np.concatenate(tb)), offsets)
+        for k, dist, n in zip(common, d.tolist(), sizes.tolist()):
+            key = (3 <= n <= 6, dist, -k)
+            if best is None or key > best[0]:
+                best = (key, [a, b], k)
+    if best is None:
+        raise ValueError(f"no question is a target of both groups {groups}" if groups or qkey is not None
+                         else "no two evaluation groups share a target question")
+    return best[1], best[2], ctx_tgt
+
+
+def predict_question(model: GPO, group, ctx: torch.Tensor, tgt: torch.Tensor, row: int, metric: str
+                     ) -> tuple[np.ndarray, float]:
+    """Predicted distribution of target question `tgt[row]`, and its alignment (1 − distance)."""
+    ep = collate([group], [ctx], [tgt])
+    with torch.no_grad():
+        pred = model.predict(ep)[0][ep.tgt_mask[0]]
+    sizes = group.sizes[tgt]
+    p = _per_question(pred, sizes)[row]
+    t = _per_question(ep.yt[0][ep.tgt_mask[0]], sizes)[row]
+    ords = None
+    if metric == "wasserstein":
+        start = int(group.offsets[tgt[row]])
+        ords = group.ordinals[start:start + len(p)].double()
+    d = score_questions(torch.from_numpy(p), torch.from_numpy(t), torch.tensor([0, len(p)]), metric=metric,
+                        ordinals=ords)
+    return p, 1.0 - float(d[0])
+
+
+def question_text(args, qkey: int) -> tuple[str, list[str] | None]:
+    try:
+        if args.dataset == "synthetic":
+            from data_loaders.datasets import synthetic_spec
+            from data_loaders.synthetic import make_synthetic
+            raw = make_synthetic(synthetic_spec(args))[0]
+        else:
+            raw = load_raw_dataset(args.dataset, args.data_path, log=lambda *a: None)
+        row = raw.bank.row(qkey)
+        return raw.bank.questions[row], [str(o) for o in raw.bank.options[row]]
+    except Exception:  # noqa: BLE001 - text is decoration: the numbers do not depend on it
+        return f"question {qkey}", None
+
+
+def prediction_data(runset: RunSet, data: ExperimentData | None = None, data_path: str | None = None,
+                    cache_dir: str | None = None, groups: list[str] | None = None,
+                    qkey: int | None = None, log=print) -> dict:
+    """Everything Fig. 3 draws. Raises on anything missing (the caller reports it)."""
+    seeds = runset.paired_seeds()
+    if not seeds:
+        raise ValueError("no seed has finished runs of both methods")
+    seed = seeds[0]
+    runs = {m: runset.finished(m)[seed] for m in ("fedavg", "centralized")}
+    cfg = runs["fedavg"].config
+    args = args_from_config(cfg, data_path, cache_dir)
+    if data is None:
+        data = prepare_experiment(args, log=lambda *a: None)
+    want = (cfg.get("data") or {}).get("source_hash")
+    have = data.info.get("source_hash")
+    if want and have and want != have:
+        raise ValueError(f"the data at {args.data_path} (hash {have[:12]}) is not the data the runs were trained "
+                         f"on (hash {want[:12]})")
+    metric = cfg["metric"]
+    rnd = int(runs["fedavg"].summary.get("rounds", 0))
+    pair, k, ctx_tgt = choose(data, args, metric, rnd, groups, qkey)
+    text, options = question_text(args, k)
+    out = {"seed": seed, "qkey": k, "question": text, "groups": pair, "dists": {}, "scores": {},
+           "metric": metric, "metric_label": METRIC_LABELS.get(metric, metric)}
+    models = {m: load_model(r) for m, r in runs.items()}
+    for g in pair:
+        grp = data.eval[g]
+        ctx, tgt = ctx_tgt[g]
+        row = [int(grp.qkeys[i]) for i in tgt].index(k)
+        out["dists"][g], out["scores"][g] = {}, {}
+        for m, model in models.items():
+            p, s = predict_question(model, grp, ctx, tgt, row, metric)
+            out["dists"][g][m], out["scores"][g][m] = p.tolist(), s
+        out["dists"][g]["truth"] = _truth(grp, tgt[row:row + 1])[0].tolist()
+    n_opt = len(out["dists"][pair[0]]["truth"])
+    out["options"] = options if options and len(options) == n_opt else [f"option {i + 1}" for i in range(n_opt)]
+    log(f"fig. 3: seed {seed}, question {k}, groups {pair[0]!r} and {pair[1]!r}")
+    return out

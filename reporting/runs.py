@@ -1,0 +1,196 @@
+"""Run folders as the reporting code sees them: found by glob, classified, read once.
+
+A run folder is what training/loop.py writes (config.json, metrics.jsonl, losses.jsonl,
+summary.json, checkpoints/). Reporting reads nothing else, so folders produced on another
+machine (a GPU box, a cluster) report exactly like local ones.
+
+Status of a folder:
+  finished     summary.json present (the run reached its last round)
+  interrupted  config.json but no summary.json (resume it with --resume)
+  empty        no config.json (nothing to report)
+"""
+from __future__ import annotations
+
+import glob
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.run_io import read_metrics
+
+METHODS = ("fedavg", "centralized")
+METHOD_LABELS = {"fedavg": "FedAvg", "centralized": "Centralized"}
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as requested; the message ends with a hint."""
+
+    def __init__(self, what: str, hint: str | None = None):
+        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
+        self.hint = hint
+
+
+def _norm(v):
+    return sorted(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+
+
+def _get(cfg: dict, path: tuple[str, ...]):
+    for k in path:
+        if not isinstance(cfg, dict) or k not in cfg:
+            return None
+        cfg = cfg[k]
+    return cfg
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str                      # finished | interrupted | empty
+    config: dict = field(default_factory=dict)
+    summary: dict | None = None
+    metrics: list[dict] = field(default_factory=list)   # one record per evaluation
+    losses: list[dict] = field(default_factory=list)    # one record per round
+
+    @property
+    def method(self) -> str | None:
+        return self.config.get("method")
+
+    @property
+    def seed(self) -> int | None:
+        s = self.config.get("seed")
+        return int(s) if s is not None else None
+
+    @property
+    def last_round(self) -> int:
+        rounds = [r["round"] for r in self.losses] or [r["round"] for r in self.metrics] or [0]
+        return int(max(rounds))
+
+    @property
+    def planned_rounds(self) -> int | None:
+        key = "comm_round" if self.method == "fedavg" else "central_epochs"
+        v = self.config.get(key)
+        return int(v) if v is not None else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{path} is unreadable ({e})", "the folder is damaged; delete or repair it") from e
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return Run(path, "empty")
+    config = _read_json(path / "config.json")
+    if config.get("method") not in METHODS:
+        raise RunFolderError(f"{path}/config.json has method {config.get('method')!r}",
+                             f"expected one of {', '.join(METHODS)}: is this a PluralLLM run folder?")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a truncated last line (interrupted run) is expected here
+        metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
+        losses = read_metrics(path / "losses.jsonl") if (path / "losses.jsonl").is_file() else []
+    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
+    return Run(path, "finished" if summary is not None else "interrupted", config, summary, metrics, losses)
+
+
+def find_run_folders(patterns: list[str]) -> list[Path]:
+    """Folders matched by the globs that hold a config.json, or whose children do.
+
+    A pattern naming a root (e.g. runs/reproduce/opinionqa) yields its run subfolders.
+    """
+    found: dict[Path, None] = {}
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])
+        for m in matches:
+            p = Path(m)
+            if not p.is_dir():
+                continue
+            if (p / "config.json").is_file():
+                found[p] = None
+            else:
+                for child in sorted(p.iterdir()):
+                    if child.is_dir() and (child / "config.json").is_file():
+                        found[child] = None
+    return list(found)
+
+
+@dataclass
+class RunSet:
+    """Runs by method and seed, plus what is missing or unusable, counted."""
+
+    by_method: dict[str, dict[int, Run]]
+    interrupted: list[Run]
+    duplicates: list[Path]
+    seeds: list[int]                  # the seeds expected (requested, or found)
+    warnings: list[str]
+
+    def finished(self, method: str) -> dict[int, Run]:
+        return self.by_method.get(method, {})
+
+    def missing(self, method: str) -> list[int]:
+        have = set(self.finished(method)) | {r.seed for r in self.interrupted if r.method == method}
+        return [s for s in self.seeds if s not in have]
+
+    def paired_seeds(self) -> list[int]:
+        return sorted(set(self.finished("fedavg")) & set(self.finished("centralized")))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {m: {"expected": len(self.seeds), "finished": len(self.finished(m)),
+                    "interrupted": sum(1 for r in self.interrupted if r.method == m),
+                    "missing": len(self.missing(m))} for m in METHODS}
+
+    def all_finished(self) -> list[Run]:
+        return [r for m in METHODS for _, r in sorted(self.finished(m).items())]
+
+
+# Settings that must agree between all folders of one report (else it compares apples and pears).
+CONSISTENCY_KEYS = ("dataset", "train_groups", "eval_groups", "metric", "eval_num_qs", "eval_seed",
+                    "d_model", "num_layers", "data_split", "max_ctx_num_qs", "min_ctx_num_qs",
+                    "max_tar_num_qs", "min_tar_num_qs", "lr", "num_steps")
+
+
+def collect(paths: list[Path], seeds: list[int] | None = None) -> RunSet:
+    runs = [load_run(p) for p in paths]
+    by_method: dict[str, dict[int, Run]] = {m: {} for m in METHODS}
+    interrupted, duplicates, notes = [], [], []
+    for r in runs:
+        if r.status == "empty":
+            continue
+        if r.status == "interrupted":
+            interrupted.append(r)
+            continue
+        slot = by_method[r.method]
+        if r.seed in slot:
+            duplicates.append(r.path)
+            notes.append(f"{r.path}: a second finished {r.method} run of seed {r.seed} "
+                         f"(kept {slot[r.seed].path}); ignored")
+            continue
+        slot[r.seed] = r
+    finished = [r for m in METHODS for r in by_method[m].values()]
+    for key in CONSISTENCY_KEYS:
+        values = {json.dumps(_norm(r.config.get(key)), sort_keys=True) for r in finished}
+        if len(values) > 1:
+            notes.append(f"runs disagree on {key}: {sorted(values)}")
+    hashes = {_get(r.config, ("data", "source_hash")) for r in finished}
+    if len(hashes) > 1:
+        notes.append(f"runs were trained on different data files (source hashes {sorted(map(str, hashes))})")
+    for m in METHODS:
+        lengths = {r.last_round for r in by_method[m].values()}
+        if len(lengths) > 1:
+            notes.append(f"{m} runs have different lengths {sorted(lengths)}: curves are cut to the shortest")
+    if seeds is None:
+        seeds = sorted({r.seed for r in runs if r.seed is not None})
+    return RunSet(by_method, interrupted, duplicates, list(seeds), notes)
+
+
+def run_commands(runs: list[Run]) -> list[str]:
+    """The command lines that produced the runs (from each config's recorded argv), unique, in order."""
+    import shlex
+    seen: dict[str, None] = {}
+    for r in runs:
+        argv = _get(r.config, ("environment", "argv"))
+        if argv:
+            seen["python " + " ".join(shlex.quote(a) for a in argv)] = None
+    return list(seen)

@@ -1,0 +1,245 @@
+"""scripts/reproduce.py and reporting/: statistics with exact numbers, run-folder handling
+(reuse, resume, refusal), report-only on existing folders, and the smoke preset end to end."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reporting import pipeline
+from reporting.runs import collect, find_run_folders
+from reporting.tables import PAPER, describe, headlines, markdown_table, pct_fewer, pct_gain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------
+# statistics
+
+
+def test_describe_exact_numbers():
+    s = describe([1.0, 2.0, 3.0, 4.0])
+    assert s.n == 4 and s.mean == 2.5
+    assert s.std == pytest.approx(math.sqrt(5 / 3), abs=1e-15)        # sample std, ddof = 1
+    # t(0.975, 3) = 3.1824463052837078; half width = t * std / sqrt(4)
+    assert s.ci_low == pytest.approx(0.4457397432394794, abs=1e-12)
+    assert s.ci_high == pytest.approx(4.554260256760521, abs=1e-12)
+
+    s = describe([2.0, 4.0])  # t(0.975, 1) = 12.706204736174694, std = sqrt(2), sqrt(n) = sqrt(2)
+    assert (s.mean, s.std) == (3.0, pytest.approx(math.sqrt(2)))
+    assert (s.ci_low, s.ci_high) == (pytest.approx(3 - 12.706204736174694), pytest.approx(3 + 12.706204736174694))
+
+
+def test_describe_small_and_missing():
+    assert describe([]).n == 0 and describe([]).mean is None
+    one = describe([0.7])
+    assert (one.n, one.mean, one.std, one.ci_low) == (1, 0.7, None, None)
+    s = describe([None, 1.0, 3.0])            # a run without a convergence round
+    assert (s.n, s.dropped, s.mean) == (2, 1, 2.0)
+    same = describe([5.0, 5.0, 5.0])
+    assert (same.std, same.ci_low, same.ci_high) == (0.0, 5.0, 5.0)
+
+
+def test_headline_formulas_and_paper_numbers():
+    assert pct_fewer(634, 1180) == pytest.approx(46.27118644067797)
+    assert PAPER["rounds_fewer_pct"] == pytest.approx(46.27118644067797)
+    assert pct_gain(0.52, 0.5) == pytest.approx(4.0)
+    assert pct_fewer(None, 10) is None and pct_gain(1.0, 0) is None
+    # steps implied by the paper's rounds: 8 clients x 6 local steps vs 8 steps per epoch
+    assert (PAPER["fedavg_steps"], PAPER["centralized_steps"]) == (30432, 9440)
+    assert PAPER["steps_fewer_pct"] == pytest.approx(-222.3728813559322)
+
+
+# ----------------------------------------------------------------------------------------
+# fake run folders: exact numbers through collect -> tables
+
+
+def _fake_run(folder: Path, method: str, seed: int, conv: int, final: float, fi: float, steps_per_round: int,
+              rounds: int = 40, summary: bool = True):
+    folder.mkdir(parents=True)
+    cfg = {"method": method, "seed": seed, "dataset": "synthetic", "train_groups": ["a", "b"],
+           "eval_groups": ["c"], "comm_round": rounds, "central_epochs": rounds, "metric": "jsd"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    losses = [{"round": r, "train_loss": 10.0 - r * 0.1, "grad_steps": r * steps_per_round, "points": r * 100}
+              for r in range(1, rounds + 1)]
+    (folder / "losses.jsonl").write_text("".join(json.dumps(x) + "\n" for x in losses))
+    metrics = [{"round": r, "eval_alignment_score": final * r / rounds if r else 0.5, "eval_fi": fi, "train_fi": fi,
+                "grad_steps": r * steps_per_round, "wall_time_s": float(r)} for r in range(0, rounds + 1, 10)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
+    if summary:
+        s = {"rounds": rounds, "convergence_round": conv, "final_eval_alignment_score": final,
+             "best_eval_alignment_score": final, "final_eval_fi": fi, "final_eval_cov": 0.01,
+             "final_train_alignment_score": final, "final_train_fi": fi, "final_train_cov": 0.02,
+             "wall_time_s": 100.0 + seed, "convergence_grad_steps": conv * steps_per_round,
+             "convergence_points": conv * 100, "total_grad_steps": rounds * steps_per_round,
+             "convergence": {"window_rounds": 21}}
+        (folder / "summary.json").write_text(json.dumps(s))
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    root = tmp_path / "runs"
+    _fake_run(root / "fedavg_s0", "fedavg", 0, conv=20, final=0.84, fi=0.999, steps_per_round=60)
+    _fake_run(root / "fedavg_s1", "fedavg", 1, conv=30, final=0.86, fi=0.998, steps_per_round=60)
+    _fake_run(root / "centralized_s0", "centralized", 0, conv=40, final=0.80, fi=0.997, steps_per_round=10)
+    _fake_run(root / "centralized_s1", "centralized", 1, conv=40, final=0.82, fi=0.999, steps_per_round=10)
+    _fake_run(root / "centralized_s2", "centralized", 2, conv=1, final=0.1, fi=0.5, steps_per_round=10,
+              summary=False)  # interrupted: counted, never averaged
+    return root
+
+
+def test_tables_from_folders_exact(fake_runs):
+    rs = collect(find_run_folders([str(fake_runs)]), seeds=[0, 1, 2])
+    assert rs.counts() == {"fedavg": {"expected": 3, "finished": 2, "interrupted": 0, "missing": 1},
+                           "centralized": {"expected": 3, "finished": 2, "interrupted": 1, "missing": 0}}
+    h = {x.key: x for x in headlines(rs)}
+    assert h["rounds_fewer_pct"].measured == pytest.approx(100 * (1 - 25 / 40))      # 37.5
+    assert h["rounds_fewer_pct"].paired.values == pytest.approx((50.0, 25.0))
+    assert h["rounds_fewer_pct"].verdict.startswith("agrees in direction")
+    assert h["steps_fewer_pct"].measured == pytest.approx(100 * (1 - 25 * 60 / 400))   # -275: more steps
+    assert h["alignment_gain_pct"].measured == pytest.approx(100 * (0.85 - 0.81) / 0.81)
+    assert h["fi_diff"].measured == pytest.approx(0.9985 - 0.998)
+    assert h["fi_diff"].verdict.startswith("agrees: FI ≈ 1 for both")
+    table = markdown_table(rs)
+    assert "| Convergence round | 25.0 ± 7.1 [-38.5, 88.5] | 40.0 ± 0.0 [40.0, 40.0] |" in table
+
+
+def test_report_only_on_fake_folders(fake_runs, tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = pipeline.main(["--report_only", "--runs", str(fake_runs / "*"), "--seeds", "0", "1", "2",
+                        "--name", "fake", "--results_dir", str(out)])
+    assert rc == 0
+    log = capsys.readouterr().out
+    assert "fedavg: 2 finished, 0 interrupted, 1 missing (of 3 seeds)" in log
+    assert "fig. 3 skipped" in log  # fake folders hold no checkpoints: said, not fatal
+    report = (out / "fake.md").read_text()
+    assert "FedAvg converged in 37.5% fewer rounds than centralized (paper: 46% fewer" in report
+    assert "| `centralized_s2` | centralized | 2 | 40 of 40 (interrupted, not in the statistics)" in report
+    assert "| – | fedavg | 2 | missing (not in the statistics)" in report
+    for name in ("fig2_loss_vs_round", "fig4_alignment_vs_round", "fig5_fi_vs_round",
+                 "fig2c_loss_vs_grad_steps", "fig4c_alignment_vs_grad_steps"):
+        assert (out / f"fake_{name}.png").stat().st_size > 1000
+    rows = list(csv.DictReader((out / "fake_table.csv").open()))
+    conv = next(r for r in rows if r["metric"] == "convergence_round" and r["method"] == "fedavg")
+    assert (float(conv["mean"]), conv["n"], conv["per_seed"]) == (25.0, "2", "0:20;1:30")
+
+
+# ----------------------------------------------------------------------------------------
+# the pipeline on tiny synthetic runs: reuse, resume, refusal
+
+
+TINY = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "30", "--syn_dim", "8",
+        "--d_model", "8", "--dim_feedforward", "8", "--num_layers", "1", "--nhead", "2", "--emb_depth", "2",
+        "--epochs", "2", "--min_ctx_num_qs", "3", "--max_ctx_num_qs", "6", "--min_tar_num_qs", "3",
+        "--max_tar_num_qs", "6", "--eval_num_qs", "5", "--comm_round", "4", "--central_epochs", "4",
+        "--federated_eval", "2", "--eval_freq", "2", "--wandb", "off", "--quiet", "--seeds", "0", "1"]
+
+
+def _records(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"}
+            for line in path.read_text().splitlines()]
+
+
+def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys):
+    root, results = tmp_path / "runs", tmp_path / "results"
+    argv = TINY + ["--out_root", str(root), "--results_dir", str(results), "--name", "tiny"]
+    assert pipeline.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "plan: 4 fresh" in first
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert folders == ["centralized_s0", "centralized_s1", "fedavg_s0", "fedavg_s1"]
+    cfg = {m: json.loads((root / f"{m}_s0" / "config.json").read_text()) for m in ("fedavg", "centralized")}
+    assert cfg["fedavg"]["train_groups"] == json.loads((root / "fedavg_s1" / "config.json").read_text())[
+        "train_groups"]  # one split for every seed
+    assert "comm_round" not in cfg["centralized"] and "seeds" not in cfg["fedavg"]  # entry points' own flags
+    assert (results / "tiny.md").is_file() and (results / "tiny_fig3_predictions.png").is_file()
+    manifest = json.loads((root / "reproduce.json").read_text())
+    assert manifest["sessions"][-1]["trained"] == ["fedavg_s0", "centralized_s0", "fedavg_s1", "centralized_s1"]
+
+    # finished runs are reused, nothing retrained
+    summary_before = (root / "fedavg_s1" / "summary.json").read_text()
+    assert pipeline.main(argv) == 0
+    assert "plan: 4 reuse" in capsys.readouterr().out
+    assert (root / "fedavg_s1" / "summary.json").read_text() == summary_before
+
+    # an interrupted run (killed after the round-2 checkpoint) is resumed to the same numbers
+    run = root / "fedavg_s1"
+    want = _records(run / "metrics.jsonl")
+    (run / "summary.json").unlink()
+    for tag in ("final", "round_00004"):
+        for f in (run / "checkpoints").glob(f"{tag}.*"):
+            f.unlink()
+    assert pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plan: 3 reuse, 1 resume" in out and "resumed from checkpoint round_00002" in out
+    assert _records(run / "metrics.jsonl") == want
+
+    # a folder trained with other flags is refused, never overwritten
+    other = list(argv)
+    other[other.index("--epochs") + 1] = "3"
+    assert pipeline.main(other) == 2
+    err = capsys.readouterr().err
+    assert "was trained with different flags" in err and "epochs: 2 -> 3" in err and "hint:" in err
+    assert (root / "fedavg_s1" / "summary.json").is_file()
+
+    # the report can be rebuilt from the folders alone, e.g. after copying them elsewhere
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved)
+    assert pipeline.main(["--report_only", "--runs", str(moved / "*_s*"), "--name", "copy",
+                          "--results_dir", str(tmp_path / "r2")]) == 0
+    a = (results / "tiny_table.csv").read_text()
+    b = (tmp_path / "r2" / "copy_table.csv").read_text()
+    assert a == b
+
+
+def test_forbidden_flags_are_explained(capsys):
+    assert pipeline.main(["--seed", "3"]) == 2
+    assert "use --seeds" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# the smoke preset, as CI runs it: real GlobalOpinionQA sample, MiniLM, 2 seeds
+
+
+def test_smoke_preset_end_to_end(globalqa_csv, tmp_path):
+    # The embedding cache is the one the command itself would use ($PLURALLLM_CACHE_DIR in CI,
+    # shared with the other real-data tests; else the user's): embedding the sample is most of
+    # the preset's time on a cold cache, a few seconds of it on a warm one.
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    root = tmp_path / "smoke"
+    cmd = [sys.executable, "scripts/reproduce.py", "--preset", "smoke", "--data_path", str(globalqa_csv),
+           "--out_root", str(root)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = root / "results"
+    for f in ("smoke.md", "smoke_table.md", "smoke_table.csv", "smoke_fig2_loss_vs_round.png",
+              "smoke_fig3_predictions.png", "smoke_fig4_alignment_vs_round.png", "smoke_fig5_fi_vs_round.png",
+              "smoke_fig2c_loss_vs_grad_steps.png", "smoke_fig4c_alignment_vs_grad_steps.png"):
+        assert (res / f).stat().st_size > 0, f
+    summaries = {(m, s): json.loads((root / f"{m}_s{s}" / "summary.json").read_text())
+                 for m in ("fedavg", "centralized") for s in (0, 1)}
+    rows = {(r["kind"], r["metric"], r["method"]): r for r in csv.DictReader((res / "smoke_table.csv").open())}
+    for m in ("fedavg", "centralized"):
+        for key in ("final_eval_alignment_score", "convergence_round", "final_eval_fi", "total_grad_steps"):
+            vals = [summaries[(m, s)][key] for s in (0, 1)]
+            assert float(rows[("metric", key, m)]["mean"]) == pytest.approx(sum(vals) / 2, rel=1e-12)
+            assert int(rows[("metric", key, m)]["n"]) == 2
+    fed = sum(summaries[("fedavg", s)]["final_eval_alignment_score"] for s in (0, 1)) / 2
+    cen = sum(summaries[("centralized", s)]["final_eval_alignment_score"] for s in (0, 1)) / 2
+    gain = rows[("headline_from_means", "alignment_gain_pct", "fedavg_vs_centralized")]
+    assert float(gain["mean"]) == pytest.approx(100 * (fed - cen) / cen, rel=1e-9)
+    report = (res / "smoke.md").read_text()
+    assert "python scripts/reproduce.py --preset smoke" in report
+    assert f"Final mean evaluation alignment: FedAvg {fed:.4f}, centralized {cen:.4f}" in report
+    assert "8 training clients / 6 unseen evaluation groups" in report
+    # a second call reuses all four runs
+    again = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "plan: 4 reuse" in again.stdout
