@@ -10,7 +10,9 @@ client's Adam state carried across rounds in the node's own context.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from federated.client import GroupClient
 from models.gpo import GPO
 from training.experiment import client_config, model_config
 from utils.device import resolve_device
+from utils.seeding import derive_seed
 
 from .protocol import (ADAM_ARRAYS, ADAM_META, NodeReport, adam_from_records, adam_to_records, eval_reply,
                        fit_reply, query_reply, read_instruction)
@@ -116,16 +119,38 @@ class NodeClient:
 # actor in simulation) loads its group once. Deployment starts one process per message,
 # so there the data are loaded per message and only the Adam state persists (context.state).
 _NODES: dict[tuple, NodeClient] = {}
+_NODES_LOCK = threading.Lock()  # the simulation's thread backend serves several nodes at once
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 def get_node_client(setup: dict, context: Context, partition_groups: list[str] | None) -> NodeClient:
     ident = node_identity(dict(context.node_config), partition_groups)
     key = (context.run_id, context.node_id, json.dumps(setup, sort_keys=True), ident)
-    if key not in _NODES:
-        for old in [k for k in _NODES if k[:2] == key[:2] or k[0] != key[0]]:
-            del _NODES[old]  # an earlier run, or this node's earlier setup: free its tensors
-        _NODES[key] = build_node_client(setup, ident, context.node_id)
-    return _NODES[key]
+    with _NODES_LOCK:
+        node = _NODES.get(key)
+    if node is None:
+        node = build_node_client(setup, ident, context.node_id)
+        with _NODES_LOCK:
+            for old in [k for k in _NODES if k[:2] == key[:2] or k[0] != key[0]]:
+                del _NODES[old]  # an earlier run, or this node's earlier setup: free its tensors
+            _NODES[key] = node
+    return node
+
+
+@contextlib.contextmanager
+def dropout_rng(node: NodeClient, round_: int):
+    """Dropout draws from torch's global RNG; seed it from (seed, group, round) for this fit only.
+
+    Without dropout nothing draws from it and nothing is done. With dropout, concurrent fits
+    in one process (thread backend) take turns, since the global RNG is shared.
+    """
+    if not node.model.config.dropout:
+        yield
+        return
+    devices = [node.device] if node.device.type == "cuda" else []
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(node.client.cfg.seed, "dropout", node.client.name, round_))
+        yield
 
 
 def build_node_client(setup: dict, ident: NodeIdentity, node_id: int) -> NodeClient:
@@ -165,7 +190,8 @@ def handle_train(msg: Message, context: Context, partition_groups: list[str] | N
                         "the server sends train instructions to training groups only")
     if ADAM_ARRAYS in context.state:
         node.client.load_state_dict(adam_from_records(context.state[ADAM_ARRAYS], context.state[ADAM_META]))
-    res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_)
+    with dropout_rng(node, round_):
+        res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_)
     records = adam_to_records(node.client.state_dict())
     if records is not None:
         context.state[ADAM_ARRAYS], context.state[ADAM_META] = records

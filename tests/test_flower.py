@@ -76,6 +76,15 @@ class LocalGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second torch thread only spins (both engines alike)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(autouse=True)
 def task_identity():
     """Flower stamps every new Message with the process's task identity, which a runtime sets."""
@@ -357,3 +366,14 @@ def test_out_dir_holding_another_run_is_refused_and_left_alone(inprocess, tmp_pa
     with pytest.raises(DataError, match="already holds a run"):
         local_run(inprocess)
     assert sorted(p.name for p in inprocess.iterdir()) == before  # no federation.json written into it
+
+
+def test_dropout_masks_come_from_seed_group_and_round_not_from_order(tmp_path):
+    """With --dropout the nodes seed torch's global RNG per (seed, group, round): any order, same weights."""
+    local_run(tmp_path / "a", "--dropout", "0.2")
+    local_run(tmp_path / "b", "--dropout", "0.2", order="reversed", fresh=True)
+    a, b = load_file(tmp_path / "a" / "checkpoints" / "final.safetensors"), load_file(tmp_path / "b" / "checkpoints" / "final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    local_run(tmp_path / "c")
+    c = load_file(tmp_path / "c" / "checkpoints" / "final.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # dropout did act

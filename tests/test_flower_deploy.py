@@ -32,7 +32,8 @@ pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    fed = LoopbackFederation(tmp_path_factory.mktemp("federation"))
+    # one torch thread per ClientApp process: three of them share 2 cores
+    fed = LoopbackFederation(tmp_path_factory.mktemp("federation"), env={"OMP_NUM_THREADS": "1"})
     try:
         fed.start_superlink()
         for group in GROUPS:
