@@ -176,8 +176,9 @@ def main(argv=None) -> int:
         fed.start_superlink()
         for group in args.groups.split(","):
             fed.start_supernode(group.strip(), args.dataset, args.data_path)
+        quiet = " ".join(f"{k}={v}" for k, v in QUIET_ENV.items())
         print(f"SuperLink on 127.0.0.1:{fed.port}; logs in {fed.root}. In another shell:\n"
-              f"  FLWR_HOME={fed.root / 'flwr_home'} flwr run {REPO} {CONNECTION} --stream\n"
+              f"  {quiet} FLWR_HOME={fed.root / 'flwr_home'} flwr run {REPO} {CONNECTION} --stream\n"
               "Ctrl+C stops every process.", flush=True)
         while all(proc.poll() is None for proc in fed.procs.values()):
             time.sleep(1)
