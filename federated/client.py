@@ -6,6 +6,7 @@ process hosting many clients keeps one model, not one per client.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,20 @@ from data_loaders.schema import GroupData
 from models.gpo import GPO
 from training.evaluation import GroupEval, context_questions, score_group
 from training.local import OptimConfig, OptimState, local_train
-from utils.seeding import generator
+from utils.seeding import derive_seed, generator
+
+
+@contextlib.contextmanager
+def seeded_dropout(model: GPO, seed: int, name: str, round_: int):
+    """Dropout draws from torch's global RNG: seed it from (seed, client, round) for this fit
+    only, so masks never depend on client order or process (the Flower nodes do the same)."""
+    if not model.config.dropout:
+        yield
+        return
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(seed, "dropout", name, round_))
+        yield
 
 
 @dataclass(frozen=True)
@@ -65,8 +79,9 @@ class GroupClient:
         """Load the global weights, run `epochs` local steps, return the new weights."""
         model.load_state_dict(global_state)
         gen = generator(self.cfg.seed, "episodes", self.name, round_)
-        res = local_train(model, self.local, self.cfg.epochs, self.cfg.sizes, self.cfg.optim,
-                          self.optim_state, gen)
+        with seeded_dropout(model, self.cfg.seed, self.name, round_):
+            res = local_train(model, self.local, self.cfg.epochs, self.cfg.sizes, self.cfg.optim,
+                              self.optim_state, gen)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points)
 

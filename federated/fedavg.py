@@ -50,6 +50,10 @@ class FedAvgTrainer:
             raise DataError("--precision bf16 does not work with --client_engine vmap: autocast does not "
                             "compose with torch.func's grad under vmap (backward fails on mixed dtypes)",
                             "use --client_engine loop with bf16, or fp32 with vmap")
+        if client_engine == "vmap" and model_cfg.dropout:
+            raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine vmap: "
+                            "random ops under torch.func.vmap would need per-client RNG streams",
+                            "use --client_engine loop with dropout (the paper uses --dropout 0)")
         self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if client_engine == "vmap" else None
 
     def train_round(self, round_: int) -> dict:

@@ -86,3 +86,10 @@ def test_split_is_a_view_with_the_same_numbers_as_subset():
         assert torch.equal(a.qkeys, b.qkeys)
     assert local.x.data_ptr() == g.x.data_ptr()  # no copy
     assert local.num_questions == 9 and held.num_questions == 1
+
+
+def test_group_flags_split_on_semicolons_when_names_hold_commas():
+    from utils.cli import build_parser
+    args = build_parser("fedavg").parse_args(["--eval_groups", "$100,000 or more; Black",
+                                              "--train_groups", "Male,Female"])
+    assert args.eval_groups == ["$100,000 or more", "Black"] and args.train_groups == ["Male", "Female"]

@@ -77,3 +77,25 @@ def test_vmap_with_bf16_is_refused_clearly():
     from data_loaders.schema import DataError
     with pytest.raises(DataError, match="--precision bf16 does not work with --client_engine vmap"):
         trainer("--client_engine", "vmap", "--precision", "bf16")
+
+
+def test_dropout_masks_depend_on_client_and_round_not_on_order():
+    """With dropout, a client's local training is the same whichever clients ran before it."""
+    a = trainer("--dropout", "0.2")
+    b = trainer("--dropout", "0.2")
+    names = sorted(a.clients)
+    fwd = {n: a.clients[n].fit(a.model, a.global_state, 1) for n in names}
+    bwd = {n: b.clients[n].fit(b.model, b.global_state, 1) for n in reversed(names)}
+    for n in names:
+        assert fwd[n].losses == bwd[n].losses
+        for k in fwd[n].state:
+            assert torch.equal(fwd[n].state[k], bwd[n].state[k]), (n, k)
+    c = trainer("--dropout", "0.2")
+    other_round = c.clients[names[0]].fit(c.model, c.global_state, 2)
+    assert other_round.losses != fwd[names[0]].losses
+
+
+def test_vmap_with_dropout_is_refused_clearly():
+    from data_loaders.schema import DataError
+    with pytest.raises(DataError, match="does not work with --client_engine vmap"):
+        trainer("--client_engine", "vmap", "--dropout", "0.1")

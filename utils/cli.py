@@ -13,7 +13,9 @@ from training.centralized import CENTRAL_MODES
 
 
 def _groups(text: str) -> list[str]:
-    return [g.strip() for g in text.split(",") if g.strip()]
+    """Comma-separated names; semicolon-separated when any name holds a comma ('$100,000 or more')."""
+    sep = ";" if ";" in text else ","
+    return [g.strip() for g in text.split(sep) if g.strip()]
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
@@ -29,7 +31,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                         "opinionqa: the human_resp folder (else $PLURALLLM_OPINIONQA_DIR)")
     d.add_argument("--strict", action="store_true", help="stop at the first unparsable row instead of skipping it")
     d.add_argument("--train_groups", type=_groups, default=None,
-                   help="comma-separated training groups (default: the paper's 8 countries for globalqa)")
+                   help="comma-separated training groups (use ';' when a name holds a comma) "
+                        "(default: the paper's 8 countries for globalqa)")
     d.add_argument("--eval_groups", type=_groups, default=None,
                    help="comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)")
     d.add_argument("--group_split", type=float, default=None,
@@ -132,7 +135,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
     o = p.add_argument_group("output")
     o.add_argument("--out_dir", default=None, help="run folder (default runs/<timestamp>_<method>_s<seed>)")
-    o.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the run in --out_dir (or the newest run under runs/ with the same "
+                        "configuration) from its latest checkpoint")
     o.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "off"),
                    help="Weights & Biases: online when logged in (auto), offline files, or nothing")
     o.add_argument("--wndb_project_name", default="plurallm", help="W&B project")
