@@ -108,37 +108,58 @@ def prepare_experiment(args, log=print, check=None) -> ExperimentData:
     """
     t0 = time.perf_counter()
     if args.dataset == "synthetic":
-        raw, emb = make_synthetic(synthetic_spec(args))
+        raw, emb, emb_info = load_embedded(args, None, log)
         train, evals = choose_groups("synthetic", args.train_groups, args.eval_groups,
                                      args.group_split, split_seed(args), all_groups=list(raw.groups))
-        emb_info = {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
+        _checked(raw, train, evals, args.dataset, check)
     else:
         train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups,
                                      args.group_split, split_seed(args))
-        raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict,
-                               groups=train + evals, log=log)
-        _check_known(raw, train + evals, args.dataset)
-        if check is not None:
-            check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
-        from .embeddings import get_embeddings
-        emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(train + evals)},
-                                       cache_dir=args.cache_dir, device=args.emb_device,
-                                       batch_size=args.emb_batch_size, dtype=args.emb_dtype,
-                                       load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
+        raw, emb, emb_info = load_embedded(args, train + evals, log, check=lambda r: _checked(
+            r, train, evals, args.dataset, check))
     for line in raw.report.lines():
         log(line)
-    _check_known(raw, train + evals, args.dataset)
-    if check is not None and args.dataset == "synthetic":
-        check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
     build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
     data = ExperimentData(args.dataset, build(train), build(evals), int(emb.shape[1]),
                           raw.bank.ordinals is not None)
-    data.info = {"source_hash": raw.source_hash, "source": raw.report.source,
-                 "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
-                 "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
-                 "load_seconds": round(time.perf_counter() - t0, 3)}
+    data.info = data_info(raw, emb_info, time.perf_counter() - t0)
     log_groups(data, log, per_group=not getattr(args, "quiet", False))
     return data
+
+
+def load_embedded(args, groups: list[str] | None, log=print, check=None):
+    """(raw dataset, option embeddings, embedding provenance) for the data flags.
+
+    Real datasets are parsed with every considered group (`groups`: a question is kept only
+    when each of them that answers it has a usable answer); `check(raw)` runs after parsing
+    and before embedding, so a configuration that cannot run fails in seconds.
+    """
+    if args.dataset == "synthetic":
+        raw, emb = make_synthetic(synthetic_spec(args))
+        return raw, emb, {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
+    raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=groups, log=log)
+    if check is not None:
+        check(raw)
+    from .embeddings import get_embeddings
+    emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(groups)},
+                                   cache_dir=args.cache_dir, device=args.emb_device,
+                                   batch_size=args.emb_batch_size, dtype=args.emb_dtype,
+                                   load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
+    return raw, emb, emb_info
+
+
+def data_info(raw: RawDataset, emb_info: dict, seconds: float) -> dict:
+    """The data provenance a run folder records (config.json's "data")."""
+    return {"source_hash": raw.source_hash, "source": raw.report.source,
+            "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
+            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
+            "load_seconds": round(seconds, 3)}
+
+
+def _checked(raw: RawDataset, train: list[str], evals: list[str], dataset: str, check) -> None:
+    _check_known(raw, train + evals, dataset)
+    if check is not None:
+        check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
 
 
 def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:

@@ -87,17 +87,21 @@ class GroupClient:
 
     def evaluate(self, model: GPO, global_state: dict, round_: int) -> GroupEval | None:
         """Per-question distances under the global model, or None if nothing to score."""
-        ctx_q = self._context(round_)
-        if self.role == "eval":
-            mask = torch.ones(self.local.num_questions, dtype=torch.bool)
-            mask[ctx_q] = False
-            tgt, tgt_q = self.local, mask.nonzero().squeeze(1)
-        else:
-            if self.heldout.num_questions == 0:
-                return None
-            tgt, tgt_q = self.heldout, torch.arange(self.heldout.num_questions)
+        ctx_q, tgt, tgt_q = self.eval_questions(round_)
+        if len(tgt_q) == 0:
+            return None
         model.load_state_dict(global_state)
         return score_group(model, self.local, ctx_q, tgt, tgt_q, self.cfg.metric, self.cfg.eval_batch_size)
+
+    def eval_questions(self, round_: int) -> tuple[torch.Tensor, GroupData, torch.Tensor]:
+        """(context questions of `local`, the target group, its target questions) at evaluation:
+        an eval group scores all its non-context questions, a training group its held-out ones."""
+        ctx_q = self._context(round_)
+        if self.role == "train":
+            return ctx_q, self.heldout, torch.arange(self.heldout.num_questions)
+        mask = torch.ones(self.local.num_questions, dtype=torch.bool)
+        mask[ctx_q] = False
+        return ctx_q, self.local, mask.nonzero().squeeze(1)
 
     def _context(self, round_: int) -> torch.Tensor:
         c = self.cfg

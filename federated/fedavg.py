@@ -32,6 +32,19 @@ def make_clients(data: ExperimentData, cfg: ClientConfig, device) -> tuple[dict,
     return train, evals
 
 
+def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tensor]:
+    """The server update of every engine: clients in name order (never reply order), float64 sums."""
+    results = sorted(results, key=lambda r: r.name)
+    w = aggregation_weights([r.num_examples for r in results], [r.episode_points for r in results], weighting)
+    return weighted_average([r.state for r in results], w)
+
+
+def check_min_clients(min_clients: int, sampled: int) -> None:
+    if min_clients > sampled:
+        raise DataError(f"--min_clients {min_clients} exceeds the {sampled} client(s) sampled per round",
+                        "lower --min_clients, or raise --client_fraction / add training groups")
+
+
 class FedAvgTrainer:
     method = "fedavg"
 
@@ -74,10 +87,7 @@ class FedAvgTrainer:
                 "clients": names}
 
     def aggregate(self, results: list[FitResult]) -> dict[str, torch.Tensor]:
-        results = sorted(results, key=lambda r: r.name)
-        w = aggregation_weights([r.num_examples for r in results], [r.episode_points for r in results],
-                                self.weighting)
-        return weighted_average([r.state for r in results], w)
+        return aggregate(results, self.weighting)
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         return evaluate_clients(self.model, self.global_state, self.eval_clients, self.clients, round_)

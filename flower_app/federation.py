@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 
 from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
-from federated.aggregation import aggregation_weights, sample_clients, weighted_average
+from federated.aggregation import sample_clients
 from federated.client import ClientConfig, FitResult
-from federated.fedavg import init_global_state
+from federated.fedavg import aggregate, check_min_clients, init_global_state
 from models.gpo import GPOConfig
 from training.evaluation import GroupEval
 from utils.seeding import generator
@@ -156,19 +156,6 @@ def federated_data(args, grid: Grid, setup: str, reports: dict[str, NodeReport],
 
 
 # --- FedAvg over the Grid ----------------------------------------------------------------
-
-def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tensor]:
-    """FedAvgTrainer.aggregate: clients in name order, the same weights, float64 sums."""
-    results = sorted(results, key=lambda r: r.name)
-    w = aggregation_weights([r.num_examples for r in results], [r.episode_points for r in results], weighting)
-    return weighted_average([r.state for r in results], w)
-
-
-def check_min_clients(min_clients: int, sampled: int, flag_hint: str = "") -> None:
-    if min_clients > sampled:
-        raise DataError(f"--min_clients {min_clients} exceeds the {sampled} client(s) sampled per round",
-                        "lower --min_clients, or raise --client_fraction / add training groups" + flag_hint)
-
 
 class FlowerTrainer:
     method = "fedavg"

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Context, Message
 
-from data_loaders.datasets import load_raw_dataset, synthetic_spec
+from data_loaders.datasets import data_info, load_embedded
 from data_loaders.schema import DataError, GroupData, build_group_data
 from federated.client import GroupClient
 from models.gpo import GPO
 from training.experiment import client_config, model_config
 from utils.device import resolve_device
-from utils.seeding import derive_seed
 
 from .protocol import (ADAM_ARRAYS, ADAM_META, NodeReport, adam_from_records, adam_to_records, eval_reply,
                        fit_reply, query_reply, read_instruction)
@@ -82,29 +81,17 @@ def load_group(args, group: str, considered: list[str], log=print) -> tuple[Grou
     texts are public survey items; the answers, which are the private data, stay here).
     """
     t0 = time.perf_counter()
-    if args.dataset == "synthetic":
-        from data_loaders.synthetic import make_synthetic
-        raw, emb = make_synthetic(synthetic_spec(args))
-        emb_info = {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
-    else:
-        from data_loaders.embeddings import get_embeddings
-        raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=considered, log=log)
-        if group not in raw.groups:
-            raise DataError(f"group {group!r} not found in the {args.dataset} data at {args.data_path}",
-                            f"available: {', '.join(sorted(raw.groups))}")
-        emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(considered)},
-                                       cache_dir=args.cache_dir, device=args.emb_device,
-                                       batch_size=args.emb_batch_size, dtype=args.emb_dtype,
-                                       load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
-    if group not in raw.groups:
-        raise DataError(f"group {group!r} not found in the {args.dataset} data",
-                        f"available: {', '.join(sorted(raw.groups))}")
+    raw, emb, emb_info = load_embedded(args, considered, log, check=lambda r: _check_group(r, group, args))
+    _check_group(raw, group, args)
     data = build_group_data(raw, group, emb)
-    info = {"source_hash": raw.source_hash, "source": raw.report.source,
-            "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
-            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
-            "load_seconds": round(time.perf_counter() - t0, 3)}
+    info = data_info(raw, emb_info, time.perf_counter() - t0)
     return data, raw.bank.ordinals is not None, info
+
+
+def _check_group(raw, group: str, args) -> None:
+    if group not in raw.groups:
+        raise DataError(f"group {group!r} not found in the {args.dataset} data at {args.data_path}",
+                        f"available: {', '.join(sorted(raw.groups))}")
 
 
 @dataclass
@@ -138,18 +125,13 @@ def get_node_client(setup: dict, context: Context, partition_groups: list[str] |
 
 
 @contextlib.contextmanager
-def dropout_rng(node: NodeClient, round_: int):
-    """Dropout draws from torch's global RNG; seed it from (seed, group, round) for this fit only.
-
-    Without dropout nothing draws from it and nothing is done. With dropout, concurrent fits
-    in one process (thread backend) take turns, since the global RNG is shared.
-    """
+def dropout_rng(node: NodeClient):
+    """GroupClient.fit seeds dropout from (seed, group, round) in torch's global RNG; concurrent
+    fits in one process (thread backend) must take turns on it. Without dropout: nothing."""
     if not node.model.config.dropout:
         yield
         return
-    devices = [node.device] if node.device.type == "cuda" else []
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(node.client.cfg.seed, "dropout", node.client.name, round_))
+    with _GLOBAL_RNG_LOCK:
         yield
 
 
@@ -190,7 +172,7 @@ def handle_train(msg: Message, context: Context, partition_groups: list[str] | N
                         "the server sends train instructions to training groups only")
     if ADAM_ARRAYS in context.state:
         node.client.load_state_dict(adam_from_records(context.state[ADAM_ARRAYS], context.state[ADAM_META]))
-    with dropout_rng(node, round_):
+    with dropout_rng(node):
         res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_)
     records = adam_to_records(node.client.state_dict())
     if records is not None:

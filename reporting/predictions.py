@@ -56,12 +56,10 @@ def load_model(run: Run) -> GPO:
     return model
 
 
-def _targets(group, args, metric: str, rnd: int) -> torch.Tensor:
-    client = GroupClient(group, client_config(args, metric), "eval")
-    ctx = client._context(rnd)
-    mask = torch.ones(group.num_questions, dtype=torch.bool)
-    mask[ctx] = False
-    return ctx, mask.nonzero().squeeze(1)
+def _targets(group, args, metric: str, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (context, target) questions the group's evaluation used at round `rnd`."""
+    ctx, _, tgt = GroupClient(group, client_config(args, metric), "eval").eval_questions(rnd)
+    return ctx, tgt
 
 
 def _per_question(values: torch.Tensor, sizes: torch.Tensor) -> list[np.ndarray]:

@@ -47,10 +47,14 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
     (the numbers are the same either way: targets never attend to each other).
     """
     model.eval()
-    # Embed each group's points once (x·W_x over the whole group), then gather d_model-wide
-    # rows: cheaper than gathering dim_x-wide embeddings, and evaluation uses nearly all points.
-    ctx_p = replace(ctx, x=model.project(ctx.x))
-    tgt_p = ctx_p if tgt is ctx else replace(tgt, x=model.project(tgt.x))
+    # Apply the first layer (x·W_x) once to the points evaluation uses, then gather d_model-wide
+    # rows instead of dim_x-wide embeddings. An evaluation group uses all its points; a training
+    # group only its few context questions of the local split, which are cut out first.
+    if tgt is ctx:
+        ctx_p = tgt_p = replace(ctx, x=model.project(ctx.x))
+    else:
+        ctx, ctx_q = ctx.subset(ctx_q.to(ctx.offsets.device)), torch.arange(len(ctx_q))
+        ctx_p, tgt_p = replace(ctx, x=model.project(ctx.x)), replace(tgt, x=model.project(tgt.x))
     step = chunk if chunk and len(tgt_q) > chunk else len(tgt_q)
     parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
              for i in range(0, len(tgt_q), step)]

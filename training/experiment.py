@@ -13,7 +13,7 @@ from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
 from federated.client import ClientConfig
-from federated.fedavg import FedAvgTrainer
+from federated.fedavg import FedAvgTrainer, check_min_clients
 from models.gpo import GPOConfig
 from training.centralized import CentralizedTrainer
 from training.local import OptimConfig
@@ -118,19 +118,17 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
         return FlowerTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
                              min_clients=args.min_clients, round_timeout=args.round_timeout)
     if method == "fedavg":
-        check_min_clients(args, len(data.train))
+        check_sample_size(args, len(data.train))
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
                              device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
                               train_batch_size=args.train_batch_size, device=device)
 
 
-def check_min_clients(args, num_train: int) -> None:
+def check_sample_size(args, num_train: int) -> None:
     """In one process every sampled client replies, so only the sample size can fall short."""
     sampled = len(sample_clients([str(i) for i in range(num_train)], args.client_fraction, torch.Generator()))
-    if getattr(args, "min_clients", 1) > sampled:
-        raise DataError(f"--min_clients {args.min_clients} exceeds the {sampled} client(s) sampled per round",
-                        "lower --min_clients, or raise --client_fraction / add training groups")
+    check_min_clients(getattr(args, "min_clients", 1), sampled)
 
 
 def resolved_config(args, method: str, data: ExperimentData, metric: str, device) -> dict:
