@@ -354,12 +354,14 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
     if measure & {"step", "round", "eval"}:
         trainer = make_trainer("fedavg", args, data, cfg, device)
         model = scratch_model(trainer, model_cfg, device)
+        # `auto` resolves per machine: record the engine that ran
+        rec["engine_requested"], rec["engine"] = point["engine"], getattr(trainer, "client_engine", point["engine"])
         if "step" in measure:
             log("local steps")
             rec.update(measure_local_step(trainer, model, cfg, model_cfg, point["repeats"], device))
         if "round" in measure:
             log("fedavg rounds")
-            rec.update(measure_rounds(trainer, cfg, model_cfg, point["rounds"], device, point["engine"]))
+            rec.update(measure_rounds(trainer, cfg, model_cfg, point["rounds"], device, rec["engine"]))
         if "eval" in measure:
             log("evaluation")
             rec.update(measure_eval(trainer, model, point["repeats"], device))

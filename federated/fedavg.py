@@ -15,7 +15,10 @@ from utils.seeding import generator
 
 from .aggregation import aggregation_weights, sample_clients, weighted_average
 from .client import ClientConfig, FitResult, GroupClient
+from .thread_engine import ThreadClientEngine, usable_cores
 from .vmap_engine import VmapClientEngine
+
+CLIENT_ENGINES = ("auto", "loop", "threads", "vmap")
 
 
 def init_global_state(model_cfg: GPOConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -39,6 +42,31 @@ def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tenso
     return weighted_average([r.state for r in results], w)
 
 
+def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOConfig) -> str:
+    """`auto`: threads on a CPU with more than one usable core (faster there, see
+    thread_engine.py), loop on a GPU (one device runs one client's kernels at a time anyway)
+    and wherever threads are refused."""
+    if requested != "auto":
+        return requested
+    if device.type == "cpu" and usable_cores() > 1 and not model_cfg.dropout:
+        return "threads"
+    return "loop"
+
+
+def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
+    if engine not in CLIENT_ENGINES:
+        raise ValueError(f"--client_engine {engine!r}: choose one of {', '.join(CLIENT_ENGINES)}")
+    if engine == "vmap" and model_cfg.precision != "fp32":
+        raise DataError("--precision bf16 does not work with --client_engine vmap: autocast does not "
+                        "compose with torch.func's grad under vmap (backward fails on mixed dtypes)",
+                        "use --client_engine loop with bf16, or fp32 with vmap")
+    if engine in ("vmap", "threads") and model_cfg.dropout:
+        why = ("random ops under torch.func.vmap would need per-client RNG streams" if engine == "vmap" else
+               "dropout draws from torch's one global RNG, which concurrent clients would share")
+        raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine {engine}: {why}",
+                        "use --client_engine loop with dropout (the paper uses --dropout 0)")
+
+
 def check_min_clients(min_clients: int, sampled: int) -> None:
     if min_clients > sampled:
         raise DataError(f"--min_clients {min_clients} exceeds the {sampled} client(s) sampled per round",
@@ -50,24 +78,18 @@ class FedAvgTrainer:
 
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
-                 client_engine: str = "loop", vmap_chunk: int = 0):
+                 client_engine: str = "loop", vmap_chunk: int = 0, client_workers: int = 0):
         self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
         self.device = torch.device(device)
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
         self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
         self.last_client_states: dict[str, dict] = {}
-        if client_engine not in ("loop", "vmap"):
-            raise ValueError(f"--client_engine {client_engine!r}: choose loop or vmap")
-        if client_engine == "vmap" and model_cfg.precision != "fp32":
-            raise DataError("--precision bf16 does not work with --client_engine vmap: autocast does not "
-                            "compose with torch.func's grad under vmap (backward fails on mixed dtypes)",
-                            "use --client_engine loop with bf16, or fp32 with vmap")
-        if client_engine == "vmap" and model_cfg.dropout:
-            raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine vmap: "
-                            "random ops under torch.func.vmap would need per-client RNG streams",
-                            "use --client_engine loop with dropout (the paper uses --dropout 0)")
-        self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if client_engine == "vmap" else None
+        self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
+        check_client_engine(self.client_engine, model_cfg)
+        self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if self.client_engine == "vmap" else None
+        self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
+                        if self.client_engine == "threads" else None)
 
     def train_round(self, round_: int) -> dict:
         names = sample_clients(list(self.clients), self.client_fraction,
@@ -75,6 +97,8 @@ class FedAvgTrainer:
         if self.vmap is not None:
             results = self.vmap.fit([self.clients[n] for n in names], self.global_state, round_,
                                     self.cfg.epochs, self.cfg.seed)
+        elif self.threads is not None:
+            results = self.threads.fit([self.clients[n] for n in names], self.global_state, round_)
         else:
             results = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
         self.last_client_states = {r.name: r.state for r in results}  # for --save_client

@@ -47,9 +47,9 @@ def check_supported(args) -> None:
     if args.also_centralized:
         raise DataError("--also_centralized pools every group's data in one process, which a federation "
                         "does not have", "run main_centralized.py with the same flags instead")
-    if args.client_engine != "loop":
-        raise DataError("--client_engine vmap batches clients inside one process; with --engine flower "
-                        "every client runs on its own node", "drop --client_engine")
+    if args.client_engine not in ("auto", "loop"):
+        raise DataError(f"--client_engine {args.client_engine} runs clients inside one process; with "
+                        "--engine flower every client runs on its own node", "drop --client_engine")
 
 
 def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:

@@ -1,4 +1,4 @@
-"""The vmap client engine computes what the loop engine computes.
+"""The threads and vmap client engines compute what the loop engine computes.
 
 Two parameters have zero true gradient because the per-question softmax and the attention
 softmax are shift-invariant: the bias of the mean output and the key-projection bias. Adam
@@ -20,6 +20,8 @@ ARGS = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", 
 
 
 def trainer(*extra):
+    if "--client_engine" not in extra:
+        extra = ("--client_engine", "loop", *extra)
     args = build_parser("fedavg").parse_args([*ARGS, *extra])
     data = prepare_experiment(args, log=lambda *a: None)
     return make_trainer("fedavg", args, data, client_config(args, "jsd"), "cpu")
@@ -99,3 +101,63 @@ def test_vmap_with_dropout_is_refused_clearly():
     from data_loaders.schema import DataError
     with pytest.raises(DataError, match="does not work with --client_engine vmap"):
         trainer("--client_engine", "vmap", "--dropout", "0.1")
+
+
+@pytest.fixture
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def assert_same_rounds(a, b, rounds=(1, 2)):
+    for rnd in rounds:
+        ra, rb = a.train_round(rnd), b.train_round(rnd)
+        assert ra["clients"] == rb["clients"] and ra["points"] == rb["points"] > 0
+        assert ra["train_loss_per_client"] == rb["train_loss_per_client"]
+    for name, w in a.global_state.items():
+        assert torch.equal(w, b.global_state[name]), name
+    for name in a.clients:
+        assert a.clients[name].optim_state.step == b.clients[name].optim_state.step
+
+
+def test_threads_engine_equals_loop_engine_on_one_thread(one_thread):
+    """Each worker runs a whole client on one intra-op thread: bit for bit the loop engine's
+    numbers on one thread, for every client and every weight."""
+    assert_same_rounds(trainer(), trainer("--client_engine", "threads", "--client_workers", "2"))
+
+
+def test_threads_engine_numbers_do_not_depend_on_workers():
+    one = trainer("--client_engine", "threads", "--client_workers", "1")
+    three = trainer("--client_engine", "threads", "--client_workers", "3", "--client_fraction", "1")
+    assert three.threads.workers == 3
+    assert_same_rounds(one, three)
+
+
+def test_threads_engine_restores_the_thread_count_and_reraises_client_errors(monkeypatch):
+    tr = trainer("--client_engine", "threads", "--client_workers", "2")
+    saved = torch.get_num_threads()
+    tr.train_round(1)
+    assert torch.get_num_threads() == saved
+    victim = sorted(tr.clients)[1]
+    monkeypatch.setattr(tr.clients[victim], "fit", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.train_round(2)
+    assert torch.get_num_threads() == saved
+
+
+def test_auto_engine_picks_threads_on_a_multicore_cpu_else_loop(monkeypatch):
+    import federated.fedavg as fedavg
+    monkeypatch.setattr(fedavg, "usable_cores", lambda: 4)
+    assert trainer("--client_engine", "auto").client_engine == "threads"
+    assert trainer("--client_engine", "auto", "--dropout", "0.1").client_engine == "loop"
+    monkeypatch.setattr(fedavg, "usable_cores", lambda: 1)
+    assert trainer("--client_engine", "auto").client_engine == "loop"
+    assert build_parser("fedavg").parse_args(ARGS).client_engine == "auto"
+
+
+def test_threads_with_dropout_is_refused_clearly():
+    from data_loaders.schema import DataError
+    with pytest.raises(DataError, match="does not work with --client_engine threads"):
+        trainer("--client_engine", "threads", "--dropout", "0.1")

@@ -111,3 +111,35 @@ def test_score_group_projected_path_equals_gathering_the_embeddings():
         for chunk in (0, 2):
             got = score_group(model, ctx, ctx_q, tgt, tgt_q, "jsd", chunk=chunk).distances
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_first_layer_function_gives_autograds_gradients():
+    """FirstLayer (training path) against autograd through the sliced weight (plain path)."""
+    from models.gpo import FirstLayer
+    model, (ep, _) = tiny_model(), toy_episode()
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        model._fused_first_layer = (lambda e: True) if fused else (lambda e: False)
+        loss = model.loss(ep)
+        loss.backward()
+        grads.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6)
+    for name, g in grads[0][1].items():
+        assert torch.allclose(g, grads[1][1][name], atol=1e-6), name
+    gen = torch.Generator().manual_seed(0)
+    xc, yc, xt = (torch.randn(2, 4, 5, generator=gen, dtype=torch.double),
+                  torch.rand(2, 4, generator=gen, dtype=torch.double),
+                  torch.randn(2, 3, 5, generator=gen, dtype=torch.double))
+    w = torch.randn(7, 6, generator=gen, dtype=torch.double, requires_grad=True)
+    b = torch.randn(7, generator=gen, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, b: FirstLayer.apply(xc, yc, xt, w, b), (w, b))
+
+
+def test_last_layer_computes_target_rows_only():
+    """The last layer's context rows feed nothing; skipping them changes no target row."""
+    model, (ep, _) = tiny_model(), toy_episode()
+    h = torch.randn(2, ep.xc.shape[1] + ep.xt.shape[1], 16)
+    layer, nc = model.layers[-1], ep.xc.shape[1]
+    full = layer(h, nc, ep.ctx_mask)
+    assert torch.allclose(layer(h, nc, ep.ctx_mask, targets_only=True), full[:, nc:], atol=1e-6)

@@ -57,6 +57,7 @@ _FLAG_RULES = (
     ("train_batch_size", lambda v: v >= 1, ">= 1 groups per step"),
     ("eval_batch_size", lambda v: v >= 0, ">= 0 (0 = all targets at once)"),
     ("vmap_chunk", lambda v: v >= 0, ">= 0 (0 = all clients at once)"),
+    ("client_workers", lambda v: v >= 0, ">= 0 (0 = usable CPU cores)"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("d_model", lambda v: v >= 1, ">= 1"),
     ("num_layers", lambda v: v >= 1, ">= 1"),
@@ -120,7 +121,8 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
     if method == "fedavg":
         check_sample_size(args, len(data.train))
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
-                             device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk)
+                             device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk,
+                             client_workers=args.client_workers)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
                               train_batch_size=args.train_batch_size, device=device)
 

@@ -88,9 +88,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         t.add_argument("--client_fraction", type=float, default=1.0, help="share of training clients sampled per round")
         t.add_argument("--weighting", default="dataset_size", choices=WEIGHTINGS,
                        help="FedAvg weights: dataset_size (paper), episode_points (released code), uniform")
-        t.add_argument("--client_engine", default="loop", choices=("loop", "vmap"),
-                       help="run the sampled clients' local steps one client after another (loop) or as one "
-                            "batched computation over stacked client weights (vmap); same numbers")
+        t.add_argument("--client_engine", default="auto", choices=("auto", "loop", "threads", "vmap"),
+                       help="how the sampled clients' local steps run: one after another (loop), side by side "
+                            "on one thread each (threads), or as one batched computation over stacked client "
+                            "weights (vmap); auto = threads on a multi-core CPU, else loop")
+        t.add_argument("--client_workers", type=int, default=0,
+                       help="with --client_engine threads: worker threads (0 = usable CPU cores)")
         t.add_argument("--vmap_chunk", type=int, default=0,
                        help="with --client_engine vmap: clients per batched chunk to bound memory (0 = all)")
         t.add_argument("--save_client", action="store_true", help="also save each client's optimizer state in checkpoints")
