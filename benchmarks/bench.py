@@ -33,10 +33,11 @@ from typing import Any, Callable
 
 import torch
 
+from models.flops import train_flops
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MEASURES = ("step", "round", "eval", "central")
-TRAIN_FACTOR = 3  # forward + backward ≈ 3 forward passes (backward = grads of inputs and of weights)
 
 
 # --- scales -------------------------------------------------------------------------
@@ -50,21 +51,22 @@ class Scale:
     max_options: int = 7
     dim: int = 4096               # option-embedding size
     epochs: int = 6               # local steps per client per round
-    rounds: int = 3               # timed rounds / epochs, after one warm-up
+    rounds: int = 3               # timed FedAvg rounds, after one warm-up
+    central_epochs: int = 24      # timed centralized epochs per mode (8 steps each at 8 clients)
     repeats: int = 3              # timed local-step fits / evaluations, after one warm-up
     measure: tuple[str, ...] = MEASURES
 
 
 SCALES: dict[str, Scale] = {
     # GlobalOpinionQA as in the paper: 14 countries (8 train / 6 eval), Alpaca-7B embeddings.
-    "paper": Scale(clients=(8,), dim=4096),
-    "minilm": Scale(clients=(8,), dim=384),
+    "paper": Scale(clients=(8,), dim=4096, rounds=5),
+    "minilm": Scale(clients=(8,), dim=384, rounds=5),
     # 225 questions: a client's local 90% is 202 questions, more than the largest episode
     # (max_ctx + max_tar = 200), so episodes, hence step cost, are drawn exactly as at
     # 800 questions, while 518 groups stay ≈ 1.6 GB (two fp32 copies of 225·4.5·384 per group).
     "clients": Scale(clients=(8, 32, 128, 512), questions=225, dim=384, rounds=2, measure=("step", "round")),
     # For tests and smoke runs: seconds on a laptop.
-    "tiny": Scale(clients=(2,), eval_clients=2, questions=50, dim=32, rounds=1, repeats=1),
+    "tiny": Scale(clients=(2,), eval_clients=2, questions=50, dim=32, rounds=1, central_epochs=2, repeats=1),
 }
 
 
@@ -94,49 +96,6 @@ def optional_flag(parser: argparse.ArgumentParser, flag: str) -> argparse.Action
     # argparse has no public lookup by option string; this mapping is stable since Python 2.7.
     return parser._option_string_actions.get(flag)
 
-
-# --- FLOPs --------------------------------------------------------------------------
-
-def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
-    """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points.
-
-    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)).
-    """
-    d, ff, tokens = cfg.d_model, cfg.dim_feedforward, n_ctx + n_tgt
-    embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
-    per_layer = (tokens * d * d            # Q projection, every token
-                 + 2 * n_ctx * d * d       # K and V projections, context tokens only
-                 + 2 * tokens * n_ctx * d  # scores Q·Kᵀ and the weighted sum of V, over all heads
-                 + tokens * d * d          # output projection
-                 + 2 * tokens * d * ff)    # feed-forward, two linears
-    predictor = n_tgt * (d * ff + ff * 2 * cfg.dim_y)
-    return embedder + cfg.num_layers * per_layer + predictor
-
-
-def train_flops(cfg, n_ctx: int, n_tgt: int) -> int:
-    """FLOPs of one training step: 2 per multiply-add, TRAIN_FACTOR forward passes."""
-    return TRAIN_FACTOR * 2 * forward_macs(cfg, n_ctx, n_tgt)
-
-
-def episode_points(group, sizes, gen: torch.Generator, steps: int) -> list[tuple[int, int]]:
-    """(context points, target points) of the next `steps` episodes sample_episode would draw from `gen`.
-
-    Same draws as data_loaders.episodes.sample_episode, without gathering the embeddings.
-    """
-    from data_loaders.episodes import choose_questions
-    q_sizes = group.sizes.cpu()
-    out = []
-    for _ in range(steps):
-        n_ctx, n_tar = sizes.draw(gen)
-        c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
-        out.append((int(q_sizes[c].sum()), int(q_sizes[t].sum())))
-    return out
-
-
-def fit_episodes(client, cfg, round_: int) -> list[tuple[int, int]]:
-    """The episodes `client.fit(..., round_)` trains on (same generator as GroupClient.fit)."""
-    from utils.seeding import generator
-    return episode_points(client.local, cfg.sizes, generator(cfg.seed, "episodes", client.name, round_), cfg.epochs)
 
 
 # --- timing -------------------------------------------------------------------------
@@ -243,7 +202,7 @@ def measure_local_step(trainer, model, cfg, model_cfg, repeats: int, device) -> 
     _, client = min(trainer.clients.items())
     base = 10_000  # rounds the FedAvg timing never reaches, so its episodes stay untouched
     runs = repeat_timed(lambda r: client.fit(model, trainer.global_state, base + r), repeats, device)
-    eps = [fit_episodes(client, cfg, base + r) for r in range(2, repeats + 2)]
+    eps = [client.round_episodes(base + r) for r in range(2, repeats + 2)]
     flops = [sum(train_flops(model_cfg, c, t) for c, t in e) for e in eps]
     secs = [s for _, s in runs]
     points = [p for e in eps for p in e]
@@ -259,7 +218,7 @@ def round_flops(trainer, cfg, model_cfg, names: list[str], round_: int) -> tuple
 
     The second is what the vmap engine computes: it stacks all clients' episodes of a step.
     """
-    eps = [fit_episodes(trainer.clients[n], cfg, round_) for n in names]
+    eps = [trainer.clients[n].round_episodes(round_) for n in names]
     useful = sum(train_flops(model_cfg, c, t) for e in eps for c, t in e)
     padded = sum(len(names) * train_flops(model_cfg, max(e[i][0] for e in eps), max(e[i][1] for e in eps))
                  for i in range(cfg.epochs))
@@ -272,7 +231,8 @@ def measure_rounds(trainer, cfg, model_cfg, rounds: int, device, engine: str) ->
               for r, (stats, _) in enumerate(runs, start=2)]
     secs = [s for _, s in runs]
     useful = [u for u, _ in counts]
-    out = {"fedavg_round_s": statistics.median(secs), "fedavg_round_samples_s": secs,
+    out = {"fedavg_round_s": statistics.mean(secs), "fedavg_round_median_s": statistics.median(secs),
+           "fedavg_round_samples_s": secs,
            "gflop_per_round": sum(useful) / len(useful) / 1e9, "round_gflops": sum(useful) / sum(secs) / 1e9}
     if engine == "vmap":
         out["gflop_per_round_padded"] = sum(p for _, p in counts) / len(counts) / 1e9
@@ -293,7 +253,8 @@ def measure_central(args, data, cfg, rounds: int, repeats: int, device) -> dict:
     for mode in ("sequential", "batched"):
         trainer = make_trainer("centralized", argparse.Namespace(**{**vars(args), "central_mode": mode}),
                                data, cfg, device)
-        out["central_epoch_s"][mode] = median_s(repeat_timed(trainer.train_round, rounds, device))
+        # mean: episode sizes vary from epoch to epoch, and the protocol pays their sum
+        out["central_epoch_s"][mode] = statistics.mean(s for _, s in repeat_timed(trainer.train_round, rounds, device))
         if mode == "sequential":
             out["central_eval_full_s"] = median_s(repeat_timed(trainer.evaluate, repeats, device))
         del trainer
@@ -369,7 +330,7 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
         free(device)
     if "central" in measure:
         log("centralized epochs")
-        rec.update(measure_central(args, data, cfg, point["rounds"], point["repeats"], device))
+        rec.update(measure_central(args, data, cfg, point["central_epochs"], point["repeats"], device))
     proj = projection(rec, args)
     rec["projected_full_protocol_s"], rec["projection"] = proj["total_s"], proj
     rec["peak_rss_mb"] = peak_rss_mb()
@@ -427,7 +388,8 @@ def scale_points(opts: argparse.Namespace) -> list[dict]:
     from utils.cli import build_parser
     sc = SCALES[opts.scale]
     over = {k: getattr(opts, k) for k in ("eval_clients", "questions", "min_options", "max_options", "dim",
-                                          "epochs", "rounds", "repeats") if getattr(opts, k) is not None}
+                                          "epochs", "rounds", "central_epochs", "repeats")
+            if getattr(opts, k) is not None}
     if opts.clients:
         over["clients"] = tuple(int(c) for c in opts.clients.split(","))
     if opts.measure:
@@ -505,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_options", type=int, default=None, help="most options per question")
     p.add_argument("--dim", type=int, default=None, help="embedding dimension")
     p.add_argument("--epochs", type=int, default=None, help="local steps per client per round")
-    p.add_argument("--rounds", type=int, default=None, help="timed FedAvg rounds / centralized epochs (+1 warm-up)")
+    p.add_argument("--rounds", type=int, default=None, help="timed FedAvg rounds (+1 warm-up)")
+    p.add_argument("--central_epochs", type=int, default=None, help="timed centralized epochs per mode (+1 warm-up)")
     p.add_argument("--repeats", type=int, default=None, help="timed local-step fits and evaluations (+1 warm-up)")
     p.add_argument("--measure", default=None, help=f"comma-separated subset of {','.join(MEASURES)}")
     p.add_argument("--engines", default=None, help="comma-separated --client_engine values (if utils/cli.py has it)")

@@ -90,6 +90,19 @@ def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) 
     return collate([group], [c], [t])
 
 
+def episode_token_counts(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator,
+                         steps: int) -> list[tuple[int, int]]:
+    """(context points, target points) of the next `steps` episodes sample_episode would draw
+    from `gen`: the same draws, without gathering any embedding (for cost estimates)."""
+    q_sizes = group.sizes.cpu()
+    out = []
+    for _ in range(steps):
+        n_ctx, n_tar = sizes.draw(gen)
+        c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
+        out.append((int(q_sizes[c].sum()), int(q_sizes[t].sum())))
+    return out
+
+
 def sample_batch(groups: list[GroupData], sizes: EpisodeSizes, gen: torch.Generator,
                  shared_sizes: bool = True) -> Episode:
     """One episode per group in one padded batch.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data_loaders.episodes import EpisodeSizes
+from data_loaders.episodes import EpisodeSizes, episode_token_counts
 from data_loaders.schema import GroupData
 from models.gpo import GPO
 from training.evaluation import GroupEval, context_questions, score_group
@@ -84,6 +84,12 @@ class GroupClient:
                               self.optim_state, gen)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points)
+
+    def round_episodes(self, round_: int) -> list[tuple[int, int]]:
+        """(context, target) points of the episodes fit(..., round_) trains on, replayed from the
+        same generator without gathering any embedding."""
+        return episode_token_counts(self.local, self.cfg.sizes, generator(self.cfg.seed, "episodes", self.name, round_),
+                                    self.cfg.epochs)
 
     def evaluate(self, model: GPO, global_state: dict, round_: int) -> GroupEval | None:
         """Per-question distances under the global model, or None if nothing to score."""

@@ -15,7 +15,7 @@ from utils.seeding import generator
 
 from .aggregation import aggregation_weights, sample_clients, weighted_average
 from .client import ClientConfig, FitResult, GroupClient
-from .thread_engine import ThreadClientEngine, usable_cores
+from .thread_engine import ThreadClientEngine, default_workers
 from .vmap_engine import VmapClientEngine
 
 CLIENT_ENGINES = ("auto", "loop", "threads", "vmap")
@@ -43,12 +43,12 @@ def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tenso
 
 
 def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOConfig) -> str:
-    """`auto`: threads on a CPU with more than one usable core (faster there, see
+    """`auto`: threads on a CPU where torch may use more than one thread (faster there, see
     thread_engine.py), loop on a GPU (one device runs one client's kernels at a time anyway)
     and wherever threads are refused."""
     if requested != "auto":
         return requested
-    if device.type == "cpu" and usable_cores() > 1 and not model_cfg.dropout:
+    if device.type == "cpu" and default_workers() > 1 and not model_cfg.dropout:
         return "threads"
     return "loop"
 

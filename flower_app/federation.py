@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
-from federated.client import ClientConfig, FitResult
+from federated.client import ClientConfig
 from federated.fedavg import aggregate, check_min_clients, init_global_state
 from models.gpo import GPOConfig
 from training.evaluation import GroupEval

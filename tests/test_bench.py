@@ -12,26 +12,30 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench import (episode_points, forward_macs, num_evaluations, projection, resolve_variants,
-                              train_flops)
-from data_loaders.episodes import EpisodeSizes, sample_episode
+from benchmarks.bench import num_evaluations, projection, resolve_variants
+from data_loaders.episodes import EpisodeSizes, episode_token_counts, sample_episode
 from data_loaders.schema import GroupData
+from models.flops import forward_macs, train_flops
 from models.gpo import GPO, Episode, GPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flops_of_a_tiny_config_by_hand():
-    cfg = GPOConfig(dim_x=3, d_model=4, emb_depth=2, dim_feedforward=5, nhead=2, num_layers=1)
+    cfg = GPOConfig(dim_x=3, d_model=4, emb_depth=2, dim_feedforward=5, nhead=2, num_layers=2)
     # Nc = 2 context, Nt = 3 target points, T = 5 tokens; multiply-adds:
     #   embedder  T·((dim_x+dim_y)·d + (emb_depth-1)·d²) = 5·(4·4 + 1·16)   = 160
-    #   layer     Q  T·d² = 5·16 = 80;  K,V  2·Nc·d² = 2·2·16 = 64;
+    #   layer 1   Q  T·d² = 5·16 = 80;  K,V  2·Nc·d² = 2·2·16 = 64;
     #             scores + weighted sum  2·T·Nc·d = 2·5·2·4 = 80;
     #             out proj  T·d² = 80;  FFN  2·T·d·F = 2·5·4·5 = 200     → 504
+    #   layer 2   (last: target queries only, Nt = 3)  Q 48; K,V 64; scores 2·3·2·4 = 48;
+    #             out proj 48; FFN 2·3·4·5 = 120                         → 328
     #   predictor Nt·(d·F + F·2·dim_y) = 3·(20 + 10)                      = 90
-    #   total 160 + 504 + 90 = 754 MACs; forward 2·754 = 1508 FLOPs; training 3·1508 = 4524.
-    assert forward_macs(cfg, 2, 3) == 754
-    assert train_flops(cfg, 2, 3) == 4524
+    #   total 160 + 504 + 328 + 90 = 1082 MACs; forward 2·1082 = 2164 FLOPs.
+    #   Training: x·W_x (T·dim_x·d = 60 MACs) counts twice (forward, weight gradient),
+    #   everything else three times: 2·(3·(1082 − 60) + 2·60) = 6372.
+    assert forward_macs(cfg, 2, 3) == 1082
+    assert train_flops(cfg, 2, 3) == 6372
 
 
 def test_flops_match_torch_flop_counter():
@@ -47,21 +51,22 @@ def test_flops_match_torch_flop_counter():
     counted = counter.get_total_flops()
     ops = {str(op) for op in counter.get_flop_counts()["Global"]}
     if not any("scaled_dot_product" in op for op in ops):
-        # CPU attention is not registered with the counter: add its two T×Nc×d products per layer.
-        counted += cfg.num_layers * 2 * 2 * (nc + nt) * nc * cfg.d_model
+        # CPU attention is not registered with the counter: add its two (queries)×Nc×d products
+        # per layer; the last layer's queries are the targets only.
+        counted += 2 * 2 * ((cfg.num_layers - 1) * (nc + nt) + nt) * nc * cfg.d_model
     # The embedder's y column is applied elementwise (GPO.embed), not by a matmul the counter sees:
     # one multiply-add per token and d_model unit (targets' y = 0 is skipped, same arithmetic).
     counted += 2 * (nc + nt) * cfg.d_model
     assert counted == 2 * forward_macs(cfg, nc, nt)
 
 
-def test_episode_points_replay_the_episodes_sample_episode_draws():
+def test_episode_token_counts_replay_the_episodes_sample_episode_draws():
     sizes = torch.tensor([2, 3, 7, 4, 5, 2, 6, 3, 2, 4, 5, 7])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
     n = int(sizes.sum())
     group = GroupData("g", torch.zeros(n, 2), torch.full((n,), 0.25), offsets, torch.arange(len(sizes)))
     bounds = EpisodeSizes(2, 8, 2, 8)
-    replay = episode_points(group, bounds, torch.Generator().manual_seed(5), 4)
+    replay = episode_token_counts(group, bounds, torch.Generator().manual_seed(5), 4)
     gen = torch.Generator().manual_seed(5)
     drawn = [sample_episode(group, bounds, gen) for _ in range(4)]
     assert replay == [(int(e.ctx_mask.sum()), int(e.tgt_mask.sum())) for e in drawn]

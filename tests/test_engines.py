@@ -149,10 +149,10 @@ def test_threads_engine_restores_the_thread_count_and_reraises_client_errors(mon
 
 def test_auto_engine_picks_threads_on_a_multicore_cpu_else_loop(monkeypatch):
     import federated.fedavg as fedavg
-    monkeypatch.setattr(fedavg, "usable_cores", lambda: 4)
+    monkeypatch.setattr(fedavg, "default_workers", lambda: 4)
     assert trainer("--client_engine", "auto").client_engine == "threads"
     assert trainer("--client_engine", "auto", "--dropout", "0.1").client_engine == "loop"
-    monkeypatch.setattr(fedavg, "usable_cores", lambda: 1)
+    monkeypatch.setattr(fedavg, "default_workers", lambda: 1)
     assert trainer("--client_engine", "auto").client_engine == "loop"
     assert build_parser("fedavg").parse_args(ARGS).client_engine == "auto"
 

@@ -57,7 +57,7 @@ _FLAG_RULES = (
     ("train_batch_size", lambda v: v >= 1, ">= 1 groups per step"),
     ("eval_batch_size", lambda v: v >= 0, ">= 0 (0 = all targets at once)"),
     ("vmap_chunk", lambda v: v >= 0, ">= 0 (0 = all clients at once)"),
-    ("client_workers", lambda v: v >= 0, ">= 0 (0 = usable CPU cores)"),
+    ("client_workers", lambda v: v >= 0, ">= 0 (0 = torch's intra-op thread count)"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("d_model", lambda v: v >= 1, ">= 1"),
     ("num_layers", lambda v: v >= 1, ">= 1"),

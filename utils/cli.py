@@ -91,9 +91,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         t.add_argument("--client_engine", default="auto", choices=("auto", "loop", "threads", "vmap"),
                        help="how the sampled clients' local steps run: one after another (loop), side by side "
                             "on one thread each (threads), or as one batched computation over stacked client "
-                            "weights (vmap); auto = threads on a multi-core CPU, else loop")
+                            "weights (vmap); auto = threads on a CPU where torch uses more than one thread, else loop")
         t.add_argument("--client_workers", type=int, default=0,
-                       help="with --client_engine threads: worker threads (0 = usable CPU cores)")
+                       help="with --client_engine threads: worker threads (0 = torch's intra-op thread count)")
         t.add_argument("--vmap_chunk", type=int, default=0,
                        help="with --client_engine vmap: clients per batched chunk to bound memory (0 = all)")
         t.add_argument("--save_client", action="store_true", help="also save each client's optimizer state in checkpoints")
