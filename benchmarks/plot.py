@@ -101,8 +101,9 @@ def write_markdown(results_dir: Path = RESULTS_DIR) -> Path:
         raise SystemExit(f"error: no benchmark results in {results_dir}; run python -m benchmarks.bench --save first")
     lines = ["# Benchmark results", "",
              "Written by `python -m benchmarks.bench --markdown` from the JSON files beside this one; "
-             "what each column means: benchmarks/README.md. Times are medians; – means not measured "
-             "at that scale.", ""]
+             "what each column means: benchmarks/README.md. FedAvg rounds and centralized epochs are "
+             "means (medians in files written before that change), local steps and evaluations "
+             "medians; – means not measured at that scale. Each section names the commit it ran.", ""]
     for res in results:
         lines += markdown_section(res)
     out = results_dir / "results.md"
@@ -143,7 +144,7 @@ def plot_round_time(results_dir: Path = RESULTS_DIR, scales: tuple[str, ...] = (
     ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("training clients per round")
-    ax.set_ylabel("FedAvg round time (s, median)")
+    ax.set_ylabel("FedAvg round time (s)")
     ax.set_title("FedAvg round time against the number of clients")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

@@ -87,7 +87,7 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
         f = fed.config
         lines.append(f"- **FedAvg**: {f.get('comm_round')} rounds, {f.get('epochs')} local steps per client, "
                      f"weighting {f.get('weighting')}, client fraction {f.get('client_fraction')}, "
-                     f"engine `{f.get('client_engine')}`, evaluation every {f.get('federated_eval')} rounds; "
+                     f"engine `{f.get('client_engine_resolved') or f.get('client_engine')}`, evaluation every {f.get('federated_eval')} rounds; "
                      f"{fmt(_steps_per_round(runset, 'fedavg'), '{:.0f}')} gradient steps per round.")
     if cen:
         k = cen.config

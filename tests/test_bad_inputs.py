@@ -258,9 +258,12 @@ def test_row27_cuda_requested_without_cuda(capsys):
     fails(capsys, *SMALL, "--device", "cuda", expect="--device cuda: this PyTorch build sees no CUDA device")
 
 
-def test_row28_conflicting_flags_vmap_and_bf16(capsys):
-    fails(capsys, *SMALL, "--client_engine", "vmap", "--precision", "bf16",
-          expect="--precision bf16 does not work with --client_engine vmap")
+@pytest.mark.parametrize("flags,expect", [
+    (("--client_engine", "vmap", "--precision", "bf16"), "--precision bf16 does not work with --client_engine vmap"),
+    (("--client_engine", "threads", "--dropout", "0.1"), "--dropout 0.1 does not work with --client_engine threads"),
+])
+def test_row28_conflicting_flags(capsys, flags, expect):
+    fails(capsys, *SMALL, *flags, expect=expect)
 
 
 def test_row29_min_above_max_episode_size(capsys):

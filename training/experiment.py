@@ -13,7 +13,7 @@ from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
 from federated.client import ClientConfig
-from federated.fedavg import FedAvgTrainer, check_min_clients
+from federated.fedavg import FedAvgTrainer, check_min_clients, resolve_client_engine
 from models.gpo import GPOConfig
 from training.centralized import CentralizedTrainer
 from training.local import OptimConfig
@@ -139,6 +139,9 @@ def resolved_config(args, method: str, data: ExperimentData, metric: str, device
                train_groups=sorted(data.train), eval_groups=sorted(data.eval),
                data=data.info, environment=environment_info(),
                model_config=model_config(args, data.dim_x).to_dict())
+    if method == "fedavg" and getattr(args, "engine", "inprocess") == "inprocess":
+        cfg["client_engine_resolved"] = resolve_client_engine(args.client_engine, device,
+                                                              model_config(args, data.dim_x))
     return cfg
 
 
@@ -155,7 +158,8 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     if plan.finished:
         log(f"{method}: nothing to do; summary in {run_dir.summary_path}")
         return json.loads(run_dir.summary_path.read_text())
-    log(f"{method}: run folder {run_dir.path} on {device}")
+    engine = f", client engine {config['client_engine_resolved']}" if "client_engine_resolved" in config else ""
+    log(f"{method}: run folder {run_dir.path} on {device}{engine}")
     trainer = make_trainer(method, args, data, cfg, device)
     rounds = args.comm_round if method == "fedavg" else args.central_epochs
     every = args.federated_eval if method == "fedavg" else args.eval_freq

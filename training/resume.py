@@ -21,7 +21,7 @@ RUNS_ROOT = "runs"
 VOLATILE = frozenset({
     "resume", "out_dir", "quiet", "wandb", "wndb_project_name", "environment", "device",
     "device_resolved", "data_path", "cache_dir", "emb_device", "emb_batch_size", "also_centralized",
-    "client_engine", "vmap_chunk", "client_workers", "eval_batch_size", "save_client",
+    "client_engine", "client_engine_resolved", "vmap_chunk", "client_workers", "eval_batch_size", "save_client",
     "engine", "round_timeout", "node_wait", "sim_backend", "sim_client_cpus", "sim_client_gpus",
 })
 _DATA_IDENTITY = ("source_hash", "kept_questions")
