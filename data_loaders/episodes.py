@@ -68,10 +68,10 @@ def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torc
                        ones(len(tp)), tseg[None], len(tgt_q[0]))
     nc = max(len(p) for p, _ in ctx_parts)
     nt = max(len(p) for p, _ in tgt_parts)
-    ref = groups[0].x
+    ref, ref_y = groups[0].x, groups[0].y  # x may be stored in bf16 (bf16_input), y never is
     D = ref.shape[1]
-    xc, yc = ref.new_zeros(B, nc, D), ref.new_zeros(B, nc)
-    xt, yt = ref.new_zeros(B, nt, D), ref.new_zeros(B, nt)
+    xc, yc = ref.new_zeros(B, nc, D), ref_y.new_zeros(B, nc)
+    xt, yt = ref.new_zeros(B, nt, D), ref_y.new_zeros(B, nt)
     ctx_mask = torch.zeros(B, nc, dtype=torch.bool, device=ref.device)
     tgt_mask = torch.zeros(B, nt, dtype=torch.bool, device=ref.device)
     tgt_seg = torch.zeros(B, nt, dtype=torch.long, device=ref.device)

@@ -57,9 +57,9 @@ def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
     if engine not in CLIENT_ENGINES:
         raise ValueError(f"--client_engine {engine!r}: choose one of {', '.join(CLIENT_ENGINES)}")
     if engine == "vmap" and model_cfg.precision != "fp32":
-        raise DataError("--precision bf16 does not work with --client_engine vmap: autocast does not "
-                        "compose with torch.func's grad under vmap (backward fails on mixed dtypes)",
-                        "use --client_engine loop with bf16, or fp32 with vmap")
+        raise DataError(f"--precision {model_cfg.precision} does not work with --client_engine vmap: "
+                        "mixed dtypes do not compose with torch.func's grad under vmap (backward fails)",
+                        f"use --client_engine loop or threads with {model_cfg.precision}, or fp32 with vmap")
     if engine in ("vmap", "threads") and model_cfg.dropout:
         why = ("random ops under torch.func.vmap would need per-client RNG streams" if engine == "vmap" else
                "dropout draws from torch's one global RNG, which concurrent clients would share")

@@ -28,7 +28,9 @@ class GPOConfig:
     dropout: float = 0.0
     num_layers: int = 6
     bound_std: bool = False
-    precision: str = "fp32"       # "bf16": matmuls under autocast; softmax, loss and std stay fp32
+    # "bf16": matmuls under autocast; softmax, loss and std stay fp32.
+    # "bf16_input": only x·W_x in bf16 (bf16 operands and product, fp32 accumulation); the rest fp32.
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,9 +141,16 @@ class GPO(nn.Module):
         Evaluation embeds a whole group's points with it and then gathers 128-wide rows,
         instead of gathering 4096-wide embeddings into an episode first.
         """
-        first, dim_x = self.embedder[0], self.config.dim_x
         with self._autocast(x):
-            return F.linear(x, first.weight[:, :dim_x], first.bias)
+            return self._x_linear(x)
+
+    def _x_linear(self, x: torch.Tensor) -> torch.Tensor:
+        first, dim_x = self.embedder[0], self.config.dim_x
+        w_x = first.weight[:, :dim_x]
+        if self.config.precision == "bf16_input":
+            # bf16 operands and product (fp32 accumulation inside the GEMM); bias and all after in fp32
+            return F.linear(x.to(torch.bfloat16), w_x.to(torch.bfloat16)).float() + first.bias
+        return F.linear(x, w_x, first.bias)
 
     def _autocast(self, x: torch.Tensor):
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
@@ -153,7 +162,7 @@ class GPO(nn.Module):
         embedding dimensions would copy the whole episode once more per forward pass.
         """
         first, dim_x = self.embedder[0], self.config.dim_x
-        h = x if projected else F.linear(x, first.weight[:, :dim_x], first.bias)
+        h = x if projected else self._x_linear(x)
         if y is not None:
             h = h + y.unsqueeze(-1).to(h.dtype) * first.weight[:, dim_x]
         return self.embedder[1:](h)
@@ -161,7 +170,8 @@ class GPO(nn.Module):
     def encode_targets(self, ep: Episode) -> torch.Tensor:
         """Representations of the target tokens, [B, Nt, d_model]."""
         if self._fused_first_layer(ep):
-            hc, ht = FirstLayer.apply(ep.xc, ep.yc, ep.xt, self.embedder[0].weight, self.embedder[0].bias)
+            low = torch.bfloat16 if self.config.precision == "bf16_input" else None
+            hc, ht = FirstLayer.apply(ep.xc, ep.yc, ep.xt, self.embedder[0].weight, self.embedder[0].bias, low)
             h = self.embedder[1:](torch.cat([hc, ht], dim=1))
         else:
             h = torch.cat([self.embed(ep.xc, ep.yc, ep.projected), self.embed(ep.xt, None, ep.projected)], dim=1)
@@ -173,10 +183,10 @@ class GPO(nn.Module):
         return h
 
     def _fused_first_layer(self, ep: Episode) -> bool:
-        """FirstLayer serves fp32 training steps; torch.func (vmap engine), autocast and
-        already-projected episodes take the plain path, which gives the same numbers."""
-        return (torch.is_grad_enabled() and not ep.projected and self.config.precision == "fp32"
-                and self.layers[0].fused_attention and ep.xc.dtype == torch.float32)
+        """FirstLayer serves training steps in fp32 and bf16_input; torch.func (vmap engine),
+        autocast and already-projected episodes take the plain path (same numbers)."""
+        return (torch.is_grad_enabled() and not ep.projected and self.config.precision in ("fp32", "bf16_input")
+                and self.layers[0].fused_attention)
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""
@@ -211,14 +221,20 @@ class FirstLayer(torch.autograd.Function):
     Autograd through `W[:, :dim_x]` and `W[:, dim_x]` allocates a zeroed [d, dim_x + 1]
     gradient per slice and per call (context, targets) and copies into it, about 6% of a
     paper-scale step; here the weight gradient is written once, in place, with BLAS.
+    With `low_dtype` bf16 (precision bf16_input) the two dim_x-wide products, x·W_xᵀ and its
+    weight gradient, run in bf16 with fp32 accumulation; all else stays fp32.
     """
 
     @staticmethod
-    def forward(ctx, xc, yc, xt, weight, bias):
+    def forward(ctx, xc, yc, xt, weight, bias, low_dtype=None):
         dim_x = xc.shape[-1]
         w_x = weight[:, :dim_x]
-        hc = F.linear(xc, w_x, bias).addcmul_(yc.unsqueeze(-1), weight[:, dim_x])
-        ht = F.linear(xt, w_x, bias)
+        if low_dtype is None:
+            hc, ht = F.linear(xc, w_x, bias), F.linear(xt, w_x, bias)
+        else:
+            xc, xt, w_low = xc.to(low_dtype), xt.to(low_dtype), w_x.to(low_dtype)
+            hc, ht = F.linear(xc, w_low).float() + bias, F.linear(xt, w_low).float() + bias
+        hc.addcmul_(yc.unsqueeze(-1), weight[:, dim_x])
         ctx.save_for_backward(xc, yc, xt)
         return hc, ht
 
@@ -228,10 +244,15 @@ class FirstLayer(torch.autograd.Function):
         dim_x, d = xc.shape[-1], grad_c.shape[-1]
         gc, gt = grad_c.reshape(-1, d), grad_t.reshape(-1, d)
         grad_w = gc.new_empty(d, dim_x + 1)
-        torch.mm(gc.t(), xc.reshape(-1, dim_x), out=grad_w[:, :dim_x])
-        grad_w[:, :dim_x].addmm_(gt.t(), xt.reshape(-1, dim_x))
+        if xc.dtype == gc.dtype:
+            torch.mm(gc.t(), xc.reshape(-1, dim_x), out=grad_w[:, :dim_x])
+            grad_w[:, :dim_x].addmm_(gt.t(), xt.reshape(-1, dim_x))
+        else:
+            low = xc.dtype
+            grad_w[:, :dim_x] = gc.t().to(low) @ xc.reshape(-1, dim_x)
+            grad_w[:, :dim_x] += gt.t().to(low) @ xt.reshape(-1, dim_x)
         torch.mv(gc.t(), yc.reshape(-1), out=grad_w[:, dim_x])
-        return None, None, None, grad_w, gc.sum(0) + gt.sum(0)
+        return None, None, None, grad_w, gc.sum(0) + gt.sum(0), None
 
 
 def segment_softmax(values: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, num_seg: int) -> torch.Tensor:

@@ -161,3 +161,15 @@ def test_threads_with_dropout_is_refused_clearly():
     from data_loaders.schema import DataError
     with pytest.raises(DataError, match="does not work with --client_engine threads"):
         trainer("--client_engine", "threads", "--dropout", "0.1")
+
+
+def test_bf16_input_trains_with_loop_and_threads_and_is_refused_by_vmap():
+    from data_loaders.schema import DataError
+    loop, threads = (trainer("--precision", "bf16_input", "--client_engine", e) for e in ("loop", "threads"))
+    for tr in (loop, threads):
+        stats = tr.train_round(1)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats["train_loss_per_client"].values())
+        evals, _ = tr.evaluate(1)
+        assert evals and all(0 < e.score <= 1 for e in evals.values())
+    with pytest.raises(DataError, match="--precision bf16_input does not work with --client_engine vmap"):
+        trainer("--client_engine", "vmap", "--precision", "bf16_input")

@@ -80,8 +80,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--train_batch_size", type=int, default=32,
                    help="groups per step in --central_mode batched")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="bf16 runs the model's matmuls under autocast (loss and softmax stay fp32)")
+    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "bf16_input"),
+                   help="bf16 runs the model's matmuls under autocast (loss and softmax stay fp32); "
+                        "bf16_input keeps the option embeddings in bf16 and runs only their product with "
+                        "the first layer (x·W_x and its weight gradient) in bf16, the rest in fp32")
     if method == "fedavg":
         t.add_argument("--comm_round", type=int, default=1300, help="communication rounds (paper: 1300)")
         t.add_argument("--epochs", type=int, default=6, help="local steps per client per round")
