@@ -113,17 +113,23 @@ def test_score_group_projected_path_equals_gathering_the_embeddings():
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_first_layer_function_gives_autograds_gradients():
-    """FirstLayer (training path) against autograd through the sliced weight (plain path)."""
-    from models.gpo import FirstLayer
-    model, (ep, _) = tiny_model(), toy_episode()
-    grads = []
+def loss_and_grads_on_both_paths(model: GPO, ep) -> list[tuple[torch.Tensor, dict]]:
+    """[(loss, gradients)] through FirstLayer (the training path), then through the plain path."""
+    out = []
     for fused in (True, False):
         model.zero_grad()
         model._fused_first_layer = (lambda e: True) if fused else (lambda e: False)
         loss = model.loss(ep)
         loss.backward()
-        grads.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        out.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    return out
+
+
+def test_first_layer_function_gives_autograds_gradients():
+    """FirstLayer (training path) against autograd through the sliced weight (plain path)."""
+    from models.gpo import FirstLayer
+    model, (ep, _) = tiny_model(), toy_episode()
+    grads = loss_and_grads_on_both_paths(model, ep)
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6)
     for name, g in grads[0][1].items():
         assert torch.allclose(g, grads[1][1][name], atol=1e-6), name
@@ -159,13 +165,7 @@ def test_bf16_input_runs_only_the_x_product_in_bf16():
     # the GEMM's output is bf16 too: within half a bf16 ulp (2^-9 relative) of the fp32 sum
     assert ((low.project(ep.xt) - b - product).abs() <= product.abs() * 2 ** -8 + 1e-7).all()
     assert (low.project(ep.xt) - fp32.project(ep.xt)).abs().max() > 1e-5
-    results = []
-    for fused in (True, False):
-        low.zero_grad()
-        low._fused_first_layer = (lambda e: True) if fused else (lambda e: False)
-        loss = low.loss(ep)
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in low.named_parameters()}))
+    results = loss_and_grads_on_both_paths(low, ep)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
     for name, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][name], rtol=1e-2, atol=1e-3), name
