@@ -65,7 +65,13 @@ class ThreadClientEngine:
         order = sorted(range(len(clients)), key=lambda i: -cost[i])
         with one_intra_op_thread():
             futures = {i: self._pool.submit(run, clients[i]) for i in order}
-            wait(futures.values())  # all done before the thread count is restored, even after an error
+            try:
+                wait(futures.values())  # all done before the thread count is restored
+            except BaseException:  # Ctrl-C: drop the clients not started, let the running ones end
+                for f in futures.values():
+                    f.cancel()
+                wait(futures.values())
+                raise
         return [futures[i].result() for i in range(len(clients))]  # client order; errors re-raised here
 
     def close(self) -> None:

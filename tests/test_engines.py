@@ -173,3 +173,28 @@ def test_bf16_input_trains_with_loop_and_threads_and_is_refused_by_vmap():
         assert evals and all(0 < e.score <= 1 for e in evals.values())
     with pytest.raises(DataError, match="--precision bf16_input does not work with --client_engine vmap"):
         trainer("--client_engine", "vmap", "--precision", "bf16_input")
+
+
+def test_threads_engine_interrupted_drops_the_clients_not_started(monkeypatch):
+    """Ctrl-C during a round: clients not yet started are cancelled, the thread count restored."""
+    import concurrent.futures
+    import federated.thread_engine as te
+    tr = trainer("--client_engine", "threads", "--client_workers", "1")
+    started = []
+    real_fit = type(tr.clients[sorted(tr.clients)[0]]).fit
+    monkeypatch.setattr(type(tr.clients[sorted(tr.clients)[0]]), "fit",
+                        lambda self, *a: started.append(self.name) or real_fit(self, *a))
+    calls = []
+
+    def interrupted_wait(fs, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return concurrent.futures.wait(fs, *a, **k)
+
+    monkeypatch.setattr(te, "wait", interrupted_wait)
+    saved = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        tr.train_round(1)
+    assert torch.get_num_threads() == saved
+    assert len(started) < len(tr.clients)  # the queued clients never ran
