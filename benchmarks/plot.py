@@ -104,9 +104,9 @@ def write_markdown(results_dir: Path = RESULTS_DIR) -> Path:
              "what each column means: benchmarks/README.md. FedAvg rounds and centralized epochs are "
              "means (medians in files written before that change), local steps and evaluations "
              "medians; – means not measured at that scale. Each section names the commit it ran; "
-             "its GFLOP figures use that commit's FLOP model (files from before commit 5bb6d84 "
-             "count the last layer's context rows and x·W_x's input gradient, which the model "
-             "no longer computes, so their GFLOP/s read high).", ""]
+             "its GFLOP figures use that commit's FLOP model: files from before commit 5bb6d84 "
+             "count the last layer's context rows (computed then, skipped since) and an input "
+             "gradient of x·W_x that was never computed, so their GFLOP/s read high.", ""]
     for res in results:
         lines += markdown_section(res)
     out = results_dir / "results.md"
