@@ -97,7 +97,6 @@ def optional_flag(parser: argparse.ArgumentParser, flag: str) -> argparse.Action
     return parser._option_string_actions.get(flag)
 
 
-
 # --- timing -------------------------------------------------------------------------
 
 def sync(device: torch.device) -> None:

@@ -198,3 +198,21 @@ def test_threads_engine_interrupted_drops_the_clients_not_started(monkeypatch):
         tr.train_round(1)
     assert torch.get_num_threads() == saved
     assert len(started) < len(tr.clients)  # the queued clients never ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_fedavg_rounds_on_cuda_match_cpu(engine):
+    args = build_parser("fedavg").parse_args([*ARGS, "--client_engine", engine])
+    data = prepare_experiment(args, log=lambda *a: None)
+    cpu = make_trainer("fedavg", build_parser("fedavg").parse_args([*ARGS, "--client_engine", "loop"]), data,
+                       client_config(args, "jsd"), "cpu")
+    gpu = make_trainer("fedavg", args, data, client_config(args, "jsd"), "cuda")
+    assert gpu.client_engine == ("loop" if engine == "auto" else "vmap")
+    for rnd in (1, 2):
+        a, b = cpu.train_round(rnd), gpu.train_round(rnd)
+        for name in a["train_loss_per_client"]:
+            assert b["train_loss_per_client"][name] == pytest.approx(a["train_loss_per_client"][name], rel=1e-3)
+    (ev_a, _), (ev_b, _) = cpu.evaluate(2), gpu.evaluate(2)
+    for name in ev_a:
+        assert torch.allclose(ev_a[name].distances, ev_b[name].distances.cpu(), atol=1e-3)

@@ -1,6 +1,8 @@
 """GPO model: equal to the GPO-masked nn.TransformerEncoder, vectorised softmax, one-pass scoring."""
 import math
 
+import pytest
+
 import torch
 import torch.nn as nn
 
@@ -171,3 +173,15 @@ def test_bf16_input_runs_only_the_x_product_in_bf16():
         assert torch.allclose(g, results[1][1][name], rtol=1e-2, atol=1e-3), name
     assert torch.allclose(results[0][0], fp32.loss(ep).detach(), rtol=1e-2)
     assert not torch.equal(results[0][0], fp32.loss(ep).detach())  # it is a different precision
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_training_step_on_cuda_matches_cpu():
+    """FirstLayer writes its weight gradient through strided out= views; cuBLAS must agree."""
+    model, (ep, _) = tiny_model(), toy_episode()
+    cpu = loss_and_grads_on_both_paths(model, ep)[0]
+    gpu_model = tiny_model().cuda()
+    gpu = loss_and_grads_on_both_paths(gpu_model, ep.to("cuda"))[0]
+    assert torch.allclose(cpu[0], gpu[0].cpu(), rtol=1e-4)
+    for name, g in cpu[1].items():
+        assert torch.allclose(g, gpu[1][name].cpu(), rtol=1e-3, atol=1e-5), name
