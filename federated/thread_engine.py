@@ -73,6 +73,3 @@ class ThreadClientEngine:
                 wait(futures.values())
                 raise
         return [futures[i].result() for i in range(len(clients))]  # client order; errors re-raised here
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)

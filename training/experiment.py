@@ -134,14 +134,13 @@ def check_sample_size(args, num_train: int) -> None:
 
 
 def resolved_config(args, method: str, data: ExperimentData, metric: str, device) -> dict:
+    mcfg = model_config(args, data.dim_x)
     cfg = {k: v for k, v in vars(args).items()}
     cfg.update(method=method, metric=metric, device_resolved=str(device), dim_x=data.dim_x,
                train_groups=sorted(data.train), eval_groups=sorted(data.eval),
-               data=data.info, environment=environment_info(),
-               model_config=model_config(args, data.dim_x).to_dict())
+               data=data.info, environment=environment_info(), model_config=mcfg.to_dict())
     if method == "fedavg" and getattr(args, "engine", "inprocess") == "inprocess":
-        cfg["client_engine_resolved"] = resolve_client_engine(args.client_engine, device,
-                                                              model_config(args, data.dim_x))
+        cfg["client_engine_resolved"] = resolve_client_engine(args.client_engine, device, mcfg)
     return cfg
 
 

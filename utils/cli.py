@@ -9,6 +9,7 @@ import argparse
 
 from data_loaders.datasets import DATASETS
 from federated.aggregation import WEIGHTINGS
+from federated.fedavg import CLIENT_ENGINES
 from training.centralized import CENTRAL_MODES
 
 
@@ -90,7 +91,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         t.add_argument("--client_fraction", type=float, default=1.0, help="share of training clients sampled per round")
         t.add_argument("--weighting", default="dataset_size", choices=WEIGHTINGS,
                        help="FedAvg weights: dataset_size (paper), episode_points (released code), uniform")
-        t.add_argument("--client_engine", default="auto", choices=("auto", "loop", "threads", "vmap"),
+        t.add_argument("--client_engine", default="auto", choices=CLIENT_ENGINES,
                        help="how the sampled clients' local steps run: one after another (loop), side by side "
                             "on one thread each (threads), or as one batched computation over stacked client "
                             "weights (vmap); auto = threads on a CPU where torch uses more than one thread, else loop")
