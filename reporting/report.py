@@ -179,28 +179,28 @@ def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     return lines
 
 
+# key -> (word when FedAvg's value is positive, word when negative, sentence with {value} {word})
+_AGREEMENT = {
+    "rounds_fewer_pct": ("fewer", "more", "- FedAvg converged in {value:.1f}% {word} rounds than centralized "
+                         f"(paper: {PAPER['rounds_fewer_pct']:.0f}% fewer, round 634 vs 1,180)"),
+    "steps_fewer_pct": ("fewer", "more", "- In gradient steps FedAvg needed {value:.1f}% {word} than centralized to "
+                        f"converge (paper, implied: {abs(PAPER['steps_fewer_pct']):.0f}% more)"),
+    "alignment_gain_pct": ("higher", "lower", "- FedAvg's final mean evaluation alignment is {value:.2f}% {word} than "
+                           "centralized (paper: about +4%)"),
+    "best_alignment_gain_pct": ("higher", "lower",
+                                "- Best-over-training mean evaluation alignment: FedAvg {value:.2f}% {word}"),
+}
+
+
 def agreement_lines(items) -> list[str]:
     out = []
     for h in items:
         if h.measured is None:
             out.append(f"- {h.label}: not measured.")
-            continue
-        if h.key == "rounds_fewer_pct":
-            word = "fewer" if h.measured > 0 else "more"
-            out.append(f"- FedAvg converged in {abs(h.measured):.1f}% {word} rounds than centralized "
-                       f"(paper: {PAPER['rounds_fewer_pct']:.0f}% fewer, round 634 vs 1,180): **{h.verdict}**.")
-        elif h.key == "steps_fewer_pct":
-            word = "fewer" if h.measured > 0 else "more"
-            out.append(f"- In gradient steps FedAvg needed {abs(h.measured):.1f}% {word} than centralized to "
-                       f"converge (paper, implied: {abs(PAPER['steps_fewer_pct']):.0f}% more): **{h.verdict}**.")
-        elif h.key == "alignment_gain_pct":
-            word = "higher" if h.measured > 0 else "lower"
-            out.append(f"- FedAvg's final mean evaluation alignment is {abs(h.measured):.2f}% {word} than "
-                       f"centralized (paper: about +4%): **{h.verdict}**.")
-        elif h.key == "best_alignment_gain_pct":
-            word = "higher" if h.measured > 0 else "lower"
-            out.append(f"- Best-over-training mean evaluation alignment: FedAvg {abs(h.measured):.2f}% {word}: "
-                       f"**{h.verdict}**.")
+        elif h.key in _AGREEMENT:
+            up, down, sentence = _AGREEMENT[h.key]
+            word = up if h.measured > 0 else down
+            out.append(sentence.format(value=abs(h.measured), word=word) + f": **{h.verdict}**.")
         elif h.key == "fi_diff":
             out.append(f"- Fairness: FI difference {h.measured:+.5f} (paper: FI ≈ 1 for both): **{h.verdict}**.")
     return out

@@ -153,6 +153,13 @@ HEADLINES = (
 )
 
 
+def _size(measured: float, paper: float, tolerance: float) -> str:
+    """How a difference that agrees with the paper in direction compares with the paper's."""
+    if abs(measured - paper) <= tolerance:
+        return "similar size"
+    return "smaller" if measured < paper else "larger"
+
+
 def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float | None]) -> str:
     if measured is None:
         return "not measured (a method has no value)"
@@ -165,8 +172,8 @@ def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float
         if abs(measured) < 0.05:
             return f"disagrees: no difference in rounds (paper: {p:.0f}% fewer){sig}"
         if measured > 0:
-            size = "similar size" if abs(measured - p) <= 10 else ("smaller" if measured < p else "larger")
-            return f"agrees in direction (FedAvg converges in fewer rounds); {size} than the paper's {p:.0f}%{sig}"
+            return (f"agrees in direction (FedAvg converges in fewer rounds); {_size(measured, p, 10)} "
+                    f"than the paper's {p:.0f}%{sig}")
         return f"disagrees: FedAvg needs {-measured:.1f}% more rounds (paper: {p:.0f}% fewer){sig}"
     if key == "steps_fewer_pct":
         p = PAPER["steps_fewer_pct"]
@@ -179,8 +186,8 @@ def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float
         if abs(measured) < 0.005:
             return f"disagrees: no difference in alignment (paper: ~+{p:.0f}%){sig}"
         if measured > 0:
-            size = "similar size" if abs(measured - p) <= 1.5 else ("smaller" if measured < p else "larger")
-            return f"agrees in direction (FedAvg aligns better); {size} than the paper's ~+{p:.0f}%{sig}"
+            return (f"agrees in direction (FedAvg aligns better); {_size(measured, p, 1.5)} "
+                    f"than the paper's ~+{p:.0f}%{sig}")
         return f"disagrees: FedAvg aligns {abs(measured):.2f}% worse (paper: ~+{p:.0f}%){sig}"
     if key == "fi_diff":
         f, c = fi.get("fedavg"), fi.get("centralized")
