@@ -2,8 +2,8 @@
 
 A client's local step is many small operations (d_model 128, a few hundred tokens), which
 two intra-op threads split poorly: measured at paper scale on the 2-core CPU of
-benchmarks/results, one step takes ~64 ms on one thread and ~39 ms on two, while two
-clients on one thread each finish a step every ~34 ms. So each worker runs whole clients
+benchmarks/results, one step takes 71 ms on one thread and 38 ms on two, while two
+clients on one thread each finish a step every 34 ms (README, Speed). So each worker runs whole clients
 with one intra-op thread. Every client's
 arithmetic then runs on a single thread from the same inputs, so its numbers do not depend
 on the number of workers or on which worker ran it (tested), and equal the loop engine's

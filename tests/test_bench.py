@@ -138,3 +138,15 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     from benchmarks.plot import plot_round_time
     png = plot_round_time(tmp_path, ("tiny",))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ab_command_times_two_variants_in_one_process():
+    cmd = [sys.executable, "-m", "benchmarks.ab", "--scale", "tiny", "--rounds", "2",
+           "--a", "--client_engine loop", "--b", "--client_engine threads --client_workers 2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert (res["a_engine"], res["b_engine"]) == ("loop", "threads")
+    assert len(res["samples_s"]["a"]) == len(res["samples_s"]["b"]) == 2
+    assert res["a_round_s"] > 0 and res["b_round_s"] > 0
+    assert res["b_over_a"] == pytest.approx(res["b_round_s"] / res["a_round_s"])
