@@ -75,7 +75,11 @@ class VmapClientEngine:
         self.template = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=optim.betas).state_dict()
 
     def _loss(self, params: dict, fields: dict, num_tgt_q: int) -> torch.Tensor:
-        return functional_call(self.model, params, (Episode(**fields, num_tgt_q=num_tgt_q),)).sum()
+        ep = Episode(**fields, num_tgt_q=num_tgt_q)
+        nll = functional_call(self.model, params, (ep,)).sum()
+        # A client's own episode has no padding (its Nt slots are all real); the stacking pads
+        # to the largest client, so count the client's real target points, not the padded width.
+        return nll / ep.tgt_mask.sum() if self.model.config.loss_reduction == "slot_mean" else nll
 
     def fit(self, clients: list[GroupClient], global_state: dict, round_: int, steps: int,
             seed: int) -> list[FitResult]:

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+LAYER_INITS = ("independent", "clones")
+LOSS_REDUCTIONS = ("sum", "slot_mean")
+
 
 @dataclass
 class GPOConfig:
@@ -31,6 +34,11 @@ class GPOConfig:
     # "bf16": matmuls under autocast; softmax, loss and std stay fp32.
     # "bf16_input": only x·W_x in bf16 (bf16 operands and product, fp32 accumulation); the rest fp32.
     precision: str = "fp32"
+    # "independent" (paper): every layer drawn on its own; "clones" (released code): all start as layer 0.
+    layer_init: str = "independent"
+    # "sum" (GPO): NLL summed over real target points, mean over episodes; "slot_mean" (released
+    # code): the same sum divided by B·Nt, every padded target slot counted (method.md §3).
+    loss_reduction: str = "sum"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +131,14 @@ class GPO(nn.Module):
                                     for _ in range(c.num_layers))
         self.predictor = nn.Sequential(nn.Linear(c.d_model, c.dim_feedforward), nn.ReLU(),
                                        nn.Linear(c.dim_feedforward, c.dim_y * 2))
+        if c.layer_init not in LAYER_INITS:
+            raise ValueError(f"layer_init {c.layer_init!r}: choose one of {', '.join(LAYER_INITS)}")
+        if c.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction {c.loss_reduction!r}: choose one of {', '.join(LOSS_REDUCTIONS)}")
+        if c.layer_init == "clones":
+            # nn.TransformerEncoder deep-copies the layer it is given, so all layers start equal.
+            for layer in self.layers[1:]:
+                layer.load_state_dict(self.layers[0].state_dict())
 
     @contextmanager
     def explicit_attention(self):
@@ -205,8 +221,12 @@ class GPO(nn.Module):
         return -(log_prob * ep.tgt_mask).sum(-1)
 
     def loss(self, ep: Episode) -> torch.Tensor:
-        """Mean over the batch of episodes (method.md §3)."""
-        return self.forward(ep).mean()
+        """Mean over the batch of episodes (method.md §3); `slot_mean` also divides by the
+        padded number of target slots Nt, as the released code's `.sum(-1).mean()` does."""
+        nll = self.forward(ep)
+        if self.config.loss_reduction == "slot_mean":
+            return nll.sum() / (nll.shape[0] * ep.yt.shape[1])
+        return nll.mean()
 
     @torch.no_grad()
     def predict(self, ep: Episode) -> torch.Tensor:

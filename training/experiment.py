@@ -39,7 +39,9 @@ def client_config(args, metric: str) -> ClientConfig:
 def model_config(args, dim_x: int) -> GPOConfig:
     return GPOConfig(dim_x=dim_x, d_model=args.d_model, emb_depth=args.emb_depth,
                      dim_feedforward=args.dim_feedforward, nhead=args.nhead, dropout=args.dropout,
-                     num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision)
+                     num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision,
+                     layer_init=getattr(args, "layer_init", "independent"),
+                     loss_reduction=getattr(args, "loss_reduction", "sum"))
 
 
 # (flag, is the value fine, what it must be); flags missing from a parser are skipped.

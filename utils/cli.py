@@ -10,13 +10,18 @@ import argparse
 from data_loaders.datasets import DATASETS
 from federated.aggregation import WEIGHTINGS
 from federated.fedavg import CLIENT_ENGINES
+from models.gpo import LAYER_INITS, LOSS_REDUCTIONS
 from training.centralized import CENTRAL_MODES
 
 
 def _groups(text: str) -> list[str]:
     """Comma-separated names; semicolon-separated when any name holds a comma ('$100,000 or more')."""
     sep = ";" if ";" in text else ","
-    return [g.strip() for g in text.split(sep) if g.strip()]
+    names = [g.strip() for g in text.split(sep) if g.strip()]
+    if not names:  # '' would otherwise fall back to the default groups without a word
+        raise argparse.ArgumentTypeError(f"{text!r} names no group; list at least one, or leave the flag out "
+                                         "for the default groups")
+    return names
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
@@ -31,6 +36,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="globalqa: the hub CSV (else $PLURALLLM_GLOBALQA_CSV, else download); "
                         "opinionqa: the human_resp folder (else $PLURALLLM_OPINIONQA_DIR)")
     d.add_argument("--strict", action="store_true", help="stop at the first unparsable row instead of skipping it")
+    d.add_argument("--encoding", default="utf-8",
+                   help="text encoding of the globalqa CSV (e.g. latin-1 for a file saved by a spreadsheet)")
     d.add_argument("--train_groups", type=_groups, default=None,
                    help="comma-separated training groups (use ';' when a name holds a comma) "
                         "(default: the paper's 8 countries for globalqa)")
@@ -68,6 +75,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     m.add_argument("--num_layers", type=int, default=6, help="transformer layers")
     m.add_argument("--dropout", type=float, default=0.0, help="dropout")
     m.add_argument("--bound_std", action="store_true", help="std = 0.05 + 0.95·softplus instead of exp")
+    m.add_argument("--layer_init", default="independent", choices=LAYER_INITS,
+                   help="independent: each transformer layer drawn on its own (paper); clones: every layer starts "
+                        "as a copy of the first (released code: nn.TransformerEncoder deep-copies its layer)")
+    m.add_argument("--loss_reduction", default="sum", choices=LOSS_REDUCTIONS,
+                   help="sum: negative log-likelihood summed over target points, mean over episodes (GPO's "
+                        "objective); slot_mean: divided by every padded target slot (released code)")
 
     t = p.add_argument_group("training")
     t.add_argument("--seed", type=int, default=0,
@@ -78,6 +91,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--min_ctx_num_qs", type=int, default=10, help="fewest context questions per episode")
     t.add_argument("--max_tar_num_qs", type=int, default=100, help="most target questions per episode")
     t.add_argument("--min_tar_num_qs", type=int, default=10, help="fewest target questions per episode")
+    t.add_argument("--episode_bounds", default="flags", choices=("flags", "code"),
+                   help="flags: the four episode bounds as given (paper); code: scaled by --data_split and "
+                        "truncated (10..100 -> 9..90 at 0.9), as the released code does")
+    t.add_argument("--grad_clip", type=float, default=0.0,
+                   help="largest L2 norm of the gradient of one local step, clipped above it (0 = off, the paper)")
     t.add_argument("--train_batch_size", type=int, default=32,
                    help="groups per step in --central_mode batched")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -105,6 +123,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--central_epochs", type=int, default=1300, help="centralized epochs (paper: 1300)")
     t.add_argument("--central_mode", default="sequential", choices=CENTRAL_MODES,
                    help="sequential: one step per group per epoch (paper); batched: one step per batch (released code)")
+    t.add_argument("--central_steps", type=int, default=1,
+                   help="centralized: steps per training group (sequential) or per batch (batched) in each epoch, "
+                        "each on its own episode; --central_steps = --epochs matches a FedAvg round's gradient steps")
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--federated_eval", type=int, default=10, help="FedAvg: evaluate every N rounds")
@@ -148,6 +169,14 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="Weights & Biases: online when logged in (auto), offline files, or nothing")
     o.add_argument("--wndb_project_name", default="plurallm", help="W&B project")
     o.add_argument("--quiet", action="store_true", help="print less (no per-group load lines)")
+    o.add_argument("--log_every", type=int, default=10,
+                   help="when stderr is not a terminal (nohup, job scripts): print a progress line every N rounds "
+                        "and at every evaluation (0 = only at evaluations)")
+    o.add_argument("--keep_checkpoints", type=int, default=3,
+                   help="resumable checkpoints kept (the newest N; older ones are deleted), besides final and best")
+    o.add_argument("--keep_best", action="store_true",
+                   help="also keep the checkpoint of the best mean evaluation alignment (checkpoints/best.json)")
+    o.add_argument("--no_plots", action="store_true", help="do not write loss.png and alignment.png into the run folder")
     return p
 
 
