@@ -12,6 +12,7 @@ code counted a NaN distance as a perfect score; method.md §8).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -244,6 +245,17 @@ def cov(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) -> float:
 def fairness_index(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) -> float:
     """FI = 1 / (1 + CoV²): 1 when all groups score the same, towards 0 as they spread."""
     return 1.0 / (1.0 + cov(scores) ** 2)
+
+
+def worst_group(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) -> dict[str, float]:
+    """The worst-served groups, which mean and FI hide (FI stays near 1 when all scores sit near 0.8).
+
+    worst: the minimum group AS; gap: best minus worst; bottom_quarter: the mean AS of the
+    ceil(n/4) lowest-scoring groups (at least one group, so with 1-4 groups it is the worst).
+    """
+    arr = np.sort(_scores_array(scores))
+    k = max(1, math.ceil(arr.size / 4))
+    return {"worst": float(arr[0]), "gap": float(arr[-1] - arr[0]), "bottom_quarter": float(arr[:k].mean())}
 
 
 # ---------------------------------------------------------------------------------------
