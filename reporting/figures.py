@@ -18,9 +18,9 @@ import numpy as np
 
 from utils.metrics import smooth_curve
 
-from .runs import METHOD_LABELS, METHODS, Run, RunSet
+from .runs import METHOD_LABELS, Run, RunSet
 
-COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange"}
+COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange", "centralized_matched": "tab:green"}
 BAND = "band: min–max over seeds; line: mean over seeds"
 
 
@@ -66,7 +66,7 @@ def _band(ax, x, ys, method):
 
 
 def _conv_lines(ax, runset: RunSet, key: str):
-    for m in METHODS:
+    for m in runset.methods:
         vals = [(r.summary or {}).get(key) for r in runset.finished(m).values()]
         vals = [v for v in vals if v is not None]
         if vals:
@@ -89,7 +89,7 @@ def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
 def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn, window = False, 21
-    for m in METHODS:
+    for m in runset.methods:
         rounds, loss, steps, window = loss_matrix(runset.finished(m))
         if loss.size == 0:
             continue
@@ -111,7 +111,7 @@ def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
 def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_axis: str = "round") -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
-    for m in METHODS:
+    for m in runset.methods:
         rounds, vals, steps = eval_matrix(runset.finished(m), key)
         if vals.size == 0:
             continue
@@ -132,7 +132,7 @@ def fig_fi(runset: RunSet, path: Path) -> Path | None:
     drawn = False
     for ax, key, what in ((axes[0], "eval_fi", "unseen evaluation groups"),
                           (axes[1], "train_fi", "training groups (held-out questions)")):
-        for m in METHODS:
+        for m in runset.methods:
             rounds, vals, _ = eval_matrix(runset.finished(m), key)
             if vals.size:
                 _band(ax, rounds, vals, m)

@@ -1,7 +1,11 @@
 """One command for the paper's tables and figures: train every (method, seed), then report.
 
-  <out_root>/fedavg_s<seed>/, <out_root>/centralized_s<seed>/   one standard run folder each
-  <out_root>/reproduce.json                                      the command(s), split rule, timings
+  <out_root>/<method>_s<seed>/    one standard run folder each, for the methods of --methods:
+      fedavg                      main_fl.py
+      centralized                 main_centralized.py, one step per training group per epoch (paper)
+      centralized_matched         main_centralized.py with --central_steps = FedAvg's --epochs: an
+                                  epoch takes as many gradient steps as a FedAvg round
+  <out_root>/reproduce.json       the command(s), split rule, timings (paths relative to the repository)
 
 A folder that finished with the same result-changing flags is reused; one that was
 interrupted (config.json, no summary.json) is resumed from its latest checkpoint; one
@@ -33,31 +37,47 @@ from utils.cli import build_parser, resolve_metric
 from utils.device import resolve_device
 from utils.run_io import atomic_write_json
 
+from .paths import default_data_path, shown_argv
 from .predictions import prediction_data
 from .report import MANIFEST, write_report
-from .runs import METHODS, RunFolderError, collect, find_run_folders
+from .runs import ENTRY_POINTS, METHODS, RunFolderError, collect, find_run_folders, method_label
 
-REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothing (resuming is automatic)",
-             "--also_centralized": "nothing (both methods always run)"}
+             "--also_centralized": "--methods",
+             "--central_steps": "--methods ... centralized_matched (its steps per group are --epochs; "
+                                "centralized keeps the paper's 1)"}
+DEFAULT_METHODS = ["fedavg", "centralized"]
 
+# The paper's protocol (method.md §3-§7), every value written out so that a change of a parser
+# default cannot move it: 1,300 FedAvg rounds (every client, 6 local steps, dataset-size
+# weights) and 1,300 sequential centralized epochs, evaluation every 10, seeds 0-3, GPO's
+# model and episode sizes. OpinionQA with MiniLM by default (the data at hand; the paper's
+# Alpaca-7B embeddings are not), and the compute-matched baseline as a third method.
+PAPER_PROTOCOL = dict(
+    dataset="opinionqa", emb_model="minilm", seeds=[0, 1, 2, 3],
+    methods=["fedavg", "centralized", "centralized_matched"],
+    comm_round=1300, central_epochs=1300, central_mode="sequential", federated_eval=10, eval_freq=10,
+    epochs=6, client_fraction=1.0, weighting="dataset_size", lr=3e-4, num_steps=100,
+    min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100, episode_bounds="flags",
+    data_split=0.9, eval_num_qs=20, eval_seed=0, eval_resample=False, metric="auto", split_seed=0,
+    d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6, dropout=0.0, bound_std=False,
+    layer_init="independent", loss_reduction="sum", grad_clip=0.0, precision="fp32",
+    wandb="off", quiet=True,
+)
 
-def _default_globalqa_csv() -> str | None:
-    env = os.environ.get("PLURALLLM_GLOBALQA_CSV")
-    if env:
-        return env
-    p = REPO.parent / "shared" / "data" / "globalopinionqa_sample" / "global_opinions_sample.csv"
-    return str(p) if p.is_file() else None
-
-
-# A few rounds of both methods on the real GlobalOpinionQA sample with MiniLM embeddings and
+# A few rounds of every method on the real GlobalOpinionQA sample with MiniLM embeddings and
 # a small model: the whole pipeline (train, reuse, report, figures) in about two minutes.
 PRESETS = {
     "smoke": dict(dataset="globalqa", seeds=[0, 1], comm_round=4, central_epochs=4, federated_eval=2,
                   eval_freq=2, epochs=2, emb_model="minilm", wandb="off", quiet=True, d_model=32,
                   dim_feedforward=32, num_layers=2, min_ctx_num_qs=3, max_ctx_num_qs=15, min_tar_num_qs=3,
-                  max_tar_num_qs=15, eval_num_qs=5, name="smoke"),
+                  max_tar_num_qs=15, eval_num_qs=5, name="smoke",
+                  methods=["fedavg", "centralized", "centralized_matched"]),
+    "paper": PAPER_PROTOCOL,
 }
+PRESET_HELP = ("smoke: every method, 2 seeds, 4 rounds, small model, GlobalOpinionQA sample (about 2 minutes); "
+               "paper: the paper's protocol (1,300 rounds and epochs, seeds 0-3, every method; --dataset "
+               "opinionqa by default, or globalqa), outputs named <dataset>_paper")
 
 
 def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -67,6 +87,9 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
                      "report from the run folders. Every training flag of main_fl.py passes through.")
     r = p.add_argument_group("reproduce")
     r.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default 0 1 2 3)")
+    r.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="methods to train and report (default fedavg centralized; presets: all three). "
+                        "centralized_matched = centralized with --central_steps = --epochs")
     r.add_argument("--out_root", default=None, help="folder of the run folders (default runs/reproduce/<name>)")
     r.add_argument("--results_dir", default=None,
                    help="where the report, tables and figures go (default docs/results; smoke: <out_root>/results)")
@@ -79,14 +102,16 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--fig3_groups", nargs=2, default=None, metavar=("GROUP_A", "GROUP_B"),
                    help="the two evaluation groups of Fig. 3 (default: the most different pair)")
     r.add_argument("--fig3_qkey", type=int, default=None, help="the question of Fig. 3 (default: chosen)")
-    r.add_argument("--preset", choices=sorted(PRESETS), default=preset,
-                   help="smoke: 2 seeds, 4 rounds, small model, GlobalOpinionQA sample (about 2 minutes)")
+    r.add_argument("--preset", choices=sorted(PRESETS), default=preset, help=PRESET_HELP)
     if preset:
-        values = dict(PRESETS[preset])
-        if values.get("dataset") == "globalqa":
-            values.setdefault("data_path", _default_globalqa_csv())
-        p.set_defaults(**values)
+        p.set_defaults(**PRESETS[preset])
     return p
+
+
+def _paper_name(args) -> str:
+    """opinionqa_paper; globalqa_sample_paper for the shared sample CSV, else globalqa_paper."""
+    sample = args.dataset == "globalqa" and "sample" in Path(str(args.data_path or "")).name
+    return f"{args.dataset}{'_sample' if sample else ''}_paper"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,8 +126,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.seeds = [0, 1, 2, 3]
     if len(set(args.seeds)) != len(args.seeds):
         raise DataError(f"--seeds {args.seeds} names a seed twice", "list each seed once")
+    args.methods_given = args.methods is not None  # by the user or a preset
+    methods = args.methods or DEFAULT_METHODS
+    if len(set(methods)) != len(methods):
+        raise DataError(f"--methods {' '.join(methods)} names a method twice", "list each method once")
+    args.methods = [m for m in METHODS if m in methods]  # table and figure order
+    if args.preset and args.data_path is None:  # as the user gave it: env var, or ../shared/data/...
+        args.data_path = default_data_path(args.dataset)
     args.name_given = args.name is not None
-    args.name = args.name or args.dataset
+    args.name = args.name or (_paper_name(args) if args.preset == "paper" else args.dataset)
     args.out_root = Path(args.out_root or Path("runs") / "reproduce" / args.name)
     if args.results_dir is None:
         args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
@@ -148,20 +180,24 @@ class Planned:
     action: str            # fresh | reuse | resume | restart (config matched, no checkpoint yet)
 
 
-_FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in METHODS}
+_FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in set(ENTRY_POINTS.values())}
 
 
 def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argparse.Namespace:
     """The flags of one run, exactly as main_fl.py / main_centralized.py would have parsed them.
 
     Only that entry point's flags are kept (none of this script's own, and for the centralized
-    run none of FedAvg's such as --comm_round), so the run's config.json, and the run identity
-    that decides reuse, is the same as if the run had been started by hand.
+    runs none of FedAvg's such as --comm_round), so the run's config.json, and the run identity
+    that decides reuse, is the same as if the run had been started by hand. centralized takes
+    one step per group per epoch (the paper); centralized_matched takes FedAvg's --epochs.
     """
-    a = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in _FLAGS[method]})
+    entry = ENTRY_POINTS[method]
+    a = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in _FLAGS[entry]})
     a.seed, a.out_dir, a.resume = seed, str(out_dir), resume
-    if method == "fedavg":
+    if entry == "fedavg":
         a.also_centralized = False
+    else:
+        a.central_steps = args.epochs if method == "centralized_matched" else 1
     return a
 
 
@@ -169,7 +205,7 @@ def plan_runs(args, data_for_seed, device) -> list[Planned]:
     plan, errors = [], []
     metric = resolve_metric(args)
     for seed in args.seeds:
-        for method in METHODS:
+        for method in args.methods:
             path = args.out_root / f"{method}_s{seed}"
             cfg_path = path / "config.json"
             if not cfg_path.is_file():
@@ -183,10 +219,11 @@ def plan_runs(args, data_for_seed, device) -> list[Planned]:
             except ValueError as e:
                 errors.append(f"{cfg_path} is unreadable ({e})")
                 continue
-            if stored.get("method") != method:
-                errors.append(f"{path} holds a {stored.get('method')!r} run, not {method!r}")
+            if method_label(stored) != method:
+                errors.append(f"{path} holds a {method_label(stored)!r} run, not {method!r}")
                 continue
-            requested = resolved_config(seed_args(args, seed, path, False, method), method, data_for_seed(seed),
+            entry = ENTRY_POINTS[method]
+            requested = resolved_config(seed_args(args, seed, path, False, method), entry, data_for_seed(seed),
                                         metric, device)
             diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
             if diffs:
@@ -221,8 +258,8 @@ def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=Non
         resume = p.action in ("resume", "restart")
         log(f"[{i}/{len(todo)}] {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
         t0 = time.perf_counter()
-        run_method(p.method, seed_args(args, p.seed, p.path, resume, p.method), data_for_seed(p.seed), p.path,
-                   log=log)
+        run_method(ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, resume, p.method), data_for_seed(p.seed),
+                   p.path, log=log)
         log(f"[{i}/{len(todo)}] {p.method} seed {p.seed} done in {time.perf_counter() - t0:.1f} s")
         done["resumed" if resume else "trained"].append(p.path.name)
         if on_progress:
@@ -231,7 +268,8 @@ def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=Non
 
 
 def _command(argv: list[str]) -> str:
-    return "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in argv)
+    """The command as typed, absolute paths shown relative to the repository (the manifest travels)."""
+    return "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in shown_argv(argv))
 
 
 def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, session: dict) -> None:
@@ -246,7 +284,7 @@ def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, sess
     sessions = [s for s in manifest.get("sessions", []) if s.get("started") != session["started"]] + [session]
     working = [s for s in sessions if s.get("trained") or s.get("resumed")]
     manifest.update(command=_command(argv), split_rule=split_rule, threads=args.threads or torch.get_num_threads(),
-                    seeds=args.seeds, sessions=sessions,
+                    seeds=args.seeds, methods=args.methods, sessions=sessions,
                     wall_time_s=round(sum(s["wall_time_s"] for s in working), 1) if working else None)
     out_root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, manifest)
@@ -255,8 +293,9 @@ def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, sess
 # ----------------------------------------------------------------------------------------
 
 
-def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, data=None, log=print) -> dict:
-    runset = collect(paths, seeds)
+def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, data=None, log=print,
+           methods: list[str] | None = None) -> dict:
+    runset = collect(paths, seeds, methods)
     c = runset.counts()
     for m, k in c.items():
         log(f"{m}: {k['finished']} finished, {k['interrupted']} interrupted, {k['missing']} missing "
@@ -297,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             paths = find_run_folders(args.runs or [str(args.out_root)])
             seeds = args.seeds if any(a == "--seeds" for a in argv) else None
-            report(args, argv, paths, seeds)
+            report(args, argv, paths, seeds, methods=args.methods if args.methods_given else None)
             return 0
         t0 = time.perf_counter()
         check_flags(args)
@@ -327,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         save({}, "running")
         save(execute(plan, args, data_for_seed, on_progress=lambda d: save(d, "running")), "finished")
         paths = [p.path for p in plan]
-        report(args, argv, paths, args.seeds, data=data_for_seed(args.seeds[0]))
+        report(args, argv, paths, args.seeds, data=data_for_seed(args.seeds[0]), methods=args.methods)
         print(f"done in {time.perf_counter() - t0:.1f} s")
     except (DataError, RunFolderError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .figures import make_figures
-from .runs import METHOD_LABELS, METHODS, RunSet, run_commands
+from .paths import shown, shown_argv
+from .runs import METHOD_LABELS, RunSet, run_commands
 from .tables import PAPER, csv_table, fmt, headlines, markdown_headlines, markdown_table, method_stats
 
 MANIFEST = "reproduce.json"
@@ -57,7 +58,9 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
         return ["No finished runs."]
     fed = next(iter(runset.finished("fedavg").values()), None)
     cen = next(iter(runset.finished("centralized").values()), None)
-    c = (fed or cen).config
+    mat = next(iter(runset.finished("centralized_matched").values()), None)
+    first = fed or cen or mat
+    c = first.config
     data = c.get("data") or {}
     emb = data.get("embedding") or {}
     env = c.get("environment") or {}
@@ -66,7 +69,7 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     split = (manifest or {}).get("split_rule") or "as recorded in each run's config.json"
     seeds = sorted({r.seed for r in runs})
     lines = [
-        f"- **Data**: {DATASET_TEXT.get(c.get('dataset'), c.get('dataset'))}; source `{data.get('source')}`, "
+        f"- **Data**: {DATASET_TEXT.get(c.get('dataset'), c.get('dataset'))}; source `{shown(data.get('source'))}`, "
         f"{data.get('kept_questions')} questions kept; content hash `{str(data.get('source_hash'))[:12]}`.",
         f"- **Groups**: {len(tr)} training clients / {len(ev)} unseen evaluation groups "
         f"({'the same split for every seed and method' if same_split else 'NOT the same split in every run'}; "
@@ -94,13 +97,20 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
         lines.append(f"- **Centralized**: {k.get('central_epochs')} epochs, mode `{k.get('central_mode')}`, "
                      f"evaluation every {k.get('eval_freq')} epochs; "
                      f"{fmt(_steps_per_round(runset, 'centralized'), '{:.0f}')} gradient steps per epoch.")
+    if mat:
+        k = mat.config
+        lines.append(f"- **Centralized, compute-matched**: the centralized baseline with {k.get('central_steps')} "
+                     f"steps per training group per epoch (`--central_steps`, = FedAvg's local steps), each on its "
+                     f"own episode; {k.get('central_epochs')} epochs, mode `{k.get('central_mode')}`, evaluation "
+                     f"every {k.get('eval_freq')} epochs; "
+                     f"{fmt(_steps_per_round(runset, 'centralized_matched'), '{:.0f}')} gradient steps per epoch.")
     threads = (manifest or {}).get("threads")
     lines.append(f"- **Machine**: device `{c.get('device_resolved')}`, {env.get('cpu_count')} CPU cores"
                  + (f", {threads} torch thread(s) per process" if threads else "")
                  + f"; torch {env.get('torch')}; git commit `{str(env.get('git_commit'))[:10]}`"
                  + (" (dirty tree)" if env.get("git_dirty") else "") + ".")
     lines.append(f"- **Convergence round** (method.md §7): first round where the training loss, smoothed by a "
-                 f"centred moving average of {((fed or cen).summary.get('convergence') or {}).get('window_rounds')} "
+                 f"centred moving average of {(first.summary.get('convergence') or {}).get('window_rounds')} "
                  "rounds, has made 95% of its total progress (L₀ − L_t)/(L₀ − L_final).")
     return lines
 
@@ -119,7 +129,7 @@ def run_lines(runset: RunSet) -> list[str]:
     for r in runset.interrupted:
         lines.append(f"| `{r.path.name}` | {r.method} | {r.seed} | {r.last_round} of {r.planned_rounds} "
                      "(interrupted, not in the statistics) | – | – |")
-    for m in METHODS:
+    for m in runset.methods:
         for s in runset.missing(m):
             lines.append(f"| – | {m} | {s} | missing (not in the statistics) | – | – |")
     return lines
@@ -164,13 +174,13 @@ def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:
                      "1 − JS distance: other groups and another distance, so absolute alignment and FI values "
                      "do not compare with the paper's; the direction of the comparisons does.")
     elif ds == "globalqa":
-        src = str((c.get("data") or {}).get("source", ""))
+        src = str((c.get("data") or {}).get("source") or "")
         lines.append(f"- **Dataset**: `{Path(src).name}` with {(c.get('data') or {}).get('kept_questions')} "
                      "questions kept; a country has tens of questions here instead of hundreds in the full "
                      "GlobalOpinionQA, so episodes are much smaller "
                      f"(context {c.get('min_ctx_num_qs')}–{c.get('max_ctx_num_qs')}, evaluation context "
                      f"{c.get('eval_num_qs')} questions) and each group's score rests on few questions.")
-    n = min(len(runset.finished(m)) for m in METHODS)
+    n = min(len(runset.finished(m)) for m in runset.methods)
     if n < 4:
         lines.append(f"- **Seeds**: {n} per method (paper: 4); the confidence intervals are wide.")
     if c.get("central_mode") == "batched":
@@ -228,13 +238,13 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
     cmd_lines = []
     if manifest and manifest.get("command"):
         cmd_lines += ["Training and report (one command; finished runs are reused, interrupted ones resumed):",
-                      "", "```bash", manifest["command"], "```", ""]
+                      "", "```bash", shown_command(manifest["command"]), "```", ""]
     elif runs:
         cmd_lines += ["Commands recorded in the run folders (config.json → environment.argv):", "", "```bash",
-                      *run_commands(runs), "```", ""]
+                      *(shown_command(c) for c in run_commands(runs)), "```", ""]
     if report_command:
         cmd_lines += ["This report (from the run folders alone):", "", "```bash",
-                      "python " + " ".join(shlex.quote(a) for a in report_command), "```", ""]
+                      "python " + " ".join(shlex.quote(a) for a in shown_argv(report_command)), "```", ""]
     if manifest and manifest.get("wall_time_s") is not None:
         cmd_lines.append(f"The training command took {manifest['wall_time_s'] / 60:.1f} min of wall time "
                          f"(all methods and seeds, one process, {manifest.get('threads') or 'default'} torch "
@@ -264,8 +274,8 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
                          "differ most (largest JS distance between the two groups).")
 
     st = method_stats(runset)
-    conv = {m: st["convergence_round"][m].mean for m in METHODS}
-    al = {m: st["final_eval_alignment_score"][m].mean for m in METHODS}
+    conv = {m: st["convergence_round"][m].mean for m in runset.methods}
+    al = {m: st["final_eval_alignment_score"][m].mean for m in runset.methods}
     body = [
         f"# {title or f'Reproduction over seeds: {dataset}' + ('' if stem == dataset else f' ({stem})')}",
         "",
@@ -275,9 +285,9 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         "",
         "## Where this agrees or disagrees with the paper",
         "",
-        f"Convergence round, mean over seeds: FedAvg {fmt(conv['fedavg'], '{:.1f}')}, centralized "
-        f"{fmt(conv['centralized'], '{:.1f}')} (paper: 634 vs 1,180). Final mean evaluation alignment: FedAvg "
-        f"{fmt(al['fedavg'])}, centralized {fmt(al['centralized'])}.",
+        f"Convergence round, mean over seeds: FedAvg {fmt(conv.get('fedavg'), '{:.1f}')}, centralized "
+        f"{fmt(conv.get('centralized'), '{:.1f}')} (paper: 634 vs 1,180). Final mean evaluation alignment: FedAvg "
+        f"{fmt(al.get('fedavg'))}, centralized {fmt(al.get('centralized'))}.",
         "",
         *agreement_lines(items),
         "",
@@ -318,6 +328,15 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         body += ["", "## Warnings", ""] + [f"- {w}" for w in runset.warnings]
     paths["report"].write_text("\n".join(body).rstrip() + "\n", encoding="utf-8")
     return paths
+
+
+def shown_command(command: str) -> str:
+    """A recorded command line with its absolute paths shown relative to the repository."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    return " ".join(shlex.quote(w) for w in shown_argv(words))
 
 
 def current_command() -> list[str]:

@@ -19,8 +19,23 @@ from pathlib import Path
 
 from utils.run_io import read_metrics
 
-METHODS = ("fedavg", "centralized")
-METHOD_LABELS = {"fedavg": "FedAvg", "centralized": "Centralized"}
+from .paths import shown
+
+# Report methods. centralized_matched is the centralized entry point with --central_steps K > 1
+# (K = FedAvg's --epochs: an epoch then takes as many gradient steps as a FedAvg round).
+METHODS = ("fedavg", "centralized", "centralized_matched")
+ENTRY_POINTS = {"fedavg": "fedavg", "centralized": "centralized", "centralized_matched": "centralized"}
+METHOD_LABELS = {"fedavg": "FedAvg", "centralized": "Centralized",
+                 "centralized_matched": "Centralized, compute-matched"}
+
+
+def method_label(config: dict) -> str | None:
+    """The report method of a run's config.json (folders older than --central_steps count as 1 step)."""
+    method = config.get("method")
+    if method == "centralized" and int(config.get("central_steps") or 1) > 1:
+        return "centralized_matched"
+    return method
+
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as requested; the message ends with a hint."""
@@ -53,7 +68,8 @@ class Run:
 
     @property
     def method(self) -> str | None:
-        return self.config.get("method")
+        """fedavg | centralized | centralized_matched (see method_label)."""
+        return method_label(self.config)
 
     @property
     def seed(self) -> int | None:
@@ -84,9 +100,9 @@ def load_run(path: str | Path) -> Run:
     if not (path / "config.json").is_file():
         return Run(path, "empty")
     config = _read_json(path / "config.json")
-    if config.get("method") not in METHODS:
+    if config.get("method") not in ENTRY_POINTS.values():
         raise RunFolderError(f"{path}/config.json has method {config.get('method')!r}",
-                             f"expected one of {', '.join(METHODS)}: is this a PluralLLM run folder?")
+                             f"expected fedavg or centralized: is this a PluralLLM run folder?")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a truncated last line (interrupted run) is expected here
         metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
@@ -125,6 +141,7 @@ class RunSet:
     duplicates: list[Path]
     seeds: list[int]                  # the seeds expected (requested, or found)
     warnings: list[str]
+    methods: tuple[str, ...] = METHODS  # the methods reported (requested, or found), in METHODS order
 
     def finished(self, method: str) -> dict[int, Run]:
         return self.by_method.get(method, {})
@@ -133,16 +150,16 @@ class RunSet:
         have = set(self.finished(method)) | {r.seed for r in self.interrupted if r.method == method}
         return [s for s in self.seeds if s not in have]
 
-    def paired_seeds(self) -> list[int]:
-        return sorted(set(self.finished("fedavg")) & set(self.finished("centralized")))
+    def paired_seeds(self, a: str = "fedavg", b: str = "centralized") -> list[int]:
+        return sorted(set(self.finished(a)) & set(self.finished(b)))
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {m: {"expected": len(self.seeds), "finished": len(self.finished(m)),
                     "interrupted": sum(1 for r in self.interrupted if r.method == m),
-                    "missing": len(self.missing(m))} for m in METHODS}
+                    "missing": len(self.missing(m))} for m in self.methods}
 
     def all_finished(self) -> list[Run]:
-        return [r for m in METHODS for _, r in sorted(self.finished(m).items())]
+        return [r for m in self.methods for _, r in sorted(self.finished(m).items())]
 
 
 # Settings that must agree between all folders of one report (else it compares apples and pears).
@@ -151,7 +168,9 @@ CONSISTENCY_KEYS = ("dataset", "train_groups", "eval_groups", "metric", "eval_nu
                     "max_tar_num_qs", "min_tar_num_qs", "lr", "num_steps")
 
 
-def collect(paths: list[Path], seeds: list[int] | None = None) -> RunSet:
+def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str] | None = None) -> RunSet:
+    """methods: those to report (a method without any folder is then reported missing); default:
+    every method with at least one folder."""
     runs = [load_run(p) for p in paths]
     by_method: dict[str, dict[int, Run]] = {m: {} for m in METHODS}
     interrupted, duplicates, notes = [], [], []
@@ -164,8 +183,8 @@ def collect(paths: list[Path], seeds: list[int] | None = None) -> RunSet:
         slot = by_method[r.method]
         if r.seed in slot:
             duplicates.append(r.path)
-            notes.append(f"{r.path}: a second finished {r.method} run of seed {r.seed} "
-                         f"(kept {slot[r.seed].path}); ignored")
+            notes.append(f"{shown(r.path)}: a second finished {r.method} run of seed {r.seed} "
+                         f"(kept {shown(slot[r.seed].path)}); ignored")
             continue
         slot[r.seed] = r
     finished = [r for m in METHODS for r in by_method[m].values()]
@@ -182,7 +201,9 @@ def collect(paths: list[Path], seeds: list[int] | None = None) -> RunSet:
             notes.append(f"{m} runs have different lengths {sorted(lengths)}: curves are cut to the shortest")
     if seeds is None:
         seeds = sorted({r.seed for r in runs if r.seed is not None})
-    return RunSet(by_method, interrupted, duplicates, list(seeds), notes)
+    present = {r.method for r in runs if r.status != "empty"}
+    chosen = tuple(m for m in METHODS if (m in methods if methods is not None else m in present))
+    return RunSet(by_method, interrupted, duplicates, list(seeds), notes, chosen)
 
 
 def run_commands(runs: list[Run]) -> list[str]:

@@ -98,14 +98,14 @@ def seed_values(runset: RunSet) -> dict[str, dict[str, dict[int, float | None]]]
     """{metric key: {method: {seed: value}}} over the finished runs."""
     out: dict[str, dict[str, dict[int, float | None]]] = {}
     for key, _, get, _ in ROWS:
-        out[key] = {m: {s: get(r) for s, r in sorted(runset.finished(m).items())} for m in METHODS}
+        out[key] = {m: {s: get(r) for s, r in sorted(runset.finished(m).items())} for m in runset.methods}
     return out
 
 
 def method_stats(runset: RunSet) -> dict[str, dict[str, Stat]]:
     """{metric key: {method: Stat over its seeds}}."""
     vals = seed_values(runset)
-    return {k: {m: describe(list(v[m].values())) for m in METHODS} for k, v in vals.items()}
+    return {k: {m: describe(list(v[m].values())) for m in runset.methods} for k, v in vals.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,10 +212,11 @@ def headlines(runset: RunSet) -> list[Headline]:
     paper = {"rounds_fewer_pct": PAPER["rounds_fewer_pct"], "steps_fewer_pct": PAPER["steps_fewer_pct"],
              "alignment_gain_pct": PAPER["alignment_gain_pct"],
              "best_alignment_gain_pct": PAPER["alignment_gain_pct"], "fi_diff": 0.0}
-    fi = {m: st["final_eval_fi"][m].mean for m in METHODS}
+    fi = {m: st["final_eval_fi"][m].mean for m in runset.methods}
     out = []
     for key, label, metric, fn, unit in HEADLINES:
-        measured = fn(st[metric]["fedavg"].mean, st[metric]["centralized"].mean)
+        a, b = st[metric].get("fedavg", describe([])), st[metric].get("centralized", describe([]))
+        measured = fn(a.mean, b.mean)
         paired = describe([fn(vals[metric]["fedavg"][s], vals[metric]["centralized"][s]) for s in paired_seeds])
         out.append(Headline(key, label, measured, paired, paper[key], notes[key], unit,
                             _verdict(key, measured, paired, fi)))
@@ -240,12 +241,12 @@ def stat_cell(s: Stat, spec: str) -> str:
 
 def markdown_table(runset: RunSet) -> str:
     st = method_stats(runset)
-    ns = {m: len(runset.finished(m)) for m in METHODS}
-    head = ["Metric"] + [f"{METHOD_LABELS[m]} (n={ns[m]})" for m in METHODS]
+    ns = {m: len(runset.finished(m)) for m in runset.methods}
+    head = ["Metric"] + [f"{METHOD_LABELS[m]} (n={ns[m]})" for m in runset.methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label, _, spec in ROWS:
         cells = []
-        for m in METHODS:
+        for m in runset.methods:
             s = st[key][m]
             cell = stat_cell(s, spec)
             if s.dropped:
@@ -281,7 +282,7 @@ def csv_table(runset: RunSet, items: list[Headline]) -> str:
     w.writerow(["kind", "metric", "method", "n", "mean", "std", "ci95_low", "ci95_high", "per_seed", "paper"])
     vals = seed_values(runset)
     for key, _, _, _ in ROWS:
-        for m in METHODS:
+        for m in runset.methods:
             s = st[key][m]
             per_seed = ";".join(f"{seed}:{'' if v is None else repr(v)}" for seed, v in vals[key][m].items())
             w.writerow(["metric", key, m, s.n, _c(s.mean), _c(s.std), _c(s.ci_low), _c(s.ci_high), per_seed, ""])

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,6 +205,118 @@ def test_forbidden_flags_are_explained(capsys):
     assert "use --seeds" in capsys.readouterr().err
 
 
+def test_central_steps_flag_is_refused(capsys):
+    assert pipeline.main(["--central_steps", "6"]) == 2
+    assert "centralized_matched" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# --preset paper: the resolved values, pinned (nothing trains)
+
+PAPER_VALUES = dict(
+    dataset="opinionqa", emb_model="minilm", comm_round=1300, central_epochs=1300, central_mode="sequential",
+    federated_eval=10, eval_freq=10, epochs=6, client_fraction=1.0, weighting="dataset_size", lr=3e-4,
+    num_steps=100, min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100,
+    episode_bounds="flags", data_split=0.9, eval_num_qs=20, eval_seed=0, eval_resample=False, metric="auto",
+    split_seed=0, group_split=None, d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6,
+    dropout=0.0, bound_std=False, layer_init="independent", loss_reduction="sum", grad_clip=0.0,
+    precision="fp32", wandb="off", keep_checkpoints=3, engine="inprocess")
+
+
+def test_paper_preset_resolves_to_the_papers_protocol(monkeypatch):
+    monkeypatch.setenv("PLURALLLM_OPINIONQA_DIR", "../shared/data/opinionqa")
+    monkeypatch.setenv("PLURALLLM_GLOBALQA_CSV", "../shared/data/globalopinionqa_sample/global_opinions_sample.csv")
+    a = pipeline.parse_args(["--preset", "paper"])
+    assert {k: getattr(a, k) for k in PAPER_VALUES} == PAPER_VALUES
+    assert a.seeds == [0, 1, 2, 3] and a.methods == ["fedavg", "centralized", "centralized_matched"]
+    assert (a.name, a.out_root, a.results_dir) == ("opinionqa_paper", Path("runs/reproduce/opinionqa_paper"),
+                                                   Path("docs/results"))
+    assert a.data_path == "../shared/data/opinionqa"  # as given, never made absolute
+    # what each run gets: the entry point's own flags; central steps 1 (paper) or FedAvg's 6
+    runs = {m: vars(pipeline.seed_args(a, 2, Path("x"), False, m)) for m in a.methods}
+    assert (runs["fedavg"]["comm_round"], runs["fedavg"]["epochs"], runs["fedavg"]["seed"]) == (1300, 6, 2)
+    assert "comm_round" not in runs["centralized"] and "epochs" not in runs["centralized_matched"]
+    assert {m: (r["central_epochs"], r["central_steps"], r["central_mode"]) for m, r in runs.items()
+            if m != "fedavg"} == {"centralized": (1300, 1, "sequential"), "centralized_matched": (1300, 6, "sequential")}
+
+    g = pipeline.parse_args(["--preset", "paper", "--dataset", "globalqa"])
+    assert (g.name, g.data_path, g.comm_round) == (
+        "globalqa_sample_paper", "../shared/data/globalopinionqa_sample/global_opinions_sample.csv", 1300)
+    # flags given override the preset; the released-code variant runs two methods
+    v = pipeline.parse_args(["--preset", "paper", "--methods", "centralized", "fedavg", "--loss_reduction",
+                             "slot_mean", "--layer_init", "clones", "--episode_bounds", "code", "--seeds", "0", "1",
+                             "--name", "opinionqa_paper_code"])
+    assert (v.methods, v.seeds, v.loss_reduction, v.layer_init, v.episode_bounds, v.comm_round) == (
+        ["fedavg", "centralized"], [0, 1], "slot_mean", "clones", "code", 1300)
+    assert v.out_root == Path("runs/reproduce/opinionqa_paper_code")
+
+
+# ----------------------------------------------------------------------------------------
+# centralized_matched and paths in committed outputs
+
+
+# an absolute path as a word of its own: after a space, quote, backtick, '=' or '(' (a relative
+# path such as ../../tmp/x holds '/tmp/' too, but not at the start of a word)
+ABSOLUTE = re.compile(r"(?:^|[\s`'\"=(\[])(/(?:tmp|work|home|root|Users|mnt|var|private)/\S*)", re.M)
+
+
+def _all_text(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.rglob("*")) if p.suffix in (".md", ".csv", ".json"))
+
+
+def test_centralized_matched_runs_and_no_absolute_paths(tmp_path, capsys):
+    root, results = tmp_path / "runs", tmp_path / "results"
+    assert TINY[-3:] == ["--seeds", "0", "1"]
+    argv = TINY[:-3] + ["--seeds", "0", "--methods", "centralized_matched", "fedavg", "centralized",
+                        "--out_root", str(root), "--results_dir", str(results), "--name", "tiny3"]
+    assert pipeline.main(argv) == 0
+    assert "plan: 3 fresh" in capsys.readouterr().out
+    cfg = json.loads((root / "centralized_matched_s0" / "config.json").read_text())
+    assert (cfg["method"], cfg["central_steps"]) == ("centralized", 2)   # = --epochs 2
+    steps = {m: json.loads((root / f"{m}_s0" / "summary.json").read_text())["total_grad_steps"]
+             for m in ("fedavg", "centralized", "centralized_matched")}
+    # 3 training groups (60% of 5): FedAvg 3 clients x 2 local steps per round = matched 3 x 2; centralized 3
+    assert steps == {"fedavg": 4 * 6, "centralized": 4 * 3, "centralized_matched": 4 * 6}
+    report = (results / "tiny3.md").read_text()
+    assert "| Centralized, compute-matched | 1 | 1 | 0 | 0 |" in report
+    assert "| `centralized_matched_s0` | centralized_matched | 0 |" in report
+    rows = list(csv.DictReader((results / "tiny3_table.csv").open()))
+    assert {r["method"] for r in rows if r["kind"] == "metric"} == {"fedavg", "centralized", "centralized_matched"}
+
+    # no machine path in anything committed or copied: reports, tables, the manifest
+    text = _all_text(results) + (root / "reproduce.json").read_text()
+    assert str(ROOT) not in text and not ABSOLUTE.findall(text), ABSOLUTE.findall(text)
+    manifest = json.loads((root / "reproduce.json").read_text())
+    assert manifest["methods"] == ["fedavg", "centralized", "centralized_matched"]
+    assert "--out_root ../" in manifest["command"]   # relative to the repository root
+
+    # reuse: the matched folder is recognised; a plain centralized run in its place is refused
+    assert pipeline.main(argv) == 0
+    assert "plan: 3 reuse" in capsys.readouterr().out
+    shutil.rmtree(root / "centralized_matched_s0")
+    shutil.copytree(root / "centralized_s0", root / "centralized_matched_s0")
+    assert pipeline.main(argv) == 2
+    assert "holds a 'centralized' run, not 'centralized_matched'" in capsys.readouterr().err
+
+
+def test_report_shows_data_source_relative(fake_runs, tmp_path):
+    for cfg_path in fake_runs.glob("*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["data"] = {"source": str(ROOT.parent / "shared" / "data" / "x.csv"), "source_hash": "abc"}
+        cfg["environment"] = {"argv": ["main_fl.py", "--data_path", str(ROOT.parent / "shared" / "data" / "x.csv"),
+                                       f"--out_dir={tmp_path}/r"]}
+        cfg_path.write_text(json.dumps(cfg))
+    shutil.copytree(fake_runs / "fedavg_s0", fake_runs / "fedavg_s0_again")  # its warning names folders
+    out = tmp_path / "results"
+    assert pipeline.main(["--report_only", "--runs", str(fake_runs / "*"), "--name", "fake",
+                          "--results_dir", str(out)]) == 0
+    text = _all_text(out)
+    assert "source `../shared/data/x.csv`" in text and "--data_path ../shared/data/x.csv" in text
+    assert "second finished fedavg run of seed 0" in text
+    assert "centralized_matched" not in text.split("## Runs")[1].split("## Results")[0]  # only methods found
+    assert str(ROOT) not in text and not ABSOLUTE.findall(text), ABSOLUTE.findall(text)
+
+
 # ----------------------------------------------------------------------------------------
 # the smoke preset, as CI runs it: real GlobalOpinionQA sample, MiniLM, 2 seeds
 
@@ -225,9 +338,9 @@ def test_smoke_preset_end_to_end(globalqa_csv, tmp_path):
               "smoke_fig2c_loss_vs_grad_steps.png", "smoke_fig4c_alignment_vs_grad_steps.png"):
         assert (res / f).stat().st_size > 0, f
     summaries = {(m, s): json.loads((root / f"{m}_s{s}" / "summary.json").read_text())
-                 for m in ("fedavg", "centralized") for s in (0, 1)}
+                 for m in ("fedavg", "centralized", "centralized_matched") for s in (0, 1)}
     rows = {(r["kind"], r["metric"], r["method"]): r for r in csv.DictReader((res / "smoke_table.csv").open())}
-    for m in ("fedavg", "centralized"):
+    for m in ("fedavg", "centralized", "centralized_matched"):
         for key in ("final_eval_alignment_score", "convergence_round", "final_eval_fi", "total_grad_steps"):
             vals = [summaries[(m, s)][key] for s in (0, 1)]
             assert float(rows[("metric", key, m)]["mean"]) == pytest.approx(sum(vals) / 2, rel=1e-12)
@@ -240,6 +353,9 @@ def test_smoke_preset_end_to_end(globalqa_csv, tmp_path):
     assert "python scripts/reproduce.py --preset smoke" in report
     assert f"Final mean evaluation alignment: FedAvg {fed:.4f}, centralized {cen:.4f}" in report
     assert "8 training clients / 6 unseen evaluation groups" in report
-    # a second call reuses all four runs
+    # the compute-matched baseline takes FedAvg's gradient steps per round (2 local steps x 8 clients)
+    assert [summaries[(m, 0)]["total_grad_steps"] for m in ("fedavg", "centralized_matched", "centralized")] == [
+        4 * 16, 4 * 16, 4 * 8]
+    # a second call reuses all six runs
     again = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "plan: 4 reuse" in again.stdout
+    assert again.returncode == 0 and "plan: 6 reuse" in again.stdout

@@ -1,0 +1,54 @@
+"""Paths as committed files show them: as the user gave them, or relative to the repository.
+
+Reports, tables and reproduce.json are committed or copied between machines, so an absolute
+path (/home/<user>/..., /work/...) would leak one machine's layout into them (issue 13 item 7).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown(path: str | Path | None) -> str | None:
+    """A relative path unchanged; an absolute one relative to the repository root ('/' separators)."""
+    if path is None:
+        return None
+    text = str(path)
+    if not os.path.isabs(text):
+        return text.replace(os.sep, "/")
+    try:
+        return os.path.relpath(text, REPO).replace(os.sep, "/")
+    except ValueError:  # another drive on Windows: no relative form; the name is still informative
+        return Path(text).name
+
+
+def shown_argv(argv: list[str]) -> list[str]:
+    """Command-line words with every absolute path (bare or as --flag=PATH) shown relative to the repository."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and "=" in a:
+            flag, value = a.split("=", 1)
+            out.append(f"{flag}={shown(value)}" if os.path.isabs(value) else a)
+        else:
+            out.append(shown(a) if os.path.isabs(a) else a)
+    return out
+
+
+def default_data_path(dataset: str) -> str | None:
+    """The data the presets read when --data_path is not given: the dataset's environment variable,
+    else the shared data folder next to the repository (../shared/data/...), else None (the loader
+    then says what to pass)."""
+    env, rel = {"globalqa": ("PLURALLLM_GLOBALQA_CSV",
+                             ("globalopinionqa_sample", "global_opinions_sample.csv")),
+                "opinionqa": ("PLURALLLM_OPINIONQA_DIR", ("opinionqa",))}.get(dataset, (None, None))
+    if env is None:
+        return None
+    if os.environ.get(env):
+        return os.environ[env]
+    p = REPO.parent.joinpath("shared", "data", *rel)
+    if not p.exists():
+        return None
+    # relative when run from the repository root (the documented way), so it is stored as such
+    return shown(p) if Path.cwd().resolve() == REPO else str(p)
