@@ -1,0 +1,297 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) and its accountant (issue 15).
+
+Each round the server
+  1. computes each sampled client's update Δ_k = θ_k - θ (all floating tensors as one vector),
+  2. clips it: Δ_k · min(1, S / ||Δ_k||₂),
+  3. averages uniformly over the m clients sampled: (1/m) Σ_k clipped Δ_k,
+  4. adds N(0, (z·S/m)²) per coordinate, drawn from generator(seed, "dp", round),
+  5. hands the noisy mean delta to the strategy's server optimizer (post-processing).
+What is protected is a whole group: anything computed from one client's data moves the
+clipped sum by at most S. The server is trusted to clip and add noise (central DP).
+
+Accounting wraps Opacus's RDP accountant (`opacus==1.6.0`); see docs/strategies_privacy.md
+for why every round is accounted without subsampling amplification.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from data_loaders.schema import DataError
+from utils.seeding import generator
+
+from .strategies import Strategy, Tensors, float_keys
+
+DP_STRATEGIES = ("fedavg", "fedprox")   # averaging rules whose sensitivity is S/m
+OPACUS_HINT = "pip install opacus==1.6.0 (the RDP accountant; it leaves torch as it is)"
+
+
+class PrivacyBudgetExhausted(DataError):
+    """The next release would spend more than --dp_epsilon."""
+
+
+def num_sampled_clients(num_clients: int, fraction: float) -> int:
+    """m of federated.aggregation.sample_clients: max(1, round(fraction·n))."""
+    return max(1, round(fraction * num_clients))
+
+
+# --- the mechanism ------------------------------------------------------------------------
+
+def client_update(global_state: Tensors, client_state: Tensors) -> Tensors:
+    """Δ_k = θ_k - θ over the floating tensors, in float64."""
+    return {k: client_state[k].to(torch.float64) - global_state[k].to(torch.float64) for k in float_keys(global_state)}
+
+
+def l2_norm(update: Tensors) -> float:
+    return math.sqrt(sum(float(d.pow(2).sum()) for d in update.values()))
+
+
+def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
+    """(Δ · min(1, S/||Δ||), ||Δ||) with the norm over all tensors jointly."""
+    norm = l2_norm(update)
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: d * factor for k, d in update.items()}, norm
+
+
+def gaussian_noise(like: Tensors, std: float, gen: torch.Generator) -> Tensors:
+    """N(0, std²) per coordinate in float64, drawn on the CPU in key order (same on every device)."""
+    return {k: (std * torch.randn(v.shape, generator=gen, dtype=torch.float64)).to(v.device) for k, v in like.items()}
+
+
+def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,
+                  noise_multiplier: float, num_sampled: int, gen: torch.Generator) -> tuple[Tensors, dict]:
+    """(noisy mean clipped update, diagnostics). Clients in the given order; the denominator is the
+    number sampled, fixed in advance, so one client moves the sum by at most S whoever replies."""
+    if len(client_states) > num_sampled:
+        raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
+    total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
+    norms = []
+    for state in client_states:
+        clipped, norm = clip_update(client_update(global_state, state), clip)
+        norms.append(norm)
+        for k, d in clipped.items():
+            total[k] += d
+    std = noise_multiplier * clip / num_sampled
+    noise = gaussian_noise(total, std, gen)
+    mean = {k: total[k] / num_sampled + noise[k] for k in total}
+    # the norms are the server's diagnostics (to choose S): they are not covered by the guarantee
+    info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
+            "dp_median_norm": sorted(norms)[len(norms) // 2] if norms else 0.0}
+    return mean, info
+
+
+class DPFedAvg:
+    """DP-FedAvg around a Strategy: replaces its averaging with the clipped, noised uniform mean and
+    keeps its server optimizer. With an accountant and max_epsilon, a round that would exceed the
+    budget raises PrivacyBudgetExhausted before anything is released."""
+
+    def __init__(self, strategy: Strategy, *, clip: float, noise_multiplier: float, seed: int, num_sampled: int,
+                 accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None):
+        if strategy.name not in DP_STRATEGIES:
+            raise DataError(f"--dp does not compose with --strategy {strategy.name}: its sensitivity to one "
+                            "client is not S/m", f"use --strategy {' or '.join(DP_STRATEGIES)} with --dp")
+        self.strategy, self.clip, self.noise_multiplier = strategy, clip, noise_multiplier
+        self.seed, self.num_sampled = seed, num_sampled
+        self.accountant, self.max_epsilon = accountant, max_epsilon
+        self.last_info: dict = {}
+
+    @property
+    def name(self) -> str:
+        return f"dp_{self.strategy.name}"
+
+    @property
+    def required_metrics(self) -> tuple[str, ...]:
+        return self.strategy.required_metrics
+
+    def client_config(self, round_: int) -> dict:
+        return self.strategy.client_config(round_)
+
+    def aggregate(self, global_state: Tensors, replies: Sequence, round_: int, weighting: str) -> Tensors:
+        if weighting != "uniform":
+            raise ValueError(f"DP-FedAvg averages uniformly; got weighting {weighting!r}")
+        if self.accountant is not None and self.max_epsilon is not None:
+            self.accountant.check_next(self.max_epsilon)
+        replies = sorted(replies, key=lambda r: r.name)
+        delta, self.last_info = dp_mean_delta(global_state, [r.state for r in replies], clip=self.clip,
+                                              noise_multiplier=self.noise_multiplier, num_sampled=self.num_sampled,
+                                              gen=generator(self.seed, "dp", round_))
+        new = self.strategy.apply_delta(global_state, delta, round_)
+        if self.accountant is not None:
+            self.accountant.step()
+            self.last_info["dp_epsilon"] = self.accountant.epsilon()
+        return new
+
+    def state_dict(self) -> dict:
+        return {"strategy": self.strategy.state_dict(),
+                "accountant": None if self.accountant is None else self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        if self.accountant is not None:
+            if state["accountant"] is None:
+                raise DataError("the checkpoint holds no privacy accountant", "resume with the flags it was run with")
+            self.accountant.load_state_dict(state["accountant"])
+
+
+# --- accounting -------------------------------------------------------------------------
+
+def _opacus():
+    try:
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.utils import get_noise_multiplier
+    except ImportError as err:
+        raise DataError(f"--dp needs Opacus for privacy accounting ({err})", OPACUS_HINT) from err
+    return RDPAccountant, get_noise_multiplier
+
+
+def accounted_noise(noise_multiplier: float, sample_rate: float) -> float:
+    """The Gaussian mechanism's noise-to-sensitivity ratio each round, with no amplification.
+    All clients every round (rate 1), add/remove-one neighbours: one group moves the sum by ≤ S, ratio z.
+    Fixed-size sampling (rate < 1), replace-one neighbours: a swapped group moves it by ≤ 2S, ratio z/2."""
+    return noise_multiplier if sample_rate >= 1 else noise_multiplier / 2
+
+
+class PrivacyAccountant:
+    """ε spent after `steps` DP-FedAvg rounds at (noise_multiplier z, sample rate m/n, δ)."""
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float):
+        if not noise_multiplier >= 0 or not 0 < sample_rate <= 1 or not 0 < delta < 1:
+            raise ValueError(f"bad accountant settings z={noise_multiplier}, q={sample_rate}, delta={delta}")
+        self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
+        self.steps = 0
+
+    @property
+    def neighbouring(self) -> str:
+        return "add_or_remove_one" if self.sample_rate >= 1 else "replace_one"
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def epsilon(self, steps: int | None = None) -> float:
+        steps = self.steps if steps is None else steps
+        if steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        rdp, _ = _opacus()
+        acc = rdp()
+        # one history entry = `steps` identical rounds of a Gaussian mechanism (sample rate 1)
+        acc.history = [(accounted_noise(self.noise_multiplier, self.sample_rate), 1.0, steps)]
+        return float(acc.get_epsilon(self.delta))
+
+    def would_exceed(self, max_epsilon: float) -> bool:
+        return self.epsilon(self.steps + 1) > max_epsilon
+
+    def check_next(self, max_epsilon: float) -> None:
+        if self.would_exceed(max_epsilon):
+            raise PrivacyBudgetExhausted(
+                f"privacy budget exhausted: round {self.steps + 1} would spend ε = {self.epsilon(self.steps + 1):.4g} "
+                f"> --dp_epsilon {max_epsilon} (δ = {self.delta}); {self.steps} round(s) released, ε = "
+                f"{self.epsilon():.4g}", "the last checkpoint is the private model; more rounds need a larger "
+                "--dp_epsilon or a new run with more --dp_noise")
+
+    def state_dict(self) -> dict:
+        return {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                "delta": self.delta, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("noise_multiplier", "sample_rate", "delta"):
+            if float(state[key]) != float(getattr(self, key)):
+                raise DataError(f"the checkpoint's privacy accountant has {key} = {state[key]}, this run "
+                                f"{getattr(self, key)}", "resume with the DP flags the run started with")
+        self.steps = int(state["steps"])
+
+
+def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
+    """The smallest z (to Opacus's tolerance 0.01 in ε) whose `rounds` rounds spend at most ε."""
+    if not epsilon > 0 or rounds < 1:
+        raise ValueError(f"need epsilon > 0 and rounds >= 1, got {epsilon}, {rounds}")
+    _, solve = _opacus()
+    z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds))
+    return z if sample_rate >= 1 else 2 * z   # accounted_noise halves z when sampling
+
+
+def check_budget(accountant: PrivacyAccountant, rounds: int, max_epsilon: float) -> float:
+    """Before a run: refuse one whose `rounds` would spend more than max_epsilon; return that ε."""
+    eps = accountant.epsilon(rounds)
+    if eps > max_epsilon:
+        need = noise_for_epsilon(max_epsilon, accountant.delta, rounds, accountant.sample_rate)
+        raise DataError(f"--dp_noise {accountant.noise_multiplier} for {rounds} rounds spends ε = {eps:.4g} "
+                        f"> --dp_epsilon {max_epsilon} (δ = {accountant.delta})",
+                        f"raise --dp_noise to {need:.4g} or more, lower --comm_round, or leave --dp_noise "
+                        "out to have it solved from --dp_epsilon")
+    return eps
+
+
+# --- flags ------------------------------------------------------------------------------
+
+def add_privacy_arguments(group) -> None:
+    group.add_argument("--dp", action="store_true",
+                       help="client-level DP-FedAvg: clip each client's update to --dp_clip, average uniformly, "
+                            "add Gaussian noise (needs --weighting uniform and --strategy fedavg or fedprox)")
+    group.add_argument("--dp_clip", type=float, default=0.5,
+                       help="S: largest L2 norm of one client's update over all weights (set near the median "
+                            "unclipped norm the log reports)")
+    group.add_argument("--dp_noise", type=float, default=None,
+                       help="z: noise std on the mean update is z·S/m (default: solved from --dp_epsilon)")
+    group.add_argument("--dp_epsilon", type=float, default=None,
+                       help="privacy budget ε over all --comm_round rounds: refuses a run that would exceed it "
+                            "and stops before a round that would")
+    group.add_argument("--dp_delta", type=float, default=1e-5,
+                       help="δ of (ε, δ)-DP, well below 1/(number of clients)")
+
+
+def check_privacy_flags(args, num_train_clients: int) -> list[str]:
+    """Raise DataError for unusable DP flags; return warnings (strings) worth printing."""
+    if not args.dp:
+        for flag in ("dp_noise", "dp_epsilon"):
+            if getattr(args, flag) is not None:
+                raise DataError(f"--{flag} has no effect without --dp", "add --dp, or drop the flag")
+        return []
+    if not args.dp_clip > 0:
+        raise DataError(f"--dp_clip {args.dp_clip} must be > 0", "set it near the median client update norm, e.g. 1.0")
+    if args.dp_noise is not None and not args.dp_noise >= 0:
+        raise DataError(f"--dp_noise {args.dp_noise} must be >= 0", "z around 1 or more; see --dp_epsilon")
+    if args.dp_epsilon is not None and not args.dp_epsilon > 0:
+        raise DataError(f"--dp_epsilon {args.dp_epsilon} must be > 0", "e.g. 10, or leave it out and give --dp_noise")
+    if args.dp_noise is None and args.dp_epsilon is None:
+        raise DataError("--dp needs --dp_noise or --dp_epsilon", "e.g. --dp_noise 1.0, or --dp_epsilon 10 to solve z")
+    if args.dp_noise == 0 and args.dp_epsilon is not None:
+        raise DataError("--dp_noise 0 cannot meet any --dp_epsilon (no noise, ε = ∞)", "give a positive --dp_noise")
+    if not 0 < args.dp_delta < 1:
+        raise DataError(f"--dp_delta {args.dp_delta} must be in (0, 1)", "1e-5 is the usual choice")
+    if args.weighting != "uniform":
+        raise DataError(f"--dp with --weighting {args.weighting}: a client's weight would scale its influence past "
+                        "S/m, and its data size is itself private", "add --weighting uniform")
+    if args.strategy not in DP_STRATEGIES:
+        raise DataError(f"--dp does not compose with --strategy {args.strategy}: its sensitivity to one client is "
+                        "not S/m (the noise would not cover it)", f"use --strategy {' or '.join(DP_STRATEGIES)}")
+    warnings = []
+    if args.dp_delta > 1 / num_train_clients:
+        warnings.append(f"--dp_delta {args.dp_delta} exceeds 1/{num_train_clients} clients: a mechanism that "
+                        "publishes one client's update outright would satisfy it")
+    if args.dp_noise == 0:
+        warnings.append("--dp_noise 0: updates are clipped but not noised, so ε = ∞ (no privacy)")
+    if args.client_fraction < 1:
+        warnings.append("--client_fraction < 1 under --dp: rounds are accounted without subsampling "
+                        "amplification, as replace-one neighbours (ε is conservative)")
+    return warnings
+
+
+def build_dp(args, strategy: Strategy, num_train_clients: int, rounds: int) -> DPFedAvg | None:
+    """The DP wrapper for a run of `rounds` rounds (None without --dp): z solved from --dp_epsilon when
+    --dp_noise is absent, and a run that would exceed --dp_epsilon refused before it starts."""
+    if not args.dp:
+        return None
+    m = num_sampled_clients(num_train_clients, args.client_fraction)
+    rate = m / num_train_clients
+    z = args.dp_noise
+    if z is None:
+        z = noise_for_epsilon(args.dp_epsilon, args.dp_delta, rounds, rate)
+    accountant = PrivacyAccountant(z, rate, args.dp_delta)
+    if args.dp_epsilon is not None:
+        check_budget(accountant, rounds, args.dp_epsilon)
+    return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=z, seed=args.seed, num_sampled=m,
+                    accountant=accountant, max_epsilon=args.dp_epsilon)

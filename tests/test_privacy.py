@@ -1,0 +1,231 @@
+"""DP-FedAvg: clipping and noise on toy tensors with exact numbers, the noise's measured std, and
+the accountant against Opacus's own values."""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from data_loaders.schema import DataError
+from federated.aggregation import sample_clients
+from federated.privacy import (DPFedAvg, PrivacyAccountant, PrivacyBudgetExhausted, add_privacy_arguments,
+                               build_dp, check_budget, check_privacy_flags, clip_update, dp_mean_delta,
+                               noise_for_epsilon, num_sampled_clients)
+from federated.strategies import Strategy, StrategyConfig, add_strategy_arguments
+from utils.seeding import generator
+
+opacus = pytest.importorskip("opacus")
+
+
+@dataclass
+class Reply:
+    name: str
+    state: dict
+    num_examples: int = 1
+    episode_points: int = 1
+    losses: list = field(default_factory=lambda: [0.0])
+    metrics: dict = field(default_factory=dict)
+
+
+def f64(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def opacus_epsilon(z, q, steps, delta):
+    acc = opacus.accountants.RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=z, sample_rate=q)
+    return acc.get_epsilon(delta)
+
+
+# --- the mechanism ------------------------------------------------------------------------
+
+def test_clip_is_joint_over_all_tensors():
+    clipped, norm = clip_update({"a": f64(3.0), "b": f64(4.0)}, 1.0)   # joint norm 5, not 3 and 4
+    assert norm == 5.0
+    assert torch.allclose(clipped["a"], f64(0.6), rtol=0, atol=1e-15)
+    assert torch.allclose(clipped["b"], f64(0.8), rtol=0, atol=1e-15)
+    small, _ = clip_update({"a": f64(0.3), "b": f64(0.4)}, 1.0)
+    assert torch.equal(small["a"], f64(0.3)) and torch.equal(small["b"], f64(0.4))
+    zero, norm0 = clip_update({"a": f64(0.0)}, 1.0)
+    assert norm0 == 0.0 and torch.equal(zero["a"], f64(0.0))
+
+
+def test_mean_of_clipped_updates_over_the_sampled_count_without_noise():
+    glob = {"w": f64(1.0, 1.0)}
+    states = [{"w": f64(4.0, 5.0)}, {"w": f64(1.3, 1.4)}]   # updates (3,4) norm 5 -> (0.6,0.8); (0.3,0.4) kept
+    mean, info = dp_mean_delta(glob, states, clip=1.0, noise_multiplier=0.0, num_sampled=2, gen=generator(0, "x"))
+    assert torch.allclose(mean["w"], f64(0.45, 0.6), rtol=0, atol=1e-15)
+    assert info["dp_clipped"] == 1 and info["dp_noise_std"] == 0.0
+    # two of four sampled clients replied: the denominator stays 4 (the sum's sensitivity stays S)
+    mean4, _ = dp_mean_delta(glob, states, clip=1.0, noise_multiplier=0.0, num_sampled=4, gen=generator(0, "x"))
+    assert torch.allclose(mean4["w"], f64(0.225, 0.3), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="only 1 clients were sampled"):
+        dp_mean_delta(glob, states, clip=1.0, noise_multiplier=0.0, num_sampled=1, gen=generator(0, "x"))
+
+
+def test_noise_std_is_z_clip_over_m_and_seeded_by_round():
+    n, z, clip, m = 200_000, 2.0, 0.5, 4            # std z·S/m = 0.25
+    glob = {"w": torch.zeros(n, dtype=torch.float32)}
+    same = [{"w": torch.zeros(n, dtype=torch.float32)}]  # Δ = 0: the mean is pure noise
+    noise, info = dp_mean_delta(glob, same, clip=clip, noise_multiplier=z, num_sampled=m, gen=generator(0, "dp", 1))
+    assert info["dp_noise_std"] == 0.25
+    # sample std of 2e5 draws: relative standard error 1/sqrt(2n) = 0.16%; allow 1%
+    assert float(noise["w"].std()) == pytest.approx(0.25, rel=0.01)
+    assert abs(float(noise["w"].mean())) < 5 * 0.25 / math.sqrt(n)
+    again, _ = dp_mean_delta(glob, same, clip=clip, noise_multiplier=z, num_sampled=m, gen=generator(0, "dp", 1))
+    other, _ = dp_mean_delta(glob, same, clip=clip, noise_multiplier=z, num_sampled=m, gen=generator(0, "dp", 2))
+    assert torch.equal(noise["w"], again["w"]) and not torch.equal(noise["w"], other["w"])
+
+
+def test_dp_fedavg_round_is_global_plus_clipped_mean_plus_seeded_noise():
+    glob = {"w": torch.tensor([1.0, 1.0])}
+    replies = [Reply("b", {"w": torch.tensor([1.3, 1.4])}), Reply("a", {"w": torch.tensor([4.0, 5.0])})]
+    dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=0.5, seed=3, num_sampled=2)
+    out = dp.aggregate(glob, replies, 7, "uniform")
+    noise = 0.5 * 1.0 / 2 * torch.randn(2, generator=generator(3, "dp", 7), dtype=torch.float64)
+    want = (f64(1.0, 1.0) + f64(0.45, 0.6) + noise).to(torch.float32)
+    assert torch.equal(out["w"], want)
+    # the server optimizer gets the noisy mean: sgd at lr 1 is the same step
+    sgd = DPFedAvg(Strategy(StrategyConfig(server_opt="sgd")), clip=1.0, noise_multiplier=0.5, seed=3, num_sampled=2)
+    assert torch.allclose(sgd.aggregate(glob, replies, 7, "uniform")["w"], want, rtol=0, atol=1e-6)
+
+
+def test_dp_refuses_weighting_and_strategies_whose_sensitivity_is_not_s_over_m():
+    dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.0, seed=0, num_sampled=2)
+    with pytest.raises(ValueError, match="uniformly"):
+        dp.aggregate({"w": f64(0.0)}, [Reply("a", {"w": f64(1.0)})], 1, "dataset_size")
+    for name in ("median", "trimmed_mean", "qfedavg", "adaptive"):
+        with pytest.raises(DataError, match=f"--strategy {name}"):
+            DPFedAvg(Strategy(StrategyConfig(name=name)), clip=1.0, noise_multiplier=1.0, seed=0, num_sampled=2)
+    DPFedAvg(Strategy(StrategyConfig(name="fedprox", server_opt="adam")), clip=1.0, noise_multiplier=1.0, seed=0,
+             num_sampled=2)
+
+
+def test_num_sampled_clients_matches_sample_clients():
+    for n in range(1, 13):
+        for frac in (0.05, 0.25, 0.5, 0.6, 0.75, 1.0):
+            got = sample_clients([f"c{i}" for i in range(n)], frac, generator(0, "s", n))
+            assert len(got) == num_sampled_clients(n, frac)
+
+
+# --- accounting ---------------------------------------------------------------------------
+
+def test_epsilon_equals_opacus_with_all_clients_sampled():
+    acc = PrivacyAccountant(1.0, 1.0, 1e-5)
+    for _ in range(25):
+        acc.step()
+    assert acc.epsilon() == opacus_epsilon(1.0, 1.0, 25, 1e-5)
+    assert acc.epsilon() == pytest.approx(35.08, abs=0.01)             # extensions.md: ≈ 35 after 25 rounds
+    assert acc.epsilon(100) == opacus_epsilon(1.0, 1.0, 100, 1e-5)     # ≈ 96
+    assert PrivacyAccountant(5.0, 1.0, 1e-5).epsilon(25) == pytest.approx(4.7, abs=0.05)
+    assert PrivacyAccountant(1.0, 1.0, 1e-5).epsilon(0) == 0.0
+    assert PrivacyAccountant(0.0, 1.0, 1e-5).epsilon(1) == math.inf
+
+
+def test_sampled_rounds_are_accounted_as_replace_one_without_amplification():
+    acc = PrivacyAccountant(2.0, 0.5, 1e-5)
+    assert acc.neighbouring == "replace_one"
+    assert acc.epsilon(30) == opacus_epsilon(1.0, 1.0, 30, 1e-5)       # z/2 = 1 per round, rate 1
+    assert acc.epsilon(30) > opacus_epsilon(2.0, 0.5, 30, 1e-5)        # more than Poisson accounting claims
+
+
+def test_noise_for_epsilon_meets_the_budget():
+    z = noise_for_epsilon(10.0, 1e-5, 50, 1.0)
+    assert 10.0 - 0.01 <= PrivacyAccountant(z, 1.0, 1e-5).epsilon(50) <= 10.0
+    assert noise_for_epsilon(10.0, 1e-5, 50, 0.5) == 2 * z
+
+
+def test_pre_run_check_refuses_a_run_over_budget():
+    with pytest.raises(DataError, match=r"spends ε = 35.08 > --dp_epsilon 10") as err:
+        check_budget(PrivacyAccountant(1.0, 1.0, 1e-5), 25, 10.0)
+    assert "raise --dp_noise to" in err.value.hint
+    assert check_budget(PrivacyAccountant(5.0, 1.0, 1e-5), 25, 10.0) == pytest.approx(4.7, abs=0.05)
+
+
+def test_mid_run_check_stops_before_the_round_that_would_exceed():
+    acc = PrivacyAccountant(5.0, 1.0, 1e-5)
+    budget = (acc.epsilon(2) + acc.epsilon(3)) / 2
+    dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=5.0, seed=0, num_sampled=1, accountant=acc,
+                  max_epsilon=budget)
+    glob = {"w": f64(0.0)}
+    for r in (1, 2):
+        glob = dp.aggregate(glob, [Reply("a", {"w": f64(1.0)})], r, "uniform")
+    assert dp.last_info["dp_epsilon"] == acc.epsilon(2)
+    with pytest.raises(PrivacyBudgetExhausted, match="round 3 would spend"):
+        dp.aggregate(glob, [Reply("a", {"w": f64(1.0)})], 3, "uniform")
+    assert acc.steps == 2
+
+
+def test_accountant_state_dict_loads_with_weights_only_and_refuses_other_settings():
+    acc = PrivacyAccountant(1.5, 1.0, 1e-5)
+    for _ in range(7):
+        acc.step()
+    buf = io.BytesIO()
+    torch.save(DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.5, seed=0, num_sampled=2,
+                        accountant=acc).state_dict(), buf)
+    buf.seek(0)
+    back = PrivacyAccountant(1.5, 1.0, 1e-5)
+    DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.5, seed=0, num_sampled=2,
+             accountant=back).load_state_dict(torch.load(buf, weights_only=True))
+    assert back.steps == 7 and back.epsilon() == acc.epsilon()
+    with pytest.raises(DataError, match="noise_multiplier"):
+        PrivacyAccountant(2.0, 1.0, 1e-5).load_state_dict(acc.state_dict())
+
+
+# --- flags -------------------------------------------------------------------------------
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client_fraction", type=float, default=1.0)
+    p.add_argument("--weighting", default="dataset_size")
+    add_strategy_arguments(p)
+    add_privacy_arguments(p)
+    return p.parse_args(list(argv))
+
+
+OK = ("--dp", "--weighting", "uniform", "--dp_noise", "1.0")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dp_noise", "1"], "--dp_noise has no effect without --dp"),
+    (["--dp_epsilon", "1"], "--dp_epsilon has no effect without --dp"),
+    ([*OK, "--dp_clip", "0"], "--dp_clip 0.0 must be > 0"),
+    ([*OK, "--dp_noise", "-1"], "--dp_noise -1.0 must be >= 0"),
+    ([*OK, "--dp_epsilon", "0"], "--dp_epsilon 0.0 must be > 0"),
+    (["--dp", "--weighting", "uniform"], "needs --dp_noise or --dp_epsilon"),
+    ([*OK, "--dp_noise", "0", "--dp_epsilon", "5"], "cannot meet"),
+    ([*OK, "--dp_delta", "0"], "--dp_delta 0.0 must be in"),
+    ([*OK, "--dp_delta", "1"], "--dp_delta 1.0 must be in"),
+    (["--dp", "--dp_noise", "1"], "--weighting dataset_size"),
+    ([*OK, "--strategy", "median"], "--strategy median"),
+    ([*OK, "--strategy", "qfedavg"], "--strategy qfedavg"),
+])
+def test_privacy_flag_errors_name_the_flag(argv, match):
+    with pytest.raises(DataError, match=match) as err:
+        check_privacy_flags(parse(*argv), 8)
+    assert err.value.hint
+
+
+def test_privacy_flag_warnings():
+    assert check_privacy_flags(parse(), 8) == [] and check_privacy_flags(parse(*OK), 8) == []
+    assert any("exceeds 1/8" in w for w in check_privacy_flags(parse(*OK, "--dp_delta", "0.2"), 8))
+    assert any("ε = ∞" in w for w in check_privacy_flags(parse(*OK, "--dp_noise", "0"), 8))
+    assert any("replace-one" in w for w in check_privacy_flags(parse(*OK, "--client_fraction", "0.5"), 8))
+
+
+def test_build_dp_solves_noise_from_epsilon_and_refuses_over_budget_runs():
+    assert build_dp(parse(), Strategy(), 8, 25) is None
+    dp = build_dp(parse("--dp", "--weighting", "uniform", "--dp_epsilon", "10"), Strategy(), 8, 25)
+    assert dp.num_sampled == 8 and dp.accountant.epsilon(25) <= 10.0
+    half = build_dp(parse("--dp", "--weighting", "uniform", "--dp_epsilon", "10", "--client_fraction", "0.5"),
+                    Strategy(), 8, 25)
+    assert half.num_sampled == 4 and half.accountant.sample_rate == 0.5
+    with pytest.raises(DataError, match="> --dp_epsilon 10"):
+        build_dp(parse(*OK, "--dp_epsilon", "10"), Strategy(), 8, 25)

@@ -1,0 +1,382 @@
+"""Aggregation strategies, server optimizers and Byzantine attacks on 2-8 toy clients, with exact
+numbers, and cross-checked against Flower 1.41's own implementations where they can be called."""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from data_loaders.schema import DataError
+from federated.attacks import (add_attack_arguments, check_attack_flags, choose_byzantine, corrupt_replies,
+                               corrupt_state)
+from federated.client import FitResult
+from federated.fedavg import aggregate as fedavg_aggregate
+from federated.strategies import (QFFL_MIN_LOSS, Strategy, StrategyConfig, add_strategy_arguments,
+                                  adaptive_weights, check_strategy_flags, coordinate_median, proximal_penalty,
+                                  qffl_losses, qffl_update, trimmed_mean)
+from utils.seeding import generator
+
+
+@dataclass
+class Reply:
+    name: str
+    state: dict
+    num_examples: int = 1
+    episode_points: int = 1
+    losses: list = field(default_factory=lambda: [0.0])
+    metrics: dict = field(default_factory=dict)
+
+
+def vec(*xs, dtype=torch.float64):
+    return {"w": torch.tensor(xs, dtype=dtype)}
+
+
+def random_states(n, shape=(3, 4), dtype=torch.float32, seed=0):
+    g = generator(seed, "test_states")
+    return [{"a": torch.randn(shape, generator=g).to(dtype), "b": torch.randn(5, generator=g).to(dtype)}
+            for _ in range(n)]
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps every new Message with the process's task identity, which a runtime sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# --- fedavg / fedprox ------------------------------------------------------------------
+
+@pytest.mark.parametrize("weighting", ["dataset_size", "episode_points", "uniform"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_fedavg_and_fedprox_server_are_todays_aggregate_bit_for_bit(name, weighting):
+    states = random_states(3)
+    results = [FitResult(n, s, num_examples=e, episode_points=p, losses=[1.0])
+               for n, s, e, p in zip(["c", "a", "b"], states, [10, 30, 7], [5, 2, 9])]
+    glob = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    got = Strategy(StrategyConfig(name=name)).aggregate(glob, results, 1, weighting)
+    want = fedavg_aggregate(results, weighting)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_client_config_sends_mu_only_for_fedprox():
+    assert Strategy(StrategyConfig(name="fedprox", proximal_mu=0.5)).client_config(3) == {"proximal_mu": 0.5}
+    assert Strategy(StrategyConfig(name="fedavg")).client_config(3) == {}
+
+
+def test_proximal_penalty_value_and_gradient():
+    w = {"a": torch.tensor([1.0, 2.0], requires_grad=True), "b": torch.tensor([[3.0]], requires_grad=True)}
+    anchor = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([[1.0]])}
+    pen = proximal_penalty(w, anchor, mu=0.5)
+    assert pen.item() == pytest.approx(0.25 * (1 + 1 + 4))   # (mu/2)·||w - w_g||² = 0.25·6
+    pen.backward()
+    assert torch.equal(w["a"].grad, torch.tensor([0.5, 0.5]))  # mu·(w - w_g)
+    assert torch.equal(w["b"].grad, torch.tensor([[1.0]]))
+    assert proximal_penalty(w, anchor, mu=0.0).item() == 0.0
+
+
+# --- trimmed mean / median ---------------------------------------------------------------
+
+FIVE = [vec(1, 10, -1), vec(2, 20, -2), vec(3, 30, -3), vec(4, 40, -4), vec(100, -50, 0)]
+
+
+def test_trimmed_mean_drops_floor_beta_n_per_end():
+    # beta 0.2 of 5 -> drop 1 per end: [1,2,3,4,100]->3, [-50,10,20,30,40]->20, [-4..0]->-2
+    assert torch.equal(trimmed_mean(FIVE, 0.2)["w"], torch.tensor([3.0, 20.0, -2.0], dtype=torch.float64))
+    assert torch.equal(trimmed_mean(FIVE, 0.0)["w"], torch.tensor([22.0, 10.0, -2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="0.5"):
+        trimmed_mean(FIVE, 0.5)
+
+
+def test_median_odd_and_even_follow_numpy():
+    assert torch.equal(coordinate_median(FIVE)["w"], torch.tensor([3.0, 20.0, -2.0], dtype=torch.float64))
+    four = FIVE[:4]
+    assert torch.equal(coordinate_median(four)["w"], torch.tensor([2.5, 25.0, -2.5], dtype=torch.float64))
+
+
+def test_trimmed_mean_and_median_equal_flowers_on_random_arrays():
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+    for n in (3, 4, 7, 8):
+        states = random_states(n, dtype=torch.float64, seed=n)
+        for beta in (0.0, 0.1, 0.2, 0.3, 0.49):
+            ours = trimmed_mean(states, beta)
+            for k in ("a", "b"):
+                theirs = trim_mean(np.stack([s[k].numpy() for s in states]), beta)
+                np.testing.assert_allclose(ours[k].numpy(), theirs, rtol=0, atol=1e-15)
+        med = coordinate_median(states)
+        for k in ("a", "b"):
+            np.testing.assert_allclose(med[k].numpy(), np.median(np.stack([s[k].numpy() for s in states]), axis=0),
+                                       rtol=0, atol=1e-15)
+
+
+def test_robust_strategies_are_unweighted_and_keep_dtype():
+    states = random_states(5)
+    replies = [Reply(str(i), s, num_examples=10 ** i) for i, s in enumerate(states)]
+    glob = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    for name in ("trimmed_mean", "median"):
+        a = Strategy(StrategyConfig(name=name)).aggregate(glob, replies, 1, "dataset_size")
+        b = Strategy(StrategyConfig(name=name)).aggregate(glob, replies[::-1], 1, "uniform")
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in a)
+
+
+# --- q-FFL ------------------------------------------------------------------------------
+
+def test_qffl_exact_toy_step():
+    # w = 0, w1 = (1,0), w2 = (0,2), L = 1/0.5 = 2, q = 1, F = (0.5, 0.25):
+    # Δ1 = (-2,0), h1 = 4 + 2·0.5 = 5; Δ2 = (0,-4), h2 = 16 + 2·0.25 = 16.5
+    # w <- -(0.5·Δ1 + 0.25·Δ2) / 21.5 = (1/21.5, 1/21.5)
+    new = qffl_update(vec(0, 0), [vec(1, 0), vec(0, 2)], [0.5, 0.25], q=1.0, lipschitz=2.0)
+    assert torch.allclose(new["w"], torch.tensor([1 / 21.5, 1 / 21.5], dtype=torch.float64), rtol=0, atol=1e-16)
+
+
+def test_qffl_with_q_zero_is_the_uniform_mean_whatever_the_losses():
+    new = qffl_update(vec(0, 0), [vec(1, 0), vec(0, 2)], [0.9, 0.01], q=0.0, lipschitz=2.0)
+    assert torch.equal(new["w"], torch.tensor([0.5, 1.0], dtype=torch.float64))
+
+
+def test_qffl_equals_flowers_compute_delta_and_h():
+    from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
+    glob = random_states(1, dtype=torch.float64, seed=9)[0]
+    states = random_states(3, dtype=torch.float64, seed=10)
+    losses, q, lr = [0.3, 0.12, 0.55], 0.7, 0.05
+    ours = qffl_update(glob, states, losses, q, 1 / lr)
+    gw = [glob[k].numpy() for k in ("a", "b")]
+    sum_delta, sum_h = None, 0.0
+    for s, f in zip(states, losses):
+        delta, h = compute_delta_and_h(gw, [s[k].numpy().copy() for k in ("a", "b")], q, 1 / lr, f)
+        sum_delta = delta if sum_delta is None else [x + d for x, d in zip(sum_delta, delta)]
+        sum_h += h
+    for i, k in enumerate(("a", "b")):  # Flower adds 1e-10 to each loss: agreement to ~1e-9 relative
+        np.testing.assert_allclose(ours[k].numpy(), gw[i] - sum_delta[i] / sum_h, rtol=1e-8, atol=1e-12)
+
+
+def test_qffl_loss_is_one_minus_alignment_floored_and_refuses_scores_above_one():
+    assert qffl_losses([0.75, 1.0], ["a", "b"]) == [0.25, QFFL_MIN_LOSS]
+    with pytest.raises(ValueError, match="'b'.*> 1"):
+        qffl_losses([0.5, 1.2], ["a", "b"])
+    s = Strategy(StrategyConfig(name="qfedavg", qffl_q=0.5, client_lr=0.5))
+    out = s.aggregate(vec(0.0), [Reply("a", vec(1.0), metrics={"heldout_alignment": 1.0}),
+                                 Reply("b", vec(3.0), metrics={"heldout_alignment": 0.5})], 1, "dataset_size")
+    assert torch.isfinite(out["w"]).all()
+    with pytest.raises(ValueError, match="'a' sent no 'heldout_alignment'"):
+        s.aggregate(vec(0.0), [Reply("a", vec(1.0))], 1, "dataset_size")
+
+
+def test_qfedavg_strategy_uses_client_lr_and_alignment():
+    s = Strategy(StrategyConfig(name="qfedavg", qffl_q=1.0, client_lr=0.5))
+    replies = [Reply("b", vec(0, 2), metrics={"heldout_alignment": 0.75}),
+               Reply("a", vec(1, 0), metrics={"heldout_alignment": 0.5})]
+    out = s.aggregate(vec(0, 0), replies, 1, "dataset_size")
+    assert torch.allclose(out["w"], torch.tensor([1 / 21.5, 1 / 21.5], dtype=torch.float64), rtol=0, atol=1e-16)
+    assert s.required_metrics == ("heldout_alignment",)
+
+
+# --- adaptive -------------------------------------------------------------------------
+
+def test_adaptive_weights_softmax_of_recent_misalignment():
+    p = adaptive_weights({"a": [0.9], "b": [0.8]}, ["a", "b"], temperature=0.1, window=5)
+    assert p == pytest.approx([1 / (1 + math.e), math.e / (1 + math.e)], abs=1e-12)
+    # the window keeps the last 2: a -> mean(0.5, 0.7) = 0.6, b -> 0.6: equal weights
+    assert adaptive_weights({"a": [0.0, 0.5, 0.7], "b": [0.6]}, ["a", "b"], 0.1, 2) == pytest.approx([0.5, 0.5])
+
+
+def test_adaptive_strategy_keeps_a_window_of_history_across_rounds():
+    s = Strategy(StrategyConfig(name="adaptive", adaptive_temperature=0.1, adaptive_window=2))
+    states = {"a": vec(0.0), "b": vec(1.0)}
+
+    def round_(aa, ab):
+        return s.aggregate(vec(0.5), [Reply("b", states["b"], metrics={"heldout_alignment": ab}),
+                                      Reply("a", states["a"], metrics={"heldout_alignment": aa})], 1,
+                           "dataset_size")["w"].item()
+    assert round_(0.9, 0.8) == pytest.approx(math.e / (1 + math.e), abs=1e-12)   # b worse: more weight
+    assert round_(0.7, 0.8) == pytest.approx(0.5, abs=1e-12)                       # a: mean(0.9,0.7) = b's 0.8
+    assert round_(0.7, 0.8) == pytest.approx(1 / (1 + math.e), abs=1e-12)         # a: 0.7, 0.7 (0.9 dropped)
+    assert s.history == {"a": [0.7, 0.7], "b": [0.8, 0.8]}
+
+
+# --- server optimizers -------------------------------------------------------------------
+
+def test_server_sgd_with_lr_one_is_fedavg_and_lr_half_goes_halfway():
+    states = random_states(3)
+    replies = [Reply(n, s, num_examples=e) for n, s, e in zip("abc", states, [1, 2, 5])]
+    glob = random_states(1, seed=3)[0]
+    want = fedavg_aggregate(replies, "dataset_size")
+    got = Strategy(StrategyConfig(server_opt="sgd")).aggregate(glob, replies, 1, "dataset_size")
+    assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    half = Strategy(StrategyConfig(server_opt="sgd", server_lr=0.5)).aggregate(glob, replies, 1, "dataset_size")
+    assert all(torch.allclose(half[k], (glob[k] + want[k]) / 2, rtol=0, atol=1e-6) for k in want)
+
+
+def _flower_messages(states, examples):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    return [Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in s.items()}),
+                                        "metrics": MetricRecord({"num-examples": e})}),
+                    dst_node_id=i + 1, message_type="train") for i, (s, e) in enumerate(zip(states, examples))]
+
+
+@pytest.mark.parametrize("opt", ["adam", "yogi"])
+def test_server_adam_and_yogi_equal_flowers_fedadam_fedyogi_over_three_rounds(opt, task_identity):
+    from flwr.serverapp.strategy import FedAdam, FedYogi
+    flower = FedAdam(eta=0.1) if opt == "adam" else FedYogi(eta=0.01)
+    ours = Strategy(StrategyConfig(server_opt=opt, server_lr=flower.eta, server_beta1=flower.beta_1,
+                                   server_beta2=flower.beta_2, server_tau=flower.tau))
+    glob = random_states(1, dtype=torch.float64, seed=20)[0]
+    examples = [3, 1, 4]
+    for t in (1, 2, 3):
+        states = [{k: glob[k] + 0.01 * v for k, v in s.items()} for s in random_states(3, dtype=torch.float64, seed=t)]
+        flower.current_arrays = {k: v.numpy().copy() for k, v in glob.items()}
+        # Flower's Adam bias correction uses exponent server_round + 1; ours the step count t
+        theirs, _ = flower.aggregate_train(t - 1, _flower_messages(states, examples))
+        glob = ours.aggregate(glob, [Reply(n, s, num_examples=e) for n, s, e in zip("abc", states, examples)],
+                              t, "dataset_size")
+        for k in glob:
+            np.testing.assert_allclose(glob[k].numpy(), theirs[k].numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_server_opt_refused_with_qfedavg():
+    with pytest.raises(DataError, match="--server_opt adam: does not compose with --strategy qfedavg"):
+        Strategy(StrategyConfig(name="qfedavg", server_opt="adam"))
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    cfg = StrategyConfig(name="adaptive", server_opt="adam", server_lr=0.01, adaptive_window=2)
+
+    def replies(t):
+        return [Reply(n, s, metrics={"heldout_alignment": 0.5 + 0.1 * i + 0.01 * t})
+                for i, (n, s) in enumerate(zip("abc", random_states(3, seed=t)))]
+    glob0 = random_states(1, seed=99)[0]
+    straight, glob = Strategy(cfg), glob0
+    for t in (1, 2, 3):
+        glob = straight.aggregate(glob, replies(t), t, "uniform")
+    first, mid = Strategy(cfg), glob0
+    for t in (1, 2):
+        mid = first.aggregate(mid, replies(t), t, "uniform")
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = Strategy(cfg)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    again = resumed.aggregate(mid, replies(3), 3, "uniform")
+    assert all(torch.equal(again[k], glob[k]) for k in glob)
+    with pytest.raises(DataError, match="--strategy adaptive"):
+        Strategy(StrategyConfig(name="median")).load_state_dict(first.state_dict())
+
+
+# --- Byzantine attacks -----------------------------------------------------------------
+
+def test_byzantine_choice_is_seeded_and_order_free():
+    names = [f"c{i}" for i in range(8)]
+    pick = choose_byzantine(names, 2, seed=0)
+    assert len(pick) == 2 and set(pick) <= set(names) and pick == sorted(pick)
+    assert choose_byzantine(names[::-1], 2, seed=0) == pick
+    assert len({tuple(choose_byzantine(names, 2, seed=s)) for s in range(10)}) > 1
+    assert choose_byzantine(names, 0, seed=0) == []
+
+
+def test_corrupt_state_exact():
+    g, c = vec(1.0, 1.0), vec(2.0, 0.0)
+    assert torch.equal(corrupt_state(g, c, "sign_flip", scale=3, std=0)["w"], torch.tensor([-2.0, 4.0],
+                                                                                          dtype=torch.float64))
+    assert torch.equal(corrupt_state(g, c, "scale", scale=3, std=0)["w"], torch.tensor([4.0, -2.0],
+                                                                                      dtype=torch.float64))
+    noisy = corrupt_state(g, c, "gaussian", scale=0, std=2.0, gen=generator(0, "attack", "x", 1))
+    want = c["w"] + 2.0 * torch.randn(2, generator=generator(0, "attack", "x", 1), dtype=torch.float64)
+    assert torch.equal(noisy["w"], want)
+
+
+def test_corrupt_replies_touches_only_byzantine_clients_and_is_seeded_per_round():
+    g = vec(0.0, 0.0)
+    replies = [Reply("a", vec(1.0, 1.0)), Reply("b", vec(2.0, 2.0))]
+    r1 = corrupt_replies(replies, g, ["b"], "gaussian", scale=0, std=1.0, seed=0, round_=1)
+    again = corrupt_replies(replies, g, ["b"], "gaussian", scale=0, std=1.0, seed=0, round_=1)
+    r2 = corrupt_replies(replies, g, ["b"], "gaussian", scale=0, std=1.0, seed=0, round_=2)
+    assert r1[0] is replies[0] and torch.equal(r1[1].state["w"], again[1].state["w"])
+    assert not torch.equal(r1[1].state["w"], r2[1].state["w"])
+    assert torch.equal(replies[1].state["w"], torch.tensor([2.0, 2.0], dtype=torch.float64))  # input untouched
+
+
+def test_one_sign_flipper_of_eight_moves_fedavg_but_not_trimmed_mean_or_median():
+    """Bound: with f = 1 attacker and trimming k >= f per end (trimmed mean at beta 0.2 of 8 drops 1)
+    or the median (f < n/2), every kept value per coordinate lies between the honest clients' min and
+    max, and so does the clean mean: |robust - clean mean| <= the clean values' range per coordinate.
+    FedAvg moves by (c + 1)·|Δ_attacker| / 8 = 11·~0.1/8 ≈ 0.14, far beyond that range (~0.03)."""
+    g = generator(0, "test_byzantine")
+    glob = {"w": torch.zeros(1000, dtype=torch.float64)}
+    clean = [Reply(f"c{i}", {"w": 0.1 + 0.01 * torch.randn(1000, generator=g, dtype=torch.float64)})
+             for i in range(8)]
+    attacked = corrupt_replies(clean, glob, ["c0"], "sign_flip", scale=10.0, std=0, seed=0, round_=1)
+    stacked = torch.stack([r.state["w"] for r in clean])
+    bound = stacked.max(0).values - stacked.min(0).values
+    clean_mean = Strategy().aggregate(glob, clean, 1, "uniform")["w"]
+    for name in ("trimmed_mean", "median"):
+        robust = Strategy(StrategyConfig(name=name)).aggregate(glob, attacked, 1, "uniform")["w"]
+        assert bool(((robust - clean_mean).abs() <= bound).all()), name
+    fedavg = Strategy().aggregate(glob, attacked, 1, "uniform")["w"]
+    assert bool(((fedavg - clean_mean).abs() > bound).all())
+
+
+# --- flags -------------------------------------------------------------------------------
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--client_fraction", type=float, default=1.0)
+    add_strategy_arguments(p)
+    add_attack_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_default_flags_build_the_fedavg_path():
+    args = parse()
+    assert check_strategy_flags(args, 8) == [] and check_attack_flags(args, 8) == []
+    assert Strategy(StrategyConfig()).name == "fedavg"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--proximal_mu", "-1"], "--proximal_mu -1.0"),
+    (["--qffl_q", "-0.5"], "--qffl_q -0.5"),
+    (["--strategy", "qfedavg", "--lr", "0"], "--lr 0.0"),
+    (["--adaptive_temperature", "0"], "--adaptive_temperature 0.0"),
+    (["--adaptive_window", "0"], "--adaptive_window 0"),
+    (["--trim_fraction", "0.5"], "--trim_fraction 0.5"),
+    (["--trim_fraction", "-0.1"], "--trim_fraction -0.1"),
+    (["--strategy", "qfedavg", "--server_opt", "sgd"], "does not compose"),
+    (["--server_opt", "adam", "--server_lr", "0"], "--server_lr 0.0"),
+    (["--server_beta1", "1"], "--server_beta1 1.0"),
+    (["--server_tau", "0"], "--server_tau 0.0"),
+])
+def test_strategy_flag_errors_name_the_flag(argv, match):
+    with pytest.raises(DataError, match=match) as err:
+        check_strategy_flags(parse(*argv), 8)
+    assert err.value.hint
+
+
+def test_strategy_flag_warnings():
+    w = check_strategy_flags(parse("--strategy", "trimmed_mean", "--trim_fraction", "0.1"), 8)
+    assert any("trims nothing with 8" in x for x in w)
+    assert any("no effect" in x for x in check_strategy_flags(parse("--proximal_mu", "0.1"), 8))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--byzantine", "-1"], "--byzantine -1"),
+    (["--byzantine", "8"], "no honest client"),
+    (["--byzantine", "1", "--attack_scale", "-2"], "--attack_scale -2.0"),
+    (["--byzantine", "1", "--attack_std", "-1"], "--attack_std -1.0"),
+])
+def test_attack_flag_errors(argv, match):
+    with pytest.raises(DataError, match=match):
+        check_attack_flags(parse(*argv), 8)
+
+
+def test_attack_flag_warns_when_trimming_is_too_small():
+    w = check_attack_flags(parse("--byzantine", "2", "--strategy", "trimmed_mean"), 8)
+    assert any("not bounded" in x for x in w)
+    assert check_attack_flags(parse("--byzantine", "1", "--strategy", "trimmed_mean"), 8) == []
+    assert any("half" in x for x in check_attack_flags(parse("--byzantine", "4", "--strategy", "median"), 8))
