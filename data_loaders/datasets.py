@@ -30,16 +30,32 @@ class ExperimentData:
 
 
 def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool = False,
-                     groups: list[str] | None = None, log=print) -> RawDataset:
-    """Parse a real dataset's files (globalqa or opinionqa) without embedding them."""
+                     groups: list[str] | None = None, log=print, encoding: str = "utf-8") -> RawDataset:
+    """Parse a real dataset's files (globalqa or opinionqa) without embedding them.
+
+    `encoding` is the globalqa CSV's (--encoding); OpinionQA's JSON files are UTF-8 by definition.
+    The parse summary (raw.report) is the caller's to print.
+    """
     if dataset == "globalqa":
         from .globalqa import load_globalqa
-        return load_globalqa(data_path, groups=groups, strict=strict, log=log)
+        return load_globalqa(data_path, groups=groups, strict=strict, log=log, encoding=encoding)
     if dataset == "opinionqa":
         from .opinionqa import resolve_root, load_opinionqa
         return load_opinionqa(resolve_root(data_path), groups=groups, strict=strict, log=log)
     raise DataError(f"--dataset {dataset!r} has no files to parse",
                     f"choose one of {', '.join(DATASETS)}")
+
+
+def group_names(text: str) -> list[str]:
+    """A group flag's value: names split at commas, or at semicolons when any name holds a
+    comma ('$100,000 or more; Black'). An argparse `type`: an empty list is refused."""
+    import argparse
+    sep = ";" if ";" in text else ","
+    names = [g.strip() for g in text.split(sep) if g.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no group; list at least one, or leave "
+                                         "the flag out for the default groups")
+    return names
 
 
 def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] | None]:
@@ -117,8 +133,6 @@ def prepare_experiment(args, log=print, check=None) -> ExperimentData:
                                      args.group_split, split_seed(args))
         raw, emb, emb_info = load_embedded(args, train + evals, log, check=lambda r: _checked(
             r, train, evals, args.dataset, check))
-    for line in raw.report.lines():
-        log(line)
     build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
     data = ExperimentData(args.dataset, build(train), build(evals), int(emb.shape[1]),
                           raw.bank.ordinals is not None)
@@ -132,20 +146,28 @@ def load_embedded(args, groups: list[str] | None, log=print, check=None):
 
     Real datasets are parsed with every considered group (`groups`: a question is kept only
     when each of them that answers it has a usable answer); `check(raw)` runs after parsing
-    and before embedding, so a configuration that cannot run fails in seconds.
+    and before embedding, so a configuration that cannot run fails in seconds. The parse
+    summary is printed here, once, before any embedding work.
     """
     if args.dataset == "synthetic":
         raw, emb = make_synthetic(synthetic_spec(args))
+        _log_report(raw, log)
         return raw, emb, {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
-    raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=groups, log=log)
+    raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=groups, log=log,
+                           encoding=getattr(args, "encoding", "utf-8"))
+    _log_report(raw, log)
     if check is not None:
         check(raw)
     from .embeddings import get_embeddings
-    emb, emb_info = get_embeddings(raw, args.emb_model, dataset_options={"groups": sorted(groups)},
-                                   cache_dir=args.cache_dir, device=args.emb_device,
+    emb, emb_info = get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
                                    batch_size=args.emb_batch_size, dtype=args.emb_dtype,
                                    load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
     return raw, emb, emb_info
+
+
+def _log_report(raw: RawDataset, log) -> None:
+    for line in raw.report.lines():
+        log(line)
 
 
 def data_info(raw: RawDataset, emb_info: dict, seconds: float) -> dict:

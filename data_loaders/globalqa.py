@@ -37,11 +37,37 @@ def resolve_csv(data_path: str | None, log=print) -> Path:
     for origin, value in (("--data_path", data_path), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
         if value:
             path = Path(value).expanduser()
+            if path.is_dir():
+                raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file",
+                                _folder_hint(path))
             if not path.is_file():
                 raise DataError(f"GlobalOpinionQA CSV not found: {path} (from {origin})",
                                 "pass the path of global_opinions.csv with --data_path")
             return path
     return _download_csv(log)
+
+
+def _folder_hint(folder: Path) -> str:
+    csvs = sorted(p.name for p in folder.glob("*.csv"))[:3]
+    if csvs:
+        return f"pass the CSV file itself, e.g. --data_path {folder / csvs[0]}"
+    return "pass the path of the CSV file (the hub's data/global_opinions.csv), not its folder"
+
+
+def decode_csv(path: Path, data: bytes, encoding: str) -> str:
+    """The file's text; a wrong --encoding names the first bad byte and its line."""
+    try:
+        text = data.decode(encoding)
+    except LookupError as err:
+        raise DataError(f"unknown --encoding {encoding!r} ({err})",
+                        "use a Python codec name such as utf-8, latin-1 or cp1252") from err
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: not {encoding} text: byte 0x{data[err.start]:02x} at offset "
+                        f"{err.start} (line {line}) cannot be decoded as {encoding}",
+                        "a CSV saved by a spreadsheet is often latin-1 or cp1252: pass "
+                        "--encoding latin-1 (or the file's encoding)") from err
+    return text.removeprefix("\ufeff")  # a byte-order mark would otherwise rename 'question'
 
 
 def _download_csv(log) -> Path:
@@ -95,14 +121,17 @@ def _check_vector(vec, n_options: int) -> str | None:
 
 
 def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = None,
-                  strict: bool = False, log=print) -> RawDataset:
+                  strict: bool = False, log=print, encoding: str = "utf-8") -> RawDataset:
     """Parse the hub CSV into a RawDataset restricted to `groups` (default: the paper's 14)."""
     path = resolve_csv(data_path, log)
     groups = list(groups or COUNTRIES)
     report = LoadReport(source=str(path))
     raw_bytes = path.read_bytes()
     csv.field_size_limit(sys.maxsize)
-    reader = csv.DictReader(raw_bytes.decode("utf-8").splitlines(keepends=True))
+    reader = csv.DictReader(decode_csv(path, raw_bytes, encoding).splitlines(keepends=True))
+    if reader.fieldnames is None:
+        raise DataError(f"{path}: the file is empty", "the file must be the hub's "
+                        "data/global_opinions.csv format: a header row, then one question per row")
     missing = {"question", "selections", "options"} - set(reader.fieldnames or [])
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}",
@@ -155,6 +184,10 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             probs[g][0].append(qkey)
             probs[g][1].append(vec / vec.sum())
 
+    if not qkeys and sum(report.dropped.values()) == 0:  # every row is kept or counted once
+        raise DataError(f"{path}: the file has a header but no data rows",
+                        "the file must hold one question per row after the header "
+                        "(the hub's data/global_opinions.csv)")
     unknown = [g for g in groups if g not in seen_groups]
     if unknown:
         raise DataError(f"{path}: group(s) {unknown} appear in no row's selections",

@@ -155,8 +155,10 @@ def _data_dir(root: str | Path) -> tuple[Path, list[tuple[str, Path]]]:
     root = Path(root).expanduser()
     hint = ("pass the OpinionQA folder (e.g. ../shared/data/opinionqa) or its human_resp "
             "subfolder, which holds American_Trends_Panel_W<wave>/ folders")
+    if root.is_file():
+        raise DataError(f"OpinionQA --data_path {root} is a file; a folder is expected", hint)
     if not root.is_dir():
-        raise DataError(f"OpinionQA folder not found (or not a folder): {root}", hint)
+        raise DataError(f"OpinionQA folder not found: {root}", hint)
     for folder in (root, root / "human_resp"):
         if folder.is_dir() and (waves := _waves(folder)):
             return folder, waves
@@ -405,7 +407,11 @@ def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str
 
 def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict: bool = False,
                    log: Callable[[str], object] = print) -> RawDataset:
-    """Parse the per-wave OpinionQA counts into a RawDataset for `groups` (default: the 17)."""
+    """Parse the per-wave OpinionQA counts into a RawDataset for `groups` (default: the 17).
+
+    Like load_globalqa, it does not print raw.report: its caller does, once (`log` is kept
+    for the loaders' common signature).
+    """
     report = LoadReport(str(root))
     files = _read_all(root, report, strict)
     names = _group_names(files)
@@ -431,13 +437,13 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
         for g, p in probs.items():
             per_group[g][0].append(qkey)
             per_group[g][1].append(p)
-    return _assemble(files, key_names, bank_rows, per_group, report, tally, log)
+    return _assemble(files, key_names, bank_rows, per_group, report, tally)
 
 
 def _assemble(files: _Files, key_names: list[str],
               bank_rows: list[tuple[int, str, list[str], list[float]]],
               per_group: dict[str, tuple[list[int], list[np.ndarray]]], report: LoadReport,
-              tally: _Tally, log: Callable[[str], object]) -> RawDataset:
+              tally: _Tally) -> RawDataset:
     bank = QuestionBank(np.array([r[0] for r in bank_rows], dtype=np.int64),
                         [r[1] for r in bank_rows], [r[2] for r in bank_rows],
                         [r[3] for r in bank_rows])
@@ -463,6 +469,4 @@ def _assemble(files: _Files, key_names: list[str],
               for g, (k, p) in per_group.items() if k}
     raw = RawDataset("opinionqa", bank, groups, report, files.source_hash())
     raw.key_names = key_names  # plain attribute: qkey -> '<wave>/<key>'
-    for line in report.lines():
-        log(line)
     return raw

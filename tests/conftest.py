@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,29 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+CACHE_ENV = "PLURALLLM_CACHE_DIR"  # data_loaders.embedding_cache reads it
+CREATED_CACHE_DIRS: list[str] = []           # the session's own cache folder, removed at the end
+
+
+def session_cache_dir(environ, make_dir) -> str:
+    """The embedding cache the tests use: $PLURALLLM_CACHE_DIR when set (CI, a developer's
+    shared cache), else a fresh folder, never the user's ~/.cache/plurallm."""
+    return environ.get(CACHE_ENV) or make_dir()
+
+
+def pytest_configure(config):
+    # Set before any test (and any subprocess a test starts) runs, and shared by all of them:
+    # MiniLM embeds each real data set once per session (about 40 s for OpinionQA on a CPU).
+    def make_dir() -> str:
+        CREATED_CACHE_DIRS.append(tempfile.mkdtemp(prefix="plurallm-test-cache-"))
+        return CREATED_CACHE_DIRS[-1]
+    os.environ[CACHE_ENV] = session_cache_dir(os.environ, make_dir)
+
+
+def pytest_unconfigure(config):
+    for folder in CREATED_CACHE_DIRS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def test_synthetic_is_deterministic_in_its_seed():
 def test_too_few_questions_for_episode_sizes():
     from types import SimpleNamespace
     from training.experiment import check_question_counts
-    flags = SimpleNamespace(min_ctx_num_qs=10, min_tar_num_qs=10, data_split=0.9, eval_num_qs=5)
+    flags = SimpleNamespace(min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100,
+                            data_split=0.9, eval_num_qs=5)
     with pytest.raises(DataError, match=r"'g00' has 13 local questions \(0.9 of 15\), fewer than .* = 20"):
         check_question_counts(flags, {"g00": 15, "g01": 15}, ["g00"], ["g01"])
     flags.min_ctx_num_qs = 3

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from data_loaders import embedding_cache as E_cache
 from data_loaders import embeddings as E
 from data_loaders.authors_pickle import load_authors_pickle
 from data_loaders.prompts import option_letter, option_texts, question_prompt
@@ -235,17 +236,100 @@ def test_second_call_hits_cache_without_running_the_model(tiny_llama, tmp_path, 
     assert torch.equal(first, second)
 
 
-def test_source_hash_or_model_change_invalidates(tiny_llama, tmp_path):
+def counting_embedder(monkeypatch) -> list[list[str]]:
+    """Replace the model by a fixed function of the text; record the texts of every call."""
+    calls: list[list[str]] = []
+
+    def embed(texts, model_id, **kw):
+        calls.append(list(texts))
+        return torch.tensor([[len(t), sum(map(ord, t)) % 97, t.count("A"), 1.0] for t in texts])
+    monkeypatch.setattr(E, "embed_texts", embed)
+    return calls
+
+
+def other_counts(raw: RawDataset) -> RawDataset:
+    """The same questions and options with other answers (another copy of the data)."""
+    groups = {"G3": GroupPrefs("G3", np.array([9, 3, 7]),
+                               [np.array([.9, .1]), np.array([.3, .7]), np.array([.6, .2, .2])])}
+    return RawDataset(raw.name, raw.bank, groups, raw.report, "hash-of-another-copy")
+
+
+def test_copies_with_the_same_texts_share_embeddings(tmp_path, monkeypatch):
+    calls = counting_embedder(monkeypatch)
+    first, info1 = E.get_embeddings(make_raw(), "some-model", cache_dir=tmp_path, log=lambda s: None)
+    assert [len(c) for c in calls] == [7] and info1["source"] == "computed"
+    for raw in (other_counts(make_raw()), make_raw(), other_counts(make_raw())):  # alternate copies
+        emb, info = E.get_embeddings(raw, "some-model", cache_dir=tmp_path, log=lambda s: None)
+        assert info["source"] == "cache" and torch.equal(emb, first)
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+def test_changed_texts_embed_only_themselves(tmp_path, monkeypatch):
+    calls = counting_embedder(monkeypatch)
+    first, _ = E.get_embeddings(make_raw(), "some-model", cache_dir=tmp_path, log=lambda s: None)
+    raw = make_raw()
+    raw.bank.questions[1] = "Is it bad?"  # two new texts (its options); five unchanged
+    lines: list[str] = []
+    emb, info = E.get_embeddings(raw, "some-model", cache_dir=tmp_path, log=lines.append)
+    assert info["source"] == "computed" and [len(c) for c in calls] == [7, 2]
+    assert all("Is it bad?" in t for t in calls[1])
+    assert any("2 of 7 texts are not in the cache" in s for s in lines)
+    keep = [0, 1, 4, 5, 6]
+    assert torch.equal(emb[keep], first[keep]) and not torch.equal(emb[2:4], first[2:4])
+    fresh, _ = E.get_embeddings(raw, "some-model", cache_dir=tmp_path / "fresh", log=lambda s: None)
+    assert torch.equal(emb, fresh)  # appended rows land where a cold cache would put them
+    for again in (make_raw(), raw):  # both versions now cached
+        E.get_embeddings(again, "some-model", cache_dir=tmp_path, log=lambda s: None)
+    assert len(calls) == 3
+
+
+def test_model_change_is_another_store(tiny_llama, tmp_path):
     raw = make_raw()
     base, _ = E.get_embeddings(raw, str(tiny_llama), cache_dir=tmp_path, device="cpu", log=lambda s: None)
-    lines: list[str] = []
-    _, info = E.get_embeddings(make_raw("hash-2"), str(tiny_llama), cache_dir=tmp_path, device="cpu",
-                               log=lines.append)
-    assert info["source"] == "computed"
-    assert any("source_hash 'hash-1' -> 'hash-2'" in s for s in lines)
     other = save_tiny_llama(tmp_path / "other_llama", seed=1)
     emb, info = E.get_embeddings(raw, str(other), cache_dir=tmp_path, device="cpu", log=lambda s: None)
     assert info["source"] == "computed" and not torch.allclose(emb, base)
+    _, info = E.get_embeddings(raw, str(tiny_llama), dtype="bf16", cache_dir=tmp_path, device="cpu",
+                               log=lambda s: None)
+    assert info["source"] == "computed" and info["precision"] == "bf16"
+
+
+def test_unwritable_cache_warns_before_embedding_and_runs_without_it(tmp_path, monkeypatch):
+    """A cache path through a regular file cannot be created, root or not."""
+    lines: list[str] = []
+    monkeypatch.setattr(E, "embed_texts", lambda texts, model_id, **kw: (
+        lines.append("<embedding>"), torch.ones(len(texts), 4))[1])
+    (tmp_path / "a_file").write_text("")
+    folder = tmp_path / "a_file" / "cache"
+    emb, info = E.get_embeddings(make_raw(), "some-model", cache_dir=folder, log=lines.append)
+    warned = [i for i, s in enumerate(lines) if s.startswith(f"WARNING: the embedding cache folder {folder} "
+                                                               "cannot be written (NotADirectoryError")]
+    assert warned and warned[0] < lines.index("<embedding>")
+    assert emb.shape == (7, 4) and info["cache_file"] is None
+    assert not any("could not write" in s for s in lines)  # no write attempted after the work
+    entry = E_cache.cache_entry("globalqa", "m", "alpaca", "fp32", "mean", folder)
+    lines.clear()  # and a write that fails anyway (disk full, ...) is a warning, not a crash
+    assert not E_cache.write_store(entry, E_cache.Store(torch.ones(1, 4), ["h"]), {"model_id": "m"},
+                                   lines.append)
+    assert lines[0].startswith(f"WARNING: could not write the embedding cache {entry.path}")
+
+
+def test_read_only_cache_is_still_read(tmp_path, monkeypatch):
+    calls = counting_embedder(monkeypatch)
+    first, info = E.get_embeddings(make_raw(), "some-model", cache_dir=tmp_path, log=lambda s: None)
+    stored = Path(info["cache_file"]).read_bytes()
+
+    def refuse(*a, **k):  # what a read-only folder does to a non-root user
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(E_cache.tempfile, "NamedTemporaryFile", refuse)
+    lines: list[str] = []
+    emb, info = E.get_embeddings(make_raw(), "some-model", cache_dir=tmp_path, log=lines.append)
+    assert info["source"] == "cache" and torch.equal(emb, first) and len(calls) == 1
+    assert any("Permission denied" in s and s.startswith("WARNING") for s in lines)
+    raw = make_raw()
+    raw.bank.questions[0] = "Do you disagree?"
+    _, info = E.get_embeddings(raw, "some-model", cache_dir=tmp_path, log=lambda s: None)
+    assert info["source"] == "computed" and Path(info["cache_file"]).read_bytes() == stored
 
 
 def test_cache_dir_from_environment(tiny_llama, tmp_path, monkeypatch):
@@ -405,7 +489,7 @@ def test_pickle_errors_for_wrong_model_or_missing_file_or_wrong_dim(tmp_path):
 def fake_datasets_module(raw: RawDataset | None) -> types.ModuleType:
     module = types.ModuleType("data_loaders.datasets")
 
-    def load_raw_dataset(dataset, data_path=None, *, strict=False, groups=None, log=print):
+    def load_raw_dataset(dataset, data_path=None, *, strict=False, groups=None, log=print, encoding="utf-8"):
         if raw is None:
             raise DataError(f"bad file {data_path}", "fix it")
         return raw
@@ -419,7 +503,7 @@ def test_cli_prints_what_it_loaded(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "data_loaders.datasets", fake_datasets_module(make_raw()))
     lines: list[str] = []
     code = embed.main(["--dataset", "globalqa", "--emb_model", str(tiny_llama), "--cache_dir",
-                       str(tmp_path), "--device", "cpu", "--batch_size", "4"], log=lines.append)
+                       str(tmp_path), "--emb_device", "cpu", "--emb_batch_size", "4"], log=lines.append)
     out = "\n".join(lines)
     assert code == 0
     assert "tiny.csv: kept 3 questions" in out and "groups: 2" in out and "  G1: 2 questions" in out
@@ -447,8 +531,46 @@ def test_cli_on_the_real_sample(tiny_llama, tmp_path, globalqa_csv, monkeypatch)
     monkeypatch.setattr(E, "embed_texts", stub)
     lines: list[str] = []
     code = embed.main(["--dataset", "globalqa", "--data_path", str(globalqa_csv), "--emb_model",
-                       str(tiny_llama), "--cache_dir", str(tmp_path), "--device", "cpu",
-                       "--batch_size", "64"], log=lines.append)
+                       str(tiny_llama), "--cache_dir", str(tmp_path), "--emb_device", "cpu",
+                       "--emb_batch_size", "64"], log=lines.append)
     out = "\n".join(lines)
     assert code == 0 and "groups: 14" in out and "dim 16" in out and "source computed" in out
     assert f"options: {seen[0]} points" in out
+
+
+def test_cli_takes_main_fl_flag_names():
+    from data_loaders import embed
+    from utils.cli import build_parser
+    args = embed.parse_args(["--dataset", "globalqa", "--emb_device", "cpu", "--emb_batch_size", "4",
+                             "--emb_dtype", "bf16", "--emb_load_in_8bit", "--emb_pickle", "p.pkl",
+                             "--encoding", "latin-1", "--train_groups", "Japan,China", "--eval_groups", "Spain"])
+    assert (args.emb_device, args.emb_batch_size, args.emb_dtype, args.emb_load_in_8bit, args.emb_pickle,
+            args.encoding) == ("cpu", 4, "bf16", True, "p.pkl", "latin-1")
+    assert embed.considered_groups(args) == ["Japan", "China", "Spain"]
+    shown = {o for a in embed.build_parser()._actions if a.help != "==SUPPRESS==" for o in a.option_strings}
+    main_fl = {o for a in build_parser("fedavg")._actions for o in a.option_strings}
+    assert shown - main_fl == {"--groups"}  # every other flag is spelt as main_fl.py spells it
+
+
+def test_cli_old_flag_names_still_work_hidden(capsys):
+    from data_loaders import embed
+    old = embed.parse_args(["--dataset", "opinionqa", "--device", "cpu", "--batch_size", "4", "--dtype", "bf16",
+                            "--load_in_8bit", "--pickle_path", "p.pkl"])
+    assert (old.emb_device, old.emb_batch_size, old.emb_dtype, old.emb_load_in_8bit, old.emb_pickle) == \
+        ("cpu", 4, "bf16", True, "p.pkl")
+    err = capsys.readouterr().err
+    assert "--device is now --emb_device" in err and "--pickle_path is now --emb_pickle" in err
+    plain = embed.parse_args(["--dataset", "opinionqa"])
+    assert (plain.emb_device, plain.emb_batch_size, plain.emb_load_in_8bit) == ("auto", 16, False)
+    assert capsys.readouterr().err == ""
+    help_text = embed.build_parser().format_help()
+    assert "--emb_device" in help_text and "--device" not in help_text.replace("--emb_device", "")
+
+
+def test_the_tests_never_use_the_users_cache(tmp_path):
+    import conftest
+    assert conftest.session_cache_dir({}, lambda: str(tmp_path)) == str(tmp_path)
+    assert conftest.session_cache_dir({E.CACHE_ENV: "/ci/cache"}, lambda: str(tmp_path)) == "/ci/cache"
+    assert os.environ.get(E.CACHE_ENV)  # set for the whole session, subprocesses included
+    if conftest.CREATED_CACHE_DIRS:  # nobody chose a folder: this session's own, not ~/.cache/plurallm
+        assert E.resolve_cache_dir() == Path(conftest.CREATED_CACHE_DIRS[0])

@@ -47,8 +47,8 @@ def test_group_tensors_from_real_sample(globalqa_csv):
     assert g.x[0, 0].item() == float(first)
 
 
-def write_csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def write_csv(path, rows, encoding="utf-8"):
+    with open(path, "w", newline="", encoding=encoding) as f:
         w = csv.writer(f)
         w.writerow(["question", "selections", "options", "source"])
         w.writerows(rows)
@@ -134,3 +134,50 @@ def test_env_var_and_offline_download(tmp_path, monkeypatch):
 
 def test_default_split_is_the_papers():
     assert len(TRAIN_GROUPS) == 8 and len(EVAL_GROUPS) == 6 and not set(TRAIN_GROUPS) & set(EVAL_GROUPS)
+
+
+def test_latin1_file_names_encoding_and_loads_with_it(tmp_path):
+    rows = [["Q0 fine", sel({"Japan": [0.5, 0.5]}), "['Yes', 'No']", "GAS"],
+            ["¿Qué opina?", sel({"Japan": [0.25, 0.75]}), "['Sí', 'No']", "GAS"]]
+    path = write_csv(tmp_path / "latin.csv", rows, encoding="latin-1")
+    offset = (tmp_path / "latin.csv").read_bytes().index(b"\xbf")
+    with pytest.raises(DataError) as err:
+        load_globalqa(path, groups=["Japan"], log=QUIET)
+    assert str(err.value).startswith(f"{path}: not utf-8 text: byte 0xbf at offset {offset} (line 3)")
+    assert "--encoding latin-1" in err.value.hint
+    raw = load_globalqa(path, groups=["Japan"], log=QUIET, encoding="latin-1")
+    assert raw.bank.questions == ["Q0 fine", "¿Qué opina?"] and raw.bank.options[1] == ["Sí", "No"]
+    with pytest.raises(DataError, match="unknown --encoding 'latin-9000'"):
+        load_globalqa(path, groups=["Japan"], log=QUIET, encoding="latin-9000")
+
+
+def test_encoding_flag_reaches_the_csv_reader(tmp_path, monkeypatch):
+    import data_loaders.embeddings as emb_mod
+    from data_loaders.datasets import load_embedded
+    from utils.cli import build_parser
+    path = write_csv(tmp_path / "latin.csv", [["Année?", sel({"Japan": [1.0, 0.0]}), "['A', 'B']", "GAS"]],
+                     encoding="latin-1")
+    monkeypatch.setattr(emb_mod, "get_embeddings", lambda raw, *a, **k: (torch.zeros(2, 4), {"dim": 4}))
+    args = build_parser("fedavg").parse_args(["--data_path", path, "--encoding", "latin-1"])
+    raw, _, _ = load_embedded(args, ["Japan"], log=QUIET)
+    assert raw.bank.questions == ["Année?"]
+    with pytest.raises(DataError, match="--encoding latin-1"):
+        load_embedded(build_parser("fedavg").parse_args(["--data_path", path]), ["Japan"], log=QUIET)
+
+
+def test_header_only_and_empty_files_say_so(tmp_path):
+    with pytest.raises(DataError, match="has a header but no data rows"):
+        load_globalqa(write_csv(tmp_path / "h.csv", []), groups=["Japan"], log=QUIET)
+    (tmp_path / "e.csv").write_bytes(b"")
+    with pytest.raises(DataError, match="the file is empty"):
+        load_globalqa(str(tmp_path / "e.csv"), groups=["Japan"], log=QUIET)
+
+
+def test_a_folder_as_data_path_says_a_csv_file_is_expected(tmp_path):
+    with pytest.raises(DataError, match="is a folder; GlobalOpinionQA needs a CSV file") as err:
+        resolve_csv(str(tmp_path))
+    assert "not its folder" in err.value.hint
+    tiny(tmp_path)
+    with pytest.raises(DataError) as err:
+        resolve_csv(str(tmp_path))
+    assert err.value.hint == f"pass the CSV file itself, e.g. --data_path {tmp_path / 'g.csv'}"

@@ -185,7 +185,7 @@ def test_strict_accepts_clean_layout_and_hash_tracks_content(tmp_path):
     root = _layout(tmp_path)
     lines: list[str] = []
     raw = load_opinionqa(root, strict=True, log=lines.append)
-    assert lines[0].endswith("kept 3 questions")
+    assert lines == [] and raw.report.lines()[0].endswith("kept 3 questions")  # the caller prints it
     assert raw.source_hash == load_opinionqa(root, groups=["Male"], log=_quiet).source_hash
     sex = root / "human_resp" / "American_Trends_Panel_W2" / "SEX_data.json"
     sex.write_text(sex.read_text().replace('"Y": 3', '"Y": 4'))
@@ -202,6 +202,33 @@ def test_missing_root_and_folder_without_waves(tmp_path):
     with pytest.raises(DataError, match="American_Trends_Panel_W") as err:
         load_opinionqa(tmp_path / "empty", log=_quiet)
     assert "human_resp" in err.value.hint
+
+
+def test_a_file_as_the_folder_says_a_folder_is_expected(tmp_path):
+    sex = _layout(tmp_path) / "human_resp" / "American_Trends_Panel_W1" / "SEX_data.json"
+    with pytest.raises(DataError, match="is a file; a folder is expected") as err:
+        load_opinionqa(sex, log=_quiet)
+    assert str(sex) in str(err.value) and "human_resp" in err.value.hint
+
+
+def test_prepare_experiment_prints_the_parse_summary_once(tmp_path, monkeypatch):
+    """main_fl.py --dataset opinionqa printed it twice (the loader, then prepare_experiment)."""
+    import torch
+    import data_loaders.embeddings as emb_mod
+    from data_loaders.datasets import prepare_experiment
+    from utils.cli import build_parser
+
+    def fixed_table(raw, emb_model, **kw):  # the summary is the subject here, not the vectors
+        return torch.zeros(raw.bank.num_points, 4), {"emb_model": "fixed", "dim": 4}
+    monkeypatch.setattr(emb_mod, "get_embeddings", fixed_table)
+    root = _layout(tmp_path)
+    args = build_parser("fedavg").parse_args(["--dataset", "opinionqa", "--data_path", str(root),
+                                              "--train_groups", "Female,Male", "--eval_groups", "White"])
+    lines: list[str] = []
+    prepare_experiment(args, log=lines.append)
+    summary = [s for s in lines if s.endswith("kept 3 questions")]
+    assert summary == [f"{root / 'human_resp'}: kept 3 questions"]
+    assert sum("refusal answers removed" in s for s in lines) == 1
 
 
 def test_unparsable_json_skipped_and_counted_or_strict_error(tmp_path):
