@@ -11,6 +11,7 @@ from data_loaders.datasets import ExperimentData
 from data_loaders.schema import DataError
 from models.gpo import GPO, GPOConfig
 from training.evaluation import GroupEval
+from training.local import check_finite
 from utils.seeding import generator
 
 from .aggregation import aggregation_weights, sample_clients, weighted_average
@@ -33,6 +34,23 @@ def make_clients(data: ExperimentData, cfg: ClientConfig, device) -> tuple[dict,
     train = {n: GroupClient(g.to(device), cfg, "train") for n, g in sorted(data.train.items())}
     evals = {n: GroupClient(g.to(device), cfg, "eval") for n, g in sorted(data.eval.items())}
     return train, evals
+
+
+def check_replies(round_: int, results: list[FitResult]) -> None:
+    """A NaN/inf loss or weight from any client stops the run, naming it, before aggregation
+    would spread it to every client (DivergenceError; the run folder is marked failed)."""
+    for r in sorted(results, key=lambda r: r.name):
+        check_finite(round_, r.name, r.losses, r.state)
+
+
+def round_stats(results: list[FitResult]) -> dict:
+    """The loop's per-round record of a federated round (both engines)."""
+    per_client = {r.name: sum(r.losses) / len(r.losses) for r in sorted(results, key=lambda r: r.name)}
+    return {"train_loss": sum(per_client.values()) / len(per_client),
+            "train_loss_per_client": per_client,
+            "grad_steps": sum(len(r.losses) for r in results),
+            "points": sum(r.points for r in results),
+            "clients": sorted(per_client)}
 
 
 def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tensor]:
@@ -101,14 +119,10 @@ class FedAvgTrainer:
             results = self.threads.fit([self.clients[n] for n in names], self.global_state, round_)
         else:
             results = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
+        check_replies(round_, results)
         self.last_client_states = {r.name: r.state for r in results}  # for --save_client
         self.global_state = self.aggregate(results)
-        per_client = {r.name: sum(r.losses) / len(r.losses) for r in results}
-        return {"train_loss": sum(per_client.values()) / len(per_client),
-                "train_loss_per_client": per_client,
-                "grad_steps": sum(len(r.losses) for r in results),
-                "points": sum(r.points for r in results),
-                "clients": names}
+        return round_stats(results)
 
     def aggregate(self, results: list[FitResult]) -> dict[str, torch.Tensor]:
         return aggregate(results, self.weighting)

@@ -65,6 +65,14 @@ def _torch_adam_dict(template: dict, step: float, m: list[torch.Tensor], v: list
     return {"state": state, "param_groups": [dict(g) for g in template["param_groups"]]}
 
 
+def clip_per_client(grads: dict[str, torch.Tensor], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ for each client of stacked gradients [C, ...], in place."""
+    sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads.values():
+        g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)))
+
+
 class VmapClientEngine:
     """Runs `fit` for a list of clients at once; returns what each client's fit would."""
 
@@ -109,6 +117,8 @@ class VmapClientEngine:
             fields, num_tgt_q = stack_episodes(eps)
             lrs = [cosine_lr(c.optim_state.step + i, self.optim) for c in clients]
             grads, loss = grad_fn(params, fields, num_tgt_q)
+            if self.optim.grad_clip > 0:
+                clip_per_client(grads, self.optim.grad_clip)
             adam_steps[:] = [s + 1 for s in adam_steps]
             self._adam_update(params, grads, m, v, adam_steps, lrs)
             for c, value in enumerate(loss.tolist()):

@@ -19,7 +19,7 @@ from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
 from federated.client import ClientConfig
-from federated.fedavg import aggregate, check_min_clients, init_global_state
+from federated.fedavg import aggregate, check_min_clients, check_replies, init_global_state, round_stats
 from models.gpo import GPOConfig
 from training.evaluation import GroupEval
 from utils.seeding import generator
@@ -204,15 +204,11 @@ class FlowerTrainer:
             raise DataError(f"round {round_}: {len(results)} of {len(names)} sampled clients replied, fewer than "
                             f"--min_clients {self.min_clients}; the round is not aggregated",
                             "check the SuperNodes' logs; the run folder keeps the last checkpoint")
+        check_replies(round_, results)
         self.last_client_states = {r.name: r.state for r in results}
         self.global_state = aggregate(results, self.weighting)
-        per_client = {r.name: sum(r.losses) / len(r.losses) for r in sorted(results, key=lambda r: r.name)}
         self.round_seconds.append(time.perf_counter() - t0)
-        return {"train_loss": sum(per_client.values()) / len(per_client),
-                "train_loss_per_client": per_client,
-                "grad_steps": sum(len(r.losses) for r in results),
-                "points": sum(r.points for r in results),
-                "clients": sorted(per_client)}
+        return round_stats(results)
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()

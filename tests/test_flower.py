@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from safetensors.torch import load_file
 
 import flower_app.node as node_mod
 from data_loaders.schema import DataError
@@ -26,6 +25,7 @@ from flower_app.protocol import (ADAM_ARRAYS, ADAM_META, adam_from_records, adam
 from flower_app.server_app import run_federation
 from training.evaluation import GroupEval
 from training.experiment import main
+from utils.checkpoint import load_checkpoint
 from utils.cli import build_parser
 
 # 5 synthetic groups: 3 train (g00, g01, g03) + 2 eval (g02, g04) with the default 60/40 split.
@@ -167,7 +167,7 @@ def msg_with_id(msg):
 def test_flower_server_and_clients_reproduce_in_process_bit_for_bit(inprocess, tmp_path):
     """Same process, same threads: the message path adds no rounding at all."""
     summary, grid, _ = local_run(tmp_path / "f")
-    a, b = load_file(inprocess / "checkpoints" / "final.safetensors"), load_file(tmp_path / "f" / "checkpoints" / "final.safetensors")
+    a, b = load_checkpoint(inprocess / "checkpoints", "final")[0], load_checkpoint(tmp_path / "f" / "checkpoints", "final")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert strip_time(records(tmp_path / "f" / "metrics.jsonl")) == strip_time(records(inprocess / "metrics.jsonl"))
     assert strip_time(records(tmp_path / "f" / "losses.jsonl")) == strip_time(records(inprocess / "losses.jsonl"))
@@ -184,7 +184,7 @@ def test_flower_server_and_clients_reproduce_in_process_bit_for_bit(inprocess, t
 def test_randomness_does_not_depend_on_message_order_or_process(inprocess, tmp_path):
     """Reversed delivery, and every message on a freshly built client (Adam from context.state)."""
     local_run(tmp_path / "r", order="reversed", fresh=True)
-    a, b = load_file(inprocess / "checkpoints" / "final.safetensors"), load_file(tmp_path / "r" / "checkpoints" / "final.safetensors")
+    a, b = load_checkpoint(inprocess / "checkpoints", "final")[0], load_checkpoint(tmp_path / "r" / "checkpoints", "final")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert strip_time(records(tmp_path / "r" / "metrics.jsonl")) == strip_time(records(inprocess / "metrics.jsonl"))
 
@@ -197,7 +197,7 @@ def test_flower_simulation_runtime_matches_in_process_engine(inprocess, tmp_path
     from flower_app.loopback import descendants
     out = tmp_path / "sim"
     assert main("fedavg", [*SMALL, "--out_dir", str(out), "--engine", "flower", "--sim_backend", backend]) == 0
-    a, b = load_file(inprocess / "checkpoints" / "final.safetensors"), load_file(out / "checkpoints" / "final.safetensors")
+    a, b = load_checkpoint(inprocess / "checkpoints", "final")[0], load_checkpoint(out / "checkpoints", "final")[0]
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff <= 1e-6, diff
@@ -372,8 +372,8 @@ def test_dropout_masks_come_from_seed_group_and_round_not_from_order(tmp_path):
     """With --dropout the nodes seed torch's global RNG per (seed, group, round): any order, same weights."""
     local_run(tmp_path / "a", "--dropout", "0.2")
     local_run(tmp_path / "b", "--dropout", "0.2", order="reversed", fresh=True)
-    a, b = load_file(tmp_path / "a" / "checkpoints" / "final.safetensors"), load_file(tmp_path / "b" / "checkpoints" / "final.safetensors")
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoints", "final")[0], load_checkpoint(tmp_path / "b" / "checkpoints", "final")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     local_run(tmp_path / "c")
-    c = load_file(tmp_path / "c" / "checkpoints" / "final.safetensors")
+    c = load_checkpoint(tmp_path / "c" / "checkpoints", "final")[0]
     assert not all(torch.equal(a[k], c[k]) for k in a)  # dropout did act

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from flower_app.loopback import BIN, LoopbackFederation, alive, poll
 from training.experiment import main
+from utils.checkpoint import load_checkpoint
 
 GROUPS = ["g00", "g01", "g02"]  # g00, g01 train; g02 evaluation
 FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "40", "--syn_dim", "16",
@@ -87,7 +87,7 @@ def test_two_rounds_on_superlink_and_supernodes_match_the_in_process_engine(fede
     # the same flags in one process give the same weights (and the same numbers)
     ref = tmp_path / "inprocess"
     assert main("fedavg", [*FLAGS, "--comm_round", "2", "--federated_eval", "2", "--out_dir", str(ref)]) == 0
-    a, b = load_file(ref / "checkpoints" / "final.safetensors"), load_file(out / "checkpoints" / "final.safetensors")
+    a, b = load_checkpoint(ref / "checkpoints", "final")[0], load_checkpoint(out / "checkpoints", "final")[0]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     for got, want in zip(metrics, records(ref / "metrics.jsonl")):
         assert got["eval_alignment_score"] == pytest.approx(want["eval_alignment_score"], abs=1e-6)

@@ -422,7 +422,8 @@ def test_console_table():
     assert lines[1] == "Group                              Alignment"
     assert "  China                               0.8123" in lines
     assert "  New Zealand                         0.7000" in lines
-    assert "  mean                                0.7562" in lines
+    assert "  mean of groups                      0.7562" in lines
+    assert "  worst group                         0.7000" in lines
     assert "  CoV                                 0.0123" in lines
     assert "  FI                                  0.9877" in lines
     assert "  Nigeria                             0.9000" in lines

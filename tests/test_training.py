@@ -51,8 +51,9 @@ def test_fedavg_run_folder_and_determinism(tmp_path):
     assert summary["final_eval_alignment_score"] == a[-1]["eval_alignment_score"]
     config = json.loads((folder / "config.json").read_text())
     assert config["method"] == "fedavg" and config["data"]["source_hash"]
-    assert (folder / "checkpoints" / "final.safetensors").exists()
-    assert (folder / "checkpoints" / "round_00004.json").exists()
+    final = json.loads((folder / "checkpoints" / "final.json").read_text())
+    assert final["alias_of"] == "round_00004" and final["files"]["model"]["name"] == "round_00004.safetensors"
+    assert (folder / "checkpoints" / "round_00004.safetensors").exists()
     c = run("fedavg", tmp_path / "c", "--comm_round", "4", "--federated_eval", "2", "--epochs", "2", "--seed", "1")
     assert strip_time(c) != strip_time(a)
 

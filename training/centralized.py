@@ -4,6 +4,10 @@
   batched (code)      each epoch, one step per batch of up to train_batch_size groups,
                       one episode per group, n_ctx / n_tar drawn once per batch
 
+`central_steps` K repeats that K times per epoch (round-robin over the groups, each step on
+a fresh episode), so with K = FedAvg's local steps an epoch takes exactly the gradient steps
+of a FedAvg round (groups × K): the compute-matched baseline. K = 1 is the paper's epoch.
+
 Both use the same local 90% of every training group as FedAvg, so held-out scores and
 evaluation groups compare curve for curve.
 """
@@ -16,7 +20,7 @@ from data_loaders.episodes import sample_batch, sample_episode
 from federated.client import ClientConfig
 from federated.fedavg import evaluate_clients, init_global_state, make_clients
 from models.gpo import GPO, GPOConfig
-from training.local import OptimState, adam_step, episode_points, make_adam
+from training.local import OptimState, adam_step, check_finite, episode_points, make_adam
 from utils.seeding import generator
 
 CENTRAL_MODES = ("sequential", "batched")
@@ -26,10 +30,14 @@ class CentralizedTrainer:
     method = "centralized"
 
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
-                 central_mode: str = "sequential", train_batch_size: int = 32, device="cpu"):
+                 central_mode: str = "sequential", train_batch_size: int = 32, central_steps: int = 1,
+                 device="cpu"):
         if central_mode not in CENTRAL_MODES:
             raise ValueError(f"--central_mode {central_mode!r}: choose one of {', '.join(CENTRAL_MODES)}")
+        if central_steps < 1:
+            raise ValueError(f"--central_steps {central_steps} must be >= 1")
         self.cfg, self.mode, self.batch_size = cfg, central_mode, max(1, train_batch_size)
+        self.central_steps = central_steps
         self.device = torch.device(device)
         # Clients here are only data holders and evaluators; training pools their local splits.
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
@@ -48,27 +56,36 @@ class CentralizedTrainer:
         names = list(self.clients)
         per_group: dict[str, list[float]] = {n: [] for n in names}
         steps = points = 0
-        if self.mode == "sequential":
-            for n in names:
-                gen = generator(self.cfg.seed, "central_episodes", n, epoch)
-                ep = sample_episode(self.clients[n].local, self.cfg.sizes, gen)
-                points += episode_points(ep)
-                per_group[n].append(adam_step(self.model, opt, ep, self.cfg.optim, self.optim_state))
-                steps += 1
-        else:
-            for start in range(0, len(names), self.batch_size):
-                chunk = names[start:start + self.batch_size]
-                gen = generator(self.cfg.seed, "central_batch", start, epoch)
-                ep = sample_batch([self.clients[n].local for n in chunk], self.cfg.sizes, gen)
-                points += episode_points(ep)
-                loss = adam_step(self.model, opt, ep, self.cfg.optim, self.optim_state)
-                for n in chunk:
-                    per_group[n].append(loss)
-                steps += 1
+        for ep, groups in self._episodes(names, epoch):
+            points += episode_points(ep)
+            loss = adam_step(self.model, opt, ep, self.cfg.optim, self.optim_state)
+            for n in groups:
+                per_group[n].append(loss)
+            steps += 1
         self.optim_state.adam = opt.state_dict()
+        for n in names:  # the first group whose step went non-finite is named
+            check_finite(epoch, n, per_group[n])
+        check_finite(epoch, "centralized model", [], self.model.state_dict())
         per_client = {n: sum(v) / len(v) for n, v in per_group.items()}
         return {"train_loss": sum(per_client.values()) / len(per_client),
                 "train_loss_per_client": per_client, "grad_steps": steps, "points": points, "clients": names}
+
+    def _episodes(self, names: list[str], epoch: int):
+        """(episode, the groups it holds) for each step of the epoch, in step order.
+
+        One generator per group (sequential) or per batch (batched) and epoch: the k-th step
+        of a group draws its k-th episode, so K = 1 gives the paper's epoch unchanged."""
+        if self.mode == "sequential":
+            gens = {n: generator(self.cfg.seed, "central_episodes", n, epoch) for n in names}
+            for _ in range(self.central_steps):
+                for n in names:
+                    yield sample_episode(self.clients[n].local, self.cfg.sizes, gens[n]), (n,)
+            return
+        chunks = [names[start:start + self.batch_size] for start in range(0, len(names), self.batch_size)]
+        gens = [generator(self.cfg.seed, "central_batch", i * self.batch_size, epoch) for i in range(len(chunks))]
+        for _ in range(self.central_steps):
+            for chunk, gen in zip(chunks, gens):
+                yield sample_batch([self.clients[n].local for n in chunk], self.cfg.sizes, gen), tuple(chunk)
 
     def evaluate(self, epoch: int):
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

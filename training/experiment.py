@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -18,20 +19,31 @@ from models.gpo import GPOConfig
 from training.centralized import CentralizedTrainer
 from training.local import OptimConfig
 from training.loop import LoopConfig, RunLoop
-from training.resume import plan_run
+from training.local import DivergenceError
+from training.resume import FAILED, mark_failed, plan_run
 from utils.cli import resolve_metric
-from utils.device import resolve_device
 from utils.checkpoint import CheckpointError
+from utils.device import resolve_device
+from utils.interrupts import exit_code, signals_raise
 from utils.metrics import MetricError
 from utils.run_io import OutputDirError, environment_info
 from utils.seeding import seed_everything
 from utils.wandb_logger import WandbLogger, has_wandb_credentials
 
 
+def episode_sizes(args) -> EpisodeSizes:
+    """The four bounds as given (paper), or scaled by --data_split as the released code does
+    for local data (int(100·0.9) = 90, int(10·0.9) = 9), clients and centralized alike."""
+    bounds = (args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
+    if getattr(args, "episode_bounds", "flags") == "code":
+        bounds = tuple(int(b * args.data_split) for b in bounds)
+    return EpisodeSizes(*bounds)
+
+
 def client_config(args, metric: str) -> ClientConfig:
-    sizes = EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
+    optim = OptimConfig(lr=args.lr, num_steps=args.num_steps, grad_clip=getattr(args, "grad_clip", 0.0))
     return ClientConfig(seed=args.seed, epochs=getattr(args, "epochs", 6), data_split=args.data_split,
-                        sizes=sizes, optim=OptimConfig(lr=args.lr, num_steps=args.num_steps),
+                        sizes=episode_sizes(args), optim=optim,
                         eval_num_qs=args.eval_num_qs, eval_seed=args.eval_seed,
                         eval_resample=args.eval_resample, eval_batch_size=args.eval_batch_size, metric=metric)
 
@@ -64,11 +76,27 @@ _FLAG_RULES = (
     ("d_model", lambda v: v >= 1, ">= 1"),
     ("num_layers", lambda v: v >= 1, ">= 1"),
     ("emb_depth", lambda v: v >= 1, ">= 1 linear layers"),
+    ("central_steps", lambda v: v >= 1, ">= 1 steps per group per epoch (--epochs matches a FedAvg round)"),
+    ("grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("keep_checkpoints", lambda v: v >= 1, ">= 1: the newest checkpoint is what --resume continues from"),
+    ("log_every", lambda v: v >= 0, ">= 0 rounds (0 = only at evaluations)"),
+    ("round_timeout", lambda v: v >= 0, ">= 0 seconds (0 = wait for every node)"),
+    ("node_wait", lambda v: v > 0, "> 0 seconds"),
+    ("sim_client_cpus", lambda v: v > 0, "> 0 cores"),
+    ("sim_client_gpus", lambda v: v >= 0, ">= 0"),
 )
+
+
+def check_finite_flags(args) -> None:
+    """inf/nan parse as floats but break every range check and strict JSON (config.json)."""
+    for flag, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"--{flag} {value} is not a finite number", f"give --{flag} a finite value")
 
 
 def check_flags(args) -> None:
     """Flag values that are wrong whatever the data; checked before anything is loaded or written."""
+    check_finite_flags(args)
     for flag, ok, need in _FLAG_RULES:
         value = getattr(args, flag, None)
         if value is not None and not ok(value):
@@ -79,13 +107,17 @@ def check_flags(args) -> None:
     if args.wandb == "online" and not has_wandb_credentials():
         raise DataError("--wandb online: no W&B credentials found (WANDB_API_KEY or netrc)",
                         "run `wandb login`, or use --wandb offline (sync later) or --wandb off")
-    sizes = EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
-    sizes.validate()
+    EpisodeSizes(args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs).validate()
+    episode_sizes(args).validate()  # --episode_bounds code can scale a bound of 1 down to 0
+    resolve_device(args.device)  # an unknown or absent device fails here, not after minutes of embedding
+    if getattr(args, "emb_device", "auto") != "auto":
+        resolve_device(args.emb_device, "--emb_device")
 
 
 def check_question_counts(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
     """Every training group must fit an episode in its local split; every eval group must keep targets."""
-    need = args.min_ctx_num_qs + args.min_tar_num_qs
+    sizes = episode_sizes(args)
+    need = sizes.min_ctx + sizes.min_tar
     for name in (*train, *evals):
         if counts[name] == 0:
             raise DataError(f"group {name!r} has no questions left after the data filter",
@@ -126,7 +158,8 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
                              device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk,
                              client_workers=args.client_workers)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
-                              train_batch_size=args.train_batch_size, device=device)
+                              train_batch_size=args.train_batch_size,
+                              central_steps=getattr(args, "central_steps", 1), device=device)
 
 
 def check_sample_size(args, num_train: int) -> None:
@@ -155,6 +188,13 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     seed_everything(args.seed)
     config = resolved_config(args, method, data, metric, device)
     plan = plan_run(method, args, config, out_dir, log)
+    try:
+        return _run_planned(plan, method, args, data, cfg, config, device, log)
+    finally:
+        plan.release()
+
+
+def _run_planned(plan, method, args, data, cfg, config, device, log) -> dict:
     run_dir = plan.run_dir
     if plan.finished:
         log(f"{method}: nothing to do; summary in {run_dir.summary_path}")
@@ -162,21 +202,29 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     engine = f", client engine {config['client_engine_resolved']}" if "client_engine_resolved" in config else ""
     log(f"{method}: run folder {run_dir.path} on {device}{engine}")
     trainer = make_trainer(method, args, data, cfg, device)
-    rounds = args.comm_round if method == "fedavg" else args.central_epochs
-    every = args.federated_eval if method == "fedavg" else args.eval_freq
-    loop_cfg = LoopConfig(rounds=rounds, eval_every=max(1, every), save_client=getattr(args, "save_client", False))
     wandb = WandbLogger(args.wandb, project=args.wndb_project_name, run_name=run_dir.path.name,
-                        config=config, dir=run_dir.path,
-                        group=f"{args.dataset}-s{args.seed}")
-    loop = RunLoop(trainer, loop_cfg, run_dir, wandb, log=log)
+                        config=config, dir=run_dir.path, group=f"{args.dataset}-s{args.seed}")
+    loop = RunLoop(trainer, loop_config(method, args), run_dir, wandb, log=log)
     try:
         if plan.resume:
             loop.resume()
         summary = loop.run()
+    except DivergenceError as err:
+        mark_failed(run_dir.path, str(err).splitlines()[0], round=err.round, client=err.client)
+        raise DataError(f"{err}\n  the run folder {run_dir.path} is marked failed ({FAILED}); start a new run",
+                        None) from None
     finally:
         wandb.finish()
     log(f"{method}: summary in {run_dir.path / 'summary.json'}")
     return summary
+
+
+def loop_config(method: str, args) -> LoopConfig:
+    rounds = args.comm_round if method == "fedavg" else args.central_epochs
+    every = args.federated_eval if method == "fedavg" else args.eval_freq
+    return LoopConfig(rounds=rounds, eval_every=max(1, every), save_client=getattr(args, "save_client", False),
+                      keep_checkpoints=getattr(args, "keep_checkpoints", 3), keep_best=getattr(args, "keep_best", False),
+                      log_every=getattr(args, "log_every", 10), plots=not getattr(args, "no_plots", False))
 
 
 # Errors whose message names the bad input and gives a hint: print it, exit 2, no traceback.
@@ -187,24 +235,35 @@ def main(method: str, argv=None) -> int:
     from utils.cli import build_parser
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (nohup, > log) as it happens
     args = build_parser(method).parse_args(argv)
     try:
-        t0 = time.perf_counter()
-        check_flags(args)
-        if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
-            from flower_app.simulation import run_simulation_engine
-            run_simulation_engine(args)
-            print(f"done in {time.perf_counter() - t0:.1f} s")
-            return 0
-        data = prepare_experiment(args, log=print,
-                                  check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
-        run_method(method, args, data, args.out_dir)
-        if method == "fedavg" and args.also_centralized:
-            # The baseline gets a sibling folder so both runs keep the standard layout.
-            central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
-            run_method("centralized", args, data, central_dir)
-        print(f"done in {time.perf_counter() - t0:.1f} s")
+        with signals_raise():
+            _main(method, args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, not a traceback
+        where = f" at round {err.round}" if getattr(err, "round", None) else ""
+        print(f"interrupted{where}; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return exit_code(err)
     return 0
+
+
+def _main(method: str, args) -> None:
+    t0 = time.perf_counter()
+    check_flags(args)
+    if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
+        from flower_app.simulation import run_simulation_engine
+        run_simulation_engine(args)
+        print(f"done in {time.perf_counter() - t0:.1f} s")
+        return
+    data = prepare_experiment(args, log=print,
+                              check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
+    run_method(method, args, data, args.out_dir)
+    if method == "fedavg" and args.also_centralized:
+        # The baseline gets a sibling folder so both runs keep the standard layout.
+        central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
+        run_method("centralized", args, data, central_dir)
+    print(f"done in {time.perf_counter() - t0:.1f} s")

@@ -21,6 +21,34 @@ class OptimConfig:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.999)
     num_steps: int = 100  # T_max of the cosine schedule
+    grad_clip: float = 0.0  # max L2 norm of one step's gradient (0 = off, the paper)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights; names the round and the client."""
+
+    def __init__(self, round_: int, client: str, what: str):
+        self.round, self.client, self.what = round_, client, what
+        super().__init__(f"training diverged at round {round_}: {what} (client {client!r})\n"
+                         "  hint: lower --lr (the paper uses 3e-4), or bound each step with --grad_clip (e.g. 1.0)")
+
+
+def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN/inf, else None (one fused check per tensor)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(round_: int, client: str, losses, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise DivergenceError on a NaN/inf loss or weight, before it reaches aggregation or a log."""
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        raise DivergenceError(round_, client, f"loss is {losses[bad[0]]} at local step {bad[0] + 1}")
+    name = first_nonfinite(state) if state is not None else None
+    if name is not None:
+        raise DivergenceError(round_, client, f"weight {name!r} holds NaN/inf")
 
 
 @dataclass
@@ -57,6 +85,8 @@ def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, stat
     opt.zero_grad(set_to_none=True)
     loss = model.loss(episode)
     loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     state.step += 1
     return float(loss.detach())

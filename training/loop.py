@@ -6,6 +6,7 @@ A "round" is a communication round for FedAvg and an epoch for the centralized b
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -14,11 +15,14 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from training.evaluation import GroupEval
-from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoint import (alias_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                              round_tag, save_checkpoint)
 from utils.console import format_group_table
-from utils.metrics import convergence_round, cov, fairness_index, mean_alignment
-from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, read_metrics, trim_metrics
+from utils.metrics import convergence_round, cov, fairness_index, mean_alignment, worst_group
+from utils.run_io import (MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics,
+                          trim_metrics)
 from utils.wandb_logger import WandbLogger, wandb_metrics
+
 
 @dataclass
 class LoopConfig:
@@ -27,16 +31,21 @@ class LoopConfig:
     convergence_threshold: float = 0.95
     convergence_window: int = 21  # rounds in the centred moving average (loss logged every round)
     save_client: bool = False
+    keep_checkpoints: int = 3     # newest resumable round checkpoints kept; final and best are aliases
+    keep_best: bool = False
+    log_every: int = 10           # plain progress line every N rounds when stderr is not a terminal
+    plots: bool = True            # loss.png and alignment.png in the run folder at the end
 
 
 def group_stats(evals: dict[str, GroupEval]) -> dict:
-    """Mean (question-weighted) alignment, per-group scores, CoV and FI of a set of groups."""
+    """Mean (question-weighted) alignment, per-group scores, CoV, FI and the worst-served groups."""
     if not evals:
-        return {"alignment_score": None, "group_scores": {}, "cov": None, "fi": None}
+        return {"alignment_score": None, "group_scores": {}, "cov": None, "fi": None,
+                "worst": None, "gap": None, "bottom_quarter": None}
     scores = {n: e.score for n, e in sorted(evals.items())}
     return {"alignment_score": mean_alignment({n: e.distances for n, e in evals.items()}),
             "group_scores": scores, "cov": cov(list(scores.values())),
-            "fi": fairness_index(list(scores.values()))}
+            "fi": fairness_index(list(scores.values())), **worst_group(scores)}
 
 
 def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_steps: int,
@@ -56,8 +65,40 @@ def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_step
         rec[f"{prefix}_alignment_score"] = s["alignment_score"]
         rec[f"{prefix}_group_scores"] = s["group_scores"]
         rec[f"{prefix}_cov"], rec[f"{prefix}_fi"] = s["cov"], s["fi"]
+        rec[f"{prefix}_worst_alignment"], rec[f"{prefix}_alignment_gap"] = s["worst"], s["gap"]
+        rec[f"{prefix}_bottom_quarter_alignment"] = s["bottom_quarter"]
     rec["grad_steps"], rec["points"], rec["wall_time_s"] = grad_steps, points, round(wall, 3)
     return rec
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressLines:
+    """Plain lines for log files (nohup, job scripts), where tqdm draws nothing: every
+    `every` rounds and at every evaluation, with the loss, alignment, speed and ETA."""
+
+    def __init__(self, method: str, rounds: int, start_round: int, every: int, log, enabled: bool | None = None):
+        self.method, self.rounds, self.start, self.every, self.log = method, rounds, start_round, every, log
+        self.enabled = (not sys.stderr.isatty()) if enabled is None else enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, rnd: int, loss: float, rec: dict | None, last: dict | None) -> None:
+        if not self.enabled or not (rec is not None or (self.every and rnd % self.every == 0)):
+            return
+        per = (time.perf_counter() - self.t0) / max(1, rnd - self.start)
+        parts = [f"{self.method} round {rnd}/{self.rounds}", f"loss {loss:.4f}"]
+        shown = rec or last
+        if shown is not None and shown.get("eval_alignment_score") is not None:
+            worst = shown.get("eval_worst_alignment")
+            parts.append(f"eval alignment {shown['eval_alignment_score']:.4f}"
+                         + (f" (worst group {worst:.4f})" if worst is not None else "")
+                         + ("" if rec is not None else f" at round {shown['round']}"))
+        parts.append(f"{per:.2f} s/round, ETA {_duration(per * (self.rounds - rnd))}")
+        self.log(" | ".join(parts))
 
 
 class RunLoop:
@@ -66,6 +107,8 @@ class RunLoop:
         self.losses_path = run_dir.path / "losses.jsonl"
         self.ckpt_dir = run_dir.path / "checkpoints"
         self.start_round, self.grad_steps, self.points, self.wall_offset = 0, 0, 0, 0.0
+        self.best: tuple[float, int] | None = None  # (mean eval alignment, round) of --keep_best
+        self.current_round = 0  # what an interrupt reports
 
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -82,6 +125,12 @@ class RunLoop:
         self.points = int(meta.get("points", 0))
         self.wall_offset = float(meta["wall_time_s"])
         self._trim(self.start_round)
+        records = self.run_dir.read_metrics()
+        for path, recs in ((self.run_dir.metrics_path, records),
+                           (self.losses_path, read_metrics(self.losses_path) if self.losses_path.exists() else [])):
+            check_rounds_increase(path, recs)
+        self.best = max(((r["eval_alignment_score"], r["round"]) for r in records
+                         if r.get("eval_alignment_score") is not None), default=None)
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         return True
 
@@ -95,6 +144,13 @@ class RunLoop:
 
     # --- the loop -----------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: say where, let the caller exit 130/143
+            err.round = self.current_round
+            raise
+
+    def _run(self) -> dict:
         t0 = time.perf_counter() - self.wall_offset
         losses = MetricsWriter(self.losses_path)
         if self.start_round == 0:
@@ -102,8 +158,10 @@ class RunLoop:
         window: list[dict] = []
         bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=self.trainer.method,
                    unit="round", dynamic_ncols=True, disable=None)
-        last_align = None
+        lines = ProgressLines(self.trainer.method, self.cfg.rounds, self.start_round, self.cfg.log_every, self.log)
+        last = None
         for rnd in bar:
+            self.current_round = rnd
             stats = self.trainer.train_round(rnd)
             self.grad_steps += stats["grad_steps"]
             self.points += stats["points"]
@@ -114,11 +172,13 @@ class RunLoop:
             self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
                             "compute/points": self.points}, step=rnd)
             window.append(row)
+            rec = None
             if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
                 rec = self._evaluate(rnd, window, t0)
-                last_align, window = rec["eval_alignment_score"], []
+                last, window = rec, []
             bar.set_postfix(loss=f"{stats['train_loss']:.3f}",
-                            align="-" if last_align is None else f"{last_align:.4f}")
+                            align="-" if last is None else f"{last['eval_alignment_score']:.4f}")
+            lines(rnd, stats["train_loss"], rec, last)
         losses.close()
         return self._finish(t0)
 
@@ -127,8 +187,25 @@ class RunLoop:
         rec = eval_record(rnd, evals, trains, window, self.grad_steps, self.points, time.perf_counter() - t0)
         self.run_dir.log_metrics(rec)
         self.wandb.log(wandb_metrics(rec), step=rnd)
-        self._checkpoint(f"round_{rnd:05d}", rnd, rec["wall_time_s"])
+        tag = round_tag(rnd)
+        self._checkpoint(tag, rnd, rec["wall_time_s"])
+        if self.cfg.keep_best and (self.best is None or rec["eval_alignment_score"] > self.best[0]):
+            self.best = (rec["eval_alignment_score"], rnd)
+            alias_checkpoint(self.ckpt_dir, tag, "best", {"eval_alignment_score": rec["eval_alignment_score"]})
+        self._prune()
         return rec
+
+    def _prune(self) -> None:
+        """Keep the newest resumable checkpoints; `final` and `best` are indexes naming a round's
+        files, so those files survive their round's index (a round checkpoint of a paper-scale
+        FedAvg run is ~60 MB, almost all of it the clients' Adam states)."""
+        removed = prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        for tag in removed:
+            folder = self.ckpt_dir / "clients" / tag
+            if folder.is_dir():
+                for f in folder.iterdir():
+                    f.unlink()
+                folder.rmdir()
 
     def _checkpoint(self, tag: str, rnd: int, wall: float) -> None:
         extra = {"trainer": self.trainer.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -153,15 +230,18 @@ class RunLoop:
         records = read_metrics(self.run_dir.metrics_path)
         losses = read_metrics(self.losses_path)
         wall = time.perf_counter() - t0
-        self._checkpoint("final", self.cfg.rounds, wall)
+        for path, recs in ((self.run_dir.metrics_path, records), (self.losses_path, losses)):
+            check_rounds_increase(path, recs)
+        # The last round is always evaluated and checkpointed: `final` names its files, no copy.
+        alias_checkpoint(self.ckpt_dir, round_tag(self.cfg.rounds), "final", {"wall_time_s": round(wall, 3)})
         summary = build_summary(records, losses, self.cfg, wall)
         self.run_dir.write_summary(summary)
         self.wandb.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
         last = records[-1]
         self.log(format_group_table(last["eval_group_scores"], last["train_group_scores"],
                                     last["eval_cov"], last["eval_fi"], last["train_cov"], last["train_fi"],
-                                    title=f"{self.trainer.method}: round {last['round']} "
-                                          f"(mean eval alignment {last['eval_alignment_score']:.4f})"))
+                                    title=f"{self.trainer.method}: round {last['round']} (mean eval alignment "
+                                          f"{last['eval_alignment_score']:.4f}, weighted by questions)"))
         return summary
 
 
@@ -181,6 +261,10 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
         "best_eval_alignment_score": best["eval_alignment_score"],
         "best_round": best["round"],
         "final_eval_fi": final["eval_fi"], "final_eval_cov": final["eval_cov"],
+        "final_eval_worst_alignment": final.get("eval_worst_alignment"),
+        "final_eval_alignment_gap": final.get("eval_alignment_gap"),
+        "final_eval_bottom_quarter_alignment": final.get("eval_bottom_quarter_alignment"),
+        "final_train_worst_alignment": final.get("train_worst_alignment"),
         "final_train_alignment_score": final["train_alignment_score"],
         "final_train_fi": final["train_fi"], "final_train_cov": final["train_cov"],
         "final_train_loss": losses[-1]["train_loss"] if losses else None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_loaders.schema import DataError
-from utils.run_io import RunDir, default_run_dir
+from utils.run_io import RunDir, RunLock, atomic_write_json, default_run_dir
 
 RUNS_ROOT = "runs"
 
@@ -23,6 +23,7 @@ VOLATILE = frozenset({
     "device_resolved", "data_path", "cache_dir", "emb_device", "emb_batch_size", "also_centralized",
     "client_engine", "client_engine_resolved", "vmap_chunk", "client_workers", "eval_batch_size", "save_client",
     "engine", "round_timeout", "node_wait", "sim_backend", "sim_client_cpus", "sim_client_gpus",
+    "encoding", "log_every", "keep_checkpoints", "keep_best", "no_plots",
 })
 _DATA_IDENTITY = ("source_hash", "kept_questions")
 _EMBEDDING_IDENTITY = ("model_id", "dim", "prompt_style", "precision")
@@ -39,23 +40,53 @@ def run_identity(config: dict) -> dict:
 
 
 def fingerprint(config: dict) -> str:
-    blob = json.dumps(run_identity(config), sort_keys=True, default=str).encode()
+    """Hash of the identity with keys at their added-flag defaults dropped, so a folder from
+    before a flag existed and one written now with the flag at its default hash alike."""
+    ident = run_identity(config)
+    defaults = added_defaults(config.get("method"))
+    ident = {k: v for k, v in ident.items() if not (k in defaults and v == defaults[k])}
+    if isinstance(ident.get("model_config"), dict):
+        ident["model_config"] = {k: v for k, v in ident["model_config"].items()
+                                 if not (f"model_config.{k}" in defaults and v == defaults[f"model_config.{k}"])}
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def added_defaults(method: str | None) -> dict:
+    """Dotted key -> default value of every flag and model field this code knows.
+
+    A folder written before a flag existed lacks its key; the flag at its default reproduces
+    the old behaviour bit for bit (each new flag's default is the old behaviour), so such a
+    key is no difference. This keeps runs resumable and reusable across code versions."""
+    from dataclasses import fields
+
+    from models.gpo import GPOConfig
+    from utils.cli import build_parser
+    flags = vars(build_parser(method if method in ("fedavg", "centralized") else "fedavg").parse_args([]))
+    model = {f"model_config.{f.name}": f.default for f in fields(GPOConfig) if f.name != "dim_x"}
+    return {**flags, **model}
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
     """'key: saved -> wanted' for every identity key that differs (nested keys dotted)."""
     a, b = run_identity(saved), run_identity(wanted)
-    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _diff(a, b, "")]
+    defaults = added_defaults(saved.get("method"))
+    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _diff(a, b, "", defaults)]
 
 
-def _diff(a, b, prefix):
+_MISSING = object()
+
+
+def _diff(a, b, prefix, defaults):
     for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
+        x, y = a.get(k, _MISSING), b.get(k, _MISSING)
+        key = f"{prefix}{k}"
         if isinstance(x, dict) and isinstance(y, dict):
-            yield from _diff(x, y, f"{prefix}{k}.")
+            yield from _diff(x, y, f"{key}.", defaults)
+        elif x is _MISSING and key in defaults and y == defaults[key]:
+            continue  # a flag added after this run started, left at its (old-behaviour) default
         elif x != y:
-            yield f"{prefix}{k}", x, y
+            yield key, None if x is _MISSING else x, None if y is _MISSING else y
 
 
 def read_config(folder: Path) -> dict:
@@ -72,6 +103,26 @@ def is_finished(folder: Path) -> bool:
     return (folder / "summary.json").exists()
 
 
+FAILED = "failed.json"
+
+
+def mark_failed(folder: Path, reason: str, **details) -> Path:
+    """A run that cannot go on (it diverged): never mistaken for an interrupted one."""
+    import time
+    return atomic_write_json(folder / FAILED, {"reason": reason, **details,
+                                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def failure(folder: Path) -> dict | None:
+    path = folder / FAILED
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"reason": f"{path} is unreadable"}
+
+
 def find_latest(root: Path, method: str, config: dict) -> Path | None:
     """The newest folder under `root` holding a run of `method` with this config's identity."""
     if not root.is_dir():
@@ -83,7 +134,7 @@ def find_latest(root: Path, method: str, config: dict) -> Path | None:
             saved = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
             continue  # a damaged folder is not a candidate; it is named only if pointed at
-        if saved.get("method") == method and fingerprint(saved) == want:
+        if saved.get("method") == method and fingerprint(saved) == want and failure(cfg_path.parent) is None:
             candidates.append((cfg_path.stat().st_mtime, cfg_path.parent.name, cfg_path.parent))
     return max(candidates)[2] if candidates else None
 
@@ -93,41 +144,73 @@ class RunPlan:
     run_dir: RunDir
     resume: bool        # continue from the latest checkpoint in run_dir
     finished: bool      # nothing left to do: the summary is already there
+    lock: RunLock | None = None  # held until the run ends: one process per folder
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def plan_run(method: str, args, config: dict, out_dir=None, log=print) -> RunPlan:
-    """Decide the folder: a new one, the one --out_dir names, or (--resume alone) the latest match."""
+    """Decide the folder: a new one, the one --out_dir names, or (--resume alone) the latest match.
+
+    The folder is locked before anything in it is read for a decision or written, and stays
+    locked in the returned plan (release it when the run ends)."""
     if args.resume:
         folder = Path(out_dir) if out_dir else find_latest(Path(RUNS_ROOT), method, config)
         if folder is None:
             log(f"--resume: no earlier {method} run with this configuration under {RUNS_ROOT}/; starting a new one")
             return _fresh(method, args, config)
-        return _continue(folder, method, config, log)
-    if out_dir and _holds_run(Path(out_dir)):
+        if not (folder / "config.json").exists():
+            raise DataError(f"--resume: {folder} holds no run (no config.json)",
+                            "point --out_dir at the folder of the run to continue, or drop --resume")
+        return _locked(folder, lambda: _continue(folder, method, config, log))
+    if out_dir:
+        folder = Path(out_dir)
+        return _locked(folder, lambda: _fresh_into(folder, method, args, config, out_dir))
+    return _fresh(method, args, config)
+
+
+def _locked(folder: Path, decide) -> RunPlan:
+    lock = RunLock(folder).acquire()
+    try:
+        plan = decide()
+    except BaseException:
+        lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _fresh_into(folder: Path, method, args, config, out_dir) -> RunPlan:
+    if _holds_run(folder):
         raise DataError(f"--out_dir {out_dir} already holds a run (config.json and outputs are there)",
                         "add --resume to continue it, or choose another --out_dir (or delete that folder)")
     return _fresh(method, args, config, out_dir)
 
 
 def _fresh(method, args, config, out_dir=None) -> RunPlan:
-    run_dir = RunDir(out_dir or default_run_dir(method, args.seed, RUNS_ROOT))
+    folder = Path(out_dir) if out_dir else default_run_dir(method, args.seed, RUNS_ROOT)
+    lock = None if out_dir else RunLock(folder).acquire()  # --out_dir folders are locked by the caller
+    run_dir = RunDir(folder)
     run_dir.write_config(config)
-    return RunPlan(run_dir, resume=False, finished=False)
+    return RunPlan(run_dir, resume=False, finished=False, lock=lock)
 
 
 def _holds_run(folder: Path) -> bool:
     return (folder / "config.json").exists() and any(
-        (folder / name).exists() for name in ("metrics.jsonl", "losses.jsonl", "checkpoints"))
+        (folder / name).exists() for name in ("metrics.jsonl", "losses.jsonl", "checkpoints", FAILED))
 
 
 def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
-    if not (folder / "config.json").exists():
-        raise DataError(f"--resume: {folder} holds no run (no config.json)",
-                        "point --out_dir at the folder of the run to continue, or drop --resume")
     saved = read_config(folder)
     if saved.get("method") != method:
         raise DataError(f"--resume: {folder} holds a {saved.get('method')!r} run, not {method!r}",
                         "resume it with its own entry point, or point --out_dir elsewhere")
+    failed = failure(folder)
+    if failed is not None:
+        raise DataError(f"--resume: the run in {folder} failed ({failed.get('reason')}); resuming would fail again",
+                        "start a new run without --resume (another --out_dir), e.g. with a lower --lr or --grad_clip")
     diff = differences(saved, config)
     if diff:
         raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff),

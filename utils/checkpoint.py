@@ -204,3 +204,48 @@ def latest_checkpoint(directory: str | Path) -> str | None:
         if best is None or key > best:
             best = key
     return best[2] if best else None
+
+
+def alias_checkpoint(directory: str | Path, src_tag: str, dst_tag: str, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``<dst_tag>.json`` naming the files of checkpoint ``src_tag`` (no copy of the weights
+    or state), with ``meta`` merged into its meta: ``final`` and ``best`` cost a few hundred bytes.
+
+    Pruning keeps every file that some index still names, so an alias outlives its source tag.
+    """
+    directory = Path(directory)
+    _check_tag(dst_tag)
+    record = _read_record(directory / f"{src_tag}.json")
+    record = {**record, "tag": dst_tag, "alias_of": src_tag, "meta": {**record["meta"], **(meta or {})}}
+    record["round"] = record["meta"]["round"]
+    return atomic_write_json(directory / f"{dst_tag}.json", record)
+
+
+def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") -> list[str]:
+    """Delete all but the newest ``keep`` complete ``<prefix>*`` checkpoints; returns the tags removed.
+
+    A removed index goes first (a crash mid-way leaves an incomplete checkpoint, never one
+    naming missing files), then every weights/state file no remaining index names, which also
+    clears files orphaned by a crash between writing a checkpoint's files and its index.
+    """
+    directory = Path(directory)
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the newest checkpoint is what a resume needs), got {keep}")
+    if not directory.is_dir():
+        return []
+    records = {}
+    for json_path in directory.glob("*.json"):
+        try:
+            records[json_path.stem] = _read_record(json_path)
+        except (CheckpointError, FileNotFoundError):
+            continue
+    ours = sorted((t for t in records if t.startswith(prefix) and "alias_of" not in records[t]),
+                  key=lambda t: (int(records[t]["round"]), float(records[t].get("saved_at_unix", 0.0))))
+    removed = ours[:-keep]
+    for tag in removed:
+        (directory / f"{tag}.json").unlink(missing_ok=True)
+        del records[tag]
+    named = {f["name"] for r in records.values() for f in r["files"].values()}
+    for path in [*directory.glob("*.safetensors"), *directory.glob("*.state.pt")]:
+        if path.name not in named:
+            path.unlink(missing_ok=True)
+    return removed

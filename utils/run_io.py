@@ -19,6 +19,7 @@ which ``read_metrics`` detects and drops with a warning.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -46,6 +47,67 @@ class OutputDirError(OSError):
         super().__init__(f"{what}\n  hint: {hint}" if hint else what)
         self.errno = err
         self.hint = hint
+
+
+class RunLockedError(OutputDirError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a folder for as long as this process works in it.
+
+    ``flock`` on ``<folder>/.lock``: the kernel drops it when the process ends, however it ends
+    (kill -9 included), so a lock never goes stale and needs no cleaning up. The file holds
+    the holder's PID, start time and command so a refused process can name it.
+    """
+
+    def __init__(self, folder: str | Path, what: str = "run folder"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(f"cannot create run folder {self.folder}: {e.strerror}", _OUT_DIR_HINT, e.errno) from e
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputDirError(f"cannot create {self.path}: {e.strerror}", _OUT_DIR_HINT, e.errno) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.what} {self.folder} is in use by {holder}; two processes writing one folder would "
+                "interleave their logs", "wait for it to finish (or stop it), or use another --out_dir") from None
+        info = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        _write_all(fd, (json.dumps(info) + "\n").encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock; the file stays (harmless)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        cmd = " ".join(str(a) for a in info.get("argv", []))[:120]
+        return f"process {info['pid']} (started {info.get('started', '?')}: {cmd})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (its PID could not be read)"
 
 
 # ---------------------------------------------------------------------------
@@ -286,6 +348,42 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: line {lineno} is not a JSON object: {raw[:80]!r}"
                              "\n  hint: the file was damaged or edited; fix or delete that line")
     return records
+
+
+def check_rounds_increase(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """A log whose rounds go backwards was appended by two processes at once (before the run
+    lock existed) or edited: name the file and the line, and say how to repair it."""
+    prev = None
+    for i, rec in enumerate(records, 1):
+        rnd = rec.get("round")
+        if prev is not None and isinstance(rnd, int) and rnd <= prev:
+            raise OutputDirError(
+                f"{path}: record {i} is round {rnd} after round {prev}; the log holds the same rounds twice "
+                "(two processes appended to it at once, or it was edited)",
+                f"repair it with `python -m utils.repair_logs {Path(path).parent}` (keeps the first record of "
+                "each round, in order), then rerun with --resume")
+        if isinstance(rnd, int):
+            prev = rnd
+
+
+def repair_log(path: str | Path) -> tuple[int, int]:
+    """Keep each record whose round exceeds every round kept before it; returns (kept, dropped).
+
+    Runs are deterministic in their flags, so two processes that trained the same rounds
+    logged the same numbers: the first record of each round is as good as any."""
+    path = Path(path)
+    records = read_metrics(path)
+    kept, last = [], None
+    for rec in records:
+        rnd = rec.get("round")
+        if isinstance(rnd, int) and last is not None and rnd <= last:
+            continue
+        kept.append(rec)
+        last = rnd if isinstance(rnd, int) else last
+    if len(kept) != len(records):
+        body = "".join(to_strict_json(r, what="metrics record") + "\n" for r in kept)
+        atomic_write_bytes(path, body.encode("utf-8"))
+    return len(kept), len(records) - len(kept)
 
 
 def trim_metrics(path: str | Path, last_round: int) -> int:

@@ -1,0 +1,43 @@
+"""SIGINT and SIGTERM as one exception, so a stopped run says where it stopped and exits 130/143.
+
+Ctrl-C already raises KeyboardInterrupt; SIGTERM (kill, a job scheduler's time limit, nohup'd
+runs stopped by `kill`) would end the process without unwinding. Raising the same exception
+for both lets `finally` blocks close the logs, release the run lock and finish W&B.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal; exit_code follows the shell's 128 + signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.round: int | None = None  # set by the run loop: the round that was in progress
+
+
+def _raise(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """Inside the block, SIGINT and SIGTERM raise Interrupted (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def exit_code(err: KeyboardInterrupt) -> int:
+    return getattr(err, "exit_code", 128 + signal.SIGINT)
