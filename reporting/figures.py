@@ -18,7 +18,7 @@ import numpy as np
 
 from utils.metrics import smooth_curve
 
-from .runs import METHOD_LABELS, Run, RunSet
+from .runs import METHOD_LABELS, Run, RunSet, record_value
 
 COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange", "centralized_matched": "tab:green"}
 BAND = "band: min–max over seeds; line: mean over seeds"
@@ -47,14 +47,15 @@ def loss_matrix(runs: dict[int, Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def eval_matrix(runs: dict[int, Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rounds [E], values [S, E], gradient steps [S, E]) of an evaluation metric, cut to the shortest run."""
-    series = [[rec for rec in r.metrics if rec.get(key) is not None] for _, r in sorted(runs.items())]
+    series = [[(rec, v) for rec in r.metrics if (v := record_value(rec, key)) is not None]
+              for _, r in sorted(runs.items())]
     series = [s for s in series if s]
     if not series:
         return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
     t = min(len(s) for s in series)
-    rounds = np.array([rec["round"] for rec in series[0][:t]])
-    vals = np.stack([np.array([rec[key] for rec in s[:t]], dtype=float) for s in series])
-    steps = np.stack([np.array([rec.get("grad_steps", np.nan) for rec in s[:t]], dtype=float) for s in series])
+    rounds = np.array([rec["round"] for rec, _ in series[0][:t]])
+    vals = np.stack([np.array([v for _, v in s[:t]], dtype=float) for s in series])
+    steps = np.stack([np.array([rec.get("grad_steps", np.nan) for rec, _ in s[:t]], dtype=float) for s in series])
     return rounds, vals, steps
 
 
@@ -73,6 +74,20 @@ def _conv_lines(ax, runset: RunSet, key: str):
             ax.axvline(float(np.mean(vals)), color=COLORS[m], ls=":", lw=1.2)
 
 
+def plain_y(ax, min_span: float, top: float | None = None, decimals: int = 3) -> None:
+    """Readable y ticks: no offset text (it collided with the title), fixed decimals, and at least
+    `min_span` of y range, so differences far below what the data resolves do not fill the axis."""
+    from matplotlib.ticker import FormatStrFormatter
+    lo, hi = ax.get_ylim()
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+        if top is not None and hi > top:
+            lo, hi = top - min_span, top
+        ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
+
+
 def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
@@ -88,11 +103,12 @@ def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
 
 def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn, window = False, 21
+    drawn, windows = False, set()
     for m in runset.methods:
         rounds, loss, steps, window = loss_matrix(runset.finished(m))
         if loss.size == 0:
             continue
+        windows.add(window)
         x = rounds if x_axis == "round" else np.nanmean(steps, 0)
         _band(ax, x, loss, m)
         drawn = True
@@ -104,7 +120,8 @@ def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
               else "Gradient steps (cumulative, all clients)")
     title = ("Training loss vs round (paper Fig. 2)" if x_axis == "round"
              else "Training loss vs gradient steps (compute-normalised Fig. 2)")
-    return _finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {window}-round moving average)", path,
+    smooth = "/".join(str(w) for w in sorted(windows))
+    return _finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {smooth}-round moving average)", path,
                    BAND + "; dotted: mean convergence " + ("round" if x_axis == "round" else "gradient steps"))
 
 
@@ -124,6 +141,7 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
               else "Gradient steps (cumulative, all clients)")
     title = ("Mean evaluation alignment vs round (paper Fig. 4)" if x_axis == "round"
              else "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)")
+    plain_y(ax, 0.02)
     return _finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
 
 
@@ -141,12 +159,41 @@ def fig_fi(runset: RunSet, path: Path) -> Path | None:
         ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
         ax.set_ylabel("Fairness index 1/(1+CoV²)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.ticklabel_format(axis="y", useOffset=False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        plain_y(ax, 0.01, top=1.0, decimals=4)  # FI sits near 1: 1e-7 differences are not worth an axis
     if not drawn:
         plt.close(fig)
         return None
     fig.suptitle("Fairness index vs round (paper Fig. 5)", fontsize=11)
+    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_worst(runset: RunSet, path: Path) -> Path | None:
+    """Worst-group evaluation alignment against rounds (left) and gradient steps (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    drawn = False
+    for m in runset.methods:
+        rounds, vals, steps = eval_matrix(runset.finished(m), "eval_worst_alignment")
+        if vals.size:
+            _band(axes[0], rounds, vals, m)
+            _band(axes[1], np.nanmean(steps, 0), vals, m)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, xlabel in ((axes[0], "Round (FedAvg: communication round; centralized: epoch)"),
+                       (axes[1], "Gradient steps (cumulative, all clients)")):
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("Lowest group alignment, unseen eval groups")
+    plain_y(axes[0], 0.02)
+    fig.suptitle("Worst-group evaluation alignment", fontsize=11)
     fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
@@ -198,6 +245,7 @@ def make_figures(runset: RunSet, out_dir: Path, stem: str, pred: dict | None = N
         "loss_vs_steps": fig_loss(runset, out_dir / f"{stem}_fig2c_loss_vs_grad_steps.png", x_axis="steps"),
         "alignment_vs_steps": fig_eval(runset, out_dir / f"{stem}_fig4c_alignment_vs_grad_steps.png",
                                        x_axis="steps"),
+        "worst_alignment": fig_worst(runset, out_dir / f"{stem}_fig6_worst_alignment.png"),
     }
     if pred is not None:
         made["predictions"] = fig_predictions(pred, out_dir / f"{stem}_fig3_predictions.png")

@@ -215,3 +215,21 @@ def run_commands(runs: list[Run]) -> list[str]:
         if argv:
             seen["python " + " ".join(shlex.quote(a) for a in argv)] = None
     return list(seen)
+
+
+# Worst-group keys of metrics.jsonl records, derived from the per-group scores when a record
+# predates them (utils.metrics.worst_group gives the same numbers as the run loop).
+_WORST_KEYS = {"worst_alignment": "worst", "alignment_gap": "gap", "bottom_quarter_alignment": "bottom_quarter"}
+
+
+def record_value(rec: dict, key: str) -> float | None:
+    """rec[key], or for <eval|train>_<worst_alignment|alignment_gap|bottom_quarter_alignment> computed
+    from rec['<eval|train>_group_scores'] when absent; None when neither is there."""
+    if rec.get(key) is not None:
+        return rec[key]
+    prefix, _, rest = key.partition("_")
+    scores = rec.get(f"{prefix}_group_scores") if rest in _WORST_KEYS else None
+    if not scores:
+        return None
+    from utils.metrics import worst_group
+    return worst_group(scores)[_WORST_KEYS[rest]]

@@ -1,4 +1,5 @@
-"""Numbers over seeds: mean, sample std, Student-t 95% CI; the paper's headline comparisons.
+"""Numbers over seeds: mean, sample std, Student-t 95% CI; the paper's headline comparisons,
+for FedAvg against each centralized baseline (the paper's, and the compute-matched one).
 
 Conventions (written into every table):
   std   sample standard deviation over seeds (ddof = 1)
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 from scipy import stats as sps
 
-from .runs import METHOD_LABELS, METHODS, Run, RunSet
+from .convergence import DEFINITIONS
+from .runs import METHOD_LABELS, Run, RunSet, record_value
 
 # The paper's numbers (method.md §7): FedAvg converged at round 634, centralized at 1,180,
 # ~4% higher mean evaluation alignment, FI ≈ 1 for both. Its protocol: 1,300 rounds, 8 train
@@ -71,19 +73,40 @@ def wall_time_to_convergence(run: Run) -> float | None:
     return float(min(later, key=lambda r: r["round"])["wall_time_s"]) if later else None
 
 
+def final_worst(run: Run, prefix: str, key: str) -> float | None:
+    """worst_alignment | alignment_gap | bottom_quarter_alignment at the last evaluation with group scores,
+    computed from the scores (runs.record_value) so that folders older than those keys report too."""
+    for rec in reversed(run.metrics):
+        if rec.get(f"{prefix}_group_scores"):
+            return record_value(rec, f"{prefix}_{key}")
+    return None
+
+
 # (key, label, getter, format); the order is the table's.
 def _s(key):
     return lambda run: (run.summary or {}).get(key)
+
+
+def _w(prefix, key):
+    return lambda run: final_worst(run, prefix, key)
 
 
 ROWS = (
     ("convergence_round", "Convergence round", _s("convergence_round"), "{:.1f}"),
     ("final_eval_alignment_score", "Final mean eval alignment", _s("final_eval_alignment_score"), "{:.4f}"),
     ("best_eval_alignment_score", "Best mean eval alignment", _s("best_eval_alignment_score"), "{:.4f}"),
+    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", _w("eval", "worst_alignment"), "{:.4f}"),
+    ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
+     _w("eval", "bottom_quarter_alignment"), "{:.4f}"),
+    ("final_eval_alignment_gap", "Best − worst eval group (final)", _w("eval", "alignment_gap"), "{:.4f}"),
     ("final_eval_fi", "FI, eval groups (final)", _s("final_eval_fi"), "{:.5f}"),
     ("final_eval_cov", "CoV, eval groups (final)", _s("final_eval_cov"), "{:.4f}"),
     ("final_train_alignment_score", "Held-out alignment, train groups (final)", _s("final_train_alignment_score"),
      "{:.4f}"),
+    ("final_train_worst_alignment", "Worst-group train alignment (final)", _w("train", "worst_alignment"), "{:.4f}"),
+    ("final_train_bottom_quarter_alignment", "Bottom-quarter train alignment (final)",
+     _w("train", "bottom_quarter_alignment"), "{:.4f}"),
+    ("final_train_alignment_gap", "Best − worst train group (final)", _w("train", "alignment_gap"), "{:.4f}"),
     ("final_train_fi", "FI, train groups (final)", _s("final_train_fi"), "{:.5f}"),
     ("final_train_cov", "CoV, train groups (final)", _s("final_train_cov"), "{:.4f}"),
     ("wall_time_s", "Wall time, whole run (s)", _s("wall_time_s"), "{:.1f}"),
@@ -92,19 +115,22 @@ ROWS = (
     ("convergence_points", "Points processed to convergence", _s("convergence_points"), "{:.0f}"),
     ("total_grad_steps", "Gradient steps, whole run", _s("total_grad_steps"), "{:.0f}"),
 )
+# The convergence round under each definition (reporting/convergence.py): its own table.
+CONVERGENCE_ROWS = tuple((d.key, f"Convergence round, {d.label}", d.round_of, "{:.1f}") for d in DEFINITIONS)
+ALL_ROWS = ROWS + CONVERGENCE_ROWS
 
 
 def seed_values(runset: RunSet) -> dict[str, dict[str, dict[int, float | None]]]:
     """{metric key: {method: {seed: value}}} over the finished runs."""
     out: dict[str, dict[str, dict[int, float | None]]] = {}
-    for key, _, get, _ in ROWS:
+    for key, _, get, _ in ALL_ROWS:
         out[key] = {m: {s: get(r) for s, r in sorted(runset.finished(m).items())} for m in runset.methods}
     return out
 
 
-def method_stats(runset: RunSet) -> dict[str, dict[str, Stat]]:
+def method_stats(runset: RunSet, values: dict | None = None) -> dict[str, dict[str, Stat]]:
     """{metric key: {method: Stat over its seeds}}."""
-    vals = seed_values(runset)
+    vals = values if values is not None else seed_values(runset)
     return {k: {m: describe(list(v[m].values())) for m in runset.methods} for k, v in vals.items()}
 
 
@@ -130,6 +156,11 @@ def diff(fed: float | None, cen: float | None) -> float | None:
     return None if fed is None or cen is None else fed - cen
 
 
+# The pairs compared, FedAvg first: the paper's baseline, then the compute-matched one.
+PAIRS = (("fedavg", "centralized"), ("fedavg", "centralized_matched"))
+PAIR_TEXT = {"centralized": "centralized", "centralized_matched": "compute-matched centralized"}
+
+
 @dataclass
 class Headline:
     key: str
@@ -140,17 +171,33 @@ class Headline:
     paper_note: str
     unit: str
     verdict: str                    # computed statement: agrees / disagrees / not comparable
+    a: str = "fedavg"
+    b: str = "centralized"
+
+    @property
+    def pair(self) -> str:
+        return f"{self.a}_vs_{self.b}"
 
 
+# (key, label with {b}, metric, formula, unit)
 HEADLINES = (
-    ("rounds_fewer_pct", "FedAvg needs fewer rounds to converge", "convergence_round", pct_fewer, "%"),
-    ("steps_fewer_pct", "FedAvg needs fewer gradient steps to converge", "convergence_grad_steps", pct_fewer, "%"),
-    ("alignment_gain_pct", "Final mean eval alignment, FedAvg vs centralized", "final_eval_alignment_score",
+    ("rounds_fewer_pct", "FedAvg needs fewer rounds to converge than {b}", "convergence_round", pct_fewer, "%"),
+    ("steps_fewer_pct", "FedAvg needs fewer gradient steps to converge than {b}", "convergence_grad_steps",
+     pct_fewer, "%"),
+    ("alignment_gain_pct", "Final mean eval alignment, FedAvg vs {b}", "final_eval_alignment_score", pct_gain, "%"),
+    ("best_alignment_gain_pct", "Best mean eval alignment, FedAvg vs {b}", "best_eval_alignment_score",
      pct_gain, "%"),
-    ("best_alignment_gain_pct", "Best mean eval alignment, FedAvg vs centralized", "best_eval_alignment_score",
-     pct_gain, "%"),
-    ("fi_diff", "FI (eval groups, final), FedAvg − centralized", "final_eval_fi", diff, ""),
+    ("fi_diff", "FI (eval groups, final), FedAvg − {b}", "final_eval_fi", diff, ""),
+    ("worst_alignment_diff", "Worst-group eval alignment (final), FedAvg − {b}", "final_eval_worst_alignment",
+     diff, ""),
 )
+
+
+def significance(paired: Stat) -> str | None:
+    """'excludes' / 'includes' 0 for the paired 95% CI; None with fewer than 2 paired seeds."""
+    if paired.n < 2 or paired.ci_low is None:
+        return None
+    return "excludes" if paired.ci_low > 0 or paired.ci_high < 0 else "includes"
 
 
 def _size(measured: float, paper: float, tolerance: float) -> str:
@@ -160,13 +207,13 @@ def _size(measured: float, paper: float, tolerance: float) -> str:
     return "smaller" if measured < paper else "larger"
 
 
-def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float | None]) -> str:
+def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float | None],
+             b: str = "centralized") -> str:
     if measured is None:
         return "not measured (a method has no value)"
-    sig = ""
-    if paired.n >= 2 and paired.ci_low is not None:
-        sig = (" (paired 95% CI excludes 0)" if paired.ci_low > 0 or paired.ci_high < 0
-               else " (paired 95% CI includes 0: not significant over these seeds)")
+    sig = {"excludes": " (paired 95% CI excludes 0)",
+           "includes": " (paired 95% CI includes 0: not significant over these seeds)"}.get(significance(paired), "")
+    matched = b == "centralized_matched"
     if key == "rounds_fewer_pct":
         p = PAPER["rounds_fewer_pct"]
         if abs(measured) < 0.05:
@@ -176,8 +223,12 @@ def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float
                     f"than the paper's {p:.0f}%{sig}")
         return f"disagrees: FedAvg needs {-measured:.1f}% more rounds (paper: {p:.0f}% fewer){sig}"
     if key == "steps_fewer_pct":
-        p = PAPER["steps_fewer_pct"]
         where = "fewer" if measured > 0 else "more"
+        if matched:  # equal steps per round: the paper's claim of faster convergence, compute held equal
+            agree = measured > 0
+            return (f"{'agrees' if agree else 'disagrees'} with faster convergence at equal compute: "
+                    f"measured {abs(measured):.1f}% {where} steps{sig}")
+        p = PAPER["steps_fewer_pct"]
         agree = (measured > 0) == (p > 0)
         return (f"{'agrees' if agree else 'disagrees'} with the paper's implied {abs(p):.0f}% "
                 f"{'fewer' if p > 0 else 'more'} steps: measured {abs(measured):.1f}% {where}{sig}")
@@ -190,36 +241,53 @@ def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float
                     f"than the paper's ~+{p:.0f}%{sig}")
         return f"disagrees: FedAvg aligns {abs(measured):.2f}% worse (paper: ~+{p:.0f}%){sig}"
     if key == "fi_diff":
-        f, c = fi.get("fedavg"), fi.get("centralized")
+        f, c = fi.get("fedavg"), fi.get(b)
         both = f is not None and c is not None and f >= 0.99 and c >= 0.99
         if both and abs(measured) < 0.01:
             return f"agrees: FI ≈ 1 for both ({f:.4f} vs {c:.4f}), difference {measured:+.5f}"
-        return f"disagrees: FI {f} vs {c} (paper: ≈ 1 for both)"
+        return f"disagrees: FI {fmt(f)} vs {fmt(c)} (paper: ≈ 1 for both)"
+    if key == "worst_alignment_diff":
+        word = "higher" if measured > 0 else "lower"
+        return f"no claim in the paper; FedAvg's worst evaluation group scores {abs(measured):.4f} {word}{sig}"
     return ""
 
 
+_NOTES = {
+    "rounds_fewer_pct": "634 vs 1,180 rounds",
+    "steps_fewer_pct": (f"implied by its rounds, not reported: {PAPER['fedavg_steps']:,} vs "
+                        f"{PAPER['centralized_steps']:,} steps ({PAPER['train_groups']} clients × {PAPER['epochs']} "
+                        f"steps vs {PAPER['train_groups']} per epoch)"),
+    "alignment_gain_pct": "about +4%", "best_alignment_gain_pct": "about +4% (mean eval alignment)",
+    "fi_diff": "FI ≈ 1 for both (FedAvg +0.04% before convergence)",
+    "worst_alignment_diff": "not reported",
+}
+_PAPER_VALUE = {"rounds_fewer_pct": PAPER["rounds_fewer_pct"], "steps_fewer_pct": PAPER["steps_fewer_pct"],
+                "alignment_gain_pct": PAPER["alignment_gain_pct"],
+                "best_alignment_gain_pct": PAPER["alignment_gain_pct"], "fi_diff": 0.0, "worst_alignment_diff": None}
+
+
+def compare(vals: dict, st: dict, metric: str, fn, a: str, b: str, seeds: list[int]) -> tuple[float | None, Stat]:
+    """(from the seed means, paired per seed) of fn(a, b) on one metric."""
+    measured = fn(st[metric][a].mean, st[metric][b].mean)
+    return measured, describe([fn(vals[metric][a][s], vals[metric][b][s]) for s in seeds])
+
+
 def headlines(runset: RunSet) -> list[Headline]:
-    st = method_stats(runset)
+    """Every headline comparison for each pair of PAIRS whose methods are both reported."""
     vals = seed_values(runset)
-    paired_seeds = runset.paired_seeds()
-    notes = {"rounds_fewer_pct": ("634 vs 1,180 rounds"),
-             "steps_fewer_pct": (f"implied by its rounds, not reported: {PAPER['fedavg_steps']:,} vs "
-                                 f"{PAPER['centralized_steps']:,} steps "
-                                 f"({PAPER['train_groups']} clients × {PAPER['epochs']} steps vs "
-                                 f"{PAPER['train_groups']} per epoch)"),
-             "alignment_gain_pct": "about +4%", "best_alignment_gain_pct": "about +4% (mean eval alignment)",
-             "fi_diff": "FI ≈ 1 for both (FedAvg +0.04% before convergence)"}
-    paper = {"rounds_fewer_pct": PAPER["rounds_fewer_pct"], "steps_fewer_pct": PAPER["steps_fewer_pct"],
-             "alignment_gain_pct": PAPER["alignment_gain_pct"],
-             "best_alignment_gain_pct": PAPER["alignment_gain_pct"], "fi_diff": 0.0}
+    st = method_stats(runset, vals)
     fi = {m: st["final_eval_fi"][m].mean for m in runset.methods}
     out = []
-    for key, label, metric, fn, unit in HEADLINES:
-        a, b = st[metric].get("fedavg", describe([])), st[metric].get("centralized", describe([]))
-        measured = fn(a.mean, b.mean)
-        paired = describe([fn(vals[metric]["fedavg"][s], vals[metric]["centralized"][s]) for s in paired_seeds])
-        out.append(Headline(key, label, measured, paired, paper[key], notes[key], unit,
-                            _verdict(key, measured, paired, fi)))
+    for a, b in PAIRS:
+        if a not in runset.methods or b not in runset.methods:
+            continue
+        seeds = runset.paired_seeds(a, b)
+        for key, label, metric, fn, unit in HEADLINES:
+            measured, paired = compare(vals, st, metric, fn, a, b, seeds)
+            paper = _PAPER_VALUE[key] if b == "centralized" else None
+            note = _NOTES[key] if b == "centralized" else "no compute-matched baseline in the paper"
+            out.append(Headline(key, label.format(b=PAIR_TEXT[b]), measured, paired, paper, note, unit,
+                                _verdict(key, measured, paired, fi, b), a, b))
     return out
 
 
@@ -236,15 +304,16 @@ def stat_cell(s: Stat, spec: str) -> str:
         return "–"
     if s.n == 1:
         return f"{fmt(s.mean, spec)} (n=1)"
-    return f"{fmt(s.mean, spec)} ± {fmt(s.std, spec)} [{fmt(s.ci_low, spec)}, {fmt(s.ci_high, spec)}]"
+    unsigned = spec.replace("+", "")  # a std has no sign
+    return f"{fmt(s.mean, spec)} ± {fmt(s.std, unsigned)} [{fmt(s.ci_low, spec)}, {fmt(s.ci_high, spec)}]"
 
 
-def markdown_table(runset: RunSet) -> str:
-    st = method_stats(runset)
+def markdown_table(runset: RunSet, rows=ROWS, st: dict | None = None) -> str:
+    st = st if st is not None else method_stats(runset)
     ns = {m: len(runset.finished(m)) for m in runset.methods}
     head = ["Metric"] + [f"{METHOD_LABELS[m]} (n={ns[m]})" for m in runset.methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label, _, spec in ROWS:
+    for key, label, _, spec in rows:
         cells = []
         for m in runset.methods:
             s = st[key][m]
@@ -258,39 +327,40 @@ def markdown_table(runset: RunSet) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spec(key: str) -> str:
+    return "{:+.5f}" if key == "fi_diff" else "{:+.4f}" if key == "worst_alignment_diff" else "{:+.1f}"
+
+
 def markdown_headlines(items: list[Headline]) -> str:
     lines = ["| Comparison | Measured here (from seed means) | Per seed, paired (mean ± std [95% CI]) "
              "| Paper | Verdict |", "|---|---|---|---|---|"]
     for h in items:
-        spec = "{:+.5f}" if h.key == "fi_diff" else "{:+.1f}"
-        unit = h.unit
-        meas = "–" if h.measured is None else f"{spec.format(h.measured)}{unit}"
-        paired = stat_cell(h.paired, spec)
-        paper = f"{spec.format(h.paper)}{unit} ({h.paper_note})"
-        lines.append(f"| {h.label} | {meas} | {paired} | {paper} | {h.verdict} |")
+        spec = _spec(h.key)
+        meas = "–" if h.measured is None else f"{spec.format(h.measured)}{h.unit}"
+        paper = h.paper_note if h.paper is None else f"{spec.format(h.paper)}{h.unit} ({h.paper_note})"
+        lines.append(f"| {h.label} | {meas} | {stat_cell(h.paired, spec)} | {paper} | {h.verdict} |")
     lines.append("")
-    lines.append("'Fewer' is 100·(1 − FedAvg/centralized); alignment gain is 100·(FedAvg − centralized)/centralized. "
-                 "Paired: the comparison computed per seed (both methods share the seed, hence the initial "
-                 "weights), then summarised over seeds.")
+    lines.append("'Fewer' is 100·(1 − FedAvg/other); alignment gain is 100·(FedAvg − other)/other. "
+                 "Paired: the comparison computed per seed (the methods share the seed, hence the initial "
+                 "weights), then summarised over seeds; its 95% CI is Student t over the per-seed differences.")
     return "\n".join(lines) + "\n"
 
 
 def csv_table(runset: RunSet, items: list[Headline]) -> str:
-    st = method_stats(runset)
+    vals = seed_values(runset)
+    st = method_stats(runset, vals)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["kind", "metric", "method", "n", "mean", "std", "ci95_low", "ci95_high", "per_seed", "paper"])
-    vals = seed_values(runset)
-    for key, _, _, _ in ROWS:
+    for key, _, _, _ in ALL_ROWS:
         for m in runset.methods:
             s = st[key][m]
             per_seed = ";".join(f"{seed}:{'' if v is None else repr(v)}" for seed, v in vals[key][m].items())
             w.writerow(["metric", key, m, s.n, _c(s.mean), _c(s.std), _c(s.ci_low), _c(s.ci_high), per_seed, ""])
     for h in items:
         p = h.paired
-        w.writerow(["headline_from_means", h.key, "fedavg_vs_centralized", "", _c(h.measured), "", "", "", "",
-                    _c(h.paper)])
-        w.writerow(["headline_paired", h.key, "fedavg_vs_centralized", p.n, _c(p.mean), _c(p.std), _c(p.ci_low),
+        w.writerow(["headline_from_means", h.key, h.pair, "", _c(h.measured), "", "", "", "", _c(h.paper)])
+        w.writerow(["headline_paired", h.key, h.pair, p.n, _c(p.mean), _c(p.std), _c(p.ci_low),
                     _c(p.ci_high), ";".join(repr(v) for v in p.values), _c(h.paper)])
     return buf.getvalue()
 

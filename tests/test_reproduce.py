@@ -133,6 +133,121 @@ def test_report_only_on_fake_folders(fake_runs, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------
+# convergence definitions, claims and flips: designed curves with exact answers
+
+
+def test_convergence_definitions_exact(tmp_path):
+    from reporting.convergence import alignment_gain_round, loss_progress_round
+    from reporting.runs import Run
+    # loss 1 up to round 30, then 0: the centred 21-round average keeps 41 - r ones in its window
+    # at rounds 31..41, so progress (21 - ones)/21 reaches 0.90 at 39, 0.95 at 40, 0.99 at 41
+    losses = [{"round": r, "train_loss": 1.0 if r <= 30 else 0.0} for r in range(1, 61)]
+    run = Run(tmp_path, "finished", losses=losses)
+    assert [loss_progress_round(run, q) for q in (0.90, 0.95, 0.99)] == [39, 40, 41]
+    # alignment 0.5 0.5 0.6 0.9 1 1 1: smoothed over 3 evaluations .5 .533 .667 .833 .967 1 1; 95% of
+    # the 0.5 gain needs >= 0.975: round 50 (raw, window 1: round 40)
+    al = [0.5, 0.5, 0.6, 0.9, 1.0, 1.0, 1.0]
+    run = Run(tmp_path, "finished", metrics=[{"round": 10 * i, "eval_alignment_score": a} for i, a in enumerate(al)])
+    assert alignment_gain_round(run) == 50 and alignment_gain_round(run, window=1) == 40
+    flat = Run(tmp_path, "finished", metrics=[{"round": r, "eval_alignment_score": 0.7} for r in (0, 10, 20)])
+    assert alignment_gain_round(flat) is None  # no gain, no round
+
+
+def _designed_run(folder: Path, method: str, seed: int, step: int, evals: list[float], steps_per_round: int,
+                  central_steps: int = 1):
+    """A finished run: loss 1 until round `step`, then 0 (converges at step + 10 by the 0.95 rule);
+    mean eval alignment `evals` at rounds 0, 10, ...; the worst of two groups 0.1 below the mean."""
+    folder.mkdir(parents=True)
+    rounds = 10 * (len(evals) - 1)
+    cfg = {"method": method, "seed": seed, "dataset": "synthetic", "comm_round": rounds, "central_epochs": rounds,
+           "central_steps": central_steps, "epochs": 6}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _write_jsonl(folder / "losses.jsonl", [{"round": r, "train_loss": 1.0 if r <= step else 0.0,
+                                            "grad_steps": r * steps_per_round} for r in range(1, rounds + 1)])
+    _write_jsonl(folder / "metrics.jsonl", [
+        {"round": 10 * i, "eval_alignment_score": a, "eval_group_scores": {"a": a - 0.1, "b": a}, "eval_fi": 0.999,
+         "grad_steps": 10 * i * steps_per_round, "wall_time_s": float(i)} for i, a in enumerate(evals)])
+    summary = {"rounds": rounds, "convergence_round": step + 10, "final_eval_alignment_score": evals[-1],
+               "best_eval_alignment_score": max(evals), "final_eval_fi": 0.999,
+               "convergence_grad_steps": (step + 10) * steps_per_round, "convergence": {"window_rounds": 21}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+FAST, SLOW = [0.5, 0.5, 1, 1, 1, 1, 1, 1, 1], [0.5] * 5 + [1] * 4
+
+
+@pytest.fixture
+def designed(tmp_path):
+    root = tmp_path / "designed"
+    for seed, (f, c, m) in enumerate(((30, 50, 28), (32, 54, 34))):
+        _designed_run(root / f"fedavg_s{seed}", "fedavg", seed, f, FAST, 6)
+        _designed_run(root / f"centralized_s{seed}", "centralized", seed, c, [0.5] * 5 + [0.9] * 4, 1)
+        _designed_run(root / f"centralized_matched_s{seed}", "centralized", seed, m, SLOW, 6, central_steps=6)
+    return root
+
+
+def test_claims_compute_matched_change_and_definition_flips(designed, tmp_path):
+    from reporting.verdicts import claims_lines, definitions_lines
+    rs = collect(find_run_folders([str(designed)]))
+    assert rs.methods == ("fedavg", "centralized", "centralized_matched")
+    h = {(x.key, x.b): x for x in headlines(rs)}
+    # rounds: per seed 1 - 40/60 and 1 - 42/64 against centralized; 40 vs 38 and 42 vs 44 against matched
+    assert h[("rounds_fewer_pct", "centralized")].paired.values == pytest.approx((100 / 3, 100 * (1 - 42 / 64)))
+    assert h[("rounds_fewer_pct", "centralized_matched")].measured == pytest.approx(0.0)
+    assert h[("alignment_gain_pct", "centralized")].measured == pytest.approx(100 / 9)
+    assert h[("worst_alignment_diff", "centralized")].measured == pytest.approx(0.1)
+    lines = "\n".join(claims_lines(headlines(rs), {"fedavg": 0.999, "centralized": 0.999,
+                                                   "centralized_matched": 0.999}))
+    assert ("| FedAvg converges in fewer rounds than centralized training (paper: round 634 vs 1,180) | **holds** | "
+            "**does not hold** |") in lines
+    assert "| Both methods are fair across groups, FI ≈ 1 (paper) | **holds** | **holds** |" in lines
+    assert ("2 of 3 claims change status when the baseline takes as many gradient steps per epoch as FedAvg per "
+            "round (“FedAvg converges in fewer rounds than centralized training”: holds → does not hold; “FedAvg "
+            "reaches a higher final mean evaluation alignment”: holds → does not hold)") in lines
+
+    text = "\n".join(definitions_lines(rs))
+    assert "| loss progress ≥ 95% (default) | 41.0 ± 1.4 [28.3, 53.7] | 62.0 ± 2.8 [36.6, 87.4] |" in text
+    assert "| eval alignment gain ≥ 95% | 30.0 ± 0.0 [30.0, 30.0] | 60.0 ± 0.0 [60.0, 60.0] |" in text
+    assert "(1 of 2 comparisons flip)" in text
+    assert "- against centralized: **holds** under all 4 definitions." in text
+    assert ("- against compute-matched centralized: **flips**: does not hold under loss progress ≥ 90%, loss "
+            "progress ≥ 95% (default), loss progress ≥ 99%; holds under eval alignment gain ≥ 95%.") in text
+
+    out = tmp_path / "res"
+    assert pipeline.main(["--report_only", "--runs", str(designed), "--name", "d", "--results_dir", str(out)]) == 0
+    report = (out / "d.md").read_text()
+    assert report.startswith("# Short-horizon check (80 rounds; the paper trains 1,300), not the paper's protocol")
+    assert "| Worst-group eval alignment (final) | 0.9000 ± 0.0000 [0.9000, 0.9000] | 0.8000 ± 0.0000" in report
+    rows = {(r["kind"], r["metric"], r["method"]): r for r in csv.DictReader((out / "d_table.csv").open())}
+    assert rows[("metric", "conv_loss_099", "fedavg")]["per_seed"] == "0:41;1:43"
+    assert rows[("headline_paired", "rounds_fewer_pct", "fedavg_vs_centralized_matched")]["n"] == "2"
+    assert (out / "d_fig6_worst_alignment.png").stat().st_size > 1000
+
+
+def test_figure_labels_and_axes(designed, tmp_path, monkeypatch):
+    from reporting import figures
+    rs = collect(find_run_folders([str(designed / "fedavg_s*")]))   # one method only
+    seen = {}
+    real = figures._finish
+    monkeypatch.setattr(figures, "_finish", lambda fig, ax, title, xlabel, ylabel, path, note=figures.BAND:
+                        seen.setdefault(title, ylabel) and real(fig, ax, title, xlabel, ylabel, path, note))
+    figures.fig_loss(rs, tmp_path / "l.png")
+    # the drawn runs' 21-round window, not the absent methods' (a single-method report said 1-round)
+    assert seen["Training loss vs round (paper Fig. 2)"] == "Training loss (NLL; centred 21-round moving average)"
+    fig = figures.plt.figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0.9999998, 0.9999999])
+    figures.plain_y(ax, 0.01, top=1.0, decimals=4)
+    assert ax.get_ylim() == (pytest.approx(0.99), pytest.approx(1.0))
+    assert ax.yaxis.get_major_formatter()(0.995) == "0.9950" and ax.yaxis.get_offset_text().get_text() == ""
+    figures.plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
 # the pipeline on tiny synthetic runs: reuse, resume, refusal
 
 
@@ -237,7 +352,8 @@ def test_paper_preset_resolves_to_the_papers_protocol(monkeypatch):
     assert (runs["fedavg"]["comm_round"], runs["fedavg"]["epochs"], runs["fedavg"]["seed"]) == (1300, 6, 2)
     assert "comm_round" not in runs["centralized"] and "epochs" not in runs["centralized_matched"]
     assert {m: (r["central_epochs"], r["central_steps"], r["central_mode"]) for m, r in runs.items()
-            if m != "fedavg"} == {"centralized": (1300, 1, "sequential"), "centralized_matched": (1300, 6, "sequential")}
+            if m != "fedavg"} == {"centralized": (1300, 1, "sequential"),
+                                  "centralized_matched": (1300, 6, "sequential")}
 
     g = pipeline.parse_args(["--preset", "paper", "--dataset", "globalqa"])
     assert (g.name, g.data_path, g.comm_round) == (
@@ -282,6 +398,10 @@ def test_centralized_matched_runs_and_no_absolute_paths(tmp_path, capsys):
     assert "| `centralized_matched_s0` | centralized_matched | 0 |" in report
     rows = list(csv.DictReader((results / "tiny3_table.csv").open()))
     assert {r["method"] for r in rows if r["kind"] == "metric"} == {"fedavg", "centralized", "centralized_matched"}
+    # the default convergence definition, recomputed from losses.jsonl, is the run loop's own round
+    per_seed = {(r["metric"], r["method"]): r["per_seed"] for r in rows}
+    for m in ("fedavg", "centralized", "centralized_matched"):
+        assert per_seed[("conv_loss_095", m)] == per_seed[("convergence_round", m)] != "0:"
 
     # no machine path in anything committed or copied: reports, tables, the manifest
     text = _all_text(results) + (root / "reproduce.json").read_text()

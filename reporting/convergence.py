@@ -1,0 +1,72 @@
+"""When did a run converge? Several definitions, to see whether a verdict depends on the choice.
+
+loss progress (method.md §7, the runs' own summary uses 0.95): the first round at which the
+    training loss, smoothed by a centred moving average of `window_rounds` rounds (21, as the
+    run loop; truncated at the ends), has made `threshold` of its total progress
+    (S_0 − S_t) / (S_0 − S_final).
+alignment gain: the first evaluation at which the mean evaluation alignment, smoothed by a
+    centred moving average of 3 evaluations (30 rounds at one evaluation every 10; truncated at
+    the ends), has made `threshold` of its total gain: (A_t − A_0) ≥ threshold · (A_final − A_0).
+    A run whose alignment ends no higher than it started has no such round.
+
+Both are computed with utils.metrics.convergence_round (the gain is progress on −A), so the
+0.95 loss definition reproduces summary.json's convergence_round exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from utils.metrics import convergence_round
+
+from .runs import Run
+
+LOSS_WINDOW_ROUNDS = 21
+GAIN_WINDOW_EVALS = 3
+
+
+def odd_window(window: int, length: int) -> int:
+    w = max(1, min(window, length))
+    return w if w % 2 else w - 1
+
+
+def loss_window(run: Run) -> int:
+    """The run's own smoothing window (summary.json), else the run loop's default."""
+    conv = (run.summary or {}).get("convergence") or {}
+    return int(conv.get("window_rounds") or LOSS_WINDOW_ROUNDS)
+
+
+def loss_progress_round(run: Run, threshold: float = 0.95) -> int | None:
+    recs = [r for r in run.losses if r.get("train_loss") is not None]
+    if len(recs) < 2:
+        return None
+    return convergence_round([r["round"] for r in recs], [r["train_loss"] for r in recs], threshold=threshold,
+                             smoothing="centred", window=odd_window(loss_window(run), len(recs)))
+
+
+def alignment_gain_round(run: Run, threshold: float = 0.95, window: int = GAIN_WINDOW_EVALS) -> int | None:
+    recs = [r for r in run.metrics if r.get("eval_alignment_score") is not None]
+    if len(recs) < 2:
+        return None
+    return convergence_round([r["round"] for r in recs], [-r["eval_alignment_score"] for r in recs],
+                             threshold=threshold, smoothing="centred", window=odd_window(window, len(recs)))
+
+
+@dataclass(frozen=True)
+class Definition:
+    key: str          # column / CSV name
+    label: str
+    kind: str         # loss | gain
+    threshold: float
+
+    def round_of(self, run: Run) -> int | None:
+        fn = loss_progress_round if self.kind == "loss" else alignment_gain_round
+        return fn(run, self.threshold)
+
+
+DEFINITIONS = (
+    Definition("conv_loss_090", "loss progress ≥ 90%", "loss", 0.90),
+    Definition("conv_loss_095", "loss progress ≥ 95% (default)", "loss", 0.95),
+    Definition("conv_loss_099", "loss progress ≥ 99%", "loss", 0.99),
+    Definition("conv_gain_095", "eval alignment gain ≥ 95%", "gain", 0.95),
+)
+DEFAULT_DEFINITION = "conv_loss_095"

@@ -1,0 +1,119 @@
+"""Two figures inside one run folder, written at the end of a run (unless --no_plots):
+
+  loss.png       training loss per round, raw and smoothed with the centred moving average that
+                 defines the convergence round, and that round (loss progress ≥ 95%)
+  alignment.png  left: mean evaluation and training alignment and the worst evaluation group's
+                 alignment; right: the fairness index of both group sets
+
+Only metrics.jsonl and losses.jsonl are read. matplotlib is imported here, inside the call, and
+drawn through a bare Figure (no pyplot, no global backend switch), so a training process pays
+for it once at the very end and a headless machine needs nothing.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from utils.metrics import smooth_curve
+from utils.run_io import read_metrics
+
+from .convergence import LOSS_WINDOW_ROUNDS, loss_progress_round, odd_window
+from .runs import Run, record_value
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a cut last line (a run still being written) is dropped
+        return read_metrics(path)
+
+
+def write_run_figures(run_path: Path) -> list[Path]:
+    """Write loss.png and alignment.png into `run_path`; returns the files written (none without data)."""
+    from matplotlib.figure import Figure
+
+    run_path = Path(run_path)
+    run = Run(run_path, "finished", metrics=_read(run_path / "metrics.jsonl"), losses=_read(run_path / "losses.jsonl"))
+    written = []
+    for draw, name in ((_loss_figure, "loss.png"), (_alignment_figure, "alignment.png")):
+        fig = Figure(figsize=(7, 4.2) if name == "loss.png" else (11, 4.2))
+        if draw(fig, run):
+            fig.tight_layout()
+            fig.savefig(run_path / name, dpi=100)
+            written.append(run_path / name)
+    return written
+
+
+def _marker(n: int) -> str | None:
+    return "o" if n < 3 else None  # a one- or two-record curve is otherwise invisible
+
+
+def _loss_figure(fig, run: Run) -> bool:
+    recs = [r for r in run.losses if r.get("train_loss") is not None]
+    if not recs:
+        return False
+    ax = fig.add_subplot()
+    rounds, loss = [r["round"] for r in recs], [r["train_loss"] for r in recs]
+    window = odd_window(LOSS_WINDOW_ROUNDS, len(loss))
+    ax.plot(rounds, loss, color="0.6", lw=0.8, marker=_marker(len(loss)), label="per round")
+    ax.plot(rounds, smooth_curve(loss, smoothing="centred", window=window), color="tab:blue", lw=1.8,
+            label=f"centred {window}-round moving average")
+    conv = loss_progress_round(run, 0.95)
+    if conv is not None:
+        ax.axvline(conv, color="tab:red", ls=":", lw=1.2, label=f"convergence round {conv} (95% of the progress)")
+    ax.set_xlabel("Round")
+    ax.set_ylabel("Training loss (NLL)")
+    ax.set_title(f"{run.path.name}: training loss", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return True
+
+
+_ALIGNMENT_CURVES = (("eval_alignment_score", "mean, evaluation groups", "tab:blue", "-"),
+                     ("train_alignment_score", "mean, training groups (held-out questions)", "tab:orange", "-"),
+                     ("eval_worst_alignment", "worst evaluation group", "tab:blue", "--"))
+_FI_CURVES = (("eval_fi", "evaluation groups", "tab:blue"), ("train_fi", "training groups", "tab:orange"))
+
+
+def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], v) for r in run.metrics if (v := record_value(r, key)) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _alignment_figure(fig, run: Run) -> bool:
+    if not run.metrics:
+        return False
+    left, right = fig.subplots(1, 2)
+    drawn = False
+    for key, label, color, ls in _ALIGNMENT_CURVES:
+        x, y = _curve(run, key)
+        if y:
+            left.plot(x, y, color=color, ls=ls, marker=_marker(len(y)), label=label)
+            drawn = True
+    for key, label, color in _FI_CURVES:
+        x, y = _curve(run, key)
+        if y:
+            right.plot(x, y, color=color, marker=_marker(len(y)), label=label)
+    if not drawn:
+        return False
+    left.set_ylabel("Alignment score")
+    right.set_ylabel("Fairness index 1/(1+CoV²)")
+    _fi_axis(right)
+    for ax, what in ((left, "alignment"), (right, "fairness index")):
+        ax.set_xlabel("Round")
+        ax.set_title(f"{run.path.name}: {what}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return True
+
+
+def _fi_axis(ax) -> None:
+    """FI sits near 1: show at least 0.01 of range below 1 and 4 decimals, never 1e-7 wiggles."""
+    from matplotlib.ticker import FormatStrFormatter
+    lo, hi = ax.get_ylim()
+    if hi - lo < 0.01:
+        hi = min(1.0, (lo + hi) / 2 + 0.005)
+        ax.set_ylim(hi - 0.01, hi)
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.4f"))

@@ -1,0 +1,138 @@
+"""Which of the paper's claims hold on this data, against which baseline, under which definition.
+
+A claim's status comes from two numbers of reporting/tables.py: the comparison of the seed
+means (its direction) and the paired per-seed comparison (its 95% CI):
+  holds                         the direction of the claim, paired 95% CI excludes 0
+  same direction, not significant   the direction of the claim, but the CI includes 0 (or < 2 seeds)
+  does not hold                 no difference or the opposite direction, CI includes 0
+  reversed                      the opposite direction, CI excludes 0
+FI ≈ 1 holds when both methods' mean FI is ≥ 0.99 and they differ by < 0.01.
+"""
+from __future__ import annotations
+
+from .convergence import DEFINITIONS
+from .runs import METHOD_LABELS, RunSet
+from .tables import PAIR_TEXT, PAIRS, Headline, Stat, describe, method_stats, pct_fewer, seed_values, significance, \
+    stat_cell
+
+# (headline key, the claim as the paper makes it)
+CLAIMS = (
+    ("rounds_fewer_pct", "FedAvg converges in fewer rounds than centralized training (paper: round 634 vs 1,180)"),
+    ("alignment_gain_pct", "FedAvg reaches a higher final mean evaluation alignment (paper: about +4%)"),
+    ("fi_diff", "Both methods are fair across groups, FI ≈ 1 (paper)"),
+)
+
+
+def status(key: str, measured: float | None, paired: Stat, fi: tuple[float | None, float | None] = (None, None)) -> str:
+    if measured is None:
+        return "not measured"
+    if key == "fi_diff":
+        f, c = fi
+        ok = f is not None and c is not None and min(f, c) >= 0.99 and abs(measured) < 0.01
+        return "holds" if ok else "does not hold"
+    sig = significance(paired)
+    if measured > 0:
+        return "holds" if sig == "excludes" else "same direction, not significant"
+    return "reversed" if sig == "excludes" and measured < 0 else "does not hold"
+
+
+def claim_statuses(items: list[Headline], fi_means: dict[str, float | None]) -> dict[str, dict[str, str]]:
+    """{claim key: {other method: status}} for each pair present."""
+    out: dict[str, dict[str, str]] = {}
+    for h in items:
+        if any(h.key == k for k, _ in CLAIMS):
+            out.setdefault(h.key, {})[h.b] = status(h.key, h.measured, h.paired, (fi_means.get(h.a), fi_means.get(h.b)))
+    return out
+
+
+def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> list[str]:
+    """A Markdown table of the claims' status per baseline, and what the matched baseline changes."""
+    st = claim_statuses(items, fi_means)
+    others = [b for _, b in PAIRS if any(b in v for v in st.values())]
+    if not others:
+        return ["No claim could be checked: FedAvg and a centralized baseline must both have finished runs."]
+    lines = ["| The paper's claim | " + " | ".join(f"against {PAIR_TEXT[b]}" for b in others) + " |",
+             "|---|" + "---|" * len(others)]
+    for key, text in CLAIMS:
+        lines.append(f"| {text} | " + " | ".join(f"**{st.get(key, {}).get(b, 'not measured')}**" for b in others)
+                     + " |")
+    lines += ["", "Status: *holds* = the claim's direction with a paired 95% CI that excludes 0; *same direction, "
+              "not significant* = the CI includes 0; *does not hold* = no difference or the opposite direction "
+              "within the CI; *reversed* = the opposite direction, CI excludes 0.", ""]
+    lines.append(matched_change(st))
+    return lines
+
+
+def matched_change(st: dict[str, dict[str, str]]) -> str:
+    """One sentence: which claims change status when the baseline takes FedAvg's gradient steps."""
+    pairs = [(text, v["centralized"], v["centralized_matched"]) for key, text in CLAIMS
+             if (v := st.get(key, {})) and "centralized" in v and "centralized_matched" in v]
+    if not pairs:
+        return ("The compute-matched baseline was not run (or not with the paper's baseline), so its effect is not "
+                "measured.")
+    changed = [(t, a, b) for t, a, b in pairs if a != b]
+    if not changed:
+        return ("**What the compute-matched baseline changes:** no claim's status: each stands the same against the "
+                "baseline that takes as many gradient steps per epoch as FedAvg per round.")
+    parts = "; ".join(f"“{t.split(' (paper')[0]}”: {a} → {b}" for t, a, b in changed)
+    verb = "changes" if len(changed) == 1 else "change"
+    return (f"**What the compute-matched baseline changes:** {len(changed)} of {len(pairs)} claims {verb} status "
+            f"when the baseline takes as many gradient steps per epoch as FedAvg per round ({parts}).")
+
+
+# ----------------------------------------------------------------------------------------
+# convergence definitions (issue 13 item 5)
+
+
+def definition_rows(runset: RunSet) -> list[dict]:
+    """Per definition: the rounds per method and, per pair, the % fewer rounds and its status."""
+    vals = seed_values(runset)
+    st = method_stats(runset, vals)
+    rows = []
+    for d in DEFINITIONS:
+        row = {"definition": d, "methods": {m: st[d.key][m] for m in runset.methods}, "pairs": {}}
+        for a, b in PAIRS:
+            if a in runset.methods and b in runset.methods:
+                measured = pct_fewer(st[d.key][a].mean, st[d.key][b].mean)
+                seeds = runset.paired_seeds(a, b)
+                paired = describe([pct_fewer(vals[d.key][a][s], vals[d.key][b][s]) for s in seeds])
+                row["pairs"][b] = (measured, paired, status("rounds_fewer_pct", measured, paired))
+        rows.append(row)
+    return rows
+
+
+def definitions_lines(runset: RunSet) -> list[str]:
+    rows = definition_rows(runset)
+    others = [b for _, b in PAIRS if rows and b in rows[0]["pairs"]]
+    head = (["Definition"] + [f"{METHOD_LABELS[m]} (round)" for m in runset.methods]
+            + [f"FedAvg % fewer rounds than {PAIR_TEXT[b]} (paired) → claim" for b in others])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["definition"].label] + [stat_cell(r["methods"][m], "{:.1f}") for m in runset.methods]
+        for b in others:
+            measured, paired, s = r["pairs"][b]
+            cells.append(f"{'–' if measured is None else f'{measured:+.1f}%'} ({stat_cell(paired, '{:+.1f}')}) "
+                         f"→ **{s}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", flip_sentence(rows, others)]
+    return lines
+
+
+def flip_sentence(rows: list[dict], others: list[str]) -> str:
+    """Whether the 'fewer rounds' claim's status differs between the definitions, per baseline."""
+    if not others:
+        return "No pair of methods to compare."
+    parts, flips = [], 0
+    for b in others:
+        by_status: dict[str, list[str]] = {}
+        for r in rows:
+            by_status.setdefault(r["pairs"][b][2], []).append(r["definition"].label)
+        if len(by_status) == 1:
+            parts.append(f"- against {PAIR_TEXT[b]}: **{next(iter(by_status))}** under all {len(rows)} definitions.")
+        else:
+            flips += 1
+            parts.append(f"- against {PAIR_TEXT[b]}: **flips**: " + "; ".join(
+                f"{s} under {', '.join(labels)}" for s, labels in by_status.items()) + ".")
+    lead = ("**No verdict flips between the definitions.**" if flips == 0 else
+            f"**The verdict depends on the definition of convergence** ({flips} of {len(others)} comparisons flip).")
+    return "\n".join([f"{lead} The claim that FedAvg converges in fewer rounds:", *parts])
