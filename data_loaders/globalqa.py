@@ -64,7 +64,7 @@ def decode_csv(path: Path, data: bytes, encoding: str) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path}: not {encoding} text: byte 0x{data[err.start]:02x} at offset "
-                        f"{err.start} (line {line}) cannot be decoded as {encoding}",
+                        f"{err.start} (line {line}) cannot be decoded",
                         "a CSV saved by a spreadsheet is often latin-1 or cp1252: pass "
                         "--encoding latin-1 (or the file's encoding)") from err
     return text.removeprefix("\ufeff")  # a byte-order mark would otherwise rename 'question'
