@@ -1,0 +1,103 @@
+"""Option vectors for new questions, made exactly as the run made its own.
+
+Each option's text is the run's prompt of its question followed by the option
+(`data_loaders.prompts.option_texts`). Texts the run already embedded (its dataset, when
+it is on disk) take the run's own vectors: a text embedded again in another batch differs
+in the last bits (padding changes the kernels), and reusing the run's vector is what makes
+predictions for the run's questions reproduce its evaluation exactly. Other texts are
+embedded by the run's embedding model through `get_embeddings`, so they land in the
+embedding cache (keyed by the texts' content hash) and are not recomputed next time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from data_loaders.prompts import option_texts
+from data_loaders.schema import DataError, LoadReport, QuestionBank, RawDataset
+
+from .items import Question
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def bank_of(questions: Sequence[Question]) -> QuestionBank:
+    return QuestionBank(np.arange(len(questions)), [q.text for q in questions], [list(q.options) for q in questions])
+
+
+class TextEmbedder:
+    """Vectors for questions' options with the run's embedding model and prompt style.
+
+    emb_model: the `--emb_model` value that names the run's model (minilm, alpaca, llama,
+    a Hugging Face id or folder), or "synthetic" for runs on synthetic vectors (no texts).
+    """
+
+    def __init__(self, emb_model: str, style: str, dim: int, *, cache_dir: str | None = None,
+                 device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
+                 log: Log | None = print):
+        self.emb_model, self.style, self.dim = emb_model, style, dim
+        self.cache_dir, self.device, self.batch_size = cache_dir, device, batch_size
+        self.dtype, self.load_in_8bit = dtype, load_in_8bit
+        self.log = log or _quiet
+        self.known: dict[str, torch.Tensor] = {}            # option text -> vector
+        self.known_ordinals: dict[tuple, tuple[float, ...]] = {}  # (question, options) -> ordinals
+
+    def remember(self, bank: QuestionBank, emb: torch.Tensor) -> None:
+        """Adopt the vectors of a dataset the run was trained on (first occurrence of a text wins)."""
+        if emb.shape[1] != self.dim:
+            raise DataError(f"the run's data gives {emb.shape[1]}-dim vectors but its model takes {self.dim}",
+                            "the data or cache is not the run's; pass the run's --data_path / --cache_dir")
+        for text, row in zip(option_texts(bank, self.style), emb):
+            self.known.setdefault(text, row)
+        if bank.ordinals is not None:
+            for text, options, ords in zip(bank.questions, bank.options, bank.ordinals):
+                self.known_ordinals.setdefault((text, tuple(options)), tuple(float(o) for o in ords))
+
+    def texts(self, q: Question) -> list[str]:
+        return option_texts(bank_of([q]), self.style)
+
+    def embed(self, questions: Sequence[Question]) -> list[torch.Tensor]:
+        """One [k, dim] tensor per question, in order."""
+        texts = [self.texts(q) for q in questions]
+        missing: dict[tuple, Question] = {}
+        for q, ts in zip(questions, texts):
+            if any(t not in self.known for t in ts):
+                missing.setdefault(q.key, q)
+        if missing:
+            self._compute(list(missing.values()))
+        return [torch.stack([self.known[t] for t in ts]) for ts in texts]
+
+    def _compute(self, questions: list[Question]) -> None:
+        if self.emb_model == "synthetic":
+            q = questions[0]
+            raise DataError(f"question {q.text[:60]!r} is not in the run's synthetic data, and a run trained on "
+                            "synthetic vectors cannot embed text",
+                            "use the synthetic bank's questions ('synthetic question N'), or a run on real data")
+        bank = bank_of(questions)
+        digest = hashlib.sha256(json.dumps([bank.questions, bank.options, self.style]).encode()).hexdigest()
+        raw = RawDataset("inference", bank, {}, LoadReport("new questions", len(questions)), digest)
+        from data_loaders.embeddings import get_embeddings
+        self.log(f"embedding {bank.num_points} option texts of {len(questions)} new question(s)")
+        emb, info = get_embeddings(raw, self.emb_model, cache_dir=self.cache_dir, device=self.device,
+                                   batch_size=self.batch_size, dtype=self.dtype, load_in_8bit=self.load_in_8bit,
+                                   log=self.log)
+        if emb.shape[1] != self.dim:
+            raise DataError(f"embedding model {info.get('model_id', self.emb_model)} gives {emb.shape[1]}-dim "
+                            f"vectors, but the run's model takes {self.dim}",
+                            "use the embedding model the run was trained with (its config.json, data.embedding)")
+        for text, row in zip(option_texts(bank, self.style), emb):
+            self.known[text] = row
+
+    def ordinals(self, q: Question) -> tuple[float, ...]:
+        """The question's own ordinals, else the run's data's, else 1..k in option order."""
+        if q.ordinals is not None:
+            return q.ordinals
+        return self.known_ordinals.get(q.key) or tuple(float(i) for i in range(1, len(q.options) + 1))

@@ -1,0 +1,154 @@
+"""Reading what the predictor needs from a run folder, with a clear error for each way it can be wrong.
+
+A usable run folder has config.json, summary.json (a finished run) and a complete checkpoint
+under checkpoints/, always read through `utils.checkpoint.load_checkpoint` (a checkpoint's
+JSON index says which files hold its weights). Its dataset, when on disk, is loaded the way
+the run loaded it (`reporting.predictions.args_from_config` + `load_embedded`), so a group's
+questions get exactly the run's vectors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data_loaders.schema import DataError, GroupData, RawDataset, build_group_data
+from models.gpo import GPO, GPOConfig
+from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+Log = Callable[[str], None]
+NAMED_EMB_MODELS = ("minilm", "alpaca", "llama")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{what} {path} is unreadable ({exc})", "the folder is damaged; re-export or retrain") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} {path} is not a JSON object", "the folder is damaged; re-export or retrain")
+    return obj
+
+
+def read_run_config(run_dir: Path, checkpoint: str) -> dict:
+    """config.json of a run that can serve `checkpoint` ('final' needs a finished run)."""
+    if not run_dir.is_dir():
+        raise DataError(f"run folder {run_dir} does not exist", "pass the folder a training run wrote (--out_dir)")
+    try:
+        config = read_json(run_dir / "config.json", "run config")
+    except FileNotFoundError:
+        raise DataError(f"{run_dir} holds no run (no config.json)",
+                        "pass the folder a training run wrote (--out_dir)") from None
+    if checkpoint == "final" and not (run_dir / "summary.json").is_file():
+        latest = latest_checkpoint(run_dir / "checkpoints")
+        alt = f"or load its latest complete checkpoint with checkpoint={latest!r}" if latest else \
+            "it has no complete checkpoint yet"
+        raise DataError(f"run {run_dir} is unfinished (no summary.json), so it has no final checkpoint",
+                        f"let it finish, or resume it with --resume; {alt}")
+    return config
+
+
+def read_weights(run_dir: Path, checkpoint: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, checkpoint meta), errors naming the folder and the checkpoints that exist."""
+    folder = run_dir / "checkpoints"
+    try:
+        weights, _, meta = load_checkpoint(folder, checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        tags = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        raise DataError(f"run {run_dir}: cannot load checkpoint {checkpoint!r}: {str(exc).splitlines()[0]}",
+                        f"complete checkpoints here: {', '.join(tags) or 'none'}") from None
+    return weights, meta
+
+
+def gpo_config(config: dict, where: str) -> GPOConfig:
+    """The model's shape: config['model_config'] (every run since it existed), else the flags."""
+    known = {f.name for f in fields(GPOConfig)}
+    if isinstance(config.get("model_config"), dict):
+        return GPOConfig(**{k: v for k, v in config["model_config"].items() if k in known})
+    if "dim_x" not in config:
+        raise DataError(f"{where} has neither model_config nor dim_x", "this is not a PluralLLM run or export")
+    from reporting.predictions import args_from_config
+    from training.experiment import model_config
+    return model_config(args_from_config(config), int(config["dim_x"]))
+
+
+def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, device: str) -> GPO:
+    """The GPO with these weights, in eval mode; a weights/shape mismatch names the file."""
+    first = weights.get("embedder.0.weight")
+    if first is not None and first.shape[1] != cfg.dim_x + cfg.dim_y:
+        raise DataError(f"{where}: the weights take {first.shape[1] - cfg.dim_y}-dim embeddings but the config "
+                        f"says dim_x {cfg.dim_x}", "the weights and config.json come from different models")
+    model = GPO(cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise DataError(f"{where}: the weights do not fit the model in its config ({str(exc).splitlines()[0]})",
+                        "the weights and config.json come from different models") from None
+    return model.to(device).eval()
+
+
+def embedding_of(config: dict, dim_x: int, where: str) -> dict:
+    """The run's embedding model: {emb_model (an --emb_model value), model_id, dim, prompt_style}."""
+    emb = dict(((config.get("data") or {}).get("embedding")) or config.get("embedding") or {})
+    name = emb.get("emb_model")
+    if not name:
+        raise DataError(f"{where} does not say which embedding model the run used (data.embedding)",
+                        "retrain with the current code, which records it")
+    if name == "hf":  # a Hugging Face id or folder: --emb_model takes the id itself
+        name = emb.get("model_id")
+    emb["emb_model"] = name
+    emb.setdefault("prompt_style", "alpaca")
+    if emb.get("dim") is not None and int(emb["dim"]) != dim_x:
+        raise DataError(f"{where}: the embedding model gives {emb['dim']}-dim vectors but the model takes {dim_x}",
+                        "config.json is inconsistent; re-export or retrain")
+    return emb
+
+
+def check_emb_override(run_model: str, override: str | None, where: str) -> str:
+    """The embedding model to use: the run's, or an override that can be the same model."""
+    if not override or override == run_model:
+        return run_model
+    if run_model == "synthetic" or (override in NAMED_EMB_MODELS and run_model in NAMED_EMB_MODELS):
+        raise DataError(f"embedding model {override!r} does not match the run's {run_model!r} ({where})",
+                        f"drop the override, or pass the run's model ({run_model})")
+    return override  # e.g. a local folder holding the run's Hugging Face model; its dimension is checked
+
+
+# ---------------------------------------------------------------------------- the run's data
+
+@dataclass
+class RunData:
+    raw: RawDataset
+    emb: torch.Tensor
+    args: object  # the run's flags as a Namespace
+    metric: str
+
+    def group(self, name: str) -> GroupData:
+        return build_group_data(self.raw, name, self.emb)
+
+
+def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str):
+    from reporting.predictions import args_from_config
+    args = args_from_config(config, data_path, cache_dir)
+    if args.dataset != "synthetic":
+        args.emb_model = emb_model  # args_from_config would pass "hf" for a Hugging Face model
+    return args
+
+
+def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None, emb_model: str,
+                  log: Log) -> RunData:
+    """The run's groups and vectors, as the run loaded them; DataError if the data is not there or differs."""
+    from data_loaders.datasets import load_embedded
+    args = run_args(config, data_path, cache_dir, emb_model)
+    groups = list(config.get("train_groups") or []) + list(config.get("eval_groups") or [])
+    raw, emb, _ = load_embedded(args, groups or None, log=log)
+    want = (config.get("data") or {}).get("source_hash")
+    if want and raw.source_hash != want:
+        raise DataError(f"the {args.dataset} data at {args.data_path} (hash {raw.source_hash[:12]}) is not the "
+                        f"data the run was trained on (hash {want[:12]})", "pass the run's data with --data_path")
+    return RunData(raw, emb, args, config.get("metric", "jsd"))

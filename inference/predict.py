@@ -1,0 +1,193 @@
+"""Predict how a group answers new questions, from a run folder and a few of the group's answers.
+
+    python -m inference.predict --run RUN_DIR --context answers.jsonl --questions new.jsonl --out predictions.jsonl
+    python -m inference.predict --run RUN_DIR --group Democrat --out predictions.jsonl
+
+`--context` gives the group's answers (JSONL, docs/inference.md); `--group NAME` takes the
+context from a group of the run's dataset: the questions the run gave that group as its
+evaluation context. Without `--questions`, `--group` predicts the questions the run scored
+for the group, and the output adds the group's true distribution and the distance, whose
+mean reproduces the group's score in the run's metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_loaders.schema import DataError
+from utils.checkpoint import CheckpointError
+from utils.metrics import MetricError
+
+from .items import Question, read_context_file, read_questions_file
+from .predictor import GroupPredictor
+
+USER_ERRORS = (DataError, CheckpointError, MetricError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inference.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run folder (what main_fl.py / main_centralized.py wrote)")
+    p.add_argument("--checkpoint", default="final", help="checkpoint tag under checkpoints/ (default final)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--context", help="the group's answers, JSONL: question, options, distribution per line")
+    src.add_argument("--group", help="take the context from this group of the run's dataset")
+    p.add_argument("--questions", help="questions to predict, JSONL: question, options per line "
+                                       "(required with --context; default with --group: the run's scored questions)")
+    p.add_argument("--out", default="-", help="predictions, JSONL (default - : standard output)")
+    p.add_argument("--data_path", default=None, help="the run's dataset, if not where its config says")
+    p.add_argument("--cache_dir", default=None, help="embedding cache (default as for training)")
+    p.add_argument("--emb_model", default=None, help="override the run's embedding model (must be the same model)")
+    p.add_argument("--device", default="cpu", help="device for the predictor (cpu, cuda, cuda:N)")
+    p.add_argument("--batch_size", type=int, default=2048,
+                   help="target questions per forward pass (0 = all at once; results agree to float rounding)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    return p
+
+
+@dataclass
+class Job:
+    """What to predict: context (as vectors), targets, and the truth where it is known."""
+
+    who: str
+    ctx_x: list
+    ctx_y: list
+    questions: list[Question]
+    tgt_x: list
+    truth: list  # per target: the group's distribution or None
+
+
+def context_job(pred: GroupPredictor, args) -> Job:
+    if not args.questions:
+        raise DataError("--context needs --questions (the questions to predict)", "add --questions new.jsonl")
+    ctx = read_context_file(args.context)
+    qs = read_questions_file(args.questions)
+    ctx_x = pred.embedder.embed([a.question for a in ctx])
+    ctx_y = [torch.from_numpy(a.distribution).float() for a in ctx]
+    return Job(f"the group in {args.context}", ctx_x, ctx_y, qs, pred.embedder.embed(qs), [None] * len(qs))
+
+
+def group_job(pred: GroupPredictor, args, log) -> Job:
+    data = pred.run_data
+    if pred.info.get("source") == "pretrained":
+        raise DataError(f"--group needs a run folder; {args.run} is an exported predictor without its data",
+                        "pass the run folder it was exported from, or give the context with --context")
+    if data is None:
+        raise DataError("--group needs the run's dataset, which was not found",
+                        "pass it with --data_path (see the run's config.json for what it was trained on)")
+    config = pred.info["config"]
+    roles = {g: "eval" for g in config.get("eval_groups", [])} | {g: "train" for g in config.get("train_groups", [])}
+    if args.group not in roles:
+        close = difflib.get_close_matches(args.group, roles, n=1)
+        raise DataError(f"--group {args.group!r} is not a group of run {args.run}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
+    from federated.client import GroupClient
+    from training.experiment import client_config
+    client = GroupClient(data.group(args.group), client_config(data.args, pred.metric), roles[args.group])
+    ctx_q, tgt, tgt_q = client.eval_questions(int(pred.info.get("round") or 0))
+    ctx_x, ctx_y = _split(client.local, ctx_q)
+    bank = data.raw.bank
+    if args.questions:
+        qs = read_questions_file(args.questions)
+        answered = _answers_by_key(client.local, bank) | (_answers_by_key(tgt, bank) if tgt is not client.local else {})
+        return Job(f"group {args.group!r}", ctx_x, ctx_y, qs, pred.embedder.embed(qs),
+                   [answered.get(q.key) for q in qs])
+    tgt_x, tgt_y = _split(tgt, tgt_q)
+    qs = [_bank_question(bank, int(tgt.qkeys[i])) for i in tgt_q]
+    log(f"group {args.group!r} ({roles[args.group]} group): {len(ctx_q)} context questions, "
+        f"{len(qs)} scored questions, as in the run's evaluation")
+    return Job(f"group {args.group!r}", ctx_x, ctx_y, qs, tgt_x, [y.double().numpy() for y in tgt_y])
+
+
+def _split(group, q_idx) -> tuple[list, list]:
+    """Per-question vectors and distributions of questions `q_idx` of a GroupData, in that order."""
+    xs, ys = [], []
+    for i in q_idx.tolist():
+        lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
+        xs.append(group.x[lo:hi])
+        ys.append(group.y[lo:hi])
+    return xs, ys
+
+
+def _bank_question(bank, qkey: int) -> Question:
+    row = bank.row(qkey)
+    ords = tuple(bank.ordinals[row]) if bank.ordinals is not None else None
+    return Question(bank.questions[row], tuple(bank.options[row]), ords, qkey)
+
+
+def _answers_by_key(group, bank) -> dict:
+    out = {}
+    for i, qkey in enumerate(group.qkeys.tolist()):
+        q = _bank_question(bank, qkey)
+        out.setdefault(q.key, group.y[int(group.offsets[i]):int(group.offsets[i + 1])].double().numpy())
+    return out
+
+
+def run(args, log) -> dict:
+    pred = GroupPredictor.load(args.run, args.checkpoint, data_path=args.data_path, cache_dir=args.cache_dir,
+                                   emb_model=args.emb_model, device=args.device,
+                                   use_run_data=True if args.group else "auto", log=log)
+    job = group_job(pred, args, log) if args.group else context_job(pred, args)
+    preds = pred.predict_embedded(job.ctx_x, job.ctx_y, job.tgt_x, batch_size=args.batch_size,
+                                  progress=None if not args.quiet else False)
+    known = [i for i, t in enumerate(job.truth) if t is not None]
+    dist = pred.score([preds[i] for i in known], [job.truth[i] for i in known], [job.questions[i] for i in known])
+    rows = [_row(q, p) for q, p in zip(job.questions, preds)]
+    for i, d in zip(known, dist.tolist()):
+        q = job.questions[i]
+        rows[i].update(truth=job.truth[i].tolist(), distance=d)
+        if pred.metric == "wasserstein":
+            rows[i]["ordinals"] = list(pred.embedder.ordinals(q))
+    _write(args.out, rows)
+    log(f"predicted {len(rows)} question(s) for {job.who} from {len(job.ctx_x)} context answer(s)"
+        + ("" if args.out == "-" else f" -> {args.out}"))
+    summary = {"questions": len(rows), "context": len(job.ctx_x)}
+    if known:
+        summary["alignment"] = 1.0 - float(np.mean(dist))
+        log(f"alignment (1 - mean {pred.metric} distance) over the {len(known)} question(s) the group answered: "
+            f"{summary['alignment']:.4f}")
+    return summary
+
+
+def _row(q: Question, p: np.ndarray) -> dict:
+    row = {"id": q.id} if q.id is not None else {}
+    row.update(question=q.text, options=list(q.options), prediction=p.tolist())
+    return row
+
+
+def _write(out: str, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if out == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot write --out {out}: {exc.strerror}", "choose another --out") from None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # progress and notes go to stderr when predictions go to stdout
+    log = (lambda *a: None) if args.quiet else (
+        (lambda m: print(m, file=sys.stderr)) if args.out == "-" else print)
+    t0 = time.perf_counter()
+    try:
+        run(args, log)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""GroupPredictor: a trained GPO that predicts how a group answers, from a few of its answers.
+
+    p = GroupPredictor.from_run("runs/opinionqa_fedavg_50")
+    dists = p.predict(context=[(question, options, distribution), ...], questions=[(question, options), ...])
+    rewards = p.reward([(question, options, llm_answer), ...], context)
+
+Prediction is the run's own evaluation (training/evaluation.py): the context questions
+and the targets form one group, the first layer is applied to all their points at once,
+and every target is predicted in one forward pass (targets attend only to the context,
+so batching never changes a prediction). For a run's evaluation group, its evaluation
+context and its other questions give exactly the per-question distances the run logged.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from data_loaders.episodes import collate
+from data_loaders.schema import DataError, GroupData
+from models.gpo import GPO
+from utils.metrics import score_questions
+
+from .embedding import TextEmbedder
+from .export import FORMAT, export_config
+from .items import Answer, Question, to_answers, to_llm_answers, to_questions
+from .loading import (RunData, build_model, check_emb_override, embedding_of, gpo_config, load_run_data,
+                      read_json, read_run_config, read_weights)
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class GroupPredictor:
+    """A GPO plus the embedding model and metric of the run it came from."""
+
+    def __init__(self, model: GPO, metric: str, embedder: TextEmbedder, info: dict | None = None,
+                 run_data: RunData | None = None):
+        self.model, self.metric, self.embedder = model.eval(), metric, embedder
+        self.info = info or {}          # provenance: run folder, checkpoint, dataset, groups, summary
+        self.run_data = run_data        # the run's dataset, when it was found on disk
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------ loading
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "final", *, data_path: str | None = None,
+                 cache_dir: str | None = None, emb_model: str | None = None, device: str = "cpu",
+                 use_run_data: bool | str = "auto", log: Log | None = print) -> "GroupPredictor":
+        """Load a run folder's config, the weights of `checkpoint` and its embedding model.
+
+        use_run_data: "auto" adopts the run's dataset vectors when its data is on disk (its
+        questions then get the run's exact vectors), True requires the data, False skips it.
+        """
+        log = log or _quiet
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir, checkpoint)
+        weights, meta = read_weights(run_dir, checkpoint)
+        where = f"run {run_dir}"
+        model = build_model(gpo_config(config, where), weights, where, device)
+        emb = embedding_of(config, model.config.dim_x, where)
+        emb_name = check_emb_override(emb["emb_model"], emb_model, where)
+        embedder = TextEmbedder(emb_name, emb["prompt_style"], model.config.dim_x, cache_dir=cache_dir,
+                                device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
+                                load_in_8bit=bool(config.get("emb_load_in_8bit", False)), log=log)
+        summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else None
+        info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),
+                "config": config, "embedding": emb,
+                "export": export_config(config, summary, checkpoint, meta.get("round"))}
+        run_data = None
+        if use_run_data:
+            run_data = cls._run_data(config, data_path, cache_dir, emb_name, use_run_data, log)
+            if run_data is not None:
+                embedder.remember(run_data.raw.bank, run_data.emb)
+        log(f"loaded {run_dir} (checkpoint {checkpoint}, round {meta.get('round')}): metric {config.get('metric')}, "
+            f"embeddings {emb_name} ({model.config.dim_x} dims)")
+        return cls(model, config.get("metric", "jsd"), embedder, info, run_data)
+
+    @classmethod
+    def load(cls, path: str | Path, checkpoint: str = "final", **kwargs: Any) -> "GroupPredictor":
+        """A run folder (from_run) or an exported folder (from_pretrained), whichever `path` is."""
+        config = Path(path) / "config.json"
+        if config.is_file() and read_json(config, "config").get("format") == FORMAT:
+            kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "emb_model", "device", "log")}
+            return cls.from_pretrained(path, **kwargs)
+        return cls.from_run(path, checkpoint, **kwargs)
+
+    @staticmethod
+    def _run_data(config: dict, data_path, cache_dir, emb_model: str, mode, log: Log) -> RunData | None:
+        try:
+            return load_run_data(config, data_path=data_path, cache_dir=cache_dir, emb_model=emb_model,
+                                 log=_quiet)
+        except DataError as exc:
+            if mode is True:
+                raise
+            log(f"note: the run's data is not available ({str(exc).splitlines()[0]}); every text is embedded "
+                "anew (its questions then match the run's vectors to float rounding, not bit for bit)")
+            return None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, cache_dir: str | None = None, emb_model: str | None = None,
+                        device: str = "cpu", log: Log | None = print) -> "GroupPredictor":
+        """Load a folder written by `save_pretrained` / `python -m inference.export` (or a hub repo id)."""
+        from .export import load_pretrained
+        return load_pretrained(cls, path, cache_dir=cache_dir, emb_model=emb_model, device=device, log=log)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card)."""
+        from .export import save_pretrained
+        return save_pretrained(self, out_dir)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """save_pretrained into a temporary folder and upload it (see inference.export.push_to_hub)."""
+        from .export import push_predictor_to_hub
+        return push_predictor_to_hub(self, repo_id, **kwargs)
+
+    # ------------------------------------------------------------------------ prediction
+    def predict(self, context: Sequence, questions: Sequence, *, batch_size: int = 0,
+                progress: bool | None = False) -> list[np.ndarray]:
+        """One predicted distribution per question, given the group's answers in `context`.
+
+        context: (question, options, distribution) items; questions: (question, options)
+        items (dicts with "question", "options", optional "ordinals" work too).
+        """
+        ctx, tgt = to_answers(context), to_questions(questions)
+        return self.predict_embedded(*self._embed_context(ctx), self.embedder.embed(tgt),
+                                     batch_size=batch_size, progress=progress)
+
+    def distances(self, context: Sequence, answers: Sequence) -> np.ndarray:
+        """Per-question distance (the run's metric) between each answer's distribution and the prediction."""
+        ctx, ans = to_answers(context), to_llm_answers(answers, "answer")
+        return self._distances(ctx, ans)
+
+    def reward(self, items: Sequence, context: Sequence) -> list[float]:
+        """1 - distance between each item's answer (a distribution, or an option by index, letter
+        or text) and the group's predicted distribution, with the run's metric."""
+        ctx, ans = to_answers(context), to_llm_answers(items)
+        return [1.0 - float(d) for d in self._distances(ctx, ans)]
+
+    def _distances(self, ctx: list[Answer], ans: list[Answer]) -> np.ndarray:
+        qs = [a.question for a in ans]
+        pred = self.predict_embedded(*self._embed_context(ctx), self.embedder.embed(qs))
+        return self.score(pred, [a.distribution for a in ans], qs)
+
+    def score(self, pred: Sequence[np.ndarray], true: Sequence[np.ndarray], questions: Sequence[Question]
+              ) -> np.ndarray:
+        """Per-question distances with the run's metric (ordinals: see TextEmbedder.ordinals)."""
+        if not questions:
+            return np.zeros(0)
+        sizes = torch.tensor([len(q.options) for q in questions])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        cat = lambda arrays: torch.from_numpy(np.concatenate([np.asarray(a, np.float64) for a in arrays]))  # noqa: E731
+        ords = None
+        if self.metric == "wasserstein":
+            ords = torch.tensor([o for q in questions for o in self.embedder.ordinals(q)], dtype=torch.float64)
+        return score_questions(cat(pred), cat(true), offsets, metric=self.metric, ordinals=ords).numpy()
+
+    def _embed_context(self, ctx: list[Answer]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if not ctx:
+            raise DataError("the context is empty", "give at least one (question, options, distribution) "
+                            "the group answered")
+        xs = self.embedder.embed([a.question for a in ctx])
+        # float32 as the training data holds them: a float32 distribution passes through unchanged
+        return xs, [torch.from_numpy(a.distribution).float() for a in ctx]
+
+    @torch.no_grad()
+    def predict_embedded(self, ctx_x: list[torch.Tensor], ctx_y: list[torch.Tensor], tgt_x: list[torch.Tensor],
+                         *, batch_size: int = 0, progress: bool | None = False) -> list[np.ndarray]:
+        """Predictions from option vectors: one [k_i, D] tensor per question, context with its y."""
+        if not tgt_x:
+            return []
+        group = _as_group(ctx_x, ctx_y, tgt_x, self.device)
+        projected = replace(group, x=self.model.project(group.x))
+        nc, nt = len(ctx_x), len(tgt_x)
+        ctx_q = torch.arange(nc)
+        step = batch_size if 0 < batch_size < nt else nt
+        out: list[torch.Tensor] = []
+        from tqdm.auto import tqdm
+        # progress None: a bar on a terminal only (tqdm's rule), and only with several passes
+        quiet = True if progress is False or nt <= step else (None if progress is None else False)
+        for start in tqdm(range(0, nt, step), desc="predicting", unit="batch", disable=quiet):
+            tgt_q = torch.arange(nc + start, nc + min(start + step, nt))
+            ep = replace(collate([projected], [ctx_q], [tgt_q]), projected=True)
+            out.append(self.model.predict(ep)[0][ep.tgt_mask[0]].float().cpu())
+        sizes = [t.shape[0] for t in tgt_x]
+        return [p.double().numpy() for p in torch.split(torch.cat(out), sizes)]
+
+
+def _as_group(ctx_x, ctx_y, tgt_x, device) -> GroupData:
+    """Context then targets as one GroupData (targets' y are zeros: the model never reads them)."""
+    xs = list(ctx_x) + list(tgt_x)
+    sizes = torch.tensor([x.shape[0] for x in xs])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    y = torch.cat(list(ctx_y) + [torch.zeros(x.shape[0]) for x in tgt_x])
+    return GroupData("context", torch.cat(xs).float(), y.float(), offsets, torch.arange(len(xs))).to(device)

@@ -1,0 +1,136 @@
+"""A group reward for RL fine-tuning, callable as TRL's `reward_funcs` take it.
+
+    reward = GroupReward(GroupPredictor.from_run(run), context=group_answers)
+    trainer = GRPOTrainer(model=..., reward_funcs=[reward], train_dataset=ds, ...)
+
+TRL calls `reward(prompts=..., completions=..., **columns)` and wants one float per
+completion. Each completion is mapped to an option by letter or text (`parse_choice`) and
+scored against the group's predicted distribution for its question, with the run's metric:
+
+- mode "option": reward = 1 - distance(one-hot of the chosen option, prediction);
+- mode "distribution": the completions of one prompt form a distribution (the share
+  choosing each option), scored as 1 - distance(that distribution, prediction). With
+  credit "shared" every completion of the prompt gets that score; GRPO and RLOO compare
+  completions within a prompt, so equal rewards teach nothing, and the default credit
+  "leave_one_out" gives each completion the score with it minus the score without it
+  (the score of no answers being 0).
+
+A completion that names no option (or several) gets `unmatched_reward` and does not count
+in the distribution. The question of each completion comes from the dataset columns TRL
+passes through (`question`, `options` by default) or from a {prompt: (question, options)} map.
+TRL is not needed to use this class; it is only what calls it.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from data_loaders.schema import DataError
+
+from .items import Answer, Question, parse_choice, to_answers, to_questions
+from .predictor import GroupPredictor
+
+MODES = ("option", "distribution")
+CREDITS = ("leave_one_out", "shared")
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: TRL passes a string, or for chat data a list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise DataError(f"completion of type {type(completion).__name__} is neither text nor a list of messages",
+                    "pass strings, or chat messages [{'role': 'assistant', 'content': ...}]")
+
+
+class GroupReward:
+    """Scores LLM completions by how well they answer as the group would (see module doc)."""
+
+    def __init__(self, predictor: GroupPredictor, context: Sequence, *, mode: str = "option",
+                 credit: str = "leave_one_out", questions: Mapping[str, Any] | None = None,
+                 question_key: str = "question", options_key: str = "options", unmatched_reward: float = 0.0,
+                 name: str = "group_reward"):
+        if mode not in MODES:
+            raise DataError(f"mode {mode!r} is not one of {MODES}", "use 'option' or 'distribution'")
+        if credit not in CREDITS:
+            raise DataError(f"credit {credit!r} is not one of {CREDITS}", "use 'leave_one_out' or 'shared'")
+        self.predictor, self.mode, self.credit = predictor, mode, credit
+        self.context: list[Answer] = to_answers(context)
+        self.questions = {str(k): to_questions([v], "prompt's question")[0] for k, v in (questions or {}).items()}
+        self.question_key, self.options_key = question_key, options_key
+        self.unmatched_reward = float(unmatched_reward)
+        self.__name__ = name  # TRL logs each reward function under its __name__
+        self._predicted: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        qs = [self._question(i, p, kwargs) for i, p in enumerate(prompts)]
+        if len(completions) != len(qs):
+            raise DataError(f"{len(completions)} completions for {len(qs)} prompts", "pass one prompt per completion")
+        choices = [parse_choice(completion_text(c), q.options) for c, q in zip(completions, qs)]
+        self._predict_missing(qs)
+        if self.mode == "option":
+            return self._option_rewards(qs, choices)
+        return self._distribution_rewards([_prompt_key(p) for p in prompts], qs, choices)
+
+    # ------------------------------------------------------------------------ questions
+    def _question(self, i: int, prompt: Any, columns: Mapping[str, Any]) -> Question:
+        key = _prompt_key(prompt)
+        if key in self.questions:
+            return self.questions[key]
+        if self.question_key in columns and self.options_key in columns:
+            return to_questions([(columns[self.question_key][i], columns[self.options_key][i])],
+                                f"row {i}'s question")[0]
+        raise DataError(f"no question for prompt {i} ({key[:60]!r}): the dataset has no {self.question_key!r} "
+                        f"and {self.options_key!r} columns and the prompt is not in `questions`",
+                        f"add {self.question_key!r} and {self.options_key!r} columns to the training dataset, "
+                        "or pass questions={prompt: (question, options)}")
+
+    def _predict_missing(self, qs: list[Question]) -> None:
+        """Predict each new question once, all in one pass; the context never changes."""
+        new = list({q.key: q for q in qs if q.key not in self._predicted}.values())
+        if new:
+            ctx_x = self.predictor.embedder.embed([a.question for a in self.context])
+            import torch
+            ctx_y = [torch.from_numpy(a.distribution).float() for a in self.context]
+            preds = self.predictor.predict_embedded(ctx_x, ctx_y, self.predictor.embedder.embed(new))
+            self._predicted.update({q.key: p for q, p in zip(new, preds)})
+
+    # ------------------------------------------------------------------------ scores
+    def _scores(self, qs: list[Question], dists: list[np.ndarray]) -> np.ndarray:
+        return 1.0 - self.predictor.score([self._predicted[q.key] for q in qs], dists, qs)
+
+    def _option_rewards(self, qs: list[Question], choices: list[int | None]) -> list[float]:
+        matched = [i for i, c in enumerate(choices) if c is not None]
+        out = np.full(len(qs), self.unmatched_reward)
+        if matched:
+            onehots = [np.eye(len(qs[i].options))[choices[i]] for i in matched]
+            out[matched] = self._scores([qs[i] for i in matched], onehots)
+        return out.tolist()
+
+    def _distribution_rewards(self, keys: list[str], qs: list[Question], choices: list[int | None]) -> list[float]:
+        out = np.full(len(qs), self.unmatched_reward)
+        by_prompt: dict[str, list[int]] = defaultdict(list)
+        for i, c in enumerate(choices):
+            if c is not None:
+                by_prompt[keys[i]].append(i)
+        for members in by_prompt.values():
+            q = qs[members[0]]
+            counts = np.bincount([choices[i] for i in members], minlength=len(q.options)).astype(np.float64)
+            whole = float(self._scores([q], [counts / counts.sum()])[0])
+            if self.credit == "shared":
+                out[members] = whole
+                continue
+            for i in members:
+                rest = counts.copy()
+                rest[choices[i]] -= 1
+                without = float(self._scores([q], [rest / rest.sum()])[0]) if rest.sum() else 0.0
+                out[i] = whole - without
+        return out.tolist()
+
+
+def _prompt_key(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
