@@ -25,15 +25,20 @@ def shown(path: str | Path | None) -> str | None:
 
 
 def shown_argv(argv: list[str]) -> list[str]:
-    """Command-line words with every absolute path (bare or as --flag=PATH) shown relative to the repository."""
-    out = []
-    for a in argv:
-        if a.startswith("--") and "=" in a:
-            flag, value = a.split("=", 1)
-            out.append(f"{flag}={shown(value)}" if os.path.isabs(value) else a)
-        else:
-            out.append(shown(a) if os.path.isabs(a) else a)
-    return out
+    """Command-line words with every absolute path shown relative to the repository: a bare path,
+    the value of --flag=PATH or NAME=PATH, and each item of a comma-separated list of paths."""
+    return [_shown_word(a) for a in argv]
+
+
+def _shown_word(word: str) -> str:
+    if os.path.isabs(word):
+        return shown(word)
+    prefix, sep, value = word.partition("=")
+    if sep and value:
+        parts = value.split(",")
+        if any(os.path.isabs(x) for x in parts):
+            return prefix + "=" + ",".join(shown(x) if os.path.isabs(x) else x for x in parts)
+    return word
 
 
 def default_data_path(dataset: str) -> str | None:

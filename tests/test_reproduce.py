@@ -248,6 +248,64 @@ def test_figure_labels_and_axes(designed, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
+# reporting.compare: variants (strategies, DP noise levels) against a baseline
+
+
+def _variant_run(folder: Path, seed: int, mean: float, worst: float, eps: float | None = None):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": "fedavg", "seed": seed, "dataset": "synthetic",
+                                                    "eval_groups": ["a", "b"]}))
+    _write_jsonl(folder / "metrics.jsonl", [{"round": r, "eval_alignment_score": mean - 0.1 + r / 100,
+                                             "eval_group_scores": {"a": worst - 0.1 + r / 100,
+                                                                   "b": 2 * mean - worst - 0.1 + r / 100}}
+                                            for r in (0, 5, 10)])
+    summary = {"rounds": 10, "final_eval_alignment_score": mean, "best_eval_alignment_score": mean,
+               "final_eval_fi": 0.99, "final_eval_cov": 0.1}
+    if eps is not None:
+        summary["dp_epsilon"] = eps
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_compare_variants_paired_against_a_baseline(tmp_path, capsys):
+    from reporting import compare
+    root = tmp_path / "strat"
+    for seed, (m, w) in enumerate(((0.80, 0.70), (0.82, 0.72))):
+        _variant_run(root / f"fedavg_s{seed}", seed, m, w)
+    for seed, (m, w) in enumerate(((0.78, 0.72), (0.79, 0.75))):
+        _variant_run(root / f"trimmed_s{seed}", seed, m, w)
+    for seed, eps in enumerate((8.0, 7.5)):
+        _variant_run(root / f"noise1_s{seed}", seed, 0.75, 0.6, eps)
+    _variant_run(root / "noise2_s0", 0, 0.7, 0.5, 2.0)
+    (root / "trimmed_s2").mkdir()
+    (root / "trimmed_s2" / "config.json").write_text(json.dumps({"method": "fedavg", "seed": 2}))  # interrupted
+    out = tmp_path / "res" / "strategies.md"
+    argv = ["--baseline", f"fedavg={root}/fedavg_s*", "--variant", f"trimmed={root}/trimmed_s*",
+            "--variant", f"noise1={root}/noise1_s*", "--variant", f"noise2={root}/noise2_s*", "--out", str(out)]
+    assert compare.main(argv) == 0
+    text = out.read_text()
+    # per seed: mean -0.02, -0.03 and worst +0.02, +0.03: t(0.975, 1) * 0.00707 / sqrt(2) = 0.0635
+    assert ("| trimmed | -0.0250 ± 0.0071 [-0.0885, +0.0385] | +0.0250 ± 0.0071 [-0.0385, +0.0885] |") in text
+    assert ("- **trimmed** against fedavg: mean evaluation alignment 0.0250 lower (not significant over these "
+            "seeds); worst-group evaluation alignment 0.0250 higher (not significant over these seeds).") in text
+    assert "- **noise2** against fedavg: mean evaluation alignment 0.1000 lower (a single seed: no CI)" in text
+    assert "| Privacy budget ε (final) | – | – | 7.75 ± 0.354 [4.57, 10.9] | 2 (n=1) |" in text  # 12.706 * 0.25
+    assert "/strat/trimmed_s2 is interrupted (no summary.json); not in the statistics" in text
+    assert not ABSOLUTE.findall(text) and str(ROOT) not in text
+    for f in ("strategies_table.csv", "strategies_worst_vs_round.png", "strategies_mean_vs_worst.png",
+              "strategies_alignment_vs_epsilon.png"):
+        assert (out.parent / f).stat().st_size > 0, f
+    table = csv.DictReader((out.parent / "strategies_table.csv").open())
+    rows = {(r["kind"], r["metric"], r["variant"]): r for r in table}
+    assert rows[("paired_vs_fedavg", "final_eval_worst_alignment", "trimmed")]["n"] == "2"
+    assert float(rows[("metric", "final_eval_worst_alignment", "trimmed")]["mean"]) == pytest.approx(0.735)
+
+    assert compare.main(["--baseline", "fedavg", "--variant", "x=y", "--out", str(out)]) == 2
+    assert "is not NAME=GLOB" in capsys.readouterr().err
+    assert compare.main(["--baseline", f"fedavg={root}/none_*", "--variant", "x=y", "--out", str(out)]) == 2
+    assert "no finished run folder matches" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
 # the pipeline on tiny synthetic runs: reuse, resume, refusal
 
 

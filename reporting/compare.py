@@ -1,0 +1,350 @@
+"""Several variants of one experiment side by side: aggregation strategies, DP noise levels, ...
+
+  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' \
+      --variant trimmed_mean='runs/strat/trimmed_mean_s*' --variant median='runs/strat/median_s*' \
+      --out docs/results/strategies.md
+
+Each variant is a group of run folders, one per seed. For every variant the report gives the
+final mean and worst-group evaluation alignment, bottom-quarter alignment, FI and CoV (mean ±
+std [95% CI] over seeds), and each variant minus the baseline, paired by seed (runs of the same
+seed share initial weights and episodes), with its 95% CI. Runs that report a privacy budget
+(summary.json "dp_epsilon") get their final ε in the tables and a figure of alignment against ε.
+Figures: worst-group alignment against round (one line per variant), final mean against
+worst-group alignment (one point per run), and alignment against ε when there is one.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_loaders.schema import DataError
+
+from .paths import shown, shown_argv
+from .runs import Run, RunFolderError, find_run_folders, load_run, record_value
+from .tables import Stat, describe, final_worst, fmt, significance, stat_cell
+
+
+@dataclass
+class Variant:
+    name: str
+    patterns: list[str]
+    runs: dict[int, Run] = field(default_factory=dict)      # finished, by seed
+    interrupted: list[Path] = field(default_factory=list)
+    duplicates: list[Path] = field(default_factory=list)
+
+
+def load_variant(name: str, patterns: list[str]) -> Variant:
+    v = Variant(name, list(patterns))
+    for path in find_run_folders(patterns):
+        run = load_run(path)
+        if run.status == "interrupted":
+            v.interrupted.append(path)
+        elif run.status == "finished":
+            if run.seed in v.runs:
+                v.duplicates.append(path)
+            else:
+                v.runs[run.seed] = run
+    if not v.runs:
+        raise RunFolderError(f"variant {name!r}: no finished run folder matches {' '.join(patterns)}",
+                             "check the glob (quote it so the shell does not expand it), or wait for the runs")
+    return v
+
+
+def _summary(key):
+    return lambda run: (run.summary or {}).get(key)
+
+
+def _worst(key):
+    return lambda run: final_worst(run, "eval", key)
+
+
+# (key, label, getter, format)
+METRICS = (
+    ("final_eval_alignment_score", "Mean eval alignment (final)", _summary("final_eval_alignment_score"), "{:.4f}"),
+    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", _worst("worst_alignment"), "{:.4f}"),
+    ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
+     _worst("bottom_quarter_alignment"), "{:.4f}"),
+    ("final_eval_fi", "FI, eval groups (final)", _summary("final_eval_fi"), "{:.5f}"),
+    ("final_eval_cov", "CoV, eval groups (final)", _summary("final_eval_cov"), "{:.4f}"),
+    ("best_eval_alignment_score", "Best mean eval alignment", _summary("best_eval_alignment_score"), "{:.4f}"),
+    ("dp_epsilon", "Privacy budget ε (final)", _summary("dp_epsilon"), "{:.3g}"),
+)
+# Compared with the baseline (ε is a setting, not an outcome).
+COMPARED = tuple(m for m in METRICS if m[0] != "dp_epsilon")
+
+
+def values(v: Variant) -> dict[str, dict[int, float | None]]:
+    return {key: {s: get(r) for s, r in sorted(v.runs.items())} for key, _, get, _ in METRICS}
+
+
+def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
+    """variant − baseline per seed both have (with a value), over those seeds."""
+    b, x = values(base)[key], values(v)[key]
+    return describe([x[s] - b[s] for s in sorted(set(b) & set(x)) if x[s] is not None and b[s] is not None])
+
+
+def has_epsilon(variants: list[Variant]) -> bool:
+    return any(values(v)["dp_epsilon"][s] is not None for v in variants for s in v.runs)
+
+
+# ----------------------------------------------------------------------------------------
+# text
+
+
+def consistency_warnings(variants: list[Variant]) -> list[str]:
+    """Settings every variant must share for the comparison to mean anything."""
+    out = []
+    for key in ("dataset", "eval_groups", "train_groups", "metric", "eval_num_qs", "eval_seed"):
+        seen = {json.dumps(r.config.get(key), sort_keys=True) for v in variants for r in v.runs.values()}
+        if len(seen) > 1:
+            out.append(f"the runs disagree on {key}: {sorted(seen)}")
+    for v in variants:
+        out += [f"{v.name}: {shown(p)} is interrupted (no summary.json); not in the statistics" for p in v.interrupted]
+        out += [f"{v.name}: {shown(p)} is a second finished run of its seed; ignored" for p in v.duplicates]
+    return out
+
+
+def results_table(variants: list[Variant]) -> list[str]:
+    eps = has_epsilon(variants)
+    rows = [m for m in METRICS if eps or m[0] != "dp_epsilon"]
+    head = ["Metric"] + [f"{v.name} (n={len(v.runs)})" for v in variants]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, _, spec in rows:
+        cells = [stat_cell(describe(list(values(v)[key].values())), spec) for v in variants]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return lines
+
+
+def _signed(spec: str) -> str:
+    return spec.replace("{:", "{:+")
+
+
+def paired_table(base: Variant, others: list[Variant]) -> list[str]:
+    lines = ["| Variant − " + base.name + " | " + " | ".join(label for _, label, _, _ in COMPARED) + " |",
+             "|" + "---|" * (len(COMPARED) + 1)]
+    for v in others:
+        cells = []
+        for key, _, _, spec in COMPARED:
+            d = paired_difference(base, v, key)
+            mark = " *" if significance(d) == "excludes" else ""
+            cells.append(stat_cell(d, _signed(spec)) + mark)
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: the per-seed difference variant − baseline over the seeds both have, mean ± std [95% CI, "
+              "Student t]; * = the CI excludes 0."]
+    return lines
+
+
+def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
+    """One computed sentence per variant on mean and worst-group alignment."""
+    out = []
+    for v in others:
+        parts = []
+        for key, what in (("final_eval_alignment_score", "mean"), ("final_eval_worst_alignment", "worst-group")):
+            d = paired_difference(base, v, key)
+            if d.mean is None:
+                parts.append(f"{what} alignment not measured")
+                continue
+            word = "higher" if d.mean > 0 else "lower" if d.mean < 0 else "no different"
+            sig = {"excludes": "significant over these seeds", "includes": "not significant over these seeds"}.get(
+                significance(d), "a single seed: no CI")
+            parts.append(f"{what} evaluation alignment {abs(d.mean):.4f} {word} ({sig})")
+        out.append(f"- **{v.name}** against {base.name}: " + "; ".join(parts) + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# figures
+
+
+def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], x) for r in run.metrics if (x := record_value(r, key)) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
+    import numpy as np
+    from .figures import plain_y, plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, v in enumerate(variants):
+        curves = [_curve(r, "eval_worst_alignment") for _, r in sorted(v.runs.items())]
+        curves = [c for c in curves if c[1]]
+        if not curves:
+            continue
+        t = min(len(c[1]) for c in curves)
+        ys = np.array([c[1][:t] for c in curves])
+        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.8, label=f"{v.name} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(curves[0][0][:t], ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15, lw=0)
+    plain_y(ax, 0.02)
+    return _save(fig, ax, "Worst-group evaluation alignment vs round", "Round",
+                 "Lowest group alignment, eval groups", path, "line: mean over seeds; band: min–max over seeds")
+
+
+def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
+    from .figures import plt
+    fig, ax = plt.subplots(figsize=(6, 4.8))
+    for i, v in enumerate(variants):
+        vals = values(v)
+        pts = [(vals["final_eval_alignment_score"][s], vals["final_eval_worst_alignment"][s]) for s in v.runs]
+        pts = [p for p in pts if None not in p]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.5, s=24)
+            ax.scatter([sum(p[0] for p in pts) / len(pts)], [sum(p[1] for p in pts) / len(pts)], color=f"C{i}",
+                       marker="D", s=60, edgecolor="k", label=v.name)
+    return _save(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
+                 "Worst-group eval alignment (final)", path, "dots: one run (seed); diamond: mean over seeds")
+
+
+def _mean_epsilon(v: Variant) -> float | None:
+    eps = [x for x in values(v)["dp_epsilon"].values() if x is not None]
+    return sum(eps) / len(eps) if eps else None
+
+
+def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
+    """Variants with an ε as points (mean ± 95% CI over seeds); those without (no DP) as dotted lines."""
+    from .figures import plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    with_eps = sorted(((e, v) for v in variants if (e := _mean_epsilon(v)) is not None), key=lambda p: p[0])
+    without = [v for v in variants if _mean_epsilon(v) is None]
+    for key, label, color in (("final_eval_alignment_score", "mean", "C0"),
+                              ("final_eval_worst_alignment", "worst group", "C3")):
+        pts = [(e, s) for e, v in with_eps if (s := describe(list(values(v)[key].values()))).mean is not None]
+        ax.errorbar([e for e, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
+                    color=color, marker="o", capsize=3, label=f"{label} eval alignment")
+        for v, ls in zip(without, (":", "--", "-.") * len(without)):
+            ref = describe(list(values(v)[key].values())).mean
+            if ref is not None:
+                ax.axhline(ref, color=color, ls=ls, lw=1, label=f"{v.name}, {label} (no ε)")
+    from matplotlib.ticker import ScalarFormatter
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    return _save(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
+                 "Eval alignment (final)", path, "points: mean over seeds; bars: 95% CI")
+
+
+def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:
+    from .figures import plt
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def write_comparison(base: Variant, others: list[Variant], out: Path, title: str | None = None,
+                     command: list[str] | None = None) -> dict[str, Path]:
+    """Write <out> (Markdown), <stem>_table.csv and the figures next to it; returns their paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem, variants = out.with_suffix(""), [base, *others]
+    paths = {"report": out, "table_csv": Path(f"{stem}_table.csv"),
+             "worst_vs_round": fig_worst_vs_round(variants, Path(f"{stem}_worst_vs_round.png")),
+             "mean_vs_worst": fig_mean_vs_worst(variants, Path(f"{stem}_mean_vs_worst.png"))}
+    if has_epsilon(others):
+        paths["alignment_vs_epsilon"] = fig_alignment_vs_epsilon(variants, Path(f"{stem}_alignment_vs_epsilon.png"))
+    paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
+    n = sum(len(v.runs) for v in variants)
+    body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}", "",
+            f"Generated by `python -m reporting.compare` on {time.strftime('%Y-%m-%d')} from {n} finished run "
+            f"folders; baseline **{base.name}**. Every number is computed from the folders' summary.json and "
+            "metrics.jsonl.", ""]
+    if command:
+        body += ["```bash", "python -m reporting.compare " + " ".join(shlex.quote(a) for a in shown_argv(command)),
+                 "```", ""]
+    body += ["## Variants", "", "| Variant | Run folders (as given) | Finished seeds | Interrupted |",
+             "|---|---|---|---|"]
+    body += [f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | {', '.join(map(str, sorted(v.runs)))} | "
+             f"{len(v.interrupted)} |" for v in variants]
+    body += ["", "## Results over seeds", "", *results_table(variants), "",
+             "Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds. Worst-group: the "
+             "lowest evaluation group's alignment at the last evaluation; bottom quarter: the mean of the lowest "
+             "quarter of groups (at least one).", "",
+             f"## Against {base.name}, paired by seed", "", *paired_table(base, others), "",
+             *verdict_lines(base, others), "", "## Figures", ""]
+    for key, text in (("worst_vs_round", "Worst-group evaluation alignment vs round"),
+                      ("mean_vs_worst", "Final mean vs worst-group evaluation alignment"),
+                      ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε")):
+        if key in paths:
+            body += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
+    warnings = consistency_warnings(variants)
+    if warnings:
+        body += ["## Warnings", "", *[f"- {w}" for w in warnings]]
+    out.write_text("\n".join(body).rstrip() + "\n", encoding="utf-8")
+    return paths
+
+
+def csv_text(base: Variant, others: list[Variant]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "metric", "variant", "n", "mean", "std", "ci95_low", "ci95_high", "per_seed"])
+    for v in [base, *others]:
+        for key, vals in values(v).items():
+            s = describe(list(vals.values()))
+            w.writerow(["metric", key, v.name, s.n, *_cells(s),
+                        ";".join(f"{seed}:{'' if x is None else repr(x)}" for seed, x in vals.items())])
+    for v in others:
+        for key, _, _, _ in COMPARED:
+            d = paired_difference(base, v, key)
+            w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *_cells(d), ";".join(repr(x) for x in d.values)])
+    return buf.getvalue()
+
+
+def _cells(s: Stat) -> list[str]:
+    return ["" if x is None else repr(float(x)) for x in (s.mean, s.std, s.ci_low, s.ci_high)]
+
+
+def _named(text: str, flag: str) -> tuple[str, list[str]]:
+    name, sep, globs = text.partition("=")
+    if not sep or not name or not globs:
+        raise DataError(f"{flag} {text!r} is not NAME=GLOB", f"e.g. {flag} fedavg='runs/strat/fedavg_s*' (globs "
+                        "separated by commas)")
+    return name, [g for g in globs.split(",") if g]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reporting.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", required=True, help="NAME=GLOB[,GLOB...]: the variant the others are compared with")
+    p.add_argument("--variant", action="append", default=[], help="NAME=GLOB[,GLOB...]; repeat for each variant")
+    p.add_argument("--out", required=True, help="the Markdown report; table and figures go next to it")
+    p.add_argument("--title", default=None, help="the report's title")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        base = load_variant(*_named(args.baseline, "--baseline"))
+        others = [load_variant(*_named(t, "--variant")) for t in args.variant]
+        names = [base.name] + [v.name for v in others]
+        if len(set(names)) != len(names):
+            raise DataError(f"variant names repeat: {names}", "give every --baseline/--variant its own NAME")
+        if not others:
+            raise DataError("no --variant given", "name at least one variant to compare with the baseline")
+        for k, path in write_comparison(base, others, Path(args.out), args.title, argv).items():
+            print(f"wrote {k}: {path}")
+    except (DataError, RunFolderError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
