@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,8 @@ def export_config(config: dict, summary: dict | None, checkpoint: str, round_: A
     """What an exported folder says about its model (everything but the weights' hash)."""
     data = config.get("data") or {}
     return {"format": FORMAT, "model_type": "plurallm-gpo", "gpo_config": gpo_config(config, "run config").to_dict(),
-            "metric": config.get("metric", "jsd"), "embedding": embedding_of(config, int(config["dim_x"]), "run config"),
+            "metric": config.get("metric", "jsd"),
+            "embedding": embedding_of(config, int(config["dim_x"]), "run config"),
             "embedding_options": {k: config.get(k) for k in ("emb_dtype", "emb_load_in_8bit")},
             "dataset": config.get("dataset"),
             "data": {k: data.get(k) for k in ("source", "source_hash", "kept_questions")},
@@ -76,7 +76,8 @@ def _locate(path: str | Path) -> Path:
         return Path(snapshot_download(text, allow_patterns=["config.json", WEIGHTS, "README.md"]))
     except Exception as exc:  # offline, unknown repo, no access: all mean "not loadable"
         raise DataError(f"{path} is not a local folder and could not be fetched from the Hugging Face hub "
-                        f"({type(exc).__name__})", "check the repo id and your connection, or pass a local folder") from None
+                        f"({type(exc).__name__})",
+                        "check the repo id and your connection, or pass a local folder") from None
 
 
 def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, device="cpu", log=print):

@@ -224,7 +224,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     except FileNotFoundError:
         raise DataError(f"{path} not found", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} cannot be read ({exc})", "it must be a UTF-8 text file, one JSON object a line") from None
+        raise DataError(f"{path} cannot be read ({exc})",
+                        "it must be a UTF-8 text file, one JSON object a line") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -26,7 +26,7 @@ from data_loaders.schema import DataError
 from utils.checkpoint import CheckpointError
 from utils.metrics import MetricError
 
-from .items import Question, read_context_file, read_questions_file
+from .items import Answer, Question, read_context_file, read_questions_file
 from .predictor import GroupPredictor
 
 USER_ERRORS = (DataError, CheckpointError, MetricError)
@@ -74,26 +74,41 @@ def context_job(pred: GroupPredictor, args) -> Job:
     return Job(f"the group in {args.context}", ctx_x, ctx_y, qs, pred.embedder.embed(qs), [None] * len(qs))
 
 
-def group_job(pred: GroupPredictor, args, log) -> Job:
+def group_split(pred: GroupPredictor, name: str):
+    """(client, context questions, target group, target questions) of a group of the run's dataset,
+    exactly as the run's evaluation chose them (GroupClient.eval_questions at the checkpoint's round)."""
     data = pred.run_data
     if pred.info.get("source") == "pretrained":
-        raise DataError(f"--group needs a run folder; {args.run} is an exported predictor without its data",
+        raise DataError(f"--group needs a run folder; {pred.info.get('path')} is an exported predictor "
+                        "without its data",
                         "pass the run folder it was exported from, or give the context with --context")
     if data is None:
         raise DataError("--group needs the run's dataset, which was not found",
                         "pass it with --data_path (see the run's config.json for what it was trained on)")
     config = pred.info["config"]
     roles = {g: "eval" for g in config.get("eval_groups", [])} | {g: "train" for g in config.get("train_groups", [])}
-    if args.group not in roles:
-        close = difflib.get_close_matches(args.group, roles, n=1)
-        raise DataError(f"--group {args.group!r} is not a group of run {args.run}"
+    if name not in roles:
+        close = difflib.get_close_matches(name, roles, n=1)
+        raise DataError(f"--group {name!r} is not a group of run {pred.info.get('run_dir')}"
                         + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
     from federated.client import GroupClient
     from training.experiment import client_config
-    client = GroupClient(data.group(args.group), client_config(data.args, pred.metric), roles[args.group])
-    ctx_q, tgt, tgt_q = client.eval_questions(int(pred.info.get("round") or 0))
+    client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name])
+    return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
+
+
+def group_context(pred: GroupPredictor, name: str) -> list[Answer]:
+    """The group's evaluation context as answers (texts and distributions), for the API or GroupReward."""
+    client, ctx_q, _, _ = group_split(pred, name)
+    bank = pred.run_data.raw.bank
+    return [Answer(_bank_question(bank, int(client.local.qkeys[i])), y.double().numpy())
+            for i, y in zip(ctx_q.tolist(), _split(client.local, ctx_q)[1])]
+
+
+def group_job(pred: GroupPredictor, args, log) -> Job:
+    client, ctx_q, tgt, tgt_q = group_split(pred, args.group)
     ctx_x, ctx_y = _split(client.local, ctx_q)
-    bank = data.raw.bank
+    bank = pred.run_data.raw.bank
     if args.questions:
         qs = read_questions_file(args.questions)
         answered = _answers_by_key(client.local, bank) | (_answers_by_key(tgt, bank) if tgt is not client.local else {})
@@ -101,7 +116,7 @@ def group_job(pred: GroupPredictor, args, log) -> Job:
                    [answered.get(q.key) for q in qs])
     tgt_x, tgt_y = _split(tgt, tgt_q)
     qs = [_bank_question(bank, int(tgt.qkeys[i])) for i in tgt_q]
-    log(f"group {args.group!r} ({roles[args.group]} group): {len(ctx_q)} context questions, "
+    log(f"group {args.group!r} ({client.role} group): {len(ctx_q)} context questions, "
         f"{len(qs)} scored questions, as in the run's evaluation")
     return Job(f"group {args.group!r}", ctx_x, ctx_y, qs, tgt_x, [y.double().numpy() for y in tgt_y])
 

@@ -93,11 +93,7 @@ class GroupReward:
         """Predict each new question once, all in one pass; the context never changes."""
         new = list({q.key: q for q in qs if q.key not in self._predicted}.values())
         if new:
-            ctx_x = self.predictor.embedder.embed([a.question for a in self.context])
-            import torch
-            ctx_y = [torch.from_numpy(a.distribution).float() for a in self.context]
-            preds = self.predictor.predict_embedded(ctx_x, ctx_y, self.predictor.embedder.embed(new))
-            self._predicted.update({q.key: p for q, p in zip(new, preds)})
+            self._predicted.update(zip((q.key for q in new), self.predictor.predict(self.context, new)))
 
     # ------------------------------------------------------------------------ scores
     def _scores(self, qs: list[Question], dists: list[np.ndarray]) -> np.ndarray:

