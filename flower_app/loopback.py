@@ -10,17 +10,27 @@ Every process runs in its own session; `close()` stops the SuperNodes (SIGTERM: 
 deregister) and the SuperLink (SIGINT, which it handles), kills whatever is left of
 them and their descendants (SuperExec, ServerApp and ClientApp processes), and returns
 the pids that survived (none, normally). Waits are polls with deadlines.
+
+The command (`main`) stops the federation the same way on Ctrl+C (SIGINT) and on SIGTERM,
+exiting 130 / 143; it makes itself the processes' subreaper, so a ClientApp whose parent
+exits first is re-parented to it, not to PID 1, and is found and reaped too. The printed
+`flwr run` line names its run folder (`--out_dir`, absolute): the ServerApp runs in the
+SuperLink's folder, so a run without one lands in <root>/runs/, not in ./runs/.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -119,36 +129,71 @@ class LoopbackFederation:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        for pid in family:  # SuperExec leaves with its parent; anything still running is killed
-            if alive(pid):
+        self._kill(family)  # SuperExec leaves with its parent; anything still running is killed
+
+    def close(self, timeout: float = 15) -> list[int]:
+        """Stop every process: SuperNodes first (all at once), then the SuperLink; kill what stays."""
+        nodes = [n for n in self.procs if n != "superlink"]
+        self._signal_all(nodes, signal.SIGTERM, timeout)
+        self._signal_all([n for n in self.procs if n == "superlink"], signal.SIGINT, timeout)
+        self._kill(self.seen)
+        try:
+            poll(lambda: not any(alive(p) for p in self.seen), timeout, "every process to exit", every=0.05)
+        except TimeoutError:
+            pass
+        return sorted(p for p in self.seen if alive(p))
+
+    def _signal_all(self, names: list[str], sig: int, timeout: float) -> None:
+        for name in names:
+            self.seen |= descendants(self.procs[name].pid)
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(sig)
+        try:
+            poll(lambda: all(self.procs[n].poll() is not None for n in names), timeout,
+                 "the processes to stop", every=0.05)
+        except TimeoutError:
+            for name in names:
+                if self.procs[name].poll() is None:
+                    self.procs[name].kill()
+                    self.procs[name].wait(10)
+
+    def _kill(self, pids) -> None:
+        """SIGKILL whatever of ours still runs (SuperExecs leave with their parent; a ClientApp may not).
+        A pid is ours only while its environment holds this federation's FLWR_HOME: a recorded pid
+        may have been reused by an unrelated process since."""
+        for pid in pids:
+            if alive(pid) and self.owns(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
-    def close(self, timeout: float = 15) -> list[int]:
-        for name in [n for n in self.procs if n != "superlink"]:
-            self.stop(name)
-        if "superlink" in self.procs:
-            self.stop("superlink", signal.SIGINT)
+    def owns(self, pid: int) -> bool:
         try:
-            poll(lambda: not any(alive(p) for p in self.seen), timeout, "every process to exit")
-        except TimeoutError:
-            pass
-        return sorted(p for p in self.seen if alive(p))
+            return f"FLWR_HOME={self.env['FLWR_HOME']}\0".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return False
 
     # --- the flwr CLI --------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 60) -> dict:
         res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=REPO, env=self.env,
                              capture_output=True, text=True, timeout=timeout)
-        if res.returncode != 0:
+        out = json.loads(res.stdout) if res.returncode == 0 else {}
+        if res.returncode != 0 or out.get("success") is False:  # a refused run exits 0 with success false
             raise RuntimeError(f"flwr {' '.join(args)} failed:\n{res.stdout}{res.stderr}")
-        return json.loads(res.stdout)
+        return out
 
     def run(self, flags: list[str], app: Path = REPO) -> str:
         """`flwr run` with main_fl.py flags; returns the run id (the run goes on in the background)."""
-        text = " ".join(flags)
-        return str(self.flwr("run", str(app), CONNECTION, "--run-config", f'flags="{text}"')["run-id"])
+        text = " ".join(flag_quote(f) for f in flags)
+        return str(self.flwr("run", str(app), CONNECTION, "--run-config", run_config_value(text))["run-id"])
+
+    def run_command(self, out_dir: Path, flags: str | None = None) -> str:
+        """The shell line that starts a run of `flags` (default: pyproject's demo) writing into `out_dir`."""
+        text = (default_flags() if flags is None else flags) + f" --out_dir {flag_quote(str(out_dir))}"
+        quiet = " ".join(f"{k}={v}" for k, v in QUIET_ENV.items())
+        return (f"{quiet} FLWR_HOME={shlex.quote(str(self.root / 'flwr_home'))} flwr run {shlex.quote(str(REPO))} "
+                f"{CONNECTION} --stream --run-config {shlex.quote(run_config_value(text))}")
 
     def status(self, run_id: str) -> str:
         return self.flwr("ls", CONNECTION, "--run-id", run_id)["runs"][0]["status"]
@@ -162,32 +207,98 @@ class LoopbackFederation:
                          for p in sorted(self.root.glob("*.log")))
 
 
+def flag_quote(word: str) -> str:
+    """One word of the flags string, backslash-escaped for shlex.split: never a double quote, which
+    Flower's --run-config parser does not allow inside a value (shlex.quote makes '"'"' of a ')."""
+    return re.sub(r"([^\w@%+=:,./-])", r"\\\1", word) if word else "''"
+
+
+def run_config_value(flags: str) -> str:
+    """`flags="..."` as `flwr run --run-config` parses it (a TOML string; Flower's parser allows no `"` in it)."""
+    if '"' in flags:
+        raise ValueError(f"flags for flwr run cannot hold a double quote: {flags}")
+    return 'flags="' + flags.replace("\\", "\\\\") + '"'
+
+
+def default_flags() -> str:
+    """The run flags pyproject.toml gives a `flwr run` without --run-config."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]["flags"]
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; `signum` decides the exit status (128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants are re-parented to this process instead of PID 1 (Linux prctl)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans() -> list[int]:
+    """Kill and collect the descendants of this process left after close(); returns those still running."""
+    left = descendants(os.getpid())
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in left:
+        try:
+            os.waitpid(pid, 0)  # our children now (subreaper); waiting collects the zombie
+        except ChildProcessError:
+            pass
+    return sorted(p for p in left if alive(p))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Start a SuperLink and one SuperNode per group on 127.0.0.1 "
-                                            "(insecure: loopback only) until Ctrl+C.")
+                                            "(insecure: loopback only) until Ctrl+C or SIGTERM.")
     p.add_argument("--groups", default="g00,g01,g02", help="comma-separated groups, one SuperNode each")
     p.add_argument("--dataset", default="synthetic", help="dataset every SuperNode holds")
     p.add_argument("--data_path", default=None, help="data path given to every SuperNode (real datasets)")
-    p.add_argument("--root", default="runs/loopback", help="folder for logs and the Flower configuration")
+    p.add_argument("--root", default="runs/loopback", help="folder for logs, the Flower configuration and runs")
     p.add_argument("--port", type=int, default=0, help="SuperLink port (0: a free one)")
     args = p.parse_args(argv)
-    fed = LoopbackFederation(Path(args.root).resolve(), args.port or None)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
+    become_subreaper()
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    fed = None
     try:
+        fed = LoopbackFederation(Path(args.root).resolve(), args.port or None)
         fed.start_superlink()
-        for group in args.groups.split(","):
-            fed.start_supernode(group.strip(), args.dataset, args.data_path)
-        quiet = " ".join(f"{k}={v}" for k, v in QUIET_ENV.items())
+        for group in groups:
+            fed.start_supernode(group, args.dataset, args.data_path)
+        out_dir = fed.root / "runs" / time.strftime("%Y%m%d-%H%M%S_fedavg")
         print(f"SuperLink on 127.0.0.1:{fed.port}; logs in {fed.root}. In another shell:\n"
-              f"  {quiet} FLWR_HOME={fed.root / 'flwr_home'} flwr run {REPO} {CONNECTION} --stream\n"
-              "Ctrl+C stops every process.", flush=True)
+              f"  {fed.run_command(out_dir)}\n"
+              f"That run writes {out_dir} (give each further run another --out_dir); a run without "
+              f"--out_dir lands in {fed.root / 'runs'} (the SuperLink's folder). Ctrl+C stops every process.",
+              flush=True)
         while all(proc.poll() is None for proc in fed.procs.values()):
             time.sleep(1)
         print("a process exited; stopping the federation:\n" + fed.logs(), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
+    except Interrupted as sig:
+        print(f"interrupted ({sig}): stopping the SuperLink and {len(groups)} SuperNode(s) with their processes; "
+              "rerun the same command to start the federation again", file=sys.stderr, flush=True)
+        return 128 + sig.signum
     finally:
-        left = fed.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        left = (fed.close() if fed is not None else []) + reap_orphans()
         if left:
             print(f"processes still running: {left}", file=sys.stderr)
 

@@ -6,17 +6,30 @@ installation disabled (nothing is downloaded; nodes use this environment), each
 SuperNode pointed at its own group by --node-config. The fixture's teardown stops every
 process with its descendants (SuperExec, ServerApp, ClientApp) and fails if any survives.
 Every wait is a poll with a deadline.
+
+Also here: a SecAgg+ run on the same processes (test_secure_aggregation_...), and the
+`python -m flower_app.loopback` command itself: SIGTERM and SIGINT stop and reap every
+Flower process it started, and its printed `flwr run` line names the run folder the
+ServerApp will really write.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from flower_app.loopback import BIN, LoopbackFederation, alive, poll
+from flower_app.loopback import BIN, REPO, LoopbackFederation, alive, descendants, poll, run_config_value
 from training.experiment import main
 from utils.checkpoint import load_checkpoint
+from utils.cli import build_parser
 
 GROUPS = ["g00", "g01", "g02"]  # g00, g01 train; g02 evaluation
 FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "40", "--syn_dim", "16",
@@ -44,9 +57,9 @@ def federation(tmp_path_factory):
         assert not survivors, f"processes left behind: {survivors}"
 
 
-def wait(federation, what, check):
+def wait(federation, what, check, deadline: float = RUN_DEADLINE_S):
     try:
-        return poll(check, RUN_DEADLINE_S, what, every=0.2)
+        return poll(check, deadline, what, every=0.2)
     except TimeoutError as err:
         pytest.fail(f"{err}\n{federation.logs()}")
 
@@ -114,3 +127,113 @@ def test_killed_supernode_is_left_out_and_the_run_continues(federation, tmp_path
     final = records(out / "metrics.jsonl")[-1]
     assert final["round"] == 2 and sorted(final["train_group_scores"]) == ["g00"]  # g01 can no longer score
     assert sorted(final["eval_group_scores"]) == ["g02"] and 0 < final["eval_alignment_score"] < 1
+
+
+# --- SecAgg+ on the real processes ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def secagg_app(tmp_path_factory) -> Path:
+    """This project as `flwr run` bundles it (its Python sources), with the SecAgg+ apps as components.
+
+    Until main_fl.py's parser has --secagg and flower_app.client_app wraps its train handler in
+    the SecAgg+ mod, flower_app.secagg_app provides both apps; the FAB is otherwise the same.
+    """
+    app = tmp_path_factory.mktemp("fab") / "plurallm_secagg"
+    tops = [t for t in REPO.iterdir() if not t.name.startswith(".") and t.name not in ("tests", "benchmarks", "runs")]
+    for src in [t for t in tops if t.suffix == ".py"] + [f for t in tops if t.is_dir() for f in t.rglob("*.py")]:
+        rel = src.relative_to(REPO)
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, app / rel)
+    text = (REPO / "pyproject.toml").read_text()
+    text = text.replace('"flower_app.server_app:app"', '"flower_app.secagg_app:server_app"')
+    text = text.replace('"flower_app.client_app:app"', '"flower_app.secagg_app:client_app"')
+    lines = [line for line in text.splitlines() if not line.startswith("fab-exclude")]  # no tests/ here
+    (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return app
+
+
+def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_engine(federation, secagg_app,
+                                                                                      tmp_path):
+    """One SecAgg+ round (4 messages per client) on the real processes: the aggregate is the in-process
+    engine's FedAvg within the quantisation step (16 / 2**22 = 3.8e-6), and the run folder is complete."""
+    out = tmp_path / "secagg"
+    run_id = federation.run([*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--secagg",
+                             "--out_dir", str(out)], app=secagg_app)
+    # 7 messages per node instead of 4 (query, evaluation, 4 SecAgg+ stages, evaluation): about 40 s of
+    # CPU, several minutes of wall time on 2 cores shared with other jobs
+    wait(federation, "the SecAgg+ run to finish", (out / "federation.json").exists, deadline=3 * RUN_DEADLINE_S)
+    assert (out / "summary.json").exists(), federation.logs()
+    assert final_status(federation, run_id) == "finished:completed"
+    assert json.loads((out / "federation.json").read_text())["failures"] == []
+    assert json.loads((out / "config.json").read_text())["secagg"] is True
+    ref = tmp_path / "inprocess"
+    assert main("fedavg", [*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--out_dir", str(ref)]) == 0
+    a, b = load_checkpoint(ref / "checkpoints", "final")[0], load_checkpoint(out / "checkpoints", "final")[0]
+    assert 0 < max(float((a[k] - b[k]).abs().max()) for k in a) <= 2 * 16 / 2 ** 22
+    got, want = records(out / "metrics.jsonl"), records(ref / "metrics.jsonl")
+    assert [r["round"] for r in got] == [0, 1] and got[1]["grad_steps"] == want[1]["grad_steps"]
+    assert got[1]["eval_alignment_score"] == pytest.approx(want[1]["eval_alignment_score"], abs=1e-5)
+
+
+# --- the loopback command: signals and the printed run line -----------------------------------
+
+def our_processes(flwr_home: Path) -> list[int]:
+    """Every process (whoever its parent now is) started with this FLWR_HOME in its environment."""
+    needle = f"FLWR_HOME={flwr_home}".encode() + b"\0"
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes() and alive(int(env.parent.name)):
+                found.append(int(env.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_loopback_command_stops_and_reaps_every_process_on_a_signal(tmp_path, sig):
+    root = tmp_path / "loopback root"  # a space: the printed command must quote it
+    proc = subprocess.Popen([sys.executable, "-m", "flower_app.loopback", "--groups", "g00", "--root", str(root)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        # SuperLink + its SuperExec, the SuperNode + its SuperExec
+        started = poll(lambda: len(descendants(proc.pid)) >= 4 or proc.poll() is not None, 60,
+                       "the SuperLink, the SuperNode and their SuperExecs", every=0.1)
+        assert started is True and proc.poll() is None
+        family = descendants(proc.pid)
+        assert set(family) <= set(our_processes(root / "flwr_home"))
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 128 + sig, err
+    assert [line for line in err.splitlines() if line.startswith("interrupted")] == [
+        f"interrupted ({sig.name}): stopping the SuperLink and 1 SuperNode(s) with their processes; "
+        "rerun the same command to start the federation again"]
+    assert not [p for p in family if alive(p)] and not our_processes(root / "flwr_home"), err
+
+    # the printed line runs the demo flags into the folder the next line names (absolute, under --root)
+    command = next(line.strip() for line in out.splitlines() if " flwr run " in line)
+    folder = Path(re.search(r"That run writes (.+?) \(give each further run another --out_dir\)", out).group(1))
+    assert folder.is_absolute() and folder.parent == (root / "runs").resolve()
+    assert run_flags(command).out_dir == str(folder)
+
+
+def run_flags(command: str):
+    """main_fl.py's flags as the ServerApp will read them from a printed `flwr run` line."""
+    from flwr.common.config import parse_config_args
+    words = shlex.split(command)
+    config = parse_config_args([words[words.index("--run-config") + 1]])
+    return build_parser("fedavg").parse_args(shlex.split(config["flags"]))
+
+
+def test_run_command_quotes_paths_for_the_shell_toml_and_the_flag_parser(tmp_path):
+    fed = LoopbackFederation(tmp_path / "it's here")
+    out = tmp_path / "it's here" / "runs" / "a b"
+    args = run_flags(fed.run_command(out, "--dataset synthetic --comm_round 3"))
+    assert (args.out_dir, args.comm_round, args.dataset) == (str(out), 3, "synthetic")
+    with pytest.raises(ValueError, match="cannot hold a double quote"):
+        run_config_value('--out_dir "x"')

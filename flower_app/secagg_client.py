@@ -1,0 +1,128 @@
+"""The ClientApp side of `--secagg`: Flower's secaggplus_mod around the node's own train handler.
+
+Flower's SecAgg+ server workflow speaks the legacy FitIns/FitRes format in four TRAIN
+messages per round (setup, share keys, collect masked vectors, unmask). `make_secagg_mod`
+hands those messages to Flower's `secaggplus_mod`; in the third stage the mod calls the
+node's ordinary train handler through `_train_for_secagg`, which translates the FitIns
+into this project's train instruction and the reply into a FitRes whose `num_examples`
+is the client's raw aggregation weight. The mod then scales the weights by
+weight / max_weight, quantises, masks and sends only the masked integers: the
+reply's weight arrays are emptied before it leaves the node. Train messages without
+SecAgg+ configs, and every query and evaluate message, pass through untouched.
+
+Stochastic rounding in Flower's quantiser draws from NumPy's global RNG; it is seeded
+here from (seed, group, round), so a SecAgg+ run is reproducible bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.compat.common import recorddict_compat as compat
+
+# Keys of the FitIns config the server sends (flower_app/secagg_server.py builds it).
+SETUP, ROUND, KEYS, CLIP, MAX_WEIGHT = "setup", "round", "keys", "clip_range", "max_weight"
+# Reasons on which the server stops the run instead of leaving the client out: a setting
+# or a diverged client, which the server cannot see through the masks.
+CLIP_ERROR, NONFINITE_ERROR = "exceeds --secagg_clip_range", "non-finite local weights or losses"
+STOP_ERRORS = (CLIP_ERROR, NONFINITE_ERROR)
+
+_NP_RNG_LOCK = threading.Lock()  # the thread backend runs several nodes' mods at once
+
+
+def is_secagg_message(msg: Message) -> bool:
+    return (msg.metadata.message_type == MessageType.TRAIN and msg.has_content()
+            and RECORD_KEY_CONFIGS in msg.content.config_records)
+
+
+def raw_weight(num_examples: int, episode_points: int, weighting: str) -> int:
+    """The unnormalised p_g of federated.aggregation.aggregation_weights, which SecAgg+ normalises."""
+    weights = {"dataset_size": num_examples, "episode_points": episode_points, "uniform": 1}
+    if weighting not in weights:
+        raise ValueError(f"--weighting {weighting!r}: choose one of {', '.join(weights)}")
+    return int(weights[weighting])
+
+
+def make_secagg_mod(partition_groups: list[str] | None = None):
+    """A ClientApp mod: Flower's secaggplus_mod for SecAgg+ messages, nothing for the rest."""
+
+    def secagg_mod(msg: Message, ctxt: Context, call_next) -> Message:
+        if not is_secagg_message(msg):
+            return call_next(msg, ctxt)
+        # Flower's workflow sends one RecordDict object to every node of a stage and the mod pops
+        # keys from it; a runtime that does not serialise (the thread backend) would share it.
+        msg = message_from_proto(message_to_proto(msg))
+        saved: list = []
+
+        def train(m: Message, c: Context) -> Message:
+            reply, seed = _train_for_secagg(m, c, call_next, partition_groups)
+            # Flower quantises right after this returns; hold NumPy's global RNG until it has.
+            _NP_RNG_LOCK.acquire()
+            saved.append(np.random.get_state())
+            np.random.seed(seed)
+            return reply
+
+        try:
+            return secaggplus_mod(msg, ctxt, train)
+        finally:
+            if saved:
+                np.random.set_state(saved[0])
+                _NP_RNG_LOCK.release()
+
+    return secagg_mod
+
+
+def _train_for_secagg(msg: Message, ctxt: Context, call_next,
+                      partition_groups: list[str] | None) -> tuple[Message, int]:
+    """FitIns -> the node's train handler -> FitRes (weights as float64, raw weight as num_examples)."""
+    import torch
+
+    from data_loaders.schema import DataError
+    from utils.seeding import derive_seed
+
+    from .node import node_identity
+    from .protocol import TRAIN, instruction, read_fit_reply
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = fitins.config
+    keys = json.loads(str(cfg[KEYS]))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(keys):
+        raise ValueError(f"SecAgg+ instruction carries {len(arrays)} arrays for {len(keys)} weight names")
+    state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays)}
+    setup, round_ = str(cfg[SETUP]), int(cfg[ROUND])
+    plain = instruction(TRAIN, msg.metadata.dst_node_id, setup, round_, state)
+    reply = call_next(Message(content=plain.content, metadata=copy.copy(msg.metadata)), ctxt)
+    if reply.has_error():
+        raise RuntimeError(reply.error.reason)
+
+    group = node_identity(dict(ctxt.node_config), partition_groups).group
+    flags = json.loads(setup)["flags"]
+    res = read_fit_reply(group, reply)
+    weight = raw_weight(res.num_examples, res.episode_points, flags["weighting"])
+    clip, max_weight = float(cfg[CLIP]), float(cfg[MAX_WEIGHT])
+    if weight > max_weight:  # the server's bound is wrong: the masked sum could wrap around
+        raise ValueError(f"group {group}: aggregation weight {weight} above the server's max_weight {max_weight:g}")
+    largest = max(float(v.abs().max()) for v in res.state.values()) * weight / max_weight
+    if not (math.isfinite(largest) and all(math.isfinite(x) for x in res.losses)):
+        raise DataError(f"group {group} round {round_}: {NONFINITE_ERROR}; masked, they would corrupt the sum "
+                        "unseen", "lower --lr or add --grad_clip; the run folder keeps the last checkpoint")
+    if largest > clip:
+        raise DataError(f"group {group} round {round_}: a weight of magnitude {largest:.4g} (after scaling by "
+                        f"{weight}/{max_weight:g}) {CLIP_ERROR} {clip:g}; SecAgg+ would clip it",
+                        "raise --secagg_clip_range (the quantisation step grows with it)")
+    metrics = {"num_examples": res.num_examples, "episode_points": res.episode_points, "points": res.points,
+               "losses": json.dumps(res.losses)}
+    params = ndarrays_to_parameters([res.state[k].double().cpu().numpy() for k in keys])
+    fitres = FitRes(Status(Code.OK, ""), params, weight, metrics)
+    seed = derive_seed(flags["seed"], "secagg_rounding", group, round_) % 2 ** 32
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg), seed

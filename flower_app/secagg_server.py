@@ -1,0 +1,241 @@
+"""The ServerApp side of `--secagg`: FlowerTrainer whose training rounds run Flower's SecAgg+.
+
+flwr 1.41 implements SecAgg+ only as a legacy workflow: SecAggPlusWorkflow(grid, context)
+needs a LegacyContext holding a legacy Strategy, whose configure_fit says which nodes
+get which FitIns and whose aggregate_fit receives the unmasked aggregate. Rather than
+hand the whole run to Flower's DefaultWorkflow, `SecAggTrainer.train_round` runs the
+workflow for one round with a strategy that only carries this round's instructions and
+catches the result, so the same RunLoop still drives sampling, evaluation, checkpoints
+and the run folder. Evaluation is unchanged (FlowerTrainer.evaluate: scores only).
+
+What the server receives from a client in a SecAgg+ round: two public keys, encrypted
+key shares for other clients, a masked vector of quantised integers (uniform modulo
+2**32 on its own), key shares of its peers, and in the clear its counts and local losses
+(as the plain engine logs them). The aggregate is Σ r_g θ_g / Σ r_g with
+r_g = round(w_g / max_weight · Q) / Q, where w_g is the client's --weighting weight
+(dataset size, episode points or 1): the in-process engine's weighted FedAvg up to the
+quantisation of θ and r.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, Parameters, ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from data_loaders.schema import DataError
+from federated.aggregation import sample_clients
+from utils.seeding import generator
+
+from .federation import POLL_S, FlowerTrainer
+from .secagg import MODULUS_RANGE, _check_share_flags
+from .secagg_client import CLIP, KEYS, MAX_WEIGHT, ROUND, SETUP, STOP_ERRORS
+
+
+def effective_shares(num_shares: int | float, threshold: int | float, sampled: int) -> tuple[int, int]:
+    """(shares, threshold) as SecAggPlusWorkflow.setup_stage resolves them for `sampled` clients (flwr 1.41)."""
+    if num_shares == 1:
+        num_shares = 1.0
+    if isinstance(num_shares, float):
+        shares = round(num_shares * sampled)
+        if shares < sampled and shares % 2 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = sampled
+    else:
+        shares = num_shares
+    if threshold == 1:
+        threshold = 1.0
+    need = max(round(threshold * shares), 2) if isinstance(threshold, float) else threshold
+    if sampled != shares and shares % 2 == 0:  # the workflow makes an even count odd
+        shares += 1
+    return shares, need
+
+
+def max_weight(groups: dict, names: list[str], weighting: str) -> float:
+    """An upper bound of every client's raw weight, known before the round (the mod needs weight <= it).
+
+    dataset_size: a client trains on part of its questions, so its question count bounds it;
+    episode_points: an episode holds at most all of a group's points.
+    """
+    if weighting == "uniform":
+        return 1.0
+    attr = "num_questions" if weighting == "dataset_size" else "num_points"
+    return float(max(getattr(groups[n], attr) for n in names))
+
+
+class _RoundStrategy(Strategy):
+    """A legacy Strategy for one SecAgg+ round: fixed instructions in, the unmasked aggregate out."""
+
+    def __init__(self, instructions: list[tuple[GridClientProxy, FitIns]]):
+        self.instructions = instructions
+        self.results: list = []
+        self.aggregate: list[np.ndarray] | None = None
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = list(results)
+        if results:  # every FitRes holds the same aggregate (SecAggPlusWorkflow.unmask_stage)
+            self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        return (results[0][1].parameters if results else None), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+@dataclass
+class _FastGrid:
+    """The Grid SecAggPlusWorkflow talks to: the real one, polled every POLL_S instead of every 3 s
+    (flwr 1.41's deployment Grid.send_and_receive), noting every error reply with its stage."""
+
+    grid: object
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (node, stage, reason)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        stages = {m.metadata.dst_node_id: str(m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+                  for m in messages}
+        ids = {mid for mid in self.grid.push_messages(messages) if mid}
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while ids and (end is None or time.monotonic() < end):
+            for reply in self.grid.pull_messages(list(ids)):
+                ids.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if ids:
+                time.sleep(POLL_S)
+        for reply in replies:
+            if reply.has_error():
+                node = reply.metadata.src_node_id
+                self.errors.append((node, stages.get(node, "?"), reply.error.reason))
+        return replies
+
+    def __getattr__(self, name):  # get_node_ids, run, ...: the real Grid's
+        return getattr(self.grid, name)
+
+
+class SecAggTrainer(FlowerTrainer):
+    """FlowerTrainer whose train_round aggregates with Flower's SecAgg+ (the server never holds a client's weights)."""
+
+    def __init__(self, data, cfg, model_cfg, *, num_shares=1.0, threshold=0.67, clip_range=8.0,
+                 quant_range=2 ** 22, **kw):
+        super().__init__(data, cfg, model_cfg, **kw)
+        _check_share_flags(num_shares, threshold, DataError)
+        self.num_shares, self.threshold = num_shares, threshold
+        self.clip_range, self.quant_range = float(clip_range), int(quant_range)
+        self.remote = dict(data.train)
+        self.keys = list(self.global_state)
+        n = len(sample_clients(self.train_names, self.client_fraction, generator(cfg.seed, "client_sampling", 1)))
+        if n < 2:
+            raise DataError(f"--secagg needs at least 2 clients per round; {n} sampled (a sum of one client "
+                            "is its weights)", "add training groups or raise --client_fraction")
+        if n * self.quant_range >= MODULUS_RANGE:
+            raise DataError(f"--secagg_quant_range {self.quant_range} times {n} clients reaches 2**32: the masked "
+                            "sum would wrap around", f"use --secagg_quant_range below {MODULUS_RANGE // n}")
+        shares, need = effective_shares(num_shares, threshold, n)
+        if not 2 <= need <= shares <= n:
+            raise DataError(f"--secagg_num_shares {num_shares} / --secagg_threshold {threshold} give {shares} "
+                            f"shares and a threshold of {need} for {n} clients per round",
+                            "keep the threshold at or below the shares and the shares at or below the clients")
+        self.log(f"secagg: SecAgg+ over {n} clients per round, each secret in {shares} shares, {need} to rebuild "
+                 f"it (up to {shares - need} may drop out); quantisation step "
+                 f"{2 * self.clip_range / self.quant_range:.3g}")
+
+    def train_round(self, round_: int) -> dict:
+        t0 = time.perf_counter()
+        names = sample_clients(self.train_names, self.client_fraction,
+                               generator(self.cfg.seed, "client_sampling", round_))
+        strategy, grid = self._secure_round(names, round_)
+        by_node = {self.nodes[n]: n for n in names}
+        replied = {by_node[proxy.node_id]: fitres.metrics for proxy, fitres in strategy.results}
+        self._record_failures(names, replied, grid, round_)
+        if strategy.aggregate is None or len(replied) < self.min_clients:
+            raise DataError(f"round {round_}: SecAgg+ aggregated {len(replied)} of {len(names)} sampled clients"
+                            + ("" if strategy.aggregate is not None else " (the protocol halted: too few clients "
+                               "left for the threshold)") + f"; --min_clients {self.min_clients}; the round is not "
+                            "aggregated", "check the SuperNodes' logs; the run folder keeps the last checkpoint")
+        self.global_state = self._to_state(strategy.aggregate)
+        self.last_client_states = {}  # never seen by this server
+        per_client = {n: _mean(json.loads(str(m["losses"]))) for n, m in sorted(replied.items())}
+        self.round_seconds.append(time.perf_counter() - t0)
+        return {"train_loss": sum(per_client.values()) / len(per_client),
+                "train_loss_per_client": per_client,
+                "grad_steps": sum(len(json.loads(str(m["losses"]))) for m in replied.values()),
+                "points": sum(int(m["points"]) for m in replied.values()),
+                "clients": sorted(per_client)}
+
+    def _secure_round(self, names: list[str], round_: int) -> tuple[_RoundStrategy, _FastGrid]:
+        weight_bound = max_weight(self.remote, names, self.weighting)
+        tensors = [ndarray_to_bytes(self.global_state[k].detach().cpu().numpy()) for k in self.keys]
+        config = {SETUP: self.setup, ROUND: round_, KEYS: json.dumps(self.keys), CLIP: self.clip_range,
+                  MAX_WEIGHT: weight_bound}
+        instructions = [(GridClientProxy(self.nodes[n], self.grid, 0),
+                         FitIns(Parameters(tensors=list(tensors), tensor_type="numpy.ndarray"), dict(config)))
+                        for n in names]
+        strategy = _RoundStrategy(instructions)
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                                strategy=strategy)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
+        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        workflow = SecAggPlusWorkflow(self.num_shares, self.threshold, max_weight=weight_bound,
+                                      clipping_range=self.clip_range, quantization_range=self.quant_range,
+                                      modulus_range=MODULUS_RANGE, timeout=self.timeout)
+        grid = _FastGrid(self.grid)
+        workflow(grid, context)
+        return strategy, grid
+
+    def _record_failures(self, names, replied, grid: _FastGrid, round_: int) -> None:
+        by_node = {self.nodes[n]: n for n in names}
+        reasons: dict[str, str] = {}
+        for node, stage, reason in grid.errors:
+            name = by_node.get(node, f"node {node}")
+            if any(marker in reason for marker in STOP_ERRORS):
+                raise DataError(f"round {round_}: client {name} stopped the run: {reason}")  # its hint included
+            reasons.setdefault(name, f"SecAgg+ stage {stage}: {reason}")
+        for name in names:
+            if name not in replied:
+                reason = reasons.get(name, "no reply in one of the SecAgg+ stages"
+                                     + (f" within --round_timeout {self.timeout:g} s" if self.timeout else ""))
+                self.failures.append({"round": round_, "phase": "train", "client": name, "reason": reason})
+                self.log(f"flower: round {round_} train: client {name} left out ({reason})")
+
+    def _to_state(self, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        if len(arrays) != len(self.keys):
+            raise DataError(f"SecAgg+ returned {len(arrays)} arrays for {len(self.keys)} weights",
+                            "every node must run this project's ClientApp with the SecAgg+ mod")
+        return {k: torch.from_numpy(np.asarray(a)).reshape(self.global_state[k].shape).to(self.global_state[k].dtype)
+                for k, a in zip(self.keys, arrays)}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def make_secagg_trainer(args, data, cfg, model_cfg) -> SecAggTrainer:
+    """What training.experiment.make_trainer builds for `--engine flower --secagg`."""
+    return SecAggTrainer(data, cfg, model_cfg, weighting=args.weighting, client_fraction=args.client_fraction,
+                         min_clients=args.min_clients, round_timeout=args.round_timeout,
+                         num_shares=args.secagg_num_shares, threshold=args.secagg_threshold,
+                         clip_range=args.secagg_clip_range, quant_range=args.secagg_quant_range)
