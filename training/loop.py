@@ -109,6 +109,7 @@ class RunLoop:
         self.start_round, self.grad_steps, self.points, self.wall_offset = 0, 0, 0, 0.0
         self.best: tuple[float, int] | None = None  # (mean eval alignment, round) of --keep_best
         self.current_round = 0  # what an interrupt reports
+        self.resumed = False
 
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -132,6 +133,7 @@ class RunLoop:
         self.best = max(((r["eval_alignment_score"], r["round"]) for r in records
                          if r.get("eval_alignment_score") is not None), default=None)
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
+        self.resumed = True
         return True
 
     def _trim(self, last_round: int) -> None:
@@ -153,7 +155,7 @@ class RunLoop:
     def _run(self) -> dict:
         t0 = time.perf_counter() - self.wall_offset
         losses = MetricsWriter(self.losses_path)
-        if self.start_round == 0:
+        if not self.resumed:  # resumed from round 0's checkpoint: round 0 is logged already
             self._evaluate(0, [], t0)
         window: list[dict] = []
         bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=self.trainer.method,
