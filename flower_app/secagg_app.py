@@ -8,7 +8,7 @@
                  from the run config (main_fl.py's flags plus the --secagg group).
 
 A FAB whose [tool.flwr.app.components] name these two runs SecAgg+ in a deployment; the
-loopback test (tests/test_secagg.py) builds one. Once flower_app/client_app.py wraps its
+loopback deployment test (tests/test_flower_deploy.py) builds one. Once flower_app/client_app.py wraps its
 train handler in `make_secagg_mod` and training.experiment.make_trainer returns
 `make_secagg_trainer` for `--secagg`, the project's own apps do the same and this module
 is only a convenience.

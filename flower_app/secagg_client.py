@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import threading
 
 import numpy as np
@@ -31,10 +30,9 @@ from flwr.compat.common import recorddict_compat as compat
 
 # Keys of the FitIns config the server sends (flower_app/secagg_server.py builds it).
 SETUP, ROUND, KEYS, CLIP, MAX_WEIGHT = "setup", "round", "keys", "clip_range", "max_weight"
-# Reasons on which the server stops the run instead of leaving the client out: a setting
-# or a diverged client, which the server cannot see through the masks.
-CLIP_ERROR, NONFINITE_ERROR = "exceeds --secagg_clip_range", "non-finite local weights or losses"
-STOP_ERRORS = (CLIP_ERROR, NONFINITE_ERROR)
+# Reasons on which the server stops the run instead of leaving the client out: a setting,
+# or a diverged client (training.local.DivergenceError), which it cannot see through the masks.
+CLIP_ERROR, DIVERGED = "exceeds --secagg_clip_range", "training diverged at round"
 
 _NP_RNG_LOCK = threading.Lock()  # the thread backend runs several nodes' mods at once
 
@@ -87,6 +85,7 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next,
     import torch
 
     from data_loaders.schema import DataError
+    from training.local import check_finite
     from utils.seeding import derive_seed
 
     from .node import node_identity
@@ -112,10 +111,8 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next,
     clip, max_weight = float(cfg[CLIP]), float(cfg[MAX_WEIGHT])
     if weight > max_weight:  # the server's bound is wrong: the masked sum could wrap around
         raise ValueError(f"group {group}: aggregation weight {weight} above the server's max_weight {max_weight:g}")
+    check_finite(round_, group, res.losses, res.state)  # masked, a NaN would corrupt the sum unseen
     largest = max(float(v.abs().max()) for v in res.state.values()) * weight / max_weight
-    if not (math.isfinite(largest) and all(math.isfinite(x) for x in res.losses)):
-        raise DataError(f"group {group} round {round_}: {NONFINITE_ERROR}; masked, they would corrupt the sum "
-                        "unseen", "lower --lr or add --grad_clip; the run folder keeps the last checkpoint")
     if largest > clip:
         raise DataError(f"group {group} round {round_}: a weight of magnitude {largest:.4g} (after scaling by "
                         f"{weight}/{max_weight:g}) {CLIP_ERROR} {clip:g}; SecAgg+ would clip it",

@@ -19,6 +19,7 @@ quantisation of θ and r.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,11 +37,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
+from training.local import DivergenceError
 from utils.seeding import generator
 
 from .federation import POLL_S, FlowerTrainer
 from .secagg import MODULUS_RANGE, _check_share_flags
-from .secagg_client import CLIP, KEYS, MAX_WEIGHT, ROUND, SETUP, STOP_ERRORS
+from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
 
 def effective_shares(num_shares: int | float, threshold: int | float, sampled: int) -> tuple[int, int]:
@@ -211,8 +213,11 @@ class SecAggTrainer(FlowerTrainer):
         reasons: dict[str, str] = {}
         for node, stage, reason in grid.errors:
             name = by_node.get(node, f"node {node}")
-            if any(marker in reason for marker in STOP_ERRORS):
+            if CLIP_ERROR in reason:
                 raise DataError(f"round {round_}: client {name} stopped the run: {reason}")  # its hint included
+            if DIVERGED in reason:  # the run folder is marked failed, as when the server sees the NaN itself
+                what = re.search(rf"{DIVERGED} \d+: (.*?) \(client ", reason)
+                raise DivergenceError(round_, name, what.group(1) if what else reason)
             reasons.setdefault(name, f"SecAgg+ stage {stage}: {reason}")
         for name in names:
             if name not in replied:

@@ -249,6 +249,24 @@ def test_weight_outside_the_clip_range_stops_the_run(tmp_path):
         trainer.train_round(1)
 
 
+def test_diverged_client_stops_the_run_as_without_secagg(tmp_path, monkeypatch):
+    """The server cannot see a NaN through the masks: the node checks before masking, the server stops
+    with the same DivergenceError (run folder marked failed) as when it sees the weights."""
+    from training.local import DivergenceError
+    fit = client_mod.GroupClient.fit
+
+    def nan_fit(self, model, global_state, round_):
+        res = fit(self, model, global_state, round_)
+        if res.name == "g01":
+            next(iter(res.state.values()))[0] = float("nan")
+        return res
+
+    monkeypatch.setattr(client_mod.GroupClient, "fit", nan_fit)
+    trainer, _ = secure_trainer(tmp_path)
+    with pytest.raises(DivergenceError, match=r"diverged at round 1: weight '.+' holds NaN/inf \(client 'g01'\)"):
+        trainer.train_round(1)
+
+
 def test_too_few_clients_for_a_secure_sum_are_refused_before_training(tmp_path):
     with pytest.raises(DataError, match=r"--secagg needs at least 2 clients per round; 1 sampled"):
         secure_trainer(tmp_path, "--client_fraction", "0.3")
