@@ -18,7 +18,9 @@ quantisation of θ and r.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -205,7 +207,8 @@ class SecAggTrainer(FlowerTrainer):
                                       clipping_range=self.clip_range, quantization_range=self.quant_range,
                                       modulus_range=MODULUS_RANGE, timeout=self.timeout)
         grid = _FastGrid(self.grid)
-        workflow(grid, context)
+        with _flower_warnings_only():  # its INFO lines ("sampled 3 clients (out of 0)") describe its own loop
+            workflow(grid, context)
         return strategy, grid
 
     def _record_failures(self, names, replied, grid: _FastGrid, round_: int) -> None:
@@ -232,6 +235,17 @@ class SecAggTrainer(FlowerTrainer):
                             "every node must run this project's ClientApp with the SecAgg+ mod")
         return {k: torch.from_numpy(np.asarray(a)).reshape(self.global_state[k].shape).to(self.global_state[k].dtype)
                 for k, a in zip(self.keys, arrays)}
+
+
+@contextlib.contextmanager
+def _flower_warnings_only():
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _mean(values: list[float]) -> float:
