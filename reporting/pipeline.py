@@ -133,7 +133,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.methods = [m for m in METHODS if m in methods]  # table and figure order
     if args.preset and args.data_path is None:  # as the user gave it: env var, or ../shared/data/...
         args.data_path = default_data_path(args.dataset)
-    args.name_given = args.name is not None
+    args.name_given = args.name is not None or args.preset == "paper"  # the preset names its outputs
     args.name = args.name or (_paper_name(args) if args.preset == "paper" else args.dataset)
     args.out_root = Path(args.out_root or Path("runs") / "reproduce" / args.name)
     if args.results_dir is None:
@@ -166,6 +166,26 @@ def resolve_split(args) -> str:
                 f"{args.split_seed} (data_loaders.datasets.split_groups), passed to every run as explicit "
                 "lists so that the seeds vary training only")
     return "the released code's fixed country lists (method.md §1), the same for every seed"
+
+
+def episode_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> str:
+    """The largest episode bounds these groups allow, in flags (for small data such as the
+    GlobalOpinionQA sample, whose countries have 10-40 questions)."""
+    local = min(int(counts[n] * args.data_split) for n in train)
+    ev = min(counts[n] for n in evals)
+    return (f"these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training group's "
+            f"local questions) and --eval_num_qs <= {ev - 1} (the smallest evaluation group has {ev}), e.g. "
+            f"--min_ctx_num_qs {local // 2} --min_tar_num_qs {local - local // 2} --eval_num_qs {ev - 1}; the "
+            "--max_* bounds may stay (an episode takes what a group has)")
+
+
+def check_counts_with_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
+    """check_question_counts, with the largest bounds the groups allow added to its hint."""
+    try:
+        check_question_counts(args, counts, train, evals)
+    except DataError as e:
+        what = str(e).split("\n  hint: ")[0]
+        raise DataError(what, f"{e.hint}; or {episode_limits(args, counts, train, evals)}") from e
 
 
 # ----------------------------------------------------------------------------------------
@@ -349,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             # from --syn_seed), so it is loaded once for every method and seed.
             if not cache:
                 cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
-                                                   check_question_counts(args, counts, tr, ev))
+                                                   check_counts_with_limits(args, counts, tr, ev))
             return cache["data"]
 
+        data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
         device = resolve_device(args.device)
         plan = plan_runs(args, data_for_seed, device)
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "resume", "restart")}

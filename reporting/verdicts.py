@@ -70,6 +70,10 @@ def matched_change(st: dict[str, dict[str, str]]) -> str:
     if not pairs:
         return ("The compute-matched baseline was not run (or not with the paper's baseline), so its effect is not "
                 "measured.")
+    unmeasured = [t for t, a, b in pairs if "not measured" in (a, b)]
+    pairs = [(t, a, b) for t, a, b in pairs if t not in unmeasured]
+    if not pairs:
+        return "The compute-matched comparison could not be measured (a method has no value)."
     changed = [(t, a, b) for t, a, b in pairs if a != b]
     if not changed:
         return ("**What the compute-matched baseline changes:** no claim's status: each stands the same against the "
@@ -127,12 +131,18 @@ def flip_sentence(rows: list[dict], others: list[str]) -> str:
         by_status: dict[str, list[str]] = {}
         for r in rows:
             by_status.setdefault(r["pairs"][b][2], []).append(r["definition"].label)
-        if len(by_status) == 1:
-            parts.append(f"- against {PAIR_TEXT[b]}: **{next(iter(by_status))}** under all {len(rows)} definitions.")
+        missing = by_status.pop("not measured", [])
+        gap = f" (not measured under {', '.join(missing)})" if missing else ""
+        if not by_status:
+            parts.append(f"- against {PAIR_TEXT[b]}: not measured under any definition.")
+        elif len(by_status) == 1:
+            s, labels = next(iter(by_status.items()))
+            under = "the one definition" if len(labels) == 1 else f"all {len(labels)} definitions"
+            parts.append(f"- against {PAIR_TEXT[b]}: **{s}** under {under} measured{gap}.")
         else:
             flips += 1
             parts.append(f"- against {PAIR_TEXT[b]}: **flips**: " + "; ".join(
-                f"{s} under {', '.join(labels)}" for s, labels in by_status.items()) + ".")
+                f"{s} under {', '.join(labels)}" for s, labels in by_status.items()) + f"{gap}.")
     lead = ("**No verdict flips between the definitions.**" if flips == 0 else
             f"**The verdict depends on the definition of convergence** ({flips} of {len(others)} comparisons flip).")
     return "\n".join([f"{lead} The claim that FedAvg converges in fewer rounds:", *parts])

@@ -213,7 +213,7 @@ def test_claims_compute_matched_change_and_definition_flips(designed, tmp_path):
     assert "| loss progress ≥ 95% (default) | 41.0 ± 1.4 [28.3, 53.7] | 62.0 ± 2.8 [36.6, 87.4] |" in text
     assert "| eval alignment gain ≥ 95% | 30.0 ± 0.0 [30.0, 30.0] | 60.0 ± 0.0 [60.0, 60.0] |" in text
     assert "(1 of 2 comparisons flip)" in text
-    assert "- against centralized: **holds** under all 4 definitions." in text
+    assert "- against centralized: **holds** under all 4 definitions measured." in text
     assert ("- against compute-matched centralized: **flips**: does not hold under loss progress ≥ 90%, loss "
             "progress ≥ 95% (default), loss progress ≥ 99%; holds under eval alignment gain ≥ 95%.") in text
 
@@ -378,6 +378,29 @@ def test_forbidden_flags_are_explained(capsys):
     assert "use --seeds" in capsys.readouterr().err
 
 
+def test_too_small_groups_get_the_largest_bounds_they_allow(tmp_path, capsys):
+    argv = [a if a != "6" else "20" for a in TINY]  # --max_ctx/--max_tar 20
+    argv[argv.index("--min_ctx_num_qs") + 1] = "20"
+    argv[argv.index("--min_tar_num_qs") + 1] = "10"
+    assert pipeline.main(argv + ["--out_root", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    # 30 questions per group, 0.9 local: 27; evaluation groups keep all 30
+    assert "fewer than --min_ctx_num_qs + --min_tar_num_qs = 30" in err
+    assert ("these groups allow --min_ctx_num_qs + --min_tar_num_qs <= 27 (the smallest training group's local "
+            "questions) and --eval_num_qs <= 29 (the smallest evaluation group has 30), e.g. --min_ctx_num_qs 13 "
+            "--min_tar_num_qs 14 --eval_num_qs 29") in err
+    assert not (tmp_path / "r").exists()  # refused before any file is written
+
+
+def test_committed_results_have_no_machine_paths():
+    files = subprocess.run(["git", "ls-files", "docs", "README.md"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    texts = {f: (ROOT / f).read_text(encoding="utf-8") for f in files if f.endswith((".md", ".csv", ".json"))}
+    assert any(f.startswith("docs/results/") for f in texts)
+    found = {f: ABSOLUTE.findall(t) for f, t in texts.items() if ABSOLUTE.findall(t)}
+    assert found == {}, "absolute machine paths in committed files (print them relative to the repository)"
+
+
 def test_central_steps_flag_is_refused(capsys):
     assert pipeline.main(["--central_steps", "6"]) == 2
     assert "centralized_matched" in capsys.readouterr().err
@@ -529,7 +552,10 @@ def test_smoke_preset_end_to_end(globalqa_csv, tmp_path):
     assert float(gain["mean"]) == pytest.approx(100 * (fed - cen) / cen, rel=1e-9)
     report = (res / "smoke.md").read_text()
     assert "python scripts/reproduce.py --preset smoke" in report
-    assert f"Final mean evaluation alignment: FedAvg {fed:.4f}, centralized {cen:.4f}" in report
+    mat = sum(summaries[("centralized_matched", s)]["final_eval_alignment_score"] for s in (0, 1)) / 2
+    assert (f"Final mean evaluation alignment: FedAvg {fed:.4f}, Centralized {cen:.4f}, Centralized, "
+            f"compute-matched {mat:.4f}.") in report
+    assert "## Which of the paper's claims hold on this data" in report
     assert "8 training clients / 6 unseen evaluation groups" in report
     # the compute-matched baseline takes FedAvg's gradient steps per round (2 local steps x 8 clients)
     assert [summaries[(m, 0)]["total_grad_steps"] for m in ("fedavg", "centralized_matched", "centralized")] == [
