@@ -25,7 +25,6 @@ from models.gpo import GPO
 from utils.metrics import score_questions
 
 from .embedding import TextEmbedder
-from .export import FORMAT, export_config
 from .items import Answer, Question, to_answers, to_llm_answers, to_questions
 from .loading import (RunData, build_model, check_emb_override, embedding_of, gpo_config, load_run_data,
                       read_json, read_run_config, read_weights)
@@ -71,6 +70,7 @@ class GroupPredictor:
         embedder = TextEmbedder(emb_name, emb["prompt_style"], model.config.dim_x, cache_dir=cache_dir,
                                 device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
                                 load_in_8bit=bool(config.get("emb_load_in_8bit", False)), log=log)
+        from .export import export_config  # lazy: `python -m inference.export` must import it first
         summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else None
         info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),
                 "config": config, "embedding": emb,
@@ -87,6 +87,7 @@ class GroupPredictor:
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "final", **kwargs: Any) -> "GroupPredictor":
         """A run folder (from_run) or an exported folder (from_pretrained), whichever `path` is."""
+        from .export import FORMAT
         config = Path(path) / "config.json"
         if config.is_file() and read_json(config, "config").get("format") == FORMAT:
             kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "emb_model", "device", "log")}
