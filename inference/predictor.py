@@ -96,6 +96,7 @@ class GroupPredictor:
 
     @staticmethod
     def _run_data(config: dict, data_path, cache_dir, emb_model: str, mode, log: Log) -> RunData | None:
+        log(f"reading the run's {config.get('dataset')} data, to give its questions the run's own vectors")
         try:
             return load_run_data(config, data_path=data_path, cache_dir=cache_dir, emb_model=emb_model,
                                  log=_quiet)
