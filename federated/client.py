@@ -7,12 +7,12 @@ process hosting many clients keeps one model, not one per client.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from data_loaders.episodes import EpisodeSizes, episode_token_counts
-from data_loaders.schema import GroupData
+from data_loaders.schema import DataError, GroupData
 from models.gpo import GPO
 from training.evaluation import GroupEval, context_questions, score_group
 from training.local import OptimConfig, OptimState, local_train
@@ -54,6 +54,10 @@ class FitResult:
     episode_points: int         # points in the first local episode (released code's weight)
     losses: list[float]
     points: int = 0             # real points over all local episodes this round
+    metrics: dict[str, float] = field(default_factory=dict)  # what the strategy asked for (fit_config)
+
+
+HELDOUT_ALIGNMENT = "heldout_alignment"
 
 
 class GroupClient:
@@ -75,15 +79,31 @@ class GroupClient:
     def num_examples(self) -> int:
         return self.local.num_questions
 
-    def fit(self, model: GPO, global_state: dict, round_: int) -> FitResult:
-        """Load the global weights, run `epochs` local steps, return the new weights."""
+    def fit(self, model: GPO, global_state: dict, round_: int, fit_config: dict | None = None) -> FitResult:
+        """Load the global weights, run `epochs` local steps, return the new weights.
+
+        `fit_config` is what the server's strategy sends with the weights: `proximal_mu`
+        (FedProx's local term) and `metrics`, the numbers it wants back, computed here from
+        the global weights before training (`heldout_alignment`: 1 − mean distance on this
+        group's own held-out questions)."""
+        fit_config = fit_config or {}
+        metrics = {}
+        if HELDOUT_ALIGNMENT in fit_config.get("metrics", ()):
+            scored = self.evaluate(model, global_state, round_)
+            if scored is None:
+                raise DataError(f"client {self.name!r} has no held-out questions to report {HELDOUT_ALIGNMENT}",
+                                "lower --data_split so each training group keeps some questions back")
+            metrics[HELDOUT_ALIGNMENT] = scored.score
         model.load_state_dict(global_state)
+        mu = float(fit_config.get("proximal_mu", 0.0))
+        anchor = {k: v.detach().clone() for k, v in global_state.items()} if mu > 0 else None
         gen = generator(self.cfg.seed, "episodes", self.name, round_)
         with seeded_dropout(model, self.cfg.seed, self.name, round_):
             res = local_train(model, self.local, self.cfg.epochs, self.cfg.sizes, self.cfg.optim,
-                              self.optim_state, gen)
+                              self.optim_state, gen, proximal=(mu, anchor) if anchor is not None else None)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points)
+        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points,
+                         metrics)
 
     def round_episodes(self, round_: int) -> list[tuple[int, int]]:
         """(context, target) points of the episodes fit(..., round_) trains on, replayed from the

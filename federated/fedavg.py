@@ -16,6 +16,7 @@ from utils.seeding import generator
 
 from .aggregation import aggregation_weights, sample_clients, weighted_average
 from .client import ClientConfig, FitResult, GroupClient
+from .server import ServerRules
 from .thread_engine import ThreadClientEngine, default_workers
 from .vmap_engine import VmapClientEngine
 
@@ -85,6 +86,16 @@ def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
                         "use --client_engine loop with dropout (the paper uses --dropout 0)")
 
 
+def check_engine_strategy(engine: str, server: ServerRules) -> None:
+    """The vmap engine trains every client in one batched computation outside GroupClient.fit,
+    so it sends no fit config: no proximal term and no metrics for the strategy."""
+    fit_config = server.fit_config(1)
+    if engine == "vmap" and (fit_config.get("proximal_mu") or fit_config.get("metrics")):
+        raise DataError(f"--strategy {server.strategy.name} needs each client's fit config (proximal term or "
+                        "held-out alignment), which --client_engine vmap does not run",
+                        "use --client_engine loop or threads with this strategy")
+
+
 def check_min_clients(min_clients: int, sampled: int) -> None:
     if min_clients > sampled:
         raise DataError(f"--min_clients {min_clients} exceeds the {sampled} client(s) sampled per round",
@@ -96,8 +107,10 @@ class FedAvgTrainer:
 
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
-                 client_engine: str = "loop", vmap_chunk: int = 0, client_workers: int = 0):
-        self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
+                 client_engine: str = "loop", vmap_chunk: int = 0, client_workers: int = 0,
+                 server: ServerRules | None = None):
+        self.cfg, self.client_fraction = cfg, client_fraction
+        self.server = server or ServerRules(weighting=weighting)
         self.device = torch.device(device)
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
@@ -105,6 +118,7 @@ class FedAvgTrainer:
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
         check_client_engine(self.client_engine, model_cfg)
+        check_engine_strategy(self.client_engine, self.server)
         self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if self.client_engine == "vmap" else None
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)
@@ -112,20 +126,18 @@ class FedAvgTrainer:
     def train_round(self, round_: int) -> dict:
         names = sample_clients(list(self.clients), self.client_fraction,
                                generator(self.cfg.seed, "client_sampling", round_))
+        fit_config = self.server.fit_config(round_)
         if self.vmap is not None:
             results = self.vmap.fit([self.clients[n] for n in names], self.global_state, round_,
                                     self.cfg.epochs, self.cfg.seed)
         elif self.threads is not None:
-            results = self.threads.fit([self.clients[n] for n in names], self.global_state, round_)
+            results = self.threads.fit([self.clients[n] for n in names], self.global_state, round_, fit_config)
         else:
-            results = [self.clients[n].fit(self.model, self.global_state, round_) for n in names]
+            results = [self.clients[n].fit(self.model, self.global_state, round_, fit_config) for n in names]
         check_replies(round_, results)
         self.last_client_states = {r.name: r.state for r in results}  # for --save_client
-        self.global_state = self.aggregate(results)
-        return round_stats(results)
-
-    def aggregate(self, results: list[FitResult]) -> dict[str, torch.Tensor]:
-        return aggregate(results, self.weighting)
+        self.global_state = self.server.aggregate(self.global_state, results, round_)
+        return {**round_stats(results), "server": self.server.info()}
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         return evaluate_clients(self.model, self.global_state, self.eval_clients, self.clients, round_)
@@ -134,11 +146,13 @@ class FedAvgTrainer:
         self.global_state = {k: v.to(self.device) for k, v in weights.items()}
 
     def state_dict(self) -> dict:
-        return {"clients": {n: c.state_dict() for n, c in self.clients.items()}}
+        return {"clients": {n: c.state_dict() for n, c in self.clients.items()}, "server": self.server.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         for n, s in state["clients"].items():
             self.clients[n].load_state_dict(s)
+        if "server" in state:  # checkpoints from before strategies existed hold plain FedAvg (no state)
+            self.server.load_state_dict(state["server"])
 
 
 def evaluate_clients(model: GPO, global_state: dict, eval_clients: dict, train_clients: dict,

@@ -27,6 +27,8 @@ import torch
 
 from data_loaders.schema import DataError
 
+from training.local import proximal_penalty  # noqa: F401 - the client side of fedprox, kept with local steps
+
 from .aggregation import aggregation_weights, weighted_average
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median")
@@ -67,20 +69,6 @@ class StrategyConfig:
 
 
 # --- pure rules ------------------------------------------------------------------------
-
-def proximal_penalty(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor],
-                     mu: float) -> torch.Tensor:
-    """FedProx's (mu/2)·||w - w_global||² over the floating tensors of `params`, differentiable
-    in `params` only (the anchor is the global weights the client received)."""
-    ref = next(iter(params.values()))
-    total = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    if mu == 0:
-        return total
-    for key, p in params.items():
-        if p.is_floating_point():
-            total = total + (p - anchor[key].detach().to(p.dtype)).pow(2).sum()
-    return 0.5 * mu * total
-
 
 def float_keys(state: Tensors) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]

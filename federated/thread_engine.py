@@ -50,11 +50,12 @@ class ThreadClientEngine:
             self._models.put(GPO(model_cfg).to(device))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="client")
 
-    def fit(self, clients: list[GroupClient], global_state: dict, round_: int) -> list[FitResult]:
+    def fit(self, clients: list[GroupClient], global_state: dict, round_: int,
+            fit_config: dict | None = None) -> list[FitResult]:
         def run(client: GroupClient) -> FitResult:
             model = self._models.get()
             try:
-                return client.fit(model, global_state, round_)
+                return client.fit(model, global_state, round_, fit_config)
             finally:
                 self._models.put(model)
 

@@ -10,6 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from .node import handle_evaluate, handle_query, handle_train
+from .secagg_client import make_secagg_mod
 
 
 def make_client_app(partition_groups: list[str] | None = None) -> ClientApp:
@@ -19,7 +20,9 @@ def make_client_app(partition_groups: list[str] | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, partition_groups)
 
-    @app.train()
+    # The SecAgg+ mod passes ordinary train messages through untouched; with --secagg it runs
+    # Flower's SecAgg+ stages around this handler (flower_app/secagg_client.py).
+    @app.train(mods=[make_secagg_mod(partition_groups)])
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, partition_groups)
 

@@ -19,7 +19,8 @@ from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
 from federated.client import ClientConfig
-from federated.fedavg import aggregate, check_min_clients, check_replies, init_global_state, round_stats
+from federated.fedavg import check_min_clients, check_replies, init_global_state, round_stats
+from federated.server import ServerRules
 from models.gpo import GPOConfig
 from training.evaluation import GroupEval
 from utils.seeding import generator
@@ -161,9 +162,10 @@ class FlowerTrainer:
 
     def __init__(self, data: FederatedData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, min_clients: int = 1,
-                 round_timeout: float = 0.0):
+                 round_timeout: float = 0.0, server: ServerRules | None = None):
         self.grid, self.setup, self.nodes = data.grid, data.setup, dict(data.nodes)
         self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
+        self.server = server or ServerRules(weighting=weighting)
         self.min_clients, self.log = max(1, min_clients), data.log
         self.timeout = round_timeout if round_timeout > 0 else None
         self.train_names, self.eval_names = sorted(data.train), sorted(data.eval)
@@ -175,9 +177,10 @@ class FlowerTrainer:
         n = len(sample_clients(self.train_names, client_fraction, generator(cfg.seed, "client_sampling", 1)))
         check_min_clients(self.min_clients, n)
 
-    def _ask(self, kind: str, names: list[str], round_: int) -> dict[str, Message]:
+    def _ask(self, kind: str, names: list[str], round_: int, fit_config: dict | None = None) -> dict[str, Message]:
         """Send `kind` to each group's node; return the good replies, log and record the rest."""
-        msgs = {n: instruction(kind, self.nodes[n], self.setup, round_, self.global_state) for n in names}
+        msgs = {n: instruction(kind, self.nodes[n], self.setup, round_, self.global_state, fit_config)
+                for n in names}
         replies = exchange(self.grid, msgs, self.timeout)
         good = {}
         for name in names:
@@ -199,16 +202,17 @@ class FlowerTrainer:
         t0 = time.perf_counter()
         names = sample_clients(self.train_names, self.client_fraction,
                                generator(self.cfg.seed, "client_sampling", round_))
-        results = [read_fit_reply(n, m) for n, m in self._ask(TRAIN, names, round_).items()]
+        replies = self._ask(TRAIN, names, round_, self.server.fit_config(round_))
+        results = [read_fit_reply(n, m) for n, m in replies.items()]
         if len(results) < self.min_clients:
             raise DataError(f"round {round_}: {len(results)} of {len(names)} sampled clients replied, fewer than "
                             f"--min_clients {self.min_clients}; the round is not aggregated",
                             "check the SuperNodes' logs; the run folder keeps the last checkpoint")
         check_replies(round_, results)
         self.last_client_states = {r.name: r.state for r in results}
-        self.global_state = aggregate(results, self.weighting)
+        self.global_state = self.server.aggregate(self.global_state, results, round_)
         self.round_seconds.append(time.perf_counter() - t0)
-        return round_stats(results)
+        return {**round_stats(results), "server": self.server.info()}
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()
@@ -227,9 +231,11 @@ class FlowerTrainer:
 
     # The clients' Adam states live on their nodes, so a checkpoint holds only the weights.
     def state_dict(self) -> dict:
-        return {"clients": {}}
+        return {"clients": {}, "server": self.server.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("clients"):
             raise DataError("this checkpoint holds in-process clients' optimizer states",
                             "resume it with --engine inprocess")
+        if "server" in state:
+            self.server.load_state_dict(state["server"])

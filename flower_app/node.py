@@ -27,7 +27,7 @@ from training.experiment import client_config, model_config
 from utils.device import resolve_device
 
 from .protocol import (ADAM_ARRAYS, ADAM_META, NodeReport, adam_from_records, adam_to_records, eval_reply,
-                       fit_reply, query_reply, read_instruction)
+                       fit_reply, query_reply, read_fit_config, read_instruction)
 
 NODE_CONFIG_HINT = ("start the SuperNode with --node-config \"group='NAME' dataset='DATASET' "
                     "data-path='PATH'\" (see docs/federation.md)")
@@ -173,7 +173,8 @@ def handle_train(msg: Message, context: Context, partition_groups: list[str] | N
     if ADAM_ARRAYS in context.state:
         node.client.load_state_dict(adam_from_records(context.state[ADAM_ARRAYS], context.state[ADAM_META]))
     with dropout_rng(node):
-        res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_)
+        res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_,
+                              read_fit_config(msg))
     records = adam_to_records(node.client.state_dict())
     if records is not None:
         context.state[ADAM_ARRAYS], context.state[ADAM_META] = records

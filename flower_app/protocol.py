@@ -22,6 +22,7 @@ QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 WEIGHTS, CONFIG, FIT, SCORES, NODE = "weights", "config", "fit", "scores", "node"
 # Keys of the ClientApp's node-local context.state (never sent to the server).
 ADAM_ARRAYS, ADAM_META = "plurallm.adam", "plurallm.adam_meta"
+METRIC_PREFIX = "metric."  # a client's strategy metrics in its fit reply (e.g. metric.heldout_alignment)
 
 
 @dataclass
@@ -50,14 +51,17 @@ def record_weights(record: ArrayRecord) -> dict[str, torch.Tensor]:
 # --- server -> client ---------------------------------------------------------------
 
 def instruction(kind: str, node_id: int, setup: str, round_: int,
-                state: dict[str, torch.Tensor] | None = None) -> Message:
+                state: dict[str, torch.Tensor] | None = None, fit_config: dict | None = None) -> Message:
     """One instruction for one node; `group_id` is the round, as Flower's strategies use it.
 
     Every instruction carries the whole setup (the run's flags and group lists, a few
     hundred bytes) so a node needs no memory of earlier messages to act on it: Flower's
     deployment runtime starts a fresh ClientApp process for every message.
     """
-    content = RecordDict({CONFIG: ConfigRecord({"setup": setup, "round": round_})})
+    config = {"setup": setup, "round": round_}
+    if fit_config:  # the strategy's per-round instructions (proximal term, metrics wanted back)
+        config["fit_config"] = json.dumps(fit_config, sort_keys=True)
+    content = RecordDict({CONFIG: ConfigRecord(config)})
     if state is not None:
         content[WEIGHTS] = weights_record(state)
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(round_))
@@ -68,6 +72,11 @@ def read_instruction(msg: Message) -> tuple[dict, int, dict[str, torch.Tensor] |
     cfg = msg.content[CONFIG]
     state = record_weights(msg.content[WEIGHTS]) if WEIGHTS in msg.content else None
     return json.loads(str(cfg["setup"])), int(cfg["round"]), state
+
+
+def read_fit_config(msg: Message) -> dict:
+    cfg = msg.content[CONFIG]
+    return json.loads(str(cfg["fit_config"])) if "fit_config" in cfg else {}
 
 
 # --- client -> server ---------------------------------------------------------------
@@ -88,14 +97,16 @@ def read_query_reply(msg: Message) -> NodeReport:
 
 def fit_reply(msg: Message, res: FitResult) -> Message:
     metrics = MetricRecord({"num_examples": res.num_examples, "episode_points": res.episode_points,
-                            "points": res.points, "losses": [float(x) for x in res.losses]})
+                            "points": res.points, "losses": [float(x) for x in res.losses],
+                            **{f"{METRIC_PREFIX}{k}": float(v) for k, v in res.metrics.items()}})
     return Message(RecordDict({WEIGHTS: weights_record(res.state), FIT: metrics}), reply_to=msg)
 
 
 def read_fit_reply(name: str, msg: Message) -> FitResult:
     m = msg.content[FIT]
+    metrics = {k[len(METRIC_PREFIX):]: float(v) for k, v in m.items() if k.startswith(METRIC_PREFIX)}
     return FitResult(name, record_weights(msg.content[WEIGHTS]), int(m["num_examples"]),
-                     int(m["episode_points"]), [float(x) for x in m["losses"]], int(m["points"]))
+                     int(m["episode_points"]), [float(x) for x in m["losses"]], int(m["points"]), metrics)
 
 
 def eval_reply(msg: Message, result: GroupEval | None) -> Message:

@@ -64,6 +64,9 @@ def check_secagg_flags(args) -> None:
     if strategy != "fedavg":
         raise DataError(f"--strategy {strategy} with --secagg: the server sees only the weighted sum of the "
                         "clients' weights, so only FedAvg's weighted average is available", "use --strategy fedavg")
+    if getattr(args, "byzantine", 0):
+        raise DataError("--byzantine simulates attackers by replacing replies at the server, which under --secagg "
+                        "sees only their sum", "drop --byzantine, or drop --secagg")
     if getattr(args, "save_client", False):
         raise DataError("--save_client writes each client's weights, which --secagg keeps from the server",
                         "drop --save_client, or drop --secagg")

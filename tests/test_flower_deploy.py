@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -131,34 +130,12 @@ def test_killed_supernode_is_left_out_and_the_run_continues(federation, tmp_path
 
 # --- SecAgg+ on the real processes ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def secagg_app(tmp_path_factory) -> Path:
-    """This project as `flwr run` bundles it (its Python sources), with the SecAgg+ apps as components.
-
-    Until main_fl.py's parser has --secagg and flower_app.client_app wraps its train handler in
-    the SecAgg+ mod, flower_app.secagg_app provides both apps; the FAB is otherwise the same.
-    """
-    app = tmp_path_factory.mktemp("fab") / "plurallm_secagg"
-    tops = [t for t in REPO.iterdir() if not t.name.startswith(".") and t.name not in ("tests", "benchmarks", "runs")]
-    for src in [t for t in tops if t.suffix == ".py"] + [f for t in tops if t.is_dir() for f in t.rglob("*.py")]:
-        rel = src.relative_to(REPO)
-        (app / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, app / rel)
-    text = (REPO / "pyproject.toml").read_text()
-    text = text.replace('"flower_app.server_app:app"', '"flower_app.secagg_app:server_app"')
-    text = text.replace('"flower_app.client_app:app"', '"flower_app.secagg_app:client_app"')
-    lines = [line for line in text.splitlines() if not line.startswith("fab-exclude")]  # no tests/ here
-    (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    return app
-
-
-def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_engine(federation, secagg_app,
-                                                                                      tmp_path):
+def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_engine(federation, tmp_path):
     """One SecAgg+ round (4 messages per client) on the real processes: the aggregate is the in-process
     engine's FedAvg within the quantisation step (16 / 2**22 = 3.8e-6), and the run folder is complete."""
     out = tmp_path / "secagg"
     run_id = federation.run([*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--secagg",
-                             "--out_dir", str(out)], app=secagg_app)
+                             "--out_dir", str(out)])
     # 7 messages per node instead of 4 (query, evaluation, 4 SecAgg+ stages, evaluation): about 40 s of
     # CPU, several minutes of wall time on 2 cores shared with other jobs
     wait(federation, "the SecAgg+ run to finish", (out / "federation.json").exists, deadline=3 * RUN_DEADLINE_S)

@@ -32,7 +32,8 @@ from data_loaders.schema import DataError
 from federated.fedavg import aggregate
 from flower_app.federation import discover, federated_data, make_setup, resolve_groups
 from flower_app.secagg import check_secagg_flags
-from flower_app.secagg_app import make_secagg_client_app, secagg_parser
+from flower_app.client_app import make_client_app
+from utils.cli import build_parser
 from flower_app.secagg_server import effective_shares, make_secagg_trainer
 from training.experiment import client_config, main, model_config
 from utils.checkpoint import load_checkpoint
@@ -98,8 +99,8 @@ def client_updates(monkeypatch):
     seen: dict[tuple[str, int], client_mod.FitResult] = {}
     fit = client_mod.GroupClient.fit
 
-    def recording_fit(self, model, global_state, round_):
-        res = fit(self, model, global_state, round_)
+    def recording_fit(self, model, global_state, round_, fit_config=None):
+        res = fit(self, model, global_state, round_, fit_config)
         seen[(res.name, round_)] = res
         return res
 
@@ -108,7 +109,7 @@ def client_updates(monkeypatch):
 
 
 def parse(out, *extra):
-    return secagg_parser().parse_args([*SMALL, "--out_dir", str(out), "--engine", "flower", "--secagg", *extra])
+    return build_parser("fedavg").parse_args([*SMALL, "--out_dir", str(out), "--engine", "flower", "--secagg", *extra])
 
 
 def secure_trainer(tmp_path, *extra, app=None):
@@ -117,7 +118,7 @@ def secure_trainer(tmp_path, *extra, app=None):
     args = parse(tmp_path / "unused", *extra)
     check_secagg_flags(args)
     train, evals = resolve_groups(args)
-    grid = WireGrid(app or make_secagg_client_app(train + evals), train + evals)
+    grid = WireGrid(app or make_client_app(train + evals), train + evals)
     metric = resolve_metric(args)
     setup = make_setup(args, metric, train, evals)
     reports = discover(grid, setup, train + evals, 5, log=lambda *a: None)
@@ -197,14 +198,14 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
     the quantisation."""
     from flwr.simulation import run_simulation
 
-    from flower_app.secagg_app import make_secagg_server_app
+    from flower_app.server_app import make_server_app
     from flower_app.simulation import backend_config, use_backend
     ref, out = tmp_path / "inprocess", tmp_path / "secagg"
     assert main("fedavg", [*SMALL, "--out_dir", str(ref)]) == 0
     args = parse(out, "--sim_client_cpus", "0.5")  # 4 nodes at once on 2 cores
     with use_backend("thread"):
-        run_simulation(server_app=make_secagg_server_app(args, runtime="simulation-thread"),
-                       client_app=make_secagg_client_app(TRAIN + EVAL), num_supernodes=len(TRAIN + EVAL),
+        run_simulation(server_app=make_server_app(args, runtime="simulation-thread"),
+                       client_app=make_client_app(TRAIN + EVAL), num_supernodes=len(TRAIN + EVAL),
                        backend_config=backend_config(args))
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in ref.iterdir()] + ["federation.json"])
     config = json.loads((out / "config.json").read_text())
@@ -225,7 +226,7 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
 def test_client_dropping_out_mid_protocol_is_left_out_and_the_rest_aggregated(tmp_path, client_updates):
     """g01 fails after the key exchange; SecAgg+ rebuilds its masks from the others' shares."""
     groups = TRAIN + EVAL
-    app = make_secagg_client_app(groups)
+    app = make_client_app(groups)
     inner = app._registered_funcs["train.default"]
 
     def train(msg, context):
@@ -255,8 +256,8 @@ def test_diverged_client_stops_the_run_as_without_secagg(tmp_path, monkeypatch):
     from training.local import DivergenceError
     fit = client_mod.GroupClient.fit
 
-    def nan_fit(self, model, global_state, round_):
-        res = fit(self, model, global_state, round_)
+    def nan_fit(self, model, global_state, round_, fit_config=None):
+        res = fit(self, model, global_state, round_, fit_config)
         if res.name == "g01":
             next(iter(res.state.values()))[0] = float("nan")
         return res
@@ -292,7 +293,7 @@ def test_too_few_clients_for_a_secure_sum_are_refused_before_training(tmp_path):
 def test_bad_secagg_flags_are_refused_with_a_hint(flags, message):
     """Flags of other modules (--dp, --strategy) are set on the namespace as their parsers would."""
     cli = flags if isinstance(flags, list) else []
-    args = secagg_parser().parse_args(["--engine", "flower", "--secagg", *cli])
+    args = build_parser("fedavg").parse_args(["--engine", "flower", "--secagg", *cli])
     if isinstance(flags, dict):
         vars(args).update(flags)
     with pytest.raises(DataError, match=message) as err:
@@ -301,11 +302,11 @@ def test_bad_secagg_flags_are_refused_with_a_hint(flags, message):
 
 
 def test_flags_parse_counts_or_fractions_and_need_secagg():
-    args = secagg_parser().parse_args(["--secagg_num_shares", "5", "--secagg_threshold", "0.5"])
+    args = build_parser("fedavg").parse_args(["--secagg_num_shares", "5", "--secagg_threshold", "0.5"])
     assert (args.secagg, args.secagg_num_shares, args.secagg_threshold) == (False, 5, 0.5)
     check_secagg_flags(args)  # without --secagg nothing is checked
     with pytest.raises(SystemExit):
-        secagg_parser().parse_args(["--secagg_num_shares", "many"])
+        build_parser("fedavg").parse_args(["--secagg_num_shares", "many"])
     # what Flower's workflow makes of them (flwr 1.41 SecAggPlusWorkflow.setup_stage)
     assert effective_shares(1.0, 0.67, 3) == (3, 2) and effective_shares(1.0, 0.67, 8) == (8, 5)
     assert effective_shares(3, 2, 8) == (3, 2) and effective_shares(0.5, 1.0, 8) == (5, 5)

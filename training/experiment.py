@@ -14,7 +14,12 @@ from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
 from federated.client import ClientConfig
+from federated.attacks import check_attack_flags
 from federated.fedavg import FedAvgTrainer, check_min_clients, resolve_client_engine
+from federated.privacy import check_privacy_flags
+from federated.server import build_server
+from federated.strategies import check_strategy_flags
+from flower_app.secagg import check_secagg_flags
 from models.gpo import GPOConfig
 from training.centralized import CentralizedTrainer
 from training.local import OptimConfig
@@ -97,6 +102,9 @@ def check_finite_flags(args) -> None:
 def check_flags(args) -> None:
     """Flag values that are wrong whatever the data; checked before anything is loaded or written."""
     check_finite_flags(args)
+    if hasattr(args, "strategy"):  # FedAvg's server rules; the client count is checked after loading
+        check_server_flags(args, num_train=None)
+        check_secagg_flags(args)
     for flag, ok, need in _FLAG_RULES:
         value = getattr(args, flag, None)
         if value is not None and not ok(value):
@@ -137,6 +145,16 @@ def check_question_counts(args, counts: dict[str, int], train: list[str], evals:
                             "lower --eval_num_qs, or leave the group out with --eval_groups")
 
 
+def check_server_flags(args, num_train: int | None, log=None) -> None:
+    """Strategy, attack and DP flags; with `num_train` unknown (before loading) only the checks
+    that need no client count run, so a bad flag fails before minutes of embedding."""
+    n = num_train if num_train is not None else 1 << 30
+    warnings = [*check_strategy_flags(args, n), *check_attack_flags(args, n), *check_privacy_flags(args, n)]
+    if log is not None and num_train is not None:
+        for w in warnings:
+            log(f"warning: {w}")
+
+
 def validate(args, data: ExperimentData, metric: str) -> None:
     """Fail before training on anything that would fail (or mean nothing) later."""
     if metric == "wasserstein" and not data.has_ordinals:
@@ -144,19 +162,25 @@ def validate(args, data: ExperimentData, metric: str) -> None:
                         "use --metric jsd")
     counts = {n: g.num_questions for n, g in {**data.train, **data.eval}.items()}
     check_question_counts(args, counts, sorted(data.train), sorted(data.eval))
+    if hasattr(args, "strategy"):
+        check_server_flags(args, len(data.train), log=print)
 
 
 def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, device):
     mcfg = model_config(args, data.dim_x)
+    server = build_server(args, sorted(data.train), args.comm_round) if method == "fedavg" else None
     if method == "fedavg" and getattr(args, "engine", "inprocess") == "flower":
+        if getattr(args, "secagg", False):
+            from flower_app.secagg_server import make_secagg_trainer
+            return make_secagg_trainer(args, data, cfg, mcfg)
         from flower_app.federation import FlowerTrainer  # data: FederatedData from the ServerApp
         return FlowerTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
-                             min_clients=args.min_clients, round_timeout=args.round_timeout)
+                             min_clients=args.min_clients, round_timeout=args.round_timeout, server=server)
     if method == "fedavg":
         check_sample_size(args, len(data.train))
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
                              device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk,
-                             client_workers=args.client_workers)
+                             client_workers=args.client_workers, server=server)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
                               train_batch_size=args.train_batch_size,
                               central_steps=getattr(args, "central_steps", 1), device=device)

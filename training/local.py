@@ -78,13 +78,35 @@ def make_adam(model: GPO, cfg: OptimConfig, state: OptimState) -> torch.optim.Ad
     return opt
 
 
-def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, state: OptimState) -> float:
-    """One optimizer step on one (batched) episode; advances the schedule."""
+def proximal_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                     mu: float) -> torch.Tensor:
+    """FedProx's (mu/2)·||w - w_global||² over the floating tensors of `params`, differentiable
+    in `params` only (the anchor is the global weights the client received)."""
+    ref = next(iter(params.values()))
+    total = torch.zeros((), dtype=ref.dtype, device=ref.device)
+    if mu == 0:
+        return total
+    for key, p in params.items():
+        if p.is_floating_point():
+            total = total + (p - anchor[key].detach().to(p.dtype)).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, state: OptimState,
+              proximal: tuple[float, dict] | None = None) -> float:
+    """One optimizer step on one (batched) episode; advances the schedule. With `proximal`
+    (mu, anchor) the FedProx term joins the objective; the returned loss is the model's alone,
+    so curves compare across strategies."""
     for group in opt.param_groups:
         group["lr"] = cosine_lr(state.step, cfg)
     opt.zero_grad(set_to_none=True)
     loss = model.loss(episode)
-    loss.backward()
+    if proximal is not None:
+        mu, anchor = proximal
+        loss_total = loss + proximal_penalty(dict(model.named_parameters()), anchor, mu)
+    else:
+        loss_total = loss
+    loss_total.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
@@ -98,7 +120,7 @@ def episode_points(ep) -> int:
 
 
 def local_train(model: GPO, data: GroupData, steps: int, sizes: EpisodeSizes, cfg: OptimConfig,
-                state: OptimState, gen: torch.Generator) -> LocalResult:
+                state: OptimState, gen: torch.Generator, proximal: tuple[float, dict] | None = None) -> LocalResult:
     """`steps` local steps, one sampled episode each (method.md §5). Updates `state` in place."""
     model.train()
     opt = make_adam(model, cfg, state)
@@ -109,6 +131,6 @@ def local_train(model: GPO, data: GroupData, steps: int, sizes: EpisodeSizes, cf
         result.points += points
         if i == 0:
             result.first_episode_points = points
-        result.losses.append(adam_step(model, opt, ep, cfg, state))
+        result.losses.append(adam_step(model, opt, ep, cfg, state, proximal))
     state.adam = opt.state_dict()
     return result

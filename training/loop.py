@@ -238,6 +238,9 @@ class RunLoop:
         alias_checkpoint(self.ckpt_dir, round_tag(self.cfg.rounds), "final", {"wall_time_s": round(wall, 3)})
         summary = build_summary(records, losses, self.cfg, wall)
         self.run_dir.write_summary(summary)
+        if self.cfg.plots:
+            from reporting.run_figures import write_run_figures  # matplotlib only when figures are wanted
+            write_run_figures(self.run_dir.path)
         self.wandb.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
         last = records[-1]
         self.log(format_group_table(last["eval_group_scores"], last["train_group_scores"],

@@ -9,6 +9,10 @@ import argparse
 
 from data_loaders.datasets import DATASETS
 from federated.aggregation import WEIGHTINGS
+from federated.attacks import add_attack_arguments
+from federated.privacy import add_privacy_arguments
+from federated.strategies import add_strategy_arguments
+from flower_app.secagg import add_secagg_arguments
 from federated.fedavg import CLIENT_ENGINES
 from models.gpo import LAYER_INITS, LOSS_REDUCTIONS
 from training.centralized import CENTRAL_MODES
@@ -140,6 +144,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="auto: wasserstein for opinionqa (ordinal options), jsd otherwise")
 
     if method == "fedavg":
+        add_strategy_arguments(p.add_argument_group("aggregation strategy (federated/strategies.py, README: Strategies)"))
+        add_attack_arguments(p.add_argument_group("simulated Byzantine clients (federated/attacks.py)"))
+        add_privacy_arguments(p.add_argument_group("client-level differential privacy (federated/privacy.py)"))
         f = p.add_argument_group("federation engine (flower_app/, docs/federation.md)")
         f.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"),
                        help="inprocess: every client in this process; flower: every group a Flower node, "
@@ -159,6 +166,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                        help="flower simulation: CPU cores per virtual client (sets how many run at once: cores / this)")
         f.add_argument("--sim_client_gpus", type=float, default=0.0,
                        help="flower simulation, ray backend: GPUs reserved per virtual client (0.25 shares one GPU by 4)")
+        add_secagg_arguments(f)
 
     o = p.add_argument_group("output")
     o.add_argument("--out_dir", default=None, help="run folder (default runs/<timestamp>_<method>_s<seed>)")
