@@ -34,13 +34,15 @@ def choose_byzantine(names: Sequence[str], count: int, seed: int) -> list[str]:
 def corrupt_state(global_state: Tensors, client_state: Tensors, attack: str, *, scale: float, std: float,
                   gen: torch.Generator | None = None) -> Tensors:
     """The weights a Byzantine client sends instead of `client_state` (float64 math, dtypes kept).
-    Noise is drawn on the CPU in the state's key order, so every device gets the same values."""
+    Noise is drawn on the CPU in sorted key order, so every device and engine (a state dict's
+    order changes through checkpoints and Flower records) gets the same values."""
     if attack not in ATTACKS:
         raise ValueError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)}")
     if attack == "gaussian" and gen is None:
         raise ValueError("the gaussian attack needs a generator")
     out = {}
-    for key, wk in client_state.items():
+    for key in sorted(client_state):
+        wk = client_state[key]
         if not wk.is_floating_point():
             out[key] = wk.clone()
             continue

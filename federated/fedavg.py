@@ -86,12 +86,11 @@ def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
                         "use --client_engine loop with dropout (the paper uses --dropout 0)")
 
 
-def check_engine_strategy(engine: str, server: ServerRules) -> None:
+def check_engine_strategy(engine: str, strategy) -> None:
     """The vmap engine trains every client in one batched computation outside GroupClient.fit,
     so it sends no fit config: no proximal term and no metrics for the strategy."""
-    fit_config = server.fit_config(1)
-    if engine == "vmap" and (fit_config.get("proximal_mu") or fit_config.get("metrics")):
-        raise DataError(f"--strategy {server.strategy.name} needs each client's fit config (proximal term or "
+    if engine == "vmap" and (strategy.client_config(1).get("proximal_mu") or strategy.required_metrics):
+        raise DataError(f"--strategy {strategy.name} needs each client's fit config (proximal term or "
                         "held-out alignment), which --client_engine vmap does not run",
                         "use --client_engine loop or threads with this strategy")
 
@@ -118,7 +117,7 @@ class FedAvgTrainer:
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
         check_client_engine(self.client_engine, model_cfg)
-        check_engine_strategy(self.client_engine, self.server)
+        check_engine_strategy(self.client_engine, self.server.strategy)
         self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if self.client_engine == "vmap" else None
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)

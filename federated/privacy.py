@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from data_loaders.schema import DataError
+from training.local import StopTraining
 from utils.seeding import generator
 
 from .strategies import Strategy, Tensors, float_keys
@@ -28,7 +29,7 @@ DP_STRATEGIES = ("fedavg", "fedprox")   # averaging rules whose sensitivity is S
 OPACUS_HINT = "pip install opacus==1.6.0 (the RDP accountant; it leaves torch as it is)"
 
 
-class PrivacyBudgetExhausted(DataError):
+class PrivacyBudgetExhausted(DataError, StopTraining):
     """The next release would spend more than --dp_epsilon."""
 
 
@@ -45,7 +46,7 @@ def client_update(global_state: Tensors, client_state: Tensors) -> Tensors:
 
 
 def l2_norm(update: Tensors) -> float:
-    return math.sqrt(sum(float(d.pow(2).sum()) for d in update.values()))
+    return math.sqrt(sum(float(update[k].pow(2).sum()) for k in sorted(update)))
 
 
 def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
@@ -56,8 +57,10 @@ def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
 
 
 def gaussian_noise(like: Tensors, std: float, gen: torch.Generator) -> Tensors:
-    """N(0, std²) per coordinate in float64, drawn on the CPU in key order (same on every device)."""
-    return {k: (std * torch.randn(v.shape, generator=gen, dtype=torch.float64)).to(v.device) for k, v in like.items()}
+    """N(0, std²) per coordinate in float64, drawn on the CPU in sorted key order: a state dict's
+    order changes on its way through a checkpoint or a Flower record, the noise must not."""
+    return {k: (std * torch.randn(like[k].shape, generator=gen, dtype=torch.float64)).to(like[k].device)
+            for k in sorted(like)}
 
 
 def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,

@@ -144,7 +144,7 @@ def qffl_update(global_state: Tensors, states: Sequence[Tensors], losses: Sequen
         if not f > 0:
             raise ValueError(f"q-FFL needs every F_k > 0, got {f}")
         delta = {k: lipschitz * (w[k] - state[k].to(torch.float64)) for k in keys}
-        norm2 = sum(float(d.pow(2).sum()) for d in delta.values())
+        norm2 = sum(float(delta[k].pow(2).sum()) for k in sorted(delta))
         f_q = math.pow(f, q)
         sum_h += q * math.pow(f, q - 1) * norm2 + lipschitz * f_q
         for k in keys:

@@ -15,10 +15,10 @@ from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
 from federated.client import ClientConfig
 from federated.attacks import check_attack_flags
-from federated.fedavg import FedAvgTrainer, check_min_clients, resolve_client_engine
-from federated.privacy import check_privacy_flags
+from federated.fedavg import FedAvgTrainer, check_engine_strategy, check_min_clients, resolve_client_engine
+from federated.privacy import build_dp, check_privacy_flags
 from federated.server import build_server
-from federated.strategies import check_strategy_flags
+from federated.strategies import build_strategy, check_strategy_flags
 from flower_app.secagg import check_secagg_flags
 from models.gpo import GPOConfig
 from training.centralized import CentralizedTrainer
@@ -149,10 +149,14 @@ def check_server_flags(args, num_train: int | None, log=None) -> None:
     """Strategy, attack and DP flags; with `num_train` unknown (before loading) only the checks
     that need no client count run, so a bad flag fails before minutes of embedding."""
     n = num_train if num_train is not None else 1 << 30
+    check_engine_strategy(getattr(args, "client_engine", "auto"), build_strategy(args))
     warnings = [*check_strategy_flags(args, n), *check_attack_flags(args, n), *check_privacy_flags(args, n)]
-    if log is not None and num_train is not None:
-        for w in warnings:
-            log(f"warning: {w}")
+    if num_train is None:
+        return
+    if getattr(args, "dp", False):  # refuses a run whose rounds would spend more than --dp_epsilon
+        build_dp(args, build_strategy(args), num_train, args.comm_round)
+    for w in warnings if log is not None else ():
+        log(f"warning: {w}")
 
 
 def validate(args, data: ExperimentData, metric: str) -> None:

@@ -24,6 +24,11 @@ class OptimConfig:
     grad_clip: float = 0.0  # max L2 norm of one step's gradient (0 = off, the paper)
 
 
+class StopTraining(Exception):
+    """A clean early end of a run, not a failure (e.g. the privacy budget is spent): the run
+    loop evaluates the last trained round and finishes the run folder there."""
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or weights; names the round and the client."""
 

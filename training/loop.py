@@ -15,6 +15,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from training.evaluation import GroupEval
+from training.local import StopTraining
 from utils.checkpoint import (alias_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints,
                               round_tag, save_checkpoint)
 from utils.console import format_group_table
@@ -86,7 +87,7 @@ class ProgressLines:
         self.enabled = (not sys.stderr.isatty()) if enabled is None else enabled
         self.t0 = time.perf_counter()
 
-    def __call__(self, rnd: int, loss: float, rec: dict | None, last: dict | None) -> None:
+    def __call__(self, rnd: int, loss: float, rec: dict | None, last: dict | None, server: dict | None = None) -> None:
         if not self.enabled or not (rec is not None or (self.every and rnd % self.every == 0)):
             return
         per = (time.perf_counter() - self.t0) / max(1, rnd - self.start)
@@ -97,6 +98,8 @@ class ProgressLines:
             parts.append(f"eval alignment {shown['eval_alignment_score']:.4f}"
                          + (f" (worst group {worst:.4f})" if worst is not None else "")
                          + ("" if rec is not None else f" at round {shown['round']}"))
+        if server and "dp_epsilon" in server:
+            parts.append(f"ε {server['dp_epsilon']:.2f}")
         parts.append(f"{per:.2f} s/round, ETA {_duration(per * (self.rounds - rnd))}")
         self.log(" | ".join(parts))
 
@@ -110,6 +113,8 @@ class RunLoop:
         self.best: tuple[float, int] | None = None  # (mean eval alignment, round) of --keep_best
         self.current_round = 0  # what an interrupt reports
         self.resumed = False
+        self.stopped: str | None = None  # why the run ended before cfg.rounds (StopTraining)
+        self.last_round = 0
 
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -161,32 +166,47 @@ class RunLoop:
         bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=self.trainer.method,
                    unit="round", dynamic_ncols=True, disable=None)
         lines = ProgressLines(self.trainer.method, self.cfg.rounds, self.start_round, self.cfg.log_every, self.log)
-        last = None
+        last, self.last_round = None, self.start_round
         for rnd in bar:
             self.current_round = rnd
-            stats = self.trainer.train_round(rnd)
+            try:
+                stats = self.trainer.train_round(rnd)
+            except StopTraining as stop:  # nothing of round rnd was released: end at rnd - 1
+                self.stopped = f"{str(stop).splitlines()[0]} (stopped before round {rnd})"
+                self.log(f"{self.trainer.method}: {self.stopped}")
+                if window:
+                    self._evaluate(rnd - 1, window, t0)
+                break
             self.grad_steps += stats["grad_steps"]
             self.points += stats["points"]
+            server = stats.get("server") or {}  # e.g. DP: noise std, clipped clients, ε spent so far
             row = {"round": rnd, "train_loss": stats["train_loss"],
                    "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps,
-                   "points": self.points}
+                   "points": self.points, **server}
             losses.write(row)
             self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
-                            "compute/points": self.points}, step=rnd)
+                            "compute/points": self.points, **{f"server/{k}": v for k, v in server.items()}},
+                           step=rnd)
             window.append(row)
+            self.last_round = rnd
             rec = None
             if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
                 rec = self._evaluate(rnd, window, t0)
                 last, window = rec, []
-            bar.set_postfix(loss=f"{stats['train_loss']:.3f}",
-                            align="-" if last is None else f"{last['eval_alignment_score']:.4f}")
-            lines(rnd, stats["train_loss"], rec, last)
+            postfix = {"loss": f"{stats['train_loss']:.3f}",
+                       "align": "-" if last is None else f"{last['eval_alignment_score']:.4f}"}
+            if "dp_epsilon" in server:
+                postfix["eps"] = f"{server['dp_epsilon']:.2f}"
+            bar.set_postfix(postfix)
+            lines(rnd, stats["train_loss"], rec, last, server)
         losses.close()
         return self._finish(t0)
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         evals, trains = self.trainer.evaluate(rnd)
         rec = eval_record(rnd, evals, trains, window, self.grad_steps, self.points, time.perf_counter() - t0)
+        if window and "dp_epsilon" in window[-1]:
+            rec["dp_epsilon"] = window[-1]["dp_epsilon"]  # privacy spent by the weights just evaluated
         self.run_dir.log_metrics(rec)
         self.wandb.log(wandb_metrics(rec), step=rnd)
         tag = round_tag(rnd)
@@ -235,8 +255,10 @@ class RunLoop:
         for path, recs in ((self.run_dir.metrics_path, records), (self.losses_path, losses)):
             check_rounds_increase(path, recs)
         # The last round is always evaluated and checkpointed: `final` names its files, no copy.
-        alias_checkpoint(self.ckpt_dir, round_tag(self.cfg.rounds), "final", {"wall_time_s": round(wall, 3)})
+        alias_checkpoint(self.ckpt_dir, round_tag(records[-1]["round"]), "final", {"wall_time_s": round(wall, 3)})
         summary = build_summary(records, losses, self.cfg, wall)
+        if self.stopped:
+            summary["stopped_early"] = self.stopped
         self.run_dir.write_summary(summary)
         if self.cfg.plots:
             from reporting.run_figures import write_run_figures  # matplotlib only when figures are wanted
@@ -278,6 +300,7 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
         "convergence_points": at_conv.get("points"),
         "convergence": {"threshold": cfg.convergence_threshold, "smoothing": "centred moving average",
                         "window_rounds": cfg.convergence_window},
+        "dp_epsilon": final.get("dp_epsilon"),  # privacy spent by the final weights (DP runs)
         "total_grad_steps": final["grad_steps"],
         "total_points": final.get("points"),
         "wall_time_s": round(wall, 3),

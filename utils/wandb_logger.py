@@ -38,6 +38,7 @@ _SCALARS = {
     "eval_cov": "fairness/eval_cov",
     "train_fi": "fairness/train_fi",
     "train_cov": "fairness/train_cov",
+    "dp_epsilon": "privacy/epsilon",
     "eval_worst_alignment": "alignment/eval_worst",
     "eval_alignment_gap": "fairness/eval_gap",
     "eval_bottom_quarter_alignment": "alignment/eval_bottom_quarter",
