@@ -293,6 +293,8 @@ def build_dp(args, strategy: Strategy, num_train_clients: int, rounds: int) -> D
     z = args.dp_noise
     if z is None:
         z = noise_for_epsilon(args.dp_epsilon, args.dp_delta, rounds, rate)
+    if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
+        return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m)
     accountant = PrivacyAccountant(z, rate, args.dp_delta)
     if args.dp_epsilon is not None:
         check_budget(accountant, rounds, args.dp_epsilon)

@@ -1,0 +1,40 @@
+"""scripts/sweep.py: variants over seeds, reused when finished, compared with the baseline."""
+import json
+
+from reporting.sweep import PRESETS, main
+
+TINY = ("--dataset synthetic --syn_groups 6 --syn_questions 40 --syn_dim 16 --d_model 16 --dim_feedforward 16 "
+        "--num_layers 1 --min_ctx_num_qs 3 --max_ctx_num_qs 10 --min_tar_num_qs 3 --max_tar_num_qs 10 "
+        "--eval_num_qs 5 --epochs 1 --comm_round 3 --federated_eval 3 --no_plots")
+
+
+def test_privacy_sweep_trains_reuses_and_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--preset", "privacy", "--variants", "no_dp", "dp_z1", "--seeds", "0", "1", "--extra", TINY,
+            "--out_root", str(tmp_path / "runs"), "--report", str(tmp_path / "privacy.md")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == [
+        "dp_z1_s0", "dp_z1_s1", "no_dp_s0", "no_dp_s1"]
+    config = json.loads((tmp_path / "runs" / "dp_z1_s1" / "config.json").read_text())
+    assert config["dp"] and config["dp_noise"] == 1.0 and config["weighting"] == "uniform" and config["seed"] == 1
+    report = (tmp_path / "privacy.md").read_text()
+    assert "dp_z1" in report and "no_dp" in report
+    capsys.readouterr()
+    assert main(argv) == 0  # everything finished: reused, nothing retrained
+    assert capsys.readouterr().out.count("reuse ") == 4
+
+
+def test_unknown_variant_is_refused(tmp_path, capsys):
+    assert main(["--preset", "strategies", "--variants", "fedsgd", "--report_only",
+                 "--out_root", str(tmp_path)]) == 2
+    assert "fedsgd" in capsys.readouterr().err
+
+
+def test_presets_keep_the_issue_setups():
+    s, p = PRESETS["strategies"], PRESETS["privacy"]
+    assert s.seeds == p.seeds == [0, 1, 2]
+    for preset in (s, p):
+        assert preset.base[preset.base.index("--comm_round") + 1] == "300"
+        assert preset.base[preset.base.index("--dataset") + 1] == "opinionqa"
+    assert {"fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median"} <= set(s.variants)
+    assert sum("--dp" in v for v in p.variants.values()) >= 3 and p.variants[p.baseline] == []
