@@ -4,7 +4,7 @@
 """
 import sys
 
-from training.experiment import main
+from orchestration.experiment import main
 
 if __name__ == "__main__":
     sys.exit(main("centralized"))

@@ -5,7 +5,7 @@
 """
 import sys
 
-from training.experiment import main
+from orchestration.experiment import main
 
 if __name__ == "__main__":
     sys.exit(main("fedavg"))

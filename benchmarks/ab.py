@@ -22,8 +22,10 @@ from benchmarks.bench import SCALES, cli_argv, timed
 
 def make_trainer(point: dict, extra: str):
     from data_loaders.datasets import prepare_experiment
-    from training.experiment import check_flags, client_config, make_trainer as build
-    from utils.cli import build_parser, resolve_metric
+    from orchestration.cli import build_parser
+    from orchestration.experiment import check_flags
+    from orchestration.experiment import make_trainer as build
+    from training.config import client_config, resolve_metric
     from utils.device import resolve_device
     args = build_parser("fedavg").parse_args(cli_argv(point) + shlex.split(extra))
     check_flags(args)

@@ -1,8 +1,8 @@
 """Time what users run: data loading, a local step, a FedAvg round, evaluation, a centralized epoch.
 
 Every number goes through the code path of main_fl.py: flags parsed by
-utils.cli.build_parser("fedavg"), data built by prepare_experiment, trainers made by
-training.experiment.make_trainer. Each scale point (and engine / precision) runs in a
+orchestration.cli.build_parser("fedavg"), data built by prepare_experiment, trainers made by
+orchestration.experiment.make_trainer. Each scale point (and engine / precision) runs in a
 fresh subprocess (`--one-scale`), so its peak RSS is its own. Commands and the meaning
 of every number: benchmarks/README.md.
 
@@ -247,7 +247,7 @@ def measure_eval(trainer, model, repeats: int, device) -> dict:
 
 
 def measure_central(args, data, cfg, rounds: int, repeats: int, device) -> dict:
-    from training.experiment import make_trainer
+    from orchestration.experiment import make_trainer
     out: dict[str, Any] = {"central_epoch_s": {}}
     for mode in ("sequential", "batched"):
         trainer = make_trainer("centralized", argparse.Namespace(**{**vars(args), "central_mode": mode}),
@@ -292,9 +292,9 @@ def projection(rec: dict, args) -> dict:
 def run_point(point: dict, log: Callable[[str], None]) -> dict:
     """Every measurement of one scale point, in this process."""
     from data_loaders.datasets import prepare_experiment
-    from training.experiment import (check_flags, check_question_counts, client_config, make_trainer,
-                                     model_config, validate)
-    from utils.cli import build_parser, resolve_metric
+    from orchestration.cli import build_parser
+    from orchestration.experiment import check_flags, check_question_counts, make_trainer, validate
+    from training.config import client_config, model_config, resolve_metric
     from utils.device import resolve_device
     from utils.seeding import seed_everything
 
@@ -384,7 +384,7 @@ def resolve_variants(parser: argparse.ArgumentParser, flag: str, requested: str 
 
 
 def scale_points(opts: argparse.Namespace) -> list[dict]:
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
     sc = SCALES[opts.scale]
     over = {k: getattr(opts, k) for k in ("eval_clients", "questions", "min_options", "max_options", "dim",
                                           "epochs", "rounds", "central_epochs", "repeats")

@@ -51,8 +51,9 @@ def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
 def run_inprocess(rounds: int) -> dict:
     """Time FedAvgTrainer.train_round and .evaluate directly: no messages at all."""
     from data_loaders.datasets import prepare_experiment
-    from training.experiment import client_config, make_trainer
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
+    from orchestration.experiment import make_trainer
+    from training.config import client_config
     args = build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)])
     trainer = make_trainer("fedavg", args, prepare_experiment(args, log=lambda *a: None), client_config(args, "jsd"),
                            "cpu")

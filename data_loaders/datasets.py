@@ -40,7 +40,7 @@ def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool
         from .globalqa import load_globalqa
         return load_globalqa(data_path, groups=groups, strict=strict, log=log, encoding=encoding)
     if dataset == "opinionqa":
-        from .opinionqa import resolve_root, load_opinionqa
+        from .opinionqa import load_opinionqa, resolve_root
         return load_opinionqa(resolve_root(data_path), groups=groups, strict=strict, log=log)
     raise DataError(f"--dataset {dataset!r} has no files to parse",
                     f"choose one of {', '.join(DATASETS)}")

@@ -40,8 +40,17 @@ import numpy as np
 import torch
 
 from data_loaders.authors_pickle import load_authors_pickle
-from data_loaders.embedding_cache import (CACHE_ENV, CacheEntry, Store, cache_entry, read_store,
-                                          resolve_cache_dir, text_hash, unwritable_reason, write_store)
+from data_loaders.embedding_cache import (
+    CACHE_ENV,
+    CacheEntry,
+    Store,
+    cache_entry,
+    read_store,
+    resolve_cache_dir,
+    text_hash,
+    unwritable_reason,
+    write_store,
+)
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, RawDataset
 from utils.device import resolve_device as _resolve_device

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data_loaders.episodes import EpisodeSizes, episode_token_counts
+from data_loaders.episodes import episode_token_counts
 from data_loaders.schema import DataError, GroupData
 from models.gpo import GPO
+from training.config import ClientConfig
 from training.evaluation import GroupEval, context_questions, score_group
-from training.local import OptimConfig, OptimState, local_train
+from training.local import OptimState, local_train
 from utils.seeding import derive_seed, generator
 
 
@@ -30,20 +31,6 @@ def seeded_dropout(model: GPO, seed: int, name: str, round_: int):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(seed, "dropout", name, round_))
         yield
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    seed: int = 0
-    epochs: int = 6                 # local steps per round
-    data_split: float = 0.9         # local training share of the group's questions (qkey order)
-    sizes: EpisodeSizes = EpisodeSizes()
-    optim: OptimConfig = OptimConfig()
-    eval_num_qs: int = 20
-    eval_seed: int = 0
-    eval_resample: bool = False
-    eval_batch_size: int = 0        # target questions per evaluation pass (0 = all)
-    metric: str = "jsd"
 
 
 @dataclass

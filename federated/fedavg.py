@@ -10,12 +10,13 @@ import torch
 from data_loaders.datasets import ExperimentData
 from data_loaders.schema import DataError
 from models.gpo import GPO, GPOConfig
+from training.config import ClientConfig
 from training.evaluation import GroupEval
 from training.local import check_finite
 from utils.seeding import generator
 
 from .aggregation import aggregation_weights, sample_clients, weighted_average
-from .client import ClientConfig, FitResult, GroupClient
+from .client import FitResult, GroupClient
 from .server import ServerRules
 from .thread_engine import ThreadClientEngine, default_workers
 from .vmap_engine import VmapClientEngine

@@ -26,7 +26,6 @@ from typing import Protocol
 import torch
 
 from data_loaders.schema import DataError
-
 from training.local import proximal_penalty  # noqa: F401 - the client side of fedprox, kept with local steps
 
 from .aggregation import aggregation_weights, weighted_average

@@ -18,15 +18,14 @@ from flwr.serverapp import Grid
 from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
-from federated.client import ClientConfig
 from federated.fedavg import check_min_clients, check_replies, init_global_state, round_stats
 from federated.server import ServerRules
 from models.gpo import GPOConfig
+from training.config import ClientConfig
 from training.evaluation import GroupEval
 from utils.seeding import generator
 
-from .protocol import (EVALUATE, QUERY, TRAIN, NodeReport, instruction, read_eval_reply, read_fit_reply,
-                       read_query_reply)
+from .protocol import EVALUATE, QUERY, TRAIN, NodeReport, instruction, read_eval_reply, read_fit_reply, read_query_reply
 
 POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's own helper waits 3 s)
 

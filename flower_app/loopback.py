@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

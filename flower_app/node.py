@@ -23,11 +23,21 @@ from data_loaders.datasets import data_info, load_embedded
 from data_loaders.schema import DataError, GroupData, build_group_data
 from federated.client import GroupClient
 from models.gpo import GPO
-from training.experiment import client_config, model_config
+from training.config import client_config, model_config
 from utils.device import resolve_device
 
-from .protocol import (ADAM_ARRAYS, ADAM_META, NodeReport, adam_from_records, adam_to_records, eval_reply,
-                       fit_reply, query_reply, read_fit_config, read_instruction)
+from .protocol import (
+    ADAM_ARRAYS,
+    ADAM_META,
+    NodeReport,
+    adam_from_records,
+    adam_to_records,
+    eval_reply,
+    fit_reply,
+    query_reply,
+    read_fit_config,
+    read_instruction,
+)
 
 NODE_CONFIG_HINT = ("start the SuperNode with --node-config \"group='NAME' dataset='DATASET' "
                     "data-path='PATH'\" (see docs/federation.md)")

@@ -253,7 +253,7 @@ def _mean(values: list[float]) -> float:
 
 
 def make_secagg_trainer(args, data, cfg, model_cfg) -> SecAggTrainer:
-    """What training.experiment.make_trainer builds for `--engine flower --secagg`."""
+    """What orchestration.experiment.make_trainer builds for `--engine flower --secagg`."""
     return SecAggTrainer(data, cfg, model_cfg, weighting=args.weighting, client_fraction=args.client_fraction,
                          min_clients=args.min_clients, round_timeout=args.round_timeout,
                          num_shares=args.secagg_num_shares, threshold=args.secagg_threshold,

@@ -82,6 +82,7 @@ def _locate(path: str | Path) -> Path:
 
 def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, device="cpu", log=print):
     from safetensors.torch import load as safetensors_load
+
     from .embedding import TextEmbedder
     folder = _locate(path)
     try:

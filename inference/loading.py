@@ -73,7 +73,7 @@ def gpo_config(config: dict, where: str) -> GPOConfig:
     if "dim_x" not in config:
         raise DataError(f"{where} has neither model_config nor dim_x", "this is not a PluralLLM run or export")
     from reporting.predictions import args_from_config
-    from training.experiment import model_config
+    from training.config import model_config
     return model_config(args_from_config(config), int(config["dim_x"]))
 
 

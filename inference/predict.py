@@ -92,7 +92,7 @@ def group_split(pred: GroupPredictor, name: str):
         raise DataError(f"--group {name!r} is not a group of run {pred.info.get('run_dir')}"
                         + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
     from federated.client import GroupClient
-    from training.experiment import client_config
+    from training.config import client_config
     client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name])
     return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
 

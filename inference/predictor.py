@@ -26,8 +26,17 @@ from utils.metrics import score_questions
 
 from .embedding import TextEmbedder
 from .items import Answer, Question, to_answers, to_llm_answers, to_questions
-from .loading import (RunData, build_model, check_emb_override, embedding_of, gpo_config, load_run_data,
-                      read_json, read_run_config, read_weights)
+from .loading import (
+    RunData,
+    build_model,
+    check_emb_override,
+    embedding_of,
+    gpo_config,
+    load_run_data,
+    read_json,
+    read_run_config,
+    read_weights,
+)
 
 Log = Callable[[str], None]
 

@@ -8,7 +8,6 @@ figures.py      the paper's Fig. 2-5, compute-normalised Fig. 2/4 and worst-grou
 predictions.py  Fig. 3 data: one question, two evaluation groups, truth vs both methods
 sections.py     the report's text sections; report.py assembles docs/results/<name>.md from them
 pipeline.py     train every (method, seed) into its own folder (reuse / resume / refuse), then report
-run_figures.py  loss.png and alignment.png inside one run folder (called at the end of a run)
 compare.py      variants (strategies, DP noise levels) against a baseline, paired by seed
 paths.py        paths as committed files show them (relative to the repository)
 """

@@ -28,7 +28,7 @@ from data_loaders.schema import DataError
 
 from .paths import shown, shown_argv
 from .runs import Run, RunFolderError, find_run_folders, load_run, record_value
-from .tables import Stat, describe, final_worst, fmt, significance, stat_cell
+from .tables import Stat, describe, final_worst, significance, stat_cell
 
 
 @dataclass
@@ -170,6 +170,7 @@ def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
 
 def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
     import numpy as np
+
     from .figures import plain_y, plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, v in enumerate(variants):

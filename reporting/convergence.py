@@ -9,24 +9,18 @@ alignment gain: the first evaluation at which the mean evaluation alignment, smo
     the ends), has made `threshold` of its total gain: (A_t − A_0) ≥ threshold · (A_final − A_0).
     A run whose alignment ends no higher than it started has no such round.
 
-Both are computed with utils.metrics.convergence_round (the gain is progress on −A), so the
+Both are computed with utils.metrics.curve_convergence_round (the gain is progress on −A), so the
 0.95 loss definition reproduces summary.json's convergence_round exactly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from utils.metrics import convergence_round
+from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round
 
 from .runs import Run
 
-LOSS_WINDOW_ROUNDS = 21
 GAIN_WINDOW_EVALS = 3
-
-
-def odd_window(window: int, length: int) -> int:
-    w = max(1, min(window, length))
-    return w if w % 2 else w - 1
 
 
 def loss_window(run: Run) -> int:
@@ -37,18 +31,14 @@ def loss_window(run: Run) -> int:
 
 def loss_progress_round(run: Run, threshold: float = 0.95) -> int | None:
     recs = [r for r in run.losses if r.get("train_loss") is not None]
-    if len(recs) < 2:
-        return None
-    return convergence_round([r["round"] for r in recs], [r["train_loss"] for r in recs], threshold=threshold,
-                             smoothing="centred", window=odd_window(loss_window(run), len(recs)))
+    return curve_convergence_round([r["round"] for r in recs], [r["train_loss"] for r in recs],
+                                   threshold=threshold, window=loss_window(run))
 
 
 def alignment_gain_round(run: Run, threshold: float = 0.95, window: int = GAIN_WINDOW_EVALS) -> int | None:
     recs = [r for r in run.metrics if r.get("eval_alignment_score") is not None]
-    if len(recs) < 2:
-        return None
-    return convergence_round([r["round"] for r in recs], [-r["eval_alignment_score"] for r in recs],
-                             threshold=threshold, smoothing="centred", window=odd_window(window, len(recs)))
+    return curve_convergence_round([r["round"] for r in recs], [-r["eval_alignment_score"] for r in recs],
+                                   threshold=threshold, window=window)
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ import torch
 
 from data_loaders.datasets import DEFAULT_GROUP_SPLIT, choose_groups, prepare_experiment
 from data_loaders.schema import DataError
-from training.experiment import check_flags, check_question_counts, resolved_config, run_method
-from training.resume import differences
-from utils.checkpoint import CheckpointError, latest_checkpoint
-from utils.cli import build_parser, resolve_metric
+from orchestration.cli import build_parser
+from orchestration.experiment import USER_ERRORS, check_flags, check_question_counts, resolved_config, run_method
+from orchestration.resume import differences
+from training.config import resolve_metric
+from utils.checkpoint import latest_checkpoint
 from utils.device import resolve_device
-from utils.run_io import atomic_write_json
+from utils.interrupts import exit_code, signals_raise
+from utils.run_io import RunLock, atomic_write_json
 
 from .paths import default_data_path, shown_argv
 from .predictions import prediction_data
@@ -229,7 +231,7 @@ def plan_runs(args, data_for_seed, device) -> list[Planned]:
             path = args.out_root / f"{method}_s{seed}"
             cfg_path = path / "config.json"
             if not cfg_path.is_file():
-                if path.is_dir() and any(path.iterdir()):
+                if path.is_dir() and any(f.name != ".lock" for f in path.iterdir()):
                     errors.append(f"{path} exists and is not empty but holds no config.json")
                     continue
                 plan.append(Planned(method, seed, path, "fresh"))
@@ -345,6 +347,13 @@ def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, da
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file as it happens
+    with signals_raise():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    lock = None
     try:
         args = parse_args(argv)
         if getattr(args, "engine", "inprocess") != "inprocess":
@@ -374,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
         data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
         device = resolve_device(args.device)
+        lock = RunLock(args.out_root, "reproduction folder").acquire()  # one reproduce.py per --out_root
         plan = plan_runs(args, data_for_seed, device)
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "resume", "restart")}
         print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n))
@@ -389,7 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = [p.path for p in plan]
         report(args, argv, paths, args.seeds, data=data_for_seed(args.seeds[0]), methods=args.methods)
         print(f"done in {time.perf_counter() - t0:.1f} s")
-    except (DataError, RunFolderError, CheckpointError) as err:
+    except USER_ERRORS + (RunFolderError,) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: finished runs stay, the interrupted one resumes
+        where = f" at round {err.round}" if getattr(err, "round", None) else ""
+        print(f"interrupted{where}; rerun the same command to continue (finished runs are reused)", file=sys.stderr)
+        return exit_code(err)
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

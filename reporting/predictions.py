@@ -19,9 +19,9 @@ from data_loaders.episodes import collate
 from data_loaders.schema import gather_points
 from federated.client import GroupClient
 from models.gpo import GPO
-from training.experiment import client_config, model_config
+from orchestration.cli import build_parser
+from training.config import client_config, model_config
 from utils.checkpoint import load_checkpoint
-from utils.cli import build_parser
 from utils.metrics import js_distance, score_questions
 
 from .runs import Run, RunSet

@@ -18,7 +18,7 @@ from .figures import make_figures
 from .paths import shown_argv
 from .runs import RunSet, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
-from .tables import CONVERGENCE_ROWS, PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
+from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
 from .verdicts import claims_lines, definitions_lines
 
 MANIFEST = "reproduce.json"

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(flags: list[str], folder: Path, log=print) -> None:
-    from training.experiment import main as train
+    from orchestration.experiment import main as train
     if (folder / "summary.json").is_file():
         log(f"reuse   {folder}")
         return

@@ -12,8 +12,18 @@ from __future__ import annotations
 
 from .convergence import DEFINITIONS
 from .runs import METHOD_LABELS, RunSet
-from .tables import PAIR_TEXT, PAIRS, Headline, Stat, describe, method_stats, pct_fewer, seed_values, significance, \
-    stat_cell
+from .tables import (
+    PAIR_TEXT,
+    PAIRS,
+    Headline,
+    Stat,
+    describe,
+    method_stats,
+    pct_fewer,
+    seed_values,
+    significance,
+    stat_cell,
+)
 
 # (headline key, the claim as the paper makes it)
 CLAIMS = (

@@ -13,7 +13,7 @@ import pytest
 
 from data_loaders.globalqa import load_globalqa
 from data_loaders.schema import DataError
-from training.experiment import main
+from orchestration.experiment import main
 from utils import run_io
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",

@@ -7,7 +7,8 @@ from data_loaders.episodes import choose_questions
 from data_loaders.globalqa import EVAL_GROUPS, TRAIN_GROUPS
 from data_loaders.schema import DataError, build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
-from federated.client import ClientConfig, GroupClient
+from federated.client import GroupClient
+from training.config import ClientConfig
 from utils.device import resolve_device
 
 
@@ -45,7 +46,8 @@ def test_synthetic_is_deterministic_in_its_seed():
 
 def test_too_few_questions_for_episode_sizes():
     from types import SimpleNamespace
-    from training.experiment import check_question_counts
+
+    from orchestration.experiment import check_question_counts
     flags = SimpleNamespace(min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100,
                             data_split=0.9, eval_num_qs=5)
     with pytest.raises(DataError, match=r"'g00' has 13 local questions \(0.9 of 15\), fewer than .* = 20"):
@@ -90,7 +92,7 @@ def test_split_is_a_view_with_the_same_numbers_as_subset():
 
 
 def test_group_flags_split_on_semicolons_when_names_hold_commas():
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
     args = build_parser("fedavg").parse_args(["--eval_groups", "$100,000 or more; Black",
                                               "--train_groups", "Male,Female"])
     assert args.eval_groups == ["$100,000 or more", "Black"] and args.train_groups == ["Male", "Female"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from data_loaders.datasets import prepare_experiment
-from training.experiment import client_config, make_trainer
-from utils.cli import build_parser
+from orchestration.cli import build_parser
+from orchestration.experiment import make_trainer
+from training.config import client_config
 
 ARGS = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",
         "--d_model", "32", "--dim_feedforward", "32", "--num_layers", "2", "--min_ctx_num_qs", "3",
@@ -178,6 +179,7 @@ def test_bf16_input_trains_with_loop_and_threads_and_is_refused_by_vmap():
 def test_threads_engine_interrupted_drops_the_clients_not_started(monkeypatch):
     """Ctrl-C during a round: clients not yet started are cancelled, the thread count restored."""
     import concurrent.futures
+
     import federated.thread_engine as te
     tr = trainer("--client_engine", "threads", "--client_workers", "1")
     started = []

@@ -20,13 +20,21 @@ from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
 from flower_app.federation import resolve_groups
 from flower_app.node import NodeIdentity, handle_train, node_args, node_identity
-from flower_app.protocol import (ADAM_ARRAYS, ADAM_META, adam_from_records, adam_to_records, eval_reply,
-                                 instruction, read_eval_reply, read_instruction)
-from flower_app.server_app import run_federation
+from flower_app.protocol import (
+    ADAM_ARRAYS,
+    ADAM_META,
+    adam_from_records,
+    adam_to_records,
+    eval_reply,
+    instruction,
+    read_eval_reply,
+    read_instruction,
+)
+from orchestration.cli import build_parser
+from orchestration.experiment import main
+from orchestration.flower_server import run_federation
 from training.evaluation import GroupEval
-from training.experiment import main
 from utils.checkpoint import load_checkpoint
-from utils.cli import build_parser
 
 # 5 synthetic groups: 3 train (g00, g01, g03) + 2 eval (g02, g04) with the default 60/40 split.
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "16",

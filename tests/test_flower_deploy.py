@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from flower_app.loopback import BIN, REPO, LoopbackFederation, alive, descendants, poll, run_config_value
-from training.experiment import main
+from orchestration.cli import build_parser
+from orchestration.experiment import main
 from utils.checkpoint import load_checkpoint
-from utils.cli import build_parser
 
 GROUPS = ["g00", "g01", "g02"]  # g00, g01 train; g02 evaluation
 FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "40", "--syn_dim", "16",

@@ -4,10 +4,10 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+import torch
 
 from data_loaders.globalqa import COUNTRIES, EVAL_GROUPS, TRAIN_GROUPS, load_globalqa, resolve_csv
 from data_loaders.schema import DataError, build_group_data
-import torch
 
 QUIET = lambda *a: None  # noqa: E731
 
@@ -154,7 +154,7 @@ def test_latin1_file_names_encoding_and_loads_with_it(tmp_path):
 def test_encoding_flag_reaches_the_csv_reader(tmp_path, monkeypatch):
     import data_loaders.embeddings as emb_mod
     from data_loaders.datasets import load_embedded
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
     path = write_csv(tmp_path / "latin.csv", [["Année?", sel({"Japan": [1.0, 0.0]}), "['A', 'B']", "GAS"]],
                      encoding="latin-1")
     monkeypatch.setattr(emb_mod, "get_embeddings", lambda raw, *a, **k: (torch.zeros(2, 4), {"dim": 4}))

@@ -2,13 +2,12 @@
 import math
 
 import pytest
-
 import torch
 import torch.nn as nn
 
 from data_loaders.episodes import collate
-from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from data_loaders.schema import build_group_data
+from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig, segment_softmax
 
 

@@ -214,9 +214,10 @@ def test_a_file_as_the_folder_says_a_folder_is_expected(tmp_path):
 def test_prepare_experiment_prints_the_parse_summary_once(tmp_path, monkeypatch):
     """main_fl.py --dataset opinionqa printed it twice (the loader, then prepare_experiment)."""
     import torch
+
     import data_loaders.embeddings as emb_mod
     from data_loaders.datasets import prepare_experiment
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
 
     def fixed_table(raw, emb_model, **kw):  # the summary is the subject here, not the vectors
         return torch.zeros(raw.bank.num_points, 4), {"emb_model": "fixed", "dim": 4}

@@ -12,9 +12,19 @@ import torch
 
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
-from federated.privacy import (DPFedAvg, PrivacyAccountant, PrivacyBudgetExhausted, add_privacy_arguments,
-                               build_dp, check_budget, check_privacy_flags, clip_update, dp_mean_delta,
-                               noise_for_epsilon, num_sampled_clients)
+from federated.privacy import (
+    DPFedAvg,
+    PrivacyAccountant,
+    PrivacyBudgetExhausted,
+    add_privacy_arguments,
+    build_dp,
+    check_budget,
+    check_privacy_flags,
+    clip_update,
+    dp_mean_delta,
+    noise_for_epsilon,
+    num_sampled_clients,
+)
 from federated.strategies import Strategy, StrategyConfig, add_strategy_arguments
 from utils.seeding import generator
 

@@ -10,8 +10,9 @@ from data_loaders.episodes import EpisodeSizes, collate
 from data_loaders.schema import build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig
-from training.experiment import episode_sizes, main
-from utils.cli import build_parser
+from orchestration.cli import build_parser
+from orchestration.experiment import main
+from training.config import episode_sizes
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "8",
          "--d_model", "16", "--dim_feedforward", "16", "--num_layers", "1", "--nhead", "2",

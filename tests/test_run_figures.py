@@ -1,4 +1,4 @@
-"""reporting/run_figures.py: loss.png and alignment.png inside one run folder, from its logs alone."""
+"""orchestration/run_figures.py: loss.png and alignment.png inside one run folder, from its logs alone."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from reporting.run_figures import _alignment_figure, _loss_figure, write_run_figures
-from reporting.runs import Run
+from orchestration.run_figures import RunLogs, _alignment_figure, _loss_figure, write_run_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,18 +47,18 @@ def test_write_run_figures_from_logs_only(tmp_path):
 
 def test_loss_figure_shows_the_convergence_smoothing_and_round(tmp_path):
     fig = Figure()
-    assert _loss_figure(fig, Run(tmp_path, "finished", losses=_step_losses()))
+    assert _loss_figure(fig, RunLogs(tmp_path, losses=_step_losses()))
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["per round", "centred 21-round moving average", "convergence round 40 (95% of the progress)"]
     # a short run: the window shrinks to the odd length that fits, and says so
     fig = Figure()
-    assert _loss_figure(fig, Run(tmp_path, "finished", losses=_step_losses()[:4]))
+    assert _loss_figure(fig, RunLogs(tmp_path, losses=_step_losses()[:4]))
     assert fig.axes[0].get_legend().get_texts()[1].get_text() == "centred 3-round moving average"
 
 
 def test_alignment_figure_curves_and_fi_axis(tmp_path):
     fig = Figure()
-    assert _alignment_figure(fig, Run(tmp_path, "finished", metrics=_metrics()))
+    assert _alignment_figure(fig, RunLogs(tmp_path, metrics=_metrics()))
     left, right = fig.axes
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in left.get_lines()}
     assert lines["worst evaluation group"] == pytest.approx([0.6, 0.7, 0.8])   # min of a, b
@@ -82,6 +81,6 @@ def test_one_record_and_empty_runs(tmp_path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, reporting.run_figures; print('matplotlib' in sys.modules)"
+    code = "import sys, orchestration.run_figures; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

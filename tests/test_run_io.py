@@ -16,12 +16,21 @@ import pytest
 import torch
 
 import utils.run_io as run_io
-from utils.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, round_tag,
-                              save_checkpoint)
+from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, round_tag, save_checkpoint
 from utils.console import format_group_table
-from utils.run_io import (MetricsWriter, OutputDirError, RunDir, atomic_write_bytes,
-                          atomic_write_json, default_run_dir, environment_info, file_sha256,
-                          read_metrics, tree_sha256, trim_metrics)
+from utils.run_io import (
+    MetricsWriter,
+    OutputDirError,
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    default_run_dir,
+    environment_info,
+    file_sha256,
+    read_metrics,
+    tree_sha256,
+    trim_metrics,
+)
 from utils.wandb_logger import WandbLogger, _resolve_mode, has_wandb_credentials, wandb_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

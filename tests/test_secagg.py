@@ -30,14 +30,14 @@ import federated.client as client_mod
 import flower_app.node as node_mod
 from data_loaders.schema import DataError
 from federated.fedavg import aggregate
+from flower_app.client_app import make_client_app
 from flower_app.federation import discover, federated_data, make_setup, resolve_groups
 from flower_app.secagg import check_secagg_flags
-from flower_app.client_app import make_client_app
-from utils.cli import build_parser
 from flower_app.secagg_server import effective_shares, make_secagg_trainer
-from training.experiment import client_config, main, model_config
+from orchestration.cli import build_parser
+from orchestration.experiment import main
+from training.config import client_config, model_config, resolve_metric
 from utils.checkpoint import load_checkpoint
-from utils.cli import resolve_metric
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "16",
          "--d_model", "16", "--dim_feedforward", "16", "--num_layers", "1", "--min_ctx_num_qs", "3",
@@ -198,8 +198,8 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
     the quantisation."""
     from flwr.simulation import run_simulation
 
-    from flower_app.server_app import make_server_app
-    from flower_app.simulation import backend_config, use_backend
+    from orchestration.flower_server import make_server_app
+    from orchestration.flower_simulation import backend_config, use_backend
     ref, out = tmp_path / "inprocess", tmp_path / "secagg"
     assert main("fedavg", [*SMALL, "--out_dir", str(ref)]) == 0
     args = parse(out, "--sim_client_cpus", "0.5")  # 4 nodes at once on 2 cores

@@ -12,13 +12,22 @@ import pytest
 import torch
 
 from data_loaders.schema import DataError
-from federated.attacks import (add_attack_arguments, check_attack_flags, choose_byzantine, corrupt_replies,
-                               corrupt_state)
+from federated.attacks import add_attack_arguments, check_attack_flags, choose_byzantine, corrupt_replies, corrupt_state
 from federated.client import FitResult
 from federated.fedavg import aggregate as fedavg_aggregate
-from federated.strategies import (QFFL_MIN_LOSS, Strategy, StrategyConfig, add_strategy_arguments,
-                                  adaptive_weights, check_strategy_flags, coordinate_median, proximal_penalty,
-                                  qffl_losses, qffl_update, trimmed_mean)
+from federated.strategies import (
+    QFFL_MIN_LOSS,
+    Strategy,
+    StrategyConfig,
+    adaptive_weights,
+    add_strategy_arguments,
+    check_strategy_flags,
+    coordinate_median,
+    proximal_penalty,
+    qffl_losses,
+    qffl_update,
+    trimmed_mean,
+)
 from utils.seeding import generator
 
 

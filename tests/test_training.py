@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.experiment import main
+from orchestration.experiment import main
 from training.local import OptimConfig, cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +122,10 @@ def test_cli_help_lists_every_flag():
 def test_points_count_the_real_points_of_every_local_episode():
     """points = Σ over the local steps of the episode's real context + target points (no padding)."""
     import torch
+
     from data_loaders.episodes import EpisodeSizes, sample_episode
-    from data_loaders.synthetic import SyntheticSpec, make_synthetic
     from data_loaders.schema import build_group_data
+    from data_loaders.synthetic import SyntheticSpec, make_synthetic
     from models.gpo import GPO, GPOConfig
     from training.local import OptimConfig, OptimState, local_train
     raw, emb = make_synthetic(SyntheticSpec(num_groups=2, num_questions=12, dim=8, seed=0))

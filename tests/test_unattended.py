@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.experiment import main
+from orchestration.experiment import main
 from utils.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,11 +166,11 @@ def test_centralized_divergence_is_caught_too(tmp_path, capsys):
 def test_grad_clip_bounds_the_step_and_is_off_by_default(tmp_path):
     import torch
 
-    from training.local import OptimConfig, OptimState, adam_step, make_adam
-    from models.gpo import GPO, GPOConfig
     from data_loaders.episodes import EpisodeSizes, sample_episode
     from data_loaders.schema import build_group_data
     from data_loaders.synthetic import SyntheticSpec, make_synthetic
+    from models.gpo import GPO, GPOConfig
+    from training.local import OptimConfig, OptimState, adam_step, make_adam
 
     raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=30, dim=8))
     group = build_group_data(raw, "g00", x)

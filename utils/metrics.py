@@ -330,3 +330,22 @@ def convergence_round(rounds: Sequence[int], losses: Sequence[float], *, thresho
         return None
     reached = np.flatnonzero((s[0] - s) / total >= threshold)
     return int(r[reached[0]])
+
+
+LOSS_WINDOW_ROUNDS = 21  # the centred moving average behind the convergence round (loss logged every round)
+
+
+def odd_window(window: int, length: int) -> int:
+    """`window` cut to a curve of `length` points and made odd, as a centred average needs."""
+    w = max(1, min(window, length))
+    return w if w % 2 else w - 1
+
+
+def curve_convergence_round(rounds: Sequence[int], values: Sequence[float], *, threshold: float = 0.95,
+                            window: int = LOSS_WINDOW_ROUNDS) -> int | None:
+    """convergence_round on a centred moving average of `window` points (cut to the curve, made odd);
+    None for a curve of fewer than 2 points. The run summary, the reports and the run figures use it."""
+    if len(values) < 2:
+        return None
+    return convergence_round(rounds, values, threshold=threshold, smoothing="centred",
+                             window=odd_window(window, len(values)))

@@ -10,12 +10,12 @@ import argparse
 from data_loaders.datasets import DATASETS
 from federated.aggregation import WEIGHTINGS
 from federated.attacks import add_attack_arguments
+from federated.fedavg import CLIENT_ENGINES
 from federated.privacy import add_privacy_arguments
 from federated.strategies import add_strategy_arguments
 from flower_app.secagg import add_secagg_arguments
-from federated.fedavg import CLIENT_ENGINES
 from models.gpo import LAYER_INITS, LOSS_REDUCTIONS
-from training.centralized import CENTRAL_MODES
+from orchestration.centralized import CENTRAL_MODES
 
 
 def _groups(text: str) -> list[str]:
@@ -186,9 +186,3 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="also keep the checkpoint of the best mean evaluation alignment (checkpoints/best.json)")
     o.add_argument("--no_plots", action="store_true", help="do not write loss.png and alignment.png into the run folder")
     return p
-
-
-def resolve_metric(args) -> str:
-    if args.metric != "auto":
-        return args.metric
-    return "wasserstein" if args.dataset == "opinionqa" else "jsd"

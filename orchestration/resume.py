@@ -61,7 +61,7 @@ def added_defaults(method: str | None) -> dict:
     from dataclasses import fields
 
     from models.gpo import GPOConfig
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
     flags = vars(build_parser(method if method in ("fedavg", "centralized") else "fedavg").parse_args([]))
     model = {f"model_config.{f.name}": f.default for f in fields(GPOConfig) if f.name != "dim_x"}
     return {**flags, **model}

@@ -12,13 +12,11 @@ for it once at the very end and a headless machine needs nothing.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.metrics import smooth_curve
+from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round, odd_window, smooth_curve, worst_group
 from utils.run_io import read_metrics
-
-from .convergence import LOSS_WINDOW_ROUNDS, loss_progress_round, odd_window
-from .runs import Run, record_value
 
 
 def _read(path: Path) -> list[dict]:
@@ -29,12 +27,20 @@ def _read(path: Path) -> list[dict]:
         return read_metrics(path)
 
 
+@dataclass
+class RunLogs:
+    """What the figures read: the folder's name and its two logs."""
+    path: Path
+    metrics: list[dict] = field(default_factory=list)   # one record per evaluation
+    losses: list[dict] = field(default_factory=list)    # one record per round
+
+
 def write_run_figures(run_path: Path) -> list[Path]:
     """Write loss.png and alignment.png into `run_path`; returns the files written (none without data)."""
     from matplotlib.figure import Figure
 
     run_path = Path(run_path)
-    run = Run(run_path, "finished", metrics=_read(run_path / "metrics.jsonl"), losses=_read(run_path / "losses.jsonl"))
+    run = RunLogs(run_path, _read(run_path / "metrics.jsonl"), _read(run_path / "losses.jsonl"))
     written = []
     for draw, name in ((_loss_figure, "loss.png"), (_alignment_figure, "alignment.png")):
         fig = Figure(figsize=(7, 4.2) if name == "loss.png" else (11, 4.2))
@@ -49,7 +55,7 @@ def _marker(n: int) -> str | None:
     return "o" if n < 3 else None  # a one- or two-record curve is otherwise invisible
 
 
-def _loss_figure(fig, run: Run) -> bool:
+def _loss_figure(fig, run: RunLogs) -> bool:
     recs = [r for r in run.losses if r.get("train_loss") is not None]
     if not recs:
         return False
@@ -59,7 +65,7 @@ def _loss_figure(fig, run: Run) -> bool:
     ax.plot(rounds, loss, color="0.6", lw=0.8, marker=_marker(len(loss)), label="per round")
     ax.plot(rounds, smooth_curve(loss, smoothing="centred", window=window), color="tab:blue", lw=1.8,
             label=f"centred {window}-round moving average")
-    conv = loss_progress_round(run, 0.95)
+    conv = curve_convergence_round(rounds, loss, threshold=0.95, window=LOSS_WINDOW_ROUNDS)
     if conv is not None:
         ax.axvline(conv, color="tab:red", ls=":", lw=1.2, label=f"convergence round {conv} (95% of the progress)")
     ax.set_xlabel("Round")
@@ -76,12 +82,20 @@ _ALIGNMENT_CURVES = (("eval_alignment_score", "mean, evaluation groups", "tab:bl
 _FI_CURVES = (("eval_fi", "evaluation groups", "tab:blue"), ("train_fi", "training groups", "tab:orange"))
 
 
-def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["round"], v) for r in run.metrics if (v := record_value(r, key)) is not None]
+def _value(rec: dict, key: str) -> float | None:
+    """rec[key]; the worst group's score from the group scores for a record written without it."""
+    if rec.get(key) is not None or key != "eval_worst_alignment":
+        return rec.get(key)
+    scores = rec.get("eval_group_scores")
+    return worst_group(scores)["worst"] if scores else None
+
+
+def _curve(run: RunLogs, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], v) for r in run.metrics if (v := _value(r, key)) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _alignment_figure(fig, run: Run) -> bool:
+def _alignment_figure(fig, run: RunLogs) -> bool:
     if not run.metrics:
         return False
     left, right = fig.subplots(1, 2)

@@ -16,12 +16,17 @@ from tqdm import tqdm
 
 from training.evaluation import GroupEval
 from training.local import StopTraining
-from utils.checkpoint import (alias_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                              round_tag, save_checkpoint)
+from utils.checkpoint import (
+    alias_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    round_tag,
+    save_checkpoint,
+)
 from utils.console import format_group_table
-from utils.metrics import convergence_round, cov, fairness_index, mean_alignment, worst_group
-from utils.run_io import (MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics,
-                          trim_metrics)
+from utils.metrics import LOSS_WINDOW_ROUNDS, cov, curve_convergence_round, fairness_index, mean_alignment, worst_group
+from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics, trim_metrics
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 
@@ -30,7 +35,7 @@ class LoopConfig:
     rounds: int
     eval_every: int
     convergence_threshold: float = 0.95
-    convergence_window: int = 21  # rounds in the centred moving average (loss logged every round)
+    convergence_window: int = LOSS_WINDOW_ROUNDS  # rounds in the centred moving average
     save_client: bool = False
     keep_checkpoints: int = 3     # newest resumable round checkpoints kept; final and best are aliases
     keep_best: bool = False
@@ -261,7 +266,7 @@ class RunLoop:
             summary["stopped_early"] = self.stopped
         self.run_dir.write_summary(summary)
         if self.cfg.plots:
-            from reporting.run_figures import write_run_figures  # matplotlib only when figures are wanted
+            from orchestration.run_figures import write_run_figures  # matplotlib only when figures are wanted
             write_run_figures(self.run_dir.path)
         self.wandb.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
         last = records[-1]
@@ -275,12 +280,8 @@ class RunLoop:
 def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall: float) -> dict:
     final = records[-1]
     best = max(records, key=lambda r: r["eval_alignment_score"])
-    conv = None
-    if len(losses) >= 2:
-        window = min(cfg.convergence_window, len(losses))
-        window -= 1 - window % 2  # the centred average needs an odd window
-        conv = convergence_round([r["round"] for r in losses], [r["train_loss"] for r in losses],
-                                 threshold=cfg.convergence_threshold, smoothing="centred", window=window)
+    conv = curve_convergence_round([r["round"] for r in losses], [r["train_loss"] for r in losses],
+                                   threshold=cfg.convergence_threshold, window=cfg.convergence_window)
     at_conv = next((r for r in losses if r["round"] == conv), {}) if conv is not None else {}
     return {
         "rounds": final["round"],

@@ -17,9 +17,9 @@ import torch
 
 from data_loaders.datasets import ExperimentData
 from data_loaders.episodes import sample_batch, sample_episode
-from federated.client import ClientConfig
 from federated.fedavg import evaluate_clients, init_global_state, make_clients
 from models.gpo import GPO, GPOConfig
+from training.config import ClientConfig
 from training.local import OptimState, adam_step, check_finite, episode_points, make_adam
 from utils.seeding import generator
 

@@ -17,14 +17,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from data_loaders.schema import DataError
+from flower_app.federation import discover, federated_data, make_setup, resolve_groups
 from utils.run_io import atomic_write_bytes, default_run_dir
-
-from .federation import discover, federated_data, make_setup, resolve_groups
 
 
 def args_from_run_config(run_config: dict):
     """main_fl.py's flags from the run config's `flags` string."""
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
     text = run_config.get("flags")
     if not isinstance(text, str):
         raise DataError("the run config has no 'flags' string",
@@ -54,8 +53,8 @@ def check_supported(args) -> None:
 
 def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     """Find the nodes, then train and evaluate through the shared run loop; returns the summary."""
-    from training.experiment import check_flags, run_method  # late: training imports flower_app lazily too
-    from utils.cli import resolve_metric
+    from orchestration.experiment import check_flags, run_method  # late: training imports flower_app lazily too
+    from training.config import resolve_metric
     args.engine = "flower"
     check_flags(args)
     check_supported(args)

@@ -13,20 +13,17 @@ from data_loaders.datasets import ExperimentData, prepare_experiment
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
-from federated.client import ClientConfig
 from federated.attacks import check_attack_flags
 from federated.fedavg import FedAvgTrainer, check_engine_strategy, check_min_clients, resolve_client_engine
 from federated.privacy import build_dp, check_privacy_flags
 from federated.server import build_server
 from federated.strategies import build_strategy, check_strategy_flags
 from flower_app.secagg import check_secagg_flags
-from models.gpo import GPOConfig
-from training.centralized import CentralizedTrainer
-from training.local import OptimConfig
-from training.loop import LoopConfig, RunLoop
+from orchestration.centralized import CentralizedTrainer
+from orchestration.loop import LoopConfig, RunLoop
+from orchestration.resume import FAILED, mark_failed, plan_run
+from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
 from training.local import DivergenceError
-from training.resume import FAILED, mark_failed, plan_run
-from utils.cli import resolve_metric
 from utils.checkpoint import CheckpointError
 from utils.device import resolve_device
 from utils.interrupts import exit_code, signals_raise
@@ -34,32 +31,6 @@ from utils.metrics import MetricError
 from utils.run_io import OutputDirError, environment_info
 from utils.seeding import seed_everything
 from utils.wandb_logger import WandbLogger, has_wandb_credentials
-
-
-def episode_sizes(args) -> EpisodeSizes:
-    """The four bounds as given (paper), or scaled by --data_split as the released code does
-    for local data (int(100·0.9) = 90, int(10·0.9) = 9), clients and centralized alike."""
-    bounds = (args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
-    if getattr(args, "episode_bounds", "flags") == "code":
-        bounds = tuple(int(b * args.data_split) for b in bounds)
-    return EpisodeSizes(*bounds)
-
-
-def client_config(args, metric: str) -> ClientConfig:
-    optim = OptimConfig(lr=args.lr, num_steps=args.num_steps, grad_clip=getattr(args, "grad_clip", 0.0))
-    return ClientConfig(seed=args.seed, epochs=getattr(args, "epochs", 6), data_split=args.data_split,
-                        sizes=episode_sizes(args), optim=optim,
-                        eval_num_qs=args.eval_num_qs, eval_seed=args.eval_seed,
-                        eval_resample=args.eval_resample, eval_batch_size=args.eval_batch_size, metric=metric)
-
-
-def model_config(args, dim_x: int) -> GPOConfig:
-    return GPOConfig(dim_x=dim_x, d_model=args.d_model, emb_depth=args.emb_depth,
-                     dim_feedforward=args.dim_feedforward, nhead=args.nhead, dropout=args.dropout,
-                     num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision,
-                     layer_init=getattr(args, "layer_init", "independent"),
-                     loss_reduction=getattr(args, "loss_reduction", "sum"))
-
 
 # (flag, is the value fine, what it must be); flags missing from a parser are skipped.
 _FLAG_RULES = (
@@ -260,7 +231,7 @@ USER_ERRORS = (DataError, OutputDirError, CheckpointError, MetricError)
 
 
 def main(method: str, argv=None) -> int:
-    from utils.cli import build_parser
+    from orchestration.cli import build_parser
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (nohup, > log) as it happens
@@ -279,11 +250,21 @@ def main(method: str, argv=None) -> int:
     return 0
 
 
+def main_fl() -> int:
+    """The `plurallm-fl` command (= python main_fl.py)."""
+    return main("fedavg")
+
+
+def main_central() -> int:
+    """The `plurallm-central` command (= python main_centralized.py)."""
+    return main("centralized")
+
+
 def _main(method: str, args) -> None:
     t0 = time.perf_counter()
     check_flags(args)
     if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
-        from flower_app.simulation import run_simulation_engine
+        from orchestration.flower_simulation import run_simulation_engine
         run_simulation_engine(args)
         print(f"done in {time.perf_counter() - t0:.1f} s")
         return
