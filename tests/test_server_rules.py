@@ -132,7 +132,7 @@ def test_a_budget_spent_mid_run_ends_the_run_cleanly(tmp_path, capsys):
     """The accountant refuses the release of round 4 (a budget set below what 6 rounds spend, as
     after a resume with more rounds): the run evaluates round 3 and finishes its folder there."""
     from federated.privacy import PrivacyAccountant
-    from training import experiment
+    from orchestration import experiment
 
     budget = PrivacyAccountant(0.5, 1.0, 1e-5).epsilon(3) * 1.0001
     real = experiment.build_server
