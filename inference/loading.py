@@ -136,7 +136,7 @@ def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_mod
     from reporting.predictions import args_from_config
     args = args_from_config(config, data_path, cache_dir)
     if args.dataset != "synthetic":
-        args.emb_model = emb_model  # args_from_config would pass "hf" for a Hugging Face model
+        args.emb_model = emb_model  # the model this predictor embeds new texts with
     return args
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_loaders.datasets import DATASETS
+from data_loaders.datasets import DATASETS, group_names
 from federated.aggregation import WEIGHTINGS
 from federated.attacks import add_attack_arguments
 from federated.fedavg import CLIENT_ENGINES
@@ -16,16 +16,6 @@ from federated.strategies import add_strategy_arguments
 from flower_app.secagg import add_secagg_arguments
 from models.gpo import LAYER_INITS, LOSS_REDUCTIONS
 from orchestration.centralized import CENTRAL_MODES
-
-
-def _groups(text: str) -> list[str]:
-    """Comma-separated names; semicolon-separated when any name holds a comma ('$100,000 or more')."""
-    sep = ";" if ";" in text else ","
-    names = [g.strip() for g in text.split(sep) if g.strip()]
-    if not names:  # '' would otherwise fall back to the default groups without a word
-        raise argparse.ArgumentTypeError(f"{text!r} names no group; list at least one, or leave the flag out "
-                                         "for the default groups")
-    return names
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
@@ -42,10 +32,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     d.add_argument("--strict", action="store_true", help="stop at the first unparsable row instead of skipping it")
     d.add_argument("--encoding", default="utf-8",
                    help="text encoding of the globalqa CSV (e.g. latin-1 for a file saved by a spreadsheet)")
-    d.add_argument("--train_groups", type=_groups, default=None,
+    d.add_argument("--train_groups", type=group_names, default=None,
                    help="comma-separated training groups (use ';' when a name holds a comma) "
                         "(default: the paper's 8 countries for globalqa)")
-    d.add_argument("--eval_groups", type=_groups, default=None,
+    d.add_argument("--eval_groups", type=group_names, default=None,
                    help="comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)")
     d.add_argument("--group_split", type=float, default=None,
                    help="seeded random train share of the groups instead of fixed lists "

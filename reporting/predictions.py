@@ -40,9 +40,10 @@ def args_from_config(config: dict, data_path: str | None = None, cache_dir: str 
         args.data_path = data_path
     if cache_dir:
         args.cache_dir = cache_dir
-    emb = ((config.get("data") or {}).get("embedding") or {}).get("emb_model")
-    if emb and emb not in ("auto", "synthetic"):
-        args.emb_model = emb
+    emb = (config.get("data") or {}).get("embedding") or {}
+    name = emb.get("model_id") if emb.get("emb_model") == "hf" else emb.get("emb_model")  # "hf": the id is the flag
+    if name and name not in ("auto", "synthetic"):
+        args.emb_model = name
     args.quiet, args.resume = True, False
     return args
 
@@ -128,7 +129,8 @@ def question_text(args, qkey: int) -> tuple[str, list[str] | None]:
             from data_loaders.synthetic import make_synthetic
             raw = make_synthetic(synthetic_spec(args))[0]
         else:
-            raw = load_raw_dataset(args.dataset, args.data_path, log=lambda *a: None)
+            raw = load_raw_dataset(args.dataset, args.data_path, log=lambda *a: None,
+                                   encoding=getattr(args, "encoding", "utf-8"))
         row = raw.bank.row(qkey)
         return raw.bank.questions[row], [str(o) for o in raw.bank.options[row]]
     except Exception:  # noqa: BLE001 - text is decoration: the numbers do not depend on it
