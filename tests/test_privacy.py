@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import io
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
+from federated.client import FitResult
 from federated.privacy import (
     DPFedAvg,
     PrivacyAccountant,
@@ -31,14 +31,9 @@ from utils.seeding import generator
 opacus = pytest.importorskip("opacus")
 
 
-@dataclass
-class Reply:
-    name: str
-    state: dict
-    num_examples: int = 1
-    episode_points: int = 1
-    losses: list = field(default_factory=lambda: [0.0])
-    metrics: dict = field(default_factory=dict)
+def Reply(name, state, *, num_examples=1, episode_points=1, losses=(0.0,), metrics=None):  # noqa: N802
+    """A client's reply as the engines build it (FitResult), with toy defaults."""
+    return FitResult(name, state, num_examples, episode_points, list(losses), metrics=dict(metrics or {}))
 
 
 def f64(*xs):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -31,14 +30,9 @@ from federated.strategies import (
 from utils.seeding import generator
 
 
-@dataclass
-class Reply:
-    name: str
-    state: dict
-    num_examples: int = 1
-    episode_points: int = 1
-    losses: list = field(default_factory=lambda: [0.0])
-    metrics: dict = field(default_factory=dict)
+def Reply(name, state, *, num_examples=1, episode_points=1, losses=(0.0,), metrics=None):  # noqa: N802
+    """A client's reply as the engines build it (FitResult), with toy defaults."""
+    return FitResult(name, state, num_examples, episode_points, list(losses), metrics=dict(metrics or {}))
 
 
 def vec(*xs, dtype=torch.float64):
