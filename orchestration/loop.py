@@ -119,7 +119,6 @@ class RunLoop:
         self.current_round = 0  # what an interrupt reports
         self.resumed = False
         self.stopped: str | None = None  # why the run ended before cfg.rounds (StopTraining)
-        self.last_round = 0
 
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -171,7 +170,7 @@ class RunLoop:
         bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=self.trainer.method,
                    unit="round", dynamic_ncols=True, disable=None)
         lines = ProgressLines(self.trainer.method, self.cfg.rounds, self.start_round, self.cfg.log_every, self.log)
-        last, self.last_round = None, self.start_round
+        last = None
         for rnd in bar:
             self.current_round = rnd
             try:
@@ -182,18 +181,8 @@ class RunLoop:
                 if window:
                     self._evaluate(rnd - 1, window, t0)
                 break
-            self.grad_steps += stats["grad_steps"]
-            self.points += stats["points"]
             server = stats.get("server") or {}  # e.g. DP: noise std, clipped clients, ε spent so far
-            row = {"round": rnd, "train_loss": stats["train_loss"],
-                   "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps,
-                   "points": self.points, **server}
-            losses.write(row)
-            self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
-                            "compute/points": self.points, **{f"server/{k}": v for k, v in server.items()}},
-                           step=rnd)
-            window.append(row)
-            self.last_round = rnd
+            window.append(self._log_round(losses, rnd, stats, server))
             rec = None
             if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
                 rec = self._evaluate(rnd, window, t0)
@@ -206,6 +195,18 @@ class RunLoop:
             lines(rnd, stats["train_loss"], rec, last, server)
         losses.close()
         return self._finish(t0)
+
+    def _log_round(self, losses: MetricsWriter, rnd: int, stats: dict, server: dict) -> dict:
+        """Count the round's compute and write its losses.jsonl row (and W&B); returns the row."""
+        self.grad_steps += stats["grad_steps"]
+        self.points += stats["points"]
+        row = {"round": rnd, "train_loss": stats["train_loss"],
+               "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps,
+               "points": self.points, **server}
+        losses.write(row)
+        self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
+                        "compute/points": self.points, **{f"server/{k}": v for k, v in server.items()}}, step=rnd)
+        return row
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         evals, trains = self.trainer.evaluate(rnd)
