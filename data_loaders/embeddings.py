@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,9 @@ def load_model(model_id: str, device: torch.device, dtype: str = "fp32",
     if load_in_8bit:
         kwargs.update(quantization_config=_eight_bit_config(device),
                       device_map={"": device.index or 0})
+    if not sys.stderr.isatty():  # a bar redrawn with \r is one unreadable line in a log file
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(model_id)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -264,8 +268,9 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
     order = np.argsort([-len(x) for x in ids], kind="stable")
     in_dev = next(model.parameters()).device
     out: torch.Tensor | None = None
+    # disable=None: tqdm draws only on a terminal; logs get the start and end lines instead
     with torch.inference_mode(), tqdm(total=len(ids), desc="embedding", unit="text",
-                                      disable=not progress) as bar:
+                                      disable=True if progress is False else None) as bar:
         for start in range(0, len(ids), batch_size):
             rows = order[start:start + batch_size]
             batch_ids, mask = pad_batch([ids[i] for i in rows], pad_id)

@@ -142,6 +142,13 @@ def test_llm_embedding_equals_manual_mean_of_last_layer(tiny_llama):
     torch.testing.assert_close(ours[0], manual, atol=1e-5, rtol=0)
 
 
+def test_no_redrawn_progress_bar_when_stderr_is_a_log_file(tiny_llama, capfd):
+    # capfd: stderr is a pipe, as under `> log 2>&1`; a tqdm bar there is one line of \r redraws
+    E.embed_texts(["one text", "another"], str(tiny_llama), device="cpu", batch_size=1, progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "embedding:" not in err and "Loading weights" not in err
+
+
 def test_batching_with_padding_matches_batch_size_one(tiny_llama):
     texts = option_texts(make_raw().bank) + ["short", "a bit longer text"]
     one = E.embed_texts(texts, str(tiny_llama), device="cpu", batch_size=1, progress=False)
