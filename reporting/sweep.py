@@ -66,6 +66,8 @@ PRESETS = {
             "dp_z0.1": ["--dp", "--dp_clip", "0.1", "--dp_noise", "0.1"],
             "dp_z1": ["--dp", "--dp_clip", "0.1", "--dp_noise", "1"],
             "dp_z3": ["--dp", "--dp_clip", "0.1", "--dp_noise", "3"],
+            # epsilon ~ 9 after 300 rounds (delta 1e-5): the one level a user might call private
+            "dp_z10": ["--dp", "--dp_clip", "0.1", "--dp_noise", "10"],
         },
         baseline="no_dp", title="Client-level DP-FedAvg on OpinionQA (300 rounds, 3 seeds)",
         report="docs/results/privacy.md"),
