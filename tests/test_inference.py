@@ -137,6 +137,13 @@ def test_reward_is_one_minus_the_distance_to_the_prediction(syn_pred):
     assert math.isclose(got[4], 1.0, abs_tol=1e-6)  # float rounding of the pass, amplified by the square root
 
 
+def w1_to_option(p: np.ndarray, ords: np.ndarray, at: int) -> float:
+    """Normalised W1 between p and a one-hot at option `at`: E|o - o_at| under p over the ordinal
+    span. The metric renormalises each row first, and a float32 softmax sums to 1 only to ~1e-8."""
+    p = p / p.sum()
+    return float((p * np.abs(ords - ords[at])).sum() / (ords.max() - ords.min()))
+
+
 def test_wasserstein_reward_uses_the_datasets_ordinals_or_1_to_k(opinionqa_run):
     pred = GroupPredictor.from_run(opinionqa_run, log=QUIET)
     bank = pred.run_data.raw.bank
@@ -144,13 +151,10 @@ def test_wasserstein_reward_uses_the_datasets_ordinals_or_1_to_k(opinionqa_run):
     context = [bank_item(bank, int(bank.qkeys[r]), np.eye(len(bank.options[r]))[0]) for r in (0, 1)]
     q = (bank.questions[row], list(bank.options[row]))
     p = pred.predict(context, [q])[0]
-    ords = np.array(bank.ordinals[row])
-    # one-hot at option 0: distance = E|o - o_0| under p, over the ordinal span
-    want = 1 - float((p * np.abs(ords - ords[0])).sum() / (ords.max() - ords.min()))
+    want = 1 - w1_to_option(p, np.array(bank.ordinals[row]), 0)
     assert math.isclose(pred.reward([(*q, 0)], context)[0], want, abs_tol=1e-12)
     given = {"question": q[0], "options": q[1], "ordinals": list(range(1, len(q[1]) + 1)), "answer": 0}
-    plain = np.arange(1, len(q[1]) + 1)
-    want_plain = 1 - float((p * np.abs(plain - 1)).sum() / (plain.max() - 1))
+    want_plain = 1 - w1_to_option(p, np.arange(1.0, len(q[1]) + 1), 0)
     assert math.isclose(pred.reward([given], context)[0], want_plain, abs_tol=1e-12)
 
 
