@@ -283,6 +283,7 @@ def test_compare_variants_paired_against_a_baseline(tmp_path, capsys):
             "--variant", f"noise1={root}/noise1_s*", "--variant", f"noise2={root}/noise2_s*", "--out", str(out)]
     assert compare.main(argv) == 0
     text = out.read_text()
+    assert "```bash\npython -m reporting.compare --baseline 'fedavg=" in text and "## Setup" not in text
     # per seed: mean -0.02, -0.03 and worst +0.02, +0.03: t(0.975, 1) * 0.00707 / sqrt(2) = 0.0635
     assert ("| trimmed | -0.0250 ± 0.0071 [-0.0885, +0.0385] | +0.0250 ± 0.0071 [-0.0385, +0.0885] |") in text
     assert ("- **trimmed** against fedavg: mean evaluation alignment 0.0250 lower (not significant over these "

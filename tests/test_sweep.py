@@ -19,6 +19,8 @@ def test_privacy_sweep_trains_reuses_and_reports(tmp_path, capsys, monkeypatch):
     assert config["dp"] and config["dp_noise"] == 1.0 and config["weighting"] == "uniform" and config["seed"] == 1
     report = (tmp_path / "privacy.md").read_text()
     assert "dp_z1" in report and "no_dp" in report
+    assert "```bash\npython scripts/sweep.py --preset privacy" in report and "## Setup" in report
+    assert "S = 0.1 is about the median client update norm" in report
     capsys.readouterr()
     assert main(argv) == 0  # everything finished: reused, nothing retrained
     assert capsys.readouterr().out.count("reuse ") == 4
