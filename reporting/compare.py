@@ -38,6 +38,7 @@ class Variant:
     runs: dict[int, Run] = field(default_factory=dict)      # finished, by seed
     interrupted: list[Path] = field(default_factory=list)
     duplicates: list[Path] = field(default_factory=list)
+    failed: dict[int, Run] = field(default_factory=dict)    # diverged (failed.json), by seed
 
 
 def load_variant(name: str, patterns: list[str]) -> Variant:
@@ -46,12 +47,14 @@ def load_variant(name: str, patterns: list[str]) -> Variant:
         run = load_run(path)
         if run.status == "interrupted":
             v.interrupted.append(path)
+        elif run.status == "failed":
+            v.failed[run.seed] = run
         elif run.status == "finished":
             if run.seed in v.runs:
                 v.duplicates.append(path)
             else:
                 v.runs[run.seed] = run
-    if not v.runs:
+    if not v.runs and not v.failed:
         raise RunFolderError(f"variant {name!r}: no finished run folder matches {' '.join(patterns)}",
                              "check the glob (quote it so the shell does not expand it), or wait for the runs")
     return v
@@ -90,6 +93,13 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
     return describe([x[s] - b[s] for s in sorted(set(b) & set(x)) if x[s] is not None and b[s] is not None])
 
 
+def divergence(run: Run) -> str:
+    """'seed 0 at round 276, ε 40.3': where a failed run stopped, with the budget spent by then."""
+    eps = next((r["dp_epsilon"] for r in reversed(run.losses) if r.get("dp_epsilon") is not None), None)
+    where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
+    return where + (f", ε {eps:.3g}" if eps is not None else "")
+
+
 def has_epsilon(variants: list[Variant]) -> bool:
     return any(values(v)["dp_epsilon"][s] is not None for v in variants for s in v.runs)
 
@@ -108,6 +118,8 @@ def consistency_warnings(variants: list[Variant]) -> list[str]:
     for v in variants:
         out += [f"{v.name}: {shown(p)} is interrupted (no summary.json); not in the statistics" for p in v.interrupted]
         out += [f"{v.name}: {shown(p)} is a second finished run of its seed; ignored" for p in v.duplicates]
+        out += [f"{v.name}: {shown(r.path)} diverged ({r.failure.get('reason')}); not in the statistics"
+                for _, r in sorted(v.failed.items())]
     return out
 
 
@@ -155,6 +167,11 @@ def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
             sig = {"excludes": "significant over these seeds", "includes": "not significant over these seeds"}.get(
                 significance(d), "a single seed: no CI")
             parts.append(f"{what} evaluation alignment {abs(d.mean):.4f} {word} ({sig})")
+        if v.failed:
+            which = ", ".join(divergence(r) for _, r in sorted(v.failed.items()))
+            total = len(v.failed) + len(v.runs)
+            parts.append(f"{len(v.failed)} of {total} seeds diverged ({which})"
+                         + ("; the numbers cover the others" if v.runs else ""))
         out.append(f"- **{v.name}** against {base.name}: " + "; ".join(parts) + ".")
     return out
 
@@ -183,9 +200,15 @@ def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
         ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.8, label=f"{v.name} (n={len(curves)})")
         if len(curves) > 1:
             ax.fill_between(curves[0][0][:t], ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15, lw=0)
+    for i, v in enumerate(variants):
+        for seed, r in sorted(v.failed.items()):
+            x, y = _curve(r, "eval_worst_alignment")
+            if y:
+                ax.plot(x, y, color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
     plain_y(ax, 0.02)
     return _save(fig, ax, "Worst-group evaluation alignment vs round", "Round",
-                 "Lowest group alignment, eval groups", path, "line: mean over seeds; band: min–max over seeds")
+                 "Lowest group alignment, eval groups", path,
+                 "line: mean over seeds; band: min–max over seeds; dashed: a run that diverged, up to its last evaluation")
 
 
 def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
@@ -264,19 +287,21 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
     if has_epsilon(others):
         paths["alignment_vs_epsilon"] = fig_alignment_vs_epsilon(variants, Path(f"{stem}_alignment_vs_epsilon.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
-    n = sum(len(v.runs) for v in variants)
+    n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
     body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}", "",
             f"Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"
+            f"{f' and {n_failed} that diverged' if n_failed else ''}"
             f"{' by the command below' if command else ''}; baseline **{base.name}**. Every number is computed "
             "from the folders' summary.json and metrics.jsonl.", ""]
     if command:
         body += ["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""]
     if setup:
         body += ["## Setup", "", *setup, ""]
-    body += ["## Variants", "", "| Variant | Run folders (as given) | Finished seeds | Interrupted |",
-             "|---|---|---|---|"]
-    body += [f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | {', '.join(map(str, sorted(v.runs)))} | "
-             f"{len(v.interrupted)} |" for v in variants]
+    body += ["## Variants", "", "| Variant | Run folders (as given) | Finished seeds | Diverged | Interrupted |",
+             "|---|---|---|---|---|"]
+    body += [f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | {', '.join(map(str, sorted(v.runs))) or '–'} | "
+             f"{', '.join(divergence(r) for _, r in sorted(v.failed.items())) or '–'} | {len(v.interrupted)} |"
+             for v in variants]
     body += ["", "## Results over seeds", "", *results_table(variants), "",
              "Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds. Worst-group: the "
              "lowest evaluation group's alignment at the last evaluation; bottom quarter: the mean of the lowest "
@@ -304,6 +329,10 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
             s = describe(list(vals.values()))
             w.writerow(["metric", key, v.name, s.n, *_cells(s),
                         ";".join(f"{seed}:{'' if x is None else repr(x)}" for seed, x in vals.items())])
+    for v in [base, *others]:
+        for seed, r in sorted(v.failed.items()):
+            w.writerow(["diverged", "round", v.name, 1, repr(float(r.failure.get("round", "nan"))), "", "", "",
+                        f"{seed}:{r.failure.get('round', '')}"])
     for v in others:
         for key, _, _, _ in COMPARED:
             d = paired_difference(base, v, key)

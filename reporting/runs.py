@@ -60,11 +60,12 @@ def _get(cfg: dict, path: tuple[str, ...]):
 @dataclass
 class Run:
     path: Path
-    status: str                      # finished | interrupted | empty
+    status: str                      # finished | interrupted | failed | empty
     config: dict = field(default_factory=dict)
     summary: dict | None = None
     metrics: list[dict] = field(default_factory=list)   # one record per evaluation
     losses: list[dict] = field(default_factory=list)    # one record per round
+    failure: dict | None = None      # failed.json of a run that diverged (status "failed")
 
     @property
     def method(self) -> str | None:
@@ -108,7 +109,9 @@ def load_run(path: str | Path) -> Run:
         metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
         losses = read_metrics(path / "losses.jsonl") if (path / "losses.jsonl").is_file() else []
     summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
-    return Run(path, "finished" if summary is not None else "interrupted", config, summary, metrics, losses)
+    failure = _read_json(path / "failed.json") if summary is None and (path / "failed.json").is_file() else None
+    status = "finished" if summary is not None else "failed" if failure is not None else "interrupted"
+    return Run(path, status, config, summary, metrics, losses, failure)
 
 
 def find_run_folders(patterns: list[str]) -> list[Path]:
@@ -179,6 +182,9 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
             continue
         if r.status == "interrupted":
             interrupted.append(r)
+            continue
+        if r.status == "failed":  # a rerun would diverge again: reported, never resumed or counted
+            notes.append(f"{shown(r.path)}: failed ({r.failure.get('reason')}); not in the statistics")
             continue
         slot = by_method[r.method]
         if r.seed in slot:

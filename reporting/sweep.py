@@ -108,14 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_one(flags: list[str], folder: Path, log=print) -> None:
     from orchestration.experiment import main as train
+    from orchestration.resume import failure
     if (folder / "summary.json").is_file():
         log(f"reuse   {folder}")
+        return
+    if (failed := failure(folder)) is not None:  # deterministic: a rerun would diverge the same way
+        log(f"failed  {folder} (earlier: {failed.get('reason')}); not retried, reported as diverged")
         return
     resume = (folder / "config.json").is_file()
     log(f"{'resume' if resume else 'train '}  {folder}")
     code = train("fedavg", [*flags, "--out_dir", str(folder), *(["--resume"] if resume else [])])
     if code in (130, 143):
         raise KeyboardInterrupt
+    if code == 2 and (failed := failure(folder)) is not None:
+        # a noise level or strategy that makes training diverge is a result of the sweep, not its end
+        log(f"failed  {folder}: {failed.get('reason')}; the sweep goes on, the report lists it as diverged")
+        return
     if code != 0:
         raise DataError(f"the run in {folder} failed (exit {code}); its error is printed above",
                         "fix it and rerun the same sweep command: finished runs are reused")
@@ -146,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"trained in {time.perf_counter() - t0:.1f} s")
         base = load_variant(preset.baseline, [str(out_root / f"{preset.baseline}_s*")])
         others = [load_variant(n, [str(out_root / f"{n}_s*")]) for n in preset.variants
-                  if n != preset.baseline and any(out_root.glob(f"{n}_s*/summary.json"))]
+                  if n != preset.baseline and any(any(out_root.glob(f"{n}_s*/{f}"))
+                                                  for f in ("summary.json", "failed.json"))]
         command = ["python", "scripts/sweep.py", *argv]
         for k, path in write_comparison(base, others, Path(args.report or preset.report), preset.title,
                                         command, preset.setup).items():

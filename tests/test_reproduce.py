@@ -564,3 +564,15 @@ def test_smoke_preset_end_to_end(globalqa_csv, tmp_path):
     # a second call reuses all six runs
     again = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "plan: 6 reuse" in again.stdout
+
+
+def test_a_diverged_run_is_named_in_the_notes_and_kept_out_of_the_statistics(tmp_path):
+    from reporting import runs
+    folder = tmp_path / "fedavg_s0"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"method": "fedavg", "seed": 0}))
+    (folder / "failed.json").write_text(json.dumps({"reason": "training diverged at round 7", "round": 7}))
+    assert runs.load_run(folder).status == "failed"
+    rs = runs.collect([folder])
+    assert rs.by_method["fedavg"] == {} and rs.interrupted == []
+    assert any("failed (training diverged at round 7); not in the statistics" in w for w in rs.warnings)

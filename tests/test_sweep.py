@@ -40,3 +40,25 @@ def test_presets_keep_the_issue_setups():
         assert preset.base[preset.base.index("--dataset") + 1] == "opinionqa"
     assert {"fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median"} <= set(s.variants)
     assert sum("--dp" in v for v in p.variants.values()) >= 3 and p.variants[p.baseline] == []
+
+
+def test_a_variant_that_diverges_is_reported_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    from reporting.sweep import Preset
+    # "boom" diverges at once (lr 10), like a DP noise level that drives the weights to overflow
+    monkeypatch.setitem(PRESETS, "toy", Preset(base=[], variants={"ok": [], "boom": ["--lr", "10"]},
+                                               baseline="ok", title="toy", report=str(tmp_path / "toy.md")))
+    argv = ["--preset", "toy", "--seeds", "0", "1", "--extra", TINY + " --wandb off --quiet",
+            "--out_root", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("failed  ") == 2 and "the sweep goes on" in out
+    rounds = []
+    for seed in (0, 1):  # the seed after a diverged run still trains
+        assert (tmp_path / "runs" / f"ok_s{seed}" / "summary.json").is_file()
+        rounds.append(json.loads((tmp_path / "runs" / f"boom_s{seed}" / "failed.json").read_text())["round"])
+    where = f"seed 0 at round {rounds[0]}, seed 1 at round {rounds[1]}"
+    report = (tmp_path / "toy.md").read_text()
+    assert "from 2 finished run folders and 2 that diverged" in report
+    assert f"| – | {where} | 0 |" in report and f"2 of 2 seeds diverged ({where})" in report
+    assert main(argv) == 0  # a rerun does not retrain what diverged: it would diverge the same way
+    assert capsys.readouterr().out.count("not retried") == 2
