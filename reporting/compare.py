@@ -94,10 +94,10 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
 
 
 def divergence(run: Run) -> str:
-    """'seed 0 at round 276, ε 40.3': where a failed run stopped, with the budget spent by then."""
+    """'seed 0 at round 276 (ε 40.3)': where a failed run stopped, with the budget spent by then."""
     eps = next((r["dp_epsilon"] for r in reversed(run.losses) if r.get("dp_epsilon") is not None), None)
     where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
-    return where + (f", ε {eps:.3g}" if eps is not None else "")
+    return where + (f" (ε {eps:.3g})" if eps is not None else "")
 
 
 def has_epsilon(variants: list[Variant]) -> bool:
@@ -170,7 +170,7 @@ def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
         if v.failed:
             which = ", ".join(divergence(r) for _, r in sorted(v.failed.items()))
             total = len(v.failed) + len(v.runs)
-            parts.append(f"{len(v.failed)} of {total} seeds diverged ({which})"
+            parts.append(f"{len(v.failed)} of {total} seeds diverged: {which}"
                          + ("; the numbers cover the others" if v.runs else ""))
         out.append(f"- **{v.name}** against {base.name}: " + "; ".join(parts) + ".")
     return out

@@ -59,6 +59,6 @@ def test_a_variant_that_diverges_is_reported_and_the_sweep_goes_on(tmp_path, cap
     where = f"seed 0 at round {rounds[0]}, seed 1 at round {rounds[1]}"
     report = (tmp_path / "toy.md").read_text()
     assert "from 2 finished run folders and 2 that diverged" in report
-    assert f"| – | {where} | 0 |" in report and f"2 of 2 seeds diverged ({where})" in report
+    assert f"| – | {where} | 0 |" in report and f"2 of 2 seeds diverged: {where}." in report
     assert main(argv) == 0  # a rerun does not retrain what diverged: it would diverge the same way
     assert capsys.readouterr().out.count("not retried") == 2
