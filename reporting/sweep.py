@@ -90,7 +90,8 @@ PRESETS = {
                "delta = 1e-5, with respect to one group's whole data.",
                "- Clip norm: S = 0.1 is about the median client update norm over the first 30 rounds of a "
                "no-noise, no-clip run of this setup (dp_median_norm in its losses.jsonl), which the cosine "
-               "schedule moves between 3e-4 and 0.8; so roughly half the updates are clipped early on."]),
+               "schedule moves between 3e-4 and 0.8; so about half the updates are clipped (dp_clipped in each DP "
+               "run's losses.jsonl counts them per round)."]),
 }
 
 
