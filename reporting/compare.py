@@ -93,9 +93,13 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
     return describe([x[s] - b[s] for s in sorted(set(b) & set(x)) if x[s] is not None and b[s] is not None])
 
 
+def _epsilon_at_stop(run: Run) -> float | None:
+    return next((r["dp_epsilon"] for r in reversed(run.losses) if r.get("dp_epsilon") is not None), None)
+
+
 def divergence(run: Run) -> str:
     """'seed 0 at round 276 (ε 40.3)': where a failed run stopped, with the budget spent by then."""
-    eps = next((r["dp_epsilon"] for r in reversed(run.losses) if r.get("dp_epsilon") is not None), None)
+    eps = _epsilon_at_stop(run)
     where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
     return where + (f" (ε {eps:.3g})" if eps is not None else "")
 
@@ -111,10 +115,17 @@ def has_epsilon(variants: list[Variant]) -> bool:
 def consistency_warnings(variants: list[Variant]) -> list[str]:
     """Settings every variant must share for the comparison to mean anything."""
     out = []
-    for key in ("dataset", "eval_groups", "train_groups", "metric", "eval_num_qs", "eval_seed"):
+    for key in ("dataset", "metric", "eval_num_qs", "eval_seed"):
         seen = {json.dumps(r.config.get(key), sort_keys=True) for v in variants for r in v.runs.values()}
         if len(seen) > 1:
             out.append(f"the runs disagree on {key}: {sorted(seen)}")
+    # A seeded group split differs between seeds by design; within a seed every variant must share it.
+    seeds = sorted({s for v in variants for s in v.runs})
+    for key in ("eval_groups", "train_groups"):
+        for seed in seeds:
+            seen = {json.dumps(v.runs[seed].config.get(key), sort_keys=True) for v in variants if seed in v.runs}
+            if len(seen) > 1:
+                out.append(f"the runs of seed {seed} disagree on {key}: {sorted(seen)}")
     for v in variants:
         out += [f"{v.name}: {shown(p)} is interrupted (no summary.json); not in the statistics" for p in v.interrupted]
         out += [f"{v.name}: {shown(p)} is a second finished run of its seed; ignored" for p in v.duplicates]
@@ -246,12 +257,17 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
             ref = describe(list(values(v)[key].values())).mean
             if ref is not None:
                 ax.axhline(ref, color=color, ls=ls, lw=1, label=f"{v.name}, {label} (no ε)")
-    from matplotlib.ticker import ScalarFormatter
+    stopped = [(e, r) for v in variants for r in v.failed.values() if (e := _epsilon_at_stop(r)) is not None]
+    pts = [(e, y[-1]) for e, r in stopped if (y := _curve(r, "eval_alignment_score")[1])]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="k", zorder=3,
+                   label="diverged run: ε and mean alignment when it stopped")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
     return _save(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
-                 "Eval alignment (final)", path, "points: mean over seeds; bars: 95% CI")
+                 "Eval alignment (final)", path, "points: mean over seeds of finished runs; bars: 95% CI")
 
 
 def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:

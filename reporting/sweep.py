@@ -58,7 +58,8 @@ PRESETS = {
         report="docs/results/strategies.md",
         setup=["OpinionQA, the default seeded 60/40 split (10 training groups, all sampled every round, 7 "
                "evaluation groups), MiniLM embeddings, the paper's other defaults (6 local steps, lr 3e-4), 300 "
-               "rounds, evaluation every 10, seeds 0-2 with the same initial weights for every variant.",
+               "rounds, evaluation every 10, seeds 0-2. The split and the initial weights are drawn from the "
+               "seed: every variant of a seed shares them, so differences are paired by seed.",
                "",
                "- fedprox: mu 0.01; qfedavg: q 0.1 on each client's held-out misalignment 1 - AS; adaptive: "
                "softmax((1 - AS)/0.1) over a 5-evaluation window; trimmed_mean: 20% cut at each end; median; "
@@ -83,7 +84,9 @@ PRESETS = {
         report="docs/results/privacy.md",
         setup=["OpinionQA, the default seeded 60/40 split (10 training groups, every one sampled every round, so "
                "the sampling rate is 1), MiniLM embeddings, 300 rounds, evaluation every 10, seeds 0-2, uniform "
-               "weights for every variant (DP requires them, so the no-DP baseline uses them too).",
+               "weights for every variant (DP requires them, so the no-DP baseline uses them too). The split is "
+               "drawn from the seed: each seed evaluates other groups, and every variant of a seed the same ones, "
+               "so differences are paired by seed.",
                "",
                "- Mechanism: each client's update is clipped to L2 norm S = 0.1; the server adds N(0, (z S / 10)^2) "
                "per coordinate to the mean of the 10 clipped updates. epsilon: Opacus's RDP accountant, "

@@ -576,3 +576,16 @@ def test_a_diverged_run_is_named_in_the_notes_and_kept_out_of_the_statistics(tmp
     rs = runs.collect([folder])
     assert rs.by_method["fedavg"] == {} and rs.interrupted == []
     assert any("failed (training diverged at round 7); not in the statistics" in w for w in rs.warnings)
+
+
+def test_group_splits_may_differ_between_seeds_but_not_within_one(tmp_path):
+    from reporting.compare import Variant, consistency_warnings
+    from reporting.runs import Run
+
+    def run(seed, groups):
+        return Run(tmp_path, "finished", {"seed": seed, "eval_groups": groups})
+    base = Variant("a", [], runs={0: run(0, ["x"]), 1: run(1, ["y"])})
+    same = Variant("b", [], runs={0: run(0, ["x"]), 1: run(1, ["y"])})
+    assert consistency_warnings([base, same]) == []  # a seeded split: seeds differ by design
+    other = Variant("c", [], runs={0: run(0, ["z"])})
+    assert consistency_warnings([base, other]) == ["the runs of seed 0 disagree on eval_groups: ['[\"x\"]', '[\"z\"]']"]
