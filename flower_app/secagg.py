@@ -44,7 +44,7 @@ def add_secagg_arguments(group) -> None:
                             "2R / --secagg_quant_range")
     group.add_argument("--secagg_quant_range", type=int, default=DEFAULT_QUANT_RANGE,
                        help="secagg: integer levels a weight is quantised to; clients x levels must stay below "
-                            f"2**32 (default 2**22: 1023 clients)")
+                            "2**32 (default 2**22: 1023 clients)")
 
 
 def check_secagg_flags(args) -> None:

@@ -103,7 +103,7 @@ def load_run(path: str | Path) -> Run:
     config = _read_json(path / "config.json")
     if config.get("method") not in ENTRY_POINTS.values():
         raise RunFolderError(f"{path}/config.json has method {config.get('method')!r}",
-                             f"expected fedavg or centralized: is this a PluralLLM run folder?")
+                             "expected fedavg or centralized: is this a PluralLLM run folder?")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a truncated last line (interrupted run) is expected here
         metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []

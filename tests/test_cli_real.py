@@ -28,7 +28,7 @@ def cli(script, env, *args):
 
 
 def records(folder):
-    return [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_fedavg_cli_on_opinionqa(opinionqa_dir, env, tmp_path):

@@ -53,7 +53,7 @@ def kill_after(cmd, losses: Path, rows: int) -> None:
 
 
 def lines(path: Path, drop=("wall_time_s",)) -> list[dict]:
-    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in path.read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method", ["fedavg", "centralized"])

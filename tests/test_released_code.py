@@ -21,7 +21,7 @@ SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40",
 
 
 def losses(folder) -> list[float]:
-    return [json.loads(l)["train_loss"] for l in (folder / "losses.jsonl").read_text().splitlines()]
+    return [json.loads(line)["train_loss"] for line in (folder / "losses.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_central_steps_one_keeps_the_numbers_and_k_steps_match_a_round(tmp_path,
     assert main("centralized", [*flags, "--out_dir", str(tmp_path / "k1")]) == 0
     assert losses(tmp_path / "k1") == pytest.approx(BEFORE[mode], rel=1e-6)
     assert main("centralized", [*flags, "--central_steps", "6", "--out_dir", str(tmp_path / "k6")]) == 0
-    rows = [json.loads(l) for l in (tmp_path / "k6" / "losses.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "k6" / "losses.jsonl").read_text().splitlines()]
     groups = 3  # 60% of 5 synthetic groups train
     per_epoch = groups * 6 if mode == "sequential" else math.ceil(groups / 2) * 6
     assert [r["grad_steps"] for r in rows] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
@@ -108,7 +108,7 @@ def test_matched_epoch_takes_the_gradient_steps_of_a_fedavg_round(tmp_path):
     assert losses(tmp_path / "f") == pytest.approx(BEFORE["fedavg"], rel=1e-6)
     assert main("centralized", [*SMALL, "--central_epochs", "3", "--eval_freq", "3", "--central_steps", "2",
                                 "--out_dir", str(tmp_path / "c")]) == 0
-    fed, cen = ([json.loads(l)["grad_steps"] for l in (tmp_path / d / "losses.jsonl").read_text().splitlines()]
+    fed, cen = ([json.loads(line)["grad_steps"] for line in (tmp_path / d / "losses.jsonl").read_text().splitlines()]
                 for d in ("f", "c"))
     assert fed == cen == [6, 12, 18]
 

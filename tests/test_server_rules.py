@@ -29,7 +29,7 @@ VARIANTS = {
 
 
 def records(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(l).items() if k != "wall_time_s"} for l in path.read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"} for line in path.read_text().splitlines()]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

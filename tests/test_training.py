@@ -19,7 +19,7 @@ SMALL = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40",
 
 def run(method, out, *extra):
     assert main(method, [*SMALL, "--out_dir", str(out), *extra]) == 0
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def strip_time(records):
@@ -61,7 +61,7 @@ def test_fedavg_run_folder_and_determinism(tmp_path):
 def test_client_fraction_trains_only_sampled_clients(tmp_path):
     recs = run("fedavg", tmp_path, "--comm_round", "3", "--federated_eval", "3", "--epochs", "2",
                "--client_fraction", "0.5", "--syn_groups", "10", "--save_client")
-    losses = [json.loads(l) for l in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    losses = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert all(len(r["train_loss_per_client"]) == 3 for r in losses)  # 0.5 x 6 training groups
     assert recs[-1]["grad_steps"] == 3 * 3 * 2
     saved = sorted(p.stem for p in (tmp_path / "checkpoints" / "clients" / "round_00003").iterdir())

@@ -30,7 +30,7 @@ def env():
 
 
 def records(path: Path, drop=("wall_time_s",)) -> list[dict]:
-    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in path.read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -209,7 +209,7 @@ def test_sigint_and_sigterm_stop_with_one_line_and_resume(tmp_path, sig, code):
         _stop(proc)
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
-    [line] = [l for l in stderr.splitlines() if l.strip()]
+    [line] = [ln for ln in stderr.splitlines() if ln.strip()]
     assert line.startswith("interrupted at round ") and "rerun the same command with --resume" in line
     assert not (out / "summary.json").exists() and not (out / "failed.json").exists()
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
@@ -224,10 +224,10 @@ def test_sigint_and_sigterm_stop_with_one_line_and_resume(tmp_path, sig, code):
 def test_progress_lines_when_output_is_not_a_terminal(tmp_path, capsys):
     assert main("fedavg", [*SMALL, "--comm_round", "6", "--federated_eval", "3", "--epochs", "1",
                            "--log_every", "2", "--out_dir", str(tmp_path / "r")]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("fedavg round ")]
-    assert [l.split()[2] for l in lines] == ["2/6", "3/6", "4/6", "6/6"]  # every 2 rounds and each evaluation
-    for l in lines:
-        assert " | loss " in l and " s/round, ETA " in l
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fedavg round ")]
+    assert [line.split()[2] for line in lines] == ["2/6", "3/6", "4/6", "6/6"]  # every 2 rounds and each evaluation
+    for line in lines:
+        assert " | loss " in line and " s/round, ETA " in line
     assert "eval alignment" in lines[1] and "(worst group " in lines[1]
     assert lines[2].endswith("ETA 0m00s") or "at round 3" in lines[2]
 
