@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestration import resume
 from utils.run_io import read_metrics
 
 from .paths import shown
@@ -109,7 +110,7 @@ def load_run(path: str | Path) -> Run:
         metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
         losses = read_metrics(path / "losses.jsonl") if (path / "losses.jsonl").is_file() else []
     summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
-    failure = _read_json(path / "failed.json") if summary is None and (path / "failed.json").is_file() else None
+    failure = resume.failure(path) if summary is None else None
     status = "finished" if summary is not None else "failed" if failure is not None else "interrupted"
     return Run(path, status, config, summary, metrics, losses, failure)
 
