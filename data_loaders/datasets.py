@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from utils.seeding import generator
@@ -27,6 +28,7 @@ class ExperimentData:
     dim_x: int
     has_ordinals: bool
     info: dict = field(default_factory=dict)
+    heldout_qkeys: torch.Tensor | None = None  # --question_split: keys no group trains on (sorted)
 
 
 def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool = False,
@@ -123,20 +125,30 @@ def prepare_experiment(args, log=print, check=None) -> ExperimentData:
     configuration that cannot run fails in seconds, not after an embedding pass.
     """
     t0 = time.perf_counter()
+    fraction = getattr(args, "question_split", 0.0)
+    checked = lambda r: (_checked(r, train, evals, args.dataset, check),  # noqa: E731
+                         check_holdout(r, question_holdout(r.bank.qkeys, fraction, split_seed(args)), train, evals,
+                                       getattr(args, "eval_num_qs", 1),
+                                       getattr(args, "min_ctx_num_qs", 1) + getattr(args, "min_tar_num_qs", 1)))
     if args.dataset == "synthetic":
         raw, emb, emb_info = load_embedded(args, None, log)
         train, evals = choose_groups("synthetic", args.train_groups, args.eval_groups,
                                      args.group_split, split_seed(args), all_groups=list(raw.groups))
-        _checked(raw, train, evals, args.dataset, check)
+        checked(raw)
     else:
         train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups,
                                      args.group_split, split_seed(args))
-        raw, emb, emb_info = load_embedded(args, train + evals, log, check=lambda r: _checked(
-            r, train, evals, args.dataset, check))
+        raw, emb, emb_info = load_embedded(args, train + evals, log, check=checked)
     build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
+    held = question_holdout(raw.bank.qkeys, fraction, split_seed(args))
     data = ExperimentData(args.dataset, build(train), build(evals), int(emb.shape[1]),
-                          raw.bank.ordinals is not None)
+                          raw.bank.ordinals is not None, heldout_qkeys=held)
     data.info = data_info(raw, emb_info, time.perf_counter() - t0)
+    if held is not None:
+        data.info["question_split"] = {"fraction": fraction, "pool_questions": len(raw.bank.qkeys),
+                                       "heldout_questions": len(held), "seed": split_seed(args)}
+        log(f"question split: {len(held)} of {len(raw.bank.qkeys)} questions held out from all training "
+            f"(--question_split {fraction:g}, split seed {split_seed(args)})")
     log_groups(data, log, per_group=not getattr(args, "quiet", False))
     return data
 
@@ -189,6 +201,38 @@ def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:
     if unknown:
         raise DataError(f"group(s) {unknown} not found in the {dataset} data",
                         f"available: {', '.join(sorted(raw.groups))}")
+
+
+def question_holdout(qkeys, fraction: float, seed: int) -> torch.Tensor | None:
+    """The leakage-free protocol's held-out questions: round(fraction · pool) keys drawn from the
+    whole question pool by (split seed, 'question_split'), the same for every group; None at 0."""
+    if not fraction:
+        return None
+    keys = torch.as_tensor(np.asarray(qkeys), dtype=torch.long)
+    k = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    order = torch.randperm(len(keys), generator=generator(seed, "question_split"))
+    return keys[order[:k]].sort().values
+
+
+def check_holdout(raw: RawDataset, held: torch.Tensor | None, train: list[str], evals: list[str],
+                  eval_num_qs: int, need_local: int) -> None:
+    """Under --question_split every evaluation group needs held-out questions to score and enough
+    others for its context; a training group needs some questions left to train on."""
+    if held is None:
+        return
+    for name in (*train, *evals):
+        keys = torch.as_tensor(np.asarray(raw.groups[name].qkeys), dtype=torch.long)
+        n_held = int(torch.isin(keys, held).sum())
+        n_rest = len(keys) - n_held
+        if name in evals and (n_held == 0 or n_rest < eval_num_qs):
+            raise DataError(f"evaluation group {name!r} has {n_held} held-out question(s) to score and {n_rest} "
+                            f"other(s) for its context under --question_split; --eval_num_qs {eval_num_qs} "
+                            "needs at least that many others and one held-out question",
+                            "raise or lower --question_split, lower --eval_num_qs, or leave the group out")
+        if name in train and n_rest < need_local:
+            raise DataError(f"training group {name!r} has {n_rest} question(s) outside the held-out set, fewer "
+                            f"than --min_ctx_num_qs + --min_tar_num_qs = {need_local}",
+                            "lower --question_split, or leave the group out with --train_groups")
 
 
 def split_seed(args) -> int:

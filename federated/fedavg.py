@@ -11,6 +11,7 @@ from data_loaders.datasets import ExperimentData
 from data_loaders.schema import DataError
 from models.gpo import GPO, GPOConfig
 from training.config import ClientConfig
+from training.diagnostics import Diagnostics
 from training.evaluation import GroupEval
 from training.local import check_finite
 from utils.seeding import generator
@@ -33,9 +34,16 @@ def init_global_state(model_cfg: GPOConfig, seed: int) -> dict[str, torch.Tensor
 
 
 def make_clients(data: ExperimentData, cfg: ClientConfig, device) -> tuple[dict, dict]:
-    train = {n: GroupClient(g.to(device), cfg, "train") for n, g in sorted(data.train.items())}
-    evals = {n: GroupClient(g.to(device), cfg, "eval") for n, g in sorted(data.eval.items())}
+    held = data.heldout_qkeys
+    train = {n: GroupClient(g.to(device), cfg, "train", held) for n, g in sorted(data.train.items())}
+    evals = {n: GroupClient(g.to(device), cfg, "eval", held) for n, g in sorted(data.eval.items())}
     return train, evals
+
+
+def make_diagnostics(model: GPO, cfg: ClientConfig, eval_clients: dict, train_clients: dict) -> Diagnostics:
+    """Seen/unseen scores, baselines and group specificity, on a scratch model evaluation may borrow."""
+    return Diagnostics(model, eval_clients, train_clients, cfg.metric, cfg.eval_num_qs, cfg.eval_seed,
+                       cfg.eval_batch_size)
 
 
 def check_replies(round_: int, results: list[FitResult]) -> None:
@@ -114,6 +122,7 @@ class FedAvgTrainer:
         self.device = torch.device(device)
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
+        self.diagnostics = make_diagnostics(self.model, cfg, self.eval_clients, self.clients)
         self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)

@@ -17,7 +17,7 @@ import torch
 
 from data_loaders.datasets import ExperimentData
 from data_loaders.episodes import sample_batch, sample_episode
-from federated.fedavg import evaluate_clients, init_global_state, make_clients
+from federated.fedavg import evaluate_clients, init_global_state, make_clients, make_diagnostics
 from models.gpo import GPO, GPOConfig
 from training.config import ClientConfig
 from training.local import OptimState, adam_step, check_finite, episode_points, make_adam
@@ -45,6 +45,7 @@ class CentralizedTrainer:
         self.model.load_state_dict(init_global_state(model_cfg, cfg.seed))
         self.optim_state = OptimState()
         self._eval_model = GPO(model_cfg).to(self.device)  # evaluation never touches the trained model
+        self.diagnostics = make_diagnostics(self._eval_model, cfg, self.eval_clients, self.clients)
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:

@@ -44,6 +44,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="seed of the --group_split draw (default: --seed); fix it to vary only training over seeds")
     d.add_argument("--data_split", type=float, default=0.9,
                    help="share of each training group's questions (qkey order) used for local training")
+    d.add_argument("--question_split", type=float, default=0.0,
+                   help="leakage-free protocol: hold out this seeded fraction of all questions (the same for "
+                        "every group, drawn from --split_seed) from all training; groups are scored only on "
+                        "them, evaluation contexts come from the rest (0 = the paper's split; replaces "
+                        "--data_split when > 0)")
     d.add_argument("--emb_model", default="auto",
                    help="auto | alpaca | llama | minilm | a Hugging Face causal LM name or path")
     d.add_argument("--emb_pickle", default=None, help="the authors' embeddings_alpaca_globalqa.pkl (runs code: trusted files only)")

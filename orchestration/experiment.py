@@ -35,6 +35,7 @@ from utils.wandb_logger import WandbLogger, has_wandb_credentials
 # (flag, is the value fine, what it must be); flags missing from a parser are skipped.
 _FLAG_RULES = (
     ("data_split", lambda v: 0 < v < 1, "in (0, 1); the paper uses 0.9"),
+    ("question_split", lambda v: 0 <= v < 1, "in [0, 1); 0 is the paper's split, paper_unseen uses 0.2"),
     ("eval_num_qs", lambda v: v >= 1, ">= 1; the paper uses 20"),
     ("comm_round", lambda v: v >= 1, ">= 1; the paper uses 1300"),
     ("central_epochs", lambda v: v >= 1, ">= 1; the paper uses 1300"),
@@ -80,6 +81,10 @@ def check_flags(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and not ok(value):
             raise DataError(f"--{flag} {value} must be {need}", f"fix --{flag}")
+    if getattr(args, "question_split", 0.0) and getattr(args, "engine", "inprocess") == "flower":
+        raise DataError("--question_split does not work with --engine flower: the nodes split their own data "
+                        "and the server never sees which questions they hold",
+                        "run the leakage-free protocol with --engine inprocess (the default)")
     if args.d_model % args.nhead:
         raise DataError(f"--d_model {args.d_model} is not divisible by --nhead {args.nhead}",
                         "attention splits d_model evenly across heads; the paper uses 128 and 4")

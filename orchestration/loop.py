@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from training.evaluation import GroupEval
+from training.evaluation import group_stats
 from training.local import StopTraining
 from utils.checkpoint import (
     alias_checkpoint,
@@ -25,7 +25,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.console import format_group_table
-from utils.metrics import LOSS_WINDOW_ROUNDS, cov, curve_convergence_round, fairness_index, mean_alignment, worst_group
+from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round
 from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics, trim_metrics
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
@@ -41,17 +41,6 @@ class LoopConfig:
     keep_best: bool = False
     log_every: int = 10           # plain progress line every N rounds when stderr is not a terminal
     plots: bool = True            # loss.png and alignment.png in the run folder at the end
-
-
-def group_stats(evals: dict[str, GroupEval]) -> dict:
-    """Mean (question-weighted) alignment, per-group scores, CoV, FI and the worst-served groups."""
-    if not evals:
-        return {"alignment_score": None, "group_scores": {}, "cov": None, "fi": None,
-                "worst": None, "gap": None, "bottom_quarter": None}
-    scores = {n: e.score for n, e in sorted(evals.items())}
-    return {"alignment_score": mean_alignment({n: e.distances for n, e in evals.items()}),
-            "group_scores": scores, "cov": cov(list(scores.values())),
-            "fi": fairness_index(list(scores.values())), **worst_group(scores)}
 
 
 def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_steps: int,
@@ -103,6 +92,13 @@ class ProgressLines:
             parts.append(f"eval alignment {shown['eval_alignment_score']:.4f}"
                          + (f" (worst group {worst:.4f})" if worst is not None else "")
                          + ("" if rec is not None else f" at round {shown['round']}"))
+            if shown.get("eval_alignment_unseen") is not None:
+                parts.append(f"unseen {shown['eval_alignment_unseen']:.4f}")
+            consensus = (shown.get("baselines") or {}).get("consensus", {}).get("eval_alignment_score")
+            if consensus is not None:
+                parts.append(f"consensus {consensus:.4f}")
+            if shown.get("eval_group_specificity") is not None:
+                parts.append(f"specificity {shown['eval_group_specificity']:+.4f}")
         if server and "dp_epsilon" in server:
             parts.append(f"ε {server['dp_epsilon']:.2f}")
         parts.append(f"{per:.2f} s/round, ETA {_duration(per * (self.rounds - rnd))}")
@@ -211,6 +207,10 @@ class RunLoop:
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         evals, trains = self.trainer.evaluate(rnd)
         rec = eval_record(rnd, evals, trains, window, self.grad_steps, self.points, time.perf_counter() - t0)
+        diagnostics = getattr(self.trainer, "diagnostics", None)  # the Flower engine's server holds no data
+        if diagnostics is not None:
+            final = rnd == self.cfg.rounds or self.stopped is not None
+            rec.update(diagnostics.record(rnd, evals, trains, self.trainer.global_state, final))
         if window and "dp_epsilon" in window[-1]:
             rec["dp_epsilon"] = window[-1]["dp_epsilon"]  # privacy spent by the weights just evaluated
         self.run_dir.log_metrics(rec)
@@ -307,4 +307,25 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
         "total_points": final.get("points"),
         "wall_time_s": round(wall, 3),
         "final_eval_group_scores": final["eval_group_scores"],
+        **diagnostics_summary(final, best),
     }
+
+
+# What the summary keeps of the diagnostics (training/diagnostics.py); absent on the Flower engine.
+_FINAL_DIAGNOSTICS = ("eval_alignment_seen", "eval_alignment_unseen", "eval_worst_alignment_seen",
+                      "eval_worst_alignment_unseen", "eval_fi_seen", "eval_fi_unseen", "eval_questions_seen",
+                      "eval_questions_unseen", "train_alignment_seen", "train_alignment_unseen",
+                      "eval_group_specificity", "eval_group_specificity_se", "eval_group_specificity_per_group")
+
+
+def diagnostics_summary(final: dict, best: dict) -> dict:
+    if "baselines" not in final:
+        return {}
+    out = {f"final_{k}": final.get(k) for k in _FINAL_DIAGNOSTICS}
+    out["best_eval_alignment_unseen"] = best.get("eval_alignment_unseen")
+    out["baselines"] = final["baselines"]
+    out["beats_consensus"] = final["eval_alignment_score"] > final["baselines"]["consensus"]["eval_alignment_score"]
+    for k in ("context_controls", "context_curve", "eval_specificity_context"):
+        if k in final:
+            out[k] = final[k]
+    return out

@@ -12,7 +12,7 @@ import torch
 from data_loaders.episodes import collate
 from data_loaders.schema import DataError, GroupData, gather_points
 from models.gpo import GPO
-from utils.metrics import score_questions
+from utils.metrics import cov, fairness_index, mean_alignment, score_questions, worst_group
 from utils.seeding import generator
 
 
@@ -22,6 +22,7 @@ class GroupEval:
 
     name: str
     distances: torch.Tensor  # [Q_target] float64, CPU
+    qkeys: torch.Tensor | None = None  # [Q_target] the scored questions' keys (None: not reported)
 
     @property
     def score(self) -> float:
@@ -29,13 +30,19 @@ class GroupEval:
 
 
 def context_questions(num_q: int, eval_num_qs: int, seed: int, name: str, round_: int | None,
-                      role: str) -> torch.Tensor:
-    """The evaluation context of a group: drawn from (eval_seed, group), or per round when resampling."""
+                      role: str, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """The evaluation context of a group: drawn from (eval_seed, group), or per round when resampling.
+
+    `pool`: the question indices a context may use (--question_split: the questions outside the
+    held-out set); None = all `num_q`. Drawing from `pool = arange(num_q)` gives the same
+    questions as drawing from None, so the split at 0 changes no number."""
     if eval_num_qs >= num_q and role == "eval":
         raise DataError(f"evaluation group {name!r} has {num_q} questions; --eval_num_qs {eval_num_qs} "
                         "leaves none to score", "lower --eval_num_qs or drop the group")
     parts = ("eval_context", name) if round_ is None else ("eval_context", name, round_)
-    return torch.randperm(num_q, generator=generator(seed, *parts))[:min(eval_num_qs, num_q)]
+    n = num_q if pool is None else len(pool)
+    order = torch.randperm(n, generator=generator(seed, *parts))[:min(eval_num_qs, n)]
+    return order if pool is None else pool[order]
 
 
 @torch.no_grad()
@@ -58,7 +65,7 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
     step = chunk if chunk and len(tgt_q) > chunk else len(tgt_q)
     parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
              for i in range(0, len(tgt_q), step)]
-    return GroupEval(ctx.name, torch.cat(parts))
+    return GroupEval(ctx.name, torch.cat(parts), tgt.qkeys[tgt_q.to(tgt.qkeys.device)].cpu())
 
 
 def _distances(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData, tgt_q: torch.Tensor,
@@ -73,3 +80,14 @@ def _distances(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData, 
         ords = tgt.ordinals[gather_points(tgt.offsets, tgt_q.to(tgt.offsets.device))[0]]
     return score_questions(pred.double().cpu(), true.double().cpu(), offsets.cpu(), metric=metric,
                            ordinals=None if ords is None else ords.double().cpu())
+
+
+def group_stats(evals: dict[str, GroupEval]) -> dict:
+    """Mean (question-weighted) alignment, per-group scores, CoV, FI and the worst-served groups."""
+    if not evals:
+        return {"alignment_score": None, "group_scores": {}, "cov": None, "fi": None,
+                "worst": None, "gap": None, "bottom_quarter": None}
+    scores = {n: e.score for n, e in sorted(evals.items())}
+    return {"alignment_score": mean_alignment({n: e.distances for n, e in evals.items()}),
+            "group_scores": scores, "cov": cov(list(scores.values())),
+            "fi": fairness_index(list(scores.values())), **worst_group(scores)}

@@ -48,13 +48,28 @@ _SCALARS = {
     "grad_steps": "compute/grad_steps",
     "points": "compute/points",
     "wall_time_s": "time/wall_s",
+    "eval_alignment_seen": "alignment/eval_seen",
+    "eval_alignment_unseen": "alignment/eval_unseen",
+    "eval_worst_alignment_seen": "alignment/eval_worst_seen",
+    "eval_worst_alignment_unseen": "alignment/eval_worst_unseen",
+    "eval_fi_seen": "fairness/eval_fi_seen",
+    "eval_fi_unseen": "fairness/eval_fi_unseen",
+    "train_alignment_seen": "alignment/train_heldout_seen",
+    "train_alignment_unseen": "alignment/train_heldout_unseen",
+    "eval_group_specificity": "group_use/specificity",
+    "eval_group_specificity_se": "group_use/specificity_se",
 }
 _PER_GROUP = {
     "train_loss_per_client": "loss/client",
     "eval_group_scores": "alignment/eval",
     "train_group_scores": "alignment/train_heldout",
+    "eval_group_specificity_per_group": "group_use/specificity",
+    "context_controls": "group_use/context",
 }
-_SKIP = {"round"}  # logged as the step, not as a metric
+# counts and curves that are tables, not per-round scalars: kept in metrics.jsonl and summary.json
+_SKIP = {"round", "eval_questions_seen", "eval_questions_unseen", "train_questions_seen", "train_questions_unseen",
+         "train_worst_alignment_seen", "train_worst_alignment_unseen", "train_fi_seen", "train_fi_unseen",
+         "eval_specificity_context", "context_curve"}
 
 
 def _clean_group(name: Any) -> str:
@@ -73,6 +88,10 @@ def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
             continue
         if key in _SCALARS:
             out[_SCALARS[key]] = value
+            continue
+        if key == "baselines":  # {kind: {metric: value}}: the scalars only, per-group scores stay in the file
+            out.update({f"baseline/{kind}/{m}": v for kind, vals in value.items() for m, v in vals.items()
+                        if v is not None and not isinstance(v, dict)})
             continue
         prefix = _PER_GROUP.get(key, f"other/{key}")
         if isinstance(value, dict):

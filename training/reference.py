@@ -1,0 +1,107 @@
+"""What a model must beat, and which questions it has seen: built from the training side only.
+
+A question is *seen* when at least one training group trains on it (its local split). The
+two reference predictors need no model:
+
+  uniform    every option of a question equally likely
+  consensus  per question, the mean of the training groups' answer distributions over the
+             questions they train on; uniform where no training group trains on it
+
+A model that predicts an evaluation group's answers no better than `consensus` has learnt a
+table lookup, not the group. Both are scored on exactly the questions the model is scored on.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from data_loaders.schema import GroupData, gather_points
+from utils.metrics import score_questions
+
+BASELINES = ("uniform", "consensus")
+
+
+@dataclass
+class QuestionReference:
+    """The training groups' questions as one table: sorted keys, CSR sizes, mean answers."""
+
+    qkeys: torch.Tensor    # [K] sorted keys of the seen questions
+    offsets: torch.Tensor  # [K+1] CSR offsets into `mean`
+    mean: torch.Tensor     # [P_K] float64 mean distribution over the training groups holding each question
+
+    @classmethod
+    def from_groups(cls, groups: Iterable[GroupData]) -> QuestionReference:
+        groups = [g.to("cpu") for g in groups if g.num_questions]
+        if not groups:
+            empty = torch.zeros(0, dtype=torch.long)
+            return cls(empty, torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+        keys = torch.cat([g.qkeys for g in groups])
+        qkeys, first = _first_occurrence(keys)
+        sizes = torch.cat([g.sizes for g in groups])[first]
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        total = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+        count = torch.zeros(len(qkeys), dtype=torch.float64)
+        for g in groups:  # one vectorised scatter per group, not a loop over questions
+            rows = torch.searchsorted(qkeys, g.qkeys)
+            _check_sizes(g, offsets, rows)
+            points, _ = gather_points(offsets, rows)
+            total.index_add_(0, points, g.y.double())
+            count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+        per_point = torch.repeat_interleave(count, sizes)
+        return cls(qkeys, offsets, total / per_point)
+
+    def seen(self, qkeys: torch.Tensor) -> torch.Tensor:
+        """[Q] bool: whether each key is a training question of at least one training group."""
+        return torch.isin(qkeys.cpu(), self.qkeys)
+
+    def predict(self, kind: str, tgt: GroupData, tgt_q: torch.Tensor) -> torch.Tensor:
+        """[points of tgt_q] float64: the baseline's distribution for each target question."""
+        tgt_q = tgt_q.cpu()
+        sizes = tgt.sizes.cpu()[tgt_q]
+        uniform = torch.repeat_interleave(1.0 / sizes.double(), sizes)
+        if kind == "uniform":
+            return uniform
+        if kind != "consensus":
+            raise ValueError(f"baseline {kind!r}: choose one of {', '.join(BASELINES)}")
+        keys = tgt.qkeys.cpu()[tgt_q]
+        known = self.seen(keys)
+        pred = uniform.clone()
+        if known.any():
+            rows = torch.searchsorted(self.qkeys, keys[known])
+            src, _ = gather_points(self.offsets, rows)
+            dst, _ = gather_points(torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]), known.nonzero().squeeze(1))
+            pred[dst] = self.mean[src]
+        return pred
+
+    def distances(self, kind: str, tgt: GroupData, tgt_q: torch.Tensor, metric: str) -> torch.Tensor:
+        """[Q_target] float64 per-question distances of the baseline, as score_group's for a model."""
+        tgt_q = tgt_q.cpu()
+        tgt_cpu = tgt.to("cpu")
+        sizes = tgt_cpu.sizes[tgt_q]
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        points, _ = gather_points(tgt_cpu.offsets, tgt_q)
+        ords = None
+        if metric == "wasserstein":
+            ords = tgt_cpu.ordinals[points].double()
+        return score_questions(self.predict(kind, tgt_cpu, tgt_q), tgt_cpu.y[points].double(), offsets,
+                               metric=metric, ordinals=ords)
+
+
+def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted unique keys, index in `keys` of the first occurrence of each)."""
+    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    first = torch.full((len(uniq),), len(keys), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(keys)), reduce="amin")
+    return uniq, first
+
+
+def _check_sizes(group: GroupData, offsets: torch.Tensor, rows: torch.Tensor) -> None:
+    """Every group holding a question must give it the same number of options (one bank)."""
+    table = offsets[rows + 1] - offsets[rows]
+    bad = (table != group.sizes).nonzero()
+    if len(bad):
+        q = int(bad[0])
+        raise ValueError(f"group {group.name!r}: question key {int(group.qkeys[q])} has {int(group.sizes[q])} "
+                         f"options, another training group's has {int(table[q])}")
