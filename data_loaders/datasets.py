@@ -245,7 +245,8 @@ def split_seed(args) -> int:
 def synthetic_spec(args) -> SyntheticSpec:
     return SyntheticSpec(num_groups=args.syn_groups, num_questions=args.syn_questions,
                          min_options=args.syn_min_options, max_options=args.syn_max_options,
-                         dim=args.syn_dim, seed=args.syn_seed)
+                         dim=args.syn_dim, seed=args.syn_seed, beta=getattr(args, "syn_beta", 1.0),
+                         gamma=getattr(args, "syn_gamma", 1.0))
 
 
 def log_groups(data: ExperimentData, log=print, per_group: bool = True) -> None:

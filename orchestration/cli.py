@@ -64,6 +64,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     s.add_argument("--syn_max_options", type=int, default=7, help="most options per question")
     s.add_argument("--syn_dim", type=int, default=64, help="embedding dimension")
     s.add_argument("--syn_seed", type=int, default=0, help="seed of the generated data (kept apart from --seed)")
+    s.add_argument("--syn_beta", type=float, default=1.0,
+                   help="strength of each group's own preference (only in-context inference can predict it)")
+    s.add_argument("--syn_gamma", type=float, default=1.0,
+                   help="strength of the preference shared by all groups (what a consensus lookup captures)")
 
     m = p.add_argument_group("model (GPO, method.md §3)")
     m.add_argument("--model", default="gpo", choices=("gpo",), help="model family")
