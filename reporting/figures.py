@@ -137,12 +137,73 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
     if not drawn:
         plt.close(fig)
         return None
+    _baseline_lines(ax, runset)
     xlabel = ("Round (FedAvg: communication round; centralized: epoch)" if x_axis == "round"
               else "Gradient steps (cumulative, all clients)")
     title = ("Mean evaluation alignment vs round (paper Fig. 4)" if x_axis == "round"
              else "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)")
     plain_y(ax, 0.02)
     return _finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
+
+
+BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
+                  "uniform": ("0.55", ":", "uniform predictor (no model)")}
+
+
+def _baseline_lines(ax, runset: RunSet, key: str = "eval_alignment_score") -> None:
+    """The no-model baselines of the runs (training/reference.py) as horizontal lines, mean over runs."""
+    for kind, (color, ls, label) in BASELINE_STYLE.items():
+        vals = [(((r.summary or {}).get("baselines") or {}).get(kind) or {}).get(key) for r in runset.all_finished()]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            ax.axhline(float(np.mean(vals)), color=color, ls=ls, lw=1.2, label=label)
+
+
+def fig_unseen(runset: RunSet, path: Path) -> Path | None:
+    """Alignment on seen (left) and unseen (right) evaluation questions vs round, with the baselines."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn = False
+    for ax, part in zip(axes, ("seen", "unseen")):
+        for m in runset.methods:
+            rounds, vals, _ = eval_matrix(runset.finished(m), f"eval_alignment_{part}")
+            if vals.size:
+                _band(ax, rounds, vals, m)
+                drawn = True
+        _baseline_lines(ax, runset, f"eval_alignment_{part}")
+        ax.set_title(f"{part} questions (some training group trains on them)" if part == "seen" else
+                     "unseen questions (no training group trains on them)", fontsize=10)
+        ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        plain_y(ax, 0.02)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_ylabel("Mean alignment score, unseen eval groups")
+    fig.suptitle("Evaluation alignment on seen and unseen questions", fontsize=11)
+    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_specificity(runset: RunSet, path: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for m in runset.methods:
+        rounds, vals, _ = eval_matrix(runset.finished(m), "eval_group_specificity")
+        if vals.size:
+            _band(ax, rounds, vals, m)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    return _finish(fig, ax, "Group specificity vs round (0: the model ignores whose answers it is given)",
+                   "Round (FedAvg: communication round; centralized: epoch)",
+                   "Alignment, own − another group's context", path)
 
 
 def fig_fi(runset: RunSet, path: Path) -> Path | None:
@@ -246,6 +307,8 @@ def make_figures(runset: RunSet, out_dir: Path, stem: str, pred: dict | None = N
         "alignment_vs_steps": fig_eval(runset, out_dir / f"{stem}_fig4c_alignment_vs_grad_steps.png",
                                        x_axis="steps"),
         "worst_alignment": fig_worst(runset, out_dir / f"{stem}_fig6_worst_alignment.png"),
+        "unseen_vs_round": fig_unseen(runset, out_dir / f"{stem}_fig7_seen_unseen_vs_round.png"),
+        "specificity_vs_round": fig_specificity(runset, out_dir / f"{stem}_fig8_specificity_vs_round.png"),
     }
     if pred is not None:
         made["predictions"] = fig_predictions(pred, out_dir / f"{stem}_fig3_predictions.png")

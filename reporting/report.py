@@ -16,6 +16,7 @@ from pathlib import Path
 from .convergence import GAIN_WINDOW_EVALS
 from .figures import make_figures
 from .paths import shown_argv
+from .lookup import lookup_lines
 from .runs import RunSet, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
 from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
@@ -83,6 +84,8 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         "loss_vs_steps": "Compute-normalised Fig. 2: training loss vs gradient steps",
         "alignment_vs_steps": "Compute-normalised Fig. 4: mean evaluation alignment vs gradient steps",
         "worst_alignment": "Worst-group evaluation alignment vs round and vs gradient steps",
+        "unseen_vs_round": "Evaluation alignment on seen and on unseen questions vs round",
+        "specificity_vs_round": "Group specificity vs round: own minus another group's context answers",
     }
     fig_lines = []
     for key, text in fig_text.items():
@@ -111,6 +114,9 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         f"{len(runs)} finished run folders. Every number below is computed from those folders; the paper's "
         "numbers are from PluralLLM (Srewa et al. 2025) as summarised in method.md §7.",
         "",
+        "## Does any method beat a table lookup, and does it use the group?",
+        "",
+        *lookup_lines(runset),
         "## Where this agrees or disagrees with the paper",
         "",
         means_line(runset, st),

@@ -91,6 +91,30 @@ def _w(prefix, key):
     return lambda run: final_worst(run, prefix, key)
 
 
+def _b(kind):
+    return lambda run: (((run.summary or {}).get("baselines") or {}).get(kind) or {}).get("eval_alignment_score")
+
+
+def _vs_consensus(run) -> float | None:
+    final, cons = (run.summary or {}).get("final_eval_alignment_score"), _b("consensus")(run)
+    return None if final is None or cons is None else final - cons
+
+
+# The evaluation diagnostics (training/diagnostics.py); empty cells for runs that predate them.
+EVALUATION_ROWS = (
+    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", _b("consensus"), "{:.4f}"),
+    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", _b("uniform"), "{:.4f}"),
+    ("final_vs_consensus", "Final eval alignment − consensus lookup", _vs_consensus, "{:+.4f}"),
+    ("final_eval_alignment_seen", "Eval alignment, seen questions (final)", _s("final_eval_alignment_seen"),
+     "{:.4f}"),
+    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)", _s("final_eval_alignment_unseen"),
+     "{:.4f}"),
+    ("final_train_alignment_unseen", "Held-out alignment, train groups, unseen questions (final)",
+     _s("final_train_alignment_unseen"), "{:.4f}"),
+    ("final_eval_group_specificity", "Group specificity: own − another group's context (final)",
+     _s("final_eval_group_specificity"), "{:+.5f}"),
+)
+
 ROWS = (
     ("convergence_round", "Convergence round", _s("convergence_round"), "{:.1f}"),
     ("final_eval_alignment_score", "Final mean eval alignment", _s("final_eval_alignment_score"), "{:.4f}"),
@@ -114,6 +138,7 @@ ROWS = (
     ("convergence_grad_steps", "Gradient steps to convergence", _s("convergence_grad_steps"), "{:.0f}"),
     ("convergence_points", "Points processed to convergence", _s("convergence_points"), "{:.0f}"),
     ("total_grad_steps", "Gradient steps, whole run", _s("total_grad_steps"), "{:.0f}"),
+    *EVALUATION_ROWS,
 )
 # The convergence round under each definition (reporting/convergence.py): its own table.
 CONVERGENCE_ROWS = tuple((d.key, f"Convergence round, {d.label}", d.round_of, "{:.1f}") for d in DEFINITIONS)
