@@ -131,6 +131,21 @@ class RunData:
     def group(self, name: str) -> GroupData:
         return build_group_data(self.raw, name, self.emb)
 
+    def heldout_qkeys(self):
+        """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
+        from data_loaders.datasets import question_holdout, split_seed
+        return question_holdout(self.raw.bank.qkeys, getattr(self.args, "question_split", 0.0), split_seed(self.args))
+
+    def training_texts(self, config: dict) -> set[str]:
+        """Texts of the questions some training group of the run trained on (its local split)."""
+        from federated.client import GroupClient
+        from training.config import client_config
+        cfg, held = client_config(self.args, self.metric), self.heldout_qkeys()
+        bank = self.raw.bank
+        keys = {int(k) for g in config.get("train_groups") or []
+                for k in GroupClient(self.group(g), cfg, "train", held).local.qkeys.tolist()}
+        return {bank.questions[bank.row(k)] for k in keys}
+
 
 def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str):
     from reporting.predictions import args_from_config

@@ -93,7 +93,7 @@ def group_split(pred: GroupPredictor, name: str):
                         + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
     from federated.client import GroupClient
     from training.config import client_config
-    client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name])
+    client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name], data.heldout_qkeys())
     return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
 
 
@@ -155,6 +155,7 @@ def run(args, log) -> dict:
     known = [i for i, t in enumerate(job.truth) if t is not None]
     dist = pred.score([preds[i] for i in known], [job.truth[i] for i in known], [job.questions[i] for i in known])
     rows = [_row(q, p) for q, p in zip(job.questions, preds)]
+    mark_training_questions(pred, job.questions, rows, log)
     for i, d in zip(known, dist.tolist()):
         q = job.questions[i]
         rows[i].update(truth=job.truth[i].tolist(), distance=d)
@@ -169,6 +170,22 @@ def run(args, log) -> dict:
         log(f"alignment (1 - mean {pred.metric} distance) over the {len(known)} question(s) the group answered: "
             f"{summary['alignment']:.4f}")
     return summary
+
+
+def mark_training_questions(pred: GroupPredictor, questions: list[Question], rows: list[dict], log) -> None:
+    """`in_training` per question: whether its text is one some training group of the run trained on
+    (a prediction there may be recall of the training groups' answers, not in-context inference);
+    null when the run's data is not at hand (an exported predictor)."""
+    texts = None
+    if pred.run_data is not None and pred.info.get("config"):
+        texts = pred.run_data.training_texts(pred.info["config"])
+    for q, row in zip(questions, rows):
+        row["in_training"] = None if texts is None else q.text in texts
+    if texts is None:
+        log("in_training: unknown (the run's data is not loaded), written as null")
+    else:
+        seen = sum(1 for r in rows if r["in_training"])
+        log(f"{seen} of {len(rows)} question(s) were training questions of some training group (in_training)")
 
 
 def _row(q: Question, p: np.ndarray) -> dict:

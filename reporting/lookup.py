@@ -64,8 +64,9 @@ def specificity_line(runset: RunSet, method: str) -> str | None:
     if s.n == 1 and ses[0] is not None:
         noise = abs(s.mean) < 2 * ses[0]
     if noise or abs(s.mean) < NEGLIGIBLE_SPECIFICITY:
-        words = ("within noise of 0 or below 0.001: **the model ignores the group**; its predictions depend on "
-                 "the question, not on whose answers the context holds")
+        why = "within noise of 0" if noise else f"below {NEGLIGIBLE_SPECIFICITY:g} though outside noise"
+        words = (f"{why}: **the model ignores the group**; its predictions depend on the question, not on "
+                 "whose answers the context holds")
     elif s.mean > 0:
         words = "clearly above 0: the model **uses the group's own context answers**"
     else:

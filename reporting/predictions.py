@@ -57,9 +57,9 @@ def load_model(run: Run) -> GPO:
     return model
 
 
-def _targets(group, args, metric: str, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets(group, args, metric: str, rnd: int, heldout=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The (context, target) questions the group's evaluation used at round `rnd`."""
-    ctx, _, tgt = GroupClient(group, client_config(args, metric), "eval").eval_questions(rnd)
+    ctx, _, tgt = GroupClient(group, client_config(args, metric), "eval", heldout).eval_questions(rnd)
     return ctx, tgt
 
 
@@ -76,7 +76,7 @@ def choose(data: ExperimentData, args, metric: str, rnd: int, groups: list[str] 
            qkey: int | None = None) -> tuple[list[str], int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(two eval groups, question key, {group: (context, targets)})."""
     names = sorted(data.eval)
-    ctx_tgt = {g: _targets(data.eval[g], args, metric, rnd) for g in names}
+    ctx_tgt = {g: _targets(data.eval[g], args, metric, rnd, data.heldout_qkeys) for g in names}
     pairs = [tuple(groups)] if groups else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     best = None
     for a, b in pairs:

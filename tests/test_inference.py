@@ -460,3 +460,19 @@ def test_unknown_group_lists_the_runs_groups(syn_run, capsys):
     err = capsys.readouterr().err
     assert "--group 'g2' is not a group of run" in err and "did you mean 'g02'?" in err
     assert "available: g00, g01, g02, g03" in err
+
+
+def test_cli_group_says_which_questions_some_training_group_trained_on(syn_run, syn_pred, tmp_path, capsys):
+    out = tmp_path / "pred.jsonl"
+    assert predict_main(["--run", str(syn_run), "--group", "g03", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    bank = syn_pred.run_data.raw.bank
+    config = json.loads((syn_run / "config.json").read_text())
+    local = set()
+    for name in config["train_groups"]:  # the paper's split: the first 90% of each group's keys
+        keys = sorted(syn_pred.run_data.group(name).qkeys.tolist())
+        local |= set(keys[:int(len(keys) * config["data_split"])])
+    key_of = {t: int(k) for t, k in zip(bank.questions, bank.qkeys)}
+    want = [key_of[r["question"]] in local for r in rows]
+    assert [r["in_training"] for r in rows] == want and 0 < sum(want) < len(want)
+    assert f"{sum(want)} of {len(rows)} question(s) were training questions" in capsys.readouterr().out
