@@ -192,3 +192,17 @@ def test_specificity_detects_a_model_that_reads_the_context():
     reads = diag.specificity()
     assert abs(untrained) < 1e-4
     assert reads["eval_group_specificity"] > max(0.01, 2 * reads["eval_group_specificity_se"])
+
+
+def test_baselines_script_prints_the_round_zero_baselines(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("baselines_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([*SYN, "--question_split", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "4 training and 2 evaluation groups" in out and "unseen 0.6893 (20 q)" in out
+    assert "consensus eval  groups" in out and "seen — (0 q)" in out
+    assert mod.main([*SYN, "--question_split", "2"]) == 2

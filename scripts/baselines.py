@@ -1,0 +1,65 @@
+"""The no-model baselines of a configuration, before training anything.
+
+    python scripts/baselines.py --dataset opinionqa --emb_model minilm --group_split 0.6
+    python scripts/baselines.py --dataset opinionqa --emb_model minilm --question_split 0.1
+
+Takes main_fl.py's flags, loads the data as a run would, and prints what a run's round-0
+record would say about the questions: how many of the evaluation targets are seen (some
+training group trains on them), and the uniform and consensus predictors' alignment on the
+evaluation groups and on the training groups' held-out questions. Nothing is written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_loaders.datasets import prepare_experiment  # noqa: E402
+from federated.fedavg import make_clients  # noqa: E402
+from orchestration.cli import build_parser  # noqa: E402
+from orchestration.experiment import USER_ERRORS, check_flags, check_question_counts  # noqa: E402
+from training.config import client_config, resolve_metric  # noqa: E402
+from training.diagnostics import seen_unseen  # noqa: E402
+from training.evaluation import GroupEval, group_stats  # noqa: E402
+from training.reference import BASELINES, QuestionReference  # noqa: E402
+
+
+def baseline_table(data, args) -> list[str]:
+    metric = resolve_metric(args)
+    train, evals = make_clients(data, client_config(args, metric), "cpu")
+    ref = QuestionReference.from_groups(c.local for c in train.values())
+    lines = []
+    for kind in BASELINES:
+        for role, clients in (("eval", evals), ("train", train)):
+            scored = {}
+            for name, c in clients.items():
+                _, tgt, tgt_q = c.eval_questions(0)
+                if len(tgt_q):
+                    scored[name] = GroupEval(name, ref.distances(kind, tgt, tgt_q, metric), tgt.qkeys[tgt_q])
+            stats, parts = group_stats(scored), seen_unseen(role, scored, ref)
+            n_seen, n_unseen = parts[f"{role}_questions_seen"], parts[f"{role}_questions_unseen"]
+            fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+            lines.append(f"{kind:9s} {role:5s} groups: mean {fmt(stats['alignment_score'])}, worst "
+                         f"{fmt(stats['worst'])}, seen {fmt(parts[f'{role}_alignment_seen'])} ({n_seen} q), "
+                         f"unseen {fmt(parts[f'{role}_alignment_unseen'])} ({n_unseen} q)")
+    return [f"metric {metric}; {len(train)} training and {len(evals)} evaluation groups", *lines]
+
+
+def main(argv=None) -> int:
+    args = build_parser("fedavg").parse_args(argv)
+    args.quiet = True
+    try:
+        check_flags(args)
+        data = prepare_experiment(args, log=lambda *a: None,
+                                  check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
+        for line in baseline_table(data, args):
+            print(line)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
