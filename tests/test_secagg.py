@@ -29,7 +29,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 import federated.client as client_mod
 import flower_app.node as node_mod
 from data_loaders.schema import DataError
-from federated.fedavg import aggregate
+from federated.aggregation import aggregate
 from flower_app.client_app import make_client_app
 from flower_app.federation import discover, federated_data, make_setup, resolve_groups
 from flower_app.secagg import check_secagg_flags
