@@ -48,6 +48,8 @@ class ServerRules:
     attack: str = "sign_flip"
     attack_scale: float = 10.0
     attack_std: float = 1.0
+    attack_eps: float = 0.5      # ipm
+    attack_report: float = 0.0   # report_score
     seed: int = 0
     last_step_ratio: float | None = None
 
@@ -60,7 +62,8 @@ class ServerRules:
             # Simulated Byzantine clients: their replies are swapped for the attack's before the
             # server sees them, which for the aggregate is the same as the clients sending them.
             replies = corrupt_replies(replies, global_state, self.byzantine, self.attack, scale=self.attack_scale,
-                                      std=self.attack_std, seed=self.seed, round_=round_)
+                                      std=self.attack_std, seed=self.seed, round_=round_, eps=self.attack_eps,
+                                      report=self.attack_report)
         new = self.strategy.aggregate(global_state, replies, round_, self.weighting)
         self.last_step_ratio = step_ratio(global_state, new, fedavg_aggregate(replies, self.weighting))
         return new
@@ -86,4 +89,5 @@ def build_server(args, train_names: list[str], rounds: int) -> ServerRules:
     return ServerRules(strategy=dp or strategy, weighting=args.weighting,
                        byzantine=choose_byzantine(sorted(train_names), count, args.seed) if count else [],
                        attack=getattr(args, "attack", "sign_flip"), attack_scale=getattr(args, "attack_scale", 10.0),
-                       attack_std=getattr(args, "attack_std", 1.0), seed=args.seed)
+                       attack_std=getattr(args, "attack_std", 1.0), attack_eps=getattr(args, "attack_eps", 0.5),
+                       attack_report=getattr(args, "attack_report", 0.0), seed=args.seed)

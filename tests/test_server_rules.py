@@ -25,6 +25,8 @@ VARIANTS = {
     "fedadam": ["--server_opt", "adam"],
     "dp": ["--dp", "--dp_noise", "0.5", "--dp_clip", "0.5", "--weighting", "uniform"],
     "byzantine_median": ["--strategy", "median", "--byzantine", "1", "--attack", "sign_flip"],
+    "alie_trimmed_mean": ["--strategy", "trimmed_mean", "--byzantine", "2", "--attack", "alie"],
+    "report_score_adaptive": ["--strategy", "adaptive", "--byzantine", "1", "--attack", "report_score"],
 }
 
 

@@ -12,7 +12,14 @@ import torch
 
 from data_loaders.schema import DataError
 from federated.aggregation import aggregate as fedavg_aggregate
-from federated.attacks import add_attack_arguments, check_attack_flags, choose_byzantine, corrupt_replies, corrupt_state
+from federated.attacks import (
+    add_attack_arguments,
+    alie_z,
+    check_attack_flags,
+    choose_byzantine,
+    corrupt_replies,
+    corrupt_state,
+)
 from federated.client import FitResult
 from federated.server import ServerRules
 from federated.strategies import (
@@ -392,6 +399,78 @@ def test_one_sign_flipper_of_eight_moves_fedavg_but_not_trimmed_mean_or_median()
     assert bool(((fedavg - clean_mean).abs() > bound).all())
 
 
+def test_alie_z_follows_baruch_et_al():
+    # s = floor(n/2 + 1) - m; z = Φ⁻¹((n - s)/n): n = 10 gives 0 (void) at m = 1, Φ⁻¹(0.6), Φ⁻¹(0.7)
+    assert alie_z(10, 1) == 0.0
+    assert alie_z(10, 2) == pytest.approx(0.2533471031, abs=1e-10)
+    assert alie_z(10, 3) == pytest.approx(0.5244005127, abs=1e-10)
+    assert alie_z(5, 2) == pytest.approx(0.8416212336, abs=1e-10)      # s = 1: Φ⁻¹(0.8)
+    assert alie_z(10, 6) == pytest.approx(1.2815515655, abs=1e-10)     # s = -2 kept at 1: Φ⁻¹(0.9)
+    assert alie_z(1, 1) == 0.0
+
+
+def test_alie_and_ipm_send_exact_in_range_weights_from_the_honest_updates():
+    """w = 1; honest a, b, c send 2, 3, 4 (updates 1, 2, 3: μ = 2, σ = √(2/3)); d, e attack, n = 5, m = 2:
+    ALIE z = Φ⁻¹(0.8), sent 1 + 2 - z·√(2/3); IPM ε = 0.5: 1 - 0.5·2 = 0. Non-float tensors are kept."""
+    glob = {"w": torch.tensor([1.0], dtype=torch.float64), "n": torch.tensor([7])}
+    replies = [Reply(name, {"w": torch.tensor([v], dtype=torch.float64), "n": torch.tensor([7])})
+               for name, v in zip("edcba", [9.0, -9.0, 4.0, 3.0, 2.0])]
+    alie = corrupt_replies(replies, glob, ["d", "e"], "alie", scale=0, std=0, seed=0, round_=1)
+    z = alie_z(5, 2)
+    for r in alie[:2]:
+        assert r.state["w"].item() == pytest.approx(3.0 - z * math.sqrt(2 / 3), abs=1e-15)
+        assert torch.equal(r.state["n"], torch.tensor([7]))
+    assert [r.state["w"].item() for r in alie[2:]] == [4.0, 3.0, 2.0]
+    ipm = corrupt_replies(replies, glob, ["d", "e"], "ipm", scale=0, std=0, seed=0, round_=1, eps=0.5)
+    assert [r.state["w"].item() for r in ipm] == [0.0, 0.0, 4.0, 3.0, 2.0]
+    assert 2 <= alie[0].state["w"].item() <= 4   # ALIE: 3 - 0.687 = 2.31, inside the honest [2, 4]
+    with pytest.raises(ValueError, match="not a per-client attack"):
+        corrupt_state(glob, replies[0].state, "alie", scale=0, std=0)
+
+
+def test_report_score_changes_only_the_attackers_metric():
+    replies = [Reply("a", vec(1.0), metrics={"heldout_alignment": 0.8}),
+               Reply("b", vec(2.0), metrics={"heldout_alignment": 0.8})]
+    out = corrupt_replies(replies, vec(0.0), ["b"], "report_score", scale=0, std=0, seed=0, round_=1, report=0.0)
+    assert out[0] is replies[0] and out[1].metrics == {"heldout_alignment": 0.0}
+    assert out[1].state is replies[1].state and replies[1].metrics == {"heldout_alignment": 0.8}
+    # against adaptive, the lie draws the capped weight: 1 of 10 lying gets 0.3 instead of 0.1
+    many = [Reply(f"c{i}", vec(float(i)), metrics={"heldout_alignment": 0.8}) for i in range(10)]
+    s = Strategy(StrategyConfig(name="adaptive"))
+    s.aggregate(vec(0.0), corrupt_replies(many, vec(0.0), ["c3"], "report_score", scale=0, std=0, seed=0,
+                                          round_=1), 1, "uniform")
+    assert s.last_info["max_client_weight"] == pytest.approx(0.3, abs=1e-15) and s.last_info["capped_clients"] == 1
+
+
+def test_alie_moves_trimmed_mean_and_median_more_than_fedavg_within_an_honest_bound():
+    """3 ALIE attackers of 10 (z = Φ⁻¹(0.7) = 0.524) send μ - zσ of the 7 honest values in every coordinate.
+    FedAvg moves by exactly 3/10 of that, -0.157σ; the trimmed mean (2 cut per end) by -0.261σ and the median
+    by -0.422σ on average over 1000 coordinates: the in-range attack defeats exactly the rules that resist
+    sign flips. Bound, for the honest majority alone: every value kept lies in [min(min_h, μ - zσ), max_h],
+    so |robust - μ| <= max(μ - min_h, zσ, max_h - μ) per coordinate."""
+    g = generator(0, "test_alie")
+    glob = {"w": torch.zeros(1000, dtype=torch.float64)}
+    clean = [Reply(f"c{i}", {"w": 0.1 + 0.01 * torch.randn(1000, generator=g, dtype=torch.float64)})
+             for i in range(10)]
+    bad = ["c0", "c1", "c2"]
+    attacked = corrupt_replies(clean, glob, bad, "alie", scale=0, std=0, seed=0, round_=1)
+    honest = torch.stack([r.state["w"] for r in clean if r.name not in bad])
+    mu, sd = honest.mean(0), honest.std(0, correction=0)
+    z = alie_z(10, 3)
+    bound = torch.stack([mu - honest.min(0).values, z * sd, honest.max(0).values - mu]).max(0).values
+    shift = {}
+    for name in ("fedavg", "trimmed_mean", "median"):
+        strategy = Strategy(StrategyConfig(name=name))
+        robust = strategy.aggregate(glob, attacked, 1, "uniform")["w"]
+        without = strategy.aggregate(glob, clean, 1, "uniform")["w"]
+        shift[name] = float(((robust - mu) / sd).mean())
+        assert abs(float(((without - mu) / sd).mean())) < 0.01, name    # clean: centred on the honest mean
+        assert bool(((robust - mu).abs() <= bound).all()), name
+    assert shift["fedavg"] == pytest.approx(-0.3 * z, abs=1e-12)
+    assert shift["trimmed_mean"] == pytest.approx(-0.26072213, abs=1e-8)
+    assert shift["median"] == pytest.approx(-0.42207421, abs=1e-8)
+
+
 # --- flags -------------------------------------------------------------------------------
 
 def parse(*argv):
@@ -438,6 +517,8 @@ def test_strategy_flag_warnings():
     (["--byzantine", "8"], "no honest client"),
     (["--byzantine", "1", "--attack_scale", "-2"], "--attack_scale -2.0"),
     (["--byzantine", "1", "--attack_std", "-1"], "--attack_std -1.0"),
+    (["--byzantine", "1", "--attack", "ipm", "--attack_eps", "-1"], "--attack_eps -1.0"),
+    (["--byzantine", "1", "--attack", "report_score", "--attack_report", "nan"], "--attack_report nan"),
 ])
 def test_attack_flag_errors(argv, match):
     with pytest.raises(DataError, match=match):
@@ -449,3 +530,11 @@ def test_attack_flag_warns_when_trimming_is_too_small():
     assert any("not bounded" in x for x in w)
     assert check_attack_flags(parse("--byzantine", "1", "--strategy", "trimmed_mean"), 8) == []
     assert any("half" in x for x in check_attack_flags(parse("--byzantine", "4", "--strategy", "median"), 8))
+
+
+def test_attack_flag_warns_when_alie_is_void_or_report_score_is_ignored():
+    assert any("void" in x for x in check_attack_flags(parse("--byzantine", "1", "--attack", "alie"), 10))
+    assert check_attack_flags(parse("--byzantine", "3", "--attack", "alie"), 10) == []
+    w = check_attack_flags(parse("--byzantine", "1", "--attack", "report_score"), 10)
+    assert any("does nothing with --strategy fedavg" in x for x in w)
+    assert check_attack_flags(parse("--byzantine", "1", "--attack", "report_score", "--strategy", "adaptive"), 10) == []
