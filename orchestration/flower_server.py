@@ -64,6 +64,7 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
     reports = discover(grid, setup, train + evals, args.node_wait, log)
     data = federated_data(args, grid, setup, reports, train, evals, log)
+    data.serial_eval = runtime == "simulation-thread"  # nodes in one process: evaluate in a fixed order
     out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", args.seed)
     ours = not (out_dir / "config.json").exists()  # run_method refuses a folder holding another run
     try:
