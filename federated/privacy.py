@@ -4,7 +4,8 @@ Each round the server
   1. computes each sampled client's update Δ_k = θ_k - θ (all floating tensors as one vector),
   2. clips it: Δ_k · min(1, S / ||Δ_k||₂),
   3. averages uniformly over the m clients sampled: (1/m) Σ_k clipped Δ_k,
-  4. adds N(0, (z·S/m)²) per coordinate, drawn from generator(seed, "dp", round),
+  4. adds N(0, (z·S/m)²) per coordinate, drawn from generator(seed, "dp", round), or with
+     --dp_secure_noise from the operating system's CSPRNG (secure_gaussian_noise),
   5. hands the noisy mean delta to the strategy's server optimizer (post-processing).
 What is protected is a whole group: anything computed from one client's data moves the
 clipped sum by at most S. The server is trusted to clip and add noise (central DP).
@@ -14,9 +15,12 @@ for why every round is accounted without subsampling amplification.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from data_loaders.schema import DataError
@@ -63,10 +67,42 @@ def gaussian_noise(like: Tensors, std: float, gen: torch.Generator) -> Tensors:
             for k in sorted(like)}
 
 
+SECURE_DRAWS = 4  # Opacus secure_mode: each coordinate is the normalised sum of 2n = 4 Gaussian draws
+
+
+def os_uniform(n: int) -> np.ndarray:
+    """n float64 uniforms in (0, 1) from os.urandom: 53 random bits each, offset by half a step so
+    neither 0 nor 1 occurs (the logarithm of Box-Muller needs u > 0)."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return (bits.astype(np.float64) + 0.5) / float(2 ** 53)
+
+
+def secure_standard_normal(n: int) -> np.ndarray:
+    """n N(0, 1) draws from the operating system's CSPRNG (Box-Muller in float64), each the sum of
+    SECURE_DRAWS draws divided by sqrt(SECURE_DRAWS): Opacus's secure_mode defence against attacks on
+    the floating-point sampler (Mironov-style; arXiv 2107.10138 §5.1)."""
+    pairs = (n * SECURE_DRAWS + 1) // 2
+    u1, u2 = os_uniform(pairs), os_uniform(pairs)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    draws = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n * SECURE_DRAWS]
+    return draws.reshape(SECURE_DRAWS, n).sum(axis=0) / math.sqrt(SECURE_DRAWS)
+
+
+def secure_gaussian_noise(like: Tensors, std: float) -> Tensors:
+    """N(0, std²) per coordinate in float64 from os.urandom (not reproducible, never stored)."""
+    out = {}
+    for k in sorted(like):
+        draw = torch.from_numpy(secure_standard_normal(like[k].numel())).reshape(like[k].shape)
+        out[k] = (std * draw).to(like[k].device)
+    return out
+
+
 def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,
-                  noise_multiplier: float, num_sampled: int, gen: torch.Generator) -> tuple[Tensors, dict]:
+                  noise_multiplier: float, num_sampled: int, gen: torch.Generator | None,
+                  secure: bool = False) -> tuple[Tensors, dict]:
     """(noisy mean clipped update, diagnostics). Clients in the given order; the denominator is the
-    number sampled, fixed in advance, so one client moves the sum by at most S whoever replies."""
+    number sampled, fixed in advance, so one client moves the sum by at most S whoever replies. The
+    noise comes from `gen` (seeded, reproducible), or with `secure` from the OS CSPRNG (gen unused)."""
     if len(client_states) > num_sampled:
         raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
@@ -77,7 +113,7 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
         for k, d in clipped.items():
             total[k] += d
     std = noise_multiplier * clip / num_sampled
-    noise = gaussian_noise(total, std, gen)
+    noise = secure_gaussian_noise(total, std) if secure else gaussian_noise(total, std, gen)
     mean = {k: total[k] / num_sampled + noise[k] for k in total}
     # the norms are the server's diagnostics (to choose S): they are not covered by the guarantee
     info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
@@ -91,13 +127,15 @@ class DPFedAvg:
     budget raises PrivacyBudgetExhausted before anything is released."""
 
     def __init__(self, strategy: Strategy, *, clip: float, noise_multiplier: float, seed: int, num_sampled: int,
-                 accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None):
+                 accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None,
+                 secure_noise: bool = False):
         if strategy.name not in DP_STRATEGIES:
             raise DataError(f"--dp does not compose with --strategy {strategy.name}: its sensitivity to one "
                             "client is not S/m", f"use --strategy {' or '.join(DP_STRATEGIES)} with --dp")
         self.strategy, self.clip, self.noise_multiplier = strategy, clip, noise_multiplier
         self.seed, self.num_sampled = seed, num_sampled
         self.accountant, self.max_epsilon = accountant, max_epsilon
+        self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
         self.last_info: dict = {}
 
     @property
@@ -119,7 +157,8 @@ class DPFedAvg:
         replies = sorted(replies, key=lambda r: r.name)
         delta, self.last_info = dp_mean_delta(global_state, [r.state for r in replies], clip=self.clip,
                                               noise_multiplier=self.noise_multiplier, num_sampled=self.num_sampled,
-                                              gen=generator(self.seed, "dp", round_))
+                                              gen=None if self.secure_noise else generator(self.seed, "dp", round_),
+                                              secure=self.secure_noise)
         new = self.strategy.apply_delta(global_state, delta, round_)
         if self.accountant is not None:
             self.accountant.step()
@@ -244,13 +283,18 @@ def add_privacy_arguments(group) -> None:
                             "and stops before a round that would")
     group.add_argument("--dp_delta", type=float, default=1e-5,
                        help="δ of (ε, δ)-DP, well below 1/(number of clients)")
+    group.add_argument("--dp_secure_noise", action=argparse.BooleanOptionalAction, default=None,
+                       help="draw the DP noise from the operating system's cryptographically secure randomness "
+                            "(Opacus secure_mode), never stored and not reproducible, instead of from --seed, "
+                            "which anyone with the run's config.json can regenerate and subtract (default: on in "
+                            "a Flower deployment, off in-process and in simulation)")
 
 
 def check_privacy_flags(args, num_train_clients: int) -> list[str]:
     """Raise DataError for unusable DP flags; return warnings (strings) worth printing."""
     if not args.dp:
-        for flag in ("dp_noise", "dp_epsilon"):
-            if getattr(args, flag) is not None:
+        for flag in ("dp_noise", "dp_epsilon", "dp_secure_noise"):
+            if getattr(args, flag, None) is not None:
                 raise DataError(f"--{flag} has no effect without --dp", "add --dp, or drop the flag")
         return []
     if not args.dp_clip > 0:
@@ -280,6 +324,9 @@ def check_privacy_flags(args, num_train_clients: int) -> list[str]:
     if args.client_fraction < 1:
         warnings.append("--client_fraction < 1 under --dp: rounds are accounted without subsampling "
                         "amplification, as replace-one neighbours (ε is conservative)")
+    if not getattr(args, "dp_secure_noise", None) and args.dp_noise != 0:
+        warnings.append("--dp noise is drawn from --seed (reproducible, for simulations): anyone with config.json "
+                        "can subtract it, so ε does not hold for a model you share; add --dp_secure_noise")
     return warnings
 
 
@@ -293,10 +340,11 @@ def build_dp(args, strategy: Strategy, num_train_clients: int, rounds: int) -> D
     z = args.dp_noise
     if z is None:
         z = noise_for_epsilon(args.dp_epsilon, args.dp_delta, rounds, rate)
+    secure = bool(getattr(args, "dp_secure_noise", None))
     if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
         return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m)
     accountant = PrivacyAccountant(z, rate, args.dp_delta)
     if args.dp_epsilon is not None:
         check_budget(accountant, rounds, args.dp_epsilon)
     return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=z, seed=args.seed, num_sampled=m,
-                    accountant=accountant, max_epsilon=args.dp_epsilon)
+                    accountant=accountant, max_epsilon=args.dp_epsilon, secure_noise=secure)

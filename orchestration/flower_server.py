@@ -56,6 +56,8 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     from orchestration.experiment import check_flags, run_method  # late: training imports flower_app lazily too
     from training.config import resolve_metric
     args.engine = "flower"
+    if runtime == "deployment" and getattr(args, "dp", False) and getattr(args, "dp_secure_noise", None) is None:
+        args.dp_secure_noise = True  # real SuperNodes: noise only the server knows (--no-dp_secure_noise opts out)
     check_flags(args)
     check_supported(args)
     metric = resolve_metric(args)

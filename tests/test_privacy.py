@@ -100,6 +100,34 @@ def test_dp_fedavg_round_is_global_plus_clipped_mean_plus_seeded_noise():
     assert torch.allclose(sgd.aggregate(glob, replies, 7, "uniform")["w"], want, rtol=0, atol=1e-6)
 
 
+def test_secure_noise_has_the_stated_std_and_differs_between_runs_with_the_same_seed():
+    """--dp_secure_noise: OS randomness (Box-Muller, 4 draws per coordinate as Opacus secure_mode), so
+    two runs with the same seed differ; the measured std is z·S/m; the seeded path still reproduces."""
+    n, z, clip, m = 200_000, 2.0, 0.5, 4            # std z·S/m = 0.25
+    glob = {"w": torch.zeros(n, dtype=torch.float32)}
+    same = [{"w": torch.zeros(n, dtype=torch.float32)}]
+    noise, _ = dp_mean_delta(glob, same, clip=clip, noise_multiplier=z, num_sampled=m, gen=None, secure=True)
+    assert noise["w"].dtype == torch.float64
+    assert float(noise["w"].std()) == pytest.approx(0.25, rel=0.01)
+    assert abs(float(noise["w"].mean())) < 5 * 0.25 / math.sqrt(n)
+    # kurtosis of a Gaussian is 3 (a sum of uniforms or a broken Box-Muller would not be)
+    x = noise["w"] / noise["w"].std()
+    assert float((x ** 4).mean()) == pytest.approx(3.0, abs=0.05)
+    glob, replies = {"w": torch.tensor([1.0, 1.0])}, [Reply("a", {"w": torch.tensor([1.3, 1.4])})]
+    runs = [DPFedAvg(Strategy(), clip=1.0, noise_multiplier=0.5, seed=3, num_sampled=1, secure_noise=secure)
+            .aggregate(glob, replies, 7, "uniform")["w"] for secure in (True, True, False, False)]
+    assert not torch.equal(runs[0], runs[1])   # same seed, same round: fresh noise
+    assert torch.equal(runs[2], runs[3])       # seeded: bit for bit
+
+
+def test_build_dp_passes_secure_noise_and_warns_without_it():
+    secure = build_dp(parse(*OK, "--dp_secure_noise"), Strategy(), 8, 25)
+    assert secure.secure_noise and not build_dp(parse(*OK), Strategy(), 8, 25).secure_noise
+    assert any("--dp_secure_noise" in w for w in check_privacy_flags(parse(*OK), 8))
+    assert check_privacy_flags(parse(*OK, "--dp_secure_noise"), 8) == []
+    assert not build_dp(parse(*OK, "--no-dp_secure_noise"), Strategy(), 8, 25).secure_noise
+
+
 def test_dp_refuses_weighting_and_strategies_whose_sensitivity_is_not_s_over_m():
     dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.0, seed=0, num_sampled=2)
     with pytest.raises(ValueError, match="uniformly"):
@@ -211,6 +239,7 @@ OK = ("--dp", "--weighting", "uniform", "--dp_noise", "1.0")
     (["--dp", "--dp_noise", "1"], "--weighting dataset_size"),
     ([*OK, "--strategy", "median"], "--strategy median"),
     ([*OK, "--strategy", "qfedavg"], "--strategy qfedavg"),
+    (["--dp_secure_noise"], "--dp_secure_noise has no effect without --dp"),
 ])
 def test_privacy_flag_errors_name_the_flag(argv, match):
     with pytest.raises(DataError, match=match) as err:
@@ -219,7 +248,7 @@ def test_privacy_flag_errors_name_the_flag(argv, match):
 
 
 def test_privacy_flag_warnings():
-    assert check_privacy_flags(parse(), 8) == [] and check_privacy_flags(parse(*OK), 8) == []
+    assert check_privacy_flags(parse(), 8) == [] and check_privacy_flags(parse(*OK, "--dp_secure_noise"), 8) == []
     assert any("exceeds 1/8" in w for w in check_privacy_flags(parse(*OK, "--dp_delta", "0.2"), 8))
     assert any("ε = ∞" in w for w in check_privacy_flags(parse(*OK, "--dp_noise", "0"), 8))
     assert any("replace-one" in w for w in check_privacy_flags(parse(*OK, "--client_fraction", "0.5"), 8))
