@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import brentq
+from scipy.special import log_ndtr
 
 from data_loaders.schema import DataError
 from training.local import StopTraining
@@ -128,7 +130,8 @@ class DPFedAvg:
 
     def __init__(self, strategy: Strategy, *, clip: float, noise_multiplier: float, seed: int, num_sampled: int,
                  accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None,
-                 secure_noise: bool = False):
+                 secure_noise: bool = False, clip_quantile: float | None = None, clip_lr: float = 0.2,
+                 count_std: float | None = None):
         if strategy.name not in DP_STRATEGIES:
             raise DataError(f"--dp does not compose with --strategy {strategy.name}: its sensitivity to one "
                             "client is not S/m", f"use --strategy {' or '.join(DP_STRATEGIES)} with --dp")
@@ -136,6 +139,11 @@ class DPFedAvg:
         self.seed, self.num_sampled = seed, num_sampled
         self.accountant, self.max_epsilon = accountant, max_epsilon
         self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
+        # adaptive clipping (Andrew et al. 2021): C follows the clip_quantile of the update norms
+        self.clip_quantile, self.clip_lr = clip_quantile, clip_lr
+        self.count_std = default_count_std(num_sampled) if count_std is None else count_std
+        self.update_noise = (noise_multiplier if clip_quantile is None
+                             else update_noise_multiplier(noise_multiplier, self.count_std))
         self.last_info: dict = {}
 
     @property
@@ -156,25 +164,60 @@ class DPFedAvg:
             self.accountant.check_next(self.max_epsilon)
         replies = sorted(replies, key=lambda r: r.name)
         delta, self.last_info = dp_mean_delta(global_state, [r.state for r in replies], clip=self.clip,
-                                              noise_multiplier=self.noise_multiplier, num_sampled=self.num_sampled,
+                                              noise_multiplier=self.update_noise, num_sampled=self.num_sampled,
                                               gen=None if self.secure_noise else generator(self.seed, "dp", round_),
                                               secure=self.secure_noise)
         new = self.strategy.apply_delta(global_state, delta, round_)
+        if self.clip_quantile is not None:
+            self._adapt_clip(len(replies) - self.last_info["dp_clipped"], len(replies), round_)
         if self.accountant is not None:
             self.accountant.step()
-            self.last_info["dp_epsilon"] = self.accountant.epsilon()
+            acc = self.accountant
+            self.last_info.update(dp_epsilon=acc.epsilon(), dp_epsilon_exact=acc.epsilon_exact(),
+                                  dp_epsilon_replace_one=acc.epsilon_replace_one())
         return new
 
+    def _adapt_clip(self, unclipped: int, replied: int, round_: int) -> None:
+        """C ← C·exp(-η(b̃ - γ)) with b̃ = ½ + (Σ_k (b_k - ½) + N(0, σ_b²))/m the noised share of updates
+        that were not clipped (b_k = 1 when ||Δ_k|| <= C). Centred bits: a group whose contributions are
+        zeroed out moves the sum by ½ (the accounting's 2σ_b). The new C applies from the next round."""
+        if self.secure_noise:
+            noise = float(secure_standard_normal(1)[0])
+        else:
+            noise = float(torch.randn(1, generator=generator(self.seed, "dp_count", round_), dtype=torch.float64))
+        share = 0.5 + (unclipped - 0.5 * replied + self.count_std * noise) / self.num_sampled
+        self.last_info.update(dp_clip=self.clip, dp_unclipped_share=share)
+        self.clip = self.clip * math.exp(-self.clip_lr * (share - self.clip_quantile))
+
     def state_dict(self) -> dict:
-        return {"strategy": self.strategy.state_dict(),
+        return {"strategy": self.strategy.state_dict(), "clip": self.clip,
                 "accountant": None if self.accountant is None else self.accountant.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.strategy.load_state_dict(state["strategy"])
+        if self.clip_quantile is not None:  # the adapted clip norm continues where it was
+            self.clip = float(state["clip"])
         if self.accountant is not None:
             if state["accountant"] is None:
                 raise DataError("the checkpoint holds no privacy accountant", "resume with the flags it was run with")
             self.accountant.load_state_dict(state["accountant"])
+
+
+def default_count_std(num_sampled: int) -> float:
+    """σ_b of the noised unclipped count: m/20, Andrew et al.'s and Flower's default."""
+    return num_sampled / 20
+
+
+def update_noise_multiplier(z: float, count_std: float) -> float:
+    """z_Δ with z_Δ⁻² + (2σ_b)⁻² = z⁻² (Andrew et al. 2021, §3): the update and the count together cost
+    what noise multiplier z alone would, so the accountant keeps counting z. 0 for z = 0."""
+    if z == 0:
+        return 0.0
+    if not z < 2 * count_std:
+        raise DataError(f"adaptive clipping with --dp_noise {z:.4g} needs the count's noise std σ_b above z/2 = "
+                        f"{z / 2:.4g} (got {count_std:.4g}): z_Δ = (z⁻² - (2σ_b)⁻²)^(-1/2) would not exist",
+                        f"raise --dp_clip_count_std to {z:.4g} or more")
+    return (z ** -2 - (2 * count_std) ** -2) ** -0.5
 
 
 # --- accounting -------------------------------------------------------------------------
@@ -206,7 +249,10 @@ class PrivacyAccountant:
 
     @property
     def neighbouring(self) -> str:
-        return "add_or_remove_one" if self.sample_rate >= 1 else "replace_one"
+        """The relation ε is stated for. All clients sampled: the denominator m is fixed and public, so a
+        neighbouring run has one group's update replaced by zero (zero-out; sensitivity S). Sampled:
+        one group replaced by another (replace-one; sensitivity 2S, accounted as noise z/2)."""
+        return "zero_out" if self.sample_rate >= 1 else "replace_one"
 
     def step(self) -> None:
         self.steps += 1
@@ -222,6 +268,25 @@ class PrivacyAccountant:
         # one history entry = `steps` identical rounds of a Gaussian mechanism (sample rate 1)
         acc.history = [(accounted_noise(self.noise_multiplier, self.sample_rate), 1.0, steps)]
         return float(acc.get_epsilon(self.delta))
+
+    def epsilon_replace_one(self, steps: int | None = None) -> float:
+        """RDP ε for replace-one neighbours (one group's data swapped for another's): noise z/2 each round.
+        With sampling this is already `epsilon`."""
+        if self.sample_rate < 1:
+            return self.epsilon(steps)
+        half = PrivacyAccountant(self.noise_multiplier / 2, 1.0, self.delta)
+        return half.epsilon(self.steps if steps is None else steps)
+
+    def epsilon_exact(self, steps: int | None = None) -> float:
+        """The tight ε of the stated relation: T rounds of a Gaussian mechanism with noise multiplier z'
+        (z, or z/2 for replace-one) compose exactly to one Gaussian mechanism, μ-GDP with μ = √T/z'
+        (Dong, Roth and Su 2022), so this is what Opacus's PRV accountant approximates (tested)."""
+        steps = self.steps if steps is None else steps
+        if steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return gdp_epsilon(math.sqrt(steps) / accounted_noise(self.noise_multiplier, self.sample_rate), self.delta)
 
     def would_exceed(self, max_epsilon: float) -> bool:
         return self.epsilon(self.steps + 1) > max_epsilon
@@ -244,6 +309,21 @@ class PrivacyAccountant:
                 raise DataError(f"the checkpoint's privacy accountant has {key} = {state[key]}, this run "
                                 f"{getattr(self, key)}", "resume with the DP flags the run started with")
         self.steps = int(state["steps"])
+
+
+def gdp_delta(epsilon: float, mu: float) -> float:
+    """δ(ε) of μ-GDP: Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2), the second term in log space (e^ε overflows first)."""
+    return math.exp(log_ndtr(-epsilon / mu + mu / 2)) - math.exp(epsilon + log_ndtr(-epsilon / mu - mu / 2))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """The ε at which μ-GDP gives `delta` (δ(ε) falls from δ(0) to 0; 0 if δ(0) <= delta)."""
+    if gdp_delta(0.0, mu) <= delta:
+        return 0.0
+    hi = 1.0
+    while gdp_delta(hi, mu) > delta:
+        hi *= 2
+    return float(brentq(lambda e: gdp_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
 
 
 def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
@@ -283,6 +363,14 @@ def add_privacy_arguments(group) -> None:
                             "and stops before a round that would")
     group.add_argument("--dp_delta", type=float, default=1e-5,
                        help="δ of (ε, δ)-DP, well below 1/(number of clients)")
+    group.add_argument("--dp_clip_quantile", type=float, default=None,
+                       help="adaptive clipping (Andrew et al. 2021): move the clip norm each round toward this "
+                            "quantile of the clients' update norms, starting at --dp_clip (default: fixed clip)")
+    group.add_argument("--dp_clip_lr", type=float, default=0.2,
+                       help="adaptive clipping: η of the geometric update C <- C·exp(-η(b - γ)) (default 0.2, the paper's)")
+    group.add_argument("--dp_clip_count_std", type=float, default=None,
+                       help="adaptive clipping: noise std σ_b on the count of unclipped updates (default m/20); "
+                            "must exceed z/2")
     group.add_argument("--dp_secure_noise", action=argparse.BooleanOptionalAction, default=None,
                        help="draw the DP noise from the operating system's cryptographically secure randomness "
                             "(Opacus secure_mode), never stored and not reproducible, instead of from --seed, "
@@ -293,7 +381,7 @@ def add_privacy_arguments(group) -> None:
 def check_privacy_flags(args, num_train_clients: int) -> list[str]:
     """Raise DataError for unusable DP flags; return warnings (strings) worth printing."""
     if not args.dp:
-        for flag in ("dp_noise", "dp_epsilon", "dp_secure_noise"):
+        for flag in ("dp_noise", "dp_epsilon", "dp_secure_noise", "dp_clip_quantile", "dp_clip_count_std"):
             if getattr(args, flag, None) is not None:
                 raise DataError(f"--{flag} has no effect without --dp", "add --dp, or drop the flag")
         return []
@@ -307,6 +395,13 @@ def check_privacy_flags(args, num_train_clients: int) -> list[str]:
         raise DataError("--dp needs --dp_noise or --dp_epsilon", "e.g. --dp_noise 1.0, or --dp_epsilon 10 to solve z")
     if args.dp_noise == 0 and args.dp_epsilon is not None:
         raise DataError("--dp_noise 0 cannot meet any --dp_epsilon (no noise, ε = ∞)", "give a positive --dp_noise")
+    quantile, count_std = getattr(args, "dp_clip_quantile", None), getattr(args, "dp_clip_count_std", None)
+    if quantile is not None and not 0 < quantile < 1:
+        raise DataError(f"--dp_clip_quantile {quantile} must be in (0, 1)", "0.5 clips at the median update norm")
+    if quantile is not None and not getattr(args, "dp_clip_lr", 0.2) > 0:
+        raise DataError(f"--dp_clip_lr {args.dp_clip_lr} must be > 0", "0.2 is the paper's")
+    if count_std is not None and not count_std > 0:
+        raise DataError(f"--dp_clip_count_std {count_std} must be > 0", "leave it out for m/20")
     if not 0 < args.dp_delta < 1:
         raise DataError(f"--dp_delta {args.dp_delta} must be in (0, 1)", "1e-5 is the usual choice")
     if args.weighting != "uniform":
@@ -341,10 +436,13 @@ def build_dp(args, strategy: Strategy, num_train_clients: int, rounds: int) -> D
     if z is None:
         z = noise_for_epsilon(args.dp_epsilon, args.dp_delta, rounds, rate)
     secure = bool(getattr(args, "dp_secure_noise", None))
+    adaptive = dict(clip_quantile=getattr(args, "dp_clip_quantile", None), clip_lr=getattr(args, "dp_clip_lr", 0.2),
+                    count_std=getattr(args, "dp_clip_count_std", None))
     if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
-        return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m)
+        return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m,
+                        secure_noise=secure, **adaptive)
     accountant = PrivacyAccountant(z, rate, args.dp_delta)
     if args.dp_epsilon is not None:
         check_budget(accountant, rounds, args.dp_epsilon)
     return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=z, seed=args.seed, num_sampled=m,
-                    accountant=accountant, max_epsilon=args.dp_epsilon, secure_noise=secure)
+                    accountant=accountant, max_epsilon=args.dp_epsilon, secure_noise=secure, **adaptive)
