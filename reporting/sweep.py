@@ -102,7 +102,9 @@ PRESETS = {
                "",
                "- Mechanism: each client's update is clipped to L2 norm S = 0.1; the server adds N(0, (z S / 10)^2) "
                "per coordinate to the mean of the 10 clipped updates. epsilon: Opacus's RDP accountant, "
-               "delta = 1e-5, with respect to one group's whole data.",
+               "delta = 1e-5, with respect to one group's whole data, for zero-out neighbours (m = 10 is fixed "
+               "and public: one group's update replaced by zero); losses.jsonl also holds replace-one "
+               "(dp_epsilon_replace_one, noise z/2) and the exact composition's (dp_epsilon_exact, = PRV).",
                "- Clip norm: S = 0.1 is about the median client update norm over the first 30 rounds of a "
                "no-noise, no-clip run of this setup (dp_median_norm in its losses.jsonl), which the cosine "
                "schedule moves between 3e-4 and 0.8; so about half the updates are clipped (dp_clipped in each DP "
