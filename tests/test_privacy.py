@@ -131,6 +131,17 @@ def test_build_dp_passes_secure_noise_and_warns_without_it():
     assert not build_dp(parse(*OK, "--no-dp_secure_noise"), Strategy(), 8, 25).secure_noise
 
 
+def test_secure_noise_is_the_default_in_a_deployment_only():
+    from orchestration.cli import build_parser
+    from orchestration.flower_server import default_secure_noise
+    parser = build_parser("fedavg")
+    for runtime, flags, want in (("deployment", [*OK], True), ("deployment", [*OK, "--no-dp_secure_noise"], False),
+                                 ("simulation-thread", [*OK], None), ("deployment", [], None)):
+        args = parser.parse_args(flags)
+        default_secure_noise(args, runtime)
+        assert args.dp_secure_noise is want, (runtime, flags)
+
+
 def test_dp_refuses_weighting_and_strategies_whose_sensitivity_is_not_s_over_m():
     dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.0, seed=0, num_sampled=2)
     with pytest.raises(ValueError, match="uniformly"):
