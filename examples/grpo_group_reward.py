@@ -1,8 +1,11 @@
 """Fine-tune an LLM with GRPO to answer survey questions as a group would.
 
 The reward is the trained group predictor (inference.GroupReward): each sampled answer is
-mapped to an option and scored against the distribution the predictor expects from the
-group, given a few of the group's real answers. Needs TRL (`pip install trl`, an optional
+mapped to an option, and the answers sampled for one prompt, as a distribution, are scored
+against the distribution the predictor expects from the group, given a few of the group's
+real answers (each answer credited with what it adds: leave-one-out). `--mode option`
+scores each answer alone instead, which pushes the model toward one answer for everyone
+(docs/inference.md says which). Needs TRL (`pip install trl`, an optional
 extra) and a causal LM on disk or on the Hugging Face hub.
 
     python examples/grpo_group_reward.py --run runs/opinionqa_fedavg_50 --group Democrat \\
@@ -35,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--context", help="the group's answers, JSONL (docs/inference.md)")
     p.add_argument("--questions", help="training questions, JSONL (default with --group: the run's scored questions)")
     p.add_argument("--model", required=True, help="causal LM to fine-tune: hub id or local folder")
-    p.add_argument("--mode", default="option", choices=("option", "distribution"),
-                   help="score each answer (option) or each prompt's answers as a distribution")
+    p.add_argument("--mode", default="distribution", choices=("distribution", "option"),
+                   help="distribution (default): score each prompt's answers as a distribution against the "
+                        "group's; option: score each answer alone (its optimum is one answer for everyone)")
     p.add_argument("--steps", type=int, default=10, help="GRPO steps")
     p.add_argument("--num_generations", type=int, default=4, help="answers sampled per prompt")
     p.add_argument("--batch_size", type=int, default=4, help="completions per device step (a multiple of the above)")

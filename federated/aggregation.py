@@ -51,6 +51,14 @@ def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: Sequenc
     return out
 
 
+def aggregate(replies: Sequence, weighting: str) -> dict[str, torch.Tensor]:
+    """FedAvg's server update on both engines: replies (federated.client.FitResult) in name order,
+    never reply order, weights from `weighting`, float64 sums."""
+    replies = sorted(replies, key=lambda r: r.name)
+    w = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies], weighting)
+    return weighted_average([r.state for r in replies], w)
+
+
 def sample_clients(names: Sequence[str], fraction: float, gen: torch.Generator) -> list[str]:
     """max(1, round(fraction·n)) clients without replacement, returned in name order."""
     if not 0 < fraction <= 1:

@@ -4,21 +4,36 @@ The attackers are drawn once from (seed, "byzantine") among the training clients
 same clients attack on every engine and after a resume. An attacker trains honestly, then
 replaces its weights w_k before replying, given the global weights w it received:
 
-  sign_flip  w - c·(w_k - w)     its update reversed and scaled
-  scale      w + c·(w_k - w)     its update boosted (model replacement when c ≈ #clients)
-  gaussian   w_k + N(0, σ²)      per coordinate, from generator(seed, "attack", client, round)
+  sign_flip     w - c·(w_k - w)     its update reversed and scaled
+  scale         w + c·(w_k - w)     its update boosted (model replacement when c ≈ #clients)
+  gaussian      w_k + N(0, σ²)      per coordinate, from generator(seed, "attack", client, round)
+  alie          w + μ - z·σ         "A little is enough" (Baruch et al., NeurIPS 2019), per coordinate
+  ipm           w - ε·μ             inner-product manipulation (Xie et al., UAI 2020)
+  report_score  w_k, and it reports held-out alignment --attack_report instead of its own (metric poisoning)
+
+μ and σ are the per-coordinate mean and population standard deviation of the honest clients'
+updates w_j - w this round (the non-Byzantine replies; the attackers' own honest updates if
+none replied): the attackers are assumed to know them, the strongest case. ALIE's
+z = Φ⁻¹((n - s)/n), s = ⌊n/2 + 1⌋ - m the honest clients the m attackers of the n replies
+need on their side (s kept in [1, n - 1]). Both stay inside the honest spread (small z, small
+ε), which is what defeats the median and the trimmed mean; every attacker sends the same weights.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import torch
 
 from data_loaders.schema import DataError
 from utils.seeding import generator
 
-ATTACKS = ("sign_flip", "gaussian", "scale")
+from .strategies import ALIGNMENT_KEY  # the metric report_score lies about
+
+ATTACKS = ("sign_flip", "gaussian", "scale", "alie", "ipm", "report_score")
+IN_RANGE = ("alie", "ipm")        # computed from the honest updates of the round
 Tensors = dict[str, torch.Tensor]
 
 
@@ -36,8 +51,9 @@ def corrupt_state(global_state: Tensors, client_state: Tensors, attack: str, *, 
     """The weights a Byzantine client sends instead of `client_state` (float64 math, dtypes kept).
     Noise is drawn on the CPU in sorted key order, so every device and engine (a state dict's
     order changes through checkpoints and Flower records) gets the same values."""
-    if attack not in ATTACKS:
-        raise ValueError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    if attack not in ("sign_flip", "scale", "gaussian"):
+        raise ValueError(f"corrupt_state: --attack {attack!r} is not a per-client attack (sign_flip, scale, "
+                         "gaussian); alie and ipm need the round's honest updates (corrupt_replies)")
     if attack == "gaussian" and gen is None:
         raise ValueError("the gaussian attack needs a generator")
     out = {}
@@ -58,16 +74,62 @@ def corrupt_state(global_state: Tensors, client_state: Tensors, attack: str, *, 
     return out
 
 
+def alie_z(n: int, m: int) -> float:
+    """ALIE's z_max = Φ⁻¹((n - s)/n), s = ⌊n/2 + 1⌋ - m kept in [1, n - 1]: with n = 10, m = 1 it is
+    Φ⁻¹(0.5) = 0 (the attack is the honest mean and does nothing), m = 2: 0.253, m = 3: 0.524."""
+    if n < 2:
+        return 0.0
+    s = min(max(n // 2 + 1 - m, 1), n - 1)
+    return NormalDist().inv_cdf((n - s) / n)
+
+
+def in_range_state(global_state: Tensors, honest: Sequence[Tensors], attack: str, *, z: float = 0.0,
+                   eps: float = 0.0) -> Tensors:
+    """The weights every ALIE (w + μ - z·σ) or IPM (w - ε·μ) attacker sends, from the honest clients'
+    states (float64 math, keys in sorted order, dtypes kept; non-float tensors from the first)."""
+    if attack not in IN_RANGE or not honest:
+        raise ValueError(f"in_range_state needs --attack alie or ipm and at least one honest state, got {attack!r}")
+    out = {}
+    for key in sorted(honest[0]):
+        ref = honest[0][key]
+        if not ref.is_floating_point():
+            out[key] = ref.clone()
+            continue
+        w = global_state[key].to(torch.float64)
+        updates = torch.stack([h[key].to(torch.float64) - w for h in honest])
+        mu = updates.mean(dim=0)
+        if attack == "alie":
+            new = w + mu - z * updates.std(dim=0, correction=0)
+        else:
+            new = w - eps * mu
+        out[key] = new.to(ref.dtype)
+    return out
+
+
 def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequence[str], attack: str, *,
-                    scale: float, std: float, seed: int, round_: int) -> list:
-    """The replies with each Byzantine client's state replaced (dataclass copies; others untouched)."""
+                    scale: float, std: float, seed: int, round_: int, eps: float = 0.5,
+                    report: float = 0.0) -> list:
+    """The replies with each Byzantine client's state (or, for report_score, its reported score) replaced
+    (dataclass copies; others untouched). ALIE and IPM first compute the honest statistics of the round,
+    clients in name order, so the result does not depend on who replied first."""
     bad = set(byzantine)
+    sent = None
+    if attack in IN_RANGE and any(r.name in bad for r in replies):
+        ordered = sorted(replies, key=lambda r: r.name)
+        honest = [r.state for r in ordered if r.name not in bad] or [r.state for r in ordered]
+        m = sum(r.name in bad for r in replies)
+        sent = in_range_state(global_state, honest, attack, z=alie_z(len(replies), m), eps=eps)
     out = []
     for r in replies:
         if r.name in bad:
-            gen = generator(seed, "attack", r.name, round_)
-            r = dataclasses.replace(r, state=corrupt_state(global_state, r.state, attack, scale=scale, std=std,
-                                                           gen=gen))
+            if attack == "report_score":
+                r = dataclasses.replace(r, metrics={**(getattr(r, "metrics", None) or {}), ALIGNMENT_KEY: report})
+            elif sent is not None:
+                r = dataclasses.replace(r, state={k: v.clone() for k, v in sent.items()})
+            else:
+                gen = generator(seed, "attack", r.name, round_)
+                r = dataclasses.replace(r, state=corrupt_state(global_state, r.state, attack, scale=scale, std=std,
+                                                               gen=gen))
         out.append(r)
     return out
 
@@ -76,13 +138,21 @@ def add_attack_arguments(group) -> None:
     group.add_argument("--byzantine", type=int, default=0,
                        help="number of Byzantine training clients, drawn once from --seed (0 = none)")
     group.add_argument("--attack", default="sign_flip", choices=ATTACKS,
-                       help="what a Byzantine client sends: sign_flip w - c(w_k - w), scale w + c(w_k - w), "
-                            "gaussian w_k + N(0, std²)")
+                       help="what a Byzantine client sends (default sign_flip): sign_flip w - c(w_k - w), scale "
+                            "w + c(w_k - w), gaussian w_k + N(0, std²), alie w + μ - z·σ of the honest updates "
+                            "(Baruch et al. 2019), ipm w - ε·μ (Xie et al. 2020), report_score its honest weights "
+                            "with a false held-out alignment (--attack_report)")
     group.add_argument("--attack_scale", type=float, default=10.0,
                        help="c of sign_flip and scale (10 ≈ the number of clients: enough for one attacker "
                             "to outweigh FedAvg's 1/n)")
     group.add_argument("--attack_std", type=float, default=1.0,
                        help="gaussian: noise std per coordinate (far above one round's update, ~1e-3)")
+    group.add_argument("--attack_eps", type=float, default=0.5,
+                       help="ipm: ε of w - ε·μ (default 0.5: inside the honest range, against median and trimmed "
+                            "mean; about 100 defeats the plain mean)")
+    group.add_argument("--attack_report", type=float, default=0.0,
+                       help="report_score: the held-out alignment the attacker reports (default 0.0: it claims "
+                            "to be the worst-served group, to draw qfedavg's and adaptive's weight)")
 
 
 def check_attack_flags(args, num_train_clients: int) -> list[str]:
@@ -98,9 +168,21 @@ def check_attack_flags(args, num_train_clients: int) -> list[str]:
                         "sign_flip already reverses the update; use --attack scale to boost it")
     if args.attack_std < 0:
         raise DataError(f"--attack_std {args.attack_std} must be >= 0", "try 1.0")
+    eps, report = getattr(args, "attack_eps", 0.5), getattr(args, "attack_report", 0.0)
+    if not eps >= 0:
+        raise DataError(f"--attack_eps {eps} must be >= 0", "0.5 stays inside the honest range; ~100 defeats the mean")
+    if not math.isfinite(report):
+        raise DataError(f"--attack_report {report} must be finite (the server refuses a non-finite report: the "
+                        "run would stop at once)", "try 0.0, the worst possible score")
     warnings = []
     strategy = getattr(args, "strategy", "fedavg")
     m = max(1, round(getattr(args, "client_fraction", 1.0) * num_train_clients))
+    if n and args.attack == "alie" and alie_z(m, min(n, m)) == 0:
+        warnings.append(f"--attack alie with {n} Byzantine client(s) among {m} sampled is void: z = Φ⁻¹(0.5) = 0, so "
+                        "the attackers send the honest mean (use more --byzantine, e.g. 3 of 10 gives z = 0.52)")
+    if n and args.attack == "report_score" and strategy not in ("qfedavg", "adaptive"):
+        warnings.append(f"--attack report_score does nothing with --strategy {strategy}, which reads no reported "
+                        "scores (qfedavg and adaptive do)")
     if n and strategy == "trimmed_mean" and int(args.trim_fraction * m) < min(n, m):
         warnings.append(f"--trim_fraction {args.trim_fraction} drops {int(args.trim_fraction * m)} value(s) per end "
                         f"of {m}, fewer than the {n} Byzantine client(s): the trimmed mean is not bounded")

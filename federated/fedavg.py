@@ -16,7 +16,7 @@ from training.evaluation import GroupEval
 from training.local import check_finite
 from utils.seeding import generator
 
-from .aggregation import aggregation_weights, sample_clients, weighted_average
+from .aggregation import sample_clients
 from .client import FitResult, GroupClient
 from .server import ServerRules
 from .thread_engine import ThreadClientEngine, default_workers
@@ -61,13 +61,6 @@ def round_stats(results: list[FitResult]) -> dict:
             "grad_steps": sum(len(r.losses) for r in results),
             "points": sum(r.points for r in results),
             "clients": sorted(per_client)}
-
-
-def aggregate(results: list[FitResult], weighting: str) -> dict[str, torch.Tensor]:
-    """The server update of every engine: clients in name order (never reply order), float64 sums."""
-    results = sorted(results, key=lambda r: r.name)
-    w = aggregation_weights([r.num_examples for r in results], [r.episode_points for r in results], weighting)
-    return weighted_average([r.state for r in results], w)
 
 
 def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOConfig) -> str:

@@ -4,7 +4,8 @@ Each round the server
   1. computes each sampled client's update Δ_k = θ_k - θ (all floating tensors as one vector),
   2. clips it: Δ_k · min(1, S / ||Δ_k||₂),
   3. averages uniformly over the m clients sampled: (1/m) Σ_k clipped Δ_k,
-  4. adds N(0, (z·S/m)²) per coordinate, drawn from generator(seed, "dp", round),
+  4. adds N(0, (z·S/m)²) per coordinate, drawn from generator(seed, "dp", round), or with
+     --dp_secure_noise from the operating system's CSPRNG (secure_gaussian_noise),
   5. hands the noisy mean delta to the strategy's server optimizer (post-processing).
 What is protected is a whole group: anything computed from one client's data moves the
 clipped sum by at most S. The server is trusted to clip and add noise (central DP).
@@ -14,10 +15,15 @@ for why every round is accounted without subsampling amplification.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from scipy.optimize import brentq
+from scipy.special import log_ndtr
 
 from data_loaders.schema import DataError
 from training.local import StopTraining
@@ -63,10 +69,42 @@ def gaussian_noise(like: Tensors, std: float, gen: torch.Generator) -> Tensors:
             for k in sorted(like)}
 
 
+SECURE_DRAWS = 4  # Opacus secure_mode: each coordinate is the normalised sum of 2n = 4 Gaussian draws
+
+
+def os_uniform(n: int) -> np.ndarray:
+    """n float64 uniforms in (0, 1) from os.urandom: 53 random bits each, offset by half a step so
+    neither 0 nor 1 occurs (the logarithm of Box-Muller needs u > 0)."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return (bits.astype(np.float64) + 0.5) / float(2 ** 53)
+
+
+def secure_standard_normal(n: int) -> np.ndarray:
+    """n N(0, 1) draws from the operating system's CSPRNG (Box-Muller in float64), each the sum of
+    SECURE_DRAWS draws divided by sqrt(SECURE_DRAWS): Opacus's secure_mode defence against attacks on
+    the floating-point sampler (Mironov-style; arXiv 2107.10138 §5.1)."""
+    pairs = (n * SECURE_DRAWS + 1) // 2
+    u1, u2 = os_uniform(pairs), os_uniform(pairs)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    draws = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n * SECURE_DRAWS]
+    return draws.reshape(SECURE_DRAWS, n).sum(axis=0) / math.sqrt(SECURE_DRAWS)
+
+
+def secure_gaussian_noise(like: Tensors, std: float) -> Tensors:
+    """N(0, std²) per coordinate in float64 from os.urandom (not reproducible, never stored)."""
+    out = {}
+    for k in sorted(like):
+        draw = torch.from_numpy(secure_standard_normal(like[k].numel())).reshape(like[k].shape)
+        out[k] = (std * draw).to(like[k].device)
+    return out
+
+
 def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,
-                  noise_multiplier: float, num_sampled: int, gen: torch.Generator) -> tuple[Tensors, dict]:
+                  noise_multiplier: float, num_sampled: int, gen: torch.Generator | None,
+                  secure: bool = False) -> tuple[Tensors, dict]:
     """(noisy mean clipped update, diagnostics). Clients in the given order; the denominator is the
-    number sampled, fixed in advance, so one client moves the sum by at most S whoever replies."""
+    number sampled, fixed in advance, so one client moves the sum by at most S whoever replies. The
+    noise comes from `gen` (seeded, reproducible), or with `secure` from the OS CSPRNG (gen unused)."""
     if len(client_states) > num_sampled:
         raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
@@ -77,7 +115,7 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
         for k, d in clipped.items():
             total[k] += d
     std = noise_multiplier * clip / num_sampled
-    noise = gaussian_noise(total, std, gen)
+    noise = secure_gaussian_noise(total, std) if secure else gaussian_noise(total, std, gen)
     mean = {k: total[k] / num_sampled + noise[k] for k in total}
     # the norms are the server's diagnostics (to choose S): they are not covered by the guarantee
     info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
@@ -91,13 +129,21 @@ class DPFedAvg:
     budget raises PrivacyBudgetExhausted before anything is released."""
 
     def __init__(self, strategy: Strategy, *, clip: float, noise_multiplier: float, seed: int, num_sampled: int,
-                 accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None):
+                 accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None,
+                 secure_noise: bool = False, clip_quantile: float | None = None, clip_lr: float = 0.2,
+                 count_std: float | None = None):
         if strategy.name not in DP_STRATEGIES:
             raise DataError(f"--dp does not compose with --strategy {strategy.name}: its sensitivity to one "
                             "client is not S/m", f"use --strategy {' or '.join(DP_STRATEGIES)} with --dp")
         self.strategy, self.clip, self.noise_multiplier = strategy, clip, noise_multiplier
         self.seed, self.num_sampled = seed, num_sampled
         self.accountant, self.max_epsilon = accountant, max_epsilon
+        self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
+        # adaptive clipping (Andrew et al. 2021): C follows the clip_quantile of the update norms
+        self.clip_quantile, self.clip_lr = clip_quantile, clip_lr
+        self.count_std = default_count_std(num_sampled) if count_std is None else count_std
+        self.update_noise = (noise_multiplier if clip_quantile is None
+                             else update_noise_multiplier(noise_multiplier, self.count_std))
         self.last_info: dict = {}
 
     @property
@@ -118,24 +164,60 @@ class DPFedAvg:
             self.accountant.check_next(self.max_epsilon)
         replies = sorted(replies, key=lambda r: r.name)
         delta, self.last_info = dp_mean_delta(global_state, [r.state for r in replies], clip=self.clip,
-                                              noise_multiplier=self.noise_multiplier, num_sampled=self.num_sampled,
-                                              gen=generator(self.seed, "dp", round_))
+                                              noise_multiplier=self.update_noise, num_sampled=self.num_sampled,
+                                              gen=None if self.secure_noise else generator(self.seed, "dp", round_),
+                                              secure=self.secure_noise)
         new = self.strategy.apply_delta(global_state, delta, round_)
+        if self.clip_quantile is not None:
+            self._adapt_clip(len(replies) - self.last_info["dp_clipped"], len(replies), round_)
         if self.accountant is not None:
             self.accountant.step()
-            self.last_info["dp_epsilon"] = self.accountant.epsilon()
+            acc = self.accountant
+            self.last_info.update(dp_epsilon=acc.epsilon(), dp_epsilon_exact=acc.epsilon_exact(),
+                                  dp_epsilon_replace_one=acc.epsilon_replace_one())
         return new
 
+    def _adapt_clip(self, unclipped: int, replied: int, round_: int) -> None:
+        """C ← C·exp(-η(b̃ - γ)) with b̃ = ½ + (Σ_k (b_k - ½) + N(0, σ_b²))/m the noised share of updates
+        that were not clipped (b_k = 1 when ||Δ_k|| <= C). Centred bits: a group whose contributions are
+        zeroed out moves the sum by ½ (the accounting's 2σ_b). The new C applies from the next round."""
+        if self.secure_noise:
+            noise = float(secure_standard_normal(1)[0])
+        else:
+            noise = float(torch.randn(1, generator=generator(self.seed, "dp_count", round_), dtype=torch.float64))
+        share = 0.5 + (unclipped - 0.5 * replied + self.count_std * noise) / self.num_sampled
+        self.last_info.update(dp_clip=self.clip, dp_unclipped_share=share)
+        self.clip = self.clip * math.exp(-self.clip_lr * (share - self.clip_quantile))
+
     def state_dict(self) -> dict:
-        return {"strategy": self.strategy.state_dict(),
+        return {"strategy": self.strategy.state_dict(), "clip": self.clip,
                 "accountant": None if self.accountant is None else self.accountant.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.strategy.load_state_dict(state["strategy"])
+        if self.clip_quantile is not None:  # the adapted clip norm continues where it was
+            self.clip = float(state["clip"])
         if self.accountant is not None:
             if state["accountant"] is None:
                 raise DataError("the checkpoint holds no privacy accountant", "resume with the flags it was run with")
             self.accountant.load_state_dict(state["accountant"])
+
+
+def default_count_std(num_sampled: int) -> float:
+    """σ_b of the noised unclipped count: m/20, Andrew et al.'s and Flower's default."""
+    return num_sampled / 20
+
+
+def update_noise_multiplier(z: float, count_std: float) -> float:
+    """z_Δ with z_Δ⁻² + (2σ_b)⁻² = z⁻² (Andrew et al. 2021, §3): the update and the count together cost
+    what noise multiplier z alone would, so the accountant keeps counting z. 0 for z = 0."""
+    if z == 0:
+        return 0.0
+    if not z < 2 * count_std:
+        raise DataError(f"adaptive clipping with --dp_noise {z:.4g} needs the count's noise std σ_b above z/2 = "
+                        f"{z / 2:.4g} (got {count_std:.4g}): z_Δ = (z⁻² - (2σ_b)⁻²)^(-1/2) would not exist",
+                        f"raise --dp_clip_count_std to {z:.4g} or more")
+    return (z ** -2 - (2 * count_std) ** -2) ** -0.5
 
 
 # --- accounting -------------------------------------------------------------------------
@@ -167,7 +249,10 @@ class PrivacyAccountant:
 
     @property
     def neighbouring(self) -> str:
-        return "add_or_remove_one" if self.sample_rate >= 1 else "replace_one"
+        """The relation ε is stated for. All clients sampled: the denominator m is fixed and public, so a
+        neighbouring run has one group's update replaced by zero (zero-out; sensitivity S). Sampled:
+        one group replaced by another (replace-one; sensitivity 2S, accounted as noise z/2)."""
+        return "zero_out" if self.sample_rate >= 1 else "replace_one"
 
     def step(self) -> None:
         self.steps += 1
@@ -183,6 +268,25 @@ class PrivacyAccountant:
         # one history entry = `steps` identical rounds of a Gaussian mechanism (sample rate 1)
         acc.history = [(accounted_noise(self.noise_multiplier, self.sample_rate), 1.0, steps)]
         return float(acc.get_epsilon(self.delta))
+
+    def epsilon_replace_one(self, steps: int | None = None) -> float:
+        """RDP ε for replace-one neighbours (one group's data swapped for another's): noise z/2 each round.
+        With sampling this is already `epsilon`."""
+        if self.sample_rate < 1:
+            return self.epsilon(steps)
+        half = PrivacyAccountant(self.noise_multiplier / 2, 1.0, self.delta)
+        return half.epsilon(self.steps if steps is None else steps)
+
+    def epsilon_exact(self, steps: int | None = None) -> float:
+        """The tight ε of the stated relation: T rounds of a Gaussian mechanism with noise multiplier z'
+        (z, or z/2 for replace-one) compose exactly to one Gaussian mechanism, μ-GDP with μ = √T/z'
+        (Dong, Roth and Su 2022), so this is what Opacus's PRV accountant approximates (tested)."""
+        steps = self.steps if steps is None else steps
+        if steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return gdp_epsilon(math.sqrt(steps) / accounted_noise(self.noise_multiplier, self.sample_rate), self.delta)
 
     def would_exceed(self, max_epsilon: float) -> bool:
         return self.epsilon(self.steps + 1) > max_epsilon
@@ -205,6 +309,21 @@ class PrivacyAccountant:
                 raise DataError(f"the checkpoint's privacy accountant has {key} = {state[key]}, this run "
                                 f"{getattr(self, key)}", "resume with the DP flags the run started with")
         self.steps = int(state["steps"])
+
+
+def gdp_delta(epsilon: float, mu: float) -> float:
+    """δ(ε) of μ-GDP: Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2), the second term in log space (e^ε overflows first)."""
+    return math.exp(log_ndtr(-epsilon / mu + mu / 2)) - math.exp(epsilon + log_ndtr(-epsilon / mu - mu / 2))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """The ε at which μ-GDP gives `delta` (δ(ε) falls from δ(0) to 0; 0 if δ(0) <= delta)."""
+    if gdp_delta(0.0, mu) <= delta:
+        return 0.0
+    hi = 1.0
+    while gdp_delta(hi, mu) > delta:
+        hi *= 2
+    return float(brentq(lambda e: gdp_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
 
 
 def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: float) -> float:
@@ -244,13 +363,26 @@ def add_privacy_arguments(group) -> None:
                             "and stops before a round that would")
     group.add_argument("--dp_delta", type=float, default=1e-5,
                        help="δ of (ε, δ)-DP, well below 1/(number of clients)")
+    group.add_argument("--dp_clip_quantile", type=float, default=None,
+                       help="adaptive clipping (Andrew et al. 2021): move the clip norm each round toward this "
+                            "quantile of the clients' update norms, starting at --dp_clip (default: fixed clip)")
+    group.add_argument("--dp_clip_lr", type=float, default=0.2,
+                       help="adaptive clipping: η of the geometric update C <- C·exp(-η(b - γ)) (default 0.2, the paper's)")
+    group.add_argument("--dp_clip_count_std", type=float, default=None,
+                       help="adaptive clipping: noise std σ_b on the count of unclipped updates (default m/20); "
+                            "must exceed z/2")
+    group.add_argument("--dp_secure_noise", action=argparse.BooleanOptionalAction, default=None,
+                       help="draw the DP noise from the operating system's cryptographically secure randomness "
+                            "(Opacus secure_mode), never stored and not reproducible, instead of from --seed, "
+                            "which anyone with the run's config.json can regenerate and subtract (default: on in "
+                            "a Flower deployment, off in-process and in simulation)")
 
 
 def check_privacy_flags(args, num_train_clients: int) -> list[str]:
     """Raise DataError for unusable DP flags; return warnings (strings) worth printing."""
     if not args.dp:
-        for flag in ("dp_noise", "dp_epsilon"):
-            if getattr(args, flag) is not None:
+        for flag in ("dp_noise", "dp_epsilon", "dp_secure_noise", "dp_clip_quantile", "dp_clip_count_std"):
+            if getattr(args, flag, None) is not None:
                 raise DataError(f"--{flag} has no effect without --dp", "add --dp, or drop the flag")
         return []
     if not args.dp_clip > 0:
@@ -263,6 +395,13 @@ def check_privacy_flags(args, num_train_clients: int) -> list[str]:
         raise DataError("--dp needs --dp_noise or --dp_epsilon", "e.g. --dp_noise 1.0, or --dp_epsilon 10 to solve z")
     if args.dp_noise == 0 and args.dp_epsilon is not None:
         raise DataError("--dp_noise 0 cannot meet any --dp_epsilon (no noise, ε = ∞)", "give a positive --dp_noise")
+    quantile, count_std = getattr(args, "dp_clip_quantile", None), getattr(args, "dp_clip_count_std", None)
+    if quantile is not None and not 0 < quantile < 1:
+        raise DataError(f"--dp_clip_quantile {quantile} must be in (0, 1)", "0.5 clips at the median update norm")
+    if quantile is not None and not getattr(args, "dp_clip_lr", 0.2) > 0:
+        raise DataError(f"--dp_clip_lr {args.dp_clip_lr} must be > 0", "0.2 is the paper's")
+    if count_std is not None and not count_std > 0:
+        raise DataError(f"--dp_clip_count_std {count_std} must be > 0", "leave it out for m/20")
     if not 0 < args.dp_delta < 1:
         raise DataError(f"--dp_delta {args.dp_delta} must be in (0, 1)", "1e-5 is the usual choice")
     if args.weighting != "uniform":
@@ -280,6 +419,9 @@ def check_privacy_flags(args, num_train_clients: int) -> list[str]:
     if args.client_fraction < 1:
         warnings.append("--client_fraction < 1 under --dp: rounds are accounted without subsampling "
                         "amplification, as replace-one neighbours (ε is conservative)")
+    if not getattr(args, "dp_secure_noise", None) and args.dp_noise != 0:
+        warnings.append("--dp noise is drawn from --seed (reproducible, for simulations): anyone with config.json "
+                        "can subtract it, so ε does not hold for a model you share; add --dp_secure_noise")
     return warnings
 
 
@@ -293,10 +435,14 @@ def build_dp(args, strategy: Strategy, num_train_clients: int, rounds: int) -> D
     z = args.dp_noise
     if z is None:
         z = noise_for_epsilon(args.dp_epsilon, args.dp_delta, rounds, rate)
+    secure = bool(getattr(args, "dp_secure_noise", None))
+    adaptive = dict(clip_quantile=getattr(args, "dp_clip_quantile", None), clip_lr=getattr(args, "dp_clip_lr", 0.2),
+                    count_std=getattr(args, "dp_clip_count_std", None))
     if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
-        return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m)
+        return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m,
+                        secure_noise=secure, **adaptive)
     accountant = PrivacyAccountant(z, rate, args.dp_delta)
     if args.dp_epsilon is not None:
         check_budget(accountant, rounds, args.dp_epsilon)
     return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=z, seed=args.seed, num_sampled=m,
-                    accountant=accountant, max_epsilon=args.dp_epsilon)
+                    accountant=accountant, max_epsilon=args.dp_epsilon, secure_noise=secure, **adaptive)

@@ -5,15 +5,18 @@ weights. Every rule is a pure function of its inputs (clients sorted by name, su
 float64); what must survive a --resume (server-optimizer moments, the adaptive rule's
 alignment history) lives in `Strategy.state_dict()`, tensors and plain values only.
 
-  fedavg        today's federated.fedavg.aggregate, bit for bit (the default)
+  fedavg        today's federated.aggregation.aggregate, bit for bit (the default)
   fedprox       server: fedavg; client: adds proximal_penalty() to its local loss
-  qfedavg       q-FFL server step (Li et al., ICLR 2020) with F_k = 1 - held-out alignment
+  qfedavg       q-FFL's reweighting (Li et al., ICLR 2020): p_k ∝ ω_k F_k^q, F_k = 1 - held-out alignment,
+                ω_k the --weighting weights, applied to the clients' updates (q = 0 is fedavg)
   adaptive      p_k = softmax_k((1 - mean of the client's last W alignments) / T)
   trimmed_mean  coordinate-wise mean after dropping floor(beta*n) lowest and highest values
   median        coordinate-wise median (numpy: mean of the two middle values for even n)
 
 A server optimizer (FedOpt, Reddi et al., ICLR 2021: sgd, adam, yogi) can be applied to
-the aggregate's delta for every rule but qfedavg, whose step already has its own size.
+the aggregate's delta for every rule (sgd's --server_lr is qfedavg's server step size).
+Reported alignments are clamped to [0, 1], and no client of qfedavg or adaptive gets more
+than --max_weight_ratio times its FedAvg weight (adaptive: times 1/n).
 Formulas, defaults and sources: docs/strategies_privacy.md.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from data_loaders.schema import DataError
 from training.local import proximal_penalty  # noqa: F401 - the client side of fedprox, kept with local steps
 
+from .aggregation import aggregate as fedavg_aggregate
 from .aggregation import aggregation_weights, weighted_average
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median")
@@ -36,7 +40,8 @@ SERVER_OPTS = ("none", "sgd", "adam", "yogi")
 # (|m|/(sqrt(v)+tau) <= ~1), so 1e-3 is about one round of client progress (6 Adam steps at 3e-4).
 DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 1e-3, "yogi": 1e-3}
 ALIGNMENT_KEY = "heldout_alignment"
-QFFL_MIN_LOSS = 1e-10  # F_k floor: a perfectly aligned client (F = 0) would make F^(q-1) infinite
+QFFL_MIN_LOSS = 1e-10  # F_k floor: with every client perfect (F = 0) the weights ω_k F_k^q would sum to 0
+DEFAULT_MAX_WEIGHT_RATIO = 3.0  # one liar of 10 under adaptive: weight 0.997 uncapped, 0.3 capped
 
 Tensors = dict[str, torch.Tensor]
 
@@ -56,10 +61,10 @@ class StrategyConfig:
     name: str = "fedavg"
     proximal_mu: float = 0.01
     qffl_q: float = 0.1
-    client_lr: float = 3e-4          # q-FFL's Lipschitz estimate is L = 1 / client_lr
     adaptive_temperature: float = 0.1
     adaptive_window: int = 5
     trim_fraction: float = 0.2
+    max_weight_ratio: float = DEFAULT_MAX_WEIGHT_RATIO  # qfedavg/adaptive: p_k <= ratio · (FedAvg weight)
     server_opt: str = "none"
     server_lr: float | None = None   # None: DEFAULT_SERVER_LR[server_opt]
     server_beta1: float = 0.9
@@ -81,8 +86,19 @@ def client_metric(reply: Reply, key: str) -> float:
                          "(the client reports it when the strategy lists it in required_metrics)")
     value = float(metrics[key])
     if not math.isfinite(value):
-        raise ValueError(f"client {reply.name!r} reported {key} = {value}")
+        raise DataError(f"client {reply.name!r} reported {key} = {value}: a non-finite score is refused, not "
+                        "clamped (it is a broken or lying client)",
+                        "check that client's held-out questions, or leave it out of --train_groups")
     return value
+
+
+def reported_score(reply: Reply) -> tuple[float, bool]:
+    """(the client's held-out alignment clamped to [0, 1], whether it had to be clamped). An alignment
+    score is 1 - a distance in [0, 1]: anything outside is a lie or a bug, and unclamped it would buy
+    the client all the weight (AS = -50 under adaptive) or none."""
+    value = client_metric(reply, ALIGNMENT_KEY)
+    clamped = min(max(value, 0.0), 1.0)
+    return clamped, clamped != value
 
 
 def _finish(agg64: Tensors, ref: Tensors, first_client: Tensors) -> Tensors:
@@ -119,36 +135,42 @@ def coordinate_median(states: Sequence[Tensors]) -> Tensors:
     return _finish(order_statistic_mean(states, (len(states) - 1) // 2), states[0], states[0])
 
 
-def qffl_losses(alignments: Sequence[float], names: Sequence[str]) -> list[float]:
-    """F_k = 1 - AS_k (the client's mean held-out distance under the global weights), floored at
-    QFFL_MIN_LOSS; an alignment above 1 is not a score and is refused."""
-    out = []
-    for a, name in zip(alignments, names):
-        if a > 1:
-            raise ValueError(f"client {name!r} reported {ALIGNMENT_KEY} = {a} > 1, so F = 1 - AS < 0; "
-                             "q-FFL needs F > 0 (an alignment score is 1 - a distance in [0, 1])")
-        out.append(max(1.0 - a, QFFL_MIN_LOSS))
-    return out
+def qffl_losses(alignments: Sequence[float]) -> list[float]:
+    """F_k = 1 - AS_k (the client's mean held-out distance under the global weights), AS_k already
+    clamped to [0, 1], floored at QFFL_MIN_LOSS."""
+    return [max(1.0 - a, QFFL_MIN_LOSS) for a in alignments]
 
 
-def qffl_update(global_state: Tensors, states: Sequence[Tensors], losses: Sequence[float],
-                q: float, lipschitz: float) -> Tensors:
-    """q-FFL server step in float64: Δ_k = L(w - w_k), h_k = q F_k^(q-1) ||Δ_k||² + L F_k^q,
-    w <- w - Σ F_k^q Δ_k / Σ h_k.  With q = 0 every h_k = L and the step is the uniform mean."""
-    keys = float_keys(global_state)
-    w = {k: global_state[k].to(torch.float64) for k in keys}
-    sum_delta = {k: torch.zeros_like(w[k]) for k in keys}
-    sum_h = 0.0
-    for state, f in zip(states, losses):
-        if not f > 0:
-            raise ValueError(f"q-FFL needs every F_k > 0, got {f}")
-        delta = {k: lipschitz * (w[k] - state[k].to(torch.float64)) for k in keys}
-        norm2 = sum(float(delta[k].pow(2).sum()) for k in sorted(delta))
-        f_q = math.pow(f, q)
-        sum_h += q * math.pow(f, q - 1) * norm2 + lipschitz * f_q
-        for k in keys:
-            sum_delta[k] += f_q * delta[k]
-    return {k: w[k] - sum_delta[k] / sum_h for k in keys}
+def qffl_weights(base: Sequence[float], losses: Sequence[float], q: float) -> list[float]:
+    """q-FFL's weights p_k = ω_k F_k^q / Σ_j ω_j F_j^q, ω the FedAvg weights: the gradient of Li et al.'s
+    objective Σ_k ω_k F_k^(q+1)/(q+1) is Σ_k ω_k F_k^q ∇F_k. q = 0 returns ω itself (bit for bit)."""
+    if q == 0:
+        return list(base)
+    tilted = [w * math.pow(f, q) for w, f in zip(base, losses)]
+    total = sum(tilted)
+    return [t / total for t in tilted]
+
+
+def cap_weights(weights: Sequence[float], base: Sequence[float], ratio: float) -> tuple[list[float], int]:
+    """(weights with p_k <= ratio·base_k, how many were capped): a capped client sits at its cap and the
+    rest of the mass goes to the others in proportion to their weights (repeated until none exceeds its
+    cap). Weights already within their caps come back unchanged, bit for bit."""
+    if ratio < 1:
+        raise ValueError(f"a weight cap of {ratio} times the FedAvg weight cannot hold total weight 1")
+    caps = [ratio * b for b in base]
+    capped: set[int] = set()
+    out = list(weights)
+    while True:
+        over = {i for i, (p, c) in enumerate(zip(out, caps)) if i not in capped and p > c}
+        if not over:
+            return out, len(capped)
+        capped |= over
+        # room stays > 0 and someone stays free: the newly capped held more than their caps
+        free = [i for i in range(len(out)) if i not in capped]
+        room = 1.0 - sum(caps[i] for i in capped)
+        share = weights if sum(weights[i] for i in free) > 0 else base  # all-zero weights: by base
+        mass = sum(share[i] for i in free)
+        out = [caps[i] if i in capped else share[i] * room / mass for i in range(len(out))]
 
 
 def softmax(scores: Sequence[float]) -> list[float]:
@@ -228,6 +250,7 @@ class Strategy:
         self.cfg = cfg
         self.history: dict[str, list[float]] = {}   # adaptive: last W alignments per client
         self.opt: dict = {"step": 0, "m": {}, "v": {}}
+        self.last_info: dict = {}                   # the last round's numbers for the logs
 
     @property
     def name(self) -> str:
@@ -235,8 +258,8 @@ class Strategy:
 
     @property
     def uses_weighting(self) -> bool:
-        """Only the FedAvg-style rules read --weighting; the others ignore it."""
-        return self.cfg.name in ("fedavg", "fedprox")
+        """The FedAvg-style rules and qfedavg (its ω_k) read --weighting; the others ignore it."""
+        return self.cfg.name in ("fedavg", "fedprox", "qfedavg")
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
@@ -253,14 +276,9 @@ class Strategy:
         replies = sorted(replies, key=lambda r: r.name)
         states = [r.state for r in replies]
         name, opt = self.cfg.name, self.cfg.server_opt
+        self.last_info = {}
         if name in ("fedavg", "fedprox") and opt == "none":
-            # imported here: fedavg.py will import this module to wire strategies in
-            from .fedavg import aggregate as fedavg_aggregate
             return fedavg_aggregate(list(replies), weighting)
-        if name == "qfedavg":
-            f = qffl_losses([client_metric(r, ALIGNMENT_KEY) for r in replies], [r.name for r in replies])
-            new = qffl_update(global_state, states, f, self.cfg.qffl_q, 1.0 / self.cfg.client_lr)
-            return _finish(new, global_state, states[0])
         if name in ("trimmed_mean", "median"):
             cut = (trim_count(len(states), self.cfg.trim_fraction) if name == "trimmed_mean"
                    else (len(states) - 1) // 2)
@@ -270,19 +288,30 @@ class Strategy:
             return self.apply_delta(global_state, {k: agg[k] - global_state[k].to(torch.float64) for k in agg},
                                     round_, states[0])
         weights = self._weights(replies, weighting)
-        if opt == "none":  # adaptive without a server optimizer
+        if opt == "none":  # w + Σ p_k (w_k - w) = Σ p_k w_k: summed as FedAvg sums, so q = 0 is FedAvg exactly
             return weighted_average(states, weights)
         return self.apply_delta(global_state, weighted_delta(global_state, states, weights), round_, states[0])
 
     def _weights(self, replies: Sequence[Reply], weighting: str) -> list[float]:
-        if self.cfg.name != "adaptive":
-            return aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies],
-                                       weighting)
-        for r in replies:
-            value = client_metric(r, ALIGNMENT_KEY)
-            self.history[r.name] = (self.history.get(r.name, []) + [value])[-self.cfg.adaptive_window:]
-        return adaptive_weights(self.history, [r.name for r in replies], self.cfg.adaptive_temperature,
-                                self.cfg.adaptive_window)
+        """The averaging weights of fedavg/fedprox (--weighting), qfedavg and adaptive (capped); the
+        latter two record what they did with the clients' reports in last_info."""
+        base = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies],
+                                   weighting)
+        if self.cfg.name not in ("qfedavg", "adaptive"):
+            return base
+        scores = [reported_score(r) for r in replies]
+        if self.cfg.name == "qfedavg":
+            raw = qffl_weights(base, qffl_losses([a for a, _ in scores]), self.cfg.qffl_q)
+        else:
+            base = [1.0 / len(replies)] * len(replies)  # adaptive ignores --weighting: its cap is ratio / n
+            for r, (a, _) in zip(replies, scores):
+                self.history[r.name] = (self.history.get(r.name, []) + [a])[-self.cfg.adaptive_window:]
+            raw = adaptive_weights(self.history, [r.name for r in replies], self.cfg.adaptive_temperature,
+                                   self.cfg.adaptive_window)
+        weights, capped = cap_weights(raw, base, self.cfg.max_weight_ratio)
+        self.last_info = {"max_client_weight": max(weights), "capped_clients": capped,
+                          "clamped_reports": sum(c for _, c in scores)}
+        return weights
 
     def apply_delta(self, global_state: Tensors, delta: Tensors, round_: int,
                     non_float_from: Tensors | None = None) -> Tensors:
@@ -315,18 +344,23 @@ def add_strategy_arguments(group) -> None:
     g = group
     g.add_argument("--strategy", default="fedavg", choices=STRATEGIES,
                    help="server aggregation: fedavg (paper), fedprox (fedavg + a proximal term in the local loss), "
-                        "qfedavg (q-FFL), adaptive (weights from held-out alignment history), trimmed_mean, "
-                        "median (the last four ignore --weighting)")
+                        "qfedavg (q-FFL: --weighting tilted by F^q), adaptive (weights from held-out alignment "
+                        "history), trimmed_mean, median (the last three ignore --weighting)")
     g.add_argument("--proximal_mu", type=float, default=0.01,
                    help="fedprox: mu of the local term (mu/2)·||w - w_global||²")
     g.add_argument("--qffl_q", type=float, default=0.1,
-                   help="qfedavg: fairness exponent q (0 = uniform averaging; larger favours worse-aligned clients)")
+                   help="qfedavg: fairness exponent q of p_k ∝ ω_k·F_k^q, F_k = 1 - held-out alignment (default 0.1; "
+                        "0 = fedavg; larger favours worse-aligned clients)")
     g.add_argument("--adaptive_temperature", type=float, default=0.1,
                    help="adaptive: softmax temperature T over (1 - mean held-out alignment)")
     g.add_argument("--adaptive_window", type=int, default=5,
                    help="adaptive: rounds of each client's held-out alignment history averaged")
     g.add_argument("--trim_fraction", type=float, default=0.2,
                    help="trimmed_mean: share beta of values dropped at each end per coordinate (floor(beta·n))")
+    g.add_argument("--max_weight_ratio", type=float, default=DEFAULT_MAX_WEIGHT_RATIO,
+                   help="qfedavg/adaptive: no client's weight exceeds this multiple of its FedAvg weight (adaptive: "
+                        f"of 1/n), the excess going to the others (default {DEFAULT_MAX_WEIGHT_RATIO}; caps what a "
+                        "client lying about its score can gain)")
     g.add_argument("--server_opt", default="none", choices=SERVER_OPTS,
                    help="server optimizer on the aggregate's delta (FedOpt): none (plain aggregate), sgd, adam, yogi")
     g.add_argument("--server_lr", type=float, default=None,
@@ -337,7 +371,8 @@ def add_strategy_arguments(group) -> None:
 
 
 def config_from_args(args) -> StrategyConfig:
-    return StrategyConfig(name=args.strategy, proximal_mu=args.proximal_mu, qffl_q=args.qffl_q, client_lr=args.lr,
+    return StrategyConfig(name=args.strategy, proximal_mu=args.proximal_mu, qffl_q=args.qffl_q,
+                          max_weight_ratio=getattr(args, "max_weight_ratio", DEFAULT_MAX_WEIGHT_RATIO),
                           adaptive_temperature=args.adaptive_temperature, adaptive_window=args.adaptive_window,
                           trim_fraction=args.trim_fraction, server_opt=args.server_opt, server_lr=args.server_lr,
                           server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau)
@@ -360,17 +395,15 @@ def check_strategy_config(c: StrategyConfig) -> None:
         bad("--proximal_mu", c.proximal_mu, "must be >= 0", "the FedProx paper tries 0.001, 0.01, 0.1, 1")
     if not c.qffl_q >= 0:
         bad("--qffl_q", c.qffl_q, "must be >= 0", "q = 0 is uniform averaging; Flower's QFedAvg default is 0.1")
-    if c.name == "qfedavg" and not c.client_lr > 0:
-        bad("--lr", c.client_lr, "qfedavg needs a positive client learning rate (L = 1/lr)", "use --lr 3e-4")
+    if not c.max_weight_ratio >= 1:
+        bad("--max_weight_ratio", c.max_weight_ratio, "must be >= 1 (below 1 the capped weights cannot sum to 1)",
+            f"{DEFAULT_MAX_WEIGHT_RATIO} lets a client count at most {DEFAULT_MAX_WEIGHT_RATIO:g} times its FedAvg share")
     if not c.adaptive_temperature > 0:
         bad("--adaptive_temperature", c.adaptive_temperature, "must be > 0", "try 0.1")
     if c.adaptive_window < 1:
         bad("--adaptive_window", c.adaptive_window, "must be >= 1", "try 5")
     if not 0 <= c.trim_fraction < 0.5:
         bad("--trim_fraction", c.trim_fraction, "must be in [0, 0.5)", "0.2 drops 1 of 5-9 clients at each end")
-    if c.server_opt != "none" and c.name == "qfedavg":
-        bad("--server_opt", c.server_opt, "does not compose with --strategy qfedavg, whose step 1/Σh_k "
-            "is already its own server step size", "use --server_opt none with qfedavg")
     if c.server_lr is not None and not c.server_lr > 0:
         bad("--server_lr", c.server_lr, "must be > 0", "leave it out for the per-optimizer default")
     for flag, value in (("--server_beta1", c.server_beta1), ("--server_beta2", c.server_beta2)):
@@ -391,6 +424,8 @@ def check_strategy_flags(args, num_train_clients: int) -> list[str]:
                         f"(floor({c.trim_fraction}·{m}) = 0): trimmed_mean is the plain mean here")
     if c.name in ("trimmed_mean", "median") and m < 3:
         warnings.append(f"--strategy {c.name} with {m} sampled client(s) cannot discard anyone")
+    if c.name not in ("qfedavg", "adaptive") and c.max_weight_ratio != StrategyConfig.max_weight_ratio:
+        warnings.append(f"--max_weight_ratio {c.max_weight_ratio} has no effect with --strategy {c.name}")
     if c.name != "fedprox" and c.proximal_mu != StrategyConfig.proximal_mu:
         warnings.append(f"--proximal_mu {c.proximal_mu} has no effect with --strategy {c.name}")
     return warnings

@@ -132,6 +132,10 @@ class FederatedData(ExperimentData):
     round_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     log: Callable[[str], None] = print  # where the trainer reports clients left out
+    # Evaluate one group at a time, in name order (evaluation groups, then training groups): on the
+    # simulation's thread backend all nodes share one process and its torch thread pool, and
+    # concurrent evaluations there rounded differently from the in-process engine's (8e-10, issue 22).
+    serial_eval: bool = False
 
 
 def federated_data(args, grid: Grid, setup: str, reports: dict[str, NodeReport], train: list[str],
@@ -167,6 +171,7 @@ class FlowerTrainer:
         self.server = server or ServerRules(weighting=weighting)
         self.min_clients, self.log = max(1, min_clients), data.log
         self.timeout = round_timeout if round_timeout > 0 else None
+        self.serial_eval = data.serial_eval
         self.train_names, self.eval_names = sorted(data.train), sorted(data.eval)
         self.global_state = init_global_state(model_cfg, cfg.seed)
         self.last_client_states: dict[str, dict] = {}
@@ -215,7 +220,13 @@ class FlowerTrainer:
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()
-        replies = self._ask(EVALUATE, self.eval_names + self.train_names, round_)
+        names = self.eval_names + self.train_names
+        if self.serial_eval:  # the next group is asked only once the last one has replied
+            replies = {}
+            for name in names:
+                replies.update(self._ask(EVALUATE, [name], round_))
+        else:
+            replies = self._ask(EVALUATE, names, round_)
         scored = {n: read_eval_reply(n, m) for n, m in replies.items()}
         evals = {n: scored[n] for n in self.eval_names if scored.get(n) is not None}
         trains = {n: scored[n] for n in self.train_names if scored.get(n) is not None}

@@ -7,13 +7,19 @@ TRL calls `reward(prompts=..., completions=..., **columns)` and wants one float 
 completion. Each completion is mapped to an option by letter or text (`parse_choice`) and
 scored against the group's predicted distribution for its question, with the run's metric:
 
-- mode "option": reward = 1 - distance(one-hot of the chosen option, prediction);
-- mode "distribution": the completions of one prompt form a distribution (the share
-  choosing each option), scored as 1 - distance(that distribution, prediction). With
-  credit "shared" every completion of the prompt gets that score; GRPO and RLOO compare
-  completions within a prompt, so equal rewards teach nothing, and the default credit
-  "leave_one_out" gives each completion the score with it minus the score without it
-  (the score of no answers being 0).
+- mode "distribution" (the default): the completions of one prompt form a distribution (the
+  share choosing each option), scored as 1 - distance(that distribution, prediction). Its
+  best policy answers as the group does, in the group's proportions. With credit "shared"
+  every completion of the prompt gets that score; GRPO and RLOO compare completions within a
+  prompt, so equal rewards teach nothing, and the default credit "leave_one_out" gives each
+  completion the score with it minus the score without it (the score of no answers being 0).
+- mode "option": reward = 1 - distance(one-hot of the chosen option, prediction). The expected
+  reward is then linear in the policy's answer probabilities, so its optimum gives one answer,
+  the same to everyone: pluralism is lost. Which answer depends on the metric. Under JSD the
+  distance to a one-hot decreases with the predicted probability p_i alone, so it is the
+  likeliest option. Under the normalised Wasserstein distance it is 1 - E_p|X - x_i|/span,
+  so it is the ordinal median of the prediction, which can be the least likely option:
+  predicted [0.45, 0.10, 0.45] gives A, B, C the rewards 0.50, 0.55, 0.50.
 
 A completion that names no option (or several) gets `unmatched_reward` and does not count
 in the distribution. The question of each completion comes from the dataset columns TRL
@@ -33,7 +39,7 @@ from data_loaders.schema import DataError
 from .items import Answer, Question, parse_choice, to_answers, to_questions
 from .predictor import GroupPredictor
 
-MODES = ("option", "distribution")
+MODES = ("distribution", "option")  # the first is the default (issue 22: option mode undoes pluralism)
 CREDITS = ("leave_one_out", "shared")
 
 
@@ -50,12 +56,13 @@ def completion_text(completion: Any) -> str:
 class GroupReward:
     """Scores LLM completions by how well they answer as the group would (see module doc)."""
 
-    def __init__(self, predictor: GroupPredictor, context: Sequence, *, mode: str = "option",
+    def __init__(self, predictor: GroupPredictor, context: Sequence, *, mode: str = "distribution",
                  credit: str = "leave_one_out", questions: Mapping[str, Any] | None = None,
                  question_key: str = "question", options_key: str = "options", unmatched_reward: float = 0.0,
                  name: str = "group_reward"):
         if mode not in MODES:
-            raise DataError(f"mode {mode!r} is not one of {MODES}", "use 'option' or 'distribution'")
+            raise DataError(f"mode {mode!r} is not one of {MODES}",
+                            "use 'distribution' (the default) or 'option'")
         if credit not in CREDITS:
             raise DataError(f"credit {credit!r} is not one of {CREDITS}", "use 'leave_one_out' or 'shared'")
         self.predictor, self.mode, self.credit = predictor, mode, credit

@@ -51,11 +51,19 @@ def check_supported(args) -> None:
                         "--engine flower every client runs on its own node", "drop --client_engine")
 
 
+def default_secure_noise(args, runtime: str) -> None:
+    """In a real deployment (SuperLink and SuperNodes) DP noise comes from the OS, known only to the
+    server, unless the flags say --no-dp_secure_noise; simulations stay reproducible (issue 22)."""
+    if runtime == "deployment" and getattr(args, "dp", False) and getattr(args, "dp_secure_noise", None) is None:
+        args.dp_secure_noise = True
+
+
 def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     """Find the nodes, then train and evaluate through the shared run loop; returns the summary."""
     from orchestration.experiment import check_flags, run_method  # late: training imports flower_app lazily too
     from training.config import resolve_metric
     args.engine = "flower"
+    default_secure_noise(args, runtime)
     check_flags(args)
     check_supported(args)
     metric = resolve_metric(args)
@@ -64,6 +72,7 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
     reports = discover(grid, setup, train + evals, args.node_wait, log)
     data = federated_data(args, grid, setup, reports, train, evals, log)
+    data.serial_eval = runtime == "simulation-thread"  # nodes in one process: evaluate in a fixed order
     out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", args.seed)
     ours = not (out_dir / "config.json").exists()  # run_method refuses a folder holding another run
     try:

@@ -53,6 +53,14 @@ PRESETS = {
                                       "--attack", "sign_flip", "--attack_scale", "10"],
             "median_attacked": ["--strategy", "median", "--byzantine", "1", "--attack", "sign_flip",
                                 "--attack_scale", "10"],
+            # the in-range attack: 3 of the 10 groups send mu - z sigma of the honest updates, z = 0.52
+            # (1 attacker of 10 would give z = 0 and send the honest mean; 2 give z = 0.25)
+            **{f"{rule}_alie": [*flags, "--byzantine", "3", "--attack", "alie"] for rule, flags in (
+                ("fedavg", []), ("trimmed_mean", ["--strategy", "trimmed_mean", "--trim_fraction", "0.2"]),
+                ("median", ["--strategy", "median"]))},
+            # metric poisoning: 1 group reports held-out alignment 0 to draw adaptive's (capped) weight
+            "adaptive_report_score": ["--strategy", "adaptive", "--adaptive_temperature", "0.1", "--adaptive_window",
+                                      "5", "--byzantine", "1", "--attack", "report_score", "--attack_report", "0"],
         },
         baseline="fedavg", title="Aggregation strategies on OpinionQA (300 rounds, 3 seeds)",
         report="docs/results/strategies.md",
@@ -61,11 +69,15 @@ PRESETS = {
                "rounds, evaluation every 10, seeds 0-2. The split and the initial weights are drawn from the "
                "seed: every variant of a seed shares them, so differences are paired by seed.",
                "",
-               "- fedprox: mu 0.01; qfedavg: q 0.1 on each client's held-out misalignment 1 - AS; adaptive: "
+               "- fedprox: mu 0.01; qfedavg: FedAvg's weights tilted by F^0.1, F = each client's held-out "
+               "misalignment 1 - AS (q-FFL's reweighting at FedAvg's step size, issue 22); adaptive: "
                "softmax((1 - AS)/0.1) over a 5-evaluation window; trimmed_mean: 20% cut at each end; median; "
                "fedadam: server Adam on the mean client delta (lr 1e-3, betas 0.9/0.99, tau 1e-3).",
                "- Attack: 1 of the 10 training groups (drawn from the seed) sends w - 10 (w_k - w) every round "
-               "(sign flip scaled by 10); *_attacked variants. Formulas: README, Aggregation strategies."]),
+               "(sign flip scaled by 10); *_attacked variants. *_alie: 3 of the 10 groups send ALIE's w + mu - "
+               "0.52 sigma of the honest updates (Baruch et al. 2019; 3 because 1 of 10 gives z = 0, a void "
+               "attack). adaptive_report_score: 1 group trains honestly but reports held-out alignment 0; its "
+               "weight is capped at 3/10. Formulas: README, Aggregation strategies."]),
     # DP needs uniform weights, so the no-DP baseline is uniform too. The clip S = 0.1 is about the
     # median client update norm over the first 30 rounds of this setup, which the cosine schedule
     # moves between 3e-4 and 0.8 (dp_median_norm in losses.jsonl of main_fl.py --dataset opinionqa
@@ -90,7 +102,9 @@ PRESETS = {
                "",
                "- Mechanism: each client's update is clipped to L2 norm S = 0.1; the server adds N(0, (z S / 10)^2) "
                "per coordinate to the mean of the 10 clipped updates. epsilon: Opacus's RDP accountant, "
-               "delta = 1e-5, with respect to one group's whole data.",
+               "delta = 1e-5, with respect to one group's whole data, for zero-out neighbours (m = 10 is fixed "
+               "and public: one group's update replaced by zero); losses.jsonl also holds replace-one "
+               "(dp_epsilon_replace_one, noise z/2) and the exact composition's (dp_epsilon_exact, = PRV).",
                "- Clip norm: S = 0.1 is about the median client update norm over the first 30 rounds of a "
                "no-noise, no-clip run of this setup (dp_median_norm in its losses.jsonl), which the cosine "
                "schedule moves between 3e-4 and 0.8; so about half the updates are clipped (dp_clipped in each DP "

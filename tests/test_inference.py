@@ -180,7 +180,7 @@ def test_group_reward_for_trl_scores_options_and_batches(syn_pred):
     e = lambda k, i: np.eye(k)[i]  # noqa: E731
     k0, k1 = len(q0[1]), len(q1[1])
 
-    option = GroupReward(syn_pred, context, unmatched_reward=-1.0)
+    option = GroupReward(syn_pred, context, mode="option", unmatched_reward=-1.0)
     assert option.__name__ == "group_reward"
     got = option(prompts=prompts, completions=completions, **cols)
     want = [1 - score(q0, e(k0, 0)), 1 - score(q0, e(k0, 1)), 1 - score(q0, e(k0, 0)), -1.0,

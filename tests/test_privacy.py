@@ -22,8 +22,11 @@ from federated.privacy import (
     check_privacy_flags,
     clip_update,
     dp_mean_delta,
+    gdp_delta,
+    gdp_epsilon,
     noise_for_epsilon,
     num_sampled_clients,
+    update_noise_multiplier,
 )
 from federated.strategies import Strategy, StrategyConfig, add_strategy_arguments
 from utils.seeding import generator
@@ -100,6 +103,45 @@ def test_dp_fedavg_round_is_global_plus_clipped_mean_plus_seeded_noise():
     assert torch.allclose(sgd.aggregate(glob, replies, 7, "uniform")["w"], want, rtol=0, atol=1e-6)
 
 
+def test_secure_noise_has_the_stated_std_and_differs_between_runs_with_the_same_seed():
+    """--dp_secure_noise: OS randomness (Box-Muller, 4 draws per coordinate as Opacus secure_mode), so
+    two runs with the same seed differ; the measured std is z·S/m; the seeded path still reproduces."""
+    n, z, clip, m = 200_000, 2.0, 0.5, 4            # std z·S/m = 0.25
+    glob = {"w": torch.zeros(n, dtype=torch.float32)}
+    same = [{"w": torch.zeros(n, dtype=torch.float32)}]
+    noise, _ = dp_mean_delta(glob, same, clip=clip, noise_multiplier=z, num_sampled=m, gen=None, secure=True)
+    assert noise["w"].dtype == torch.float64
+    assert float(noise["w"].std()) == pytest.approx(0.25, rel=0.01)
+    assert abs(float(noise["w"].mean())) < 5 * 0.25 / math.sqrt(n)
+    # kurtosis of a Gaussian is 3 (a sum of uniforms or a broken Box-Muller would not be)
+    x = noise["w"] / noise["w"].std()
+    assert float((x ** 4).mean()) == pytest.approx(3.0, abs=0.05)
+    glob, replies = {"w": torch.tensor([1.0, 1.0])}, [Reply("a", {"w": torch.tensor([1.3, 1.4])})]
+    runs = [DPFedAvg(Strategy(), clip=1.0, noise_multiplier=0.5, seed=3, num_sampled=1, secure_noise=secure)
+            .aggregate(glob, replies, 7, "uniform")["w"] for secure in (True, True, False, False)]
+    assert not torch.equal(runs[0], runs[1])   # same seed, same round: fresh noise
+    assert torch.equal(runs[2], runs[3])       # seeded: bit for bit
+
+
+def test_build_dp_passes_secure_noise_and_warns_without_it():
+    secure = build_dp(parse(*OK, "--dp_secure_noise"), Strategy(), 8, 25)
+    assert secure.secure_noise and not build_dp(parse(*OK), Strategy(), 8, 25).secure_noise
+    assert any("--dp_secure_noise" in w for w in check_privacy_flags(parse(*OK), 8))
+    assert check_privacy_flags(parse(*OK, "--dp_secure_noise"), 8) == []
+    assert not build_dp(parse(*OK, "--no-dp_secure_noise"), Strategy(), 8, 25).secure_noise
+
+
+def test_secure_noise_is_the_default_in_a_deployment_only():
+    from orchestration.cli import build_parser
+    from orchestration.flower_server import default_secure_noise
+    parser = build_parser("fedavg")
+    for runtime, flags, want in (("deployment", [*OK], True), ("deployment", [*OK, "--no-dp_secure_noise"], False),
+                                 ("simulation-thread", [*OK], None), ("deployment", [], None)):
+        args = parser.parse_args(flags)
+        default_secure_noise(args, runtime)
+        assert args.dp_secure_noise is want, (runtime, flags)
+
+
 def test_dp_refuses_weighting_and_strategies_whose_sensitivity_is_not_s_over_m():
     dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.0, seed=0, num_sampled=2)
     with pytest.raises(ValueError, match="uniformly"):
@@ -166,6 +208,68 @@ def test_mid_run_check_stops_before_the_round_that_would_exceed():
     assert acc.steps == 2
 
 
+def test_zero_out_replace_one_and_exact_epsilon_at_300_rounds():
+    """Issue 22's numbers (δ = 1e-5, every client sampled, 300 rounds). Zero-out (m fixed and public: one
+    group's update replaced by zero), RDP: 231.0, 42.9, 9.0 for z = 1, 3, 10; replace-one (z/2): 771.8,
+    120.0, 21.4; the exact composition (μ-GDP, μ = √300/z): 223.0, 40.54, 8.39, which Opacus's PRV
+    accountant approximates within its eps_error 0.01."""
+    want = {1: (231.04, 771.78, 222.98), 3: (42.85, 120.02, 40.54), 10: (9.01, 21.44, 8.39)}
+    for z, (rdp, replace_one, exact) in want.items():
+        acc = PrivacyAccountant(z, 1.0, 1e-5)
+        assert acc.neighbouring == "zero_out"
+        assert acc.epsilon(300) == pytest.approx(rdp, abs=0.01)
+        assert acc.epsilon_replace_one(300) == pytest.approx(replace_one, abs=0.01)
+        assert acc.epsilon_exact(300) == pytest.approx(exact, abs=0.01)
+        prv = opacus.accountants.PRVAccountant()
+        prv.history = [(float(z), 1.0, 300)]
+        assert acc.epsilon_exact(300) == pytest.approx(prv.get_epsilon(1e-5), abs=0.02)
+    sampled = PrivacyAccountant(2.0, 0.5, 1e-5)   # sampling: replace-one already, exact at z/2
+    assert sampled.neighbouring == "replace_one" and sampled.epsilon_replace_one(30) == sampled.epsilon(30)
+    assert sampled.epsilon_exact(30) == pytest.approx(PrivacyAccountant(1.0, 1.0, 1e-5).epsilon_exact(30), abs=1e-9)
+    assert gdp_delta(gdp_epsilon(3.0, 1e-5), 3.0) == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_dp_round_logs_the_three_epsilons():
+    acc = PrivacyAccountant(1.0, 1.0, 1e-5)
+    dp = DPFedAvg(Strategy(), clip=1.0, noise_multiplier=1.0, seed=0, num_sampled=1, accountant=acc)
+    dp.aggregate({"w": f64(0.0)}, [Reply("a", {"w": f64(1.0)})], 1, "uniform")
+    one = PrivacyAccountant(1.0, 1.0, 1e-5)
+    assert dp.last_info["dp_epsilon"] == one.epsilon(1)
+    assert dp.last_info["dp_epsilon_exact"] == one.epsilon_exact(1) < one.epsilon(1)
+    assert dp.last_info["dp_epsilon_replace_one"] == one.epsilon_replace_one(1) > one.epsilon(1)
+
+
+def test_update_noise_keeps_the_total_cost_at_z():
+    # z_Δ⁻² + (2σ_b)⁻² = z⁻²: z = 1, σ_b = 5: z_Δ = (1 - 1/100)^(-1/2)
+    assert update_noise_multiplier(1.0, 5.0) == pytest.approx(0.99 ** -0.5, abs=1e-15)
+    assert update_noise_multiplier(0.0, 0.5) == 0.0
+    with pytest.raises(DataError, match="--dp_clip_count_std"):
+        update_noise_multiplier(1.0, 0.5)   # m = 10: σ_b = m/20 = 0.5 allows only z < 1
+
+
+def test_adaptive_clip_moves_toward_the_target_quantile_of_the_update_norms():
+    """10 clients whose updates have norms 1..10, every round. From C = 0.1: the share not clipped is 0
+    so C grows by e^(0.2·γ) per round until it reaches the γ-quantile, where the share equals γ and C
+    stays (noise-free here: z = 0 and σ_b = 0 would leave nothing to move it)."""
+    glob = {"w": torch.zeros(1, dtype=torch.float64)}
+    replies = [Reply(f"c{k:02d}", {"w": torch.tensor([float(k)], dtype=torch.float64)}) for k in range(1, 11)]
+    for gamma, low, high in ((0.5, 5, 6), (0.9, 9, 10), (0.2, 2, 3)):
+        dp = DPFedAvg(Strategy(), clip=0.1, noise_multiplier=0.0, seed=0, num_sampled=10, clip_quantile=gamma,
+                      count_std=0.0)
+        for r in range(1, 301):
+            dp.aggregate(glob, replies, r, "uniform")
+        assert low <= dp.clip < high, (gamma, dp.clip)
+        assert dp.state_dict()["clip"] == dp.clip
+    # with the count noised (σ_b = 0.5 of 10 clients) C still settles near the median: within [4, 7]
+    noisy = DPFedAvg(Strategy(), clip=0.1, noise_multiplier=0.5, seed=0, num_sampled=10, clip_quantile=0.5)
+    clips = []
+    for r in range(1, 401):
+        noisy.aggregate(glob, replies, r, "uniform")
+        clips.append(noisy.clip)
+    assert 4 <= sum(clips[200:]) / 200 <= 7
+    assert noisy.update_noise == pytest.approx(update_noise_multiplier(0.5, 0.5), abs=0)
+
+
 def test_accountant_state_dict_loads_with_weights_only_and_refuses_other_settings():
     acc = PrivacyAccountant(1.5, 1.0, 1e-5)
     for _ in range(7):
@@ -211,6 +315,11 @@ OK = ("--dp", "--weighting", "uniform", "--dp_noise", "1.0")
     (["--dp", "--dp_noise", "1"], "--weighting dataset_size"),
     ([*OK, "--strategy", "median"], "--strategy median"),
     ([*OK, "--strategy", "qfedavg"], "--strategy qfedavg"),
+    (["--dp_secure_noise"], "--dp_secure_noise has no effect without --dp"),
+    (["--dp_clip_quantile", "0.5"], "--dp_clip_quantile has no effect without --dp"),
+    ([*OK, "--dp_clip_quantile", "1.0"], "--dp_clip_quantile 1.0 must be in"),
+    ([*OK, "--dp_clip_quantile", "0.5", "--dp_clip_lr", "0"], "--dp_clip_lr 0.0 must be > 0"),
+    ([*OK, "--dp_clip_count_std", "0"], "--dp_clip_count_std 0.0 must be > 0"),
 ])
 def test_privacy_flag_errors_name_the_flag(argv, match):
     with pytest.raises(DataError, match=match) as err:
@@ -219,7 +328,7 @@ def test_privacy_flag_errors_name_the_flag(argv, match):
 
 
 def test_privacy_flag_warnings():
-    assert check_privacy_flags(parse(), 8) == [] and check_privacy_flags(parse(*OK), 8) == []
+    assert check_privacy_flags(parse(), 8) == [] and check_privacy_flags(parse(*OK, "--dp_secure_noise"), 8) == []
     assert any("exceeds 1/8" in w for w in check_privacy_flags(parse(*OK, "--dp_delta", "0.2"), 8))
     assert any("ε = ∞" in w for w in check_privacy_flags(parse(*OK, "--dp_noise", "0"), 8))
     assert any("replace-one" in w for w in check_privacy_flags(parse(*OK, "--client_fraction", "0.5"), 8))

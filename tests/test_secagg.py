@@ -29,7 +29,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 import federated.client as client_mod
 import flower_app.node as node_mod
 from data_loaders.schema import DataError
-from federated.fedavg import aggregate
+from federated.aggregation import aggregate
 from flower_app.client_app import make_client_app
 from flower_app.federation import discover, federated_data, make_setup, resolve_groups
 from flower_app.secagg import check_secagg_flags
@@ -192,14 +192,24 @@ def test_server_receives_only_masked_vectors_and_the_unmasked_sum(tmp_path, clie
     assert max_abs <= 3 * STEP
 
 
-def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(tmp_path):
+def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(tmp_path, monkeypatch):
     """main_fl.py --engine flower --secagg's path: Flower's simulation runtime, thread backend (nodes in
     concurrent threads). The same RunLoop writes the run: same files, rounds, counts; numbers within
-    the quantisation."""
+    the quantisation. Evaluations run one group at a time in name order there (serial_eval), so round 0
+    equals the in-process engine's exactly (concurrent ones differed by 8e-10 about one run in four)."""
     from flwr.simulation import run_simulation
 
+    from flower_app.federation import FlowerTrainer
     from orchestration.flower_server import make_server_app
     from orchestration.flower_simulation import backend_config, use_backend
+    serial = []
+    evaluate = FlowerTrainer.evaluate
+
+    def recording_evaluate(self, round_):
+        serial.append(self.serial_eval)
+        return evaluate(self, round_)
+
+    monkeypatch.setattr(FlowerTrainer, "evaluate", recording_evaluate)
     ref, out = tmp_path / "inprocess", tmp_path / "secagg"
     assert main("fedavg", [*SMALL, "--out_dir", str(ref)]) == 0
     args = parse(out, "--sim_client_cpus", "0.5")  # 4 nodes at once on 2 cores
@@ -221,6 +231,35 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
     assert errors(a, b)[0] <= 3 * STEP
     fed = json.loads((out / "federation.json").read_text())
     assert fed["failures"] == [] and fed["runtime"] == "simulation-thread"
+    assert serial == [True, True, True]
+
+
+def test_serial_evaluation_asks_one_group_at_a_time_in_name_order(tmp_path):
+    """The simulation's thread backend (run_federation sets serial_eval there) evaluates one group at a
+    time, evaluation groups then training groups, each in name order; the scores are those of the
+    concurrent path, whose order on a shared torch thread pool was what made the test above flaky."""
+    trainer, grid = secure_trainer(tmp_path)
+    batches = []
+    push = grid.push_messages
+
+    def recording_push(messages):
+        messages = list(messages)
+        batches.append([trainer_group(trainer, m.metadata.dst_node_id) for m in messages])
+        return push(messages)
+
+    grid.push_messages = recording_push
+    together = trainer.evaluate(0)
+    assert batches == [EVAL + TRAIN]
+    batches.clear()
+    trainer.serial_eval = True
+    one_by_one = trainer.evaluate(0)
+    assert batches == [[g] for g in sorted(EVAL) + sorted(TRAIN)]
+    for a, b in zip(together, one_by_one):
+        assert list(a) == list(b) and all(torch.equal(a[n].distances, b[n].distances) for n in a)
+
+
+def trainer_group(trainer, node_id: int) -> str:
+    return next(g for g, n in trainer.nodes.items() if n == node_id)
 
 
 def test_client_dropping_out_mid_protocol_is_left_out_and_the_rest_aggregated(tmp_path, client_updates):

@@ -25,6 +25,8 @@ VARIANTS = {
     "fedadam": ["--server_opt", "adam"],
     "dp": ["--dp", "--dp_noise", "0.5", "--dp_clip", "0.5", "--weighting", "uniform"],
     "byzantine_median": ["--strategy", "median", "--byzantine", "1", "--attack", "sign_flip"],
+    "alie_trimmed_mean": ["--strategy", "trimmed_mean", "--byzantine", "2", "--attack", "alie"],
+    "report_score_adaptive": ["--strategy", "adaptive", "--byzantine", "1", "--attack", "report_score"],
 }
 
 
@@ -66,6 +68,10 @@ def test_every_strategy_gives_the_same_numbers_on_both_engines(tmp_path, fedavg_
     for x, y in zip(ra, rb):
         assert x["eval_alignment_score"] == pytest.approx(y["eval_alignment_score"], abs=1e-6)
     assert max_diff(weights(a), weights(fedavg_run)) > 1e-6  # the variant really changed the aggregate
+    # every rule logs its step against FedAvg's on the same replies (issue 22), on both engines
+    la, lb = records(a / "losses.jsonl"), records(b / "losses.jsonl")
+    for x, y in zip(la, lb):
+        assert 0 < x["server_step_ratio"] == pytest.approx(y["server_step_ratio"], rel=1e-4)
 
 
 def test_default_rules_keep_fedavg_bit_for_bit(tmp_path, fedavg_run):
@@ -74,6 +80,10 @@ def test_default_rules_keep_fedavg_bit_for_bit(tmp_path, fedavg_run):
     out = tmp_path / "explicit"
     assert main("fedavg", [*SMALL, "--strategy", "fedavg", "--server_opt", "none", "--out_dir", str(out)]) == 0
     assert all(torch.equal(weights(out)[k], weights(fedavg_run)[k]) for k in weights(out))
+    assert [r["server_step_ratio"] for r in records(fedavg_run / "losses.jsonl")] == [1.0, 1.0]
+    q0 = tmp_path / "q0"  # q-FFL at q = 0 is FedAvg with the same --weighting, bit for bit
+    assert main("fedavg", [*SMALL, "--strategy", "qfedavg", "--qffl_q", "0", "--out_dir", str(q0)]) == 0
+    assert all(torch.equal(weights(q0)[k], weights(fedavg_run)[k]) for k in weights(q0))
     prox0 = tmp_path / "prox0"
     assert main("fedavg", [*SMALL, "--strategy", "fedprox", "--proximal_mu", "0", "--out_dir", str(prox0)]) == 0
     assert all(torch.equal(weights(prox0)[k], weights(fedavg_run)[k]) for k in weights(prox0))

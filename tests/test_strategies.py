@@ -11,20 +11,29 @@ import pytest
 import torch
 
 from data_loaders.schema import DataError
-from federated.attacks import add_attack_arguments, check_attack_flags, choose_byzantine, corrupt_replies, corrupt_state
+from federated.aggregation import aggregate as fedavg_aggregate
+from federated.attacks import (
+    add_attack_arguments,
+    alie_z,
+    check_attack_flags,
+    choose_byzantine,
+    corrupt_replies,
+    corrupt_state,
+)
 from federated.client import FitResult
-from federated.fedavg import aggregate as fedavg_aggregate
+from federated.server import ServerRules
 from federated.strategies import (
     QFFL_MIN_LOSS,
     Strategy,
     StrategyConfig,
     adaptive_weights,
     add_strategy_arguments,
+    cap_weights,
     check_strategy_flags,
     coordinate_median,
     proximal_penalty,
     qffl_losses,
-    qffl_update,
+    qffl_weights,
     trimmed_mean,
 )
 from utils.seeding import generator
@@ -131,54 +140,116 @@ def test_robust_strategies_are_unweighted_and_keep_dtype():
 
 # --- q-FFL ------------------------------------------------------------------------------
 
-def test_qffl_exact_toy_step():
-    # w = 0, w1 = (1,0), w2 = (0,2), L = 1/0.5 = 2, q = 1, F = (0.5, 0.25):
-    # Δ1 = (-2,0), h1 = 4 + 2·0.5 = 5; Δ2 = (0,-4), h2 = 16 + 2·0.25 = 16.5
-    # w <- -(0.5·Δ1 + 0.25·Δ2) / 21.5 = (1/21.5, 1/21.5)
-    new = qffl_update(vec(0, 0), [vec(1, 0), vec(0, 2)], [0.5, 0.25], q=1.0, lipschitz=2.0)
-    assert torch.allclose(new["w"], torch.tensor([1 / 21.5, 1 / 21.5], dtype=torch.float64), rtol=0, atol=1e-16)
+@pytest.mark.parametrize("weighting", ["dataset_size", "episode_points", "uniform"])
+def test_qfedavg_with_q_zero_is_fedavg_bit_for_bit_whatever_the_scores(weighting):
+    states = random_states(4)
+    replies = [Reply(n, s, num_examples=7 + 3 * i, episode_points=20 - i,
+                     metrics={"heldout_alignment": a})
+               for i, (n, s, a) in enumerate(zip("dbca", states, [0.9, 0.1, 0.55, 1.0]))]
+    glob = random_states(1, seed=5)[0]
+    ours = Strategy(StrategyConfig(name="qfedavg", qffl_q=0.0)).aggregate(glob, replies, 1, weighting)
+    ref = fedavg_aggregate(replies, weighting)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    rules = ServerRules(strategy=Strategy(StrategyConfig(name="qfedavg", qffl_q=0.0)), weighting=weighting)
+    rules.aggregate(glob, replies, 1)
+    assert rules.info()["server_step_ratio"] == 1.0
 
 
-def test_qffl_with_q_zero_is_the_uniform_mean_whatever_the_losses():
-    new = qffl_update(vec(0, 0), [vec(1, 0), vec(0, 2)], [0.9, 0.01], q=0.0, lipschitz=2.0)
-    assert torch.equal(new["w"], torch.tensor([0.5, 1.0], dtype=torch.float64))
+def test_qffl_weights_tilt_fedavg_weights_by_f_to_the_q():
+    # ω = (0.5, 0.5), F = (0.5, 0.25), q = 1: p ∝ (0.25, 0.125) = (2/3, 1/3)
+    assert qffl_weights([0.5, 0.5], [0.5, 0.25], 1.0) == pytest.approx([2 / 3, 1 / 3], abs=1e-15)
+    # ω = (0.2, 0.8), F = (0.5, 0.25), q = 2: p ∝ (0.05, 0.05) = (1/2, 1/2)
+    assert qffl_weights([0.2, 0.8], [0.5, 0.25], 2.0) == pytest.approx([0.5, 0.5], abs=1e-15)
+    assert qffl_weights([0.3, 0.7], [0.5, 0.25], 0.0) == [0.3, 0.7]
 
 
-def test_qffl_equals_flowers_compute_delta_and_h():
-    from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
-    glob = random_states(1, dtype=torch.float64, seed=9)[0]
-    states = random_states(3, dtype=torch.float64, seed=10)
-    losses, q, lr = [0.3, 0.12, 0.55], 0.7, 0.05
-    ours = qffl_update(glob, states, losses, q, 1 / lr)
-    gw = [glob[k].numpy() for k in ("a", "b")]
-    sum_delta, sum_h = None, 0.0
-    for s, f in zip(states, losses):
-        delta, h = compute_delta_and_h(gw, [s[k].numpy().copy() for k in ("a", "b")], q, 1 / lr, f)
-        sum_delta = delta if sum_delta is None else [x + d for x, d in zip(sum_delta, delta)]
-        sum_h += h
-    for i, k in enumerate(("a", "b")):  # Flower adds 1e-10 to each loss: agreement to ~1e-9 relative
-        np.testing.assert_allclose(ours[k].numpy(), gw[i] - sum_delta[i] / sum_h, rtol=1e-8, atol=1e-12)
+def test_qfedavg_toy_step_weights_the_worse_client_more_and_stays_fedavg_sized():
+    """w = 0, w_a = (1, 0), w_b = (0, 2), AS = (0.5, 0.75) so F = (0.5, 0.25), q = 1, uniform ω:
+    p = (2/3, 1/3), new w = (2/3, 2/3); FedAvg: (1/2, 1); ratio = ||(2/3, 2/3)|| / ||(1/2, 1)||
+    = (2√2/3) / (√5/2) = 4√10/15 ≈ 0.8433, inside [0.5, 2] (the old L = 1/lr step was ~0.1% of FedAvg's)."""
+    replies = [Reply("b", vec(0, 2), metrics={"heldout_alignment": 0.75}),
+               Reply("a", vec(1, 0), metrics={"heldout_alignment": 0.5})]
+    strategy = Strategy(StrategyConfig(name="qfedavg", qffl_q=1.0))
+    rules = ServerRules(strategy=strategy, weighting="uniform")
+    out = rules.aggregate(vec(0, 0), replies, 1)
+    assert torch.allclose(out["w"], torch.tensor([2 / 3, 2 / 3], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert strategy.last_info == {"max_client_weight": pytest.approx(2 / 3, abs=1e-15), "capped_clients": 0,
+                                  "clamped_reports": 0}
+    ratio = rules.info()["server_step_ratio"]
+    assert ratio == pytest.approx(4 * math.sqrt(10) / 15, abs=1e-12) and 0.5 <= ratio <= 2
+    assert strategy.required_metrics == ("heldout_alignment",) and strategy.uses_weighting
 
 
-def test_qffl_loss_is_one_minus_alignment_floored_and_refuses_scores_above_one():
-    assert qffl_losses([0.75, 1.0], ["a", "b"]) == [0.25, QFFL_MIN_LOSS]
-    with pytest.raises(ValueError, match="'b'.*> 1"):
-        qffl_losses([0.5, 1.2], ["a", "b"])
-    s = Strategy(StrategyConfig(name="qfedavg", qffl_q=0.5, client_lr=0.5))
+def test_qfedavg_step_ratio_on_eight_adam_sized_clients():
+    """The issue's setting, on a toy: 8 clients with correlated updates of norm 0.86-0.91 and F = 0.85 down
+    to 0.71. The old L = 1/lr step was 0.13% of FedAvg's at q = 0.1; the reweighted step stays FedAvg-sized
+    while the worst-served client's weight grows with q (c0: F = 0.85, dataset-size ω = 30/268 = 0.1119)."""
+    g = generator(0, "test_qffl_ratio")
+    glob = {"w": torch.zeros(400, dtype=torch.float64)}
+    common = torch.randn(400, generator=g, dtype=torch.float64)
+    replies = [Reply(f"c{i}", {"w": 0.038 * (common + 0.5 * torch.randn(400, generator=g, dtype=torch.float64))},
+                     num_examples=30 + i, metrics={"heldout_alignment": 0.15 + 0.02 * i}) for i in range(8)]
+    base = [(30 + i) / 268 for i in range(8)]
+    losses = [0.85 - 0.02 * i for i in range(8)]
+    for q, ratio, worst in ((0.1, 0.99997105, 0.11296956), (1.0, 0.99975821, 0.12247839),
+                            (5.0, 0.99987561, 0.16960863)):
+        rules = ServerRules(strategy=Strategy(StrategyConfig(name="qfedavg", qffl_q=q)))
+        rules.aggregate(glob, replies, 1)
+        assert rules.info()["server_step_ratio"] == pytest.approx(ratio, abs=1e-8), q
+        assert qffl_weights(base, losses, q)[0] == pytest.approx(worst, abs=1e-8), q
+
+
+def test_qffl_loss_is_one_minus_the_clamped_alignment_and_a_perfect_report_does_not_stall_the_model():
+    assert qffl_losses([0.75, 1.0]) == [0.25, QFFL_MIN_LOSS]
+    s = Strategy(StrategyConfig(name="qfedavg", qffl_q=1.0))
+    # a: AS = 1 (F = 1e-10): under the old step that client made F^(q-1) huge and the model stood still;
+    # now it only loses its own weight, 1e-10/(1e-10 + 0.5), and the step is b's update
     out = s.aggregate(vec(0.0), [Reply("a", vec(1.0), metrics={"heldout_alignment": 1.0}),
-                                 Reply("b", vec(3.0), metrics={"heldout_alignment": 0.5})], 1, "dataset_size")
-    assert torch.isfinite(out["w"]).all()
+                                 Reply("b", vec(3.0), metrics={"heldout_alignment": 0.5})], 1, "uniform")
+    assert out["w"].item() == pytest.approx(3.0 - 2e-10 / (0.5 + 1e-10), abs=1e-14)
+    # AS = 1.2 and -50 are clamped to 1 and 0, and counted
+    out = s.aggregate(vec(0.0), [Reply("a", vec(1.0), metrics={"heldout_alignment": 1.2}),
+                                 Reply("b", vec(3.0), metrics={"heldout_alignment": -50.0})], 1, "uniform")
+    assert s.last_info["clamped_reports"] == 2
     with pytest.raises(ValueError, match="'a' sent no 'heldout_alignment'"):
         s.aggregate(vec(0.0), [Reply("a", vec(1.0))], 1, "dataset_size")
 
 
-def test_qfedavg_strategy_uses_client_lr_and_alignment():
-    s = Strategy(StrategyConfig(name="qfedavg", qffl_q=1.0, client_lr=0.5))
-    replies = [Reply("b", vec(0, 2), metrics={"heldout_alignment": 0.75}),
-               Reply("a", vec(1, 0), metrics={"heldout_alignment": 0.5})]
-    out = s.aggregate(vec(0, 0), replies, 1, "dataset_size")
-    assert torch.allclose(out["w"], torch.tensor([1 / 21.5, 1 / 21.5], dtype=torch.float64), rtol=0, atol=1e-16)
-    assert s.required_metrics == ("heldout_alignment",)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_reports_are_refused(bad):
+    for name in ("qfedavg", "adaptive"):
+        with pytest.raises(DataError, match=f"'a' reported heldout_alignment = {bad}") as err:
+            Strategy(StrategyConfig(name=name)).aggregate(
+                vec(0.0), [Reply("a", vec(1.0), metrics={"heldout_alignment": bad}),
+                           Reply("b", vec(3.0), metrics={"heldout_alignment": 0.5})], 1, "uniform")
+        assert err.value.hint
+
+
+def test_cap_weights_water_fills_and_leaves_capped_free_weights_alone():
+    # caps 3·(1/4) = 0.75: 0.97 -> 0.75, the other 0.25 split 0.01 : 0.01 : 0.01
+    out, capped = cap_weights([0.97, 0.01, 0.01, 0.01], [0.25] * 4, 3.0)
+    assert capped == 1 and out == pytest.approx([0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], abs=1e-15)
+    # caps 1.5·(1/4) = 0.375: 0.5 capped, then 0.32 scaled to 0.625·0.32/0.5 = 0.4 exceeds its cap too,
+    # and the last 0.25 is split 0.09 : 0.09
+    out, capped = cap_weights([0.5, 0.32, 0.09, 0.09], [0.25] * 4, 1.5)
+    assert capped == 2 and out == pytest.approx([0.375, 0.375, 0.125, 0.125], abs=1e-15)
+    assert cap_weights([0.3, 0.7], [0.5, 0.5], 3.0) == ([0.3, 0.7], 0)
+
+
+def test_one_liar_of_ten_gets_at_most_the_capped_weight():
+    """Issue 22: under adaptive, 1 of 10 clients reporting AS = 0 (others 0.8) got weight 0.997, and
+    AS = -50 got 1.0. Clamped to 0 and capped at 3/10: 0.3, the nine others 0.7/9 each."""
+    for lie in (0.0, -50.0):
+        replies = [Reply(f"c{i}", vec(float(i)), metrics={"heldout_alignment": lie if i == 0 else 0.8})
+                   for i in range(10)]
+        uncapped = Strategy(StrategyConfig(name="adaptive", max_weight_ratio=10.0))
+        uncapped.aggregate(vec(0.0), replies, 1, "uniform")
+        assert uncapped.last_info["max_client_weight"] == pytest.approx(math.exp(8) / (math.exp(8) + 9), abs=1e-12)
+        s = Strategy(StrategyConfig(name="adaptive"))
+        out = s.aggregate(vec(0.0), replies, 1, "uniform")
+        assert out["w"].item() == pytest.approx(0.7 / 9 * sum(range(1, 10)), abs=1e-12)
+        assert s.last_info == {"max_client_weight": pytest.approx(0.3, abs=1e-15), "capped_clients": 1,
+                               "clamped_reports": int(lie < 0)}
 
 
 # --- adaptive -------------------------------------------------------------------------
@@ -243,9 +314,12 @@ def test_server_adam_and_yogi_equal_flowers_fedadam_fedyogi_over_three_rounds(op
             np.testing.assert_allclose(glob[k].numpy(), theirs[k].numpy(), rtol=1e-10, atol=1e-13)
 
 
-def test_server_opt_refused_with_qfedavg():
-    with pytest.raises(DataError, match="--server_opt adam: does not compose with --strategy qfedavg"):
-        Strategy(StrategyConfig(name="qfedavg", server_opt="adam"))
+def test_server_sgd_is_qfedavgs_server_step_size():
+    replies = [Reply("a", vec(1, 0), metrics={"heldout_alignment": 0.5}),
+               Reply("b", vec(0, 2), metrics={"heldout_alignment": 0.75})]
+    half = Strategy(StrategyConfig(name="qfedavg", qffl_q=1.0, server_opt="sgd", server_lr=0.5))
+    out = half.aggregate(vec(0, 0), replies, 1, "uniform")
+    assert torch.allclose(out["w"], torch.tensor([1 / 3, 1 / 3], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
 def test_state_dict_round_trip_resumes_exactly(tmp_path):
@@ -325,6 +399,78 @@ def test_one_sign_flipper_of_eight_moves_fedavg_but_not_trimmed_mean_or_median()
     assert bool(((fedavg - clean_mean).abs() > bound).all())
 
 
+def test_alie_z_follows_baruch_et_al():
+    # s = floor(n/2 + 1) - m; z = Φ⁻¹((n - s)/n): n = 10 gives 0 (void) at m = 1, Φ⁻¹(0.6), Φ⁻¹(0.7)
+    assert alie_z(10, 1) == 0.0
+    assert alie_z(10, 2) == pytest.approx(0.2533471031, abs=1e-10)
+    assert alie_z(10, 3) == pytest.approx(0.5244005127, abs=1e-10)
+    assert alie_z(5, 2) == pytest.approx(0.8416212336, abs=1e-10)      # s = 1: Φ⁻¹(0.8)
+    assert alie_z(10, 6) == pytest.approx(1.2815515655, abs=1e-10)     # s = -2 kept at 1: Φ⁻¹(0.9)
+    assert alie_z(1, 1) == 0.0
+
+
+def test_alie_and_ipm_send_exact_in_range_weights_from_the_honest_updates():
+    """w = 1; honest a, b, c send 2, 3, 4 (updates 1, 2, 3: μ = 2, σ = √(2/3)); d, e attack, n = 5, m = 2:
+    ALIE z = Φ⁻¹(0.8), sent 1 + 2 - z·√(2/3); IPM ε = 0.5: 1 - 0.5·2 = 0. Non-float tensors are kept."""
+    glob = {"w": torch.tensor([1.0], dtype=torch.float64), "n": torch.tensor([7])}
+    replies = [Reply(name, {"w": torch.tensor([v], dtype=torch.float64), "n": torch.tensor([7])})
+               for name, v in zip("edcba", [9.0, -9.0, 4.0, 3.0, 2.0])]
+    alie = corrupt_replies(replies, glob, ["d", "e"], "alie", scale=0, std=0, seed=0, round_=1)
+    z = alie_z(5, 2)
+    for r in alie[:2]:
+        assert r.state["w"].item() == pytest.approx(3.0 - z * math.sqrt(2 / 3), abs=1e-15)
+        assert torch.equal(r.state["n"], torch.tensor([7]))
+    assert [r.state["w"].item() for r in alie[2:]] == [4.0, 3.0, 2.0]
+    ipm = corrupt_replies(replies, glob, ["d", "e"], "ipm", scale=0, std=0, seed=0, round_=1, eps=0.5)
+    assert [r.state["w"].item() for r in ipm] == [0.0, 0.0, 4.0, 3.0, 2.0]
+    assert 2 <= alie[0].state["w"].item() <= 4   # ALIE: 3 - 0.687 = 2.31, inside the honest [2, 4]
+    with pytest.raises(ValueError, match="not a per-client attack"):
+        corrupt_state(glob, replies[0].state, "alie", scale=0, std=0)
+
+
+def test_report_score_changes_only_the_attackers_metric():
+    replies = [Reply("a", vec(1.0), metrics={"heldout_alignment": 0.8}),
+               Reply("b", vec(2.0), metrics={"heldout_alignment": 0.8})]
+    out = corrupt_replies(replies, vec(0.0), ["b"], "report_score", scale=0, std=0, seed=0, round_=1, report=0.0)
+    assert out[0] is replies[0] and out[1].metrics == {"heldout_alignment": 0.0}
+    assert out[1].state is replies[1].state and replies[1].metrics == {"heldout_alignment": 0.8}
+    # against adaptive, the lie draws the capped weight: 1 of 10 lying gets 0.3 instead of 0.1
+    many = [Reply(f"c{i}", vec(float(i)), metrics={"heldout_alignment": 0.8}) for i in range(10)]
+    s = Strategy(StrategyConfig(name="adaptive"))
+    s.aggregate(vec(0.0), corrupt_replies(many, vec(0.0), ["c3"], "report_score", scale=0, std=0, seed=0,
+                                          round_=1), 1, "uniform")
+    assert s.last_info["max_client_weight"] == pytest.approx(0.3, abs=1e-15) and s.last_info["capped_clients"] == 1
+
+
+def test_alie_moves_trimmed_mean_and_median_more_than_fedavg_within_an_honest_bound():
+    """3 ALIE attackers of 10 (z = Φ⁻¹(0.7) = 0.524) send μ - zσ of the 7 honest values in every coordinate.
+    FedAvg moves by exactly 3/10 of that, -0.157σ; the trimmed mean (2 cut per end) by -0.261σ and the median
+    by -0.422σ on average over 1000 coordinates: the in-range attack defeats exactly the rules that resist
+    sign flips. Bound, for the honest majority alone: every value kept lies in [min(min_h, μ - zσ), max_h],
+    so |robust - μ| <= max(μ - min_h, zσ, max_h - μ) per coordinate."""
+    g = generator(0, "test_alie")
+    glob = {"w": torch.zeros(1000, dtype=torch.float64)}
+    clean = [Reply(f"c{i}", {"w": 0.1 + 0.01 * torch.randn(1000, generator=g, dtype=torch.float64)})
+             for i in range(10)]
+    bad = ["c0", "c1", "c2"]
+    attacked = corrupt_replies(clean, glob, bad, "alie", scale=0, std=0, seed=0, round_=1)
+    honest = torch.stack([r.state["w"] for r in clean if r.name not in bad])
+    mu, sd = honest.mean(0), honest.std(0, correction=0)
+    z = alie_z(10, 3)
+    bound = torch.stack([mu - honest.min(0).values, z * sd, honest.max(0).values - mu]).max(0).values
+    shift = {}
+    for name in ("fedavg", "trimmed_mean", "median"):
+        strategy = Strategy(StrategyConfig(name=name))
+        robust = strategy.aggregate(glob, attacked, 1, "uniform")["w"]
+        without = strategy.aggregate(glob, clean, 1, "uniform")["w"]
+        shift[name] = float(((robust - mu) / sd).mean())
+        assert abs(float(((without - mu) / sd).mean())) < 0.01, name    # clean: centred on the honest mean
+        assert bool(((robust - mu).abs() <= bound).all()), name
+    assert shift["fedavg"] == pytest.approx(-0.3 * z, abs=1e-12)
+    assert shift["trimmed_mean"] == pytest.approx(-0.26072213, abs=1e-8)
+    assert shift["median"] == pytest.approx(-0.42207421, abs=1e-8)
+
+
 # --- flags -------------------------------------------------------------------------------
 
 def parse(*argv):
@@ -345,12 +491,11 @@ def test_default_flags_build_the_fedavg_path():
 @pytest.mark.parametrize("argv, match", [
     (["--proximal_mu", "-1"], "--proximal_mu -1.0"),
     (["--qffl_q", "-0.5"], "--qffl_q -0.5"),
-    (["--strategy", "qfedavg", "--lr", "0"], "--lr 0.0"),
+    (["--max_weight_ratio", "0.9"], "--max_weight_ratio 0.9"),
     (["--adaptive_temperature", "0"], "--adaptive_temperature 0.0"),
     (["--adaptive_window", "0"], "--adaptive_window 0"),
     (["--trim_fraction", "0.5"], "--trim_fraction 0.5"),
     (["--trim_fraction", "-0.1"], "--trim_fraction -0.1"),
-    (["--strategy", "qfedavg", "--server_opt", "sgd"], "does not compose"),
     (["--server_opt", "adam", "--server_lr", "0"], "--server_lr 0.0"),
     (["--server_beta1", "1"], "--server_beta1 1.0"),
     (["--server_tau", "0"], "--server_tau 0.0"),
@@ -372,6 +517,8 @@ def test_strategy_flag_warnings():
     (["--byzantine", "8"], "no honest client"),
     (["--byzantine", "1", "--attack_scale", "-2"], "--attack_scale -2.0"),
     (["--byzantine", "1", "--attack_std", "-1"], "--attack_std -1.0"),
+    (["--byzantine", "1", "--attack", "ipm", "--attack_eps", "-1"], "--attack_eps -1.0"),
+    (["--byzantine", "1", "--attack", "report_score", "--attack_report", "nan"], "--attack_report nan"),
 ])
 def test_attack_flag_errors(argv, match):
     with pytest.raises(DataError, match=match):
@@ -383,3 +530,11 @@ def test_attack_flag_warns_when_trimming_is_too_small():
     assert any("not bounded" in x for x in w)
     assert check_attack_flags(parse("--byzantine", "1", "--strategy", "trimmed_mean"), 8) == []
     assert any("half" in x for x in check_attack_flags(parse("--byzantine", "4", "--strategy", "median"), 8))
+
+
+def test_attack_flag_warns_when_alie_is_void_or_report_score_is_ignored():
+    assert any("void" in x for x in check_attack_flags(parse("--byzantine", "1", "--attack", "alie"), 10))
+    assert check_attack_flags(parse("--byzantine", "3", "--attack", "alie"), 10) == []
+    w = check_attack_flags(parse("--byzantine", "1", "--attack", "report_score"), 10)
+    assert any("does nothing with --strategy fedavg" in x for x in w)
+    assert check_attack_flags(parse("--byzantine", "1", "--attack", "report_score", "--strategy", "adaptive"), 10) == []

@@ -39,6 +39,10 @@ def test_presets_keep_the_issue_setups():
         assert preset.base[preset.base.index("--comm_round") + 1] == "300"
         assert preset.base[preset.base.index("--dataset") + 1] == "opinionqa"
     assert {"fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median"} <= set(s.variants)
+    for rule in ("fedavg", "trimmed_mean", "median"):  # ALIE with z > 0: 3 of the 10 training groups
+        flags = s.variants[f"{rule}_alie"]
+        assert flags[flags.index("--attack") + 1] == "alie" and flags[flags.index("--byzantine") + 1] == "3"
+        assert rule == "fedavg" or flags[flags.index("--strategy") + 1] == rule
     assert sum("--dp" in v for v in p.variants.values()) >= 3 and p.variants[p.baseline] == []
 
 
