@@ -18,6 +18,7 @@ from utils.seeding import generator
 
 from .aggregation import sample_clients
 from .client import FitResult, GroupClient
+from .comm import pooling_bytes, round_comm
 from .server import ServerRules
 from .thread_engine import ThreadClientEngine, default_workers
 from .vmap_engine import VmapClientEngine
@@ -116,6 +117,7 @@ class FedAvgTrainer:
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
         self.diagnostics = make_diagnostics(self.model, cfg, self.eval_clients, self.clients)
+        self.pooling_bytes = pooling_bytes(c.local for c in self.clients.values())  # what centralizing would move
         self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
@@ -138,8 +140,9 @@ class FedAvgTrainer:
             results = [self.clients[n].fit(self.model, self.global_state, round_, fit_config) for n in names]
         check_replies(round_, results)
         self.last_client_states = {r.name: r.state for r in results}  # for --save_client
+        comm = round_comm(self.global_state, round_, fit_config, len(names), results)
         self.global_state = self.server.aggregate(self.global_state, results, round_)
-        return {**round_stats(results), "server": self.server.info()}
+        return {**round_stats(results), "server": self.server.info(), "comm": comm}
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         return evaluate_clients(self.model, self.global_state, self.eval_clients, self.clients, round_)

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
+from federated.comm import round_comm
 from federated.fedavg import check_min_clients, check_replies, init_global_state, round_stats
 from federated.server import ServerRules
 from models.gpo import GPOConfig
@@ -206,7 +207,8 @@ class FlowerTrainer:
         t0 = time.perf_counter()
         names = sample_clients(self.train_names, self.client_fraction,
                                generator(self.cfg.seed, "client_sampling", round_))
-        replies = self._ask(TRAIN, names, round_, self.server.fit_config(round_))
+        fit_config = self.server.fit_config(round_)
+        replies = self._ask(TRAIN, names, round_, fit_config)
         results = [read_fit_reply(n, m) for n, m in replies.items()]
         if len(results) < self.min_clients:
             raise DataError(f"round {round_}: {len(results)} of {len(names)} sampled clients replied, fewer than "
@@ -214,9 +216,10 @@ class FlowerTrainer:
                             "check the SuperNodes' logs; the run folder keeps the last checkpoint")
         check_replies(round_, results)
         self.last_client_states = {r.name: r.state for r in results}
+        comm = round_comm(self.global_state, round_, fit_config, len(names), results)
         self.global_state = self.server.aggregate(self.global_state, results, round_)
         self.round_seconds.append(time.perf_counter() - t0)
-        return {**round_stats(results), "server": self.server.info()}
+        return {**round_stats(results), "server": self.server.info(), "comm": comm}
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()

@@ -146,3 +146,18 @@ def adam_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> dict:
         per_param.setdefault(int(idx), {})[name] = tensor
     groups = [{**g, "betas": tuple(g["betas"])} for g in info["param_groups"]]  # JSON made it a list
     return {"adam": {"state": per_param, "param_groups": groups}, "step": info["step"]}
+
+
+# --- communication cost (federated/comm.py counts the in-process engine's rounds the same way) --
+
+def payload_bytes(msg: Message, skip: tuple[str, ...] = ("setup",)) -> int:
+    """Flower's count of a message's records, without the config entries in `skip` (the setup
+    string every instruction repeats so that a node needs no memory; not part of a round's cost)."""
+    total = 0
+    for record in msg.content.values():
+        if isinstance(record, ConfigRecord) and skip:
+            kept = {k: v for k, v in record.items() if k.rsplit(".", 1)[-1] not in skip}  # legacy: "fitins.config.setup"
+            total += ConfigRecord(kept).count_bytes()
+        else:
+            total += record.count_bytes()
+    return total

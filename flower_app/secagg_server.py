@@ -43,6 +43,7 @@ from training.local import DivergenceError
 from utils.seeding import generator
 
 from .federation import POLL_S, FlowerTrainer
+from .protocol import payload_bytes
 from .secagg import MODULUS_RANGE, _check_share_flags
 from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
@@ -116,9 +117,12 @@ class _FastGrid:
 
     grid: object
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (node, stage, reason)
+    bytes_down: int = 0  # every message of every SecAgg+ stage (masked vectors, key material, shares)
+    bytes_up: int = 0
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
+        self.bytes_down += sum(payload_bytes(m) for m in messages)
         stages = {m.metadata.dst_node_id: str(m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
                   for m in messages}
         ids = {mid for mid in self.grid.push_messages(messages) if mid}
@@ -130,6 +134,7 @@ class _FastGrid:
                 replies.append(reply)
             if ids:
                 time.sleep(POLL_S)
+        self.bytes_up += sum(payload_bytes(r) for r in replies if not r.has_error())
         for reply in replies:
             if reply.has_error():
                 node = reply.metadata.src_node_id
@@ -188,7 +193,8 @@ class SecAggTrainer(FlowerTrainer):
                 "train_loss_per_client": per_client,
                 "grad_steps": sum(len(json.loads(str(m["losses"]))) for m in replied.values()),
                 "points": sum(int(m["points"]) for m in replied.values()),
-                "clients": sorted(per_client)}
+                "clients": sorted(per_client),
+                "comm": {"comm_bytes_down": grid.bytes_down, "comm_bytes_up": grid.bytes_up}}
 
     def _secure_round(self, names: list[str], round_: int) -> tuple[_RoundStrategy, _FastGrid]:
         weight_bound = max_weight(self.remote, names, self.weighting)

@@ -17,6 +17,7 @@ import torch
 
 from data_loaders.datasets import ExperimentData
 from data_loaders.episodes import sample_batch, sample_episode
+from federated.comm import pooling_bytes
 from federated.fedavg import evaluate_clients, init_global_state, make_clients, make_diagnostics
 from models.gpo import GPO, GPOConfig
 from training.config import ClientConfig
@@ -46,6 +47,7 @@ class CentralizedTrainer:
         self.optim_state = OptimState()
         self._eval_model = GPO(model_cfg).to(self.device)  # evaluation never touches the trained model
         self.diagnostics = make_diagnostics(self._eval_model, cfg, self.eval_clients, self.clients)
+        self.pooling_bytes = pooling_bytes(c.local for c in self.clients.values())  # moved once, before training
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+from federated.comm import human_bytes
 from training.evaluation import group_stats
 from training.local import StopTraining
 from utils.checkpoint import (
@@ -101,6 +102,8 @@ class ProgressLines:
                 parts.append(f"specificity {shown['eval_group_specificity']:+.4f}")
         if server and "dp_epsilon" in server:
             parts.append(f"ε {server['dp_epsilon']:.2f}")
+        if rec is not None and rec.get("comm_bytes_total"):
+            parts.append(f"comm {human_bytes(rec['comm_bytes_total'])}")
         parts.append(f"{per:.2f} s/round, ETA {_duration(per * (self.rounds - rnd))}")
         self.log(" | ".join(parts))
 
@@ -111,6 +114,7 @@ class RunLoop:
         self.losses_path = run_dir.path / "losses.jsonl"
         self.ckpt_dir = run_dir.path / "checkpoints"
         self.start_round, self.grad_steps, self.points, self.wall_offset = 0, 0, 0, 0.0
+        self.comm = {"down": 0, "up": 0}  # cumulative bytes (federated/comm.py); stay 0 for the centralized baseline
         self.best: tuple[float, int] | None = None  # (mean eval alignment, round) of --keep_best
         self.current_round = 0  # what an interrupt reports
         self.resumed = False
@@ -132,9 +136,11 @@ class RunLoop:
         self.wall_offset = float(meta["wall_time_s"])
         self._trim(self.start_round)
         records = self.run_dir.read_metrics()
-        for path, recs in ((self.run_dir.metrics_path, records),
-                           (self.losses_path, read_metrics(self.losses_path) if self.losses_path.exists() else [])):
+        losses = read_metrics(self.losses_path) if self.losses_path.exists() else []
+        for path, recs in ((self.run_dir.metrics_path, records), (self.losses_path, losses)):
             check_rounds_increase(path, recs)
+        # the cumulative bytes are the sum of the rounds kept (a log from before counting has none)
+        self.comm = {k: sum(r.get(f"comm_bytes_{k}", 0) for r in losses) for k in ("down", "up")}
         self.best = max(((r["eval_alignment_score"], r["round"]) for r in records
                          if r.get("eval_alignment_score") is not None), default=None)
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
@@ -198,11 +204,21 @@ class RunLoop:
         self.points += stats["points"]
         row = {"round": rnd, "train_loss": stats["train_loss"],
                "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps,
-               "points": self.points, **server}
+               "points": self.points, **server, **self._count_comm(stats.get("comm"))}
         losses.write(row)
+        comm = {f"comm/{k.removeprefix('comm_')}": v for k, v in row.items() if k.startswith("comm_")}
         self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
-                        "compute/points": self.points, **{f"server/{k}": v for k, v in server.items()}}, step=rnd)
+                        "compute/points": self.points, **{f"server/{k}": v for k, v in server.items()}, **comm},
+                       step=rnd)
         return row
+
+    def _count_comm(self, comm: dict | None) -> dict:
+        """The round's bytes and the run's cumulative totals (nothing for a centralized epoch)."""
+        if not comm:
+            return {}
+        self.comm["down"] += comm["comm_bytes_down"]
+        self.comm["up"] += comm["comm_bytes_up"]
+        return {**comm, "comm_bytes_down_total": self.comm["down"], "comm_bytes_up_total": self.comm["up"]}
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         evals, trains = self.trainer.evaluate(rnd)
@@ -213,6 +229,8 @@ class RunLoop:
             rec.update(diagnostics.record(rnd, evals, trains, self.trainer.global_state, final))
         if window and "dp_epsilon" in window[-1]:
             rec["dp_epsilon"] = window[-1]["dp_epsilon"]  # privacy spent by the weights just evaluated
+        if self.comm["down"] or self.comm["up"] or getattr(self.trainer, "method", "") == "fedavg":
+            rec["comm_bytes_total"] = self.comm["down"] + self.comm["up"]  # to reach the weights just evaluated
         self.run_dir.log_metrics(rec)
         self.wandb.log(wandb_metrics(rec), step=rnd)
         tag = round_tag(rnd)
@@ -263,6 +281,7 @@ class RunLoop:
         # The last round is always evaluated and checkpointed: `final` names its files, no copy.
         alias_checkpoint(self.ckpt_dir, round_tag(records[-1]["round"]), "final", {"wall_time_s": round(wall, 3)})
         summary = build_summary(records, losses, self.cfg, wall)
+        summary["pooling_bytes"] = getattr(self.trainer, "pooling_bytes", None)
         if self.stopped:
             summary["stopped_early"] = self.stopped
         self.run_dir.write_summary(summary)
@@ -303,12 +322,24 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
         "convergence": {"threshold": cfg.convergence_threshold, "smoothing": "centred moving average",
                         "window_rounds": cfg.convergence_window},
         "dp_epsilon": final.get("dp_epsilon"),  # privacy spent by the final weights (DP runs)
+        **comm_summary(losses, at_conv),
         "total_grad_steps": final["grad_steps"],
         "total_points": final.get("points"),
         "wall_time_s": round(wall, 3),
         "final_eval_group_scores": final["eval_group_scores"],
         **diagnostics_summary(final, best),
     }
+
+
+def comm_summary(losses: list[dict], at_conv: dict) -> dict:
+    """Totals and bytes to convergence (federated/comm.py); empty for runs that count none."""
+    if not any("comm_bytes_down" in r for r in losses):
+        return {}
+    down = sum(r.get("comm_bytes_down", 0) for r in losses)
+    up = sum(r.get("comm_bytes_up", 0) for r in losses)
+    conv = (at_conv.get("comm_bytes_down_total", 0) + at_conv.get("comm_bytes_up_total", 0)) if at_conv else None
+    return {"total_comm_bytes_down": down, "total_comm_bytes_up": up, "total_comm_bytes": down + up,
+            "comm_bytes_per_round": (down + up) / len(losses), "convergence_comm_bytes": conv}
 
 
 # What the summary keeps of the diagnostics (training/diagnostics.py); absent on the Flower engine.

@@ -33,6 +33,7 @@ from flower_app.protocol import (
 from orchestration.cli import build_parser
 from orchestration.experiment import main
 from orchestration.flower_server import run_federation
+from training.diagnostics import DIAGNOSTIC_KEYS
 from training.evaluation import GroupEval
 from utils.checkpoint import load_checkpoint
 
@@ -121,7 +122,9 @@ def records(path: Path) -> list[dict]:
 
 
 def strip_time(recs):
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in recs]
+    """Records without wall time and without the diagnostics that only the in-process engines
+    compute (the Flower server holds no data)."""
+    return [{k: v for k, v in r.items() if k != "wall_time_s" and k not in DIAGNOSTIC_KEYS} for r in recs]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,112 @@
+"""Communication cost: the bytes a round moves between the server and its clients.
+
+Counted as the *payload* of the messages flower_app/protocol.py sends for that round:
+
+  down (server -> each sampled client)  the global weights, the round number and the
+                                         strategy's fit config (JSON)
+  up (each client -> server)            its weights, counts, per-step losses and any
+                                         metrics the strategy asked for
+
+The rule is Flower's own `count_bytes` of its records: a tensor its .npy blob (a header of
+about 128 bytes, then the raw data) plus its name, a number 8 bytes plus its key, a string
+its length plus its key. Protobuf and gRPC framing are not counted (a few bytes per record;
+tests/test_comm.py bounds them against Flower's serialised messages), nor the
+run's setup string that the Flower implementation repeats in every instruction so that a
+node needs no memory (`flower_app/protocol.py: instruction`). Both engines call the
+functions below, so they report the same numbers for the same run. SecAgg+ rounds count
+every message of its four stages from the messages themselves (flower_app/secagg_server.py).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+NUMBER_BYTES = 8  # a float64 or int64 scalar on the wire
+
+
+def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Each tensor as Flower sends it (a .npy blob: header plus raw data) plus its name."""
+    return sum(_npy_header_bytes(t) + t.numel() * t.element_size() + len(k) for k, t in state.items())
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    view = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=shape, strides=(0,) * len(shape))
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(view))
+    return len(buf.getvalue())  # the magic string, the header length and the padded header
+
+
+def _npy_header_bytes(t: torch.Tensor) -> int:
+    return _header_bytes(str(np.dtype(str(t.dtype).removeprefix("torch."))), tuple(t.shape))
+
+
+def value_bytes(value) -> int:
+    """One record value as Flower counts it: a bool 1, a number 8, a string or bytes its length,
+    a list the sum of its elements."""
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, Sequence):
+        return sum(value_bytes(v) for v in value)
+    return NUMBER_BYTES
+
+
+def record_bytes(record: Mapping) -> int:
+    """A metric or config record: every key plus its value (Flower's count_bytes)."""
+    return sum(len(str(k)) + value_bytes(v) for k, v in record.items())
+
+
+def fit_config_record(round_: int, fit_config: dict | None) -> dict:
+    """The countable part of a training instruction's config (the setup string excluded)."""
+    config = {"round": round_}
+    if fit_config:
+        config["fit_config"] = json.dumps(fit_config, sort_keys=True)
+    return config
+
+
+def down_bytes(state: Mapping[str, torch.Tensor], round_: int, fit_config: dict | None) -> int:
+    """One training instruction: the global weights and the round's config."""
+    return tensor_bytes(state) + record_bytes(fit_config_record(round_, fit_config))
+
+
+def fit_metrics_record(res) -> dict:
+    """The numbers of a FitResult's reply (flower_app/protocol.py: fit_reply sends these)."""
+    return {"num_examples": res.num_examples, "episode_points": res.episode_points, "points": res.points,
+            "losses": [float(x) for x in res.losses],
+            **{f"metric.{k}": float(v) for k, v in res.metrics.items()}}
+
+
+def up_bytes(res) -> int:
+    """One client's reply: its weights and its numbers."""
+    return tensor_bytes(res.state) + record_bytes(fit_metrics_record(res))
+
+
+def round_comm(state: Mapping[str, torch.Tensor], round_: int, fit_config: dict | None, sampled: int,
+               results: list) -> dict:
+    """The round's totals: every sampled client got the instruction, every result came back."""
+    per_client = down_bytes(state, round_, fit_config)
+    up = {r.name: up_bytes(r) for r in sorted(results, key=lambda r: r.name)}
+    return {"comm_bytes_down": sampled * per_client, "comm_bytes_up": sum(up.values()),
+            "comm_bytes_down_per_client": per_client, "comm_bytes_up_per_client": up}
+
+
+def pooling_bytes(groups) -> int:
+    """What the centralized baseline moves once instead: the training groups' local data as
+    float32, each option's embedding and its target probability."""
+    return sum(g.num_points * (int(g.x.shape[1]) + 1) * 4 for g in groups)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
