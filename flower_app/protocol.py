@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from federated.client import FitResult
+from federated.comm import record_bytes
 from training.evaluation import GroupEval
 
 # Message types (Flower's built-in ones) and record names.
@@ -155,9 +156,8 @@ def payload_bytes(msg: Message, skip: tuple[str, ...] = ("setup",)) -> int:
     string every instruction repeats so that a node needs no memory; not part of a round's cost)."""
     total = 0
     for record in msg.content.values():
-        if isinstance(record, ConfigRecord) and skip:
-            kept = {k: v for k, v in record.items() if k.rsplit(".", 1)[-1] not in skip}  # legacy: "fitins.config.setup"
-            total += ConfigRecord(kept).count_bytes()
-        else:
+        if isinstance(record, ArrayRecord):
             total += record.count_bytes()
+        else:  # legacy names nest the key: "fitins.config.setup"
+            total += record_bytes({k: v for k, v in record.items() if k.rsplit(".", 1)[-1] not in skip})
     return total
