@@ -406,7 +406,7 @@ def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=Non
             log(f"reuse   {shown(p.record)} (record: same flags, replay verified)")
             add("from_records", p)
     todo = [p for p in plan if p.action not in ("reuse", "record")]
-    if args.jobs > 1 and todo:
+    if args.jobs > 1 and len(todo) > 1:  # a single run trains here, with the thread count a job would get
         _execute_jobs(todo, args, log, finished, save_record)
         return done
     for i, p in enumerate(todo, 1):
