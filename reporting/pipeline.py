@@ -526,8 +526,8 @@ def _main(argv: list[str]) -> int:
                             "train with the in-process engine here, or run main_fl.py --engine flower yourself "
                             "and report with --report_only --runs <folders>")
         args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
-        if args.threads and args.jobs == 1:
-            torch.set_num_threads(args.threads)
+        if args.threads:  # also with --jobs: this process's data (synthetic data is a matmul), replays and
+            torch.set_num_threads(args.threads)  # single runs then match the children's thread count
         if args.report_only:
             report(args, argv, report_sources(args), _planned_seeds(args, argv),
                    methods=args.methods if args.methods_given else None)

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from data_loaders.datasets import prepare_experiment
 from data_loaders.schema import DataError
 from orchestration import records
@@ -300,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--variants {unknown} not in preset {args.preset}",
                             f"choose from {', '.join(preset.variants)}")
         args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
+        if args.threads:  # this process's data and replays at the children's thread count
+            torch.set_num_threads(args.threads)
         root = records_root(out_root, args.records_dir)
         if not args.report_only:
             extra = shlex.split(args.extra)
