@@ -14,8 +14,8 @@ children the same way, and each leaves a resumable folder.
 from __future__ import annotations
 
 import importlib
+import json
 import os
-import pickle
 import queue
 import subprocess
 import sys
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 class Task:
     label: str                  # prefixed to each line of the child's output
     target: str                 # "module:function", called in the child with *args; returns an exit code
-    args: tuple
+    args: tuple                 # JSON values (sent to the child as JSON: nothing is unpickled)
     threads: int
     errors: list[str] = field(default_factory=list)  # the child's "error: ..." lines, for the parent's message
 
@@ -69,7 +69,7 @@ def _start(task: Task) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this code
     proc = subprocess.Popen([sys.executable, "-m", "reporting.jobs"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, text=True, errors="replace")
-    proc.stdin.buffer.write(pickle.dumps((task.target, task.args, task.threads)))
+    proc.stdin.write(json.dumps([task.target, list(task.args), task.threads]))
     proc.stdin.close()
     return proc
 
@@ -106,7 +106,7 @@ def run_tasks(tasks: list[Task], jobs: int, on_done, log=print) -> None:
 
 
 def _child() -> int:
-    target, args, threads = pickle.load(sys.stdin.buffer)
+    target, args, threads = json.load(sys.stdin)
     torch.set_num_threads(threads)
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)(*args)

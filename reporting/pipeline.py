@@ -350,9 +350,11 @@ def print_status(args, data_for_seed, device, log=print) -> None:
     status_report(rows, log)
 
 
-def train_one(method: str, run_args: argparse.Namespace, path: Path) -> int:
-    """One run in its own process (--jobs, reporting/jobs.py): the data loaded again (from the
-    embedding cache), then trained exactly as in this process; returns the exit code."""
+def train_one(method: str, flags: dict, path: str) -> int:
+    """One run in its own process (--jobs, reporting/jobs.py), from its parsed flags (seed_args):
+    the data loaded again (from the embedding cache), then trained as in this process; returns
+    the exit code."""
+    run_args, path = argparse.Namespace(**flags), Path(path)
     with signals_raise():
         try:
             data = prepare_experiment(run_args, log=print)
@@ -434,7 +436,7 @@ def _execute_jobs(todo: list[Planned], args, log, finished, save_record) -> None
         resume = p.action in ("resume", "restart")
         log(f"queued  {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
         tasks.append(Task(p.path.name, "reporting.pipeline:train_one",
-                          (p.method, seed_args(args, p.seed, p.path, resume, p.method), p.path),
+                          (p.method, vars(seed_args(args, p.seed, p.path, resume, p.method)), str(p.path)),
                           (_started_threads(p.path) if resume else None) or args.threads))
 
     def on_done(task: Task, code: int) -> None:
