@@ -169,6 +169,20 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
 
 
+def check_commit_target(records_dir: Path) -> Path:
+    """The git working tree that will hold the records; checked before any training, so that
+    --commit_records cannot fail only after the first run."""
+    here = Path(records_dir).resolve()
+    while not here.exists():
+        here = here.parent
+    top = _git(here, "rev-parse", "--show-toplevel")
+    if top.returncode != 0:
+        raise DataError(f"--commit_records: {records_dir} is not inside a git working tree",
+                        "point --records_dir into a git working tree (e.g. the main checkout's results/), or drop "
+                        "--commit_records")
+    return Path(top.stdout.strip())
+
+
 def commit_record(record: Path, log=print, attempts: int = 5, wait_s: float = 2.0) -> bool:
     """`git add` and `git commit` limited to the record's folder; retried while another git process
     holds the index lock. Returns False when there was nothing to commit."""
@@ -215,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     records_dir = Path(args.records_dir) if args.records_dir else default_records_dir()
     try:
+        if args.commit_records:
+            check_commit_target(records_dir)
         for run_dir in args.run_dirs:
             record = write_record(run_dir, records_dir)
             if args.commit_records:

@@ -553,6 +553,8 @@ def _main(argv: list[str]) -> int:
         if args.status:
             print_status(args, data_for_seed, device)
             return 0
+        if args.commit_records:
+            records.check_commit_target(args.records_dir)
         lock = RunLock(args.out_root, "reproduction folder").acquire()  # one reproduce.py per --out_root
         plan = plan_runs(args, data_for_seed, device)
         verified = verify_records(plan, args, data_for_seed)  # before anything trains: a stale record stops here

@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.status:
                 status_report([(r.folder.name, planner.state(r)) for r in runs])
                 return 0
+            if args.commit_records:
+                records.check_commit_target(args.records_dir)
             with RunLock(out_root, "sweep folder"):
                 t0 = time.perf_counter()
                 planner.plan(runs)

@@ -252,7 +252,7 @@ def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
 
 
-def test_commit_records_commits_only_the_record(trained, tmp_path, monkeypatch):
+def test_commit_records_commits_only_the_record(trained, tmp_path, monkeypatch, capsys):
     for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
         monkeypatch.setenv(k, "test")
     for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
@@ -269,6 +269,8 @@ def test_commit_records_commits_only_the_record(trained, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "reproduce" / "tiny" / "fedavg_s0"
     shutil.copytree(trained[0] / "fedavg_s0", run, ignore=shutil.ignore_patterns("checkpoints"))
 
+    assert records.main([str(run), "--records_dir", str(tmp_path / "no_repo"), "--commit_records"]) == 2
+    assert not (tmp_path / "no_repo").exists()  # refused before anything is written
     assert records.main([str(run), "--records_dir", str(repo / "results"), "--commit_records"]) == 0
     assert _git(repo, "log", "-1", "--format=%s").strip() == "record: results/reproduce/tiny/fedavg_s0"
     assert sorted(_git(repo, "show", "--name-only", "--format=", "HEAD").split()) == [
@@ -279,6 +281,16 @@ def test_commit_records_commits_only_the_record(trained, tmp_path, monkeypatch):
     commits = _git(repo, "rev-list", "--count", "HEAD")
     assert records.main([str(run), "--records_dir", str(repo / "results"), "--commit_records"]) == 0
     assert _git(repo, "rev-list", "--count", "HEAD") == commits  # unchanged: nothing to commit
+
+    # the pipeline commits each record it writes, here for the finished folders it reuses (fedavg_s0's
+    # record is committed already and unchanged)
+    root = run.parent
+    shutil.copytree(trained[0] / "centralized_s0", root / "centralized_s0", ignore=shutil.ignore_patterns("checkpoints"))
+    assert pipeline.main(_argv(root, repo / "results", ("0",), "--commit_records")) == 0
+    assert _git(repo, "log", "-2", "--format=%s").split("\n")[:2] == [
+        "record: results/reproduce/tiny/centralized_s0", "record: results/reproduce/tiny/fedavg_s0"]
+    assert int(_git(repo, "rev-list", "--count", "HEAD")) == int(commits) + 1
+    assert " M notes.txt" in _git(repo, "status", "--porcelain")
 
     (repo / ".git" / "index.lock").write_text("")  # another git process at work, for longer than we wait
     (run / "summary.json").write_text((run / "summary.json").read_text().replace("}", ', "x": 1}', 1))
