@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from models.flops import train_flops
+from utils.run_io import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -144,16 +145,6 @@ def peak_rss_mb() -> float:
 
 
 # --- machine ------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def memory_gb() -> float | None:
     try:

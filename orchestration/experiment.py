@@ -1,6 +1,7 @@
 """From parsed flags to a finished run: data → clients → trainer → run loop → summary."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -183,8 +184,12 @@ def resolved_config(args, method: str, data: ExperimentData, metric: str, device
     return cfg
 
 
-def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print) -> dict:
-    """Train one method on already-prepared data and write its run folder; returns the summary."""
+def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print, stop_after: int | None = None
+               ) -> dict:
+    """Train one method on already-prepared data and write its run folder; returns the summary.
+
+    stop_after: end the loop after that many rounds, everything else (the schedule, a DP noise
+    solved for all --comm_round rounds) as in the full run: the replay of a recorded run."""
     metric = resolve_metric(args)
     device = resolve_device(args.device)
     cfg = client_config(args, metric)
@@ -193,12 +198,12 @@ def run_method(method: str, args, data: ExperimentData, out_dir=None, log=print)
     config = resolved_config(args, method, data, metric, device)
     plan = plan_run(method, args, config, out_dir, log)
     try:
-        return _run_planned(plan, method, args, data, cfg, config, device, log)
+        return _run_planned(plan, method, args, data, cfg, config, device, log, stop_after)
     finally:
         plan.release()
 
 
-def _run_planned(plan, method, args, data, cfg, config, device, log) -> dict:
+def _run_planned(plan, method, args, data, cfg, config, device, log, stop_after=None) -> dict:
     run_dir = plan.run_dir
     if plan.finished:
         log(f"{method}: nothing to do; summary in {run_dir.summary_path}")
@@ -208,7 +213,10 @@ def _run_planned(plan, method, args, data, cfg, config, device, log) -> dict:
     trainer = make_trainer(method, args, data, cfg, device)
     wandb = WandbLogger(args.wandb, project=args.wndb_project_name, run_name=run_dir.path.name,
                         config=config, dir=run_dir.path, group=f"{args.dataset}-s{args.seed}")
-    loop = RunLoop(trainer, loop_config(method, args), run_dir, wandb, log=log)
+    loop_cfg = loop_config(method, args)
+    if stop_after is not None:
+        loop_cfg = dataclasses.replace(loop_cfg, rounds=min(stop_after, loop_cfg.rounds))
+    loop = RunLoop(trainer, loop_cfg, run_dir, wandb, log=log)
     try:
         if plan.resume:
             loop.resume()

@@ -27,7 +27,7 @@ from pathlib import Path
 from data_loaders.schema import DataError
 
 from .paths import shown, shown_argv
-from .runs import Run, RunFolderError, find_run_folders, load_run, record_value
+from .runs import Run, RunFolderError, find_run_folders, load_run, prefer_done, record_value
 from .tables import Stat, describe, final_worst, significance, stat_cell
 
 
@@ -41,9 +41,11 @@ class Variant:
     failed: dict[int, Run] = field(default_factory=dict)    # diverged (failed.json), by seed
 
 
-def load_variant(name: str, patterns: list[str]) -> Variant:
-    v = Variant(name, list(patterns))
-    for path in find_run_folders(patterns):
+def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Variant:
+    """records: globs of run records (results/...) of the same runs; a run's finished or diverged
+    folder is read before its record, its record before an interrupted folder (runs.prefer_done)."""
+    v = Variant(name, [*patterns, *records])
+    for path in prefer_done(find_run_folders(patterns), find_run_folders(list(records))):
         run = load_run(path)
         if run.status == "interrupted":
             v.interrupted.append(path)
@@ -289,11 +291,13 @@ def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:
 
 
 def write_comparison(base: Variant, others: list[Variant], out: Path, title: str | None = None,
-                     command: list[str] | None = None, setup: list[str] | None = None) -> dict[str, Path]:
+                     command: list[str] | None = None, setup: list[str] | None = None,
+                     partial: str | None = None) -> dict[str, Path]:
     """Write <out> (Markdown), <stem>_table.csv and the figures next to it; returns their paths.
 
     `command` is the whole command line that made the report; `setup`, Markdown lines for a
-    "Setup" section (what was run and why), goes before the results."""
+    "Setup" section (what was run and why), goes before the results; `partial` (e.g. "2 of 3
+    seeds finished; partial") labels the title and the first line of a report over part of a plan."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem, variants = out.with_suffix(""), [base, *others]
@@ -304,8 +308,11 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
         paths["alignment_vs_epsilon"] = fig_alignment_vs_epsilon(variants, Path(f"{stem}_alignment_vs_epsilon.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}", "",
-            f"Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"
+    first = (f"**{partial[0].upper() + partial[1:]}**: the numbers below cover the finished runs only and change "
+             "as the others finish. ") if partial else ""
+    body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
+            f"{f' ({partial})' if partial else ''}", "",
+            f"{first}Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"
             f"{f' and {n_failed} that diverged' if n_failed else ''}"
             f"{' by the command below' if command else ''}; baseline **{base.name}**. Every number is computed "
             "from the folders' summary.json and metrics.jsonl.", ""]

@@ -12,6 +12,12 @@ interrupted (config.json, no summary.json) is resumed from its latest checkpoint
 whose flags differ is an error (never overwritten). All folders are checked before any
 training starts, so a mismatch fails in seconds.
 
+Each run is recorded the moment it finishes (orchestration/records.py: runs/<A>/<B>/<run>
+-> <records_dir>/<A>/<B>/<run>, a few hundred KB without weights, meant to be committed), and
+a planned run whose record has the same flags and whose first 2 rounds replay to the record's
+losses is not trained again (reporting/reuse.py); so a job on a machine whose disk is wiped
+adds the runs it finished. --jobs N trains N runs at once, one process each (reporting/jobs.py).
+
 The group split is drawn once (from --split_seed) and passed to every run as explicit
 lists, so seeds vary only the training (initial weights, episodes, client sampling).
 """
@@ -30,19 +36,23 @@ import torch
 
 from data_loaders.datasets import DEFAULT_GROUP_SPLIT, choose_groups, prepare_experiment
 from data_loaders.schema import DataError
+from orchestration import records
 from orchestration.cli import build_parser
 from orchestration.experiment import USER_ERRORS, check_flags, check_question_counts, resolved_config, run_method
-from orchestration.resume import differences
+from orchestration.replay import torch_threads
+from orchestration.resume import differences, failure
 from training.config import resolve_metric
 from utils.checkpoint import latest_checkpoint
 from utils.device import resolve_device
 from utils.interrupts import exit_code, signals_raise
 from utils.run_io import RunLock, atomic_write_json
 
-from .paths import default_data_path, shown_argv
+from .jobs import Task, resolve_jobs, run_tasks, usable_cores
+from .paths import default_data_path, shown, shown_argv
 from .predictions import prediction_data
 from .report import MANIFEST, write_report
-from .runs import ENTRY_POINTS, METHODS, RunFolderError, collect, find_run_folders, method_label
+from .reuse import RecordState, differences_text, record_state, records_root, stale_error, status_report, verify
+from .runs import ENTRY_POINTS, METHODS, RunFolderError, collect, find_run_folders, method_label, prefer_done
 
 FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothing (resuming is automatic)",
              "--also_centralized": "--methods",
@@ -76,10 +86,17 @@ PRESETS = {
                   max_tar_num_qs=15, eval_num_qs=5, name="smoke",
                   methods=["fedavg", "centralized", "centralized_matched"]),
     "paper": PAPER_PROTOCOL,
+    "paper_unseen": PAPER_PROTOCOL,
 }
+# Flags a preset adds to the command line as if typed first (a flag given later overrides them):
+# paper_unseen is the paper's protocol scored on questions no training group was trained on
+# (--question_split, orchestration/cli.py; the evaluation issue).
+PRESET_FLAGS = {"paper_unseen": ["--question_split", "0.2"]}
+PAPER_PRESETS = ("paper", "paper_unseen")
 PRESET_HELP = ("smoke: every method, 2 seeds, 4 rounds, small model, GlobalOpinionQA sample (about 2 minutes); "
                "paper: the paper's protocol (1,300 rounds and epochs, seeds 0-3, every method; --dataset "
-               "opinionqa by default, or globalqa), outputs named <dataset>_paper")
+               "opinionqa by default, or globalqa), outputs named <dataset>_paper; paper_unseen: the same with "
+               "--question_split 0.2 (scored on held-out questions), outputs named <dataset>_paper_unseen")
 
 
 def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -96,9 +113,25 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--results_dir", default=None,
                    help="where the report, tables and figures go (default docs/results; smoke: <out_root>/results)")
     r.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    r.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
+    r.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
+                        "cores, else 1; measured in benchmarks/README.md)")
+    r.add_argument("--records_dir", default=None,
+                   help="run records: runs/<A>/<B>/<run> is recorded at <records_dir>/<A>/<B>/<run> when it "
+                        "finishes, and a planned run with a verified record is not trained again (default "
+                        f"${records.RECORDS_ENV}, else results/ of the repository)")
+    r.add_argument("--commit_records", action="store_true",
+                   help="git-commit each record the moment it is written (that path only, nothing else)")
+    r.add_argument("--rerun_stale", action="store_true",
+                   help="retrain the runs whose record this code no longer reproduces (default: stop, name them)")
+    r.add_argument("--status", action="store_true",
+                   help="train nothing: list the plan against the records (finished, diverged, missing, "
+                        "stale-config) with counts")
     r.add_argument("--report_only", action="store_true",
-                   help="train nothing: report from existing run folders (--runs, else --out_root)")
+                   help="train nothing: report from existing run folders (--runs, else --out_root's folders and "
+                        "their records)")
     r.add_argument("--runs", nargs="+", default=None,
                    help="with --report_only: run folders or globs (a root folder means its run subfolders)")
     r.add_argument("--fig3_groups", nargs=2, default=None, metavar=("GROUP_A", "GROUP_B"),
@@ -123,7 +156,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag, instead in FORBIDDEN.items():
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise DataError(f"{flag} is not a flag of scripts/reproduce.py", f"use {instead}")
-    args = build_reproduce_parser(known.preset).parse_args(argv)
+    args = build_reproduce_parser(known.preset).parse_args([*PRESET_FLAGS.get(known.preset, []), *argv])
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3]
     if len(set(args.seeds)) != len(args.seeds):
@@ -135,12 +168,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.methods = [m for m in METHODS if m in methods]  # table and figure order
     if args.preset and args.data_path is None:  # as the user gave it: env var, or ../shared/data/...
         args.data_path = default_data_path(args.dataset)
-    args.name_given = args.name is not None or args.preset == "paper"  # the preset names its outputs
-    args.name = args.name or (_paper_name(args) if args.preset == "paper" else args.dataset)
+    args.name_given = args.name is not None or args.preset in PAPER_PRESETS  # the preset names its outputs
+    suffix = "_unseen" if args.preset == "paper_unseen" else ""
+    args.name = args.name or (_paper_name(args) + suffix if args.preset in PAPER_PRESETS else args.dataset)
     args.out_root = Path(args.out_root or Path("runs") / "reproduce" / args.name)
     if args.results_dir is None:
         args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
     args.results_dir = Path(args.results_dir)
+    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
     return args
 
 
@@ -199,7 +234,13 @@ class Planned:
     method: str
     seed: int
     path: Path
-    action: str            # fresh | reuse | resume | restart (config matched, no checkpoint yet)
+    action: str            # fresh | reuse | resume | restart (config matched, no checkpoint yet) | record
+    record: Path | None = None   # where its record goes (records on); action "record": reused from there
+
+    @property
+    def source(self) -> Path:
+        """Where the report reads this run."""
+        return self.record if self.action == "record" else self.path
 
 
 _FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in set(ENTRY_POINTS.values())}
@@ -223,42 +264,57 @@ def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argp
     return a
 
 
-def plan_runs(args, data_for_seed, device) -> list[Planned]:
-    plan, errors = [], []
+def _planned_runs(args, data_for_seed, device, log=print):
+    """(method, seed, run folder, its record or None, the resolved config it would train with)."""
     metric = resolve_metric(args)
+    root = records_root(args.out_root, args.records_dir, log)
     for seed in args.seeds:
         for method in args.methods:
             path = args.out_root / f"{method}_s{seed}"
-            cfg_path = path / "config.json"
-            if not cfg_path.is_file():
-                if path.is_dir() and any(f.name != ".lock" for f in path.iterdir()):
-                    errors.append(f"{path} exists and is not empty but holds no config.json")
-                    continue
-                plan.append(Planned(method, seed, path, "fresh"))
+            requested = resolved_config(seed_args(args, seed, path, False, method), ENTRY_POINTS[method],
+                                        data_for_seed(seed), metric, device)
+            yield method, seed, path, (root / path.name if root else None), requested
+
+
+def _folder_action(path: Path) -> str:
+    """An interrupted folder continues (the training code's --resume); no folder starts fresh."""
+    if not (path / "config.json").is_file():
+        return "fresh"
+    return "resume" if latest_checkpoint(path / "checkpoints") is not None else "restart"
+
+
+def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
+    plan, errors = [], []
+    for method, seed, path, record, requested in _planned_runs(args, data_for_seed, device, log):
+        state = record_state(record, requested) if record else RecordState(None, "missing")
+        if state.status == "stale-config":
+            log(f"record  {shown(record)} was made with other flags (record -> planned: "
+                f"{differences_text(state.differences)}); not reused: planned to run, its record replaced then")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            if path.is_dir() and any(f.name != ".lock" for f in path.iterdir()):
+                errors.append(f"{path} exists and is not empty but holds no config.json")
                 continue
-            try:
-                stored = json.loads(cfg_path.read_text())
-            except ValueError as e:
-                errors.append(f"{cfg_path} is unreadable ({e})")
-                continue
-            if method_label(stored) != method:
-                errors.append(f"{path} holds a {method_label(stored)!r} run, not {method!r}")
-                continue
-            entry = ENTRY_POINTS[method]
-            requested = resolved_config(seed_args(args, seed, path, False, method), entry, data_for_seed(seed),
-                                        metric, device)
-            diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
-            if diffs:
-                more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
-                errors.append(f"{path} was trained with different flags (folder -> requested): "
-                              f"{'; '.join(diffs[:8])}{more}")
-                continue
-            if (path / "summary.json").is_file():
-                plan.append(Planned(method, seed, path, "reuse"))
-            elif latest_checkpoint(path / "checkpoints") is not None:
-                plan.append(Planned(method, seed, path, "resume"))
-            else:
-                plan.append(Planned(method, seed, path, "restart"))
+            plan.append(Planned(method, seed, path, "record" if state.usable else "fresh", record))
+            continue
+        try:
+            stored = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            errors.append(f"{cfg_path} is unreadable ({e})")
+            continue
+        if method_label(stored) != method:
+            errors.append(f"{path} holds a {method_label(stored)!r} run, not {method!r}")
+            continue
+        diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
+        if diffs:
+            more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
+            errors.append(f"{path} was trained with different flags (folder -> requested): "
+                          f"{'; '.join(diffs[:8])}{more}")
+            continue
+        if (path / "summary.json").is_file():
+            plan.append(Planned(method, seed, path, "reuse", record))
+        else:  # interrupted here, finished elsewhere: the record saves the rest of the run
+            plan.append(Planned(method, seed, path, "record" if state.usable else _folder_action(path), record))
     if errors:
         raise RunFolderError("cannot use these run folders:\n  - " + "\n  - ".join(errors),
                              "pass the flags those runs used, choose another --out_root, or delete the folders "
@@ -266,27 +322,135 @@ def plan_runs(args, data_for_seed, device) -> list[Planned]:
     return plan
 
 
+def verify_records(plan: list[Planned], args, data_for_seed, log=print) -> list[str]:
+    """Replay each reused record's first rounds (reporting/reuse.py) before anything trains. Stale
+    records stop the command, or with --rerun_stale are planned to run. Returns the log lines."""
+    stale, lines = [], []
+    for p in plan:
+        if p.action != "record":
+            continue
+        v = verify(p.record, ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, False, p.method),
+                   data_for_seed(p.seed))
+        lines.append(f"record  {shown(p.record)}: {'verified' if v.ok else 'STALE'}; {v.text}")
+        log(lines[-1])
+        if not v.ok:
+            stale.append((p, v))
+    if stale and not args.rerun_stale:
+        raise stale_error([v for _, v in stale])
+    for p, _ in stale:
+        p.action = _folder_action(p.path)
+        log(f"--rerun_stale: {p.method} seed {p.seed} is planned to {p.action} (its record is replaced then)")
+    return lines
+
+
+def print_status(args, data_for_seed, device, log=print) -> None:
+    """--status: the plan against the records (configurations compared, nothing replayed)."""
+    rows = [(path.name, record_state(record, requested) if record else RecordState(None, "missing"))
+            for _, _, path, record, requested in _planned_runs(args, data_for_seed, device, log)]
+    status_report(rows, log)
+
+
+def train_one(method: str, flags: dict, path: str) -> int:
+    """One run in its own process (--jobs, reporting/jobs.py), from its parsed flags (seed_args):
+    the data loaded again (from the embedding cache), then trained as in this process; returns
+    the exit code."""
+    run_args, path = argparse.Namespace(**flags), Path(path)
+    with signals_raise():
+        try:
+            data = prepare_experiment(run_args, log=print)
+            run_method(ENTRY_POINTS[method], run_args, data, path)
+        except USER_ERRORS as err:
+            print(f"error: {err}")
+            return 2
+        except KeyboardInterrupt as err:
+            print(f"interrupted{f' at round {err.round}' if getattr(err, 'round', None) else ''}")
+            return exit_code(err)
+    return 0
+
+
+def _started_threads(path: Path) -> int | None:
+    """The torch thread count an interrupted run started with (its last bits depend on it)."""
+    try:
+        return (json.loads((path / "config.json").read_text()).get("environment") or {}).get("torch_threads")
+    except (OSError, ValueError):
+        return None
+
+
 def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=None) -> dict:
-    """Train what the plan says; `on_progress(done)` after each run (keeps the manifest current)."""
-    done = {"trained": [], "resumed": [], "reused": []}
-    todo = [p for p in plan if p.action != "reuse"]
+    """Train what the plan says, args.jobs runs at once; record each run as it finishes;
+    `on_progress(done)` after each run (keeps the manifest current)."""
+    done = {"trained": [], "resumed": [], "reused": [], "from_records": []}
+    order = [p.path.name for p in plan]
+
+    def add(key: str, p: Planned) -> None:
+        done[key] = sorted([*done[key], p.path.name], key=order.index)  # plan order, whatever finished first
+
+    def save_record(p: Planned) -> None:
+        if p.record is not None:
+            rec = records.write_record(p.path, args.records_dir, log)
+            if args.commit_records:
+                records.commit_record(rec, log)
+
+    def finished(p: Planned, seconds: float | None = None) -> None:
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
+        log(f"{p.method} seed {p.seed} done{took}")
+        save_record(p)
+        add("resumed" if p.action in ("resume", "restart") else "trained", p)
+        if on_progress:
+            on_progress(done)
+
     for p in plan:
         if p.action == "reuse":
             log(f"reuse   {p.path} (finished, same flags)")
-            done["reused"].append(p.path.name)
+            add("reused", p)
+            save_record(p)  # a no-op when the record is there already
+        elif p.action == "record":
+            log(f"reuse   {shown(p.record)} (record: same flags, replay verified)")
+            add("from_records", p)
+    todo = [p for p in plan if p.action not in ("reuse", "record")]
+    if args.jobs > 1 and len(todo) > 1:  # a single run trains here, with the thread count a job would get
+        _execute_jobs(todo, args, log, finished, save_record)
+        return done
     for i, p in enumerate(todo, 1):
         # An interrupted folder (with or without a checkpoint yet) continues through the training
         # code's --resume, which trims anything logged after the checkpoint it restarts from.
         resume = p.action in ("resume", "restart")
         log(f"[{i}/{len(todo)}] {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
         t0 = time.perf_counter()
-        run_method(ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, resume, p.method), data_for_seed(p.seed),
-                   p.path, log=log)
-        log(f"[{i}/{len(todo)}] {p.method} seed {p.seed} done in {time.perf_counter() - t0:.1f} s")
-        done["resumed" if resume else "trained"].append(p.path.name)
-        if on_progress:
-            on_progress(done)
+        try:
+            with torch_threads(_started_threads(p.path) if resume else args.threads):
+                run_method(ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, resume, p.method),
+                           data_for_seed(p.seed), p.path, log=log)
+        except DataError:
+            if failure(p.path) is not None:  # diverged: that is its result, recorded as such
+                save_record(p)
+            raise
+        finished(p, time.perf_counter() - t0)
     return done
+
+
+def _execute_jobs(todo: list[Planned], args, log, finished, save_record) -> None:
+    by_name = {p.path.name: p for p in todo}
+    tasks = []
+    for p in todo:
+        resume = p.action in ("resume", "restart")
+        log(f"queued  {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
+        tasks.append(Task(p.path.name, "reporting.pipeline:train_one",
+                          (p.method, vars(seed_args(args, p.seed, p.path, resume, p.method)), str(p.path)),
+                          (_started_threads(p.path) if resume else None) or args.threads))
+
+    def on_done(task: Task, code: int) -> None:
+        p = by_name[task.label]
+        if code == 0:
+            return finished(p)
+        if code in (130, 143):
+            raise KeyboardInterrupt
+        if failure(p.path) is not None:
+            save_record(p)
+        raise DataError(f"the run in {p.path} failed (exit {code}): {' '.join(task.errors) or 'see its output above'}",
+                        "fix it and rerun the same command: finished runs are reused")
+
+    run_tasks(tasks, args.jobs, on_done, log)
 
 
 def _command(argv: list[str]) -> str:
@@ -306,7 +470,7 @@ def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, sess
     sessions = [s for s in manifest.get("sessions", []) if s.get("started") != session["started"]] + [session]
     working = [s for s in sessions if s.get("trained") or s.get("resumed")]
     manifest.update(command=_command(argv), split_rule=split_rule, threads=args.threads or torch.get_num_threads(),
-                    seeds=args.seeds, methods=args.methods, sessions=sessions,
+                    jobs=args.jobs, seeds=args.seeds, methods=args.methods, sessions=sessions,
                     wall_time_s=round(sum(s["wall_time_s"] for s in working), 1) if working else None)
     out_root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, manifest)
@@ -325,7 +489,10 @@ def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, da
     for w in runset.warnings:
         log(f"warning: {w}")
     if not runset.all_finished():
-        raise RunFolderError("no finished run folder to report on", "train first, or point --runs at run folders")
+        raise RunFolderError("no finished run folder or record to report on",
+                             "train first, or point --runs at run folders (runs/...) or records (results/...)")
+    if runset.partial_label():
+        log(f"report: {runset.partial_label()} (labelled so in its title and first line)")
     if args.report_only and not args.name_given:  # name the outputs after the runs, not the --dataset default
         args.name = runset.all_finished()[0].config.get("dataset") or args.name
     pred, pred_error = None, None
@@ -360,12 +527,12 @@ def _main(argv: list[str]) -> int:
             raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
                             "train with the in-process engine here, or run main_fl.py --engine flower yourself "
                             "and report with --report_only --runs <folders>")
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
+        if args.threads:  # also with --jobs: this process's data (synthetic data is a matmul), replays and
+            torch.set_num_threads(args.threads)  # single runs then match the children's thread count
         if args.report_only:
-            paths = find_run_folders(args.runs or [str(args.out_root)])
-            seeds = args.seeds if any(a == "--seeds" for a in argv) else None
-            report(args, argv, paths, seeds, methods=args.methods if args.methods_given else None)
+            report(args, argv, report_sources(args), _planned_seeds(args, argv),
+                   methods=args.methods if args.methods_given else None)
             return 0
         t0 = time.perf_counter()
         check_flags(args)
@@ -383,21 +550,28 @@ def _main(argv: list[str]) -> int:
 
         data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
         device = resolve_device(args.device)
+        if args.status:
+            print_status(args, data_for_seed, device)
+            return 0
+        if args.commit_records:
+            records.check_commit_target(args.records_dir)
         lock = RunLock(args.out_root, "reproduction folder").acquire()  # one reproduce.py per --out_root
         plan = plan_runs(args, data_for_seed, device)
-        actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "resume", "restart")}
-        print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n))
+        verified = verify_records(plan, args, data_for_seed)  # before anything trains: a stale record stops here
+        actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "record", "resume", "restart")}
+        print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n)
+              + (f"; {args.jobs} runs at once, {args.threads} torch thread(s) each" if args.jobs > 1 else ""))
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
         def save(done: dict, status: str) -> None:
             update_manifest(args.out_root, argv, args, split_rule,
                             {"started": started, "command": _command(argv), "status": status,
-                             "wall_time_s": round(time.perf_counter() - t0, 1), **done})
+                             "wall_time_s": round(time.perf_counter() - t0, 1), "verified_records": verified, **done})
 
         save({}, "running")
         save(execute(plan, args, data_for_seed, on_progress=lambda d: save(d, "running")), "finished")
-        paths = [p.path for p in plan]
-        report(args, argv, paths, args.seeds, data=data_for_seed(args.seeds[0]), methods=args.methods)
+        report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
+               methods=args.methods)
         print(f"done in {time.perf_counter() - t0:.1f} s")
     except USER_ERRORS + (RunFolderError,) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -410,3 +584,19 @@ def _main(argv: list[str]) -> int:
         if lock is not None:
             lock.release()
     return 0
+
+
+def _planned_seeds(args, argv: list[str]) -> list[int] | None:
+    """The seeds a report expects: given (--seeds, or a preset's), else those found."""
+    return args.seeds if args.preset or any(a == "--seeds" or a.startswith("--seeds=") for a in argv) else None
+
+
+def report_sources(args) -> list[Path]:
+    """--report_only: the --runs folders as given; else --out_root's run folders and their records
+    (a finished or diverged folder first, else the record, else the interrupted folder)."""
+    if args.runs:
+        return find_run_folders(args.runs)
+    root = records_root(args.out_root, args.records_dir)
+    recorded = find_run_folders([str(root)]) if root is not None and root.is_dir() else []
+    folders = find_run_folders([str(args.out_root)]) if args.out_root.is_dir() else []
+    return prefer_done(folders, recorded)

@@ -144,7 +144,13 @@ def prediction_data(runset: RunSet, data: ExperimentData | None = None, data_pat
     seeds = runset.paired_seeds()
     if not seeds:
         raise ValueError("no seed has finished runs of both methods")
-    seed = seeds[0]
+    # a run record (results/...) carries no weights: draw from a seed whose run folders have them
+    weighted = [s for s in seeds if all((runset.finished(m)[s].path / "checkpoints").is_dir()
+                                        for m in ("fedavg", "centralized"))]
+    if not weighted:
+        raise ValueError("no seed has the weights of both methods (run records carry none; Fig. 3 needs the "
+                         "final checkpoints of the run folders)")
+    seed = weighted[0]
     runs = {m: runset.finished(m)[seed] for m in ("fedavg", "centralized")}
     cfg = runs["fedavg"].config
     args = args_from_config(cfg, data_path, cache_dir)

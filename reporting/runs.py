@@ -2,7 +2,8 @@
 
 A run folder is what training/loop.py writes (config.json, metrics.jsonl, losses.jsonl,
 summary.json, checkpoints/). Reporting reads nothing else, so folders produced on another
-machine (a GPU box, a cluster) report exactly like local ones.
+machine (a GPU box, a cluster) report exactly like local ones. A run record (results/...,
+orchestration/records.py) is read the same way: its logs are the gzipped .jsonl.gz.
 
 Status of a folder:
   finished     summary.json present (the run reached its last round)
@@ -97,6 +98,29 @@ def _read_json(path: Path) -> dict:
         raise RunFolderError(f"{path} is unreadable ({e})", "the folder is damaged; delete or repair it") from e
 
 
+def _log(folder: Path, stem: str) -> list[dict]:
+    """<stem>.jsonl of a run folder, or <stem>.jsonl.gz of a record; [] when neither is there."""
+    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
+        if (folder / name).is_file():
+            return read_metrics(folder / name)
+    return []
+
+
+def is_done(folder: Path) -> bool:
+    """Finished (summary.json) or diverged (failed.json): nothing left to train."""
+    return (folder / "summary.json").is_file() or (folder / resume.FAILED).is_file()
+
+
+def prefer_done(folders: list[Path], records: list[Path]) -> list[Path]:
+    """One source per run name: a finished or diverged run folder, else its record, else the
+    (interrupted) folder; in name order."""
+    chosen = {p.name: p for p in records}
+    for p in folders:
+        if p.name not in chosen or is_done(p):
+            chosen[p.name] = p
+    return [chosen[name] for name in sorted(chosen)]
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -107,8 +131,7 @@ def load_run(path: str | Path) -> Run:
                              "expected fedavg or centralized: is this a PluralLLM run folder?")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a truncated last line (interrupted run) is expected here
-        metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
-        losses = read_metrics(path / "losses.jsonl") if (path / "losses.jsonl").is_file() else []
+        metrics, losses = _log(path, "metrics"), _log(path, "losses")
     summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
     failure = resume.failure(path) if summary is None else None
     status = "finished" if summary is not None else "failed" if failure is not None else "interrupted"
@@ -164,6 +187,13 @@ class RunSet:
 
     def all_finished(self) -> list[Run]:
         return [r for m in self.methods for _, r in sorted(self.finished(m).items())]
+
+    def partial_label(self) -> str | None:
+        """'2 of 4 seeds finished; partial' while some seed lacks a finished run of some method."""
+        done = [s for s in self.seeds if all(s in self.finished(m) for m in self.methods)]
+        if not self.seeds or len(done) == len(self.seeds):
+            return None
+        return f"{len(done)} of {len(self.seeds)} seeds finished; partial"
 
 
 # Settings that must agree between all folders of one report (else it compares apples and pears).

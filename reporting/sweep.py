@@ -3,21 +3,37 @@
 A preset names the shared flags, the variants (name -> extra flags), the baseline and the
 report. Every (variant, seed) is one standard run folder trained through main_fl.py's own
 entry point, so resuming, locking and refusing mismatched flags are the training code's.
+Each run is recorded when it finishes (orchestration/records.py), and a run with a verified
+record is not trained again (reporting/reuse.py), as in scripts/reproduce.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_loaders.schema import DataError
-from utils.run_io import RunLock
+import torch
 
-from .compare import load_variant, write_comparison
-from .paths import default_data_path
+from data_loaders.datasets import prepare_experiment
+from data_loaders.schema import DataError
+from orchestration import records
+from orchestration.cli import build_parser as build_fedavg_parser
+from orchestration.experiment import check_flags, resolved_config
+from orchestration.experiment import main as train
+from orchestration.replay import torch_threads
+from orchestration.resume import failure
+from training.config import resolve_metric
+from utils.device import resolve_device
+from utils.run_io import OutputDirError, RunLock
+
+from .compare import Variant, load_variant, write_comparison
+from .jobs import Task, resolve_jobs, run_tasks, usable_cores
+from .paths import default_data_path, shown
+from .reuse import RecordState, differences_text, record_state, records_root, stale_error, status_report, verify
 from .runs import RunFolderError
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
@@ -119,32 +135,171 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=None, help="train only these variants (default: all)")
     p.add_argument("--out_root", default=None, help="run folders (default runs/sweeps/<preset>)")
     p.add_argument("--report", default=None, help="the report's path (default: the preset's, under docs/results)")
-    p.add_argument("--report_only", action="store_true", help="train nothing; report from the run folders")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing; report from the run folders and their records")
     p.add_argument("--extra", default="", help="more main_fl.py flags for every run, e.g. '--data_path DIR'")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
+                        "cores, else 1; measured in benchmarks/README.md)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
+    p.add_argument("--records_dir", default=None,
+                   help="run records: runs/<A>/<B>/<run> is recorded at <records_dir>/<A>/<B>/<run> when it "
+                        "finishes, and a planned run with a verified record is not trained again (default "
+                        f"${records.RECORDS_ENV}, else results/ of the repository)")
+    p.add_argument("--commit_records", action="store_true",
+                   help="git-commit each record the moment it is written (that path only, nothing else)")
+    p.add_argument("--rerun_stale", action="store_true",
+                   help="retrain the runs whose record this code no longer reproduces (default: stop, name them)")
+    p.add_argument("--status", action="store_true",
+                   help="train nothing: list the plan against the records (finished, diverged, missing, "
+                        "stale-config) with counts")
     return p
 
 
-def run_one(flags: list[str], folder: Path, log=print) -> None:
-    from orchestration.experiment import main as train
-    from orchestration.resume import failure
-    if (folder / "summary.json").is_file():
-        log(f"reuse   {folder}")
-        return
-    if (failed := failure(folder)) is not None:  # deterministic: a rerun would diverge the same way
-        log(f"failed  {folder} (earlier: {failed.get('reason')}); not retried, reported as diverged")
-        return
-    resume = (folder / "config.json").is_file()
-    log(f"{'resume' if resume else 'train '}  {folder}")
-    code = train("fedavg", [*flags, "--out_dir", str(folder), *(["--resume"] if resume else [])])
-    if code in (130, 143):
-        raise KeyboardInterrupt
-    if code == 2 and (failed := failure(folder)) is not None:
-        # a noise level or strategy that makes training diverge is a result of the sweep, not its end
-        log(f"failed  {folder}: {failed.get('reason')}; the sweep goes on, the report lists it as diverged")
-        return
-    if code != 0:
-        raise DataError(f"the run in {folder} failed (exit {code}); its error is printed above",
-                        "fix it and rerun the same sweep command: finished runs are reused")
+@dataclass
+class SweepRun:
+    name: str                 # the variant
+    seed: int
+    flags: list[str]          # main_fl.py's flags, --out_dir aside
+    folder: Path
+    record: Path | None       # where its record goes (None: records off)
+    action: str = "train"     # reuse | failed | record | resume | train
+
+    @property
+    def argv(self) -> list[str]:
+        return [*self.flags, "--out_dir", str(self.folder), *(["--resume"] if self.action == "resume" else [])]
+
+
+class Planner:
+    """The sweep's runs against their folders and records; data loaded once per data setting."""
+
+    def __init__(self, log=print):
+        self.log, self._data = log, {}
+
+    def parsed(self, run: SweepRun) -> argparse.Namespace:
+        return build_fedavg_parser("fedavg").parse_args([*run.flags, "--out_dir", str(run.folder)])
+
+    def data(self, args: argparse.Namespace):
+        key = json.dumps({k: getattr(args, k, None) for k in (*DATA_FLAGS, "seed")}, sort_keys=True, default=str)
+        if key not in self._data:
+            self._data[key] = prepare_experiment(args, log=self.log)
+        return self._data[key]
+
+    def requested(self, run: SweepRun) -> dict:
+        args = self.parsed(run)
+        check_flags(args)
+        return resolved_config(args, "fedavg", self.data(args), resolve_metric(args), resolve_device(args.device))
+
+    def state(self, run: SweepRun) -> RecordState:
+        if run.record is None or not (run.record / "config.json").is_file():
+            return RecordState(run.record, "missing")
+        return record_state(run.record, self.requested(run))
+
+    def plan(self, runs: list[SweepRun]) -> None:
+        for r in runs:
+            if (r.folder / "summary.json").is_file():
+                r.action = "reuse"
+            elif failure(r.folder) is not None:  # deterministic: a rerun would diverge the same way
+                r.action = "failed"
+            else:
+                st = self.state(r)
+                if st.status == "stale-config":
+                    self.log(f"record  {shown(r.record)} was made with other flags (record -> planned: "
+                             f"{differences_text(st.differences)}); not reused: planned to run, its record replaced then")
+                r.action = "record" if st.usable else "resume" if (r.folder / "config.json").is_file() else "train"
+
+    def verify(self, runs: list[SweepRun], rerun_stale: bool) -> None:
+        stale = []
+        for r in runs:
+            if r.action != "record":
+                continue
+            args = self.parsed(r)
+            v = verify(r.record, "fedavg", args, self.data(args))
+            self.log(f"record  {shown(r.record)}: {'verified' if v.ok else 'STALE'}; {v.text}")
+            if not v.ok:
+                stale.append((r, v))
+        if stale and not rerun_stale:
+            raise stale_error([v for _, v in stale])
+        for r, _ in stale:
+            r.action = "resume" if (r.folder / "config.json").is_file() else "train"
+
+
+def _data_flags() -> tuple[str, ...]:
+    """The flags of main_fl.py's data groups: what prepare_experiment's result depends on (with --seed)."""
+    groups = build_fedavg_parser("fedavg")._action_groups
+    return tuple(a.dest for g in groups if (g.title or "").startswith(("data", "synthetic")) for a in g._group_actions)
+
+
+DATA_FLAGS = _data_flags()
+
+
+class Executor:
+    """Runs the plan: records what finished, trains the rest (--jobs at once)."""
+
+    def __init__(self, args, log=print):
+        self.args, self.log = args, log
+
+    def save_record(self, r: SweepRun) -> None:
+        if r.record is not None:
+            rec = records.write_record(r.folder, self.args.records_dir, self.log)
+            if self.args.commit_records:
+                records.commit_record(rec, self.log)
+
+    def ended(self, r: SweepRun, code: int) -> None:
+        """After a run's training: record it, or say why not."""
+        if code in (130, 143):
+            raise KeyboardInterrupt
+        if code == 2 and (failed := failure(r.folder)) is not None:
+            # a noise level or strategy that makes training diverge is a result of the sweep, not its end
+            self.log(f"failed  {r.folder}: {failed.get('reason')}; the sweep goes on, the report lists it as diverged")
+            return self.save_record(r)
+        if code != 0:
+            raise DataError(f"the run in {r.folder} failed (exit {code}); its error is printed above",
+                            "fix it and rerun the same sweep command: finished runs are reused")
+        self.save_record(r)
+
+    def run(self, runs: list[SweepRun]) -> None:
+        for r in runs:
+            if r.action == "reuse":
+                self.log(f"reuse   {r.folder}")
+                self.save_record(r)  # a no-op when the record is there already
+            elif r.action == "failed":
+                self.log(f"failed  {r.folder} (earlier: {failure(r.folder).get('reason')}); not retried, reported "
+                         "as diverged")
+                self.save_record(r)
+            elif r.action == "record":
+                self.log(f"reuse   {shown(r.record)} (record: same flags, replay verified)")
+        todo = [r for r in runs if r.action in ("train", "resume")]
+        if self.args.jobs > 1 and len(todo) > 1:
+            by_name = {r.folder.name: r for r in todo}
+            tasks = [Task(r.folder.name, "orchestration.experiment:main", ("fedavg", r.argv), self._threads(r))
+                     for r in todo]
+            run_tasks(tasks, self.args.jobs, lambda t, code: self.ended(by_name[t.label], code), self.log)
+            return
+        for r in todo:
+            self.log(f"{'resume' if r.action == 'resume' else 'train '}  {r.folder}")
+            with torch_threads(self._threads(r)):
+                code = train("fedavg", r.argv)
+            self.ended(r, code)
+
+    def _threads(self, r: SweepRun) -> int:
+        """An interrupted run continues with the torch thread count it started with (its last bits)."""
+        if r.action == "resume":
+            try:
+                env = json.loads((r.folder / "config.json").read_text()).get("environment") or {}
+            except (OSError, ValueError):
+                env = {}
+            if env.get("torch_threads"):
+                return int(env["torch_threads"])
+        return self.args.threads
+
+
+def partial_label(variants: list[Variant], names: list[str], seeds: list[int]) -> str | None:
+    """'1 of 3 seeds finished; partial' while some seed lacks a finished or diverged run of a variant."""
+    by_name = {v.name: v for v in variants}
+    done = [s for s in seeds if all(n in by_name and (s in by_name[n].runs or s in by_name[n].failed) for n in names)]
+    return None if len(done) == len(seeds) else f"{len(done)} of {len(seeds)} seeds finished; partial"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,33 +310,56 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants or list(preset.variants)
     unknown = sorted(set(names) - set(preset.variants))
     out_root = Path(args.out_root or Path("runs") / "sweeps" / args.preset)
+    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
     try:
         if unknown:
             raise DataError(f"--variants {unknown} not in preset {args.preset}",
                             f"choose from {', '.join(preset.variants)}")
+        args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
+        if args.threads:  # this process's data and replays at the children's thread count
+            torch.set_num_threads(args.threads)
+        root = records_root(out_root, args.records_dir)
         if not args.report_only:
+            extra = shlex.split(args.extra)
+            if "--data_path" not in extra and default_data_path("opinionqa"):
+                extra = ["--data_path", default_data_path("opinionqa"), *extra]
+            runs = [SweepRun(name, seed, [*preset.base, *preset.variants[name], *extra, "--seed", str(seed)],
+                             out_root / f"{name}_s{seed}", root / f"{name}_s{seed}" if root else None)
+                    for seed in seeds for name in names]  # seed-major: a stopped sweep leaves whole seeds to compare
+            planner = Planner()
+            if args.status:
+                status_report([(r.folder.name, planner.state(r)) for r in runs])
+                return 0
+            if args.commit_records:
+                records.check_commit_target(args.records_dir)
             with RunLock(out_root, "sweep folder"):
                 t0 = time.perf_counter()
-                extra = shlex.split(args.extra)
-                if "--data_path" not in extra and default_data_path("opinionqa"):
-                    extra = ["--data_path", default_data_path("opinionqa"), *extra]
-                for seed in seeds:  # seed-major: a stopped sweep leaves whole seeds to compare
-                    for name in names:
-                        flags = [*preset.base, *preset.variants[name], *extra, "--seed", str(seed)]
-                        run_one(flags, out_root / f"{name}_s{seed}")
+                planner.plan(runs)
+                planner.verify(runs, args.rerun_stale)  # before anything trains: a stale record stops here
+                Executor(args).run(runs)
                 print(f"trained in {time.perf_counter() - t0:.1f} s")
-        base = load_variant(preset.baseline, [str(out_root / f"{preset.baseline}_s*")])
-        others = [load_variant(n, [str(out_root / f"{n}_s*")]) for n in preset.variants
-                  if n != preset.baseline and any(any(out_root.glob(f"{n}_s*/{f}"))
-                                                  for f in ("summary.json", "failed.json"))]
-        command = ["python", "scripts/sweep.py", *argv]
-        for k, path in write_comparison(base, others, Path(args.report or preset.report), preset.title,
-                                        command, preset.setup).items():
-            print(f"wrote {k}: {path}")
-    except (DataError, RunFolderError) as err:
+        _report(args, argv, preset, out_root, root, names, seeds)
+    except (DataError, RunFolderError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue (finished runs are reused)", file=sys.stderr)
         return 130
     return 0
+
+
+def _report(args, argv, preset: Preset, out_root: Path, root: Path | None, names: list[str], seeds: list[int]):
+    def globs(name: str) -> tuple[list[str], list[str]]:
+        return [str(out_root / f"{name}_s*")], [str(root / f"{name}_s*")] if root else []
+
+    def present(name: str) -> bool:
+        return any(any(Path(d).glob(f"{name}_s*/{f}")) for d in (out_root, root) if d
+                   for f in ("summary.json", "failed.json"))
+
+    base = load_variant(preset.baseline, *globs(preset.baseline))
+    others = [load_variant(n, *globs(n)) for n in preset.variants if n != preset.baseline and present(n)]
+    wanted = names if preset.baseline in names else [preset.baseline, *names]
+    command = ["python", "scripts/sweep.py", *argv]
+    for k, path in write_comparison(base, others, Path(args.report or preset.report), preset.title, command,
+                                    preset.setup, partial=partial_label([base, *others], wanted, seeds)).items():
+        print(f"wrote {k}: {path}")

@@ -64,3 +64,12 @@ def opinionqa_dir(shared_data_dir) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(autouse=True)
+def records_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Run records default to results/ of the repository (orchestration/records.py): every test
+    gets its own folder instead, subprocesses included, so no test writes into the checkout."""
+    folder = tmp_path_factory.mktemp("records")
+    monkeypatch.setenv("PLURALLLM_RECORDS_DIR", str(folder))
+    return folder

@@ -322,7 +322,7 @@ def _records(path: Path) -> list[dict]:
             for line in path.read_text().splitlines()]
 
 
-def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys):
+def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
     root, results = tmp_path / "runs", tmp_path / "results"
     argv = TINY + ["--out_root", str(root), "--results_dir", str(results), "--name", "tiny"]
     assert pipeline.main(argv) == 0
@@ -351,6 +351,7 @@ def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys):
     for tag in ("final", "round_00004"):
         for f in (run / "checkpoints").glob(f"{tag}.*"):
             f.unlink()
+    shutil.rmtree(records_dir / "fedavg_s1")  # killed before it finished, so never recorded
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     assert "plan: 3 reuse, 1 resume" in out and "resumed from checkpoint round_00002" in out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gzip
 import hashlib
 import importlib.metadata
 import json
@@ -327,14 +328,15 @@ def _parse_record(raw: bytes) -> dict[str, Any] | None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines metrics log.
+    """Read a JSON-lines metrics log (gzipped when its name ends in .gz, as in a run record).
 
     A bad last line is what a crash mid-append leaves: it is dropped with a warning.
     A bad line anywhere else means the file was damaged or edited: ValueError with the
     line number. Blank lines are skipped.
     """
     path = Path(path)
-    lines = path.read_bytes().split(b"\n")
+    raw = path.read_bytes()
+    lines = (gzip.decompress(raw) if path.suffix == ".gz" else raw).split(b"\n")
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
     records: list[dict[str, Any]] = []
     for k, (lineno, raw) in enumerate(numbered):
@@ -485,21 +487,37 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_info() -> dict[str, Any]:
-    """Versions, hardware and code revision, for the run folder (every field may be None)."""
+    """Versions, hardware and code revision, for the run folder (every field may be None).
+
+    The CPU model and torch's thread count are kept because both can change a run's last bits
+    (a GEMM's reduction order): a replay of a recorded run uses the same thread count."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "argv": list(sys.argv),
     }
     for dist in ("torch", "numpy", "transformers", "flwr", "safetensors", "wandb"):
         info[dist] = _dist_version(dist)
-    info["cuda"] = info["cuda_device"] = None
+    info["cuda"] = info["cuda_device"] = info["torch_threads"] = None
     try:
         import torch
 
         info["cuda"] = torch.version.cuda
+        info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["cuda_device"] = torch.cuda.get_device_name(0)
     except Exception:  # a broken CUDA install must not stop a run from recording the rest
