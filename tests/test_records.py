@@ -334,10 +334,6 @@ def test_sweep_reuses_its_records(tmp_path, capsys, monkeypatch, records_dir):
 
 
 def test_paper_unseen_is_the_paper_preset_on_held_out_questions(monkeypatch):
-    from orchestration.cli import build_parser
-    if "question_split" not in vars(build_parser("fedavg").parse_args([])):
-        pytest.skip("--question_split is not in orchestration/cli.py yet (added in parallel by the evaluation "
-                    "issue); the paper_unseen preset passes it through once it is")
     monkeypatch.setenv("PLURALLLM_OPINIONQA_DIR", "../shared/data/opinionqa")
     a = pipeline.parse_args(["--preset", "paper_unseen"])
     paper = pipeline.parse_args(["--preset", "paper"])
