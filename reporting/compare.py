@@ -80,9 +80,19 @@ METRICS = (
     ("final_eval_cov", "CoV, eval groups (final)", _summary("final_eval_cov"), "{:.4f}"),
     ("best_eval_alignment_score", "Best mean eval alignment", _summary("best_eval_alignment_score"), "{:.4f}"),
     ("dp_epsilon", "Privacy budget ε (final)", _summary("dp_epsilon"), "{:.3g}"),
+    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)",
+     _summary("final_eval_alignment_unseen"), "{:.4f}"),
+    ("final_eval_group_specificity", "Group specificity (final)", _summary("final_eval_group_specificity"), "{:.5f}"),
+    ("baseline_consensus", "Consensus lookup, eval alignment (no model)",
+     lambda run: (((run.summary or {}).get("baselines") or {}).get("consensus") or {}).get("eval_alignment_score"),
+     "{:.4f}"),
+    ("convergence_comm_mb", "Communication to convergence (MB)",
+     lambda run: None if (v := (run.summary or {}).get("convergence_comm_bytes")) is None else v / 1e6, "{:.1f}"),
+    ("total_comm_mb", "Communication, whole run (MB)",
+     lambda run: None if (v := (run.summary or {}).get("total_comm_bytes")) is None else v / 1e6, "{:.1f}"),
 )
-# Compared with the baseline (ε is a setting, not an outcome).
-COMPARED = tuple(m for m in METRICS if m[0] != "dp_epsilon")
+# Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
+COMPARED = tuple(m for m in METRICS if m[0] not in ("dp_epsilon", "baseline_consensus"))
 
 
 def values(v: Variant) -> dict[str, dict[int, float | None]]:

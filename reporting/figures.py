@@ -45,8 +45,9 @@ def loss_matrix(runs: dict[int, Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return rounds, loss, steps, w
 
 
-def eval_matrix(runs: dict[int, Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rounds [E], values [S, E], gradient steps [S, E]) of an evaluation metric, cut to the shortest run."""
+def eval_matrix(runs: dict[int, Run], key: str, x_key: str = "grad_steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rounds [E], values [S, E], x_key [S, E]: gradient steps or cumulative bytes) of an evaluation
+    metric, cut to the shortest run."""
     series = [[(rec, v) for rec in r.metrics if (v := record_value(rec, key)) is not None]
               for _, r in sorted(runs.items())]
     series = [s for s in series if s]
@@ -55,7 +56,7 @@ def eval_matrix(runs: dict[int, Run], key: str) -> tuple[np.ndarray, np.ndarray,
     t = min(len(s) for s in series)
     rounds = np.array([rec["round"] for rec, _ in series[0][:t]])
     vals = np.stack([np.array([v for _, v in s[:t]], dtype=float) for s in series])
-    steps = np.stack([np.array([rec.get("grad_steps", np.nan) for rec, _ in s[:t]], dtype=float) for s in series])
+    steps = np.stack([np.array([rec.get(x_key, np.nan) for rec, _ in s[:t]], dtype=float) for s in series])
     return rounds, vals, steps
 
 
@@ -129,19 +130,22 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for m in runset.methods:
-        rounds, vals, steps = eval_matrix(runset.finished(m), key)
-        if vals.size == 0:
-            continue
-        _band(ax, rounds if x_axis == "round" else np.nanmean(steps, 0), vals, m)
+        rounds, vals, steps = eval_matrix(runset.finished(m), key, "comm_bytes_total" if x_axis == "bytes" else "grad_steps")
+        if vals.size == 0 or (x_axis == "bytes" and not np.isfinite(steps).all()):
+            continue  # a run that counted no bytes (centralized; records from before counting)
+        x = rounds if x_axis == "round" else np.nanmean(steps, 0) / (1e6 if x_axis == "bytes" else 1)
+        _band(ax, x, vals, m)
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
     _baseline_lines(ax, runset)
-    xlabel = ("Round (FedAvg: communication round; centralized: epoch)" if x_axis == "round"
-              else "Gradient steps (cumulative, all clients)")
-    title = ("Mean evaluation alignment vs round (paper Fig. 4)" if x_axis == "round"
-             else "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)")
+    xlabel = {"round": "Round (FedAvg: communication round; centralized: epoch)",
+              "steps": "Gradient steps (cumulative, all clients)",
+              "bytes": "Communication (cumulative MB, down + up)"}[x_axis]
+    title = {"round": "Mean evaluation alignment vs round (paper Fig. 4)",
+             "steps": "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)",
+             "bytes": "Mean evaluation alignment vs communication"}[x_axis]
     plain_y(ax, 0.02)
     return _finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
 
@@ -307,6 +311,7 @@ def make_figures(runset: RunSet, out_dir: Path, stem: str, pred: dict | None = N
         "alignment_vs_steps": fig_eval(runset, out_dir / f"{stem}_fig4c_alignment_vs_grad_steps.png",
                                        x_axis="steps"),
         "worst_alignment": fig_worst(runset, out_dir / f"{stem}_fig6_worst_alignment.png"),
+        "alignment_vs_bytes": fig_eval(runset, out_dir / f"{stem}_fig4d_alignment_vs_comm.png", x_axis="bytes"),
         "unseen_vs_round": fig_unseen(runset, out_dir / f"{stem}_fig7_seen_unseen_vs_round.png"),
         "specificity_vs_round": fig_specificity(runset, out_dir / f"{stem}_fig8_specificity_vs_round.png"),
     }

@@ -91,6 +91,8 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         "loss_vs_steps": "Compute-normalised Fig. 2: training loss vs gradient steps",
         "alignment_vs_steps": "Compute-normalised Fig. 4: mean evaluation alignment vs gradient steps",
         "worst_alignment": "Worst-group evaluation alignment vs round and vs gradient steps",
+        "alignment_vs_bytes": "Mean evaluation alignment vs cumulative communication (FedAvg; the centralized "
+                              "baseline instead pools the data once, see the table)",
         "unseen_vs_round": "Evaluation alignment on seen and on unseen questions vs round",
         "specificity_vs_round": "Group specificity vs round: own minus another group's context answers",
     }

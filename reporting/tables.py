@@ -115,6 +115,19 @@ EVALUATION_ROWS = (
      _s("final_eval_group_specificity"), "{:+.5f}"),
 )
 
+# Communication (federated/comm.py), in MB. A centralized run moves no weights; its one-off
+# cost is pooling the training groups' local data, shown on every method's row for comparison.
+def _mb(key):
+    return lambda run: None if (v := (run.summary or {}).get(key)) is None else v / 1e6
+
+
+COMM_ROWS = (
+    ("convergence_comm_mb", "Communication to convergence (MB, down + up)", _mb("convergence_comm_bytes"), "{:.1f}"),
+    ("total_comm_mb", "Communication, whole run (MB, down + up)", _mb("total_comm_bytes"), "{:.1f}"),
+    ("comm_mb_per_round", "Communication per round (MB)", _mb("comm_bytes_per_round"), "{:.2f}"),
+    ("pooling_mb", "Pooling the training data once instead (MB, float32)", _mb("pooling_bytes"), "{:.2f}"),
+)
+
 ROWS = (
     ("convergence_round", "Convergence round", _s("convergence_round"), "{:.1f}"),
     ("final_eval_alignment_score", "Final mean eval alignment", _s("final_eval_alignment_score"), "{:.4f}"),
@@ -138,6 +151,7 @@ ROWS = (
     ("convergence_grad_steps", "Gradient steps to convergence", _s("convergence_grad_steps"), "{:.0f}"),
     ("convergence_points", "Points processed to convergence", _s("convergence_points"), "{:.0f}"),
     ("total_grad_steps", "Gradient steps, whole run", _s("total_grad_steps"), "{:.0f}"),
+    *COMM_ROWS,
     *EVALUATION_ROWS,
 )
 # The convergence round under each definition (reporting/convergence.py): its own table.
