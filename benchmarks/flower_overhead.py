@@ -5,8 +5,10 @@ The same small synthetic experiment (2 training groups + 1 evaluation group) run
     simulation      `main_fl.py --engine flower` in a fresh process (thread backend),
     simulation_ray  the same with `--sim_backend ray` (Ray worker processes),
     deployment      a SuperLink + 3 SuperNodes on 127.0.0.1, started with `flwr run`,
+    simulation_secagg  the simulation with --secagg, on 3 training groups (SecAgg+ needs 3),
 and each reports the wall time of every training round (send weights, local steps on
-every client, replies, aggregation) and of every evaluation. The first round of the
+every client, replies, aggregation) and of every evaluation, and the bytes a round moves
+(federated/comm.py: down to the clients, up from them, and per client). The first round of the
 Flower engines also pays for warm-up (workers importing torch, nodes loading data), so
 it is reported apart and the per-round figures are medians over the later rounds.
 Every engine computes with --threads torch threads per process (default 1, what Flower's
@@ -32,13 +34,31 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-ENGINES = ("inprocess", "simulation", "simulation_ray", "deployment")
+ENGINES = ("inprocess", "simulation", "simulation_ray", "deployment", "simulation_secagg")
 GROUPS = ["g00", "g01", "g02"]
 FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "100", "--syn_dim", "64",
          "--train_groups", "g00,g01", "--eval_groups", "g02", "--d_model", "32", "--dim_feedforward", "32",
          "--num_layers", "2", "--min_ctx_num_qs", "5", "--max_ctx_num_qs", "20", "--min_tar_num_qs", "5",
          "--max_tar_num_qs", "20", "--eval_num_qs", "10", "--epochs", "6", "--wandb", "off", "--quiet",
          "--device", "cpu"]
+
+
+# SecAgg+ needs at least 3 clients: the same experiment with a third training group.
+SECAGG_FLAGS = [*(f if f != "3" else "4" for f in FLAGS[:4]), *FLAGS[4:]]
+SECAGG_FLAGS[SECAGG_FLAGS.index("--train_groups") + 1] = "g00,g01,g03"
+
+
+def comm(rows: list[dict]) -> dict:
+    """Median bytes per round (down, up, and per sampled client) from the rounds' comm counts."""
+    down = [r["comm_bytes_down"] for r in rows]
+    up = [r["comm_bytes_up"] for r in rows]
+    clients = [len(r["train_loss_per_client"]) for r in rows]
+    return {"bytes_down_per_round": statistics.median(down), "bytes_up_per_round": statistics.median(up),
+            "bytes_per_client_per_round": statistics.median((d + u) / c for d, u, c in zip(down, up, clients))}
+
+
+def losses_comm(out: Path) -> dict:
+    return comm([json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()])
 
 
 def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
@@ -57,30 +77,33 @@ def run_inprocess(rounds: int) -> dict:
     args = build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)])
     trainer = make_trainer("fedavg", args, prepare_experiment(args, log=lambda *a: None), client_config(args, "jsd"),
                            "cpu")
-    round_s, eval_s = [], []
+    round_s, eval_s, stats = [], [], []
     for when, fn in [(0, trainer.evaluate)] + [(r, trainer.train_round) for r in range(1, rounds + 1)] + \
             [(rounds, trainer.evaluate)]:
         t0 = time.perf_counter()
-        fn(when)
+        out = fn(when)
         (eval_s if fn == trainer.evaluate else round_s).append(time.perf_counter() - t0)
-    return summarise(round_s, eval_s)
+        if fn == trainer.train_round:
+            stats.append({**out["comm"], "train_loss_per_client": out["train_loss_per_client"]})
+    return summarise(round_s, eval_s, **comm(stats))
 
 
 def flower_record(out: Path, wall: float) -> dict:
     fed = json.loads((out / "federation.json").read_text())
     if fed["failures"] or not (out / "summary.json").exists():
         raise RuntimeError(f"the Flower run in {out} did not finish cleanly: {fed['failures']}")
-    return summarise(fed["round_seconds"], fed["eval_seconds"], total_wall_s=round(wall, 2))
+    return summarise(fed["round_seconds"], fed["eval_seconds"], total_wall_s=round(wall, 2), **losses_comm(out))
 
 
 def thread_env(threads: int) -> dict:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_simulation(rounds: int, tmp: Path, threads: int, backend: str) -> dict:
-    out = tmp / f"simulation_{backend}"
+def run_simulation(rounds: int, tmp: Path, threads: int, backend: str, secagg: bool = False) -> dict:
+    out = tmp / f"simulation_{backend}{'_secagg' if secagg else ''}"
+    flags = [*SECAGG_FLAGS, "--secagg"] if secagg else FLAGS
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "main_fl.py", *FLAGS, "--comm_round", str(rounds), "--federated_eval",
+    subprocess.run([sys.executable, "main_fl.py", *flags, "--comm_round", str(rounds), "--federated_eval",
                     str(rounds), "--out_dir", str(out), "--engine", "flower", "--sim_backend", backend],
                    cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, **thread_env(threads),
@@ -132,7 +155,9 @@ def main(argv=None) -> int:
             runner = {"inprocess": lambda: run_inprocess(args.rounds),
                       "simulation": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread"),
                       "simulation_ray": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "ray"),
-                      "deployment": lambda: run_deployment(args.rounds, Path(tmp), args.threads)}[engine]
+                      "deployment": lambda: run_deployment(args.rounds, Path(tmp), args.threads),
+                      "simulation_secagg": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread",
+                                                                  secagg=True)}[engine]
             result[engine] = runner()
     if "inprocess" in result:
         base = result["inprocess"]
@@ -140,7 +165,7 @@ def main(argv=None) -> int:
             e: {"per_round_s": round(result[e]["median_round_s"] - base["median_round_s"], 4),
                 "per_eval_s": round(result[e]["median_eval_s"] - base["median_eval_s"], 4),
                 "round_ratio": round(result[e]["median_round_s"] / base["median_round_s"], 1)}
-            for e in ENGINES[1:] if e in result}
+            for e in ENGINES[1:] if e in result and e != "simulation_secagg"}
     text = json.dumps(result, indent=2)
     print(text)
     if args.save:
