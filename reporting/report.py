@@ -25,6 +25,19 @@ from .verdicts import claims_lines, definitions_lines
 MANIFEST = "reproduce.json"
 
 
+def comm_note(runset: RunSet) -> str:
+    """Which methods' communication was not counted (centralized moves no weights; records from
+    before counting carry none), so an empty cell is never read as zero."""
+    missing = [r for r in runset.all_finished()
+               if r.method == "fedavg" and "total_comm_bytes" not in (r.summary or {})]
+    note = ("Communication rows: FedAvg's bytes down and up (federated/comm.py); the centralized baselines move "
+            "no weights, their one-off cost is the pooling row.")
+    if missing:
+        note += (f" {len(missing)} FedAvg run(s) were made before bytes were counted: their communication is "
+                 "**not counted** (–), not zero.")
+    return note + "\n"
+
+
 def find_manifest(runset: RunSet) -> dict | None:
     """The pipeline's reproduce.json next to the run folders, if any."""
     for r in runset.all_finished() + runset.interrupted:
@@ -165,6 +178,7 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         "## Results over seeds",
         "",
         table_md,
+        comm_note(runset),
         "Worst-group rows: the lowest group alignment, the mean of the lowest quarter of groups (at least one), "
         "and best minus worst group, at the last evaluation (utils.metrics.worst_group). Wall times include the "
         "evaluations and are as measured on the machine named in Setup, under whatever else it was running at "
