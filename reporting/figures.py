@@ -89,6 +89,16 @@ def plain_y(ax, min_span: float, top: float | None = None, decimals: int = 3) ->
     ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
 
 
+def _finish_pair(fig, title: str, path: Path) -> Path:
+    """A figure of two panels: one title, the band note, saved and closed."""
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
@@ -185,12 +195,7 @@ def fig_unseen(runset: RunSet, path: Path) -> Path | None:
         plt.close(fig)
         return None
     axes[0].set_ylabel("Mean alignment score, unseen eval groups")
-    fig.suptitle("Evaluation alignment on seen and unseen questions", fontsize=11)
-    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish_pair(fig, "Evaluation alignment on seen and unseen questions", path)
 
 
 def fig_specificity(runset: RunSet, path: Path) -> Path | None:
@@ -230,12 +235,7 @@ def fig_fi(runset: RunSet, path: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    fig.suptitle("Fairness index vs round (paper Fig. 5)", fontsize=11)
-    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish_pair(fig, "Fairness index vs round (paper Fig. 5)", path)
 
 
 def fig_worst(runset: RunSet, path: Path) -> Path | None:
@@ -258,12 +258,7 @@ def fig_worst(runset: RunSet, path: Path) -> Path | None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("Lowest group alignment, unseen eval groups")
     plain_y(axes[0], 0.02)
-    fig.suptitle("Worst-group evaluation alignment", fontsize=11)
-    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish_pair(fig, "Worst-group evaluation alignment", path)
 
 
 def fig_predictions(pred: dict, path: Path) -> Path:

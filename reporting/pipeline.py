@@ -51,7 +51,16 @@ from .jobs import Task, resolve_jobs, run_tasks, usable_cores
 from .paths import default_data_path, shown, shown_argv
 from .predictions import prediction_data
 from .report import MANIFEST, write_report
-from .reuse import RecordState, differences_text, record_state, records_root, stale_error, status_report, verify
+from .reuse import (
+    RecordState,
+    add_record_arguments,
+    differences_text,
+    record_state,
+    records_root,
+    stale_error,
+    status_report,
+    verify,
+)
 from .runs import ENTRY_POINTS, METHODS, RunFolderError, collect, find_run_folders, method_label, prefer_done
 
 FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothing (resuming is automatic)",
@@ -118,17 +127,7 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--jobs", type=int, default=None,
                    help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
                         "cores, else 1; measured in benchmarks/README.md)")
-    r.add_argument("--records_dir", default=None,
-                   help="run records: runs/<A>/<B>/<run> is recorded at <records_dir>/<A>/<B>/<run> when it "
-                        "finishes, and a planned run with a verified record is not trained again (default "
-                        f"${records.RECORDS_ENV}, else results/ of the repository)")
-    r.add_argument("--commit_records", action="store_true",
-                   help="git-commit each record the moment it is written (that path only, nothing else)")
-    r.add_argument("--rerun_stale", action="store_true",
-                   help="retrain the runs whose record this code no longer reproduces (default: stop, name them)")
-    r.add_argument("--status", action="store_true",
-                   help="train nothing: list the plan against the records (finished, diverged, missing, "
-                        "stale-config) with counts")
+    add_record_arguments(r)
     r.add_argument("--report_only", action="store_true",
                    help="train nothing: report from existing run folders (--runs, else --out_root's folders and "
                         "their records)")

@@ -120,3 +120,18 @@ def status_report(rows: list[tuple[str, RecordState]], log=print) -> Counter:
     log(f"{len(rows)} planned: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
         + " (configurations compared with the plan; --status replays nothing)")
     return counts
+
+
+def add_record_arguments(p) -> None:
+    """The record flags of scripts/reproduce.py and scripts/sweep.py (an argparse parser or group)."""
+    p.add_argument("--records_dir", default=None,
+                   help="run records: runs/<A>/<B>/<run> is recorded at <records_dir>/<A>/<B>/<run> when it "
+                        "finishes, and a planned run with a verified record is not trained again (default "
+                        f"${records.RECORDS_ENV}, else results/ of the repository)")
+    p.add_argument("--commit_records", action="store_true",
+                   help="git-commit each record the moment it is written (that path only, nothing else)")
+    p.add_argument("--rerun_stale", action="store_true",
+                   help="retrain the runs whose record this code no longer reproduces (default: stop, name them)")
+    p.add_argument("--status", action="store_true",
+                   help="train nothing: list the plan against the records (finished, diverged, missing, "
+                        "stale-config) with counts")

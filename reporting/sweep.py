@@ -33,7 +33,16 @@ from utils.run_io import OutputDirError, RunLock
 from .compare import Variant, load_variant, write_comparison
 from .jobs import Task, resolve_jobs, run_tasks, usable_cores
 from .paths import default_data_path, shown
-from .reuse import RecordState, differences_text, record_state, records_root, stale_error, status_report, verify
+from .reuse import (
+    RecordState,
+    add_record_arguments,
+    differences_text,
+    record_state,
+    records_root,
+    stale_error,
+    status_report,
+    verify,
+)
 from .runs import RunFolderError
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
@@ -143,17 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores, else 1; measured in benchmarks/README.md)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
-    p.add_argument("--records_dir", default=None,
-                   help="run records: runs/<A>/<B>/<run> is recorded at <records_dir>/<A>/<B>/<run> when it "
-                        "finishes, and a planned run with a verified record is not trained again (default "
-                        f"${records.RECORDS_ENV}, else results/ of the repository)")
-    p.add_argument("--commit_records", action="store_true",
-                   help="git-commit each record the moment it is written (that path only, nothing else)")
-    p.add_argument("--rerun_stale", action="store_true",
-                   help="retrain the runs whose record this code no longer reproduces (default: stop, name them)")
-    p.add_argument("--status", action="store_true",
-                   help="train nothing: list the plan against the records (finished, diverged, missing, "
-                        "stale-config) with counts")
+    add_record_arguments(p)
     return p
 
 

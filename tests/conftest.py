@@ -73,3 +73,14 @@ def records_dir(tmp_path_factory, monkeypatch) -> Path:
     folder = tmp_path_factory.mktemp("records")
     monkeypatch.setenv("PLURALLLM_RECORDS_DIR", str(folder))
     return folder
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower stamps every new Message with the process's task identity, which a runtime sets;
+    tests that build messages outside a runtime set one and restore the old afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

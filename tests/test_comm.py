@@ -16,13 +16,8 @@ NPY_HEADER = 128  # numpy's .npy v1.0 header, padded to a multiple of 64 bytes, 
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Flower stamps every new Message with the process's task identity, which a runtime sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def task_identity(flower_task_identity):
+    """Every Message built here is stamped with a task identity (conftest.py)."""
 
 
 def msg_with_id(msg):

@@ -95,13 +95,8 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Flower stamps every new Message with the process's task identity, which a runtime sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def task_identity(flower_task_identity):
+    """Every Message built here is stamped with a task identity (conftest.py)."""
 
 
 def parse(out: Path, *extra):
