@@ -130,6 +130,10 @@ def lookup_lines(runset: RunSet) -> list[str]:
             "(a fixed, seeded pairing). Group specificity = own − other (mean over groups), at the last evaluation:",
             ""]
     out += [line for m in runset.methods if (line := specificity_line(runset, m))]
+    shared = [n for r in runs for _, n in ((r.summary or {}).get("eval_specificity_context") or {}).values()]
+    if shared:
+        out += ["", f"Each pair's context holds the questions both groups answered, up to `--eval_num_qs`: "
+                f"{min(shared)}–{max(shared)} context questions per group here."]
     controls = controls_table(runset)
     if controls:
         out += ["", "Controls at the last evaluation (mean alignment of the paired groups on the same targets):", "",
