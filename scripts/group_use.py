@@ -6,7 +6,8 @@
 Trains the centralized model on the protocol and, at each checkpoint epoch, prints:
 
   specificity   own − partner context alignment of the evaluation groups (training/diagnostics.py),
-                the same for the training groups on questions they train on, own / partner /
+                the same for the training groups on questions they train on and on their held-out
+                questions (contexts from the questions they train on), own / partner /
                 consensus alignment on the same targets, and how far the predicted distributions
                 move when the partner's answers replace the group's (mean total variation)
   gradient      on a fixed batch of training episodes (one per training group): the loss gradient
@@ -42,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from data_loaders.datasets import prepare_experiment  # noqa: E402
 from data_loaders.episodes import collate, sample_batch  # noqa: E402
+from federated.client import GroupClient  # noqa: E402
 from orchestration.cli import build_parser  # noqa: E402
 from orchestration.experiment import check_flags, make_trainer  # noqa: E402
 from training.config import client_config  # noqa: E402
@@ -61,7 +63,7 @@ def build(seed: int, extra: list[str]):
     args = build_parser("centralized").parse_args([*PROTOCOL, "--seed", str(seed), *extra])
     check_flags(args)
     data = prepare_experiment(args, log=lambda *a: None)
-    return make_trainer("centralized", args, data, client_config(args, "jsd"), "cpu"), args
+    return make_trainer("centralized", args, data, client_config(args, "jsd"), "cpu"), args, data
 
 
 # --- specificity -------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def pair_episode(diag: Diagnostics, pair, kind: str):
     return collate([ctx], [torch.arange(len(pair.ctx))], [pair.targets], tgt_groups=[group])
 
 
-def specificity_block(diag: Diagnostics, train_diag: Diagnostics) -> dict:
+def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: Diagnostics) -> dict:
     spec = diag.specificity()
     controls = diag.controls()
     cons = {p.name: GroupEval(p.name, diag.reference.distances("consensus", diag.eval_clients[p.name].local,
@@ -87,6 +89,7 @@ def specificity_block(diag: Diagnostics, train_diag: Diagnostics) -> dict:
             moves.append(tv)
     return {"specificity": spec["eval_group_specificity"], "specificity_se": spec["eval_group_specificity_se"],
             "train_specificity": train_diag.specificity()["eval_group_specificity"],
+            "train_heldout_specificity": heldout_diag.specificity()["eval_group_specificity"],
             "own": controls["own"], "partner": controls["partner"], "uniform_ctx": controls["uniform"],
             "consensus": group_stats(cons)["alignment_score"],
             "prediction_tv": float(torch.cat(moves).mean())}
@@ -179,11 +182,9 @@ def attention_block(model, diag: Diagnostics) -> dict:
     return [{k: sum(v) / len(v) for k, v in rec.items()} for rec in per_layer]
 
 
-def measure(trainer, diag, train_diag, probe) -> dict:
-    state = {k: v.detach().clone() for k, v in trainer.global_state.items()}
-    diag.model.load_state_dict(state)
-    train_diag.model.load_state_dict(state)
-    out = {"spec": specificity_block(diag, train_diag), "grad": gradient_block(diag.model, probe),
+def measure(trainer, diag, train_diag, heldout_diag, probe) -> dict:
+    diag.model.load_state_dict({k: v.detach().clone() for k, v in trainer.global_state.items()})
+    out = {"spec": specificity_block(diag, train_diag, heldout_diag), "grad": gradient_block(diag.model, probe),
            "attention": attention_block(diag.model, diag)}
     return out
 
@@ -198,10 +199,16 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     checkpoints = sorted(int(c) for c in a.checkpoints.split(","))
-    trainer, args = build(a.seed, a.extra)
+    trainer, args, data = build(a.seed, a.extra)
     diag = trainer.diagnostics
     train_diag = Diagnostics(diag.model, trainer.clients, trainer.clients, diag.metric, args.eval_num_qs,
                              args.eval_seed)
+    # The training groups again, scored on their held-out questions (no group trains on them),
+    # with contexts from their local ones: does what they learned of a training group carry to new questions?
+    held = torch.cat([c.heldout.qkeys for c in trainer.clients.values()]).unique()
+    heldout_clients = {n: GroupClient(data.train[n], trainer.cfg, "eval", held) for n in trainer.clients}
+    heldout_diag = Diagnostics(diag.model, heldout_clients, trainer.clients, diag.metric, args.eval_num_qs,
+                               args.eval_seed)
     probe = sample_batch([c.local for c in trainer.clients.values()], trainer.cfg.sizes,
                          generator(a.seed, "group_use_probe"), shared_sizes=False)
     print(f"train groups {sorted(trainer.clients)}, eval groups {sorted(trainer.eval_clients)}, "
@@ -211,12 +218,13 @@ def main(argv=None) -> dict:
         if epoch > 0:
             loss = trainer.train_round(epoch)["train_loss"]
         if epoch in checkpoints:
-            m = measure(trainer, diag, train_diag, probe)
+            m = measure(trainer, diag, train_diag, heldout_diag, probe)
             m.update(epoch=epoch, train_loss=loss)
             rows.append(m)
             s, g, at = m["spec"], m["grad"], m["attention"]
             print(f"epoch {epoch:4d}  loss {loss if loss is not None else float('nan'):8.3f}  "
-                  f"spec {s['specificity']:+.4f}±{s['specificity_se']:.4f}  train-spec {s['train_specificity']:+.4f}  "
+                  f"spec {s['specificity']:+.4f}±{s['specificity_se']:.4f}  train-spec {s['train_specificity']:+.4f} "
+                  f"(held-out q {s['train_heldout_specificity']:+.4f})  "
                   f"own {s['own']:.4f} partner {s['partner']:.4f} consensus {s['consensus']:.4f}  "
                   f"predTV {s['prediction_tv']:.2e}  ({time.time() - start:.0f}s)")
             print(f"   grad  |dL/dy| {g['dL_dy']:.2e}  ‖dL/dx‖/√D {g['dL_dx_per_dim']:.2e}  "
