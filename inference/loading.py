@@ -81,9 +81,9 @@ def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, de
     """The GPO with these weights, in eval mode; a weights/shape mismatch names the file."""
     first = weights.get("embedder.0.weight")
     if first is not None and first.shape[1] != cfg.input_dim:
-        raise DataError(f"{where}: the weights take {first.shape[1]}-wide inputs but the config says "
-                        f"{cfg.input_dim} (dim_x {cfg.dim_x}, context_answer {cfg.context_answer})",
-                        "the weights and config.json come from different models")
+        copies = 2 if cfg.context_answer == "product" else 1  # [x, y] or [x, y, y·x]
+        raise DataError(f"{where}: the weights take {(first.shape[1] - cfg.dim_y) // copies}-dim embeddings but the "
+                        f"config says dim_x {cfg.dim_x}", "the weights and config.json come from different models")
     model = GPO(cfg)
     try:
         model.load_state_dict(weights)

@@ -6,17 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model import toy_episode
 
 from data_loaders.datasets import prepare_experiment
 from data_loaders.episodes import collate
+from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, make_trainer
-from models.gpo import GPO, GPOConfig
 from training.config import client_config
 from training.evaluation import score_group
 from utils.metrics import score_questions
-
-from test_model import toy_episode
 
 CFG = GPOConfig(dim_x=6, d_model=16, dim_feedforward=24, nhead=4, num_layers=2)
 SYN = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",
@@ -137,3 +136,16 @@ def test_group_use_script_prints_and_records_every_measure(tmp_path, capsys):
     assert len(row["attention"]) == 2 and all(abs(a["ctx_mass"] - 1) < 1e-6 for a in row["attention"])
     assert row["grad"]["dL_dy"] > 0 and row["grad"]["dL_dx"] > 0
     assert "spec" in capsys.readouterr().out
+
+
+def test_a_product_model_loads_from_its_config_and_not_as_concat():
+    from data_loaders.schema import DataError
+    from inference.loading import build_model, gpo_config
+    weights = product_model().state_dict()
+    cfg = gpo_config({"model_config": replace(CFG, context_answer="product").to_dict()}, "run")
+    model = build_model(cfg, weights, "run", "cpu")
+    assert torch.equal(model.embedder[0].weight, weights["embedder.0.weight"])
+    with pytest.raises(DataError, match="the weights take 12-dim embeddings but the config says dim_x 6"):
+        build_model(CFG, weights, "run", "cpu")
+    assert gpo_config({"model_config": {k: v for k, v in CFG.to_dict().items() if k != "context_answer"}},
+                      "old run").context_answer == "concat"  # a run from before the flag
