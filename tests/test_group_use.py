@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import toy_episode
 
 from data_loaders.datasets import prepare_experiment
 from data_loaders.episodes import collate
+from data_loaders.schema import build_group_data
+from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, make_trainer
@@ -22,6 +23,13 @@ SYN = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "
        "--d_model", "32", "--dim_feedforward", "32", "--num_layers", "2", "--min_ctx_num_qs", "3",
        "--max_ctx_num_qs", "10", "--min_tar_num_qs", "3", "--max_tar_num_qs", "10", "--eval_num_qs", "5",
        "--central_steps", "2"]
+
+
+def toy_episode(seed=1):
+    raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=12, dim=6, seed=seed))
+    gs = [build_group_data(raw, n, x) for n in raw.groups]
+    return collate(gs, [torch.tensor([0, 3, 5]), torch.tensor([1, 2])],
+                   [torch.tensor([7, 8, 9, 11]), torch.tensor([4, 6])]), gs
 
 
 def product_model(seed=0) -> GPO:
@@ -64,8 +72,6 @@ def test_product_with_zero_product_weights_is_the_concat_model_and_otherwise_rea
 
 def test_product_scores_the_same_projected_or_gathered():
     """score_group embeds a group once (2·d_model-wide rows under product) and gathers them."""
-    from data_loaders.schema import build_group_data
-    from data_loaders.synthetic import SyntheticSpec, make_synthetic
     raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=30, dim=6, seed=3))
     group = build_group_data(raw, next(iter(raw.groups)), x)
     model = product_model()
