@@ -80,9 +80,10 @@ def gpo_config(config: dict, where: str) -> GPOConfig:
 def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, device: str) -> GPO:
     """The GPO with these weights, in eval mode; a weights/shape mismatch names the file."""
     first = weights.get("embedder.0.weight")
-    if first is not None and first.shape[1] != cfg.dim_x + cfg.dim_y:
-        raise DataError(f"{where}: the weights take {first.shape[1] - cfg.dim_y}-dim embeddings but the config "
-                        f"says dim_x {cfg.dim_x}", "the weights and config.json come from different models")
+    if first is not None and first.shape[1] != cfg.input_dim:
+        copies = 2 if cfg.context_answer == "product" else 1  # [x, y] or [x, y, y·x]
+        raise DataError(f"{where}: the weights take {(first.shape[1] - cfg.dim_y) // copies}-dim embeddings but the "
+                        f"config says dim_x {cfg.dim_x}", "the weights and config.json come from different models")
     model = GPO(cfg)
     try:
         model.load_state_dict(weights)

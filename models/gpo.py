@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 LAYER_INITS = ("independent", "clones")
 LOSS_REDUCTIONS = ("sum", "slot_mean")
+CONTEXT_ANSWERS = ("concat", "product")
 
 
 @dataclass
@@ -39,9 +40,19 @@ class GPOConfig:
     # "sum" (GPO): NLL summed over real target points, mean over episodes; "slot_mean" (released
     # code): the same sum divided by B·Nt, every padded target slot counted (method.md §3).
     loss_reduction: str = "sum"
+    # How a context answer y enters the embedder. "concat" (paper): the input is [x, y], y one
+    # value beside dim_x embedding dimensions. "product" (issue 26): [x, y, y·x], the answer also
+    # scales a copy of the option embedding with weights of its own, so a context pooled by
+    # attention carries the answer-weighted embedding linearly. Targets (y = 0) are unchanged.
+    context_answer: str = "concat"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def input_dim(self) -> int:
+        """Width of the embedder's input: [x, y], and y·x with context_answer "product"."""
+        return self.dim_x + self.dim_y + (self.dim_x if self.context_answer == "product" else 0)
 
 
 @dataclass
@@ -126,7 +137,10 @@ class GPO(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.embedder = mlp(c.dim_x + c.dim_y, c.d_model, c.d_model, c.emb_depth)
+        if c.context_answer not in CONTEXT_ANSWERS:
+            raise ValueError(f"context_answer {c.context_answer!r}: choose one of {', '.join(CONTEXT_ANSWERS)}")
+        self.product = c.context_answer == "product"
+        self.embedder = mlp(c.input_dim, c.d_model, c.d_model, c.emb_depth)
         self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)
                                     for _ in range(c.num_layers))
         self.predictor = nn.Sequential(nn.Linear(c.d_model, c.dim_feedforward), nn.ReLU(),
@@ -155,18 +169,24 @@ class GPO(nn.Module):
         """x·W_x + b, the embedder's first layer without the y column, for points given once.
 
         Evaluation embeds a whole group's points with it and then gathers 128-wide rows,
-        instead of gathering 4096-wide embeddings into an episode first.
+        instead of gathering 4096-wide embeddings into an episode first. With
+        context_answer "product" the rows are [x·W_x + b, x·W_p] (2·d_model wide): y·(x·W_p)
+        is the product term (y·x)·W_p, so it needs no raw x either.
         """
         with self._autocast(x):
-            return self._x_linear(x)
+            h = self._x_linear(x)
+            return torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
 
-    def _x_linear(self, x: torch.Tensor) -> torch.Tensor:
+    def _x_linear(self, x: torch.Tensor, product: bool = False) -> torch.Tensor:
+        """x·W_x + b, or x·W_p (no bias) with `product`: the columns that multiply y·x."""
         first, dim_x = self.embedder[0], self.config.dim_x
-        w_x = first.weight[:, :dim_x]
+        w_x = first.weight[:, dim_x + self.config.dim_y:] if product else first.weight[:, :dim_x]
+        bias = None if product else first.bias
         if self.config.precision == "bf16_input":
             # bf16 operands and product (fp32 accumulation inside the GEMM); bias and all after in fp32
-            return F.linear(x.to(torch.bfloat16), w_x.to(torch.bfloat16)).float() + first.bias
-        return F.linear(x, w_x, first.bias)
+            out = F.linear(x.to(torch.bfloat16), w_x.to(torch.bfloat16)).float()
+            return out if bias is None else out + bias
+        return F.linear(x, w_x, bias)
 
     def _autocast(self, x: torch.Tensor):
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
@@ -178,9 +198,16 @@ class GPO(nn.Module):
         embedding dimensions would copy the whole episode once more per forward pass.
         """
         first, dim_x = self.embedder[0], self.config.dim_x
-        h = x if projected else self._x_linear(x)
+        if self.product:
+            d = first.weight.shape[0]
+            h, hp = (x[..., :d], x[..., d:]) if projected else (self._x_linear(x), None)
+        else:
+            h = x if projected else self._x_linear(x)
         if y is not None:
-            h = h + y.unsqueeze(-1).to(h.dtype) * first.weight[:, dim_x]
+            y = y.unsqueeze(-1).to(h.dtype)
+            h = h + y * first.weight[:, dim_x]
+            if self.product:
+                h = h + y * (self._x_linear(x, product=True) if hp is None else hp)
         return self.embedder[1:](h)
 
     def encode_targets(self, ep: Episode) -> torch.Tensor:
@@ -202,7 +229,7 @@ class GPO(nn.Module):
         """FirstLayer serves training steps in fp32 and bf16_input; torch.func (vmap engine),
         autocast and already-projected episodes take the plain path (same numbers)."""
         return (torch.is_grad_enabled() and not ep.projected and self.config.precision in ("fp32", "bf16_input")
-                and self.layers[0].fused_attention)
+                and self.layers[0].fused_attention and not self.product)
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""

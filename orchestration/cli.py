@@ -14,7 +14,7 @@ from federated.fedavg import CLIENT_ENGINES
 from federated.privacy import add_privacy_arguments
 from federated.strategies import add_strategy_arguments
 from flower_app.secagg import add_secagg_arguments
-from models.gpo import LAYER_INITS, LOSS_REDUCTIONS
+from models.gpo import CONTEXT_ANSWERS, LAYER_INITS, LOSS_REDUCTIONS
 from orchestration.centralized import CENTRAL_MODES
 
 
@@ -81,6 +81,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     m.add_argument("--layer_init", default="independent", choices=LAYER_INITS,
                    help="independent: each transformer layer drawn on its own (paper); clones: every layer starts "
                         "as a copy of the first (released code: nn.TransformerEncoder deep-copies its layer)")
+    m.add_argument("--context_answer", default="concat", choices=CONTEXT_ANSWERS,
+                   help="how a context answer y enters the embedder: concat = [x, y] (the paper); product = "
+                        "[x, y, y·x], the answer also scales a copy of the option embedding (issue 26, "
+                        "docs/group_use.md). Default concat")
     m.add_argument("--loss_reduction", default="sum", choices=LOSS_REDUCTIONS,
                    help="sum: negative log-likelihood summed over target points, mean over episodes (GPO's "
                         "objective); slot_mean: divided by every padded target slot (released code)")

@@ -49,7 +49,8 @@ def model_config(args, dim_x: int) -> GPOConfig:
                      dim_feedforward=args.dim_feedforward, nhead=args.nhead, dropout=args.dropout,
                      num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision,
                      layer_init=getattr(args, "layer_init", "independent"),
-                     loss_reduction=getattr(args, "loss_reduction", "sum"))
+                     loss_reduction=getattr(args, "loss_reduction", "sum"),
+                     context_answer=getattr(args, "context_answer", "concat"))
 
 
 def resolve_metric(args) -> str:
