@@ -123,10 +123,12 @@ class GroupPredictor:
         from .export import load_pretrained
         return load_pretrained(cls, path, cache_dir=cache_dir, emb_model=emb_model, device=device, log=log)
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card)."""
+    def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card).
+
+        A folder holding a run, or a different export (unless `overwrite`), is refused."""
         from .export import save_pretrained
-        return save_pretrained(self, out_dir)
+        return save_pretrained(self, out_dir, overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """save_pretrained into a temporary folder and upload it (see inference.export.push_to_hub)."""

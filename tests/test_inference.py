@@ -358,6 +358,24 @@ def test_from_pretrained_refuses_corrupted_weights_and_unknown_repos(syn_run, tm
         GroupPredictor.from_pretrained("nobody/no-such-predictor", log=QUIET)
 
 
+def test_export_refuses_an_out_holding_a_run_or_a_different_export(syn_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(syn_run, run)
+    before = (run / "config.json").read_bytes()
+    assert export_main(["--run", str(run), "--out", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert export_main(["--run", str(run), "--out", str(run), "--overwrite"]) == 2
+    assert (run / "config.json").read_bytes() == before and not (run / "model.safetensors").exists()
+    out = tmp_path / "export"
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0  # the same export again is harmless
+    capsys.readouterr()
+    assert export_main(["--run", str(run), "--out", str(out), "--checkpoint", "round_00000"]) == 2
+    assert "already holds a different export" in capsys.readouterr().err
+    assert export_main(["--run", str(run), "--out", str(out), "--checkpoint", "round_00000", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == "round_00000"
+
+
 # ---------------------------------------------------------------------------- text embedding (real model)
 
 def test_new_texts_use_the_runs_model_and_the_embedding_cache(opinionqa_run, tmp_path):
