@@ -123,7 +123,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     opts = card.get("embedding_options") or {}
     embedder = TextEmbedder(name, emb["prompt_style"], cfg.dim_x, cache_dir=cache_dir,
                             dtype=opts.get("emb_dtype") or "fp32", load_in_8bit=bool(opts.get("emb_load_in_8bit")),
-                            log=log)
+                            probe=emb.get("probe"), log=log)
     (log or (lambda _: None))(f"loaded {folder}: metric {card.get('metric')}, embeddings {name} ({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}

@@ -78,7 +78,8 @@ class GroupPredictor:
         emb_name = check_emb_override(emb["emb_model"], emb_model, where)
         embedder = TextEmbedder(emb_name, emb["prompt_style"], model.config.dim_x, cache_dir=cache_dir,
                                 device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
-                                load_in_8bit=bool(config.get("emb_load_in_8bit", False)), log=log)
+                                load_in_8bit=bool(config.get("emb_load_in_8bit", False)),
+                                probe=emb.get("probe"), log=log)
         from .export import export_config  # lazy: `python -m inference.export` must import it first
         summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else None
         info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),

