@@ -124,6 +124,30 @@ def test_row08_nan_probability(tmp_path):
         load_with(tmp_path, bad, strict=True)
 
 
+def test_row62_selections_naming_a_country_twice_is_skipped_and_counted_or_fatal_with_strict(tmp_path):
+    """A dict literal keeps the last of two values silently; the loader must see both."""
+    bad = ["Q1", "defaultdict(<class 'list'>, {'Japan': [0.9, 0.1], 'China': [0.5, 0.5], 'Japan': [0.1, 0.9]})",
+           "['A', 'B']", "GAS"]
+    with pytest.warns(UserWarning, match=r"row 1 .*selections name 'Japan' twice"):
+        raw = load_with(tmp_path, bad)
+    assert raw.report.dropped == {"selections naming a group twice": 1} and raw.report.kept_questions == 1
+    with pytest.raises(DataError, match=r"row 1 .*'Japan' twice"):
+        load_with(tmp_path, bad, strict=True)
+    other = bad[:1] + [bad[1].replace("'Japan'", "'Peru'")] + bad[2:]  # a group not considered: harmless
+    assert load_with(tmp_path, other).report.dropped == {}
+
+
+def test_row63_a_repeated_question_row_is_skipped_and_counted_or_fatal_with_strict(tmp_path):
+    again = ["Q0", sel({"Japan": [0.5, 0.5], "China": [0.1, 0.9]}), "['Yes', 'No']", "WVS"]
+    with pytest.warns(UserWarning, match=r"row 1 .*repeats row 0 \(same question and options\)"):
+        raw = load_with(tmp_path, again)
+    assert raw.report.dropped == {"repeated question row": 1} and raw.groups["Japan"].qkeys.tolist() == [0]
+    with pytest.raises(DataError, match="row 1 .*repeats row 0"):
+        load_with(tmp_path, again, strict=True)
+    other_options = ["Q0", sel({"Japan": [0.5, 0.5], "China": [0.1, 0.9]}), "['Agree', 'Disagree']", "WVS"]
+    assert load_with(tmp_path, other_options).report.kept_questions == 2  # another question to the model
+
+
 def test_row10_opinionqa_folder_missing(tmp_path, capsys):
     fails(capsys, "--dataset", "opinionqa", "--data_path", str(tmp_path / "nope"), expect=str(tmp_path / "nope"))
 
