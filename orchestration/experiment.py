@@ -23,7 +23,7 @@ from orchestration.centralized import CentralizedTrainer
 from orchestration.loop import LoopConfig, RunLoop
 from orchestration.resume import FAILED, mark_failed, plan_run
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
-from training.local import DivergenceError
+from training.local import DIVERGENCE_HINT, DivergenceError
 from utils.checkpoint import CheckpointError
 from utils.device import resolve_device
 from utils.interrupts import exit_code, signals_raise
@@ -214,13 +214,24 @@ def _run_planned(plan, method, args, data, cfg, config, device, log) -> dict:
             loop.resume()
         summary = loop.run()
     except DivergenceError as err:
-        mark_failed(run_dir.path, str(err).splitlines()[0], round=err.round, client=err.client)
-        raise DataError(f"{err}\n  the run folder {run_dir.path} is marked failed ({FAILED}); start a new run",
-                        None) from None
+        headline = str(err).splitlines()[0]
+        mark_failed(run_dir.path, headline, round=err.round, client=err.client)
+        raise DataError(f"{headline}\n  the run folder {run_dir.path} is marked failed ({FAILED}); start a new run",
+                        divergence_hint(args)) from None
     finally:
         wandb.finish()
     log(f"{method}: summary in {run_dir.path / 'summary.json'}")
     return summary
+
+
+def divergence_hint(args) -> str:
+    """Under DP the usual cause is the noise, not the learning rate: name it."""
+    if not getattr(args, "dp", False):
+        return DIVERGENCE_HINT
+    z = f"--dp_noise {args.dp_noise:g}" if args.dp_noise is not None else f"the noise --dp_epsilon {args.dp_epsilon:g} needs"
+    return (f"{z} adds Gaussian noise of std z x --dp_clip / (clients per round) to every weight each round; "
+            "noise that large swamps the model: lower --dp_noise (or raise --dp_epsilon), sample more clients per "
+            f"round, or {DIVERGENCE_HINT}")
 
 
 def loop_config(method: str, args) -> LoopConfig:

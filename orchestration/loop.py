@@ -15,7 +15,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from training.evaluation import group_stats
-from training.local import StopTraining
+from training.local import DivergenceError, StopTraining
 from utils.checkpoint import (
     alias_checkpoint,
     latest_checkpoint,
@@ -25,7 +25,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.console import format_group_table
-from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round
+from utils.metrics import LOSS_WINDOW_ROUNDS, NonFiniteError, curve_convergence_round
 from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics, trim_metrics
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
@@ -205,7 +205,13 @@ class RunLoop:
         return row
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
-        evals, trains = self.trainer.evaluate(rnd)
+        try:
+            evals, trains = self.trainer.evaluate(rnd)
+        except NonFiniteError as err:  # finite but huge weights (e.g. DP noise) predict NaN: a divergence
+            if err.name != "pred":
+                raise
+            raise DivergenceError(rnd, err.group or "?", f"predictions are NaN/inf at evaluation in "
+                                  f"question(s) {err.questions}") from None
         rec = eval_record(rnd, evals, trains, window, self.grad_steps, self.points, time.perf_counter() - t0)
         diagnostics = getattr(self.trainer, "diagnostics", None)  # the Flower engine's server holds no data
         if diagnostics is not None:
