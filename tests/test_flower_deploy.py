@@ -30,8 +30,8 @@ from orchestration.cli import build_parser
 from orchestration.experiment import main
 from utils.checkpoint import load_checkpoint
 
-GROUPS = ["g00", "g01", "g02"]  # g00, g01 train; g02 evaluation
-FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "40", "--syn_dim", "16",
+GROUPS = ["g00", "g01", "g02", "g03"]  # g00, g01 train; g02 evaluation; g03 trains only under SecAgg+
+FLAGS = ["--dataset", "synthetic", "--syn_groups", "4", "--syn_questions", "40", "--syn_dim", "16",
          "--train_groups", "g00,g01", "--eval_groups", "g02", "--d_model", "16", "--dim_feedforward", "16",
          "--num_layers", "1", "--min_ctx_num_qs", "3", "--max_ctx_num_qs", "10", "--min_tar_num_qs", "3",
          "--max_tar_num_qs", "10", "--eval_num_qs", "5", "--epochs", "2", "--wandb", "off", "--quiet",
@@ -89,7 +89,7 @@ def test_two_rounds_on_superlink_and_supernodes_match_the_in_process_engine(fede
     assert (out / "summary.json").exists(), federation.logs()
     assert final_status(federation, run_id) == "finished:completed"
     fed = json.loads((out / "federation.json").read_text())
-    assert fed["runtime"] == "deployment" and fed["failures"] == [] and sorted(fed["nodes"]) == GROUPS
+    assert fed["runtime"] == "deployment" and fed["failures"] == [] and sorted(fed["nodes"]) == ["g00", "g01", "g02"]
     metrics, losses = records(out / "metrics.jsonl"), records(out / "losses.jsonl")
     assert [r["round"] for r in metrics] == [0, 2] and [r["round"] for r in losses] == [1, 2]
     assert all(sorted(r["train_loss_per_client"]) == ["g00", "g01"] for r in losses)
@@ -135,10 +135,11 @@ def test_killed_supernode_is_left_out_and_the_run_continues(federation, tmp_path
 
 def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_engine(federation, tmp_path):
     """One SecAgg+ round (4 messages per client) on the real processes: the aggregate is the in-process
-    engine's FedAvg within the quantisation step (16 / 2**22 = 3.8e-6), and the run folder is complete."""
+    engine's FedAvg within the quantisation step (16 / 2**22 = 3.8e-6), and the run folder is complete.
+    Three clients: with two, each could subtract its own update from the sum (refused)."""
     out = tmp_path / "secagg"
-    run_id = federation.run([*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--secagg",
-                             "--out_dir", str(out)])
+    flags = [*FLAGS, "--train_groups", "g00,g01,g03", "--comm_round", "1", "--federated_eval", "1"]
+    run_id = federation.run([*flags, "--secagg", "--out_dir", str(out)])
     # 7 messages per node instead of 4 (query, evaluation, 4 SecAgg+ stages, evaluation): about 40 s of
     # CPU, several minutes of wall time on 2 cores shared with other jobs
     wait(federation, "the SecAgg+ run to finish", (out / "federation.json").exists, deadline=3 * RUN_DEADLINE_S)
@@ -147,7 +148,7 @@ def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_e
     assert json.loads((out / "federation.json").read_text())["failures"] == []
     assert json.loads((out / "config.json").read_text())["secagg"] is True
     ref = tmp_path / "inprocess"
-    assert main("fedavg", [*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--out_dir", str(ref)]) == 0
+    assert main("fedavg", [*flags, "--out_dir", str(ref)]) == 0
     a, b = load_checkpoint(ref / "checkpoints", "final")[0], load_checkpoint(out / "checkpoints", "final")[0]
     assert 0 < max(float((a[k] - b[k]).abs().max()) for k in a) <= 2 * 16 / 2 ** 22
     got, want = records(out / "metrics.jsonl"), records(ref / "metrics.jsonl")
