@@ -26,7 +26,15 @@ from utils.checkpoint import (
 )
 from utils.console import format_group_table
 from utils.metrics import LOSS_WINDOW_ROUNDS, NonFiniteError, curve_convergence_round
-from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics, trim_metrics
+from utils.run_io import (
+    MetricsWriter,
+    RunDir,
+    atomic_write_bytes,
+    check_rounds_increase,
+    lost_log_error,
+    read_metrics,
+    trim_metrics,
+)
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 
@@ -125,6 +133,7 @@ class RunLoop:
             self.log(f"no complete checkpoint in {self.ckpt_dir}; starting from round 0")
             return False
         weights, extra, meta = load_checkpoint(self.ckpt_dir, tag)
+        self._check_logs_there(int(meta["round"]))
         self.trainer.load_global(weights)
         self.trainer.load_state_dict(extra["trainer"])
         self.start_round, self.grad_steps = int(meta["round"]), int(meta["grad_steps"])
@@ -140,6 +149,12 @@ class RunLoop:
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         self.resumed = True
         return True
+
+    def _check_logs_there(self, round_: int) -> None:
+        """Every checkpoint comes after its round's records: a log missing beside one was deleted."""
+        for path in (self.run_dir.metrics_path, self.losses_path):
+            if not path.exists() and (round_ > 0 or path == self.run_dir.metrics_path):
+                raise lost_log_error(path, f"is missing, but the run has a checkpoint of round {round_}")
 
     def _trim(self, last_round: int) -> None:
         for path in (self.run_dir.metrics_path, self.losses_path):
@@ -261,6 +276,7 @@ class RunLoop:
 
     def _finish(self, t0: float) -> dict:
         self.run_dir.close()
+        self._check_logs_there(self.current_round)
         records = read_metrics(self.run_dir.metrics_path)
         losses = read_metrics(self.losses_path)
         wall = time.perf_counter() - t0

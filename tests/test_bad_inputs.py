@@ -263,6 +263,35 @@ def test_row24_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch
     assert not list(ckpt.glob(".*.tmp")) and not (out / "summary.json").exists()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_row65_a_metrics_log_deleted_or_replaced_mid_run_stops_the_run_and_its_resume(tmp_path, capsys, monkeypatch,
+                                                                                       how):
+    """The open descriptor would write on into the unlinked file: the next record is refused instead."""
+    from orchestration.loop import RunLoop
+    log_round = RunLoop._log_round
+
+    def meddle(self, losses, rnd, stats, server):
+        if rnd == 2:
+            path = self.run_dir.metrics_path
+            if how == "deleted":
+                path.unlink()
+            else:
+                (path.parent / "copy").write_bytes(path.read_bytes())
+                os.replace(path.parent / "copy", path)
+        return log_round(self, losses, rnd, stats, server)
+
+    monkeypatch.setattr(RunLoop, "_log_round", meddle)
+    out = tmp_path / "run"
+    vanished = "vanished (deleted or moved)" if how == "deleted" else "was replaced by another file"
+    err = fails(capsys, *SMALL, "--out_dir", str(out), expect=f"{out / 'metrics.jsonl'} {vanished}")
+    assert "Traceback" not in err and "start the run anew in another --out_dir" in err
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(RunLoop, "_log_round", log_round)
+    if how == "deleted":
+        fails(capsys, *SMALL, "--out_dir", str(out), "--resume",
+              expect="metrics.jsonl is missing, but the run has a checkpoint of round 1")
+
+
 def test_row25_wandb_online_without_credentials(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

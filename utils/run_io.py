@@ -294,6 +294,7 @@ class MetricsWriter:
             raise ValueError(f"metrics log {self.path} is closed")
         if not isinstance(record, dict):
             raise TypeError(f"a metrics record must be a dict, got {type(record).__name__}")
+        self.check_in_place()
         line = (to_strict_json(record, what="metrics record") + "\n").encode("utf-8")
         try:
             _write_all(self._fd, line)
@@ -301,6 +302,19 @@ class MetricsWriter:
         except OSError as e:
             raise OutputDirError(f"could not append to {self.path}: {e.strerror or e}",
                                  "free some disk space, or " + _OUT_DIR_HINT, e.errno) from e
+
+    def check_in_place(self) -> None:
+        """The open descriptor would go on writing into a log deleted or replaced under it, and
+        every later record would be lost with the unlinked file: stop at the next record instead."""
+        if self._fd is None:
+            return
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise lost_log_error(self.path, "vanished (deleted or moved) while the run was writing it") from None
+        mine = os.fstat(self._fd)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            raise lost_log_error(self.path, "was replaced by another file while the run was writing it")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -316,6 +330,13 @@ class MetricsWriter:
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             self.close()
+
+
+def lost_log_error(path: Path, what: str) -> OutputDirError:
+    """A run's log that is gone cannot be rebuilt from its checkpoints: say so, and what is left to do."""
+    return OutputDirError(f"{path} {what}; its records cannot be rebuilt from the checkpoints",
+                          f"put the run's own {path.name} back (from a backup) and rerun with --resume, or start "
+                          "the run anew in another --out_dir")
 
 
 def _parse_record(raw: bytes) -> dict[str, Any] | None:
