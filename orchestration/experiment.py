@@ -20,6 +20,7 @@ from federated.server import build_server
 from federated.strategies import build_strategy, check_strategy_flags
 from flower_app.secagg import check_secagg_flags
 from orchestration.centralized import CentralizedTrainer
+from orchestration.extras import check_extras
 from orchestration.loop import LoopConfig, RunLoop
 from orchestration.resume import FAILED, mark_failed, plan_run
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
@@ -74,6 +75,7 @@ def check_finite_flags(args) -> None:
 def check_flags(args) -> None:
     """Flag values that are wrong whatever the data; checked before anything is loaded or written."""
     check_finite_flags(args)
+    check_extras(args)
     if hasattr(args, "strategy"):  # FedAvg's server rules; the client count is checked after loading
         check_server_flags(args, num_train=None)
         check_secagg_flags(args)

@@ -304,6 +304,19 @@ def test_row25_wandb_online_without_credentials(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------- flags (rows 27-31)
 
+@pytest.mark.parametrize("flags,module,extra", [
+    (("--engine", "flower"), "flwr", "flower"),
+    (("--dp", "--weighting", "uniform", "--dp_noise", "1"), "opacus", "dp"),
+])
+def test_row66_a_missing_optional_package_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                  flags, module, extra):
+    import sys
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` sees after a plain `pip install -e .`
+    out = tmp_path / "run"
+    err = fails(capsys, *SMALL, *flags, "--out_dir", str(out), expect=f"needs the optional package {module!r}")
+    assert f"pip install 'plurallm[{extra}]'" in err and not out.exists()
+
+
 def test_row27_cuda_requested_without_cuda(capsys):
     import torch
     if torch.cuda.is_available():
