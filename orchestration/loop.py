@@ -33,6 +33,7 @@ from utils.run_io import (
     check_rounds_increase,
     lost_log_error,
     read_metrics,
+    remove_stale_temps,
     trim_metrics,
 )
 from utils.wandb_logger import WandbLogger, wandb_metrics
@@ -127,6 +128,7 @@ class RunLoop:
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint; drop metrics written after it."""
+        self._remove_stale_temps()
         tag = latest_checkpoint(self.ckpt_dir)
         if tag is None:  # killed before the round-0 checkpoint: anything logged so far is redone
             self._trim(-1)
@@ -149,6 +151,14 @@ class RunLoop:
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         self.resumed = True
         return True
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writes the interrupted process never finished (we hold the run lock)."""
+        clients = self.ckpt_dir / "clients"
+        folders = [self.run_dir.path, self.ckpt_dir, *(clients.iterdir() if clients.is_dir() else [])]
+        freed = sum(remove_stale_temps(f) for f in folders)
+        if freed:
+            self.log(f"removed temporary files ({freed / 1e6:.3g} MB) left by an interrupted write")
 
     def _check_logs_there(self, round_: int) -> None:
         """Every checkpoint comes after its round's records: a log missing beside one was deleted."""

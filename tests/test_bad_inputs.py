@@ -227,6 +227,23 @@ def test_row22_truncated_metrics_line_is_dropped_with_a_warning_on_resume(tmp_pa
     assert strip((out / "metrics.jsonl").read_text().splitlines()) == strip(reference)
 
 
+def test_row67_temp_files_of_a_killed_write_are_removed_at_resume_and_at_pruning(tmp_path):
+    from utils.checkpoint import prune_checkpoints
+    out = finished_run(tmp_path)
+    as_if_killed(out)
+    ckpt = out / "checkpoints"
+    stale = [ckpt / ".round_00002.safetensors.0123abcd.tmp", ckpt / ".final.json.89abcdef.tmp",
+             out / ".metrics.jsonl.deadbeef.tmp"]
+    kept = [ckpt / "notes.tmp", out / ".hidden"]  # not the temp names of an atomic write
+    for f in stale + kept:
+        f.write_bytes(b"x" * 1000)
+    assert main("fedavg", [*SMALL, "--out_dir", str(out), "--resume"]) == 0
+    assert not [f for f in stale if f.exists()] and all(f.exists() for f in kept)
+    stale[0].write_bytes(b"x")
+    prune_checkpoints(ckpt, keep=1)
+    assert not stale[0].exists() and kept[0].exists()
+
+
 def test_row23_unwritable_out_dir(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()

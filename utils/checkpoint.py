@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from utils.run_io import atomic_write_bytes, atomic_write_json
+from utils.run_io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 FORMAT_VERSION = 1
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -248,4 +248,5 @@ def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") 
     for path in [*directory.glob("*.safetensors"), *directory.glob("*.state.pt")]:
         if path.name not in named:
             path.unlink(missing_ok=True)
+    remove_stale_temps(directory)  # the globs above skip the hidden temp files of a killed write
     return removed
