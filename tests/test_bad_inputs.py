@@ -309,6 +309,37 @@ def test_row65_a_metrics_log_deleted_or_replaced_mid_run_stops_the_run_and_its_r
               expect="metrics.jsonl is missing, but the run has a checkpoint of round 1")
 
 
+@pytest.mark.parametrize("victim", ["checkpoint", "metrics line"])
+def test_row24_a_full_disk_mid_run_is_exit_2_and_the_last_checkpoint_resumes(tmp_path, capsys, monkeypatch, victim):
+    """Round 2's checkpoint or metrics record meets a full disk after part of it landed: a clear exit 2,
+    and once there is space again --resume ends with the numbers of an uninterrupted run."""
+    import contextlib
+    reference = finished_run(tmp_path)
+    out = tmp_path / "full"
+    real_write_all = run_io._write_all
+
+    def full_at_round_2(fd, data):
+        if victim == "checkpoint":  # round 2's weights, once round 1's checkpoint is complete
+            hit = (out / "checkpoints" / "round_00001.json").exists() and len(data) > 10_000
+        else:  # round 2's metrics record (its losses.jsonl row has no eval scores)
+            hit = bytes(data[:12]) == b'{"round": 2,' and b"eval_alignment_score" in bytes(data)
+        if hit:
+            os.write(fd, bytes(data[:50]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(run_io, "_write_all", full_at_round_2)
+    err = fails(capsys, *SMALL, "--out_dir", str(out), expect="No space left on device")
+    assert "free some disk space" in err and "Traceback" not in err and not (out / "summary.json").exists()
+    monkeypatch.setattr(run_io, "_write_all", real_write_all)
+    cut = pytest.warns(UserWarning, match="truncated") if victim == "metrics line" else contextlib.nullcontext()
+    with cut:  # the half line is dropped
+        assert main("fedavg", [*SMALL, "--out_dir", str(out), "--resume"]) == 0
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"}  # noqa: E731
+                       for line in p.read_text().splitlines()]
+    assert strip(out / "metrics.jsonl") == strip(reference / "metrics.jsonl")
+
+
 def test_row25_wandb_online_without_credentials(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
