@@ -319,8 +319,8 @@ def test_row24_a_full_disk_mid_run_is_exit_2_and_the_last_checkpoint_resumes(tmp
     real_write_all = run_io._write_all
 
     def full_at_round_2(fd, data):
-        if victim == "checkpoint":  # round 2's weights, once round 1's checkpoint is complete
-            hit = (out / "checkpoints" / "round_00001.json").exists() and len(data) > 10_000
+        if victim == "checkpoint":  # round 2's state, after its weights, once round 1's checkpoint is complete
+            hit = (out / "checkpoints" / "round_00002.safetensors").exists() and len(data) > 10_000
         else:  # round 2's metrics record (its losses.jsonl row has no eval scores)
             hit = bytes(data[:12]) == b'{"round": 2,' and b"eval_alignment_score" in bytes(data)
         if hit:
@@ -331,6 +331,7 @@ def test_row24_a_full_disk_mid_run_is_exit_2_and_the_last_checkpoint_resumes(tmp
     monkeypatch.setattr(run_io, "_write_all", full_at_round_2)
     err = fails(capsys, *SMALL, "--out_dir", str(out), expect="No space left on device")
     assert "free some disk space" in err and "Traceback" not in err and not (out / "summary.json").exists()
+    assert not list((out / "checkpoints").glob("round_00002.*"))  # no weights without their index
     monkeypatch.setattr(run_io, "_write_all", real_write_all)
     cut = pytest.warns(UserWarning, match="truncated") if victim == "metrics line" else contextlib.nullcontext()
     with cut:  # the half line is dropped

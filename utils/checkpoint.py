@@ -113,10 +113,15 @@ def save_checkpoint(directory: str | Path, tag: str, *, model_state: dict[str, t
     weights_path, state_path, json_path = _paths(directory, tag)
     json_path.unlink(missing_ok=True)
     files = {}
-    for role, path, data in (("model", weights_path, safetensors_save(weights)),
-                             ("state", state_path, buf.getvalue())):
-        atomic_write_bytes(path, data)
-        files[role] = {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        for role, path, data in (("model", weights_path, safetensors_save(weights)),
+                                 ("state", state_path, buf.getvalue())):
+            atomic_write_bytes(path, data)
+            files[role] = {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    except BaseException:  # e.g. the disk filled up on the state: no weights file without its index
+        for path in (weights_path, state_path):
+            path.unlink(missing_ok=True)
+        raise
     record = {"format": FORMAT_VERSION, "tag": tag, "round": meta["round"],
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_at_unix": time.time(),
               "files": files, "meta": meta}
