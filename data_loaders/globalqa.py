@@ -11,7 +11,9 @@ import ast
 import csv
 import hashlib
 import os
+import socket
 import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -70,17 +72,43 @@ def decode_csv(path: Path, data: bytes, encoding: str) -> str:
     return text.removeprefix("\ufeff")  # a byte-order mark would otherwise rename 'question'
 
 
+_OFFLINE_HINT = f"on a machine without internet pass the CSV with --data_path or set ${ENV_VAR}"
+
+
 def _download_csv(log) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants as hub
+    try:  # a copy in the hub cache needs no network
+        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", local_files_only=True))
+    except Exception:  # not cached (or a broken cache): download it
+        pass
+    if hub.HF_HUB_OFFLINE:
+        raise DataError(f"{HUB_FILE} of {HUB_REPO} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+                        _OFFLINE_HINT)
+    why = hub_unreachable(hub.ENDPOINT)
+    if why:
+        raise DataError(f"cannot reach the Hugging Face hub at {hub.ENDPOINT} ({why}), so {HUB_FILE} of "
+                        f"{HUB_REPO} cannot be downloaded", _OFFLINE_HINT)
     log(f"downloading {HUB_FILE} of the dataset {HUB_REPO} from the Hugging Face hub")
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.constants import HF_HUB_OFFLINE
-        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset",
-                                    local_files_only=bool(HF_HUB_OFFLINE), etag_timeout=10))
-    except Exception as err:  # offline, DNS failure, gated repo, ...: one clear message
+        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", etag_timeout=10))
+    except Exception as err:  # DNS failure mid-way, gated repo, ...: one clear message
         raise DataError(f"could not download {HUB_FILE} of {HUB_REPO}: {type(err).__name__}: {err}",
-                        f"on a machine without internet pass the CSV with --data_path "
-                        f"or set ${ENV_VAR}") from err
+                        _OFFLINE_HINT) from err
+
+
+def hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why one TCP connection to the hub fails, or None. Asked once: huggingface_hub retries a
+    failed request five times with backoff (about 25 s offline). Behind a proxy it is not asked."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def parse_selections(text: str) -> dict:
