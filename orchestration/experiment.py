@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from data_loaders.datasets import ExperimentData, prepare_experiment
+from data_loaders.datasets import ExperimentData, choose_groups, prepare_experiment, split_seed
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
@@ -22,7 +22,7 @@ from flower_app.secagg import check_secagg_flags
 from orchestration.centralized import CentralizedTrainer
 from orchestration.extras import check_extras
 from orchestration.loop import LoopConfig, RunLoop
-from orchestration.resume import FAILED, mark_failed, plan_run
+from orchestration.resume import FAILED, check_resume_early, mark_failed, plan_run
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
 from training.local import DIVERGENCE_HINT, DivergenceError
 from utils.checkpoint import CheckpointError
@@ -72,12 +72,15 @@ def check_finite_flags(args) -> None:
             raise DataError(f"--{flag} {value} is not a finite number", f"give --{flag} a finite value")
 
 
-def check_flags(args) -> None:
+def check_flags(args, method: str | None = None) -> None:
     """Flag values that are wrong whatever the data; checked before anything is loaded or written."""
     check_finite_flags(args)
     check_extras(args)
-    if hasattr(args, "strategy"):  # FedAvg's server rules; the client count is checked after loading
-        check_server_flags(args, num_train=None)
+    if method is not None:
+        check_resume_early(method, args)
+    if hasattr(args, "strategy"):  # FedAvg's server rules, with the client count when the flags decide it
+        train = train_groups_from_flags(args)
+        check_server_flags(args, num_train=None if train is None else len(train))
         check_secagg_flags(args)
     for flag, ok, need in _FLAG_RULES:
         value = getattr(args, flag, None)
@@ -98,6 +101,14 @@ def check_flags(args) -> None:
     resolve_device(args.device)  # an unknown or absent device fails here, not after minutes of embedding
     if getattr(args, "emb_device", "auto") != "auto":
         resolve_device(args.emb_device, "--emb_device")
+
+
+def train_groups_from_flags(args) -> list[str] | None:
+    """The training groups when the flags alone decide them: every dataset but synthetic, whose
+    group names come from its generator (it loads in a second anyway)."""
+    if getattr(args, "dataset", "synthetic") == "synthetic" or not hasattr(args, "train_groups"):
+        return None
+    return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, split_seed(args))[0]
 
 
 def check_question_counts(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
@@ -280,7 +291,7 @@ def main_central() -> int:
 
 def _main(method: str, args) -> None:
     t0 = time.perf_counter()
-    check_flags(args)
+    check_flags(args, method)
     if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
         from orchestration.flower_simulation import run_simulation_engine
         run_simulation_engine(args)

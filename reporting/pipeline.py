@@ -369,6 +369,7 @@ def _main(argv: list[str]) -> int:
             return 0
         t0 = time.perf_counter()
         check_flags(args)
+        RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
         split_rule = resolve_split(args)
         print(f"groups: {split_rule}")
         cache: dict = {}
@@ -383,7 +384,7 @@ def _main(argv: list[str]) -> int:
 
         data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
         device = resolve_device(args.device)
-        lock = RunLock(args.out_root, "reproduction folder").acquire()  # one reproduce.py per --out_root
+        lock = RunLock(args.out_root, "reproduction folder", "--out_root").acquire()  # one reproduce.py per --out_root
         plan = plan_runs(args, data_for_seed, device)
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "resume", "restart")}
         print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n))

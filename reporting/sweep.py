@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--variants {unknown} not in preset {args.preset}",
                             f"choose from {', '.join(preset.variants)}")
         if not args.report_only:
-            with RunLock(out_root, "sweep folder"):
+            with RunLock(out_root, "sweep folder", "--out_root"):
                 t0 = time.perf_counter()
                 extra = shlex.split(args.extra)
                 if "--data_path" not in extra and default_data_path("opinionqa"):

@@ -7,6 +7,7 @@ message names the input and carries a hint, and that nothing is left looking com
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -404,6 +405,40 @@ def test_row31_wasserstein_on_data_without_ordinals(capsys):
 
 def test_row32_resume_a_folder_without_a_run(tmp_path, capsys):
     fails(capsys, *SMALL, "--out_dir", str(tmp_path), "--resume", expect="holds no run (no config.json)")
+
+
+def test_row71_what_the_flags_refuse_is_refused_before_loading_the_data(tmp_path, capsys):
+    """A missing CSV would be the first error if the data were loaded first."""
+    nope = ["--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"), "--wandb", "off", "--quiet"]
+    fails(capsys, *nope, "--byzantine", "8", expect="--byzantine 8 leaves no honest client among the 8 training clients")
+    out = finished_run(tmp_path)
+    fails(capsys, *nope, "--out_dir", str(out), "--resume",
+          expect=f"--resume: the run in {out} is on --dataset synthetic, not globalqa")
+    (out / "failed.json").write_text('{"reason": "diverged"}')
+    fails(capsys, *SMALL, "--syn_questions", "10", "--out_dir", str(out), "--resume", expect="failed (diverged)")
+
+
+def test_row71_the_reproduce_lock_is_checked_before_loading_and_names_out_root(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from reporting import pipeline
+    from utils.run_io import RunLock
+    monkeypatch.setattr(sys, "argv", ["scripts/reproduce.py", *["--an_argument_that_is_long"] * 10])
+    root = tmp_path / "r"
+    with RunLock(root, "reproduction folder", "--out_root"):
+        assert pipeline.main(["--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"), "--seeds", "0",
+                              "--out_root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"reproduction folder {root} is in use by process {os.getpid()}" in err and "another --out_root" in err
+    assert "…)" in err and "--an_argument_that_is_long" in err  # the holder's command, cut with an ellipsis
+
+
+def test_row71_hints_and_help_say_what_the_flags_are():
+    from orchestration.cli import build_parser
+    text = " ".join(build_parser("fedavg").format_help().split())
+    assert not re.search(r"default[^()]*\) \(default:", text)  # was "(default: …) (default: None)"
+    assert "--save_client also save each client's locally trained weights" in text
+    assert "virtual clients in threads, or Ray workers with --sim_backend ray" in text
 
 
 def test_nothing_was_left_looking_complete_by_any_refused_command(tmp_path, capsys):
