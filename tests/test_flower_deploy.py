@@ -171,30 +171,56 @@ def our_processes(flwr_home: Path) -> list[int]:
     return found
 
 
+READY = "Ctrl+C stops every process."  # the loopback command's last startup line: every node started
+STOP_DEADLINE_S = 600  # a safety net for a hung command, not a timing assumption
+
+
+def kill_all(flwr_home: Path) -> None:
+    """SIGKILL every process started with this FLWR_HOME, whatever its session or parent, until none is left."""
+    def none_left() -> bool:
+        for pid in our_processes(flwr_home):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not our_processes(flwr_home)
+    poll(none_left, 60, "every process of the test to be killed", every=0.1)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_loopback_command_stops_and_reaps_every_process_on_a_signal(tmp_path, sig):
+    """Waits on events (the command's ready line, the processes' exit), so a loaded machine only
+    makes it slower; whatever happens, every process it started is killed at the end."""
     root = tmp_path / "loopback root"  # a space: the printed command must quote it
+    home = root / "flwr_home"
     proc = subprocess.Popen([sys.executable, "-m", "flower_app.loopback", "--groups", "g00", "--root", str(root)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
-        # SuperLink + its SuperExec, the SuperNode + its SuperExec
-        started = poll(lambda: len(descendants(proc.pid)) >= 4 or proc.poll() is not None, 60,
-                       "the SuperLink, the SuperNode and their SuperExecs", every=0.1)
-        assert started is True and proc.poll() is None
+        printed = []
+        for line in proc.stdout:  # blocks until the command has started every process (or exits)
+            printed.append(line)
+            if READY in line:
+                break
+        assert proc.poll() is None and any(READY in line for line in printed), "".join(printed)
+        # SuperLink + its SuperExec, the SuperNode + its SuperExec (the SuperExecs start on their own)
+        poll(lambda: len(descendants(proc.pid)) >= 4, STOP_DEADLINE_S, "the SuperExecs", every=0.1)
         family = descendants(proc.pid)
-        assert set(family) <= set(our_processes(root / "flwr_home"))
+        assert set(family) <= set(our_processes(home))
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate(timeout=STOP_DEADLINE_S)
+        out = "".join(printed) + rest
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            proc.wait(60)
+        leftover = our_processes(home)
+        kill_all(home)  # the SuperLink, SuperNode and SuperExecs run in sessions of their own
     assert proc.returncode == 128 + sig, err
     assert [line for line in err.splitlines() if line.startswith("interrupted")] == [
         f"interrupted ({sig.name}): stopping the SuperLink and 1 SuperNode(s) with their processes; "
         "rerun the same command to start the federation again"]
-    assert not [p for p in family if alive(p)] and not our_processes(root / "flwr_home"), err
+    assert not [p for p in family if alive(p)] and not leftover, err
 
     # the printed line runs the demo flags into the folder the next line names (absolute, under --root)
     command = next(line.strip() for line in out.splitlines() if " flwr run " in line)
