@@ -170,10 +170,12 @@ def load_embedded(args, groups: list[str] | None, log=print, check=None):
     _log_report(raw, log)
     if check is not None:
         check(raw)
-    from .embeddings import get_embeddings
+    from .embeddings import PICKLE_PRECISION, get_embeddings, probe_record
     emb, emb_info = get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
                                    batch_size=args.emb_batch_size, dtype=args.emb_dtype,
                                    load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
+    if emb_info.get("source") != "pickle" and emb_info.get("precision") != PICKLE_PRECISION:
+        emb_info["probe"] = probe_record(raw, emb)  # no model behind the authors' vectors to compare with
     return raw, emb, emb_info
 
 

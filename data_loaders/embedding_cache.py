@@ -200,7 +200,11 @@ def _read_tensor(entry: CacheEntry, meta: dict) -> Store:
 
 
 def write_store(entry: CacheEntry, store: Store, meta: dict, log: Log = print) -> bool:
-    """Atomic: tensor then sidecar, each via a temp file and os.replace; the sidecar goes last."""
+    """Atomic: tensor then sidecar, each via a temp file and os.replace; the sidecar goes last.
+
+    Any failure (a full disk shows up as safetensors' own error, not an OSError) is a warning:
+    the vectors are in memory, so the run goes on without saving them."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     assert store.rows is not None
     tensor = store.rows.contiguous()
@@ -218,7 +222,7 @@ def write_store(entry: CacheEntry, store: Store, meta: dict, log: Log = print) -
         os.replace(tmp_st, st)
         tmp_js.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
         os.replace(tmp_js, js)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         for tmp in (tmp_st, tmp_js):
             with contextlib.suppress(OSError):  # e.g. the folder is a file: nothing to clean up
                 tmp.unlink(missing_ok=True)

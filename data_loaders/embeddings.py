@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -283,6 +284,27 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
     if out is None:
         out = torch.empty(0, int(model.config.hidden_size))
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
+
+
+# ---------------------------------------------------------------------------- probe
+
+PROBE_TOLERANCE = 1e-3  # relative L2 distance: a batch change moves a vector ~1e-6, another model ~1
+
+
+def probe_record(raw: RawDataset, emb: torch.Tensor) -> dict:
+    """The run's vector of its first option text, kept in config.json. The predictor embeds
+    that text again: equal vectors mean the same model whatever it is called (a name and a
+    local folder can load the same weights with different pooling, or different weights)."""
+    return {"question": raw.bank.questions[0], "options": list(raw.bank.options[0]),
+            "vector": [float(f"{v:.7g}") for v in emb[0].tolist()]}
+
+
+def probe_distance(record: dict, vector: torch.Tensor) -> float:
+    """Relative L2 distance of `vector` from the recorded one (inf for another dimension)."""
+    want = torch.tensor(record["vector"], dtype=torch.float32)
+    if want.shape != vector.shape:
+        return math.inf
+    return float((vector.float() - want).norm() / want.norm().clamp_min(1e-12))
 
 
 # ---------------------------------------------------------------------------- choosing

@@ -11,7 +11,9 @@ import ast
 import csv
 import hashlib
 import os
+import socket
 import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -70,28 +72,62 @@ def decode_csv(path: Path, data: bytes, encoding: str) -> str:
     return text.removeprefix("\ufeff")  # a byte-order mark would otherwise rename 'question'
 
 
+_OFFLINE_HINT = f"on a machine without internet pass the CSV with --data_path or set ${ENV_VAR}"
+
+
 def _download_csv(log) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants as hub
+    try:  # a copy in the hub cache needs no network
+        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", local_files_only=True))
+    except Exception:  # not cached (or a broken cache): download it
+        pass
+    if hub.HF_HUB_OFFLINE:
+        raise DataError(f"{HUB_FILE} of {HUB_REPO} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+                        _OFFLINE_HINT)
+    why = hub_unreachable(hub.ENDPOINT)
+    if why:
+        raise DataError(f"cannot reach the Hugging Face hub at {hub.ENDPOINT} ({why}), so {HUB_FILE} of "
+                        f"{HUB_REPO} cannot be downloaded", _OFFLINE_HINT)
     log(f"downloading {HUB_FILE} of the dataset {HUB_REPO} from the Hugging Face hub")
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.constants import HF_HUB_OFFLINE
-        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset",
-                                    local_files_only=bool(HF_HUB_OFFLINE), etag_timeout=10))
-    except Exception as err:  # offline, DNS failure, gated repo, ...: one clear message
+        return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", etag_timeout=10))
+    except Exception as err:  # DNS failure mid-way, gated repo, ...: one clear message
         raise DataError(f"could not download {HUB_FILE} of {HUB_REPO}: {type(err).__name__}: {err}",
-                        f"on a machine without internet pass the CSV with --data_path "
-                        f"or set ${ENV_VAR}") from err
+                        _OFFLINE_HINT) from err
+
+
+def hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why one TCP connection to the hub fails, or None. Asked once: huggingface_hub retries a
+    failed request five times with backoff (about 25 s offline). Behind a proxy it is not asked."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def parse_selections(text: str) -> dict:
     """`defaultdict(<class 'list'>, {...})` -> the dict between the first `{` and its `}`."""
+    return selections_and_repeats(text)[0]
+
+
+def selections_and_repeats(text: str) -> tuple[dict, list]:
+    """The selections dict and the keys its literal names more than once: a dict literal
+    keeps the last of them silently, so they are only visible in the syntax tree."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         raise ValueError("no {...} dict literal")
-    value = ast.literal_eval(text[start:end + 1])
+    node = ast.parse(text[start:end + 1], mode="eval").body
+    value = ast.literal_eval(node)
     if not isinstance(value, dict):
         raise ValueError(f"selections is a {type(value).__name__}, not a dict")
-    return value
+    keys = [ast.literal_eval(k) for k in node.keys if k is not None]
+    return value, [k for i, k in enumerate(keys) if k in keys[:i]]
 
 
 def parse_options(text: str) -> list[str]:
@@ -140,6 +176,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     qkeys, questions, options = [], [], []
     probs: dict[str, tuple[list[int], list[np.ndarray]]] = {g: ([], []) for g in groups}
     seen_groups: set[str] = set()
+    first_row: dict[tuple, int] = {}  # (question, *options) -> the kept row that holds them
     unnormalised = 0
     for qkey, row in enumerate(reader):
         where = f"{path}: row {qkey} (ending on line {reader.line_num})"
@@ -149,13 +186,15 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             continue
         try:
             opts = parse_options(row["options"])
-            sel = parse_selections(row.get("selections") or "")
+            sel, repeats = selections_and_repeats(row.get("selections") or "")
         except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
             _bad_row(report, strict, where, f"unparsable row ({err})",
                      "selections must hold a {...} dict literal and options a [...] list literal")
             continue
         if not opts:
             report.drop("empty question or options")
+            continue
+        if _repeated_row(report, strict, where, [g for g in repeats if g in groups], first_row.get((question, *opts))):
             continue
         seen_groups.update(sel)
         present = [g for g in groups if g in sel]
@@ -175,6 +214,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         if not present:
             report.drop("question answered by none of the considered groups")
             continue
+        first_row[(question, *opts)] = qkey
         qkeys.append(qkey)
         questions.append(question)
         options.append(opts)
@@ -202,11 +242,25 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
                       source_hash=hashlib.sha256(raw_bytes).hexdigest())
 
 
-def _bad_row(report: LoadReport, strict: bool, where: str, what: str, hint: str) -> None:
+def _bad_row(report: LoadReport, strict: bool, where: str, what: str, hint: str,
+             reason: str = "unparsable row") -> None:
     if strict:
         raise DataError(f"{where}: {what}", hint)
     warnings.warn(f"{where}: {what}; skipped (use --strict to stop instead)", stacklevel=3)
-    report.drop("unparsable row")
+    report.drop(reason)
+
+
+def _repeated_row(report: LoadReport, strict: bool, where: str, repeats: list, first: int | None) -> bool:
+    """Skip (or, strict, refuse) a row whose selections name a considered group twice (which
+    value is meant?) or that repeats a kept row's question and options (the same question could
+    then be a group's context and target, or land in training and held out)."""
+    if repeats:
+        _bad_row(report, strict, where, f"selections name {repeats[0]!r} twice (a dict literal keeps the last "
+                 "value without a word)", "keep one entry per country in that row", "selections naming a group twice")
+    elif first is not None:
+        _bad_row(report, strict, where, f"repeats row {first} (same question and options)",
+                 "delete one of the two rows", "repeated question row")
+    return bool(repeats) or first is not None
 
 
 def _close_names_hint(unknown: list[str], known: set[str]) -> str:

@@ -128,7 +128,7 @@ def _fail(report: LoadReport, strict: bool, reason: str, what: str, hint: str,
     if strict:
         raise DataError(what, hint)
     if warn:
-        warnings.warn(f"{what}; skipped and counted (strict=True stops instead)", stacklevel=3)
+        warnings.warn(f"{what}; skipped and counted (--strict stops instead)", stacklevel=3)
     report.drop(reason)
 
 

@@ -222,6 +222,12 @@ def update_noise_multiplier(z: float, count_std: float) -> float:
 
 # --- accounting -------------------------------------------------------------------------
 
+# RDP orders beyond Opacus's default (which stop at 63): with them alone ε cannot go below about
+# 0.1 at δ = 1e-5 however large the noise (log(1/δ)/(α-1) at α = 63). Up to 1e4 the floor is
+# 1.3e-4; higher orders make Opacus's RDP-to-ε conversion go negative, so they stop there.
+EXTRA_ORDERS = tuple(float(a) for a in np.geomspace(64, 1e4, 40)[1:])
+
+
 def _opacus():
     try:
         from opacus.accountants import RDPAccountant
@@ -229,6 +235,18 @@ def _opacus():
     except ImportError as err:
         raise DataError(f"--dp needs Opacus for privacy accounting ({err})", OPACUS_HINT) from err
     return RDPAccountant, get_noise_multiplier
+
+
+def rdp_orders() -> list[float]:
+    rdp, _ = _opacus()
+    return [*rdp.DEFAULT_ALPHAS, *EXTRA_ORDERS]
+
+
+def epsilon_floor(delta: float) -> float:
+    """The smallest ε the accountant certifies at δ, reached only as the noise grows without bound."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+    orders = rdp_orders()
+    return float(get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)[0])
 
 
 def accounted_noise(noise_multiplier: float, sample_rate: float) -> float:
@@ -267,7 +285,7 @@ class PrivacyAccountant:
         acc = rdp()
         # one history entry = `steps` identical rounds of a Gaussian mechanism (sample rate 1)
         acc.history = [(accounted_noise(self.noise_multiplier, self.sample_rate), 1.0, steps)]
-        return float(acc.get_epsilon(self.delta))
+        return float(acc.get_epsilon(self.delta, alphas=rdp_orders()))
 
     def epsilon_replace_one(self, steps: int | None = None) -> float:
         """RDP ε for replace-one neighbours (one group's data swapped for another's): noise z/2 each round.
@@ -331,7 +349,16 @@ def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: fl
     if not epsilon > 0 or rounds < 1:
         raise ValueError(f"need epsilon > 0 and rounds >= 1, got {epsilon}, {rounds}")
     _, solve = _opacus()
-    z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds))
+    try:
+        z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds,
+                        alphas=rdp_orders()))
+    except ValueError:  # Opacus gives up past z = 1e6: say what these rounds can reach instead
+        from opacus.accountants.utils import MAX_SIGMA
+        least = PrivacyAccountant(MAX_SIGMA, 1.0, delta).epsilon(rounds)
+        raise DataError(f"--dp_epsilon {epsilon:g} cannot be reached in {rounds} rounds at δ = {delta:g}: even "
+                        f"noise z = {MAX_SIGMA:g} spends ε = {least:.3g}",
+                        f"raise --dp_epsilon to {least:.3g} or more (the accountant cannot certify less than "
+                        f"{epsilon_floor(delta):.2g} at this δ), raise --dp_delta, or lower --comm_round") from None
     return z if sample_rate >= 1 else 2 * z   # accounted_noise halves z when sampling
 
 
@@ -395,6 +422,10 @@ def check_privacy_flags(args, num_train_clients: int) -> list[str]:
         raise DataError("--dp needs --dp_noise or --dp_epsilon", "e.g. --dp_noise 1.0, or --dp_epsilon 10 to solve z")
     if args.dp_noise == 0 and args.dp_epsilon is not None:
         raise DataError("--dp_noise 0 cannot meet any --dp_epsilon (no noise, ε = ∞)", "give a positive --dp_noise")
+    if args.dp_epsilon is not None and 0 < args.dp_delta < 1 and args.dp_epsilon < epsilon_floor(args.dp_delta):
+        raise DataError(f"--dp_epsilon {args.dp_epsilon:g} is below the smallest ε the RDP accountant can certify "
+                        f"at δ = {args.dp_delta:g} ({epsilon_floor(args.dp_delta):.2g}, with infinite noise)",
+                        "raise --dp_epsilon, or raise --dp_delta")
     quantile, count_std = getattr(args, "dp_clip_quantile", None), getattr(args, "dp_clip_count_std", None)
     if quantile is not None and not 0 < quantile < 1:
         raise DataError(f"--dp_clip_quantile {quantile} must be in (0, 1)", "0.5 clips at the median update norm")

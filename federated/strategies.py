@@ -406,6 +406,9 @@ def check_strategy_config(c: StrategyConfig) -> None:
         bad("--trim_fraction", c.trim_fraction, "must be in [0, 0.5)", "0.2 drops 1 of 5-9 clients at each end")
     if c.server_lr is not None and not c.server_lr > 0:
         bad("--server_lr", c.server_lr, "must be > 0", "leave it out for the per-optimizer default")
+    if c.server_lr is not None and c.server_opt == "none":  # the plain aggregate takes no step size
+        bad("--server_lr", c.server_lr, "has no effect without --server_opt (it is the server optimizer's step)",
+            "add --server_opt sgd (1.0 is FedAvg), adam or yogi, or drop --server_lr")
     for flag, value in (("--server_beta1", c.server_beta1), ("--server_beta2", c.server_beta2)):
         if not 0 <= value < 1:
             bad(flag, value, "must be in [0, 1)", "Reddi et al. use 0.9 and 0.99")

@@ -48,6 +48,9 @@ from .secagg import MODULUS_RANGE, _check_share_flags
 from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
 
+MIN_CLIENTS = 3  # the fewest clients whose sum hides each one's update from every other client
+
+
 def effective_shares(num_shares: int | float, threshold: int | float, sampled: int) -> tuple[int, int]:
     """(shares, threshold) as SecAggPlusWorkflow.setup_stage resolves them for `sampled` clients (flwr 1.41)."""
     if num_shares == 1:
@@ -157,9 +160,11 @@ class SecAggTrainer(FlowerTrainer):
         self.remote = dict(data.train)
         self.keys = list(self.global_state)
         n = len(sample_clients(self.train_names, self.client_fraction, generator(cfg.seed, "client_sampling", 1)))
-        if n < 2:
-            raise DataError(f"--secagg needs at least 2 clients per round; {n} sampled (a sum of one client "
-                            "is its weights)", "add training groups or raise --client_fraction")
+        if n < MIN_CLIENTS:
+            raise DataError(f"--secagg needs at least {MIN_CLIENTS} clients per round; {n} sampled (a sum of one "
+                            "client is its weights, and of two, each client subtracts its own update from the sum "
+                            "and learns the other's), whatever the share settings",
+                            "add training groups or raise --client_fraction")
         if n * self.quant_range >= MODULUS_RANGE:
             raise DataError(f"--secagg_quant_range {self.quant_range} times {n} clients reaches 2**32: the masked "
                             "sum would wrap around", f"use --secagg_quant_range below {MODULUS_RANGE // n}")

@@ -42,8 +42,9 @@ class TextEmbedder:
 
     def __init__(self, emb_model: str, style: str, dim: int, *, cache_dir: str | None = None,
                  device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
-                 log: Log | None = print):
+                 probe: dict | None = None, log: Log | None = print):
         self.emb_model, self.style, self.dim = emb_model, style, dim
+        self.probe = probe  # the run's vector of one of its texts (config.json data.embedding.probe)
         self.cache_dir, self.device, self.batch_size = cache_dir, device, batch_size
         self.dtype, self.load_in_8bit = dtype, load_in_8bit
         self.log = log or _quiet
@@ -57,6 +58,7 @@ class TextEmbedder:
                             "the data or cache is not the run's; pass the run's --data_path / --cache_dir")
         for text, row in zip(option_texts(bank, self.style), emb):
             self.known.setdefault(text, row)
+        self._check_probe(compute=False)  # the run's data may have been embedded by an override model
         if bank.ordinals is not None:
             for text, options, ords in zip(bank.questions, bank.options, bank.ordinals):
                 self.known_ordinals.setdefault((text, tuple(options)), tuple(float(o) for o in ords))
@@ -72,6 +74,7 @@ class TextEmbedder:
             if any(t not in self.known for t in ts):
                 missing.setdefault(q.key, q)
         if missing:
+            self._check_probe(compute=True)
             self._compute(list(missing.values()))
         return [torch.stack([self.known[t] for t in ts]) for ts in texts]
 
@@ -95,6 +98,27 @@ class TextEmbedder:
                             "use the embedding model the run was trained with (its config.json, data.embedding)")
         for text, row in zip(option_texts(bank, self.style), emb):
             self.known[text] = row
+
+    def _check_probe(self, compute: bool) -> None:
+        """Refuse a model that does not embed the run's probe text as the run did, once, before
+        its vectors are used: the name alone cannot tell (a hub id and a folder, or the reverse)."""
+        if self.probe is None:
+            return
+        q = Question(self.probe["question"], tuple(self.probe["options"]))
+        text = self.texts(q)[0]
+        if text not in self.known:
+            if not compute:
+                return
+            self._compute([q])
+        from data_loaders.embeddings import PROBE_TOLERANCE, probe_distance
+        distance = probe_distance(self.probe, self.known[text])
+        if distance > PROBE_TOLERANCE:
+            raise DataError(f"embedding model {self.emb_model!r} does not embed like the run's model: its vector "
+                            f"of the run's probe text ({q.text[:40]!r}...) is {distance:.3g} away (relative), "
+                            f"over {PROBE_TOLERANCE:g}; predictions would be made on other vectors",
+                            "drop --emb_model, or pass the model the run was trained with "
+                            "(config.json data.embedding.model_id)")
+        self.probe = None  # checked: this model is the run's
 
     def ordinals(self, q: Question) -> tuple[float, ...]:
         """The question's own ordinals, else the run's data's, else 1..k in option order."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from data_loaders.schema import DataError
-from utils.run_io import atomic_write_bytes, atomic_write_json
+from utils.run_io import atomic_write_bytes, atomic_write_json, to_strict_json
 
 from .loading import build_model, check_emb_override, embedding_of, gpo_config, read_json
 
@@ -43,19 +44,41 @@ def export_config(config: dict, summary: dict | None, checkpoint: str, round_: A
             "summary": {k: (summary or {}).get(k) for k in _SUMMARY_KEYS}}
 
 
-def save_pretrained(predictor, out_dir: str | Path) -> Path:
-    from safetensors.torch import save as safetensors_save
-    out = Path(out_dir)
+_RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints", "failed.json", "environment.json")
+
+
+def check_out_folder(out: Path, card: dict, overwrite: bool) -> None:
+    """Refuse an --out whose config.json is not this very export: a run's would be replaced,
+    leaving a folder that looks complete but can no longer be resumed or loaded."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file", "choose a folder")
+    if any((out / name).exists() for name in _RUN_FILES):
+        raise DataError(f"--out {out} holds a training run; exporting into it would replace its config.json",
+                        "choose another --out folder (--overwrite only replaces an earlier export)")
+    try:
+        old = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        old = None
+    if overwrite or old == json.loads(to_strict_json(card)):
+        return  # the same export again is harmless
+    what = "a different export" if isinstance(old, dict) and old.get("format") == FORMAT else "a config.json"
+    raise DataError(f"--out {out} already holds {what}", "choose another --out folder, or pass --overwrite")
+
+
+def save_pretrained(predictor, out_dir: str | Path, overwrite: bool = False) -> Path:
+    from safetensors.torch import save as safetensors_save
+    out = Path(out_dir)
     card = dict(predictor.info.get("export") or {})
     if not card:
         raise DataError("this predictor has no provenance to export", "load it with GroupPredictor.from_run")
     blob = safetensors_save({k: v.detach().cpu().contiguous() for k, v in predictor.model.state_dict().items()})
+    card["weights"] = {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest()}
+    check_out_folder(out, card, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / WEIGHTS, blob)
-        card["weights"] = {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest()}
         atomic_write_json(out / "config.json", card)
         (out / "README.md").write_text(model_card(card), encoding="utf-8")
     except OSError as exc:
@@ -100,7 +123,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     opts = card.get("embedding_options") or {}
     embedder = TextEmbedder(name, emb["prompt_style"], cfg.dim_x, cache_dir=cache_dir,
                             dtype=opts.get("emb_dtype") or "fp32", load_in_8bit=bool(opts.get("emb_load_in_8bit")),
-                            log=log)
+                            probe=emb.get("probe"), log=log)
     (log or (lambda _: None))(f"loaded {folder}: metric {card.get('metric')}, embeddings {name} ({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}
@@ -232,13 +255,15 @@ def main(argv=None) -> int:
     from .predictor import GroupPredictor
     p = argparse.ArgumentParser(prog="python -m inference.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run folder to export")
-    p.add_argument("--out", required=True, help="folder to write (created; its three files are overwritten)")
+    p.add_argument("--out", required=True, help="folder to write (created); refused if it holds a run or a "
+                   "different export, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace a different export in --out (default off)")
     p.add_argument("--checkpoint", default="final", help="checkpoint tag (default final)")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload to this hub repo (private)")
     args = p.parse_args(argv)
     try:
         pred = GroupPredictor.from_run(args.run, args.checkpoint, use_run_data=False, log=print)
-        out = save_pretrained(pred, args.out)
+        out = save_pretrained(pred, args.out, args.overwrite)
         print(f"wrote {out}: {WEIGHTS}, config.json, README.md")
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(out, args.push_to_hub)}")

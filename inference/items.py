@@ -60,7 +60,20 @@ def _question_fields(text: Any, options: Any, ordinals: Any, where: str, id_: An
     bad = [o for o in options if not isinstance(o, str) or not o.strip()]
     if bad:
         raise DataError(f"{where}: every option must be a non-empty string, got {bad[0]!r}", "fix the options list")
+    _check_text(text, "the question", where)
+    for i, option in enumerate(options):
+        _check_text(option, f"option {i}", where)
     return Question(text, tuple(options), _ordinals(ordinals, len(options), where), id_)
+
+
+def _check_text(text: str, what: str, where: str) -> None:
+    """JSON's \\uXXXX escapes can spell half of a UTF-16 pair: a str, but not text any tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: {what} {text[:60]!r} holds a lone surrogate ({text[err.start]!r} at character "
+                        f"{err.start}), which is not text", "a \\ud800-\\udfff escape must be one half of a pair "
+                        "spelling one character; fix or drop it") from None
 
 
 def _ordinals(values: Any, k: int, where: str) -> tuple[float, ...] | None:

@@ -117,7 +117,7 @@ def check_emb_override(run_model: str, override: str | None, where: str) -> str:
     if run_model == "synthetic" or (override in NAMED_EMB_MODELS and run_model in NAMED_EMB_MODELS):
         raise DataError(f"embedding model {override!r} does not match the run's {run_model!r} ({where})",
                         f"drop the override, or pass the run's model ({run_model})")
-    return override  # e.g. a local folder holding the run's Hugging Face model; its dimension is checked
+    return override  # e.g. a local folder of the run's model: TextEmbedder checks the run's probe vector
 
 
 # ---------------------------------------------------------------------------- the run's data

@@ -78,7 +78,8 @@ class GroupPredictor:
         emb_name = check_emb_override(emb["emb_model"], emb_model, where)
         embedder = TextEmbedder(emb_name, emb["prompt_style"], model.config.dim_x, cache_dir=cache_dir,
                                 device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
-                                load_in_8bit=bool(config.get("emb_load_in_8bit", False)), log=log)
+                                load_in_8bit=bool(config.get("emb_load_in_8bit", False)),
+                                probe=emb.get("probe"), log=log)
         from .export import export_config  # lazy: `python -m inference.export` must import it first
         summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else None
         info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),
@@ -123,10 +124,12 @@ class GroupPredictor:
         from .export import load_pretrained
         return load_pretrained(cls, path, cache_dir=cache_dir, emb_model=emb_model, device=device, log=log)
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card)."""
+    def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card).
+
+        A folder holding a run, or a different export (unless `overwrite`), is refused."""
         from .export import save_pretrained
-        return save_pretrained(self, out_dir)
+        return save_pretrained(self, out_dir, overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """save_pretrained into a temporary folder and upload it (see inference.export.push_to_hub)."""

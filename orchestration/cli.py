@@ -18,11 +18,19 @@ from models.gpo import CONTEXT_ANSWERS, LAYER_INITS, LOSS_REDUCTIONS
 from orchestration.centralized import CENTRAL_MODES
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only to help that does not state its default already (it said both)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
 def build_parser(method: str) -> argparse.ArgumentParser:
     """method: 'fedavg' or 'centralized' (decides a few flags and the description)."""
     desc = {"fedavg": "Train GPO with FedAvg: one client per training group (PluralLLM).",
             "centralized": "Train GPO on the training groups' pooled data (the centralized baseline)."}[method]
-    p = argparse.ArgumentParser(description=desc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=desc, formatter_class=DefaultsOnce)
 
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="globalqa", choices=DATASETS, help="survey data set")
@@ -124,7 +132,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                        help="with --client_engine threads: worker threads (0 = torch's intra-op thread count)")
         t.add_argument("--vmap_chunk", type=int, default=0,
                        help="with --client_engine vmap: clients per batched chunk to bound memory (0 = all)")
-        t.add_argument("--save_client", action="store_true", help="also save each client's optimizer state in checkpoints")
+        t.add_argument("--save_client", action="store_true", help="also save each client's locally trained weights of the last round at every checkpoint (checkpoints/clients/)")
         t.add_argument("--also_centralized", action="store_true",
                        help="then train the centralized baseline in the same process (its own run folder)")
     t.add_argument("--central_epochs", type=int, default=1300, help="centralized epochs (paper: 1300)")
@@ -153,7 +161,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         f = p.add_argument_group("federation engine (flower_app/, docs/federation.md)")
         f.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"),
                        help="inprocess: every client in this process; flower: every group a Flower node, "
-                            "here on Flower's simulation runtime (one machine, Ray workers)")
+                            "here on Flower's simulation runtime (one machine; virtual clients in threads, "
+                            "or Ray workers with --sim_backend ray)")
         f.add_argument("--min_clients", type=int, default=1,
                        help="fewest training clients whose replies a round aggregates; a round with fewer "
                             "stops the run with an error (inprocess: checked against the sample size)")

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from data_loaders.datasets import ExperimentData, prepare_experiment
+from data_loaders.datasets import ExperimentData, choose_groups, prepare_experiment, split_seed
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
@@ -21,10 +21,11 @@ from federated.server import build_server
 from federated.strategies import build_strategy, check_strategy_flags
 from flower_app.secagg import check_secagg_flags
 from orchestration.centralized import CentralizedTrainer
+from orchestration.extras import check_extras
 from orchestration.loop import LoopConfig, RunLoop
-from orchestration.resume import FAILED, mark_failed, plan_run
+from orchestration.resume import FAILED, check_resume_early, mark_failed, plan_run
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
-from training.local import DivergenceError
+from training.local import DIVERGENCE_HINT, DivergenceError
 from utils.checkpoint import CheckpointError
 from utils.device import resolve_device
 from utils.interrupts import exit_code, signals_raise
@@ -72,11 +73,15 @@ def check_finite_flags(args) -> None:
             raise DataError(f"--{flag} {value} is not a finite number", f"give --{flag} a finite value")
 
 
-def check_flags(args) -> None:
+def check_flags(args, method: str | None = None) -> None:
     """Flag values that are wrong whatever the data; checked before anything is loaded or written."""
     check_finite_flags(args)
-    if hasattr(args, "strategy"):  # FedAvg's server rules; the client count is checked after loading
-        check_server_flags(args, num_train=None)
+    check_extras(args)
+    if method is not None:
+        check_resume_early(method, args)
+    if hasattr(args, "strategy"):  # FedAvg's server rules, with the client count when the flags decide it
+        train = train_groups_from_flags(args)
+        check_server_flags(args, num_train=None if train is None else len(train))
         check_secagg_flags(args)
     for flag, ok, need in _FLAG_RULES:
         value = getattr(args, flag, None)
@@ -97,6 +102,14 @@ def check_flags(args) -> None:
     resolve_device(args.device)  # an unknown or absent device fails here, not after minutes of embedding
     if getattr(args, "emb_device", "auto") != "auto":
         resolve_device(args.emb_device, "--emb_device")
+
+
+def train_groups_from_flags(args) -> list[str] | None:
+    """The training groups when the flags alone decide them: every dataset but synthetic, whose
+    group names come from its generator (it loads in a second anyway)."""
+    if getattr(args, "dataset", "synthetic") == "synthetic" or not hasattr(args, "train_groups"):
+        return None
+    return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, split_seed(args))[0]
 
 
 def check_question_counts(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
@@ -222,13 +235,24 @@ def _run_planned(plan, method, args, data, cfg, config, device, log, stop_after=
             loop.resume()
         summary = loop.run()
     except DivergenceError as err:
-        mark_failed(run_dir.path, str(err).splitlines()[0], round=err.round, client=err.client)
-        raise DataError(f"{err}\n  the run folder {run_dir.path} is marked failed ({FAILED}); start a new run",
-                        None) from None
+        headline = str(err).splitlines()[0]
+        mark_failed(run_dir.path, headline, round=err.round, client=err.client)
+        raise DataError(f"{headline}\n  the run folder {run_dir.path} is marked failed ({FAILED}); start a new run",
+                        divergence_hint(args)) from None
     finally:
         wandb.finish()
     log(f"{method}: summary in {run_dir.path / 'summary.json'}")
     return summary
+
+
+def divergence_hint(args) -> str:
+    """Under DP the usual cause is the noise, not the learning rate: name it."""
+    if not getattr(args, "dp", False):
+        return DIVERGENCE_HINT
+    z = f"--dp_noise {args.dp_noise:g}" if args.dp_noise is not None else f"the noise --dp_epsilon {args.dp_epsilon:g} needs"
+    return (f"{z} adds Gaussian noise of std z x --dp_clip / (clients per round) to every weight each round; "
+            "noise that large swamps the model: lower --dp_noise (or raise --dp_epsilon), sample more clients per "
+            f"round, or {DIVERGENCE_HINT}")
 
 
 def loop_config(method: str, args) -> LoopConfig:
@@ -275,7 +299,7 @@ def main_central() -> int:
 
 def _main(method: str, args) -> None:
     t0 = time.perf_counter()
-    check_flags(args)
+    check_flags(args, method)
     if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
         from orchestration.flower_simulation import run_simulation_engine
         run_simulation_engine(args)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from federated.comm import human_bytes
 from training.evaluation import group_stats
-from training.local import StopTraining
+from training.local import DivergenceError, StopTraining
 from utils.checkpoint import (
     alias_checkpoint,
     latest_checkpoint,
@@ -26,8 +26,17 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.console import format_group_table
-from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round
-from utils.run_io import MetricsWriter, RunDir, atomic_write_bytes, check_rounds_increase, read_metrics, trim_metrics
+from utils.metrics import LOSS_WINDOW_ROUNDS, NonFiniteError, curve_convergence_round
+from utils.run_io import (
+    MetricsWriter,
+    RunDir,
+    atomic_write_bytes,
+    check_rounds_increase,
+    lost_log_error,
+    read_metrics,
+    remove_stale_temps,
+    trim_metrics,
+)
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 
@@ -123,12 +132,14 @@ class RunLoop:
     # --- resume -------------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint; drop metrics written after it."""
+        self._remove_stale_temps()
         tag = latest_checkpoint(self.ckpt_dir)
         if tag is None:  # killed before the round-0 checkpoint: anything logged so far is redone
             self._trim(-1)
             self.log(f"no complete checkpoint in {self.ckpt_dir}; starting from round 0")
             return False
         weights, extra, meta = load_checkpoint(self.ckpt_dir, tag)
+        self._check_logs_there(int(meta["round"]))
         self.trainer.load_global(weights)
         self.trainer.load_state_dict(extra["trainer"])
         self.start_round, self.grad_steps = int(meta["round"]), int(meta["grad_steps"])
@@ -146,6 +157,20 @@ class RunLoop:
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         self.resumed = True
         return True
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writes the interrupted process never finished (we hold the run lock)."""
+        clients = self.ckpt_dir / "clients"
+        folders = [self.run_dir.path, self.ckpt_dir, *(clients.iterdir() if clients.is_dir() else [])]
+        freed = sum(remove_stale_temps(f) for f in folders)
+        if freed:
+            self.log(f"removed temporary files ({freed / 1e6:.3g} MB) left by an interrupted write")
+
+    def _check_logs_there(self, round_: int) -> None:
+        """Every checkpoint comes after its round's records: a log missing beside one was deleted."""
+        for path in (self.run_dir.metrics_path, self.losses_path):
+            if not path.exists() and (round_ > 0 or path == self.run_dir.metrics_path):
+                raise lost_log_error(path, f"is missing, but the run has a checkpoint of round {round_}")
 
     def _trim(self, last_round: int) -> None:
         for path in (self.run_dir.metrics_path, self.losses_path):
@@ -221,7 +246,13 @@ class RunLoop:
         return {**comm, "comm_bytes_down_total": self.comm["down"], "comm_bytes_up_total": self.comm["up"]}
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
-        evals, trains = self.trainer.evaluate(rnd)
+        try:
+            evals, trains = self.trainer.evaluate(rnd)
+        except NonFiniteError as err:  # finite but huge weights (e.g. DP noise) predict NaN: a divergence
+            if err.name != "pred":
+                raise
+            raise DivergenceError(rnd, err.group or "?", f"predictions are NaN/inf at evaluation in "
+                                  f"question(s) {err.questions}") from None
         rec = eval_record(rnd, evals, trains, window, self.grad_steps, self.points, time.perf_counter() - t0)
         diagnostics = getattr(self.trainer, "diagnostics", None)  # the Flower engine's server holds no data
         if diagnostics is not None:
@@ -273,6 +304,7 @@ class RunLoop:
 
     def _finish(self, t0: float) -> dict:
         self.run_dir.close()
+        self._check_logs_there(self.current_round)
         records = read_metrics(self.run_dir.metrics_path)
         losses = read_metrics(self.losses_path)
         wall = time.perf_counter() - t0

@@ -202,6 +202,26 @@ def _holds_run(folder: Path) -> bool:
         (folder / name).exists() for name in ("metrics.jsonl", "losses.jsonl", "checkpoints", FAILED))
 
 
+def check_resume_early(method: str, args) -> None:
+    """What --resume --out_dir can refuse from the flags alone, before minutes of loading and
+    embedding: another method or dataset, or a failed run. plan_run checks everything else."""
+    folder = Path(args.out_dir) if getattr(args, "resume", False) and getattr(args, "out_dir", None) else None
+    if folder is None or not (folder / "config.json").exists():
+        return
+    saved = read_config(folder)
+    if saved.get("method") != method:
+        raise DataError(f"--resume: {folder} holds a {saved.get('method')!r} run, not {method!r}",
+                        "resume it with its own entry point, or point --out_dir elsewhere")
+    if saved.get("dataset") != args.dataset:
+        raise DataError(f"--resume: the run in {folder} is on --dataset {saved.get('dataset')}, not {args.dataset}",
+                        "rerun the same command as the interrupted run (plus --resume), or start a new run "
+                        "without --resume")
+    failed = failure(folder)
+    if failed is not None:
+        raise DataError(f"--resume: the run in {folder} failed ({failed.get('reason')}); resuming would fail again",
+                        "start a new run without --resume (another --out_dir), e.g. with a lower --lr or --grad_clip")
+
+
 def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
     saved = read_config(folder)
     if saved.get("method") != method:

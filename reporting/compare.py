@@ -28,7 +28,7 @@ from data_loaders.schema import DataError
 
 from .paths import shown, shown_argv
 from .runs import Run, RunFolderError, find_run_folders, load_run, prefer_done, record_value
-from .tables import Stat, describe, final_worst, significance, stat_cell
+from .tables import Stat, describe, final_worst, no_variance, significance, stat_cell
 
 
 @dataclass
@@ -172,7 +172,7 @@ def paired_table(base: Variant, others: list[Variant]) -> list[str]:
             cells.append(stat_cell(d, _signed(spec)) + mark)
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: the per-seed difference variant − baseline over the seeds both have, mean ± std [95% CI, "
-              "Student t]; * = the CI excludes 0."]
+              "Student t]; * = the CI excludes 0 (a CI of zero width, no variance across the seeds, gets none)."]
     return lines
 
 
@@ -187,8 +187,8 @@ def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
                 parts.append(f"{what} alignment not measured")
                 continue
             word = "higher" if d.mean > 0 else "lower" if d.mean < 0 else "no different"
-            sig = {"excludes": "significant over these seeds", "includes": "not significant over these seeds"}.get(
-                significance(d), "a single seed: no CI")
+            sig = {"excludes": "significant over these seeds", "includes": "not significant over these seeds",
+                   "degenerate": f"{no_variance(d.n)}: no CI"}.get(significance(d), "a single seed: no CI")
             parts.append(f"{what} evaluation alignment {abs(d.mean):.4f} {word} ({sig})")
         if v.failed:
             which = ", ".join(divergence(r) for _, r in sorted(v.failed.items()))

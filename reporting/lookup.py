@@ -8,7 +8,7 @@ Runs from before those diagnostics existed have none of it; the section says so.
 from __future__ import annotations
 
 from .runs import METHOD_LABELS, Run, RunSet
-from .tables import Stat, describe, fmt, significance
+from .tables import Stat, describe, fmt, no_variance, significance
 
 # A specificity below this is too small to matter for any use of the prediction, whatever its CI:
 # one thousandth of alignment is a tenth of the smallest difference the paper reports.
@@ -43,7 +43,10 @@ def beats_line(runset: RunSet, method: str) -> str | None:
         return None
     label = METHOD_LABELS.get(method, method)
     sig = significance(m)
-    if m.mean > 0 and sig != "includes":
+    if sig == "degenerate":  # the same margin on every seed: a zero-width CI tests nothing
+        side = "above" if m.mean > 0 else "below" if m.mean < 0 else "level with"
+        verdict = f"scores {side} the consensus lookup by the same margin on every seed ({no_variance(m.n)})"
+    elif m.mean > 0 and sig != "includes":
         verdict = "**beats** the consensus lookup"
     elif m.mean < 0 and sig != "includes":
         verdict = "**does not beat** the consensus lookup (it scores below it)"

@@ -535,6 +535,7 @@ def _main(argv: list[str]) -> int:
             return 0
         t0 = time.perf_counter()
         check_flags(args)
+        RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
         split_rule = resolve_split(args)
         print(f"groups: {split_rule}")
         cache: dict = {}
@@ -554,7 +555,7 @@ def _main(argv: list[str]) -> int:
             return 0
         if args.commit_records:
             records.check_commit_target(args.records_dir)
-        lock = RunLock(args.out_root, "reproduction folder").acquire()  # one reproduce.py per --out_root
+        lock = RunLock(args.out_root, "reproduction folder", "--out_root").acquire()  # one reproduce.py per --out_root
         plan = plan_runs(args, data_for_seed, device)
         verified = verify_records(plan, args, data_for_seed)  # before anything trains: a stale record stops here
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "record", "resume", "restart")}

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.commit_records:
                 records.check_commit_target(args.records_dir)
-            with RunLock(out_root, "sweep folder"):
+            with RunLock(out_root, "sweep folder", "--out_root"):
                 t0 = time.perf_counter()
                 planner.plan(runs)
                 planner.verify(runs, args.rerun_stale)  # before anything trains: a stale record stops here

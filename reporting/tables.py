@@ -233,10 +233,17 @@ HEADLINES = (
 
 
 def significance(paired: Stat) -> str | None:
-    """'excludes' / 'includes' 0 for the paired 95% CI; None with fewer than 2 paired seeds."""
+    """'excludes' / 'includes' 0 for the paired 95% CI; 'degenerate' when every seed gave the same
+    value (a zero-width CI tests nothing); None with fewer than 2 paired seeds."""
     if paired.n < 2 or paired.ci_low is None:
         return None
+    if paired.std == 0 or len(set(paired.values)) == 1:  # equal values: float rounding can leave std ~1e-17
+        return "degenerate"
     return "excludes" if paired.ci_low > 0 or paired.ci_high < 0 else "includes"
+
+
+def no_variance(n: int) -> str:
+    return f"no variance across {n} seeds"
 
 
 def _size(measured: float, paper: float, tolerance: float) -> str:
@@ -251,7 +258,8 @@ def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float
     if measured is None:
         return "not measured (a method has no value)"
     sig = {"excludes": " (paired 95% CI excludes 0)",
-           "includes": " (paired 95% CI includes 0: not significant over these seeds)"}.get(significance(paired), "")
+           "includes": " (paired 95% CI includes 0: not significant over these seeds)",
+           "degenerate": f" ({no_variance(paired.n)}: no CI)"}.get(significance(paired), "")
     matched = b == "centralized_matched"
     if key == "rounds_fewer_pct":
         p = PAPER["rounds_fewer_pct"]

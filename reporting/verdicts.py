@@ -19,6 +19,7 @@ from .tables import (
     Stat,
     describe,
     method_stats,
+    no_variance,
     pct_fewer,
     seed_values,
     significance,
@@ -41,6 +42,8 @@ def status(key: str, measured: float | None, paired: Stat, fi: tuple[float | Non
         ok = f is not None and c is not None and min(f, c) >= 0.99 and abs(measured) < 0.01
         return "holds" if ok else "does not hold"
     sig = significance(paired)
+    if measured > 0 and sig == "degenerate":
+        return f"same direction, {no_variance(paired.n)}"
     if measured > 0:
         return "holds" if sig == "excludes" else "same direction, not significant"
     return "reversed" if sig == "excludes" and measured < 0 else "does not hold"
@@ -67,7 +70,8 @@ def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> li
         lines.append(f"| {text} | " + " | ".join(f"**{st.get(key, {}).get(b, 'not measured')}**" for b in others)
                      + " |")
     lines += ["", "Status: *holds* = the claim's direction with a paired 95% CI that excludes 0; *same direction, "
-              "not significant* = the CI includes 0; *does not hold* = no difference or the opposite direction "
+              "not significant* = the CI includes 0; *same direction, no variance across n seeds* = every seed gave "
+              "the same difference, so the CI has zero width and tests nothing; *does not hold* = no difference or the opposite direction "
               "within the CI; *reversed* = the opposite direction, CI excludes 0.", ""]
     lines.append(matched_change(st))
     return lines

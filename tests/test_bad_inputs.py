@@ -7,6 +7,7 @@ message names the input and carries a hint, and that nothing is left looking com
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,30 @@ def test_row08_nan_probability(tmp_path):
         load_with(tmp_path, bad, strict=True)
 
 
+def test_row62_selections_naming_a_country_twice_is_skipped_and_counted_or_fatal_with_strict(tmp_path):
+    """A dict literal keeps the last of two values silently; the loader must see both."""
+    bad = ["Q1", "defaultdict(<class 'list'>, {'Japan': [0.9, 0.1], 'China': [0.5, 0.5], 'Japan': [0.1, 0.9]})",
+           "['A', 'B']", "GAS"]
+    with pytest.warns(UserWarning, match=r"row 1 .*selections name 'Japan' twice"):
+        raw = load_with(tmp_path, bad)
+    assert raw.report.dropped == {"selections naming a group twice": 1} and raw.report.kept_questions == 1
+    with pytest.raises(DataError, match=r"row 1 .*'Japan' twice"):
+        load_with(tmp_path, bad, strict=True)
+    other = bad[:1] + [bad[1].replace("'Japan'", "'Peru'")] + bad[2:]  # a group not considered: harmless
+    assert load_with(tmp_path, other).report.dropped == {}
+
+
+def test_row63_a_repeated_question_row_is_skipped_and_counted_or_fatal_with_strict(tmp_path):
+    again = ["Q0", sel({"Japan": [0.5, 0.5], "China": [0.1, 0.9]}), "['Yes', 'No']", "WVS"]
+    with pytest.warns(UserWarning, match=r"row 1 .*repeats row 0 \(same question and options\)"):
+        raw = load_with(tmp_path, again)
+    assert raw.report.dropped == {"repeated question row": 1} and raw.groups["Japan"].qkeys.tolist() == [0]
+    with pytest.raises(DataError, match="row 1 .*repeats row 0"):
+        load_with(tmp_path, again, strict=True)
+    other_options = ["Q0", sel({"Japan": [0.5, 0.5], "China": [0.1, 0.9]}), "['Agree', 'Disagree']", "WVS"]
+    assert load_with(tmp_path, other_options).report.kept_questions == 2  # another question to the model
+
+
 def test_row10_opinionqa_folder_missing(tmp_path, capsys):
     fails(capsys, "--dataset", "opinionqa", "--data_path", str(tmp_path / "nope"), expect=str(tmp_path / "nope"))
 
@@ -203,6 +228,23 @@ def test_row22_truncated_metrics_line_is_dropped_with_a_warning_on_resume(tmp_pa
     assert strip((out / "metrics.jsonl").read_text().splitlines()) == strip(reference)
 
 
+def test_row67_temp_files_of_a_killed_write_are_removed_at_resume_and_at_pruning(tmp_path):
+    from utils.checkpoint import prune_checkpoints
+    out = finished_run(tmp_path)
+    as_if_killed(out)
+    ckpt = out / "checkpoints"
+    stale = [ckpt / ".round_00002.safetensors.0123abcd.tmp", ckpt / ".final.json.89abcdef.tmp",
+             out / ".metrics.jsonl.deadbeef.tmp"]
+    kept = [ckpt / "notes.tmp", out / ".hidden"]  # not the temp names of an atomic write
+    for f in stale + kept:
+        f.write_bytes(b"x" * 1000)
+    assert main("fedavg", [*SMALL, "--out_dir", str(out), "--resume"]) == 0
+    assert not [f for f in stale if f.exists()] and all(f.exists() for f in kept)
+    stale[0].write_bytes(b"x")
+    prune_checkpoints(ckpt, keep=1)
+    assert not stale[0].exists() and kept[0].exists()
+
+
 def test_row23_unwritable_out_dir(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -239,6 +281,67 @@ def test_row24_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch
     assert not list(ckpt.glob(".*.tmp")) and not (out / "summary.json").exists()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_row65_a_metrics_log_deleted_or_replaced_mid_run_stops_the_run_and_its_resume(tmp_path, capsys, monkeypatch,
+                                                                                       how):
+    """The open descriptor would write on into the unlinked file: the next record is refused instead."""
+    from orchestration.loop import RunLoop
+    log_round = RunLoop._log_round
+
+    def meddle(self, losses, rnd, stats, server):
+        if rnd == 2:
+            path = self.run_dir.metrics_path
+            if how == "deleted":
+                path.unlink()
+            else:
+                (path.parent / "copy").write_bytes(path.read_bytes())
+                os.replace(path.parent / "copy", path)
+        return log_round(self, losses, rnd, stats, server)
+
+    monkeypatch.setattr(RunLoop, "_log_round", meddle)
+    out = tmp_path / "run"
+    vanished = "vanished (deleted or moved)" if how == "deleted" else "was replaced by another file"
+    err = fails(capsys, *SMALL, "--out_dir", str(out), expect=f"{out / 'metrics.jsonl'} {vanished}")
+    assert "Traceback" not in err and "start the run anew in another --out_dir" in err
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(RunLoop, "_log_round", log_round)
+    if how == "deleted":
+        fails(capsys, *SMALL, "--out_dir", str(out), "--resume",
+              expect="metrics.jsonl is missing, but the run has a checkpoint of round 1")
+
+
+@pytest.mark.parametrize("victim", ["checkpoint", "metrics line"])
+def test_row24_a_full_disk_mid_run_is_exit_2_and_the_last_checkpoint_resumes(tmp_path, capsys, monkeypatch, victim):
+    """Round 2's checkpoint or metrics record meets a full disk after part of it landed: a clear exit 2,
+    and once there is space again --resume ends with the numbers of an uninterrupted run."""
+    import contextlib
+    reference = finished_run(tmp_path)
+    out = tmp_path / "full"
+    real_write_all = run_io._write_all
+
+    def full_at_round_2(fd, data):
+        if victim == "checkpoint":  # round 2's state, after its weights, once round 1's checkpoint is complete
+            hit = (out / "checkpoints" / "round_00002.safetensors").exists() and len(data) > 10_000
+        else:  # round 2's metrics record (its losses.jsonl row has no eval scores)
+            hit = bytes(data[:12]) == b'{"round": 2,' and b"eval_alignment_score" in bytes(data)
+        if hit:
+            os.write(fd, bytes(data[:50]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(run_io, "_write_all", full_at_round_2)
+    err = fails(capsys, *SMALL, "--out_dir", str(out), expect="No space left on device")
+    assert "free some disk space" in err and "Traceback" not in err and not (out / "summary.json").exists()
+    assert not list((out / "checkpoints").glob("round_00002.*"))  # no weights without their index
+    monkeypatch.setattr(run_io, "_write_all", real_write_all)
+    cut = pytest.warns(UserWarning, match="truncated") if victim == "metrics line" else contextlib.nullcontext()
+    with cut:  # the half line is dropped
+        assert main("fedavg", [*SMALL, "--out_dir", str(out), "--resume"]) == 0
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "wall_time_s"}  # noqa: E731
+                       for line in p.read_text().splitlines()]
+    assert strip(out / "metrics.jsonl") == strip(reference / "metrics.jsonl")
+
+
 def test_row25_wandb_online_without_credentials(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -250,6 +353,19 @@ def test_row25_wandb_online_without_credentials(tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------- flags (rows 27-31)
+
+@pytest.mark.parametrize("flags,module,extra", [
+    (("--engine", "flower"), "flwr", "flower"),
+    (("--dp", "--weighting", "uniform", "--dp_noise", "1"), "opacus", "dp"),
+])
+def test_row66_a_missing_optional_package_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                  flags, module, extra):
+    import sys
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` sees after a plain `pip install -e .`
+    out = tmp_path / "run"
+    err = fails(capsys, *SMALL, *flags, "--out_dir", str(out), expect=f"needs the optional package {module!r}")
+    assert f"pip install 'plurallm[{extra}]'" in err and not out.exists()
+
 
 def test_row27_cuda_requested_without_cuda(capsys):
     import torch
@@ -289,6 +405,40 @@ def test_row31_wasserstein_on_data_without_ordinals(capsys):
 
 def test_row32_resume_a_folder_without_a_run(tmp_path, capsys):
     fails(capsys, *SMALL, "--out_dir", str(tmp_path), "--resume", expect="holds no run (no config.json)")
+
+
+def test_row71_what_the_flags_refuse_is_refused_before_loading_the_data(tmp_path, capsys):
+    """A missing CSV would be the first error if the data were loaded first."""
+    nope = ["--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"), "--wandb", "off", "--quiet"]
+    fails(capsys, *nope, "--byzantine", "8", expect="--byzantine 8 leaves no honest client among the 8 training clients")
+    out = finished_run(tmp_path)
+    fails(capsys, *nope, "--out_dir", str(out), "--resume",
+          expect=f"--resume: the run in {out} is on --dataset synthetic, not globalqa")
+    (out / "failed.json").write_text('{"reason": "diverged"}')
+    fails(capsys, *SMALL, "--syn_questions", "10", "--out_dir", str(out), "--resume", expect="failed (diverged)")
+
+
+def test_row71_the_reproduce_lock_is_checked_before_loading_and_names_out_root(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from reporting import pipeline
+    from utils.run_io import RunLock
+    monkeypatch.setattr(sys, "argv", ["scripts/reproduce.py", *["--an_argument_that_is_long"] * 10])
+    root = tmp_path / "r"
+    with RunLock(root, "reproduction folder", "--out_root"):
+        assert pipeline.main(["--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"), "--seeds", "0",
+                              "--out_root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"reproduction folder {root} is in use by process {os.getpid()}" in err and "another --out_root" in err
+    assert "…)" in err and "--an_argument_that_is_long" in err  # the holder's command, cut with an ellipsis
+
+
+def test_row71_hints_and_help_say_what_the_flags_are():
+    from orchestration.cli import build_parser
+    text = " ".join(build_parser("fedavg").format_help().split())
+    assert not re.search(r"default[^()]*\) \(default:", text)  # was "(default: …) (default: None)"
+    assert "--save_client also save each client's locally trained weights" in text
+    assert "virtual clients in threads, or Ray workers with --sim_backend ray" in text
 
 
 def test_nothing_was_left_looking_complete_by_any_refused_command(tmp_path, capsys):

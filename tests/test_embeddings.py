@@ -321,6 +321,24 @@ def test_unwritable_cache_warns_before_embedding_and_runs_without_it(tmp_path, m
     assert lines[0].startswith(f"WARNING: could not write the embedding cache {entry.path}")
 
 
+def test_a_full_disk_while_writing_the_cache_is_a_warning_and_the_run_keeps_its_vectors(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError (seen on a 200 KB tmpfs), not as an OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    monkeypatch.setattr(E, "embed_texts", lambda texts, model_id, **kw: torch.ones(len(texts), 4))
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # part of it lands first
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    lines: list[str] = []
+    emb, info = E.get_embeddings(make_raw(), "some-model", cache_dir=tmp_path / "cache", log=lines.append)
+    assert emb.shape == (7, 4) and info["source"] == "computed" and info["cache_file"] is None
+    assert any(s.startswith("WARNING: could not write the embedding cache") and "No space left" in s for s in lines)
+    assert not list((tmp_path / "cache").iterdir())  # no temp file, no half entry
+
+
 def test_read_only_cache_is_still_read(tmp_path, monkeypatch):
     calls = counting_embedder(monkeypatch)
     first, info = E.get_embeddings(make_raw(), "some-model", cache_dir=tmp_path, log=lambda s: None)

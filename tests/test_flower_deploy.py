@@ -30,8 +30,8 @@ from orchestration.cli import build_parser
 from orchestration.experiment import main
 from utils.checkpoint import load_checkpoint
 
-GROUPS = ["g00", "g01", "g02"]  # g00, g01 train; g02 evaluation
-FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "40", "--syn_dim", "16",
+GROUPS = ["g00", "g01", "g02", "g03"]  # g00, g01 train; g02 evaluation; g03 trains only under SecAgg+
+FLAGS = ["--dataset", "synthetic", "--syn_groups", "4", "--syn_questions", "40", "--syn_dim", "16",
          "--train_groups", "g00,g01", "--eval_groups", "g02", "--d_model", "16", "--dim_feedforward", "16",
          "--num_layers", "1", "--min_ctx_num_qs", "3", "--max_ctx_num_qs", "10", "--min_tar_num_qs", "3",
          "--max_tar_num_qs", "10", "--eval_num_qs", "5", "--epochs", "2", "--wandb", "off", "--quiet",
@@ -89,7 +89,7 @@ def test_two_rounds_on_superlink_and_supernodes_match_the_in_process_engine(fede
     assert (out / "summary.json").exists(), federation.logs()
     assert final_status(federation, run_id) == "finished:completed"
     fed = json.loads((out / "federation.json").read_text())
-    assert fed["runtime"] == "deployment" and fed["failures"] == [] and sorted(fed["nodes"]) == GROUPS
+    assert fed["runtime"] == "deployment" and fed["failures"] == [] and sorted(fed["nodes"]) == ["g00", "g01", "g02"]
     metrics, losses = records(out / "metrics.jsonl"), records(out / "losses.jsonl")
     assert [r["round"] for r in metrics] == [0, 2] and [r["round"] for r in losses] == [1, 2]
     assert all(sorted(r["train_loss_per_client"]) == ["g00", "g01"] for r in losses)
@@ -135,10 +135,11 @@ def test_killed_supernode_is_left_out_and_the_run_continues(federation, tmp_path
 
 def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_engine(federation, tmp_path):
     """One SecAgg+ round (4 messages per client) on the real processes: the aggregate is the in-process
-    engine's FedAvg within the quantisation step (16 / 2**22 = 3.8e-6), and the run folder is complete."""
+    engine's FedAvg within the quantisation step (16 / 2**22 = 3.8e-6), and the run folder is complete.
+    Three clients: with two, each could subtract its own update from the sum (refused)."""
     out = tmp_path / "secagg"
-    run_id = federation.run([*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--secagg",
-                             "--out_dir", str(out)])
+    flags = [*FLAGS, "--train_groups", "g00,g01,g03", "--comm_round", "1", "--federated_eval", "1"]
+    run_id = federation.run([*flags, "--secagg", "--out_dir", str(out)])
     # 7 messages per node instead of 4 (query, evaluation, 4 SecAgg+ stages, evaluation): about 40 s of
     # CPU, several minutes of wall time on 2 cores shared with other jobs
     wait(federation, "the SecAgg+ run to finish", (out / "federation.json").exists, deadline=3 * RUN_DEADLINE_S)
@@ -147,7 +148,7 @@ def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_e
     assert json.loads((out / "federation.json").read_text())["failures"] == []
     assert json.loads((out / "config.json").read_text())["secagg"] is True
     ref = tmp_path / "inprocess"
-    assert main("fedavg", [*FLAGS, "--comm_round", "1", "--federated_eval", "1", "--out_dir", str(ref)]) == 0
+    assert main("fedavg", [*flags, "--out_dir", str(ref)]) == 0
     a, b = load_checkpoint(ref / "checkpoints", "final")[0], load_checkpoint(out / "checkpoints", "final")[0]
     assert 0 < max(float((a[k] - b[k]).abs().max()) for k in a) <= 2 * 16 / 2 ** 22
     got, want = records(out / "metrics.jsonl"), records(ref / "metrics.jsonl")
@@ -170,30 +171,56 @@ def our_processes(flwr_home: Path) -> list[int]:
     return found
 
 
+READY = "Ctrl+C stops every process."  # the loopback command's last startup line: every node started
+STOP_DEADLINE_S = 600  # a safety net for a hung command, not a timing assumption
+
+
+def kill_all(flwr_home: Path) -> None:
+    """SIGKILL every process started with this FLWR_HOME, whatever its session or parent, until none is left."""
+    def none_left() -> bool:
+        for pid in our_processes(flwr_home):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not our_processes(flwr_home)
+    poll(none_left, 60, "every process of the test to be killed", every=0.1)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_loopback_command_stops_and_reaps_every_process_on_a_signal(tmp_path, sig):
+    """Waits on events (the command's ready line, the processes' exit), so a loaded machine only
+    makes it slower; whatever happens, every process it started is killed at the end."""
     root = tmp_path / "loopback root"  # a space: the printed command must quote it
+    home = root / "flwr_home"
     proc = subprocess.Popen([sys.executable, "-m", "flower_app.loopback", "--groups", "g00", "--root", str(root)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
-        # SuperLink + its SuperExec, the SuperNode + its SuperExec
-        started = poll(lambda: len(descendants(proc.pid)) >= 4 or proc.poll() is not None, 60,
-                       "the SuperLink, the SuperNode and their SuperExecs", every=0.1)
-        assert started is True and proc.poll() is None
+        printed = []
+        for line in proc.stdout:  # blocks until the command has started every process (or exits)
+            printed.append(line)
+            if READY in line:
+                break
+        assert proc.poll() is None and any(READY in line for line in printed), "".join(printed)
+        # SuperLink + its SuperExec, the SuperNode + its SuperExec (the SuperExecs start on their own)
+        poll(lambda: len(descendants(proc.pid)) >= 4, STOP_DEADLINE_S, "the SuperExecs", every=0.1)
         family = descendants(proc.pid)
-        assert set(family) <= set(our_processes(root / "flwr_home"))
+        assert set(family) <= set(our_processes(home))
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate(timeout=STOP_DEADLINE_S)
+        out = "".join(printed) + rest
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            proc.wait(60)
+        leftover = our_processes(home)
+        kill_all(home)  # the SuperLink, SuperNode and SuperExecs run in sessions of their own
     assert proc.returncode == 128 + sig, err
     assert [line for line in err.splitlines() if line.startswith("interrupted")] == [
         f"interrupted ({sig.name}): stopping the SuperLink and 1 SuperNode(s) with their processes; "
         "rerun the same command to start the federation again"]
-    assert not [p for p in family if alive(p)] and not our_processes(root / "flwr_home"), err
+    assert not [p for p in family if alive(p)] and not leftover, err
 
     # the printed line runs the demo flags into the folder the next line names (absolute, under --root)
     command = next(line.strip() for line in out.splitlines() if " flwr run " in line)

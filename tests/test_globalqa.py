@@ -132,6 +132,37 @@ def test_env_var_and_offline_download(tmp_path, monkeypatch):
         resolve_csv(None, log=QUIET)
 
 
+def test_no_network_is_found_with_one_quick_connection_not_the_hubs_retries(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE, huggingface_hub retried five times (about 25 s) before failing."""
+    import socket
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.delenv("PLURALLLM_GLOBALQA_CSV", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    downloads, connections = [], []
+
+    def download(*a, local_files_only=False, **kw):
+        if not local_files_only:
+            downloads.append(a)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    def connect(address, timeout=None):
+        connections.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub at https://huggingface.co "
+                                        r"\(gaierror.*\n.*--data_path"):
+        resolve_csv(None, log=QUIET)
+    assert connections == [("huggingface.co", 443)] and downloads == [] and time.perf_counter() - t0 < 2
+
+
 def test_default_split_is_the_papers():
     assert len(TRAIN_GROUPS) == 8 and len(EVAL_GROUPS) == 6 and not set(TRAIN_GROUPS) & set(EVAL_GROUPS)
 

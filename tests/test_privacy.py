@@ -187,6 +187,21 @@ def test_noise_for_epsilon_meets_the_budget():
     assert noise_for_epsilon(10.0, 1e-5, 50, 0.5) == 2 * z
 
 
+def test_small_epsilons_are_reached_with_more_rdp_orders_and_unreachable_ones_refused():
+    """Opacus's default orders stop at 63, which puts a floor of about 0.1 on ε at δ = 1e-5 (z = 1e9 gave
+    0.103 after one round and 0.01 over 1,300 rounds was a ValueError traceback)."""
+    assert PrivacyAccountant(1e9, 1.0, 1e-5).epsilon(1) < 1e-3
+    dp = build_dp(parse("--dp", "--weighting", "uniform", "--dp_epsilon", "0.01"), Strategy(), 8, 1300)
+    assert 0 < dp.accountant.epsilon(1300) <= 0.01
+    with pytest.raises(DataError, match=r"--dp_epsilon 0.001 cannot be reached in 1000000 rounds at δ = 1e-05: "
+                                        r"even noise z = 1e\+06 spends ε = 0.00") as err:
+        noise_for_epsilon(0.001, 1e-5, 10 ** 6, 1.0)
+    assert "raise --dp_epsilon to 0.00" in err.value.hint
+    with pytest.raises(DataError, match=r"--dp_epsilon 1e-05 is below the smallest ε the RDP accountant can certify "
+                                        r"at δ = 1e-05 \(0.00013"):
+        check_privacy_flags(parse("--dp", "--weighting", "uniform", "--dp_epsilon", "1e-5"), 8)
+
+
 def test_pre_run_check_refuses_a_run_over_budget():
     with pytest.raises(DataError, match=r"spends ε = 35.08 > --dp_epsilon 10") as err:
         check_budget(PrivacyAccountant(1.0, 1.0, 1e-5), 25, 10.0)

@@ -314,8 +314,12 @@ def test_diverged_client_stops_the_run_as_without_secagg(tmp_path, monkeypatch):
 
 
 def test_too_few_clients_for_a_secure_sum_are_refused_before_training(tmp_path):
-    with pytest.raises(DataError, match=r"--secagg needs at least 2 clients per round; 1 sampled"):
+    with pytest.raises(DataError, match=r"--secagg needs at least 3 clients per round; 1 sampled"):
         secure_trainer(tmp_path, "--client_fraction", "0.3")
+    for shares in ("1.0", "3"):  # two clients: each learns the other's update from the sum, whatever the shares
+        with pytest.raises(DataError, match=r"at least 3 clients per round; 2 sampled .*learns the other's"):
+            secure_trainer(tmp_path, "--client_fraction", "0.5", "--secagg_num_shares", shares,
+                           "--secagg_threshold", "2")
     with pytest.raises(DataError, match=r"--secagg_quant_range 2000000000 times 3 clients reaches 2\*\*32"):
         secure_trainer(tmp_path, "--secagg_quant_range", "2000000000")
     with pytest.raises(DataError, match=r"give 3 shares and a threshold of 4 for 3 clients"):

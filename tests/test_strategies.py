@@ -497,6 +497,7 @@ def test_default_flags_build_the_fedavg_path():
     (["--trim_fraction", "0.5"], "--trim_fraction 0.5"),
     (["--trim_fraction", "-0.1"], "--trim_fraction -0.1"),
     (["--server_opt", "adam", "--server_lr", "0"], "--server_lr 0.0"),
+    (["--server_lr", "0.5"], "--server_lr 0.5: has no effect without --server_opt"),
     (["--server_beta1", "1"], "--server_beta1 1.0"),
     (["--server_tau", "0"], "--server_tau 0.0"),
 ])

@@ -163,6 +163,21 @@ def test_centralized_divergence_is_caught_too(tmp_path, capsys):
     assert (tmp_path / "c" / "failed.json").exists()
 
 
+def test_nan_predictions_at_evaluation_are_a_divergence_whose_hint_names_the_dp_noise(tmp_path, capsys):
+    """Noise of std 1e9/m leaves the weights finite (no loss or weight is NaN) but the predictions
+    are not: the same guard as a NaN loss, failed.json, and a hint about the noise."""
+    out = tmp_path / "noisy"
+    flags = [*SMALL, "--comm_round", "3", "--federated_eval", "1", "--epochs", "1", "--dp", "--weighting", "uniform",
+             "--dp_noise", "1e9", "--out_dir", str(out)]
+    assert main("fedavg", flags) == 2
+    err = capsys.readouterr().err
+    assert "training diverged at round 1: predictions are NaN/inf at evaluation" in err and "Traceback" not in err
+    assert "hint: --dp_noise 1e+09 adds Gaussian noise" in err and "lower --dp_noise" in err
+    assert json.loads((out / "failed.json").read_text())["round"] == 1
+    assert main("fedavg", [*flags, "--resume"]) == 2
+    assert "failed" in capsys.readouterr().err
+
+
 def test_grad_clip_bounds_the_step_and_is_off_by_default(tmp_path):
     import torch
 

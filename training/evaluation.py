@@ -12,7 +12,7 @@ import torch
 from data_loaders.episodes import collate
 from data_loaders.schema import DataError, GroupData, gather_points
 from models.gpo import GPO
-from utils.metrics import cov, fairness_index, mean_alignment, score_questions, worst_group
+from utils.metrics import NonFiniteError, cov, fairness_index, mean_alignment, score_questions, worst_group
 from utils.seeding import generator
 
 
@@ -63,8 +63,12 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
         ctx, ctx_q = ctx.subset(ctx_q.to(ctx.offsets.device)), torch.arange(len(ctx_q))
         ctx_p, tgt_p = replace(ctx, x=model.project(ctx.x)), replace(tgt, x=model.project(tgt.x))
     step = chunk if chunk and len(tgt_q) > chunk else len(tgt_q)
-    parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
-             for i in range(0, len(tgt_q), step)]
+    try:
+        parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
+                 for i in range(0, len(tgt_q), step)]
+    except NonFiniteError as err:
+        err.group = err.group or ctx.name  # the run loop names the group that diverged
+        raise
     return GroupEval(ctx.name, torch.cat(parts), tgt.qkeys[tgt_q.to(tgt.qkeys.device)].cpu())
 
 

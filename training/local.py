@@ -29,13 +29,15 @@ class StopTraining(Exception):
     loop evaluates the last trained round and finishes the run folder there."""
 
 
+DIVERGENCE_HINT = "lower --lr (the paper uses 3e-4), or bound each step with --grad_clip (e.g. 1.0)"
+
+
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or weights; names the round and the client."""
+    """Training produced a non-finite loss, weights or predictions; names the round and the client."""
 
     def __init__(self, round_: int, client: str, what: str):
         self.round, self.client, self.what = round_, client, what
-        super().__init__(f"training diverged at round {round_}: {what} (client {client!r})\n"
-                         "  hint: lower --lr (the paper uses 3e-4), or bound each step with --grad_clip (e.g. 1.0)")
+        super().__init__(f"training diverged at round {round_}: {what} (client {client!r})\n  hint: {DIVERGENCE_HINT}")
 
 
 def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from utils.run_io import atomic_write_bytes, atomic_write_json
+from utils.run_io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 FORMAT_VERSION = 1
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -113,10 +113,15 @@ def save_checkpoint(directory: str | Path, tag: str, *, model_state: dict[str, t
     weights_path, state_path, json_path = _paths(directory, tag)
     json_path.unlink(missing_ok=True)
     files = {}
-    for role, path, data in (("model", weights_path, safetensors_save(weights)),
-                             ("state", state_path, buf.getvalue())):
-        atomic_write_bytes(path, data)
-        files[role] = {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        for role, path, data in (("model", weights_path, safetensors_save(weights)),
+                                 ("state", state_path, buf.getvalue())):
+            atomic_write_bytes(path, data)
+            files[role] = {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    except BaseException:  # e.g. the disk filled up on the state: no weights file without its index
+        for path in (weights_path, state_path):
+            path.unlink(missing_ok=True)
+        raise
     record = {"format": FORMAT_VERSION, "tag": tag, "round": meta["round"],
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_at_unix": time.time(),
               "files": files, "meta": meta}
@@ -248,4 +253,5 @@ def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") 
     for path in [*directory.glob("*.safetensors"), *directory.glob("*.state.pt")]:
         if path.name not in named:
             path.unlink(missing_ok=True)
+    remove_stale_temps(directory)  # the globs above skip the hidden temp files of a killed write
     return removed

@@ -26,6 +26,16 @@ class MetricError(ValueError):
     """A metric got inputs it cannot score (NaN/inf, negative or all-zero distributions)."""
 
 
+class NonFiniteError(MetricError):
+    """A distribution holds NaN/inf. `name` says which one: a NaN/inf 'pred' means the model
+    diverged (the run loop turns it into a DivergenceError); `group` is filled in by the
+    evaluation that scored it."""
+
+    def __init__(self, name: str, questions: str):
+        super().__init__(f"{name} is NaN/inf in question(s) {questions}")
+        self.name, self.questions, self.group = name, questions, None
+
+
 # ---------------------------------------------------------------------------------------
 # CSR helpers
 
@@ -59,7 +69,7 @@ def _check_dist(values: torch.Tensor, name: str, seg: torch.Tensor, num_q: int) 
     v = values.detach().to(torch.float64)
     bad = ~torch.isfinite(v)
     if bool(bad.any()):
-        raise MetricError(f"{name} is NaN/inf in question(s) {_listed(seg[bad].unique())}")
+        raise NonFiniteError(name, _listed(seg[bad].unique()))
     neg = v < 0
     if bool(neg.any()):
         raise MetricError(f"{name} has negative probabilities in question(s) {_listed(seg[neg].unique())}")

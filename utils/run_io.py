@@ -62,8 +62,8 @@ class RunLock:
     the holder's PID, start time and command so a refused process can name it.
     """
 
-    def __init__(self, folder: str | Path, what: str = "run folder"):
-        self.folder, self.what = Path(folder), what
+    def __init__(self, folder: str | Path, what: str = "run folder", flag: str = "--out_dir"):
+        self.folder, self.what, self.flag = Path(folder), what, flag  # flag: what chose the folder
         self.path = self.folder / ".lock"
         self._fd: int | None = None
 
@@ -79,16 +79,33 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            err = self._in_use(fd)
             os.close(fd)
-            raise RunLockedError(
-                f"{self.what} {self.folder} is in use by {holder}; two processes writing one folder would "
-                "interleave their logs", "wait for it to finish (or stop it), or use another --out_dir") from None
+            raise err from None
         info = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv}
         os.ftruncate(fd, 0)
         _write_all(fd, (json.dumps(info) + "\n").encode("utf-8"))
         self._fd = fd
         return self
+
+    def check_free(self) -> None:
+        """Refuse now, before slow work (loading data), when a live process holds the lock; creates
+        nothing, holds nothing: acquire() still decides, since a holder may start in between."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file yet (or none readable): acquire() reports what is wrong
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(fd) from None
+        finally:
+            os.close(fd)  # also drops the probe's own lock
+
+    def _in_use(self, fd: int) -> RunLockedError:
+        return RunLockedError(
+            f"{self.what} {self.folder} is in use by {_holder(fd)}; two processes writing one folder would "
+            "interleave their logs", f"wait for it to finish (or stop it), or use another {self.flag}")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -105,10 +122,14 @@ class RunLock:
 def _holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-        cmd = " ".join(str(a) for a in info.get("argv", []))[:120]
+        cmd = _shortened(" ".join(str(a) for a in info.get("argv", [])), 120)
         return f"process {info['pid']} (started {info.get('started', '?')}: {cmd})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (its PID could not be read)"
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"  # the ellipsis says it was cut
 
 
 # ---------------------------------------------------------------------------
@@ -214,6 +235,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+_TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # atomic_write_bytes's temp names
+
+
+def remove_stale_temps(directory: str | Path) -> int:
+    """Delete the temp files of atomic writes a killed process left in `directory`; returns the bytes freed.
+
+    Only for a folder no other process writes (the run lock holder's): a live write's temp
+    file has the same name shape. A kill during a checkpoint write leaves ~60 MB at paper scale."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    freed = 0
+    for path in directory.iterdir():
+        if _TEMP_RE.match(path.name) and path.is_file():
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            freed += size
+    return freed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
 
@@ -295,6 +336,7 @@ class MetricsWriter:
             raise ValueError(f"metrics log {self.path} is closed")
         if not isinstance(record, dict):
             raise TypeError(f"a metrics record must be a dict, got {type(record).__name__}")
+        self.check_in_place()
         line = (to_strict_json(record, what="metrics record") + "\n").encode("utf-8")
         try:
             _write_all(self._fd, line)
@@ -302,6 +344,19 @@ class MetricsWriter:
         except OSError as e:
             raise OutputDirError(f"could not append to {self.path}: {e.strerror or e}",
                                  "free some disk space, or " + _OUT_DIR_HINT, e.errno) from e
+
+    def check_in_place(self) -> None:
+        """The open descriptor would go on writing into a log deleted or replaced under it, and
+        every later record would be lost with the unlinked file: stop at the next record instead."""
+        if self._fd is None:
+            return
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise lost_log_error(self.path, "vanished (deleted or moved) while the run was writing it") from None
+        mine = os.fstat(self._fd)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            raise lost_log_error(self.path, "was replaced by another file while the run was writing it")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -317,6 +372,13 @@ class MetricsWriter:
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             self.close()
+
+
+def lost_log_error(path: Path, what: str) -> OutputDirError:
+    """A run's log that is gone cannot be rebuilt from its checkpoints: say so, and what is left to do."""
+    return OutputDirError(f"{path} {what}; its records cannot be rebuilt from the checkpoints",
+                          f"put the run's own {path.name} back (from a backup) and rerun with --resume, or start "
+                          "the run anew in another --out_dir")
 
 
 def _parse_record(raw: bytes) -> dict[str, Any] | None:
