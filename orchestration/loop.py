@@ -103,7 +103,7 @@ class ProgressLines:
                          + (f" (worst group {worst:.4f})" if worst is not None else "")
                          + ("" if rec is not None else f" at round {shown['round']}"))
             if shown.get("eval_alignment_unseen") is not None:
-                parts.append(f"unseen {shown['eval_alignment_unseen']:.4f}")
+                parts.append(f"unseen questions {shown['eval_alignment_unseen']:.4f}")
             consensus = (shown.get("baselines") or {}).get("consensus", {}).get("eval_alignment_score")
             if consensus is not None:
                 parts.append(f"consensus {consensus:.4f}")
