@@ -46,7 +46,6 @@ from .federation import POLL_S, FlowerTrainer
 from .secagg import MODULUS_RANGE, _check_share_flags
 from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
-
 MIN_CLIENTS = 3  # the fewest clients whose sum hides each one's update from every other client
 
 
