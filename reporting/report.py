@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .convergence import GAIN_WINDOW_EVALS
 from .figures import make_figures
-from .paths import shown_argv
 from .lookup import lookup_lines
+from .paths import shown_argv
 from .runs import RunSet, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
 from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
