@@ -76,8 +76,8 @@ _OFFLINE_HINT = f"on a machine without internet pass the CSV with --data_path or
 
 
 def _download_csv(log) -> Path:
-    from huggingface_hub import hf_hub_download
     from huggingface_hub import constants as hub
+    from huggingface_hub import hf_hub_download
     try:  # a copy in the hub cache needs no network
         return Path(hf_hub_download(HUB_REPO, HUB_FILE, repo_type="dataset", local_files_only=True))
     except Exception:  # not cached (or a broken cache): download it

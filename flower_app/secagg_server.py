@@ -47,7 +47,6 @@ from .protocol import payload_bytes
 from .secagg import MODULUS_RANGE, _check_share_flags
 from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
-
 MIN_CLIENTS = 3  # the fewest clients whose sum hides each one's update from every other client
 
 
