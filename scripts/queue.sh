@@ -13,12 +13,15 @@ cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 PY="${PYTHON:-python}"
 export FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled
+# The worktree has no ../shared beside it: the data is found from this checkout's.
+export PLURALLLM_OPINIONQA_DIR="${PLURALLLM_OPINIONQA_DIR:-$ROOT/../shared/data/opinionqa}"
+export PLURALLLM_GLOBALQA_CSV="${PLURALLLM_GLOBALQA_CSV:-$ROOT/../shared/data/globalopinionqa_sample/global_opinions_sample.csv}"
 GQA_BOUNDS=(--dataset globalqa --min_ctx_num_qs 5 --min_tar_num_qs 6 --eval_num_qs 9)
 CODE_FLAGS=(--methods fedavg centralized --seeds 0 1 --loss_reduction slot_mean --layer_init clones
             --episode_bounds code --weighting episode_points --central_mode batched --name opinionqa_paper_code)
 STEPS=(
-  "scripts/reproduce.py --preset paper"
   "scripts/reproduce.py --preset paper_unseen"
+  "scripts/reproduce.py --preset paper"
   "scripts/sweep.py --preset strategies"
   "scripts/reproduce.py --preset paper ${GQA_BOUNDS[*]}"
   "scripts/reproduce.py --preset paper ${CODE_FLAGS[*]}"
