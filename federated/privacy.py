@@ -118,8 +118,13 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
     noise = secure_gaussian_noise(total, std) if secure else gaussian_noise(total, std, gen)
     mean = {k: total[k] / num_sampled + noise[k] for k in total}
     # the norms are the server's diagnostics (to choose S): they are not covered by the guarantee
+    # signal and noise norms give the per-round signal-to-noise ratio (the privacy report's figure):
+    # the clipped mean is at most S long, the noise about z S / m sqrt(P)
     info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
-            "dp_median_norm": sorted(norms)[len(norms) // 2] if norms else 0.0}
+            "dp_median_norm": sorted(norms)[len(norms) // 2] if norms else 0.0,
+            "dp_signal_norm": l2_norm({k: t / num_sampled for k, t in total.items()}),
+            "dp_noise_norm": l2_norm({k: n.double() for k, n in noise.items()}),
+            "dp_params": sum(t.numel() for t in total.values())}
     return mean, info
 
 

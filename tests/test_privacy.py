@@ -69,6 +69,9 @@ def test_mean_of_clipped_updates_over_the_sampled_count_without_noise():
     mean, info = dp_mean_delta(glob, states, clip=1.0, noise_multiplier=0.0, num_sampled=2, gen=generator(0, "x"))
     assert torch.allclose(mean["w"], f64(0.45, 0.6), rtol=0, atol=1e-15)
     assert info["dp_clipped"] == 1 and info["dp_noise_std"] == 0.0
+    # the clipped mean (0.45, 0.6) is the signal: norm 0.75; no noise drawn
+    assert info["dp_signal_norm"] == pytest.approx(0.75, rel=0, abs=1e-15)
+    assert info["dp_noise_norm"] == 0.0 and info["dp_params"] == 2
     # two of four sampled clients replied: the denominator stays 4 (the sum's sensitivity stays S)
     mean4, _ = dp_mean_delta(glob, states, clip=1.0, noise_multiplier=0.0, num_sampled=4, gen=generator(0, "x"))
     assert torch.allclose(mean4["w"], f64(0.225, 0.3), rtol=0, atol=1e-15)
@@ -82,6 +85,10 @@ def test_noise_std_is_z_clip_over_m_and_seeded_by_round():
     same = [{"w": torch.zeros(n, dtype=torch.float32)}]  # Δ = 0: the mean is pure noise
     noise, info = dp_mean_delta(glob, same, clip=clip, noise_multiplier=z, num_sampled=m, gen=generator(0, "dp", 1))
     assert info["dp_noise_std"] == 0.25
+    # no signal (every update 0); the noise norm is its draw's, about std sqrt(P) = 0.25 sqrt(2e5)
+    assert info["dp_signal_norm"] == 0.0
+    assert info["dp_noise_norm"] == pytest.approx(float(noise["w"].norm()), rel=1e-12)
+    assert info["dp_noise_norm"] == pytest.approx(0.25 * math.sqrt(n), rel=0.01)
     # sample std of 2e5 draws: relative standard error 1/sqrt(2n) = 0.16%; allow 1%
     assert float(noise["w"].std()) == pytest.approx(0.25, rel=0.01)
     assert abs(float(noise["w"].mean())) < 5 * 0.25 / math.sqrt(n)
