@@ -86,13 +86,16 @@ METRICS = (
     ("baseline_consensus", "Consensus lookup, eval alignment (no model)",
      lambda run: (((run.summary or {}).get("baselines") or {}).get("consensus") or {}).get("eval_alignment_score"),
      "{:.4f}"),
+    ("baseline_uniform", "Uniform predictor, eval alignment (no model)",
+     lambda run: (((run.summary or {}).get("baselines") or {}).get("uniform") or {}).get("eval_alignment_score"),
+     "{:.4f}"),
     ("convergence_comm_mb", "Communication to convergence (MB)",
      lambda run: None if (v := (run.summary or {}).get("convergence_comm_bytes")) is None else v / 1e6, "{:.1f}"),
     ("total_comm_mb", "Communication, whole run (MB)",
      lambda run: None if (v := (run.summary or {}).get("total_comm_bytes")) is None else v / 1e6, "{:.1f}"),
 )
 # Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
-COMPARED = tuple(m for m in METRICS if m[0] not in ("dp_epsilon", "baseline_consensus"))
+COMPARED = tuple(m for m in METRICS if m[0] not in ("dp_epsilon", "baseline_consensus", "baseline_uniform"))
 
 
 def values(v: Variant) -> dict[str, dict[int, float | None]]:
@@ -249,6 +252,37 @@ def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
                  "Worst-group eval alignment (final)", path, "dots: one run (seed); diamond: mean over seeds")
 
 
+def _snr(run: Run) -> tuple[list[int], list[float]]:
+    """Per round: the clipped mean's norm over the noise's (DP runs that logged both, noise > 0)."""
+    pts = [(r["round"], r["dp_signal_norm"] / r["dp_noise_norm"]) for r in run.losses
+           if r.get("dp_signal_norm") is not None and r.get("dp_noise_norm")]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def has_snr(variants: list[Variant]) -> bool:
+    return any(_snr(r)[1] for v in variants for r in v.runs.values())
+
+
+def fig_snr_vs_round(variants: list[Variant], path: Path) -> Path:
+    """Signal-to-noise per round: ||clipped mean|| (at most S) over ||noise|| (about z S / m sqrt(P))."""
+    import numpy as np
+
+    from .figures import plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, v in enumerate(variants):
+        curves = [c for _, r in sorted(v.runs.items()) if (c := _snr(r))[1]]
+        if not curves:
+            continue
+        t = min(len(c[1]) for c in curves)
+        ys = np.array([c[1][:t] for c in curves])
+        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.5, label=f"{v.name} (n={len(curves)})")
+    ax.axhline(1.0, color="0.4", ls=":", lw=1, label="signal = noise")
+    ax.set_yscale("log")
+    return _save(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
+                 "||clipped mean update|| / ||added noise||", path,
+                 "mean over seeds; the noise is drawn over every parameter, the signal is at most the clip norm S")
+
+
 def _mean_epsilon(v: Variant) -> float | None:
     eps = [x for x in values(v)["dp_epsilon"].values() if x is not None]
     return sum(eps) / len(eps) if eps else None
@@ -316,6 +350,8 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
              "mean_vs_worst": fig_mean_vs_worst(variants, Path(f"{stem}_mean_vs_worst.png"))}
     if has_epsilon(others):
         paths["alignment_vs_epsilon"] = fig_alignment_vs_epsilon(variants, Path(f"{stem}_alignment_vs_epsilon.png"))
+    if has_snr(variants):
+        paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
     first = (f"**{partial[0].upper() + partial[1:]}**: the numbers below cover the finished runs only and change "
@@ -343,7 +379,8 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
              *verdict_lines(base, others), "", "## Figures", ""]
     for key, text in (("worst_vs_round", "Worst-group evaluation alignment vs round"),
                       ("mean_vs_worst", "Final mean vs worst-group evaluation alignment"),
-                      ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε")):
+                      ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε"),
+                      ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round")):
         if key in paths:
             body += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
     warnings = consistency_warnings(variants)

@@ -111,6 +111,8 @@ PRESETS = {
         base=[*OPINIONQA, "--weighting", "uniform"],
         variants={
             "no_dp": [],
+            # clipping without noise: separates the clipping bias from the noise (epsilon infinite)
+            "dp_clip_only": ["--dp", "--dp_clip", "0.1", "--dp_noise", "0"],
             "dp_z0.1": ["--dp", "--dp_clip", "0.1", "--dp_noise", "0.1"],
             "dp_z1": ["--dp", "--dp_clip", "0.1", "--dp_noise", "1"],
             "dp_z3": ["--dp", "--dp_clip", "0.1", "--dp_noise", "3"],
@@ -133,7 +135,16 @@ PRESETS = {
                "- Clip norm: S = 0.1 is about the median client update norm over the first 30 rounds of a "
                "no-noise, no-clip run of this setup (dp_median_norm in its losses.jsonl), which the cosine "
                "schedule moves between 3e-4 and 0.8; so about half the updates are clipped (dp_clipped in each DP "
-               "run's losses.jsonl counts them per round)."]),
+               "run's losses.jsonl counts them per round). S was chosen from that non-private run of the same "
+               "data: a data-dependent choice that the accountant does not cover (a deployment would fix S in "
+               "advance or spend budget on choosing it, e.g. --dp_clip_quantile).",
+               "- dp_clip_only clips at the same S with no noise (ε infinite): the gap no_dp − dp_clip_only is the "
+               "clipping bias, dp_clip_only − dp_z* the noise. The signal-to-noise figure divides the norm of the "
+               "clipped mean (at most S) by the norm of the noise added that round (about z S / 10 √P, P the "
+               "number of parameters), both logged per round in losses.jsonl (dp_signal_norm, dp_noise_norm, "
+               "dp_params).",
+               "- The uniform predictor row is the no-model baseline on the same targets: a variant whose final "
+               "alignment equals it has collapsed to predicting uniform answers."]),
 }
 
 

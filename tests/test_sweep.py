@@ -21,6 +21,9 @@ def test_privacy_sweep_trains_reuses_and_reports(tmp_path, capsys, monkeypatch):
     assert "dp_z1" in report and "no_dp" in report
     assert "```bash\npython scripts/sweep.py --preset privacy" in report and "## Setup" in report
     assert "S = 0.1 is about the median client update norm" in report
+    assert "non-private run" in report and "| Uniform predictor, eval alignment (no model) |" in report
+    assert "![Signal-to-noise ratio of the server's update vs round](privacy_snr_vs_round.png)" in report
+    assert (tmp_path / "privacy_snr_vs_round.png").stat().st_size > 0
     capsys.readouterr()
     assert main(argv) == 0  # everything finished: reused, nothing retrained
     assert capsys.readouterr().out.count("reuse ") == 4
@@ -44,6 +47,20 @@ def test_presets_keep_the_issue_setups():
         assert flags[flags.index("--attack") + 1] == "alie" and flags[flags.index("--byzantine") + 1] == "3"
         assert rule == "fedavg" or flags[flags.index("--strategy") + 1] == rule
     assert sum("--dp" in v for v in p.variants.values()) >= 3 and p.variants[p.baseline] == []
+    clip_only = p.variants["dp_clip_only"]   # the clipping bias alone: the DP variants' clip, no noise
+    assert clip_only[clip_only.index("--dp_noise") + 1] == "0"
+    assert clip_only[clip_only.index("--dp_clip") + 1] == p.variants["dp_z1"][p.variants["dp_z1"].index("--dp_clip") + 1]
+
+
+def test_snr_is_signal_over_noise_per_logged_round():
+    from reporting.compare import _snr
+    from reporting.runs import Run
+    run = Run(path=None, status="finished", losses=[
+        {"round": 1, "dp_signal_norm": 0.1, "dp_noise_norm": 0.5},
+        {"round": 2, "dp_signal_norm": 0.05, "dp_noise_norm": 0.0},   # clip only: no ratio
+        {"round": 3, "train_loss": 1.0},                              # a run before the norms were logged
+        {"round": 4, "dp_signal_norm": 0.08, "dp_noise_norm": 0.25}])
+    assert _snr(run) == ([1, 4], [0.2, 0.32])
 
 
 def test_a_variant_that_diverges_is_reported_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
