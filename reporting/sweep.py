@@ -145,6 +145,28 @@ PRESETS = {
                "dp_params).",
                "- The uniform predictor row is the no-model baseline on the same targets: a variant whose final "
                "alignment equals it has collapsed to predicting uniform answers."]),
+    # Issue 26, item 2's short protocol on real data: does --context_answer product (docs/group_use.md,
+    # which made the model adapt on planted synthetic groups) make FedAvg use the group on OpinionQA,
+    # scored on questions no training group trained on (--question_split 0.2, as paper_unseen)?
+    "group_use": Preset(
+        base=[*OPINIONQA, "--question_split", "0.2"],
+        variants={"concat": [], "product": ["--context_answer", "product"]},
+        baseline="concat", seeds=[0, 1],
+        title="Does FedAvg use the group? --context_answer on OpinionQA, leakage-free (300 rounds, 2 seeds)",
+        report="docs/results/group_use_opinionqa.md",
+        setup=["OpinionQA, the default seeded 60/40 split, MiniLM embeddings, the paper's defaults otherwise "
+               "(6 local steps, lr 3e-4, weights by episode), 300 rounds, evaluation every 10, seeds 0-1. "
+               "--question_split 0.2: the last 20% of questions by key are held out of every training group and "
+               "scored on the evaluation groups as unseen questions (as the paper_unseen protocol).",
+               "",
+               "- concat is the paper's model: a context token's input is [x, y], one answer value beside 384 "
+               "embedding dimensions. product adds y·(x W_p), so the answer scales a whole embedding-wide "
+               "channel (models/gpo.py; docs/group_use.md has the diagnosis and the synthetic runs that "
+               "motivated it).",
+               "- Group specificity: each evaluation group's targets scored with its own context answers minus "
+               "with a partner group's answers to the same questions (README, Metrics): above 0 means the "
+               "model uses the group. The consensus row is the per-question mean of the training groups' "
+               "answers, the table lookup to beat on seen questions; on unseen questions it is uniform."]),
 }
 
 

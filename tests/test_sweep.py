@@ -52,6 +52,13 @@ def test_presets_keep_the_issue_setups():
     assert clip_only[clip_only.index("--dp_clip") + 1] == p.variants["dp_z1"][p.variants["dp_z1"].index("--dp_clip") + 1]
 
 
+def test_group_use_preset_compares_the_context_answer_on_unseen_questions():
+    g = PRESETS["group_use"]
+    assert g.seeds == [0, 1] and g.variants == {"concat": [], "product": ["--context_answer", "product"]}
+    assert g.baseline == "concat" and g.base[g.base.index("--question_split") + 1] == "0.2"
+    assert g.base[g.base.index("--comm_round") + 1] == "300"
+
+
 def test_snr_is_signal_over_noise_per_logged_round():
     from reporting.compare import _snr
     from reporting.runs import Run
