@@ -21,6 +21,7 @@ CODE_FLAGS=(--methods fedavg centralized --seeds 0 1 --loss_reduction slot_mean 
             --episode_bounds code --weighting episode_points --central_mode batched --name opinionqa_paper_code)
 STEPS=(
   "scripts/reproduce.py --preset paper_unseen"
+  "scripts/sweep.py --preset group_use"
   "scripts/sweep.py --preset privacy"
   "scripts/reproduce.py --preset paper"
   "scripts/sweep.py --preset strategies"
