@@ -308,19 +308,18 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
         # `auto` resolves per machine: record the engine that ran
         rec["engine_requested"], rec["engine"] = point["engine"], getattr(trainer, "client_engine", point["engine"])
         if "step" in measure:
-            log("local steps")
-            rec.update(measure_local_step(trainer, model, cfg, model_cfg, point["repeats"], device))
+            stage(rec, "local steps", lambda: measure_local_step(trainer, model, cfg, model_cfg, point["repeats"],
+                                                                 device))
         if "round" in measure:
-            log("fedavg rounds")
-            rec.update(measure_rounds(trainer, cfg, model_cfg, point["rounds"], device, rec["engine"]))
+            stage(rec, "fedavg rounds", lambda: measure_rounds(trainer, cfg, model_cfg, point["rounds"], device,
+                                                               rec["engine"]))
         if "eval" in measure:
-            log("evaluation")
-            rec.update(measure_eval(trainer, model, point["repeats"], device))
+            stage(rec, "evaluation", lambda: measure_eval(trainer, model, point["repeats"], device))
         del trainer, model
         free(device)
     if "central" in measure:
-        log("centralized epochs")
-        rec.update(measure_central(args, data, cfg, point["central_epochs"], point["repeats"], device))
+        stage(rec, "centralized epochs", lambda: measure_central(args, data, cfg, point["central_epochs"],
+                                                                 point["repeats"], device))
     proj = projection(rec, args)
     rec["projected_full_protocol_s"], rec["projection"] = proj["total_s"], proj
     rec["peak_rss_mb"] = peak_rss_mb()
@@ -440,6 +439,17 @@ def summary_line(rec: dict) -> str:
     keys = ("load_s", "local_step_s", "fedavg_round_s", "eval_s", "eval_full_s", "projected_full_protocol_s")
     parts = [f"{k} {rec[k]:.4g}" for k in keys if rec.get(k) is not None]
     return "  " + ", ".join(parts + [f"peak_rss_mb {rec['peak_rss_mb']:.0f}"])
+
+
+def stage(rec: dict, name: str, measure: Callable[[], dict]) -> None:
+    """Run one measurement into rec, logging its wall time and timings as it ends: a point cut off
+    by a time limit still shows which stages finished and what they cost."""
+    log(name)
+    start = time.perf_counter()
+    out = measure()
+    rec.update(out)
+    timings = [f"{k} {v:.4g}" for k, v in out.items() if k.endswith("_s") and isinstance(v, float)]
+    log(f"  {name} done in {time.perf_counter() - start:.1f} s" + (": " + ", ".join(timings) if timings else ""))
 
 
 def log(msg: str) -> None:
