@@ -82,9 +82,13 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
     if manifest and manifest.get("command"):
         cmd_lines += ["Training and report (one command; finished runs are reused, interrupted ones resumed):",
                       "", "```bash", shown_command(manifest["command"]), "```", ""]
-    elif runs:
+    elif runs and run_commands(runs):
         cmd_lines += ["Commands recorded in the run folders (config.json → environment.argv):", "", "```bash",
                       *(shown_command(c) for c in run_commands(runs)), "```", ""]
+    elif report_command and "--report_only" in report_command:
+        training = [a for a in report_command if a != "--report_only"]
+        cmd_lines += ["Training (runs whose record exists are reused after a verified 2-round replay):", "",
+                      "```bash", "python " + " ".join(shlex.quote(a) for a in shown_argv(training)), "```", ""]
     if report_command:
         cmd_lines += ["This report (from the run folders alone):", "", "```bash",
                       "python " + " ".join(shlex.quote(a) for a in shown_argv(report_command)), "```", ""]

@@ -249,7 +249,8 @@ def run_commands(runs: list[Run]) -> list[str]:
     seen: dict[str, None] = {}
     for r in runs:
         argv = _get(r.config, ("environment", "argv"))
-        if argv:
+        # a worker of reproduce.py / sweep.py --jobs (reporting/jobs.py) is nobody's command line
+        if argv and not str(argv[0]).endswith(("reporting/jobs.py", "-m reporting.jobs")):
             seen["python " + " ".join(shlex.quote(a) for a in argv)] = None
     return list(seen)
 

@@ -606,3 +606,11 @@ def test_group_splits_may_differ_between_seeds_but_not_within_one(tmp_path):
     assert consistency_warnings([base, same]) == []  # a seeded split: seeds differ by design
     other = Variant("c", [], runs={0: run(0, ["z"])})
     assert consistency_warnings([base, other]) == ["the runs of seed 0 disagree on eval_groups: ['[\"x\"]', '[\"z\"]']"]
+
+
+def test_a_jobs_worker_argv_is_not_shown_as_the_runs_command():
+    from reporting.runs import Run, run_commands
+    worker = Run(path=None, status="finished", config={"environment": {"argv": ["/x/.queue_worktree/reporting/jobs.py"]}})
+    user = Run(path=None, status="finished", config={"environment": {"argv": ["main_fl.py", "--seed", "1"]}})
+    assert run_commands([worker, user, worker]) == ["python main_fl.py --seed 1"]
+    assert run_commands([worker]) == []
