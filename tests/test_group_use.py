@@ -126,10 +126,7 @@ def test_context_answer_refuses_unknown_values():
 
 
 def test_group_use_script_prints_and_records_every_measure(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "group_use.py"
-    spec = importlib.util.spec_from_file_location("group_use", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _group_use_script()
     out = tmp_path / "g.json"
     small = ["--syn_groups", "6", "--syn_questions", "30", "--num_layers", "2", "--d_model", "16",
              "--dim_feedforward", "16", "--max_ctx_num_qs", "10", "--max_tar_num_qs", "10", "--eval_num_qs", "5"]
@@ -142,6 +139,33 @@ def test_group_use_script_prints_and_records_every_measure(tmp_path, capsys):
     assert len(row["attention"]) == 2 and all(abs(a["ctx_mass"] - 1) < 1e-6 for a in row["attention"])
     assert row["grad"]["dL_dy"] > 0 and row["grad"]["dL_dx"] > 0
     assert "spec" in capsys.readouterr().out
+
+
+def test_a_trained_product_model_uses_the_group_where_concat_does_not(request):
+    """Issue 20's check that specificity can be clearly above 0 for a trained model: 40 synthetic
+    groups whose answers differ only by planted vectors (24 train, 16 eval), 80 centralized epochs
+    (1,920 steps). Measured on an AMD EPYC: product +0.0198 +- 0.0033, concat +0.0001, untrained 0.0000."""
+    mod = _group_use_script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and no spinning against other jobs
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    small = ["--syn_groups", "40", "--syn_questions", "40", "--syn_dim", "8", "--d_model", "16",
+             "--dim_feedforward", "16", "--num_layers", "2", "--max_ctx_num_qs", "20", "--max_tar_num_qs", "20",
+             "--eval_num_qs", "10", "--central_steps", "1", "--lr", "1e-3"]
+    spec = {arm: [r["spec"] for r in mod.main(["--checkpoints", "0,80", "--", *small, *flags])["rows"]]
+            for arm, flags in (("product", ["--context_answer", "product"]), ("concat", []))}
+    untrained, trained = spec["product"]
+    assert abs(untrained["specificity"]) < 1e-4
+    assert trained["specificity"] > max(0.01, 3 * trained["specificity_se"])
+    assert abs(spec["concat"][1]["specificity"]) < 0.005  # the paper's input: the collapse, at the same budget
+
+
+def _group_use_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "group_use.py"
+    spec = importlib.util.spec_from_file_location("group_use", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_a_product_model_loads_from_its_config_and_not_as_concat():
