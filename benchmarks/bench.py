@@ -359,11 +359,11 @@ def run_child(point: dict) -> dict:
 
 def resolve_variants(parser: argparse.ArgumentParser, flag: str, requested: str | None,
                      fallback: str) -> list[tuple[str, bool]]:
-    """[(label, pass the flag?)] for --engines / --precisions, checked against utils/cli.py."""
+    """[(label, pass the flag?)] for --engines / --precisions, checked against orchestration/cli.py."""
     action = optional_flag(parser, flag)
     if action is None:
         if requested and requested.split(",") != [fallback]:
-            raise SystemExit(f"error: this checkout's utils/cli.py has no {flag}; "
+            raise SystemExit(f"error: this checkout's orchestration/cli.py has no {flag}; "
                              f"leave out the list (only {fallback} exists here)")
         return [(fallback, False)]
     values = requested.split(",") if requested else [action.default]
@@ -471,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--central_epochs", type=int, default=None, help="timed centralized epochs per mode (+1 warm-up)")
     p.add_argument("--repeats", type=int, default=None, help="timed local-step fits and evaluations (+1 warm-up)")
     p.add_argument("--measure", default=None, help=f"comma-separated subset of {','.join(MEASURES)}")
-    p.add_argument("--engines", default=None, help="comma-separated --client_engine values (if utils/cli.py has it)")
-    p.add_argument("--precisions", default=None, help="comma-separated --precision values (if utils/cli.py has it)")
+    p.add_argument("--engines", default=None, help="comma-separated --client_engine values (if orchestration/cli.py has it)")
+    p.add_argument("--precisions", default=None, help="comma-separated --precision values (if orchestration/cli.py has it)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")

@@ -1,6 +1,6 @@
 """Flags of secure aggregation (`--secagg`): Flower's SecAgg+ on the Flower engine.
 
-utils/cli.py imports this module to build main_fl.py's parser, so it imports nothing but
+orchestration/cli.py imports this module to build main_fl.py's parser, so it imports nothing but
 argparse at module level; the protocol itself lives in secagg_server.py (ServerApp side)
 and secagg_client.py (ClientApp side), which import flwr.
 

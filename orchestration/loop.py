@@ -142,6 +142,8 @@ class RunLoop:
         self._check_logs_there(int(meta["round"]))
         self.trainer.load_global(weights)
         self.trainer.load_state_dict(extra["trainer"])
+        if "torch_rng" in extra:  # --dropout draws from torch's global generator: continue its stream
+            torch.set_rng_state(extra["torch_rng"])
         self.start_round, self.grad_steps = int(meta["round"]), int(meta["grad_steps"])
         self.points = int(meta.get("points", 0))
         self.wall_offset = float(meta["wall_time_s"])

@@ -362,7 +362,7 @@ def test_flags_parse_counts_or_fractions_and_need_secagg():
 
 
 def test_flag_module_imports_nothing_heavy():
-    """utils/cli.py imports flower_app.secagg: no flwr, no torch at import time."""
+    """orchestration/cli.py imports flower_app.secagg: no flwr, no torch at import time."""
     code = "import sys, flower_app.secagg; print(sorted(m for m in ('flwr', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=60)
