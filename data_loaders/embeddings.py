@@ -383,14 +383,12 @@ def _cache_writable(folder: Path, log: Log) -> bool:
     return False
 
 
-def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, dataset_options: dict | None = None,
-                   cache_dir: str | Path | None = None, device: str = "auto", batch_size: int = 16,
+def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None, device: str = "auto", batch_size: int = 16,
                    dtype: str = "fp32", load_in_8bit: bool = False,
                    pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
     """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained.
 
-    Only texts the cache does not hold yet are embedded. `dataset_options` is accepted for
-    older callers and ignored: the cache is keyed by the texts themselves.
+    Only texts the cache does not hold yet are embedded: the cache is keyed by the texts themselves.
     """
     start = time.perf_counter()
     folder = resolve_cache_dir(cache_dir)

@@ -257,11 +257,6 @@ class Strategy:
         return self.cfg.name
 
     @property
-    def uses_weighting(self) -> bool:
-        """The FedAvg-style rules and qfedavg (its ω_k) read --weighting; the others ignore it."""
-        return self.cfg.name in ("fedavg", "fedprox", "qfedavg")
-
-    @property
     def required_metrics(self) -> tuple[str, ...]:
         """Metrics each client must put in its reply (costly ones are computed only when listed)."""
         return (ALIGNMENT_KEY,) if self.cfg.name in ("qfedavg", "adaptive") else ()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -217,5 +216,3 @@ def shown_command(command: str) -> str:
     return " ".join(shlex.quote(w) for w in shown_argv(words))
 
 
-def current_command() -> list[str]:
-    return [sys.argv[0], *sys.argv[1:]] if sys.argv and sys.argv[0] else []

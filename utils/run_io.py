@@ -486,16 +486,12 @@ class RunDir:
         return cls(default_run_dir(method, seed, root))
 
     config_path = property(lambda self: self.path / "config.json")
-    environment_path = property(lambda self: self.path / "environment.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     summary_path = property(lambda self: self.path / "summary.json")
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
 
     def write_config(self, config: dict[str, Any]) -> Path:
         return atomic_write_json(self.config_path, config)
-
-    def write_environment(self, info: dict[str, Any] | None = None) -> Path:
-        return atomic_write_json(self.environment_path, info if info is not None else environment_info())
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         return atomic_write_json(self.summary_path, summary)
