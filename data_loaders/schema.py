@@ -15,13 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Bad input: the message names the file, row or flag, and ends with a hint."""
-
-    def __init__(self, what: str, hint: str | None = None):
-        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
-        self.hint = hint
+from utils.errors import DataError  # noqa: F401  (re-exported: data_loaders.schema.DataError, as before)
 
 
 @dataclass

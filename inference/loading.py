@@ -3,7 +3,7 @@
 A usable run folder has config.json, summary.json (a finished run) and a complete checkpoint
 under checkpoints/, always read through `utils.checkpoint.load_checkpoint` (a checkpoint's
 JSON index says which files hold its weights). Its dataset, when on disk, is loaded the way
-the run loaded it (`reporting.predictions.args_from_config` + `load_embedded`), so a group's
+the run loaded it (`orchestration.cli.args_from_config` + `load_embedded`), so a group's
 questions get exactly the run's vectors.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from data_loaders.schema import DataError, GroupData, RawDataset, build_group_data
 from models.gpo import GPO, GPOConfig
+from orchestration.cli import args_from_config
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 Log = Callable[[str], None]
@@ -72,7 +73,6 @@ def gpo_config(config: dict, where: str) -> GPOConfig:
         return GPOConfig(**{k: v for k, v in config["model_config"].items() if k in known})
     if "dim_x" not in config:
         raise DataError(f"{where} has neither model_config nor dim_x", "this is not a PluralLLM run or export")
-    from reporting.predictions import args_from_config
     from training.config import model_config
     return model_config(args_from_config(config), int(config["dim_x"]))
 
@@ -149,7 +149,6 @@ class RunData:
 
 
 def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str):
-    from reporting.predictions import args_from_config
     args = args_from_config(config, data_path, cache_dir)
     if args.dataset != "synthetic":
         args.emb_model = emb_model  # the model this predictor embeds new texts with

@@ -198,3 +198,22 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="also keep the checkpoint of the best mean evaluation alignment (checkpoints/best.json)")
     o.add_argument("--no_plots", action="store_true", help="do not write loss.png and alignment.png into the run folder")
     return p
+
+
+def args_from_config(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> argparse.Namespace:
+    """The flags a run was trained with, as a parsed Namespace (unknown keys ignored)."""
+    args = build_parser("fedavg").parse_args([])
+    for k, v in config.items():
+        if hasattr(args, k):
+            setattr(args, k, v)
+    args.group_split = None  # train_groups / eval_groups in a config are already resolved lists
+    if data_path:
+        args.data_path = data_path
+    if cache_dir:
+        args.cache_dir = cache_dir
+    emb = (config.get("data") or {}).get("embedding") or {}
+    name = emb.get("model_id") if emb.get("emb_model") == "hf" else emb.get("emb_model")  # "hf": the id is the flag
+    if name and name not in ("auto", "synthetic"):
+        args.emb_model = name
+    args.quiet, args.resume = True, False
+    return args

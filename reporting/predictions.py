@@ -9,8 +9,6 @@ preferred, as they read best as bars): the plural case the method is about.
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
@@ -19,7 +17,7 @@ from data_loaders.episodes import collate
 from data_loaders.schema import gather_points
 from federated.client import GroupClient
 from models.gpo import GPO
-from orchestration.cli import build_parser
+from orchestration.cli import args_from_config
 from training.config import client_config, model_config
 from utils.checkpoint import load_checkpoint
 from utils.metrics import js_distance, score_questions
@@ -27,25 +25,6 @@ from utils.metrics import js_distance, score_questions
 from .runs import Run, RunSet
 
 METRIC_LABELS = {"jsd": "Jensen–Shannon distance", "wasserstein": "normalised Wasserstein distance"}
-
-
-def args_from_config(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> argparse.Namespace:
-    """The flags a run was trained with, as a parsed Namespace (unknown keys ignored)."""
-    args = build_parser("fedavg").parse_args([])
-    for k, v in config.items():
-        if hasattr(args, k):
-            setattr(args, k, v)
-    args.group_split = None  # train_groups / eval_groups in a config are already resolved lists
-    if data_path:
-        args.data_path = data_path
-    if cache_dir:
-        args.cache_dir = cache_dir
-    emb = (config.get("data") or {}).get("embedding") or {}
-    name = emb.get("model_id") if emb.get("emb_model") == "hf" else emb.get("emb_model")  # "hf": the id is the flag
-    if name and name not in ("auto", "synthetic"):
-        args.emb_model = name
-    args.quiet, args.resume = True, False
-    return args
 
 
 def load_model(run: Run) -> GPO:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from data_loaders.schema import DataError
+from utils.errors import DataError
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
