@@ -156,8 +156,9 @@ PRESETS = {
         report="docs/results/group_use_opinionqa.md",
         setup=["OpinionQA, the default seeded 60/40 split, MiniLM embeddings, the paper's defaults otherwise "
                "(6 local steps, lr 3e-4, weights by episode), 300 rounds, evaluation every 10, seeds 0-1. "
-               "--question_split 0.2: the last 20% of questions by key are held out of every training group and "
-               "scored on the evaluation groups as unseen questions (as the paper_unseen protocol).",
+               "--question_split 0.2: a seeded random 20% of the questions (the same for every group, drawn from "
+               "the split seed) is held out of all training, and the evaluation groups are scored on those alone "
+               "(as the paper_unseen protocol).",
                "",
                "- concat is the paper's model: a context token's input is [x, y], one answer value beside 384 "
                "embedding dimensions. product adds y·(x W_p), so the answer scales a whole embedding-wide "
