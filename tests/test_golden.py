@@ -1,8 +1,8 @@
 """The golden runs of the redesign (scripts/golden.py, tests/golden/): today's code reproduces them.
 
 Every case retrains a few rounds and compares its metrics.jsonl and losses.jsonl (wall clock
-aside) with the recorded ones: byte for byte on the recording machine, within 1e-5 relative on
-another CPU. A refactor that changes any number fails here, naming the first value that moved.
+aside) with the recorded ones within 1e-5 relative: a CPU name does not identify a host, so the
+byte-for-byte check is `python scripts/golden.py --check` on the recording machine. A refactor that changes any number fails here, naming the first value that moved.
 """
 import importlib.util
 import json
@@ -30,7 +30,7 @@ def test_golden_run_is_reproduced(name, tmp_path, shared_data_dir):
         pytest.skip("no ../shared/data/opinionqa here")
     if need == "flwr":
         pytest.importorskip("flwr")
-    ok, line = golden.compare(name, golden.run_case(name, tmp_path))
+    ok, line = golden.compare(name, golden.run_case(name, tmp_path), strict=False)
     assert ok, line
 
 
@@ -55,6 +55,8 @@ def test_compare_is_exact_on_the_recording_machine_and_tolerant_elsewhere():
     assert not ok and "losses.jsonl line 2.train_loss" in line     # the recording machine: exact
     ok, line = golden.compare("fedavg", tiny, here=other)
     assert ok and "within 1e-05" in line and "another CPU" in line
+    ok, line = golden.compare("fedavg", tiny, here=recorded, strict=False)
+    assert ok and "within 1e-05" in line
     ok, line = golden.compare("fedavg", _perturbed(logs, 1 + 1e-3), here=other)
     assert not ok and "beyond 1e-05" in line and "train_loss" in line
 
