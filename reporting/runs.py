@@ -250,7 +250,7 @@ def run_commands(runs: list[Run]) -> list[str]:
     for r in runs:
         argv = _get(r.config, ("environment", "argv"))
         # a worker of reproduce.py / sweep.py --jobs (reporting/jobs.py) is nobody's command line
-        if argv and not str(argv[0]).endswith(("reporting/jobs.py", "-m reporting.jobs")):
+        if argv and not str(argv[0]).endswith("reporting/jobs.py"):
             seen["python " + " ".join(shlex.quote(a) for a in argv)] = None
     return list(seen)
 

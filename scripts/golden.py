@@ -26,9 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestration.replay import TOLERANCE as REL_TOL  # noqa: E402  (the run records' replay tolerance)
+from orchestration.replay import relative_difference  # noqa: E402
+
 GOLDEN_DIR = ROOT / "tests" / "golden"
 TIME_KEYS = frozenset({"wall_time_s"})
-REL_TOL = 1e-5
 
 # 10 planted groups (6 train, 4 eval), 40 questions, a 2-layer model: seconds per run.
 SYNTHETIC = ["--dataset", "synthetic", "--syn_groups", "10", "--syn_questions", "40", "--syn_dim", "16",
@@ -147,7 +149,7 @@ def _differences(got, want, where: str, out: list[tuple[float, str]]) -> None:
         if not (isinstance(got, (int, float)) and isinstance(want, (int, float))):
             out.append((math.inf, f"{where}: {got!r}, golden {want!r}"))
         elif got != want and not (math.isnan(got) and math.isnan(want)):
-            rel = abs(got - want) / max(abs(want), abs(got), 1e-12)
+            rel = relative_difference(got, want)
             out.append((rel, f"{where}: {got!r}, golden {want!r} (relative {rel:.2e})"))
     elif got != want:
         out.append((math.inf, f"{where}: {got!r}, golden {want!r}"))

@@ -19,6 +19,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+
+def load_script(relpath: str):
+    """A script of the repository (scripts/, examples/) imported as a module, by its path."""
+    import importlib.util
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 CACHE_ENV = "PLURALLLM_CACHE_DIR"  # data_loaders.embedding_cache reads it
 CREATED_CACHE_DIRS: list[str] = []           # the session's own cache folder, removed at the end
 

@@ -4,23 +4,12 @@ Every case retrains a few rounds and compares its metrics.jsonl and losses.jsonl
 aside) with the recorded ones within 1e-5 relative: a CPU name does not identify a host, so the
 byte-for-byte check is `python scripts/golden.py --check` on the recording machine. A refactor that changes any number fails here, naming the first value that moved.
 """
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _golden():
-    spec = importlib.util.spec_from_file_location("golden", ROOT / "scripts" / "golden.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-golden = _golden()
+golden = load_script("scripts/golden.py")
 
 
 @pytest.mark.parametrize("name", list(golden.CASES))

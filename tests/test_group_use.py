@@ -1,11 +1,10 @@
 """Issue 26: --context_answer product (the answer also scales the option embedding) on toys,
 the paper's default unchanged bit for bit, and the diagnosis script scripts/group_use.py."""
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from data_loaders.datasets import prepare_experiment
 from data_loaders.episodes import collate
@@ -161,11 +160,7 @@ def test_a_trained_product_model_uses_the_group_where_concat_does_not(request):
 
 
 def _group_use_script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "group_use.py"
-    spec = importlib.util.spec_from_file_location("group_use", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/group_use.py")
 
 
 def test_a_product_model_loads_from_its_config_and_not_as_concat():
