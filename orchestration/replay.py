@@ -4,8 +4,16 @@ A record is reused instead of retraining only if this code still computes its nu
 first REPLAY_ROUNDS rounds are trained again from the same seed, flags and data, with the
 torch thread count the run used (a GEMM's reduction order, and so its last bits, depends on
 it), into a temporary folder, and every logged loss (the mean and each client's) is compared.
-Machines differ in their last bits as well (another CPU model), hence a tolerance, not
-equality: a code change that alters numbers moves them far beyond it.
+
+Within a tolerance, not bit for bit, and one that depends on the host. On the CPU model that
+recorded the run a replay agrees to 1e-5 relative (in practice exactly). Another CPU model runs
+other kernels (MKL's Intel and AMD paths), and training amplifies their last-bit differences:
+replaying the AMD EPYC records of results/ on an Intel Xeon moved 2-round losses by up to
+5.4e-5, and the 3-round golden runs (tests/golden/) by up to 3.4e-4 (a trimmed server step
+under attack). So another CPU model gets 1e-3. A code change that alters a formula moves the
+numbers by far more; a change below 1e-3 is caught only on the recording CPU model.
+Values are compared on a scale of at least SCALE_FLOOR: a near-zero metric (a group
+specificity of 2e-6) is compared absolutely, not by a relative difference of two tiny numbers.
 """
 from __future__ import annotations
 
@@ -22,7 +30,14 @@ from orchestration.experiment import run_method
 from utils.run_io import read_metrics
 
 REPLAY_ROUNDS = 2
-TOLERANCE = 1e-5  # relative; issue 21
+TOLERANCE = 1e-5             # relative, a replay on the CPU model that recorded the run (issue 21)
+CROSS_HOST_TOLERANCE = 1e-3  # relative, on another CPU model (measured above)
+SCALE_FLOOR = 1e-3           # the smallest scale a difference is measured against
+
+
+def tolerance_for(recorded_cpu: str | None, here_cpu: str) -> float:
+    """TOLERANCE on the CPU model that made the record, CROSS_HOST_TOLERANCE elsewhere (or unknown)."""
+    return TOLERANCE if recorded_cpu and recorded_cpu == here_cpu else CROSS_HOST_TOLERANCE
 
 
 @dataclass
@@ -73,8 +88,11 @@ def relative_difference(a, b) -> float:
     if a is None or b is None:
         return 0.0 if a is b else math.inf
     a, b = float(a), float(b)
-    scale = max(abs(a), abs(b))
-    return 0.0 if scale == 0 else abs(a - b) / scale
+    if math.isnan(a) or math.isnan(b):
+        return 0.0 if math.isnan(a) and math.isnan(b) else math.inf
+    if a == b:
+        return 0.0
+    return abs(a - b) / max(abs(a), abs(b), SCALE_FLOOR)
 
 
 def compare_losses(recorded: list[dict], replayed: list[dict], tolerance: float = TOLERANCE) -> Comparison:

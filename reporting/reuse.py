@@ -6,7 +6,8 @@ A planned run whose record exists is not trained again when
      hash, the embedding model; a flag added since the run, left at its default, is no
      difference), and
   2. a replay of its first rounds on this code reproduces its logged losses to 1e-5 relative
-     (orchestration/replay.py), which catches a code change that alters numbers.
+     on the CPU model that recorded it, 1e-3 on another (orchestration/replay.py), which
+     catches a code change that alters numbers.
 A record that fails 1 is planned to run, and replaced when that run finishes. One that fails 2
 is stale: nothing trains until it is retrained on purpose (--rerun_stale).
 """
@@ -19,7 +20,14 @@ from pathlib import Path
 
 from data_loaders.schema import DataError
 from orchestration import records
-from orchestration.replay import REPLAY_ROUNDS, TOLERANCE, compare_losses, replay_losses
+from orchestration.replay import (
+    CROSS_HOST_TOLERANCE,
+    REPLAY_ROUNDS,
+    TOLERANCE,
+    compare_losses,
+    replay_losses,
+    tolerance_for,
+)
 from orchestration.resume import differences
 from utils.run_io import cpu_model, read_metrics
 
@@ -85,26 +93,30 @@ def verify(record: Path, method: str, args, data) -> Verdict:
     losses = record / "losses.jsonl.gz"
     recorded = read_metrics(losses) if losses.is_file() else []
     rounds = min(REPLAY_ROUNDS, len(recorded))  # a run that diverged at round 2 logged one round
+    here = cpu_model()
+    tolerance = tolerance_for(info.get("cpu_model"), here)
     where = (f"recorded on {info.get('cpu_model') or 'an unrecorded CPU'} with "
-             f"{info.get('torch_threads') or 'default'} torch thread(s), replayed on {cpu_model()}")
+             f"{info.get('torch_threads') or 'default'} torch thread(s), replayed on {here}")
     if rounds == 0:
         return Verdict(record, True, "no round logged before it diverged: nothing to replay")
     try:
         replayed = replay_losses(method, args, data, rounds, info.get("torch_threads"))
     except DataError as e:
         return Verdict(record, False, f"the replay failed: {str(e).splitlines()[0]}")
-    cmp = compare_losses(recorded, replayed)
+    cmp = compare_losses(recorded, replayed, tolerance)
     if cmp.ok:
         return Verdict(record, True, f"replay of {rounds} rounds: {cmp.values} losses, largest relative "
-                                     f"difference {cmp.max_rel:.2g} (tolerance {TOLERANCE:g}); {where}")
-    return Verdict(record, False, f"replay of {rounds} rounds: first differing value {cmp.first_diff}; {where}")
+                                     f"difference {cmp.max_rel:.2g} (tolerance {tolerance:g}); {where}")
+    return Verdict(record, False, f"replay of {rounds} rounds: first value beyond {tolerance:g}: "
+                                  f"{cmp.first_diff}; {where}")
 
 
 def stale_error(stale: list[Verdict]) -> RunFolderError:
     lines = "\n  - ".join(f"{shown(v.record)}: {v.text}" for v in stale)
     return RunFolderError(
         f"{len(stale)} record(s) are stale: this code no longer reproduces their first {REPLAY_ROUNDS} rounds "
-        f"(beyond {TOLERANCE:g} relative); nothing was trained:\n  - {lines}",
+        f"(beyond {TOLERANCE:g} relative on the recording CPU model, {CROSS_HOST_TOLERANCE:g} on another); "
+        f"nothing was trained:\n  - {lines}",
         "if the change of numbers is intended, rerun with --rerun_stale (retrains these runs and replaces their "
         "records); otherwise find the code change that moved them")
 
