@@ -12,8 +12,10 @@ replaying the AMD EPYC records of results/ on an Intel Xeon moved 2-round losses
 5.4e-5, and the 3-round golden runs (tests/golden/) by up to 3.4e-4 (a trimmed server step
 under attack). So another CPU model gets 1e-3. A code change that alters a formula moves the
 numbers by far more; a change below 1e-3 is caught only on the recording CPU model.
-Values are compared on a scale of at least SCALE_FLOOR: a near-zero metric (a group
-specificity of 2e-6) is compared absolutely, not by a relative difference of two tiny numbers.
+A difference is measured against a scale, not only the value's own size: each round's losses
+against that round's largest |loss| (_round_scales), every number against at least SCALE_FLOOR,
+so a near-zero metric (a group specificity of 2e-6) is compared absolutely, not by the ratio
+of two tiny numbers.
 """
 from __future__ import annotations
 
@@ -74,17 +76,29 @@ def replay_losses(method: str, args: argparse.Namespace, data, rounds: int, thre
         return read_metrics(folder / "losses.jsonl")
 
 
-def _values(rows: list[dict]) -> dict[str, float]:
-    """'round R train_loss' and 'round R train_loss_per_client[NAME]' -> value, in round order."""
+def _values(rows: list[dict]) -> dict[str, tuple[int, float]]:
+    """'round R train_loss' and 'round R train_loss_per_client[NAME]' -> (R, value), in round order."""
     out = {}
     for r in rows:
-        out[f"round {r['round']} train_loss"] = r.get("train_loss")
+        out[f"round {r['round']} train_loss"] = (r["round"], r.get("train_loss"))
         for name, v in sorted((r.get("train_loss_per_client") or {}).items()):
-            out[f"round {r['round']} train_loss_per_client[{name!r}]"] = v
+            out[f"round {r['round']} train_loss_per_client[{name!r}]"] = (r["round"], v)
     return out
 
 
-def relative_difference(a, b) -> float:
+def _round_scales(values: dict[str, tuple[int, float]]) -> dict[int, float]:
+    """Each round's largest |loss|: the scale its losses are compared on. Per-client losses cross
+    zero during training and their mean cancels (round 1 of an OpinionQA run: clients from -28 to
+    +28, mean -2.5), so a value's own size would turn a last-bit change into a large ratio."""
+    scales: dict[int, float] = {}
+    for rnd, v in values.values():
+        if v is not None and math.isfinite(v):
+            scales[rnd] = max(scales.get(rnd, SCALE_FLOOR), abs(v))
+    return scales
+
+
+def relative_difference(a, b, scale: float = SCALE_FLOOR) -> float:
+    """|a - b| over the larger of |a|, |b| and `scale`; inf when only one side has a value (or NaN)."""
     if a is None or b is None:
         return 0.0 if a is b else math.inf
     a, b = float(a), float(b)
@@ -92,7 +106,7 @@ def relative_difference(a, b) -> float:
         return 0.0 if math.isnan(a) and math.isnan(b) else math.inf
     if a == b:
         return 0.0
-    return abs(a - b) / max(abs(a), abs(b), SCALE_FLOOR)
+    return abs(a - b) / max(abs(a), abs(b), scale)
 
 
 def compare_losses(recorded: list[dict], replayed: list[dict], tolerance: float = TOLERANCE) -> Comparison:
@@ -100,10 +114,13 @@ def compare_losses(recorded: list[dict], replayed: list[dict], tolerance: float 
     rounds = {r["round"] for r in replayed}
     want = _values([r for r in recorded if r["round"] in rounds])
     got = _values(replayed)
+    scales = _round_scales(want)
     worst, first = 0.0, None
     for key in [*want, *(k for k in got if k not in want)]:
-        rel = relative_difference(want.get(key), got.get(key))
+        rnd, a = want.get(key, (None, None))
+        b = got.get(key, (None, None))[1]
+        rel = relative_difference(a, b, scales.get(rnd, SCALE_FLOOR))
         worst = max(worst, rel)
         if rel > tolerance and first is None:
-            first = f"{key}: record {want.get(key)!r}, replay {got.get(key)!r} (relative difference {rel:.3g})"
+            first = f"{key}: record {a!r}, replay {b!r} (relative difference {rel:.3g})"
     return Comparison(len(want), worst, first)
