@@ -4,7 +4,7 @@
 """
 import sys
 
-from orchestration.experiment import main
+from orchestration.entry import main
 
 if __name__ == "__main__":
     sys.exit(main("centralized"))

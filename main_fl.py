@@ -5,7 +5,7 @@
 """
 import sys
 
-from orchestration.experiment import main
+from orchestration.entry import main
 
 if __name__ == "__main__":
     sys.exit(main("fedavg"))

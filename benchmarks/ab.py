@@ -18,15 +18,15 @@ import statistics
 import sys
 
 from benchmarks.bench import SCALES, cli_argv, timed
+from data_loaders.datasets import prepare_experiment
+from orchestration.cli import build_parser
+from orchestration.experiment import check_flags
+from orchestration.experiment import make_trainer as build
+from training.config import client_config, resolve_metric
+from utils.device import resolve_device
 
 
 def make_trainer(point: dict, extra: str):
-    from data_loaders.datasets import prepare_experiment
-    from orchestration.cli import build_parser
-    from orchestration.experiment import check_flags
-    from orchestration.experiment import make_trainer as build
-    from training.config import client_config, resolve_metric
-    from utils.device import resolve_device
     args = build_parser("fedavg").parse_args(cli_argv(point) + shlex.split(extra))
     check_flags(args)
     data = prepare_experiment(args, log=lambda *_: None)
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     point = {**dataclasses.asdict(SCALES[opts.scale]), "clients": SCALES[opts.scale].clients[0],
              "device": opts.device}
     trainers = {"a": make_trainer(point, opts.a), "b": make_trainer(point, opts.b)}
-    from utils.device import resolve_device
     device = resolve_device(opts.device)
     for tr in trainers.values():
         tr.train_round(1)

@@ -33,11 +33,20 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.plot import RESULTS_DIR, write_markdown
+from data_loaders.datasets import prepare_experiment
+from data_loaders.synthetic import group_names as names
 from models.flops import train_flops
-from utils.run_io import cpu_model
+from models.gpo import GPO
+from orchestration.cli import build_parser as run_parser
+from orchestration.experiment import check_flags, check_question_counts, make_trainer, validate
+from training.config import client_config, model_config, resolve_metric
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.run_io import cpu_model, environment_info
+from utils.seeding import seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MEASURES = ("step", "round", "eval", "central")
 
 
@@ -72,7 +81,6 @@ SCALES: dict[str, Scale] = {
 
 
 def group_names(n: int) -> list[str]:
-    from data_loaders.synthetic import group_names as names
     return names(n)
 
 
@@ -157,7 +165,6 @@ def memory_gb() -> float | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    from utils.run_io import environment_info
     env = environment_info()
     info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -182,7 +189,6 @@ def device_slug(info: dict) -> str:
 
 def scratch_model(trainer, model_cfg, device):
     """The trainer's compute model when it has one (it carries any precision setting), else a new GPO."""
-    from models.gpo import GPO
     model = getattr(trainer, "model", None)
     return model if model is not None else GPO(model_cfg).to(device)
 
@@ -238,7 +244,6 @@ def measure_eval(trainer, model, repeats: int, device) -> dict:
 
 
 def measure_central(args, data, cfg, rounds: int, repeats: int, device) -> dict:
-    from orchestration.experiment import make_trainer
     out: dict[str, Any] = {"central_epoch_s": {}}
     for mode in ("sequential", "batched"):
         trainer = make_trainer("centralized", argparse.Namespace(**{**vars(args), "central_mode": mode}),
@@ -282,16 +287,10 @@ def projection(rec: dict, args) -> dict:
 
 def run_point(point: dict, log: Callable[[str], None]) -> dict:
     """Every measurement of one scale point, in this process."""
-    from data_loaders.datasets import prepare_experiment
-    from orchestration.cli import build_parser
-    from orchestration.experiment import check_flags, check_question_counts, make_trainer, validate
-    from training.config import client_config, model_config, resolve_metric
-    from utils.device import resolve_device
-    from utils.seeding import seed_everything
 
     if point.get("threads"):
         torch.set_num_threads(point["threads"])
-    args = build_parser("fedavg").parse_args(cli_argv(point))
+    args = run_parser("fedavg").parse_args(cli_argv(point))
     check_flags(args)
     metric, device = resolve_metric(args), resolve_device(args.device)
     (data, load_s) = timed(lambda: prepare_experiment(
@@ -374,7 +373,6 @@ def resolve_variants(parser: argparse.ArgumentParser, flag: str, requested: str 
 
 
 def scale_points(opts: argparse.Namespace) -> list[dict]:
-    from orchestration.cli import build_parser
     sc = SCALES[opts.scale]
     over = {k: getattr(opts, k) for k in ("eval_clients", "questions", "min_options", "max_options", "dim",
                                           "epochs", "rounds", "central_epochs", "repeats")
@@ -387,7 +385,7 @@ def scale_points(opts: argparse.Namespace) -> list[dict]:
             raise SystemExit(f"error: --measure {sorted(unknown)}: choose from {', '.join(MEASURES)}")
         over["measure"] = tuple(opts.measure.split(","))
     sc = dataclasses.replace(sc, **over)
-    parser = build_parser("fedavg")
+    parser = run_parser("fedavg")
     engines = resolve_variants(parser, "--client_engine", opts.engines, "loop")
     precisions = resolve_variants(parser, "--precision", opts.precisions, "fp32")
     base = {k: v for k, v in dataclasses.asdict(sc).items() if k != "clients"}
@@ -397,7 +395,6 @@ def scale_points(opts: argparse.Namespace) -> list[dict]:
 
 
 def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
-    from utils.device import resolve_device
     points = scale_points(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -489,16 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
     if opts.one_scale is not None:
-        from data_loaders.schema import DataError
         try:
             rec = run_point(json.loads(opts.one_scale), log)
-        except DataError as err:
+        except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(json.dumps(rec, allow_nan=False))
         return 0
     if opts.markdown:
-        from benchmarks.plot import write_markdown
         log(f"wrote {write_markdown(Path(opts.results_dir))}")
         return 0
     return run_driver(opts, argv)

@@ -32,6 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_loaders.datasets import prepare_experiment
+from flower_app.loopback import LoopbackFederation
+from orchestration.cli import build_parser
+from orchestration.experiment import make_trainer
+from training.config import client_config
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ENGINES = ("inprocess", "simulation", "simulation_ray", "deployment", "simulation_secagg")
@@ -70,10 +76,6 @@ def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
 
 def run_inprocess(rounds: int) -> dict:
     """Time FedAvgTrainer.train_round and .evaluate directly: no messages at all."""
-    from data_loaders.datasets import prepare_experiment
-    from orchestration.cli import build_parser
-    from orchestration.experiment import make_trainer
-    from training.config import client_config
     args = build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)])
     trainer = make_trainer("fedavg", args, prepare_experiment(args, log=lambda *a: None), client_config(args, "jsd"),
                            "cpu")
@@ -112,7 +114,6 @@ def run_simulation(rounds: int, tmp: Path, threads: int, backend: str, secagg: b
 
 
 def run_deployment(rounds: int, tmp: Path, threads: int) -> dict:
-    from flower_app.loopback import LoopbackFederation
     fed = LoopbackFederation(tmp / "federation", env=thread_env(threads))
     out = tmp / "deployment"
     try:

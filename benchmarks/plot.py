@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.bench import RESULTS_DIR
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # (column title, run key or dotted path, multiplier, format)
 COLUMNS = [

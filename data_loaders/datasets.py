@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from data_loaders import embeddings  # embeddings.get_embeddings, looked up per call (tests swap it)
+from data_loaders.embeddings import PICKLE_PRECISION, probe_record
+from data_loaders.globalqa import COUNTRIES, EVAL_GROUPS, TRAIN_GROUPS, load_globalqa
+from data_loaders.opinionqa import OPINIONQA_GROUPS, load_opinionqa, resolve_root
 from utils.seeding import generator
 
 from .schema import DataError, GroupData, RawDataset, build_group_data
@@ -39,10 +43,8 @@ def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool
     The parse summary (raw.report) is the caller's to print.
     """
     if dataset == "globalqa":
-        from .globalqa import load_globalqa
         return load_globalqa(data_path, groups=groups, strict=strict, log=log, encoding=encoding)
     if dataset == "opinionqa":
-        from .opinionqa import load_opinionqa, resolve_root
         return load_opinionqa(resolve_root(data_path), groups=groups, strict=strict, log=log)
     raise DataError(f"--dataset {dataset!r} has no files to parse",
                     f"choose one of {', '.join(DATASETS)}")
@@ -63,10 +65,8 @@ def group_names(text: str) -> list[str]:
 def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] | None]:
     """(all default groups, default train list, default eval list) for a dataset."""
     if dataset == "globalqa":
-        from .globalqa import COUNTRIES, EVAL_GROUPS, TRAIN_GROUPS
         return COUNTRIES, TRAIN_GROUPS, EVAL_GROUPS
     if dataset == "opinionqa":
-        from .opinionqa import OPINIONQA_GROUPS
         return list(OPINIONQA_GROUPS), None, None
     raise ValueError(dataset)
 
@@ -170,8 +170,7 @@ def load_embedded(args, groups: list[str] | None, log=print, check=None):
     _log_report(raw, log)
     if check is not None:
         check(raw)
-    from .embeddings import PICKLE_PRECISION, get_embeddings, probe_record
-    emb, emb_info = get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
+    emb, emb_info = embeddings.get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
                                    batch_size=args.emb_batch_size, dtype=args.emb_dtype,
                                    load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
     if emb_info.get("source") != "pickle" and emb_info.get("precision") != PICKLE_PRECISION:

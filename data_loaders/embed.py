@@ -20,9 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from data_loaders.datasets import group_names
+from data_loaders.datasets import choose_groups, default_pool, group_names, load_raw_dataset
 from data_loaders.embeddings import DTYPES, get_embeddings
-from data_loaders.schema import DataError, RawDataset
+from data_loaders.schema import RawDataset
+from utils.errors import UserError
 
 
 class _OldName(argparse.Action):
@@ -94,13 +95,11 @@ def considered_groups(args: argparse.Namespace) -> list[str]:
         return list(args.groups)
     if not (args.train_groups or args.eval_groups or args.group_split is not None):
         return default_groups(args.dataset)
-    from data_loaders.datasets import choose_groups
     train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, seed=0)
     return train + evals
 
 
 def default_groups(dataset: str) -> list[str]:
-    from data_loaders.datasets import default_pool
     return list(default_pool(dataset)[0])
 
 
@@ -123,7 +122,6 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        from data_loaders.datasets import load_raw_dataset
         groups = considered_groups(args)
         raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=groups, log=log,
                                encoding=args.encoding)
@@ -131,7 +129,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
         emb, info = get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
                                    batch_size=args.emb_batch_size, dtype=args.emb_dtype,
                                    load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log(f"embedding: {info['emb_model']} ({info['model_id']}), dim {info['dim']}, "

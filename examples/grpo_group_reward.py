@@ -28,6 +28,7 @@ from data_loaders.schema import DataError  # noqa: E402
 from inference import GroupPredictor, GroupReward  # noqa: E402
 from inference.items import read_context_file, read_questions_file  # noqa: E402
 from inference.predict import _bank_question, group_context, group_split  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     try:
         pred = GroupPredictor.load(args.run, use_run_data=True if args.group else "auto")
         questions, context = questions_and_context(pred, args)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = [{"prompt": question_prompt(q.text, list(q.options), pred.embedder.style), "question": q.text,

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
+from data_loaders.synthetic import group_names
 from federated.aggregation import sample_clients
 from federated.comm import round_comm
 from federated.fedavg import check_min_clients, check_replies, init_global_state, round_stats
@@ -36,7 +37,6 @@ POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's o
 def resolve_groups(args) -> tuple[list[str], list[str]]:
     """The train/eval groups prepare_experiment would choose, without loading any data."""
     if args.dataset == "synthetic":
-        from data_loaders.synthetic import group_names
         return choose_groups("synthetic", args.train_groups, args.eval_groups, args.group_split, args.seed,
                              all_groups=group_names(args.syn_groups))
     return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, args.seed)

@@ -1,8 +1,8 @@
 """Flags of secure aggregation (`--secagg`): Flower's SecAgg+ on the Flower engine.
 
-orchestration/cli.py imports this module to build main_fl.py's parser, so it imports nothing but
-argparse at module level; the protocol itself lives in secagg_server.py (ServerApp side)
-and secagg_client.py (ClientApp side), which import flwr.
+orchestration/cli.py imports this module to build main_fl.py's parser, so it needs no flwr; the
+protocol itself lives in secagg_server.py (ServerApp side) and secagg_client.py (ClientApp
+side), which import flwr.
 
 With `--secagg` each training client scales its local weights by its aggregation weight,
 quantises them and adds masks that cancel only in the sum (Flower's SecAgg+ protocol:
@@ -12,6 +12,8 @@ learns the weighted average and nothing about any single client's weights.
 from __future__ import annotations
 
 import argparse
+
+from utils.errors import DataError
 
 MODULUS_RANGE = 2 ** 32          # Flower's default and its upper limit for the mask arithmetic
 DEFAULT_QUANT_RANGE = 2 ** 22    # Flower's default: 2**32 / 2**22 = 1024 clients before the sum wraps
@@ -49,7 +51,6 @@ def add_secagg_arguments(group) -> None:
 
 def check_secagg_flags(args) -> None:
     """Refuse, before any data is loaded, secure-aggregation flags that cannot work."""
-    from data_loaders.schema import DataError
     if not getattr(args, "secagg", False):
         return
     engine = getattr(args, "engine", "inprocess")

@@ -28,6 +28,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.compat.common import recorddict_compat as compat
 
+from data_loaders.schema import DataError
+from training.local import check_finite
+from utils.seeding import derive_seed
+
 # Keys of the FitIns config the server sends (flower_app/secagg_server.py builds it).
 SETUP, ROUND, KEYS, CLIP, MAX_WEIGHT = "setup", "round", "keys", "clip_range", "max_weight"
 # Reasons on which the server stops the run instead of leaving the client out: a setting,
@@ -83,10 +87,6 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next,
                       partition_groups: list[str] | None) -> tuple[Message, int]:
     """FitIns -> the node's train handler -> FitRes (weights as float64, raw weight as num_examples)."""
     import torch
-
-    from data_loaders.schema import DataError
-    from training.local import check_finite
-    from utils.seeding import derive_seed
 
     from .node import node_identity
     from .protocol import TRAIN, instruction, read_fit_reply

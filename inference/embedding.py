@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from data_loaders.embeddings import PROBE_TOLERANCE, get_embeddings, probe_distance
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, LoadReport, QuestionBank, RawDataset
 
@@ -87,7 +88,6 @@ class TextEmbedder:
         bank = bank_of(questions)
         digest = hashlib.sha256(json.dumps([bank.questions, bank.options, self.style]).encode()).hexdigest()
         raw = RawDataset("inference", bank, {}, LoadReport("new questions", len(questions)), digest)
-        from data_loaders.embeddings import get_embeddings
         self.log(f"embedding {bank.num_points} option texts of {len(questions)} new question(s)")
         emb, info = get_embeddings(raw, self.emb_model, cache_dir=self.cache_dir, device=self.device,
                                    batch_size=self.batch_size, dtype=self.dtype, load_in_8bit=self.load_in_8bit,
@@ -110,7 +110,6 @@ class TextEmbedder:
             if not compute:
                 return
             self._compute([q])
-        from data_loaders.embeddings import PROBE_TOLERANCE, probe_distance
         distance = probe_distance(self.probe, self.known[text])
         if distance > PROBE_TOLERANCE:
             raise DataError(f"embedding model {self.emb_model!r} does not embed like the run's model: its vector "

@@ -1,258 +1,20 @@
-"""Share a trained predictor as a Hugging Face-style folder, and load it back.
+"""Share a trained run's predictor as a Hugging Face-style folder (the library side is
+inference/pretrained.py):
 
     python -m inference.export --run RUN_DIR --out DIR [--checkpoint final] [--push_to_hub user/name]
-
-DIR gets model.safetensors (the GPO weights), config.json (model shape, metric, embedding
-model and prompt, data, groups, scores, the weights' SHA-256) and README.md, a model card.
-`GroupPredictor.from_pretrained(DIR)` loads it; so does `python -m inference.predict --run DIR`.
-`push_to_hub` uploads such a folder with huggingface_hub (needs a token with write access).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any
 
-from data_loaders.schema import DataError
-from utils.run_io import atomic_write_bytes, atomic_write_json, to_strict_json
+from utils.errors import UserError
 
-from .loading import build_model, check_emb_override, embedding_of, gpo_config, read_json
+from .predictor import GroupPredictor
+from .pretrained import WEIGHTS, push_to_hub, save_pretrained
 
-FORMAT = "plurallm-group-predictor/1"
-WEIGHTS = "model.safetensors"
-METRIC_NAMES = {"jsd": "Jensen-Shannon distance", "wasserstein": "normalised Wasserstein distance"}
-_SUMMARY_KEYS = ("rounds", "final_eval_alignment_score", "best_eval_alignment_score", "best_round", "final_eval_fi",
-                 "final_eval_cov", "final_train_alignment_score", "final_eval_group_scores", "convergence_round")
-
-
-def export_config(config: dict, summary: dict | None, checkpoint: str, round_: Any) -> dict:
-    """What an exported folder says about its model (everything but the weights' hash)."""
-    data = config.get("data") or {}
-    return {"format": FORMAT, "model_type": "plurallm-gpo", "gpo_config": gpo_config(config, "run config").to_dict(),
-            "metric": config.get("metric", "jsd"),
-            "embedding": embedding_of(config, int(config["dim_x"]), "run config"),
-            "embedding_options": {k: config.get(k) for k in ("emb_dtype", "emb_load_in_8bit")},
-            "dataset": config.get("dataset"),
-            "data": {k: data.get(k) for k in ("source", "source_hash", "kept_questions")},
-            "method": config.get("method"), "seed": config.get("seed"),
-            "train_groups": config.get("train_groups", []), "eval_groups": config.get("eval_groups", []),
-            "eval_num_qs": config.get("eval_num_qs"), "checkpoint": checkpoint, "round": round_,
-            "summary": {k: (summary or {}).get(k) for k in _SUMMARY_KEYS}}
-
-
-_RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints", "failed.json", "environment.json")
-
-
-def check_out_folder(out: Path, card: dict, overwrite: bool) -> None:
-    """Refuse an --out whose config.json is not this very export: a run's would be replaced,
-    leaving a folder that looks complete but can no longer be resumed or loaded."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file", "choose a folder")
-    if any((out / name).exists() for name in _RUN_FILES):
-        raise DataError(f"--out {out} holds a training run; exporting into it would replace its config.json",
-                        "choose another --out folder (--overwrite only replaces an earlier export)")
-    try:
-        old = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError):
-        old = None
-    if overwrite or old == json.loads(to_strict_json(card)):
-        return  # the same export again is harmless
-    what = "a different export" if isinstance(old, dict) and old.get("format") == FORMAT else "a config.json"
-    raise DataError(f"--out {out} already holds {what}", "choose another --out folder, or pass --overwrite")
-
-
-def save_pretrained(predictor, out_dir: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save as safetensors_save
-    out = Path(out_dir)
-    card = dict(predictor.info.get("export") or {})
-    if not card:
-        raise DataError("this predictor has no provenance to export", "load it with GroupPredictor.from_run")
-    blob = safetensors_save({k: v.detach().cpu().contiguous() for k, v in predictor.model.state_dict().items()})
-    card["weights"] = {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest()}
-    check_out_folder(out, card, overwrite)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / WEIGHTS, blob)
-        atomic_write_json(out / "config.json", card)
-        (out / "README.md").write_text(model_card(card), encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot write {out}: {exc}", "choose another --out, or fix its permissions") from None
-    return out
-
-
-def _locate(path: str | Path) -> Path:
-    """A local folder, or a hub repo id downloaded (or found in the local hub cache)."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    text = str(path)
-    if local.exists() or text.count("/") != 1 or text.startswith((".", "/")):
-        raise DataError(f"{path} is not an exported predictor folder", "pass the --out folder of inference.export")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(text, allow_patterns=["config.json", WEIGHTS, "README.md"]))
-    except Exception as exc:  # offline, unknown repo, no access: all mean "not loadable"
-        raise DataError(f"{path} is not a local folder and could not be fetched from the Hugging Face hub "
-                        f"({type(exc).__name__})",
-                        "check the repo id and your connection, or pass a local folder") from None
-
-
-def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, device="cpu", log=print):
-    from safetensors.torch import load as safetensors_load
-
-    from .embedding import TextEmbedder
-    folder = _locate(path)
-    try:
-        card = read_json(folder / "config.json", "predictor config")
-    except FileNotFoundError:
-        raise DataError(f"{folder} has no config.json", "pass the --out folder of inference.export") from None
-    if card.get("format") != FORMAT:
-        raise DataError(f"{folder}/config.json has format {card.get('format')!r}, not {FORMAT!r}",
-                        "a run folder loads with GroupPredictor.from_run; re-export older folders")
-    blob = _read_weights(folder, card)
-    cfg = gpo_config({"model_config": card.get("gpo_config")}, f"{folder}/config.json")
-    model = build_model(cfg, safetensors_load(blob), str(folder / WEIGHTS), device)
-    emb = embedding_of(card, cfg.dim_x, f"{folder}/config.json")
-    name = check_emb_override(emb["emb_model"], emb_model, str(folder))
-    opts = card.get("embedding_options") or {}
-    embedder = TextEmbedder(name, emb["prompt_style"], cfg.dim_x, cache_dir=cache_dir,
-                            dtype=opts.get("emb_dtype") or "fp32", load_in_8bit=bool(opts.get("emb_load_in_8bit")),
-                            probe=emb.get("probe"), log=log)
-    (log or (lambda _: None))(f"loaded {folder}: metric {card.get('metric')}, embeddings {name} ({cfg.dim_x} dims)")
-    info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
-            "config": card, "round": card.get("round"), "embedding": emb}
-    return cls(model, card.get("metric", "jsd"), embedder, info)
-
-
-def _read_weights(folder: Path, card: dict) -> bytes:
-    path = folder / WEIGHTS
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read ({exc.strerror})", "re-export the folder") from None
-    want = (card.get("weights") or {}).get("sha256")
-    if want and hashlib.sha256(blob).hexdigest() != want:
-        raise DataError(f"{path} is corrupted (its SHA-256 differs from config.json's)", "re-export the folder")
-    return blob
-
-
-def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True,
-                commit_message: str = "Upload PluralLLM group predictor") -> str:
-    """Upload an exported folder to the Hugging Face hub (creating the model repo if needed); returns its URL.
-
-    Needs network access and a token with write access (argument, $HF_TOKEN or `hf auth login`).
-    Private by default: survey-derived models deserve a look before they are public.
-    """
-    from huggingface_hub import HfApi
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / WEIGHTS).is_file():
-        raise DataError(f"{folder} is not an exported predictor folder", "run python -m inference.export first")
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model")
-    return str(url)
-
-
-def push_predictor_to_hub(predictor, repo_id: str, **kwargs: Any) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(predictor, tmp)
-        return push_to_hub(tmp, repo_id, **kwargs)
-
-
-# ---------------------------------------------------------------------------- model card
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
-
-
-def model_card(card: dict) -> str:
-    s, emb, g = card.get("summary") or {}, card.get("embedding") or {}, card.get("gpo_config") or {}
-    metric = card.get("metric", "jsd")
-    groups = s.get("final_eval_group_scores") or {}
-    rows = "\n".join(f"| {name} | {_fmt(score)} |" for name, score in sorted(groups.items()))
-    return f"""---
-library_name: plurallm
-tags:
-- pluralistic-alignment
-- group-preference-prediction
-- gpo
-- {card.get('method') or 'plurallm'}
----
-
-# PluralLLM group-preference predictor ({card.get('dataset')}, {card.get('method')})
-
-A GPO in-context transformer: given a few answers of a group of people (a country, a
-demographic group) to multiple-choice survey questions, it predicts the group's answer
-distribution on new questions. Trained with PluralLLM ({card.get('method')}, seed
-{card.get('seed')}), checkpoint `{card.get('checkpoint')}` (round {card.get('round')}).
-
-## Data and groups
-
-- Dataset: `{card.get('dataset')}` ({(card.get('data') or {}).get('kept_questions')} questions; data hash
-  `{str((card.get('data') or {}).get('source_hash'))[:16]}`).
-- Training groups: {', '.join(card.get('train_groups') or []) or '–'}.
-- Evaluation groups (never trained on): {', '.join(card.get('eval_groups') or []) or '–'}.
-
-## Embedding model
-
-Each option is embedded as the text of its question's prompt ({emb.get('prompt_style')} style) followed
-by the option, with `{emb.get('model_id')}` (`--emb_model {emb.get('emb_model')}`, {emb.get('dim')} dims,
-mean-pooled last hidden layer). New questions must be embedded the same way; the loader does it.
-
-Model: d_model {g.get('d_model')}, {g.get('num_layers')} layers, {g.get('nhead')} heads, feed-forward
-{g.get('dim_feedforward')}, input embedder depth {g.get('emb_depth')}.
-
-## Metrics
-
-Alignment = 1 − mean {METRIC_NAMES.get(metric, metric)} between predicted and true distributions,
-each evaluation group given {card.get('eval_num_qs')} of its answers as context (from the run's `summary.json`):
-
-| metric | value |
-|---|---|
-| final mean eval alignment | {_fmt(s.get('final_eval_alignment_score'))} |
-| best mean eval alignment (round {_fmt(s.get('best_round'))}) | {_fmt(s.get('best_eval_alignment_score'))} |
-| fairness index (eval groups) | {_fmt(s.get('final_eval_fi'))} |
-| CoV (eval groups) | {_fmt(s.get('final_eval_cov'))} |
-| training groups, held-out questions | {_fmt(s.get('final_train_alignment_score'))} |
-| rounds | {_fmt(s.get('rounds'))} |
-
-| evaluation group | alignment |
-|---|---|
-{rows or '| – | – |'}
-
-## How to load
-
-With the PluralLLM code (https://arxiv.org/abs/2503.09925 describes the method):
-
-```python
-from inference import GroupPredictor
-p = GroupPredictor.from_pretrained("path/to/this/folder")  # or the hub repo id
-dists = p.predict(context=[("Question?", ["Yes", "No"], [0.7, 0.3])],
-                  questions=[("Another question?", ["Agree", "Disagree"])])
-rewards = p.reward([("Another question?", ["Agree", "Disagree"], "A")], context=[...])
-```
-
-or `python -m inference.predict --run path/to/this/folder --context answers.jsonl --questions new.jsonl`.
-Files: `{WEIGHTS}` (GPO weights, safetensors), `config.json` (model shape, metric, embedding model, groups).
-
-## Limitations
-
-Predictions describe survey respondents of the training data's groups, from the options' text
-alone; they inherit the surveys' sampling and the embedding model's view of the text. A group's
-prediction is only as good as the context answers it is given.
-"""
-
-
-# ---------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    from .predictor import GroupPredictor
     p = argparse.ArgumentParser(prog="python -m inference.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run folder to export")
     p.add_argument("--out", required=True, help="folder to write (created); refused if it holds a run or a "
@@ -267,7 +29,7 @@ def main(argv=None) -> int:
         print(f"wrote {out}: {WEIGHTS}, config.json, README.md")
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

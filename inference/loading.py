@@ -15,9 +15,12 @@ from typing import Callable
 
 import torch
 
+from data_loaders.datasets import load_embedded, question_holdout, split_seed
 from data_loaders.schema import DataError, GroupData, RawDataset, build_group_data
+from federated.client import GroupClient
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import args_from_config
+from training.config import client_config, model_config
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 Log = Callable[[str], None]
@@ -73,7 +76,6 @@ def gpo_config(config: dict, where: str) -> GPOConfig:
         return GPOConfig(**{k: v for k, v in config["model_config"].items() if k in known})
     if "dim_x" not in config:
         raise DataError(f"{where} has neither model_config nor dim_x", "this is not a PluralLLM run or export")
-    from training.config import model_config
     return model_config(args_from_config(config), int(config["dim_x"]))
 
 
@@ -134,13 +136,10 @@ class RunData:
 
     def heldout_qkeys(self):
         """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
-        from data_loaders.datasets import question_holdout, split_seed
         return question_holdout(self.raw.bank.qkeys, getattr(self.args, "question_split", 0.0), split_seed(self.args))
 
     def training_texts(self, config: dict) -> set[str]:
         """Texts of the questions some training group of the run trained on (its local split)."""
-        from federated.client import GroupClient
-        from training.config import client_config
         cfg, held = client_config(self.args, self.metric), self.heldout_qkeys()
         bank = self.raw.bank
         keys = {int(k) for g in config.get("train_groups") or []
@@ -158,7 +157,6 @@ def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_mod
 def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None, emb_model: str,
                   log: Log) -> RunData:
     """The run's groups and vectors, as the run loaded them; DataError if the data is not there or differs."""
-    from data_loaders.datasets import load_embedded
     args = run_args(config, data_path, cache_dir, emb_model)
     groups = list(config.get("train_groups") or []) + list(config.get("eval_groups") or [])
     raw, emb, _ = load_embedded(args, groups or None, log=log)

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from data_loaders.schema import DataError
-from utils.checkpoint import CheckpointError
-from utils.metrics import MetricError
+from federated.client import GroupClient
+from training.config import client_config
+from utils.errors import UserError
 
 from .items import Answer, Question, read_context_file, read_questions_file
 from .predictor import GroupPredictor
-
-USER_ERRORS = (DataError, CheckpointError, MetricError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +90,6 @@ def group_split(pred: GroupPredictor, name: str):
         close = difflib.get_close_matches(name, roles, n=1)
         raise DataError(f"--group {name!r} is not a group of run {pred.info.get('run_dir')}"
                         + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
-    from federated.client import GroupClient
-    from training.config import client_config
     client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name], data.heldout_qkeys())
     return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
 
@@ -214,7 +211,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         run(args, log)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log(f"done in {time.perf_counter() - t0:.1f} s")

@@ -37,6 +37,7 @@ from .loading import (
     read_run_config,
     read_weights,
 )
+from .pretrained import FORMAT, export_config, load_pretrained, push_predictor_to_hub, save_pretrained
 
 Log = Callable[[str], None]
 
@@ -80,7 +81,6 @@ class GroupPredictor:
                                 device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
                                 load_in_8bit=bool(config.get("emb_load_in_8bit", False)),
                                 probe=emb.get("probe"), log=log)
-        from .export import export_config  # lazy: `python -m inference.export` must import it first
         summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else None
         info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),
                 "config": config, "embedding": emb,
@@ -97,7 +97,6 @@ class GroupPredictor:
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "final", **kwargs: Any) -> "GroupPredictor":
         """A run folder (from_run) or an exported folder (from_pretrained), whichever `path` is."""
-        from .export import FORMAT
         config = Path(path) / "config.json"
         if config.is_file() and read_json(config, "config").get("format") == FORMAT:
             kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "emb_model", "device", "log")}
@@ -121,19 +120,16 @@ class GroupPredictor:
     def from_pretrained(cls, path: str | Path, *, cache_dir: str | None = None, emb_model: str | None = None,
                         device: str = "cpu", log: Log | None = print) -> "GroupPredictor":
         """Load a folder written by `save_pretrained` / `python -m inference.export` (or a hub repo id)."""
-        from .export import load_pretrained
         return load_pretrained(cls, path, cache_dir=cache_dir, emb_model=emb_model, device=device, log=log)
 
     def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card).
 
         A folder holding a run, or a different export (unless `overwrite`), is refused."""
-        from .export import save_pretrained
         return save_pretrained(self, out_dir, overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """save_pretrained into a temporary folder and upload it (see inference.export.push_to_hub)."""
-        from .export import push_predictor_to_hub
+        """save_pretrained into a temporary folder and upload it (see inference.pretrained.push_to_hub)."""
         return push_predictor_to_hub(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------------ prediction

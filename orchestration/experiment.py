@@ -4,13 +4,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import sys
-import time
 
 import torch
 
-from data_loaders.datasets import ExperimentData, choose_groups, prepare_experiment, split_seed
+from data_loaders.datasets import ExperimentData, choose_groups, split_seed
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import sample_clients
@@ -26,11 +23,8 @@ from orchestration.loop import LoopConfig, RunLoop
 from orchestration.resume import FAILED, check_resume_early, mark_failed, plan_run
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
 from training.local import DIVERGENCE_HINT, DivergenceError
-from utils.checkpoint import CheckpointError
 from utils.device import resolve_device
-from utils.interrupts import exit_code, signals_raise
-from utils.metrics import MetricError
-from utils.run_io import OutputDirError, environment_info
+from utils.run_io import environment_info
 from utils.seeding import seed_everything
 from utils.wandb_logger import WandbLogger, has_wandb_credentials
 
@@ -261,55 +255,3 @@ def loop_config(method: str, args) -> LoopConfig:
     return LoopConfig(rounds=rounds, eval_every=max(1, every), save_client=getattr(args, "save_client", False),
                       keep_checkpoints=getattr(args, "keep_checkpoints", 3), keep_best=getattr(args, "keep_best", False),
                       log_every=getattr(args, "log_every", 10), plots=not getattr(args, "no_plots", False))
-
-
-# Errors whose message names the bad input and gives a hint: print it, exit 2, no traceback.
-USER_ERRORS = (DataError, OutputDirError, CheckpointError, MetricError)
-
-
-def main(method: str, argv=None) -> int:
-    from orchestration.cli import build_parser
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (nohup, > log) as it happens
-    args = build_parser(method).parse_args(argv)
-    try:
-        with signals_raise():
-            _main(method, args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, not a traceback
-        where = f" at round {err.round}" if getattr(err, "round", None) else ""
-        print(f"interrupted{where}; rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        return exit_code(err)
-    return 0
-
-
-def main_fl() -> int:
-    """The `plurallm-fl` command (= python main_fl.py)."""
-    return main("fedavg")
-
-
-def main_central() -> int:
-    """The `plurallm-central` command (= python main_centralized.py)."""
-    return main("centralized")
-
-
-def _main(method: str, args) -> None:
-    t0 = time.perf_counter()
-    check_flags(args, method)
-    if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
-        from orchestration.flower_simulation import run_simulation_engine
-        run_simulation_engine(args)
-        print(f"done in {time.perf_counter() - t0:.1f} s")
-        return
-    data = prepare_experiment(args, log=print,
-                              check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
-    run_method(method, args, data, args.out_dir)
-    if method == "fedavg" and args.also_centralized:
-        # The baseline gets a sibling folder so both runs keep the standard layout.
-        central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
-        run_method("centralized", args, data, central_dir)
-    print(f"done in {time.perf_counter() - t0:.1f} s")

@@ -18,12 +18,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from data_loaders.schema import DataError
 from flower_app.federation import discover, federated_data, make_setup, resolve_groups
+from orchestration.cli import build_parser
+from orchestration.experiment import check_flags, run_method
+from training.config import resolve_metric
 from utils.run_io import atomic_write_bytes, default_run_dir
 
 
 def args_from_run_config(run_config: dict):
     """main_fl.py's flags from the run config's `flags` string."""
-    from orchestration.cli import build_parser
     text = run_config.get("flags")
     if not isinstance(text, str):
         raise DataError("the run config has no 'flags' string",
@@ -60,8 +62,6 @@ def default_secure_noise(args, runtime: str) -> None:
 
 def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     """Find the nodes, then train and evaluate through the shared run loop; returns the summary."""
-    from orchestration.experiment import check_flags, run_method  # late: training imports flower_app lazily too
-    from training.config import resolve_metric
     args.engine = "flower"
     default_secure_noise(args, runtime)
     check_flags(args)

@@ -26,8 +26,9 @@ from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 from data_loaders.schema import DataError
+from flower_app.client_app import make_client_app
 from flower_app.federation import resolve_groups
-from orchestration.flower_server import check_supported
+from orchestration.flower_server import check_supported, make_server_app
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 SIM_BACKENDS = ("thread", "ray")
@@ -97,8 +98,6 @@ def run_simulation_engine(args, log=print) -> dict:
                         "use --sim_backend thread (no Ray) or ray")
     from flwr.simulation import run_simulation
 
-    from flower_app.client_app import make_client_app
-    from orchestration.flower_server import make_server_app
     train, evals = resolve_groups(args)
     groups = list(train) + list(evals)
     outcome: dict = {}

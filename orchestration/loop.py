@@ -15,6 +15,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from federated.comm import human_bytes
+from orchestration.run_figures import write_run_figures
 from training.evaluation import group_stats
 from training.local import DivergenceError, StopTraining
 from utils.checkpoint import (
@@ -320,7 +321,6 @@ class RunLoop:
             summary["stopped_early"] = self.stopped
         self.run_dir.write_summary(summary)
         if self.cfg.plots:
-            from orchestration.run_figures import write_run_figures  # matplotlib only when figures are wanted
             write_run_figures(self.run_dir.path)
         self.wandb.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
         last = records[-1]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from data_loaders.schema import DataError
+from utils.errors import UserError
 from utils.run_io import OutputDirError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             record = write_record(run_dir, records_dir)
             if args.commit_records:
                 commit_record(record)
-    except (DataError, OutputDirError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

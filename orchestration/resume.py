@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_loaders.schema import DataError
+from models.gpo import GPOConfig
+from orchestration.cli import build_parser
 from utils.run_io import RunDir, RunLock, atomic_write_json, default_run_dir
 
 RUNS_ROOT = "runs"
@@ -60,8 +62,6 @@ def added_defaults(method: str | None) -> dict:
     key is no difference. This keeps runs resumable and reusable across code versions."""
     from dataclasses import fields
 
-    from models.gpo import GPOConfig
-    from orchestration.cli import build_parser
     flags = vars(build_parser(method if method in ("fedavg", "centralized") else "fedavg").parse_args([]))
     model = {f"model_config.{f.name}": f.default for f in fields(GPOConfig) if f.name != "dim_x"}
     return {**flags, **model}

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_loaders.schema import DataError
+from reporting.figures import plain_y, plt
+from utils.errors import UserError
 
 from .paths import shown, shown_argv
 from .runs import Run, RunFolderError, find_run_folders, load_run, prefer_done, record_value
@@ -214,7 +216,6 @@ def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
 def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
     import numpy as np
 
-    from .figures import plain_y, plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, v in enumerate(variants):
         curves = [_curve(r, "eval_worst_alignment") for _, r in sorted(v.runs.items())]
@@ -238,7 +239,6 @@ def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
 
 
 def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
-    from .figures import plt
     fig, ax = plt.subplots(figsize=(6, 4.8))
     for i, v in enumerate(variants):
         vals = values(v)
@@ -267,7 +267,6 @@ def fig_snr_vs_round(variants: list[Variant], path: Path) -> Path:
     """Signal-to-noise per round: ||clipped mean|| (at most S) over ||noise|| (about z S / m sqrt(P))."""
     import numpy as np
 
-    from .figures import plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, v in enumerate(variants):
         curves = [c for _, r in sorted(v.runs.items()) if (c := _snr(r))[1]]
@@ -290,7 +289,6 @@ def _mean_epsilon(v: Variant) -> float | None:
 
 def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
     """Variants with an ε as points (mean ± 95% CI over seeds); those without (no DP) as dotted lines."""
-    from .figures import plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     with_eps = sorted(((e, v) for v in variants if (e := _mean_epsilon(v)) is not None), key=lambda p: p[0])
     without = [v for v in variants if _mean_epsilon(v) is None]
@@ -317,7 +315,6 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
 
 
 def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:
-    from .figures import plt
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -445,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         command = ["python", "-m", "reporting.compare", *argv]
         for k, path in write_comparison(base, others, Path(args.out), args.title, command).items():
             print(f"wrote {k}: {path}")
-    except (DataError, RunFolderError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -38,12 +38,13 @@ from data_loaders.datasets import DEFAULT_GROUP_SPLIT, choose_groups, prepare_ex
 from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.cli import build_parser
-from orchestration.experiment import USER_ERRORS, check_flags, check_question_counts, resolved_config, run_method
+from orchestration.experiment import check_flags, check_question_counts, resolved_config, run_method
 from orchestration.replay import torch_threads
 from orchestration.resume import differences, failure
 from training.config import resolve_metric
 from utils.checkpoint import latest_checkpoint
 from utils.device import resolve_device
+from utils.errors import UserError
 from utils.interrupts import exit_code, signals_raise
 from utils.run_io import RunLock, atomic_write_json
 
@@ -358,7 +359,7 @@ def train_one(method: str, flags: dict, path: str) -> int:
         try:
             data = prepare_experiment(run_args, log=print)
             run_method(ENTRY_POINTS[method], run_args, data, path)
-        except USER_ERRORS as err:
+        except UserError as err:
             print(f"error: {err}")
             return 2
         except KeyboardInterrupt as err:
@@ -573,7 +574,7 @@ def _main(argv: list[str]) -> int:
         report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
                methods=args.methods)
         print(f"done in {time.perf_counter() - t0:.1f} s")
-    except USER_ERRORS + (RunFolderError,) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: finished runs stay, the interrupted one resumes

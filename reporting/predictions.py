@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_loaders.datasets import ExperimentData, load_raw_dataset, prepare_experiment
+from data_loaders.datasets import ExperimentData, load_raw_dataset, prepare_experiment, synthetic_spec
 from data_loaders.episodes import collate
 from data_loaders.schema import gather_points
+from data_loaders.synthetic import make_synthetic
 from federated.client import GroupClient
 from models.gpo import GPO
 from orchestration.cli import args_from_config
@@ -104,8 +105,6 @@ def predict_question(model: GPO, group, ctx: torch.Tensor, tgt: torch.Tensor, ro
 def question_text(args, qkey: int) -> tuple[str, list[str] | None]:
     try:
         if args.dataset == "synthetic":
-            from data_loaders.datasets import synthetic_spec
-            from data_loaders.synthetic import make_synthetic
             raw = make_synthetic(synthetic_spec(args))[0]
         else:
             raw = load_raw_dataset(args.dataset, args.data_path, log=lambda *a: None,

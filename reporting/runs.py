@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestration import resume
+from utils.errors import UserError
+from utils.metrics import worst_group
 from utils.run_io import read_metrics
 
 from .paths import shown
@@ -39,12 +41,8 @@ def method_label(config: dict) -> str | None:
     return method
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """A run folder that cannot be used as requested; the message ends with a hint."""
-
-    def __init__(self, what: str, hint: str | None = None):
-        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
-        self.hint = hint
 
 
 def _norm(v):
@@ -269,5 +267,4 @@ def record_value(rec: dict, key: str) -> float | None:
     scores = rec.get(f"{prefix}_group_scores") if rest in _WORST_KEYS else None
     if not scores:
         return None
-    from utils.metrics import worst_group
     return worst_group(scores)[_WORST_KEYS[rest]]

@@ -22,13 +22,14 @@ from data_loaders.datasets import prepare_experiment
 from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.cli import build_parser as build_fedavg_parser
+from orchestration.entry import main as train
 from orchestration.experiment import check_flags, resolved_config
-from orchestration.experiment import main as train
 from orchestration.replay import torch_threads
 from orchestration.resume import failure
 from training.config import resolve_metric
 from utils.device import resolve_device
-from utils.run_io import OutputDirError, RunLock
+from utils.errors import UserError
+from utils.run_io import RunLock
 
 from .compare import Variant, load_variant, write_comparison
 from .jobs import Task, resolve_jobs, run_tasks, usable_cores
@@ -43,7 +44,6 @@ from .reuse import (
     status_report,
     verify,
 )
-from .runs import RunFolderError
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
 OPINIONQA = ["--dataset", "opinionqa", "--emb_model", "minilm", "--comm_round", "300", "--federated_eval", "10",
@@ -306,7 +306,7 @@ class Executor:
         todo = [r for r in runs if r.action in ("train", "resume")]
         if self.args.jobs > 1 and len(todo) > 1:
             by_name = {r.folder.name: r for r in todo}
-            tasks = [Task(r.folder.name, "orchestration.experiment:main", ("fedavg", r.argv), self._threads(r))
+            tasks = [Task(r.folder.name, "orchestration.entry:main", ("fedavg", r.argv), self._threads(r))
                      for r in todo]
             run_tasks(tasks, self.args.jobs, lambda t, code: self.ended(by_name[t.label], code), self.log)
             return
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 Executor(args).run(runs)
                 print(f"trained in {time.perf_counter() - t0:.1f} s")
         _report(args, argv, preset, out_root, root, names, seeds)
-    except (DataError, RunFolderError, OutputDirError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

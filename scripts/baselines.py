@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_loaders.datasets import prepare_experiment  # noqa: E402
 from federated.fedavg import make_clients  # noqa: E402
 from orchestration.cli import build_parser  # noqa: E402
-from orchestration.experiment import USER_ERRORS, check_flags, check_question_counts  # noqa: E402
+from orchestration.experiment import check_flags, check_question_counts  # noqa: E402
 from training.config import client_config, resolve_metric  # noqa: E402
 from training.diagnostics import seen_unseen  # noqa: E402
 from training.evaluation import GroupEval, group_stats  # noqa: E402
 from training.reference import BASELINES, QuestionReference  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 def baseline_table(data, args) -> list[str]:
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
                                   check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
         for line in baseline_table(data, args):
             print(line)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestration.entry import main as train_main  # noqa: E402
 from orchestration.replay import relative_difference, tolerance_for  # noqa: E402  (the records' replay check)
+from reporting.paths import default_data_path  # noqa: E402
+from utils.run_io import cpu_model  # noqa: E402
 
 GOLDEN_DIR = ROOT / "tests" / "golden"
 TIME_KEYS = frozenset({"wall_time_s"})
@@ -91,7 +94,6 @@ def case_argv(name: str, out_dir: Path) -> tuple[str, list[str]]:
     method, flags = CASES[name]
     argv = [*flags, "--out_dir", str(out_dir)]
     if "opinionqa" in flags:
-        from reporting.paths import default_data_path
         path = default_data_path("opinionqa")
         if path:
             argv += ["--data_path", path]
@@ -111,13 +113,11 @@ def run_case(name: str, work: Path) -> dict[str, list[str]]:
     """Train the case into work/<name> with one torch thread; its logs as canonical lines."""
     import torch
 
-    from orchestration.experiment import main
-
     method, argv = case_argv(name, work / name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rc = main(method, argv)
+        rc = train_main(method, argv)
     finally:
         torch.set_num_threads(threads)
     if rc != 0:
@@ -128,7 +128,6 @@ def run_case(name: str, work: Path) -> dict[str, list[str]]:
 def machine() -> dict:
     import torch
 
-    from utils.run_io import cpu_model
     return {"cpu_model": cpu_model(), "torch": torch.__version__, "torch_threads": 1}
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from data_loaders.globalqa import load_globalqa
 from data_loaders.schema import DataError
-from orchestration.experiment import main
+from orchestration.entry import main
 from utils import run_io
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",

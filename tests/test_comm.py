@@ -9,7 +9,7 @@ from flwr.common.serde import recorddict_to_proto
 from federated.client import FitResult
 from federated.comm import down_bytes, human_bytes, pooling_bytes, record_bytes, round_comm, tensor_bytes, up_bytes
 from flower_app.protocol import fit_reply, instruction, payload_bytes
-from orchestration.experiment import main
+from orchestration.entry import main
 
 STATE = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
 NPY_HEADER = 128  # numpy's .npy v1.0 header, padded to a multiple of 64 bytes, for these small shapes

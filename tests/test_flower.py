@@ -31,7 +31,7 @@ from flower_app.protocol import (
     read_instruction,
 )
 from orchestration.cli import build_parser
-from orchestration.experiment import main
+from orchestration.entry import main
 from orchestration.flower_server import run_federation
 from training.diagnostics import DIAGNOSTIC_KEYS
 from training.evaluation import GroupEval

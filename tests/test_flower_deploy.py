@@ -27,7 +27,7 @@ import pytest
 
 from flower_app.loopback import BIN, REPO, LoopbackFederation, alive, descendants, poll, run_config_value
 from orchestration.cli import build_parser
-from orchestration.experiment import main
+from orchestration.entry import main
 from utils.checkpoint import load_checkpoint
 
 GROUPS = ["g00", "g01", "g02", "g03"]  # g00, g01 train; g02 evaluation; g03 trains only under SecAgg+

@@ -21,7 +21,7 @@ from inference import GroupPredictor, GroupReward, parse_choice
 from inference.export import main as export_main
 from inference.items import check_distribution, to_questions
 from inference.predict import main as predict_main
-from orchestration.experiment import main as train_main
+from orchestration.entry import main as train_main
 from training.config import client_config
 from utils.checkpoint import load_checkpoint
 

@@ -11,7 +11,7 @@ from data_loaders.schema import build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
-from orchestration.experiment import main
+from orchestration.entry import main
 from training.config import episode_sizes
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "8",

@@ -35,7 +35,7 @@ from flower_app.federation import discover, federated_data, make_setup, resolve_
 from flower_app.secagg import check_secagg_flags
 from flower_app.secagg_server import effective_shares, make_secagg_trainer
 from orchestration.cli import build_parser
-from orchestration.experiment import main
+from orchestration.entry import main
 from training.config import client_config, model_config, resolve_metric
 from training.diagnostics import DIAGNOSTIC_KEYS
 from utils.checkpoint import load_checkpoint

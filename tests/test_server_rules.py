@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.experiment import main
+from orchestration.entry import main
 from utils.checkpoint import load_checkpoint
 
 # 8 synthetic groups: 5 train + 3 eval with the default 60/40 split.

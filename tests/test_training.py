@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.experiment import main
+from orchestration.entry import main
 from training.local import OptimConfig, cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]

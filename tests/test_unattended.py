@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.experiment import main
+from orchestration.entry import main
 from utils.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from utils.errors import UserError
 from utils.run_io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 FORMAT_VERSION = 1
@@ -37,12 +38,8 @@ _RESUME_HINT = "delete it or resume from an earlier checkpoint"
 _PLAIN = (str, int, float, bool, type(None))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, incomplete or corrupted; the message names the file."""
-
-    def __init__(self, what: str, hint: str | None = None):
-        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
-        self.hint = hint
 
 
 def round_tag(round_num: int) -> str:

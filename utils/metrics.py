@@ -18,11 +18,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 SQRT_LN2 = float(np.sqrt(np.log(2.0)))
 _MAX_LISTED = 10  # question indices quoted in an error message
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
     """A metric got inputs it cannot score (NaN/inf, negative or all-zero distributions)."""
 
 

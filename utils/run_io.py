@@ -37,17 +37,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from utils.errors import UserError
+
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _OUT_DIR_HINT = "choose another --out_dir, or fix the folder's permissions"
 
 
-class OutputDirError(OSError):
+class OutputDirError(UserError, OSError):
     """An output file or folder cannot be written; the message names it and gives a hint."""
 
     def __init__(self, what: str, hint: str | None = None, err: int | None = None):
-        super().__init__(f"{what}\n  hint: {hint}" if hint else what)
+        super().__init__(what, hint)
         self.errno = err
-        self.hint = hint
 
 
 class RunLockedError(OutputDirError):

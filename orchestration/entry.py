@@ -1,0 +1,61 @@
+"""The command lines main_fl.py and main_centralized.py (and `plurallm-fl` / `plurallm-central`):
+flags parsed, the experiment run (orchestration/experiment.py), a user error printed as one line
+with exit code 2, an interrupt as one line that says how to resume."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from data_loaders.datasets import prepare_experiment
+from orchestration.cli import build_parser
+from orchestration.experiment import check_flags, check_question_counts, run_method
+from utils.errors import UserError
+from utils.interrupts import exit_code, signals_raise
+
+
+def main(method: str, argv=None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (nohup, > log) as it happens
+    args = build_parser(method).parse_args(argv)
+    try:
+        with signals_raise():
+            _main(method, args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, not a traceback
+        where = f" at round {err.round}" if getattr(err, "round", None) else ""
+        print(f"interrupted{where}; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return exit_code(err)
+    return 0
+
+
+def main_fl() -> int:
+    """The `plurallm-fl` command (= python main_fl.py)."""
+    return main("fedavg")
+
+
+def main_central() -> int:
+    """The `plurallm-central` command (= python main_centralized.py)."""
+    return main("centralized")
+
+
+def _main(method: str, args) -> None:
+    t0 = time.perf_counter()
+    check_flags(args, method)
+    if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
+        from orchestration.flower_simulation import run_simulation_engine
+        run_simulation_engine(args)
+        print(f"done in {time.perf_counter() - t0:.1f} s")
+        return
+    data = prepare_experiment(args, log=print,
+                              check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
+    run_method(method, args, data, args.out_dir)
+    if method == "fedavg" and args.also_centralized:
+        # The baseline gets a sibling folder so both runs keep the standard layout.
+        central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
+        run_method("centralized", args, data, central_dir)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
