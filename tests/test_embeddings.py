@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import string
-import sys
-import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -511,21 +509,21 @@ def test_pickle_errors_for_wrong_model_or_missing_file_or_wrong_dim(tmp_path):
 
 # ---------------------------------------------------------------------------- CLI
 
-def fake_datasets_module(raw: RawDataset | None) -> types.ModuleType:
-    module = types.ModuleType("data_loaders.datasets")
+def fake_datasets(monkeypatch, raw: RawDataset | None) -> None:
+    """The embed CLI's dataset loading replaced: `raw` (or a DataError naming the file, for None)."""
+    from data_loaders import embed
 
     def load_raw_dataset(dataset, data_path=None, *, strict=False, groups=None, log=print, encoding="utf-8"):
         if raw is None:
             raise DataError(f"bad file {data_path}", "fix it")
         return raw
-    module.load_raw_dataset = load_raw_dataset
-    module.default_pool = lambda dataset: (["G2", "G1"], None, None)
-    return module
+    monkeypatch.setattr(embed, "load_raw_dataset", load_raw_dataset)
+    monkeypatch.setattr(embed, "default_pool", lambda dataset: (["G2", "G1"], None, None))
 
 
 def test_cli_prints_what_it_loaded(tiny_llama, tmp_path, monkeypatch):
     from data_loaders import embed
-    monkeypatch.setitem(sys.modules, "data_loaders.datasets", fake_datasets_module(make_raw()))
+    fake_datasets(monkeypatch, make_raw())
     lines: list[str] = []
     code = embed.main(["--dataset", "globalqa", "--emb_model", str(tiny_llama), "--cache_dir",
                        str(tmp_path), "--emb_device", "cpu", "--emb_batch_size", "4"], log=lines.append)
@@ -539,7 +537,7 @@ def test_cli_prints_what_it_loaded(tiny_llama, tmp_path, monkeypatch):
 
 def test_cli_exits_nonzero_with_the_error(tmp_path, monkeypatch, capsys):
     from data_loaders import embed
-    monkeypatch.setitem(sys.modules, "data_loaders.datasets", fake_datasets_module(None))
+    fake_datasets(monkeypatch, None)
     code = embed.main(["--dataset", "globalqa", "--data_path", "x.csv", "--cache_dir", str(tmp_path)],
                       log=lambda s: None)
     assert code == 2 and "bad file x.csv" in capsys.readouterr().err
