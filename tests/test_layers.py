@@ -134,6 +134,16 @@ def test_project_imports_are_at_the_top_unless_they_need_an_optional_extra():
     assert hidden_imports() == []
 
 
+def test_the_base_commands_import_no_optional_extra():
+    """main_fl.py, main_centralized.py, reproduce, sweeps and the predictor start without flwr,
+    opacus, trl or wandb installed: none of them reaches one through top-level imports."""
+    _, _, extras = import_graph()
+    base = {"orchestration.entry", "reporting.pipeline", "reporting.sweep", "inference.predictor",
+            "inference.export", "inference.predict", "data_loaders.embed"}
+    assert base - set(_sources()) == set()
+    assert sorted(base & extras) == []
+
+
 def _fake_tree(tmp_path, monkeypatch, files: dict[str, str]) -> None:
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
