@@ -59,11 +59,17 @@ def aggregate(replies: Sequence, weighting: str) -> dict[str, torch.Tensor]:
     return weighted_average([r.state for r in replies], w)
 
 
+def num_sampled_clients(num_clients: int, fraction: float) -> int:
+    """How many clients a round samples: max(1, round(fraction·n)), the one place this is decided
+    (the sampler, DP's sampling rate, the strategy and attack checks all read it)."""
+    return max(1, round(fraction * num_clients))
+
+
 def sample_clients(names: Sequence[str], fraction: float, gen: torch.Generator) -> list[str]:
-    """max(1, round(fraction·n)) clients without replacement, returned in name order."""
+    """num_sampled_clients clients without replacement, returned in name order."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--client_fraction {fraction} must be in (0, 1]")
-    n = max(1, round(fraction * len(names)))
+    n = num_sampled_clients(len(names), fraction)
     if n == len(names):
         return sorted(names)
     pick = torch.randperm(len(names), generator=gen)[:n].tolist()

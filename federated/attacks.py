@@ -30,6 +30,7 @@ import torch
 from data_loaders.schema import DataError
 from utils.seeding import generator
 
+from .aggregation import num_sampled_clients
 from .strategies import ALIGNMENT_KEY  # the metric report_score lies about
 
 ATTACKS = ("sign_flip", "gaussian", "scale", "alie", "ipm", "report_score")
@@ -176,7 +177,7 @@ def check_attack_flags(args, num_train_clients: int) -> list[str]:
                         "run would stop at once)", "try 0.0, the worst possible score")
     warnings = []
     strategy = getattr(args, "strategy", "fedavg")
-    m = max(1, round(getattr(args, "client_fraction", 1.0) * num_train_clients))
+    m = num_sampled_clients(num_train_clients, getattr(args, "client_fraction", 1.0))
     if n and args.attack == "alie" and alie_z(m, min(n, m)) == 0:
         warnings.append(f"--attack alie with {n} Byzantine client(s) among {m} sampled is void: z = Φ⁻¹(0.5) = 0, so "
                         "the attackers send the honest mean (use more --byzantine, e.g. 3 of 10 gives z = 0.52)")

@@ -29,6 +29,7 @@ from data_loaders.schema import DataError
 from training.local import StopTraining
 from utils.seeding import generator
 
+from .aggregation import num_sampled_clients
 from .strategies import Strategy, Tensors, float_keys
 
 DP_STRATEGIES = ("fedavg", "fedprox")   # averaging rules whose sensitivity is S/m
@@ -37,11 +38,6 @@ OPACUS_HINT = "pip install opacus==1.6.0 (the RDP accountant; it leaves torch as
 
 class PrivacyBudgetExhausted(DataError, StopTraining):
     """The next release would spend more than --dp_epsilon."""
-
-
-def num_sampled_clients(num_clients: int, fraction: float) -> int:
-    """m of federated.aggregation.sample_clients: max(1, round(fraction·n))."""
-    return max(1, round(fraction * num_clients))
 
 
 # --- the mechanism ------------------------------------------------------------------------

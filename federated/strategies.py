@@ -32,7 +32,7 @@ from data_loaders.schema import DataError
 from training.local import proximal_penalty  # noqa: F401 - the client side of fedprox, kept with local steps
 
 from .aggregation import aggregate as fedavg_aggregate
-from .aggregation import aggregation_weights, weighted_average
+from .aggregation import aggregation_weights, num_sampled_clients, weighted_average
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median")
 SERVER_OPTS = ("none", "sgd", "adam", "yogi")
@@ -416,7 +416,7 @@ def check_strategy_flags(args, num_train_clients: int) -> list[str]:
     c = config_from_args(args)
     check_strategy_config(c)
     warnings = []
-    m = max(1, round(getattr(args, "client_fraction", 1.0) * num_train_clients))
+    m = num_sampled_clients(num_train_clients, getattr(args, "client_fraction", 1.0))
     if c.name == "trimmed_mean" and trim_count(m, c.trim_fraction) == 0:
         warnings.append(f"--trim_fraction {c.trim_fraction} trims nothing with {m} sampled clients "
                         f"(floor({c.trim_fraction}·{m}) = 0): trimmed_mean is the plain mean here")

@@ -5,12 +5,10 @@ import dataclasses
 import json
 import math
 
-import torch
-
 from data_loaders.datasets import ExperimentData, choose_groups, split_seed
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
-from federated.aggregation import sample_clients
+from federated.aggregation import num_sampled_clients
 from federated.attacks import check_attack_flags
 from federated.fedavg import FedAvgTrainer, check_engine_strategy, check_min_clients, resolve_client_engine
 from federated.privacy import build_dp, check_privacy_flags
@@ -176,8 +174,7 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
 
 def check_sample_size(args, num_train: int) -> None:
     """In one process every sampled client replies, so only the sample size can fall short."""
-    sampled = len(sample_clients([str(i) for i in range(num_train)], args.client_fraction, torch.Generator()))
-    check_min_clients(getattr(args, "min_clients", 1), sampled)
+    check_min_clients(getattr(args, "min_clients", 1), num_sampled_clients(num_train, args.client_fraction))
 
 
 def resolved_config(args, method: str, data: ExperimentData, metric: str, device) -> dict:

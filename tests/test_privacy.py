@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_loaders.schema import DataError
-from federated.aggregation import sample_clients
+from federated.aggregation import num_sampled_clients, sample_clients
 from federated.client import FitResult
 from federated.privacy import (
     DPFedAvg,
@@ -25,7 +25,6 @@ from federated.privacy import (
     gdp_delta,
     gdp_epsilon,
     noise_for_epsilon,
-    num_sampled_clients,
     update_noise_multiplier,
 )
 from federated.strategies import Strategy, StrategyConfig, add_strategy_arguments
