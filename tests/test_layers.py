@@ -79,11 +79,12 @@ def import_graph():
 
 def upward_imports() -> list[tuple[str, str]]:
     found = []
-    for package, level in LAYERS.items():
-        for path in (ROOT / package).rglob("*.py"):
-            for target, _ in _imports("", path, {}):
-                if LAYERS.get(target.split(".")[0], -1) > level:
-                    found.append((str(path.relative_to(ROOT)), target))
+    modules = _sources()
+    for name, path in modules.items():
+        level = LAYERS[name.split(".")[0]]
+        for target, _ in _imports(name, path, modules):
+            if LAYERS.get(target.split(".")[0], -1) > level:
+                found.append((str(path.relative_to(ROOT)), target))
     return found
 
 
