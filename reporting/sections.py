@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from .paths import shown
@@ -16,6 +17,24 @@ DATASET_TEXT = {
 }
 
 
+def _tally(values: list) -> str:
+    """`a` when every run agrees, else `a` (3 runs), `b` (1 run): the runs of one report may come from
+    several machines and commits (the queue spans jobs), and the report must not name only the first."""
+    counts = Counter(str(v) for v in values)
+    if len(counts) == 1:
+        return f"`{next(iter(counts))}`"
+    return ", ".join(f"`{v}` ({n} run{'s' if n > 1 else ''})" for v, n in sorted(counts.items()))
+
+
+def machine_line(runs: list, manifest: dict | None) -> str:
+    envs = [r.config.get("environment") or {} for r in runs]
+    threads = (manifest or {}).get("threads")
+    commits = [str(e.get("git_commit"))[:10] + (" (dirty tree)" if e.get("git_dirty") else "") for e in envs]
+    return (f"- **Machine**: device {_tally([r.config.get('device_resolved') for r in runs])}, "
+            f"CPU {_tally([e.get('cpu_model') for e in envs])}, "
+            f"{_tally([e.get('cpu_count') for e in envs])} CPU cores"
+            + (f", {threads} torch thread(s) per process" if threads else "")
+            + f"; torch {_tally([e.get('torch') for e in envs])}; git commit {_tally(commits)}.")
 
 
 def _steps_per_round(runset: RunSet, method: str) -> float | None:
@@ -79,11 +98,7 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
                      f"own episode; {k.get('central_epochs')} epochs, mode `{k.get('central_mode')}`, evaluation "
                      f"every {k.get('eval_freq')} epochs; "
                      f"{fmt(_steps_per_round(runset, 'centralized_matched'), '{:.0f}')} gradient steps per epoch.")
-    threads = (manifest or {}).get("threads")
-    lines.append(f"- **Machine**: device `{c.get('device_resolved')}`, {env.get('cpu_count')} CPU cores"
-                 + (f", {threads} torch thread(s) per process" if threads else "")
-                 + f"; torch {env.get('torch')}; git commit `{str(env.get('git_commit'))[:10]}`"
-                 + (" (dirty tree)" if env.get("git_dirty") else "") + ".")
+    lines.append(machine_line(runs, manifest))
     variant = variant_line(runs)
     if variant:
         lines.append(variant)

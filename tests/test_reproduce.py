@@ -614,3 +614,20 @@ def test_a_jobs_worker_argv_is_not_shown_as_the_runs_command():
     user = Run(path=None, status="finished", config={"environment": {"argv": ["main_fl.py", "--seed", "1"]}})
     assert run_commands([worker, user, worker]) == ["python main_fl.py --seed 1"]
     assert run_commands([worker]) == []
+
+
+def test_the_machine_line_names_every_cpu_and_commit_of_the_runs():
+    from types import SimpleNamespace
+
+    from reporting.sections import machine_line
+
+    def run(cpu, commit, dirty=False):
+        env = {"cpu_model": cpu, "cpu_count": 2, "torch": "2.13.0+cpu", "git_commit": commit, "git_dirty": dirty}
+        return SimpleNamespace(config={"device_resolved": "cpu", "environment": env})
+
+    same = machine_line([run("Xeon", "a" * 40), run("Xeon", "a" * 40)], {"threads": 1})
+    assert same == ("- **Machine**: device `cpu`, CPU `Xeon`, `2` CPU cores, 1 torch thread(s) per process; "
+                    "torch `2.13.0+cpu`; git commit `aaaaaaaaaa`.")
+    mixed = machine_line([run("EPYC", "b" * 40), run("Xeon", "a" * 40, True), run("Xeon", "a" * 40, True)], None)
+    assert "CPU `EPYC` (1 run), `Xeon` (2 runs)" in mixed
+    assert "git commit `aaaaaaaaaa (dirty tree)` (2 runs), `bbbbbbbbbb` (1 run)." in mixed

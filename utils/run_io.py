@@ -582,7 +582,9 @@ def environment_info() -> dict[str, Any]:
     except Exception:  # a broken CUDA install must not stop a run from recording the rest
         pass
     info["git_commit"] = _git("rev-parse", "HEAD") or None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Reports and records are outputs, not code: the queue's own worktree rewrites them between runs.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)docs/results", ":(exclude)results")
     info["git_dirty"] = None if status is None or info["git_commit"] is None else bool(status)
     return info
 
