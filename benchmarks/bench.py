@@ -42,7 +42,7 @@ from orchestration.cli import build_parser as run_parser
 from orchestration.experiment import check_flags, check_question_counts, make_trainer, validate
 from training.config import client_config, model_config, resolve_metric
 from utils.device import resolve_device
-from utils.errors import UserError
+from utils.errors import exit_on_error
 from utils.run_io import cpu_model, environment_info
 from utils.seeding import seed_everything
 
@@ -485,14 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
-    if opts.one_scale is not None:
-        try:
-            rec = run_point(json.loads(opts.one_scale), log)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(json.dumps(rec, allow_nan=False))
-        return 0
+    if opts.one_scale is not None:  # a child of the driver: one scale, one JSON line
+        return exit_on_error(lambda: print(json.dumps(run_point(json.loads(opts.one_scale), log), allow_nan=False)))
     if opts.markdown:
         log(f"wrote {write_markdown(Path(opts.results_dir))}")
         return 0

@@ -23,7 +23,7 @@ import numpy as np
 from data_loaders.datasets import choose_groups, default_pool, group_names, load_raw_dataset
 from data_loaders.embeddings import DTYPES, get_embeddings
 from data_loaders.schema import RawDataset
-from utils.errors import UserError
+from utils.errors import exit_on_error
 
 
 class _OldName(argparse.Action):
@@ -120,23 +120,21 @@ def describe(raw: RawDataset, log: Callable[[str], None]) -> None:
 
 def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> int:
     args = parse_args(argv)
+    return exit_on_error(lambda: _embed(args, log))
+
+
+def _embed(args, log: Callable[[str], None]) -> None:
     start = time.perf_counter()
-    try:
-        groups = considered_groups(args)
-        raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=groups, log=log,
-                               encoding=args.encoding)
-        describe(raw, log)
-        emb, info = get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
-                                   batch_size=args.emb_batch_size, dtype=args.emb_dtype,
-                                   load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=considered_groups(args),
+                           log=log, encoding=args.encoding)
+    describe(raw, log)
+    emb, info = get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
+                               batch_size=args.emb_batch_size, dtype=args.emb_dtype,
+                               load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
     log(f"embedding: {info['emb_model']} ({info['model_id']}), dim {info['dim']}, "
         f"{emb.shape[0]} points, source {info['source']}, {info['seconds']:.1f} s")
     log(f"cache file: {info['cache_file']}")
     log(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from data_loaders.schema import DataError  # noqa: E402
 from inference import GroupPredictor, GroupReward  # noqa: E402
 from inference.items import read_context_file, read_questions_file  # noqa: E402
 from inference.predict import _bank_question, group_context, group_split  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, exit_on_error  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,18 +66,17 @@ def questions_and_context(pred: GroupPredictor, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return exit_on_error(lambda: train(args))
+
+
+def train(args) -> None:
     try:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as exc:
-        print(f"error: this example needs TRL ({exc.name} is not installed)\n  hint: pip install trl", file=sys.stderr)
-        return 2
-    try:
-        pred = GroupPredictor.load(args.run, use_run_data=True if args.group else "auto")
-        questions, context = questions_and_context(pred, args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(f"this example needs TRL ({exc.name} is not installed)", "pip install trl") from None
+    pred = GroupPredictor.load(args.run, use_run_data=True if args.group else "auto")
+    questions, context = questions_and_context(pred, args)
     rows = [{"prompt": question_prompt(q.text, list(q.options), pred.embedder.style), "question": q.text,
              "options": list(q.options)} for q in questions]
     reward = GroupReward(pred, context, mode=args.mode)
@@ -90,7 +89,6 @@ def main(argv=None) -> int:
     logged = [h["rewards/group_reward/mean"] for h in trainer.state.log_history if "rewards/group_reward/mean" in h]
     print(f"{len(rows)} training questions, {len(context)} context answers; mean group reward per step: "
           + ", ".join(f"{r:.4f}" for r in logged))
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.errors import UserError
+from utils.errors import exit_on_error
 
 from .predictor import GroupPredictor
 from .pretrained import WEIGHTS, push_to_hub, save_pretrained
@@ -23,16 +23,15 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="final", help="checkpoint tag (default final)")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload to this hub repo (private)")
     args = p.parse_args(argv)
-    try:
-        pred = GroupPredictor.from_run(args.run, args.checkpoint, use_run_data=False, log=print)
-        out = save_pretrained(pred, args.out, args.overwrite)
-        print(f"wrote {out}: {WEIGHTS}, config.json, README.md")
-        if args.push_to_hub:
-            print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> None:
+    pred = GroupPredictor.from_run(args.run, args.checkpoint, use_run_data=False, log=print)
+    out = save_pretrained(pred, args.out, args.overwrite)
+    print(f"wrote {out}: {WEIGHTS}, config.json, README.md")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
 
 
 if __name__ == "__main__":

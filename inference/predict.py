@@ -25,7 +25,7 @@ import torch
 from data_loaders.schema import DataError
 from federated.client import GroupClient
 from training.config import client_config
-from utils.errors import UserError
+from utils.errors import exit_on_error
 
 from .items import Answer, Question, read_context_file, read_questions_file
 from .predictor import GroupPredictor
@@ -209,13 +209,11 @@ def main(argv=None) -> int:
     log = (lambda *a: None) if args.quiet else (
         (lambda m: print(m, file=sys.stderr)) if args.out == "-" else print)
     t0 = time.perf_counter()
-    try:
+
+    def predict() -> None:
         run(args, log)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+        log(f"done in {time.perf_counter() - t0:.1f} s")
+    return exit_on_error(predict)
 
 
 if __name__ == "__main__":

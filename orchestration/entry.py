@@ -10,8 +10,7 @@ import time
 from data_loaders.datasets import prepare_experiment
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, check_question_counts, run_method
-from utils.errors import UserError
-from utils.interrupts import exit_code, signals_raise
+from utils.errors import exit_on_error
 
 
 def main(method: str, argv=None) -> int:
@@ -19,18 +18,8 @@ def main(method: str, argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (nohup, > log) as it happens
     args = build_parser(method).parse_args(argv)
-    try:
-        with signals_raise():
-            _main(method, args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, not a traceback
-        where = f" at round {err.round}" if getattr(err, "round", None) else ""
-        print(f"interrupted{where}; rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        return exit_code(err)
-    return 0
+    return exit_on_error(lambda: _main(method, args), interrupts=True,
+                         resume_hint="rerun the same command with --resume to continue from the last checkpoint")
 
 
 def main_fl() -> int:

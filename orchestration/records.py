@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from data_loaders.schema import DataError
-from utils.errors import UserError
+from utils.errors import exit_on_error
 from utils.run_io import OutputDirError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,17 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     records_dir = Path(args.records_dir) if args.records_dir else default_records_dir()
-    try:
+
+    def record_all() -> None:
         if args.commit_records:
             check_commit_target(records_dir)
         for run_dir in args.run_dirs:
             record = write_record(run_dir, records_dir)
             if args.commit_records:
                 commit_record(record)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(record_all)
 
 
 if __name__ == "__main__":

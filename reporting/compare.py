@@ -26,7 +26,7 @@ from pathlib import Path
 
 from data_loaders.schema import DataError
 from reporting.figures import plain_y, plt
-from utils.errors import UserError
+from utils.errors import exit_on_error
 
 from .paths import shown, shown_argv
 from .runs import Run, RunFolderError, find_run_folders, load_run, prefer_done, record_value
@@ -431,21 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        base = load_variant(*_named(args.baseline, "--baseline"))
-        others = [load_variant(*_named(t, "--variant")) for t in args.variant]
-        names = [base.name] + [v.name for v in others]
-        if len(set(names)) != len(names):
-            raise DataError(f"variant names repeat: {names}", "give every --baseline/--variant its own NAME")
-        if not others:
-            raise DataError("no --variant given", "name at least one variant to compare with the baseline")
-        command = ["python", "-m", "reporting.compare", *argv]
-        for k, path in write_comparison(base, others, Path(args.out), args.title, command).items():
-            print(f"wrote {k}: {path}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(lambda: _compare(args, argv))
+
+
+def _compare(args, argv: list[str]) -> None:
+    base = load_variant(*_named(args.baseline, "--baseline"))
+    others = [load_variant(*_named(t, "--variant")) for t in args.variant]
+    names = [base.name] + [v.name for v in others]
+    if len(set(names)) != len(names):
+        raise DataError(f"variant names repeat: {names}", "give every --baseline/--variant its own NAME")
+    if not others:
+        raise DataError("no --variant given", "name at least one variant to compare with the baseline")
+    command = ["python", "-m", "reporting.compare", *argv]
+    for k, path in write_comparison(base, others, Path(args.out), args.title, command).items():
+        print(f"wrote {k}: {path}")
 
 
 if __name__ == "__main__":

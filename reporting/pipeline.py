@@ -44,8 +44,7 @@ from orchestration.resume import differences, failure
 from training.config import resolve_metric
 from utils.checkpoint import latest_checkpoint
 from utils.device import resolve_device
-from utils.errors import UserError
-from utils.interrupts import exit_code, signals_raise
+from utils.errors import exit_on_error
 from utils.run_io import RunLock, atomic_write_json
 
 from .jobs import Task, resolve_jobs, run_tasks, usable_cores
@@ -355,17 +354,10 @@ def train_one(method: str, flags: dict, path: str) -> int:
     the data loaded again (from the embedding cache), then trained as in this process; returns
     the exit code."""
     run_args, path = argparse.Namespace(**flags), Path(path)
-    with signals_raise():
-        try:
-            data = prepare_experiment(run_args, log=print)
-            run_method(ENTRY_POINTS[method], run_args, data, path)
-        except UserError as err:
-            print(f"error: {err}")
-            return 2
-        except KeyboardInterrupt as err:
-            print(f"interrupted{f' at round {err.round}' if getattr(err, 'round', None) else ''}")
-            return exit_code(err)
-    return 0
+
+    def train() -> None:
+        run_method(ENTRY_POINTS[method], run_args, prepare_experiment(run_args, log=print), path)
+    return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
 def _started_threads(path: Path) -> int | None:
@@ -515,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file as it happens
-    with signals_raise():
-        return _main(argv)
+    return exit_on_error(lambda: _main(argv), interrupts=True,
+                         resume_hint="rerun the same command to continue (finished runs are reused)")
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int | None:
     lock = None
     try:
         args = parse_args(argv)
@@ -574,17 +566,9 @@ def _main(argv: list[str]) -> int:
         report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
                methods=args.methods)
         print(f"done in {time.perf_counter() - t0:.1f} s")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: finished runs stay, the interrupted one resumes
-        where = f" at round {err.round}" if getattr(err, "round", None) else ""
-        print(f"interrupted{where}; rerun the same command to continue (finished runs are reused)", file=sys.stderr)
-        return exit_code(err)
-    finally:
+    finally:  # also on an error or an interrupt: finished runs stay, the interrupted one resumes
         if lock is not None:
             lock.release()
-    return 0
 
 
 def _planned_seeds(args, argv: list[str]) -> list[int] | None:

@@ -57,7 +57,6 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     c = first.config
     data = c.get("data") or {}
     emb = data.get("embedding") or {}
-    env = c.get("environment") or {}
     tr, ev = c.get("train_groups") or [], c.get("eval_groups") or []
     same_split = len({json.dumps([r.config.get("train_groups"), r.config.get("eval_groups")]) for r in runs}) == 1
     split = (manifest or {}).get("split_rule") or "as recorded in each run's config.json"

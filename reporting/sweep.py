@@ -28,7 +28,7 @@ from orchestration.replay import torch_threads
 from orchestration.resume import failure
 from training.config import resolve_metric
 from utils.device import resolve_device
-from utils.errors import UserError
+from utils.errors import exit_on_error
 from utils.run_io import RunLock
 
 from .compare import Variant, load_variant, write_comparison
@@ -338,47 +338,44 @@ def partial_label(variants: list[Variant], names: list[str], seeds: list[int]) -
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    return exit_on_error(lambda: _sweep(args, argv), interrupts=True,
+                         resume_hint="rerun the same command to continue (finished runs are reused)")
+
+
+def _sweep(args, argv: list[str]) -> int | None:
     preset = PRESETS[args.preset]
     seeds = args.seeds or preset.seeds
     names = args.variants or list(preset.variants)
     unknown = sorted(set(names) - set(preset.variants))
     out_root = Path(args.out_root or Path("runs") / "sweeps" / args.preset)
     args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
-    try:
-        if unknown:
-            raise DataError(f"--variants {unknown} not in preset {args.preset}",
-                            f"choose from {', '.join(preset.variants)}")
-        args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
-        if args.threads:  # this process's data and replays at the children's thread count
-            torch.set_num_threads(args.threads)
-        root = records_root(out_root, args.records_dir)
-        if not args.report_only:
-            extra = shlex.split(args.extra)
-            if "--data_path" not in extra and default_data_path("opinionqa"):
-                extra = ["--data_path", default_data_path("opinionqa"), *extra]
-            runs = [SweepRun(name, seed, [*preset.base, *preset.variants[name], *extra, "--seed", str(seed)],
-                             out_root / f"{name}_s{seed}", root / f"{name}_s{seed}" if root else None)
-                    for seed in seeds for name in names]  # seed-major: a stopped sweep leaves whole seeds to compare
-            planner = Planner()
-            if args.status:
-                status_report([(r.folder.name, planner.state(r)) for r in runs])
-                return 0
-            if args.commit_records:
-                records.check_commit_target(args.records_dir)
-            with RunLock(out_root, "sweep folder", "--out_root"):
-                t0 = time.perf_counter()
-                planner.plan(runs)
-                planner.verify(runs, args.rerun_stale)  # before anything trains: a stale record stops here
-                Executor(args).run(runs)
-                print(f"trained in {time.perf_counter() - t0:.1f} s")
-        _report(args, argv, preset, out_root, root, names, seeds)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue (finished runs are reused)", file=sys.stderr)
-        return 130
-    return 0
+    if unknown:
+        raise DataError(f"--variants {unknown} not in preset {args.preset}",
+                        f"choose from {', '.join(preset.variants)}")
+    args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
+    if args.threads:  # this process's data and replays at the children's thread count
+        torch.set_num_threads(args.threads)
+    root = records_root(out_root, args.records_dir)
+    if not args.report_only:
+        extra = shlex.split(args.extra)
+        if "--data_path" not in extra and default_data_path("opinionqa"):
+            extra = ["--data_path", default_data_path("opinionqa"), *extra]
+        runs = [SweepRun(name, seed, [*preset.base, *preset.variants[name], *extra, "--seed", str(seed)],
+                         out_root / f"{name}_s{seed}", root / f"{name}_s{seed}" if root else None)
+                for seed in seeds for name in names]  # seed-major: a stopped sweep leaves whole seeds to compare
+        planner = Planner()
+        if args.status:
+            status_report([(r.folder.name, planner.state(r)) for r in runs])
+            return 0
+        if args.commit_records:
+            records.check_commit_target(args.records_dir)
+        with RunLock(out_root, "sweep folder", "--out_root"):
+            t0 = time.perf_counter()
+            planner.plan(runs)
+            planner.verify(runs, args.rerun_stale)  # before anything trains: a stale record stops here
+            Executor(args).run(runs)
+            print(f"trained in {time.perf_counter() - t0:.1f} s")
+    _report(args, argv, preset, out_root, root, names, seeds)
 
 
 def _report(args, argv, preset: Preset, out_root: Path, root: Path | None, names: list[str], seeds: list[int]):

@@ -23,7 +23,7 @@ from training.config import client_config, resolve_metric  # noqa: E402
 from training.diagnostics import seen_unseen  # noqa: E402
 from training.evaluation import GroupEval, group_stats  # noqa: E402
 from training.reference import BASELINES, QuestionReference  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import exit_on_error  # noqa: E402
 
 
 def baseline_table(data, args) -> list[str]:
@@ -50,16 +50,14 @@ def baseline_table(data, args) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser("fedavg").parse_args(argv)
     args.quiet = True
-    try:
+
+    def table() -> None:
         check_flags(args)
         data = prepare_experiment(args, log=lambda *a: None,
                                   check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
         for line in baseline_table(data, args):
             print(line)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(table)
 
 
 if __name__ == "__main__":

@@ -464,3 +464,35 @@ def test_every_readme_row_has_a_test():
         for path, test in named:
             assert f"def {test}(" in (root / path).read_text(encoding="utf-8"), (number, test)
         assert int(number) in covered or named, f"README bad-input row {number} has no test"
+
+
+def test_every_command_line_exits_through_one_wrapper(capsys):
+    """exit_on_error: a user error is one line and code 2; an interrupt one line naming the round
+    and the hint, with the shell's code; a bug keeps its traceback; the body's own code passes."""
+    import signal
+
+    from utils.errors import UserError, exit_on_error
+    from utils.interrupts import Interrupted
+
+    def bad():
+        raise UserError("--foo 3 is not allowed", "use --foo 2")
+    assert exit_on_error(bad) == 2
+    assert capsys.readouterr().err == "error: --foo 3 is not allowed\n  hint: use --foo 2\n"
+
+    def stopped():
+        err = Interrupted(signal.SIGTERM)
+        err.round = 7
+        raise err
+    assert exit_on_error(stopped, interrupts=True, resume_hint="rerun with --resume") == 143
+    assert capsys.readouterr().err == "interrupted at round 7; rerun with --resume\n"
+    with pytest.raises(KeyboardInterrupt):  # a command that does not handle interrupts leaves them alone
+        exit_on_error(stopped)
+    with pytest.raises(ZeroDivisionError):
+        exit_on_error(lambda: 1 / 0)
+    assert exit_on_error(lambda: None) == 0 and exit_on_error(lambda: 3) == 3
+    print_to = []
+
+    class Stream:
+        def write(self, text):
+            print_to.append(text)
+    assert exit_on_error(bad, stream=Stream()) == 2 and "".join(print_to).startswith("error: --foo 3")

@@ -3,10 +3,15 @@
 Every error a user can fix (a bad flag, file, row, run folder, checkpoint or output folder)
 is a UserError: its message names the input and ends with a hint. The subclasses say where it
 arose and keep the built-in base that older `except ValueError` / `except OSError` code expects.
-A command line catches UserError alone and turns it into a single "error: ..." line and exit
-code 2; any other exception is a bug and keeps its traceback.
+Every command line ends through `exit_on_error`, which turns a UserError into a single
+"error: ..." line and exit code 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from .interrupts import exit_code, signals_raise
 
 
 class UserError(Exception):
@@ -20,3 +25,31 @@ class UserError(Exception):
 class DataError(UserError, ValueError):
     """Bad data or flags."""
 
+
+
+def exit_on_error(body: Callable[[], int | None], *, interrupts: bool = False, resume_hint: str = "",
+                  stream: TextIO | None = None) -> int:
+    """Every command line's exit: run `body` and return its exit code (0 when it returns None).
+
+    A UserError becomes the single line "error: <message>" and exit code 2. With `interrupts`,
+    SIGINT and SIGTERM raise inside the body (so its `finally` blocks close logs and locks) and
+    end as one line, "interrupted at round N; <resume_hint>", with the shell's code 130 / 143.
+    Any other exception is a bug and keeps its traceback.
+    """
+    stream = sys.stderr if stream is None else stream
+    try:
+        if not interrupts:
+            code = body()
+        else:
+            with signals_raise():
+                code = body()
+    except UserError as err:
+        print(f"error: {err}", file=stream)
+        return 2
+    except KeyboardInterrupt as err:
+        if not interrupts:
+            raise
+        where = f" at round {err.round}" if getattr(err, "round", None) else ""
+        print(f"interrupted{where}" + (f"; {resume_hint}" if resume_hint else ""), file=stream)
+        return exit_code(err)
+    return 0 if code is None else code

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from utils.errors import UserError, exit_on_error
 from utils.run_io import repair_log
 
 
@@ -18,16 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="the run folder holding metrics.jsonl and losses.jsonl")
     args = p.parse_args(argv)
-    folder = Path(args.run_dir)
+    return exit_on_error(lambda: repair(Path(args.run_dir)))
+
+
+def repair(folder: Path) -> None:
     logs = [folder / n for n in ("metrics.jsonl", "losses.jsonl") if (folder / n).is_file()]
     if not logs:
-        print(f"error: {folder} holds no metrics.jsonl or losses.jsonl", file=sys.stderr)
-        return 2
+        raise UserError(f"{folder} holds no metrics.jsonl or losses.jsonl", "name a run folder under runs/")
     for path in logs:
         kept, dropped = repair_log(path)
         print(f"{path}: kept {kept} records, dropped {dropped} repeated or out-of-order")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
