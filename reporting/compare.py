@@ -68,6 +68,11 @@ def _summary(key):
     return lambda run: (run.summary or {}).get(key)
 
 
+def _last_logged(key):
+    """The value of `key` in the last losses.jsonl row that has it (the ε variants are logged per round)."""
+    return lambda run: next((r[key] for r in reversed(run.losses) if r.get(key) is not None), None)
+
+
 def _worst(key):
     return lambda run: final_worst(run, "eval", key)
 
@@ -82,6 +87,8 @@ METRICS = (
     ("final_eval_cov", "CoV, eval groups (final)", _summary("final_eval_cov"), "{:.4f}"),
     ("best_eval_alignment_score", "Best mean eval alignment", _summary("best_eval_alignment_score"), "{:.4f}"),
     ("dp_epsilon", "Privacy budget ε (final)", _summary("dp_epsilon"), "{:.3g}"),
+    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", _last_logged("dp_epsilon_exact"), "{:.3g}"),
+    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", _last_logged("dp_epsilon_replace_one"), "{:.3g}"),
     ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)",
      _summary("final_eval_alignment_unseen"), "{:.4f}"),
     ("final_eval_group_specificity", "Group specificity (final)", _summary("final_eval_group_specificity"), "{:.5f}"),
@@ -97,7 +104,8 @@ METRICS = (
      lambda run: None if (v := (run.summary or {}).get("total_comm_bytes")) is None else v / 1e6, "{:.1f}"),
 )
 # Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
-COMPARED = tuple(m for m in METRICS if m[0] not in ("dp_epsilon", "baseline_consensus", "baseline_uniform"))
+EPSILONS = ("dp_epsilon", "dp_epsilon_exact", "dp_epsilon_replace_one")
+COMPARED = tuple(m for m in METRICS if m[0] not in (*EPSILONS, "baseline_consensus", "baseline_uniform"))
 
 
 def values(v: Variant) -> dict[str, dict[int, float | None]]:
@@ -153,7 +161,7 @@ def consistency_warnings(variants: list[Variant]) -> list[str]:
 
 def results_table(variants: list[Variant]) -> list[str]:
     eps = has_epsilon(variants)
-    rows = [m for m in METRICS if eps or m[0] != "dp_epsilon"]
+    rows = [m for m in METRICS if eps or m[0] not in EPSILONS]
     head = ["Metric"] + [f"{v.name} (n={len(v.runs)})" for v in variants]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label, _, spec in rows:

@@ -56,6 +56,8 @@ def describe(values, confidence: float = 0.95) -> Stat:
     if n == 1:
         return Stat(1, mean, None, None, None, vals, dropped)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    if max(vals) - min(vals) <= 1e-12 * max(abs(mean), 1.0):  # equal but for float rounding (a setting such as ε)
+        std = 0.0
     half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return Stat(n, mean, std, mean - half, mean + half, vals, dropped)
 

@@ -43,7 +43,9 @@ def test_a_paired_ci_with_no_variance_is_degenerate_never_excludes_0():
     width: it tests nothing, so no report may call it significant."""
     from reporting.tables import _verdict, significance
     from reporting.verdicts import status
-    flat = describe([0.1, 0.1, 0.1])  # float rounding: std 1.7e-17, not 0
+    flat = describe([0.1, 0.1, 0.1])  # float rounding would give std 1.7e-17; equal values give 0
+    assert flat.std == 0 and describe([15737.71287803759, 15737.712878037594]).std == 0  # ε, equal but for rounding
+    assert describe([1.0, 1.0 + 1e-9]).std > 0
     assert significance(flat) == "degenerate" and significance(describe([0.9, 1.0, 1.1])) == "excludes"
     text = _verdict("alignment_gain_pct", 2.0, flat, {})
     assert "no variance across 3 seeds" in text and "excludes" not in text
@@ -279,6 +281,9 @@ def _variant_run(folder: Path, seed: int, mean: float, worst: float, eps: float 
                "final_eval_fi": 0.99, "final_eval_cov": 0.1}
     if eps is not None:
         summary["dp_epsilon"] = eps
+        _write_jsonl(folder / "losses.jsonl", [{"round": 9, "dp_epsilon_exact": 0.0, "dp_epsilon_replace_one": 0.0},
+                                               {"round": 10, "dp_epsilon_exact": eps - 1, "dp_epsilon_replace_one": 2 * eps},
+                                               {"round": 10, "train_loss": 1.0}])
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -306,6 +311,9 @@ def test_compare_variants_paired_against_a_baseline(tmp_path, capsys):
             "seeds); worst-group evaluation alignment 0.0250 higher (not significant over these seeds).") in text
     assert "- **noise2** against fedavg: mean evaluation alignment 0.1000 lower (a single seed: no CI)" in text
     assert "| Privacy budget ε (final) | – | – | 7.75 ± 0.354 [4.57, 10.9] | 2 (n=1) |" in text  # 12.706 * 0.25
+    # the last logged value of each: 7, 6.5 and 16, 15 (12.706 * 0.5 = 6.35)
+    assert "| ε, exact composition = PRV (final) | – | – | 6.75 ± 0.354 [3.57, 9.93] | 1 (n=1) |" in text
+    assert "| ε, replace-one neighbours (final) | – | – | 15.5 ± 0.707 [9.15, 21.9] | 4 (n=1) |" in text
     assert "/strat/trimmed_s2 is interrupted (no summary.json); not in the statistics" in text
     assert not ABSOLUTE.findall(text) and str(ROOT) not in text
     for f in ("strategies_table.csv", "strategies_worst_vs_round.png", "strategies_mean_vs_worst.png",
