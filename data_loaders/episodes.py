@@ -3,6 +3,10 @@
 Sampling follows method.md §4: draw n_ctx and n_tar, shuffle the group's questions, take
 the first n_ctx as context and the next n_tar as targets. Collation gathers the points of
 those questions from the group's CSR tensors in one vectorised step per episode.
+
+With --virtual_tilt (issue 26; off by default, the paper) a training episode is answered by a
+virtual group: the real group's answers tilted along a random direction of the embedding space,
+drawn anew for each episode (`virtual_group`).
 """
 from __future__ import annotations
 
@@ -15,20 +19,28 @@ from models.gpo import Episode
 from .schema import DataError, GroupData, gather_points
 
 
+MAX_TILT = 20.0  # exp(20 z) already puts a question's whole mass on one option
+
+
 @dataclass(frozen=True)
 class EpisodeSizes:
-    """Bounds on context / target questions per episode (flags *_ctx_num_qs, *_tar_num_qs)."""
+    """How a training episode is drawn: bounds on its context / target questions (flags
+    *_ctx_num_qs, *_tar_num_qs) and the virtual-group tilt (--virtual_tilt, 0 = the paper)."""
 
     min_ctx: int = 10
     max_ctx: int = 100
     min_tar: int = 10
     max_tar: int = 100
+    virtual_tilt: float = 0.0
 
     def validate(self) -> None:
         for lo, hi, name in ((self.min_ctx, self.max_ctx, "ctx"), (self.min_tar, self.max_tar, "tar")):
             if not 1 <= lo <= hi:
                 raise DataError(f"--min_{name}_num_qs {lo} / --max_{name}_num_qs {hi}: need 1 <= min <= max",
                                 "both bounds count questions per episode")
+        if not 0 <= self.virtual_tilt <= MAX_TILT:
+            raise DataError(f"--virtual_tilt {self.virtual_tilt} must be in [0, {MAX_TILT:g}]",
+                            "0 trains on the real groups (the paper); 0.5-2 tilts them moderately")
 
     def draw(self, gen: torch.Generator) -> tuple[int, int]:
         n_ctx = int(torch.randint(self.min_ctx, self.max_ctx + 1, (1,), generator=gen))
@@ -83,10 +95,35 @@ def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torc
     return Episode(xc, yc, ctx_mask, xt, yt, tgt_mask, tgt_seg, num_tgt_q)
 
 
+def virtual_group(group: GroupData, tilt: float, gen: torch.Generator) -> GroupData:
+    """The group answered as a virtual group: its answers tilted (`tilt_answers`) along a random
+    direction u ~ N(0, I) of the embedding space drawn from `gen`. Every episode is then a group
+    no one has seen, whose only trace is in its context answers, so a model cannot lower its loss
+    by remembering the few training groups (docs/group_use.md). Only this group's data is read."""
+    u = torch.randn(group.x.shape[1], generator=gen).to(group.x.device)
+    return tilt_answers(group, u, tilt)
+
+
+def tilt_answers(group: GroupData, u: torch.Tensor, tilt: float) -> GroupData:
+    """y'_k ∝ y_k · exp(tilt · z_k) within each question, z_k = (x_k·u − the mean of x·u over the
+    question's options) / rms, the rms taken over all the group's centred scores: `tilt` is in
+    units of their spread whatever the embedding's dimension or scale."""
+    seg = torch.repeat_interleave(torch.arange(group.num_questions, device=group.x.device), group.sizes)
+    score = group.x.float() @ u.float()
+    per_q = torch.zeros(group.num_questions, device=score.device)
+    centred = score - per_q.index_add(0, seg, score)[seg] / group.sizes[seg]
+    z = centred / centred.pow(2).mean().sqrt().clamp_min(torch.finfo(score.dtype).tiny)
+    weight = group.y.float() * torch.exp(tilt * z)
+    y = weight / per_q.index_add(0, seg, weight)[seg]
+    return GroupData(group.name, group.x, y.to(group.y.dtype), group.offsets, group.qkeys, group.ordinals)
+
+
 def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) -> Episode:
     """One training episode of one group (a client's local step)."""
     n_ctx, n_tar = sizes.draw(gen)
     c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
+    if sizes.virtual_tilt:
+        group = virtual_group(group, sizes.virtual_tilt, gen)
     return collate([group], [c], [t])
 
 
@@ -99,6 +136,8 @@ def episode_token_counts(group: GroupData, sizes: EpisodeSizes, gen: torch.Gener
     for _ in range(steps):
         n_ctx, n_tar = sizes.draw(gen)
         c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
+        if sizes.virtual_tilt:  # the direction virtual_group draws, to stay in step with sample_episode
+            torch.randn(group.x.shape[1], generator=gen)
         out.append((int(q_sizes[c].sum()), int(q_sizes[t].sum())))
     return out
 
@@ -112,4 +151,6 @@ def sample_batch(groups: list[GroupData], sizes: EpisodeSizes, gen: torch.Genera
     """
     drawn = [sizes.draw(gen)] * len(groups) if shared_sizes else [sizes.draw(gen) for _ in groups]
     picks = [choose_questions(g.num_questions, nc, nt, sizes.min_tar, gen) for g, (nc, nt) in zip(groups, drawn)]
+    if sizes.virtual_tilt:
+        groups = [virtual_group(g, sizes.virtual_tilt, gen) for g in groups]
     return collate(groups, [c for c, _ in picks], [t for _, t in picks])

@@ -109,6 +109,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--episode_bounds", default="flags", choices=("flags", "code"),
                    help="flags: the four episode bounds as given (paper); code: scaled by --data_split and "
                         "truncated (10..100 -> 9..90 at 0.9), as the released code does")
+    t.add_argument("--virtual_tilt", type=float, default=0.0,
+                   help="train on virtual groups: each training episode's answers (context and targets) tilted "
+                        "by exp(tilt·z) along a random direction of the embedding space, new every episode, so "
+                        "that only the context answers say which group it is (issue 26, docs/group_use.md). "
+                        "0 = the real groups (the paper, default)")
     t.add_argument("--grad_clip", type=float, default=0.0,
                    help="largest L2 norm of the gradient of one local step, clipped above it (0 = off, the paper)")
     t.add_argument("--train_batch_size", type=int, default=32,

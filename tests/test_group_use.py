@@ -7,8 +7,15 @@ import torch
 from conftest import load_script
 
 from data_loaders.datasets import prepare_experiment
-from data_loaders.episodes import collate
-from data_loaders.schema import build_group_data
+from data_loaders.episodes import (
+    EpisodeSizes,
+    collate,
+    episode_token_counts,
+    sample_episode,
+    tilt_answers,
+    virtual_group,
+)
+from data_loaders.schema import DataError, GroupData, build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
@@ -174,3 +181,73 @@ def test_a_product_model_loads_from_its_config_and_not_as_concat():
         build_model(CFG, weights, "run", "cpu")
     assert gpo_config({"model_config": {k: v for k, v in CFG.to_dict().items() if k != "context_answer"}},
                       "old run").context_answer == "concat"  # a run from before the flag
+
+
+# --virtual_tilt: every training episode answered by a new virtual group (data_loaders/episodes.py)
+
+def tiny_group():
+    x = torch.tensor([[1., 0.], [0., 1.], [1., 1.], [2., 0.], [0., 0.]])
+    y = torch.tensor([0.5, 0.5, 0.2, 0.3, 0.5])
+    return GroupData("g", x, y, torch.tensor([0, 2, 5]), torch.tensor([0, 1]))
+
+
+def test_tilt_answers_exact_numbers():
+    """u = (1, 0): scores 1, 0 | 1, 2, 0; centred ±0.5 | 0, 1, −1; rms √0.5; y' ∝ y·exp(z)."""
+    out = tilt_answers(tiny_group(), torch.tensor([1., 0.]), 1.0)
+    want = torch.tensor([0.80442968, 0.19557032, 0.12857325, 0.79328098, 0.07814577])
+    torch.testing.assert_close(out.y, want, rtol=0, atol=1e-7)
+    assert torch.equal(out.x, tiny_group().x) and torch.equal(out.offsets, tiny_group().offsets)
+    # the spread's unit: a scaled direction tilts alike; a direction along which options do not differ, not at all
+    torch.testing.assert_close(tilt_answers(tiny_group(), torch.tensor([5., 0.]), 1.0).y, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tilt_answers(tiny_group(), torch.tensor([1., 0.]), 0.0).y, tiny_group().y)
+    flat = GroupData("f", torch.ones(5, 2), tiny_group().y, tiny_group().offsets, tiny_group().qkeys)
+    torch.testing.assert_close(tilt_answers(flat, torch.tensor([1., 0.]), 3.0).y, flat.y)
+
+
+def test_tilt_keeps_distributions_and_zero_answers():
+    g = tiny_group()
+    g = GroupData("g", g.x, torch.tensor([1.0, 0.0, 0.2, 0.3, 0.5]), g.offsets, g.qkeys)
+    out = virtual_group(g, 2.0, torch.Generator().manual_seed(0))
+    assert out.y[1] == 0 and out.y[0] == 1  # an option nobody chose stays unchosen
+    sums = torch.zeros(2).index_add(0, torch.tensor([0, 0, 1, 1, 1]), out.y)
+    torch.testing.assert_close(sums, torch.ones(2))
+
+
+def test_virtual_episodes_draw_a_new_group_each_time_and_keep_the_question_draws():
+    raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=30, dim=6, seed=3))
+    group = build_group_data(raw, next(iter(raw.groups)), x)
+    real, tilted = EpisodeSizes(3, 6, 3, 6), EpisodeSizes(3, 6, 3, 6, virtual_tilt=1.0)
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a, b = sample_episode(group, real, gen_a), sample_episode(group, tilted, gen_b)
+    assert torch.equal(a.xc, b.xc) and torch.equal(a.xt, b.xt)  # same questions, other answers
+    assert (a.yc - b.yc).abs().max() > 0.01 and (a.yt - b.yt).abs().max() > 0.01
+    state = gen_b.get_state()
+    b2 = sample_episode(group, tilted, gen_b)
+    b2_again = sample_episode(group, tilted, torch.Generator().set_state(state))
+    assert torch.equal(b2.yc, b2_again.yc)  # one generator decides everything
+    assert not torch.equal(b2.yc, sample_episode(group, real, torch.Generator().set_state(state)).yc)
+    # the cost estimate replays the same draws, the direction included
+    gen_c, gen_d = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    counts = episode_token_counts(group, tilted, gen_c, 3)
+    eps = [sample_episode(group, tilted, gen_d) for _ in range(3)]
+    assert counts == [(int(e.ctx_mask.sum()), int(e.tgt_mask.sum())) for e in eps]
+
+
+def test_virtual_tilt_flag_default_is_the_paper_and_a_tilt_changes_training_not_evaluation_targets():
+    paper, paper_losses = trained_state()
+    off, off_losses = trained_state("--virtual_tilt", "0")
+    assert paper_losses == off_losses
+    assert all(torch.equal(v, off.global_state[k]) for k, v in paper.global_state.items())
+    tilted, tilted_losses = trained_state("--virtual_tilt", "1.5")
+    assert tilted_losses != paper_losses
+    (ea, _), (eb, _) = paper.evaluate(2), tilted.evaluate(2)
+    assert ea.keys() == eb.keys()
+    for n in ea:  # scored against the real groups' answers: same targets, the model differs
+        assert ea[n].distances.shape == eb[n].distances.shape
+
+
+@pytest.mark.parametrize("value", ["-0.5", "25"])
+def test_virtual_tilt_refuses_out_of_range(value):
+    args = build_parser("fedavg").parse_args(["--virtual_tilt", value])
+    with pytest.raises(DataError, match=f"--virtual_tilt {float(value)} must be in"):
+        check_flags(args)

@@ -33,7 +33,7 @@ def episode_sizes(args) -> EpisodeSizes:
     bounds = (args.min_ctx_num_qs, args.max_ctx_num_qs, args.min_tar_num_qs, args.max_tar_num_qs)
     if getattr(args, "episode_bounds", "flags") == "code":
         bounds = tuple(int(b * args.data_split) for b in bounds)
-    return EpisodeSizes(*bounds)
+    return EpisodeSizes(*bounds, virtual_tilt=getattr(args, "virtual_tilt", 0.0))
 
 
 def client_config(args, metric: str) -> ClientConfig:
