@@ -18,7 +18,6 @@ from models.gpo import Episode
 
 from .schema import DataError, GroupData, gather_points
 
-
 MAX_TILT = 20.0  # exp(20 z) already puts a question's whole mass on one option
 
 
