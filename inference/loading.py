@@ -22,6 +22,7 @@ from models.gpo import GPO, GPOConfig
 from orchestration.cli import args_from_config
 from training.config import client_config, model_config
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from utils.distances import DEFAULT_METRIC
 
 Log = Callable[[str], None]
 NAMED_EMB_MODELS = ("minilm", "alpaca", "llama")
@@ -164,4 +165,4 @@ def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None,
     if want and raw.source_hash != want:
         raise DataError(f"the {args.dataset} data at {args.data_path} (hash {raw.source_hash[:12]}) is not the "
                         f"data the run was trained on (hash {want[:12]})", "pass the run's data with --data_path")
-    return RunData(raw, emb, args, config.get("metric", "jsd"))
+    return RunData(raw, emb, args, config.get("metric", DEFAULT_METRIC))

@@ -25,6 +25,7 @@ import torch
 from data_loaders.schema import DataError
 from federated.client import GroupClient
 from training.config import client_config
+from utils.distances import needed_ordinals
 from utils.errors import exit_on_error
 
 from .items import Answer, Question, read_context_file, read_questions_file
@@ -156,8 +157,9 @@ def run(args, log) -> dict:
     for i, d in zip(known, dist.tolist()):
         q = job.questions[i]
         rows[i].update(truth=job.truth[i].tolist(), distance=d)
-        if pred.metric == "wasserstein":
-            rows[i]["ordinals"] = list(pred.embedder.ordinals(q))
+        ords = needed_ordinals(pred.metric, lambda: list(pred.embedder.ordinals(q)))
+        if ords is not None:  # the ordinals the distance used
+            rows[i]["ordinals"] = ords
     _write(args.out, rows)
     log(f"predicted {len(rows)} question(s) for {job.who} from {len(job.ctx_x)} context answer(s)"
         + ("" if args.out == "-" else f" -> {args.out}"))

@@ -22,7 +22,7 @@ import torch
 from data_loaders.episodes import collate
 from data_loaders.schema import DataError, GroupData
 from models.gpo import GPO
-from utils.metrics import score_questions
+from utils.distances import DEFAULT_METRIC, needed_ordinals, score_questions
 
 from .embedding import TextEmbedder
 from .items import Answer, Question, to_answers, to_llm_answers, to_questions
@@ -92,7 +92,7 @@ class GroupPredictor:
                 embedder.remember(run_data.raw.bank, run_data.emb)
         log(f"loaded {run_dir} (checkpoint {checkpoint}, round {meta.get('round')}): metric {config.get('metric')}, "
             f"embeddings {emb_name} ({model.config.dim_x} dims)")
-        return cls(model, config.get("metric", "jsd"), embedder, info, run_data)
+        return cls(model, config.get("metric", DEFAULT_METRIC), embedder, info, run_data)
 
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "final", **kwargs: Any) -> "GroupPredictor":
@@ -168,9 +168,8 @@ class GroupPredictor:
         sizes = torch.tensor([len(q.options) for q in questions])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
         cat = lambda arrays: torch.from_numpy(np.concatenate([np.asarray(a, np.float64) for a in arrays]))  # noqa: E731
-        ords = None
-        if self.metric == "wasserstein":
-            ords = torch.tensor([o for q in questions for o in self.embedder.ordinals(q)], dtype=torch.float64)
+        ords = needed_ordinals(self.metric, lambda: torch.tensor(
+            [o for q in questions for o in self.embedder.ordinals(q)], dtype=torch.float64))
         return score_questions(cat(pred), cat(true), offsets, metric=self.metric, ordinals=ords).numpy()
 
     def _embed_context(self, ctx: list[Answer]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

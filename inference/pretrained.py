@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from data_loaders.schema import DataError
+from utils.distances import DEFAULT_METRIC, metric_label
 from utils.run_io import atomic_write_bytes, atomic_write_json, to_strict_json
 
 from .embedding import TextEmbedder
@@ -22,7 +23,6 @@ from .loading import build_model, check_emb_override, embedding_of, gpo_config, 
 
 FORMAT = "plurallm-group-predictor/1"
 WEIGHTS = "model.safetensors"
-METRIC_NAMES = {"jsd": "Jensen-Shannon distance", "wasserstein": "normalised Wasserstein distance"}
 _SUMMARY_KEYS = ("rounds", "final_eval_alignment_score", "best_eval_alignment_score", "best_round", "final_eval_fi",
                  "final_eval_cov", "final_train_alignment_score", "final_eval_group_scores", "convergence_round")
 
@@ -31,7 +31,7 @@ def export_config(config: dict, summary: dict | None, checkpoint: str, round_: A
     """What an exported folder says about its model (everything but the weights' hash)."""
     data = config.get("data") or {}
     return {"format": FORMAT, "model_type": "plurallm-gpo", "gpo_config": gpo_config(config, "run config").to_dict(),
-            "metric": config.get("metric", "jsd"),
+            "metric": config.get("metric", DEFAULT_METRIC),
             "embedding": embedding_of(config, int(config["dim_x"]), "run config"),
             "embedding_options": {k: config.get(k) for k in ("emb_dtype", "emb_load_in_8bit")},
             "dataset": config.get("dataset"),
@@ -123,7 +123,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     (log or (lambda _: None))(f"loaded {folder}: metric {card.get('metric')}, embeddings {name} ({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}
-    return cls(model, card.get("metric", "jsd"), embedder, info)
+    return cls(model, card.get("metric", DEFAULT_METRIC), embedder, info)
 
 
 def _read_weights(folder: Path, card: dict) -> bytes:
@@ -169,7 +169,7 @@ def _fmt(v: Any) -> str:
 
 def model_card(card: dict) -> str:
     s, emb, g = card.get("summary") or {}, card.get("embedding") or {}, card.get("gpo_config") or {}
-    metric = card.get("metric", "jsd")
+    metric = card.get("metric", DEFAULT_METRIC)
     groups = s.get("final_eval_group_scores") or {}
     rows = "\n".join(f"| {name} | {_fmt(score)} |" for name, score in sorted(groups.items()))
     return f"""---
@@ -206,7 +206,7 @@ Model: d_model {g.get('d_model')}, {g.get('num_layers')} layers, {g.get('nhead')
 
 ## Metrics
 
-Alignment = 1 − mean {METRIC_NAMES.get(metric, metric)} between predicted and true distributions,
+Alignment = 1 − mean {metric_label(metric)} between predicted and true distributions,
 each evaluation group given {card.get('eval_num_qs')} of its answers as context (from the run's `summary.json`):
 
 | metric | value |

@@ -16,6 +16,7 @@ from federated.strategies import add_strategy_arguments
 from flower_app.secagg import add_secagg_arguments
 from models.gpo import CONTEXT_ANSWERS, LAYER_INITS, LOSS_REDUCTIONS
 from orchestration.centralized import CENTRAL_MODES
+from utils.distances import METRICS, auto_rule
 
 
 class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
@@ -156,8 +157,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="redraw evaluation contexts at every evaluation (released code) instead of once")
     e.add_argument("--eval_batch_size", type=int, default=0,
                    help="target questions per evaluation forward pass (0 = all of a group's at once)")
-    e.add_argument("--metric", default="auto", choices=("auto", "jsd", "wasserstein"),
-                   help="auto: wasserstein for opinionqa (ordinal options), jsd otherwise")
+    e.add_argument("--metric", default="auto", choices=("auto", *METRICS), help=f"auto: {auto_rule()}")
 
     if method == "fedavg":
         add_strategy_arguments(p.add_argument_group("aggregation strategy (federated/strategies.py, README: Strategies)"))

@@ -22,6 +22,7 @@ from orchestration.resume import FAILED, check_resume_early, mark_failed, plan_r
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
 from training.local import DIVERGENCE_HINT, DivergenceError
 from utils.device import resolve_device
+from utils.distances import DEFAULT_METRIC, metric_named
 from utils.run_io import environment_info
 from utils.seeding import seed_everything
 from utils.wandb_logger import WandbLogger, has_wandb_credentials
@@ -143,9 +144,9 @@ def check_server_flags(args, num_train: int | None, log=None) -> None:
 
 def validate(args, data: ExperimentData, metric: str) -> None:
     """Fail before training on anything that would fail (or mean nothing) later."""
-    if metric == "wasserstein" and not data.has_ordinals:
-        raise DataError(f"--metric wasserstein needs ordinal options; {args.dataset} has none",
-                        "use --metric jsd")
+    if metric_named(metric).needs_ordinals and not data.has_ordinals:
+        raise DataError(f"--metric {metric} needs ordinal options; {args.dataset} has none",
+                        f"use --metric {DEFAULT_METRIC}")
     counts = {n: g.num_questions for n, g in {**data.train, **data.eval}.items()}
     check_question_counts(args, counts, sorted(data.train), sorted(data.eval))
     if hasattr(args, "strategy"):

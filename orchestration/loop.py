@@ -27,7 +27,8 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.console import format_group_table
-from utils.metrics import LOSS_WINDOW_ROUNDS, NonFiniteError, curve_convergence_round
+from utils.distances import NonFiniteError
+from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round
 from utils.run_io import (
     MetricsWriter,
     RunDir,

@@ -20,12 +20,11 @@ from federated.client import GroupClient
 from models.gpo import GPO
 from orchestration.cli import args_from_config
 from training.config import client_config, model_config
+from training.evaluation import target_ordinals
 from utils.checkpoint import load_checkpoint
-from utils.metrics import js_distance, score_questions
+from utils.distances import js_distance, metric_label, score_questions
 
 from .runs import Run, RunSet
-
-METRIC_LABELS = {"jsd": "Jensen–Shannon distance", "wasserstein": "normalised Wasserstein distance"}
 
 
 def load_model(run: Run) -> GPO:
@@ -93,12 +92,8 @@ def predict_question(model: GPO, group, ctx: torch.Tensor, tgt: torch.Tensor, ro
     sizes = group.sizes[tgt]
     p = _per_question(pred, sizes)[row]
     t = _per_question(ep.yt[0][ep.tgt_mask[0]], sizes)[row]
-    ords = None
-    if metric == "wasserstein":
-        start = int(group.offsets[tgt[row]])
-        ords = group.ordinals[start:start + len(p)].double()
     d = score_questions(torch.from_numpy(p), torch.from_numpy(t), torch.tensor([0, len(p)]), metric=metric,
-                        ordinals=ords)
+                        ordinals=target_ordinals(group, tgt[row:row + 1], metric))
     return p, 1.0 - float(d[0])
 
 
@@ -144,7 +139,7 @@ def prediction_data(runset: RunSet, data: ExperimentData | None = None, data_pat
     pair, k, ctx_tgt = choose(data, args, metric, rnd, groups, qkey)
     text, options = question_text(args, k)
     out = {"seed": seed, "qkey": k, "question": text, "groups": pair, "dists": {}, "scores": {},
-           "metric": metric, "metric_label": METRIC_LABELS.get(metric, metric)}
+           "metric": metric, "metric_label": metric_label(metric)}
     models = {m: load_model(r) for m, r in runs.items()}
     for g in pair:
         grp = data.eval[g]

@@ -12,7 +12,7 @@ from training.config import client_config
 from training.diagnostics import partners, seen_unseen
 from training.evaluation import GroupEval, context_questions
 from training.reference import QuestionReference
-from utils.metrics import score_questions
+from utils.distances import score_questions
 
 
 def group(name, qkeys, sizes, y):

@@ -22,7 +22,7 @@ from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, make_trainer
 from training.config import client_config
 from training.evaluation import score_group
-from utils.metrics import score_questions
+from utils.distances import score_questions
 
 CFG = GPOConfig(dim_x=6, d_model=16, dim_feedforward=24, nhead=4, num_layers=2)
 SYN = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",

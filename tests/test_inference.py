@@ -326,7 +326,7 @@ def test_export_and_from_pretrained_predict_the_same(syn_run, syn_pred, tmp_path
     assert export_main(["--run", str(syn_run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     card = (out / "README.md").read_text()
-    for text in ("g00, g01", "g02, g03", "Jensen-Shannon", "from_pretrained", "final mean eval alignment"):
+    for text in ("g00, g01", "g02, g03", "Jensen–Shannon", "from_pretrained", "final mean eval alignment"):
         assert text in card
     config = json.loads((out / "config.json").read_text())
     assert config["metric"] == "jsd" and config["embedding"]["dim"] == 8 and config["gpo_config"]["d_model"] == 16

@@ -1,4 +1,4 @@
-"""Exact-number tests for utils.metrics (method.md §7, §9), plus a few property tests."""
+"""Exact-number tests for utils.distances and utils.metrics (method.md §7, §9), plus a few property tests."""
 from __future__ import annotations
 
 import math
@@ -11,19 +11,15 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
+from utils.distances import MetricError, js_distance, score_questions, segment_ids, wasserstein_distance_normalised
 from utils.metrics import (
-    MetricError,
     convergence_round,
     cov,
     fairness_index,
     group_alignment,
     group_alignments,
-    js_distance,
     mean_alignment,
-    score_questions,
-    segment_ids,
     smooth_curve,
-    wasserstein_distance_normalised,
 )
 
 SQRT_LN2 = math.sqrt(math.log(2.0))

@@ -96,7 +96,7 @@ def test_score_group_projected_path_equals_gathering_the_embeddings():
     """Evaluation embeds a group's points once (GPO.project) and gathers d_model-wide rows;
     the distances equal those of a plainly collated episode, with and without chunks."""
     from training.evaluation import score_group
-    from utils.metrics import score_questions
+    from utils.distances import score_questions
     raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=30, dim=6, seed=3))
     group = build_group_data(raw, next(iter(raw.groups)), x)
     local, heldout = group.split(0.8)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from data_loaders.episodes import EpisodeSizes
 from models.gpo import GPOConfig
 from training.local import OptimConfig
+from utils.distances import DEFAULT_METRIC, auto_metric
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ClientConfig:
     eval_seed: int = 0
     eval_resample: bool = False
     eval_batch_size: int = 0        # target questions per evaluation pass (0 = all)
-    metric: str = "jsd"
+    metric: str = DEFAULT_METRIC
 
 
 
@@ -56,4 +57,4 @@ def model_config(args, dim_x: int) -> GPOConfig:
 def resolve_metric(args) -> str:
     if args.metric != "auto":
         return args.metric
-    return "wasserstein" if args.dataset == "opinionqa" else "jsd"
+    return auto_metric(args.dataset)

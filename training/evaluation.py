@@ -12,7 +12,8 @@ import torch
 from data_loaders.episodes import collate
 from data_loaders.schema import DataError, GroupData, gather_points
 from models.gpo import GPO
-from utils.metrics import NonFiniteError, cov, fairness_index, mean_alignment, score_questions, worst_group
+from utils.distances import NonFiniteError, needed_ordinals, score_questions
+from utils.metrics import cov, fairness_index, mean_alignment, worst_group
 from utils.seeding import generator
 
 
@@ -79,11 +80,18 @@ def _distances(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData, 
     true = ep.yt[0][ep.tgt_mask[0]]
     sizes = tgt.sizes[tgt_q.to(tgt.offsets.device)]
     offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-    ords = None
-    if metric == "wasserstein":
-        ords = tgt.ordinals[gather_points(tgt.offsets, tgt_q.to(tgt.offsets.device))[0]]
     return score_questions(pred.double().cpu(), true.double().cpu(), offsets.cpu(), metric=metric,
-                           ordinals=None if ords is None else ords.double().cpu())
+                           ordinals=target_ordinals(tgt, tgt_q, metric))
+
+
+def target_ordinals(tgt: GroupData, tgt_q: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """The ordinals of the points of questions `tgt_q`, float64 on the CPU, when `metric` scores with
+    them; None when `tgt` has none (score_questions then says the metric needs them)."""
+    def gather() -> torch.Tensor | None:
+        if tgt.ordinals is None:
+            return None
+        return tgt.ordinals[gather_points(tgt.offsets, tgt_q.to(tgt.offsets.device))[0]].double().cpu()
+    return needed_ordinals(metric, gather)
 
 
 def group_stats(evals: dict[str, GroupEval]) -> dict:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from data_loaders.schema import GroupData, gather_points
-from utils.metrics import score_questions
+from utils.distances import score_questions
+
+from .evaluation import target_ordinals
 
 BASELINES = ("uniform", "consensus")
 
@@ -82,11 +84,8 @@ class QuestionReference:
         sizes = tgt_cpu.sizes[tgt_q]
         offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         points, _ = gather_points(tgt_cpu.offsets, tgt_q)
-        ords = None
-        if metric == "wasserstein":
-            ords = tgt_cpu.ordinals[points].double()
         return score_questions(self.predict(kind, tgt_cpu, tgt_q), tgt_cpu.y[points].double(), offsets,
-                               metric=metric, ordinals=ords)
+                               metric=metric, ordinals=target_ordinals(tgt_cpu, tgt_q, metric))
 
 
 def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,5 @@
-"""Alignment, fairness and convergence metrics (method.md §7 and §9).
-
-Per-question distances work on the CSR layout of `GroupData`: question q owns the points
-`offsets[q]:offsets[q+1]`. They are vectorised over questions (no Python loop), run on CPU
-or CUDA, and compute in float64. Each question is scattered into one row of a padded
-[Q, K] matrix (K = most options of any question), so per-question sums and cumulative
-sums are plain row reductions: deterministic on CUDA, unlike atomic scatter-adds.
-
-Bad numbers are errors, never scores: a NaN/inf or negative probability, or a question
-whose distribution sums to zero, raises `MetricError` naming the question (the released
-code counted a NaN distance as a perfect score; method.md §8).
+"""Alignment, fairness and convergence metrics (method.md §7), from per-question distances
+(utils/distances.py) and loss curves.
 """
 from __future__ import annotations
 
@@ -18,179 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
-
-SQRT_LN2 = float(np.sqrt(np.log(2.0)))
-_MAX_LISTED = 10  # question indices quoted in an error message
-
-
-class MetricError(UserError, ValueError):
-    """A metric got inputs it cannot score (NaN/inf, negative or all-zero distributions)."""
-
-
-class NonFiniteError(MetricError):
-    """A distribution holds NaN/inf. `name` says which one: a NaN/inf 'pred' means the model
-    diverged (the run loop turns it into a DivergenceError); `group` is filled in by the
-    evaluation that scored it."""
-
-    def __init__(self, name: str, questions: str):
-        super().__init__(f"{name} is NaN/inf in question(s) {questions}")
-        self.name, self.questions, self.group = name, questions, None
-
-
-# ---------------------------------------------------------------------------------------
-# CSR helpers
-
-
-def segment_ids(offsets: torch.Tensor) -> torch.Tensor:
-    """Question index of every point: [P] long, from CSR `offsets` [Q+1]."""
-    sizes = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes)
-
-
-def _check_offsets(offsets: torch.Tensor, num_points: int) -> None:
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        raise MetricError(f"offsets must be a 1-D tensor [Q+1], got shape {tuple(offsets.shape)}")
-    if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
-        raise MetricError(f"offsets must be an integer tensor, got {offsets.dtype}")
-    if int(offsets[0]) != 0 or int(offsets[-1]) != num_points:
-        raise MetricError(f"offsets must run from 0 to the number of points ({num_points}), "
-                          f"got {int(offsets[0])}..{int(offsets[-1])}")
-    if bool((offsets[1:] < offsets[:-1]).any()):
-        raise MetricError("offsets must be non-decreasing (CSR layout)")
-
-
-def _listed(q_idx: torch.Tensor) -> str:
-    idx = q_idx.tolist()
-    more = f" (+{len(idx) - _MAX_LISTED} more)" if len(idx) > _MAX_LISTED else ""
-    return f"{idx[:_MAX_LISTED]}{more}"
-
-
-def _check_dist(values: torch.Tensor, name: str, seg: torch.Tensor, num_q: int) -> torch.Tensor:
-    """Validated float64 copy of one per-point distribution; errors name the questions."""
-    v = values.detach().to(torch.float64)
-    bad = ~torch.isfinite(v)
-    if bool(bad.any()):
-        raise NonFiniteError(name, _listed(seg[bad].unique()))
-    neg = v < 0
-    if bool(neg.any()):
-        raise MetricError(f"{name} has negative probabilities in question(s) {_listed(seg[neg].unique())}")
-    sums = torch.zeros(num_q, dtype=torch.float64, device=v.device).index_add_(0, seg, v)
-    zero = torch.nonzero(sums == 0).flatten()
-    if zero.numel():
-        raise MetricError(f"{name} sums to zero in question(s) {_listed(zero)}: "
-                          "cannot normalise a distribution with no mass")
-    huge = torch.nonzero(~torch.isfinite(sums)).flatten()
-    if huge.numel():
-        raise MetricError(f"{name} overflows when summed in question(s) {_listed(huge)}: "
-                          "pass probabilities or counts, not values near the float limit")
-    return v
-
-
-def _dense(values: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, shape: tuple[int, int],
-           fill: float) -> torch.Tensor:
-    out = torch.full(shape, fill, dtype=values.dtype, device=values.device)
-    out[seg, pos] = values
-    return out
-
-
-def _padded_pair(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Validate pred/true and lay them out as row-normalised [Q, K] matrices (zero padding).
-
-    Also returns (seg, pos, mask) so callers can place other per-point values alongside.
-    """
-    if pred.shape != true.shape or pred.dim() != 1:
-        raise MetricError(f"pred and true must be 1-D tensors of the same length, "
-                          f"got {tuple(pred.shape)} and {tuple(true.shape)}")
-    offsets = offsets.to(pred.device)
-    _check_offsets(offsets, pred.numel())
-    num_q = offsets.numel() - 1
-    seg = segment_ids(offsets)
-    p = _check_dist(pred, "pred", seg, num_q)
-    t = _check_dist(true.to(pred.device), "true", seg, num_q)
-    pos = torch.arange(p.numel(), device=p.device) - offsets[seg]
-    k = int((offsets[1:] - offsets[:-1]).max()) if num_q else 0
-    shape = (num_q, k)
-    pd, td = _dense(p, seg, pos, shape, 0.0), _dense(t, seg, pos, shape, 0.0)
-    mask = _dense(torch.ones_like(p, dtype=torch.bool), seg, pos, shape, False)
-    return pd / pd.sum(1, keepdim=True), td / td.sum(1, keepdim=True), (seg, pos, mask)
-
-
-# ---------------------------------------------------------------------------------------
-# Per-question distances
-
-
-def js_distance(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Jensen–Shannon distance per question, [Q] float64, natural log, in [0, sqrt(ln 2)].
-
-    Equals `scipy.spatial.distance.jensenshannon(pred_q, true_q)` for every question:
-    each distribution is normalised to sum 1, 0·log 0 = 0, distance = sqrt(divergence).
-    """
-    p, t, _ = _padded_pair(pred, true, offsets)
-    total = torch.where(p + t > 0, p + t, 1.0)  # padding has p = t = 0; its terms are masked
-    kl_p = torch.where(p > 0, p * _log_ratio(p, t, total), 0.0).sum(1)
-    kl_t = torch.where(t > 0, t * _log_ratio(t, p, total), 0.0).sum(1)
-    # Rounding can push the result a hair outside [0, sqrt(ln 2)]; the true value is inside.
-    return (0.5 * (kl_p + kl_t)).clamp_min(0.0).sqrt().clamp_max(SQRT_LN2)
-
-
-def _log_ratio(a: torch.Tensor, b: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """log(a/m) with m = (a+b)/2, accurate both when a ≈ b and when a ≪ b.
-
-    Near equality log1p((a−b)/(a+b)) avoids the cancellation of log(≈1), so identical
-    distributions give exactly 0; far from it log(2a/(a+b)) keeps a tiny a finite where
-    1 − (b−a)/(a+b) would round to 0.
-    """
-    d = (a - b) / total
-    return torch.where(d.abs() < 0.5, torch.log1p(d), torch.log(2 * a / total))
-
-
-def wasserstein_distance_normalised(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor,
-                                    ordinals: torch.Tensor) -> torch.Tensor:
-    """1-D earth mover's distance over option ordinals, divided by the ordinal span, [Q] float64.
-
-    Per question equals `scipy.stats.wasserstein_distance(o, o, pred_q, true_q) / (max o − min o)`
-    (GPO's OpinionQA score, method.md §9), so it lies in [0, 1]. A question whose ordinals
-    span nothing (one option, or all ordinals equal) scores 0: both distributions sit on one point.
-    """
-    p, t, (seg, pos, mask) = _padded_pair(pred, true, offsets)
-    if p.shape[0] == 0:
-        return p.new_zeros(0)
-    ordinals = ordinals.detach().to(device=p.device, dtype=torch.float64)
-    if ordinals.shape != pred.shape:
-        raise MetricError(f"ordinals must have one value per point: got {tuple(ordinals.shape)}, "
-                          f"pred has {tuple(pred.shape)}")
-    bad = ~torch.isfinite(ordinals)
-    if bool(bad.any()):
-        raise MetricError(f"ordinals are NaN/inf in question(s) {_listed(seg[bad].unique())}")
-    o = _dense(ordinals, seg, pos, tuple(p.shape), -np.inf)
-    hi = o.amax(1, keepdim=True)
-    # Padding at the row maximum sorts to the end and adds zero-width steps: no effect.
-    o = torch.where(mask, o, hi)
-    lo = torch.where(mask, o, np.inf).amin(1, keepdim=True)
-    o_sorted, order = torch.sort(o, dim=1, stable=True)
-    cdf_gap = (p.gather(1, order).cumsum(1) - t.gather(1, order).cumsum(1)).abs()
-    dist = (cdf_gap[:, :-1] * o_sorted.diff(dim=1)).sum(1)
-    span = (hi - lo).squeeze(1)
-    return torch.where(span > 0, dist / torch.where(span > 0, span, 1.0), 0.0)
-
-
-METRICS = ("jsd", "wasserstein")
-
-
-def score_questions(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor, *,
-                    metric: str = "jsd", ordinals: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-question distance [Q] by name: "jsd" (GlobalOpinionQA) or "wasserstein" (OpinionQA)."""
-    if metric == "jsd":
-        return js_distance(pred, true, offsets)
-    if metric == "wasserstein":
-        if ordinals is None:
-            raise MetricError("metric 'wasserstein' needs option ordinals; this data has none "
-                              "(use metric='jsd', or load a dataset with ordinals such as opinionqa)")
-        return wasserstein_distance_normalised(pred, true, offsets, ordinals)
-    raise MetricError(f"unknown metric {metric!r}; choose one of {METRICS}")
-
+from utils.distances import MAX_LISTED, MetricError, listed
 
 # ---------------------------------------------------------------------------------------
 # Alignment and fairness
@@ -203,7 +22,7 @@ def _finite_array(values: torch.Tensor | Sequence[float], what: str) -> np.ndarr
         raise MetricError(f"{what}: nothing to score (empty)")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise MetricError(f"{what} is NaN/inf at index {_listed(torch.from_numpy(bad))}")
+        raise MetricError(f"{what} is NaN/inf at index {listed(torch.from_numpy(bad))}")
     return arr
 
 
@@ -330,7 +149,7 @@ def convergence_round(rounds: Sequence[int], losses: Sequence[float], *, thresho
     y = np.asarray(losses, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(y))
     if bad.size:
-        raise MetricError(f"loss is NaN/inf at round(s) {[rounds[i] for i in bad[:_MAX_LISTED]]}")
+        raise MetricError(f"loss is NaN/inf at round(s) {[rounds[i] for i in bad[:MAX_LISTED]]}")
     r = np.asarray(rounds)
     if len(r) > 1 and np.any(np.diff(r) <= 0):
         raise MetricError("rounds must be strictly increasing")
