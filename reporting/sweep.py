@@ -145,14 +145,19 @@ PRESETS = {
                "dp_params).",
                "- The uniform predictor row is the no-model baseline on the same targets: a variant whose final "
                "alignment equals it has collapsed to predicting uniform answers."]),
-    # Issue 26, item 2's short protocol on real data: does --context_answer product (docs/group_use.md,
-    # which made the model adapt on planted synthetic groups) make FedAvg use the group on OpinionQA,
-    # scored on questions no training group trained on (--question_split 0.2, as paper_unseen)?
+    # Issue 26, item 2's short protocol on real data: do --context_answer product and virtual groups
+    # (--virtual_tilt; docs/group_use.md: on planted synthetic groups product alone remembers the few
+    # training groups, product with virtual groups infers new ones) make FedAvg use the group on
+    # OpinionQA, scored on questions no training group trained on (--question_split 0.2, as paper_unseen)?
+    # The tilts: 0.5 moves a group's answers by a total variation of 0.14 per question, about twice the
+    # largest real group's distance from the mean of the groups (0.03-0.12); 1 by 0.25.
     "group_use": Preset(
         base=[*OPINIONQA, "--question_split", "0.2"],
-        variants={"concat": [], "product": ["--context_answer", "product"]},
+        variants={"concat": [], "product": ["--context_answer", "product"],
+                  **{f"product_tilt{t}": ["--context_answer", "product", "--virtual_tilt", t] for t in ("0.5", "1")}},
         baseline="concat", seeds=[0, 1],
-        title="Does FedAvg use the group? --context_answer on OpinionQA, leakage-free (300 rounds, 2 seeds)",
+        title="Does FedAvg use the group? --context_answer and virtual groups on OpinionQA, leakage-free "
+              "(300 rounds, 2 seeds)",
         report="docs/results/group_use_opinionqa.md",
         setup=["OpinionQA, the default seeded 60/40 split, MiniLM embeddings, the paper's defaults otherwise "
                "(6 local steps, lr 3e-4, weights by episode), 300 rounds, evaluation every 10, seeds 0-1. "
@@ -164,6 +169,11 @@ PRESETS = {
                "embedding dimensions. product adds y·(x W_p), so the answer scales a whole embedding-wide "
                "channel (models/gpo.py; docs/group_use.md has the diagnosis and the synthetic runs that "
                "motivated it).",
+               "- product_tilt0.5 and product_tilt1 also train on virtual groups (--virtual_tilt): each training "
+               "episode's answers, context and targets, are the client's own answers tilted by exp(tilt·z) along "
+               "a random direction of the embedding space, new every episode (z: the options' centred scores in "
+               "units of their spread), so that remembering the 10 training groups does not lower the loss. "
+               "Evaluation scores the real groups' answers.",
                "- Group specificity: each evaluation group's targets scored with its own context answers minus "
                "with a partner group's answers to the same questions (README, Metrics): above 0 means the "
                "model uses the group. The consensus row is the per-question mean of the training groups' "

@@ -54,7 +54,10 @@ def test_presets_keep_the_issue_setups():
 
 def test_group_use_preset_compares_the_context_answer_on_unseen_questions():
     g = PRESETS["group_use"]
-    assert g.seeds == [0, 1] and g.variants == {"concat": [], "product": ["--context_answer", "product"]}
+    assert g.seeds == [0, 1] and g.variants == {
+        "concat": [], "product": ["--context_answer", "product"],
+        "product_tilt0.5": ["--context_answer", "product", "--virtual_tilt", "0.5"],
+        "product_tilt1": ["--context_answer", "product", "--virtual_tilt", "1"]}
     assert g.baseline == "concat" and g.base[g.base.index("--question_split") + 1] == "0.2"
     assert g.base[g.base.index("--comm_round") + 1] == "300"
 
