@@ -1,9 +1,11 @@
-"""FedAvg in one process: sample clients, train each locally, aggregate (method.md §5).
+"""FedAvg's round, shared by every engine, and FedAvg in one process (method.md §5).
 
-The server side only ever sees what a client returns (weights, counts, losses,
-per-question distances), so a Flower deployment can replace this loop message for message.
+The server side only ever sees what a client returns (weights, counts, losses, per-question
+distances), so the Flower and SecAgg+ trainers run the same `FedAvgRound`, message for message.
 """
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -54,13 +56,13 @@ def check_replies(round_: int, results: list[FitResult]) -> None:
         check_finite(round_, r.name, r.losses, r.state)
 
 
-def round_stats(results: list[FitResult]) -> dict:
-    """The loop's per-round record of a federated round (both engines)."""
-    per_client = {r.name: sum(r.losses) / len(r.losses) for r in sorted(results, key=lambda r: r.name)}
+def round_stats(losses: dict[str, list[float]], points: int) -> dict:
+    """The loop's per-round record of a federated round: each replying client's local losses, their points."""
+    per_client = {n: sum(v) / len(v) for n, v in sorted(losses.items())}
     return {"train_loss": sum(per_client.values()) / len(per_client),
             "train_loss_per_client": per_client,
-            "grad_steps": sum(len(r.losses) for r in results),
-            "points": sum(r.points for r in results),
+            "grad_steps": sum(len(v) for v in losses.values()),
+            "points": points,
             "clients": sorted(per_client)}
 
 
@@ -104,9 +106,36 @@ def check_min_clients(min_clients: int, sampled: int) -> None:
                         "lower --min_clients, or raise --client_fraction / add training groups")
 
 
-class FedAvgTrainer:
+class FedAvgRound(ABC):
+    """One FedAvg round: sample, fit the sampled clients, check their replies, aggregate, stats.
+
+    A trainer holds train_names, client_fraction, cfg, server and global_state and says how the
+    sampled clients are fitted; SecAgg+, whose server gets one sum, not each client's weights,
+    also aggregates its own way."""
     method = "fedavg"
 
+    def train_round(self, round_: int) -> dict:
+        sampled = sample_clients(self.train_names, self.client_fraction,
+                                 generator(self.cfg.seed, "client_sampling", round_))
+        fit_config = self.server.fit_config(round_)
+        replies = self.fit_sampled(sampled, round_, fit_config)
+        return self.aggregate_replies(replies, len(sampled), round_, fit_config)
+
+    @abstractmethod
+    def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict):
+        """Send the global weights and `fit_config` to the sampled clients; their replies."""
+
+    def aggregate_replies(self, replies: list[FitResult], sampled: int, round_: int, fit_config: dict) -> dict:
+        """The server's rules on the replies, once each is known finite; the round's record."""
+        check_replies(round_, replies)
+        self.last_client_states = {r.name: r.state for r in replies}  # for --save_client
+        comm = round_comm(self.global_state, round_, fit_config, sampled, replies)
+        self.global_state = self.server.aggregate(self.global_state, replies, round_)
+        stats = round_stats({r.name: r.losses for r in replies}, sum(r.points for r in replies))
+        return {**stats, "server": self.server.info(), "comm": comm}
+
+
+class FedAvgTrainer(FedAvgRound):
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
                  client_engine: str = "loop", vmap_chunk: int = 0, client_workers: int = 0,
@@ -115,6 +144,7 @@ class FedAvgTrainer:
         self.server = server or ServerRules(weighting=weighting)
         self.device = torch.device(device)
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
+        self.train_names = list(self.clients)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
         self.diagnostics = make_diagnostics(self.model, cfg, self.eval_clients, self.clients)
         self.pooling_bytes = pooling_bytes(c.local for c in self.clients.values())  # what centralizing would move
@@ -127,22 +157,13 @@ class FedAvgTrainer:
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)
 
-    def train_round(self, round_: int) -> dict:
-        names = sample_clients(list(self.clients), self.client_fraction,
-                               generator(self.cfg.seed, "client_sampling", round_))
-        fit_config = self.server.fit_config(round_)
+    def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> list[FitResult]:
+        clients = [self.clients[n] for n in sampled]
         if self.vmap is not None:
-            results = self.vmap.fit([self.clients[n] for n in names], self.global_state, round_,
-                                    self.cfg.epochs, self.cfg.seed)
-        elif self.threads is not None:
-            results = self.threads.fit([self.clients[n] for n in names], self.global_state, round_, fit_config)
-        else:
-            results = [self.clients[n].fit(self.model, self.global_state, round_, fit_config) for n in names]
-        check_replies(round_, results)
-        self.last_client_states = {r.name: r.state for r in results}  # for --save_client
-        comm = round_comm(self.global_state, round_, fit_config, len(names), results)
-        self.global_state = self.server.aggregate(self.global_state, results, round_)
-        return {**round_stats(results), "server": self.server.info(), "comm": comm}
+            return self.vmap.fit(clients, self.global_state, round_, self.cfg.epochs, self.cfg.seed)
+        if self.threads is not None:
+            return self.threads.fit(clients, self.global_state, round_, fit_config)
+        return [c.fit(self.model, self.global_state, round_, fit_config) for c in clients]
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         return evaluate_clients(self.model, self.global_state, self.eval_clients, self.clients, round_)

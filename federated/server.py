@@ -1,7 +1,8 @@
 """The server's rules for one run: strategy (optionally wrapped in DP) and simulated attackers.
 
-Both engines (in-process and Flower) hold one ServerRules and call the same three things
-each round, so they aggregate identically and neither knows which strategy runs:
+Both engines (in-process and Flower) hold one ServerRules, and the FedAvg round they share
+(federated.fedavg.FedAvgRound) calls the same three things each round, so they aggregate
+identically and neither knows which strategy runs:
 
     fit_config(round)              sent to every sampled client with the weights
     aggregate(global, replies, r)  the new global weights

@@ -3,8 +3,8 @@
     protocol.py    what crosses the wire: weights, counts, losses, per-question distances
     node.py        the client side: one node, one group, the in-process engine's GroupClient
     client_app.py  the ClientApp (Message API) around node.py
-    federation.py  the server side: find the groups' nodes, FlowerTrainer (same interface
-                   and aggregation as FedAvgTrainer)
+    federation.py  the server side: find the groups' nodes, FlowerTrainer (FedAvgTrainer's
+                   interface and FedAvg round, its clients fitted over the Grid)
     server_app.py  the ServerApp: builds the same run loop and run folder as main_fl.py
     simulation.py  `main_fl.py --engine flower`: the two apps on Flower's simulation runtime
                    (thread backend, or Flower's Ray backend)

@@ -2,8 +2,8 @@
 
 `FlowerTrainer` has the interface of `FedAvgTrainer` (train_round, evaluate, global_state,
 load_global, state_dict, load_state_dict), so the same `RunLoop` drives it and writes the
-same run folder. Client sampling, initial weights and aggregation are the in-process
-engine's own functions; only where a client's computation happens differs.
+same run folder. Both are a `federated.fedavg.FedAvgRound`, whose sampling, checks and
+aggregation are shared; only where a client's computation happens (`fit_sampled`) differs.
 """
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ from flwr.serverapp import Grid
 from data_loaders.datasets import ExperimentData, choose_groups
 from data_loaders.schema import DataError
 from data_loaders.synthetic import group_names
-from federated.aggregation import sample_clients
-from federated.comm import round_comm
-from federated.fedavg import check_min_clients, check_replies, init_global_state, round_stats
+from federated.aggregation import num_sampled_clients
+from federated.client import FitResult
+from federated.fedavg import FedAvgRound, check_min_clients, init_global_state
 from federated.server import ServerRules
 from models.gpo import GPOConfig
 from training.config import ClientConfig
 from training.evaluation import GroupEval
-from utils.seeding import generator
 
 from .protocol import EVALUATE, QUERY, TRAIN, NodeReport, instruction, read_eval_reply, read_fit_reply, read_query_reply
 
@@ -161,9 +160,7 @@ def federated_data(args, grid: Grid, setup: str, reports: dict[str, NodeReport],
 
 # --- FedAvg over the Grid ----------------------------------------------------------------
 
-class FlowerTrainer:
-    method = "fedavg"
-
+class FlowerTrainer(FedAvgRound):
     def __init__(self, data: FederatedData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, min_clients: int = 1,
                  round_timeout: float = 0.0, server: ServerRules | None = None):
@@ -179,8 +176,8 @@ class FlowerTrainer:
         self.failures = data.failures            # every client left out, with round, phase and reason
         self.round_seconds = data.round_seconds  # wall time of each train_round (for the benchmark)
         self.eval_seconds = data.eval_seconds    # and of each evaluation
-        n = len(sample_clients(self.train_names, client_fraction, generator(cfg.seed, "client_sampling", 1)))
-        check_min_clients(self.min_clients, n)
+        self.sampled_per_round = num_sampled_clients(len(self.train_names), client_fraction)
+        check_min_clients(self.min_clients, self.sampled_per_round)
 
     def _ask(self, kind: str, names: list[str], round_: int, fit_config: dict | None = None) -> dict[str, Message]:
         """Send `kind` to each group's node; return the good replies, log and record the rest."""
@@ -205,21 +202,18 @@ class FlowerTrainer:
 
     def train_round(self, round_: int) -> dict:
         t0 = time.perf_counter()
-        names = sample_clients(self.train_names, self.client_fraction,
-                               generator(self.cfg.seed, "client_sampling", round_))
-        fit_config = self.server.fit_config(round_)
-        replies = self._ask(TRAIN, names, round_, fit_config)
-        results = [read_fit_reply(n, m) for n, m in replies.items()]
+        stats = super().train_round(round_)
+        self.round_seconds.append(time.perf_counter() - t0)
+        return stats
+
+    def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> list[FitResult]:
+        """The replies that arrive; fewer than --min_clients stop the run before aggregation."""
+        results = [read_fit_reply(n, m) for n, m in self._ask(TRAIN, sampled, round_, fit_config).items()]
         if len(results) < self.min_clients:
-            raise DataError(f"round {round_}: {len(results)} of {len(names)} sampled clients replied, fewer than "
+            raise DataError(f"round {round_}: {len(results)} of {len(sampled)} sampled clients replied, fewer than "
                             f"--min_clients {self.min_clients}; the round is not aggregated",
                             "check the SuperNodes' logs; the run folder keeps the last checkpoint")
-        check_replies(round_, results)
-        self.last_client_states = {r.name: r.state for r in results}
-        comm = round_comm(self.global_state, round_, fit_config, len(names), results)
-        self.global_state = self.server.aggregate(self.global_state, results, round_)
-        self.round_seconds.append(time.perf_counter() - t0)
-        return {**round_stats(results), "server": self.server.info(), "comm": comm}
+        return results
 
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()

@@ -3,10 +3,10 @@
 flwr 1.41 implements SecAgg+ only as a legacy workflow: SecAggPlusWorkflow(grid, context)
 needs a LegacyContext holding a legacy Strategy, whose configure_fit says which nodes
 get which FitIns and whose aggregate_fit receives the unmasked aggregate. Rather than
-hand the whole run to Flower's DefaultWorkflow, `SecAggTrainer.train_round` runs the
+hand the whole run to Flower's DefaultWorkflow, `SecAggTrainer.fit_sampled` runs the
 workflow for one round with a strategy that only carries this round's instructions and
-catches the result, so the same RunLoop still drives sampling, evaluation, checkpoints
-and the run folder. Evaluation is unchanged (FlowerTrainer.evaluate: scores only).
+catches the result, so the shared FedAvg round still samples and the same RunLoop drives
+evaluation, checkpoints and the run folder. Evaluation is unchanged (scores only).
 
 What the server receives from a client in a SecAgg+ round: two public keys, encrypted
 key shares for other clients, a masked vector of quantised integers (uniform modulo
@@ -38,9 +38,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from data_loaders.schema import DataError
-from federated.aggregation import sample_clients
+from federated.fedavg import round_stats
 from training.local import DivergenceError
-from utils.seeding import generator
 
 from .federation import POLL_S, FlowerTrainer
 from .protocol import payload_bytes
@@ -113,6 +112,14 @@ class _RoundStrategy(Strategy):
 
 
 @dataclass
+class SecureReplies:
+    """A SecAgg+ round as its server receives it: each client's numbers in the clear, one sum of weights."""
+    metrics: dict[str, dict]      # client -> the metrics of its FitRes (counts, losses as JSON)
+    aggregate: list[np.ndarray]   # Σ r_g θ_g / Σ r_g, unmasked
+    comm: dict                    # the bytes of every message of the four stages
+
+
+@dataclass
 class _FastGrid:
     """The Grid SecAggPlusWorkflow talks to: the real one, polled every POLL_S instead of every 3 s
     (flwr 1.41's deployment Grid.send_and_receive), noting every error reply with its stage."""
@@ -148,7 +155,7 @@ class _FastGrid:
 
 
 class SecAggTrainer(FlowerTrainer):
-    """FlowerTrainer whose train_round aggregates with Flower's SecAgg+ (the server never holds a client's weights)."""
+    """FlowerTrainer whose rounds run Flower's SecAgg+ (the server never holds a client's weights)."""
 
     def __init__(self, data, cfg, model_cfg, *, num_shares=1.0, threshold=0.67, clip_range=8.0,
                  quant_range=2 ** 22, **kw):
@@ -158,7 +165,7 @@ class SecAggTrainer(FlowerTrainer):
         self.clip_range, self.quant_range = float(clip_range), int(quant_range)
         self.remote = dict(data.train)
         self.keys = list(self.global_state)
-        n = len(sample_clients(self.train_names, self.client_fraction, generator(cfg.seed, "client_sampling", 1)))
+        n = self.sampled_per_round
         if n < MIN_CLIENTS:
             raise DataError(f"--secagg needs at least {MIN_CLIENTS} clients per round; {n} sampled (a sum of one "
                             "client is its weights, and of two, each client subtracts its own update from the sum "
@@ -176,29 +183,25 @@ class SecAggTrainer(FlowerTrainer):
                  f"it (up to {shares - need} may drop out); quantisation step "
                  f"{2 * self.clip_range / self.quant_range:.3g}")
 
-    def train_round(self, round_: int) -> dict:
-        t0 = time.perf_counter()
-        names = sample_clients(self.train_names, self.client_fraction,
-                               generator(self.cfg.seed, "client_sampling", round_))
-        strategy, grid = self._secure_round(names, round_)
-        by_node = {self.nodes[n]: n for n in names}
+    def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> SecureReplies:
+        """One SecAgg+ round; `fit_config` is FedAvg's, which asks a client for nothing (--secagg allows no other)."""
+        strategy, grid = self._secure_round(sampled, round_)
+        by_node = {self.nodes[n]: n for n in sampled}
         replied = {by_node[proxy.node_id]: fitres.metrics for proxy, fitres in strategy.results}
-        self._record_failures(names, replied, grid, round_)
+        self._record_failures(by_node, replied, grid, round_)
         if strategy.aggregate is None or len(replied) < self.min_clients:
-            raise DataError(f"round {round_}: SecAgg+ aggregated {len(replied)} of {len(names)} sampled clients"
+            raise DataError(f"round {round_}: SecAgg+ aggregated {len(replied)} of {len(sampled)} sampled clients"
                             + ("" if strategy.aggregate is not None else " (the protocol halted: too few clients "
                                "left for the threshold)") + f"; --min_clients {self.min_clients}; the round is not "
                             "aggregated", "check the SuperNodes' logs; the run folder keeps the last checkpoint")
-        self.global_state = self._to_state(strategy.aggregate)
-        self.last_client_states = {}  # never seen by this server
-        per_client = {n: _mean(json.loads(str(m["losses"]))) for n, m in sorted(replied.items())}
-        self.round_seconds.append(time.perf_counter() - t0)
-        return {"train_loss": sum(per_client.values()) / len(per_client),
-                "train_loss_per_client": per_client,
-                "grad_steps": sum(len(json.loads(str(m["losses"]))) for m in replied.values()),
-                "points": sum(int(m["points"]) for m in replied.values()),
-                "clients": sorted(per_client),
-                "comm": {"comm_bytes_down": grid.bytes_down, "comm_bytes_up": grid.bytes_up}}
+        return SecureReplies(replied, strategy.aggregate,
+                             {"comm_bytes_down": grid.bytes_down, "comm_bytes_up": grid.bytes_up})
+
+    def aggregate_replies(self, replies: SecureReplies, sampled: int, round_: int, fit_config: dict) -> dict:
+        """The unmasked sum is the new global state (each client checked its weights before masking)."""
+        self.global_state = self._to_state(replies.aggregate)
+        losses = {n: json.loads(str(m["losses"])) for n, m in replies.metrics.items()}
+        return {**round_stats(losses, sum(int(m["points"]) for m in replies.metrics.values())), "comm": replies.comm}
 
     def _secure_round(self, names: list[str], round_: int) -> tuple[_RoundStrategy, _FastGrid]:
         weight_bound = max_weight(self.remote, names, self.weighting)
@@ -221,8 +224,7 @@ class SecAggTrainer(FlowerTrainer):
             workflow(grid, context)
         return strategy, grid
 
-    def _record_failures(self, names, replied, grid: _FastGrid, round_: int) -> None:
-        by_node = {self.nodes[n]: n for n in names}
+    def _record_failures(self, by_node: dict[int, str], replied, grid: _FastGrid, round_: int) -> None:
         reasons: dict[str, str] = {}
         for node, stage, reason in grid.errors:
             name = by_node.get(node, f"node {node}")
@@ -232,7 +234,7 @@ class SecAggTrainer(FlowerTrainer):
                 what = re.search(rf"{DIVERGED} \d+: (.*?) \(client ", reason)
                 raise DivergenceError(round_, name, what.group(1) if what else reason)
             reasons.setdefault(name, f"SecAgg+ stage {stage}: {reason}")
-        for name in names:
+        for name in by_node.values():
             if name not in replied:
                 reason = reasons.get(name, "no reply in one of the SecAgg+ stages"
                                      + (f" within --round_timeout {self.timeout:g} s" if self.timeout else ""))
@@ -256,10 +258,6 @@ def _flower_warnings_only():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def make_secagg_trainer(args, data, cfg, model_cfg) -> SecAggTrainer:
