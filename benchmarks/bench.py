@@ -43,7 +43,7 @@ from orchestration.experiment import check_flags, check_question_counts, make_tr
 from training.config import client_config, model_config, resolve_metric
 from utils.device import resolve_device
 from utils.errors import exit_on_error
-from utils.run_io import cpu_model, environment_info
+from utils.provenance import cpu_model, environment_info
 from utils.seeding import seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,13 @@
 """Reading what the predictor needs from a run folder, with a clear error for each way it can be wrong.
 
 A usable run folder has config.json, summary.json (a finished run) and a complete checkpoint
-under checkpoints/, always read through `utils.checkpoint.load_checkpoint` (a checkpoint's
-JSON index says which files hold its weights). Its dataset, when on disk, is loaded the way
-the run loaded it (`orchestration.cli.args_from_config` + `load_embedded`), so a group's
-questions get exactly the run's vectors.
+under checkpoints/: its JSON files read through `utils.run_folder`, the weights always through
+`utils.checkpoint.load_checkpoint` (a checkpoint's JSON index says which files hold them). Its
+dataset, when on disk, is loaded the way the run loaded it (`orchestration.cli.args_from_config`
++ `load_embedded`), so a group's questions get exactly the run's vectors.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -23,21 +22,11 @@ from orchestration.cli import args_from_config
 from training.config import client_config, model_config
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from utils.distances import DEFAULT_METRIC
+from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
 
 Log = Callable[[str], None]
 NAMED_EMB_MODELS = ("minilm", "alpaca", "llama")
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{what} {path} is unreadable ({exc})", "the folder is damaged; re-export or retrain") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{what} {path} is not a JSON object", "the folder is damaged; re-export or retrain")
-    return obj
+REEXPORT = "the folder is damaged; re-export or retrain"  # the hint for a damaged run or exported folder
 
 
 def read_run_config(run_dir: Path, checkpoint: str) -> dict:
@@ -45,12 +34,12 @@ def read_run_config(run_dir: Path, checkpoint: str) -> dict:
     if not run_dir.is_dir():
         raise DataError(f"run folder {run_dir} does not exist", "pass the folder a training run wrote (--out_dir)")
     try:
-        config = read_json(run_dir / "config.json", "run config")
+        config = read_json(run_dir / CONFIG, "run config", REEXPORT)
     except FileNotFoundError:
         raise DataError(f"{run_dir} holds no run (no config.json)",
                         "pass the folder a training run wrote (--out_dir)") from None
-    if checkpoint == "final" and not (run_dir / "summary.json").is_file():
-        latest = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint == "final" and not is_finished(run_dir):
+        latest = latest_checkpoint(run_dir / CHECKPOINTS)
         alt = f"or load its latest complete checkpoint with checkpoint={latest!r}" if latest else \
             "it has no complete checkpoint yet"
         raise DataError(f"run {run_dir} is unfinished (no summary.json), so it has no final checkpoint",
@@ -60,7 +49,7 @@ def read_run_config(run_dir: Path, checkpoint: str) -> dict:
 
 def read_weights(run_dir: Path, checkpoint: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, checkpoint meta), errors naming the folder and the checkpoints that exist."""
-    folder = run_dir / "checkpoints"
+    folder = run_dir / CHECKPOINTS
     try:
         weights, _, meta = load_checkpoint(folder, checkpoint)
     except (CheckpointError, ValueError) as exc:

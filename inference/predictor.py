@@ -23,17 +23,18 @@ from data_loaders.episodes import collate
 from data_loaders.schema import DataError, GroupData
 from models.gpo import GPO
 from utils.distances import DEFAULT_METRIC, needed_ordinals, score_questions
+from utils.run_folder import CONFIG, read_json, read_summary
 
 from .embedding import TextEmbedder
 from .items import Answer, Question, to_answers, to_llm_answers, to_questions
 from .loading import (
+    REEXPORT,
     RunData,
     build_model,
     check_emb_override,
     embedding_of,
     gpo_config,
     load_run_data,
-    read_json,
     read_run_config,
     read_weights,
 )
@@ -81,7 +82,7 @@ class GroupPredictor:
                                 device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
                                 load_in_8bit=bool(config.get("emb_load_in_8bit", False)),
                                 probe=emb.get("probe"), log=log)
-        summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else None
+        summary = read_summary(run_dir, "run summary", REEXPORT)
         info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),
                 "config": config, "embedding": emb,
                 "export": export_config(config, summary, checkpoint, meta.get("round"))}
@@ -97,8 +98,8 @@ class GroupPredictor:
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "final", **kwargs: Any) -> "GroupPredictor":
         """A run folder (from_run) or an exported folder (from_pretrained), whichever `path` is."""
-        config = Path(path) / "config.json"
-        if config.is_file() and read_json(config, "config").get("format") == FORMAT:
+        config = Path(path) / CONFIG
+        if config.is_file() and read_json(config, "config", REEXPORT).get("format") == FORMAT:
             kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "emb_model", "device", "log")}
             return cls.from_pretrained(path, **kwargs)
         return cls.from_run(path, checkpoint, **kwargs)

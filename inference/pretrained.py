@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from data_loaders.schema import DataError
+from utils.atomic_write import atomic_write_bytes, atomic_write_json, to_strict_json
 from utils.distances import DEFAULT_METRIC, metric_label
-from utils.run_io import atomic_write_bytes, atomic_write_json, to_strict_json
+from utils.run_folder import read_json
 
 from .embedding import TextEmbedder
-from .loading import build_model, check_emb_override, embedding_of, gpo_config, read_json
+from .loading import REEXPORT, build_model, check_emb_override, embedding_of, gpo_config
 
 FORMAT = "plurallm-group-predictor/1"
 WEIGHTS = "model.safetensors"
@@ -105,7 +106,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     from safetensors.torch import load as safetensors_load
     folder = _locate(path)
     try:
-        card = read_json(folder / "config.json", "predictor config")
+        card = read_json(folder / "config.json", "predictor config", REEXPORT)
     except FileNotFoundError:
         raise DataError(f"{folder} has no config.json", "pass the --out folder of inference.export") from None
     if card.get("format") != FORMAT:

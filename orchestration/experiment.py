@@ -18,12 +18,13 @@ from flower_app.secagg import check_secagg_flags
 from orchestration.centralized import CentralizedTrainer
 from orchestration.extras import check_extras
 from orchestration.loop import LoopConfig, RunLoop
-from orchestration.resume import FAILED, check_resume_early, mark_failed, plan_run
+from orchestration.resume import check_resume_early, mark_failed, plan_run
 from training.config import ClientConfig, client_config, episode_sizes, model_config, resolve_metric
 from training.local import DIVERGENCE_HINT, DivergenceError
 from utils.device import resolve_device
 from utils.distances import DEFAULT_METRIC, metric_named
-from utils.run_io import environment_info
+from utils.provenance import environment_info
+from utils.run_folder import FAILED
 from utils.seeding import seed_everything
 from utils.wandb_logger import WandbLogger, has_wandb_credentials
 

@@ -21,7 +21,8 @@ from flower_app.federation import discover, federated_data, make_setup, resolve_
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, run_method
 from training.config import resolve_metric
-from utils.run_io import atomic_write_bytes, default_run_dir
+from utils.atomic_write import atomic_write_bytes
+from utils.run_folder import default_run_dir
 
 
 def args_from_run_config(run_config: dict):

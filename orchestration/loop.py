@@ -18,6 +18,7 @@ from federated.comm import human_bytes
 from orchestration.run_figures import write_run_figures
 from training.evaluation import group_stats
 from training.local import DivergenceError, StopTraining
+from utils.atomic_write import atomic_write_bytes, remove_stale_temps
 from utils.checkpoint import (
     alias_checkpoint,
     latest_checkpoint,
@@ -28,17 +29,9 @@ from utils.checkpoint import (
 )
 from utils.console import format_group_table
 from utils.distances import NonFiniteError
+from utils.jsonl_log import MetricsWriter, check_rounds_increase, lost_log_error, read_metrics, trim_metrics
 from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round
-from utils.run_io import (
-    MetricsWriter,
-    RunDir,
-    atomic_write_bytes,
-    check_rounds_increase,
-    lost_log_error,
-    read_metrics,
-    remove_stale_temps,
-    trim_metrics,
-)
+from utils.run_folder import RunDir
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 
@@ -122,8 +115,7 @@ class ProgressLines:
 class RunLoop:
     def __init__(self, trainer, cfg: LoopConfig, run_dir: RunDir, wandb: WandbLogger, log=print):
         self.trainer, self.cfg, self.run_dir, self.wandb, self.log = trainer, cfg, run_dir, wandb, log
-        self.losses_path = run_dir.path / "losses.jsonl"
-        self.ckpt_dir = run_dir.path / "checkpoints"
+        self.losses_path, self.ckpt_dir = run_dir.losses_path, run_dir.checkpoint_dir
         self.start_round, self.grad_steps, self.points, self.wall_offset = 0, 0, 0, 0.0
         self.comm = {"down": 0, "up": 0}  # cumulative bytes (federated/comm.py); stay 0 for the centralized baseline
         self.best: tuple[float, int] | None = None  # (mean eval alignment, round) of --keep_best

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 from data_loaders.schema import DataError
-from utils.errors import exit_on_error
-from utils.run_io import OutputDirError
+from utils.errors import OutputDirError, exit_on_error
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS_ENV = "PLURALLLM_RECORDS_DIR"  # the default --records_dir (tests point it at a temporary folder)

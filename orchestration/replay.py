@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from orchestration.experiment import run_method
-from utils.run_io import read_metrics
+from utils.jsonl_log import read_metrics
 
 REPLAY_ROUNDS = 2
 TOLERANCE = 1e-5             # relative, a replay on the CPU model that recorded the run (issue 21)

@@ -15,7 +15,9 @@ from pathlib import Path
 from data_loaders.schema import DataError
 from models.gpo import GPOConfig
 from orchestration.cli import build_parser
-from utils.run_io import RunDir, RunLock, atomic_write_json, default_run_dir
+from utils.atomic_write import atomic_write_json
+from utils.run_folder import FAILED, RunDir, default_run_dir, is_finished, read_failure
+from utils.run_lock import RunLock
 
 RUNS_ROOT = "runs"
 
@@ -98,29 +100,11 @@ def read_config(folder: Path) -> dict:
                         "the run folder is damaged; delete it or point --out_dir elsewhere") from e
 
 
-def is_finished(folder: Path) -> bool:
-    """The loop writes summary.json last, after the final checkpoint."""
-    return (folder / "summary.json").exists()
-
-
-FAILED = "failed.json"
-
-
 def mark_failed(folder: Path, reason: str, **details) -> Path:
     """A run that cannot go on (it diverged): never mistaken for an interrupted one."""
     import time
     return atomic_write_json(folder / FAILED, {"reason": reason, **details,
                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def failure(folder: Path) -> dict | None:
-    path = folder / FAILED
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"reason": f"{path} is unreadable"}
 
 
 def find_latest(root: Path, method: str, config: dict) -> Path | None:
@@ -134,7 +118,7 @@ def find_latest(root: Path, method: str, config: dict) -> Path | None:
             saved = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
             continue  # a damaged folder is not a candidate; it is named only if pointed at
-        if saved.get("method") == method and fingerprint(saved) == want and failure(cfg_path.parent) is None:
+        if saved.get("method") == method and fingerprint(saved) == want and read_failure(cfg_path.parent) is None:
             candidates.append((cfg_path.stat().st_mtime, cfg_path.parent.name, cfg_path.parent))
     return max(candidates)[2] if candidates else None
 
@@ -216,7 +200,7 @@ def check_resume_early(method: str, args) -> None:
         raise DataError(f"--resume: the run in {folder} is on --dataset {saved.get('dataset')}, not {args.dataset}",
                         "rerun the same command as the interrupted run (plus --resume), or start a new run "
                         "without --resume")
-    failed = failure(folder)
+    failed = read_failure(folder)
     if failed is not None:
         raise DataError(f"--resume: the run in {folder} failed ({failed.get('reason')}); resuming would fail again",
                         "start a new run without --resume (another --out_dir), e.g. with a lower --lr or --grad_clip")
@@ -227,7 +211,7 @@ def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
     if saved.get("method") != method:
         raise DataError(f"--resume: {folder} holds a {saved.get('method')!r} run, not {method!r}",
                         "resume it with its own entry point, or point --out_dir elsewhere")
-    failed = failure(folder)
+    failed = read_failure(folder)
     if failed is not None:
         raise DataError(f"--resume: the run in {folder} failed ({failed.get('reason')}); resuming would fail again",
                         "start a new run without --resume (another --out_dir), e.g. with a lower --lr or --grad_clip")

@@ -5,26 +5,17 @@
   alignment.png  left: mean evaluation and training alignment and the worst evaluation group's
                  alignment; right: the fairness index of both group sets
 
-Only metrics.jsonl and losses.jsonl are read. matplotlib is imported here, inside the call, and
-drawn through a bare Figure (no pyplot, no global backend switch), so a training process pays
-for it once at the very end and a headless machine needs nothing.
+Only metrics.jsonl and losses.jsonl are read, through utils/run_folder.py. matplotlib is
+imported here, inside the call, and drawn through a bare Figure (no pyplot, no global backend
+switch), so a training process pays for it once at the very end and a headless machine needs nothing.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round, odd_window, smooth_curve, worst_group
-from utils.run_io import read_metrics
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a cut last line (a run still being written) is dropped
-        return read_metrics(path)
+from utils.metrics import LOSS_WINDOW_ROUNDS, curve_convergence_round, odd_window, smooth_curve
+from utils.run_folder import read_log, record_value
 
 
 @dataclass
@@ -40,7 +31,7 @@ def write_run_figures(run_path: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     run_path = Path(run_path)
-    run = RunLogs(run_path, _read(run_path / "metrics.jsonl"), _read(run_path / "losses.jsonl"))
+    run = RunLogs(run_path, read_log(run_path, "metrics"), read_log(run_path, "losses"))
     written = []
     for draw, name in ((_loss_figure, "loss.png"), (_alignment_figure, "alignment.png")):
         fig = Figure(figsize=(7, 4.2) if name == "loss.png" else (11, 4.2))
@@ -82,16 +73,8 @@ _ALIGNMENT_CURVES = (("eval_alignment_score", "mean, evaluation groups", "tab:bl
 _FI_CURVES = (("eval_fi", "evaluation groups", "tab:blue"), ("train_fi", "training groups", "tab:orange"))
 
 
-def _value(rec: dict, key: str) -> float | None:
-    """rec[key]; the worst group's score from the group scores for a record written without it."""
-    if rec.get(key) is not None or key != "eval_worst_alignment":
-        return rec.get(key)
-    scores = rec.get("eval_group_scores")
-    return worst_group(scores)["worst"] if scores else None
-
-
 def _curve(run: RunLogs, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["round"], v) for r in run.metrics if (v := _value(r, key)) is not None]
+    pts = [(r["round"], v) for r in run.metrics if (v := record_value(r, key)) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 

@@ -26,10 +26,11 @@ from pathlib import Path
 
 from data_loaders.schema import DataError
 from reporting.figures import plain_y, plt
-from utils.errors import exit_on_error
+from utils.errors import RunFolderError, exit_on_error
+from utils.run_folder import record_value
 
 from .paths import shown, shown_argv
-from .runs import Run, RunFolderError, find_run_folders, load_run, prefer_done, record_value
+from .runs import Run, find_run_folders, load_run, prefer_done
 from .tables import Stat, describe, final_worst, no_variance, significance, stat_cell
 
 

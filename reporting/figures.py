@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from utils.metrics import smooth_curve
+from utils.run_folder import record_value
 
-from .runs import METHOD_LABELS, Run, RunSet, record_value
+from .runs import METHOD_LABELS, Run, RunSet
 
 COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange", "centralized_matched": "tab:green"}
 BAND = "band: min–max over seeds; line: mean over seeds"

@@ -40,12 +40,14 @@ from orchestration import records
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, check_question_counts, resolved_config, run_method
 from orchestration.replay import torch_threads
-from orchestration.resume import differences, failure
+from orchestration.resume import differences
 from training.config import resolve_metric
+from utils.atomic_write import atomic_write_json
 from utils.checkpoint import latest_checkpoint
 from utils.device import resolve_device
-from utils.errors import exit_on_error
-from utils.run_io import RunLock, atomic_write_json
+from utils.errors import RunFolderError, exit_on_error
+from utils.run_folder import read_failure, started_threads
+from utils.run_lock import RunLock
 
 from .jobs import Task, resolve_jobs, run_tasks, usable_cores
 from .paths import default_data_path, shown, shown_argv
@@ -61,7 +63,7 @@ from .reuse import (
     status_report,
     verify,
 )
-from .runs import ENTRY_POINTS, METHODS, RunFolderError, collect, find_run_folders, method_label, prefer_done
+from .runs import ENTRY_POINTS, METHODS, collect, find_run_folders, method_label, prefer_done
 
 FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothing (resuming is automatic)",
              "--also_centralized": "--methods",
@@ -360,14 +362,6 @@ def train_one(method: str, flags: dict, path: str) -> int:
     return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
-def _started_threads(path: Path) -> int | None:
-    """The torch thread count an interrupted run started with (its last bits depend on it)."""
-    try:
-        return (json.loads((path / "config.json").read_text()).get("environment") or {}).get("torch_threads")
-    except (OSError, ValueError):
-        return None
-
-
 def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=None) -> dict:
     """Train what the plan says, args.jobs runs at once; record each run as it finishes;
     `on_progress(done)` after each run (keeps the manifest current)."""
@@ -410,11 +404,11 @@ def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=Non
         log(f"[{i}/{len(todo)}] {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
         t0 = time.perf_counter()
         try:
-            with torch_threads(_started_threads(p.path) if resume else args.threads):
+            with torch_threads(started_threads(p.path) if resume else args.threads):
                 run_method(ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, resume, p.method),
                            data_for_seed(p.seed), p.path, log=log)
         except DataError:
-            if failure(p.path) is not None:  # diverged: that is its result, recorded as such
+            if read_failure(p.path) is not None:  # diverged: that is its result, recorded as such
                 save_record(p)
             raise
         finished(p, time.perf_counter() - t0)
@@ -429,7 +423,7 @@ def _execute_jobs(todo: list[Planned], args, log, finished, save_record) -> None
         log(f"queued  {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
         tasks.append(Task(p.path.name, "reporting.pipeline:train_one",
                           (p.method, vars(seed_args(args, p.seed, p.path, resume, p.method)), str(p.path)),
-                          (_started_threads(p.path) if resume else None) or args.threads))
+                          (started_threads(p.path) if resume else None) or args.threads))
 
     def on_done(task: Task, code: int) -> None:
         p = by_name[task.label]
@@ -437,7 +431,7 @@ def _execute_jobs(todo: list[Planned], args, log, finished, save_record) -> None
             return finished(p)
         if code in (130, 143):
             raise KeyboardInterrupt
-        if failure(p.path) is not None:
+        if read_failure(p.path) is not None:
             save_record(p)
         raise DataError(f"the run in {p.path} failed (exit {code}): {' '.join(task.errors) or 'see its output above'}",
                         "fix it and rerun the same command: finished runs are reused")

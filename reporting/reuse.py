@@ -13,7 +13,6 @@ is stale: nothing trains until it is retrained on purpose (--rerun_stale).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,11 @@ from orchestration.replay import (
     tolerance_for,
 )
 from orchestration.resume import differences
-from utils.run_io import cpu_model, read_metrics
+from utils.errors import RunFolderError
+from utils.provenance import cpu_model
+from utils.run_folder import CONFIG, is_finished, read_json, read_log
 
 from .paths import shown
-from .runs import RunFolderError
 
 STATUSES = ("finished", "diverged", "stale-config", "missing")
 
@@ -62,17 +62,13 @@ class RecordState:
 
 def record_state(record: Path | None, requested: dict) -> RecordState:
     """What the record holds for this planned run (configs compared; nothing replayed)."""
-    if record is None or not (record / "config.json").is_file():
+    if record is None or not (record / CONFIG).is_file():
         return RecordState(record, "missing")
-    try:
-        stored = json.loads((record / "config.json").read_text())
-    except ValueError as e:
-        raise RunFolderError(f"{record}/config.json is unreadable ({e})",
-                             "restore it from git, or delete the record to retrain the run") from e
+    stored = read_json(record / CONFIG, hint="restore it from git, or delete the record to retrain the run")
     diffs = differences(stored, requested)
     if diffs:
         return RecordState(record, "stale-config", diffs)
-    return RecordState(record, "finished" if (record / "summary.json").is_file() else "diverged")
+    return RecordState(record, "finished" if is_finished(record) else "diverged")
 
 
 def differences_text(diffs: list[str], most: int = 4) -> str:
@@ -90,8 +86,7 @@ class Verdict:
 def verify(record: Path, method: str, args, data) -> Verdict:
     """Replay the record's first rounds with `args` (the planned flags, equal to the record's)."""
     info = records.read_info(record)
-    losses = record / "losses.jsonl.gz"
-    recorded = read_metrics(losses) if losses.is_file() else []
+    recorded = read_log(record, "losses")
     rounds = min(REPLAY_ROUNDS, len(recorded))  # a run that diverged at round 2 logged one round
     here = cpu_model()
     tolerance = tolerance_for(info.get("cpu_model"), here)

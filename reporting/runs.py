@@ -1,9 +1,8 @@
 """Run folders as the reporting code sees them: found by glob, classified, read once.
 
-A run folder is what training/loop.py writes (config.json, metrics.jsonl, losses.jsonl,
-summary.json, checkpoints/). Reporting reads nothing else, so folders produced on another
-machine (a GPU box, a cluster) report exactly like local ones. A run record (results/...,
-orchestration/records.py) is read the same way: its logs are the gzipped .jsonl.gz.
+A run folder is what orchestration/loop.py writes, read through utils/run_folder.py (which
+reads a run record, results/..., alike). Reporting reads nothing else, so folders produced on
+another machine (a GPU box, a cluster) report exactly like local ones.
 
 Status of a folder:
   finished     summary.json present (the run reached its last round)
@@ -14,14 +13,12 @@ from __future__ import annotations
 
 import glob
 import json
-import warnings
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration import resume
-from utils.errors import UserError
-from utils.metrics import worst_group
-from utils.run_io import read_metrics
+from utils.errors import RunFolderError
+from utils.run_folder import CONFIG, FAILED, is_finished, read_failure, read_json, read_log, read_summary
 
 from .paths import shown
 
@@ -39,10 +36,6 @@ def method_label(config: dict) -> str | None:
     if method == "centralized" and int(config.get("central_steps") or 1) > 1:
         return "centralized_matched"
     return method
-
-
-class RunFolderError(UserError, ValueError):
-    """A run folder that cannot be used as requested; the message ends with a hint."""
 
 
 def _norm(v):
@@ -89,24 +82,9 @@ class Run:
         return int(v) if v is not None else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunFolderError(f"{path} is unreadable ({e})", "the folder is damaged; delete or repair it") from e
-
-
-def _log(folder: Path, stem: str) -> list[dict]:
-    """<stem>.jsonl of a run folder, or <stem>.jsonl.gz of a record; [] when neither is there."""
-    for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
-        if (folder / name).is_file():
-            return read_metrics(folder / name)
-    return []
-
-
 def is_done(folder: Path) -> bool:
     """Finished (summary.json) or diverged (failed.json): nothing left to train."""
-    return (folder / "summary.json").is_file() or (folder / resume.FAILED).is_file()
+    return is_finished(folder) or (folder / FAILED).is_file()
 
 
 def prefer_done(folders: list[Path], records: list[Path]) -> list[Path]:
@@ -121,19 +99,16 @@ def prefer_done(folders: list[Path], records: list[Path]) -> list[Path]:
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG).is_file():
         return Run(path, "empty")
-    config = _read_json(path / "config.json")
+    config = read_json(path / CONFIG)
     if config.get("method") not in ENTRY_POINTS.values():
         raise RunFolderError(f"{path}/config.json has method {config.get('method')!r}",
                              "expected fedavg or centralized: is this a PluralLLM run folder?")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a truncated last line (interrupted run) is expected here
-        metrics, losses = _log(path, "metrics"), _log(path, "losses")
-    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
-    failure = resume.failure(path) if summary is None else None
+    summary = read_summary(path)
+    failure = read_failure(path) if summary is None else None
     status = "finished" if summary is not None else "failed" if failure is not None else "interrupted"
-    return Run(path, status, config, summary, metrics, losses, failure)
+    return Run(path, status, config, summary, read_log(path, "metrics"), read_log(path, "losses"), failure)
 
 
 def find_run_folders(patterns: list[str]) -> list[Path]:
@@ -148,11 +123,11 @@ def find_run_folders(patterns: list[str]) -> list[Path]:
             p = Path(m)
             if not p.is_dir():
                 continue
-            if (p / "config.json").is_file():
+            if (p / CONFIG).is_file():
                 found[p] = None
             else:
                 for child in sorted(p.iterdir()):
-                    if child.is_dir() and (child / "config.json").is_file():
+                    if child.is_dir() and (child / CONFIG).is_file():
                         found[child] = None
     return list(found)
 
@@ -243,7 +218,6 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
 
 def run_commands(runs: list[Run]) -> list[str]:
     """The command lines that produced the runs (from each config's recorded argv), unique, in order."""
-    import shlex
     seen: dict[str, None] = {}
     for r in runs:
         argv = _get(r.config, ("environment", "argv"))
@@ -252,19 +226,3 @@ def run_commands(runs: list[Run]) -> list[str]:
             seen["python " + " ".join(shlex.quote(a) for a in argv)] = None
     return list(seen)
 
-
-# Worst-group keys of metrics.jsonl records, derived from the per-group scores when a record
-# predates them (utils.metrics.worst_group gives the same numbers as the run loop).
-_WORST_KEYS = {"worst_alignment": "worst", "alignment_gap": "gap", "bottom_quarter_alignment": "bottom_quarter"}
-
-
-def record_value(rec: dict, key: str) -> float | None:
-    """rec[key], or for <eval|train>_<worst_alignment|alignment_gap|bottom_quarter_alignment> computed
-    from rec['<eval|train>_group_scores'] when absent; None when neither is there."""
-    if rec.get(key) is not None:
-        return rec[key]
-    prefix, _, rest = key.partition("_")
-    scores = rec.get(f"{prefix}_group_scores") if rest in _WORST_KEYS else None
-    if not scores:
-        return None
-    return worst_group(scores)[_WORST_KEYS[rest]]

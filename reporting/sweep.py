@@ -25,11 +25,11 @@ from orchestration.cli import build_parser as build_fedavg_parser
 from orchestration.entry import main as train
 from orchestration.experiment import check_flags, resolved_config
 from orchestration.replay import torch_threads
-from orchestration.resume import failure
 from training.config import resolve_metric
 from utils.device import resolve_device
 from utils.errors import exit_on_error
-from utils.run_io import RunLock
+from utils.run_folder import read_failure, started_threads
+from utils.run_lock import RunLock
 
 from .compare import Variant, load_variant, write_comparison
 from .jobs import Task, resolve_jobs, run_tasks, usable_cores
@@ -243,7 +243,7 @@ class Planner:
         for r in runs:
             if (r.folder / "summary.json").is_file():
                 r.action = "reuse"
-            elif failure(r.folder) is not None:  # deterministic: a rerun would diverge the same way
+            elif read_failure(r.folder) is not None:  # deterministic: a rerun would diverge the same way
                 r.action = "failed"
             else:
                 st = self.state(r)
@@ -293,7 +293,7 @@ class Executor:
         """After a run's training: record it, or say why not."""
         if code in (130, 143):
             raise KeyboardInterrupt
-        if code == 2 and (failed := failure(r.folder)) is not None:
+        if code == 2 and (failed := read_failure(r.folder)) is not None:
             # a noise level or strategy that makes training diverge is a result of the sweep, not its end
             self.log(f"failed  {r.folder}: {failed.get('reason')}; the sweep goes on, the report lists it as diverged")
             return self.save_record(r)
@@ -308,7 +308,7 @@ class Executor:
                 self.log(f"reuse   {r.folder}")
                 self.save_record(r)  # a no-op when the record is there already
             elif r.action == "failed":
-                self.log(f"failed  {r.folder} (earlier: {failure(r.folder).get('reason')}); not retried, reported "
+                self.log(f"failed  {r.folder} (earlier: {read_failure(r.folder).get('reason')}); not retried, reported "
                          "as diverged")
                 self.save_record(r)
             elif r.action == "record":
@@ -328,14 +328,8 @@ class Executor:
 
     def _threads(self, r: SweepRun) -> int:
         """An interrupted run continues with the torch thread count it started with (its last bits)."""
-        if r.action == "resume":
-            try:
-                env = json.loads((r.folder / "config.json").read_text()).get("environment") or {}
-            except (OSError, ValueError):
-                env = {}
-            if env.get("torch_threads"):
-                return int(env["torch_threads"])
-        return self.args.threads
+        started = started_threads(r.folder) if r.action == "resume" else None
+        return int(started) if started else self.args.threads
 
 
 def partial_label(variants: list[Variant], names: list[str], seeds: list[int]) -> str | None:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from scipy import stats as sps
 
+from utils.run_folder import record_value
+
 from .convergence import DEFINITIONS
-from .runs import METHOD_LABELS, Run, RunSet, record_value
+from .runs import METHOD_LABELS, Run, RunSet
 
 # The paper's numbers (method.md §7): FedAvg converged at round 634, centralized at 1,180,
 # ~4% higher mean evaluation alignment, FI ≈ 1 for both. Its protocol: 1,300 rounds, 8 train
@@ -77,7 +79,7 @@ def wall_time_to_convergence(run: Run) -> float | None:
 
 def final_worst(run: Run, prefix: str, key: str) -> float | None:
     """worst_alignment | alignment_gap | bottom_quarter_alignment at the last evaluation with group scores,
-    computed from the scores (runs.record_value) so that folders older than those keys report too."""
+    computed from the scores (utils.run_folder.record_value) so that folders older than those keys report too."""
     for rec in reversed(run.metrics):
         if rec.get(f"{prefix}_group_scores"):
             return record_value(rec, f"{prefix}_{key}")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from orchestration.entry import main as train_main  # noqa: E402
 from orchestration.replay import relative_difference, tolerance_for  # noqa: E402  (the records' replay check)
 from reporting.paths import default_data_path  # noqa: E402
-from utils.run_io import cpu_model  # noqa: E402
+from utils.provenance import cpu_model  # noqa: E402
 
 GOLDEN_DIR = ROOT / "tests" / "golden"
 TIME_KEYS = frozenset({"wall_time_s"})

@@ -15,7 +15,8 @@ import pytest
 from data_loaders.globalqa import load_globalqa
 from data_loaders.schema import DataError
 from orchestration.entry import main
-from utils import run_io
+from utils import atomic_write, jsonl_log
+from utils.run_lock import RunLock
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",
          "--d_model", "16", "--dim_feedforward", "16", "--num_layers", "1",
@@ -29,6 +30,12 @@ QUIET = lambda *a: None  # noqa: E731
 def in_tmp(tmp_path, monkeypatch):
     """A command that wrongly went ahead would write runs/ here, not into the checkout."""
     monkeypatch.chdir(tmp_path)
+
+
+def write_all_through(monkeypatch, write_all) -> None:
+    """Every file of a run goes through write_all: the atomic files and the appended logs."""
+    for module in (atomic_write, jsonl_log):
+        monkeypatch.setattr(module, "write_all", write_all)
 
 
 def fails(capsys, *argv, method="fedavg", expect: str) -> str:
@@ -264,7 +271,7 @@ def test_row23_out_dir_that_is_a_file(tmp_path, capsys):
 
 
 def test_row24_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
-    real_write_all = run_io._write_all
+    real_write_all = atomic_write.write_all
 
     def fill_up(fd, data):
         if len(data) > 10_000:  # the model weights: the first large file of the run
@@ -272,7 +279,7 @@ def test_row24_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(run_io, "_write_all", fill_up)
+    write_all_through(monkeypatch, fill_up)
     out = tmp_path / "run"
     err = fails(capsys, *SMALL, "--out_dir", str(out), expect="No space left on device")
     assert "free some disk space" in err
@@ -317,7 +324,7 @@ def test_row24_a_full_disk_mid_run_is_exit_2_and_the_last_checkpoint_resumes(tmp
     import contextlib
     reference = finished_run(tmp_path)
     out = tmp_path / "full"
-    real_write_all = run_io._write_all
+    real_write_all = atomic_write.write_all
 
     def full_at_round_2(fd, data):
         if victim == "checkpoint":  # round 2's state, after its weights, once round 1's checkpoint is complete
@@ -329,11 +336,11 @@ def test_row24_a_full_disk_mid_run_is_exit_2_and_the_last_checkpoint_resumes(tmp
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(run_io, "_write_all", full_at_round_2)
+    write_all_through(monkeypatch, full_at_round_2)
     err = fails(capsys, *SMALL, "--out_dir", str(out), expect="No space left on device")
     assert "free some disk space" in err and "Traceback" not in err and not (out / "summary.json").exists()
     assert not list((out / "checkpoints").glob("round_00002.*"))  # no weights without their index
-    monkeypatch.setattr(run_io, "_write_all", real_write_all)
+    write_all_through(monkeypatch, real_write_all)
     cut = pytest.warns(UserWarning, match="truncated") if victim == "metrics line" else contextlib.nullcontext()
     with cut:  # the half line is dropped
         assert main("fedavg", [*SMALL, "--out_dir", str(out), "--resume"]) == 0
@@ -422,7 +429,6 @@ def test_row71_the_reproduce_lock_is_checked_before_loading_and_names_out_root(t
     import sys
 
     from reporting import pipeline
-    from utils.run_io import RunLock
     monkeypatch.setattr(sys, "argv", ["scripts/reproduce.py", *["--an_argument_that_is_long"] * 10])
     root = tmp_path / "r"
     with RunLock(root, "reproduction folder", "--out_root"):

@@ -19,7 +19,7 @@ from orchestration import records
 from orchestration.replay import compare_losses, relative_difference, tolerance_for
 from reporting import pipeline
 from reporting.jobs import resolve_jobs
-from utils.run_io import read_metrics
+from utils.jsonl_log import read_metrics
 
 TINY = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "30", "--syn_dim", "8",
         "--d_model", "8", "--dim_feedforward", "8", "--num_layers", "1", "--nhead", "2", "--emb_depth", "2",

@@ -1,9 +1,10 @@
-"""Tests for run-folder I/O, checkpoints, the W&B wrapper and the console table."""
+"""Tests for run-folder I/O (atomic files, JSON-lines logs, the run folder and its reader, provenance),
+checkpoints, the W&B wrapper and the console table."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
+import gzip
 import json
 import math
 import os
@@ -15,22 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.run_io as run_io
+from utils import atomic_write, run_folder
+from utils.atomic_write import atomic_write_bytes, atomic_write_json
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, round_tag, save_checkpoint
 from utils.console import format_group_table
-from utils.run_io import (
-    MetricsWriter,
-    OutputDirError,
-    RunDir,
-    atomic_write_bytes,
-    atomic_write_json,
-    default_run_dir,
-    environment_info,
-    file_sha256,
-    read_metrics,
-    tree_sha256,
-    trim_metrics,
-)
+from utils.errors import OutputDirError, RunFolderError
+from utils.jsonl_log import MetricsWriter, read_metrics, trim_metrics
+from utils.provenance import environment_info
+from utils.run_folder import RunDir, default_run_dir, read_failure, read_json, read_log, started_threads
 from utils.wandb_logger import WandbLogger, _resolve_mode, has_wandb_credentials, wandb_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +44,7 @@ def test_atomic_write_replace_failure_keeps_destination(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError(errno.EIO, "simulated I/O error")
 
-    monkeypatch.setattr(run_io.os, "replace", boom)
+    monkeypatch.setattr(atomic_write.os, "replace", boom)
     with pytest.raises(OutputDirError, match="config.json"):
         atomic_write_json(dest, {"a": 1})
     assert dest.read_text() == "old"
@@ -70,7 +63,7 @@ def test_atomic_write_disk_full_midway(tmp_path, monkeypatch):
             return real_write(fd, data[:3])  # a short write, as when the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_io.os, "write", write_then_fail)
+    monkeypatch.setattr(atomic_write.os, "write", write_then_fail)
     with pytest.raises(OutputDirError) as info:
         atomic_write_bytes(dest, b"0123456789")
     assert "disk space" in str(info.value) and info.value.errno == errno.ENOSPC
@@ -86,7 +79,7 @@ def test_atomic_write_serialisation_failure_creates_nothing(tmp_path, monkeypatc
     def bad_dumps(*a, **k):
         raise TypeError("simulated")
 
-    monkeypatch.setattr(run_io.json, "dumps", bad_dumps)
+    monkeypatch.setattr(atomic_write.json, "dumps", bad_dumps)
     with pytest.raises(TypeError):
         atomic_write_json(dest, {"a": 1})
     assert dest.read_text() == "old" and _leftovers(tmp_path) == []
@@ -168,7 +161,7 @@ def test_trim_metrics_drops_rounds_after_checkpoint(tmp_path):
 
 
 def test_default_run_dir_never_collides(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_io.time, "strftime", lambda fmt: "20250101-120000")
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20250101-120000")
     a = default_run_dir("fedavg", 3, root=tmp_path)
     b = default_run_dir("fedavg", 3, root=tmp_path)
     c = default_run_dir("fed/avg", 3, root=tmp_path)
@@ -198,24 +191,24 @@ def test_environment_info_fields():
     json.dumps(info, allow_nan=False)
 
 
-def test_file_and_tree_sha256(tmp_path):
-    (tmp_path / "a.txt").write_bytes(b"abc")
-    assert file_sha256(tmp_path / "a.txt") == \
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    d1 = tmp_path / "d1"
-    (d1 / "sub").mkdir(parents=True)
-    (d1 / "x.bin").write_bytes(b"1")
-    (d1 / "sub" / "y.bin").write_bytes(b"2")
-    expected = hashlib.sha256(
-        f"sub/y.bin\0{hashlib.sha256(b'2').hexdigest()}\n"
-        f"x.bin\0{hashlib.sha256(b'1').hexdigest()}\n".encode()).hexdigest()
-    assert tree_sha256(d1) == expected
-    d1.rename(tmp_path / "renamed")
-    assert tree_sha256(tmp_path / "renamed") == expected
-    (tmp_path / "renamed" / "x.bin").write_bytes(b"3")
-    assert tree_sha256(tmp_path / "renamed") != expected
-    with pytest.raises(FileNotFoundError):
-        tree_sha256([tmp_path / "missing"])
+def test_the_reader_takes_a_folder_or_a_record_and_names_a_damaged_file(tmp_path):
+    folder, record = tmp_path / "run", tmp_path / "record"
+    folder.mkdir()
+    record.mkdir()
+    (folder / "losses.jsonl").write_text('{"round": 1}\n{"round": 2, "tr')  # a run still being written
+    (record / "losses.jsonl.gz").write_bytes(gzip.compress(b'{"round": 1}\n'))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_log(folder, "losses") == read_log(record, "losses") == [{"round": 1}]
+    assert read_log(folder, "metrics") == [] and read_failure(folder) is None
+    (folder / "config.json").write_text("[1]")
+    with pytest.raises(RunFolderError, match=r"run config .*config.json is not a JSON object\n  hint: retrain"):
+        read_json(folder / "config.json", "run config", "retrain")
+    assert started_threads(folder) is None
+    (folder / "config.json").write_text('{"environment": {"torch_threads": 3}}')
+    assert started_threads(folder) == 3
+    (folder / "failed.json").write_text("{")
+    assert read_failure(folder) == {"reason": f"{folder / 'failed.json'} is unreadable"}
 
 
 # ---------------------------------------------------------------------------

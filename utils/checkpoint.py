@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from utils.atomic_write import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from utils.errors import UserError
-from utils.run_io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 FORMAT_VERSION = 1
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -26,6 +26,20 @@ class DataError(UserError, ValueError):
     """Bad data or flags."""
 
 
+class RunFolderError(DataError):
+    """A run folder or run record that cannot be used as asked (damaged, or not a run)."""
+
+
+OUT_DIR_HINT = "choose another --out_dir, or fix the folder's permissions"
+
+
+class OutputDirError(UserError, OSError):
+    """An output file or folder cannot be written; the message names it and gives a hint."""
+
+    def __init__(self, what: str, hint: str | None = OUT_DIR_HINT, err: int | None = None):
+        super().__init__(what, hint)
+        self.errno = err
+
 
 def exit_on_error(body: Callable[[], int | None], *, interrupts: bool = False, resume_hint: str = "",
                   stream: TextIO | None = None) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from utils.errors import UserError, exit_on_error
-from utils.run_io import repair_log
+from utils.jsonl_log import repair_log
 
 
 def main(argv: list[str] | None = None) -> int:

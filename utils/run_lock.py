@@ -1,0 +1,94 @@
+"""One process per output folder: two writing one folder would interleave their logs."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from utils.atomic_write import write_all
+from utils.errors import OutputDirError
+
+
+class RunLockedError(OutputDirError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a folder for as long as this process works in it.
+
+    ``flock`` on ``<folder>/.lock``: the kernel drops it when the process ends, however it ends
+    (kill -9 included), so a lock never goes stale and needs no cleaning up. The file holds
+    the holder's PID, start time and command so a refused process can name it.
+    """
+
+    def __init__(self, folder: str | Path, what: str = "run folder", flag: str = "--out_dir"):
+        self.folder, self.what, self.flag = Path(folder), what, flag  # flag: what chose the folder
+        self.path = self.folder / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(f"cannot create run folder {self.folder}: {e.strerror}", err=e.errno) from e
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputDirError(f"cannot create {self.path}: {e.strerror}", err=e.errno) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            err = self._in_use(fd)
+            os.close(fd)
+            raise err from None
+        info = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        write_all(fd, (json.dumps(info) + "\n").encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def check_free(self) -> None:
+        """Refuse now, before slow work (loading data), when a live process holds the lock; creates
+        nothing, holds nothing: acquire() still decides, since a holder may start in between."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file yet (or none readable): acquire() reports what is wrong
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(fd) from None
+        finally:
+            os.close(fd)  # also drops the probe's own lock
+
+    def _in_use(self, fd: int) -> RunLockedError:
+        return RunLockedError(
+            f"{self.what} {self.folder} is in use by {_holder(fd)}; two processes writing one folder would "
+            "interleave their logs", f"wait for it to finish (or stop it), or use another {self.flag}")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock; the file stays (harmless)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        cmd = _shortened(" ".join(str(a) for a in info.get("argv", [])), 120)
+        return f"process {info['pid']} (started {info.get('started', '?')}: {cmd})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (its PID could not be read)"
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"  # the ellipsis says it was cut
