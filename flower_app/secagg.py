@@ -12,12 +12,9 @@ learns the weighted average and nothing about any single client's weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from federated.server import ServerConfig
 from utils.errors import DataError
-
-if TYPE_CHECKING:
-    from federated.server import ServerConfig
 
 MODULUS_RANGE = 2 ** 32          # Flower's default and its upper limit for the mask arithmetic
 DEFAULT_QUANT_RANGE = 2 ** 22    # Flower's default: 2**32 / 2**22 = 1024 clients before the sum wraps
