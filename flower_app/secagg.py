@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from federated.server import ServerConfig
 from utils.errors import DataError
 
 MODULUS_RANGE = 2 ** 32          # Flower's default and its upper limit for the mask arithmetic
@@ -32,24 +31,24 @@ class SecAggConfig:
     clip_range: float = DEFAULT_CLIP_RANGE
     quant_range: int = DEFAULT_QUANT_RANGE
 
-    def validate(self, *, engine: str, server: ServerConfig, save_client: bool) -> None:
+    def validate(self, *, engine: str, dp: bool, strategy: str, byzantine: int, save_client: bool) -> None:
         """Refuse, before any data is loaded, secure-aggregation settings that cannot work with the
-        run's engine, server rules and --save_client."""
+        run's engine, server rules (--dp, --strategy, --byzantine) and --save_client. Plain values,
+        not federated.server.ServerConfig: this module imports no torch (the flags' module reads it)."""
         if not self.enabled:
             return
         if engine != "flower":
             raise DataError(f"--secagg needs --engine flower (got --engine {engine}): in one process the server "
                             "holds every client's weights anyway",
                             "add --engine flower (simulation), or deploy with flwr run (docs/federation.md)")
-        if server.privacy.enabled:
+        if dp:
             raise DataError("--dp clips each client's update on the server, and --secagg keeps those updates from "
                             "the server", "drop one of them (docs/federation.md: how they would compose)")
-        strategy = server.strategy.name
         if strategy != "fedavg":
             raise DataError(f"--strategy {strategy} with --secagg: the server sees only the weighted sum of the "
                             "clients' weights, so only FedAvg's weighted average is available",
                             "use --strategy fedavg")
-        if server.attack.byzantine:
+        if byzantine:
             raise DataError("--byzantine simulates attackers by replacing replies at the server, which under "
                             "--secagg sees only their sum", "drop --byzantine, or drop --secagg")
         if save_client:

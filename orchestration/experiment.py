@@ -73,7 +73,9 @@ def check_flags(args, method: str | None = None) -> None:
     if hasattr(args, "strategy"):  # FedAvg's server rules, with the client count when the flags decide it
         train = train_groups_from_flags(args)
         check_server_flags(args, num_train=None if train is None else len(train))
-        secagg_config(args).validate(engine=args.engine, server=server_config(args), save_client=args.save_client)
+        server = server_config(args)
+        secagg_config(args).validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
+                                     byzantine=server.attack.byzantine, save_client=args.save_client)
     for flag, ok, need in _FLAG_RULES:
         value = getattr(args, flag, None)
         if value is not None and not ok(value):

@@ -112,7 +112,9 @@ def client_updates(monkeypatch):
 
 def check_secagg_flags(args):
     """The secure-aggregation check main_fl.py runs on its flags."""
-    secagg_config(args).validate(engine=args.engine, server=server_config(args), save_client=args.save_client)
+    server = server_config(args)
+    secagg_config(args).validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
+                                 byzantine=server.attack.byzantine, save_client=args.save_client)
 
 
 def parse(out, *extra):
