@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
@@ -30,8 +31,7 @@ import torch
 from data_loaders.schema import DataError
 from utils.seeding import generator
 
-from .aggregation import num_sampled_clients
-from .strategies import ALIGNMENT_KEY  # the metric report_score lies about
+from .strategies import ALIGNMENT_KEY, StrategyConfig  # ALIGNMENT_KEY: the metric report_score lies about
 
 ATTACKS = ("sign_flip", "gaussian", "scale", "alie", "ipm", "report_score")
 IN_RANGE = ("alie", "ipm")        # computed from the honest updates of the round
@@ -135,58 +135,48 @@ def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequenc
     return out
 
 
-def add_attack_arguments(group) -> None:
-    group.add_argument("--byzantine", type=int, default=0,
-                       help="number of Byzantine training clients, drawn once from --seed (0 = none)")
-    group.add_argument("--attack", default="sign_flip", choices=ATTACKS,
-                       help="what a Byzantine client sends (default sign_flip): sign_flip w - c(w_k - w), scale "
-                            "w + c(w_k - w), gaussian w_k + N(0, std²), alie w + μ - z·σ of the honest updates "
-                            "(Baruch et al. 2019), ipm w - ε·μ (Xie et al. 2020), report_score its honest weights "
-                            "with a false held-out alignment (--attack_report)")
-    group.add_argument("--attack_scale", type=float, default=10.0,
-                       help="c of sign_flip and scale (10 ≈ the number of clients: enough for one attacker "
-                            "to outweigh FedAvg's 1/n)")
-    group.add_argument("--attack_std", type=float, default=1.0,
-                       help="gaussian: noise std per coordinate (far above one round's update, ~1e-3)")
-    group.add_argument("--attack_eps", type=float, default=0.5,
-                       help="ipm: ε of w - ε·μ (default 0.5: inside the honest range, against median and trimmed "
-                            "mean; about 100 defeats the plain mean)")
-    group.add_argument("--attack_report", type=float, default=0.0,
-                       help="report_score: the held-out alignment the attacker reports (default 0.0: it claims "
-                            "to be the worst-served group, to draw qfedavg's and adaptive's weight)")
+@dataclass(frozen=True)
+class AttackConfig:
+    """Simulated Byzantine clients: how many, and what they send (the --byzantine and --attack* flags)."""
 
+    byzantine: int = 0
+    attack: str = "sign_flip"
+    scale: float = 10.0
+    std: float = 1.0
+    eps: float = 0.5       # ipm
+    report: float = 0.0    # report_score
 
-def check_attack_flags(args, num_train_clients: int) -> list[str]:
-    """Raise DataError for unusable attack flags; return warnings about weak defences."""
-    n = args.byzantine
-    if n < 0:
-        raise DataError(f"--byzantine {n} must be >= 0", "0 means no attacker")
-    if n >= num_train_clients and n > 0:
-        raise DataError(f"--byzantine {n} leaves no honest client among the {num_train_clients} training clients",
-                        f"use at most {num_train_clients - 1}")
-    if args.attack_scale < 0:
-        raise DataError(f"--attack_scale {args.attack_scale} must be >= 0",
-                        "sign_flip already reverses the update; use --attack scale to boost it")
-    if args.attack_std < 0:
-        raise DataError(f"--attack_std {args.attack_std} must be >= 0", "try 1.0")
-    eps, report = getattr(args, "attack_eps", 0.5), getattr(args, "attack_report", 0.0)
-    if not eps >= 0:
-        raise DataError(f"--attack_eps {eps} must be >= 0", "0.5 stays inside the honest range; ~100 defeats the mean")
-    if not math.isfinite(report):
-        raise DataError(f"--attack_report {report} must be finite (the server refuses a non-finite report: the "
-                        "run would stop at once)", "try 0.0, the worst possible score")
-    warnings = []
-    strategy = getattr(args, "strategy", "fedavg")
-    m = num_sampled_clients(num_train_clients, getattr(args, "client_fraction", 1.0))
-    if n and args.attack == "alie" and alie_z(m, min(n, m)) == 0:
-        warnings.append(f"--attack alie with {n} Byzantine client(s) among {m} sampled is void: z = Φ⁻¹(0.5) = 0, so "
-                        "the attackers send the honest mean (use more --byzantine, e.g. 3 of 10 gives z = 0.52)")
-    if n and args.attack == "report_score" and strategy not in ("qfedavg", "adaptive"):
-        warnings.append(f"--attack report_score does nothing with --strategy {strategy}, which reads no reported "
-                        "scores (qfedavg and adaptive do)")
-    if n and strategy == "trimmed_mean" and int(args.trim_fraction * m) < min(n, m):
-        warnings.append(f"--trim_fraction {args.trim_fraction} drops {int(args.trim_fraction * m)} value(s) per end "
-                        f"of {m}, fewer than the {n} Byzantine client(s): the trimmed mean is not bounded")
-    if n and strategy == "median" and 2 * min(n, m) >= m:
-        warnings.append(f"median with {n} Byzantine client(s) among {m} sampled: at least half may be Byzantine")
-    return warnings
+    def validate(self, num_train_clients: int, strategy: StrategyConfig, m: int) -> list[str]:
+        """Raise DataError for unusable attack settings; return warnings about weak defences
+        (`strategy` the server's rule, `m` the clients sampled per round)."""
+        n = self.byzantine
+        if n < 0:
+            raise DataError(f"--byzantine {n} must be >= 0", "0 means no attacker")
+        if n >= num_train_clients and n > 0:
+            raise DataError(f"--byzantine {n} leaves no honest client among the {num_train_clients} training clients",
+                            f"use at most {num_train_clients - 1}")
+        if self.scale < 0:
+            raise DataError(f"--attack_scale {self.scale} must be >= 0",
+                            "sign_flip already reverses the update; use --attack scale to boost it")
+        if self.std < 0:
+            raise DataError(f"--attack_std {self.std} must be >= 0", "try 1.0")
+        if not self.eps >= 0:
+            raise DataError(f"--attack_eps {self.eps} must be >= 0",
+                            "0.5 stays inside the honest range; ~100 defeats the mean")
+        if not math.isfinite(self.report):
+            raise DataError(f"--attack_report {self.report} must be finite (the server refuses a non-finite report: "
+                            "the run would stop at once)", "try 0.0, the worst possible score")
+        warnings = []
+        name, trim = strategy.name, strategy.trim_fraction
+        if n and self.attack == "alie" and alie_z(m, min(n, m)) == 0:
+            warnings.append(f"--attack alie with {n} Byzantine client(s) among {m} sampled is void: z = Φ⁻¹(0.5) = 0, "
+                            "so the attackers send the honest mean (use more --byzantine, e.g. 3 of 10 gives z = 0.52)")
+        if n and self.attack == "report_score" and name not in ("qfedavg", "adaptive"):
+            warnings.append(f"--attack report_score does nothing with --strategy {name}, which reads no reported "
+                            "scores (qfedavg and adaptive do)")
+        if n and name == "trimmed_mean" and int(trim * m) < min(n, m):
+            warnings.append(f"--trim_fraction {trim} drops {int(trim * m)} value(s) per end "
+                            f"of {m}, fewer than the {n} Byzantine client(s): the trimmed mean is not bounded")
+        if n and name == "median" and 2 * min(n, m) >= m:
+            warnings.append(f"median with {n} Byzantine client(s) among {m} sampled: at least half may be Byzantine")
+        return warnings

@@ -15,10 +15,10 @@ for why every round is accounted without subsampling amplification.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -375,106 +375,92 @@ def check_budget(accountant: PrivacyAccountant, rounds: int, max_epsilon: float)
     return eps
 
 
-# --- flags ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level DP-FedAvg's settings (the --dp* flags); `enabled` is --dp."""
 
-def add_privacy_arguments(group) -> None:
-    group.add_argument("--dp", action="store_true",
-                       help="client-level DP-FedAvg: clip each client's update to --dp_clip, average uniformly, "
-                            "add Gaussian noise (needs --weighting uniform and --strategy fedavg or fedprox)")
-    group.add_argument("--dp_clip", type=float, default=0.5,
-                       help="S: largest L2 norm of one client's update over all weights (set near the median "
-                            "unclipped norm the log reports)")
-    group.add_argument("--dp_noise", type=float, default=None,
-                       help="z: noise std on the mean update is z·S/m (default: solved from --dp_epsilon)")
-    group.add_argument("--dp_epsilon", type=float, default=None,
-                       help="privacy budget ε over all --comm_round rounds: refuses a run that would exceed it "
-                            "and stops before a round that would")
-    group.add_argument("--dp_delta", type=float, default=1e-5,
-                       help="δ of (ε, δ)-DP, well below 1/(number of clients)")
-    group.add_argument("--dp_clip_quantile", type=float, default=None,
-                       help="adaptive clipping (Andrew et al. 2021): move the clip norm each round toward this "
-                            "quantile of the clients' update norms, starting at --dp_clip (default: fixed clip)")
-    group.add_argument("--dp_clip_lr", type=float, default=0.2,
-                       help="adaptive clipping: η of the geometric update C <- C·exp(-η(b - γ)) (default 0.2, the paper's)")
-    group.add_argument("--dp_clip_count_std", type=float, default=None,
-                       help="adaptive clipping: noise std σ_b on the count of unclipped updates (default m/20); "
-                            "must exceed z/2")
-    group.add_argument("--dp_secure_noise", action=argparse.BooleanOptionalAction, default=None,
-                       help="draw the DP noise from the operating system's cryptographically secure randomness "
-                            "(Opacus secure_mode), never stored and not reproducible, instead of from --seed, "
-                            "which anyone with the run's config.json can regenerate and subtract (default: on in "
-                            "a Flower deployment, off in-process and in simulation)")
+    enabled: bool = False
+    clip: float = 0.5
+    noise: float | None = None            # None: solved from `epsilon`
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip_quantile: float | None = None    # None: a fixed clip
+    clip_lr: float = 0.2
+    clip_count_std: float | None = None   # None: m/20
+    secure_noise: bool | None = None      # None: the runtime's default (off in-process and in simulation)
 
-
-def check_privacy_flags(args, num_train_clients: int) -> list[str]:
-    """Raise DataError for unusable DP flags; return warnings (strings) worth printing."""
-    if not args.dp:
-        for flag in ("dp_noise", "dp_epsilon", "dp_secure_noise", "dp_clip_quantile", "dp_clip_count_std"):
-            if getattr(args, flag, None) is not None:
-                raise DataError(f"--{flag} has no effect without --dp", "add --dp, or drop the flag")
-        return []
-    if not args.dp_clip > 0:
-        raise DataError(f"--dp_clip {args.dp_clip} must be > 0", "set it near the median client update norm, e.g. 1.0")
-    if args.dp_noise is not None and not args.dp_noise >= 0:
-        raise DataError(f"--dp_noise {args.dp_noise} must be >= 0", "z around 1 or more; see --dp_epsilon")
-    if args.dp_epsilon is not None and not args.dp_epsilon > 0:
-        raise DataError(f"--dp_epsilon {args.dp_epsilon} must be > 0", "e.g. 10, or leave it out and give --dp_noise")
-    if args.dp_noise is None and args.dp_epsilon is None:
-        raise DataError("--dp needs --dp_noise or --dp_epsilon", "e.g. --dp_noise 1.0, or --dp_epsilon 10 to solve z")
-    if args.dp_noise == 0 and args.dp_epsilon is not None:
-        raise DataError("--dp_noise 0 cannot meet any --dp_epsilon (no noise, ε = ∞)", "give a positive --dp_noise")
-    if args.dp_epsilon is not None and 0 < args.dp_delta < 1 and args.dp_epsilon < epsilon_floor(args.dp_delta):
-        raise DataError(f"--dp_epsilon {args.dp_epsilon:g} is below the smallest ε the RDP accountant can certify "
-                        f"at δ = {args.dp_delta:g} ({epsilon_floor(args.dp_delta):.2g}, with infinite noise)",
-                        "raise --dp_epsilon, or raise --dp_delta")
-    quantile, count_std = getattr(args, "dp_clip_quantile", None), getattr(args, "dp_clip_count_std", None)
-    if quantile is not None and not 0 < quantile < 1:
-        raise DataError(f"--dp_clip_quantile {quantile} must be in (0, 1)", "0.5 clips at the median update norm")
-    if quantile is not None and not getattr(args, "dp_clip_lr", 0.2) > 0:
-        raise DataError(f"--dp_clip_lr {args.dp_clip_lr} must be > 0", "0.2 is the paper's")
-    if count_std is not None and not count_std > 0:
-        raise DataError(f"--dp_clip_count_std {count_std} must be > 0", "leave it out for m/20")
-    if not 0 < args.dp_delta < 1:
-        raise DataError(f"--dp_delta {args.dp_delta} must be in (0, 1)", "1e-5 is the usual choice")
-    if args.weighting != "uniform":
-        raise DataError(f"--dp with --weighting {args.weighting}: a client's weight would scale its influence past "
-                        "S/m, and its data size is itself private", "add --weighting uniform")
-    if args.strategy not in DP_STRATEGIES:
-        raise DataError(f"--dp does not compose with --strategy {args.strategy}: its sensitivity to one client is "
-                        "not S/m (the noise would not cover it)", f"use --strategy {' or '.join(DP_STRATEGIES)}")
-    warnings = []
-    if args.dp_delta > 1 / num_train_clients:
-        warnings.append(f"--dp_delta {args.dp_delta} exceeds 1/{num_train_clients} clients: a mechanism that "
-                        "publishes one client's update outright would satisfy it")
-    if args.dp_noise == 0:
-        warnings.append("--dp_noise 0: updates are clipped but not noised, so ε = ∞ (no privacy)")
-    if args.client_fraction < 1:
-        warnings.append("--client_fraction < 1 under --dp: rounds are accounted without subsampling "
-                        "amplification, as replace-one neighbours (ε is conservative)")
-    if not getattr(args, "dp_secure_noise", None) and args.dp_noise != 0:
-        warnings.append("--dp noise is drawn from --seed (reproducible, for simulations): anyone with config.json "
-                        "can subtract it, so ε does not hold for a model you share; add --dp_secure_noise")
-    return warnings
+    def validate(self, num_train_clients: int, *, weighting: str, strategy: str, client_fraction: float) -> list[str]:
+        """Raise DataError for unusable DP settings; return warnings (strings) worth printing."""
+        if not self.enabled:
+            for flag, value in (("dp_noise", self.noise), ("dp_epsilon", self.epsilon),
+                                ("dp_secure_noise", self.secure_noise), ("dp_clip_quantile", self.clip_quantile),
+                                ("dp_clip_count_std", self.clip_count_std)):
+                if value is not None:
+                    raise DataError(f"--{flag} has no effect without --dp", "add --dp, or drop the flag")
+            return []
+        noise, epsilon, delta = self.noise, self.epsilon, self.delta
+        if not self.clip > 0:
+            raise DataError(f"--dp_clip {self.clip} must be > 0", "set it near the median client update norm, e.g. 1.0")
+        if noise is not None and not noise >= 0:
+            raise DataError(f"--dp_noise {noise} must be >= 0", "z around 1 or more; see --dp_epsilon")
+        if epsilon is not None and not epsilon > 0:
+            raise DataError(f"--dp_epsilon {epsilon} must be > 0", "e.g. 10, or leave it out and give --dp_noise")
+        if noise is None and epsilon is None:
+            raise DataError("--dp needs --dp_noise or --dp_epsilon", "e.g. --dp_noise 1.0, or --dp_epsilon 10 to solve z")
+        if noise == 0 and epsilon is not None:
+            raise DataError("--dp_noise 0 cannot meet any --dp_epsilon (no noise, ε = ∞)", "give a positive --dp_noise")
+        if epsilon is not None and 0 < delta < 1 and epsilon < epsilon_floor(delta):
+            raise DataError(f"--dp_epsilon {epsilon:g} is below the smallest ε the RDP accountant can certify "
+                            f"at δ = {delta:g} ({epsilon_floor(delta):.2g}, with infinite noise)",
+                            "raise --dp_epsilon, or raise --dp_delta")
+        quantile, count_std = self.clip_quantile, self.clip_count_std
+        if quantile is not None and not 0 < quantile < 1:
+            raise DataError(f"--dp_clip_quantile {quantile} must be in (0, 1)", "0.5 clips at the median update norm")
+        if quantile is not None and not self.clip_lr > 0:
+            raise DataError(f"--dp_clip_lr {self.clip_lr} must be > 0", "0.2 is the paper's")
+        if count_std is not None and not count_std > 0:
+            raise DataError(f"--dp_clip_count_std {count_std} must be > 0", "leave it out for m/20")
+        if not 0 < delta < 1:
+            raise DataError(f"--dp_delta {delta} must be in (0, 1)", "1e-5 is the usual choice")
+        if weighting != "uniform":
+            raise DataError(f"--dp with --weighting {weighting}: a client's weight would scale its influence past "
+                            "S/m, and its data size is itself private", "add --weighting uniform")
+        if strategy not in DP_STRATEGIES:
+            raise DataError(f"--dp does not compose with --strategy {strategy}: its sensitivity to one client is "
+                            "not S/m (the noise would not cover it)", f"use --strategy {' or '.join(DP_STRATEGIES)}")
+        warnings = []
+        if delta > 1 / num_train_clients:
+            warnings.append(f"--dp_delta {delta} exceeds 1/{num_train_clients} clients: a mechanism that "
+                            "publishes one client's update outright would satisfy it")
+        if noise == 0:
+            warnings.append("--dp_noise 0: updates are clipped but not noised, so ε = ∞ (no privacy)")
+        if client_fraction < 1:
+            warnings.append("--client_fraction < 1 under --dp: rounds are accounted without subsampling "
+                            "amplification, as replace-one neighbours (ε is conservative)")
+        if not self.secure_noise and noise != 0:
+            warnings.append("--dp noise is drawn from --seed (reproducible, for simulations): anyone with config.json "
+                            "can subtract it, so ε does not hold for a model you share; add --dp_secure_noise")
+        return warnings
 
 
-def build_dp(args, strategy: Strategy, num_train_clients: int, rounds: int) -> DPFedAvg | None:
+def build_dp(cfg: PrivacyConfig, strategy: Strategy, num_train_clients: int, rounds: int, *,
+             client_fraction: float, seed: int) -> DPFedAvg | None:
     """The DP wrapper for a run of `rounds` rounds (None without --dp): z solved from --dp_epsilon when
     --dp_noise is absent, and a run that would exceed --dp_epsilon refused before it starts."""
-    if not args.dp:
+    if not cfg.enabled:
         return None
-    m = num_sampled_clients(num_train_clients, args.client_fraction)
+    m = num_sampled_clients(num_train_clients, client_fraction)
     rate = m / num_train_clients
-    z = args.dp_noise
+    z = cfg.noise
     if z is None:
-        z = noise_for_epsilon(args.dp_epsilon, args.dp_delta, rounds, rate)
-    secure = bool(getattr(args, "dp_secure_noise", None))
-    adaptive = dict(clip_quantile=getattr(args, "dp_clip_quantile", None), clip_lr=getattr(args, "dp_clip_lr", 0.2),
-                    count_std=getattr(args, "dp_clip_count_std", None))
+        z = noise_for_epsilon(cfg.epsilon, cfg.delta, rounds, rate)
+    secure = bool(cfg.secure_noise)
+    adaptive = dict(clip_quantile=cfg.clip_quantile, clip_lr=cfg.clip_lr, count_std=cfg.clip_count_std)
     if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
-        return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=0.0, seed=args.seed, num_sampled=m,
+        return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=0.0, seed=seed, num_sampled=m,
                         secure_noise=secure, **adaptive)
-    accountant = PrivacyAccountant(z, rate, args.dp_delta)
-    if args.dp_epsilon is not None:
-        check_budget(accountant, rounds, args.dp_epsilon)
-    return DPFedAvg(strategy, clip=args.dp_clip, noise_multiplier=z, seed=args.seed, num_sampled=m,
-                    accountant=accountant, max_epsilon=args.dp_epsilon, secure_noise=secure, **adaptive)
+    accountant = PrivacyAccountant(z, rate, cfg.delta)
+    if cfg.epsilon is not None:
+        check_budget(accountant, rounds, cfg.epsilon)
+    return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=z, seed=seed, num_sampled=m,
+                    accountant=accountant, max_epsilon=cfg.epsilon, secure_noise=secure, **adaptive)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .aggregation import aggregate as fedavg_aggregate
-from .attacks import choose_byzantine, corrupt_replies
+from .aggregation import num_sampled_clients
+from .attacks import AttackConfig, choose_byzantine, corrupt_replies
 from .client import FitResult
-from .privacy import DPFedAvg, build_dp
-from .strategies import Strategy, Tensors, build_strategy, float_keys
+from .privacy import DPFedAvg, PrivacyConfig, build_dp
+from .strategies import Strategy, StrategyConfig, Tensors, float_keys
 
 
 def step_norm(global_state: Tensors, new_state: Tensors) -> float:
@@ -82,13 +83,37 @@ class ServerRules:
         self.strategy.load_state_dict(state)
 
 
-def build_server(args, train_names: list[str], rounds: int) -> ServerRules:
-    """The run's rules from its flags (flags absent from an old config take their defaults)."""
-    strategy = build_strategy(args)
-    dp = build_dp(args, strategy, len(train_names), rounds) if getattr(args, "dp", False) else None
-    count = getattr(args, "byzantine", 0)
-    return ServerRules(strategy=dp or strategy, weighting=args.weighting,
-                       byzantine=choose_byzantine(sorted(train_names), count, args.seed) if count else [],
-                       attack=getattr(args, "attack", "sign_flip"), attack_scale=getattr(args, "attack_scale", 10.0),
-                       attack_std=getattr(args, "attack_std", 1.0), attack_eps=getattr(args, "attack_eps", 0.5),
-                       attack_report=getattr(args, "attack_report", 0.0), seed=args.seed)
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server's rules are built from: its strategy, simulated attackers, client-level DP,
+    the FedAvg weighting, the share of clients sampled per round and the run's seed."""
+
+    strategy: StrategyConfig = StrategyConfig()
+    attack: AttackConfig = AttackConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    weighting: str = "dataset_size"
+    client_fraction: float = 1.0
+    seed: int = 0
+
+    def validate(self, num_train_clients: int) -> list[str]:
+        """Raise DataError for settings no run could use; return warnings worth printing."""
+        self.strategy.validate()
+        m = num_sampled_clients(num_train_clients, self.client_fraction)
+        return [*self.strategy.warnings(m), *self.attack.validate(num_train_clients, self.strategy, m),
+                *self.privacy.validate(num_train_clients, weighting=self.weighting, strategy=self.strategy.name,
+                                       client_fraction=self.client_fraction)]
+
+    def build_dp(self, strategy: Strategy, num_train_clients: int, rounds: int) -> DPFedAvg | None:
+        return build_dp(self.privacy, strategy, num_train_clients, rounds, client_fraction=self.client_fraction,
+                        seed=self.seed)
+
+
+def build_server(cfg: ServerConfig, train_names: list[str], rounds: int) -> ServerRules:
+    """The run's server rules for these training clients and a run of `rounds` rounds."""
+    strategy = Strategy(cfg.strategy)
+    dp = cfg.build_dp(strategy, len(train_names), rounds)
+    a = cfg.attack
+    return ServerRules(strategy=dp or strategy, weighting=cfg.weighting,
+                       byzantine=choose_byzantine(sorted(train_names), a.byzantine, cfg.seed) if a.byzantine else [],
+                       attack=a.attack, attack_scale=a.scale, attack_std=a.std, attack_eps=a.eps,
+                       attack_report=a.report, seed=cfg.seed)

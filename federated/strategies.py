@@ -32,7 +32,7 @@ from data_loaders.schema import DataError
 from training.local import proximal_penalty  # noqa: F401 - the client side of fedprox, kept with local steps
 
 from .aggregation import aggregate as fedavg_aggregate
-from .aggregation import aggregation_weights, num_sampled_clients, weighted_average
+from .aggregation import aggregation_weights, weighted_average
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median")
 SERVER_OPTS = ("none", "sgd", "adam", "yogi")
@@ -70,6 +70,56 @@ class StrategyConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+
+    def validate(self) -> None:
+        """DataError naming the flag, for values no run could use."""
+        c = self
+
+        def bad(flag, value, why, hint):
+            raise DataError(f"{flag} {value}: {why}", hint)
+
+        if c.name not in STRATEGIES:
+            bad("--strategy", c.name, "unknown", f"choose one of {', '.join(STRATEGIES)}")
+        if c.server_opt not in SERVER_OPTS:
+            bad("--server_opt", c.server_opt, "unknown", f"choose one of {', '.join(SERVER_OPTS)}")
+        if not c.proximal_mu >= 0:
+            bad("--proximal_mu", c.proximal_mu, "must be >= 0", "the FedProx paper tries 0.001, 0.01, 0.1, 1")
+        if not c.qffl_q >= 0:
+            bad("--qffl_q", c.qffl_q, "must be >= 0", "q = 0 is uniform averaging; Flower's QFedAvg default is 0.1")
+        if not c.max_weight_ratio >= 1:
+            bad("--max_weight_ratio", c.max_weight_ratio, "must be >= 1 (below 1 the capped weights cannot sum to 1)",
+                f"{DEFAULT_MAX_WEIGHT_RATIO} lets a client count at most {DEFAULT_MAX_WEIGHT_RATIO:g} times its FedAvg share")
+        if not c.adaptive_temperature > 0:
+            bad("--adaptive_temperature", c.adaptive_temperature, "must be > 0", "try 0.1")
+        if c.adaptive_window < 1:
+            bad("--adaptive_window", c.adaptive_window, "must be >= 1", "try 5")
+        if not 0 <= c.trim_fraction < 0.5:
+            bad("--trim_fraction", c.trim_fraction, "must be in [0, 0.5)", "0.2 drops 1 of 5-9 clients at each end")
+        if c.server_lr is not None and not c.server_lr > 0:
+            bad("--server_lr", c.server_lr, "must be > 0", "leave it out for the per-optimizer default")
+        if c.server_lr is not None and c.server_opt == "none":  # the plain aggregate takes no step size
+            bad("--server_lr", c.server_lr, "has no effect without --server_opt (it is the server optimizer's step)",
+                "add --server_opt sgd (1.0 is FedAvg), adam or yogi, or drop --server_lr")
+        for flag, value in (("--server_beta1", c.server_beta1), ("--server_beta2", c.server_beta2)):
+            if not 0 <= value < 1:
+                bad(flag, value, "must be in [0, 1)", "Reddi et al. use 0.9 and 0.99")
+        if not c.server_tau > 0:
+            bad("--server_tau", c.server_tau, "must be > 0", "Reddi et al. and Flower use 1e-3")
+
+    def warnings(self, m: int) -> list[str]:
+        """What is worth printing about these settings with `m` clients sampled per round."""
+        c = self
+        warnings = []
+        if c.name == "trimmed_mean" and trim_count(m, c.trim_fraction) == 0:
+            warnings.append(f"--trim_fraction {c.trim_fraction} trims nothing with {m} sampled clients "
+                            f"(floor({c.trim_fraction}·{m}) = 0): trimmed_mean is the plain mean here")
+        if c.name in ("trimmed_mean", "median") and m < 3:
+            warnings.append(f"--strategy {c.name} with {m} sampled client(s) cannot discard anyone")
+        if c.name not in ("qfedavg", "adaptive") and c.max_weight_ratio != StrategyConfig.max_weight_ratio:
+            warnings.append(f"--max_weight_ratio {c.max_weight_ratio} has no effect with --strategy {c.name}")
+        if c.name != "fedprox" and c.proximal_mu != StrategyConfig.proximal_mu:
+            warnings.append(f"--proximal_mu {c.proximal_mu} has no effect with --strategy {c.name}")
+        return warnings
 
 
 # --- pure rules ------------------------------------------------------------------------
@@ -246,7 +296,7 @@ class Strategy:
     weighting)`; a DP wrapper calls `apply_delta` with its noisy mean delta instead."""
 
     def __init__(self, cfg: StrategyConfig = StrategyConfig()):
-        check_strategy_config(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.history: dict[str, list[float]] = {}   # adaptive: last W alignments per client
         self.opt: dict = {"step": 0, "m": {}, "v": {}}
@@ -330,100 +380,3 @@ class Strategy:
                                 f"resume with {flag} {state[key]}, or start a new run (--out_dir)")
         self.history = {k: [float(x) for x in v] for k, v in state["history"].items()}
         self.opt = {"step": int(state["opt"]["step"]), "m": dict(state["opt"]["m"]), "v": dict(state["opt"]["v"])}
-
-
-# --- flags ------------------------------------------------------------------------------
-
-def add_strategy_arguments(group) -> None:
-    """--strategy and its knobs, on an argparse parser or argument group."""
-    g = group
-    g.add_argument("--strategy", default="fedavg", choices=STRATEGIES,
-                   help="server aggregation: fedavg (paper), fedprox (fedavg + a proximal term in the local loss), "
-                        "qfedavg (q-FFL: --weighting tilted by F^q), adaptive (weights from held-out alignment "
-                        "history), trimmed_mean, median (the last three ignore --weighting)")
-    g.add_argument("--proximal_mu", type=float, default=0.01,
-                   help="fedprox: mu of the local term (mu/2)·||w - w_global||²")
-    g.add_argument("--qffl_q", type=float, default=0.1,
-                   help="qfedavg: fairness exponent q of p_k ∝ ω_k·F_k^q, F_k = 1 - held-out alignment (default 0.1; "
-                        "0 = fedavg; larger favours worse-aligned clients)")
-    g.add_argument("--adaptive_temperature", type=float, default=0.1,
-                   help="adaptive: softmax temperature T over (1 - mean held-out alignment)")
-    g.add_argument("--adaptive_window", type=int, default=5,
-                   help="adaptive: rounds of each client's held-out alignment history averaged")
-    g.add_argument("--trim_fraction", type=float, default=0.2,
-                   help="trimmed_mean: share beta of values dropped at each end per coordinate (floor(beta·n))")
-    g.add_argument("--max_weight_ratio", type=float, default=DEFAULT_MAX_WEIGHT_RATIO,
-                   help="qfedavg/adaptive: no client's weight exceeds this multiple of its FedAvg weight (adaptive: "
-                        f"of 1/n), the excess going to the others (default {DEFAULT_MAX_WEIGHT_RATIO}; caps what a "
-                        "client lying about its score can gain)")
-    g.add_argument("--server_opt", default="none", choices=SERVER_OPTS,
-                   help="server optimizer on the aggregate's delta (FedOpt): none (plain aggregate), sgd, adam, yogi")
-    g.add_argument("--server_lr", type=float, default=None,
-                   help="server learning rate (default: sgd 1.0 = FedAvg, adam/yogi 1e-3)")
-    g.add_argument("--server_beta1", type=float, default=0.9, help="adam/yogi: first-moment decay")
-    g.add_argument("--server_beta2", type=float, default=0.99, help="adam/yogi: second-moment decay")
-    g.add_argument("--server_tau", type=float, default=1e-3, help="adam/yogi: adaptivity tau added to sqrt(v)")
-
-
-def config_from_args(args) -> StrategyConfig:
-    return StrategyConfig(name=args.strategy, proximal_mu=args.proximal_mu, qffl_q=args.qffl_q,
-                          max_weight_ratio=getattr(args, "max_weight_ratio", DEFAULT_MAX_WEIGHT_RATIO),
-                          adaptive_temperature=args.adaptive_temperature, adaptive_window=args.adaptive_window,
-                          trim_fraction=args.trim_fraction, server_opt=args.server_opt, server_lr=args.server_lr,
-                          server_beta1=args.server_beta1, server_beta2=args.server_beta2, server_tau=args.server_tau)
-
-
-def build_strategy(args) -> Strategy:
-    return Strategy(config_from_args(args))
-
-
-def check_strategy_config(c: StrategyConfig) -> None:
-    """DataError naming the flag, for values no run could use."""
-    def bad(flag, value, why, hint):
-        raise DataError(f"{flag} {value}: {why}", hint)
-
-    if c.name not in STRATEGIES:
-        bad("--strategy", c.name, "unknown", f"choose one of {', '.join(STRATEGIES)}")
-    if c.server_opt not in SERVER_OPTS:
-        bad("--server_opt", c.server_opt, "unknown", f"choose one of {', '.join(SERVER_OPTS)}")
-    if not c.proximal_mu >= 0:
-        bad("--proximal_mu", c.proximal_mu, "must be >= 0", "the FedProx paper tries 0.001, 0.01, 0.1, 1")
-    if not c.qffl_q >= 0:
-        bad("--qffl_q", c.qffl_q, "must be >= 0", "q = 0 is uniform averaging; Flower's QFedAvg default is 0.1")
-    if not c.max_weight_ratio >= 1:
-        bad("--max_weight_ratio", c.max_weight_ratio, "must be >= 1 (below 1 the capped weights cannot sum to 1)",
-            f"{DEFAULT_MAX_WEIGHT_RATIO} lets a client count at most {DEFAULT_MAX_WEIGHT_RATIO:g} times its FedAvg share")
-    if not c.adaptive_temperature > 0:
-        bad("--adaptive_temperature", c.adaptive_temperature, "must be > 0", "try 0.1")
-    if c.adaptive_window < 1:
-        bad("--adaptive_window", c.adaptive_window, "must be >= 1", "try 5")
-    if not 0 <= c.trim_fraction < 0.5:
-        bad("--trim_fraction", c.trim_fraction, "must be in [0, 0.5)", "0.2 drops 1 of 5-9 clients at each end")
-    if c.server_lr is not None and not c.server_lr > 0:
-        bad("--server_lr", c.server_lr, "must be > 0", "leave it out for the per-optimizer default")
-    if c.server_lr is not None and c.server_opt == "none":  # the plain aggregate takes no step size
-        bad("--server_lr", c.server_lr, "has no effect without --server_opt (it is the server optimizer's step)",
-            "add --server_opt sgd (1.0 is FedAvg), adam or yogi, or drop --server_lr")
-    for flag, value in (("--server_beta1", c.server_beta1), ("--server_beta2", c.server_beta2)):
-        if not 0 <= value < 1:
-            bad(flag, value, "must be in [0, 1)", "Reddi et al. use 0.9 and 0.99")
-    if not c.server_tau > 0:
-        bad("--server_tau", c.server_tau, "must be > 0", "Reddi et al. and Flower use 1e-3")
-
-
-def check_strategy_flags(args, num_train_clients: int) -> list[str]:
-    """Raise DataError for unusable strategy flags; return warnings (strings) worth printing."""
-    c = config_from_args(args)
-    check_strategy_config(c)
-    warnings = []
-    m = num_sampled_clients(num_train_clients, getattr(args, "client_fraction", 1.0))
-    if c.name == "trimmed_mean" and trim_count(m, c.trim_fraction) == 0:
-        warnings.append(f"--trim_fraction {c.trim_fraction} trims nothing with {m} sampled clients "
-                        f"(floor({c.trim_fraction}·{m}) = 0): trimmed_mean is the plain mean here")
-    if c.name in ("trimmed_mean", "median") and m < 3:
-        warnings.append(f"--strategy {c.name} with {m} sampled client(s) cannot discard anyone")
-    if c.name not in ("qfedavg", "adaptive") and c.max_weight_ratio != StrategyConfig.max_weight_ratio:
-        warnings.append(f"--max_weight_ratio {c.max_weight_ratio} has no effect with --strategy {c.name}")
-    if c.name != "fedprox" and c.proximal_mu != StrategyConfig.proximal_mu:
-        warnings.append(f"--proximal_mu {c.proximal_mu} has no effect with --strategy {c.name}")
-    return warnings

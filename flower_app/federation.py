@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from data_loaders.datasets import ExperimentData, choose_groups
+from data_loaders.datasets import ExperimentData
 from data_loaders.schema import DataError
-from data_loaders.synthetic import group_names
 from federated.aggregation import num_sampled_clients
 from federated.client import FitResult
 from federated.fedavg import FedAvgRound, check_min_clients, init_global_state
@@ -33,17 +32,9 @@ POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's o
 
 # --- which groups, and where they live -----------------------------------------------
 
-def resolve_groups(args) -> tuple[list[str], list[str]]:
-    """The train/eval groups prepare_experiment would choose, without loading any data."""
-    if args.dataset == "synthetic":
-        return choose_groups("synthetic", args.train_groups, args.eval_groups, args.group_split, args.seed,
-                             all_groups=group_names(args.syn_groups))
-    return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, args.seed)
-
-
-def make_setup(args, metric: str, train: list[str], evals: list[str]) -> str:
-    """What every instruction carries: the run's flags and group lists (JSON, sorted keys)."""
-    return json.dumps({"flags": vars(args), "metric": metric, "train_groups": list(train),
+def make_setup(flags: dict, metric: str, train: list[str], evals: list[str]) -> str:
+    """What every instruction carries: the run's flags (name -> value) and group lists (JSON, sorted keys)."""
+    return json.dumps({"flags": flags, "metric": metric, "train_groups": list(train),
                        "eval_groups": list(evals)}, sort_keys=True)
 
 
@@ -138,7 +129,7 @@ class FederatedData(ExperimentData):
     serial_eval: bool = False
 
 
-def federated_data(args, grid: Grid, setup: str, reports: dict[str, NodeReport], train: list[str],
+def federated_data(dataset: str, grid: Grid, setup: str, reports: dict[str, NodeReport], train: list[str],
                    evals: list[str], log=print) -> FederatedData:
     used = [reports[g] for g in train + evals]
     for key in ("dim_x", "has_ordinals"):
@@ -148,13 +139,13 @@ def federated_data(args, grid: Grid, setup: str, reports: dict[str, NodeReport],
                             "every node must load the same dataset version and embedding model")
     hashes = {r.info.get("source_hash") for r in used}
     if len(hashes) > 1:
-        raise DataError(f"nodes hold different versions of the {args.dataset} data (content hashes {sorted(hashes)})",
+        raise DataError(f"nodes hold different versions of the {dataset} data (content hashes {sorted(hashes)})",
                         "point every SuperNode at the same release of the data files")
     remote = lambda names: {g: RemoteGroup(g, reports[g].num_questions, reports[g].num_points,  # noqa: E731
                                            reports[g].node_id) for g in names}
     info = dict(used[0].info)
     info["federation"] = {"engine": "flower", "nodes": {r.group: r.node_id for r in used}}
-    return FederatedData(args.dataset, remote(train), remote(evals), used[0].dim_x, used[0].has_ordinals,
+    return FederatedData(dataset, remote(train), remote(evals), used[0].dim_x, used[0].has_ordinals,
                          info, grid=grid, setup=setup, nodes={r.group: r.node_id for r in used}, log=log)
 
 

@@ -9,12 +9,12 @@ client's Adam state carried across rounds in the node's own context.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from flwr.app import Context, Message
@@ -70,9 +70,10 @@ def _optional(node_config: dict, key: str) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def node_args(setup: dict, ident: NodeIdentity) -> argparse.Namespace:
-    """The run's flags as this node must apply them: its own data location and device."""
-    args = argparse.Namespace(**setup["flags"])
+def node_args(setup: dict, ident: NodeIdentity) -> SimpleNamespace:
+    """The run's flags (as the server sent them, name -> value) as this node must apply them: its
+    own data location and device. The data loader and training.config read them by name."""
+    args = SimpleNamespace(**setup["flags"])
     if ident.dataset is not None and ident.dataset != args.dataset:
         raise DataError(f"node of group {ident.group!r} holds dataset {ident.dataset!r}, but the run "
                         f"uses --dataset {args.dataset}", f"restart the SuperNode with dataset='{args.dataset}'")

@@ -43,7 +43,7 @@ from training.local import DivergenceError
 
 from .federation import POLL_S, FlowerTrainer
 from .protocol import payload_bytes
-from .secagg import MODULUS_RANGE, _check_share_flags
+from .secagg import MODULUS_RANGE, SecAggConfig, _check_share_flags
 from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
 MIN_CLIENTS = 3  # the fewest clients whose sum hides each one's update from every other client
@@ -260,9 +260,8 @@ def _flower_warnings_only():
         logger.setLevel(level)
 
 
-def make_secagg_trainer(args, data, cfg, model_cfg) -> SecAggTrainer:
-    """What orchestration.experiment.make_trainer builds for `--engine flower --secagg`."""
-    return SecAggTrainer(data, cfg, model_cfg, weighting=args.weighting, client_fraction=args.client_fraction,
-                         min_clients=args.min_clients, round_timeout=args.round_timeout,
-                         num_shares=args.secagg_num_shares, threshold=args.secagg_threshold,
-                         clip_range=args.secagg_clip_range, quant_range=args.secagg_quant_range)
+def make_secagg_trainer(secagg: SecAggConfig, data, cfg, model_cfg, **kw) -> SecAggTrainer:
+    """What orchestration.experiment.make_trainer builds for `--engine flower --secagg`; `kw` are
+    FlowerTrainer's (weighting, client_fraction, min_clients, round_timeout)."""
+    return SecAggTrainer(data, cfg, model_cfg, num_shares=secagg.num_shares, threshold=secagg.threshold,
+                         clip_range=secagg.clip_range, quant_range=secagg.quant_range, **kw)

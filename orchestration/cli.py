@@ -9,11 +9,10 @@ import argparse
 
 from data_loaders.datasets import DATASETS, group_names
 from federated.aggregation import WEIGHTINGS
-from federated.attacks import add_attack_arguments
+from federated.attacks import ATTACKS
 from federated.fedavg import CLIENT_ENGINES
-from federated.privacy import add_privacy_arguments
-from federated.strategies import add_strategy_arguments
-from flower_app.secagg import add_secagg_arguments
+from federated.strategies import DEFAULT_MAX_WEIGHT_RATIO, SERVER_OPTS, STRATEGIES
+from flower_app.secagg import DEFAULT_CLIP_RANGE, DEFAULT_QUANT_RANGE
 from models.gpo import CONTEXT_ANSWERS, LAYER_INITS, LOSS_REDUCTIONS
 from orchestration.centralized import CENTRAL_MODES
 from utils.distances import METRICS, auto_rule
@@ -203,6 +202,118 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="also keep the checkpoint of the best mean evaluation alignment (checkpoints/best.json)")
     o.add_argument("--no_plots", action="store_true", help="do not write loss.png and alignment.png into the run folder")
     return p
+
+
+def add_strategy_arguments(group) -> None:
+    """--strategy and its knobs (federated/strategies.py)."""
+    g = group
+    g.add_argument("--strategy", default="fedavg", choices=STRATEGIES,
+                   help="server aggregation: fedavg (paper), fedprox (fedavg + a proximal term in the local loss), "
+                        "qfedavg (q-FFL: --weighting tilted by F^q), adaptive (weights from held-out alignment "
+                        "history), trimmed_mean, median (the last three ignore --weighting)")
+    g.add_argument("--proximal_mu", type=float, default=0.01,
+                   help="fedprox: mu of the local term (mu/2)·||w - w_global||²")
+    g.add_argument("--qffl_q", type=float, default=0.1,
+                   help="qfedavg: fairness exponent q of p_k ∝ ω_k·F_k^q, F_k = 1 - held-out alignment (default 0.1; "
+                        "0 = fedavg; larger favours worse-aligned clients)")
+    g.add_argument("--adaptive_temperature", type=float, default=0.1,
+                   help="adaptive: softmax temperature T over (1 - mean held-out alignment)")
+    g.add_argument("--adaptive_window", type=int, default=5,
+                   help="adaptive: rounds of each client's held-out alignment history averaged")
+    g.add_argument("--trim_fraction", type=float, default=0.2,
+                   help="trimmed_mean: share beta of values dropped at each end per coordinate (floor(beta·n))")
+    g.add_argument("--max_weight_ratio", type=float, default=DEFAULT_MAX_WEIGHT_RATIO,
+                   help="qfedavg/adaptive: no client's weight exceeds this multiple of its FedAvg weight (adaptive: "
+                        f"of 1/n), the excess going to the others (default {DEFAULT_MAX_WEIGHT_RATIO}; caps what a "
+                        "client lying about its score can gain)")
+    g.add_argument("--server_opt", default="none", choices=SERVER_OPTS,
+                   help="server optimizer on the aggregate's delta (FedOpt): none (plain aggregate), sgd, adam, yogi")
+    g.add_argument("--server_lr", type=float, default=None,
+                   help="server learning rate (default: sgd 1.0 = FedAvg, adam/yogi 1e-3)")
+    g.add_argument("--server_beta1", type=float, default=0.9, help="adam/yogi: first-moment decay")
+    g.add_argument("--server_beta2", type=float, default=0.99, help="adam/yogi: second-moment decay")
+    g.add_argument("--server_tau", type=float, default=1e-3, help="adam/yogi: adaptivity tau added to sqrt(v)")
+
+
+def add_attack_arguments(group) -> None:
+    """--byzantine and the attack it runs (federated/attacks.py)."""
+    group.add_argument("--byzantine", type=int, default=0,
+                       help="number of Byzantine training clients, drawn once from --seed (0 = none)")
+    group.add_argument("--attack", default="sign_flip", choices=ATTACKS,
+                       help="what a Byzantine client sends (default sign_flip): sign_flip w - c(w_k - w), scale "
+                            "w + c(w_k - w), gaussian w_k + N(0, std²), alie w + μ - z·σ of the honest updates "
+                            "(Baruch et al. 2019), ipm w - ε·μ (Xie et al. 2020), report_score its honest weights "
+                            "with a false held-out alignment (--attack_report)")
+    group.add_argument("--attack_scale", type=float, default=10.0,
+                       help="c of sign_flip and scale (10 ≈ the number of clients: enough for one attacker "
+                            "to outweigh FedAvg's 1/n)")
+    group.add_argument("--attack_std", type=float, default=1.0,
+                       help="gaussian: noise std per coordinate (far above one round's update, ~1e-3)")
+    group.add_argument("--attack_eps", type=float, default=0.5,
+                       help="ipm: ε of w - ε·μ (default 0.5: inside the honest range, against median and trimmed "
+                            "mean; about 100 defeats the plain mean)")
+    group.add_argument("--attack_report", type=float, default=0.0,
+                       help="report_score: the held-out alignment the attacker reports (default 0.0: it claims "
+                            "to be the worst-served group, to draw qfedavg's and adaptive's weight)")
+
+
+def add_privacy_arguments(group) -> None:
+    """--dp and its knobs (federated/privacy.py)."""
+    group.add_argument("--dp", action="store_true",
+                       help="client-level DP-FedAvg: clip each client's update to --dp_clip, average uniformly, "
+                            "add Gaussian noise (needs --weighting uniform and --strategy fedavg or fedprox)")
+    group.add_argument("--dp_clip", type=float, default=0.5,
+                       help="S: largest L2 norm of one client's update over all weights (set near the median "
+                            "unclipped norm the log reports)")
+    group.add_argument("--dp_noise", type=float, default=None,
+                       help="z: noise std on the mean update is z·S/m (default: solved from --dp_epsilon)")
+    group.add_argument("--dp_epsilon", type=float, default=None,
+                       help="privacy budget ε over all --comm_round rounds: refuses a run that would exceed it "
+                            "and stops before a round that would")
+    group.add_argument("--dp_delta", type=float, default=1e-5,
+                       help="δ of (ε, δ)-DP, well below 1/(number of clients)")
+    group.add_argument("--dp_clip_quantile", type=float, default=None,
+                       help="adaptive clipping (Andrew et al. 2021): move the clip norm each round toward this "
+                            "quantile of the clients' update norms, starting at --dp_clip (default: fixed clip)")
+    group.add_argument("--dp_clip_lr", type=float, default=0.2,
+                       help="adaptive clipping: η of the geometric update C <- C·exp(-η(b - γ)) (default 0.2, the paper's)")
+    group.add_argument("--dp_clip_count_std", type=float, default=None,
+                       help="adaptive clipping: noise std σ_b on the count of unclipped updates (default m/20); "
+                            "must exceed z/2")
+    group.add_argument("--dp_secure_noise", action=argparse.BooleanOptionalAction, default=None,
+                       help="draw the DP noise from the operating system's cryptographically secure randomness "
+                            "(Opacus secure_mode), never stored and not reproducible, instead of from --seed, "
+                            "which anyone with the run's config.json can regenerate and subtract (default: on in "
+                            "a Flower deployment, off in-process and in simulation)")
+
+
+def share_count(text: str) -> int | float:
+    """An integer count (as Flower takes it), or a fraction of the sampled clients when it has a dot."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor a fraction such as 0.5") from None
+
+
+def add_secagg_arguments(group) -> None:
+    """--secagg and its knobs (flower_app/secagg.py), in the federation engine group."""
+    group.add_argument("--secagg", action="store_true",
+                       help="flower: secure aggregation with Flower's SecAgg+: the server sees only the sum of "
+                            "masked, quantised client weights, never one client's (docs/federation.md)")
+    group.add_argument("--secagg_num_shares", type=share_count, default=1.0,
+                       help="secagg: how many clients hold a share of each client's secrets: an integer >= 3, or "
+                            "a fraction of the sampled clients (1.0: every sampled client)")
+    group.add_argument("--secagg_threshold", type=share_count, default=0.67,
+                       help="secagg: shares needed to rebuild a secret (the most clients that may drop out is "
+                            "shares - threshold; fewer than threshold colluding clients learn nothing): an "
+                            "integer >= 2 below --secagg_num_shares, or a fraction of it (at least 2 either way)")
+    group.add_argument("--secagg_clip_range", type=float, default=DEFAULT_CLIP_RANGE,
+                       help="secagg: every weight, times its client's aggregation weight / the largest one, must "
+                            "lie in [-R, R] (a client outside it stops the run); the quantisation step is "
+                            "2R / --secagg_quant_range")
+    group.add_argument("--secagg_quant_range", type=int, default=DEFAULT_QUANT_RANGE,
+                       help="secagg: integer levels a weight is quantised to; clients x levels must stay below "
+                            "2**32 (default 2**22: 1023 clients)")
 
 
 def args_from_config(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> argparse.Namespace:

@@ -9,13 +9,11 @@ from data_loaders.datasets import ExperimentData, choose_groups, split_seed
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import num_sampled_clients
-from federated.attacks import check_attack_flags
 from federated.fedavg import FedAvgTrainer, check_engine_strategy, check_min_clients, resolve_client_engine
-from federated.privacy import build_dp, check_privacy_flags
 from federated.server import build_server
-from federated.strategies import build_strategy, check_strategy_flags
-from flower_app.secagg import check_secagg_flags
+from federated.strategies import Strategy
 from orchestration.centralized import CentralizedTrainer
+from orchestration.config import secagg_config, server_config
 from orchestration.extras import check_extras
 from orchestration.loop import LoopConfig, RunLoop
 from orchestration.resume import check_resume_early, mark_failed, plan_run
@@ -76,7 +74,9 @@ def check_flags(args, method: str | None = None) -> None:
     if hasattr(args, "strategy"):  # FedAvg's server rules, with the client count when the flags decide it
         train = train_groups_from_flags(args)
         check_server_flags(args, num_train=None if train is None else len(train))
-        check_secagg_flags(args)
+        server = server_config(args)
+        secagg_config(args).validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
+                                     byzantine=server.attack.byzantine, save_client=args.save_client)
     for flag, ok, need in _FLAG_RULES:
         value = getattr(args, flag, None)
         if value is not None and not ok(value):
@@ -133,12 +133,13 @@ def check_server_flags(args, num_train: int | None, log=None) -> None:
     """Strategy, attack and DP flags; with `num_train` unknown (before loading) only the checks
     that need no client count run, so a bad flag fails before minutes of embedding."""
     n = num_train if num_train is not None else 1 << 30
-    check_engine_strategy(getattr(args, "client_engine", "auto"), build_strategy(args))
-    warnings = [*check_strategy_flags(args, n), *check_attack_flags(args, n), *check_privacy_flags(args, n)]
+    server = server_config(args)
+    check_engine_strategy(args.client_engine, Strategy(server.strategy))
+    warnings = server.validate(n)
     if num_train is None:
         return
-    if getattr(args, "dp", False):  # refuses a run whose rounds would spend more than --dp_epsilon
-        build_dp(args, build_strategy(args), num_train, args.comm_round)
+    # refuses a run whose rounds would spend more than --dp_epsilon
+    server.build_dp(Strategy(server.strategy), num_train, args.comm_round)
     for w in warnings if log is not None else ():
         log(f"warning: {w}")
 
@@ -156,14 +157,16 @@ def validate(args, data: ExperimentData, metric: str) -> None:
 
 def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, device):
     mcfg = model_config(args, data.dim_x)
-    server = build_server(args, sorted(data.train), args.comm_round) if method == "fedavg" else None
+    server = build_server(server_config(args), sorted(data.train), args.comm_round) if method == "fedavg" else None
     if method == "fedavg" and getattr(args, "engine", "inprocess") == "flower":
-        if getattr(args, "secagg", False):
+        flower = dict(weighting=args.weighting, client_fraction=args.client_fraction, min_clients=args.min_clients,
+                      round_timeout=args.round_timeout)
+        secagg = secagg_config(args)
+        if secagg.enabled:
             from flower_app.secagg_server import make_secagg_trainer
-            return make_secagg_trainer(args, data, cfg, mcfg)
+            return make_secagg_trainer(secagg, data, cfg, mcfg, **flower)
         from flower_app.federation import FlowerTrainer  # data: FederatedData from the ServerApp
-        return FlowerTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
-                             min_clients=args.min_clients, round_timeout=args.round_timeout, server=server)
+        return FlowerTrainer(data, cfg, mcfg, server=server, **flower)
     if method == "fedavg":
         check_sample_size(args, len(data.train))
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,

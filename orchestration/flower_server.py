@@ -16,8 +16,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from data_loaders.datasets import choose_groups
 from data_loaders.schema import DataError
-from flower_app.federation import discover, federated_data, make_setup, resolve_groups
+from data_loaders.synthetic import group_names
+from flower_app.federation import discover, federated_data, make_setup
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, run_method
 from training.config import resolve_metric
@@ -38,6 +40,14 @@ def args_from_run_config(run_config: dict):
                         "python main_fl.py --help lists them") from err
     args.engine = "flower"
     return args
+
+
+def resolve_groups(args) -> tuple[list[str], list[str]]:
+    """The train/eval groups prepare_experiment would choose, without loading any data."""
+    if args.dataset == "synthetic":
+        return choose_groups("synthetic", args.train_groups, args.eval_groups, args.group_split, args.seed,
+                             all_groups=group_names(args.syn_groups))
+    return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, args.seed)
 
 
 def check_supported(args) -> None:
@@ -69,10 +79,10 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     check_supported(args)
     metric = resolve_metric(args)
     train, evals = resolve_groups(args)
-    setup = make_setup(args, metric, train, evals)
+    setup = make_setup(vars(args), metric, train, evals)
     log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
     reports = discover(grid, setup, train + evals, args.node_wait, log)
-    data = federated_data(args, grid, setup, reports, train, evals, log)
+    data = federated_data(args.dataset, grid, setup, reports, train, evals, log)
     data.serial_eval = runtime == "simulation-thread"  # nodes in one process: evaluate in a fixed order
     out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", args.seed)
     ours = not (out_dir / "config.json").exists()  # run_method refuses a folder holding another run

@@ -27,8 +27,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
-from flower_app.federation import resolve_groups
-from orchestration.flower_server import check_supported, make_server_app
+from orchestration.flower_server import check_supported, make_server_app, resolve_groups
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 SIM_BACKENDS = ("thread", "ray")

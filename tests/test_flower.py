@@ -18,7 +18,6 @@ from flwr.app import Context, Error, Message, RecordDict
 import flower_app.node as node_mod
 from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
-from flower_app.federation import resolve_groups
 from flower_app.node import NodeIdentity, handle_train, node_args, node_identity
 from flower_app.protocol import (
     ADAM_ARRAYS,
@@ -32,7 +31,7 @@ from flower_app.protocol import (
 )
 from orchestration.cli import build_parser
 from orchestration.entry import main
-from orchestration.flower_server import run_federation
+from orchestration.flower_server import resolve_groups, run_federation
 from training.diagnostics import DIAGNOSTIC_KEYS
 from training.evaluation import GroupEval
 from utils.checkpoint import load_checkpoint

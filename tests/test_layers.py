@@ -166,3 +166,39 @@ def test_the_checks_see_what_they_forbid(tmp_path, monkeypatch):
     assert upward_imports() == [("training/bad.py", "orchestration.entry")]
     assert import_circles() == [["utils.a", "utils.b"]]
     assert hidden_imports() == [("utils.b", "utils.a"), ("utils.c", "utils.b")]
+
+
+# The loopback deployment tool's own command line (python -m flower_app.loopback), not main_fl.py's flags.
+OWN_COMMAND_LINE = {"flower_app.loopback"}
+
+
+def namespace_uses() -> list[tuple[str, str]]:
+    """(module, what) for every module under federated/ and flower_app/ that imports argparse or calls
+    getattr on a name `args`: they receive typed configs (orchestration/config.py), never the flags."""
+    found = []
+    for name, path in _sources().items():
+        if name.split(".")[0] not in ("federated", "flower_app"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "argparse" for a in node.names):
+                found.append((name, "import argparse"))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "argparse":
+                found.append((name, "from argparse import"))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                  and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "args"):
+                found.append((name, f"getattr(args, ...) on line {node.lineno}"))
+    return [(n, w) for n, w in found if not (n in OWN_COMMAND_LINE and w == "import argparse")]
+
+
+def test_engines_read_no_flags():
+    assert namespace_uses() == []
+
+
+def test_the_flag_check_sees_what_it_forbids(tmp_path, monkeypatch):
+    _fake_tree(tmp_path, monkeypatch, {
+        "federated/__init__.py": "",
+        "federated/bad.py": "import argparse\n\ndef f(args):\n    return getattr(args, 'dp', False)\n",
+        "flower_app/__init__.py": "",
+        "flower_app/loopback.py": "import argparse\n",
+    })
+    assert namespace_uses() == [("federated.bad", "import argparse"), ("federated.bad", "getattr(args, ...) on line 4")]

@@ -2,7 +2,6 @@
 the accountant against Opacus's own values."""
 from __future__ import annotations
 
-import argparse
 import io
 import math
 
@@ -16,10 +15,7 @@ from federated.privacy import (
     DPFedAvg,
     PrivacyAccountant,
     PrivacyBudgetExhausted,
-    add_privacy_arguments,
-    build_dp,
     check_budget,
-    check_privacy_flags,
     clip_update,
     dp_mean_delta,
     gdp_delta,
@@ -27,7 +23,9 @@ from federated.privacy import (
     noise_for_epsilon,
     update_noise_multiplier,
 )
-from federated.strategies import Strategy, StrategyConfig, add_strategy_arguments
+from federated.strategies import Strategy, StrategyConfig
+from orchestration.cli import build_parser
+from orchestration.config import server_config
 from utils.seeding import generator
 
 opacus = pytest.importorskip("opacus")
@@ -310,14 +308,17 @@ def test_accountant_state_dict_loads_with_weights_only_and_refuses_other_setting
 # --- flags -------------------------------------------------------------------------------
 
 def parse(*argv):
-    p = argparse.ArgumentParser()
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--client_fraction", type=float, default=1.0)
-    p.add_argument("--weighting", default="dataset_size")
-    add_strategy_arguments(p)
-    add_privacy_arguments(p)
-    return p.parse_args(list(argv))
+    """The server configuration main_fl.py builds from these flags."""
+    return server_config(build_parser("fedavg").parse_args(list(argv)))
+
+
+def check_privacy_flags(cfg, num_train_clients):
+    return cfg.privacy.validate(num_train_clients, weighting=cfg.weighting, strategy=cfg.strategy.name,
+                                client_fraction=cfg.client_fraction)
+
+
+def build_dp(cfg, strategy, num_train_clients, rounds):
+    return cfg.build_dp(strategy, num_train_clients, rounds)
 
 
 OK = ("--dp", "--weighting", "uniform", "--dp_noise", "1.0")

@@ -31,11 +31,12 @@ import flower_app.node as node_mod
 from data_loaders.schema import DataError
 from federated.aggregation import aggregate
 from flower_app.client_app import make_client_app
-from flower_app.federation import discover, federated_data, make_setup, resolve_groups
-from flower_app.secagg import check_secagg_flags
+from flower_app.federation import discover, federated_data, make_setup
 from flower_app.secagg_server import effective_shares, make_secagg_trainer
 from orchestration.cli import build_parser
+from orchestration.config import secagg_config, server_config
 from orchestration.entry import main
+from orchestration.flower_server import resolve_groups
 from training.config import client_config, model_config, resolve_metric
 from training.diagnostics import DIAGNOSTIC_KEYS
 from utils.checkpoint import load_checkpoint
@@ -109,6 +110,13 @@ def client_updates(monkeypatch):
     return seen
 
 
+def check_secagg_flags(args):
+    """The secure-aggregation check main_fl.py runs on its flags."""
+    server = server_config(args)
+    secagg_config(args).validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
+                                 byzantine=server.attack.byzantine, save_client=args.save_client)
+
+
 def parse(out, *extra):
     return build_parser("fedavg").parse_args([*SMALL, "--out_dir", str(out), "--engine", "flower", "--secagg", *extra])
 
@@ -121,10 +129,13 @@ def secure_trainer(tmp_path, *extra, app=None):
     train, evals = resolve_groups(args)
     grid = WireGrid(app or make_client_app(train + evals), train + evals)
     metric = resolve_metric(args)
-    setup = make_setup(args, metric, train, evals)
+    setup = make_setup(vars(args), metric, train, evals)
     reports = discover(grid, setup, train + evals, 5, log=lambda *a: None)
-    data = federated_data(args, grid, setup, reports, train, evals, log=lambda *a: None)
-    trainer = make_secagg_trainer(args, data, client_config(args, metric), model_config(args, data.dim_x))
+    data = federated_data(args.dataset, grid, setup, reports, train, evals, log=lambda *a: None)
+    trainer = make_secagg_trainer(secagg_config(args), data, client_config(args, metric),
+                                  model_config(args, data.dim_x), weighting=args.weighting,
+                                  client_fraction=args.client_fraction, min_clients=args.min_clients,
+                                  round_timeout=args.round_timeout)
     return trainer, grid
 
 

@@ -147,8 +147,8 @@ def test_a_budget_spent_mid_run_ends_the_run_cleanly(tmp_path, capsys):
     budget = PrivacyAccountant(0.5, 1.0, 1e-5).epsilon(3) * 1.0001
     real = experiment.build_server
 
-    def server_with_budget(args, names, rounds):
-        rules = real(args, names, rounds)
+    def server_with_budget(cfg, names, rounds):
+        rules = real(cfg, names, rounds)
         rules.strategy.max_epsilon = budget
         return rules
 

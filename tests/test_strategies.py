@@ -2,7 +2,6 @@
 numbers, and cross-checked against Flower 1.41's own implementations where they can be called."""
 from __future__ import annotations
 
-import argparse
 import io
 import math
 
@@ -12,14 +11,8 @@ import torch
 
 from data_loaders.schema import DataError
 from federated.aggregation import aggregate as fedavg_aggregate
-from federated.attacks import (
-    add_attack_arguments,
-    alie_z,
-    check_attack_flags,
-    choose_byzantine,
-    corrupt_replies,
-    corrupt_state,
-)
+from federated.aggregation import num_sampled_clients
+from federated.attacks import alie_z, choose_byzantine, corrupt_replies, corrupt_state
 from federated.client import FitResult
 from federated.server import ServerRules
 from federated.strategies import (
@@ -27,15 +20,15 @@ from federated.strategies import (
     Strategy,
     StrategyConfig,
     adaptive_weights,
-    add_strategy_arguments,
     cap_weights,
-    check_strategy_flags,
     coordinate_median,
     proximal_penalty,
     qffl_losses,
     qffl_weights,
     trimmed_mean,
 )
+from orchestration.cli import build_parser
+from orchestration.config import server_config
 from utils.seeding import generator
 
 
@@ -474,12 +467,18 @@ def test_alie_moves_trimmed_mean_and_median_more_than_fedavg_within_an_honest_bo
 # --- flags -------------------------------------------------------------------------------
 
 def parse(*argv):
-    p = argparse.ArgumentParser()
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--client_fraction", type=float, default=1.0)
-    add_strategy_arguments(p)
-    add_attack_arguments(p)
-    return p.parse_args(list(argv))
+    """The server configuration main_fl.py builds from these flags."""
+    return server_config(build_parser("fedavg").parse_args(list(argv)))
+
+
+def check_strategy_flags(cfg, num_train_clients):
+    cfg.strategy.validate()
+    return cfg.strategy.warnings(num_sampled_clients(num_train_clients, cfg.client_fraction))
+
+
+def check_attack_flags(cfg, num_train_clients):
+    return cfg.attack.validate(num_train_clients, cfg.strategy, num_sampled_clients(num_train_clients,
+                                                                                    cfg.client_fraction))
 
 
 def test_default_flags_build_the_fedavg_path():
