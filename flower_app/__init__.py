@@ -5,12 +5,14 @@
     client_app.py  the ClientApp (Message API) around node.py
     federation.py  the server side: find the groups' nodes, FlowerTrainer (FedAvgTrainer's
                    interface and FedAvg round, its clients fitted over the Grid)
-    server_app.py  the ServerApp: builds the same run loop and run folder as main_fl.py
-    simulation.py  `main_fl.py --engine flower`: the two apps on Flower's simulation runtime
-                   (thread backend, or Flower's Ray backend)
+    secagg.py      the `--secagg` settings and their validation (no flwr needed)
+    secagg_client.py, secagg_server.py
+                   Flower's SecAgg+ around the node's train handler and the FlowerTrainer
     loopback.py    a SuperLink and one SuperNode per group on 127.0.0.1, for tests, the
                    benchmark and trying a deployment on one machine
 
-Commands for a real deployment (SuperLink, one SuperNode per group, `flwr run`):
+The ServerApp and the simulation runtime that `main_fl.py --engine flower` starts live in
+orchestration/flower_server.py and orchestration/flower_simulation.py: they build the run
+loop and run folder, which this package may not import. Commands for a real deployment (SuperLink, one SuperNode per group, `flwr run`):
 docs/federation.md.
 """
