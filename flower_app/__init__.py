@@ -13,6 +13,6 @@
 
 The ServerApp and the simulation runtime that `main_fl.py --engine flower` starts live in
 orchestration/flower_server.py and orchestration/flower_simulation.py: they build the run
-loop and run folder, which this package may not import. Commands for a real deployment (SuperLink, one SuperNode per group, `flwr run`):
-docs/federation.md.
+loop and run folder, which this package may not import. Commands for a real deployment
+(SuperLink, one SuperNode per group, `flwr run`): docs/federation.md.
 """
