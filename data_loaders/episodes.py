@@ -99,8 +99,12 @@ def virtual_group(group: GroupData, tilt: float, gen: torch.Generator) -> GroupD
     direction u ~ N(0, I) of the embedding space drawn from `gen`. Every episode is then a group
     no one has seen, whose only trace is in its context answers, so a model cannot lower its loss
     by remembering the few training groups (docs/group_use.md). Only this group's data is read."""
-    u = torch.randn(group.x.shape[1], generator=gen).to(group.x.device)
-    return tilt_answers(group, u, tilt)
+    return tilt_answers(group, tilt_direction(group, gen).to(group.x.device), tilt)
+
+
+def tilt_direction(group: GroupData, gen: torch.Generator) -> torch.Tensor:
+    """The random direction of one virtual group: the only draw a tilted episode adds to `gen`."""
+    return torch.randn(group.x.shape[1], generator=gen)
 
 
 def tilt_answers(group: GroupData, u: torch.Tensor, tilt: float) -> GroupData:
@@ -135,8 +139,8 @@ def episode_token_counts(group: GroupData, sizes: EpisodeSizes, gen: torch.Gener
     for _ in range(steps):
         n_ctx, n_tar = sizes.draw(gen)
         c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
-        if sizes.virtual_tilt:  # the direction virtual_group draws, to stay in step with sample_episode
-            torch.randn(group.x.shape[1], generator=gen)
+        if sizes.virtual_tilt:  # stay in step with sample_episode's draws
+            tilt_direction(group, gen)
         out.append((int(q_sizes[c].sum()), int(q_sizes[t].sum())))
     return out
 
