@@ -21,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,17 @@ def test_secure_aggregation_on_superlink_and_supernodes_matches_the_in_process_e
 
 # --- the loopback command: signals and the printed run line -----------------------------------
 
+def settled_descendants(pid: int, every: float = 0.5) -> list[int]:
+    """The process's descendants once two reads `every` seconds apart agree (or after the stop deadline)."""
+    deadline, before = time.monotonic() + STOP_DEADLINE_S, None
+    while True:
+        now = sorted(descendants(pid))
+        if now == before or time.monotonic() > deadline:
+            return now
+        before = now
+        time.sleep(every)
+
+
 def our_processes(flwr_home: Path) -> list[int]:
     """Every process (whoever its parent now is) started with this FLWR_HOME in its environment."""
     needle = f"FLWR_HOME={flwr_home}".encode() + b"\0"
@@ -205,7 +217,7 @@ def test_loopback_command_stops_and_reaps_every_process_on_a_signal(tmp_path, si
         assert proc.poll() is None and any(READY in line for line in printed), "".join(printed)
         # SuperLink + its SuperExec, the SuperNode + its SuperExec (the SuperExecs start on their own)
         poll(lambda: len(descendants(proc.pid)) >= 4, STOP_DEADLINE_S, "the SuperExecs", every=0.1)
-        family = descendants(proc.pid)
+        family = settled_descendants(proc.pid)  # not a snapshot taken while a short-lived child exists
         assert set(family) <= set(our_processes(home))
         proc.send_signal(sig)
         rest, err = proc.communicate(timeout=STOP_DEADLINE_S)
