@@ -23,9 +23,8 @@ from .client import FitResult, GroupClient
 from .comm import pooling_bytes, round_comm
 from .server import ServerRules
 from .thread_engine import ThreadClientEngine, default_workers
-from .vmap_engine import VmapClientEngine
 
-CLIENT_ENGINES = ("auto", "loop", "threads", "vmap")
+CLIENT_ENGINES = ("auto", "loop", "threads")
 
 
 def init_global_state(model_cfg: GPOConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -80,24 +79,10 @@ def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOCo
 def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
     if engine not in CLIENT_ENGINES:
         raise ValueError(f"--client_engine {engine!r}: choose one of {', '.join(CLIENT_ENGINES)}")
-    if engine == "vmap" and model_cfg.precision != "fp32":
-        raise DataError(f"--precision {model_cfg.precision} does not work with --client_engine vmap: "
-                        "mixed dtypes do not compose with torch.func's grad under vmap (backward fails)",
-                        f"use --client_engine loop or threads with {model_cfg.precision}, or fp32 with vmap")
-    if engine in ("vmap", "threads") and model_cfg.dropout:
-        why = ("random ops under torch.func.vmap would need per-client RNG streams" if engine == "vmap" else
-               "dropout draws from torch's one global RNG, which concurrent clients would share")
-        raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine {engine}: {why}",
+    if engine == "threads" and model_cfg.dropout:
+        raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine threads: dropout draws "
+                        "from torch's one global RNG, which concurrent clients would share",
                         "use --client_engine loop with dropout (the paper uses --dropout 0)")
-
-
-def check_engine_strategy(engine: str, strategy) -> None:
-    """The vmap engine trains every client in one batched computation outside GroupClient.fit,
-    so it sends no fit config: no proximal term and no metrics for the strategy."""
-    if engine == "vmap" and (strategy.client_config(1).get("proximal_mu") or strategy.required_metrics):
-        raise DataError(f"--strategy {strategy.name} needs each client's fit config (proximal term or "
-                        "held-out alignment), which --client_engine vmap does not run",
-                        "use --client_engine loop or threads with this strategy")
 
 
 def check_min_clients(min_clients: int, sampled: int) -> None:
@@ -138,7 +123,7 @@ class FedAvgRound(ABC):
 class FedAvgTrainer(FedAvgRound):
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
-                 client_engine: str = "loop", vmap_chunk: int = 0, client_workers: int = 0,
+                 client_engine: str = "loop", client_workers: int = 0,
                  server: ServerRules | None = None):
         self.cfg, self.client_fraction = cfg, client_fraction
         self.server = server or ServerRules(weighting=weighting)
@@ -152,15 +137,11 @@ class FedAvgTrainer(FedAvgRound):
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
         check_client_engine(self.client_engine, model_cfg)
-        check_engine_strategy(self.client_engine, self.server.strategy)
-        self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if self.client_engine == "vmap" else None
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)
 
     def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> list[FitResult]:
         clients = [self.clients[n] for n in sampled]
-        if self.vmap is not None:
-            return self.vmap.fit(clients, self.global_state, round_, self.cfg.epochs, self.cfg.seed)
         if self.threads is not None:
             return self.threads.fit(clients, self.global_state, round_, fit_config)
         return [c.fit(self.model, self.global_state, round_, fit_config) for c in clients]
