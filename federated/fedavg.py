@@ -1,8 +1,5 @@
-"""FedAvg's round, shared by every engine, and FedAvg in one process (method.md §5).
-
-The server side only ever sees what a client returns (weights, counts, losses, per-question
-distances), so the Flower and SecAgg+ trainers run the same `FedAvgRound`, message for message.
-"""
+"""FedAvg's round, shared by every engine, and FedAvg in one process (method.md §5). The server sees only
+what a client returns (weights, counts, losses, distances), so Flower and SecAgg+ run the same round."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -49,14 +46,13 @@ def make_diagnostics(model: GPO, cfg: ClientConfig, eval_clients: dict, train_cl
 
 
 def check_replies(round_: int, results: list[FitResult]) -> None:
-    """A NaN/inf loss or weight from any client stops the run, naming it, before aggregation
-    would spread it to every client (DivergenceError; the run folder is marked failed)."""
+    """A NaN/inf loss or weight stops the run naming the client (DivergenceError), before aggregation spreads it."""
     for r in sorted(results, key=lambda r: r.name):
         check_finite(round_, r.name, r.losses, r.state)
 
 
 def round_stats(losses: dict[str, list[float]], points: int) -> dict:
-    """The loop's per-round record of a federated round: each replying client's local losses, their points."""
+    """The loop's record of a round: each replying client's mean local loss, steps and points."""
     per_client = {n: sum(v) / len(v) for n, v in sorted(losses.items())}
     return {"train_loss": sum(per_client.values()) / len(per_client),
             "train_loss_per_client": per_client,
@@ -66,9 +62,8 @@ def round_stats(losses: dict[str, list[float]], points: int) -> dict:
 
 
 def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOConfig) -> str:
-    """`auto`: threads on a CPU where torch may use more than one thread (faster there, see
-    thread_engine.py), loop on a GPU (one device runs one client's kernels at a time anyway)
-    and wherever threads are refused."""
+    """`auto`: threads on a CPU where torch may use more than one thread (thread_engine.py), else loop
+    (a GPU runs one client's kernels at a time anyway)."""
     if requested != "auto":
         return requested
     if device.type == "cpu" and default_workers() > 1 and not model_cfg.dropout:
@@ -92,11 +87,9 @@ def check_min_clients(min_clients: int, sampled: int) -> None:
 
 
 class FedAvgRound(ABC):
-    """One FedAvg round: sample, fit the sampled clients, check their replies, aggregate, stats.
-
-    A trainer holds train_names, client_fraction, cfg, server and global_state and says how the
-    sampled clients are fitted; SecAgg+, whose server gets one sum, not each client's weights,
-    also aggregates its own way."""
+    """One FedAvg round: sample, fit, check the replies, aggregate, stats. A trainer holds train_names,
+    client_fraction, cfg, server and global_state and fits the sampled clients its way (SecAgg+, whose
+    server gets one sum, also aggregates its own way)."""
     method = "fedavg"
 
     def train_round(self, round_: int) -> dict:

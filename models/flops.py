@@ -1,10 +1,8 @@
-"""Analytic FLOPs of GPO: what the benchmark reports as achieved GFLOP/s, and the cost
-estimate the threads client engine schedules by (largest client first).
+"""Analytic FLOPs of GPO: what the benchmark reports as achieved GFLOP/s, and the cost estimate the threads client
+engine schedules by (largest client first).
 
-Matrix products only: biases, LayerNorm, softmax, activations, the loss and Adam grow as
-T·d, not T·d². benchmarks/README.md gives the table; tests/test_bench.py checks it by hand
-and against torch's FlopCounterMode.
-"""
+Matrix products only: biases, LayerNorm, softmax, activations, the loss and Adam grow as T·d, not T·d².
+benchmarks/README.md gives the table; tests/test_bench.py checks it by hand and against torch's FlopCounterMode."""
 from __future__ import annotations
 
 TRAIN_FACTOR = 3  # forward + backward ≈ 3 forward passes (backward = grads of inputs and of weights)
@@ -28,9 +26,8 @@ def first_layer_x_macs(cfg, n_ctx: int, n_tgt: int) -> int:
 def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
     """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points.
 
-    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)).
-    The last layer computes target rows only (GPO.encode_targets).
-    """
+    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)). The last layer
+    computes target rows only (GPO.encode_targets)."""
     d, ff, tokens = cfg.d_model, cfg.dim_feedforward, n_ctx + n_tgt
     embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
     if getattr(cfg, "context_answer", "concat") == "product":  # (y·x)·W_p, context points only

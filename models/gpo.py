@@ -1,11 +1,9 @@
 """GPO: a transformer neural process over (option embedding, group probability) points.
 
-method.md §3. Every token attends only to real context tokens, so the layer is computed
-as attention with queries = [context; targets] and keys/values = context: the same
-numbers as the full self-attention with the GPO mask, without the target-target block
-(cost O((Nc+Nt)·Nc) instead of O((Nc+Nt)^2)). Targets never see each other, which is why
-scoring all of a group's questions in one pass equals scoring them one at a time.
-"""
+method.md §3. Every token attends only to real context tokens, so the layer is computed as attention with queries =
+[context; targets] and keys/values = context: the same numbers as the full self-attention with the GPO mask, without
+the target-target block (cost O((Nc+Nt)·Nc) instead of O((Nc+Nt)^2)). Targets never see each other, which is why
+scoring all of a group's questions in one pass equals scoring them one at a time."""
 from __future__ import annotations
 
 import math
@@ -56,9 +54,8 @@ class GPOConfig:
 class Episode:
     """A padded batch of B episodes. Masks are True for real points.
 
-    tgt_seg gives each target point its question's index within the episode; padded
-    target points carry any valid index, their mask keeps them out of every sum.
-    """
+    tgt_seg gives each target point its question's index within the episode; padded target points carry any valid
+    index, their mask keeps them out of every sum."""
 
     xc: torch.Tensor        # [B, Nc, D]
     yc: torch.Tensor        # [B, Nc]
@@ -86,8 +83,7 @@ def mlp(dim_in: int, dim_hid: int, dim_out: int, depth: int) -> nn.Sequential:
 class ContextAttentionLayer(nn.Module):
     """Post-norm transformer layer (as nn.TransformerEncoderLayer, ReLU) whose keys are the context.
 
-    Parameter names match nn.TransformerEncoderLayer so weights move between the two.
-    """
+    Parameter names match nn.TransformerEncoderLayer so weights move between the two."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
@@ -146,11 +142,9 @@ class GPO(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x·W_x + b, the embedder's first layer without the y column, for points given once.
 
-        Evaluation embeds a whole group's points with it and then gathers 128-wide rows,
-        instead of gathering 4096-wide embeddings into an episode first. With
-        context_answer "product" the rows are [x·W_x + b, x·W_p] (2·d_model wide): y·(x·W_p)
-        is the product term (y·x)·W_p, so it needs no raw x either.
-        """
+        Evaluation embeds a whole group's points with it and then gathers 128-wide rows, instead of gathering
+        4096-wide embeddings into an episode first. With context_answer "product" the rows are [x·W_x + b, x·W_p]
+        (2·d_model wide): y·(x·W_p) is the product term (y·x)·W_p, so it needs no raw x either."""
         with self._autocast(x):
             h = self._x_linear(x)
             return torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
@@ -167,9 +161,8 @@ class GPO(nn.Module):
     def embed(self, x: torch.Tensor, y: torch.Tensor | None, projected: bool = False) -> torch.Tensor:
         """The embedder MLP on [x, y] (y = 0 for targets), without building [x, y].
 
-        The first layer is split as x·W_x + y·w_y: concatenating a column to thousands of
-        embedding dimensions would copy the whole episode once more per forward pass.
-        """
+        The first layer is split as x·W_x + y·w_y: concatenating a column to thousands of embedding dimensions would
+        copy the whole episode once more per forward pass."""
         first, dim_x = self.embedder[0], self.config.dim_x
         if self.product:
             d = first.weight.shape[0]
@@ -235,13 +228,12 @@ class GPO(nn.Module):
 
 
 class FirstLayer(torch.autograd.Function):
-    """The embedder's first layer on context and targets at once: [x, y]·Wᵀ + b with y = 0
-    for targets, without building [x, y] and without slicing W in autograd.
+    """The embedder's first layer on context and targets at once: [x, y]·Wᵀ + b with y = 0 for targets, without
+    building [x, y] and without slicing W in autograd.
 
-    Autograd through `W[:, :dim_x]` and `W[:, dim_x]` allocates a zeroed [d, dim_x + 1]
-    gradient per slice and per call (context, targets) and copies into it, about 6% of a
-    paper-scale step; here the weight gradient is written once, in place, with BLAS.
-    """
+    Autograd through `W[:, :dim_x]` and `W[:, dim_x]` allocates a zeroed [d, dim_x + 1] gradient per slice and per
+    call (context, targets) and copies into it, about 6% of a paper-scale step; here the weight gradient is written
+    once, in place, with BLAS."""
 
     @staticmethod
     def forward(ctx, xc, yc, xt, weight, bias):
@@ -266,8 +258,7 @@ class FirstLayer(torch.autograd.Function):
 def segment_softmax(values: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, num_seg: int) -> torch.Tensor:
     """Softmax of `values` within each (row, segment); masked entries get 0.
 
-    Vectorised with scatter: row b's segment s becomes flat bucket b*num_seg + s.
-    """
+    Vectorised with scatter: row b's segment s becomes flat bucket b*num_seg + s."""
     B, N = values.shape
     bucket = (seg + torch.arange(B, device=seg.device)[:, None] * num_seg).reshape(-1)
     flat = values.masked_fill(~mask, -torch.inf).reshape(-1)

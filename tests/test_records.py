@@ -283,7 +283,7 @@ def test_a_record_or_run_with_a_retired_setting_is_refused_naming_it(copied, cap
     folder = tmp_path / "interrupted"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(vmap))
-    with pytest.raises(DataError, match="used a setting this code no longer runs: client_engine: 'vmap' was retired"):
+    with pytest.raises(DataError, match="no longer runs: client_engine: 'vmap' was retired"):
         resume.plan_run("fedavg", argparse.Namespace(resume=True), {**vmap, "client_engine": "loop"}, out_dir=folder)
 
 
