@@ -417,13 +417,9 @@ def build_dp(cfg: PrivacyConfig, strategy: Strategy, num_train_clients: int, rou
     z = cfg.noise
     if z is None:
         z = noise_for_epsilon(cfg.epsilon, cfg.delta, rounds, rate)
-    secure = bool(cfg.secure_noise)
-    adaptive = dict(clip_quantile=cfg.clip_quantile, clip_lr=cfg.clip_lr, count_std=cfg.clip_count_std)
-    if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
-        return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=0.0, seed=seed, num_sampled=m,
-                        secure_noise=secure, **adaptive)
-    accountant = PrivacyAccountant(z, rate, cfg.delta)
-    if cfg.epsilon is not None:
+    accountant = None if z == 0 else PrivacyAccountant(z, rate, cfg.delta)  # z = 0: clipping only, ε = ∞ not logged
+    if accountant is not None and cfg.epsilon is not None:
         check_budget(accountant, rounds, cfg.epsilon)
-    return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=z, seed=seed, num_sampled=m,
-                    accountant=accountant, max_epsilon=cfg.epsilon, secure_noise=secure, **adaptive)
+    return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=z, seed=seed, num_sampled=m, accountant=accountant,
+                    max_epsilon=cfg.epsilon, secure_noise=bool(cfg.secure_noise), clip_quantile=cfg.clip_quantile,
+                    clip_lr=cfg.clip_lr, count_std=cfg.clip_count_std)

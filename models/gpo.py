@@ -122,18 +122,16 @@ class GPO(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if c.context_answer not in CONTEXT_ANSWERS:
-            raise ValueError(f"context_answer {c.context_answer!r}: choose one of {', '.join(CONTEXT_ANSWERS)}")
+        for name, choices in (("context_answer", CONTEXT_ANSWERS), ("layer_init", LAYER_INITS),
+                              ("loss_reduction", LOSS_REDUCTIONS)):
+            if getattr(c, name) not in choices:
+                raise ValueError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(choices)}")
         self.product = c.context_answer == "product"
         self.embedder = mlp(c.input_dim, c.d_model, c.d_model, c.emb_depth)
         self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)
                                     for _ in range(c.num_layers))
         self.predictor = nn.Sequential(nn.Linear(c.d_model, c.dim_feedforward), nn.ReLU(),
                                        nn.Linear(c.dim_feedforward, c.dim_y * 2))
-        if c.layer_init not in LAYER_INITS:
-            raise ValueError(f"layer_init {c.layer_init!r}: choose one of {', '.join(LAYER_INITS)}")
-        if c.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction {c.loss_reduction!r}: choose one of {', '.join(LOSS_REDUCTIONS)}")
         if c.layer_init == "clones":
             # nn.TransformerEncoder deep-copies the layer it is given, so all layers start equal.
             for layer in self.layers[1:]:
