@@ -140,21 +140,12 @@ def peak_rss_mb() -> float:
 
 # --- machine ------------------------------------------------------------------------
 
-def memory_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    return None
-
-
 def machine_info(device: torch.device) -> dict:
     env = environment_info()
     info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "memory_gb": memory_gb(), "python": platform.python_version(), "platform": platform.platform(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),  # MemTotal
+            "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
             "device_name": cpu_model(), "cuda": torch.version.cuda, "cuda_device": None,
             "float32_matmul_precision": torch.get_float32_matmul_precision(),

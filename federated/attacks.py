@@ -43,22 +43,21 @@ def corrupt_state(global_state: Tensors, client_state: Tensors, attack: str, *, 
                          "gaussian); alie and ipm need the round's honest updates (corrupt_replies)")
     if attack == "gaussian" and gen is None:
         raise ValueError("the gaussian attack needs a generator")
-    out = {}
-    for key in sorted(client_state):
-        wk = client_state[key]
-        if not wk.is_floating_point():
-            out[key] = wk.clone()
-            continue
-        w, w_k = global_state[key].to(torch.float64), wk.to(torch.float64)
+
+    def new(key: str) -> torch.Tensor:
+        w, w_k = global_state[key].to(torch.float64), client_state[key].to(torch.float64)
         if attack == "sign_flip":
-            new = w - scale * (w_k - w)
-        elif attack == "scale":
-            new = w + scale * (w_k - w)
-        else:
-            noise = torch.randn(wk.shape, generator=gen, dtype=torch.float64)
-            new = w_k + std * noise.to(wk.device)
-        out[key] = new.to(wk.dtype)
-    return out
+            return w - scale * (w_k - w)
+        if attack == "scale":
+            return w + scale * (w_k - w)
+        return w_k + std * torch.randn(w_k.shape, generator=gen, dtype=torch.float64).to(w_k.device)
+    return per_key(client_state, new)
+
+
+def per_key(ref: Tensors, new) -> Tensors:
+    """new(key) for each floating tensor of `ref` in sorted key order (float64, cast back to its dtype);
+    other tensors copied."""
+    return {k: new(k).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in sorted(ref.items())}
 
 
 def alie_z(n: int, m: int) -> float:
@@ -75,21 +74,13 @@ def in_range_state(global_state: Tensors, honest: Sequence[Tensors], attack: str
     """The weights every ALIE (w + μ - z·σ) or IPM (w - ε·μ) attacker sends, from the honest states."""
     if attack not in IN_RANGE or not honest:
         raise ValueError(f"in_range_state needs --attack alie or ipm and at least one honest state, got {attack!r}")
-    out = {}
-    for key in sorted(honest[0]):
-        ref = honest[0][key]
-        if not ref.is_floating_point():
-            out[key] = ref.clone()
-            continue
+
+    def new(key: str) -> torch.Tensor:
         w = global_state[key].to(torch.float64)
         updates = torch.stack([h[key].to(torch.float64) - w for h in honest])
         mu = updates.mean(dim=0)
-        if attack == "alie":
-            new = w + mu - z * updates.std(dim=0, correction=0)
-        else:
-            new = w - eps * mu
-        out[key] = new.to(ref.dtype)
-    return out
+        return w + mu - z * updates.std(dim=0, correction=0) if attack == "alie" else w - eps * mu
+    return per_key(honest[0], new)
 
 
 def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequence[str], attack: str, *,

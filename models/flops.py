@@ -18,11 +18,6 @@ def layer_macs(cfg, n_query: int, n_ctx: int) -> int:
             + 2 * n_query * d * ff)        # feed-forward, two linears
 
 
-def first_layer_x_macs(cfg, n_ctx: int, n_tgt: int) -> int:
-    """The embedder's x·W_x: the one product whose input (the data) needs no gradient."""
-    return (n_ctx + n_tgt) * cfg.dim_x * cfg.d_model
-
-
 def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
     """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points.
 
@@ -40,5 +35,5 @@ def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
 def train_flops(cfg, n_ctx: int, n_tgt: int) -> int:
     """FLOPs of one training step, 2 per multiply-add: TRAIN_FACTOR forward passes' worth for
     every product, except x·W_x, whose backward is the weight gradient alone (2 passes)."""
-    first = first_layer_x_macs(cfg, n_ctx, n_tgt)
+    first = (n_ctx + n_tgt) * cfg.dim_x * cfg.d_model  # x·W_x: its input (the data) needs no gradient
     return 2 * (TRAIN_FACTOR * (forward_macs(cfg, n_ctx, n_tgt) - first) + 2 * first)
