@@ -19,7 +19,8 @@ from data_loaders.schema import DataError
 from utils.seeding import generator
 
 from .aggregation import Tensors
-from .strategies import ALIGNMENT_KEY, StrategyConfig  # ALIGNMENT_KEY: the metric report_score lies about
+from .client import HELDOUT_ALIGNMENT  # the metric report_score lies about
+from .strategies import StrategyConfig
 
 ATTACKS = ("sign_flip", "gaussian", "scale", "alie", "ipm", "report_score")
 IN_RANGE = ("alie", "ipm")        # computed from the honest updates of the round
@@ -99,7 +100,7 @@ def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequenc
     for r in replies:
         if r.name in bad:
             if attack == "report_score":
-                r = dataclasses.replace(r, metrics={**(getattr(r, "metrics", None) or {}), ALIGNMENT_KEY: report})
+                r = dataclasses.replace(r, metrics={**(getattr(r, "metrics", None) or {}), HELDOUT_ALIGNMENT: report})
             elif sent is not None:
                 r = dataclasses.replace(r, state={k: v.clone() for k, v in sent.items()})
             else:

@@ -15,13 +15,13 @@ from data_loaders.schema import DataError
 
 from .aggregation import Tensors, aggregation_weights, float_keys, weighted_average
 from .aggregation import aggregate as fedavg_aggregate
+from .client import HELDOUT_ALIGNMENT
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median")
 SERVER_OPTS = ("none", "sgd", "adam", "yogi")
 # sgd 1.0 is FedAvg itself; adam/yogi move a coordinate by at most about server_lr per round
 # (|m|/(sqrt(v)+tau) <= ~1), so 1e-3 is about one round of client progress (6 Adam steps at 3e-4).
 DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 1e-3, "yogi": 1e-3}
-ALIGNMENT_KEY = "heldout_alignment"
 QFFL_MIN_LOSS = 1e-10  # F_k floor: with every client perfect (F = 0) the weights ω_k F_k^q would sum to 0
 DEFAULT_MAX_WEIGHT_RATIO = 3.0  # one liar of 10 under adaptive: weight 0.997 uncapped, 0.3 capped
 
@@ -95,12 +95,12 @@ def reported_score(reply) -> tuple[float, bool]:
     """(the client's held-out alignment clamped to [0, 1], whether it had to be). Outside [0, 1] a score
     is a lie or a bug, and unclamped it would buy the client all the weight (AS = -50 under adaptive)."""
     metrics = getattr(reply, "metrics", None) or {}
-    if ALIGNMENT_KEY not in metrics:
-        raise ValueError(f"client {reply.name!r} sent no {ALIGNMENT_KEY!r} metric, which this strategy needs "
+    if HELDOUT_ALIGNMENT not in metrics:
+        raise ValueError(f"client {reply.name!r} sent no {HELDOUT_ALIGNMENT!r} metric, which this strategy needs "
                          "(the client reports it when the strategy lists it in required_metrics)")
-    value = float(metrics[ALIGNMENT_KEY])
+    value = float(metrics[HELDOUT_ALIGNMENT])
     if not math.isfinite(value):
-        raise DataError(f"client {reply.name!r} reported {ALIGNMENT_KEY} = {value}: a non-finite score is refused, "
+        raise DataError(f"client {reply.name!r} reported {HELDOUT_ALIGNMENT} = {value}: a non-finite score is refused, "
                         "not clamped (it is a broken or lying client)",
                         "check that client's held-out questions, or leave it out of --train_groups")
     clamped = min(max(value, 0.0), 1.0)
@@ -253,7 +253,7 @@ class Strategy:
     @property
     def required_metrics(self) -> tuple[str, ...]:
         """Metrics each client must put in its reply (computed only when listed)."""
-        return (ALIGNMENT_KEY,) if self.cfg.name in ("qfedavg", "adaptive") else ()
+        return (HELDOUT_ALIGNMENT,) if self.cfg.name in ("qfedavg", "adaptive") else ()
 
     def client_config(self, round_: int) -> dict:
         return {"proximal_mu": self.cfg.proximal_mu} if self.cfg.name == "fedprox" else {}
