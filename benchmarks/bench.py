@@ -87,8 +87,9 @@ def cli_argv(point: dict) -> list[str]:
             "--syn_questions", str(point["questions"]), "--syn_min_options", str(point["min_options"]),
             "--syn_max_options", str(point["max_options"]), "--syn_dim", str(point["dim"]),
             "--train_groups", ",".join(names[:n_train]), "--eval_groups", ",".join(names[n_train:]),
-            "--epochs", str(point["epochs"]), "--device", point["device"], "--wandb", "off", "--quiet",
-            "--client_engine", point["engine"], "--precision", point["precision"]]
+            "--epochs", str(point["epochs"]), "--device", point["device"], "--wandb", "off", "--quiet"]
+    for flag, key in (("--client_engine", "engine"), ("--precision", "precision")):  # benchmarks.ab passes neither
+        argv += [flag, point[key]] if key in point else []
     return argv + shlex.split(point.get("cli_args", ""))
 
 
