@@ -5,7 +5,7 @@ measured. Here both trainers live in one process on the same synthetic data, and
 rounds alternate (A, B, A, B, ...), so slow phases of the machine hit both alike; each
 round of A and B trains on the same episodes (same seeds). Prints JSON.
 
-    python -m benchmarks.ab --scale paper --a "--precision fp32" --b "--precision bf16_input"
+    python -m benchmarks.ab --scale paper --a "--precision fp32" --b "--precision bf16"
     python -m benchmarks.ab --scale paper --a "--client_engine loop" --b "--client_engine threads"
 """
 from __future__ import annotations

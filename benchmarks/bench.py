@@ -7,7 +7,7 @@ fresh subprocess (`--one-scale`), so its peak RSS is its own. Commands and the m
 of every number: benchmarks/README.md.
 
     python -m benchmarks.bench --scale paper --save
-    python -m benchmarks.bench --scale clients --engines loop,vmap --precisions fp32,bf16 --save
+    python -m benchmarks.bench --scale paper --engines threads,loop --precisions fp32,bf16 --save
     python -m benchmarks.bench --markdown
 """
 from __future__ import annotations
@@ -35,9 +35,8 @@ import torch
 
 from benchmarks.plot import RESULTS_DIR, write_markdown
 from data_loaders.datasets import prepare_experiment
-from data_loaders.synthetic import group_names as names
+from data_loaders.synthetic import group_names
 from models.flops import train_flops
-from models.gpo import GPO
 from orchestration.cli import build_parser as run_parser
 from orchestration.experiment import check_flags, check_question_counts, make_trainer, validate
 from training.config import client_config, model_config, resolve_metric
@@ -80,10 +79,6 @@ SCALES: dict[str, Scale] = {
 }
 
 
-def group_names(n: int) -> list[str]:
-    return names(n)
-
-
 def cli_argv(point: dict) -> list[str]:
     """The main_fl.py flags of one benchmark point: synthetic data, explicit group lists."""
     n_train, n_eval = point["clients"], point["eval_clients"]
@@ -93,17 +88,9 @@ def cli_argv(point: dict) -> list[str]:
             "--syn_max_options", str(point["max_options"]), "--syn_dim", str(point["dim"]),
             "--train_groups", ",".join(names[:n_train]), "--eval_groups", ",".join(names[n_train:]),
             "--epochs", str(point["epochs"]), "--device", point["device"], "--wandb", "off", "--quiet"]
-    if point.get("engine_flag"):
-        argv += ["--client_engine", point["engine"]]
-    if point.get("precision_flag"):
-        argv += ["--precision", point["precision"]]
+    for flag, key in (("--client_engine", "engine"), ("--precision", "precision")):  # benchmarks.ab passes neither
+        argv += [flag, point[key]] if key in point else []
     return argv + shlex.split(point.get("cli_args", ""))
-
-
-def optional_flag(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | None:
-    """The parser's action for `flag`, or None when this checkout does not have it yet."""
-    # argparse has no public lookup by option string; this mapping is stable since Python 2.7.
-    return parser._option_string_actions.get(flag)
 
 
 # --- timing -------------------------------------------------------------------------
@@ -154,21 +141,12 @@ def peak_rss_mb() -> float:
 
 # --- machine ------------------------------------------------------------------------
 
-def memory_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    return None
-
-
 def machine_info(device: torch.device) -> dict:
     env = environment_info()
     info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "memory_gb": memory_gb(), "python": platform.python_version(), "platform": platform.platform(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),  # MemTotal
+            "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
             "device_name": cpu_model(), "cuda": torch.version.cuda, "cuda_device": None,
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -187,12 +165,6 @@ def device_slug(info: dict) -> str:
 
 # --- one scale point (child process) ------------------------------------------------
 
-def scratch_model(trainer, model_cfg, device):
-    """The trainer's compute model when it has one (it carries any precision setting), else a new GPO."""
-    model = getattr(trainer, "model", None)
-    return model if model is not None else GPO(model_cfg).to(device)
-
-
 def measure_local_step(trainer, model, cfg, model_cfg, repeats: int, device) -> dict:
     """Local steps of one client on the loop path: GroupClient.fit time / epochs."""
     _, client = min(trainer.clients.items())
@@ -209,30 +181,14 @@ def measure_local_step(trainer, model, cfg, model_cfg, repeats: int, device) -> 
             "mean_tgt_points": sum(t for _, t in points) / len(points)}
 
 
-def round_flops(trainer, cfg, model_cfg, names: list[str], round_: int) -> tuple[int, int]:
-    """(useful FLOPs, FLOPs with every client's step padded to that step's largest episode).
-
-    The second is what the vmap engine computes: it stacks all clients' episodes of a step.
-    """
-    eps = [trainer.clients[n].round_episodes(round_) for n in names]
-    useful = sum(train_flops(model_cfg, c, t) for e in eps for c, t in e)
-    padded = sum(len(names) * train_flops(model_cfg, max(e[i][0] for e in eps), max(e[i][1] for e in eps))
-                 for i in range(cfg.epochs))
-    return useful, padded
-
-
-def measure_rounds(trainer, cfg, model_cfg, rounds: int, device, engine: str) -> dict:
+def measure_rounds(trainer, model_cfg, rounds: int, device) -> dict:
     runs = repeat_timed(trainer.train_round, rounds, device)
-    counts = [round_flops(trainer, cfg, model_cfg, stats.get("clients") or sorted(trainer.clients), r)
-              for r, (stats, _) in enumerate(runs, start=2)]
+    flops = [sum(train_flops(model_cfg, c, t) for n in stats["clients"]
+                 for c, t in trainer.clients[n].round_episodes(r)) for r, (stats, _) in enumerate(runs, start=2)]
     secs = [s for _, s in runs]
-    useful = [u for u, _ in counts]
-    out = {"fedavg_round_s": statistics.mean(secs), "fedavg_round_median_s": statistics.median(secs),
-           "fedavg_round_samples_s": secs,
-           "gflop_per_round": sum(useful) / len(useful) / 1e9, "round_gflops": sum(useful) / sum(secs) / 1e9}
-    if engine == "vmap":
-        out["gflop_per_round_padded"] = sum(p for _, p in counts) / len(counts) / 1e9
-    return out
+    return {"fedavg_round_s": statistics.mean(secs), "fedavg_round_median_s": statistics.median(secs),
+            "fedavg_round_samples_s": secs,
+            "gflop_per_round": sum(flops) / len(flops) / 1e9, "round_gflops": sum(flops) / sum(secs) / 1e9}
 
 
 def measure_eval(trainer, model, repeats: int, device) -> dict:
@@ -303,15 +259,13 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
     measure = set(point["measure"])
     if measure & {"step", "round", "eval"}:
         trainer = make_trainer("fedavg", args, data, cfg, device)
-        model = scratch_model(trainer, model_cfg, device)
-        # `auto` resolves per machine: record the engine that ran
-        rec["engine_requested"], rec["engine"] = point["engine"], getattr(trainer, "client_engine", point["engine"])
+        model = trainer.model
+        rec["engine_requested"], rec["engine"] = point["engine"], trainer.client_engine  # `auto` resolves per machine
         if "step" in measure:
             stage(rec, "local steps", lambda: measure_local_step(trainer, model, cfg, model_cfg, point["repeats"],
                                                                  device))
         if "round" in measure:
-            stage(rec, "fedavg rounds", lambda: measure_rounds(trainer, cfg, model_cfg, point["rounds"], device,
-                                                               rec["engine"]))
+            stage(rec, "fedavg rounds", lambda: measure_rounds(trainer, model_cfg, point["rounds"], device))
         if "eval" in measure:
             stage(rec, "evaluation", lambda: measure_eval(trainer, model, point["repeats"], device))
         del trainer, model
@@ -356,20 +310,14 @@ def run_child(point: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def resolve_variants(parser: argparse.ArgumentParser, flag: str, requested: str | None,
-                     fallback: str) -> list[tuple[str, bool]]:
-    """[(label, pass the flag?)] for --engines / --precisions, checked against orchestration/cli.py."""
-    action = optional_flag(parser, flag)
-    if action is None:
-        if requested and requested.split(",") != [fallback]:
-            raise SystemExit(f"error: this checkout's orchestration/cli.py has no {flag}; "
-                             f"leave out the list (only {fallback} exists here)")
-        return [(fallback, False)]
+def variants(parser: argparse.ArgumentParser, flag: str, requested: str | None) -> list[str]:
+    """The values of --engines / --precisions (default: main_fl.py's default), checked against its choices."""
+    action = next(a for a in parser._actions if flag in a.option_strings)
     values = requested.split(",") if requested else [action.default]
-    bad = [v for v in values if action.choices and v not in action.choices]
+    bad = [v for v in values if v not in action.choices]
     if bad:
         raise SystemExit(f"error: {flag} {bad[0]!r} is not one of {', '.join(action.choices)}")
-    return [(v, True) for v in values]
+    return values
 
 
 def scale_points(opts: argparse.Namespace) -> list[dict]:
@@ -386,12 +334,12 @@ def scale_points(opts: argparse.Namespace) -> list[dict]:
         over["measure"] = tuple(opts.measure.split(","))
     sc = dataclasses.replace(sc, **over)
     parser = run_parser("fedavg")
-    engines = resolve_variants(parser, "--client_engine", opts.engines, "loop")
-    precisions = resolve_variants(parser, "--precision", opts.precisions, "fp32")
+    engines = variants(parser, "--client_engine", opts.engines)
+    precisions = variants(parser, "--precision", opts.precisions)
     base = {k: v for k, v in dataclasses.asdict(sc).items() if k != "clients"}
-    return [{"scale": opts.scale, **base, "clients": n, "engine": e, "engine_flag": ef, "precision": p,
-             "precision_flag": pf, "device": opts.device, "threads": opts.threads, "cli_args": opts.cli_args}
-            for n in sc.clients for e, ef in engines for p, pf in precisions]
+    return [{"scale": opts.scale, **base, "clients": n, "engine": e, "precision": p, "device": opts.device,
+             "threads": opts.threads, "cli_args": opts.cli_args}
+            for n in sc.clients for e in engines for p in precisions]
 
 
 def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
@@ -468,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--central_epochs", type=int, default=None, help="timed centralized epochs per mode (+1 warm-up)")
     p.add_argument("--repeats", type=int, default=None, help="timed local-step fits and evaluations (+1 warm-up)")
     p.add_argument("--measure", default=None, help=f"comma-separated subset of {','.join(MEASURES)}")
-    p.add_argument("--engines", default=None, help="comma-separated --client_engine values (if orchestration/cli.py has it)")
-    p.add_argument("--precisions", default=None, help="comma-separated --precision values (if orchestration/cli.py has it)")
+    p.add_argument("--engines", default=None, help="comma-separated --client_engine values (default: its default)")
+    p.add_argument("--precisions", default=None, help="comma-separated --precision values (default: its default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")

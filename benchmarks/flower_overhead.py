@@ -1,19 +1,11 @@
 """What a round costs on each engine: in-process, Flower simulation, Flower deployment on loopback.
 
-The same small synthetic experiment (2 training groups + 1 evaluation group) runs
-    inprocess       FedAvgTrainer in this process (the computation itself),
-    simulation      `main_fl.py --engine flower` in a fresh process (thread backend),
-    simulation_ray  the same with `--sim_backend ray` (Ray worker processes),
-    deployment      a SuperLink + 3 SuperNodes on 127.0.0.1, started with `flwr run`,
-    simulation_secagg  the simulation with --secagg, on 3 training groups (SecAgg+ needs 3),
-and each reports the wall time of every training round (send weights, local steps on
-every client, replies, aggregation) and of every evaluation, and the bytes a round moves
-(federated/comm.py: down to the clients, up from them, and per client). The first round of the
-Flower engines also pays for warm-up (workers importing torch, nodes loading data), so
-it is reported apart and the per-round figures are medians over the later rounds.
-Every engine computes with --threads torch threads per process (default 1, what Flower's
-Ray workers use): on a small shared CPU, more threads than free cores make OpenMP spin
-and turn a 0.05 s round into seconds, which would drown the overhead being measured.
+The same small synthetic experiment (2 training groups + 1 evaluation group) runs in process, through
+`main_fl.py --engine flower` (thread and Ray backends, and with --secagg on 3 training groups), and on a
+SuperLink + 3 SuperNodes on 127.0.0.1; each reports the wall time of every round and evaluation and the
+bytes a round moves (federated/comm.py). Flower's first round pays for warm-up, so per-round figures are
+medians over the later rounds. Every engine uses --threads torch threads per process (default 1, as
+Flower's Ray workers): more threads than free cores make OpenMP spin and drown the overhead measured.
 Prints JSON; --save writes benchmarks/results/flower_overhead_cpu.json.
 
     python -m benchmarks.flower_overhead --save

@@ -21,7 +21,6 @@ cat "$OUT/env.txt"
 timeout 200 $PY -m pytest -q -rs -p no:cacheprovider tests/test_metrics.py tests/test_model.py tests/test_engines.py \
   2>&1 | tee "$OUT/pytest.log"
 echo "pytest exit ${PIPESTATUS[0]}"
-# vmap runs fp32 only (bf16 is refused there), so it gets its own file (_vmap).
 run_bench() {  # seconds, then bench flags; the log lines of every point land in bench.log
   local secs=$1; shift
   echo "== bench $*" >> "$OUT/bench.log"
@@ -30,6 +29,5 @@ run_bench() {  # seconds, then bench flags; the log lines of every point land in
   echo "== exit $? (bench $*)" | tee -a "$OUT/bench.log"
 }
 run_bench 150 --scale "$PAPER" --engines loop --precisions fp32,bf16
-run_bench 90 --scale "$PAPER" --engines vmap --precisions fp32 --tag vmap
-run_bench 200 --scale "$CLIENTS" --engines loop,vmap
+run_bench 200 --scale "$CLIENTS" --engines loop
 ls -la "$OUT"

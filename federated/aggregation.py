@@ -1,17 +1,29 @@
-"""FedAvg aggregation as pure functions (method.md §5): θ ← Σ_g p_g θ_g.
-
-The weighting modes:
-  dataset_size   p_g ∝ the client's number of local training questions (paper)
-  episode_points p_g ∝ points in the client's first local episode of the round (released code)
-  uniform        p_g = 1 / #clients
-"""
+"""FedAvg aggregation as pure functions (method.md §5): θ ← Σ_g p_g θ_g, p_g ∝ the client's local
+training questions (dataset_size, paper), the points of its first local episode of the round
+(episode_points, released code) or equal (uniform); and the float64 helpers the other rules share."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 WEIGHTINGS = ("dataset_size", "episode_points", "uniform")
+Tensors = dict[str, torch.Tensor]
+
+
+def float_keys(state: Tensors) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def client_update(global_state: Tensors, client_state: Tensors) -> Tensors:
+    """Δ = θ_k - θ over the floating tensors, in float64."""
+    return {k: client_state[k].to(torch.float64) - global_state[k].to(torch.float64) for k in float_keys(global_state)}
+
+
+def l2_norm(update: Tensors) -> float:
+    """||Δ||₂ over all tensors jointly, keys in sorted order."""
+    return math.sqrt(sum(float(update[k].pow(2).sum()) for k in sorted(update)))
 
 
 def aggregation_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float],
@@ -32,11 +44,8 @@ def aggregation_weights(dataset_sizes: Sequence[float], episode_points: Sequence
 
 
 def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Σ_g w_g · state_g per tensor, accumulated in float64 and cast back to each tensor's dtype.
-
-    Clients are summed in the given order; callers pass them in a canonical order (sorted
-    by client name) so the result never depends on who replied first.
-    """
+    """Σ_g w_g · state_g per tensor in float64, cast back to each dtype; clients summed in the given
+    order (callers sort them by name, so the result never depends on who replied first)."""
     if len(states) != len(weights) or not states:
         raise ValueError("need one weight per state and at least one state")
     out = {}
@@ -66,7 +75,7 @@ def num_sampled_clients(num_clients: int, fraction: float) -> int:
 
 
 def sample_clients(names: Sequence[str], fraction: float, gen: torch.Generator) -> list[str]:
-    """num_sampled_clients clients without replacement, returned in name order."""
+    """num_sampled_clients clients without replacement, in name order."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--client_fraction {fraction} must be in (0, 1]")
     n = num_sampled_clients(len(names), fraction)

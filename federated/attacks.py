@@ -1,23 +1,10 @@
 """Byzantine clients for robustness experiments (issue 14): who attacks, and what they send.
 
-The attackers are drawn once from (seed, "byzantine") among the training clients, so the
-same clients attack on every engine and after a resume. An attacker trains honestly, then
-replaces its weights w_k before replying, given the global weights w it received:
-
-  sign_flip     w - c·(w_k - w)     its update reversed and scaled
-  scale         w + c·(w_k - w)     its update boosted (model replacement when c ≈ #clients)
-  gaussian      w_k + N(0, σ²)      per coordinate, from generator(seed, "attack", client, round)
-  alie          w + μ - z·σ         "A little is enough" (Baruch et al., NeurIPS 2019), per coordinate
-  ipm           w - ε·μ             inner-product manipulation (Xie et al., UAI 2020)
-  report_score  w_k, and it reports held-out alignment --attack_report instead of its own (metric poisoning)
-
-μ and σ are the per-coordinate mean and population standard deviation of the honest clients'
-updates w_j - w this round (the non-Byzantine replies; the attackers' own honest updates if
-none replied): the attackers are assumed to know them, the strongest case. ALIE's
-z = Φ⁻¹((n - s)/n), s = ⌊n/2 + 1⌋ - m the honest clients the m attackers of the n replies
-need on their side (s kept in [1, n - 1]). Both stay inside the honest spread (small z, small
-ε), which is what defeats the median and the trimmed mean; every attacker sends the same weights.
-"""
+The attackers are drawn once from (seed, "byzantine"), so the same clients attack on every engine and after a resume.
+An attacker trains honestly, then replaces its weights w_k, given the global w: sign_flip w - c·(w_k - w), scale w +
+c·(w_k - w), gaussian w_k + N(0, σ²), alie w + μ - z·σ (Baruch et al. 2019), ipm w - ε·μ (Xie et al. 2020), with μ, σ
+the honest updates' per-coordinate mean and std this round (known to the attackers: the strongest case); report_score
+keeps w_k and reports --attack_report as its held-out alignment. Details: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +18,12 @@ import torch
 from data_loaders.schema import DataError
 from utils.seeding import generator
 
-from .strategies import ALIGNMENT_KEY, StrategyConfig  # ALIGNMENT_KEY: the metric report_score lies about
+from .aggregation import Tensors
+from .client import HELDOUT_ALIGNMENT  # the metric report_score lies about
+from .strategies import StrategyConfig
 
 ATTACKS = ("sign_flip", "gaussian", "scale", "alie", "ipm", "report_score")
 IN_RANGE = ("alie", "ipm")        # computed from the honest updates of the round
-Tensors = dict[str, torch.Tensor]
 
 
 def choose_byzantine(names: Sequence[str], count: int, seed: int) -> list[str]:
@@ -49,30 +37,28 @@ def choose_byzantine(names: Sequence[str], count: int, seed: int) -> list[str]:
 
 def corrupt_state(global_state: Tensors, client_state: Tensors, attack: str, *, scale: float, std: float,
                   gen: torch.Generator | None = None) -> Tensors:
-    """The weights a Byzantine client sends instead of `client_state` (float64 math, dtypes kept).
-    Noise is drawn on the CPU in sorted key order, so every device and engine (a state dict's
-    order changes through checkpoints and Flower records) gets the same values."""
+    """The weights a Byzantine client sends instead of `client_state` (float64 math, dtypes kept); noise is
+    drawn on the CPU in sorted key order, the same on every device and engine."""
     if attack not in ("sign_flip", "scale", "gaussian"):
         raise ValueError(f"corrupt_state: --attack {attack!r} is not a per-client attack (sign_flip, scale, "
                          "gaussian); alie and ipm need the round's honest updates (corrupt_replies)")
     if attack == "gaussian" and gen is None:
         raise ValueError("the gaussian attack needs a generator")
-    out = {}
-    for key in sorted(client_state):
-        wk = client_state[key]
-        if not wk.is_floating_point():
-            out[key] = wk.clone()
-            continue
-        w, w_k = global_state[key].to(torch.float64), wk.to(torch.float64)
+
+    def new(key: str) -> torch.Tensor:
+        w, w_k = global_state[key].to(torch.float64), client_state[key].to(torch.float64)
         if attack == "sign_flip":
-            new = w - scale * (w_k - w)
-        elif attack == "scale":
-            new = w + scale * (w_k - w)
-        else:
-            noise = torch.randn(wk.shape, generator=gen, dtype=torch.float64)
-            new = w_k + std * noise.to(wk.device)
-        out[key] = new.to(wk.dtype)
-    return out
+            return w - scale * (w_k - w)
+        if attack == "scale":
+            return w + scale * (w_k - w)
+        return w_k + std * torch.randn(w_k.shape, generator=gen, dtype=torch.float64).to(w_k.device)
+    return per_key(client_state, new)
+
+
+def per_key(ref: Tensors, new) -> Tensors:
+    """new(key) for each floating tensor of `ref` in sorted key order (float64, cast back to its dtype);
+    other tensors copied."""
+    return {k: new(k).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in sorted(ref.items())}
 
 
 def alie_z(n: int, m: int) -> float:
@@ -86,33 +72,23 @@ def alie_z(n: int, m: int) -> float:
 
 def in_range_state(global_state: Tensors, honest: Sequence[Tensors], attack: str, *, z: float = 0.0,
                    eps: float = 0.0) -> Tensors:
-    """The weights every ALIE (w + μ - z·σ) or IPM (w - ε·μ) attacker sends, from the honest clients'
-    states (float64 math, keys in sorted order, dtypes kept; non-float tensors from the first)."""
+    """The weights every ALIE (w + μ - z·σ) or IPM (w - ε·μ) attacker sends, from the honest states."""
     if attack not in IN_RANGE or not honest:
         raise ValueError(f"in_range_state needs --attack alie or ipm and at least one honest state, got {attack!r}")
-    out = {}
-    for key in sorted(honest[0]):
-        ref = honest[0][key]
-        if not ref.is_floating_point():
-            out[key] = ref.clone()
-            continue
+
+    def new(key: str) -> torch.Tensor:
         w = global_state[key].to(torch.float64)
         updates = torch.stack([h[key].to(torch.float64) - w for h in honest])
         mu = updates.mean(dim=0)
-        if attack == "alie":
-            new = w + mu - z * updates.std(dim=0, correction=0)
-        else:
-            new = w - eps * mu
-        out[key] = new.to(ref.dtype)
-    return out
+        return w + mu - z * updates.std(dim=0, correction=0) if attack == "alie" else w - eps * mu
+    return per_key(honest[0], new)
 
 
 def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequence[str], attack: str, *,
                     scale: float, std: float, seed: int, round_: int, eps: float = 0.5,
                     report: float = 0.0) -> list:
-    """The replies with each Byzantine client's state (or, for report_score, its reported score) replaced
-    (dataclass copies; others untouched). ALIE and IPM first compute the honest statistics of the round,
-    clients in name order, so the result does not depend on who replied first."""
+    """The replies with each Byzantine client's state (report_score: its reported score) replaced, as
+    copies; ALIE's and IPM's honest statistics are taken in name order, whoever replied first."""
     bad = set(byzantine)
     sent = None
     if attack in IN_RANGE and any(r.name in bad for r in replies):
@@ -124,7 +100,7 @@ def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequenc
     for r in replies:
         if r.name in bad:
             if attack == "report_score":
-                r = dataclasses.replace(r, metrics={**(getattr(r, "metrics", None) or {}), ALIGNMENT_KEY: report})
+                r = dataclasses.replace(r, metrics={**(getattr(r, "metrics", None) or {}), HELDOUT_ALIGNMENT: report})
             elif sent is not None:
                 r = dataclasses.replace(r, state={k: v.clone() for k, v in sent.items()})
             else:
@@ -137,7 +113,7 @@ def corrupt_replies(replies: Sequence, global_state: Tensors, byzantine: Sequenc
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """Simulated Byzantine clients: how many, and what they send (the --byzantine and --attack* flags)."""
+    """Simulated Byzantine clients: how many, and what they send (--byzantine, --attack*)."""
 
     byzantine: int = 0
     attack: str = "sign_flip"
@@ -147,8 +123,7 @@ class AttackConfig:
     report: float = 0.0    # report_score
 
     def validate(self, num_train_clients: int, strategy: StrategyConfig, m: int) -> list[str]:
-        """Raise DataError for unusable attack settings; return warnings about weak defences
-        (`strategy` the server's rule, `m` the clients sampled per round)."""
+        """Raise DataError for unusable settings; return warnings about weak defences (m clients sampled)."""
         n = self.byzantine
         if n < 0:
             raise DataError(f"--byzantine {n} must be >= 0", "0 means no attacker")

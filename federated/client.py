@@ -1,9 +1,8 @@
 """A group as a federated client: it holds only its own data and returns only weights and numbers.
 
-The same class serves the in-process engine and the Flower ClientApp. Model compute is
-borrowed: the caller passes a scratch GPO whose weights the client overwrites, so a
-process hosting many clients keeps one model, not one per client.
-"""
+The same class serves the in-process engine and the Flower ClientApp. Model compute is borrowed: the caller passes a
+scratch GPO whose weights the client overwrites, so a process hosting many clients keeps one model, not one per
+client."""
 from __future__ import annotations
 
 import contextlib
@@ -78,10 +77,9 @@ class GroupClient:
     def fit(self, model: GPO, global_state: dict, round_: int, fit_config: dict | None = None) -> FitResult:
         """Load the global weights, run `epochs` local steps, return the new weights.
 
-        `fit_config` is what the server's strategy sends with the weights: `proximal_mu`
-        (FedProx's local term) and `metrics`, the numbers it wants back, computed here from
-        the global weights before training (`heldout_alignment`: 1 − mean distance on this
-        group's own held-out questions)."""
+        `fit_config` is what the server's strategy sends with the weights: `proximal_mu` (FedProx's local term) and
+        `metrics`, the numbers it wants back, computed here from the global weights before training
+        (`heldout_alignment`: 1 − mean distance on this group's own held-out questions)."""
         fit_config = fit_config or {}
         metrics = {}
         if HELDOUT_ALIGNMENT in fit_config.get("metrics", ()):

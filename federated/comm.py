@@ -1,21 +1,10 @@
-"""Communication cost: the bytes a round moves between the server and its clients.
+"""Communication cost: the payload bytes of the messages flower_app/protocol.py sends in a round.
 
-Counted as the *payload* of the messages flower_app/protocol.py sends for that round:
-
-  down (server -> each sampled client)  the global weights, the round number and the
-                                         strategy's fit config (JSON)
-  up (each client -> server)            its weights, counts, per-step losses and any
-                                         metrics the strategy asked for
-
-The rule is Flower's own `count_bytes` of its records: a tensor its .npy blob (a header of
-about 128 bytes, then the raw data) plus its name, a number 8 bytes plus its key, a string
-its length plus its key. Protobuf and gRPC framing are not counted (a few bytes per record;
-tests/test_comm.py bounds them against Flower's serialised messages), nor the
-run's setup string that the Flower implementation repeats in every instruction so that a
-node needs no memory (`flower_app/protocol.py: instruction`). Both engines call the
-functions below, so they report the same numbers for the same run. SecAgg+ rounds count
-every message of its four stages from the messages themselves (flower_app/secagg_server.py).
-"""
+Down to each sampled client: the global weights, the round and the strategy's fit config; up from each: its weights,
+counts, losses and the metrics asked for. Counted by Flower's own `count_bytes` rule (a tensor its .npy blob plus its
+name, a number 8 bytes, a string its length, every key); protobuf framing (bounded in tests/test_comm.py) and the
+setup string repeated in every instruction are left out. Every engine calls these functions, so all report the same
+numbers for the same run."""
 from __future__ import annotations
 
 import functools
@@ -47,8 +36,7 @@ def _npy_header_bytes(t: torch.Tensor) -> int:
 
 
 def value_bytes(value) -> int:
-    """One record value as Flower counts it: a bool 1, a number 8, a string or bytes its length,
-    a list the sum of its elements."""
+    """One record value as Flower counts it: a bool 1, a number 8, a string its length, a list its sum."""
     if isinstance(value, (bytes, bytearray, str)):
         return len(value)
     if isinstance(value, bool):
@@ -98,8 +86,8 @@ def round_comm(state: Mapping[str, torch.Tensor], round_: int, fit_config: dict 
 
 
 def pooling_bytes(groups) -> int:
-    """What the centralized baseline moves once instead: the training groups' local data as
-    float32, each option's embedding and its target probability."""
+    """What the centralized baseline moves once instead: the training groups' local options and
+    target probabilities as float32."""
     return sum(g.num_points * (int(g.x.shape[1]) + 1) * 4 for g in groups)
 
 

@@ -1,8 +1,5 @@
-"""FedAvg's round, shared by every engine, and FedAvg in one process (method.md §5).
-
-The server side only ever sees what a client returns (weights, counts, losses, per-question
-distances), so the Flower and SecAgg+ trainers run the same `FedAvgRound`, message for message.
-"""
+"""FedAvg's round, shared by every engine, and FedAvg in one process (method.md §5). The server sees only
+what a client returns (weights, counts, losses, distances), so Flower and SecAgg+ run the same round."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -23,9 +20,8 @@ from .client import FitResult, GroupClient
 from .comm import pooling_bytes, round_comm
 from .server import ServerRules
 from .thread_engine import ThreadClientEngine, default_workers
-from .vmap_engine import VmapClientEngine
 
-CLIENT_ENGINES = ("auto", "loop", "threads", "vmap")
+CLIENT_ENGINES = ("auto", "loop", "threads")
 
 
 def init_global_state(model_cfg: GPOConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -50,14 +46,13 @@ def make_diagnostics(model: GPO, cfg: ClientConfig, eval_clients: dict, train_cl
 
 
 def check_replies(round_: int, results: list[FitResult]) -> None:
-    """A NaN/inf loss or weight from any client stops the run, naming it, before aggregation
-    would spread it to every client (DivergenceError; the run folder is marked failed)."""
+    """A NaN/inf loss or weight stops the run naming the client (DivergenceError), before aggregation spreads it."""
     for r in sorted(results, key=lambda r: r.name):
         check_finite(round_, r.name, r.losses, r.state)
 
 
 def round_stats(losses: dict[str, list[float]], points: int) -> dict:
-    """The loop's per-round record of a federated round: each replying client's local losses, their points."""
+    """The loop's record of a round: each replying client's mean local loss, steps and points."""
     per_client = {n: sum(v) / len(v) for n, v in sorted(losses.items())}
     return {"train_loss": sum(per_client.values()) / len(per_client),
             "train_loss_per_client": per_client,
@@ -67,9 +62,8 @@ def round_stats(losses: dict[str, list[float]], points: int) -> dict:
 
 
 def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOConfig) -> str:
-    """`auto`: threads on a CPU where torch may use more than one thread (faster there, see
-    thread_engine.py), loop on a GPU (one device runs one client's kernels at a time anyway)
-    and wherever threads are refused."""
+    """`auto`: threads on a CPU where torch may use more than one thread (thread_engine.py), else loop
+    (a GPU runs one client's kernels at a time anyway)."""
     if requested != "auto":
         return requested
     if device.type == "cpu" and default_workers() > 1 and not model_cfg.dropout:
@@ -80,24 +74,10 @@ def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOCo
 def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
     if engine not in CLIENT_ENGINES:
         raise ValueError(f"--client_engine {engine!r}: choose one of {', '.join(CLIENT_ENGINES)}")
-    if engine == "vmap" and model_cfg.precision != "fp32":
-        raise DataError(f"--precision {model_cfg.precision} does not work with --client_engine vmap: "
-                        "mixed dtypes do not compose with torch.func's grad under vmap (backward fails)",
-                        f"use --client_engine loop or threads with {model_cfg.precision}, or fp32 with vmap")
-    if engine in ("vmap", "threads") and model_cfg.dropout:
-        why = ("random ops under torch.func.vmap would need per-client RNG streams" if engine == "vmap" else
-               "dropout draws from torch's one global RNG, which concurrent clients would share")
-        raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine {engine}: {why}",
+    if engine == "threads" and model_cfg.dropout:
+        raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine threads: dropout draws "
+                        "from torch's one global RNG, which concurrent clients would share",
                         "use --client_engine loop with dropout (the paper uses --dropout 0)")
-
-
-def check_engine_strategy(engine: str, strategy) -> None:
-    """The vmap engine trains every client in one batched computation outside GroupClient.fit,
-    so it sends no fit config: no proximal term and no metrics for the strategy."""
-    if engine == "vmap" and (strategy.client_config(1).get("proximal_mu") or strategy.required_metrics):
-        raise DataError(f"--strategy {strategy.name} needs each client's fit config (proximal term or "
-                        "held-out alignment), which --client_engine vmap does not run",
-                        "use --client_engine loop or threads with this strategy")
 
 
 def check_min_clients(min_clients: int, sampled: int) -> None:
@@ -107,11 +87,9 @@ def check_min_clients(min_clients: int, sampled: int) -> None:
 
 
 class FedAvgRound(ABC):
-    """One FedAvg round: sample, fit the sampled clients, check their replies, aggregate, stats.
-
-    A trainer holds train_names, client_fraction, cfg, server and global_state and says how the
-    sampled clients are fitted; SecAgg+, whose server gets one sum, not each client's weights,
-    also aggregates its own way."""
+    """One FedAvg round: sample, fit, check the replies, aggregate, stats. A trainer holds train_names,
+    client_fraction, cfg, server and global_state and fits the sampled clients its way (SecAgg+, whose
+    server gets one sum, also aggregates its own way)."""
     method = "fedavg"
 
     def train_round(self, round_: int) -> dict:
@@ -138,7 +116,7 @@ class FedAvgRound(ABC):
 class FedAvgTrainer(FedAvgRound):
     def __init__(self, data: ExperimentData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
-                 client_engine: str = "loop", vmap_chunk: int = 0, client_workers: int = 0,
+                 client_engine: str = "loop", client_workers: int = 0,
                  server: ServerRules | None = None):
         self.cfg, self.client_fraction = cfg, client_fraction
         self.server = server or ServerRules(weighting=weighting)
@@ -152,15 +130,11 @@ class FedAvgTrainer(FedAvgRound):
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
         check_client_engine(self.client_engine, model_cfg)
-        check_engine_strategy(self.client_engine, self.server.strategy)
-        self.vmap = VmapClientEngine(self.model, cfg.optim, vmap_chunk) if self.client_engine == "vmap" else None
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)
 
     def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> list[FitResult]:
         clients = [self.clients[n] for n in sampled]
-        if self.vmap is not None:
-            return self.vmap.fit(clients, self.global_state, round_, self.cfg.epochs, self.cfg.seed)
         if self.threads is not None:
             return self.threads.fit(clients, self.global_state, round_, fit_config)
         return [c.fit(self.model, self.global_state, round_, fit_config) for c in clients]

@@ -1,18 +1,9 @@
 """Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) and its accountant (issue 15).
 
-Each round the server
-  1. computes each sampled client's update Δ_k = θ_k - θ (all floating tensors as one vector),
-  2. clips it: Δ_k · min(1, S / ||Δ_k||₂),
-  3. averages uniformly over the m clients sampled: (1/m) Σ_k clipped Δ_k,
-  4. adds N(0, (z·S/m)²) per coordinate, drawn from generator(seed, "dp", round), or with
-     --dp_secure_noise from the operating system's CSPRNG (secure_gaussian_noise),
-  5. hands the noisy mean delta to the strategy's server optimizer (post-processing).
-What is protected is a whole group: anything computed from one client's data moves the
-clipped sum by at most S. The server is trusted to clip and add noise (central DP).
-
-Accounting wraps Opacus's RDP accountant (`opacus==1.6.0`); see docs/strategies_privacy.md
-for why every round is accounted without subsampling amplification.
-"""
+Each round the server clips each sampled client's update Δ_k = θ_k - θ to norm S, averages over the m clients sampled,
+adds N(0, (z·S/m)²) per coordinate and hands the noisy mean to the strategy's server optimizer: one group moves the
+clipped sum by at most S (central DP, a trusted server). Accounting wraps Opacus's RDP accountant; the mechanism and
+the accounting: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import math
@@ -29,8 +20,8 @@ from data_loaders.schema import DataError
 from training.local import StopTraining
 from utils.seeding import generator
 
-from .aggregation import num_sampled_clients
-from .strategies import Strategy, Tensors, float_keys
+from .aggregation import Tensors, client_update, float_keys, l2_norm, num_sampled_clients
+from .strategies import Strategy
 
 DP_STRATEGIES = ("fedavg", "fedprox")   # averaging rules whose sensitivity is S/m
 OPACUS_HINT = "pip install opacus==1.6.0 (the RDP accountant; it leaves torch as it is)"
@@ -40,17 +31,6 @@ class PrivacyBudgetExhausted(DataError, StopTraining):
     """The next release would spend more than --dp_epsilon."""
 
 
-# --- the mechanism ------------------------------------------------------------------------
-
-def client_update(global_state: Tensors, client_state: Tensors) -> Tensors:
-    """Δ_k = θ_k - θ over the floating tensors, in float64."""
-    return {k: client_state[k].to(torch.float64) - global_state[k].to(torch.float64) for k in float_keys(global_state)}
-
-
-def l2_norm(update: Tensors) -> float:
-    return math.sqrt(sum(float(update[k].pow(2).sum()) for k in sorted(update)))
-
-
 def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
     """(Δ · min(1, S/||Δ||), ||Δ||) with the norm over all tensors jointly."""
     norm = l2_norm(update)
@@ -58,27 +38,30 @@ def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
     return {k: d * factor for k, d in update.items()}, norm
 
 
-def gaussian_noise(like: Tensors, std: float, gen: torch.Generator) -> Tensors:
-    """N(0, std²) per coordinate in float64, drawn on the CPU in sorted key order: a state dict's
-    order changes on its way through a checkpoint or a Flower record, the noise must not."""
-    return {k: (std * torch.randn(like[k].shape, generator=gen, dtype=torch.float64)).to(like[k].device)
-            for k in sorted(like)}
+def gaussian_noise(like: Tensors, std: float, gen: torch.Generator | None) -> Tensors:
+    """N(0, std²) per coordinate in float64 from `gen`, or from the OS CSPRNG when gen is None (not
+    reproducible, never stored). Drawn on the CPU in sorted key order: a state dict's order changes
+    on its way through a checkpoint or a Flower record, the noise must not."""
+    def draw(t: torch.Tensor) -> torch.Tensor:
+        if gen is None:
+            return torch.from_numpy(secure_standard_normal(t.numel())).reshape(t.shape)
+        return torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    return {k: (std * draw(like[k])).to(like[k].device) for k in sorted(like)}
 
 
 SECURE_DRAWS = 4  # Opacus secure_mode: each coordinate is the normalised sum of 2n = 4 Gaussian draws
 
 
 def os_uniform(n: int) -> np.ndarray:
-    """n float64 uniforms in (0, 1) from os.urandom: 53 random bits each, offset by half a step so
-    neither 0 nor 1 occurs (the logarithm of Box-Muller needs u > 0)."""
+    """n float64 uniforms from os.urandom, 53 bits each, offset by half a step: never 0 (Box-Muller
+    takes its logarithm) nor 1."""
     bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
     return (bits.astype(np.float64) + 0.5) / float(2 ** 53)
 
 
 def secure_standard_normal(n: int) -> np.ndarray:
-    """n N(0, 1) draws from the operating system's CSPRNG (Box-Muller in float64), each the sum of
-    SECURE_DRAWS draws divided by sqrt(SECURE_DRAWS): Opacus's secure_mode defence against attacks on
-    the floating-point sampler (Mironov-style; arXiv 2107.10138 §5.1)."""
+    """n N(0, 1) draws by Box-Muller from os.urandom, each the sum of SECURE_DRAWS draws over
+    sqrt(SECURE_DRAWS): Opacus's secure_mode defence against floating-point attacks (arXiv 2107.10138 §5.1)."""
     pairs = (n * SECURE_DRAWS + 1) // 2
     u1, u2 = os_uniform(pairs), os_uniform(pairs)
     radius = np.sqrt(-2.0 * np.log(u1))
@@ -86,21 +69,12 @@ def secure_standard_normal(n: int) -> np.ndarray:
     return draws.reshape(SECURE_DRAWS, n).sum(axis=0) / math.sqrt(SECURE_DRAWS)
 
 
-def secure_gaussian_noise(like: Tensors, std: float) -> Tensors:
-    """N(0, std²) per coordinate in float64 from os.urandom (not reproducible, never stored)."""
-    out = {}
-    for k in sorted(like):
-        draw = torch.from_numpy(secure_standard_normal(like[k].numel())).reshape(like[k].shape)
-        out[k] = (std * draw).to(like[k].device)
-    return out
-
-
 def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,
                   noise_multiplier: float, num_sampled: int, gen: torch.Generator | None,
                   secure: bool = False) -> tuple[Tensors, dict]:
-    """(noisy mean clipped update, diagnostics). Clients in the given order; the denominator is the
-    number sampled, fixed in advance, so one client moves the sum by at most S whoever replies. The
-    noise comes from `gen` (seeded, reproducible), or with `secure` from the OS CSPRNG (gen unused)."""
+    """(noisy mean clipped update, diagnostics), clients in the given order. The denominator is the number
+    sampled, fixed in advance, so one client moves the sum by at most S whoever replies. Noise from `gen`,
+    or with `secure` from the OS CSPRNG."""
     if len(client_states) > num_sampled:
         raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
@@ -111,11 +85,9 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
         for k, d in clipped.items():
             total[k] += d
     std = noise_multiplier * clip / num_sampled
-    noise = secure_gaussian_noise(total, std) if secure else gaussian_noise(total, std, gen)
+    noise = gaussian_noise(total, std, None if secure else gen)
     mean = {k: total[k] / num_sampled + noise[k] for k in total}
-    # the norms are the server's diagnostics (to choose S): they are not covered by the guarantee
-    # signal and noise norms give the per-round signal-to-noise ratio (the privacy report's figure):
-    # the clipped mean is at most S long, the noise about z S / m sqrt(P)
+    # diagnostics for choosing S (not covered by the guarantee) and the per-round signal-to-noise ratio
     info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
             "dp_median_norm": sorted(norms)[len(norms) // 2] if norms else 0.0,
             "dp_signal_norm": l2_norm({k: t / num_sampled for k, t in total.items()}),
@@ -125,9 +97,8 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
 
 
 class DPFedAvg:
-    """DP-FedAvg around a Strategy: replaces its averaging with the clipped, noised uniform mean and
-    keeps its server optimizer. With an accountant and max_epsilon, a round that would exceed the
-    budget raises PrivacyBudgetExhausted before anything is released."""
+    """DP-FedAvg around a Strategy: the clipped, noised uniform mean instead of its averaging, then its
+    server optimizer. With max_epsilon, a round over the budget raises PrivacyBudgetExhausted unreleased."""
 
     def __init__(self, strategy: Strategy, *, clip: float, noise_multiplier: float, seed: int, num_sampled: int,
                  accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None,
@@ -179,9 +150,8 @@ class DPFedAvg:
         return new
 
     def _adapt_clip(self, unclipped: int, replied: int, round_: int) -> None:
-        """C ← C·exp(-η(b̃ - γ)) with b̃ = ½ + (Σ_k (b_k - ½) + N(0, σ_b²))/m the noised share of updates
-        that were not clipped (b_k = 1 when ||Δ_k|| <= C). Centred bits: a group whose contributions are
-        zeroed out moves the sum by ½ (the accounting's 2σ_b). The new C applies from the next round."""
+        """C ← C·exp(-η(b̃ - γ)), b̃ = ½ + (Σ_k (b_k - ½) + N(0, σ_b²))/m the noised share of unclipped
+        updates (centred bits: a zeroed-out group moves the sum by ½). The new C applies from the next round."""
         if self.secure_noise:
             noise = float(secure_standard_normal(1)[0])
         else:
@@ -210,8 +180,8 @@ def default_count_std(num_sampled: int) -> float:
 
 
 def update_noise_multiplier(z: float, count_std: float) -> float:
-    """z_Δ with z_Δ⁻² + (2σ_b)⁻² = z⁻² (Andrew et al. 2021, §3): the update and the count together cost
-    what noise multiplier z alone would, so the accountant keeps counting z. 0 for z = 0."""
+    """z_Δ with z_Δ⁻² + (2σ_b)⁻² = z⁻² (Andrew et al. 2021, §3): update and count together cost what z
+    alone would, so the accountant keeps counting z. 0 for z = 0."""
     if z == 0:
         return 0.0
     if not z < 2 * count_std:
@@ -220,8 +190,6 @@ def update_noise_multiplier(z: float, count_std: float) -> float:
                         f"raise --dp_clip_count_std to {z:.4g} or more")
     return (z ** -2 - (2 * count_std) ** -2) ** -0.5
 
-
-# --- accounting -------------------------------------------------------------------------
 
 # RDP orders beyond Opacus's default (which stop at 63): with them alone ε cannot go below about
 # 0.1 at δ = 1e-5 however large the noise (log(1/δ)/(α-1) at α = 63). Up to 1e4 the floor is
@@ -251,9 +219,8 @@ def epsilon_floor(delta: float) -> float:
 
 
 def accounted_noise(noise_multiplier: float, sample_rate: float) -> float:
-    """The Gaussian mechanism's noise-to-sensitivity ratio each round, with no amplification.
-    All clients every round (rate 1), add/remove-one neighbours: one group moves the sum by ≤ S, ratio z.
-    Fixed-size sampling (rate < 1), replace-one neighbours: a swapped group moves it by ≤ 2S, ratio z/2."""
+    """Each round's noise-to-sensitivity ratio, no amplification: z with every client (zero-out neighbours,
+    sensitivity S), z/2 with sampling (replace-one neighbours, a swapped group moves the sum by 2S)."""
     return noise_multiplier if sample_rate >= 1 else noise_multiplier / 2
 
 
@@ -268,9 +235,7 @@ class PrivacyAccountant:
 
     @property
     def neighbouring(self) -> str:
-        """The relation ε is stated for. All clients sampled: the denominator m is fixed and public, so a
-        neighbouring run has one group's update replaced by zero (zero-out; sensitivity S). Sampled:
-        one group replaced by another (replace-one; sensitivity 2S, accounted as noise z/2)."""
+        """The relation ε is stated for (accounted_noise)."""
         return "zero_out" if self.sample_rate >= 1 else "replace_one"
 
     def step(self) -> None:
@@ -289,17 +254,15 @@ class PrivacyAccountant:
         return float(acc.get_epsilon(self.delta, alphas=rdp_orders()))
 
     def epsilon_replace_one(self, steps: int | None = None) -> float:
-        """RDP ε for replace-one neighbours (one group's data swapped for another's): noise z/2 each round.
-        With sampling this is already `epsilon`."""
+        """RDP ε for replace-one neighbours (noise z/2 each round); with sampling this is `epsilon`."""
         if self.sample_rate < 1:
             return self.epsilon(steps)
         half = PrivacyAccountant(self.noise_multiplier / 2, 1.0, self.delta)
         return half.epsilon(self.steps if steps is None else steps)
 
     def epsilon_exact(self, steps: int | None = None) -> float:
-        """The tight ε of the stated relation: T rounds of a Gaussian mechanism with noise multiplier z'
-        (z, or z/2 for replace-one) compose exactly to one Gaussian mechanism, μ-GDP with μ = √T/z'
-        (Dong, Roth and Su 2022), so this is what Opacus's PRV accountant approximates (tested)."""
+        """The tight ε: T Gaussian rounds of noise z' (accounted_noise) compose exactly to μ-GDP with
+        μ = √T/z' (Dong, Roth and Su 2022), what Opacus's PRV accountant approximates (tested)."""
         steps = self.steps if steps is None else steps
         if steps == 0:
             return 0.0
@@ -445,8 +408,8 @@ class PrivacyConfig:
 
 def build_dp(cfg: PrivacyConfig, strategy: Strategy, num_train_clients: int, rounds: int, *,
              client_fraction: float, seed: int) -> DPFedAvg | None:
-    """The DP wrapper for a run of `rounds` rounds (None without --dp): z solved from --dp_epsilon when
-    --dp_noise is absent, and a run that would exceed --dp_epsilon refused before it starts."""
+    """The DP wrapper of a `rounds`-round run (None without --dp): z solved from --dp_epsilon without
+    --dp_noise, a run over --dp_epsilon refused before it starts."""
     if not cfg.enabled:
         return None
     m = num_sampled_clients(num_train_clients, client_fraction)
@@ -454,13 +417,9 @@ def build_dp(cfg: PrivacyConfig, strategy: Strategy, num_train_clients: int, rou
     z = cfg.noise
     if z is None:
         z = noise_for_epsilon(cfg.epsilon, cfg.delta, rounds, rate)
-    secure = bool(cfg.secure_noise)
-    adaptive = dict(clip_quantile=cfg.clip_quantile, clip_lr=cfg.clip_lr, count_std=cfg.clip_count_std)
-    if z == 0:  # clipping only: nothing to account (ε = ∞), so no ε is logged
-        return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=0.0, seed=seed, num_sampled=m,
-                        secure_noise=secure, **adaptive)
-    accountant = PrivacyAccountant(z, rate, cfg.delta)
-    if cfg.epsilon is not None:
+    accountant = None if z == 0 else PrivacyAccountant(z, rate, cfg.delta)  # z = 0: clipping only, ε = ∞ not logged
+    if accountant is not None and cfg.epsilon is not None:
         check_budget(accountant, rounds, cfg.epsilon)
-    return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=z, seed=seed, num_sampled=m,
-                    accountant=accountant, max_epsilon=cfg.epsilon, secure_noise=secure, **adaptive)
+    return DPFedAvg(strategy, clip=cfg.clip, noise_multiplier=z, seed=seed, num_sampled=m, accountant=accountant,
+                    max_epsilon=cfg.epsilon, secure_noise=bool(cfg.secure_noise), clip_quantile=cfg.clip_quantile,
+                    clip_lr=cfg.clip_lr, count_std=cfg.clip_count_std)

@@ -1,45 +1,28 @@
 """The server's rules for one run: strategy (optionally wrapped in DP) and simulated attackers.
 
-Both engines (in-process and Flower) hold one ServerRules, and the FedAvg round they share
-(federated.fedavg.FedAvgRound) calls the same three things each round, so they aggregate
-identically and neither knows which strategy runs:
-
-    fit_config(round)              sent to every sampled client with the weights
-    aggregate(global, replies, r)  the new global weights
-    info()                         numbers for the logs (DP: noise std, clipped count, ε spent;
-                                   every rule: server_step_ratio)
-
-server_step_ratio = ||new - w|| / ||FedAvg's aggregate - w||, both over the round's replies as the
-server received them (attacked ones included) with the run's --weighting: 1 for fedavg, how far a
-rule steps compared with FedAvg for the others (q-FFL's old step was 0.1% of it: issue 22).
-"""
+Every engine's FedAvg round (federated.fedavg.FedAvgRound) calls one ServerRules the same way, so they aggregate
+identically and none knows which strategy runs: `fit_config(round)` goes to every sampled client with the weights,
+`aggregate(global, replies, round)` gives the new weights, `info()` the numbers for the logs. server_step_ratio =
+||new - w|| / ||FedAvg's aggregate - w|| over the replies as received (attacked ones included): 1 for fedavg, how far
+another rule steps compared with it."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .aggregation import Tensors, client_update, l2_norm, num_sampled_clients
 from .aggregation import aggregate as fedavg_aggregate
-from .aggregation import num_sampled_clients
 from .attacks import AttackConfig, choose_byzantine, corrupt_replies
 from .client import FitResult
 from .privacy import DPFedAvg, PrivacyConfig, build_dp
-from .strategies import Strategy, StrategyConfig, Tensors, float_keys
-
-
-def step_norm(global_state: Tensors, new_state: Tensors) -> float:
-    """||new - w||₂ over every floating tensor jointly, in float64, keys in sorted order."""
-    total = 0.0
-    for k in sorted(float_keys(global_state)):
-        total += float((new_state[k].to(torch.float64) - global_state[k].to(torch.float64)).pow(2).sum())
-    return math.sqrt(total)
+from .strategies import Strategy, StrategyConfig
 
 
 def step_ratio(global_state: Tensors, new_state: Tensors, fedavg_state: Tensors) -> float | None:
     """||new - w|| / ||fedavg - w||; None when FedAvg would not move (nothing to compare with)."""
-    ref = step_norm(global_state, fedavg_state)
-    return step_norm(global_state, new_state) / ref if ref > 0 else None
+    ref = l2_norm(client_update(global_state, fedavg_state))
+    return l2_norm(client_update(global_state, new_state)) / ref if ref > 0 else None
 
 
 @dataclass
@@ -47,11 +30,7 @@ class ServerRules:
     strategy: Strategy | DPFedAvg = field(default_factory=Strategy)
     weighting: str = "dataset_size"
     byzantine: list[str] = field(default_factory=list)  # clients whose replies are replaced by an attack
-    attack: str = "sign_flip"
-    attack_scale: float = 10.0
-    attack_std: float = 1.0
-    attack_eps: float = 0.5      # ipm
-    attack_report: float = 0.0   # report_score
+    attack: AttackConfig = AttackConfig()
     seed: int = 0
     last_step_ratio: float | None = None
 
@@ -63,9 +42,9 @@ class ServerRules:
         if self.byzantine:
             # Simulated Byzantine clients: their replies are swapped for the attack's before the
             # server sees them, which for the aggregate is the same as the clients sending them.
-            replies = corrupt_replies(replies, global_state, self.byzantine, self.attack, scale=self.attack_scale,
-                                      std=self.attack_std, seed=self.seed, round_=round_, eps=self.attack_eps,
-                                      report=self.attack_report)
+            a = self.attack
+            replies = corrupt_replies(replies, global_state, self.byzantine, a.attack, scale=a.scale, std=a.std,
+                                      seed=self.seed, round_=round_, eps=a.eps, report=a.report)
         new = self.strategy.aggregate(global_state, replies, round_, self.weighting)
         self.last_step_ratio = step_ratio(global_state, new, fedavg_aggregate(replies, self.weighting))
         return new
@@ -85,8 +64,7 @@ class ServerRules:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything the server's rules are built from: its strategy, simulated attackers, client-level DP,
-    the FedAvg weighting, the share of clients sampled per round and the run's seed."""
+    """Everything the server's rules are built from."""
 
     strategy: StrategyConfig = StrategyConfig()
     attack: AttackConfig = AttackConfig()
@@ -112,8 +90,6 @@ def build_server(cfg: ServerConfig, train_names: list[str], rounds: int) -> Serv
     """The run's server rules for these training clients and a run of `rounds` rounds."""
     strategy = Strategy(cfg.strategy)
     dp = cfg.build_dp(strategy, len(train_names), rounds)
-    a = cfg.attack
-    return ServerRules(strategy=dp or strategy, weighting=cfg.weighting,
-                       byzantine=choose_byzantine(sorted(train_names), a.byzantine, cfg.seed) if a.byzantine else [],
-                       attack=a.attack, attack_scale=a.scale, attack_std=a.std, attack_eps=a.eps,
-                       attack_report=a.report, seed=cfg.seed)
+    byzantine = choose_byzantine(sorted(train_names), cfg.attack.byzantine, cfg.seed) if cfg.attack.byzantine else []
+    return ServerRules(strategy=dp or strategy, weighting=cfg.weighting, byzantine=byzantine, attack=cfg.attack,
+                       seed=cfg.seed)

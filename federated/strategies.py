@@ -1,59 +1,29 @@
-"""Server aggregation strategies beyond FedAvg: pure rules plus a small server state (issue 14).
-
-A `Strategy` turns the global weights and the sampled clients' replies into the next global
-weights. Every rule is a pure function of its inputs (clients sorted by name, sums in
-float64); what must survive a --resume (server-optimizer moments, the adaptive rule's
-alignment history) lives in `Strategy.state_dict()`, tensors and plain values only.
-
-  fedavg        today's federated.aggregation.aggregate, bit for bit (the default)
-  fedprox       server: fedavg; client: adds proximal_penalty() to its local loss
-  qfedavg       q-FFL's reweighting (Li et al., ICLR 2020): p_k ∝ ω_k F_k^q, F_k = 1 - held-out alignment,
-                ω_k the --weighting weights, applied to the clients' updates (q = 0 is fedavg)
-  adaptive      p_k = softmax_k((1 - mean of the client's last W alignments) / T)
-  trimmed_mean  coordinate-wise mean after dropping floor(beta*n) lowest and highest values
-  median        coordinate-wise median (numpy: mean of the two middle values for even n)
-
-A server optimizer (FedOpt, Reddi et al., ICLR 2021: sgd, adam, yogi) can be applied to
-the aggregate's delta for every rule (sgd's --server_lr is qfedavg's server step size).
-Reported alignments are clamped to [0, 1], and no client of qfedavg or adaptive gets more
-than --max_weight_ratio times its FedAvg weight (adaptive: times 1/n).
-Formulas, defaults and sources: docs/strategies_privacy.md.
-"""
+"""Server aggregation strategies beyond FedAvg (issue 14): fedavg, fedprox (its client side is
+training.local.proximal_penalty), qfedavg (q-FFL), adaptive, trimmed_mean and median, each optionally followed by a
+server optimizer (FedOpt: sgd, adam, yogi) on the aggregate's delta. Every rule is a pure function of the replies
+(sorted by name, sums in float64); what must survive a --resume lives in `Strategy.state_dict()`. Formulas, defaults
+and sources: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from data_loaders.schema import DataError
-from training.local import proximal_penalty  # noqa: F401 - the client side of fedprox, kept with local steps
 
+from .aggregation import Tensors, aggregation_weights, float_keys, weighted_average
 from .aggregation import aggregate as fedavg_aggregate
-from .aggregation import aggregation_weights, weighted_average
+from .client import HELDOUT_ALIGNMENT
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "adaptive", "trimmed_mean", "median")
 SERVER_OPTS = ("none", "sgd", "adam", "yogi")
 # sgd 1.0 is FedAvg itself; adam/yogi move a coordinate by at most about server_lr per round
 # (|m|/(sqrt(v)+tau) <= ~1), so 1e-3 is about one round of client progress (6 Adam steps at 3e-4).
 DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 1e-3, "yogi": 1e-3}
-ALIGNMENT_KEY = "heldout_alignment"
 QFFL_MIN_LOSS = 1e-10  # F_k floor: with every client perfect (F = 0) the weights ω_k F_k^q would sum to 0
 DEFAULT_MAX_WEIGHT_RATIO = 3.0  # one liar of 10 under adaptive: weight 0.997 uncapped, 0.3 capped
-
-Tensors = dict[str, torch.Tensor]
-
-
-class Reply(Protocol):
-    """What a strategy reads from a client's reply (federated.client.FitResult plus `metrics`)."""
-
-    name: str
-    state: Tensors
-    num_examples: int
-    episode_points: int
-    losses: list[float]
 
 
 @dataclass(frozen=True)
@@ -72,7 +42,6 @@ class StrategyConfig:
     server_tau: float = 1e-3
 
     def validate(self) -> None:
-        """DataError naming the flag, for values no run could use."""
         c = self
 
         def bad(flag, value, why, hint):
@@ -122,38 +91,24 @@ class StrategyConfig:
         return warnings
 
 
-# --- pure rules ------------------------------------------------------------------------
-
-def float_keys(state: Tensors) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point()]
-
-
-def client_metric(reply: Reply, key: str) -> float:
-    """A number the client reported in reply.metrics, checked finite; names the client if absent."""
+def reported_score(reply) -> tuple[float, bool]:
+    """(the client's held-out alignment clamped to [0, 1], whether it had to be). Outside [0, 1] a score
+    is a lie or a bug, and unclamped it would buy the client all the weight (AS = -50 under adaptive)."""
     metrics = getattr(reply, "metrics", None) or {}
-    if key not in metrics:
-        raise ValueError(f"client {reply.name!r} sent no {key!r} metric, which this strategy needs "
+    if HELDOUT_ALIGNMENT not in metrics:
+        raise ValueError(f"client {reply.name!r} sent no {HELDOUT_ALIGNMENT!r} metric, which this strategy needs "
                          "(the client reports it when the strategy lists it in required_metrics)")
-    value = float(metrics[key])
+    value = float(metrics[HELDOUT_ALIGNMENT])
     if not math.isfinite(value):
-        raise DataError(f"client {reply.name!r} reported {key} = {value}: a non-finite score is refused, not "
-                        "clamped (it is a broken or lying client)",
+        raise DataError(f"client {reply.name!r} reported {HELDOUT_ALIGNMENT} = {value}: a non-finite score is refused, "
+                        "not clamped (it is a broken or lying client)",
                         "check that client's held-out questions, or leave it out of --train_groups")
-    return value
-
-
-def reported_score(reply: Reply) -> tuple[float, bool]:
-    """(the client's held-out alignment clamped to [0, 1], whether it had to be clamped). An alignment
-    score is 1 - a distance in [0, 1]: anything outside is a lie or a bug, and unclamped it would buy
-    the client all the weight (AS = -50 under adaptive) or none."""
-    value = client_metric(reply, ALIGNMENT_KEY)
     clamped = min(max(value, 0.0), 1.0)
     return clamped, clamped != value
 
 
 def _finish(agg64: Tensors, ref: Tensors, first_client: Tensors) -> Tensors:
-    """Cast float64 results back to each tensor's dtype; non-float tensors from the first client
-    in name order, as weighted_average does."""
+    """float64 results cast back to `ref`'s dtypes; non-float tensors from the first client, as weighted_average."""
     return {k: agg64[k].to(v.dtype) if k in agg64 else first_client[k].clone() for k, v in ref.items()}
 
 
@@ -186,14 +141,12 @@ def coordinate_median(states: Sequence[Tensors]) -> Tensors:
 
 
 def qffl_losses(alignments: Sequence[float]) -> list[float]:
-    """F_k = 1 - AS_k (the client's mean held-out distance under the global weights), AS_k already
-    clamped to [0, 1], floored at QFFL_MIN_LOSS."""
+    """F_k = 1 - AS_k (the client's mean held-out distance, AS_k clamped), floored at QFFL_MIN_LOSS."""
     return [max(1.0 - a, QFFL_MIN_LOSS) for a in alignments]
 
 
 def qffl_weights(base: Sequence[float], losses: Sequence[float], q: float) -> list[float]:
-    """q-FFL's weights p_k = ω_k F_k^q / Σ_j ω_j F_j^q, ω the FedAvg weights: the gradient of Li et al.'s
-    objective Σ_k ω_k F_k^(q+1)/(q+1) is Σ_k ω_k F_k^q ∇F_k. q = 0 returns ω itself (bit for bit)."""
+    """q-FFL's p_k = ω_k F_k^q / Σ_j ω_j F_j^q, ω the FedAvg weights; q = 0 returns ω itself, bit for bit."""
     if q == 0:
         return list(base)
     tilted = [w * math.pow(f, q) for w, f in zip(base, losses)]
@@ -202,9 +155,8 @@ def qffl_weights(base: Sequence[float], losses: Sequence[float], q: float) -> li
 
 
 def cap_weights(weights: Sequence[float], base: Sequence[float], ratio: float) -> tuple[list[float], int]:
-    """(weights with p_k <= ratio·base_k, how many were capped): a capped client sits at its cap and the
-    rest of the mass goes to the others in proportion to their weights (repeated until none exceeds its
-    cap). Weights already within their caps come back unchanged, bit for bit."""
+    """(weights with p_k <= ratio·base_k, how many were capped): a capped client sits at its cap, the rest of
+    the mass goes to the others in proportion, until none exceeds its cap; uncapped weights come back as given."""
     if ratio < 1:
         raise ValueError(f"a weight cap of {ratio} times the FedAvg weight cannot hold total weight 1")
     caps = [ratio * b for b in base]
@@ -232,8 +184,7 @@ def softmax(scores: Sequence[float]) -> list[float]:
 
 def adaptive_weights(history: Mapping[str, Sequence[float]], names: Sequence[str],
                      temperature: float, window: int) -> list[float]:
-    """p_k = softmax_k((1 - mean of the last `window` alignments of client k) / T): the worse a
-    client's recent held-out alignment, the more its weights count."""
+    """p_k = softmax_k((1 - mean of client k's last `window` alignments) / T): the worse, the heavier."""
     means = []
     for n in names:
         recent = list(history[n])[-window:]
@@ -256,13 +207,8 @@ def weighted_delta(global_state: Tensors, states: Sequence[Tensors], weights: Se
 # --- server optimizer (FedOpt) ---------------------------------------------------------
 
 def server_opt_step(global_state: Tensors, delta: Tensors, cfg: StrategyConfig, opt: dict) -> Tensors:
-    """w <- w + server step on the aggregate delta Δ (float64); `opt` ({"step", "m", "v"}) is updated.
-
-    sgd:  w + η Δ
-    adam: m = β1 m + (1-β1) Δ, v = β2 v + (1-β2) Δ², w + η sqrt(1-β2^t)/(1-β1^t) · m / (sqrt(v) + τ)
-    yogi: m as adam, v = v - (1-β2) Δ² sign(v - Δ²), w + η m / (sqrt(v) + τ)
-    with t the number of server steps so far, m and v starting at 0 (as Flower's FedAdam/FedYogi).
-    """
+    """w + the server optimizer's step on the aggregate delta Δ (float64), updating `opt` ({"step", "m", "v"})
+    as Flower's FedAdam/FedYogi do (formulas: docs/strategies_privacy.md)."""
     lr = resolved_server_lr(cfg)
     opt["step"] += 1
     t, b1, b2, tau = opt["step"], cfg.server_beta1, cfg.server_beta2, cfg.server_tau
@@ -291,9 +237,7 @@ def resolved_server_lr(cfg: StrategyConfig) -> float:
 # --- the strategy object ----------------------------------------------------------------
 
 class Strategy:
-    """One aggregation rule and its server state.  The engine calls, each round:
-    `client_config(round_)` (sent with the weights), then `aggregate(global, replies, round_,
-    weighting)`; a DP wrapper calls `apply_delta` with its noisy mean delta instead."""
+    """One aggregation rule and its server state; a DP wrapper calls `apply_delta` with its noisy mean delta."""
 
     def __init__(self, cfg: StrategyConfig = StrategyConfig()):
         cfg.validate()
@@ -308,13 +252,13 @@ class Strategy:
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
-        """Metrics each client must put in its reply (costly ones are computed only when listed)."""
-        return (ALIGNMENT_KEY,) if self.cfg.name in ("qfedavg", "adaptive") else ()
+        """Metrics each client must put in its reply (computed only when listed)."""
+        return (HELDOUT_ALIGNMENT,) if self.cfg.name in ("qfedavg", "adaptive") else ()
 
     def client_config(self, round_: int) -> dict:
         return {"proximal_mu": self.cfg.proximal_mu} if self.cfg.name == "fedprox" else {}
 
-    def aggregate(self, global_state: Tensors, replies: Sequence[Reply], round_: int,
+    def aggregate(self, global_state: Tensors, replies: Sequence, round_: int,
                   weighting: str) -> Tensors:
         if not replies:
             raise ValueError("cannot aggregate: no client replied")
@@ -337,9 +281,8 @@ class Strategy:
             return weighted_average(states, weights)
         return self.apply_delta(global_state, weighted_delta(global_state, states, weights), round_, states[0])
 
-    def _weights(self, replies: Sequence[Reply], weighting: str) -> list[float]:
-        """The averaging weights of fedavg/fedprox (--weighting), qfedavg and adaptive (capped); the
-        latter two record what they did with the clients' reports in last_info."""
+    def _weights(self, replies: Sequence, weighting: str) -> list[float]:
+        """The averaging weights: --weighting's, or qfedavg's and adaptive's (capped, reported in last_info)."""
         base = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies],
                                    weighting)
         if self.cfg.name not in ("qfedavg", "adaptive"):

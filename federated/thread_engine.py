@@ -1,14 +1,9 @@
 """Sampled clients trained side by side on a thread pool (`--client_engine threads`).
 
-A client's local step is many small operations (d_model 128, a few hundred tokens), which
-two intra-op threads split poorly: measured at paper scale on the 2-core CPU of
-benchmarks/results, one step takes 71 ms on one thread and 38 ms on two, while two
-clients on one thread each finish a step every 34 ms (README, Speed). So each worker runs whole clients
-with one intra-op thread. Every client's
-arithmetic then runs on a single thread from the same inputs, so its numbers do not depend
-on the number of workers or on which worker ran it (tested), and equal the loop engine's
-when that runs with one thread.
-"""
+A local step is many small operations, which two intra-op threads split poorly (paper scale, 2 cores: 71 ms on one
+thread, 38 ms on two, while two one-thread clients finish a step every 34 ms; README, Speed). So each worker runs
+whole clients on one intra-op thread: a client's numbers then do not depend on the workers (tested) and equal the loop
+engine's on one thread."""
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +19,7 @@ from .client import FitResult, GroupClient
 
 
 def default_workers() -> int:
-    """torch's intra-op thread count: the compute budget the user gave torch (physical cores by
-    default, or OMP_NUM_THREADS / torch.set_num_threads), now spent one thread per client."""
+    """torch's intra-op thread count (cores, OMP_NUM_THREADS or torch.set_num_threads): one per client."""
     return torch.get_num_threads()
 
 

@@ -1,6 +1,4 @@
 """Models: GPO, the in-context group-preference predictor (method.md §3)."""
 from .gpo import GPO, Episode, GPOConfig
 
-MODELS = {"gpo": GPO}
-
-__all__ = ["GPO", "GPOConfig", "Episode", "MODELS"]
+__all__ = ["GPO", "GPOConfig", "Episode"]

@@ -1,10 +1,8 @@
-"""Analytic FLOPs of GPO: what the benchmark reports as achieved GFLOP/s, and the cost
-estimate the threads client engine schedules by (largest client first).
+"""Analytic FLOPs of GPO: what the benchmark reports as achieved GFLOP/s, and the cost estimate the threads client
+engine schedules by (largest client first).
 
-Matrix products only: biases, LayerNorm, softmax, activations, the loss and Adam grow as
-T·d, not T·d². benchmarks/README.md gives the table; tests/test_bench.py checks it by hand
-and against torch's FlopCounterMode.
-"""
+Matrix products only: biases, LayerNorm, softmax, activations, the loss and Adam grow as T·d, not T·d².
+benchmarks/README.md gives the table; tests/test_bench.py checks it by hand and against torch's FlopCounterMode."""
 from __future__ import annotations
 
 TRAIN_FACTOR = 3  # forward + backward ≈ 3 forward passes (backward = grads of inputs and of weights)
@@ -20,17 +18,11 @@ def layer_macs(cfg, n_query: int, n_ctx: int) -> int:
             + 2 * n_query * d * ff)        # feed-forward, two linears
 
 
-def first_layer_x_macs(cfg, n_ctx: int, n_tgt: int) -> int:
-    """The embedder's x·W_x: the one product whose input (the data) needs no gradient."""
-    return (n_ctx + n_tgt) * cfg.dim_x * cfg.d_model
-
-
 def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
     """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points.
 
-    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)).
-    The last layer computes target rows only (GPO.encode_targets).
-    """
+    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)). The last layer
+    computes target rows only (GPO.encode_targets)."""
     d, ff, tokens = cfg.d_model, cfg.dim_feedforward, n_ctx + n_tgt
     embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
     if getattr(cfg, "context_answer", "concat") == "product":  # (y·x)·W_p, context points only
@@ -43,5 +35,5 @@ def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
 def train_flops(cfg, n_ctx: int, n_tgt: int) -> int:
     """FLOPs of one training step, 2 per multiply-add: TRAIN_FACTOR forward passes' worth for
     every product, except x·W_x, whose backward is the weight gradient alone (2 passes)."""
-    first = first_layer_x_macs(cfg, n_ctx, n_tgt)
+    first = (n_ctx + n_tgt) * cfg.dim_x * cfg.d_model  # x·W_x: its input (the data) needs no gradient
     return 2 * (TRAIN_FACTOR * (forward_macs(cfg, n_ctx, n_tgt) - first) + 2 * first)

@@ -1,15 +1,12 @@
 """GPO: a transformer neural process over (option embedding, group probability) points.
 
-method.md §3. Every token attends only to real context tokens, so the layer is computed
-as attention with queries = [context; targets] and keys/values = context: the same
-numbers as the full self-attention with the GPO mask, without the target-target block
-(cost O((Nc+Nt)·Nc) instead of O((Nc+Nt)^2)). Targets never see each other, which is why
-scoring all of a group's questions in one pass equals scoring them one at a time.
-"""
+method.md §3. Every token attends only to real context tokens, so the layer is computed as attention with queries =
+[context; targets] and keys/values = context: the same numbers as the full self-attention with the GPO mask, without
+the target-target block (cost O((Nc+Nt)·Nc) instead of O((Nc+Nt)^2)). Targets never see each other, which is why
+scoring all of a group's questions in one pass equals scoring them one at a time."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,9 +29,7 @@ class GPOConfig:
     dropout: float = 0.0
     num_layers: int = 6
     bound_std: bool = False
-    # "bf16": matmuls under autocast; softmax, loss and std stay fp32.
-    # "bf16_input": only x·W_x in bf16 (bf16 operands and product, fp32 accumulation); the rest fp32.
-    precision: str = "fp32"
+    precision: str = "fp32"       # "bf16": matmuls under autocast; softmax, loss and std stay fp32
     # "independent" (paper): every layer drawn on its own; "clones" (released code): all start as layer 0.
     layer_init: str = "independent"
     # "sum" (GPO): NLL summed over real target points, mean over episodes; "slot_mean" (released
@@ -59,9 +54,8 @@ class GPOConfig:
 class Episode:
     """A padded batch of B episodes. Masks are True for real points.
 
-    tgt_seg gives each target point its question's index within the episode; padded
-    target points carry any valid index, their mask keeps them out of every sum.
-    """
+    tgt_seg gives each target point its question's index within the episode; padded target points carry any valid
+    index, their mask keeps them out of every sum."""
 
     xc: torch.Tensor        # [B, Nc, D]
     yc: torch.Tensor        # [B, Nc]
@@ -89,8 +83,7 @@ def mlp(dim_in: int, dim_hid: int, dim_out: int, depth: int) -> nn.Sequential:
 class ContextAttentionLayer(nn.Module):
     """Post-norm transformer layer (as nn.TransformerEncoderLayer, ReLU) whose keys are the context.
 
-    Parameter names match nn.TransformerEncoderLayer so weights move between the two.
-    """
+    Parameter names match nn.TransformerEncoderLayer so weights move between the two."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
@@ -101,9 +94,6 @@ class ContextAttentionLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = dropout
-        # torch.func.vmap has no batching rule for the fused CPU kernel; the vmap client
-        # engine switches to explicit matmuls, which give the same numbers.
-        self.fused_attention = True
 
     def forward(self, h: torch.Tensor, num_ctx: int, key_mask: torch.Tensor,
                 targets_only: bool = False) -> torch.Tensor:
@@ -119,13 +109,8 @@ class ContextAttentionLayer(nn.Module):
         k, v = kv.chunk(2, dim=-1)
         split = lambda t: t.view(B, -1, self.nhead, hd).transpose(1, 2)  # noqa: E731
         p = self.dropout if self.training else 0.0
-        mask = key_mask[:, None, None, :]
-        if self.fused_attention:
-            att = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=p)
-        else:
-            scores = (split(q) / math.sqrt(hd)) @ split(k).transpose(-2, -1)  # scale the smaller tensor
-            weights = F.dropout(scores.masked_fill_(~mask, -torch.inf).softmax(-1), p, self.training)
-            att = weights @ split(v)
+        att = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=key_mask[:, None, None, :],
+                                             dropout_p=p)
         att = self.self_attn.out_proj(att.transpose(1, 2).reshape(B, T, d))
         h = self.norm1(h + F.dropout(att, p, self.training))
         ff = self.linear2(F.dropout(F.relu(self.linear1(h)), p, self.training))
@@ -137,42 +122,27 @@ class GPO(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if c.context_answer not in CONTEXT_ANSWERS:
-            raise ValueError(f"context_answer {c.context_answer!r}: choose one of {', '.join(CONTEXT_ANSWERS)}")
+        for name, choices in (("context_answer", CONTEXT_ANSWERS), ("layer_init", LAYER_INITS),
+                              ("loss_reduction", LOSS_REDUCTIONS)):
+            if getattr(c, name) not in choices:
+                raise ValueError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(choices)}")
         self.product = c.context_answer == "product"
         self.embedder = mlp(c.input_dim, c.d_model, c.d_model, c.emb_depth)
         self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)
                                     for _ in range(c.num_layers))
         self.predictor = nn.Sequential(nn.Linear(c.d_model, c.dim_feedforward), nn.ReLU(),
                                        nn.Linear(c.dim_feedforward, c.dim_y * 2))
-        if c.layer_init not in LAYER_INITS:
-            raise ValueError(f"layer_init {c.layer_init!r}: choose one of {', '.join(LAYER_INITS)}")
-        if c.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction {c.loss_reduction!r}: choose one of {', '.join(LOSS_REDUCTIONS)}")
         if c.layer_init == "clones":
             # nn.TransformerEncoder deep-copies the layer it is given, so all layers start equal.
             for layer in self.layers[1:]:
                 layer.load_state_dict(self.layers[0].state_dict())
 
-    @contextmanager
-    def explicit_attention(self):
-        """Attention as explicit matmuls while inside the block (for torch.func.vmap)."""
-        for layer in self.layers:
-            layer.fused_attention = False
-        try:
-            yield self
-        finally:
-            for layer in self.layers:
-                layer.fused_attention = True
-
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x·W_x + b, the embedder's first layer without the y column, for points given once.
 
-        Evaluation embeds a whole group's points with it and then gathers 128-wide rows,
-        instead of gathering 4096-wide embeddings into an episode first. With
-        context_answer "product" the rows are [x·W_x + b, x·W_p] (2·d_model wide): y·(x·W_p)
-        is the product term (y·x)·W_p, so it needs no raw x either.
-        """
+        Evaluation embeds a whole group's points with it and then gathers 128-wide rows, instead of gathering
+        4096-wide embeddings into an episode first. With context_answer "product" the rows are [x·W_x + b, x·W_p]
+        (2·d_model wide): y·(x·W_p) is the product term (y·x)·W_p, so it needs no raw x either."""
         with self._autocast(x):
             h = self._x_linear(x)
             return torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
@@ -181,12 +151,7 @@ class GPO(nn.Module):
         """x·W_x + b, or x·W_p (no bias) with `product`: the columns that multiply y·x."""
         first, dim_x = self.embedder[0], self.config.dim_x
         w_x = first.weight[:, dim_x + self.config.dim_y:] if product else first.weight[:, :dim_x]
-        bias = None if product else first.bias
-        if self.config.precision == "bf16_input":
-            # bf16 operands and product (fp32 accumulation inside the GEMM); bias and all after in fp32
-            out = F.linear(x.to(torch.bfloat16), w_x.to(torch.bfloat16)).float()
-            return out if bias is None else out + bias
-        return F.linear(x, w_x, bias)
+        return F.linear(x, w_x, None if product else first.bias)
 
     def _autocast(self, x: torch.Tensor):
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
@@ -194,9 +159,8 @@ class GPO(nn.Module):
     def embed(self, x: torch.Tensor, y: torch.Tensor | None, projected: bool = False) -> torch.Tensor:
         """The embedder MLP on [x, y] (y = 0 for targets), without building [x, y].
 
-        The first layer is split as x·W_x + y·w_y: concatenating a column to thousands of
-        embedding dimensions would copy the whole episode once more per forward pass.
-        """
+        The first layer is split as x·W_x + y·w_y: concatenating a column to thousands of embedding dimensions would
+        copy the whole episode once more per forward pass."""
         first, dim_x = self.embedder[0], self.config.dim_x
         if self.product:
             d = first.weight.shape[0]
@@ -213,8 +177,7 @@ class GPO(nn.Module):
     def encode_targets(self, ep: Episode) -> torch.Tensor:
         """Representations of the target tokens, [B, Nt, d_model]."""
         if self._fused_first_layer(ep):
-            low = torch.bfloat16 if self.config.precision == "bf16_input" else None
-            hc, ht = FirstLayer.apply(ep.xc, ep.yc, ep.xt, self.embedder[0].weight, self.embedder[0].bias, low)
+            hc, ht = FirstLayer.apply(ep.xc, ep.yc, ep.xt, self.embedder[0].weight, self.embedder[0].bias)
             h = self.embedder[1:](torch.cat([hc, ht], dim=1))
         else:
             h = torch.cat([self.embed(ep.xc, ep.yc, ep.projected), self.embed(ep.xt, None, ep.projected)], dim=1)
@@ -226,10 +189,11 @@ class GPO(nn.Module):
         return h
 
     def _fused_first_layer(self, ep: Episode) -> bool:
-        """FirstLayer serves training steps in fp32 and bf16_input; torch.func (vmap engine),
-        autocast and already-projected episodes take the plain path (same numbers)."""
-        return (torch.is_grad_enabled() and not ep.projected and self.config.precision in ("fp32", "bf16_input")
-                and self.layers[0].fused_attention and not self.product)
+        """FirstLayer serves fp32 training steps; autocast, already-projected episodes and inputs that
+        want their own gradient (FirstLayer computes the weights' only) take the plain path (same numbers)."""
+        inputs_grad = ep.xc.requires_grad or ep.yc.requires_grad or ep.xt.requires_grad
+        return (torch.is_grad_enabled() and not ep.projected and self.config.precision == "fp32"
+                and not inputs_grad and not self.product)
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""
@@ -262,25 +226,17 @@ class GPO(nn.Module):
 
 
 class FirstLayer(torch.autograd.Function):
-    """The embedder's first layer on context and targets at once: [x, y]·Wᵀ + b with y = 0
-    for targets, without building [x, y] and without slicing W in autograd.
+    """The embedder's first layer on context and targets at once: [x, y]·Wᵀ + b with y = 0 for targets, without
+    building [x, y] and without slicing W in autograd.
 
-    Autograd through `W[:, :dim_x]` and `W[:, dim_x]` allocates a zeroed [d, dim_x + 1]
-    gradient per slice and per call (context, targets) and copies into it, about 6% of a
-    paper-scale step; here the weight gradient is written once, in place, with BLAS.
-    With `low_dtype` bf16 (precision bf16_input) the two dim_x-wide products, x·W_xᵀ and its
-    weight gradient, run in bf16 with fp32 accumulation; all else stays fp32.
-    """
+    Autograd through `W[:, :dim_x]` and `W[:, dim_x]` allocates a zeroed [d, dim_x + 1] gradient per slice and per
+    call (context, targets) and copies into it, about 6% of a paper-scale step; here the weight gradient is written
+    once, in place, with BLAS."""
 
     @staticmethod
-    def forward(ctx, xc, yc, xt, weight, bias, low_dtype=None):
+    def forward(ctx, xc, yc, xt, weight, bias):
         dim_x = xc.shape[-1]
-        w_x = weight[:, :dim_x]
-        if low_dtype is None:
-            hc, ht = F.linear(xc, w_x, bias), F.linear(xt, w_x, bias)
-        else:
-            xc, xt, w_low = xc.to(low_dtype), xt.to(low_dtype), w_x.to(low_dtype)
-            hc, ht = F.linear(xc, w_low).float() + bias, F.linear(xt, w_low).float() + bias
+        hc, ht = F.linear(xc, weight[:, :dim_x], bias), F.linear(xt, weight[:, :dim_x], bias)
         hc.addcmul_(yc.unsqueeze(-1), weight[:, dim_x])
         ctx.save_for_backward(xc, yc, xt)
         return hc, ht
@@ -291,22 +247,16 @@ class FirstLayer(torch.autograd.Function):
         dim_x, d = xc.shape[-1], grad_c.shape[-1]
         gc, gt = grad_c.reshape(-1, d), grad_t.reshape(-1, d)
         grad_w = gc.new_empty(d, dim_x + 1)
-        if xc.dtype == gc.dtype:
-            torch.mm(gc.t(), xc.reshape(-1, dim_x), out=grad_w[:, :dim_x])
-            grad_w[:, :dim_x].addmm_(gt.t(), xt.reshape(-1, dim_x))
-        else:
-            low = xc.dtype
-            grad_w[:, :dim_x] = gc.t().to(low) @ xc.reshape(-1, dim_x)
-            grad_w[:, :dim_x] += gt.t().to(low) @ xt.reshape(-1, dim_x)
+        torch.mm(gc.t(), xc.reshape(-1, dim_x), out=grad_w[:, :dim_x])
+        grad_w[:, :dim_x].addmm_(gt.t(), xt.reshape(-1, dim_x))
         torch.mv(gc.t(), yc.reshape(-1), out=grad_w[:, dim_x])
-        return None, None, None, grad_w, gc.sum(0) + gt.sum(0), None
+        return None, None, None, grad_w, gc.sum(0) + gt.sum(0)
 
 
 def segment_softmax(values: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, num_seg: int) -> torch.Tensor:
     """Softmax of `values` within each (row, segment); masked entries get 0.
 
-    Vectorised with scatter: row b's segment s becomes flat bucket b*num_seg + s.
-    """
+    Vectorised with scatter: row b's segment s becomes flat bucket b*num_seg + s."""
     B, N = values.shape
     bucket = (seg + torch.arange(B, device=seg.device)[:, None] * num_seg).reshape(-1)
     flat = values.masked_fill(~mask, -torch.inf).reshape(-1)

@@ -78,7 +78,6 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="strength of the preference shared by all groups (what a consensus lookup captures)")
 
     m = p.add_argument_group("model (GPO, method.md §3)")
-    m.add_argument("--model", default="gpo", choices=("gpo",), help="model family")
     m.add_argument("--d_model", type=int, default=128, help="transformer width")
     m.add_argument("--emb_depth", type=int, default=4, help="linear layers in the input embedder")
     m.add_argument("--dim_feedforward", type=int, default=128, help="feed-forward width")
@@ -119,10 +118,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--train_batch_size", type=int, default=32,
                    help="groups per step in --central_mode batched")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "bf16_input"),
-                   help="bf16 runs the model's matmuls under autocast (loss and softmax stay fp32); "
-                        "bf16_input keeps the option embeddings in bf16 and runs only their product with "
-                        "the first layer (x·W_x and its weight gradient) in bf16, the rest in fp32")
+    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16 runs the model's matmuls under autocast (loss and softmax stay fp32)")
     if method == "fedavg":
         t.add_argument("--comm_round", type=int, default=1300, help="communication rounds (paper: 1300)")
         t.add_argument("--epochs", type=int, default=6, help="local steps per client per round")
@@ -130,13 +127,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         t.add_argument("--weighting", default="dataset_size", choices=WEIGHTINGS,
                        help="FedAvg weights: dataset_size (paper), episode_points (released code), uniform")
         t.add_argument("--client_engine", default="auto", choices=CLIENT_ENGINES,
-                       help="how the sampled clients' local steps run: one after another (loop), side by side "
-                            "on one thread each (threads), or as one batched computation over stacked client "
-                            "weights (vmap); auto = threads on a CPU where torch uses more than one thread, else loop")
+                       help="how the sampled clients' local steps run: one after another (loop) or side by side "
+                            "on one thread each (threads); auto = threads on a CPU where torch uses more than one "
+                            "thread, else loop")
         t.add_argument("--client_workers", type=int, default=0,
                        help="with --client_engine threads: worker threads (0 = torch's intra-op thread count)")
-        t.add_argument("--vmap_chunk", type=int, default=0,
-                       help="with --client_engine vmap: clients per batched chunk to bound memory (0 = all)")
         t.add_argument("--save_client", action="store_true", help="also save each client's locally trained weights of the last round at every checkpoint (checkpoints/clients/)")
         t.add_argument("--also_centralized", action="store_true",
                        help="then train the centralized baseline in the same process (its own run folder)")

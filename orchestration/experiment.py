@@ -9,7 +9,7 @@ from data_loaders.datasets import ExperimentData, choose_groups, split_seed
 from data_loaders.episodes import EpisodeSizes
 from data_loaders.schema import DataError
 from federated.aggregation import num_sampled_clients
-from federated.fedavg import FedAvgTrainer, check_engine_strategy, check_min_clients, resolve_client_engine
+from federated.fedavg import FedAvgTrainer, check_min_clients, resolve_client_engine
 from federated.server import build_server
 from federated.strategies import Strategy
 from orchestration.centralized import CentralizedTrainer
@@ -41,7 +41,6 @@ _FLAG_RULES = (
     ("client_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("train_batch_size", lambda v: v >= 1, ">= 1 groups per step"),
     ("eval_batch_size", lambda v: v >= 0, ">= 0 (0 = all targets at once)"),
-    ("vmap_chunk", lambda v: v >= 0, ">= 0 (0 = all clients at once)"),
     ("client_workers", lambda v: v >= 0, ">= 0 (0 = torch's intra-op thread count)"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("d_model", lambda v: v >= 1, ">= 1"),
@@ -134,7 +133,6 @@ def check_server_flags(args, num_train: int | None, log=None) -> None:
     that need no client count run, so a bad flag fails before minutes of embedding."""
     n = num_train if num_train is not None else 1 << 30
     server = server_config(args)
-    check_engine_strategy(args.client_engine, Strategy(server.strategy))
     warnings = server.validate(n)
     if num_train is None:
         return
@@ -170,8 +168,8 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
     if method == "fedavg":
         check_sample_size(args, len(data.train))
         return FedAvgTrainer(data, cfg, mcfg, weighting=args.weighting, client_fraction=args.client_fraction,
-                             device=device, client_engine=args.client_engine, vmap_chunk=args.vmap_chunk,
-                             client_workers=args.client_workers, server=server)
+                             device=device, client_engine=args.client_engine, client_workers=args.client_workers,
+                             server=server)
     return CentralizedTrainer(data, cfg, mcfg, central_mode=args.central_mode,
                               train_batch_size=args.train_batch_size,
                               central_steps=getattr(args, "central_steps", 1), device=device)

@@ -25,17 +25,33 @@ RUNS_ROOT = "runs"
 VOLATILE = frozenset({
     "resume", "out_dir", "quiet", "wandb", "wndb_project_name", "environment", "device",
     "device_resolved", "data_path", "cache_dir", "emb_device", "emb_batch_size", "also_centralized",
-    "client_engine", "client_engine_resolved", "vmap_chunk", "client_workers", "eval_batch_size", "save_client",
+    "client_engine", "client_engine_resolved", "client_workers", "eval_batch_size", "save_client",
     "engine", "round_timeout", "node_wait", "sim_backend", "sim_client_cpus", "sim_client_gpus",
     "encoding", "log_every", "keep_checkpoints", "keep_best", "no_plots",
 })
 _DATA_IDENTITY = ("source_hash", "kept_questions")
 _EMBEDDING_IDENTITY = ("model_id", "dim", "prompt_style", "precision")
 
+# Flags removed in issue 25, with the value every saved config that has them holds when the flag
+# did nothing (--model had one choice; --vmap_chunk 0 is the default, unused off vmap): at that
+# value the key is ignored, any other value is a retired setting.
+REMOVED_FLAGS = {"model": "gpo", "vmap_chunk": 0}
+# Choices removed from flags that remain (benchmarks/README.md, "Retired"): this code cannot run them.
+RETIRED_CHOICES = {"client_engine": "vmap", "precision": "bf16_input"}
+
+
+def retired_settings(config: dict) -> list[str]:
+    """'key: value was retired' for each removed flag away from its old default or retired choice
+    in a saved config: a run that used one can be neither resumed nor reused."""
+    used = [k for k, v in REMOVED_FLAGS.items() if k in config and config[k] != v]
+    used += [k for k, v in RETIRED_CHOICES.items() if config.get(k) == v]
+    return [f"{k}: {config[k]!r} was retired (issue 25; benchmarks/README.md says why)" for k in used]
+
 
 def run_identity(config: dict) -> dict:
     """The part of a resolved config that decides the run's numbers."""
-    ident = {k: v for k, v in config.items() if k not in VOLATILE and k != "data"}
+    ident = {k: v for k, v in config.items()
+             if k not in VOLATILE and k != "data" and not (k in REMOVED_FLAGS and v == REMOVED_FLAGS[k])}
     data = config.get("data") or {}
     ident["data"] = {k: data.get(k) for k in _DATA_IDENTITY}
     emb = data.get("embedding") or {}
@@ -70,7 +86,11 @@ def added_defaults(method: str | None) -> dict:
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
-    """'key: saved -> wanted' for every identity key that differs (nested keys dotted)."""
+    """'key: saved -> wanted' for every identity key that differs (nested keys dotted), or only the
+    retired settings the saved run used, if any."""
+    retired = retired_settings(saved)
+    if retired:
+        return retired
     a, b = run_identity(saved), run_identity(wanted)
     defaults = added_defaults(saved.get("method"))
     return [f"{k}: {x!r} -> {y!r}" for k, x, y in _diff(a, b, "", defaults)]
@@ -215,6 +235,10 @@ def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
     if failed is not None:
         raise DataError(f"--resume: the run in {folder} failed ({failed.get('reason')}); resuming would fail again",
                         "start a new run without --resume (another --out_dir), e.g. with a lower --lr or --grad_clip")
+    retired = retired_settings(saved)
+    if retired:
+        raise DataError(f"--resume: the run in {folder} used a setting this code no longer runs: " + "; ".join(retired),
+                        "start a new run without --resume")
     diff = differences(saved, config)
     if diff:
         raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff),

@@ -53,7 +53,6 @@ TRIM = ["--strategy", "trimmed_mean", "--trim_fraction", "0.2"]
 CASES: dict[str, tuple[str, list[str]]] = {
     "fedavg": ("fedavg", FL),
     "fedavg_threads": ("fedavg", [*FL, "--client_engine", "threads", "--client_workers", "2"]),
-    "fedavg_vmap": ("fedavg", [*FL, "--client_engine", "vmap"]),
     "fedavg_sampled": ("fedavg", [*FL, "--client_fraction", "0.5", "--weighting", "uniform"]),
     "centralized": ("centralized", CENTRAL),
     "centralized_batched": ("centralized", [*CENTRAL, "--central_mode", "batched"]),

@@ -97,14 +97,12 @@ def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: 
 
 # --- gradient channels -------------------------------------------------------------------
 def gradient_block(model, ep) -> dict:
-    """Where the loss gradient enters the embedder on `ep` (plain first-layer path, so the input
-    gradients exist; explicit attention gives the same numbers as the fused path)."""
+    """Where the loss gradient enters the embedder on `ep` (inputs that require a gradient take the
+    plain first-layer path, so the input gradients exist)."""
     model.train()
     model.zero_grad(set_to_none=True)
     xc, yc, xt = (t.clone().requires_grad_(True) for t in (ep.xc, ep.yc, ep.xt))
-    probe = replace(ep, xc=xc, yc=yc, xt=xt)
-    with model.explicit_attention():
-        model.loss(probe).backward()
+    model.loss(replace(ep, xc=xc, yc=yc, xt=xt)).backward()
     m, mt = ep.ctx_mask, ep.tgt_mask
     first, dim_x = model.embedder[0], model.config.dim_x
     w_x, w_y = first.weight[:, :dim_x].detach(), first.weight[:, dim_x].detach()

@@ -382,7 +382,6 @@ def test_row27_cuda_requested_without_cuda(capsys):
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (("--client_engine", "vmap", "--precision", "bf16"), "--precision bf16 does not work with --client_engine vmap"),
     (("--client_engine", "threads", "--dropout", "0.1"), "--dropout 0.1 does not work with --client_engine threads"),
 ])
 def test_row28_conflicting_flags(capsys, flags, expect):

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench import num_evaluations, projection, resolve_variants
+from benchmarks.bench import num_evaluations, projection, variants
 from data_loaders.episodes import EpisodeSizes, episode_token_counts, sample_episode
 from data_loaders.schema import GroupData
 from models.flops import forward_macs, train_flops
 from models.gpo import GPO, Episode, GPOConfig
+from orchestration.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,16 +85,12 @@ def test_projection_formula():
     assert missing["total_s"] is None and "fedavg_round_s" in missing["missing"]
 
 
-def test_engine_list_needs_the_flag():
-    bare = argparse.ArgumentParser()
-    assert resolve_variants(bare, "--client_engine", None, "loop") == [("loop", False)]
-    with pytest.raises(SystemExit, match="has no --client_engine"):
-        resolve_variants(bare, "--client_engine", "loop,vmap", "loop")
-    known = argparse.ArgumentParser()
-    known.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    assert resolve_variants(known, "--precision", None, "fp32") == [("fp32", True)]
-    with pytest.raises(SystemExit, match="not one of"):
-        resolve_variants(known, "--precision", "fp8", "fp32")
+def test_engines_and_precisions_are_checked_against_main_fl_choices():
+    parser = build_parser("fedavg")
+    assert variants(parser, "--client_engine", None) == ["auto"]
+    assert variants(parser, "--precision", "fp32,bf16") == ["fp32", "bf16"]
+    with pytest.raises(SystemExit, match="--client_engine 'vmap' is not one of auto, loop, threads"):
+        variants(parser, "--client_engine", "loop,vmap")
 
 
 def _positive_numbers(obj, where: str = "") -> list[str]:

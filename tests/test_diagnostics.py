@@ -99,7 +99,6 @@ def trainer(method, *extra):
 
 
 @pytest.mark.parametrize("method,extra", [("fedavg", ["--epochs", "2", "--client_engine", "loop"]),
-                                          ("fedavg", ["--epochs", "2", "--client_engine", "vmap"]),
                                           ("centralized", ["--central_steps", "2"]),
                                           ("centralized", ["--central_mode", "batched"])])
 def test_no_heldout_question_reaches_any_training_step(monkeypatch, method, extra):

@@ -152,26 +152,13 @@ def test_last_layer_computes_target_rows_only():
     assert torch.allclose(layer(h, nc, ep.ctx_mask, targets_only=True), full[:, nc:], atol=1e-6)
 
 
-def test_bf16_input_runs_only_the_x_product_in_bf16():
-    """precision bf16_input: x·W_x from bf16-rounded x and W_x (fp32 accumulation); the
-    training path (FirstLayer) and the plain path agree, and both stay close to fp32."""
+def test_inputs_that_want_a_gradient_get_one():
+    """FirstLayer computes the weights' gradient only: an episode whose inputs require one takes the plain path."""
     from dataclasses import replace
-    torch.manual_seed(0)
-    cfg = GPOConfig(dim_x=6, d_model=16, dim_feedforward=24, nhead=4, num_layers=2)
-    fp32, low = GPO(cfg), GPO(replace(cfg, precision="bf16_input"))
-    low.load_state_dict(fp32.state_dict())
-    ep, _ = toy_episode()
-    w, b = fp32.embedder[0].weight[:, :6], fp32.embedder[0].bias
-    product = ep.xt.bfloat16().float() @ w.bfloat16().float().t()  # bf16 operands, fp32 sums
-    # the GEMM's output is bf16 too: within half a bf16 ulp (2^-9 relative) of the fp32 sum
-    assert ((low.project(ep.xt) - b - product).abs() <= product.abs() * 2 ** -8 + 1e-7).all()
-    assert (low.project(ep.xt) - fp32.project(ep.xt)).abs().max() > 1e-5
-    results = loss_and_grads_on_both_paths(low, ep)
-    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
-    for name, g in results[0][1].items():
-        assert torch.allclose(g, results[1][1][name], rtol=1e-2, atol=1e-3), name
-    assert torch.allclose(results[0][0], fp32.loss(ep).detach(), rtol=1e-2)
-    assert not torch.equal(results[0][0], fp32.loss(ep).detach())  # it is a different precision
+    model, (ep, _) = tiny_model(), toy_episode()
+    xc = ep.xc.clone().requires_grad_(True)
+    model.loss(replace(ep, xc=xc)).backward()
+    assert xc.grad is not None and xc.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

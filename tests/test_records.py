@@ -4,6 +4,7 @@ refused when their flags differ, stale when a replay's losses move, reports from
 equal to reports from the run folders, --status, --commit_records, --jobs."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_loaders.schema import DataError
-from orchestration import records
+from orchestration import records, resume
 from orchestration.replay import compare_losses, relative_difference, tolerance_for
 from reporting import pipeline
 from reporting.jobs import resolve_jobs
@@ -248,6 +249,42 @@ def test_status_lists_the_plan_against_the_records(copied, capsys):
                for ln in lines)
     assert "4 planned: 2 finished, 0 diverged, 1 stale-config, 1 missing" in lines[-1]
     assert not root.exists()  # --status writes nothing
+
+
+def _set_config(record: Path, **keys) -> dict:
+    path = record / "config.json"
+    cfg = {**json.loads(path.read_text()), **keys}
+    path.write_text(json.dumps(cfg))
+    return cfg
+
+
+def test_removed_flags_at_their_retired_default_are_no_difference(copied, capsys):
+    """Committed records carry "model": "gpo" and "vmap_chunk": 0 from before those flags were removed."""
+    root, rec = copied
+    for run in ("fedavg_s0", "centralized_s0"):
+        cfg = _set_config(rec / "reproduce" / "tiny" / run, model="gpo", vmap_chunk=0)
+    assert pipeline.main(_argv(root, rec, ("0",), "--status")) == 0
+    assert "2 planned: 2 finished, 0 diverged, 0 stale-config" in capsys.readouterr().out.splitlines()[-1]
+    bare = {k: v for k, v in cfg.items() if k not in ("model", "vmap_chunk")}
+    assert resume.fingerprint(cfg) == resume.fingerprint(bare) and resume.differences(cfg, bare) == []
+
+
+def test_a_record_or_run_with_a_retired_setting_is_refused_naming_it(copied, capsys, tmp_path):
+    root, rec = copied
+    vmap = _set_config(rec / "reproduce" / "tiny" / "fedavg_s0", client_engine="vmap")
+    _set_config(rec / "reproduce" / "tiny" / "centralized_s0", precision="bf16_input")
+    assert pipeline.main(_argv(root, rec, ("0",), "--status")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for run, why in (("fedavg_s0", "client_engine: 'vmap' was retired"),
+                     ("centralized_s0", "precision: 'bf16_input' was retired")):
+        assert any(ln.startswith("stale-config") and run in ln and why in ln for ln in lines), (run, lines)
+    assert resume.differences({**vmap, "client_engine": "auto", "vmap_chunk": 4}, vmap) == [
+        "vmap_chunk: 4 was retired (issue 25; benchmarks/README.md says why)"]
+    folder = tmp_path / "interrupted"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(vmap))
+    with pytest.raises(DataError, match="no longer runs: client_engine: 'vmap' was retired"):
+        resume.plan_run("fedavg", argparse.Namespace(resume=True), {**vmap, "client_engine": "loop"}, out_dir=folder)
 
 
 def test_report_from_records_equals_report_from_run_folders(trained, tmp_path, monkeypatch):

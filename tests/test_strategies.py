@@ -22,13 +22,13 @@ from federated.strategies import (
     adaptive_weights,
     cap_weights,
     coordinate_median,
-    proximal_penalty,
     qffl_losses,
     qffl_weights,
     trimmed_mean,
 )
 from orchestration.cli import build_parser
 from orchestration.config import server_config
+from training.local import proximal_penalty
 from utils.seeding import generator
 
 

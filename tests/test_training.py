@@ -114,7 +114,7 @@ def test_cli_help_lists_every_flag():
     for flag in ["comm_round", "epochs", "lr", "seed", "central_epochs", "eval_freq", "federated_eval",
                  "eval_num_qs", "eval_seed", "dataset", "group_split", "data_split", "train_batch_size",
                  "eval_batch_size", "num_steps", "max_ctx_num_qs", "min_ctx_num_qs", "max_tar_num_qs",
-                 "min_tar_num_qs", "emb_model", "wndb_project_name", "save_client", "model", "data_path",
+                 "min_tar_num_qs", "emb_model", "wndb_project_name", "save_client", "data_path",
                  "out_dir", "device", "wandb", "weighting", "client_fraction", "central_mode", "metric"]:
         assert f"--{flag} " in out or f"--{flag}\n" in out, flag
 
