@@ -67,6 +67,11 @@ def exchange(grid: Grid, messages: dict[str, Message], timeout: float | None) ->
     return out
 
 
+def failure(reply: Message | str) -> str | None:
+    """Why an exchange brought no usable reply (REFUSED, or the error a ClientApp or the SuperLink sent)."""
+    return reply if isinstance(reply, str) else reply.error.reason if reply.has_error() else None
+
+
 def discover(grid: Grid, setup: str, groups: list[str], wait_s: float, log=print) -> dict[str, NodeReport]:
     """Ask every connected node, late ones as they appear, which group it holds, until each of
     `groups` has one or `wait_s` runs out."""
@@ -81,7 +86,7 @@ def discover(grid: Grid, setup: str, groups: list[str], wait_s: float, log=print
             msgs = {str(n): instruction(QUERY, n, setup, 0) for n in new}
             replies = exchange(grid, msgs, max(1.0, deadline - time.monotonic()))
             for node, reply in replies.items():
-                reason = reply if isinstance(reply, str) else reply.error.reason if reply.has_error() else None
+                reason = failure(reply)
                 if reason is not None:
                     errors.append(f"node {node}: {reason}")
                     log(f"flower: node {node} did not join: {reason}")
@@ -179,16 +184,11 @@ class FlowerTrainer(FedAvgRound):
         good = {}
         for name in names:
             reply = replies.get(name)
-            if reply is None:
-                reason = f"no reply within --round_timeout {self.timeout:g} s"
-            elif isinstance(reply, str):
-                reason = reply
-            elif reply.has_error():
-                reason = reply.error.reason
-            else:
+            reason = f"no reply within --round_timeout {self.timeout:g} s" if reply is None else failure(reply)
+            if reason is None:
                 good[name] = reply
-                continue
-            self.left_out(round_, kind, name, reason)
+            else:
+                self.left_out(round_, kind, name, reason)
         return good
 
     def left_out(self, round_: int, phase: str, name: str, reason: str) -> None:

@@ -147,8 +147,8 @@ def _answers(placed: Iterable[tuple[str, Any]]) -> list[Answer]:
     for where, item in placed:
         q, value = _unpack(item, where, ("distribution",))
         if value is None:
-            raise DataError(f"{where}: no distribution", "a context item is a question the group answered: "
-                            "give (question, options, distribution)")
+            raise DataError(f'{where}: no "distribution"', "a context item is a question the group answered: "
+                            "give its distribution over the options, [p_1, ..., p_k]")
         out.append(Answer(q, check_distribution(value, len(q.options), where)))
     return out
 
