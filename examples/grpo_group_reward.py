@@ -1,19 +1,13 @@
 """Fine-tune an LLM with GRPO to answer survey questions as a group would.
 
-The reward is the trained group predictor (inference.GroupReward): each sampled answer is
-mapped to an option, and the answers sampled for one prompt, as a distribution, are scored
-against the distribution the predictor expects from the group, given a few of the group's
-real answers (each answer credited with what it adds: leave-one-out). `--mode option`
-scores each answer alone instead, which pushes the model toward one answer for everyone
-(docs/inference.md says which). Needs TRL (`pip install trl`, an optional
-extra) and a causal LM on disk or on the Hugging Face hub.
+The reward is the trained group predictor (inference.GroupReward, docs/inference.md): the answers
+sampled for one prompt, as a distribution, are scored against the group's predicted distribution
+(`--mode option` scores each answer alone, which pushes toward one answer for everyone). Prompts
+are the Alpaca prompt the predictor's embeddings were built from, so the model answers with a
+letter. Needs TRL (`pip install trl`) and a causal LM.
 
     python examples/grpo_group_reward.py --run runs/opinionqa_fedavg_50 --group Democrat \\
         --model Qwen/Qwen2.5-0.5B-Instruct --steps 50 --output_dir runs/grpo_democrat
-
-Prompts are the Alpaca prompt the predictor's embeddings were built from, ending where the
-answer starts, so the model answers with a letter ("B. ..."). `--group` takes the group's
-context and, unless `--questions` is given, trains on the questions the run scored for it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""The ClientApp (Flower Message API): query, train and evaluate handlers of flower_app.node.
-
-`app` is the ClientApp a SuperNode runs (pyproject.toml [tool.flwr.app.components]); it
-learns its group from the SuperNode's --node-config. `make_client_app(groups)` is the
-simulation's variant: virtual node i holds groups[i].
-"""
+"""The ClientApp around flower_app.node: `app` for a SuperNode (its group from --node-config),
+`make_client_app(groups)` for the simulation (virtual node i holds groups[i])."""
 from __future__ import annotations
 
 from flwr.app import Context, Message
@@ -23,8 +19,6 @@ def make_client_app(partition_groups: list[str] | None = None) -> ClientApp:
         from .node import handle_query
         return handle_query(msg, context, partition_groups)
 
-    # The SecAgg+ mod passes ordinary train messages through untouched; with --secagg it runs
-    # Flower's SecAgg+ stages around this handler (flower_app/secagg_client.py).
     @app.train(mods=[make_secagg_mod(partition_groups)])
     def train(msg: Message, context: Context) -> Message:
         from .node import handle_train

@@ -1,9 +1,7 @@
 """The server side of the federation: find each group's node, then run FedAvg over the Grid.
 
-`FlowerTrainer` has the interface of `FedAvgTrainer` (train_round, evaluate, global_state,
-load_global, state_dict, load_state_dict), so the same `RunLoop` drives it and writes the
-same run folder. Both are a `federated.fedavg.FedAvgRound`, whose sampling, checks and
-aggregation are shared; only where a client's computation happens (`fit_sampled`) differs.
+`FlowerTrainer` is a `federated.fedavg.FedAvgRound` with FedAvgTrainer's interface, so the same
+RunLoop drives it; only `fit_sampled` (where a client's computation happens) differs.
 """
 from __future__ import annotations
 
@@ -41,34 +39,42 @@ def make_setup(flags: dict, metric: str, train: list[str], evals: list[str]) -> 
 REFUSED = "the SuperLink did not accept the message (its node is no longer registered)"
 
 
-def exchange(grid: Grid, messages: dict[str, Message], timeout: float | None) -> dict[str, Message | str]:
-    """Send one message per group and collect the replies that arrive within `timeout` seconds.
-
-    Replies are matched to groups by the instruction they answer, never by arrival order;
-    error replies (a ClientApp that raised, a node the SuperLink saw leave) come back too.
-    A message the SuperLink refused maps to the reason (a string) instead of a reply.
-    """
-    names = list(messages)
-    ids = list(grid.push_messages([messages[n] for n in names]))
-    pending = {mid: n for mid, n in zip(ids, names) if mid}
-    replies: dict[str, Message | str] = {n: REFUSED for mid, n in zip(ids, names) if not mid}
+def push_and_pull(grid: Grid, messages: list[Message], timeout: float | None) -> tuple[list[str], list[Message]]:
+    """Push `messages` and poll for their replies, error replies included, until all came or `timeout` s
+    passed; returns the message ids ('' for one the SuperLink refused) and the replies."""
+    ids = list(grid.push_messages(messages))
+    pending = {mid for mid in ids if mid}
+    replies: list[Message] = []
     end = None if timeout is None else time.monotonic() + timeout
     while pending and (end is None or time.monotonic() < end):
         for reply in grid.pull_messages(list(pending)):
-            name = pending.pop(reply.metadata.reply_to_message_id, None)
-            if name is not None:
-                replies[name] = reply
+            if reply.metadata.reply_to_message_id in pending:
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
         if pending:
             time.sleep(POLL_S)
-    return replies
+    return ids, replies
+
+
+def exchange(grid: Grid, messages: dict[str, Message], timeout: float | None) -> dict[str, Message | str]:
+    """One message per group; its reply, matched by the instruction it answers (never by arrival order),
+    or REFUSED. A group missing from the result did not reply within `timeout` seconds."""
+    names = list(messages)
+    ids, replies = push_and_pull(grid, [messages[n] for n in names], timeout)
+    by_id = dict(zip(ids, names))
+    out: dict[str, Message | str] = {n: REFUSED for mid, n in zip(ids, names) if not mid}
+    out.update({by_id[r.metadata.reply_to_message_id]: r for r in replies})
+    return out
+
+
+def failure(reply: Message | str) -> str | None:
+    """Why an exchange brought no usable reply (REFUSED, or the error a ClientApp or the SuperLink sent)."""
+    return reply if isinstance(reply, str) else reply.error.reason if reply.has_error() else None
 
 
 def discover(grid: Grid, setup: str, groups: list[str], wait_s: float, log=print) -> dict[str, NodeReport]:
-    """Ask every connected node which group it holds until each of `groups` has one.
-
-    Nodes may connect late (a SuperNode started after the run): new ones are asked as they
-    appear, until `wait_s` runs out.
-    """
+    """Ask every connected node, late ones as they appear, which group it holds, until each of
+    `groups` has one or `wait_s` runs out."""
     deadline = time.monotonic() + wait_s
     asked: set[int] = set()
     reports: dict[str, NodeReport] = {}
@@ -80,7 +86,7 @@ def discover(grid: Grid, setup: str, groups: list[str], wait_s: float, log=print
             msgs = {str(n): instruction(QUERY, n, setup, 0) for n in new}
             replies = exchange(grid, msgs, max(1.0, deadline - time.monotonic()))
             for node, reply in replies.items():
-                reason = reply if isinstance(reply, str) else reply.error.reason if reply.has_error() else None
+                reason = failure(reply)
                 if reason is not None:
                     errors.append(f"node {node}: {reason}")
                     log(f"flower: node {node} did not join: {reason}")
@@ -178,18 +184,16 @@ class FlowerTrainer(FedAvgRound):
         good = {}
         for name in names:
             reply = replies.get(name)
-            if reply is None:
-                reason = f"no reply within --round_timeout {self.timeout:g} s"
-            elif isinstance(reply, str):
-                reason = reply
-            elif reply.has_error():
-                reason = reply.error.reason
-            else:
+            reason = f"no reply within --round_timeout {self.timeout:g} s" if reply is None else failure(reply)
+            if reason is None:
                 good[name] = reply
-                continue
-            self.failures.append({"round": round_, "phase": kind, "client": name, "reason": reason})
-            self.log(f"flower: round {round_} {kind}: client {name} left out ({reason})")
+            else:
+                self.left_out(round_, kind, name, reason)
         return good
+
+    def left_out(self, round_: int, phase: str, name: str, reason: str) -> None:
+        self.failures.append({"round": round_, "phase": phase, "client": name, "reason": reason})
+        self.log(f"flower: round {round_} {phase}: client {name} left out ({reason})")
 
     def train_round(self, round_: int) -> dict:
         t0 = time.perf_counter()

@@ -1,25 +1,20 @@
 """A whole Flower deployment on 127.0.0.1: one SuperLink, one SuperNode per group, `flwr` pointed at it.
 
-The same processes docs/federation.md starts by hand, minus TLS (`--insecure` is only for
-loopback), for the deployment tests, the overhead benchmark, and trying a deployment on
-one machine:
+The processes docs/federation.md starts by hand, minus TLS (loopback only), for the deployment tests,
+the overhead benchmark and trying a deployment on one machine:
 
     python -m flower_app.loopback --groups g00,g01,g02      # then, in another shell, the printed `flwr run`
 
-Every process runs in its own session; `close()` stops the SuperNodes (SIGTERM: they
-deregister) and the SuperLink (SIGINT, which it handles), kills whatever is left of
-them and their descendants (SuperExec, ServerApp and ClientApp processes), and returns
-the pids that survived (none, normally). Waits are polls with deadlines.
-
-The command (`main`) stops the federation the same way on Ctrl+C (SIGINT) and on SIGTERM,
-exiting 130 / 143; it makes itself the processes' subreaper, so a ClientApp whose parent
-exits first is re-parented to it, not to PID 1, and is found and reaped too. The printed
-`flwr run` line names its run folder (`--out_dir`, absolute): the ServerApp runs in the
-SuperLink's folder, so a run without one lands in <root>/runs/, not in ./runs/.
+Each process runs in its own session. `close()` stops the SuperNodes (SIGTERM: they deregister),
+then the SuperLink (SIGINT), kills what is left of them and their descendants, and returns the pids
+that survived. The command stops the same way on SIGINT and SIGTERM (exit 130 / 143) and makes itself
+the subreaper, so an orphaned ClientApp is reaped too. The ServerApp runs in the SuperLink's folder,
+so the printed `flwr run` line names its --out_dir absolutely.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -33,6 +28,8 @@ import time
 from pathlib import Path
 
 import tomllib
+
+from utils.interrupts import exit_code, signals_raise
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -164,10 +161,7 @@ class LoopbackFederation:
         may have been reused by an unrelated process since."""
         for pid in pids:
             if alive(pid) and self.owns(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _sigkill(pid)
 
     def owns(self, pid: int) -> bool:
         try:
@@ -227,18 +221,6 @@ def default_flags() -> str:
         return tomllib.load(f)["tool"]["flwr"]["app"]["config"]["flags"]
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; `signum` decides the exit status (128 + signum)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
 def become_subreaper() -> bool:
     """Orphaned descendants are re-parented to this process instead of PID 1 (Linux prctl)."""
     try:
@@ -251,16 +233,18 @@ def reap_orphans() -> list[int]:
     """Kill and collect the descendants of this process left after close(); returns those still running."""
     left = descendants(os.getpid())
     for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _sigkill(pid)
     for pid in left:
         try:
             os.waitpid(pid, 0)  # our children now (subreaper); waiting collects the zombie
         except ChildProcessError:
             pass
     return sorted(p for p in left if alive(p))
+
+
+def _sigkill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def main(argv=None) -> int:
@@ -272,8 +256,11 @@ def main(argv=None) -> int:
     p.add_argument("--root", default="runs/loopback", help="folder for logs, the Flower configuration and runs")
     p.add_argument("--port", type=int, default=0, help="SuperLink port (0: a free one)")
     args = p.parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_interrupted)
+    with signals_raise():
+        return _serve(args)
+
+
+def _serve(args) -> int:
     become_subreaper()
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     fed = None
@@ -292,10 +279,10 @@ def main(argv=None) -> int:
             time.sleep(1)
         print("a process exited; stopping the federation:\n" + fed.logs(), file=sys.stderr)
         return 1
-    except Interrupted as sig:
+    except KeyboardInterrupt as sig:
         print(f"interrupted ({sig}): stopping the SuperLink and {len(groups)} SuperNode(s) with their processes; "
               "rerun the same command to start the federation again", file=sys.stderr, flush=True)
-        return 128 + sig.signum
+        return exit_code(sig)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)

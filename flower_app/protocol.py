@@ -1,10 +1,7 @@
 """What crosses the wire between the ServerApp and a ClientApp, and how it is encoded.
 
-Only weights and numbers travel: global and local weights as an ArrayRecord, a client's
-counts and losses as a MetricRecord, per-question distances as a MetricRecord, and the
-experiment's flags as a JSON string in a ConfigRecord. A group's data never leaves its node.
-Float64 values travel as Python floats and float32 weights as raw NumPy bytes, so nothing
-is rounded on the way: the Flower engine aggregates exactly what the in-process one does.
+Only weights and numbers travel, never a group's data. Float64 values travel as Python floats and
+float32 weights as raw NumPy bytes, so the Flower engine aggregates exactly what the in-process one does.
 """
 from __future__ import annotations
 
@@ -53,12 +50,8 @@ def record_weights(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def instruction(kind: str, node_id: int, setup: str, round_: int,
                 state: dict[str, torch.Tensor] | None = None, fit_config: dict | None = None) -> Message:
-    """One instruction for one node; `group_id` is the round, as Flower's strategies use it.
-
-    Every instruction carries the whole setup (the run's flags and group lists, a few
-    hundred bytes) so a node needs no memory of earlier messages to act on it: Flower's
-    deployment runtime starts a fresh ClientApp process for every message.
-    """
+    """One instruction for one node (`group_id`: the round, as Flower's strategies use it). Each carries
+    the whole setup, so a node needs no memory: the deployment starts a ClientApp process per message."""
     config = {"setup": setup, "round": round_}
     if fit_config:  # the strategy's per-round instructions (proximal term, metrics wanted back)
         config["fit_config"] = json.dumps(fit_config, sort_keys=True)
@@ -152,8 +145,8 @@ def adam_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> dict:
 # --- communication cost (federated/comm.py counts the in-process engine's rounds the same way) --
 
 def payload_bytes(msg: Message, skip: tuple[str, ...] = ("setup",)) -> int:
-    """Flower's count of a message's records, without the config entries in `skip` (the setup
-    string every instruction repeats so that a node needs no memory; not part of a round's cost)."""
+    """Flower's count of a message's records, without the config entries in `skip` (the setup that
+    every instruction repeats is not part of a round's cost)."""
     total = 0
     for record in msg.content.values():
         if isinstance(record, ArrayRecord):

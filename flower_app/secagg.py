@@ -1,13 +1,8 @@
-"""Settings of secure aggregation (`--secagg`): Flower's SecAgg+ on the Flower engine.
+"""The `--secagg` settings and their validation, without flwr (orchestration's flag modules import it).
 
-orchestration/cli.py (which declares the flags) and orchestration/config.py import this
-module, so it needs no flwr; the protocol itself lives in secagg_server.py (ServerApp side) and
-secagg_client.py (ClientApp side), which import flwr.
-
-With `--secagg` each training client scales its local weights by its aggregation weight,
-quantises them and adds masks that cancel only in the sum (Flower's SecAgg+ protocol:
-flwr.server.workflow.SecAggPlusWorkflow with flwr.client.mod.secaggplus_mod); the server
-learns the weighted average and nothing about any single client's weights.
+With `--secagg` each client scales its weights by its aggregation weight, quantises them and adds
+masks that cancel only in the sum (Flower's SecAgg+: secagg_server.py, secagg_client.py), so the
+server learns the weighted average and nothing about any one client's weights.
 """
 from __future__ import annotations
 
@@ -32,9 +27,8 @@ class SecAggConfig:
     quant_range: int = DEFAULT_QUANT_RANGE
 
     def validate(self, *, engine: str, dp: bool, strategy: str, byzantine: int, save_client: bool) -> None:
-        """Refuse, before any data is loaded, secure-aggregation settings that cannot work with the
-        run's engine, server rules (--dp, --strategy, --byzantine) and --save_client. Plain values,
-        not federated.server.ServerConfig: this module imports no torch (the flags' module reads it)."""
+        """Refuse, before any data is loaded, settings that cannot work with the run's engine, server
+        rules and --save_client (plain values: this module imports no torch)."""
         if not self.enabled:
             return
         if engine != "flower":
@@ -54,7 +48,7 @@ class SecAggConfig:
         if save_client:
             raise DataError("--save_client writes each client's weights, which --secagg keeps from the server",
                             "drop --save_client, or drop --secagg")
-        _check_share_flags(self.num_shares, self.threshold, DataError)
+        _check_share_flags(self.num_shares, self.threshold)
         if not self.clip_range > 0:
             raise DataError(f"--secagg_clip_range {self.clip_range:g} must be above 0",
                             f"use the default {DEFAULT_CLIP_RANGE:g} unless weights leave [-8, 8]")
@@ -64,17 +58,17 @@ class SecAggConfig:
                             f"use the default 2**22 = {DEFAULT_QUANT_RANGE}")
 
 
-def _check_share_flags(shares, threshold, error) -> None:
+def _check_share_flags(shares, threshold) -> None:
     if isinstance(shares, int) and shares != 1 and shares < 3:
-        raise error(f"--secagg_num_shares {shares}: an integer count must be at least 3",
+        raise DataError(f"--secagg_num_shares {shares}: an integer count must be at least 3",
                     "or give a fraction of the sampled clients, e.g. 1.0 (all of them)")
     if isinstance(shares, float) and not 0 < shares <= 1:
-        raise error(f"--secagg_num_shares {shares:g}: a fraction must be in (0, 1]", "e.g. 1.0 (every sampled client)")
+        raise DataError(f"--secagg_num_shares {shares:g}: a fraction must be in (0, 1]", "e.g. 1.0 (every sampled client)")
     if isinstance(threshold, float) and not 0 < threshold <= 1:
-        raise error(f"--secagg_threshold {threshold:g}: a fraction must be in (0, 1]", "e.g. 0.67")
+        raise DataError(f"--secagg_threshold {threshold:g}: a fraction must be in (0, 1]", "e.g. 0.67")
     if isinstance(threshold, int) and threshold != 1:
         if threshold < 2:
-            raise error(f"--secagg_threshold {threshold}: an integer must be at least 2", "e.g. 2, or a fraction")
+            raise DataError(f"--secagg_threshold {threshold}: an integer must be at least 2", "e.g. 2, or a fraction")
         if isinstance(shares, int) and shares != 1 and threshold >= shares:
-            raise error(f"--secagg_threshold {threshold} must be below --secagg_num_shares {shares}",
+            raise DataError(f"--secagg_threshold {threshold} must be below --secagg_num_shares {shares}",
                         f"e.g. --secagg_threshold {shares - 1}")

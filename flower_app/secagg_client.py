@@ -1,17 +1,10 @@
 """The ClientApp side of `--secagg`: Flower's secaggplus_mod around the node's own train handler.
 
-Flower's SecAgg+ server workflow speaks the legacy FitIns/FitRes format in four TRAIN
-messages per round (setup, share keys, collect masked vectors, unmask). `make_secagg_mod`
-hands those messages to Flower's `secaggplus_mod`; in the third stage the mod calls the
-node's ordinary train handler through `_train_for_secagg`, which translates the FitIns
-into this project's train instruction and the reply into a FitRes whose `num_examples`
-is the client's raw aggregation weight. The mod then scales the weights by
-weight / max_weight, quantises, masks and sends only the masked integers: the
-reply's weight arrays are emptied before it leaves the node. Train messages without
-SecAgg+ configs, and every query and evaluate message, pass through untouched.
-
-Stochastic rounding in Flower's quantiser draws from NumPy's global RNG; it is seeded
-here from (seed, group, round), so a SecAgg+ run is reproducible bit for bit.
+Of SecAgg+'s four legacy FitIns/FitRes stages, the third calls the node's ordinary train handler
+through `_train_for_secagg` (FitIns in, a FitRes whose `num_examples` is the raw aggregation weight
+out); the mod then scales, quantises and masks the weights, and only the masked integers leave the
+node. Every other message passes through. Flower's stochastic rounding draws from NumPy's global
+RNG, seeded here from (seed, group, round), so a SecAgg+ run is reproducible bit for bit.
 """
 from __future__ import annotations
 

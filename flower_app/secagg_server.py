@@ -1,20 +1,11 @@
 """The ServerApp side of `--secagg`: FlowerTrainer whose training rounds run Flower's SecAgg+.
 
-flwr 1.41 implements SecAgg+ only as a legacy workflow: SecAggPlusWorkflow(grid, context)
-needs a LegacyContext holding a legacy Strategy, whose configure_fit says which nodes
-get which FitIns and whose aggregate_fit receives the unmasked aggregate. Rather than
-hand the whole run to Flower's DefaultWorkflow, `SecAggTrainer.fit_sampled` runs the
-workflow for one round with a strategy that only carries this round's instructions and
-catches the result, so the shared FedAvg round still samples and the same RunLoop drives
-evaluation, checkpoints and the run folder. Evaluation is unchanged (scores only).
-
-What the server receives from a client in a SecAgg+ round: two public keys, encrypted
-key shares for other clients, a masked vector of quantised integers (uniform modulo
-2**32 on its own), key shares of its peers, and in the clear its counts and local losses
-(as the plain engine logs them). The aggregate is Σ r_g θ_g / Σ r_g with
-r_g = round(w_g / max_weight · Q) / Q, where w_g is the client's --weighting weight
-(dataset size, episode points or 1): the in-process engine's weighted FedAvg up to the
-quantisation of θ and r.
+flwr 1.41 has SecAgg+ only as a legacy workflow driven by a legacy Strategy, so `fit_sampled` runs
+SecAggPlusWorkflow for one round with a strategy that carries this round's instructions and catches
+the unmasked aggregate; sampling, evaluation, checkpoints and the run folder stay the shared ones.
+The server sees each client's counts and losses in the clear, never its weights: the aggregate is
+Σ r_g θ_g / Σ r_g with r_g = round(w_g / max_weight · Q) / Q (w_g the --weighting weight), the
+in-process engine's weighted FedAvg up to the quantisation of θ and r.
 """
 from __future__ import annotations
 
@@ -22,12 +13,11 @@ import contextlib
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import FitIns, Parameters, ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -41,9 +31,9 @@ from data_loaders.schema import DataError
 from federated.fedavg import round_stats
 from training.local import DivergenceError
 
-from .federation import POLL_S, FlowerTrainer
+from .federation import FlowerTrainer, push_and_pull
 from .protocol import payload_bytes
-from .secagg import MODULUS_RANGE, SecAggConfig, _check_share_flags
+from .secagg import MODULUS_RANGE, SecAggConfig
 from .secagg_client import CLIP, CLIP_ERROR, DIVERGED, KEYS, MAX_WEIGHT, ROUND, SETUP
 
 MIN_CLIENTS = 3  # the fewest clients whose sum hides each one's update from every other client
@@ -70,11 +60,8 @@ def effective_shares(num_shares: int | float, threshold: int | float, sampled: i
 
 
 def max_weight(groups: dict, names: list[str], weighting: str) -> float:
-    """An upper bound of every client's raw weight, known before the round (the mod needs weight <= it).
-
-    dataset_size: a client trains on part of its questions, so its question count bounds it;
-    episode_points: an episode holds at most all of a group's points.
-    """
+    """A bound on every client's raw weight, known before the round: a client trains on part of its
+    questions, and an episode holds at most all of its group's points."""
     if weighting == "uniform":
         return 1.0
     attr = "num_questions" if weighting == "dataset_size" else "num_points"
@@ -121,8 +108,8 @@ class SecureReplies:
 
 @dataclass
 class _FastGrid:
-    """The Grid SecAggPlusWorkflow talks to: the real one, polled every POLL_S instead of every 3 s
-    (flwr 1.41's deployment Grid.send_and_receive), noting every error reply with its stage."""
+    """The real Grid, polled every POLL_S instead of every 3 s (flwr 1.41's send_and_receive), noting
+    every error reply with its stage."""
 
     grid: object
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (node, stage, reason)
@@ -134,15 +121,7 @@ class _FastGrid:
         self.bytes_down += sum(payload_bytes(m) for m in messages)
         stages = {m.metadata.dst_node_id: str(m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
                   for m in messages}
-        ids = {mid for mid in self.grid.push_messages(messages) if mid}
-        end = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while ids and (end is None or time.monotonic() < end):
-            for reply in self.grid.pull_messages(list(ids)):
-                ids.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-            if ids:
-                time.sleep(POLL_S)
+        _, replies = push_and_pull(self.grid, messages, timeout)
         self.bytes_up += sum(payload_bytes(r) for r in replies if not r.has_error())
         for reply in replies:
             if reply.has_error():
@@ -157,12 +136,11 @@ class _FastGrid:
 class SecAggTrainer(FlowerTrainer):
     """FlowerTrainer whose rounds run Flower's SecAgg+ (the server never holds a client's weights)."""
 
-    def __init__(self, data, cfg, model_cfg, *, num_shares=1.0, threshold=0.67, clip_range=8.0,
-                 quant_range=2 ** 22, **kw):
+    def __init__(self, secagg: SecAggConfig, data, cfg, model_cfg, **kw):
+        """`secagg`: validated settings (SecAggConfig.validate); `kw`: FlowerTrainer's."""
         super().__init__(data, cfg, model_cfg, **kw)
-        _check_share_flags(num_shares, threshold, DataError)
-        self.num_shares, self.threshold = num_shares, threshold
-        self.clip_range, self.quant_range = float(clip_range), int(quant_range)
+        self.num_shares, self.threshold = secagg.num_shares, secagg.threshold
+        self.clip_range, self.quant_range = float(secagg.clip_range), int(secagg.quant_range)
         self.remote = dict(data.train)
         self.keys = list(self.global_state)
         n = self.sampled_per_round
@@ -174,9 +152,9 @@ class SecAggTrainer(FlowerTrainer):
         if n * self.quant_range >= MODULUS_RANGE:
             raise DataError(f"--secagg_quant_range {self.quant_range} times {n} clients reaches 2**32: the masked "
                             "sum would wrap around", f"use --secagg_quant_range below {MODULUS_RANGE // n}")
-        shares, need = effective_shares(num_shares, threshold, n)
+        shares, need = effective_shares(self.num_shares, self.threshold, n)
         if not 2 <= need <= shares <= n:
-            raise DataError(f"--secagg_num_shares {num_shares} / --secagg_threshold {threshold} give {shares} "
+            raise DataError(f"--secagg_num_shares {self.num_shares} / --secagg_threshold {self.threshold} give {shares} "
                             f"shares and a threshold of {need} for {n} clients per round",
                             "keep the threshold at or below the shares and the shares at or below the clients")
         self.log(f"secagg: SecAgg+ over {n} clients per round, each secret in {shares} shares, {need} to rebuild "
@@ -238,8 +216,7 @@ class SecAggTrainer(FlowerTrainer):
             if name not in replied:
                 reason = reasons.get(name, "no reply in one of the SecAgg+ stages"
                                      + (f" within --round_timeout {self.timeout:g} s" if self.timeout else ""))
-                self.failures.append({"round": round_, "phase": "train", "client": name, "reason": reason})
-                self.log(f"flower: round {round_} train: client {name} left out ({reason})")
+                self.left_out(round_, "train", name, reason)
 
     def _to_state(self, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
         if len(arrays) != len(self.keys):
@@ -258,10 +235,3 @@ def _flower_warnings_only():
         yield
     finally:
         logger.setLevel(level)
-
-
-def make_secagg_trainer(secagg: SecAggConfig, data, cfg, model_cfg, **kw) -> SecAggTrainer:
-    """What orchestration.experiment.make_trainer builds for `--engine flower --secagg`; `kw` are
-    FlowerTrainer's (weighting, client_fraction, min_clients, round_timeout)."""
-    return SecAggTrainer(data, cfg, model_cfg, num_shares=secagg.num_shares, threshold=secagg.threshold,
-                         clip_range=secagg.clip_range, quant_range=secagg.quant_range, **kw)

@@ -1,12 +1,8 @@
 """Option vectors for new questions, made exactly as the run made its own.
 
-Each option's text is the run's prompt of its question followed by the option
-(`data_loaders.prompts.option_texts`). Texts the run already embedded (its dataset, when
-it is on disk) take the run's own vectors: a text embedded again in another batch differs
-in the last bits (padding changes the kernels), and reusing the run's vector is what makes
-predictions for the run's questions reproduce its evaluation exactly. Other texts are
-embedded by the run's embedding model through `get_embeddings`, so they land in the
-embedding cache (keyed by the texts' content hash) and are not recomputed next time.
+An option's text is the run's prompt of its question followed by the option. Texts the run embedded
+take the run's own vectors (embedded again, in another batch, they differ in the last bits); others
+go through `get_embeddings` and its cache.
 """
 from __future__ import annotations
 
@@ -35,11 +31,8 @@ def bank_of(questions: Sequence[Question]) -> QuestionBank:
 
 
 class TextEmbedder:
-    """Vectors for questions' options with the run's embedding model and prompt style.
-
-    emb_model: the `--emb_model` value that names the run's model (minilm, alpaca, llama,
-    a Hugging Face id or folder), or "synthetic" for runs on synthetic vectors (no texts).
-    """
+    """Vectors for questions' options with the run's embedding model (an --emb_model value, or
+    "synthetic": no texts) and prompt style."""
 
     def __init__(self, emb_model: str, style: str, dim: int, *, cache_dir: str | None = None,
                  device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
@@ -100,8 +93,8 @@ class TextEmbedder:
             self.known[text] = row
 
     def _check_probe(self, compute: bool) -> None:
-        """Refuse a model that does not embed the run's probe text as the run did, once, before
-        its vectors are used: the name alone cannot tell (a hub id and a folder, or the reverse)."""
+        """Refuse, once, a model that does not embed the run's probe text as the run did (a name cannot
+        tell: a hub id and a folder may be the same model)."""
         if self.probe is None:
             return
         q = Question(self.probe["question"], tuple(self.probe["options"]))

@@ -1,5 +1,4 @@
-"""Share a trained run's predictor as a Hugging Face-style folder (the library side is
-inference/pretrained.py):
+"""Share a trained run's predictor as a Hugging Face-style folder:
 
     python -m inference.export --run RUN_DIR --out DIR [--checkpoint final] [--push_to_hub user/name]
 """

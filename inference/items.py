@@ -1,9 +1,8 @@
 """What the predictor reads: questions with options, and answer distributions, checked once.
 
-Items arrive from Python (tuples or dicts) or from JSONL files; either way every problem is
-a `DataError` that says where it is ("context item 3", "answers.jsonl line 7") and how to
-fix it. A distribution that does not sum to 1 is renormalised with a warning; one that is
-negative, NaN/inf, all zero or of the wrong length is an error.
+Items come from Python (tuples, dicts) or JSONL files; every problem is a DataError naming where it
+is ("context item 3", "answers.jsonl line 7"). A distribution off 1 by more than SUM_TOLERANCE is
+renormalised with a warning.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -140,12 +139,16 @@ def to_questions(items: Any, what: str = "question") -> list[Question]:
 
 def to_answers(items: Any, what: str = "context item") -> list[Answer]:
     """(question, options, distribution) items, each distribution checked."""
+    return _answers((f"{what} {i}", item) for i, item in enumerate(_as_list(items, what)))
+
+
+def _answers(placed: Iterable[tuple[str, Any]]) -> list[Answer]:
     out = []
-    for i, item in enumerate(_as_list(items, what)):
-        where = f"{what} {i}"
+    for where, item in placed:
         q, value = _unpack(item, where, ("distribution",))
         if value is None:
-            raise DataError(f"{where}: no distribution", "give (question, options, distribution)")
+            raise DataError(f'{where}: no "distribution"', "a context item is a question the group answered: "
+                            "give its distribution over the options, [p_1, ..., p_k]")
         out.append(Answer(q, check_distribution(value, len(q.options), where)))
     return out
 
@@ -193,13 +196,9 @@ _ANSWER_IS = re.compile(r"^(?:the\s+)?answer(?:\s+is)?\s*[:\-]?\s*\(?([A-Z]{1,3}
 
 
 def parse_choice(text: str, options: tuple[str, ...] | list[str]) -> int | None:
-    """The option an LLM's reply picks, or None when it picks none or several.
-
-    In order: the reply is exactly an option's text; it starts with a letter label ("B",
-    "B.", "(B)", "B) ...", "Answer: B"); it contains exactly one option's text as whole
-    words, not counting options found only inside a longer matching option ("agree"
-    inside "Somewhat agree").
-    """
+    """The option an LLM's reply picks, or None: the reply is an option's text; or it starts with a letter
+    label ("B", "(B)", "B) ...", "Answer: B"); or it holds exactly one option's text as whole words,
+    not counting one found only inside a longer matching option ("agree" in "Somewhat agree")."""
     reply = text.strip()
     norm = reply.strip(" \t\n.!\"'").casefold()
     folded = [o.strip().casefold() for o in options]
@@ -256,13 +255,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 def read_context_file(path: str | Path) -> list[Answer]:
     """A group's answers: {"question", "options", "distribution", optional "ordinals"} per line."""
-    out = []
-    for where, obj in read_jsonl(path):
-        q = _question_fields(obj.get("question"), obj.get("options"), obj.get("ordinals"), where, obj.get("id"))
-        if "distribution" not in obj:
-            raise DataError(f"{where}: no \"distribution\"", "a context line is a question the group answered: "
-                            'add "distribution": [p_1, ..., p_k]')
-        out.append(Answer(q, check_distribution(obj["distribution"], len(q.options), where)))
+    out = _answers(read_jsonl(path))
     if not out:
         raise DataError(f"{path} holds no context answers", "give at least one answered question")
     return out
@@ -270,8 +263,7 @@ def read_context_file(path: str | Path) -> list[Answer]:
 
 def read_questions_file(path: str | Path) -> list[Question]:
     """Questions to predict: {"question", "options", optional "ordinals", optional "id"} per line."""
-    out = [_question_fields(obj.get("question"), obj.get("options"), obj.get("ordinals"), where, obj.get("id"))
-           for where, obj in read_jsonl(path)]
+    out = [_unpack(obj, where, ())[0] for where, obj in read_jsonl(path)]
     if not out:
         raise DataError(f"{path} holds no questions", "give at least one question to predict")
     return out

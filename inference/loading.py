@@ -1,10 +1,6 @@
-"""Reading what the predictor needs from a run folder, with a clear error for each way it can be wrong.
-
-A usable run folder has config.json, summary.json (a finished run) and a complete checkpoint
-under checkpoints/: its JSON files read through `utils.run_folder`, the weights always through
-`utils.checkpoint.load_checkpoint` (a checkpoint's JSON index says which files hold them). Its
-dataset, when on disk, is loaded the way the run loaded it (`orchestration.cli.args_from_config`
-+ `load_embedded`), so a group's questions get exactly the run's vectors.
+"""What the predictor reads from a run folder (through utils.run_folder and utils.checkpoint), with a
+clear error for each way it can be wrong. The run's data, when on disk, is loaded as the run loaded
+it, so a group's questions get exactly the run's vectors.
 """
 from __future__ import annotations
 
@@ -19,7 +15,7 @@ from data_loaders.schema import DataError, GroupData, RawDataset, build_group_da
 from federated.client import GroupClient
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import args_from_config
-from training.config import client_config, model_config
+from training.config import client_config
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from utils.distances import DEFAULT_METRIC
 from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
@@ -60,13 +56,11 @@ def read_weights(run_dir: Path, checkpoint: str) -> tuple[dict[str, torch.Tensor
 
 
 def gpo_config(config: dict, where: str) -> GPOConfig:
-    """The model's shape: config['model_config'] (every run since it existed), else the flags."""
+    """The model's shape, config['model_config'] (fields it lacks take GPOConfig's defaults)."""
+    if not isinstance(config.get("model_config"), dict):
+        raise DataError(f"{where} has no model_config", "this is not a PluralLLM run or export")
     known = {f.name for f in fields(GPOConfig)}
-    if isinstance(config.get("model_config"), dict):
-        return GPOConfig(**{k: v for k, v in config["model_config"].items() if k in known})
-    if "dim_x" not in config:
-        raise DataError(f"{where} has neither model_config nor dim_x", "this is not a PluralLLM run or export")
-    return model_config(args_from_config(config), int(config["dim_x"]))
+    return GPOConfig(**{k: v for k, v in config["model_config"].items() if k in known})
 
 
 def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, device: str) -> GPO:
@@ -86,7 +80,7 @@ def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, de
 
 
 def embedding_of(config: dict, dim_x: int, where: str) -> dict:
-    """The run's embedding model: {emb_model (an --emb_model value), model_id, dim, prompt_style}."""
+    """The run's embedding model: {emb_model (an --emb_model value), model_id, dim, prompt_style, probe}."""
     emb = dict(((config.get("data") or {}).get("embedding")) or config.get("embedding") or {})
     name = emb.get("emb_model")
     if not name:
@@ -124,30 +118,24 @@ class RunData:
     def group(self, name: str) -> GroupData:
         return build_group_data(self.raw, name, self.emb)
 
-    def heldout_qkeys(self):
-        """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
-        return question_holdout(self.raw.bank.qkeys, getattr(self.args, "question_split", 0.0), split_seed(self.args))
+    def client(self, name: str, role: str) -> GroupClient:
+        """The group as the run's evaluation saw it: its split, held-out questions and context draws."""
+        held = question_holdout(self.raw.bank.qkeys, self.args.question_split, split_seed(self.args))
+        return GroupClient(self.group(name), client_config(self.args, self.metric), role, held)
 
     def training_texts(self, config: dict) -> set[str]:
         """Texts of the questions some training group of the run trained on (its local split)."""
-        cfg, held = client_config(self.args, self.metric), self.heldout_qkeys()
         bank = self.raw.bank
-        keys = {int(k) for g in config.get("train_groups") or []
-                for k in GroupClient(self.group(g), cfg, "train", held).local.qkeys.tolist()}
+        keys = {int(k) for g in config.get("train_groups") or [] for k in self.client(g, "train").local.qkeys.tolist()}
         return {bank.questions[bank.row(k)] for k in keys}
-
-
-def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str):
-    args = args_from_config(config, data_path, cache_dir)
-    if args.dataset != "synthetic":
-        args.emb_model = emb_model  # the model this predictor embeds new texts with
-    return args
 
 
 def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None, emb_model: str,
                   log: Log) -> RunData:
     """The run's groups and vectors, as the run loaded them; DataError if the data is not there or differs."""
-    args = run_args(config, data_path, cache_dir, emb_model)
+    args = args_from_config(config, data_path, cache_dir)
+    if args.dataset != "synthetic":
+        args.emb_model = emb_model  # the model this predictor embeds new texts with
     groups = list(config.get("train_groups") or []) + list(config.get("eval_groups") or [])
     raw, emb, _ = load_embedded(args, groups or None, log=log)
     want = (config.get("data") or {}).get("source_hash")

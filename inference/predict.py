@@ -3,11 +3,9 @@
     python -m inference.predict --run RUN_DIR --context answers.jsonl --questions new.jsonl --out predictions.jsonl
     python -m inference.predict --run RUN_DIR --group Democrat --out predictions.jsonl
 
-`--context` gives the group's answers (JSONL, docs/inference.md); `--group NAME` takes the
-context from a group of the run's dataset: the questions the run gave that group as its
-evaluation context. Without `--questions`, `--group` predicts the questions the run scored
-for the group, and the output adds the group's true distribution and the distance, whose
-mean reproduces the group's score in the run's metrics.jsonl.
+`--group NAME` takes the context the run's evaluation gave a group of its dataset; without
+`--questions` it predicts the questions the run scored for it, adding the truth and the distance,
+whose mean reproduces the group's score in the run's metrics.jsonl. Formats: docs/inference.md.
 """
 from __future__ import annotations
 
@@ -23,8 +21,6 @@ import numpy as np
 import torch
 
 from data_loaders.schema import DataError
-from federated.client import GroupClient
-from training.config import client_config
 from utils.distances import needed_ordinals
 from utils.errors import exit_on_error
 
@@ -75,8 +71,8 @@ def context_job(pred: GroupPredictor, args) -> Job:
 
 
 def group_split(pred: GroupPredictor, name: str):
-    """(client, context questions, target group, target questions) of a group of the run's dataset,
-    exactly as the run's evaluation chose them (GroupClient.eval_questions at the checkpoint's round)."""
+    """(client, context questions, target group, target questions) of a group of the run's dataset, as
+    the run's evaluation chose them at the checkpoint's round."""
     data = pred.run_data
     if pred.info.get("source") == "pretrained":
         raise DataError(f"--group needs a run folder; {pred.info.get('path')} is an exported predictor "
@@ -91,12 +87,12 @@ def group_split(pred: GroupPredictor, name: str):
         close = difflib.get_close_matches(name, roles, n=1)
         raise DataError(f"--group {name!r} is not a group of run {pred.info.get('run_dir')}"
                         + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
-    client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name], data.heldout_qkeys())
+    client = data.client(name, roles[name])
     return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
 
 
 def group_context(pred: GroupPredictor, name: str) -> list[Answer]:
-    """The group's evaluation context as answers (texts and distributions), for the API or GroupReward."""
+    """The group's evaluation context as answers, for the API or GroupReward."""
     client, ctx_q, _, _ = group_split(pred, name)
     bank = pred.run_data.raw.bank
     return [Answer(_bank_question(bank, int(client.local.qkeys[i])), y.double().numpy())
@@ -136,10 +132,9 @@ def _bank_question(bank, qkey: int) -> Question:
 
 
 def _answers_by_key(group, bank) -> dict:
-    out = {}
-    for i, qkey in enumerate(group.qkeys.tolist()):
-        q = _bank_question(bank, qkey)
-        out.setdefault(q.key, group.y[int(group.offsets[i]):int(group.offsets[i + 1])].double().numpy())
+    out: dict = {}
+    for qkey, y in zip(group.qkeys.tolist(), _split(group, torch.arange(group.num_questions))[1]):
+        out.setdefault(_bank_question(bank, qkey).key, y.double().numpy())
     return out
 
 
@@ -172,9 +167,8 @@ def run(args, log) -> dict:
 
 
 def mark_training_questions(pred: GroupPredictor, questions: list[Question], rows: list[dict], log) -> None:
-    """`in_training` per question: whether its text is one some training group of the run trained on
-    (a prediction there may be recall of the training groups' answers, not in-context inference);
-    null when the run's data is not at hand (an exported predictor)."""
+    """`in_training`: whether some training group trained on the question's text (a prediction may then
+    be recall, not in-context inference); null without the run's data."""
     texts = None
     if pred.run_data is not None and pred.info.get("config"):
         texts = pred.run_data.training_texts(pred.info["config"])

@@ -2,16 +2,14 @@
 
     p = GroupPredictor.from_run("runs/opinionqa_fedavg_50")
     dists = p.predict(context=[(question, options, distribution), ...], questions=[(question, options), ...])
-    rewards = p.reward([(question, options, llm_answer), ...], context)
 
-Prediction is the run's own evaluation (training/evaluation.py): the context questions
-and the targets form one group, the first layer is applied to all their points at once,
-and every target is predicted in one forward pass (targets attend only to the context,
-so batching never changes a prediction). For a run's evaluation group, its evaluation
-context and its other questions give exactly the per-question distances the run logged.
+Prediction is the run's own evaluation: context and targets form one group scored in one forward
+pass (targets attend only to the context), so a run's evaluation group, given its evaluation
+context, gets exactly the per-question distances the run logged.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +36,7 @@ from .loading import (
     read_run_config,
     read_weights,
 )
-from .pretrained import FORMAT, export_config, load_pretrained, push_predictor_to_hub, save_pretrained
+from .pretrained import FORMAT, export_config, load_pretrained, push_to_hub, save_pretrained
 
 Log = Callable[[str], None]
 
@@ -65,11 +63,9 @@ class GroupPredictor:
     def from_run(cls, run_dir: str | Path, checkpoint: str = "final", *, data_path: str | None = None,
                  cache_dir: str | None = None, emb_model: str | None = None, device: str = "cpu",
                  use_run_data: bool | str = "auto", log: Log | None = print) -> "GroupPredictor":
-        """Load a run folder's config, the weights of `checkpoint` and its embedding model.
-
-        use_run_data: "auto" adopts the run's dataset vectors when its data is on disk (its
-        questions then get the run's exact vectors), True requires the data, False skips it.
-        """
+        """Load a run folder's config, the weights of `checkpoint` and its embedding model. use_run_data:
+        "auto" adopts the run's data (its questions get the run's exact vectors) when it is on disk,
+        True requires it, False skips it."""
         log = log or _quiet
         run_dir = Path(run_dir)
         config = read_run_config(run_dir, checkpoint)
@@ -124,23 +120,20 @@ class GroupPredictor:
         return load_pretrained(cls, path, cache_dir=cache_dir, emb_model=emb_model, device=device, log=log)
 
     def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write a Hugging Face-style folder: model.safetensors, config.json, README.md (model card).
-
-        A folder holding a run, or a different export (unless `overwrite`), is refused."""
+        """Write a Hugging Face-style folder (model.safetensors, config.json, README.md); a folder holding
+        a run, or a different export (unless `overwrite`), is refused."""
         return save_pretrained(self, out_dir, overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """save_pretrained into a temporary folder and upload it (see inference.pretrained.push_to_hub)."""
-        return push_predictor_to_hub(self, repo_id, **kwargs)
+        """save_pretrained into a temporary folder and upload it (inference.pretrained.push_to_hub)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(save_pretrained(self, tmp), repo_id, **kwargs)
 
     # ------------------------------------------------------------------------ prediction
     def predict(self, context: Sequence, questions: Sequence, *, batch_size: int = 0,
                 progress: bool | None = False) -> list[np.ndarray]:
-        """One predicted distribution per question, given the group's answers in `context`.
-
-        context: (question, options, distribution) items; questions: (question, options)
-        items (dicts with "question", "options", optional "ordinals" work too).
-        """
+        """One predicted distribution per question, given the group's (question, options, distribution)
+        answers in `context` (items may also be dicts: docs/inference.md)."""
         ctx, tgt = to_answers(context), to_questions(questions)
         return self.predict_embedded(*self._embed_context(ctx), self.embedder.embed(tgt),
                                      batch_size=batch_size, progress=progress)

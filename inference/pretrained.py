@@ -1,16 +1,9 @@
-"""Share a trained predictor as a Hugging Face-style folder, and load it back (the command line
-is inference/export.py: python -m inference.export --run RUN_DIR --out DIR).
-
-DIR gets model.safetensors (the GPO weights), config.json (model shape, metric, embedding
-model and prompt, data, groups, scores, the weights' SHA-256) and README.md, a model card.
-`GroupPredictor.from_pretrained(DIR)` loads it; so does `python -m inference.predict --run DIR`.
-`push_to_hub` uploads such a folder with huggingface_hub (needs a token with write access).
-"""
+"""A trained predictor as a Hugging Face-style folder (model.safetensors, config.json, README.md),
+loading it back, and uploading it (the command line: inference/export.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +36,7 @@ def export_config(config: dict, summary: dict | None, checkpoint: str, round_: A
             "summary": {k: (summary or {}).get(k) for k in _SUMMARY_KEYS}}
 
 
-_RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints", "failed.json", "environment.json")
+_RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints", "failed.json")
 
 
 def check_out_folder(out: Path, card: dict, overwrite: bool) -> None:
@@ -141,11 +134,8 @@ def _read_weights(folder: Path, card: dict) -> bytes:
 
 def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True,
                 commit_message: str = "Upload PluralLLM group predictor") -> str:
-    """Upload an exported folder to the Hugging Face hub (creating the model repo if needed); returns its URL.
-
-    Needs network access and a token with write access (argument, $HF_TOKEN or `hf auth login`).
-    Private by default: survey-derived models deserve a look before they are public.
-    """
+    """Upload an exported folder to the Hugging Face hub (a token with write access); returns its URL.
+    Private by default: survey-derived models deserve a look before they are public."""
     from huggingface_hub import HfApi
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / WEIGHTS).is_file():
@@ -154,12 +144,6 @@ def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, p
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model")
     return str(url)
-
-
-def push_predictor_to_hub(predictor, repo_id: str, **kwargs: Any) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(predictor, tmp)
-        return push_to_hub(tmp, repo_id, **kwargs)
 
 
 # ---------------------------------------------------------------------------- model card

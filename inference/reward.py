@@ -3,28 +3,16 @@
     reward = GroupReward(GroupPredictor.from_run(run), context=group_answers)
     trainer = GRPOTrainer(model=..., reward_funcs=[reward], train_dataset=ds, ...)
 
-TRL calls `reward(prompts=..., completions=..., **columns)` and wants one float per
-completion. Each completion is mapped to an option by letter or text (`parse_choice`) and
-scored against the group's predicted distribution for its question, with the run's metric:
-
-- mode "distribution" (the default): the completions of one prompt form a distribution (the
-  share choosing each option), scored as 1 - distance(that distribution, prediction). Its
-  best policy answers as the group does, in the group's proportions. With credit "shared"
-  every completion of the prompt gets that score; GRPO and RLOO compare completions within a
-  prompt, so equal rewards teach nothing, and the default credit "leave_one_out" gives each
-  completion the score with it minus the score without it (the score of no answers being 0).
-- mode "option": reward = 1 - distance(one-hot of the chosen option, prediction). The expected
-  reward is then linear in the policy's answer probabilities, so its optimum gives one answer,
-  the same to everyone: pluralism is lost. Which answer depends on the metric. Under JSD the
-  distance to a one-hot decreases with the predicted probability p_i alone, so it is the
-  likeliest option. Under the normalised Wasserstein distance it is 1 - E_p|X - x_i|/span,
-  so it is the ordinal median of the prediction, which can be the least likely option:
-  predicted [0.45, 0.10, 0.45] gives A, B, C the rewards 0.50, 0.55, 0.50.
-
-A completion that names no option (or several) gets `unmatched_reward` and does not count
-in the distribution. The question of each completion comes from the dataset columns TRL
-passes through (`question`, `options` by default) or from a {prompt: (question, options)} map.
-TRL is not needed to use this class; it is only what calls it.
+Each completion is mapped to an option (`parse_choice`) and scored against the group's predicted
+distribution for its question (the dataset's `question`/`options` columns, or a `questions` map),
+with the run's metric. Mode "distribution" (default) scores the share of a prompt's completions
+choosing each option, 1 - distance(shares, prediction): its best policy answers in the group's
+proportions. Credit "leave_one_out" (default) gives each completion that score minus the score
+without it, since GRPO and RLOO learn nothing from equal rewards within a prompt; "shared" gives
+each the whole score. Mode "option" scores each completion's one-hot alone: its optimum is one
+answer for everyone (under JSD the likeliest option; under the normalised Wasserstein distance the
+ordinal median, which can be the least likely: [0.45, 0.10, 0.45] rewards A, B, C 0.50, 0.55, 0.50).
+A completion naming no option (or several) gets `unmatched_reward` and is not counted.
 """
 from __future__ import annotations
 

@@ -161,8 +161,8 @@ def make_trainer(method: str, args, data: ExperimentData, cfg: ClientConfig, dev
                       round_timeout=args.round_timeout)
         secagg = secagg_config(args)
         if secagg.enabled:
-            from flower_app.secagg_server import make_secagg_trainer
-            return make_secagg_trainer(secagg, data, cfg, mcfg, **flower)
+            from flower_app.secagg_server import SecAggTrainer
+            return SecAggTrainer(secagg, data, cfg, mcfg, **flower)
         from flower_app.federation import FlowerTrainer  # data: FederatedData from the ServerApp
         return FlowerTrainer(data, cfg, mcfg, server=server, **flower)
     if method == "fedavg":

@@ -369,7 +369,7 @@ def test_wandb_offline_writes_run_under_tmp(tmp_path, monkeypatch, capsys):
     logger = WandbLogger("offline", project="plurallm-test", run_name="t", config={"lr": 3e-4},
                          dir=tmp_path, group="g")
     assert logger.mode == "offline"
-    logger.log_record({"round": 1, "train_loss": 0.5, "eval_group_scores": {"China": 0.7}})
+    logger.log(wandb_metrics({"round": 1, "train_loss": 0.5, "eval_group_scores": {"China": 0.7}}), step=1)
     logger.summary({"final_eval": 0.7})
     sync_dir = logger.sync_dir
     logger.finish()

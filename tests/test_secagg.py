@@ -32,7 +32,7 @@ from data_loaders.schema import DataError
 from federated.aggregation import aggregate
 from flower_app.client_app import make_client_app
 from flower_app.federation import discover, federated_data, make_setup
-from flower_app.secagg_server import effective_shares, make_secagg_trainer
+from flower_app.secagg_server import SecAggTrainer, effective_shares
 from orchestration.cli import build_parser
 from orchestration.config import secagg_config, server_config
 from orchestration.entry import main
@@ -132,7 +132,7 @@ def secure_trainer(tmp_path, *extra, app=None):
     setup = make_setup(vars(args), metric, train, evals)
     reports = discover(grid, setup, train + evals, 5, log=lambda *a: None)
     data = federated_data(args.dataset, grid, setup, reports, train, evals, log=lambda *a: None)
-    trainer = make_secagg_trainer(secagg_config(args), data, client_config(args, metric),
+    trainer = SecAggTrainer(secagg_config(args), data, client_config(args, metric),
                                   model_config(args, data.dim_x), weighting=args.weighting,
                                   client_fraction=args.client_fraction, min_clients=args.min_clients,
                                   round_timeout=args.round_timeout)

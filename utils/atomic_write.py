@@ -1,12 +1,11 @@
 """Files that are whole or absent: strict JSON, and writes through a temp file and ``os.replace``.
 
-A file that is rewritten (config, summary, checkpoints, run records, an exported predictor)
-goes through a temp file in its own folder and ``os.replace``, so a crash leaves either the
-old file or the new one, never half of each. Every JSON file the project writes is strict:
-NaN or inf raise an error naming the key instead of landing as a token other readers reject.
+A crash leaves the old file or the new one, never half of each; NaN or inf raise an error naming
+the key instead of landing as a token other readers reject.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -75,23 +74,17 @@ def _fsync_dir(directory: Path) -> None:
     """Persist a rename: on POSIX the directory entry itself must be flushed."""
     if os.name != "posix":
         return
-    try:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; the data is synced
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the data itself is synced
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_stale_temps(directory: str | Path) -> int:
-    """Delete the temp files of atomic writes a killed process left in `directory`; returns the bytes freed.
-
-    Only for a folder no other process writes (the run lock holder's): a live write's temp
-    file has the same name shape. A kill during a checkpoint write leaves ~60 MB at paper scale."""
+    """Delete the temp files a killed process left in `directory` (only the run lock holder may: a live
+    write's temp file looks the same); returns the bytes freed."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
@@ -105,10 +98,7 @@ def remove_stale_temps(directory: str | Path) -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
-
-    On any failure the temp file is removed and ``path`` keeps its previous content.
-    """
+    """Write ``data`` to ``path`` via a temp file and ``os.replace``; on failure ``path`` keeps its content."""
     path = Path(path)
     directory = path.parent
     tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"

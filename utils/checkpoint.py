@@ -1,17 +1,9 @@
 """Checkpoints that hold everything needed to resume, and load without running pickled code.
 
-A checkpoint ``<tag>`` in a folder is three files:
-
-- ``<tag>.safetensors``: the model weights;
-- ``<tag>.state.pt``: everything else (optimizer and scheduler state dicts, one per client
-  if need be, RNG states, counters), restricted to tensors and plain Python values so that
-  ``torch.load(weights_only=True)`` can read it;
-- ``<tag>.json``: the caller's meta (must include ``round``), the save time, and the two
-  file names with their sizes and SHA-256 digests.
-
-All three are written atomically and the JSON last, so a checkpoint is complete iff its
-JSON exists and the files it names exist; the digests turn silent corruption into a clear
-error on load.
+Checkpoint ``<tag>`` is ``<tag>.safetensors`` (weights), ``<tag>.state.pt`` (optimizer, RNG and
+counters: tensors and plain values only, for ``torch.load(weights_only=True)``) and ``<tag>.json``
+(meta with ``round``, and both files' sizes and SHA-256), written atomically, the JSON last: a
+checkpoint is complete iff its JSON and the files it names exist.
 """
 
 from __future__ import annotations
@@ -53,34 +45,22 @@ def _check_tag(tag: str) -> None:
                          "(it becomes a file name)")
 
 
-def _check_loadable(obj: Any, where: str) -> None:
-    """Reject anything ``torch.load(weights_only=True)`` would refuse, naming where it is."""
+def _loadable(obj: Any, where: str) -> Any:
+    """``obj`` in the plain containers ``torch.load(weights_only=True)`` reads (an OrderedDict or a
+    namedtuple would need allow-listed globals); TypeError naming where anything else sits."""
     if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
-        return
+        return obj
     if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, _PLAIN):
-                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} is not allowed")
-            _check_loadable(v, f"{where}[{k!r}]")
-        return
+        bad = [k for k in obj if not isinstance(k, _PLAIN)]
+        if bad:
+            raise TypeError(f"{where}: key {bad[0]!r} of type {type(bad[0]).__name__} is not allowed")
+        return {k: _loadable(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_loadable(v, f"{where}[{i}]")
-        return
+        items = [_loadable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
     raise TypeError(f"{where} is a {type(obj).__name__}; checkpoint state may hold only tensors, "
                     "str/int/float/bool/None, lists, tuples and dicts (store a state_dict() "
                     "or generator.get_state(), not the object)")
-
-
-def _plain_containers(obj: Any) -> Any:
-    # OrderedDict and namedtuple subclasses would need allow-listed globals to unpickle.
-    if isinstance(obj, dict):
-        return {k: _plain_containers(v) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_plain_containers(v) for v in obj)
-    if isinstance(obj, list):
-        return [_plain_containers(v) for v in obj]
-    return obj
 
 
 def _paths(directory: Path, tag: str) -> tuple[Path, Path, Path]:
@@ -90,21 +70,17 @@ def _paths(directory: Path, tag: str) -> tuple[Path, Path, Path]:
 
 def save_checkpoint(directory: str | Path, tag: str, *, model_state: dict[str, torch.Tensor],
                     extra_states: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Save a checkpoint; returns the path of its ``<tag>.json``.
-
-    ``meta`` must be strict-JSON-able and contain an integer ``round`` (used by
-    ``latest_checkpoint``). Re-saving an existing tag first removes its JSON, so a crash
-    midway leaves it incomplete rather than mixing old and new files.
-    """
+    """Save a checkpoint; returns its ``<tag>.json``. Re-saving a tag first removes its JSON, so a crash
+    midway leaves it incomplete rather than mixing old and new files."""
     directory = Path(directory)
     _check_tag(tag)
     if not isinstance(meta.get("round"), int) or isinstance(meta.get("round"), bool):
         raise ValueError(f"checkpoint {tag!r}: meta must contain an integer 'round', got {meta.get('round')!r}")
-    _check_loadable(extra_states, "extra_states")
+    state = _loadable(extra_states, "extra_states")
     # clone: safetensors refuses tensors that share storage (tied or sliced weights).
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
     buf = io.BytesIO()
-    torch.save(_plain_containers(extra_states), buf)
+    torch.save(state, buf)
 
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, state_path, json_path = _paths(directory, tag)
@@ -183,11 +159,8 @@ def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torc
 
 
 def latest_checkpoint(directory: str | Path) -> str | None:
-    """Tag of the complete checkpoint with the highest round (ties: the last saved), or None.
-
-    Incomplete checkpoints (no JSON, or a JSON naming missing files) are skipped; a JSON that
-    cannot be parsed is skipped with a warning.
-    """
+    """Tag of the complete checkpoint with the highest round (ties: the last saved), or None; damaged
+    or incomplete ones are skipped with a warning."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -209,11 +182,8 @@ def latest_checkpoint(directory: str | Path) -> str | None:
 
 
 def alias_checkpoint(directory: str | Path, src_tag: str, dst_tag: str, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``<dst_tag>.json`` naming the files of checkpoint ``src_tag`` (no copy of the weights
-    or state), with ``meta`` merged into its meta: ``final`` and ``best`` cost a few hundred bytes.
-
-    Pruning keeps every file that some index still names, so an alias outlives its source tag.
-    """
+    """Write ``<dst_tag>.json`` naming the files of ``src_tag`` (no copy), ``meta`` merged into its meta.
+    Pruning keeps every file some index names, so an alias outlives its source."""
     directory = Path(directory)
     _check_tag(dst_tag)
     record = _read_record(directory / f"{src_tag}.json")
@@ -223,12 +193,8 @@ def alias_checkpoint(directory: str | Path, src_tag: str, dst_tag: str, meta: di
 
 
 def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") -> list[str]:
-    """Delete all but the newest ``keep`` complete ``<prefix>*`` checkpoints; returns the tags removed.
-
-    A removed index goes first (a crash mid-way leaves an incomplete checkpoint, never one
-    naming missing files), then every weights/state file no remaining index names, which also
-    clears files orphaned by a crash between writing a checkpoint's files and its index.
-    """
+    """Delete all but the newest ``keep`` ``<prefix>*`` checkpoints; returns the tags removed. Indexes go
+    first, then every file no index names (also those a crash orphaned before their index)."""
     directory = Path(directory)
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the newest checkpoint is what a resume needs), got {keep}")

@@ -1,21 +1,4 @@
-"""Plain-text result table printed at the end of a run (no dependencies beyond stdlib).
-
-Example::
-
-    Final evaluation (round 1300)
-    Group                              Alignment
-    ---------------------------------  ---------
-    Eval groups (unseen)
-      China                               0.8123
-      Japan                               0.7990
-      mean of groups                      0.8057
-      worst group                         0.7990
-      CoV                                 0.0082
-      FI                                  0.9918
-    Train groups (held-out questions)
-      Nigeria                             0.8401
-      ...
-"""
+"""The per-group alignment table printed at the end of a run."""
 
 from __future__ import annotations
 
@@ -52,12 +35,8 @@ def format_group_table(eval_scores: Mapping[str, float], train_scores: Mapping[s
                        eval_cov: float | None, eval_fi: float | None,
                        train_cov: float | None = None, train_fi: float | None = None,
                        title: str = "") -> str:
-    """Per-group alignment scores with their unweighted mean, the worst group, CoV and FI, values to
-    4 decimals (the title carries the question-weighted mean, which the paper reports).
-
-    Groups keep the order of the dicts given; ``train_scores`` (scores on the training
-    groups' held-out questions) may be None to print the eval section only.
-    """
+    """Per-group scores with their unweighted mean, the worst group, CoV and FI, to 4 decimals, in the
+    dicts' order (the title carries the question-weighted mean); `train_scores` None: eval only."""
     rows = _section("Eval groups (unseen)", eval_scores, eval_cov, eval_fi)
     if train_scores is not None:
         rows += _section("Train groups (held-out questions)", train_scores, train_cov, train_fi)

@@ -1,18 +1,10 @@
 """The per-question distances between predicted and true answer distributions (method.md §7, §9),
-and METRICS, the one table of them that `--metric`, evaluation, the predictor and the reports read.
+and METRICS, their one table (name → function, needs ordinals, label) that every caller reads.
 
-A distance works on the CSR layout of `GroupData`: question q owns the points
-`offsets[q]:offsets[q+1]`. They are vectorised over questions (no Python loop), run on CPU
-or CUDA, and compute in float64. Each question is scattered into one row of a padded
-[Q, K] matrix (K = most options of any question), so per-question sums and cumulative
-sums are plain row reductions: deterministic on CUDA, unlike atomic scatter-adds.
-
-Bad numbers are errors, never scores: a NaN/inf or negative probability, or a question
-whose distribution sums to zero, raises `MetricError` naming the question (the released
+Distances take the CSR layout of `GroupData` (question q owns points offsets[q]:offsets[q+1]),
+compute in float64 on a padded [Q, K] matrix (row reductions: deterministic on CUDA), and raise
+`MetricError` naming the question for NaN/inf, negative or all-zero distributions (the released
 code counted a NaN distance as a perfect score; method.md §8).
-
-Adding a metric is one row of METRICS: its distance function, whether it needs option
-ordinals, and its label; the flag's choices, the ordinal checks and the texts follow.
 """
 from __future__ import annotations
 
@@ -35,9 +27,7 @@ class MetricError(UserError, ValueError):
 
 
 class NonFiniteError(MetricError):
-    """A distribution holds NaN/inf. `name` says which one: a NaN/inf 'pred' means the model
-    diverged (the run loop turns it into a DivergenceError); `group` is filled in by the
-    evaluation that scored it."""
+    """A distribution holds NaN/inf; a NaN 'pred' means the model diverged. `group`: set by the evaluation."""
 
     def __init__(self, name: str, questions: str):
         super().__init__(f"{name} is NaN/inf in question(s) {questions}")
@@ -103,10 +93,7 @@ def _dense(values: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, shape: tu
 
 def _padded_pair(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Validate pred/true and lay them out as row-normalised [Q, K] matrices (zero padding).
-
-    Also returns (seg, pos, mask) so callers can place other per-point values alongside.
-    """
+    """pred/true validated, as row-normalised [Q, K] matrices (zero padding), and (seg, pos, mask)."""
     if pred.shape != true.shape or pred.dim() != 1:
         raise MetricError(f"pred and true must be 1-D tensors of the same length, "
                           f"got {tuple(pred.shape)} and {tuple(true.shape)}")
@@ -129,11 +116,7 @@ def _padded_pair(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor
 
 
 def js_distance(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Jensen–Shannon distance per question, [Q] float64, natural log, in [0, sqrt(ln 2)].
-
-    Equals `scipy.spatial.distance.jensenshannon(pred_q, true_q)` for every question:
-    each distribution is normalised to sum 1, 0·log 0 = 0, distance = sqrt(divergence).
-    """
+    """Jensen–Shannon distance per question, [Q] float64, natural log: scipy's `jensenshannon(pred_q, true_q)`."""
     p, t, _ = _padded_pair(pred, true, offsets)
     total = torch.where(p + t > 0, p + t, 1.0)  # padding has p = t = 0; its terms are masked
     kl_p = torch.where(p > 0, p * _log_ratio(p, t, total), 0.0).sum(1)
@@ -143,24 +126,16 @@ def js_distance(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor) -
 
 
 def _log_ratio(a: torch.Tensor, b: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """log(a/m) with m = (a+b)/2, accurate both when a ≈ b and when a ≪ b.
-
-    Near equality log1p((a−b)/(a+b)) avoids the cancellation of log(≈1), so identical
-    distributions give exactly 0; far from it log(2a/(a+b)) keeps a tiny a finite where
-    1 − (b−a)/(a+b) would round to 0.
-    """
+    """log(a/m), m = (a+b)/2: log1p near a ≈ b (identical distributions give exactly 0), log(2a/(a+b))
+    far from it (a tiny a stays finite)."""
     d = (a - b) / total
     return torch.where(d.abs() < 0.5, torch.log1p(d), torch.log(2 * a / total))
 
 
 def wasserstein_distance_normalised(pred: torch.Tensor, true: torch.Tensor, offsets: torch.Tensor,
                                     ordinals: torch.Tensor) -> torch.Tensor:
-    """1-D earth mover's distance over option ordinals, divided by the ordinal span, [Q] float64.
-
-    Per question equals `scipy.stats.wasserstein_distance(o, o, pred_q, true_q) / (max o − min o)`
-    (GPO's OpinionQA score, method.md §9), so it lies in [0, 1]. A question whose ordinals
-    span nothing (one option, or all ordinals equal) scores 0: both distributions sit on one point.
-    """
+    """scipy's `wasserstein_distance(o, o, pred_q, true_q) / (max o − min o)` per question, [Q] float64
+    (GPO's OpinionQA score, method.md §9); 0 where the ordinals span nothing."""
     p, t, (seg, pos, mask) = _padded_pair(pred, true, offsets)
     if p.shape[0] == 0:
         return p.new_zeros(0)
@@ -214,7 +189,7 @@ def metric_named(name: str) -> Metric:
 
 
 def metric_label(name: str) -> str:
-    """The label for text; a name this version does not know (a later version's card) as it is."""
+    """The label; an unknown name (a later version's card) as it is."""
     return METRICS[name].label if name in METRICS else name
 
 
@@ -231,8 +206,7 @@ def auto_rule() -> str:
 
 
 def needed_ordinals(metric: str, gather: Callable[[], T]) -> T | None:
-    """`gather()` when `metric` scores over option ordinals, else None without calling it, so data
-    without ordinals is scored by the other metrics as it is."""
+    """`gather()` when `metric` needs option ordinals, else None (without calling it)."""
     return gather() if metric_named(metric).needs_ordinals else None
 
 

@@ -1,10 +1,7 @@
-"""The project's user-error type.
+"""The project's user-error type, and every command line's error exit.
 
-Every error a user can fix (a bad flag, file, row, run folder, checkpoint or output folder)
-is a UserError: its message names the input and ends with a hint. The subclasses say where it
-arose and keep the built-in base that older `except ValueError` / `except OSError` code expects.
-Every command line ends through `exit_on_error`, which turns a UserError into a single
-"error: ..." line and exit code 2; any other exception is a bug and keeps its traceback.
+A UserError is an error the user can fix: its message names the input and ends with a hint.
+The kinds keep the built-in base (ValueError, OSError) that `except` clauses expect.
 """
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ OUT_DIR_HINT = "choose another --out_dir, or fix the folder's permissions"
 
 
 class OutputDirError(UserError, OSError):
-    """An output file or folder cannot be written; the message names it and gives a hint."""
+    """An output file or folder cannot be written."""
 
     def __init__(self, what: str, hint: str | None = OUT_DIR_HINT, err: int | None = None):
         super().__init__(what, hint)
@@ -43,13 +40,9 @@ class OutputDirError(UserError, OSError):
 
 def exit_on_error(body: Callable[[], int | None], *, interrupts: bool = False, resume_hint: str = "",
                   stream: TextIO | None = None) -> int:
-    """Every command line's exit: run `body` and return its exit code (0 when it returns None).
-
-    A UserError becomes the single line "error: <message>" and exit code 2. With `interrupts`,
-    SIGINT and SIGTERM raise inside the body (so its `finally` blocks close logs and locks) and
-    end as one line, "interrupted at round N; <resume_hint>", with the shell's code 130 / 143.
-    Any other exception is a bug and keeps its traceback.
-    """
+    """Run `body` and return its exit code: a UserError becomes one "error: ..." line and exit 2. With
+    `interrupts`, SIGINT and SIGTERM raise inside the body (its `finally` blocks run) and end as one
+    "interrupted at round N; <resume_hint>" line, exit 130 / 143. Anything else keeps its traceback."""
     stream = sys.stderr if stream is None else stream
     try:
         if not interrupts:

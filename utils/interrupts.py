@@ -1,9 +1,5 @@
-"""SIGINT and SIGTERM as one exception, so a stopped run says where it stopped and exits 130/143.
-
-Ctrl-C already raises KeyboardInterrupt; SIGTERM (kill, a job scheduler's time limit, nohup'd
-runs stopped by `kill`) would end the process without unwinding. Raising the same exception
-for both lets `finally` blocks close the logs, release the run lock and finish W&B.
-"""
+"""SIGINT and SIGTERM as one exception, so `finally` blocks close logs and locks and the run exits
+130/143 saying where it stopped (SIGTERM would otherwise end the process without unwinding)."""
 from __future__ import annotations
 
 import contextlib

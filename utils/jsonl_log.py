@@ -1,8 +1,7 @@
-"""Append-only JSON-lines logs (a run's metrics.jsonl and losses.jsonl): writing, reading, repairing.
+"""Append-only JSON-lines logs (a run's metrics.jsonl and losses.jsonl): write, read, trim, repair.
 
-Each record is one ``write`` of a whole line followed by ``fsync``, so a crash can cost at
-most the last line, which ``read_metrics`` detects and drops with a warning. A log is only
-ever rewritten whole (trimmed on resume, repaired), atomically.
+Each record is one fsynced ``write`` of a whole line, so a crash costs at most the last line;
+a log is only ever rewritten whole, atomically.
 """
 from __future__ import annotations
 
@@ -18,11 +17,7 @@ from utils.errors import OUT_DIR_HINT, OutputDirError
 
 
 class MetricsWriter:
-    """Append-only JSON-lines log, one record per line, each line fsynced as a whole.
-
-    Opening an existing file whose last line was cut by a crash trims that partial
-    line first (with a warning), so new records never get glued onto it.
-    """
+    """Appends records to a JSON-lines log; a last line cut by a crash is trimmed first (with a warning)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -60,8 +55,7 @@ class MetricsWriter:
                                  "free some disk space, or " + OUT_DIR_HINT, e.errno) from e
 
     def check_in_place(self) -> None:
-        """The open descriptor would go on writing into a log deleted or replaced under it, and
-        every later record would be lost with the unlinked file: stop at the next record instead."""
+        """Stop when the log was deleted or replaced: the descriptor would write into the lost file."""
         if self._fd is None:
             return
         try:
@@ -89,7 +83,6 @@ class MetricsWriter:
 
 
 def lost_log_error(path: Path, what: str) -> OutputDirError:
-    """A run's log that is gone cannot be rebuilt from its checkpoints: say so, and what is left to do."""
     return OutputDirError(f"{path} {what}; its records cannot be rebuilt from the checkpoints",
                           f"put the run's own {path.name} back (from a backup) and rerun with --resume, or start "
                           "the run anew in another --out_dir")
@@ -104,12 +97,8 @@ def _parse_record(raw: bytes) -> dict[str, Any] | None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines log (gzipped when its name ends in .gz, as in a run record).
-
-    A bad last line is what a crash mid-append leaves: it is dropped with a warning.
-    A bad line anywhere else means the file was damaged or edited: ValueError with the
-    line number. Blank lines are skipped.
-    """
+    """Records of a JSON-lines log (gzipped if named .gz). A bad last line (a crash mid-append) is dropped
+    with a warning; a bad line elsewhere is a ValueError naming it."""
     path = Path(path)
     raw = path.read_bytes()
     lines = (gzip.decompress(raw) if path.suffix == ".gz" else raw).split(b"\n")
@@ -129,8 +118,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def check_rounds_increase(path: str | Path, records: list[dict[str, Any]]) -> None:
-    """A log whose rounds go backwards was appended by two processes at once (before the run
-    lock existed) or edited: name the file and the line, and say how to repair it."""
+    """Refuse a log whose rounds go backwards (two processes appended to it, or it was edited)."""
     prev = None
     for i, rec in enumerate(records, 1):
         rnd = rec.get("round")
@@ -150,10 +138,8 @@ def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def repair_log(path: str | Path) -> tuple[int, int]:
-    """Keep each record whose round exceeds every round kept before it; returns (kept, dropped).
-
-    Runs are deterministic in their flags, so two processes that trained the same rounds
-    logged the same numbers: the first record of each round is as good as any."""
+    """Keep each record whose round exceeds every round kept before it (runs are deterministic: the
+    first of a round is as good as any); returns (kept, dropped)."""
     path = Path(path)
     records = read_metrics(path)
     kept, last = [], None
@@ -169,8 +155,7 @@ def repair_log(path: str | Path) -> tuple[int, int]:
 
 
 def trim_metrics(path: str | Path, last_round: int) -> int:
-    """Drop records with ``round > last_round`` (logged after the checkpoint a run resumes
-    from); returns how many were dropped. The file is rewritten atomically."""
+    """Drop the records after ``last_round`` (the checkpoint a run resumes from); returns how many."""
     path = Path(path)
     if not path.exists():
         return 0

@@ -1,6 +1,4 @@
-"""Alignment, fairness and convergence metrics (method.md §7), from per-question distances
-(utils/distances.py) and loss curves.
-"""
+"""Alignment, fairness and convergence (method.md §7), from per-question distances and loss curves."""
 from __future__ import annotations
 
 import math
@@ -32,16 +30,8 @@ def group_alignment(dist_per_q: torch.Tensor | Sequence[float], group: str | Non
     return 1.0 - float(_finite_array(dist_per_q, what).mean())
 
 
-def group_alignments(per_group_dists: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """AS per group, keyed like the input."""
-    return {g: group_alignment(d, g) for g, d in per_group_dists.items()}
-
-
 def mean_alignment(per_group_dists: Mapping[str, torch.Tensor]) -> float:
-    """1 − mean distance over all target questions of all groups (question-weighted, §7).
-
-    Differs from the mean of the per-group AS when groups have different question counts.
-    """
+    """1 − mean distance over all target questions of all groups (question-weighted, §7)."""
     if not per_group_dists:
         raise MetricError("mean_alignment: no groups to score")
     arrays = [_finite_array(d, f"group {g!r}: distance per question") for g, d in per_group_dists.items()]
@@ -50,22 +40,15 @@ def mean_alignment(per_group_dists: Mapping[str, torch.Tensor]) -> float:
 
 def _scores_array(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) -> np.ndarray:
     if isinstance(scores, Mapping):
-        names = list(scores)
-        arr = np.asarray([float(scores[n]) for n in names], dtype=np.float64)
-        bad = [n for n, v in zip(names, arr) if not np.isfinite(v)]
+        bad = [n for n, v in scores.items() if not math.isfinite(float(v))]
         if bad:
             raise MetricError(f"score is NaN/inf for group(s) {bad}")
-        if arr.size == 0:
-            raise MetricError("no scores (empty)")
-        return arr
+        scores = [float(v) for v in scores.values()]
     return _finite_array(scores, "group score")
 
 
 def cov(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) -> float:
-    """Coefficient of variation of per-group scores: population std / mean (§7).
-
-    Defined for a positive mean only (AS are in (0, 1] for JS); otherwise MetricError.
-    """
+    """Population std / mean of per-group scores (§7); MetricError for a non-positive mean."""
     arr = _scores_array(scores)
     mean = float(arr.mean())
     if mean <= 0:
@@ -79,11 +62,8 @@ def fairness_index(scores: Mapping[str, float] | Sequence[float] | torch.Tensor)
 
 
 def worst_group(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) -> dict[str, float]:
-    """The worst-served groups, which mean and FI hide (FI stays near 1 when all scores sit near 0.8).
-
-    worst: the minimum group AS; gap: best minus worst; bottom_quarter: the mean AS of the
-    ceil(n/4) lowest-scoring groups (at least one group, so with 1-4 groups it is the worst).
-    """
+    """The worst-served groups, which the mean and FI hide: the minimum AS, best minus worst, and the
+    mean AS of the ceil(n/4) lowest-scoring groups."""
     arr = np.sort(_scores_array(scores))
     k = max(1, math.ceil(arr.size / 4))
     return {"worst": float(arr[0]), "gap": float(arr[-1] - arr[0]), "bottom_quarter": float(arr[:k].mean())}
@@ -123,24 +103,12 @@ def smooth_curve(losses: Sequence[float], *, smoothing: str = "centred", window:
 
 def convergence_round(rounds: Sequence[int], losses: Sequence[float], *, threshold: float = 0.95,
                       smoothing: str = "centred", window: int = 5, alpha: float = 0.1) -> int | None:
-    """First round whose smoothed loss has made `threshold` of the total progress (§7).
+    """First round t with (S_0 − S_t) / (S_0 − S_final) ≥ `threshold`, S the smoothed loss (§7): progress,
+    since the loss can be negative. None for fewer than 2 points or no progress.
 
-    With S the smoothed curve, progress(t) = (S_0 − S_t) / (S_0 − S_final); the answer is
-    `rounds[t]` for the first t with progress(t) ≥ threshold. Progress rather than "95% of
-    the final value" because the loss can be negative.
-
-    Smoothing (default "centred"): a centred moving average over `window` evaluations
-    (odd), truncated to the points that exist at either end. Chosen because the round is
-    computed after training on the whole curve, and a centred window has no lag on a
-    locally linear curve, whereas a trailing average lags by (window−1)/2 evaluations and
-    an EMA by about (1−alpha)/alpha, both reporting convergence systematically late. S_0
-    and S_final are smoothed too, so one noisy final evaluation does not move the target.
-    `window` counts evaluations, not rounds: scale it with how densely the loss is logged
-    (window=1 or smoothing="none" uses the raw curve). "ema" (S_0 = L_0,
-    S_t = alpha·L_t + (1−alpha)·S_{t−1}) is there for comparison with causal smoothing.
-
-    Returns None when there is nothing to measure: fewer than 2 points, or no progress
-    (S_final ≥ S_0: a flat or increasing curve never converged downwards).
+    "centred" (the default) averages `window` evaluations (odd, truncated at the ends): computed after
+    training, it has no lag on a locally linear curve, where a trailing average or an EMA ("ema", for
+    comparison) report convergence late. S_0 and S_final are smoothed too.
     """
     if len(rounds) != len(losses):
         raise MetricError(f"rounds ({len(rounds)}) and losses ({len(losses)}) differ in length")
@@ -174,8 +142,8 @@ def odd_window(window: int, length: int) -> int:
 
 def curve_convergence_round(rounds: Sequence[int], values: Sequence[float], *, threshold: float = 0.95,
                             window: int = LOSS_WINDOW_ROUNDS) -> int | None:
-    """convergence_round on a centred moving average of `window` points (cut to the curve, made odd);
-    None for a curve of fewer than 2 points. The run summary, the reports and the run figures use it."""
+    """convergence_round, centred over `window` points (cut to the curve, made odd); the summary, reports
+    and figures use it."""
     if len(values) < 2:
         return None
     return convergence_round(rounds, values, threshold=threshold, smoothing="centred",

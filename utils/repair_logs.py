@@ -1,9 +1,6 @@
-"""Repair a run folder's logs that two processes appended to at once.
+"""Repair a run folder's logs that two processes appended to at once, keeping each round's first record.
 
     python -m utils.repair_logs runs/<run>        # then rerun the run's command with --resume
-
-Keeps the first record of each round in metrics.jsonl and losses.jsonl (the numbers of a
-round are the same whichever process logged it: runs are deterministic in their flags).
 """
 from __future__ import annotations
 

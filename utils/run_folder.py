@@ -1,18 +1,13 @@
 """A run's output folder: its layout, writing it, and the one reader of it.
 
-Every training run writes a self-describing folder::
-
     runs/<YYYYmmdd-HHMMSS>_<method>_s<seed>/
-        config.json        resolved configuration and environment (strict JSON)
-        metrics.jsonl      one JSON object per evaluation round, appended (utils/jsonl_log.py)
-        losses.jsonl       one JSON object per round, appended
-        summary.json       final numbers, written once at the end
-        failed.json        instead of summary.json, for a run that diverged
+        config.json        resolved configuration and environment
+        metrics.jsonl      one record per evaluation round; losses.jsonl: one per round
+        summary.json       final numbers (failed.json instead, for a run that diverged)
         checkpoints/       see utils/checkpoint.py
 
-A run record (orchestration/records.py) holds the same files with its logs gzipped
-(metrics.jsonl.gz, losses.jsonl.gz). The readers here take either, so the reports, the
-per-run figures and the predictor read a folder and a record alike.
+A run record (orchestration/records.py) gzips the logs; the readers here take either, so the
+reports, the per-run figures and the predictor read a folder and a record alike.
 """
 from __future__ import annotations
 
@@ -33,11 +28,8 @@ DAMAGED = "the folder is damaged; delete or repair it"
 
 
 def default_run_dir(method: str, seed: int, root: str | Path = "runs") -> Path:
-    """Create and return a fresh ``<root>/<YYYYmmdd-HHMMSS>_<method>_s<seed>`` folder.
-
-    The folder is created here (``mkdir`` without ``exist_ok``) so two runs started in
-    the same second cannot both claim it; the loser gets a ``-1``, ``-2``... suffix.
-    """
+    """A fresh ``<root>/<YYYYmmdd-HHMMSS>_<method>_s<seed>`` folder, created here so two runs started in
+    the same second cannot both claim it (the loser gets a ``-1``, ``-2``... suffix)."""
     safe_method = re.sub(r"[^A-Za-z0-9_.-]+", "-", method).strip("-") or "run"
     base = f"{time.strftime('%Y%m%d-%H%M%S')}_{safe_method}_s{seed}"
     root = Path(root)
@@ -80,15 +72,10 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> Path:
         return atomic_write_json(self.summary_path, summary)
 
-    @property
-    def metrics(self) -> MetricsWriter:
-        """The metrics log, opened on first use so read-only users never create it."""
-        if self._metrics is None:
-            self._metrics = MetricsWriter(self.metrics_path)
-        return self._metrics
-
     def log_metrics(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
+        if self._metrics is None:  # opened on first use, so read-only users never create it
+            self._metrics = MetricsWriter(self.metrics_path)
+        self._metrics.write(record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path) if self.metrics_path.exists() else []
@@ -108,13 +95,8 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
 
-# The reader, below all three of its users so each may import it: the reports (reporting/runs.py),
-# the per-run figures (orchestration/run_figures.py) and the predictor (inference/loading.py).
-
 def read_json(path: Path, what: str = "", hint: str = DAMAGED) -> dict:
-    """A JSON object file, e.g. a run's config.json. FileNotFoundError when absent (only the
-    caller knows whether that is an error); RunFolderError naming `what` and the file, ending
-    with `hint`, when it is unreadable."""
+    """A JSON object file; FileNotFoundError when absent, RunFolderError (ending with `hint`) when unreadable."""
     named = f"{what} {path}" if what else str(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -165,14 +147,12 @@ def read_log(folder: Path, stem: str) -> list[dict[str, Any]]:
     return []
 
 
-# Worst-group keys of metrics.jsonl records, derived from the per-group scores when a record
-# predates them (utils.metrics.worst_group gives the same numbers as the run loop).
+# Worst-group keys, derived from the per-group scores for a record without them (as the run loop does).
 _WORST_KEYS = {"worst_alignment": "worst", "alignment_gap": "gap", "bottom_quarter_alignment": "bottom_quarter"}
 
 
 def record_value(rec: dict, key: str) -> float | None:
-    """rec[key], or for <eval|train>_<worst_alignment|alignment_gap|bottom_quarter_alignment> computed
-    from rec['<eval|train>_group_scores'] when absent; None when neither is there."""
+    """rec[key]; a worst-group key computed from rec['<eval|train>_group_scores'] when absent; else None."""
     if rec.get(key) is not None:
         return rec[key]
     prefix, _, rest = key.partition("_")

@@ -17,12 +17,8 @@ class RunLockedError(OutputDirError):
 
 
 class RunLock:
-    """An exclusive lock on a folder for as long as this process works in it.
-
-    ``flock`` on ``<folder>/.lock``: the kernel drops it when the process ends, however it ends
-    (kill -9 included), so a lock never goes stale and needs no cleaning up. The file holds
-    the holder's PID, start time and command so a refused process can name it.
-    """
+    """``flock`` on ``<folder>/.lock``: the kernel drops it however the process ends, so it never goes
+    stale. The file names the holder (PID, start, command) for a refused process's message."""
 
     def __init__(self, folder: str | Path, what: str = "run folder", flag: str = "--out_dir"):
         self.folder, self.what, self.flag = Path(folder), what, flag  # flag: what chose the folder
@@ -51,8 +47,7 @@ class RunLock:
         return self
 
     def check_free(self) -> None:
-        """Refuse now, before slow work (loading data), when a live process holds the lock; creates
-        nothing, holds nothing: acquire() still decides, since a holder may start in between."""
+        """Refuse before slow work when a live process holds the lock; holds nothing (acquire() decides)."""
         try:
             fd = os.open(self.path, os.O_RDWR)
         except OSError:

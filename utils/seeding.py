@@ -1,9 +1,5 @@
-"""Seeds derived from (seed, purpose, names...), never from process or message order.
-
-Every random draw in a run comes from a torch.Generator seeded by `derive_seed`, so a
-client's episodes in round r are the same whether it runs in this process, in another
-one, after a resume, or in a different order than its peers.
-"""
+"""Seeds derived from (seed, purpose, names...), never from process or message order, so a client's
+episodes in round r are the same in any process, after a resume, or in any client order."""
 from __future__ import annotations
 
 import hashlib

@@ -1,20 +1,9 @@
 """Optional Weights & Biases logging that can never stop a training run.
 
-Modes:
-
-- ``off``: wandb is not even imported; every method is a no-op.
-- ``online``: needs credentials (``wandb login`` or ``WANDB_API_KEY``); fails at start-up
-  with a hint if there are none, before any training time is spent.
-- ``offline``: writes the run under ``dir``; ``finish()`` prints the ``wandb sync`` line.
-- ``auto``: follows ``WANDB_MODE`` if set, else online when credentials exist (checked
-  locally, no network), otherwise offline.
-
-If wandb fails to start (server unreachable) the logger warns and falls back to offline,
-then to off; if a later ``log`` fails it warns once and stops logging. The run folder's
-metrics.jsonl stays the record of truth either way.
-
-Metric names are grouped (``loss/...``, ``alignment/...``, ``fairness/...``) so the
-dashboard sections read like the paper's figures; see ``wandb_metrics``.
+Modes: ``off`` (wandb not imported), ``online`` (needs credentials, else fails at start-up),
+``offline`` (``finish()`` prints the ``wandb sync`` line), ``auto`` (``WANDB_MODE`` if set, else
+online when credentials exist, else offline). A failing start falls back to offline, then off;
+a failing ``log`` warns once and stops logging. metrics.jsonl stays the record either way.
 """
 
 from __future__ import annotations
@@ -78,10 +67,7 @@ def _clean_group(name: Any) -> str:
 
 
 def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    """Map a metrics.jsonl record to grouped dashboard names; None values are skipped.
-
-    Keys we do not know are kept under ``other/<key>`` (dicts flattened) rather than lost.
-    """
+    """A metrics.jsonl record under grouped dashboard names; unknown keys under ``other/<key>``."""
     out: dict[str, Any] = {}
     for key, value in record.items():
         if value is None or key in _SKIP:
@@ -145,7 +131,6 @@ class WandbLogger:
                  config: dict[str, Any] | None = None, dir: str | Path = "runs",
                  group: str | None = None):
         self.mode, why = _resolve_mode(mode)
-        self.requested_mode = mode
         self.run: Any = None
         self._failed_log = False
         if self.mode == "off":
@@ -179,19 +164,18 @@ class WandbLogger:
 
     def _start(self, init_kwargs: dict[str, Any]) -> Any:
         """Start a run, degrading online -> offline -> off instead of raising."""
-        for attempt in ("online", "offline"):
-            if self.mode == "online" or attempt == "offline":
-                # console capture would duplicate stdout/tqdm into the run; the run folder has the logs
-                settings = self._wandb.Settings(mode=attempt, console="off", init_timeout=60)
-                try:
-                    run = self._wandb.init(settings=settings, reinit="finish_previous", **init_kwargs)
-                except Exception as e:  # network, auth or filesystem: never fatal for training
-                    warnings.warn(f"wandb.init ({attempt}) failed: {e!r}; "
-                                  + ("falling back to offline" if attempt == "online"
-                                     else "W&B logging is off for this run"), stacklevel=3)
-                    continue
-                self.mode = attempt
-                return run
+        for attempt in ("online", "offline") if self.mode == "online" else ("offline",):
+            # console capture would duplicate stdout/tqdm into the run; the run folder has the logs
+            settings = self._wandb.Settings(mode=attempt, console="off", init_timeout=60)
+            try:
+                run = self._wandb.init(settings=settings, reinit="finish_previous", **init_kwargs)
+            except Exception as e:  # network, auth or filesystem: never fatal for training
+                warnings.warn(f"wandb.init ({attempt}) failed: {e!r}; "
+                              + ("falling back to offline" if attempt == "online"
+                                 else "W&B logging is off for this run"), stacklevel=3)
+                continue
+            self.mode = attempt
+            return run
         self.mode = "off"
         return None
 
@@ -215,11 +199,6 @@ class WandbLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
             self._guard("log", self.run.log, metrics, step=step)
-
-    def log_record(self, record: dict[str, Any]) -> None:
-        """Log a metrics.jsonl record under grouped names, at step = its round."""
-        if self.run is not None:
-            self.log(wandb_metrics(record), step=int(record["round"]))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
