@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reproduce the paper's tables and figures over seeds (see reporting/pipeline.py).
+"""Reproduce the paper's tables and figures over seeds (see reporting/reproduce.py).
 
   python scripts/reproduce.py --preset paper                      # OpinionQA, 1,300 rounds, 3 methods
   python scripts/reproduce.py --preset paper --dataset globalqa \
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reporting.pipeline import main
+from reporting.reproduce import main
 
 if __name__ == "__main__":
     sys.exit(main())
