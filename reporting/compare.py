@@ -30,8 +30,8 @@ from utils.errors import RunFolderError, exit_on_error
 from utils.run_folder import record_value
 
 from .paths import shown, shown_argv
-from .runs import Run, find_run_folders, load_run, prefer_done
-from .tables import Stat, describe, final_worst, no_variance, significance, stat_cell
+from .runs import Run, find_run_folders, from_baseline, from_groups, from_summary, in_mb, load_run, prefer_done
+from .tables import Stat, describe, no_variance, significance, stat_cell
 
 
 @dataclass
@@ -65,44 +65,26 @@ def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Var
     return v
 
 
-def _summary(key):
-    return lambda run: (run.summary or {}).get(key)
-
-
-def _last_logged(key):
-    """The value of `key` in the last losses.jsonl row that has it (the ε variants are logged per round)."""
-    return lambda run: next((r[key] for r in reversed(run.losses) if r.get(key) is not None), None)
-
-
-def _worst(key):
-    return lambda run: final_worst(run, "eval", key)
-
-
 # (key, label, getter, format)
 METRICS = (
-    ("final_eval_alignment_score", "Mean eval alignment (final)", _summary("final_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", _worst("worst_alignment"), "{:.4f}"),
+    ("final_eval_alignment_score", "Mean eval alignment (final)", from_summary("final_eval_alignment_score"), "{:.4f}"),
+    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
     ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     _worst("bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", _summary("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", _summary("final_eval_cov"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", _summary("best_eval_alignment_score"), "{:.4f}"),
-    ("dp_epsilon", "Privacy budget ε (final)", _summary("dp_epsilon"), "{:.3g}"),
-    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", _last_logged("dp_epsilon_exact"), "{:.3g}"),
-    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", _last_logged("dp_epsilon_replace_one"), "{:.3g}"),
+     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
+    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
+    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
+    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
+    ("dp_epsilon", "Privacy budget ε (final)", from_summary("dp_epsilon"), "{:.3g}"),
+    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", lambda r: r.last_logged("dp_epsilon_exact"), "{:.3g}"),
+    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", lambda r: r.last_logged("dp_epsilon_replace_one"),
+     "{:.3g}"),
     ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)",
-     _summary("final_eval_alignment_unseen"), "{:.4f}"),
-    ("final_eval_group_specificity", "Group specificity (final)", _summary("final_eval_group_specificity"), "{:.5f}"),
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)",
-     lambda run: (((run.summary or {}).get("baselines") or {}).get("consensus") or {}).get("eval_alignment_score"),
-     "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)",
-     lambda run: (((run.summary or {}).get("baselines") or {}).get("uniform") or {}).get("eval_alignment_score"),
-     "{:.4f}"),
-    ("convergence_comm_mb", "Communication to convergence (MB)",
-     lambda run: None if (v := (run.summary or {}).get("convergence_comm_bytes")) is None else v / 1e6, "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB)",
-     lambda run: None if (v := (run.summary or {}).get("total_comm_bytes")) is None else v / 1e6, "{:.1f}"),
+     from_summary("final_eval_alignment_unseen"), "{:.4f}"),
+    ("final_eval_group_specificity", "Group specificity (final)", from_summary("final_eval_group_specificity"), "{:.5f}"),
+    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
+    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
+    ("convergence_comm_mb", "Communication to convergence (MB)", in_mb("convergence_comm_bytes"), "{:.1f}"),
+    ("total_comm_mb", "Communication, whole run (MB)", in_mb("total_comm_bytes"), "{:.1f}"),
 )
 # Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
 EPSILONS = ("dp_epsilon", "dp_epsilon_exact", "dp_epsilon_replace_one")
@@ -119,13 +101,9 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
     return describe([x[s] - b[s] for s in sorted(set(b) & set(x)) if x[s] is not None and b[s] is not None])
 
 
-def _epsilon_at_stop(run: Run) -> float | None:
-    return next((r["dp_epsilon"] for r in reversed(run.losses) if r.get("dp_epsilon") is not None), None)
-
-
 def divergence(run: Run) -> str:
     """'seed 0 at round 276 (ε 40.3)': where a failed run stopped, with the budget spent by then."""
-    eps = _epsilon_at_stop(run)
+    eps = run.last_logged("dp_epsilon")
     where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
     return where + (f" (ε {eps:.3g})" if eps is not None else "")
 
@@ -310,7 +288,7 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
             ref = describe(list(values(v)[key].values())).mean
             if ref is not None:
                 ax.axhline(ref, color=color, ls=ls, lw=1, label=f"{v.name}, {label} (no ε)")
-    stopped = [(e, r) for v in variants for r in v.failed.values() if (e := _epsilon_at_stop(r)) is not None]
+    stopped = [(e, r) for v in variants for r in v.failed.values() if (e := r.last_logged("dp_epsilon")) is not None]
     pts = [(e, y[-1]) for e, r in stopped if (y := _curve(r, "eval_alignment_score")[1])]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="k", zorder=3,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import RunFolderError
-from utils.run_folder import CONFIG, FAILED, is_finished, read_failure, read_json, read_log, read_summary
+from utils.run_folder import CONFIG, FAILED, is_finished, read_failure, read_json, read_log, read_summary, record_value
 
 from .paths import shown
 
@@ -80,6 +80,42 @@ class Run:
         key = "comm_round" if self.method == "fedavg" else "central_epochs"
         v = self.config.get(key)
         return int(v) if v is not None else None
+
+    def value(self, key: str):
+        return (self.summary or {}).get(key)
+
+    def baseline(self, kind: str, key: str = "eval_alignment_score") -> float | None:
+        """A no-model predictor's score on this run's own targets (training/reference.py)."""
+        return ((self.value("baselines") or {}).get(kind) or {}).get(key)
+
+    def last_logged(self, key: str):
+        """The value in the last losses.jsonl row that has it (the ε variants are logged per round)."""
+        return next((r[key] for r in reversed(self.losses) if r.get(key) is not None), None)
+
+    def final_group(self, prefix: str, key: str) -> float | None:
+        """worst_alignment | alignment_gap | bottom_quarter_alignment at the last evaluation with group
+        scores, computed from the scores (record_value) so that folders older than those keys report too."""
+        for rec in reversed(self.metrics):
+            if rec.get(f"{prefix}_group_scores"):
+                return record_value(rec, f"{prefix}_{key}")
+        return None
+
+
+# Row getters (run -> value) for the tables of tables.py and compare.py.
+def from_summary(key):
+    return lambda run: run.value(key)
+
+
+def from_groups(prefix, key):
+    return lambda run: run.final_group(prefix, key)
+
+
+def from_baseline(kind):
+    return lambda run: run.baseline(kind)
+
+
+def in_mb(key):
+    return lambda run: None if (v := run.value(key)) is None else v / 1e6
 
 
 def is_done(folder: Path) -> bool:
