@@ -22,13 +22,16 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from data_loaders.schema import DataError
-from reporting.figures import plain_y, plt
 from utils.errors import RunFolderError, exit_on_error
 from utils.run_folder import record_value
 
+from .figures import finish, plain_y, plt
 from .paths import shown, shown_argv
 from .runs import Run, find_run_folders, from_baseline, from_groups, from_summary, in_mb, load_run, prefer_done
 from .tables import Stat, describe, no_variance, significance, stat_cell
@@ -200,27 +203,32 @@ def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
-    import numpy as np
+_finish = partial(finish, legend_size=8)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+
+def _mean_curves(ax, variants: list[Variant], curve, lw: float, band: bool) -> None:
+    """Per variant, the mean over seeds of curve(run) -> (x, y), cut to the shortest (and the min–max band)."""
     for i, v in enumerate(variants):
-        curves = [_curve(r, "eval_worst_alignment") for _, r in sorted(v.runs.items())]
-        curves = [c for c in curves if c[1]]
+        curves = [c for _, r in sorted(v.runs.items()) if (c := curve(r))[1]]
         if not curves:
             continue
         t = min(len(c[1]) for c in curves)
         ys = np.array([c[1][:t] for c in curves])
-        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.8, label=f"{v.name} (n={len(curves)})")
-        if len(curves) > 1:
+        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=lw, label=f"{v.name} (n={len(curves)})")
+        if band and len(curves) > 1:
             ax.fill_between(curves[0][0][:t], ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15, lw=0)
+
+
+def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _mean_curves(ax, variants, lambda r: _curve(r, "eval_worst_alignment"), 1.8, band=True)
     for i, v in enumerate(variants):
         for seed, r in sorted(v.failed.items()):
             x, y = _curve(r, "eval_worst_alignment")
             if y:
                 ax.plot(x, y, color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
     plain_y(ax, 0.02)
-    return _save(fig, ax, "Worst-group evaluation alignment vs round", "Round",
+    return _finish(fig, ax, "Worst-group evaluation alignment vs round", "Round",
                  "Lowest group alignment, eval groups", path,
                  "line: mean over seeds; band: min–max over seeds; dashed: a run that diverged, up to its last evaluation")
 
@@ -235,7 +243,7 @@ def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.5, s=24)
             ax.scatter([sum(p[0] for p in pts) / len(pts)], [sum(p[1] for p in pts) / len(pts)], color=f"C{i}",
                        marker="D", s=60, edgecolor="k", label=v.name)
-    return _save(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
+    return _finish(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
                  "Worst-group eval alignment (final)", path, "dots: one run (seed); diamond: mean over seeds")
 
 
@@ -252,19 +260,11 @@ def has_snr(variants: list[Variant]) -> bool:
 
 def fig_snr_vs_round(variants: list[Variant], path: Path) -> Path:
     """Signal-to-noise per round: ||clipped mean|| (at most S) over ||noise|| (about z S / m sqrt(P))."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, v in enumerate(variants):
-        curves = [c for _, r in sorted(v.runs.items()) if (c := _snr(r))[1]]
-        if not curves:
-            continue
-        t = min(len(c[1]) for c in curves)
-        ys = np.array([c[1][:t] for c in curves])
-        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.5, label=f"{v.name} (n={len(curves)})")
+    _mean_curves(ax, variants, _snr, 1.5, band=False)
     ax.axhline(1.0, color="0.4", ls=":", lw=1, label="signal = noise")
     ax.set_yscale("log")
-    return _save(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
+    return _finish(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
                  "||clipped mean update|| / ||added noise||", path,
                  "mean over seeds; the noise is drawn over every parameter, the signal is at most the clip norm S")
 
@@ -297,22 +297,8 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
-    return _save(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
+    return _finish(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
                  "Eval alignment (final)", path, "points: mean over seeds of finished runs; bars: 95% CI")
-
-
-def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from .runs import METHOD_LABELS, Run, RunSet
 
 COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange", "centralized_matched": "tab:green"}
 BAND = "band: min–max over seeds; line: mean over seeds"
+ROUNDS = "Round (FedAvg: communication round; centralized: epoch)"
+STEPS = "Gradient steps (cumulative, all clients)"
 
 
 def smoothing_window(run: Run, length: int) -> int:
@@ -68,6 +70,17 @@ def _band(ax, x, ys, method):
         ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.2, lw=0)
 
 
+def _eval_bands(ax, runset: RunSet, key: str) -> bool:
+    """Each method's band of an evaluation metric against rounds; whether any was drawn."""
+    drawn = False
+    for m in runset.methods:
+        rounds, vals, _ = eval_matrix(runset.finished(m), key)
+        if vals.size:
+            _band(ax, rounds, vals, m)
+            drawn = True
+    return drawn
+
+
 def _conv_lines(ax, runset: RunSet, key: str):
     for m in runset.methods:
         vals = [(r.summary or {}).get(key) for r in runset.finished(m).values()]
@@ -90,27 +103,32 @@ def plain_y(ax, min_span: float, top: float | None = None, decimals: int = 3) ->
     ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
 
 
-def _finish_pair(fig, title: str, path: Path) -> Path:
-    """A figure of two panels: one title, the band note, saved and closed."""
-    fig.suptitle(title, fontsize=11)
-    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+def _save(fig, path: Path, note: str = BAND) -> Path:
     fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _finish_pair(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND, legend_size: int = 9) -> Path:
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+    return _save(fig, path, note)
+
+
+def _nothing(fig) -> None:
+    plt.close(fig)
+    return None
 
 
 def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
@@ -125,15 +143,14 @@ def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
         _band(ax, x, loss, m)
         drawn = True
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     _conv_lines(ax, runset, "convergence_round" if x_axis == "round" else "convergence_grad_steps")
-    xlabel = ("Round (FedAvg: communication round; centralized: epoch)" if x_axis == "round"
-              else "Gradient steps (cumulative, all clients)")
+    xlabel = (ROUNDS if x_axis == "round"
+              else STEPS)
     title = ("Training loss vs round (paper Fig. 2)" if x_axis == "round"
              else "Training loss vs gradient steps (compute-normalised Fig. 2)")
     smooth = "/".join(str(w) for w in sorted(windows))
-    return _finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {smooth}-round moving average)", path,
+    return finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {smooth}-round moving average)", path,
                    BAND + "; dotted: mean convergence " + ("round" if x_axis == "round" else "gradient steps"))
 
 
@@ -148,17 +165,16 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
         _band(ax, x, vals, m)
         drawn = True
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     _baseline_lines(ax, runset)
-    xlabel = {"round": "Round (FedAvg: communication round; centralized: epoch)",
-              "steps": "Gradient steps (cumulative, all clients)",
+    xlabel = {"round": ROUNDS,
+              "steps": STEPS,
               "bytes": "Communication (cumulative MB, down + up)"}[x_axis]
     title = {"round": "Mean evaluation alignment vs round (paper Fig. 4)",
              "steps": "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)",
              "bytes": "Mean evaluation alignment vs communication"}[x_axis]
     plain_y(ax, 0.02)
-    return _finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
+    return finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
 
 
 BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
@@ -174,46 +190,39 @@ def _baseline_lines(ax, runset: RunSet, key: str = "eval_alignment_score") -> No
             ax.axhline(float(np.mean(vals)), color=color, ls=ls, lw=1.2, label=label)
 
 
+def _panel(ax, xlabel: str, title: str | None = None) -> None:
+    """One panel of a two-panel figure: title, x label, grid and legend."""
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def fig_unseen(runset: RunSet, path: Path) -> Path | None:
     """Alignment on seen (left) and unseen (right) evaluation questions vs round, with the baselines."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     drawn = False
     for ax, part in zip(axes, ("seen", "unseen")):
-        for m in runset.methods:
-            rounds, vals, _ = eval_matrix(runset.finished(m), f"eval_alignment_{part}")
-            if vals.size:
-                _band(ax, rounds, vals, m)
-                drawn = True
+        drawn |= _eval_bands(ax, runset, f"eval_alignment_{part}")
         _baseline_lines(ax, runset, f"eval_alignment_{part}")
-        ax.set_title(f"{part} questions (some training group trains on them)" if part == "seen" else
-                     "unseen questions (no training group trains on them)", fontsize=10)
-        ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _panel(ax, ROUNDS, f"{part} questions (some training group trains on them)" if part == "seen" else
+               "unseen questions (no training group trains on them)")
         plain_y(ax, 0.02)
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     axes[0].set_ylabel("Mean alignment score, unseen eval groups")
     return _finish_pair(fig, "Evaluation alignment on seen and unseen questions", path)
 
 
 def fig_specificity(runset: RunSet, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn = False
-    for m in runset.methods:
-        rounds, vals, _ = eval_matrix(runset.finished(m), "eval_group_specificity")
-        if vals.size:
-            _band(ax, rounds, vals, m)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
+    if not _eval_bands(ax, runset, "eval_group_specificity"):
+        return _nothing(fig)
     ax.axhline(0.0, color="0.3", lw=0.8)
-    return _finish(fig, ax, "Group specificity vs round (0: the model ignores whose answers it is given)",
-                   "Round (FedAvg: communication round; centralized: epoch)",
-                   "Alignment, own − another group's context", path)
+    return finish(fig, ax, "Group specificity vs round (0: the model ignores whose answers it is given)", ROUNDS,
+                  "Alignment, own − another group's context", path)
 
 
 def fig_fi(runset: RunSet, path: Path) -> Path | None:
@@ -221,21 +230,12 @@ def fig_fi(runset: RunSet, path: Path) -> Path | None:
     drawn = False
     for ax, key, what in ((axes[0], "eval_fi", "unseen evaluation groups"),
                           (axes[1], "train_fi", "training groups (held-out questions)")):
-        for m in runset.methods:
-            rounds, vals, _ = eval_matrix(runset.finished(m), key)
-            if vals.size:
-                _band(ax, rounds, vals, m)
-                drawn = True
-        ax.set_title(f"FI over {what}", fontsize=10)
-        ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
+        drawn |= _eval_bands(ax, runset, key)
         ax.set_ylabel("Fairness index 1/(1+CoV²)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _panel(ax, ROUNDS, f"FI over {what}")
         plain_y(ax, 0.01, top=1.0, decimals=4)  # FI sits near 1: 1e-7 differences are not worth an axis
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     return _finish_pair(fig, "Fairness index vs round (paper Fig. 5)", path)
 
 
@@ -250,13 +250,9 @@ def fig_worst(runset: RunSet, path: Path) -> Path | None:
             _band(axes[1], np.nanmean(steps, 0), vals, m)
             drawn = True
     if not drawn:
-        plt.close(fig)
-        return None
-    for ax, xlabel in ((axes[0], "Round (FedAvg: communication round; centralized: epoch)"),
-                       (axes[1], "Gradient steps (cumulative, all clients)")):
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        return _nothing(fig)
+    _panel(axes[0], ROUNDS)
+    _panel(axes[1], STEPS)
     axes[0].set_ylabel("Lowest group alignment, unseen eval groups")
     plain_y(axes[0], 0.02)
     return _finish_pair(fig, "Worst-group evaluation alignment", path)
