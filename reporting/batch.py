@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.replay import (
@@ -33,7 +35,7 @@ from utils.errors import RunFolderError
 from utils.provenance import cpu_model
 from utils.run_folder import CONFIG, is_finished, read_failure, read_json, read_log, started_threads
 
-from .jobs import run_tasks
+from .jobs import resolve_jobs, run_tasks, usable_cores
 from .paths import shown
 
 STATUSES = ("finished", "diverged", "stale-config", "missing")
@@ -128,7 +130,13 @@ def status_report(rows: list[tuple[str, RecordState]], log=print) -> Counter:
     return counts
 
 
-def add_record_arguments(p) -> None:
+def add_batch_arguments(p) -> None:
+    """--threads, --jobs and the run-record flags of scripts/reproduce.py and scripts/sweep.py."""
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
+                        "cores, else 1; measured in benchmarks/README.md)")
     p.add_argument("--records_dir", default=None,
                    help="run records: runs/<A>/<B>/<run> is recorded at <records_dir>/<A>/<B>/<run> when it "
                         "finishes, and a planned run with a verified record is not trained again (default "
@@ -140,6 +148,13 @@ def add_record_arguments(p) -> None:
     p.add_argument("--status", action="store_true",
                    help="train nothing: list the plan against the records (finished, diverged, missing, "
                         "stale-config) with counts")
+
+
+def resolve_batch_args(args) -> None:
+    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
+    args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
+    if args.threads:  # also with --jobs: this process's data, replays and single runs at the children's count
+        torch.set_num_threads(args.threads)
 
 
 def folder_action(path: Path) -> str:

@@ -1,16 +1,7 @@
-"""Several variants of one experiment side by side: aggregation strategies, DP noise levels, ...
+"""Variants of one experiment (strategies, DP noise levels, ...) against a baseline, paired by seed.
 
-  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' \
-      --variant trimmed_mean='runs/strat/trimmed_mean_s*' --variant median='runs/strat/median_s*' \
+  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' --variant median='runs/strat/median_s*' \
       --out docs/results/strategies.md
-
-Each variant is a group of run folders, one per seed. For every variant the report gives the
-final mean and worst-group evaluation alignment, bottom-quarter alignment, FI and CoV (mean ±
-std [95% CI] over seeds), and each variant minus the baseline, paired by seed (runs of the same
-seed share initial weights and episodes), with its 95% CI. Runs that report a privacy budget
-(summary.json "dp_epsilon") get their final ε in the tables and a figure of alignment against ε.
-Figures: worst-group alignment against round (one line per variant), final mean against
-worst-group alignment (one point per run), and alignment against ε when there is one.
 """
 from __future__ import annotations
 

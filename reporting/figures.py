@@ -1,10 +1,6 @@
-"""The paper's figures from run folders (matplotlib, Agg backend: no display needed).
-
-Every curve figure draws, per method, the mean over seeds as a line and the min–max range
-over seeds as a shaded band. Loss curves are first smoothed per seed with the centred
-moving average that defines the convergence round (utils/metrics.py), so the dotted
-vertical lines (mean convergence round / gradient steps over seeds) sit on the drawn curves.
-"""
+"""The paper's figures from run folders: per method, the mean over seeds as a line and the
+min–max over seeds as a band; loss curves smoothed per seed as the convergence round is defined,
+so its dotted vertical line sits on the drawn curve."""
 from __future__ import annotations
 
 import textwrap

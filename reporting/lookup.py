@@ -1,10 +1,5 @@
-"""The report's first question: does a method beat a table lookup, and does it use the group?
-
-Read from the diagnostics every run logs (training/diagnostics.py): the consensus and uniform
-baselines scored on each run's own targets, the seen/unseen split of the evaluation
-questions, the group specificity and, at the last evaluation, the context controls and curve.
-Runs from before those diagnostics existed have none of it; the section says so.
-"""
+"""The report's first question, from the diagnostics every run logs (training/diagnostics.py):
+does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
 from .runs import METHOD_LABELS, Run, RunSet

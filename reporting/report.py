@@ -1,9 +1,4 @@
-"""docs/results/<name>.md (+ table .md/.csv, figures .png) written from run folders.
-
-Everything stated in the report is computed here from the folders' numbers: the text is a
-template, the verdicts come from reporting/tables.py, the setup from the runs' config.json,
-the commands from the manifest the pipeline writes (reproduce.json) and the runs' argv.
-"""
+"""docs/results/<name>.md, its tables and figures, every number computed from the run folders."""
 from __future__ import annotations
 
 import json

@@ -37,14 +37,15 @@ from utils.run_lock import RunLock
 from .batch import (
     Batch,
     Planned,
-    add_record_arguments,
+    add_batch_arguments,
     differences_text,
     folder_action,
     record_state,
     records_root,
+    resolve_batch_args,
     status_report,
 )
-from .jobs import Task, resolve_jobs, usable_cores
+from .jobs import Task
 from .paths import default_data_path, shown, shown_argv
 from .predictions import prediction_data
 from .report import MANIFEST, write_report
@@ -109,12 +110,7 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--results_dir", default=None,
                    help="where the report, tables and figures go (default docs/results; smoke: <out_root>/results)")
     r.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
-    r.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
-    r.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
-                        "cores, else 1; measured in benchmarks/README.md)")
-    add_record_arguments(r)
+    add_batch_arguments(r)
     r.add_argument("--report_only", action="store_true",
                    help="train nothing: report from existing run folders (--runs, else --out_root's folders and "
                         "their records)")
@@ -161,7 +157,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.results_dir is None:
         args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
     args.results_dir = Path(args.results_dir)
-    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
     return args
 
 
@@ -377,9 +372,7 @@ def _main(argv: list[str]) -> int | None:
             raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
                             "train with the in-process engine here, or run main_fl.py --engine flower yourself "
                             "and report with --report_only --runs <folders>")
-        args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
-        if args.threads:  # also with --jobs: this process's data (synthetic data is a matmul), replays and
-            torch.set_num_threads(args.threads)  # single runs then match the children's thread count
+        resolve_batch_args(args)
         if args.report_only:
             report(args, argv, report_sources(args), _planned_seeds(args, argv),
                    methods=args.methods if args.methods_given else None)

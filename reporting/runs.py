@@ -1,14 +1,5 @@
-"""Run folders as the reporting code sees them: found by glob, classified, read once.
-
-A run folder is what orchestration/loop.py writes, read through utils/run_folder.py (which
-reads a run record, results/..., alike). Reporting reads nothing else, so folders produced on
-another machine (a GPU box, a cluster) report exactly like local ones.
-
-Status of a folder:
-  finished     summary.json present (the run reached its last round)
-  interrupted  config.json but no summary.json (resume it with --resume)
-  empty        no config.json (nothing to report)
-"""
+"""Run folders and records as the reports see them: found by glob, classified, read once
+(utils/run_folder.py), so folders from another machine report like local ones."""
 from __future__ import annotations
 
 import glob

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from data_loaders.datasets import prepare_experiment
 from data_loaders.schema import DataError
 from orchestration import records
@@ -31,15 +29,16 @@ from .batch import (
     Batch,
     Planned,
     RecordState,
-    add_record_arguments,
+    add_batch_arguments,
     differences_text,
     folder_action,
     record_state,
     records_root,
+    resolve_batch_args,
     status_report,
 )
 from .compare import Variant, load_variant, write_comparison
-from .jobs import Task, resolve_jobs, usable_cores
+from .jobs import Task
 from .paths import default_data_path, shown
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
@@ -188,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report_only", action="store_true",
                    help="train nothing; report from the run folders and their records")
     p.add_argument("--extra", default="", help="more main_fl.py flags for every run, e.g. '--data_path DIR'")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
-                        "cores, else 1; measured in benchmarks/README.md)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
-    add_record_arguments(p)
+    add_batch_arguments(p)
     return p
 
 
@@ -277,13 +271,10 @@ def _sweep(args, argv: list[str]) -> int | None:
     names = args.variants or list(preset.variants)
     unknown = sorted(set(names) - set(preset.variants))
     out_root = Path(args.out_root or Path("runs") / "sweeps" / args.preset)
-    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
     if unknown:
         raise DataError(f"--variants {unknown} not in preset {args.preset}",
                         f"choose from {', '.join(preset.variants)}")
-    args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
-    if args.threads:  # this process's data and replays at the children's thread count
-        torch.set_num_threads(args.threads)
+    resolve_batch_args(args)
     root = records_root(out_root, args.records_dir)
     if not args.report_only:
         extra = shlex.split(args.extra)

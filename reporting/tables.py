@@ -1,11 +1,5 @@
-"""Numbers over seeds: mean, sample std, Student-t 95% CI; the paper's headline comparisons,
-for FedAvg against each centralized baseline (the paper's, and the compute-matched one).
-
-Conventions (written into every table):
-  std   sample standard deviation over seeds (ddof = 1)
-  CI    mean ± t(0.975, n−1) · std / √n, Student t with n−1 degrees of freedom
-  n     seeds with a value (a run whose loss never improved has no convergence round)
-"""
+"""Numbers over seeds (mean, sample std, Student-t 95% CI; n = seeds with a value) and the paper's
+headline comparisons of FedAvg against each centralized baseline."""
 from __future__ import annotations
 
 import csv
