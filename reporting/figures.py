@@ -4,6 +4,7 @@ so its dotted vertical line sits on the drawn curve."""
 from __future__ import annotations
 
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -288,21 +289,33 @@ def fig_predictions(pred: dict, path: Path) -> Path:
     return path
 
 
+# (key, file name after "<stem>_", the report's caption, figure(runset, path); None: Fig. 3, from predictions)
+FIGURES = (
+    ("loss_vs_round", "fig2_loss_vs_round", "Training loss vs round (paper Fig. 2)", fig_loss),
+    ("alignment_vs_round", "fig4_alignment_vs_round", "Mean evaluation alignment vs round (paper Fig. 4)", fig_eval),
+    ("fi_vs_round", "fig5_fi_vs_round", "Fairness index vs round (paper Fig. 5)", fig_fi),
+    ("predictions", "fig3_predictions",
+     "Predicted vs true distributions, one question, two evaluation groups (paper Fig. 3)", None),
+    ("loss_vs_steps", "fig2c_loss_vs_grad_steps", "Compute-normalised Fig. 2: training loss vs gradient steps",
+     partial(fig_loss, x_axis="steps")),
+    ("alignment_vs_steps", "fig4c_alignment_vs_grad_steps",
+     "Compute-normalised Fig. 4: mean evaluation alignment vs gradient steps", partial(fig_eval, x_axis="steps")),
+    ("worst_alignment", "fig6_worst_alignment", "Worst-group evaluation alignment vs round and vs gradient steps",
+     fig_worst),
+    ("alignment_vs_bytes", "fig4d_alignment_vs_comm", "Mean evaluation alignment vs cumulative communication "
+     "(FedAvg; the centralized baseline instead pools the data once, see the table)", partial(fig_eval, x_axis="bytes")),
+    ("unseen_vs_round", "fig7_seen_unseen_vs_round", "Evaluation alignment on seen and on unseen questions vs round",
+     fig_unseen),
+    ("specificity_vs_round", "fig8_specificity_vs_round",
+     "Group specificity vs round: own minus another group's context answers", fig_specificity),
+)
+
+
 def make_figures(runset: RunSet, out_dir: Path, stem: str, pred: dict | None = None) -> dict[str, Path]:
-    """All figures; returns {name: path} of those drawn."""
+    """The figures drawn, by key."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    made = {
-        "loss_vs_round": fig_loss(runset, out_dir / f"{stem}_fig2_loss_vs_round.png"),
-        "alignment_vs_round": fig_eval(runset, out_dir / f"{stem}_fig4_alignment_vs_round.png"),
-        "fi_vs_round": fig_fi(runset, out_dir / f"{stem}_fig5_fi_vs_round.png"),
-        "loss_vs_steps": fig_loss(runset, out_dir / f"{stem}_fig2c_loss_vs_grad_steps.png", x_axis="steps"),
-        "alignment_vs_steps": fig_eval(runset, out_dir / f"{stem}_fig4c_alignment_vs_grad_steps.png",
-                                       x_axis="steps"),
-        "worst_alignment": fig_worst(runset, out_dir / f"{stem}_fig6_worst_alignment.png"),
-        "alignment_vs_bytes": fig_eval(runset, out_dir / f"{stem}_fig4d_alignment_vs_comm.png", x_axis="bytes"),
-        "unseen_vs_round": fig_unseen(runset, out_dir / f"{stem}_fig7_seen_unseen_vs_round.png"),
-        "specificity_vs_round": fig_specificity(runset, out_dir / f"{stem}_fig8_specificity_vs_round.png"),
-    }
-    if pred is not None:
-        made["predictions"] = fig_predictions(pred, out_dir / f"{stem}_fig3_predictions.png")
+    made = {}
+    for key, name, _, draw in FIGURES:
+        path = out_dir / f"{stem}_{name}.png"
+        made[key] = draw(runset, path) if draw else fig_predictions(pred, path) if pred is not None else None
     return {k: v for k, v in made.items() if v is not None}

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .convergence import GAIN_WINDOW_EVALS
-from .figures import make_figures
+from .figures import FIGURES, make_figures
 from .lookup import lookup_lines
 from .paths import shown_argv
 from .runs import RunSet, run_commands
@@ -94,21 +94,8 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
                          f"thread(s){'' if jobs == 1 else ' each'}).")
         cmd_lines.append("")
 
-    fig_text = {
-        "loss_vs_round": "Training loss vs round (paper Fig. 2)",
-        "alignment_vs_round": "Mean evaluation alignment vs round (paper Fig. 4)",
-        "fi_vs_round": "Fairness index vs round (paper Fig. 5)",
-        "predictions": "Predicted vs true distributions, one question, two evaluation groups (paper Fig. 3)",
-        "loss_vs_steps": "Compute-normalised Fig. 2: training loss vs gradient steps",
-        "alignment_vs_steps": "Compute-normalised Fig. 4: mean evaluation alignment vs gradient steps",
-        "worst_alignment": "Worst-group evaluation alignment vs round and vs gradient steps",
-        "alignment_vs_bytes": "Mean evaluation alignment vs cumulative communication (FedAvg; the centralized "
-                              "baseline instead pools the data once, see the table)",
-        "unseen_vs_round": "Evaluation alignment on seen and on unseen questions vs round",
-        "specificity_vs_round": "Group specificity vs round: own minus another group's context answers",
-    }
     fig_lines = []
-    for key, text in fig_text.items():
+    for key, _, text, _ in FIGURES:
         if key in figs:
             fig_lines += [f"**{text}**", "", f"![{text}]({_rel(figs[key], results_dir)})", ""]
     if "predictions" not in figs:
