@@ -80,8 +80,7 @@ def _eval_bands(ax, runset: RunSet, key: str) -> bool:
 
 def _conv_lines(ax, runset: RunSet, key: str):
     for m in runset.methods:
-        vals = [(r.summary or {}).get(key) for r in runset.finished(m).values()]
-        vals = [v for v in vals if v is not None]
+        vals = [v for r in runset.finished(m).values() if (v := r.value(key)) is not None]
         if vals:
             ax.axvline(float(np.mean(vals)), color=COLORS[m], ls=":", lw=1.2)
 
@@ -181,8 +180,7 @@ BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
 def _baseline_lines(ax, runset: RunSet, key: str = "eval_alignment_score") -> None:
     """The no-model baselines of the runs (training/reference.py) as horizontal lines, mean over runs."""
     for kind, (color, ls, label) in BASELINE_STYLE.items():
-        vals = [(((r.summary or {}).get("baselines") or {}).get(kind) or {}).get(key) for r in runset.all_finished()]
-        vals = [v for v in vals if v is not None]
+        vals = [v for r in runset.all_finished() if (v := r.baseline(kind, key)) is not None]
         if vals:
             ax.axhline(float(np.mean(vals)), color=color, ls=ls, lw=1.2, label=label)
 
