@@ -25,7 +25,7 @@ from utils.run_folder import record_value
 from .figures import finish, plain_y, plt
 from .paths import shown, shown_argv
 from .runs import Run, find_run_folders, from_baseline, from_groups, from_summary, in_mb, load_run, prefer_done
-from .tables import Stat, describe, no_variance, significance, stat_cell
+from .tables import Stat, csv_stat, describe, no_variance, significance, stat_cell
 
 
 @dataclass
@@ -358,7 +358,7 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
     for v in [base, *others]:
         for key, vals in values(v).items():
             s = describe(list(vals.values()))
-            w.writerow(["metric", key, v.name, s.n, *_cells(s),
+            w.writerow(["metric", key, v.name, s.n, *csv_stat(s),
                         ";".join(f"{seed}:{'' if x is None else repr(x)}" for seed, x in vals.items())])
     for v in [base, *others]:
         for seed, r in sorted(v.failed.items()):
@@ -367,12 +367,8 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
     for v in others:
         for key, _, _, _ in COMPARED:
             d = paired_difference(base, v, key)
-            w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *_cells(d), ";".join(repr(x) for x in d.values)])
+            w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *csv_stat(d), ";".join(repr(x) for x in d.values)])
     return buf.getvalue()
-
-
-def _cells(s: Stat) -> list[str]:
-    return ["" if x is None else repr(float(x)) for x in (s.mean, s.std, s.ci_low, s.ci_high)]
 
 
 def _named(text: str, flag: str) -> tuple[str, list[str]]:

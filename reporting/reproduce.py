@@ -365,42 +365,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int | None:
-    lock = None
-    try:
-        args = parse_args(argv)
-        if getattr(args, "engine", "inprocess") != "inprocess":
-            raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
-                            "train with the in-process engine here, or run main_fl.py --engine flower yourself "
-                            "and report with --report_only --runs <folders>")
-        resolve_batch_args(args)
-        if args.report_only:
-            report(args, argv, report_sources(args), _planned_seeds(args, argv),
-                   methods=args.methods if args.methods_given else None)
-            return 0
-        t0 = time.perf_counter()
-        check_flags(args)
-        RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
-        split_rule = resolve_split(args)
-        print(f"groups: {split_rule}")
-        cache: dict = {}
+    args = parse_args(argv)
+    if getattr(args, "engine", "inprocess") != "inprocess":
+        raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
+                        "train with the in-process engine here, or run main_fl.py --engine flower yourself "
+                        "and report with --report_only --runs <folders>")
+    resolve_batch_args(args)
+    if args.report_only:
+        report(args, argv, report_sources(args), _planned_seeds(args, argv),
+               methods=args.methods if args.methods_given else None)
+        return 0
+    t0 = time.perf_counter()
+    check_flags(args)
+    RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
+    split_rule = resolve_split(args)
+    print(f"groups: {split_rule}")
+    cache: dict = {}
 
-        def data_for_seed(seed: int):
-            # The data and the split do not depend on the seed (split fixed above, synthetic data
-            # from --syn_seed), so it is loaded once for every method and seed.
-            if not cache:
-                cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
-                                                   check_counts_with_limits(args, counts, tr, ev))
-            return cache["data"]
+    def data_for_seed(seed: int):
+        # The data and the split do not depend on the seed (split fixed above, synthetic data
+        # from --syn_seed), so it is loaded once for every method and seed.
+        if not cache:
+            cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
+                                               check_counts_with_limits(args, counts, tr, ev))
+        return cache["data"]
 
-        data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
-        device = resolve_device(args.device)
-        if args.status:
-            status_report([(path.name, record_state(record, requested))
-                           for _, _, path, record, requested in _planned_runs(args, data_for_seed, device)])
-            return 0
-        if args.commit_records:
-            records.check_commit_target(args.records_dir)
-        lock = RunLock(args.out_root, "reproduction folder", "--out_root").acquire()  # one reproduce.py per --out_root
+    data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
+    device = resolve_device(args.device)
+    if args.status:
+        status_report([(path.name, record_state(record, requested))
+                       for _, _, path, record, requested in _planned_runs(args, data_for_seed, device)])
+        return 0
+    if args.commit_records:
+        records.check_commit_target(args.records_dir)
+    # One reproduce.py per --out_root; released also on an error or an interrupt: finished runs stay,
+    # the interrupted one resumes.
+    with RunLock(args.out_root, "reproduction folder", "--out_root"):
         plan = plan_runs(args, data_for_seed, device)
         batch = make_batch(args, data_for_seed)
         verified = batch.verify(plan, lambda p: (ENTRY_POINTS[p.kind], seed_args(args, p.seed, p.folder, False, p.kind),
@@ -420,10 +420,7 @@ def _main(argv: list[str]) -> int | None:
         save(batch.run(plan), "finished")
         report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
                methods=args.methods)
-        print(f"done in {time.perf_counter() - t0:.1f} s")
-    finally:  # also on an error or an interrupt: finished runs stay, the interrupted one resumes
-        if lock is not None:
-            lock.release()
+    print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
 def _planned_seeds(args, argv: list[str]) -> list[int] | None:

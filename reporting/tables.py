@@ -374,14 +374,18 @@ def csv_table(runset: RunSet, items: list[Headline]) -> str:
         for m in runset.methods:
             s = st[key][m]
             per_seed = ";".join(f"{seed}:{'' if v is None else repr(v)}" for seed, v in vals[key][m].items())
-            w.writerow(["metric", key, m, s.n, _c(s.mean), _c(s.std), _c(s.ci_low), _c(s.ci_high), per_seed, ""])
+            w.writerow(["metric", key, m, s.n, *csv_stat(s), per_seed, ""])
     for h in items:
         p = h.paired
         w.writerow(["headline_from_means", h.key, h.pair, "", _c(h.measured), "", "", "", "", _c(h.paper)])
-        w.writerow(["headline_paired", h.key, h.pair, p.n, _c(p.mean), _c(p.std), _c(p.ci_low),
-                    _c(p.ci_high), ";".join(repr(v) for v in p.values), _c(h.paper)])
+        w.writerow(["headline_paired", h.key, h.pair, p.n, *csv_stat(p), ";".join(repr(v) for v in p.values),
+                    _c(h.paper)])
     return buf.getvalue()
 
 
 def _c(v: float | None) -> str:
     return "" if v is None else repr(float(v))
+
+
+def csv_stat(s: Stat) -> list[str]:
+    return [_c(s.mean), _c(s.std), _c(s.ci_low), _c(s.ci_high)]
