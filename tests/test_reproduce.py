@@ -250,8 +250,8 @@ def test_figure_labels_and_axes(designed, tmp_path, monkeypatch):
     from reporting import figures
     rs = collect(find_run_folders([str(designed / "fedavg_s*")]))   # one method only
     seen = {}
-    real = figures._finish
-    monkeypatch.setattr(figures, "_finish", lambda fig, ax, title, xlabel, ylabel, path, note=figures.BAND:
+    real = figures.finish
+    monkeypatch.setattr(figures, "finish", lambda fig, ax, title, xlabel, ylabel, path, note=figures.BAND:
                         seen.setdefault(title, ylabel) and real(fig, ax, title, xlabel, ylabel, path, note))
     figures.fig_loss(rs, tmp_path / "l.png")
     # the drawn runs' 21-round window, not the absent methods' (a single-method report said 1-round)
