@@ -13,7 +13,6 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,17 @@ from utils.run_folder import record_value
 
 from .figures import finish, plain_y, plt
 from .paths import shown, shown_argv
-from .runs import Run, find_run_folders, from_baseline, from_groups, from_summary, in_mb, load_run, prefer_done
+from .runs import (
+    Run,
+    find_run_folders,
+    from_baseline,
+    from_groups,
+    from_summary,
+    in_mb,
+    load_run,
+    partial_note,
+    prefer_done,
+)
 from .tables import Stat, csv_stat, describe, no_variance, significance, stat_cell
 
 
@@ -194,7 +203,8 @@ def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-_finish = partial(finish, legend_size=8)
+def _finish(*args) -> Path:
+    return finish(*args, legend_size=8)
 
 
 def _mean_curves(ax, variants: list[Variant], curve, lw: float, band: bool) -> None:
@@ -315,8 +325,7 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
         paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    first = (f"**{partial[0].upper() + partial[1:]}**: the numbers below cover the finished runs only and change "
-             "as the others finish. ") if partial else ""
+    first = partial_note(partial)
     body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
             f"{f' ({partial})' if partial else ''}", "",
             f"{first}Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"

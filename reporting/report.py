@@ -11,7 +11,7 @@ from .convergence import GAIN_WINDOW_EVALS
 from .figures import FIGURES, make_figures
 from .lookup import lookup_lines
 from .paths import shown_argv
-from .runs import RunSet, run_commands
+from .runs import RunSet, partial_note, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
 from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
 from .verdicts import claims_lines, definitions_lines
@@ -114,8 +114,7 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
     horizon = "" if rounds >= PAPER["rounds"] else (
         f"Short-horizon check ({rounds} rounds; the paper trains {PAPER['rounds']:,}), not the paper's protocol: ")
     default_title = f"{horizon}reproduction over seeds: {dataset}" + ("" if stem == dataset else f" ({stem})")
-    first = (f"**{partial[0].upper() + partial[1:]}**: the numbers below cover the finished runs only and change "
-             "as the others finish. ") if partial else ""
+    first = partial_note(partial)
     body = [
         f"# {title or default_title[0].upper() + default_title[1:]}{label}",
         "",

@@ -109,6 +109,17 @@ def in_mb(key):
     return lambda run: None if (v := run.value(key)) is None else v / 1e6
 
 
+def partial_label(done: int, seeds: int) -> str | None:
+    """The label of a report over part of its plan: '2 of 4 seeds finished; partial'."""
+    return None if done == seeds else f"{done} of {seeds} seeds finished; partial"
+
+
+def partial_note(label: str | None) -> str:
+    """The first words of such a report."""
+    return (f"**{label[0].upper() + label[1:]}**: the numbers below cover the finished runs only and change as "
+            "the others finish. ") if label else ""
+
+
 def is_done(folder: Path) -> bool:
     """Finished (summary.json) or diverged (failed.json): nothing left to train."""
     return is_finished(folder) or (folder / FAILED).is_file()
@@ -191,9 +202,7 @@ class RunSet:
     def partial_label(self) -> str | None:
         """'2 of 4 seeds finished; partial' while some seed lacks a finished run of some method."""
         done = [s for s in self.seeds if all(s in self.finished(m) for m in self.methods)]
-        if not self.seeds or len(done) == len(self.seeds):
-            return None
-        return f"{len(done)} of {len(self.seeds)} seeds finished; partial"
+        return partial_label(len(done), len(self.seeds))
 
 
 # Settings that must agree between all folders of one report (else it compares apples and pears).

@@ -37,9 +37,10 @@ from .batch import (
     resolve_batch_args,
     status_report,
 )
-from .compare import Variant, load_variant, write_comparison
+from .compare import load_variant, write_comparison
 from .jobs import Task
 from .paths import default_data_path, shown
+from .runs import partial_label
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
 OPINIONQA = ["--dataset", "opinionqa", "--emb_model", "minilm", "--comm_round", "300", "--federated_eval", "10",
@@ -251,13 +252,6 @@ def make_batch(args) -> Batch:
                  diverged_ok=True)
 
 
-def partial_label(variants: list[Variant], names: list[str], seeds: list[int]) -> str | None:
-    """'1 of 3 seeds finished; partial' while some seed lacks a finished or diverged run of a variant."""
-    by_name = {v.name: v for v in variants}
-    done = [s for s in seeds if all(n in by_name and (s in by_name[n].runs or s in by_name[n].failed) for n in names)]
-    return None if len(done) == len(seeds) else f"{len(done)} of {len(seeds)} seeds finished; partial"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -310,7 +304,9 @@ def _report(args, argv, preset: Preset, out_root: Path, root: Path | None, names
     base = load_variant(preset.baseline, *globs(preset.baseline))
     others = [load_variant(n, *globs(n)) for n in preset.variants if n != preset.baseline and present(n)]
     wanted = names if preset.baseline in names else [preset.baseline, *names]
+    by_name = {v.name: v for v in [base, *others]}  # a seed is done when every wanted variant finished or diverged
+    done = [s for s in seeds if all(n in by_name and (s in by_name[n].runs or s in by_name[n].failed) for n in wanted)]
     command = ["python", "scripts/sweep.py", *argv]
     for k, path in write_comparison(base, others, Path(args.report or preset.report), preset.title, command,
-                                    preset.setup, partial=partial_label([base, *others], wanted, seeds)).items():
+                                    preset.setup, partial=partial_label(len(done), len(seeds))).items():
         print(f"wrote {k}: {path}")
