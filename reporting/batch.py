@@ -188,11 +188,8 @@ class Planned:
 
 
 class Batch:
-    """Runs a plan: records what finished, verifies reused records, trains the rest (--jobs at once).
-
-    train(run) trains one run in this process (returns an exit code or raises the run's DataError);
-    task(run, threads) is the same run as a jobs.Task in its own process. With diverged_ok, a run that
-    diverged (failed.json) is a result and the batch goes on; otherwise it stops the batch."""
+    """Runs a plan: train(run) in this process (an exit code, or the run's DataError), task(run, threads)
+    as a jobs.Task in its own process. With diverged_ok a diverged run is a result and the batch goes on."""
 
     def __init__(self, args, train: Callable, task: Callable, diverged_ok: bool = False, log=print):
         self.args, self.train, self.task, self.diverged_ok, self.log = args, train, task, diverged_ok, log

@@ -48,8 +48,7 @@ class Variant:
 
 
 def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Variant:
-    """records: globs of run records (results/...) of the same runs; a run's finished or diverged
-    folder is read before its record, its record before an interrupted folder (runs.prefer_done)."""
+    """A variant's runs; records: globs of run records of the same runs (runs.prefer_done)."""
     v = Variant(name, [*patterns, *records])
     for path in prefer_done(find_run_folders(patterns), find_run_folders(list(records))):
         run = load_run(path)
@@ -308,11 +307,7 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
 def write_comparison(base: Variant, others: list[Variant], out: Path, title: str | None = None,
                      command: list[str] | None = None, setup: list[str] | None = None,
                      partial: str | None = None) -> dict[str, Path]:
-    """Write <out> (Markdown), <stem>_table.csv and the figures next to it; returns their paths.
-
-    `command` is the whole command line that made the report; `setup`, Markdown lines for a
-    "Setup" section (what was run and why), goes before the results; `partial` (e.g. "2 of 3
-    seeds finished; partial") labels the title and the first line of a report over part of a plan."""
+    """<out> (Markdown), <stem>_table.csv and the figures next to it; `setup`: Markdown lines of a Setup section."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem, variants = out.with_suffix(""), [base, *others]

@@ -46,8 +46,7 @@ def loss_matrix(runs: dict[int, Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def eval_matrix(runs: dict[int, Run], key: str, x_key: str = "grad_steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rounds [E], values [S, E], x_key [S, E]: gradient steps or cumulative bytes) of an evaluation
-    metric, cut to the shortest run."""
+    """(rounds [E], values [S, E], x_key [S, E]) of an evaluation metric, cut to the shortest run."""
     series = [[(rec, v) for rec in r.metrics if (v := record_value(rec, key)) is not None]
               for _, r in sorted(runs.items())]
     series = [s for s in series if s]

@@ -20,8 +20,7 @@ MANIFEST = "reproduce.json"
 
 
 def comm_note(runset: RunSet) -> str:
-    """Which methods' communication was not counted (centralized moves no weights; records from
-    before counting carry none), so an empty cell is never read as zero."""
+    """Which runs' communication was not counted, so that an empty cell is never read as zero."""
     missing = [r for r in runset.all_finished()
                if r.method == "fedavg" and "total_comm_bytes" not in (r.summary or {})]
     note = ("Communication rows: FedAvg's bytes down and up (federated/comm.py); the centralized baselines move "
@@ -51,10 +50,7 @@ def _rel(path: Path, start: Path) -> str:
 def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | None = None,
                  pred_error: str | None = None, report_command: list[str] | None = None,
                  title: str | None = None) -> dict[str, Path]:
-    """Write <stem>.md, <stem>_table.md, <stem>_table.csv and the figures; returns their paths.
-
-    Over part of the plan (runset.partial_label) the title and the first line say so; the
-    report of the whole plan drops the label by itself."""
+    """<stem>.md, <stem>_table.md, <stem>_table.csv and the figures; returns their paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     manifest = find_manifest(runset)
     items = headlines(runset)

@@ -187,8 +187,7 @@ def resolve_split(args) -> str:
 
 
 def episode_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> str:
-    """The largest episode bounds these groups allow, in flags (for small data such as the
-    GlobalOpinionQA sample, whose countries have 10-40 questions)."""
+    """The largest episode bounds these groups allow, in flags (small data: the GlobalOpinionQA sample)."""
     local = min(int(counts[n] * args.data_split) for n in train)
     ev = min(counts[n] for n in evals)
     return (f"these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training group's "
@@ -236,8 +235,7 @@ def _planned_runs(args, data_for_seed, device, log=print):
 
 
 def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
-    """Every (method, seed) against its folder and record, all checked before anything trains: a
-    folder trained with other flags is an error, never overwritten."""
+    """Every (method, seed) against its folder and record; a folder trained with other flags is an error."""
     plan, errors = [], []
     for method, seed, path, record, requested in _planned_runs(args, data_for_seed, device, log):
         state = record_state(record, requested)
@@ -277,8 +275,7 @@ def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
 
 
 def train_one(method: str, flags: dict, path: str) -> int:
-    """One run in its own process (--jobs, reporting/jobs.py): the data loaded again (from the
-    embedding cache), then trained as in this process; returns the exit code."""
+    """One run in its own process (--jobs): the data loaded again, then trained; the exit code."""
     run_args, path = argparse.Namespace(**flags), Path(path)
 
     def train() -> None:

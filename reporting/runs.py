@@ -150,10 +150,7 @@ def load_run(path: str | Path) -> Run:
 
 
 def find_run_folders(patterns: list[str]) -> list[Path]:
-    """Folders matched by the globs that hold a config.json, or whose children do.
-
-    A pattern naming a root (e.g. runs/reproduce/opinionqa) yields its run subfolders.
-    """
+    """Folders matched by the globs that hold a config.json; a root folder yields its run subfolders."""
     found: dict[Path, None] = {}
     for pat in patterns:
         matches = sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])
@@ -212,8 +209,7 @@ CONSISTENCY_KEYS = ("dataset", "train_groups", "eval_groups", "metric", "eval_nu
 
 
 def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str] | None = None) -> RunSet:
-    """methods: those to report (a method without any folder is then reported missing); default:
-    every method with at least one folder."""
+    """methods: those to report (one without any folder is reported missing); default: those found."""
     runs = [load_run(p) for p in paths]
     by_method: dict[str, dict[int, Run]] = {m: {} for m in METHODS}
     interrupted, duplicates, notes = [], [], []
