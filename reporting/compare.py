@@ -1,16 +1,7 @@
-"""Several variants of one experiment side by side: aggregation strategies, DP noise levels, ...
+"""Variants of one experiment (strategies, DP noise levels, ...) against a baseline, paired by seed.
 
-  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' \
-      --variant trimmed_mean='runs/strat/trimmed_mean_s*' --variant median='runs/strat/median_s*' \
+  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' --variant median='runs/strat/median_s*' \
       --out docs/results/strategies.md
-
-Each variant is a group of run folders, one per seed. For every variant the report gives the
-final mean and worst-group evaluation alignment, bottom-quarter alignment, FI and CoV (mean ±
-std [95% CI] over seeds), and each variant minus the baseline, paired by seed (runs of the same
-seed share initial weights and episodes), with its 95% CI. Runs that report a privacy budget
-(summary.json "dp_epsilon") get their final ε in the tables and a figure of alignment against ε.
-Figures: worst-group alignment against round (one line per variant), final mean against
-worst-group alignment (one point per run), and alignment against ε when there is one.
 """
 from __future__ import annotations
 
@@ -24,14 +15,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from data_loaders.schema import DataError
-from reporting.figures import plain_y, plt
 from utils.errors import RunFolderError, exit_on_error
 from utils.run_folder import record_value
 
+from .figures import finish, plain_y, plt
 from .paths import shown, shown_argv
-from .runs import Run, find_run_folders, load_run, prefer_done
-from .tables import Stat, describe, final_worst, no_variance, significance, stat_cell
+from .runs import (
+    Run,
+    find_run_folders,
+    from_baseline,
+    from_groups,
+    from_summary,
+    in_mb,
+    load_run,
+    partial_note,
+    prefer_done,
+)
+from .tables import Stat, csv_stat, describe, no_variance, significance, stat_cell
 
 
 @dataclass
@@ -45,8 +48,7 @@ class Variant:
 
 
 def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Variant:
-    """records: globs of run records (results/...) of the same runs; a run's finished or diverged
-    folder is read before its record, its record before an interrupted folder (runs.prefer_done)."""
+    """A variant's runs; records: globs of run records of the same runs (runs.prefer_done)."""
     v = Variant(name, [*patterns, *records])
     for path in prefer_done(find_run_folders(patterns), find_run_folders(list(records))):
         run = load_run(path)
@@ -65,44 +67,26 @@ def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Var
     return v
 
 
-def _summary(key):
-    return lambda run: (run.summary or {}).get(key)
-
-
-def _last_logged(key):
-    """The value of `key` in the last losses.jsonl row that has it (the ε variants are logged per round)."""
-    return lambda run: next((r[key] for r in reversed(run.losses) if r.get(key) is not None), None)
-
-
-def _worst(key):
-    return lambda run: final_worst(run, "eval", key)
-
-
 # (key, label, getter, format)
 METRICS = (
-    ("final_eval_alignment_score", "Mean eval alignment (final)", _summary("final_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", _worst("worst_alignment"), "{:.4f}"),
+    ("final_eval_alignment_score", "Mean eval alignment (final)", from_summary("final_eval_alignment_score"), "{:.4f}"),
+    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
     ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     _worst("bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", _summary("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", _summary("final_eval_cov"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", _summary("best_eval_alignment_score"), "{:.4f}"),
-    ("dp_epsilon", "Privacy budget ε (final)", _summary("dp_epsilon"), "{:.3g}"),
-    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", _last_logged("dp_epsilon_exact"), "{:.3g}"),
-    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", _last_logged("dp_epsilon_replace_one"), "{:.3g}"),
+     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
+    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
+    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
+    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
+    ("dp_epsilon", "Privacy budget ε (final)", from_summary("dp_epsilon"), "{:.3g}"),
+    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", lambda r: r.last_logged("dp_epsilon_exact"), "{:.3g}"),
+    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", lambda r: r.last_logged("dp_epsilon_replace_one"),
+     "{:.3g}"),
     ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)",
-     _summary("final_eval_alignment_unseen"), "{:.4f}"),
-    ("final_eval_group_specificity", "Group specificity (final)", _summary("final_eval_group_specificity"), "{:.5f}"),
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)",
-     lambda run: (((run.summary or {}).get("baselines") or {}).get("consensus") or {}).get("eval_alignment_score"),
-     "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)",
-     lambda run: (((run.summary or {}).get("baselines") or {}).get("uniform") or {}).get("eval_alignment_score"),
-     "{:.4f}"),
-    ("convergence_comm_mb", "Communication to convergence (MB)",
-     lambda run: None if (v := (run.summary or {}).get("convergence_comm_bytes")) is None else v / 1e6, "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB)",
-     lambda run: None if (v := (run.summary or {}).get("total_comm_bytes")) is None else v / 1e6, "{:.1f}"),
+     from_summary("final_eval_alignment_unseen"), "{:.4f}"),
+    ("final_eval_group_specificity", "Group specificity (final)", from_summary("final_eval_group_specificity"), "{:.5f}"),
+    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
+    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
+    ("convergence_comm_mb", "Communication to convergence (MB)", in_mb("convergence_comm_bytes"), "{:.1f}"),
+    ("total_comm_mb", "Communication, whole run (MB)", in_mb("total_comm_bytes"), "{:.1f}"),
 )
 # Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
 EPSILONS = ("dp_epsilon", "dp_epsilon_exact", "dp_epsilon_replace_one")
@@ -119,13 +103,9 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
     return describe([x[s] - b[s] for s in sorted(set(b) & set(x)) if x[s] is not None and b[s] is not None])
 
 
-def _epsilon_at_stop(run: Run) -> float | None:
-    return next((r["dp_epsilon"] for r in reversed(run.losses) if r.get("dp_epsilon") is not None), None)
-
-
 def divergence(run: Run) -> str:
     """'seed 0 at round 276 (ε 40.3)': where a failed run stopped, with the budget spent by then."""
-    eps = _epsilon_at_stop(run)
+    eps = run.last_logged("dp_epsilon")
     where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
     return where + (f" (ε {eps:.3g})" if eps is not None else "")
 
@@ -222,27 +202,33 @@ def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
-    import numpy as np
+def _finish(*args) -> Path:
+    return finish(*args, legend_size=8)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+
+def _mean_curves(ax, variants: list[Variant], curve, lw: float, band: bool) -> None:
+    """Per variant, the mean over seeds of curve(run) -> (x, y), cut to the shortest (and the min–max band)."""
     for i, v in enumerate(variants):
-        curves = [_curve(r, "eval_worst_alignment") for _, r in sorted(v.runs.items())]
-        curves = [c for c in curves if c[1]]
+        curves = [c for _, r in sorted(v.runs.items()) if (c := curve(r))[1]]
         if not curves:
             continue
         t = min(len(c[1]) for c in curves)
         ys = np.array([c[1][:t] for c in curves])
-        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.8, label=f"{v.name} (n={len(curves)})")
-        if len(curves) > 1:
+        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=lw, label=f"{v.name} (n={len(curves)})")
+        if band and len(curves) > 1:
             ax.fill_between(curves[0][0][:t], ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15, lw=0)
+
+
+def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _mean_curves(ax, variants, lambda r: _curve(r, "eval_worst_alignment"), 1.8, band=True)
     for i, v in enumerate(variants):
         for seed, r in sorted(v.failed.items()):
             x, y = _curve(r, "eval_worst_alignment")
             if y:
                 ax.plot(x, y, color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
     plain_y(ax, 0.02)
-    return _save(fig, ax, "Worst-group evaluation alignment vs round", "Round",
+    return _finish(fig, ax, "Worst-group evaluation alignment vs round", "Round",
                  "Lowest group alignment, eval groups", path,
                  "line: mean over seeds; band: min–max over seeds; dashed: a run that diverged, up to its last evaluation")
 
@@ -257,7 +243,7 @@ def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.5, s=24)
             ax.scatter([sum(p[0] for p in pts) / len(pts)], [sum(p[1] for p in pts) / len(pts)], color=f"C{i}",
                        marker="D", s=60, edgecolor="k", label=v.name)
-    return _save(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
+    return _finish(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
                  "Worst-group eval alignment (final)", path, "dots: one run (seed); diamond: mean over seeds")
 
 
@@ -274,19 +260,11 @@ def has_snr(variants: list[Variant]) -> bool:
 
 def fig_snr_vs_round(variants: list[Variant], path: Path) -> Path:
     """Signal-to-noise per round: ||clipped mean|| (at most S) over ||noise|| (about z S / m sqrt(P))."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, v in enumerate(variants):
-        curves = [c for _, r in sorted(v.runs.items()) if (c := _snr(r))[1]]
-        if not curves:
-            continue
-        t = min(len(c[1]) for c in curves)
-        ys = np.array([c[1][:t] for c in curves])
-        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=1.5, label=f"{v.name} (n={len(curves)})")
+    _mean_curves(ax, variants, _snr, 1.5, band=False)
     ax.axhline(1.0, color="0.4", ls=":", lw=1, label="signal = noise")
     ax.set_yscale("log")
-    return _save(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
+    return _finish(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
                  "||clipped mean update|| / ||added noise||", path,
                  "mean over seeds; the noise is drawn over every parameter, the signal is at most the clip norm S")
 
@@ -310,7 +288,7 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
             ref = describe(list(values(v)[key].values())).mean
             if ref is not None:
                 ax.axhline(ref, color=color, ls=ls, lw=1, label=f"{v.name}, {label} (no ε)")
-    stopped = [(e, r) for v in variants for r in v.failed.values() if (e := _epsilon_at_stop(r)) is not None]
+    stopped = [(e, r) for v in variants for r in v.failed.values() if (e := r.last_logged("dp_epsilon")) is not None]
     pts = [(e, y[-1]) for e, r in stopped if (y := _curve(r, "eval_alignment_score")[1])]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="k", zorder=3,
@@ -319,22 +297,8 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
-    return _save(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
+    return _finish(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
                  "Eval alignment (final)", path, "points: mean over seeds of finished runs; bars: 95% CI")
-
-
-def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -343,11 +307,7 @@ def _save(fig, ax, title, xlabel, ylabel, path: Path, note: str) -> Path:
 def write_comparison(base: Variant, others: list[Variant], out: Path, title: str | None = None,
                      command: list[str] | None = None, setup: list[str] | None = None,
                      partial: str | None = None) -> dict[str, Path]:
-    """Write <out> (Markdown), <stem>_table.csv and the figures next to it; returns their paths.
-
-    `command` is the whole command line that made the report; `setup`, Markdown lines for a
-    "Setup" section (what was run and why), goes before the results; `partial` (e.g. "2 of 3
-    seeds finished; partial") labels the title and the first line of a report over part of a plan."""
+    """<out> (Markdown), <stem>_table.csv and the figures next to it; `setup`: Markdown lines of a Setup section."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem, variants = out.with_suffix(""), [base, *others]
@@ -360,8 +320,7 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
         paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    first = (f"**{partial[0].upper() + partial[1:]}**: the numbers below cover the finished runs only and change "
-             "as the others finish. ") if partial else ""
+    first = partial_note(partial)
     body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
             f"{f' ({partial})' if partial else ''}", "",
             f"{first}Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"
@@ -403,7 +362,7 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
     for v in [base, *others]:
         for key, vals in values(v).items():
             s = describe(list(vals.values()))
-            w.writerow(["metric", key, v.name, s.n, *_cells(s),
+            w.writerow(["metric", key, v.name, s.n, *csv_stat(s),
                         ";".join(f"{seed}:{'' if x is None else repr(x)}" for seed, x in vals.items())])
     for v in [base, *others]:
         for seed, r in sorted(v.failed.items()):
@@ -412,12 +371,8 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
     for v in others:
         for key, _, _, _ in COMPARED:
             d = paired_difference(base, v, key)
-            w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *_cells(d), ";".join(repr(x) for x in d.values)])
+            w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *csv_stat(d), ";".join(repr(x) for x in d.values)])
     return buf.getvalue()
-
-
-def _cells(s: Stat) -> list[str]:
-    return ["" if x is None else repr(float(x)) for x in (s.mean, s.std, s.ci_low, s.ci_high)]
 
 
 def _named(text: str, flag: str) -> tuple[str, list[str]]:

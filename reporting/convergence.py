@@ -1,16 +1,9 @@
-"""When did a run converge? Several definitions, to see whether a verdict depends on the choice.
+"""The convergence round under several definitions, to see whether a verdict depends on the choice.
 
-loss progress (method.md §7, the runs' own summary uses 0.95): the first round at which the
-    training loss, smoothed by a centred moving average of `window_rounds` rounds (21, as the
-    run loop; truncated at the ends), has made `threshold` of its total progress
-    (S_0 − S_t) / (S_0 − S_final).
-alignment gain: the first evaluation at which the mean evaluation alignment, smoothed by a
-    centred moving average of 3 evaluations (30 rounds at one evaluation every 10; truncated at
-    the ends), has made `threshold` of its total gain: (A_t − A_0) ≥ threshold · (A_final − A_0).
-    A run whose alignment ends no higher than it started has no such round.
-
-Both are computed with utils.metrics.curve_convergence_round (the gain is progress on −A), so the
-0.95 loss definition reproduces summary.json's convergence_round exactly.
+loss progress (method.md §7; 0.95 reproduces summary.json's convergence_round): the first round at
+    which the training loss, smoothed as by the run loop, has made `threshold` of its total progress.
+alignment gain: the first evaluation at which the mean evaluation alignment, smoothed over 3
+    evaluations, has made `threshold` of its total gain (progress on −A); none if it never rose.
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
-"""The paper's figures from run folders (matplotlib, Agg backend: no display needed).
-
-Every curve figure draws, per method, the mean over seeds as a line and the min–max range
-over seeds as a shaded band. Loss curves are first smoothed per seed with the centred
-moving average that defines the convergence round (utils/metrics.py), so the dotted
-vertical lines (mean convergence round / gradient steps over seeds) sit on the drawn curves.
-"""
+"""The paper's figures from run folders: per method, the mean over seeds as a line and the
+min–max over seeds as a band; loss curves smoothed per seed as the convergence round is defined,
+so its dotted vertical line sits on the drawn curve."""
 from __future__ import annotations
 
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +20,8 @@ from .runs import METHOD_LABELS, Run, RunSet
 
 COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange", "centralized_matched": "tab:green"}
 BAND = "band: min–max over seeds; line: mean over seeds"
+ROUNDS = "Round (FedAvg: communication round; centralized: epoch)"
+STEPS = "Gradient steps (cumulative, all clients)"
 
 
 def smoothing_window(run: Run, length: int) -> int:
@@ -47,8 +46,7 @@ def loss_matrix(runs: dict[int, Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def eval_matrix(runs: dict[int, Run], key: str, x_key: str = "grad_steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rounds [E], values [S, E], x_key [S, E]: gradient steps or cumulative bytes) of an evaluation
-    metric, cut to the shortest run."""
+    """(rounds [E], values [S, E], x_key [S, E]) of an evaluation metric, cut to the shortest run."""
     series = [[(rec, v) for rec in r.metrics if (v := record_value(rec, key)) is not None]
               for _, r in sorted(runs.items())]
     series = [s for s in series if s]
@@ -68,10 +66,20 @@ def _band(ax, x, ys, method):
         ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.2, lw=0)
 
 
+def _eval_bands(ax, runset: RunSet, key: str) -> bool:
+    """Each method's band of an evaluation metric against rounds; whether any was drawn."""
+    drawn = False
+    for m in runset.methods:
+        rounds, vals, _ = eval_matrix(runset.finished(m), key)
+        if vals.size:
+            _band(ax, rounds, vals, m)
+            drawn = True
+    return drawn
+
+
 def _conv_lines(ax, runset: RunSet, key: str):
     for m in runset.methods:
-        vals = [(r.summary or {}).get(key) for r in runset.finished(m).values()]
-        vals = [v for v in vals if v is not None]
+        vals = [v for r in runset.finished(m).values() if (v := r.value(key)) is not None]
         if vals:
             ax.axvline(float(np.mean(vals)), color=COLORS[m], ls=":", lw=1.2)
 
@@ -90,27 +98,32 @@ def plain_y(ax, min_span: float, top: float | None = None, decimals: int = 3) ->
     ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
 
 
-def _finish_pair(fig, title: str, path: Path) -> Path:
-    """A figure of two panels: one title, the band note, saved and closed."""
-    fig.suptitle(title, fontsize=11)
-    fig.text(0.01, 0.005, BAND, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND):
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+def _save(fig, path: Path, note: str = BAND) -> Path:
     fig.text(0.01, 0.005, note, fontsize=7, color="0.35", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _finish_pair(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND, legend_size: int = 9) -> Path:
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+    return _save(fig, path, note)
+
+
+def _nothing(fig) -> None:
+    plt.close(fig)
+    return None
 
 
 def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
@@ -125,15 +138,14 @@ def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
         _band(ax, x, loss, m)
         drawn = True
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     _conv_lines(ax, runset, "convergence_round" if x_axis == "round" else "convergence_grad_steps")
-    xlabel = ("Round (FedAvg: communication round; centralized: epoch)" if x_axis == "round"
-              else "Gradient steps (cumulative, all clients)")
+    xlabel = (ROUNDS if x_axis == "round"
+              else STEPS)
     title = ("Training loss vs round (paper Fig. 2)" if x_axis == "round"
              else "Training loss vs gradient steps (compute-normalised Fig. 2)")
     smooth = "/".join(str(w) for w in sorted(windows))
-    return _finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {smooth}-round moving average)", path,
+    return finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {smooth}-round moving average)", path,
                    BAND + "; dotted: mean convergence " + ("round" if x_axis == "round" else "gradient steps"))
 
 
@@ -148,17 +160,16 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
         _band(ax, x, vals, m)
         drawn = True
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     _baseline_lines(ax, runset)
-    xlabel = {"round": "Round (FedAvg: communication round; centralized: epoch)",
-              "steps": "Gradient steps (cumulative, all clients)",
+    xlabel = {"round": ROUNDS,
+              "steps": STEPS,
               "bytes": "Communication (cumulative MB, down + up)"}[x_axis]
     title = {"round": "Mean evaluation alignment vs round (paper Fig. 4)",
              "steps": "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)",
              "bytes": "Mean evaluation alignment vs communication"}[x_axis]
     plain_y(ax, 0.02)
-    return _finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
+    return finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
 
 
 BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
@@ -168,10 +179,19 @@ BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
 def _baseline_lines(ax, runset: RunSet, key: str = "eval_alignment_score") -> None:
     """The no-model baselines of the runs (training/reference.py) as horizontal lines, mean over runs."""
     for kind, (color, ls, label) in BASELINE_STYLE.items():
-        vals = [(((r.summary or {}).get("baselines") or {}).get(kind) or {}).get(key) for r in runset.all_finished()]
-        vals = [v for v in vals if v is not None]
+        vals = [v for r in runset.all_finished() if (v := r.baseline(kind, key)) is not None]
         if vals:
             ax.axhline(float(np.mean(vals)), color=color, ls=ls, lw=1.2, label=label)
+
+
+def _panel(ax, xlabel: str, title: str | None = None) -> None:
+    """One panel of a two-panel figure: title, x label, grid and legend."""
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def fig_unseen(runset: RunSet, path: Path) -> Path | None:
@@ -179,41 +199,24 @@ def fig_unseen(runset: RunSet, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     drawn = False
     for ax, part in zip(axes, ("seen", "unseen")):
-        for m in runset.methods:
-            rounds, vals, _ = eval_matrix(runset.finished(m), f"eval_alignment_{part}")
-            if vals.size:
-                _band(ax, rounds, vals, m)
-                drawn = True
+        drawn |= _eval_bands(ax, runset, f"eval_alignment_{part}")
         _baseline_lines(ax, runset, f"eval_alignment_{part}")
-        ax.set_title(f"{part} questions (some training group trains on them)" if part == "seen" else
-                     "unseen questions (no training group trains on them)", fontsize=10)
-        ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _panel(ax, ROUNDS, f"{part} questions (some training group trains on them)" if part == "seen" else
+               "unseen questions (no training group trains on them)")
         plain_y(ax, 0.02)
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     axes[0].set_ylabel("Mean alignment score, unseen eval groups")
     return _finish_pair(fig, "Evaluation alignment on seen and unseen questions", path)
 
 
 def fig_specificity(runset: RunSet, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn = False
-    for m in runset.methods:
-        rounds, vals, _ = eval_matrix(runset.finished(m), "eval_group_specificity")
-        if vals.size:
-            _band(ax, rounds, vals, m)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
+    if not _eval_bands(ax, runset, "eval_group_specificity"):
+        return _nothing(fig)
     ax.axhline(0.0, color="0.3", lw=0.8)
-    return _finish(fig, ax, "Group specificity vs round (0: the model ignores whose answers it is given)",
-                   "Round (FedAvg: communication round; centralized: epoch)",
-                   "Alignment, own − another group's context", path)
+    return finish(fig, ax, "Group specificity vs round (0: the model ignores whose answers it is given)", ROUNDS,
+                  "Alignment, own − another group's context", path)
 
 
 def fig_fi(runset: RunSet, path: Path) -> Path | None:
@@ -221,21 +224,12 @@ def fig_fi(runset: RunSet, path: Path) -> Path | None:
     drawn = False
     for ax, key, what in ((axes[0], "eval_fi", "unseen evaluation groups"),
                           (axes[1], "train_fi", "training groups (held-out questions)")):
-        for m in runset.methods:
-            rounds, vals, _ = eval_matrix(runset.finished(m), key)
-            if vals.size:
-                _band(ax, rounds, vals, m)
-                drawn = True
-        ax.set_title(f"FI over {what}", fontsize=10)
-        ax.set_xlabel("Round (FedAvg: communication round; centralized: epoch)", fontsize=9)
+        drawn |= _eval_bands(ax, runset, key)
         ax.set_ylabel("Fairness index 1/(1+CoV²)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _panel(ax, ROUNDS, f"FI over {what}")
         plain_y(ax, 0.01, top=1.0, decimals=4)  # FI sits near 1: 1e-7 differences are not worth an axis
     if not drawn:
-        plt.close(fig)
-        return None
+        return _nothing(fig)
     return _finish_pair(fig, "Fairness index vs round (paper Fig. 5)", path)
 
 
@@ -250,13 +244,9 @@ def fig_worst(runset: RunSet, path: Path) -> Path | None:
             _band(axes[1], np.nanmean(steps, 0), vals, m)
             drawn = True
     if not drawn:
-        plt.close(fig)
-        return None
-    for ax, xlabel in ((axes[0], "Round (FedAvg: communication round; centralized: epoch)"),
-                       (axes[1], "Gradient steps (cumulative, all clients)")):
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        return _nothing(fig)
+    _panel(axes[0], ROUNDS)
+    _panel(axes[1], STEPS)
     axes[0].set_ylabel("Lowest group alignment, unseen eval groups")
     plain_y(axes[0], 0.02)
     return _finish_pair(fig, "Worst-group evaluation alignment", path)
@@ -296,21 +286,33 @@ def fig_predictions(pred: dict, path: Path) -> Path:
     return path
 
 
+# (key, file name after "<stem>_", the report's caption, figure(runset, path); None: Fig. 3, from predictions)
+FIGURES = (
+    ("loss_vs_round", "fig2_loss_vs_round", "Training loss vs round (paper Fig. 2)", fig_loss),
+    ("alignment_vs_round", "fig4_alignment_vs_round", "Mean evaluation alignment vs round (paper Fig. 4)", fig_eval),
+    ("fi_vs_round", "fig5_fi_vs_round", "Fairness index vs round (paper Fig. 5)", fig_fi),
+    ("predictions", "fig3_predictions",
+     "Predicted vs true distributions, one question, two evaluation groups (paper Fig. 3)", None),
+    ("loss_vs_steps", "fig2c_loss_vs_grad_steps", "Compute-normalised Fig. 2: training loss vs gradient steps",
+     partial(fig_loss, x_axis="steps")),
+    ("alignment_vs_steps", "fig4c_alignment_vs_grad_steps",
+     "Compute-normalised Fig. 4: mean evaluation alignment vs gradient steps", partial(fig_eval, x_axis="steps")),
+    ("worst_alignment", "fig6_worst_alignment", "Worst-group evaluation alignment vs round and vs gradient steps",
+     fig_worst),
+    ("alignment_vs_bytes", "fig4d_alignment_vs_comm", "Mean evaluation alignment vs cumulative communication "
+     "(FedAvg; the centralized baseline instead pools the data once, see the table)", partial(fig_eval, x_axis="bytes")),
+    ("unseen_vs_round", "fig7_seen_unseen_vs_round", "Evaluation alignment on seen and on unseen questions vs round",
+     fig_unseen),
+    ("specificity_vs_round", "fig8_specificity_vs_round",
+     "Group specificity vs round: own minus another group's context answers", fig_specificity),
+)
+
+
 def make_figures(runset: RunSet, out_dir: Path, stem: str, pred: dict | None = None) -> dict[str, Path]:
-    """All figures; returns {name: path} of those drawn."""
+    """The figures drawn, by key."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    made = {
-        "loss_vs_round": fig_loss(runset, out_dir / f"{stem}_fig2_loss_vs_round.png"),
-        "alignment_vs_round": fig_eval(runset, out_dir / f"{stem}_fig4_alignment_vs_round.png"),
-        "fi_vs_round": fig_fi(runset, out_dir / f"{stem}_fig5_fi_vs_round.png"),
-        "loss_vs_steps": fig_loss(runset, out_dir / f"{stem}_fig2c_loss_vs_grad_steps.png", x_axis="steps"),
-        "alignment_vs_steps": fig_eval(runset, out_dir / f"{stem}_fig4c_alignment_vs_grad_steps.png",
-                                       x_axis="steps"),
-        "worst_alignment": fig_worst(runset, out_dir / f"{stem}_fig6_worst_alignment.png"),
-        "alignment_vs_bytes": fig_eval(runset, out_dir / f"{stem}_fig4d_alignment_vs_comm.png", x_axis="bytes"),
-        "unseen_vs_round": fig_unseen(runset, out_dir / f"{stem}_fig7_seen_unseen_vs_round.png"),
-        "specificity_vs_round": fig_specificity(runset, out_dir / f"{stem}_fig8_specificity_vs_round.png"),
-    }
-    if pred is not None:
-        made["predictions"] = fig_predictions(pred, out_dir / f"{stem}_fig3_predictions.png")
+    made = {}
+    for key, name, _, draw in FIGURES:
+        path = out_dir / f"{stem}_{name}.png"
+        made[key] = draw(runset, path) if draw else fig_predictions(pred, path) if pred is not None else None
     return {k: v for k, v in made.items() if v is not None}

@@ -1,15 +1,9 @@
 """Several runs at once (--jobs N), each in its own Python process with its own torch thread count.
 
-Measured on OpinionQA, 2 cores (issue 21; benchmarks/README.md): FedAvg then centralized_matched
-one after the other with 2 threads each took 99.6 s, the same two at once with 1 thread each
-79.5 s, 1.25x the throughput. So on a machine with 2 or more cores the default is 2 runs at once
-sharing the cores; with one core, one run. Each child gets T = cores // N threads unless --threads
-says otherwise, and N x T may not exceed the cores.
-
-A child's output comes back through a pipe, each line prefixed with its run's name, so two runs'
-progress lines do not interleave mid-line. The parent is told as each child ends (completion
-order) and writes that run's record then; stopping the parent (Ctrl-C, SIGTERM) stops the
-children the same way, and each leaves a resumable folder.
+Measured on OpinionQA, 2 cores (benchmarks/README.md): two runs at once with 1 thread each gave
+1.25x the throughput of one after the other with 2 threads, hence 2 runs at once by default. A
+child's output comes back prefixed with its run's name; stopping the parent stops the children,
+each leaving a resumable folder.
 """
 from __future__ import annotations
 

@@ -1,32 +1,13 @@
-"""The report's first question: does a method beat a table lookup, and does it use the group?
-
-Read from the diagnostics every run logs (training/diagnostics.py): the consensus and uniform
-baselines scored on each run's own targets, the seen/unseen split of the evaluation
-questions, the group specificity and, at the last evaluation, the context controls and curve.
-Runs from before those diagnostics existed have none of it; the section says so.
-"""
+"""The report's first question, from the diagnostics every run logs (training/diagnostics.py):
+does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
-from .runs import METHOD_LABELS, Run, RunSet
-from .tables import Stat, describe, fmt, no_variance, significance
+from .runs import METHOD_LABELS, RunSet
+from .tables import Stat, describe, fmt, no_variance, significance, vs_consensus
 
 # A specificity below this is too small to matter for any use of the prediction, whatever its CI:
 # one thousandth of alignment is a tenth of the smallest difference the paper reports.
 NEGLIGIBLE_SPECIFICITY = 1e-3
-
-
-def baseline(run: Run, kind: str, key: str = "eval_alignment_score") -> float | None:
-    return (((run.summary or {}).get("baselines") or {}).get(kind) or {}).get(key)
-
-
-def margin(run: Run) -> float | None:
-    """Final mean evaluation alignment minus the consensus baseline on the same targets."""
-    final, cons = (run.summary or {}).get("final_eval_alignment_score"), baseline(run, "consensus")
-    return None if final is None or cons is None else final - cons
-
-
-def has_diagnostics(runset: RunSet) -> bool:
-    return any("baselines" in (r.summary or {}) for r in runset.all_finished())
 
 
 def _cell(s: Stat, spec: str = "{:+.4f}") -> str:
@@ -38,7 +19,7 @@ def _cell(s: Stat, spec: str = "{:+.4f}") -> str:
 
 def beats_line(runset: RunSet, method: str) -> str | None:
     runs = runset.finished(method)
-    m = describe([margin(r) for r in runs.values()])
+    m = describe([vs_consensus(r) for r in runs.values()])
     if m.mean is None:
         return None
     label = METHOD_LABELS.get(method, method)
@@ -57,12 +38,11 @@ def beats_line(runset: RunSet, method: str) -> str | None:
 
 def specificity_line(runset: RunSet, method: str) -> str | None:
     runs = runset.finished(method)
-    vals = [(r.summary or {}).get("final_eval_group_specificity") for r in runs.values()]
-    s = describe(vals)
+    s = describe([r.value("final_eval_group_specificity") for r in runs.values()])
     if s.mean is None:
         return None
     label = METHOD_LABELS.get(method, method)
-    ses = [(r.summary or {}).get("final_eval_group_specificity_se") for r in runs.values()]
+    ses = [r.value("final_eval_group_specificity_se") for r in runs.values()]
     noise = s.ci_high is not None and s.ci_low <= 0 <= s.ci_high
     if s.n == 1 and ses[0] is not None:
         noise = abs(s.mean) < 2 * ses[0]
@@ -81,7 +61,7 @@ def controls_table(runset: RunSet) -> list[str]:
     rows = [("own", "own context answers"), ("partner", "another evaluation group's answers"),
             ("uniform", "uniform answers"), ("shuffled", "each answer's options shuffled")]
     methods = [m for m in runset.methods if runset.finished(m)]
-    vals = {m: {k: describe([((r.summary or {}).get("context_controls") or {}).get(k)
+    vals = {m: {k: describe([(r.value("context_controls") or {}).get(k)
                             for r in runset.finished(m).values()]) for k, _ in rows} for m in methods}
     if not any(vals[m]["own"].mean is not None for m in methods):
         return []
@@ -94,7 +74,7 @@ def controls_table(runset: RunSet) -> list[str]:
 
 def curve_table(runset: RunSet) -> list[str]:
     methods = [m for m in runset.methods if runset.finished(m)]
-    curves = {m: [(r.summary or {}).get("context_curve") for r in runset.finished(m).values()] for m in methods}
+    curves = {m: [r.value("context_curve") for r in runset.finished(m).values()] for m in methods}
     ks = next((c["k"] for m in methods for c in curves[m] if c and c.get("k")), None)
     if not ks:
         return []
@@ -112,14 +92,14 @@ def curve_table(runset: RunSet) -> list[str]:
 
 def lookup_lines(runset: RunSet) -> list[str]:
     """The section's lines (markdown), or a one-line note for runs without diagnostics."""
-    if not has_diagnostics(runset):
+    if not any("baselines" in (r.summary or {}) for r in runset.all_finished()):
         return ["These runs predate the evaluation diagnostics (consensus and uniform baselines, seen and unseen "
                 "questions, group specificity): rerun them to see whether a method beats a table lookup.", ""]
     runs = runset.all_finished()
-    cons = describe([baseline(r, "consensus") for r in runs])
-    uni = describe([baseline(r, "uniform") for r in runs])
-    seen_n = describe([(r.summary or {}).get("final_eval_questions_seen") for r in runs]).mean or 0
-    unseen_n = describe([(r.summary or {}).get("final_eval_questions_unseen") for r in runs]).mean or 0
+    cons = describe([r.baseline("consensus") for r in runs])
+    uni = describe([r.baseline("uniform") for r in runs])
+    seen_n = describe([r.value("final_eval_questions_seen") for r in runs]).mean or 0
+    unseen_n = describe([r.value("final_eval_questions_unseen") for r in runs]).mean or 0
     share = seen_n / (seen_n + unseen_n) if seen_n + unseen_n else 0.0
     out = [f"Without any model, the **consensus** lookup (per question, the mean answer of the training groups over "
            f"the questions they train on; uniform where none does) scores {fmt(cons.mean)} mean evaluation "
@@ -133,7 +113,7 @@ def lookup_lines(runset: RunSet) -> list[str]:
             "(a fixed, seeded pairing). Group specificity = own − other (mean over groups), at the last evaluation:",
             ""]
     out += [line for m in runset.methods if (line := specificity_line(runset, m))]
-    shared = [n for r in runs for _, n in ((r.summary or {}).get("eval_specificity_context") or {}).values()]
+    shared = [n for r in runs for _, n in (r.value("eval_specificity_context") or {}).values()]
     if shared:
         out += ["", f"Each pair's context holds the questions both groups answered, up to `--eval_num_qs`: "
                 f"{min(shared)}–{max(shared)} context questions per group here."]
@@ -154,14 +134,13 @@ def unseen_lines(runset: RunSet) -> list[str]:
     out = []
     for m in runset.methods:
         runs = runset.finished(m).values()
-        final = describe([(r.summary or {}).get("final_eval_alignment_unseen") for r in runs])
-        uni = describe([baseline(r, "uniform", "eval_alignment_unseen") for r in runs])
-        seen = describe([(r.summary or {}).get("final_eval_alignment_seen") for r in runs])
+        finals = [r.value("final_eval_alignment_unseen") for r in runs]
+        unis = [r.baseline("uniform", "eval_alignment_unseen") for r in runs]
+        final, uni = describe(finals), describe(unis)
+        seen = describe([r.value("final_eval_alignment_seen") for r in runs])
         if final.mean is None:
             continue
-        gap = describe([None if u is None or f is None else f - u for f, u in
-                        zip([(r.summary or {}).get("final_eval_alignment_unseen") for r in runs],
-                            [baseline(r, "uniform", "eval_alignment_unseen") for r in runs])])
+        gap = describe([None if u is None or f is None else f - u for f, u in zip(finals, unis)])
         out.append(f"- {METHOD_LABELS.get(m, m)} on unseen questions: {fmt(final.mean)} (seen: {fmt(seen.mean)}); "
                    f"uniform scores {fmt(uni.mean)} there, so the model adds {_cell(gap)} on questions no training "
                    "group trained on.")

@@ -1,8 +1,4 @@
-"""Paths as committed files show them: as the user gave them, or relative to the repository.
-
-Reports, tables and reproduce.json are committed or copied between machines, so an absolute
-path (/home/<user>/..., /work/...) would leak one machine's layout into them (issue 13 item 7).
-"""
+"""Paths as committed files show them: relative to the repository, never one machine's layout."""
 from __future__ import annotations
 
 import os

@@ -1,12 +1,7 @@
-"""Fig. 3 data: for one question and two evaluation groups, the true answer distribution and
-the distributions predicted by FedAvg's and the centralized baseline's final weights.
-
-Each group is evaluated exactly as during training (federated/client.py): its evaluation
-context questions come from the client's own context choice, and the question shown is a
-target for both groups. Unless named, the pair of groups and the question are the ones
-whose true distributions differ most (largest JS distance; questions with 3–6 options
-preferred, as they read best as bars): the plural case the method is about.
-"""
+"""Fig. 3: one question, two evaluation groups, the true answer distribution against FedAvg's and
+the centralized baseline's final predictions, each group evaluated exactly as during training.
+Unless named, the pair and the question are those whose true distributions differ most (largest
+JS distance; 3–6 options preferred, as they read best as bars)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,9 +1,4 @@
-"""docs/results/<name>.md (+ table .md/.csv, figures .png) written from run folders.
-
-Everything stated in the report is computed here from the folders' numbers: the text is a
-template, the verdicts come from reporting/tables.py, the setup from the runs' config.json,
-the commands from the manifest the pipeline writes (reproduce.json) and the runs' argv.
-"""
+"""docs/results/<name>.md, its tables and figures, every number computed from the run folders."""
 from __future__ import annotations
 
 import json
@@ -13,10 +8,10 @@ import time
 from pathlib import Path
 
 from .convergence import GAIN_WINDOW_EVALS
-from .figures import make_figures
+from .figures import FIGURES, make_figures
 from .lookup import lookup_lines
 from .paths import shown_argv
-from .runs import RunSet, run_commands
+from .runs import RunSet, partial_note, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
 from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
 from .verdicts import claims_lines, definitions_lines
@@ -25,8 +20,7 @@ MANIFEST = "reproduce.json"
 
 
 def comm_note(runset: RunSet) -> str:
-    """Which methods' communication was not counted (centralized moves no weights; records from
-    before counting carry none), so an empty cell is never read as zero."""
+    """Which runs' communication was not counted, so that an empty cell is never read as zero."""
     missing = [r for r in runset.all_finished()
                if r.method == "fedavg" and "total_comm_bytes" not in (r.summary or {})]
     note = ("Communication rows: FedAvg's bytes down and up (federated/comm.py); the centralized baselines move "
@@ -56,10 +50,7 @@ def _rel(path: Path, start: Path) -> str:
 def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | None = None,
                  pred_error: str | None = None, report_command: list[str] | None = None,
                  title: str | None = None) -> dict[str, Path]:
-    """Write <stem>.md, <stem>_table.md, <stem>_table.csv and the figures; returns their paths.
-
-    Over part of the plan (runset.partial_label) the title and the first line say so; the
-    report of the whole plan drops the label by itself."""
+    """<stem>.md, <stem>_table.md, <stem>_table.csv and the figures; returns their paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     manifest = find_manifest(runset)
     items = headlines(runset)
@@ -99,21 +90,8 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
                          f"thread(s){'' if jobs == 1 else ' each'}).")
         cmd_lines.append("")
 
-    fig_text = {
-        "loss_vs_round": "Training loss vs round (paper Fig. 2)",
-        "alignment_vs_round": "Mean evaluation alignment vs round (paper Fig. 4)",
-        "fi_vs_round": "Fairness index vs round (paper Fig. 5)",
-        "predictions": "Predicted vs true distributions, one question, two evaluation groups (paper Fig. 3)",
-        "loss_vs_steps": "Compute-normalised Fig. 2: training loss vs gradient steps",
-        "alignment_vs_steps": "Compute-normalised Fig. 4: mean evaluation alignment vs gradient steps",
-        "worst_alignment": "Worst-group evaluation alignment vs round and vs gradient steps",
-        "alignment_vs_bytes": "Mean evaluation alignment vs cumulative communication (FedAvg; the centralized "
-                              "baseline instead pools the data once, see the table)",
-        "unseen_vs_round": "Evaluation alignment on seen and on unseen questions vs round",
-        "specificity_vs_round": "Group specificity vs round: own minus another group's context answers",
-    }
     fig_lines = []
-    for key, text in fig_text.items():
+    for key, _, text, _ in FIGURES:
         if key in figs:
             fig_lines += [f"**{text}**", "", f"![{text}]({_rel(figs[key], results_dir)})", ""]
     if "predictions" not in figs:
@@ -132,8 +110,7 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
     horizon = "" if rounds >= PAPER["rounds"] else (
         f"Short-horizon check ({rounds} rounds; the paper trains {PAPER['rounds']:,}), not the paper's protocol: ")
     default_title = f"{horizon}reproduction over seeds: {dataset}" + ("" if stem == dataset else f" ({stem})")
-    first = (f"**{partial[0].upper() + partial[1:]}**: the numbers below cover the finished runs only and change "
-             "as the others finish. ") if partial else ""
+    first = partial_note(partial)
     body = [
         f"# {title or default_title[0].upper() + default_title[1:]}{label}",
         "",

@@ -1,14 +1,5 @@
-"""Run folders as the reporting code sees them: found by glob, classified, read once.
-
-A run folder is what orchestration/loop.py writes, read through utils/run_folder.py (which
-reads a run record, results/..., alike). Reporting reads nothing else, so folders produced on
-another machine (a GPU box, a cluster) report exactly like local ones.
-
-Status of a folder:
-  finished     summary.json present (the run reached its last round)
-  interrupted  config.json but no summary.json (resume it with --resume)
-  empty        no config.json (nothing to report)
-"""
+"""Run folders and records as the reports see them: found by glob, classified, read once
+(utils/run_folder.py), so folders from another machine report like local ones."""
 from __future__ import annotations
 
 import glob
@@ -18,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import RunFolderError
-from utils.run_folder import CONFIG, FAILED, is_finished, read_failure, read_json, read_log, read_summary
+from utils.run_folder import CONFIG, FAILED, is_finished, read_failure, read_json, read_log, read_summary, record_value
 
 from .paths import shown
 
@@ -81,6 +72,53 @@ class Run:
         v = self.config.get(key)
         return int(v) if v is not None else None
 
+    def value(self, key: str):
+        return (self.summary or {}).get(key)
+
+    def baseline(self, kind: str, key: str = "eval_alignment_score") -> float | None:
+        """A no-model predictor's score on this run's own targets (training/reference.py)."""
+        return ((self.value("baselines") or {}).get(kind) or {}).get(key)
+
+    def last_logged(self, key: str):
+        """The value in the last losses.jsonl row that has it (the ε variants are logged per round)."""
+        return next((r[key] for r in reversed(self.losses) if r.get(key) is not None), None)
+
+    def final_group(self, prefix: str, key: str) -> float | None:
+        """worst_alignment | alignment_gap | bottom_quarter_alignment at the last evaluation with group
+        scores, computed from the scores (record_value) so that folders older than those keys report too."""
+        for rec in reversed(self.metrics):
+            if rec.get(f"{prefix}_group_scores"):
+                return record_value(rec, f"{prefix}_{key}")
+        return None
+
+
+# Row getters (run -> value) for the tables of tables.py and compare.py.
+def from_summary(key):
+    return lambda run: run.value(key)
+
+
+def from_groups(prefix, key):
+    return lambda run: run.final_group(prefix, key)
+
+
+def from_baseline(kind):
+    return lambda run: run.baseline(kind)
+
+
+def in_mb(key):
+    return lambda run: None if (v := run.value(key)) is None else v / 1e6
+
+
+def partial_label(done: int, seeds: int) -> str | None:
+    """The label of a report over part of its plan: '2 of 4 seeds finished; partial'."""
+    return None if done == seeds else f"{done} of {seeds} seeds finished; partial"
+
+
+def partial_note(label: str | None) -> str:
+    """The first words of such a report."""
+    return (f"**{label[0].upper() + label[1:]}**: the numbers below cover the finished runs only and change as "
+            "the others finish. ") if label else ""
+
 
 def is_done(folder: Path) -> bool:
     """Finished (summary.json) or diverged (failed.json): nothing left to train."""
@@ -112,10 +150,7 @@ def load_run(path: str | Path) -> Run:
 
 
 def find_run_folders(patterns: list[str]) -> list[Path]:
-    """Folders matched by the globs that hold a config.json, or whose children do.
-
-    A pattern naming a root (e.g. runs/reproduce/opinionqa) yields its run subfolders.
-    """
+    """Folders matched by the globs that hold a config.json; a root folder yields its run subfolders."""
     found: dict[Path, None] = {}
     for pat in patterns:
         matches = sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])
@@ -164,9 +199,7 @@ class RunSet:
     def partial_label(self) -> str | None:
         """'2 of 4 seeds finished; partial' while some seed lacks a finished run of some method."""
         done = [s for s in self.seeds if all(s in self.finished(m) for m in self.methods)]
-        if not self.seeds or len(done) == len(self.seeds):
-            return None
-        return f"{len(done)} of {len(self.seeds)} seeds finished; partial"
+        return partial_label(len(done), len(self.seeds))
 
 
 # Settings that must agree between all folders of one report (else it compares apples and pears).
@@ -176,8 +209,7 @@ CONSISTENCY_KEYS = ("dataset", "train_groups", "eval_groups", "metric", "eval_nu
 
 
 def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str] | None = None) -> RunSet:
-    """methods: those to report (a method without any folder is then reported missing); default:
-    every method with at least one folder."""
+    """methods: those to report (one without any folder is reported missing); default: those found."""
     runs = [load_run(p) for p in paths]
     by_method: dict[str, dict[int, Run]] = {m: {} for m in METHODS}
     interrupted, duplicates, notes = [], [], []

@@ -1,10 +1,7 @@
-"""Sweeps of FedAvg variants over seeds, reported against a baseline (scripts/sweep.py).
-
-A preset names the shared flags, the variants (name -> extra flags), the baseline and the
-report. Every (variant, seed) is one standard run folder trained through main_fl.py's own
-entry point, so resuming, locking and refusing mismatched flags are the training code's.
-Each run is recorded when it finishes (orchestration/records.py), and a run with a verified
-record is not trained again (reporting/reuse.py), as in scripts/reproduce.py.
+"""scripts/sweep.py: FedAvg variants over seeds, trained through main_fl.py's own entry point
+(reporting/batch.py: reuse, resume, run records, --jobs), then reported against a baseline
+(reporting/compare.py). A preset names the shared flags, the variants (name -> extra flags), the
+baseline and the report.
 """
 from __future__ import annotations
 
@@ -16,34 +13,34 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from data_loaders.datasets import prepare_experiment
 from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.cli import build_parser as build_fedavg_parser
 from orchestration.entry import main as train
 from orchestration.experiment import check_flags, resolved_config
-from orchestration.replay import torch_threads
 from training.config import resolve_metric
 from utils.device import resolve_device
 from utils.errors import exit_on_error
-from utils.run_folder import read_failure, started_threads
+from utils.run_folder import read_failure
 from utils.run_lock import RunLock
 
-from .compare import Variant, load_variant, write_comparison
-from .jobs import Task, resolve_jobs, run_tasks, usable_cores
-from .paths import default_data_path, shown
-from .reuse import (
+from .batch import (
+    Batch,
+    Planned,
     RecordState,
-    add_record_arguments,
+    add_batch_arguments,
     differences_text,
+    folder_action,
     record_state,
     records_root,
-    stale_error,
+    resolve_batch_args,
     status_report,
-    verify,
 )
+from .compare import load_variant, write_comparison
+from .jobs import Task
+from .paths import default_data_path, shown
+from .runs import partial_label
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
 OPINIONQA = ["--dataset", "opinionqa", "--emb_model", "minilm", "--comm_round", "300", "--federated_eval", "10",
@@ -191,27 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report_only", action="store_true",
                    help="train nothing; report from the run folders and their records")
     p.add_argument("--extra", default="", help="more main_fl.py flags for every run, e.g. '--data_path DIR'")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
-                        "cores, else 1; measured in benchmarks/README.md)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
-    add_record_arguments(p)
+    add_batch_arguments(p)
     return p
-
-
-@dataclass
-class SweepRun:
-    name: str                 # the variant
-    seed: int
-    flags: list[str]          # main_fl.py's flags, --out_dir aside
-    folder: Path
-    record: Path | None       # where its record goes (None: records off)
-    action: str = "train"     # reuse | failed | record | resume | train
-
-    @property
-    def argv(self) -> list[str]:
-        return [*self.flags, "--out_dir", str(self.folder), *(["--resume"] if self.action == "resume" else [])]
 
 
 class Planner:
@@ -220,8 +198,8 @@ class Planner:
     def __init__(self, log=print):
         self.log, self._data = log, {}
 
-    def parsed(self, run: SweepRun) -> argparse.Namespace:
-        return build_fedavg_parser("fedavg").parse_args([*run.flags, "--out_dir", str(run.folder)])
+    def parsed(self, run: Planned) -> argparse.Namespace:
+        return build_fedavg_parser("fedavg").parse_args([*run.argv, "--out_dir", str(run.folder)])
 
     def data(self, args: argparse.Namespace):
         key = json.dumps({k: getattr(args, k, None) for k in (*DATA_FLAGS, "seed")}, sort_keys=True, default=str)
@@ -229,17 +207,15 @@ class Planner:
             self._data[key] = prepare_experiment(args, log=self.log)
         return self._data[key]
 
-    def requested(self, run: SweepRun) -> dict:
-        args = self.parsed(run)
-        check_flags(args)
-        return resolved_config(args, "fedavg", self.data(args), resolve_metric(args), resolve_device(args.device))
-
-    def state(self, run: SweepRun) -> RecordState:
+    def state(self, run: Planned) -> RecordState:
         if run.record is None or not (run.record / "config.json").is_file():
             return RecordState(run.record, "missing")
-        return record_state(run.record, self.requested(run))
+        args = self.parsed(run)
+        check_flags(args)
+        requested = resolved_config(args, "fedavg", self.data(args), resolve_metric(args), resolve_device(args.device))
+        return record_state(run.record, requested)
 
-    def plan(self, runs: list[SweepRun]) -> None:
+    def plan(self, runs: list[Planned]) -> None:
         for r in runs:
             if (r.folder / "summary.json").is_file():
                 r.action = "reuse"
@@ -250,22 +226,11 @@ class Planner:
                 if st.status == "stale-config":
                     self.log(f"record  {shown(r.record)} was made with other flags (record -> planned: "
                              f"{differences_text(st.differences)}); not reused: planned to run, its record replaced then")
-                r.action = "record" if st.usable else "resume" if (r.folder / "config.json").is_file() else "train"
+                r.action = "record" if st.usable else folder_action(r.folder)
 
-    def verify(self, runs: list[SweepRun], rerun_stale: bool) -> None:
-        stale = []
-        for r in runs:
-            if r.action != "record":
-                continue
-            args = self.parsed(r)
-            v = verify(r.record, "fedavg", args, self.data(args))
-            self.log(f"record  {shown(r.record)}: {'verified' if v.ok else 'STALE'}; {v.text}")
-            if not v.ok:
-                stale.append((r, v))
-        if stale and not rerun_stale:
-            raise stale_error([v for _, v in stale])
-        for r, _ in stale:
-            r.action = "resume" if (r.folder / "config.json").is_file() else "train"
+    def replay(self, run: Planned):
+        args = self.parsed(run)
+        return "fedavg", args, self.data(args)
 
 
 def _data_flags() -> tuple[str, ...]:
@@ -277,66 +242,14 @@ def _data_flags() -> tuple[str, ...]:
 DATA_FLAGS = _data_flags()
 
 
-class Executor:
-    """Runs the plan: records what finished, trains the rest (--jobs at once)."""
-
-    def __init__(self, args, log=print):
-        self.args, self.log = args, log
-
-    def save_record(self, r: SweepRun) -> None:
-        if r.record is not None:
-            rec = records.write_record(r.folder, self.args.records_dir, self.log)
-            if self.args.commit_records:
-                records.commit_record(rec, self.log)
-
-    def ended(self, r: SweepRun, code: int) -> None:
-        """After a run's training: record it, or say why not."""
-        if code in (130, 143):
-            raise KeyboardInterrupt
-        if code == 2 and (failed := read_failure(r.folder)) is not None:
-            # a noise level or strategy that makes training diverge is a result of the sweep, not its end
-            self.log(f"failed  {r.folder}: {failed.get('reason')}; the sweep goes on, the report lists it as diverged")
-            return self.save_record(r)
-        if code != 0:
-            raise DataError(f"the run in {r.folder} failed (exit {code}); its error is printed above",
-                            "fix it and rerun the same sweep command: finished runs are reused")
-        self.save_record(r)
-
-    def run(self, runs: list[SweepRun]) -> None:
-        for r in runs:
-            if r.action == "reuse":
-                self.log(f"reuse   {r.folder}")
-                self.save_record(r)  # a no-op when the record is there already
-            elif r.action == "failed":
-                self.log(f"failed  {r.folder} (earlier: {read_failure(r.folder).get('reason')}); not retried, reported "
-                         "as diverged")
-                self.save_record(r)
-            elif r.action == "record":
-                self.log(f"reuse   {shown(r.record)} (record: same flags, replay verified)")
-        todo = [r for r in runs if r.action in ("train", "resume")]
-        if self.args.jobs > 1 and len(todo) > 1:
-            by_name = {r.folder.name: r for r in todo}
-            tasks = [Task(r.folder.name, "orchestration.entry:main", ("fedavg", r.argv), self._threads(r))
-                     for r in todo]
-            run_tasks(tasks, self.args.jobs, lambda t, code: self.ended(by_name[t.label], code), self.log)
-            return
-        for r in todo:
-            self.log(f"{'resume' if r.action == 'resume' else 'train '}  {r.folder}")
-            with torch_threads(self._threads(r)):
-                code = train("fedavg", r.argv)
-            self.ended(r, code)
-
-    def _threads(self, r: SweepRun) -> int:
-        """An interrupted run continues with the torch thread count it started with (its last bits)."""
-        started = started_threads(r.folder) if r.action == "resume" else None
-        return int(started) if started else self.args.threads
+def _argv(p: Planned) -> list[str]:
+    return [*p.argv, "--out_dir", str(p.folder), *(["--resume"] if p.resumes else [])]
 
 
-def partial_label(variants: list[Variant], names: list[str], seeds: list[int]) -> str | None:
-    """'1 of 3 seeds finished; partial' while some seed lacks a finished or diverged run of a variant."""
-    by_name = {v.name: v for v in variants}
-    done = [s for s in seeds if all(n in by_name and (s in by_name[n].runs or s in by_name[n].failed) for n in names)]
-    return None if len(done) == len(seeds) else f"{len(done)} of {len(seeds)} seeds finished; partial"
+def make_batch(args) -> Batch:
+    return Batch(args, lambda p: train("fedavg", _argv(p)),
+                 lambda p, threads: Task(p.folder.name, "orchestration.entry:main", ("fedavg", _argv(p)), threads),
+                 diverged_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,20 +265,17 @@ def _sweep(args, argv: list[str]) -> int | None:
     names = args.variants or list(preset.variants)
     unknown = sorted(set(names) - set(preset.variants))
     out_root = Path(args.out_root or Path("runs") / "sweeps" / args.preset)
-    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
     if unknown:
         raise DataError(f"--variants {unknown} not in preset {args.preset}",
                         f"choose from {', '.join(preset.variants)}")
-    args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
-    if args.threads:  # this process's data and replays at the children's thread count
-        torch.set_num_threads(args.threads)
+    resolve_batch_args(args)
     root = records_root(out_root, args.records_dir)
     if not args.report_only:
         extra = shlex.split(args.extra)
         if "--data_path" not in extra and default_data_path("opinionqa"):
             extra = ["--data_path", default_data_path("opinionqa"), *extra]
-        runs = [SweepRun(name, seed, [*preset.base, *preset.variants[name], *extra, "--seed", str(seed)],
-                         out_root / f"{name}_s{seed}", root / f"{name}_s{seed}" if root else None)
+        runs = [Planned(name, seed, out_root / f"{name}_s{seed}", root / f"{name}_s{seed}" if root else None, "fresh",
+                        [*preset.base, *preset.variants[name], *extra, "--seed", str(seed)])
                 for seed in seeds for name in names]  # seed-major: a stopped sweep leaves whole seeds to compare
         planner = Planner()
         if args.status:
@@ -376,8 +286,9 @@ def _sweep(args, argv: list[str]) -> int | None:
         with RunLock(out_root, "sweep folder", "--out_root"):
             t0 = time.perf_counter()
             planner.plan(runs)
-            planner.verify(runs, args.rerun_stale)  # before anything trains: a stale record stops here
-            Executor(args).run(runs)
+            batch = make_batch(args)
+            batch.verify(runs, planner.replay)  # before anything trains: a stale record stops here
+            batch.run(runs)
             print(f"trained in {time.perf_counter() - t0:.1f} s")
     _report(args, argv, preset, out_root, root, names, seeds)
 
@@ -393,7 +304,9 @@ def _report(args, argv, preset: Preset, out_root: Path, root: Path | None, names
     base = load_variant(preset.baseline, *globs(preset.baseline))
     others = [load_variant(n, *globs(n)) for n in preset.variants if n != preset.baseline and present(n)]
     wanted = names if preset.baseline in names else [preset.baseline, *names]
+    by_name = {v.name: v for v in [base, *others]}  # a seed is done when every wanted variant finished or diverged
+    done = [s for s in seeds if all(n in by_name and (s in by_name[n].runs or s in by_name[n].failed) for n in wanted)]
     command = ["python", "scripts/sweep.py", *argv]
     for k, path in write_comparison(base, others, Path(args.report or preset.report), preset.title, command,
-                                    preset.setup, partial=partial_label([base, *others], wanted, seeds)).items():
+                                    preset.setup, partial=partial_label(len(done), len(seeds))).items():
         print(f"wrote {k}: {path}")

@@ -1,11 +1,5 @@
-"""Numbers over seeds: mean, sample std, Student-t 95% CI; the paper's headline comparisons,
-for FedAvg against each centralized baseline (the paper's, and the compute-matched one).
-
-Conventions (written into every table):
-  std   sample standard deviation over seeds (ddof = 1)
-  CI    mean ± t(0.975, n−1) · std / √n, Student t with n−1 degrees of freedom
-  n     seeds with a value (a run whose loss never improved has no convergence round)
-"""
+"""Numbers over seeds (mean, sample std, Student-t 95% CI; n = seeds with a value) and the paper's
+headline comparisons of FedAvg against each centralized baseline."""
 from __future__ import annotations
 
 import csv
@@ -15,10 +9,8 @@ from dataclasses import dataclass
 
 from scipy import stats as sps
 
-from utils.run_folder import record_value
-
 from .convergence import DEFINITIONS
-from .runs import METHOD_LABELS, Run, RunSet
+from .runs import METHOD_LABELS, Run, RunSet, from_baseline, from_groups, from_summary, in_mb
 
 # The paper's numbers (method.md §7): FedAvg converged at round 634, centralized at 1,180,
 # ~4% higher mean evaluation alignment, FI ≈ 1 for both. Its protocol: 1,300 rounds, 8 train
@@ -70,91 +62,66 @@ def describe(values, confidence: float = 0.95) -> Stat:
 
 def wall_time_to_convergence(run: Run) -> float | None:
     """Wall time at the first evaluation at or after the convergence round (includes evaluations)."""
-    conv = (run.summary or {}).get("convergence_round")
+    conv = run.value("convergence_round")
     if conv is None:
         return None
     later = [r for r in run.metrics if r["round"] >= conv]
     return float(min(later, key=lambda r: r["round"])["wall_time_s"]) if later else None
 
 
-def final_worst(run: Run, prefix: str, key: str) -> float | None:
-    """worst_alignment | alignment_gap | bottom_quarter_alignment at the last evaluation with group scores,
-    computed from the scores (utils.run_folder.record_value) so that folders older than those keys report too."""
-    for rec in reversed(run.metrics):
-        if rec.get(f"{prefix}_group_scores"):
-            return record_value(rec, f"{prefix}_{key}")
-    return None
-
-
-# (key, label, getter, format); the order is the table's.
-def _s(key):
-    return lambda run: (run.summary or {}).get(key)
-
-
-def _w(prefix, key):
-    return lambda run: final_worst(run, prefix, key)
-
-
-def _b(kind):
-    return lambda run: (((run.summary or {}).get("baselines") or {}).get(kind) or {}).get("eval_alignment_score")
-
-
-def _vs_consensus(run) -> float | None:
-    final, cons = (run.summary or {}).get("final_eval_alignment_score"), _b("consensus")(run)
+def vs_consensus(run) -> float | None:
+    """Final mean evaluation alignment minus the consensus lookup on the same targets."""
+    final, cons = run.value("final_eval_alignment_score"), run.baseline("consensus")
     return None if final is None or cons is None else final - cons
 
 
 # The evaluation diagnostics (training/diagnostics.py); empty cells for runs that predate them.
 EVALUATION_ROWS = (
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", _b("consensus"), "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", _b("uniform"), "{:.4f}"),
-    ("final_vs_consensus", "Final eval alignment − consensus lookup", _vs_consensus, "{:+.4f}"),
-    ("final_eval_alignment_seen", "Eval alignment, seen questions (final)", _s("final_eval_alignment_seen"),
+    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
+    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
+    ("final_vs_consensus", "Final eval alignment − consensus lookup", vs_consensus, "{:+.4f}"),
+    ("final_eval_alignment_seen", "Eval alignment, seen questions (final)", from_summary("final_eval_alignment_seen"),
      "{:.4f}"),
-    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)", _s("final_eval_alignment_unseen"),
+    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)", from_summary("final_eval_alignment_unseen"),
      "{:.4f}"),
     ("final_train_alignment_unseen", "Held-out alignment, train groups, unseen questions (final)",
-     _s("final_train_alignment_unseen"), "{:.4f}"),
+     from_summary("final_train_alignment_unseen"), "{:.4f}"),
     ("final_eval_group_specificity", "Group specificity: own − another group's context (final)",
-     _s("final_eval_group_specificity"), "{:+.5f}"),
+     from_summary("final_eval_group_specificity"), "{:+.5f}"),
 )
 
 # Communication (federated/comm.py), in MB. A centralized run moves no weights; its one-off
 # cost is pooling the training groups' local data, shown on every method's row for comparison.
-def _mb(key):
-    return lambda run: None if (v := (run.summary or {}).get(key)) is None else v / 1e6
-
-
 COMM_ROWS = (
-    ("convergence_comm_mb", "Communication to convergence (MB, down + up)", _mb("convergence_comm_bytes"), "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB, down + up)", _mb("total_comm_bytes"), "{:.1f}"),
-    ("comm_mb_per_round", "Communication per round (MB)", _mb("comm_bytes_per_round"), "{:.2f}"),
-    ("pooling_mb", "Pooling the training data once instead (MB, float32)", _mb("pooling_bytes"), "{:.2f}"),
+    ("convergence_comm_mb", "Communication to convergence (MB, down + up)", in_mb("convergence_comm_bytes"), "{:.1f}"),
+    ("total_comm_mb", "Communication, whole run (MB, down + up)", in_mb("total_comm_bytes"), "{:.1f}"),
+    ("comm_mb_per_round", "Communication per round (MB)", in_mb("comm_bytes_per_round"), "{:.2f}"),
+    ("pooling_mb", "Pooling the training data once instead (MB, float32)", in_mb("pooling_bytes"), "{:.2f}"),
 )
 
 ROWS = (
-    ("convergence_round", "Convergence round", _s("convergence_round"), "{:.1f}"),
-    ("final_eval_alignment_score", "Final mean eval alignment", _s("final_eval_alignment_score"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", _s("best_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", _w("eval", "worst_alignment"), "{:.4f}"),
+    ("convergence_round", "Convergence round", from_summary("convergence_round"), "{:.1f}"),
+    ("final_eval_alignment_score", "Final mean eval alignment", from_summary("final_eval_alignment_score"), "{:.4f}"),
+    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
+    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
     ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     _w("eval", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_alignment_gap", "Best − worst eval group (final)", _w("eval", "alignment_gap"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", _s("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", _s("final_eval_cov"), "{:.4f}"),
-    ("final_train_alignment_score", "Held-out alignment, train groups (final)", _s("final_train_alignment_score"),
+     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
+    ("final_eval_alignment_gap", "Best − worst eval group (final)", from_groups("eval", "alignment_gap"), "{:.4f}"),
+    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
+    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
+    ("final_train_alignment_score", "Held-out alignment, train groups (final)", from_summary("final_train_alignment_score"),
      "{:.4f}"),
-    ("final_train_worst_alignment", "Worst-group train alignment (final)", _w("train", "worst_alignment"), "{:.4f}"),
+    ("final_train_worst_alignment", "Worst-group train alignment (final)", from_groups("train", "worst_alignment"), "{:.4f}"),
     ("final_train_bottom_quarter_alignment", "Bottom-quarter train alignment (final)",
-     _w("train", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_train_alignment_gap", "Best − worst train group (final)", _w("train", "alignment_gap"), "{:.4f}"),
-    ("final_train_fi", "FI, train groups (final)", _s("final_train_fi"), "{:.5f}"),
-    ("final_train_cov", "CoV, train groups (final)", _s("final_train_cov"), "{:.4f}"),
-    ("wall_time_s", "Wall time, whole run (s)", _s("wall_time_s"), "{:.1f}"),
+     from_groups("train", "bottom_quarter_alignment"), "{:.4f}"),
+    ("final_train_alignment_gap", "Best − worst train group (final)", from_groups("train", "alignment_gap"), "{:.4f}"),
+    ("final_train_fi", "FI, train groups (final)", from_summary("final_train_fi"), "{:.5f}"),
+    ("final_train_cov", "CoV, train groups (final)", from_summary("final_train_cov"), "{:.4f}"),
+    ("wall_time_s", "Wall time, whole run (s)", from_summary("wall_time_s"), "{:.1f}"),
     ("wall_time_to_convergence_s", "Wall time to convergence (s)", wall_time_to_convergence, "{:.1f}"),
-    ("convergence_grad_steps", "Gradient steps to convergence", _s("convergence_grad_steps"), "{:.0f}"),
-    ("convergence_points", "Points processed to convergence", _s("convergence_points"), "{:.0f}"),
-    ("total_grad_steps", "Gradient steps, whole run", _s("total_grad_steps"), "{:.0f}"),
+    ("convergence_grad_steps", "Gradient steps to convergence", from_summary("convergence_grad_steps"), "{:.0f}"),
+    ("convergence_points", "Points processed to convergence", from_summary("convergence_points"), "{:.0f}"),
+    ("total_grad_steps", "Gradient steps, whole run", from_summary("total_grad_steps"), "{:.0f}"),
     *COMM_ROWS,
     *EVALUATION_ROWS,
 )
@@ -407,14 +374,18 @@ def csv_table(runset: RunSet, items: list[Headline]) -> str:
         for m in runset.methods:
             s = st[key][m]
             per_seed = ";".join(f"{seed}:{'' if v is None else repr(v)}" for seed, v in vals[key][m].items())
-            w.writerow(["metric", key, m, s.n, _c(s.mean), _c(s.std), _c(s.ci_low), _c(s.ci_high), per_seed, ""])
+            w.writerow(["metric", key, m, s.n, *csv_stat(s), per_seed, ""])
     for h in items:
         p = h.paired
         w.writerow(["headline_from_means", h.key, h.pair, "", _c(h.measured), "", "", "", "", _c(h.paper)])
-        w.writerow(["headline_paired", h.key, h.pair, p.n, _c(p.mean), _c(p.std), _c(p.ci_low),
-                    _c(p.ci_high), ";".join(repr(v) for v in p.values), _c(h.paper)])
+        w.writerow(["headline_paired", h.key, h.pair, p.n, *csv_stat(p), ";".join(repr(v) for v in p.values),
+                    _c(h.paper)])
     return buf.getvalue()
 
 
 def _c(v: float | None) -> str:
     return "" if v is None else repr(float(v))
+
+
+def csv_stat(s: Stat) -> list[str]:
+    return [_c(s.mean), _c(s.std), _c(s.ci_low), _c(s.ci_high)]

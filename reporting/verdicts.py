@@ -1,12 +1,8 @@
-"""Which of the paper's claims hold on this data, against which baseline, under which definition.
+"""Which of the paper's claims hold, against which baseline, under which convergence definition.
 
-A claim's status comes from two numbers of reporting/tables.py: the comparison of the seed
-means (its direction) and the paired per-seed comparison (its 95% CI):
-  holds                         the direction of the claim, paired 95% CI excludes 0
-  same direction, not significant   the direction of the claim, but the CI includes 0 (or < 2 seeds)
-  does not hold                 no difference or the opposite direction, CI includes 0
-  reversed                      the opposite direction, CI excludes 0
-FI ≈ 1 holds when both methods' mean FI is ≥ 0.99 and they differ by < 0.01.
+holds: the claim's direction with a paired 95% CI that excludes 0; same direction, not significant:
+the CI includes 0; does not hold: no difference or the opposite direction; reversed: the opposite
+direction, CI excludes 0. FI ≈ 1 holds when both mean FIs are ≥ 0.99 and differ by < 0.01.
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""The no-model baselines of a configuration, before training anything.
+"""The no-model baselines of a configuration, before training anything: with main_fl.py's flags,
+how many evaluation targets are seen (some training group trains on them), and the uniform and
+consensus predictors' alignment on the evaluation groups and the training groups' held-out questions.
 
-    python scripts/baselines.py --dataset opinionqa --emb_model minilm --group_split 0.6
     python scripts/baselines.py --dataset opinionqa --emb_model minilm --question_split 0.1
-
-Takes main_fl.py's flags, loads the data as a run would, and prints what a run's round-0
-record would say about the questions: how many of the evaluation targets are seen (some
-training group trains on them), and the uniform and consensus predictors' alignment on the
-evaluation groups and on the training groups' held-out questions. Nothing is written.
 """
 from __future__ import annotations
 

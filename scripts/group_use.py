@@ -3,28 +3,14 @@
     python scripts/group_use.py                       # the small protocol below, seed 0
     python scripts/group_use.py --seed 1 --out runs/group_use_s1.json -- --d_model 64
 
-Trains the centralized model on the protocol and, at each checkpoint epoch, prints:
-
-  specificity   own − partner context alignment of the evaluation groups (training/diagnostics.py),
-                the same for the training groups on questions they train on and on their held-out
-                questions (contexts from the questions they train on), own / partner /
-                consensus alignment on the same targets, and how far the predicted distributions
-                move when the partner's answers replace the group's (mean total variation)
-  gradient      on a fixed batch of training episodes (one per training group): the loss gradient
-                reaching a context token's answer y against its option embedding x, raw
-                (|dL/dy| against ‖dL/dx‖) and as gradient × input (|y·dL/dy| against |x·dL/dx|),
-                the gradient of the embedder's y column against its x columns (per column), and
-                the share of a context token's first-layer input that its answer makes
-                (‖y·w_y‖ / ‖W_x·x + b‖)
-  attention     on the evaluation groups' own-context episodes: the mass targets put on context
-                tokens, the entropy of their attention over the context (1 = uniform), how much
-                the attention and the attention output move when the partner's answers replace
-                the group's, and the correlation of the attention logits with the option
-                embeddings' cosine similarity (what a kernel regression would attend by)
-
-Everything is seeded (--seed for the model and episodes, the data from --syn_seed); the run
-writes nothing but `--out` (JSON of every number). Flags after `--` go to the trainer
-(main_centralized.py's flags) and override the protocol's.
+Trains the centralized model on the protocol and, at each checkpoint epoch, prints the group
+specificity (evaluation groups, training groups on their own and on held-out questions, with the
+own / partner / consensus alignment and how far predictions move with the partner's answers),
+where the loss gradient enters a context token (its answer y against its option embedding x, raw
+and as gradient × input, and the first layer's weights), and what the targets' attention does
+(mass on context, entropy, movement under the partner's answers, correlation with the options'
+cosine similarity). Seeded (--seed; data from --syn_seed); writes only `--out` (JSON). Flags
+after `--` go to the trainer (main_centralized.py's) and override the protocol's.
 """
 from __future__ import annotations
 

@@ -427,11 +427,11 @@ def test_row71_what_the_flags_refuse_is_refused_before_loading_the_data(tmp_path
 def test_row71_the_reproduce_lock_is_checked_before_loading_and_names_out_root(tmp_path, capsys, monkeypatch):
     import sys
 
-    from reporting import pipeline
+    from reporting import reproduce
     monkeypatch.setattr(sys, "argv", ["scripts/reproduce.py", *["--an_argument_that_is_long"] * 10])
     root = tmp_path / "r"
     with RunLock(root, "reproduction folder", "--out_root"):
-        assert pipeline.main(["--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"), "--seeds", "0",
+        assert reproduce.main(["--dataset", "globalqa", "--data_path", str(tmp_path / "nope.csv"), "--seeds", "0",
                               "--out_root", str(root)]) == 2
     err = capsys.readouterr().err
     assert f"reproduction folder {root} is in use by process {os.getpid()}" in err and "another --out_root" in err

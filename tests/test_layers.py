@@ -139,7 +139,7 @@ def test_the_base_commands_import_no_optional_extra():
     """main_fl.py, main_centralized.py, reproduce, sweeps and the predictor start without flwr,
     opacus, trl or wandb installed: none of them reaches one through top-level imports."""
     _, _, extras = import_graph()
-    base = {"orchestration.entry", "reporting.pipeline", "reporting.sweep", "inference.predictor",
+    base = {"orchestration.entry", "reporting.reproduce", "reporting.sweep", "inference.predictor",
             "inference.export", "inference.predict", "data_loaders.embed"}
     assert base - set(_sources()) == set()
     assert sorted(base & extras) == []

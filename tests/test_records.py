@@ -18,7 +18,7 @@ import pytest
 from data_loaders.schema import DataError
 from orchestration import records, resume
 from orchestration.replay import compare_losses, relative_difference, tolerance_for
-from reporting import pipeline
+from reporting import reproduce
 from reporting.jobs import resolve_jobs
 from utils.jsonl_log import read_metrics
 
@@ -40,7 +40,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """Seed 0 of FedAvg and centralized, trained once: (run folders' root, records' root)."""
     base = tmp_path_factory.mktemp("trained")
     root, rec = base / "runs" / "reproduce" / "tiny", base / "results"
-    assert pipeline.main(_argv(root, rec)) == 0
+    assert reproduce.main(_argv(root, rec)) == 0
     return root, rec / "reproduce" / "tiny"
 
 
@@ -55,8 +55,8 @@ def copied(trained, tmp_path) -> tuple[Path, Path]:
 def _no_training(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("trained a run that has a verified record")
-    real = pipeline.run_method
-    monkeypatch.setattr(pipeline, "run_method", refuse)
+    real = reproduce.run_method
+    monkeypatch.setattr(reproduce, "run_method", refuse)
     return real
 
 
@@ -139,7 +139,7 @@ def test_compare_losses_exact():
 def test_a_record_is_reused_without_training(copied, monkeypatch, capsys):
     root, rec = copied
     _no_training(monkeypatch)
-    assert pipeline.main(_argv(root, rec)) == 0
+    assert reproduce.main(_argv(root, rec)) == 0
     out = capsys.readouterr().out
     assert "plan: 2 record" in out
     assert out.count(": verified; replay of 2 rounds:") == 2 and "largest relative difference 0 " in out
@@ -151,7 +151,7 @@ def test_a_record_is_reused_without_training(copied, monkeypatch, capsys):
 
 def test_a_record_whose_flags_differ_is_not_reused(copied, capsys):
     root, rec = copied
-    assert pipeline.main(_argv(root, rec, ("0",), "--lr", "0.001")) == 0
+    assert reproduce.main(_argv(root, rec, ("0",), "--lr", "0.001")) == 0
     out = capsys.readouterr().out
     assert "was made with other flags (record -> planned: lr: 0.0003 -> 0.001); not reused: planned to run" in out
     assert "plan: 2 fresh" in out and (root / "fedavg_s0" / "summary.json").is_file()
@@ -172,21 +172,21 @@ def test_a_record_whose_losses_moved_is_stale(copied, monkeypatch, capsys):
     original = (record / "losses.jsonl.gz").read_bytes()
     _edit_loss(record, ulp=True)  # one ulp: far inside 1e-5, accepted and said
     real = _no_training(monkeypatch)
-    assert pipeline.main(_argv(root, rec)) == 0
+    assert reproduce.main(_argv(root, rec)) == 0
     out = capsys.readouterr().out
     assert re.search(r"fedavg_s0: verified; replay of 2 rounds: 8 losses, largest relative difference [12]\.\de-16 ",
                      out), out
     (record / "losses.jsonl.gz").write_bytes(original)
     _edit_loss(record, factor=1 + 1e-4)  # beyond 1e-5: stale, and nothing trains
-    assert pipeline.main(_argv(root, rec)) == 2
+    assert reproduce.main(_argv(root, rec)) == 2
     err = capsys.readouterr().err
     assert "1 record(s) are stale" in err and "results/reproduce/tiny/fedavg_s0: replay of 2 rounds: first " \
                                                  "value beyond 1e-05: round 1 train_loss: record" in err
     assert "recorded on" in err and "replayed on" in err and "--rerun_stale" in err
     assert not (root / "fedavg_s0").exists() and not (root / "centralized_s0").exists()
 
-    monkeypatch.setattr(pipeline, "run_method", real)
-    assert pipeline.main(_argv(root, rec, ("0",), "--rerun_stale")) == 0
+    monkeypatch.setattr(reproduce, "run_method", real)
+    assert reproduce.main(_argv(root, rec, ("0",), "--rerun_stale")) == 0
     out = capsys.readouterr().out
     assert "--rerun_stale: fedavg seed 0 is planned to fresh" in out and "plan: 1 fresh, 1 record" in out
     assert (record / "losses.jsonl.gz").read_bytes() == original  # retrained: the record as it was
@@ -202,14 +202,14 @@ def test_a_record_from_another_cpu_model_is_replayed_within_1e_3(copied, monkeyp
     original = (record / "losses.jsonl.gz").read_bytes()
     _no_training(monkeypatch)
     _edit_loss(record, factor=1 + 1e-4)
-    assert pipeline.main(_argv(root, rec)) == 0
+    assert reproduce.main(_argv(root, rec)) == 0
     out = capsys.readouterr().out
     assert re.search(r"fedavg_s0: verified; replay of 2 rounds: 8 losses, largest relative difference [0-9.e-]+ "
                      r"\(tolerance 0\.001\); recorded on Some Other CPU with \d+ torch thread\(s\), replayed on ", out), out
     assert "centralized_s0: verified" in out and "(tolerance 1e-05)" in out
     (record / "losses.jsonl.gz").write_bytes(original)
     _edit_loss(record, factor=1 + 1e-2)
-    assert pipeline.main(_argv(root, rec)) == 2
+    assert reproduce.main(_argv(root, rec)) == 2
     assert "first value beyond 0.001: round 1 train_loss" in capsys.readouterr().err
 
 
@@ -241,7 +241,7 @@ def test_status_lists_the_plan_against_the_records(copied, capsys):
     cfg["seed"] = 1
     cfg["lr"] = 0.01
     cfg_path.write_text(json.dumps(cfg))
-    assert pipeline.main(_argv(root, rec, ("0", "1"), "--status")) == 0
+    assert reproduce.main(_argv(root, rec, ("0", "1"), "--status")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(ln.startswith("finished") and "fedavg_s0" in ln for ln in lines)
     assert any(ln.startswith("missing") and "fedavg_s1" in ln for ln in lines)
@@ -296,12 +296,12 @@ def test_report_from_records_equals_report_from_run_folders(trained, tmp_path, m
     argv = [*TINY, "--seeds", "0", "--report_only", "--out_root", str(root), "--results_dir", str(tmp_path / "rep"),
             "--name", "tiny"]
     monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path / "no_records"))
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     from_folders = {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()}
     shutil.rmtree(tmp_path / "rep")
     shutil.rmtree(root)
     monkeypatch.setenv(records.RECORDS_ENV, str(rec))
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     from_records = {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()}
     assert set(from_records) == set(from_folders) and "tiny.md" in from_records
     for name in ("tiny.md", "tiny_table.md", "tiny_table.csv"):
@@ -313,7 +313,7 @@ def test_a_partial_plan_is_labelled(copied, capsys):
     root, rec = copied
     argv = [*TINY, "--seeds", "0", "1", "--report_only", "--out_root", str(root), "--records_dir", str(rec),
             "--results_dir", str(root.parent / "rep"), "--name", "tiny"]
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     assert "report: 1 of 2 seeds finished; partial" in capsys.readouterr().out
     lines = (root.parent / "rep" / "tiny.md").read_text().splitlines()
     assert lines[0].endswith("(1 of 2 seeds finished; partial)")
@@ -364,7 +364,7 @@ def test_commit_records_commits_only_the_record(trained, tmp_path, monkeypatch, 
     # record is committed already and unchanged)
     root = run.parent
     shutil.copytree(trained[0] / "centralized_s0", root / "centralized_s0", ignore=shutil.ignore_patterns("checkpoints"))
-    assert pipeline.main(_argv(root, repo / "results", ("0",), "--commit_records")) == 0
+    assert reproduce.main(_argv(root, repo / "results", ("0",), "--commit_records")) == 0
     assert _git(repo, "log", "-2", "--format=%s").split("\n")[:2] == [
         "record: results/reproduce/tiny/centralized_s0", "record: results/reproduce/tiny/fedavg_s0"]
     assert int(_git(repo, "rev-list", "--count", "HEAD")) == int(commits) + 1
@@ -413,8 +413,8 @@ def test_sweep_reuses_its_records(tmp_path, capsys, monkeypatch, records_dir):
 
 def test_paper_unseen_is_the_paper_preset_on_held_out_questions(monkeypatch):
     monkeypatch.setenv("PLURALLLM_OPINIONQA_DIR", "../shared/data/opinionqa")
-    a = pipeline.parse_args(["--preset", "paper_unseen"])
-    paper = pipeline.parse_args(["--preset", "paper"])
+    a = reproduce.parse_args(["--preset", "paper_unseen"])
+    paper = reproduce.parse_args(["--preset", "paper"])
     assert a.question_split == 0.2 and a.name == "opinionqa_paper_unseen"
     assert {k: v for k, v in vars(a).items() if k not in ("question_split", "name", "out_root", "preset")} == {
         k: v for k, v in vars(paper).items() if k not in ("question_split", "name", "out_root", "preset")}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reporting import pipeline
+from reporting import reproduce
 from reporting.runs import collect, find_run_folders
 from reporting.tables import PAPER, describe, headlines, markdown_table, pct_fewer, pct_gain
 
@@ -128,7 +128,7 @@ def test_tables_from_folders_exact(fake_runs):
 
 def test_report_only_on_fake_folders(fake_runs, tmp_path, capsys):
     out = tmp_path / "results"
-    rc = pipeline.main(["--report_only", "--runs", str(fake_runs / "*"), "--seeds", "0", "1", "2",
+    rc = reproduce.main(["--report_only", "--runs", str(fake_runs / "*"), "--seeds", "0", "1", "2",
                         "--name", "fake", "--results_dir", str(out)])
     assert rc == 0
     log = capsys.readouterr().out
@@ -236,7 +236,7 @@ def test_claims_compute_matched_change_and_definition_flips(designed, tmp_path):
             "alignment gain ≥ 95%.") in text
 
     out = tmp_path / "res"
-    assert pipeline.main(["--report_only", "--runs", str(designed), "--name", "d", "--results_dir", str(out)]) == 0
+    assert reproduce.main(["--report_only", "--runs", str(designed), "--name", "d", "--results_dir", str(out)]) == 0
     report = (out / "d.md").read_text()
     assert report.startswith("# Short-horizon check (80 rounds; the paper trains 1,300), not the paper's protocol")
     assert "| Worst-group eval alignment (final) | 0.9000 ± 0.0000 [0.9000, 0.9000] | 0.8000 ± 0.0000" in report
@@ -250,8 +250,8 @@ def test_figure_labels_and_axes(designed, tmp_path, monkeypatch):
     from reporting import figures
     rs = collect(find_run_folders([str(designed / "fedavg_s*")]))   # one method only
     seen = {}
-    real = figures._finish
-    monkeypatch.setattr(figures, "_finish", lambda fig, ax, title, xlabel, ylabel, path, note=figures.BAND:
+    real = figures.finish
+    monkeypatch.setattr(figures, "finish", lambda fig, ax, title, xlabel, ylabel, path, note=figures.BAND:
                         seen.setdefault(title, ylabel) and real(fig, ax, title, xlabel, ylabel, path, note))
     figures.fig_loss(rs, tmp_path / "l.png")
     # the drawn runs' 21-round window, not the absent methods' (a single-method report said 1-round)
@@ -349,7 +349,7 @@ def _records(path: Path) -> list[dict]:
 def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
     root, results = tmp_path / "runs", tmp_path / "results"
     argv = TINY + ["--out_root", str(root), "--results_dir", str(results), "--name", "tiny"]
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     first = capsys.readouterr().out
     assert "plan: 4 fresh" in first
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -364,7 +364,7 @@ def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
 
     # finished runs are reused, nothing retrained
     summary_before = (root / "fedavg_s1" / "summary.json").read_text()
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     assert "plan: 4 reuse" in capsys.readouterr().out
     assert (root / "fedavg_s1" / "summary.json").read_text() == summary_before
 
@@ -376,7 +376,7 @@ def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
         for f in (run / "checkpoints").glob(f"{tag}.*"):
             f.unlink()
     shutil.rmtree(records_dir / "fedavg_s1")  # killed before it finished, so never recorded
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     out = capsys.readouterr().out
     assert "plan: 3 reuse, 1 resume" in out and "resumed from checkpoint round_00002" in out
     assert _records(run / "metrics.jsonl") == want
@@ -384,7 +384,7 @@ def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
     # a folder trained with other flags is refused, never overwritten
     other = list(argv)
     other[other.index("--epochs") + 1] = "3"
-    assert pipeline.main(other) == 2
+    assert reproduce.main(other) == 2
     err = capsys.readouterr().err
     assert "was trained with different flags" in err and "epochs: 2 -> 3" in err and "hint:" in err
     assert (root / "fedavg_s1" / "summary.json").is_file()
@@ -392,7 +392,7 @@ def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
     # the report can be rebuilt from the folders alone, e.g. after copying them elsewhere
     moved = tmp_path / "elsewhere"
     shutil.copytree(root, moved)
-    assert pipeline.main(["--report_only", "--runs", str(moved / "*_s*"), "--name", "copy",
+    assert reproduce.main(["--report_only", "--runs", str(moved / "*_s*"), "--name", "copy",
                           "--results_dir", str(tmp_path / "r2")]) == 0
     a = (results / "tiny_table.csv").read_text()
     b = (tmp_path / "r2" / "copy_table.csv").read_text()
@@ -400,7 +400,7 @@ def test_pipeline_reuses_resumes_and_refuses(tmp_path, capsys, records_dir):
 
 
 def test_forbidden_flags_are_explained(capsys):
-    assert pipeline.main(["--seed", "3"]) == 2
+    assert reproduce.main(["--seed", "3"]) == 2
     assert "use --seeds" in capsys.readouterr().err
 
 
@@ -408,7 +408,7 @@ def test_too_small_groups_get_the_largest_bounds_they_allow(tmp_path, capsys):
     argv = [a if a != "6" else "20" for a in TINY]  # --max_ctx/--max_tar 20
     argv[argv.index("--min_ctx_num_qs") + 1] = "20"
     argv[argv.index("--min_tar_num_qs") + 1] = "10"
-    assert pipeline.main(argv + ["--out_root", str(tmp_path / "r")]) == 2
+    assert reproduce.main(argv + ["--out_root", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     # 30 questions per group, 0.9 local: 27; evaluation groups keep all 30
     assert "fewer than --min_ctx_num_qs + --min_tar_num_qs = 30" in err
@@ -428,7 +428,7 @@ def test_committed_results_have_no_machine_paths():
 
 
 def test_central_steps_flag_is_refused(capsys):
-    assert pipeline.main(["--central_steps", "6"]) == 2
+    assert reproduce.main(["--central_steps", "6"]) == 2
     assert "centralized_matched" in capsys.readouterr().err
 
 
@@ -448,25 +448,25 @@ PAPER_VALUES = dict(
 def test_paper_preset_resolves_to_the_papers_protocol(monkeypatch):
     monkeypatch.setenv("PLURALLLM_OPINIONQA_DIR", "../shared/data/opinionqa")
     monkeypatch.setenv("PLURALLLM_GLOBALQA_CSV", "../shared/data/globalopinionqa_sample/global_opinions_sample.csv")
-    a = pipeline.parse_args(["--preset", "paper"])
+    a = reproduce.parse_args(["--preset", "paper"])
     assert {k: getattr(a, k) for k in PAPER_VALUES} == PAPER_VALUES
     assert a.seeds == [0, 1, 2, 3] and a.methods == ["fedavg", "centralized", "centralized_matched"]
     assert (a.name, a.out_root, a.results_dir) == ("opinionqa_paper", Path("runs/reproduce/opinionqa_paper"),
                                                    Path("docs/results"))
     assert a.data_path == "../shared/data/opinionqa"  # as given, never made absolute
     # what each run gets: the entry point's own flags; central steps 1 (paper) or FedAvg's 6
-    runs = {m: vars(pipeline.seed_args(a, 2, Path("x"), False, m)) for m in a.methods}
+    runs = {m: vars(reproduce.seed_args(a, 2, Path("x"), False, m)) for m in a.methods}
     assert (runs["fedavg"]["comm_round"], runs["fedavg"]["epochs"], runs["fedavg"]["seed"]) == (1300, 6, 2)
     assert "comm_round" not in runs["centralized"] and "epochs" not in runs["centralized_matched"]
     assert {m: (r["central_epochs"], r["central_steps"], r["central_mode"]) for m, r in runs.items()
             if m != "fedavg"} == {"centralized": (1300, 1, "sequential"),
                                   "centralized_matched": (1300, 6, "sequential")}
 
-    g = pipeline.parse_args(["--preset", "paper", "--dataset", "globalqa"])
+    g = reproduce.parse_args(["--preset", "paper", "--dataset", "globalqa"])
     assert (g.name, g.data_path, g.comm_round) == (
         "globalqa_sample_paper", "../shared/data/globalopinionqa_sample/global_opinions_sample.csv", 1300)
     # flags given override the preset; the released-code variant runs two methods
-    v = pipeline.parse_args(["--preset", "paper", "--methods", "centralized", "fedavg", "--loss_reduction",
+    v = reproduce.parse_args(["--preset", "paper", "--methods", "centralized", "fedavg", "--loss_reduction",
                              "slot_mean", "--layer_init", "clones", "--episode_bounds", "code", "--seeds", "0", "1",
                              "--name", "opinionqa_paper_code"])
     assert (v.methods, v.seeds, v.loss_reduction, v.layer_init, v.episode_bounds, v.comm_round) == (
@@ -492,7 +492,7 @@ def test_centralized_matched_runs_and_no_absolute_paths(tmp_path, capsys):
     assert TINY[-3:] == ["--seeds", "0", "1"]
     argv = TINY[:-3] + ["--seeds", "0", "--methods", "centralized_matched", "fedavg", "centralized",
                         "--out_root", str(root), "--results_dir", str(results), "--name", "tiny3"]
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     assert "plan: 3 fresh" in capsys.readouterr().out
     cfg = json.loads((root / "centralized_matched_s0" / "config.json").read_text())
     assert (cfg["method"], cfg["central_steps"]) == ("centralized", 2)   # = --epochs 2
@@ -518,11 +518,11 @@ def test_centralized_matched_runs_and_no_absolute_paths(tmp_path, capsys):
     assert "--out_root ../" in manifest["command"]   # relative to the repository root
 
     # reuse: the matched folder is recognised; a plain centralized run in its place is refused
-    assert pipeline.main(argv) == 0
+    assert reproduce.main(argv) == 0
     assert "plan: 3 reuse" in capsys.readouterr().out
     shutil.rmtree(root / "centralized_matched_s0")
     shutil.copytree(root / "centralized_s0", root / "centralized_matched_s0")
-    assert pipeline.main(argv) == 2
+    assert reproduce.main(argv) == 2
     assert "holds a 'centralized' run, not 'centralized_matched'" in capsys.readouterr().err
 
 
@@ -535,7 +535,7 @@ def test_report_shows_data_source_relative(fake_runs, tmp_path):
         cfg_path.write_text(json.dumps(cfg))
     shutil.copytree(fake_runs / "fedavg_s0", fake_runs / "fedavg_s0_again")  # its warning names folders
     out = tmp_path / "results"
-    assert pipeline.main(["--report_only", "--runs", str(fake_runs / "*"), "--name", "fake",
+    assert reproduce.main(["--report_only", "--runs", str(fake_runs / "*"), "--name", "fake",
                           "--results_dir", str(out)]) == 0
     text = _all_text(out)
     assert "source `../shared/data/x.csv`" in text and "--data_path ../shared/data/x.csv" in text

@@ -1,25 +1,14 @@
-"""One command for the paper's tables and figures: train every (method, seed), then report.
+"""scripts/reproduce.py: train every (method, seed) of the paper's protocol, then report.
 
   <out_root>/<method>_s<seed>/    one standard run folder each, for the methods of --methods:
       fedavg                      main_fl.py
       centralized                 main_centralized.py, one step per training group per epoch (paper)
-      centralized_matched         main_centralized.py with --central_steps = FedAvg's --epochs: an
-                                  epoch takes as many gradient steps as a FedAvg round
+      centralized_matched         main_centralized.py with --central_steps = FedAvg's --epochs
   <out_root>/reproduce.json       the command(s), split rule, timings (paths relative to the repository)
 
-A folder that finished with the same result-changing flags is reused; one that was
-interrupted (config.json, no summary.json) is resumed from its latest checkpoint; one
-whose flags differ is an error (never overwritten). All folders are checked before any
-training starts, so a mismatch fails in seconds.
-
-Each run is recorded the moment it finishes (orchestration/records.py: runs/<A>/<B>/<run>
--> <records_dir>/<A>/<B>/<run>, a few hundred KB without weights, meant to be committed), and
-a planned run whose record has the same flags and whose first 2 rounds replay to the record's
-losses is not trained again (reporting/reuse.py); so a job on a machine whose disk is wiped
-adds the runs it finished. --jobs N trains N runs at once, one process each (reporting/jobs.py).
-
-The group split is drawn once (from --split_seed) and passed to every run as explicit
-lists, so seeds vary only the training (initial weights, episodes, client sampling).
+Training goes through reporting/batch.py (reuse, resume, run records, --jobs). The group split
+is drawn once (from --split_seed) and passed to every run as explicit lists, so seeds vary only
+the training (initial weights, episodes, client sampling).
 """
 from __future__ import annotations
 
@@ -29,7 +18,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,30 +27,28 @@ from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, check_question_counts, resolved_config, run_method
-from orchestration.replay import torch_threads
 from orchestration.resume import differences
 from training.config import resolve_metric
 from utils.atomic_write import atomic_write_json
-from utils.checkpoint import latest_checkpoint
 from utils.device import resolve_device
 from utils.errors import RunFolderError, exit_on_error
-from utils.run_folder import read_failure, started_threads
 from utils.run_lock import RunLock
 
-from .jobs import Task, resolve_jobs, run_tasks, usable_cores
+from .batch import (
+    Batch,
+    Planned,
+    add_batch_arguments,
+    differences_text,
+    folder_action,
+    record_state,
+    records_root,
+    resolve_batch_args,
+    status_report,
+)
+from .jobs import Task
 from .paths import default_data_path, shown, shown_argv
 from .predictions import prediction_data
 from .report import MANIFEST, write_report
-from .reuse import (
-    RecordState,
-    add_record_arguments,
-    differences_text,
-    record_state,
-    records_root,
-    stale_error,
-    status_report,
-    verify,
-)
 from .runs import ENTRY_POINTS, METHODS, collect, find_run_folders, method_label, prefer_done
 
 FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothing (resuming is automatic)",
@@ -124,12 +110,7 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--results_dir", default=None,
                    help="where the report, tables and figures go (default docs/results; smoke: <out_root>/results)")
     r.add_argument("--name", default=None, help="file stem of the outputs (default: the dataset)")
-    r.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per run (0 = cores // --jobs; with --jobs 1, torch's default)")
-    r.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: 2 on a machine with 2 or more "
-                        "cores, else 1; measured in benchmarks/README.md)")
-    add_record_arguments(r)
+    add_batch_arguments(r)
     r.add_argument("--report_only", action="store_true",
                    help="train nothing: report from existing run folders (--runs, else --out_root's folders and "
                         "their records)")
@@ -176,7 +157,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.results_dir is None:
         args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
     args.results_dir = Path(args.results_dir)
-    args.records_dir = Path(args.records_dir) if args.records_dir else records.default_records_dir()
     return args
 
 
@@ -207,8 +187,7 @@ def resolve_split(args) -> str:
 
 
 def episode_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> str:
-    """The largest episode bounds these groups allow, in flags (for small data such as the
-    GlobalOpinionQA sample, whose countries have 10-40 questions)."""
+    """The largest episode bounds these groups allow, in flags (small data: the GlobalOpinionQA sample)."""
     local = min(int(counts[n] * args.data_split) for n in train)
     ev = min(counts[n] for n in evals)
     return (f"these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training group's "
@@ -226,41 +205,19 @@ def check_counts_with_limits(args, counts: dict[str, int], train: list[str], eva
         raise DataError(what, f"{e.hint}; or {episode_limits(args, counts, train, evals)}") from e
 
 
-# ----------------------------------------------------------------------------------------
-# plan: reuse / resume / fresh, checked before anything trains
-
-
-@dataclass
-class Planned:
-    method: str
-    seed: int
-    path: Path
-    action: str            # fresh | reuse | resume | restart (config matched, no checkpoint yet) | record
-    record: Path | None = None   # where its record goes (records on); action "record": reused from there
-
-    @property
-    def source(self) -> Path:
-        """Where the report reads this run."""
-        return self.record if self.action == "record" else self.path
-
-
 _FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in set(ENTRY_POINTS.values())}
 
 
 def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argparse.Namespace:
-    """The flags of one run, exactly as main_fl.py / main_centralized.py would have parsed them.
-
-    Only that entry point's flags are kept (none of this script's own, and for the centralized
-    runs none of FedAvg's such as --comm_round), so the run's config.json, and the run identity
-    that decides reuse, is the same as if the run had been started by hand. centralized takes
-    one step per group per epoch (the paper); centralized_matched takes FedAvg's --epochs.
-    """
+    """The flags of one run exactly as main_fl.py / main_centralized.py would have parsed them (none of
+    this script's own, none of FedAvg's for a centralized run), so that its config.json and the run
+    identity that decides reuse are those of a run started by hand."""
     entry = ENTRY_POINTS[method]
     a = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in _FLAGS[entry]})
     a.seed, a.out_dir, a.resume = seed, str(out_dir), resume
     if entry == "fedavg":
         a.also_centralized = False
-    else:
+    else:  # centralized takes one step per group per epoch (the paper); centralized_matched FedAvg's --epochs
         a.central_steps = args.epochs if method == "centralized_matched" else 1
     return a
 
@@ -277,17 +234,11 @@ def _planned_runs(args, data_for_seed, device, log=print):
             yield method, seed, path, (root / path.name if root else None), requested
 
 
-def _folder_action(path: Path) -> str:
-    """An interrupted folder continues (the training code's --resume); no folder starts fresh."""
-    if not (path / "config.json").is_file():
-        return "fresh"
-    return "resume" if latest_checkpoint(path / "checkpoints") is not None else "restart"
-
-
 def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
+    """Every (method, seed) against its folder and record; a folder trained with other flags is an error."""
     plan, errors = [], []
     for method, seed, path, record, requested in _planned_runs(args, data_for_seed, device, log):
-        state = record_state(record, requested) if record else RecordState(None, "missing")
+        state = record_state(record, requested)
         if state.status == "stale-config":
             log(f"record  {shown(record)} was made with other flags (record -> planned: "
                 f"{differences_text(state.differences)}); not reused: planned to run, its record replaced then")
@@ -296,7 +247,7 @@ def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
             if path.is_dir() and any(f.name != ".lock" for f in path.iterdir()):
                 errors.append(f"{path} exists and is not empty but holds no config.json")
                 continue
-            plan.append(Planned(method, seed, path, "record" if state.usable else "fresh", record))
+            plan.append(Planned(method, seed, path, record, "record" if state.usable else "fresh"))
             continue
         try:
             stored = json.loads(cfg_path.read_text())
@@ -313,9 +264,9 @@ def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
                           f"{'; '.join(diffs[:8])}{more}")
             continue
         if (path / "summary.json").is_file():
-            plan.append(Planned(method, seed, path, "reuse", record))
+            plan.append(Planned(method, seed, path, record, "reuse"))
         else:  # interrupted here, finished elsewhere: the record saves the rest of the run
-            plan.append(Planned(method, seed, path, "record" if state.usable else _folder_action(path), record))
+            plan.append(Planned(method, seed, path, record, "record" if state.usable else folder_action(path)))
     if errors:
         raise RunFolderError("cannot use these run folders:\n  - " + "\n  - ".join(errors),
                              "pass the flags those runs used, choose another --out_root, or delete the folders "
@@ -323,38 +274,8 @@ def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
     return plan
 
 
-def verify_records(plan: list[Planned], args, data_for_seed, log=print) -> list[str]:
-    """Replay each reused record's first rounds (reporting/reuse.py) before anything trains. Stale
-    records stop the command, or with --rerun_stale are planned to run. Returns the log lines."""
-    stale, lines = [], []
-    for p in plan:
-        if p.action != "record":
-            continue
-        v = verify(p.record, ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, False, p.method),
-                   data_for_seed(p.seed))
-        lines.append(f"record  {shown(p.record)}: {'verified' if v.ok else 'STALE'}; {v.text}")
-        log(lines[-1])
-        if not v.ok:
-            stale.append((p, v))
-    if stale and not args.rerun_stale:
-        raise stale_error([v for _, v in stale])
-    for p, _ in stale:
-        p.action = _folder_action(p.path)
-        log(f"--rerun_stale: {p.method} seed {p.seed} is planned to {p.action} (its record is replaced then)")
-    return lines
-
-
-def print_status(args, data_for_seed, device, log=print) -> None:
-    """--status: the plan against the records (configurations compared, nothing replayed)."""
-    rows = [(path.name, record_state(record, requested) if record else RecordState(None, "missing"))
-            for _, _, path, record, requested in _planned_runs(args, data_for_seed, device, log)]
-    status_report(rows, log)
-
-
 def train_one(method: str, flags: dict, path: str) -> int:
-    """One run in its own process (--jobs, reporting/jobs.py), from its parsed flags (seed_args):
-    the data loaded again (from the embedding cache), then trained as in this process; returns
-    the exit code."""
+    """One run in its own process (--jobs): the data loaded again, then trained; the exit code."""
     run_args, path = argparse.Namespace(**flags), Path(path)
 
     def train() -> None:
@@ -362,81 +283,16 @@ def train_one(method: str, flags: dict, path: str) -> int:
     return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
-def execute(plan: list[Planned], args, data_for_seed, log=print, on_progress=None) -> dict:
-    """Train what the plan says, args.jobs runs at once; record each run as it finishes;
-    `on_progress(done)` after each run (keeps the manifest current)."""
-    done = {"trained": [], "resumed": [], "reused": [], "from_records": []}
-    order = [p.path.name for p in plan]
+def make_batch(args, data_for_seed) -> Batch:
+    def train(p: Planned) -> int:
+        run_method(ENTRY_POINTS[p.kind], seed_args(args, p.seed, p.folder, p.resumes, p.kind),
+                   data_for_seed(p.seed), p.folder, log=print)
+        return 0
 
-    def add(key: str, p: Planned) -> None:
-        done[key] = sorted([*done[key], p.path.name], key=order.index)  # plan order, whatever finished first
-
-    def save_record(p: Planned) -> None:
-        if p.record is not None:
-            rec = records.write_record(p.path, args.records_dir, log)
-            if args.commit_records:
-                records.commit_record(rec, log)
-
-    def finished(p: Planned, seconds: float | None = None) -> None:
-        took = f" in {seconds:.1f} s" if seconds is not None else ""
-        log(f"{p.method} seed {p.seed} done{took}")
-        save_record(p)
-        add("resumed" if p.action in ("resume", "restart") else "trained", p)
-        if on_progress:
-            on_progress(done)
-
-    for p in plan:
-        if p.action == "reuse":
-            log(f"reuse   {p.path} (finished, same flags)")
-            add("reused", p)
-            save_record(p)  # a no-op when the record is there already
-        elif p.action == "record":
-            log(f"reuse   {shown(p.record)} (record: same flags, replay verified)")
-            add("from_records", p)
-    todo = [p for p in plan if p.action not in ("reuse", "record")]
-    if args.jobs > 1 and len(todo) > 1:  # a single run trains here, with the thread count a job would get
-        _execute_jobs(todo, args, log, finished, save_record)
-        return done
-    for i, p in enumerate(todo, 1):
-        # An interrupted folder (with or without a checkpoint yet) continues through the training
-        # code's --resume, which trims anything logged after the checkpoint it restarts from.
-        resume = p.action in ("resume", "restart")
-        log(f"[{i}/{len(todo)}] {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
-        t0 = time.perf_counter()
-        try:
-            with torch_threads(started_threads(p.path) if resume else args.threads):
-                run_method(ENTRY_POINTS[p.method], seed_args(args, p.seed, p.path, resume, p.method),
-                           data_for_seed(p.seed), p.path, log=log)
-        except DataError:
-            if read_failure(p.path) is not None:  # diverged: that is its result, recorded as such
-                save_record(p)
-            raise
-        finished(p, time.perf_counter() - t0)
-    return done
-
-
-def _execute_jobs(todo: list[Planned], args, log, finished, save_record) -> None:
-    by_name = {p.path.name: p for p in todo}
-    tasks = []
-    for p in todo:
-        resume = p.action in ("resume", "restart")
-        log(f"queued  {p.action:7s} {p.method} seed {p.seed} -> {p.path}")
-        tasks.append(Task(p.path.name, "reporting.pipeline:train_one",
-                          (p.method, vars(seed_args(args, p.seed, p.path, resume, p.method)), str(p.path)),
-                          (started_threads(p.path) if resume else None) or args.threads))
-
-    def on_done(task: Task, code: int) -> None:
-        p = by_name[task.label]
-        if code == 0:
-            return finished(p)
-        if code in (130, 143):
-            raise KeyboardInterrupt
-        if read_failure(p.path) is not None:
-            save_record(p)
-        raise DataError(f"the run in {p.path} failed (exit {code}): {' '.join(task.errors) or 'see its output above'}",
-                        "fix it and rerun the same command: finished runs are reused")
-
-    run_tasks(tasks, args.jobs, on_done, log)
+    def task(p: Planned, threads: int) -> Task:
+        flags = vars(seed_args(args, p.seed, p.folder, p.resumes, p.kind))
+        return Task(p.folder.name, "reporting.reproduce:train_one", (p.kind, flags, str(p.folder)), threads)
+    return Batch(args, train, task)
 
 
 def _command(argv: list[str]) -> str:
@@ -506,45 +362,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int | None:
-    lock = None
-    try:
-        args = parse_args(argv)
-        if getattr(args, "engine", "inprocess") != "inprocess":
-            raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
-                            "train with the in-process engine here, or run main_fl.py --engine flower yourself "
-                            "and report with --report_only --runs <folders>")
-        args.jobs, args.threads = resolve_jobs(args.jobs, args.threads, usable_cores())
-        if args.threads:  # also with --jobs: this process's data (synthetic data is a matmul), replays and
-            torch.set_num_threads(args.threads)  # single runs then match the children's thread count
-        if args.report_only:
-            report(args, argv, report_sources(args), _planned_seeds(args, argv),
-                   methods=args.methods if args.methods_given else None)
-            return 0
-        t0 = time.perf_counter()
-        check_flags(args)
-        RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
-        split_rule = resolve_split(args)
-        print(f"groups: {split_rule}")
-        cache: dict = {}
+    args = parse_args(argv)
+    if getattr(args, "engine", "inprocess") != "inprocess":
+        raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
+                        "train with the in-process engine here, or run main_fl.py --engine flower yourself "
+                        "and report with --report_only --runs <folders>")
+    resolve_batch_args(args)
+    if args.report_only:
+        report(args, argv, report_sources(args), _planned_seeds(args, argv),
+               methods=args.methods if args.methods_given else None)
+        return 0
+    t0 = time.perf_counter()
+    check_flags(args)
+    RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
+    split_rule = resolve_split(args)
+    print(f"groups: {split_rule}")
+    cache: dict = {}
 
-        def data_for_seed(seed: int):
-            # The data and the split do not depend on the seed (split fixed above, synthetic data
-            # from --syn_seed), so it is loaded once for every method and seed.
-            if not cache:
-                cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
-                                                   check_counts_with_limits(args, counts, tr, ev))
-            return cache["data"]
+    def data_for_seed(seed: int):
+        # The data and the split do not depend on the seed (split fixed above, synthetic data
+        # from --syn_seed), so it is loaded once for every method and seed.
+        if not cache:
+            cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
+                                               check_counts_with_limits(args, counts, tr, ev))
+        return cache["data"]
 
-        data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
-        device = resolve_device(args.device)
-        if args.status:
-            print_status(args, data_for_seed, device)
-            return 0
-        if args.commit_records:
-            records.check_commit_target(args.records_dir)
-        lock = RunLock(args.out_root, "reproduction folder", "--out_root").acquire()  # one reproduce.py per --out_root
+    data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
+    device = resolve_device(args.device)
+    if args.status:
+        status_report([(path.name, record_state(record, requested))
+                       for _, _, path, record, requested in _planned_runs(args, data_for_seed, device)])
+        return 0
+    if args.commit_records:
+        records.check_commit_target(args.records_dir)
+    # One reproduce.py per --out_root; released also on an error or an interrupt: finished runs stay,
+    # the interrupted one resumes.
+    with RunLock(args.out_root, "reproduction folder", "--out_root"):
         plan = plan_runs(args, data_for_seed, device)
-        verified = verify_records(plan, args, data_for_seed)  # before anything trains: a stale record stops here
+        batch = make_batch(args, data_for_seed)
+        verified = batch.verify(plan, lambda p: (ENTRY_POINTS[p.kind], seed_args(args, p.seed, p.folder, False, p.kind),
+                                                 data_for_seed(p.seed)))  # a stale record stops here
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "record", "resume", "restart")}
         print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n)
               + (f"; {args.jobs} runs at once, {args.threads} torch thread(s) each" if args.jobs > 1 else ""))
@@ -556,13 +413,11 @@ def _main(argv: list[str]) -> int | None:
                              "wall_time_s": round(time.perf_counter() - t0, 1), "verified_records": verified, **done})
 
         save({}, "running")
-        save(execute(plan, args, data_for_seed, on_progress=lambda d: save(d, "running")), "finished")
+        batch.on_progress = lambda done: save(done, "running")
+        save(batch.run(plan), "finished")
         report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
                methods=args.methods)
-        print(f"done in {time.perf_counter() - t0:.1f} s")
-    finally:  # also on an error or an interrupt: finished runs stay, the interrupted one resumes
-        if lock is not None:
-            lock.release()
+    print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
 def _planned_seeds(args, argv: list[str]) -> list[int] | None:
