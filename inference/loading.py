@@ -3,23 +3,22 @@
 A usable run folder has config.json, summary.json (a finished run) and a complete checkpoint
 under checkpoints/: its JSON files read through `utils.run_folder`, the weights always through
 `utils.checkpoint.load_checkpoint` (a checkpoint's JSON index says which files hold them). Its
-dataset, when on disk, is loaded the way the run loaded it (`orchestration.cli.args_from_config`
+dataset, when on disk, is loaded the way the run loaded it (`orchestration.config.run_from_json`
 + `load_embedded`), so a group's questions get exactly the run's vectors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from data_loaders.datasets import load_embedded, question_holdout, split_seed
+from data_loaders.datasets import load_embedded, question_holdout
 from data_loaders.schema import DataError, GroupData, RawDataset, build_group_data
 from federated.client import GroupClient
 from models.gpo import GPO, GPOConfig
-from orchestration.cli import args_from_config
-from training.config import client_config, model_config
+from orchestration.config import RunConfig, run_from_json
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from utils.distances import DEFAULT_METRIC
 from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
@@ -66,7 +65,7 @@ def gpo_config(config: dict, where: str) -> GPOConfig:
         return GPOConfig(**{k: v for k, v in config["model_config"].items() if k in known})
     if "dim_x" not in config:
         raise DataError(f"{where} has neither model_config nor dim_x", "this is not a PluralLLM run or export")
-    return model_config(args_from_config(config), int(config["dim_x"]))
+    return run_from_json(config).model_for(int(config["dim_x"]))
 
 
 def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, device: str) -> GPO:
@@ -118,7 +117,7 @@ def check_emb_override(run_model: str, override: str | None, where: str) -> str:
 class RunData:
     raw: RawDataset
     emb: torch.Tensor
-    args: object  # the run's flags as a Namespace
+    run: RunConfig
     metric: str
 
     def group(self, name: str) -> GroupData:
@@ -126,32 +125,33 @@ class RunData:
 
     def heldout_qkeys(self):
         """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
-        return question_holdout(self.raw.bank.qkeys, getattr(self.args, "question_split", 0.0), split_seed(self.args))
+        return question_holdout(self.raw.bank.qkeys, self.run.data.question_split, self.run.data.split_seed)
 
     def training_texts(self, config: dict) -> set[str]:
         """Texts of the questions some training group of the run trained on (its local split)."""
-        cfg, held = client_config(self.args, self.metric), self.heldout_qkeys()
+        cfg, held = replace(self.run.client, metric=self.metric), self.heldout_qkeys()
         bank = self.raw.bank
         keys = {int(k) for g in config.get("train_groups") or []
                 for k in GroupClient(self.group(g), cfg, "train", held).local.qkeys.tolist()}
         return {bank.questions[bank.row(k)] for k in keys}
 
 
-def run_args(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str):
-    args = args_from_config(config, data_path, cache_dir)
-    if args.dataset != "synthetic":
-        args.emb_model = emb_model  # the model this predictor embeds new texts with
-    return args
+def run_of(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str) -> RunConfig:
+    run = run_from_json(config, data_path, cache_dir)
+    if run.data.dataset == "synthetic":
+        return run
+    embedding = replace(run.data.embedding, emb_model=emb_model)  # the model this predictor embeds new texts with
+    return replace(run, data=replace(run.data, embedding=embedding))
 
 
 def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None, emb_model: str,
                   log: Log) -> RunData:
     """The run's groups and vectors, as the run loaded them; DataError if the data is not there or differs."""
-    args = run_args(config, data_path, cache_dir, emb_model)
+    run = run_of(config, data_path, cache_dir, emb_model)
     groups = list(config.get("train_groups") or []) + list(config.get("eval_groups") or [])
-    raw, emb, _ = load_embedded(args, groups or None, log=log)
+    raw, emb, _ = load_embedded(run.data, groups or None, log=log)
     want = (config.get("data") or {}).get("source_hash")
     if want and raw.source_hash != want:
-        raise DataError(f"the {args.dataset} data at {args.data_path} (hash {raw.source_hash[:12]}) is not the "
+        raise DataError(f"the {run.data.dataset} data at {run.data.data_path} (hash {raw.source_hash[:12]}) is not the "
                         f"data the run was trained on (hash {want[:12]})", "pass the run's data with --data_path")
-    return RunData(raw, emb, args, config.get("metric", DEFAULT_METRIC))
+    return RunData(raw, emb, run, config.get("metric", DEFAULT_METRIC))

@@ -16,7 +16,7 @@ import difflib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,6 @@ import torch
 
 from data_loaders.schema import DataError
 from federated.client import GroupClient
-from training.config import client_config
 from utils.distances import needed_ordinals
 from utils.errors import exit_on_error
 
@@ -91,7 +90,7 @@ def group_split(pred: GroupPredictor, name: str):
         close = difflib.get_close_matches(name, roles, n=1)
         raise DataError(f"--group {name!r} is not a group of run {pred.info.get('run_dir')}"
                         + (f"; did you mean {close[0]!r}?" if close else ""), f"available: {', '.join(sorted(roles))}")
-    client = GroupClient(data.group(name), client_config(data.args, pred.metric), roles[name], data.heldout_qkeys())
+    client = GroupClient(data.group(name), replace(data.run.client, metric=pred.metric), roles[name], data.heldout_qkeys())
     return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
 
 

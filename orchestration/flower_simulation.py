@@ -27,6 +27,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
+from orchestration.config import run_config
 from orchestration.flower_server import check_supported, make_server_app, resolve_groups
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -80,9 +81,9 @@ def use_backend(name: str):
         raybackend.RayBackend = original
 
 
-def backend_config(args) -> dict:
+def backend_config(fed) -> dict:
     """Resources per virtual client: --sim_client_cpus CPUs (and --sim_client_gpus GPUs with Ray)."""
-    return {"client_resources": {"num_cpus": args.sim_client_cpus, "num_gpus": args.sim_client_gpus},
+    return {"client_resources": {"num_cpus": fed.sim_client_cpus, "num_gpus": fed.sim_client_gpus},
             "init_args": {"logging_level": "ERROR", "log_to_driver": True}}
 
 
@@ -91,20 +92,22 @@ def run_simulation_engine(args, log=print) -> dict:
     for key, value in QUIET_ENV.items():
         os.environ[key] = value
     args.engine = "flower"
-    check_supported(args)  # before the runtime starts: these flags fail in seconds
-    if args.sim_backend not in SIM_BACKENDS:
-        raise DataError(f"--sim_backend {args.sim_backend!r} is not one of {', '.join(SIM_BACKENDS)}",
+    run = run_config(args)
+    check_supported(run)  # before the runtime starts: these flags fail in seconds
+    fed = run.federation
+    if fed.sim_backend not in SIM_BACKENDS:
+        raise DataError(f"--sim_backend {fed.sim_backend!r} is not one of {', '.join(SIM_BACKENDS)}",
                         "use --sim_backend thread (no Ray) or ray")
     from flwr.simulation import run_simulation
 
-    train, evals = resolve_groups(args)
+    train, evals = resolve_groups(run)
     groups = list(train) + list(evals)
     outcome: dict = {}
-    log(f"flower simulation ({args.sim_backend} backend): {len(groups)} virtual SuperNodes, one per group")
-    with use_backend(args.sim_backend):
-        run_simulation(server_app=make_server_app(args, outcome, runtime=f"simulation-{args.sim_backend}"),
+    log(f"flower simulation ({fed.sim_backend} backend): {len(groups)} virtual SuperNodes, one per group")
+    with use_backend(fed.sim_backend):
+        run_simulation(server_app=make_server_app(args, outcome, runtime=f"simulation-{fed.sim_backend}"),
                        client_app=make_client_app(groups), num_supernodes=len(groups),
-                       backend_config=backend_config(args))
+                       backend_config=backend_config(fed))
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:

@@ -35,7 +35,7 @@ from utils.run_folder import RunDir
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopConfig:
     rounds: int
     eval_every: int

@@ -19,15 +19,15 @@ of two tiny numbers.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from orchestration.config import RunConfig
 from orchestration.experiment import run_method
 from utils.jsonl_log import read_metrics
 
@@ -65,14 +65,16 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def replay_losses(method: str, args: argparse.Namespace, data, rounds: int, threads: int | None) -> list[dict]:
+def replay_losses(run: RunConfig, data, rounds: int, threads: int | None) -> list[dict]:
     """losses.jsonl of the first `rounds` rounds of this run, trained again in a temporary folder."""
-    a = argparse.Namespace(**vars(args))
-    a.wandb, a.no_plots, a.quiet, a.log_every, a.keep_checkpoints, a.resume = "off", True, True, 0, 1, False
+    quiet = {"wandb": "off", "no_plots": True, "quiet": True, "log_every": 0, "keep_checkpoints": 1, "resume": False}
     with tempfile.TemporaryDirectory(prefix="plurallm-replay-") as tmp, torch_threads(threads):
         folder = Path(tmp) / "run"
-        a.out_dir = str(folder)
-        run_method(method, a, data, folder, log=lambda *_: None, stop_after=rounds)
+        run = replace(run, flags={**run.flags, **quiet, "out_dir": str(folder)},
+                      data=replace(run.data, quiet=True),
+                      loop=replace(run.loop, plots=False, log_every=0, keep_checkpoints=1),
+                      output=replace(run.output, wandb="off", resume=False, out_dir=str(folder)))
+        run_method(run, data, folder, log=lambda *_: None, stop_after=rounds)
         return read_metrics(folder / "losses.jsonl")
 
 
