@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from data_loaders.datasets import DataConfig, EmbeddingConfig, chosen_groups
 from data_loaders.episodes import EpisodeSizes
@@ -123,37 +123,34 @@ def _defaults() -> dict:
     return vars(build_parser("fedavg").parse_args([]))
 
 
+def _from_flags(cls, f, prefix: str = "", **given):
+    """A config whose field x is the flag --<prefix>x, else --x (a field without a flag keeps its default)."""
+    names = [(x.name, prefix + x.name) for x in fields(cls) if x.name not in given]
+    return cls(**given, **{n: getattr(f, p if hasattr(f, p) else n) for n, p in names if hasattr(f, p) or hasattr(f, n)})
+
+
 def run_config(args: argparse.Namespace, method: str = "fedavg") -> RunConfig:
-    """The typed configuration of a run of `method` with these flags (not yet validated: `check_run`)."""
+    """The typed configuration of a run of `method` with these flags (validated by `check_run`)."""
     f = argparse.Namespace(**{**_defaults(), **vars(args)})
     fedavg = method == "fedavg"
     return RunConfig(
-        method=method, flags=dict(vars(args)), data=data_config(f), model=model_config(f, 0),
-        client=client_config(f, resolve_metric(f)), loop=loop_config(f, fedavg),
-        federation=FederationConfig(
-            device=f.device, engine=f.engine, client_engine=f.client_engine,
-            client_workers=f.client_workers, vmap_chunk=f.vmap_chunk, min_clients=f.min_clients,
-            round_timeout=f.round_timeout, node_wait=f.node_wait, sim_backend=f.sim_backend,
-            sim_client_cpus=f.sim_client_cpus, sim_client_gpus=f.sim_client_gpus, central_mode=f.central_mode,
-            train_batch_size=f.train_batch_size, central_steps=f.central_steps),
-        output=OutputConfig(out_dir=f.out_dir, resume=f.resume, wandb=f.wandb, wandb_project=f.wndb_project_name,
-                            also_centralized=f.also_centralized),
-        server=server_config(f), secagg=secagg_config(f))
+        method=method, flags=dict(vars(args)), data=data_config(f), model=_from_flags(GPOConfig, f, dim_x=0),
+        client=client_config(f, resolve_metric(f)), federation=_from_flags(FederationConfig, f),
+        loop=_from_flags(LoopConfig, f, rounds=f.comm_round if fedavg else f.central_epochs, plots=not f.no_plots,
+                         eval_every=max(1, f.federated_eval if fedavg else f.eval_freq)),
+        output=_from_flags(OutputConfig, f, wandb_project=f.wndb_project_name),
+        server=_from_flags(ServerConfig, f, strategy=_from_flags(StrategyConfig, f, name=f.strategy),
+                           attack=_from_flags(AttackConfig, f, "attack_"),
+                           privacy=_from_flags(PrivacyConfig, f, "dp_", enabled=f.dp)),
+        secagg=_from_flags(SecAggConfig, f, "secagg_", enabled=f.secagg))
 
 
 def data_config(f) -> DataConfig:
-    emb = EmbeddingConfig(emb_model=f.emb_model, pickle_path=f.emb_pickle, cache_dir=f.cache_dir,
-                          device=f.emb_device, batch_size=f.emb_batch_size, dtype=f.emb_dtype,
-                          load_in_8bit=f.emb_load_in_8bit)
-    syn = SyntheticSpec(num_groups=f.syn_groups, num_questions=f.syn_questions, min_options=f.syn_min_options,
-                        max_options=f.syn_max_options, dim=f.syn_dim, seed=f.syn_seed, beta=f.syn_beta,
-                        gamma=f.syn_gamma)
-    groups = {k: None if v is None else tuple(v) for k, v in (("train_groups", f.train_groups),
-                                                              ("eval_groups", f.eval_groups))}
-    return DataConfig(dataset=f.dataset, data_path=f.data_path, strict=f.strict, encoding=f.encoding,
-                      **groups, group_split=f.group_split, split_seed=f.seed if f.split_seed is None else f.split_seed,
-                      question_split=f.question_split, embedding=emb, synthetic=syn, eval_num_qs=f.eval_num_qs,
-                      min_episode_qs=f.min_ctx_num_qs + f.min_tar_num_qs, quiet=f.quiet)
+    emb = _from_flags(EmbeddingConfig, f, "emb_", pickle_path=f.emb_pickle)
+    syn = _from_flags(SyntheticSpec, f, "syn_", num_groups=f.syn_groups, num_questions=f.syn_questions)
+    groups = {k: None if getattr(f, k) is None else tuple(getattr(f, k)) for k in ("train_groups", "eval_groups")}
+    return _from_flags(DataConfig, f, **groups, split_seed=f.seed if f.split_seed is None else f.split_seed,
+                       embedding=emb, synthetic=syn, min_episode_qs=f.min_ctx_num_qs + f.min_tar_num_qs)
 
 
 def episode_sizes(f) -> EpisodeSizes:
@@ -166,50 +163,21 @@ def episode_sizes(f) -> EpisodeSizes:
 
 
 def client_config(f, metric: str) -> ClientConfig:
-    optim = OptimConfig(lr=f.lr, num_steps=f.num_steps, grad_clip=f.grad_clip)
-    return ClientConfig(seed=f.seed, epochs=f.epochs, data_split=f.data_split,
-                        sizes=episode_sizes(f), optim=optim, eval_num_qs=f.eval_num_qs, eval_seed=f.eval_seed,
-                        eval_resample=f.eval_resample, eval_batch_size=f.eval_batch_size, metric=metric)
-
-
-def model_config(f, dim_x: int) -> GPOConfig:
-    return GPOConfig(dim_x=dim_x, d_model=f.d_model, emb_depth=f.emb_depth, dim_feedforward=f.dim_feedforward,
-                     nhead=f.nhead, dropout=f.dropout, num_layers=f.num_layers, bound_std=f.bound_std,
-                     precision=f.precision, layer_init=f.layer_init, loss_reduction=f.loss_reduction,
-                     context_answer=f.context_answer)
+    return _from_flags(ClientConfig, f, sizes=episode_sizes(f), optim=_from_flags(OptimConfig, f), metric=metric)
 
 
 def resolve_metric(f) -> str:
     return f.metric if f.metric != "auto" else auto_metric(f.dataset)
 
 
-def loop_config(f, fedavg: bool) -> LoopConfig:
-    return LoopConfig(rounds=f.comm_round if fedavg else f.central_epochs,
-                      eval_every=max(1, f.federated_eval if fedavg else f.eval_freq),
-                      save_client=f.save_client, keep_checkpoints=f.keep_checkpoints,
-                      keep_best=f.keep_best, log_every=f.log_every, plots=not f.no_plots)
-
-
 def server_config(f) -> ServerConfig:
     """The server's rules as main_fl.py's flags give them."""
-    strategy = StrategyConfig(
-        name=f.strategy, proximal_mu=f.proximal_mu, qffl_q=f.qffl_q, max_weight_ratio=f.max_weight_ratio,
-        adaptive_temperature=f.adaptive_temperature, adaptive_window=f.adaptive_window,
-        trim_fraction=f.trim_fraction, server_opt=f.server_opt, server_lr=f.server_lr,
-        server_beta1=f.server_beta1, server_beta2=f.server_beta2, server_tau=f.server_tau)
-    attack = AttackConfig(byzantine=f.byzantine, attack=f.attack, scale=f.attack_scale,
-                          std=f.attack_std, eps=f.attack_eps, report=f.attack_report)
-    privacy = PrivacyConfig(enabled=f.dp, clip=f.dp_clip, noise=f.dp_noise, epsilon=f.dp_epsilon,
-                            delta=f.dp_delta, clip_quantile=f.dp_clip_quantile, clip_lr=f.dp_clip_lr,
-                            clip_count_std=f.dp_clip_count_std, secure_noise=f.dp_secure_noise)
-    return ServerConfig(strategy=strategy, attack=attack, privacy=privacy, weighting=f.weighting,
-                        client_fraction=f.client_fraction, seed=f.seed)
+    return run_config(f).server
 
 
 def secagg_config(f) -> SecAggConfig:
     """Secure aggregation as main_fl.py's --secagg* flags give it."""
-    return SecAggConfig(enabled=f.secagg, num_shares=f.secagg_num_shares, threshold=f.secagg_threshold,
-                        clip_range=f.secagg_clip_range, quant_range=f.secagg_quant_range)
+    return run_config(f).secagg
 
 
 def run_from_json(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> RunConfig:
