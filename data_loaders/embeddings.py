@@ -20,12 +20,7 @@ most 256 tokens (its max_seq_length). Longer texts are cut from the *start*, not
 the start is the preamble all texts share, while the end holds the answer that tells a
 question's options apart (right-cutting would give those options identical vectors).
 
-Cache (embedding_cache.py): one safetensors store with a JSON sidecar per (dataset, model,
-prompt style, precision) in <dir> = the `cache_dir` argument, else $PLURALLLM_CACHE_DIR, else
-~/.cache/plurallm/embeddings. Vectors are looked up by the sha256 of the text they embed,
-so data copies that differ only in answer counts or groups reuse them, and only texts the
-store lacks are embedded (then appended). An unwritable folder is found before any
-embedding work: a warning, and the run goes on without saving.
+The cache (embedding_cache.py) is keyed by the texts themselves: only texts it lacks are embedded.
 """
 from __future__ import annotations
 

@@ -170,16 +170,6 @@ def resolve_metric(f) -> str:
     return f.metric if f.metric != "auto" else auto_metric(f.dataset)
 
 
-def server_config(f) -> ServerConfig:
-    """The server's rules as main_fl.py's flags give them."""
-    return run_config(f).server
-
-
-def secagg_config(f) -> SecAggConfig:
-    """Secure aggregation as main_fl.py's --secagg* flags give it."""
-    return run_config(f).secagg
-
-
 def run_from_json(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> RunConfig:
     """The configuration a run was trained with, from its config.json (unknown keys ignored)."""
     known = _defaults()

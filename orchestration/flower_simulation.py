@@ -1,18 +1,9 @@
-"""`main_fl.py --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime.
-
-One virtual SuperNode per group (node i holds the i-th of the train then eval groups).
-Flower's simulation runtime (in-memory SuperLink state, Grid, message workers) runs in
-this process; the backend that executes the ClientApp is chosen by --sim_backend:
-
-    thread  the ClientApp runs in worker threads of this process: no Ray, no extra
-            processes, no network ports, no start-up cost (default)
-    ray     Flower's Ray backend: ClientApps in Ray worker processes, with CPU/GPU
-            reservations per client. Ray's own servers listen on every interface.
-
-flwr 1.41 hard-wires the Ray backend inside the runtime (vce_api.start_vce imports
-`RayBackend` when the run starts); the thread backend implements the same `Backend`
-interface and is put in its place for the duration of one run only.
-Telemetry, Ray usage stats and Flower's update check are switched off before Flower starts.
+"""`main_fl.py --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime, one virtual
+SuperNode per group (node i holds the i-th of the train then eval groups). --sim_backend picks what runs
+the ClientApp: `thread`, worker threads of this process (no Ray, no ports, no start-up cost; the default),
+or `ray`, Flower's Ray backend (worker processes with CPU/GPU reservations; Ray's servers listen on every
+interface). flwr 1.41 hard-wires the Ray backend inside the runtime, so the thread backend, which
+implements the same `Backend` interface, is put in its place for the duration of one run only.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from flower_app.client_app import make_client_app
 from flower_app.federation import discover, federated_data, make_setup
 from flower_app.secagg_server import effective_shares, make_secagg_trainer
 from orchestration.cli import build_parser
-from orchestration.config import run_config, secagg_config, server_config
+from orchestration.config import run_config
 from orchestration.entry import main
 from orchestration.flower_server import resolve_groups
 from training.diagnostics import DIAGNOSTIC_KEYS
@@ -111,8 +111,9 @@ def client_updates(monkeypatch):
 
 def check_secagg_flags(args):
     """The secure-aggregation check main_fl.py runs on its flags."""
-    server = server_config(args)
-    secagg_config(args).validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
+    run = run_config(args)
+    server = run.server
+    run.secagg.validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
                                  byzantine=server.attack.byzantine, save_client=args.save_client)
 
 
