@@ -99,6 +99,11 @@ def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] |
     raise ValueError(dataset)
 
 
+def _both_sides(fraction: float, n: int) -> int:
+    """round(fraction · n), with at least one of the n items on each side of the split."""
+    return min(max(1, round(fraction * n)), n - 1)
+
+
 def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Seeded random train/eval split of `pool`; at least one group on each side."""
     if not 0 < fraction < 1:
@@ -108,7 +113,7 @@ def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str]
         raise DataError(f"cannot split {len(pool)} group(s) into train and eval",
                         "name at least two groups")
     perm = torch.randperm(len(pool), generator=generator(seed, "group_split")).tolist()
-    n_train = min(max(1, round(fraction * len(pool))), len(pool) - 1)
+    n_train = _both_sides(fraction, len(pool))
     shuffled = [pool[i] for i in perm]
     return sorted(shuffled[:n_train]), sorted(shuffled[n_train:])
 
@@ -236,7 +241,7 @@ def question_holdout(qkeys, fraction: float, seed: int) -> torch.Tensor | None:
     if not fraction:
         return None
     keys = torch.as_tensor(np.asarray(qkeys), dtype=torch.long)
-    k = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    k = _both_sides(fraction, len(keys))
     order = torch.randperm(len(keys), generator=generator(seed, "question_split"))
     return keys[order[:k]].sort().values
 

@@ -564,7 +564,7 @@ def test_cli_on_the_real_sample(tiny_llama, tmp_path, globalqa_csv, monkeypatch)
 def test_cli_takes_main_fl_flag_names():
     from orchestration import embed
     from orchestration.cli import build_parser
-    args = embed.parse_args(["--dataset", "globalqa", "--emb_device", "cpu", "--emb_batch_size", "4",
+    args = embed.build_parser().parse_args(["--dataset", "globalqa", "--emb_device", "cpu", "--emb_batch_size", "4",
                              "--emb_dtype", "bf16", "--emb_load_in_8bit", "--emb_pickle", "p.pkl",
                              "--encoding", "latin-1", "--train_groups", "Japan,China", "--eval_groups", "Spain"])
     assert (args.emb_device, args.emb_batch_size, args.emb_dtype, args.emb_load_in_8bit, args.emb_pickle,
