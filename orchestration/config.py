@@ -1,16 +1,7 @@
-"""The run's typed configuration: frozen dataclasses built once from the parsed flags (orchestration/cli.py)
-or from a run's config.json, and validated here. Nothing below orchestration reads the flags.
-
-    RunConfig   method, the flags as config.json records them, and
-      .data        DataConfig (data_loaders/datasets.py): dataset, groups, splits, embeddings, synthetic spec
-      .model       GPOConfig (models/gpo.py), dim_x 0 until the data is loaded (`model_for`)
-      .client      ClientConfig (training/config.py): local steps, episodes, optimizer, evaluation, metric
-      .loop        LoopConfig (orchestration/loop.py): rounds, evaluation cadence, checkpoints, plots
-      .federation  FederationConfig: device, engines, sampling limits, the centralized baseline's batching
-      .output      OutputConfig: run folder, resume, W&B
-      .server      ServerConfig (federated/server.py): strategy, attack, DP (FedAvg only)
-      .secagg      SecAggConfig (flower_app/secagg.py)
-"""
+"""The run's typed configuration: one frozen RunConfig (data, model, client, loop, federation, output,
+server, secure aggregation; each a dataclass of the package that uses it) built once from the parsed flags
+(orchestration/cli.py) or from a run's config.json, and validated here. Nothing below orchestration
+reads the flags."""
 from __future__ import annotations
 
 import argparse
