@@ -197,7 +197,7 @@ def group_names(text: str) -> list[str]:
 
 def add_source_arguments(d, datasets=DATASETS, required: bool = False) -> None:
     """Which data set, where its files are, and which groups it is parsed for (also the embed CLI's)."""
-    d.add_argument("--dataset", default=None if required else "globalqa", required=required, choices=datasets,
+    d.add_argument("--dataset", default=argparse.SUPPRESS if required else "globalqa", required=required, choices=datasets,
                    help="survey data set")
     d.add_argument("--data_path", default=None,
                    help="globalqa: the hub CSV (else $PLURALLLM_GLOBALQA_CSV, else download); "
