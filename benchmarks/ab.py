@@ -22,15 +22,13 @@ from data_loaders.datasets import prepare_experiment
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags
 from orchestration.experiment import make_trainer as build
-from training.config import client_config, resolve_metric
 from utils.device import resolve_device
 
 
 def make_trainer(point: dict, extra: str):
     args = build_parser("fedavg").parse_args(cli_argv(point) + shlex.split(extra))
-    check_flags(args)
-    data = prepare_experiment(args, log=lambda *_: None)
-    return build("fedavg", args, data, client_config(args, resolve_metric(args)), resolve_device(args.device))
+    run = check_flags(args)
+    return build(run, prepare_experiment(run.data, log=lambda *_: None), resolve_device(run.federation.device))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -34,12 +34,10 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.plot import RESULTS_DIR, write_markdown
-from data_loaders.datasets import prepare_experiment
 from data_loaders.synthetic import group_names
 from models.flops import train_flops
 from orchestration.cli import build_parser as run_parser
-from orchestration.experiment import check_flags, check_question_counts, make_trainer, validate
-from training.config import client_config, model_config, resolve_metric
+from orchestration.experiment import check_flags, load_data, make_trainer, validate
 from utils.device import resolve_device
 from utils.errors import exit_on_error
 from utils.provenance import cpu_model, environment_info
@@ -199,11 +197,11 @@ def measure_eval(trainer, model, repeats: int, device) -> dict:
     return {"eval_s": median_s(groups), "eval_full_s": median_s(full)}
 
 
-def measure_central(args, data, cfg, rounds: int, repeats: int, device) -> dict:
+def measure_central(run, data, rounds: int, repeats: int, device) -> dict:
     out: dict[str, Any] = {"central_epoch_s": {}}
     for mode in ("sequential", "batched"):
-        trainer = make_trainer("centralized", argparse.Namespace(**{**vars(args), "central_mode": mode}),
-                               data, cfg, device)
+        trainer = make_trainer(replace(run, method="centralized",
+                                       federation=replace(run.federation, central_mode=mode)), data, device)
         # mean: episode sizes vary from epoch to epoch, and the protocol pays their sum
         out["central_epoch_s"][mode] = statistics.mean(s for _, s in repeat_timed(trainer.train_round, rounds, device))
         if mode == "sequential":
@@ -247,18 +245,17 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
     if point.get("threads"):
         torch.set_num_threads(point["threads"])
     args = run_parser("fedavg").parse_args(cli_argv(point))
-    check_flags(args)
-    metric, device = resolve_metric(args), resolve_device(args.device)
-    (data, load_s) = timed(lambda: prepare_experiment(
-        args, log=log, check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev)), device)
-    validate(args, data, metric)
-    cfg, model_cfg = client_config(args, metric), model_config(args, data.dim_x)
+    run = check_flags(args)
+    device = resolve_device(run.federation.device)
+    (data, load_s) = timed(lambda: load_data(run, log=log), device)
+    validate(run, data)
+    cfg, model_cfg = run.client, run.model_for(data.dim_x)
     seed_everything(args.seed)
     rec: dict[str, Any] = {**point, "model": model_cfg.to_dict(), "torch_threads": torch.get_num_threads(),
                            "load_s": load_s}
     measure = set(point["measure"])
     if measure & {"step", "round", "eval"}:
-        trainer = make_trainer("fedavg", args, data, cfg, device)
+        trainer = make_trainer(run, data, device)
         model = trainer.model
         rec["engine_requested"], rec["engine"] = point["engine"], trainer.client_engine  # `auto` resolves per machine
         if "step" in measure:
@@ -271,7 +268,7 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
         del trainer, model
         free(device)
     if "central" in measure:
-        stage(rec, "centralized epochs", lambda: measure_central(args, data, cfg, point["central_epochs"],
+        stage(rec, "centralized epochs", lambda: measure_central(run, data, point["central_epochs"],
                                                                  point["repeats"], device))
     proj = projection(rec, args)
     rec["projected_full_protocol_s"], rec["projection"] = proj["total_s"], proj

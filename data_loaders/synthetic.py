@@ -23,7 +23,7 @@ import torch
 from .schema import DataError, GroupPrefs, LoadReport, QuestionBank, RawDataset
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticSpec:
     num_groups: int = 14
     num_questions: int = 200      # questions in the bank; each group answers `coverage` of them

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from data_loaders.datasets import ExperimentData
+from data_loaders.datasets import DataConfig, ExperimentData
 from data_loaders.schema import DataError
 from federated.aggregation import num_sampled_clients
 from federated.client import FitResult
@@ -30,10 +30,13 @@ POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's o
 
 # --- which groups, and where they live -----------------------------------------------
 
-def make_setup(flags: dict, metric: str, train: list[str], evals: list[str]) -> str:
-    """What every instruction carries: the run's flags (name -> value) and group lists (JSON, sorted keys)."""
-    return json.dumps({"flags": flags, "metric": metric, "train_groups": list(train),
-                       "eval_groups": list(evals)}, sort_keys=True)
+def make_setup(data: DataConfig, client: ClientConfig, model: GPOConfig, device: str, weighting: str,
+               train: list[str], evals: list[str]) -> str:
+    """What every instruction carries: the run's typed configs (node.py rebuilds them), its device and
+    FedAvg weighting, and the group lists (JSON, sorted keys). The model's dim_x comes from the node's data."""
+    return json.dumps({"data": asdict(data), "client": asdict(client), "model": asdict(model), "device": device,
+                       "weighting": weighting, "train_groups": list(train), "eval_groups": list(evals)},
+                      sort_keys=True)
 
 
 REFUSED = "the SuperLink did not accept the message (its node is no longer registered)"

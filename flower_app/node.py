@@ -2,7 +2,7 @@
 
 A node learns which group it holds from its node config (`group`, `dataset`, `data-path`,
 optionally `cache-dir` and `device`; in simulation, from its partition id), and the
-experiment's flags from each instruction. It loads only that group's GroupData and
+run's typed configs (data, client, model) from each instruction. It loads only that group's GroupData and
 wraps it in the same `GroupClient` the in-process engine uses, so a round on a node is
 the same computation as a round in one process: episodes from (seed, group, round), the
 client's Adam state carried across rounds in the node's own context.
@@ -13,17 +13,16 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import dataclass
-from types import SimpleNamespace
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import Context, Message
 
-from data_loaders.datasets import data_info, load_embedded
+from data_loaders.datasets import DataConfig, data_info, load_embedded
 from data_loaders.schema import DataError, GroupData, build_group_data
 from federated.client import GroupClient
-from models.gpo import GPO
-from training.config import client_config, model_config
+from models.gpo import GPO, GPOConfig
+from training.config import ClientConfig
 from utils.device import resolve_device
 
 from .protocol import (
@@ -70,20 +69,17 @@ def _optional(node_config: dict, key: str) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def node_args(setup: dict, ident: NodeIdentity) -> SimpleNamespace:
-    """The run's flags (as the server sent them, name -> value) as this node must apply them: its
-    own data location and device. The data loader and training.config read them by name."""
-    args = SimpleNamespace(**setup["flags"])
-    if ident.dataset is not None and ident.dataset != args.dataset:
+def node_data(setup: dict, ident: NodeIdentity) -> DataConfig:
+    """The run's data config as this node must apply it: its own data location and cache."""
+    data = DataConfig.from_dict(setup["data"])
+    if ident.dataset is not None and ident.dataset != data.dataset:
         raise DataError(f"node of group {ident.group!r} holds dataset {ident.dataset!r}, but the run "
-                        f"uses --dataset {args.dataset}", f"restart the SuperNode with dataset='{args.dataset}'")
-    for attr, value in (("data_path", ident.data_path), ("cache_dir", ident.cache_dir), ("device", ident.device)):
-        if value is not None:
-            setattr(args, attr, value)
-    return args
+                        f"uses --dataset {data.dataset}", f"restart the SuperNode with dataset='{data.dataset}'")
+    embedding = replace(data.embedding, cache_dir=ident.cache_dir or data.embedding.cache_dir)
+    return replace(data, data_path=ident.data_path or data.data_path, embedding=embedding)
 
 
-def load_group(args, group: str, considered: list[str], log=print) -> tuple[GroupData, bool, dict]:
+def load_group(cfg: DataConfig, group: str, considered: list[str], log=print) -> tuple[GroupData, bool, dict]:
     """This group's tensors only, identical to what prepare_experiment builds for it.
 
     Real datasets are parsed with the run's whole group list, because a question is kept
@@ -92,16 +88,16 @@ def load_group(args, group: str, considered: list[str], log=print) -> tuple[Grou
     texts are public survey items; the answers, which are the private data, stay here).
     """
     t0 = time.perf_counter()
-    raw, emb, emb_info = load_embedded(args, considered, log, check=lambda r: _check_group(r, group, args))
-    _check_group(raw, group, args)
+    raw, emb, emb_info = load_embedded(cfg, considered, log, check=lambda r: _check_group(r, group, cfg))
+    _check_group(raw, group, cfg)
     data = build_group_data(raw, group, emb)
     info = data_info(raw, emb_info, time.perf_counter() - t0)
     return data, raw.bank.ordinals is not None, info
 
 
-def _check_group(raw, group: str, args) -> None:
+def _check_group(raw, group: str, cfg: DataConfig) -> None:
     if group not in raw.groups:
-        raise DataError(f"group {group!r} not found in the {args.dataset} data at {args.data_path}",
+        raise DataError(f"group {group!r} not found in the {cfg.dataset} data at {cfg.data_path}",
                         f"available: {', '.join(sorted(raw.groups))}")
 
 
@@ -155,12 +151,10 @@ def build_node_client(setup: dict, ident: NodeIdentity, node_id: int) -> NodeCli
     else:
         raise DataError(f"this node holds group {ident.group!r}, which is in neither --train_groups "
                         f"{train} nor --eval_groups {evals}", "the server ignores this node for this run")
-    args = node_args(setup, ident)
-    data, has_ordinals, info = load_group(args, ident.group, train + evals, log=lambda *a: None)
-    device = resolve_device(args.device)
-    cfg = client_config(args, setup["metric"])
-    client = GroupClient(data.to(device), cfg, role)
-    model = GPO(model_config(args, data.x.shape[1])).to(device)
+    data, has_ordinals, info = load_group(node_data(setup, ident), ident.group, train + evals, log=lambda *a: None)
+    device = resolve_device(ident.device or setup["device"])
+    client = GroupClient(data.to(device), ClientConfig.from_dict(setup["client"]), role)
+    model = GPO(GPOConfig(**{**setup["model"], "dim_x": int(data.x.shape[1])})).to(device)
     report = NodeReport(ident.group, node_id, data.num_questions, data.num_points, int(data.x.shape[1]),
                         has_ordinals, info)
     return NodeClient(client, model, device, report)

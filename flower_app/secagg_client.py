@@ -98,9 +98,9 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next,
         raise RuntimeError(reply.error.reason)
 
     group = node_identity(dict(ctxt.node_config), partition_groups).group
-    flags = json.loads(setup)["flags"]
+    run = json.loads(setup)
     res = read_fit_reply(group, reply)
-    weight = raw_weight(res.num_examples, res.episode_points, flags["weighting"])
+    weight = raw_weight(res.num_examples, res.episode_points, run["weighting"])
     clip, max_weight = float(cfg[CLIP]), float(cfg[MAX_WEIGHT])
     if weight > max_weight:  # the server's bound is wrong: the masked sum could wrap around
         raise ValueError(f"group {group}: aggregation weight {weight} above the server's max_weight {max_weight:g}")
@@ -114,5 +114,5 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next,
                "losses": json.dumps(res.losses)}
     params = ndarrays_to_parameters([res.state[k].double().cpu().numpy() for k in keys])
     fitres = FitRes(Status(Code.OK, ""), params, weight, metrics)
-    seed = derive_seed(flags["seed"], "secagg_rounding", group, round_) % 2 ** 32
+    seed = derive_seed(run["client"]["seed"], "secagg_rounding", group, round_) % 2 ** 32
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg), seed

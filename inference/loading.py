@@ -4,18 +4,17 @@ it, so a group's questions get exactly the run's vectors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from data_loaders.datasets import load_embedded, question_holdout, split_seed
+from data_loaders.datasets import load_embedded, question_holdout
 from data_loaders.schema import DataError, GroupData, RawDataset, build_group_data
 from federated.client import GroupClient
 from models.gpo import GPO, GPOConfig
-from orchestration.cli import args_from_config
-from training.config import client_config
+from orchestration.config import RunConfig, run_from_json
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from utils.distances import DEFAULT_METRIC
 from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
@@ -112,16 +111,19 @@ def check_emb_override(run_model: str, override: str | None, where: str) -> str:
 class RunData:
     raw: RawDataset
     emb: torch.Tensor
-    args: object  # the run's flags as a Namespace
+    run: RunConfig
     metric: str
 
     def group(self, name: str) -> GroupData:
         return build_group_data(self.raw, name, self.emb)
 
+    def heldout_qkeys(self):
+        """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
+        return question_holdout(self.raw.bank.qkeys, self.run.data.question_split, self.run.data.split_seed)
+
     def client(self, name: str, role: str) -> GroupClient:
         """The group as the run's evaluation saw it: its split, held-out questions and context draws."""
-        held = question_holdout(self.raw.bank.qkeys, self.args.question_split, split_seed(self.args))
-        return GroupClient(self.group(name), client_config(self.args, self.metric), role, held)
+        return GroupClient(self.group(name), replace(self.run.client, metric=self.metric), role, self.heldout_qkeys())
 
     def training_texts(self, config: dict) -> set[str]:
         """Texts of the questions some training group of the run trained on (its local split)."""
@@ -130,16 +132,22 @@ class RunData:
         return {bank.questions[bank.row(k)] for k in keys}
 
 
+def run_of(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str) -> RunConfig:
+    run = run_from_json(config, data_path, cache_dir)
+    if run.data.dataset == "synthetic":
+        return run
+    embedding = replace(run.data.embedding, emb_model=emb_model)  # the model this predictor embeds new texts with
+    return replace(run, data=replace(run.data, embedding=embedding))
+
+
 def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None, emb_model: str,
                   log: Log) -> RunData:
     """The run's groups and vectors, as the run loaded them; DataError if the data is not there or differs."""
-    args = args_from_config(config, data_path, cache_dir)
-    if args.dataset != "synthetic":
-        args.emb_model = emb_model  # the model this predictor embeds new texts with
+    run = run_of(config, data_path, cache_dir, emb_model)
     groups = list(config.get("train_groups") or []) + list(config.get("eval_groups") or [])
-    raw, emb, _ = load_embedded(args, groups or None, log=log)
+    raw, emb, _ = load_embedded(run.data, groups or None, log=log)
     want = (config.get("data") or {}).get("source_hash")
     if want and raw.source_hash != want:
-        raise DataError(f"the {args.dataset} data at {args.data_path} (hash {raw.source_hash[:12]}) is not the "
+        raise DataError(f"the {run.data.dataset} data at {run.data.data_path} (hash {raw.source_hash[:12]}) is not the "
                         f"data the run was trained on (hash {want[:12]})", "pass the run's data with --data_path")
-    return RunData(raw, emb, args, config.get("metric", DEFAULT_METRIC))
+    return RunData(raw, emb, run, config.get("metric", DEFAULT_METRIC))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_loaders.datasets import DATASETS, group_names
+from data_loaders.datasets import DATASETS
 from federated.aggregation import WEIGHTINGS
 from federated.attacks import ATTACKS
 from federated.fedavg import CLIENT_ENGINES
@@ -33,21 +33,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=desc, formatter_class=DefaultsOnce)
 
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="globalqa", choices=DATASETS, help="survey data set")
-    d.add_argument("--data_path", default=None,
-                   help="globalqa: the hub CSV (else $PLURALLLM_GLOBALQA_CSV, else download); "
-                        "opinionqa: the human_resp folder (else $PLURALLLM_OPINIONQA_DIR)")
-    d.add_argument("--strict", action="store_true", help="stop at the first unparsable row instead of skipping it")
-    d.add_argument("--encoding", default="utf-8",
-                   help="text encoding of the globalqa CSV (e.g. latin-1 for a file saved by a spreadsheet)")
-    d.add_argument("--train_groups", type=group_names, default=None,
-                   help="comma-separated training groups (use ';' when a name holds a comma) "
-                        "(default: the paper's 8 countries for globalqa)")
-    d.add_argument("--eval_groups", type=group_names, default=None,
-                   help="comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)")
-    d.add_argument("--group_split", type=float, default=None,
-                   help="seeded random train share of the groups instead of fixed lists "
-                        "(opinionqa and synthetic default to 0.6)")
+    add_source_arguments(d)
     d.add_argument("--split_seed", type=int, default=None,
                    help="seed of the --group_split draw (default: --seed); fix it to vary only training over seeds")
     d.add_argument("--data_split", type=float, default=0.9,
@@ -57,14 +43,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                         "every group, drawn from --split_seed) from all training; groups are scored only on "
                         "them, evaluation contexts come from the rest (0 = the paper's split; replaces "
                         "--data_split when > 0)")
-    d.add_argument("--emb_model", default="auto",
-                   help="auto | alpaca | llama | minilm | a Hugging Face causal LM name or path")
-    d.add_argument("--emb_pickle", default=None, help="the authors' embeddings_alpaca_globalqa.pkl (runs code: trusted files only)")
-    d.add_argument("--cache_dir", default=None, help="embedding cache (default ~/.cache/plurallm/embeddings or $PLURALLLM_CACHE_DIR)")
-    d.add_argument("--emb_device", default="auto", help="device for computing embeddings")
-    d.add_argument("--emb_batch_size", type=int, default=16, help="texts per forward pass when embedding")
-    d.add_argument("--emb_dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="LLM dtype when embedding")
-    d.add_argument("--emb_load_in_8bit", action="store_true", help="load the LLM in 8 bits (bitsandbytes, CUDA)")
+    add_embedding_arguments(d)
     s = p.add_argument_group("synthetic data (--dataset synthetic)")
     s.add_argument("--syn_groups", type=int, default=14, help="number of groups")
     s.add_argument("--syn_questions", type=int, default=200, help="questions per group")
@@ -199,6 +178,50 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
+
+def group_names(text: str) -> list[str]:
+    """A group flag's value: names split at commas, or at semicolons when any name holds a
+    comma ('$100,000 or more; Black'). An empty list is refused."""
+    sep = ";" if ";" in text else ","
+    names = [g.strip() for g in text.split(sep) if g.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no group; list at least one, or leave "
+                                         "the flag out for the default groups")
+    return names
+
+
+def add_source_arguments(d, datasets=DATASETS, required: bool = False) -> None:
+    """Which data set, where its files are, and which groups it is parsed for (also the embed CLI's)."""
+    d.add_argument("--dataset", default=argparse.SUPPRESS if required else "globalqa", required=required, choices=datasets,
+                   help="survey data set")
+    d.add_argument("--data_path", default=None,
+                   help="globalqa: the hub CSV (else $PLURALLLM_GLOBALQA_CSV, else download); "
+                        "opinionqa: the human_resp folder (else $PLURALLLM_OPINIONQA_DIR)")
+    d.add_argument("--strict", action="store_true", help="stop at the first unparsable row instead of skipping it")
+    d.add_argument("--encoding", default="utf-8",
+                   help="text encoding of the globalqa CSV (e.g. latin-1 for a file saved by a spreadsheet)")
+    d.add_argument("--train_groups", type=group_names, default=None,
+                   help="comma-separated training groups (use ';' when a name holds a comma) "
+                        "(default: the paper's 8 countries for globalqa)")
+    d.add_argument("--eval_groups", type=group_names, default=None,
+                   help="comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)")
+    d.add_argument("--group_split", type=float, default=None,
+                   help="seeded random train share of the groups instead of fixed lists "
+                        "(opinionqa and synthetic default to 0.6)")
+
+
+def add_embedding_arguments(d) -> None:
+    """How option texts become vectors (also the embed CLI's)."""
+    d.add_argument("--emb_model", default="auto",
+                   help="auto | alpaca | llama | minilm | a Hugging Face causal LM name or path")
+    d.add_argument("--emb_pickle", default=None, help="the authors' embeddings_alpaca_globalqa.pkl (runs code: trusted files only)")
+    d.add_argument("--cache_dir", default=None, help="embedding cache (default ~/.cache/plurallm/embeddings or $PLURALLLM_CACHE_DIR)")
+    d.add_argument("--emb_device", default="auto", help="device for computing embeddings")
+    d.add_argument("--emb_batch_size", type=int, default=16, help="texts per forward pass when embedding")
+    d.add_argument("--emb_dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="LLM dtype when embedding")
+    d.add_argument("--emb_load_in_8bit", action="store_true", help="load the LLM in 8 bits (bitsandbytes, CUDA)")
+
+
 def add_strategy_arguments(group) -> None:
     """--strategy and its knobs (federated/strategies.py)."""
     g = group
@@ -310,21 +333,3 @@ def add_secagg_arguments(group) -> None:
                        help="secagg: integer levels a weight is quantised to; clients x levels must stay below "
                             "2**32 (default 2**22: 1023 clients)")
 
-
-def args_from_config(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> argparse.Namespace:
-    """The flags a run was trained with, as a parsed Namespace (unknown keys ignored)."""
-    args = build_parser("fedavg").parse_args([])
-    for k, v in config.items():
-        if hasattr(args, k):
-            setattr(args, k, v)
-    args.group_split = None  # train_groups / eval_groups in a config are already resolved lists
-    if data_path:
-        args.data_path = data_path
-    if cache_dir:
-        args.cache_dir = cache_dir
-    emb = (config.get("data") or {}).get("embedding") or {}
-    name = emb.get("model_id") if emb.get("emb_model") == "hf" else emb.get("emb_model")  # "hf": the id is the flag
-    if name and name not in ("auto", "synthetic"):
-        args.emb_model = name
-    args.quiet, args.resume = True, False
-    return args

@@ -7,9 +7,9 @@ import os
 import sys
 import time
 
-from data_loaders.datasets import prepare_experiment
 from orchestration.cli import build_parser
-from orchestration.experiment import check_flags, check_question_counts, run_method
+from orchestration.config import run_config
+from orchestration.experiment import check_flags, load_data, run_method
 from utils.errors import exit_on_error
 
 
@@ -34,17 +34,16 @@ def main_central() -> int:
 
 def _main(method: str, args) -> None:
     t0 = time.perf_counter()
-    check_flags(args, method)
-    if getattr(args, "engine", "inprocess") == "flower":  # clients on Flower nodes: flower_app/
+    run = check_flags(args, method)
+    if run.federation.engine == "flower":  # clients on Flower nodes: flower_app/
         from orchestration.flower_simulation import run_simulation_engine
         run_simulation_engine(args)
         print(f"done in {time.perf_counter() - t0:.1f} s")
         return
-    data = prepare_experiment(args, log=print,
-                              check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
-    run_method(method, args, data, args.out_dir)
-    if method == "fedavg" and args.also_centralized:
+    data = load_data(run)
+    run_method(run, data, run.output.out_dir)
+    if method == "fedavg" and run.output.also_centralized:
         # The baseline gets a sibling folder so both runs keep the standard layout.
-        central_dir = f"{args.out_dir.rstrip('/')}_centralized" if args.out_dir else None
-        run_method("centralized", args, data, central_dir)
+        out = run.output.out_dir
+        run_method(run_config(args, "centralized"), data, f"{out.rstrip('/')}_centralized" if out else None)
     print(f"done in {time.perf_counter() - t0:.1f} s")

@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from data_loaders.schema import DataError
-
-# (what asks for it, is it asked for, module to import, extra that installs it)
-NEEDS = (
-    ("--engine flower", lambda a: getattr(a, "engine", "inprocess") == "flower", "flwr", "flower"),
-    ("--sim_backend ray", lambda a: getattr(a, "engine", "inprocess") == "flower"
-     and getattr(a, "sim_backend", "thread") == "ray", "ray", "flower"),
-    ("--dp", lambda a: bool(getattr(a, "dp", False)), "opacus", "dp"),
-)
+from utils.errors import DataError
 
 
 def missing_extra(module: str) -> str | None:
@@ -28,11 +20,13 @@ def missing_extra(module: str) -> str | None:
     return None
 
 
-def check_extras(args) -> None:
-    for flag, wanted, module, extra in NEEDS:
-        if not wanted(args):
-            continue
-        why = missing_extra(module)
+def check_extras(engine: str, sim_backend: str, dp: bool) -> None:
+    # (what asks for it, is it asked for, module to import, extra that installs it)
+    needs = (("--engine flower", engine == "flower", "flwr", "flower"),
+             ("--sim_backend ray", engine == "flower" and sim_backend == "ray", "ray", "flower"),
+             ("--dp", dp, "opacus", "dp"))
+    for flag, wanted, module, extra in needs:
+        why = missing_extra(module) if wanted else None
         if why is not None:
             raise DataError(f"{flag} needs the optional package {module!r}, which cannot be imported ({why})",
                             f"pip install 'plurallm[{extra}]' (from a clone: pip install -e '.[{extra}]'), "

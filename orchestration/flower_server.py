@@ -16,13 +16,13 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from data_loaders.datasets import choose_groups
+from data_loaders.datasets import chosen_groups
 from data_loaders.schema import DataError
 from data_loaders.synthetic import group_names
 from flower_app.federation import discover, federated_data, make_setup
 from orchestration.cli import build_parser
+from orchestration.config import RunConfig
 from orchestration.experiment import check_flags, run_method
-from training.config import resolve_metric
 from utils.atomic_write import atomic_write_bytes
 from utils.run_folder import default_run_dir
 
@@ -42,32 +42,30 @@ def args_from_run_config(run_config: dict):
     return args
 
 
-def resolve_groups(args) -> tuple[list[str], list[str]]:
+def resolve_groups(run: RunConfig) -> tuple[list[str], list[str]]:
     """The train/eval groups prepare_experiment would choose, without loading any data."""
-    if args.dataset == "synthetic":
-        return choose_groups("synthetic", args.train_groups, args.eval_groups, args.group_split, args.seed,
-                             all_groups=group_names(args.syn_groups))
-    return choose_groups(args.dataset, args.train_groups, args.eval_groups, args.group_split, args.seed)
+    names = group_names(run.data.synthetic.num_groups) if run.data.dataset == "synthetic" else None
+    return chosen_groups(run.data, names)
 
 
-def check_supported(args) -> None:
-    """Flags that mean something in one process but not in a federation."""
-    if args.resume:
+def check_supported(run: RunConfig) -> None:
+    """Settings that mean something in one process but not in a federation."""
+    if run.output.resume:
         raise DataError("--resume is not supported with --engine flower: the clients' Adam states live on "
                         "their nodes, so a restarted federation would not continue the same run",
                         "rerun from round 0, or use --engine inprocess for resumable runs")
-    if args.also_centralized:
+    if run.output.also_centralized:
         raise DataError("--also_centralized pools every group's data in one process, which a federation "
                         "does not have", "run main_centralized.py with the same flags instead")
-    if args.client_engine not in ("auto", "loop"):
-        raise DataError(f"--client_engine {args.client_engine} runs clients inside one process; with "
+    if run.federation.client_engine not in ("auto", "loop"):
+        raise DataError(f"--client_engine {run.federation.client_engine} runs clients inside one process; with "
                         "--engine flower every client runs on its own node", "drop --client_engine")
 
 
 def default_secure_noise(args, runtime: str) -> None:
     """In a real deployment (SuperLink and SuperNodes) DP noise comes from the OS, known only to the
     server, unless the flags say --no-dp_secure_noise; simulations stay reproducible (issue 22)."""
-    if runtime == "deployment" and getattr(args, "dp", False) and getattr(args, "dp_secure_noise", None) is None:
+    if runtime == "deployment" and args.dp and args.dp_secure_noise is None:
         args.dp_secure_noise = True
 
 
@@ -75,19 +73,18 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     """Find the nodes, then train and evaluate through the shared run loop; returns the summary."""
     args.engine = "flower"
     default_secure_noise(args, runtime)
-    check_flags(args)
-    check_supported(args)
-    metric = resolve_metric(args)
-    train, evals = resolve_groups(args)
-    setup = make_setup(vars(args), metric, train, evals)
+    run = check_flags(args)
+    check_supported(run)
+    train, evals = resolve_groups(run)
+    setup = make_setup(run.data, run.client, run.model, run.federation.device, run.server.weighting, train, evals)
     log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
-    reports = discover(grid, setup, train + evals, args.node_wait, log)
-    data = federated_data(args.dataset, grid, setup, reports, train, evals, log)
+    reports = discover(grid, setup, train + evals, run.federation.node_wait, log)
+    data = federated_data(run.data.dataset, grid, setup, reports, train, evals, log)
     data.serial_eval = runtime == "simulation-thread"  # nodes in one process: evaluate in a fixed order
-    out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", args.seed)
+    out_dir = Path(args.out_dir) if args.out_dir else default_run_dir("fedavg", run.client.seed)
     ours = not (out_dir / "config.json").exists()  # run_method refuses a folder holding another run
     try:
-        return run_method("fedavg", args, data, out_dir, log=log)
+        return run_method(run, data, out_dir, log=log)
     finally:
         if ours:
             write_federation_record(out_dir, runtime, data)

@@ -1,18 +1,9 @@
-"""`main_fl.py --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime.
-
-One virtual SuperNode per group (node i holds the i-th of the train then eval groups).
-Flower's simulation runtime (in-memory SuperLink state, Grid, message workers) runs in
-this process; the backend that executes the ClientApp is chosen by --sim_backend:
-
-    thread  the ClientApp runs in worker threads of this process: no Ray, no extra
-            processes, no network ports, no start-up cost (default)
-    ray     Flower's Ray backend: ClientApps in Ray worker processes, with CPU/GPU
-            reservations per client. Ray's own servers listen on every interface.
-
-flwr 1.41 hard-wires the Ray backend inside the runtime (vce_api.start_vce imports
-`RayBackend` when the run starts); the thread backend implements the same `Backend`
-interface and is put in its place for the duration of one run only.
-Telemetry, Ray usage stats and Flower's update check are switched off before Flower starts.
+"""`main_fl.py --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime, one virtual
+SuperNode per group (node i holds the i-th of the train then eval groups). --sim_backend picks what runs
+the ClientApp: `thread`, worker threads of this process (no Ray, no ports, no start-up cost; the default),
+or `ray`, Flower's Ray backend (worker processes with CPU/GPU reservations; Ray's servers listen on every
+interface). flwr 1.41 hard-wires the Ray backend inside the runtime, so the thread backend, which
+implements the same `Backend` interface, is put in its place for the duration of one run only.
 """
 from __future__ import annotations
 
@@ -27,6 +18,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
+from orchestration.config import run_config
 from orchestration.flower_server import check_supported, make_server_app, resolve_groups
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -80,9 +72,9 @@ def use_backend(name: str):
         raybackend.RayBackend = original
 
 
-def backend_config(args) -> dict:
+def backend_config(fed) -> dict:
     """Resources per virtual client: --sim_client_cpus CPUs (and --sim_client_gpus GPUs with Ray)."""
-    return {"client_resources": {"num_cpus": args.sim_client_cpus, "num_gpus": args.sim_client_gpus},
+    return {"client_resources": {"num_cpus": fed.sim_client_cpus, "num_gpus": fed.sim_client_gpus},
             "init_args": {"logging_level": "ERROR", "log_to_driver": True}}
 
 
@@ -91,20 +83,22 @@ def run_simulation_engine(args, log=print) -> dict:
     for key, value in QUIET_ENV.items():
         os.environ[key] = value
     args.engine = "flower"
-    check_supported(args)  # before the runtime starts: these flags fail in seconds
-    if args.sim_backend not in SIM_BACKENDS:
-        raise DataError(f"--sim_backend {args.sim_backend!r} is not one of {', '.join(SIM_BACKENDS)}",
+    run = run_config(args)
+    check_supported(run)  # before the runtime starts: these flags fail in seconds
+    fed = run.federation
+    if fed.sim_backend not in SIM_BACKENDS:
+        raise DataError(f"--sim_backend {fed.sim_backend!r} is not one of {', '.join(SIM_BACKENDS)}",
                         "use --sim_backend thread (no Ray) or ray")
     from flwr.simulation import run_simulation
 
-    train, evals = resolve_groups(args)
+    train, evals = resolve_groups(run)
     groups = list(train) + list(evals)
     outcome: dict = {}
-    log(f"flower simulation ({args.sim_backend} backend): {len(groups)} virtual SuperNodes, one per group")
-    with use_backend(args.sim_backend):
-        run_simulation(server_app=make_server_app(args, outcome, runtime=f"simulation-{args.sim_backend}"),
+    log(f"flower simulation ({fed.sim_backend} backend): {len(groups)} virtual SuperNodes, one per group")
+    with use_backend(fed.sim_backend):
+        run_simulation(server_app=make_server_app(args, outcome, runtime=f"simulation-{fed.sim_backend}"),
                        client_app=make_client_app(groups), num_supernodes=len(groups),
-                       backend_config=backend_config(args))
+                       backend_config=backend_config(fed))
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:

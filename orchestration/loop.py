@@ -6,6 +6,7 @@ A "round" is a communication round for FedAvg and an epoch for the centralized b
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from utils.run_folder import RunDir
 from utils.wandb_logger import WandbLogger, wandb_metrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopConfig:
     rounds: int
     eval_every: int
@@ -142,10 +143,7 @@ class RunLoop:
         self.points = int(meta.get("points", 0))
         self.wall_offset = float(meta["wall_time_s"])
         self._trim(self.start_round)
-        records = self.run_dir.read_metrics()
-        losses = read_metrics(self.losses_path) if self.losses_path.exists() else []
-        for path, recs in ((self.run_dir.metrics_path, records), (self.losses_path, losses)):
-            check_rounds_increase(path, recs)
+        records, losses = self._read_logs()
         # the cumulative bytes are the sum of the rounds kept (a log from before counting has none)
         self.comm = {k: sum(r.get(f"comm_bytes_{k}", 0) for r in losses) for k in ("down", "up")}
         self.best = max(((r["eval_alignment_score"], r["round"]) for r in records
@@ -167,6 +165,13 @@ class RunLoop:
         for path in (self.run_dir.metrics_path, self.losses_path):
             if not path.exists() and (round_ > 0 or path == self.run_dir.metrics_path):
                 raise lost_log_error(path, f"is missing, but the run has a checkpoint of round {round_}")
+
+    def _read_logs(self) -> tuple[list[dict], list[dict]]:
+        """metrics.jsonl and losses.jsonl (absent: none yet), their rounds checked to increase."""
+        logs = [read_metrics(p) if p.exists() else [] for p in (self.run_dir.metrics_path, self.losses_path)]
+        for path, recs in zip((self.run_dir.metrics_path, self.losses_path), logs):
+            check_rounds_increase(path, recs)
+        return logs[0], logs[1]
 
     def _trim(self, last_round: int) -> None:
         for path in (self.run_dir.metrics_path, self.losses_path):
@@ -272,13 +277,8 @@ class RunLoop:
         """Keep the newest resumable checkpoints; `final` and `best` are indexes naming a round's
         files, so those files survive their round's index (a round checkpoint of a paper-scale
         FedAvg run is ~60 MB, almost all of it the clients' Adam states)."""
-        removed = prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
-        for tag in removed:
-            folder = self.ckpt_dir / "clients" / tag
-            if folder.is_dir():
-                for f in folder.iterdir():
-                    f.unlink()
-                folder.rmdir()
+        for tag in prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints):
+            shutil.rmtree(self.ckpt_dir / "clients" / tag, ignore_errors=True)
 
     def _checkpoint(self, tag: str, rnd: int, wall: float) -> None:
         extra = {"trainer": self.trainer.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -301,11 +301,8 @@ class RunLoop:
     def _finish(self, t0: float) -> dict:
         self.run_dir.close()
         self._check_logs_there(self.current_round)
-        records = read_metrics(self.run_dir.metrics_path)
-        losses = read_metrics(self.losses_path)
+        records, losses = self._read_logs()
         wall = time.perf_counter() - t0
-        for path, recs in ((self.run_dir.metrics_path, records), (self.losses_path, losses)):
-            check_rounds_increase(path, recs)
         # The last round is always evaluated and checkpointed: `final` names its files, no copy.
         alias_checkpoint(self.ckpt_dir, round_tag(records[-1]["round"]), "final", {"wall_time_s": round(wall, 3)})
         summary = build_summary(records, losses, self.cfg, wall)

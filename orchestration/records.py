@@ -94,18 +94,11 @@ def _same(folder: Path, files: dict[str, bytes]) -> bool:
     """The folder already holds exactly these files with this content (decompressed, for .gz)."""
     if not folder.is_dir() or {p.name for p in folder.iterdir()} != set(files):
         return False
-    for name, data in files.items():
-        old = (folder / name).read_bytes()
-        if name.endswith(".gz"):
-            try:
-                same = gzip.decompress(old) == gzip.decompress(data)
-            except OSError:
-                same = False
-        else:
-            same = old == data
-        if not same:
-            return False
-    return True
+    content = lambda name, data: gzip.decompress(data) if name.endswith(".gz") else data  # noqa: E731
+    try:
+        return all(content(n, (folder / n).read_bytes()) == content(n, d) for n, d in files.items())
+    except OSError:  # a damaged .gz
+        return False
 
 
 def _replace_folder(target: Path, files: dict[str, bytes]) -> None:

@@ -1,33 +1,25 @@
 """Replay the first rounds of a recorded run on the current code and compare its losses.
 
-A record is reused instead of retraining only if this code still computes its numbers: its
-first REPLAY_ROUNDS rounds are trained again from the same seed, flags and data, with the
-torch thread count the run used (a GEMM's reduction order, and so its last bits, depends on
-it), into a temporary folder, and every logged loss (the mean and each client's) is compared.
-
-Within a tolerance, not bit for bit, and one that depends on the host. On the CPU model that
-recorded the run a replay agrees to 1e-5 relative (in practice exactly). Another CPU model runs
-other kernels (MKL's Intel and AMD paths), and training amplifies their last-bit differences:
-replaying the AMD EPYC records of results/ on an Intel Xeon moved 2-round losses by up to
-5.4e-5, and the 3-round golden runs (tests/golden/) by up to 3.4e-4 (a trimmed server step
-under attack). So another CPU model gets 1e-3. A code change that alters a formula moves the
-numbers by far more; a change below 1e-3 is caught only on the recording CPU model.
-A difference is measured against a scale, not only the value's own size: each round's losses
-against that round's largest |loss| (_round_scales), every number against at least SCALE_FLOOR,
-so a near-zero metric (a group specificity of 2e-6) is compared absolutely, not by the ratio
-of two tiny numbers.
+A record is reused only if this code still computes its numbers: its first REPLAY_ROUNDS rounds
+are trained again (same seed, flags, data and torch thread count, which decides a GEMM's last
+bits) in a temporary folder, and every logged loss is compared within a host-dependent tolerance.
+On the CPU model that recorded the run a replay agrees to 1e-5 relative (in practice exactly).
+Another CPU model runs other kernels whose last-bit differences training amplifies (AMD EPYC
+records replayed on an Intel Xeon moved by up to 3.4e-4), so it gets 1e-3; a changed formula moves
+far more. Differences are measured against each round's largest |loss|, at least SCALE_FLOOR, so a
+near-zero value is compared absolutely, not as the ratio of two tiny numbers.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from orchestration.config import RunConfig
 from orchestration.experiment import run_method
 from utils.jsonl_log import read_metrics
 
@@ -65,14 +57,16 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def replay_losses(method: str, args: argparse.Namespace, data, rounds: int, threads: int | None) -> list[dict]:
+def replay_losses(run: RunConfig, data, rounds: int, threads: int | None) -> list[dict]:
     """losses.jsonl of the first `rounds` rounds of this run, trained again in a temporary folder."""
-    a = argparse.Namespace(**vars(args))
-    a.wandb, a.no_plots, a.quiet, a.log_every, a.keep_checkpoints, a.resume = "off", True, True, 0, 1, False
+    quiet = {"wandb": "off", "no_plots": True, "quiet": True, "log_every": 0, "keep_checkpoints": 1, "resume": False}
     with tempfile.TemporaryDirectory(prefix="plurallm-replay-") as tmp, torch_threads(threads):
         folder = Path(tmp) / "run"
-        a.out_dir = str(folder)
-        run_method(method, a, data, folder, log=lambda *_: None, stop_after=rounds)
+        run = replace(run, flags={**run.flags, **quiet, "out_dir": str(folder)},
+                      data=replace(run.data, quiet=True),
+                      loop=replace(run.loop, plots=False, log_every=0, keep_checkpoints=1),
+                      output=replace(run.output, wandb="off", resume=False, out_dir=str(folder)))
+        run_method(run, data, folder, log=lambda *_: None, stop_after=rounds)
         return read_metrics(folder / "losses.jsonl")
 
 

@@ -155,24 +155,25 @@ class RunPlan:
             self.lock.release()
 
 
-def plan_run(method: str, args, config: dict, out_dir=None, log=print) -> RunPlan:
+def plan_run(run, config: dict, out_dir=None, log=print) -> RunPlan:
     """Decide the folder: a new one, the one --out_dir names, or (--resume alone) the latest match.
 
     The folder is locked before anything in it is read for a decision or written, and stays
     locked in the returned plan (release it when the run ends)."""
-    if args.resume:
+    method, seed = run.method, run.client.seed
+    if run.output.resume:
         folder = Path(out_dir) if out_dir else find_latest(Path(RUNS_ROOT), method, config)
         if folder is None:
             log(f"--resume: no earlier {method} run with this configuration under {RUNS_ROOT}/; starting a new one")
-            return _fresh(method, args, config)
+            return _fresh(method, seed, config)
         if not (folder / "config.json").exists():
             raise DataError(f"--resume: {folder} holds no run (no config.json)",
                             "point --out_dir at the folder of the run to continue, or drop --resume")
         return _locked(folder, lambda: _continue(folder, method, config, log))
     if out_dir:
         folder = Path(out_dir)
-        return _locked(folder, lambda: _fresh_into(folder, method, args, config, out_dir))
-    return _fresh(method, args, config)
+        return _locked(folder, lambda: _fresh_into(folder, method, seed, config, out_dir))
+    return _fresh(method, seed, config)
 
 
 def _locked(folder: Path, decide) -> RunPlan:
@@ -186,15 +187,15 @@ def _locked(folder: Path, decide) -> RunPlan:
     return plan
 
 
-def _fresh_into(folder: Path, method, args, config, out_dir) -> RunPlan:
+def _fresh_into(folder: Path, method, seed, config, out_dir) -> RunPlan:
     if _holds_run(folder):
         raise DataError(f"--out_dir {out_dir} already holds a run (config.json and outputs are there)",
                         "add --resume to continue it, or choose another --out_dir (or delete that folder)")
-    return _fresh(method, args, config, out_dir)
+    return _fresh(method, seed, config, out_dir)
 
 
-def _fresh(method, args, config, out_dir=None) -> RunPlan:
-    folder = Path(out_dir) if out_dir else default_run_dir(method, args.seed, RUNS_ROOT)
+def _fresh(method, seed, config, out_dir=None) -> RunPlan:
+    folder = Path(out_dir) if out_dir else default_run_dir(method, seed, RUNS_ROOT)
     lock = None if out_dir else RunLock(folder).acquire()  # --out_dir folders are locked by the caller
     run_dir = RunDir(folder)
     run_dir.write_config(config)
@@ -206,28 +207,8 @@ def _holds_run(folder: Path) -> bool:
         (folder / name).exists() for name in ("metrics.jsonl", "losses.jsonl", "checkpoints", FAILED))
 
 
-def check_resume_early(method: str, args) -> None:
-    """What --resume --out_dir can refuse from the flags alone, before minutes of loading and
-    embedding: another method or dataset, or a failed run. plan_run checks everything else."""
-    folder = Path(args.out_dir) if getattr(args, "resume", False) and getattr(args, "out_dir", None) else None
-    if folder is None or not (folder / "config.json").exists():
-        return
-    saved = read_config(folder)
-    if saved.get("method") != method:
-        raise DataError(f"--resume: {folder} holds a {saved.get('method')!r} run, not {method!r}",
-                        "resume it with its own entry point, or point --out_dir elsewhere")
-    if saved.get("dataset") != args.dataset:
-        raise DataError(f"--resume: the run in {folder} is on --dataset {saved.get('dataset')}, not {args.dataset}",
-                        "rerun the same command as the interrupted run (plus --resume), or start a new run "
-                        "without --resume")
-    failed = read_failure(folder)
-    if failed is not None:
-        raise DataError(f"--resume: the run in {folder} failed ({failed.get('reason')}); resuming would fail again",
-                        "start a new run without --resume (another --out_dir), e.g. with a lower --lr or --grad_clip")
-
-
-def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
-    saved = read_config(folder)
+def _check_same_run(folder: Path, saved: dict, method: str) -> None:
+    """A folder --resume cannot continue: another method's run, one that failed, or one with a retired setting."""
     if saved.get("method") != method:
         raise DataError(f"--resume: {folder} holds a {saved.get('method')!r} run, not {method!r}",
                         "resume it with its own entry point, or point --out_dir elsewhere")
@@ -239,11 +220,30 @@ def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
     if retired:
         raise DataError(f"--resume: the run in {folder} used a setting this code no longer runs: " + "; ".join(retired),
                         "start a new run without --resume")
+
+
+_RERUN_HINT = "rerun the same command as the interrupted run (plus --resume), or start a new run without --resume"
+
+
+def check_resume_early(run) -> None:
+    """What --resume --out_dir can refuse from the flags alone, before minutes of loading and
+    embedding: another method or dataset, or a failed run. plan_run checks everything else."""
+    folder = Path(run.output.out_dir) if run.output.resume and run.output.out_dir else None
+    if folder is None or not (folder / "config.json").exists():
+        return
+    saved = read_config(folder)
+    if saved.get("method") == run.method and saved.get("dataset") != run.data.dataset:
+        raise DataError(f"--resume: the run in {folder} is on --dataset {saved.get('dataset')}, not "
+                        f"{run.data.dataset}", _RERUN_HINT)
+    _check_same_run(folder, saved, run.method)
+
+
+def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
+    saved = read_config(folder)
+    _check_same_run(folder, saved, method)
     diff = differences(saved, config)
     if diff:
-        raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff),
-                        "rerun the same command as the interrupted run (plus --resume), or start a new run "
-                        "without --resume")
+        raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff), _RERUN_HINT)
     finished = is_finished(folder)
     log(f"--resume: {'already finished' if finished else 'continuing'} run {folder}")
     return RunPlan(RunDir(folder), resume=True, finished=finished)

@@ -20,6 +20,7 @@ import torch
 
 from data_loaders.schema import DataError
 from orchestration import records
+from orchestration.config import run_config
 from orchestration.replay import (
     CROSS_HOST_TOLERANCE,
     REPLAY_ROUNDS,
@@ -97,7 +98,7 @@ def verify(record: Path, method: str, args, data) -> Verdict:
     if rounds == 0:
         return Verdict(record, True, "no round logged before it diverged: nothing to replay")
     try:
-        replayed = replay_losses(method, args, data, rounds, info.get("torch_threads"))
+        replayed = replay_losses(run_config(args, method), data, rounds, info.get("torch_threads"))
     except DataError as e:
         return Verdict(record, False, f"the replay failed: {str(e).splitlines()[0]}")
     cmp = compare_losses(recorded, replayed, tolerance)

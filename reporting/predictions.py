@@ -4,17 +4,18 @@ Unless named, the pair and the question are those whose true distributions diffe
 JS distance; 3–6 options preferred, as they read best as bars)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
-from data_loaders.datasets import ExperimentData, load_raw_dataset, prepare_experiment, synthetic_spec
+from data_loaders.datasets import DataConfig, ExperimentData, load_raw_dataset, prepare_experiment
 from data_loaders.episodes import collate
 from data_loaders.schema import gather_points
 from data_loaders.synthetic import make_synthetic
 from federated.client import GroupClient
 from models.gpo import GPO
-from orchestration.cli import args_from_config
-from training.config import client_config, model_config
+from orchestration.config import RunConfig, run_from_json
 from training.evaluation import target_ordinals
 from utils.checkpoint import load_checkpoint
 from utils.distances import js_distance, metric_label, score_questions
@@ -23,17 +24,16 @@ from .runs import Run, RunSet
 
 
 def load_model(run: Run) -> GPO:
-    args = args_from_config(run.config)
-    model = GPO(model_config(args, int(run.config["dim_x"])))
+    model = GPO(run_from_json(run.config).model_for(int(run.config["dim_x"])))
     weights, _, _ = load_checkpoint(run.path / "checkpoints", "final")
     model.load_state_dict(weights)
     model.eval()
     return model
 
 
-def _targets(group, args, metric: str, rnd: int, heldout=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets(group, run: RunConfig, metric: str, rnd: int, heldout=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The (context, target) questions the group's evaluation used at round `rnd`."""
-    ctx, _, tgt = GroupClient(group, client_config(args, metric), "eval", heldout).eval_questions(rnd)
+    ctx, _, tgt = GroupClient(group, replace(run.client, metric=metric), "eval", heldout).eval_questions(rnd)
     return ctx, tgt
 
 
@@ -46,11 +46,11 @@ def _truth(group, q_idx: torch.Tensor) -> list[np.ndarray]:
     return _per_question(group.y[points], group.sizes[q_idx])
 
 
-def choose(data: ExperimentData, args, metric: str, rnd: int, groups: list[str] | None = None,
+def choose(data: ExperimentData, run: RunConfig, metric: str, rnd: int, groups: list[str] | None = None,
            qkey: int | None = None) -> tuple[list[str], int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(two eval groups, question key, {group: (context, targets)})."""
     names = sorted(data.eval)
-    ctx_tgt = {g: _targets(data.eval[g], args, metric, rnd, data.heldout_qkeys) for g in names}
+    ctx_tgt = {g: _targets(data.eval[g], run, metric, rnd, data.heldout_qkeys) for g in names}
     pairs = [tuple(groups)] if groups else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     best = None
     for a, b in pairs:
@@ -92,13 +92,12 @@ def predict_question(model: GPO, group, ctx: torch.Tensor, tgt: torch.Tensor, ro
     return p, 1.0 - float(d[0])
 
 
-def question_text(args, qkey: int) -> tuple[str, list[str] | None]:
+def question_text(data: DataConfig, qkey: int) -> tuple[str, list[str] | None]:
     try:
-        if args.dataset == "synthetic":
-            raw = make_synthetic(synthetic_spec(args))[0]
+        if data.dataset == "synthetic":
+            raw = make_synthetic(data.synthetic)[0]
         else:
-            raw = load_raw_dataset(args.dataset, args.data_path, log=lambda *a: None,
-                                   encoding=getattr(args, "encoding", "utf-8"))
+            raw = load_raw_dataset(data.dataset, data.data_path, log=lambda *a: None, encoding=data.encoding)
         row = raw.bank.row(qkey)
         return raw.bank.questions[row], [str(o) for o in raw.bank.options[row]]
     except Exception:  # noqa: BLE001 - text is decoration: the numbers do not depend on it
@@ -121,18 +120,18 @@ def prediction_data(runset: RunSet, data: ExperimentData | None = None, data_pat
     seed = weighted[0]
     runs = {m: runset.finished(m)[seed] for m in ("fedavg", "centralized")}
     cfg = runs["fedavg"].config
-    args = args_from_config(cfg, data_path, cache_dir)
+    run = run_from_json(cfg, data_path, cache_dir)
     if data is None:
-        data = prepare_experiment(args, log=lambda *a: None)
+        data = prepare_experiment(run.data, log=lambda *a: None)
     want = (cfg.get("data") or {}).get("source_hash")
     have = data.info.get("source_hash")
     if want and have and want != have:
-        raise ValueError(f"the data at {args.data_path} (hash {have[:12]}) is not the data the runs were trained "
+        raise ValueError(f"the data at {run.data.data_path} (hash {have[:12]}) is not the data the runs were trained "
                          f"on (hash {want[:12]})")
     metric = cfg["metric"]
     rnd = int(runs["fedavg"].summary.get("rounds", 0))
-    pair, k, ctx_tgt = choose(data, args, metric, rnd, groups, qkey)
-    text, options = question_text(args, k)
+    pair, k, ctx_tgt = choose(data, run, metric, rnd, groups, qkey)
+    text, options = question_text(run.data, k)
     out = {"seed": seed, "qkey": k, "question": text, "groups": pair, "dists": {}, "scores": {},
            "metric": metric, "metric_label": metric_label(metric)}
     models = {m: load_model(r) for m, r in runs.items()}

@@ -26,9 +26,9 @@ from data_loaders.datasets import DEFAULT_GROUP_SPLIT, choose_groups, prepare_ex
 from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.cli import build_parser
-from orchestration.experiment import check_flags, check_question_counts, resolved_config, run_method
+from orchestration.config import check_question_counts, run_config
+from orchestration.experiment import check_flags, resolved_config, run_method
 from orchestration.resume import differences
-from training.config import resolve_metric
 from utils.atomic_write import atomic_write_json
 from utils.device import resolve_device
 from utils.errors import RunFolderError, exit_on_error
@@ -199,7 +199,7 @@ def episode_limits(args, counts: dict[str, int], train: list[str], evals: list[s
 def check_counts_with_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
     """check_question_counts, with the largest bounds the groups allow added to its hint."""
     try:
-        check_question_counts(args, counts, train, evals)
+        check_question_counts(run_config(args), counts, train, evals)
     except DataError as e:
         what = str(e).split("\n  hint: ")[0]
         raise DataError(what, f"{e.hint}; or {episode_limits(args, counts, train, evals)}") from e
@@ -224,13 +224,12 @@ def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argp
 
 def _planned_runs(args, data_for_seed, device, log=print):
     """(method, seed, run folder, its record or None, the resolved config it would train with)."""
-    metric = resolve_metric(args)
     root = records_root(args.out_root, args.records_dir, log)
     for seed in args.seeds:
         for method in args.methods:
             path = args.out_root / f"{method}_s{seed}"
-            requested = resolved_config(seed_args(args, seed, path, False, method), ENTRY_POINTS[method],
-                                        data_for_seed(seed), metric, device)
+            requested = resolved_config(run_config(seed_args(args, seed, path, False, method), ENTRY_POINTS[method]),
+                                        data_for_seed(seed), device)
             yield method, seed, path, (root / path.name if root else None), requested
 
 
@@ -279,13 +278,14 @@ def train_one(method: str, flags: dict, path: str) -> int:
     run_args, path = argparse.Namespace(**flags), Path(path)
 
     def train() -> None:
-        run_method(ENTRY_POINTS[method], run_args, prepare_experiment(run_args, log=print), path)
+        run = run_config(run_args, ENTRY_POINTS[method])
+        run_method(run, prepare_experiment(run.data, log=print), path)
     return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
 def make_batch(args, data_for_seed) -> Batch:
     def train(p: Planned) -> int:
-        run_method(ENTRY_POINTS[p.kind], seed_args(args, p.seed, p.folder, p.resumes, p.kind),
+        run_method(run_config(seed_args(args, p.seed, p.folder, p.resumes, p.kind), ENTRY_POINTS[p.kind]),
                    data_for_seed(p.seed), p.folder, log=print)
         return 0
 
@@ -383,7 +383,7 @@ def _main(argv: list[str]) -> int | None:
         # The data and the split do not depend on the seed (split fixed above, synthetic data
         # from --syn_seed), so it is loaded once for every method and seed.
         if not cache:
-            cache["data"] = prepare_experiment(args, log=print, check=lambda counts, tr, ev:
+            cache["data"] = prepare_experiment(run_config(args).data, log=print, check=lambda counts, tr, ev:
                                                check_counts_with_limits(args, counts, tr, ev))
         return cache["data"]
 

@@ -17,9 +17,9 @@ from data_loaders.datasets import prepare_experiment
 from data_loaders.schema import DataError
 from orchestration import records
 from orchestration.cli import build_parser as build_fedavg_parser
+from orchestration.config import run_config
 from orchestration.entry import main as train
 from orchestration.experiment import check_flags, resolved_config
-from training.config import resolve_metric
 from utils.device import resolve_device
 from utils.errors import exit_on_error
 from utils.run_folder import read_failure
@@ -204,15 +204,15 @@ class Planner:
     def data(self, args: argparse.Namespace):
         key = json.dumps({k: getattr(args, k, None) for k in (*DATA_FLAGS, "seed")}, sort_keys=True, default=str)
         if key not in self._data:
-            self._data[key] = prepare_experiment(args, log=self.log)
+            self._data[key] = prepare_experiment(run_config(args).data, log=self.log)
         return self._data[key]
 
     def state(self, run: Planned) -> RecordState:
         if run.record is None or not (run.record / "config.json").is_file():
             return RecordState(run.record, "missing")
         args = self.parsed(run)
-        check_flags(args)
-        requested = resolved_config(args, "fedavg", self.data(args), resolve_metric(args), resolve_device(args.device))
+        run_cfg = check_flags(args)
+        requested = resolved_config(run_cfg, self.data(args), resolve_device(run_cfg.federation.device))
         return record_state(run.record, requested)
 
     def plan(self, runs: list[Planned]) -> None:

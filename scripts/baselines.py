@@ -11,20 +11,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_loaders.datasets import prepare_experiment  # noqa: E402
 from federated.fedavg import make_clients  # noqa: E402
 from orchestration.cli import build_parser  # noqa: E402
-from orchestration.experiment import check_flags, check_question_counts  # noqa: E402
-from training.config import client_config, resolve_metric  # noqa: E402
+from orchestration.experiment import check_flags, load_data  # noqa: E402
 from training.diagnostics import seen_unseen  # noqa: E402
 from training.evaluation import GroupEval, group_stats  # noqa: E402
 from training.reference import BASELINES, QuestionReference  # noqa: E402
 from utils.errors import exit_on_error  # noqa: E402
 
 
-def baseline_table(data, args) -> list[str]:
-    metric = resolve_metric(args)
-    train, evals = make_clients(data, client_config(args, metric), "cpu")
+def baseline_table(data, run) -> list[str]:
+    metric = run.client.metric
+    train, evals = make_clients(data, run.client, "cpu")
     ref = QuestionReference.from_groups(c.local for c in train.values())
     lines = []
     for kind in BASELINES:
@@ -48,10 +46,8 @@ def main(argv=None) -> int:
     args.quiet = True
 
     def table() -> None:
-        check_flags(args)
-        data = prepare_experiment(args, log=lambda *a: None,
-                                  check=lambda counts, tr, ev: check_question_counts(args, counts, tr, ev))
-        for line in baseline_table(data, args):
+        run = check_flags(args)
+        for line in baseline_table(load_data(run, log=lambda *a: None), run):
             print(line)
     return exit_on_error(table)
 

@@ -32,7 +32,6 @@ from data_loaders.episodes import collate, sample_batch  # noqa: E402
 from federated.client import GroupClient  # noqa: E402
 from orchestration.cli import build_parser  # noqa: E402
 from orchestration.experiment import check_flags, make_trainer  # noqa: E402
-from training.config import client_config  # noqa: E402
 from training.diagnostics import Diagnostics  # noqa: E402
 from training.evaluation import GroupEval, group_stats  # noqa: E402
 from utils.seeding import generator  # noqa: E402
@@ -47,9 +46,9 @@ CHECKPOINTS = (0, 10, 30, 100, 200, 300)
 
 def build(seed: int, extra: list[str]):
     args = build_parser("centralized").parse_args([*PROTOCOL, "--seed", str(seed), *extra])
-    check_flags(args)
-    data = prepare_experiment(args, log=lambda *a: None)
-    return make_trainer("centralized", args, data, client_config(args, "jsd"), "cpu"), args, data
+    run = check_flags(args)
+    data = prepare_experiment(run.data, log=lambda *a: None)
+    return make_trainer(replace(run, client=replace(run.client, metric="jsd")), data, "cpu"), args, data
 
 
 # --- specificity -------------------------------------------------------------------------

@@ -45,15 +45,12 @@ def test_synthetic_is_deterministic_in_its_seed():
 
 
 def test_too_few_questions_for_episode_sizes():
-    from types import SimpleNamespace
-
-    from orchestration.experiment import check_question_counts
-    flags = SimpleNamespace(min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100,
-                            data_split=0.9, eval_num_qs=5)
+    from orchestration.cli import build_parser
+    from orchestration.config import check_question_counts, run_config
+    run = lambda *flags: run_config(build_parser("fedavg").parse_args(["--eval_num_qs", "5", *flags]))  # noqa: E731
     with pytest.raises(DataError, match=r"'g00' has 13 local questions \(0.9 of 15\), fewer than .* = 20"):
-        check_question_counts(flags, {"g00": 15, "g01": 15}, ["g00"], ["g01"])
-    flags.min_ctx_num_qs = 3
-    check_question_counts(flags, {"g00": 15, "g01": 15}, ["g00"], ["g01"])
+        check_question_counts(run(), {"g00": 15, "g01": 15}, ["g00"], ["g01"])
+    check_question_counts(run("--min_ctx_num_qs", "3"), {"g00": 15, "g01": 15}, ["g00"], ["g01"])
 
 
 def test_episode_keeps_min_targets_when_group_is_small():

@@ -8,7 +8,6 @@ from data_loaders.datasets import prepare_experiment, question_holdout
 from data_loaders.schema import DataError, GroupData
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, make_trainer
-from training.config import client_config
 from training.diagnostics import partners, seen_unseen
 from training.evaluation import GroupEval, context_questions
 from training.reference import QuestionReference
@@ -93,9 +92,9 @@ SYN = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "
 
 def trainer(method, *extra):
     args = build_parser(method).parse_args([*SYN, *extra])
-    check_flags(args)
-    data = prepare_experiment(args, log=lambda *a: None)
-    return make_trainer(method, args, data, client_config(args, "jsd"), "cpu"), data
+    run = check_flags(args, method)
+    data = prepare_experiment(run.data, log=lambda *a: None)
+    return make_trainer(run, data, "cpu"), data
 
 
 @pytest.mark.parametrize("method,extra", [("fedavg", ["--epochs", "2", "--client_engine", "loop"]),

@@ -511,7 +511,7 @@ def test_pickle_errors_for_wrong_model_or_missing_file_or_wrong_dim(tmp_path):
 
 def fake_datasets(monkeypatch, raw: RawDataset | None) -> None:
     """The embed CLI's dataset loading replaced: `raw` (or a DataError naming the file, for None)."""
-    from data_loaders import embed
+    from orchestration import embed
 
     def load_raw_dataset(dataset, data_path=None, *, strict=False, groups=None, log=print, encoding="utf-8"):
         if raw is None:
@@ -522,7 +522,7 @@ def fake_datasets(monkeypatch, raw: RawDataset | None) -> None:
 
 
 def test_cli_prints_what_it_loaded(tiny_llama, tmp_path, monkeypatch):
-    from data_loaders import embed
+    from orchestration import embed
     fake_datasets(monkeypatch, make_raw())
     lines: list[str] = []
     code = embed.main(["--dataset", "globalqa", "--emb_model", str(tiny_llama), "--cache_dir",
@@ -536,7 +536,7 @@ def test_cli_prints_what_it_loaded(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_cli_exits_nonzero_with_the_error(tmp_path, monkeypatch, capsys):
-    from data_loaders import embed
+    from orchestration import embed
     fake_datasets(monkeypatch, None)
     code = embed.main(["--dataset", "globalqa", "--data_path", "x.csv", "--cache_dir", str(tmp_path)],
                       log=lambda s: None)
@@ -545,7 +545,7 @@ def test_cli_exits_nonzero_with_the_error(tmp_path, monkeypatch, capsys):
 
 def test_cli_on_the_real_sample(tiny_llama, tmp_path, globalqa_csv, monkeypatch):
     """The real loader and the CLI together: plumbing only, so the model is stubbed."""
-    from data_loaders import embed
+    from orchestration import embed
     seen: list[int] = []
 
     def stub(texts, model_id, **kw):
@@ -562,9 +562,9 @@ def test_cli_on_the_real_sample(tiny_llama, tmp_path, globalqa_csv, monkeypatch)
 
 
 def test_cli_takes_main_fl_flag_names():
-    from data_loaders import embed
+    from orchestration import embed
     from orchestration.cli import build_parser
-    args = embed.parse_args(["--dataset", "globalqa", "--emb_device", "cpu", "--emb_batch_size", "4",
+    args = embed.build_parser().parse_args(["--dataset", "globalqa", "--emb_device", "cpu", "--emb_batch_size", "4",
                              "--emb_dtype", "bf16", "--emb_load_in_8bit", "--emb_pickle", "p.pkl",
                              "--encoding", "latin-1", "--train_groups", "Japan,China", "--eval_groups", "Spain"])
     assert (args.emb_device, args.emb_batch_size, args.emb_dtype, args.emb_load_in_8bit, args.emb_pickle,
@@ -573,21 +573,6 @@ def test_cli_takes_main_fl_flag_names():
     shown = {o for a in embed.build_parser()._actions if a.help != "==SUPPRESS==" for o in a.option_strings}
     main_fl = {o for a in build_parser("fedavg")._actions for o in a.option_strings}
     assert shown - main_fl == {"--groups"}  # every other flag is spelt as main_fl.py spells it
-
-
-def test_cli_old_flag_names_still_work_hidden(capsys):
-    from data_loaders import embed
-    old = embed.parse_args(["--dataset", "opinionqa", "--device", "cpu", "--batch_size", "4", "--dtype", "bf16",
-                            "--load_in_8bit", "--pickle_path", "p.pkl"])
-    assert (old.emb_device, old.emb_batch_size, old.emb_dtype, old.emb_load_in_8bit, old.emb_pickle) == \
-        ("cpu", 4, "bf16", True, "p.pkl")
-    err = capsys.readouterr().err
-    assert "--device is now --emb_device" in err and "--pickle_path is now --emb_pickle" in err
-    plain = embed.parse_args(["--dataset", "opinionqa"])
-    assert (plain.emb_device, plain.emb_batch_size, plain.emb_load_in_8bit) == ("auto", 16, False)
-    assert capsys.readouterr().err == ""
-    help_text = embed.build_parser().format_help()
-    assert "--emb_device" in help_text and "--device" not in help_text.replace("--emb_device", "")
 
 
 def test_the_tests_never_use_the_users_cache(tmp_path):

@@ -4,8 +4,8 @@ import torch
 
 from data_loaders.datasets import prepare_experiment
 from orchestration.cli import build_parser
+from orchestration.config import run_config
 from orchestration.experiment import make_trainer
-from training.config import client_config
 
 ARGS = ["--dataset", "synthetic", "--syn_groups", "6", "--syn_questions", "40", "--syn_dim", "16",
         "--d_model", "32", "--dim_feedforward", "32", "--num_layers", "2", "--min_ctx_num_qs", "3",
@@ -17,8 +17,8 @@ def trainer(*extra):
     if "--client_engine" not in extra:
         extra = ("--client_engine", "loop", *extra)
     args = build_parser("fedavg").parse_args([*ARGS, *extra])
-    data = prepare_experiment(args, log=lambda *a: None)
-    return make_trainer("fedavg", args, data, client_config(args, "jsd"), "cpu")
+    run = run_config(args)
+    return make_trainer(run, prepare_experiment(run.data, log=lambda *a: None), "cpu")
 
 
 def test_dropout_masks_depend_on_client_and_round_not_on_order():
@@ -135,10 +135,9 @@ def test_threads_engine_interrupted_drops_the_clients_not_started(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_fedavg_rounds_on_cuda_match_cpu():
     args = build_parser("fedavg").parse_args([*ARGS, "--client_engine", "auto"])
-    data = prepare_experiment(args, log=lambda *a: None)
-    cpu = make_trainer("fedavg", build_parser("fedavg").parse_args([*ARGS, "--client_engine", "loop"]), data,
-                       client_config(args, "jsd"), "cpu")
-    gpu = make_trainer("fedavg", args, data, client_config(args, "jsd"), "cuda")
+    data = prepare_experiment(run_config(args).data, log=lambda *a: None)
+    cpu = make_trainer(run_config(build_parser("fedavg").parse_args([*ARGS, "--client_engine", "loop"])), data, "cpu")
+    gpu = make_trainer(run_config(args), data, "cuda")
     assert gpu.client_engine == "loop"
     for rnd in (1, 2):
         a, b = cpu.train_round(rnd), gpu.train_round(rnd)

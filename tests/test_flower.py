@@ -9,6 +9,7 @@ processes.
 """
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from flwr.app import Context, Error, Message, RecordDict
 import flower_app.node as node_mod
 from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
-from flower_app.node import NodeIdentity, handle_train, node_args, node_identity
+from flower_app.federation import make_setup
+from flower_app.node import NodeIdentity, handle_train, node_data, node_identity
 from flower_app.protocol import (
     ADAM_ARRAYS,
     ADAM_META,
@@ -30,6 +32,7 @@ from flower_app.protocol import (
     read_instruction,
 )
 from orchestration.cli import build_parser
+from orchestration.config import run_config
 from orchestration.entry import main
 from orchestration.flower_server import resolve_groups, run_federation
 from training.diagnostics import DIAGNOSTIC_KEYS
@@ -104,7 +107,7 @@ def parse(out: Path, *extra):
 
 def local_run(out: Path, *extra, app=None, **grid_kw):
     args = parse(out, *extra)
-    train, evals = resolve_groups(args)
+    train, evals = resolve_groups(run_config(args))
     grid = LocalGrid(app or make_client_app(train + evals), train + evals, **grid_kw)
     logs: list[str] = []
     summary = run_federation(grid, args, runtime="local-test", log=logs.append)
@@ -133,7 +136,7 @@ def inprocess(tmp_path_factory):
 
 def test_resolved_groups_match_the_in_process_split(inprocess):
     config = json.loads((inprocess / "config.json").read_text())
-    assert resolve_groups(parse(inprocess)) == (TRAIN, EVAL)
+    assert resolve_groups(run_config(parse(inprocess))) == (TRAIN, EVAL)
     assert (config["train_groups"], config["eval_groups"]) == (TRAIN, EVAL)
 
 
@@ -255,7 +258,7 @@ def test_erroring_client_is_left_out_logged_and_the_run_continues(tmp_path):
 
 def test_silent_node_times_out_and_is_left_out(tmp_path):
     args = parse(tmp_path / "t", "--round_timeout", "0.3", "--comm_round", "1")
-    train, evals = resolve_groups(args)
+    train, evals = resolve_groups(run_config(args))
     grid = LocalGrid(make_client_app(train + evals), train + evals)
     grid.dead.add(101)  # g01's node: joins, then never answers again
     original = grid.push_messages
@@ -307,10 +310,10 @@ def test_node_identity_comes_from_node_config_or_partition():
         node_identity({"dataset": "synthetic"}, None)
     with pytest.raises(DataError, match="node config of group 'g03' names no dataset"):
         node_identity({"group": "g03"}, None)
-    setup = {"flags": vars(parse(Path("/tmp/x")))}
+    setup = {"data": asdict(run_config(parse(Path("/tmp/x"))).data)}
     with pytest.raises(DataError, match="holds dataset 'globalqa', but the run uses --dataset synthetic"):
-        node_args(setup, NodeIdentity("g00", "globalqa"))
-    assert node_args(setup, NodeIdentity("g00", "synthetic", "/data/here", None, "cpu")).data_path == "/data/here"
+        node_data(setup, NodeIdentity("g00", "globalqa"))
+    assert node_data(setup, NodeIdentity("g00", "synthetic", "/data/here", None, "cpu")).data_path == "/data/here"
 
 
 def test_missing_group_node_is_a_clear_error(tmp_path):
@@ -324,8 +327,8 @@ def test_missing_group_node_is_a_clear_error(tmp_path):
 def test_eval_node_refuses_to_train():
     groups = TRAIN + EVAL
     grid = LocalGrid(make_client_app(groups), groups)
-    setup = json.dumps({"flags": vars(parse(Path("/tmp/x"))), "metric": "jsd", "train_groups": TRAIN,
-                        "eval_groups": EVAL}, sort_keys=True)
+    run = run_config(parse(Path("/tmp/x")))
+    setup = make_setup(run.data, run.client, run.model, "cpu", "dataset_size", TRAIN, EVAL)
     msg = msg_with_id(instruction("train", 103, setup, 1, {}))  # node 103 holds groups[3] = g02
     with pytest.raises(DataError, match="'g02' is an evaluation group and never trains"):
         handle_train(msg, grid.contexts[103], groups)
@@ -355,11 +358,12 @@ def test_node_loads_exactly_its_groups_tensors_from_real_data(globalqa_csv, monk
     monkeypatch.setattr(emb_mod, "get_embeddings", fake_embeddings)
     args = build_parser("fedavg").parse_args(["--dataset", "globalqa", "--data_path", str(globalqa_csv),
                                               "--emb_model", "minilm", "--quiet"])
-    data = prepare_experiment(args, log=lambda *a: None)
-    train, evals = resolve_groups(args)
+    run = run_config(args)
+    data = prepare_experiment(run.data, log=lambda *a: None)
+    train, evals = resolve_groups(run)
     assert (sorted(data.train), sorted(data.eval)) == (sorted(train), sorted(evals))
     for group, want in [(train[0], data.train[train[0]]), (evals[-1], data.eval[evals[-1]])]:
-        got, has_ordinals, info = load_group(args, group, train + evals, log=lambda *a: None)
+        got, has_ordinals, info = load_group(run.data, group, train + evals, log=lambda *a: None)
         for name in ("x", "y", "offsets", "qkeys"):
             assert torch.equal(getattr(got, name), getattr(want, name)), (group, name)
         assert not has_ordinals and info["source_hash"] == data.info["source_hash"]

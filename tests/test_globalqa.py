@@ -186,14 +186,15 @@ def test_encoding_flag_reaches_the_csv_reader(tmp_path, monkeypatch):
     import data_loaders.embeddings as emb_mod
     from data_loaders.datasets import load_embedded
     from orchestration.cli import build_parser
+    from orchestration.config import run_config
     path = write_csv(tmp_path / "latin.csv", [["Année?", sel({"Japan": [1.0, 0.0]}), "['A', 'B']", "GAS"]],
                      encoding="latin-1")
     monkeypatch.setattr(emb_mod, "get_embeddings", lambda raw, *a, **k: (torch.zeros(2, 4), {"dim": 4}))
     args = build_parser("fedavg").parse_args(["--data_path", path, "--encoding", "latin-1"])
-    raw, _, _ = load_embedded(args, ["Japan"], log=QUIET)
+    raw, _, _ = load_embedded(run_config(args).data, ["Japan"], log=QUIET)
     assert raw.bank.questions == ["Année?"]
     with pytest.raises(DataError, match="--encoding latin-1"):
-        load_embedded(build_parser("fedavg").parse_args(["--data_path", path]), ["Japan"], log=QUIET)
+        load_embedded(run_config(build_parser("fedavg").parse_args(["--data_path", path])).data, ["Japan"], log=QUIET)
 
 
 def test_header_only_and_empty_files_say_so(tmp_path):

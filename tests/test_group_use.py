@@ -20,7 +20,6 @@ from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
 from orchestration.experiment import check_flags, make_trainer
-from training.config import client_config
 from training.evaluation import score_group
 from utils.distances import score_questions
 
@@ -94,9 +93,9 @@ def test_product_scores_the_same_projected_or_gathered():
 
 def trained_state(*extra, rounds=2):
     args = build_parser("centralized").parse_args([*SYN, *extra])
-    check_flags(args)
-    data = prepare_experiment(args, log=lambda *a: None)
-    t = make_trainer("centralized", args, data, client_config(args, "jsd"), "cpu")
+    run = check_flags(args)
+    data = prepare_experiment(run.data, log=lambda *a: None)
+    t = make_trainer(run, data, "cpu")
     losses = [t.train_round(r)["train_loss"] for r in range(1, rounds + 1)]
     return t, losses
 

@@ -8,6 +8,7 @@ tiny OpinionQA one with MiniLM embeddings for the exactness test and text embedd
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ from inference.export import main as export_main
 from inference.items import check_distribution, to_questions
 from inference.predict import main as predict_main
 from orchestration.entry import main as train_main
-from training.config import client_config
 from utils.checkpoint import load_checkpoint
 
 QUIET = lambda *a: None  # noqa: E731
@@ -63,7 +63,7 @@ def run_evaluation(pred: GroupPredictor, run: Path, group: str):
     """The run's own evaluation of `group` under its final weights, and the API's inputs for it."""
     data = pred.run_data
     weights, _, meta = load_checkpoint(run / "checkpoints", "final")
-    client = GroupClient(data.group(group), client_config(data.args, pred.metric), "eval")
+    client = GroupClient(data.group(group), replace(data.run.client, metric=pred.metric), "eval")
     evaluated = client.evaluate(pred.model, weights, meta["round"])
     ctx_q, tgt, tgt_q = client.eval_questions(meta["round"])
     answers = lambda q_idx: [bank_item(data.raw.bank, int(tgt.qkeys[i]),  # noqa: E731

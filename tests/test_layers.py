@@ -140,7 +140,7 @@ def test_the_base_commands_import_no_optional_extra():
     opacus, trl or wandb installed: none of them reaches one through top-level imports."""
     _, _, extras = import_graph()
     base = {"orchestration.entry", "reporting.reproduce", "reporting.sweep", "inference.predictor",
-            "inference.export", "inference.predict", "data_loaders.embed"}
+            "inference.export", "inference.predict", "orchestration.embed"}
     assert base - set(_sources()) == set()
     assert sorted(base & extras) == []
 
@@ -172,16 +172,21 @@ def test_the_checks_see_what_they_forbid(tmp_path, monkeypatch):
     assert hidden_imports() == [("utils.b", "utils.a"), ("utils.c", "utils.b")]
 
 
-# The loopback deployment tool's own command line (python -m flower_app.loopback), not main_fl.py's flags.
-OWN_COMMAND_LINE = {"flower_app.loopback"}
+# Tools with their own command line (python -m flower_app.loopback, python -m utils.repair_logs) that
+# parse their own flags, not main_fl.py's.
+OWN_COMMAND_LINE = {"flower_app.loopback", "utils.repair_logs"}
+
+
+BELOW_ORCHESTRATION = [p for p, layer in LAYERS.items() if layer < LAYERS["orchestration"]]
 
 
 def namespace_uses() -> list[tuple[str, str]]:
-    """(module, what) for every module under federated/ and flower_app/ that imports argparse or calls
-    getattr on a name `args`: they receive typed configs (orchestration/config.py), never the flags."""
+    """(module, what) for every module below orchestration that imports argparse, calls getattr on a
+    name `args` or reads an attribute of it, or builds a (Simple)Namespace: they receive typed configs
+    (orchestration/config.py), never the flags."""
     found = []
     for name, path in _sources().items():
-        if name.split(".")[0] not in ("federated", "flower_app"):
+        if name.split(".")[0] not in BELOW_ORCHESTRATION:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "argparse" for a in node.names):
@@ -191,7 +196,12 @@ def namespace_uses() -> list[tuple[str, str]]:
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
                   and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "args"):
                 found.append((name, f"getattr(args, ...) on line {node.lineno}"))
-    return [(n, w) for n, w in found if not (n in OWN_COMMAND_LINE and w == "import argparse")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args":
+                found.append((name, f"args.{node.attr} on line {node.lineno}"))
+            elif isinstance(node, (ast.Name, ast.Attribute)) and getattr(node, "id", getattr(node, "attr", "")) in (
+                    "Namespace", "SimpleNamespace"):
+                found.append((name, f"{getattr(node, 'id', getattr(node, 'attr', ''))} on line {node.lineno}"))
+    return [(n, w) for n, w in found if n not in OWN_COMMAND_LINE]
 
 
 def test_engines_read_no_flags():
@@ -204,5 +214,12 @@ def test_the_flag_check_sees_what_it_forbids(tmp_path, monkeypatch):
         "federated/bad.py": "import argparse\n\ndef f(args):\n    return getattr(args, 'dp', False)\n",
         "flower_app/__init__.py": "",
         "flower_app/loopback.py": "import argparse\n",
+        "data_loaders/__init__.py": "",
+        "data_loaders/worse.py": "from types import SimpleNamespace\n\ndef g(args):\n    return SimpleNamespace(s=args.seed)\n",
+        "orchestration/__init__.py": "",
+        "orchestration/cli.py": "import argparse\n\ndef h(args):\n    return args.seed\n",
     })
-    assert namespace_uses() == [("federated.bad", "import argparse"), ("federated.bad", "getattr(args, ...) on line 4")]
+    assert sorted(namespace_uses()) == [("data_loaders.worse", "SimpleNamespace on line 4"),
+                                        ("data_loaders.worse", "args.seed on line 4"),
+                                        ("federated.bad", "getattr(args, ...) on line 4"),
+                                        ("federated.bad", "import argparse")]

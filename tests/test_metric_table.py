@@ -14,9 +14,9 @@ from inference.items import Question
 from inference.pretrained import model_card
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
+from orchestration.config import resolve_metric, run_config
 from orchestration.experiment import validate
 from reporting.predictions import predict_question
-from training.config import resolve_metric
 from training.evaluation import score_group, target_ordinals
 from training.reference import QuestionReference
 from utils.distances import DEFAULT_METRIC, METRICS, Metric, MetricError, metric_label, score_questions, segment_ids
@@ -90,7 +90,8 @@ def test_an_added_metric_is_scored_offered_and_labelled(gap_metric):
     args = build_parser("fedavg").parse_args(["--metric", "gap"])
     assert resolve_metric(args) == "gap"
     with pytest.raises(DataError, match=r"--metric gap needs ordinal options; synthetic has none\n  hint: use --metric jsd"):
-        validate(SimpleNamespace(dataset="synthetic"), SimpleNamespace(has_ordinals=False), "gap")
+        validate(run_config(build_parser("fedavg").parse_args(["--metric", "gap", "--dataset", "synthetic"])),
+                 SimpleNamespace(has_ordinals=False))
     assert metric_label("gap") == "mean ordinal gap" and metric_label("later") == "later"
     assert "Alignment = 1 − mean mean ordinal gap between" in model_card({"metric": "gap"})
 

@@ -218,6 +218,7 @@ def test_prepare_experiment_prints_the_parse_summary_once(tmp_path, monkeypatch)
     import data_loaders.embeddings as emb_mod
     from data_loaders.datasets import prepare_experiment
     from orchestration.cli import build_parser
+    from orchestration.config import run_config
 
     def fixed_table(raw, emb_model, **kw):  # the summary is the subject here, not the vectors
         return torch.zeros(raw.bank.num_points, 4), {"emb_model": "fixed", "dim": 4}
@@ -226,7 +227,7 @@ def test_prepare_experiment_prints_the_parse_summary_once(tmp_path, monkeypatch)
     args = build_parser("fedavg").parse_args(["--dataset", "opinionqa", "--data_path", str(root),
                                               "--train_groups", "Female,Male", "--eval_groups", "White"])
     lines: list[str] = []
-    prepare_experiment(args, log=lines.append)
+    prepare_experiment(run_config(args).data, log=lines.append)
     summary = [s for s in lines if s.endswith("kept 3 questions")]
     assert summary == [f"{root / 'human_resp'}: kept 3 questions"]
     assert sum("refusal answers removed" in s for s in lines) == 1

@@ -25,7 +25,7 @@ from federated.privacy import (
 )
 from federated.strategies import Strategy, StrategyConfig
 from orchestration.cli import build_parser
-from orchestration.config import server_config
+from orchestration.config import run_config
 from utils.seeding import generator
 
 opacus = pytest.importorskip("opacus")
@@ -309,7 +309,7 @@ def test_accountant_state_dict_loads_with_weights_only_and_refuses_other_setting
 
 def parse(*argv):
     """The server configuration main_fl.py builds from these flags."""
-    return server_config(build_parser("fedavg").parse_args(list(argv)))
+    return run_config(build_parser("fedavg").parse_args(list(argv))).server
 
 
 def check_privacy_flags(cfg, num_train_clients):

@@ -263,7 +263,7 @@ def test_removed_flags_at_their_retired_default_are_no_difference(copied, capsys
     root, rec = copied
     for run in ("fedavg_s0", "centralized_s0"):
         cfg = _set_config(rec / "reproduce" / "tiny" / run, model="gpo", vmap_chunk=0)
-    assert pipeline.main(_argv(root, rec, ("0",), "--status")) == 0
+    assert reproduce.main(_argv(root, rec, ("0",), "--status")) == 0
     assert "2 planned: 2 finished, 0 diverged, 0 stale-config" in capsys.readouterr().out.splitlines()[-1]
     bare = {k: v for k, v in cfg.items() if k not in ("model", "vmap_chunk")}
     assert resume.fingerprint(cfg) == resume.fingerprint(bare) and resume.differences(cfg, bare) == []
@@ -273,7 +273,7 @@ def test_a_record_or_run_with_a_retired_setting_is_refused_naming_it(copied, cap
     root, rec = copied
     vmap = _set_config(rec / "reproduce" / "tiny" / "fedavg_s0", client_engine="vmap")
     _set_config(rec / "reproduce" / "tiny" / "centralized_s0", precision="bf16_input")
-    assert pipeline.main(_argv(root, rec, ("0",), "--status")) == 0
+    assert reproduce.main(_argv(root, rec, ("0",), "--status")) == 0
     lines = capsys.readouterr().out.splitlines()
     for run, why in (("fedavg_s0", "client_engine: 'vmap' was retired"),
                      ("centralized_s0", "precision: 'bf16_input' was retired")):

@@ -11,8 +11,8 @@ from data_loaders.schema import build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from models.gpo import GPO, GPOConfig
 from orchestration.cli import build_parser
+from orchestration.config import episode_sizes
 from orchestration.entry import main
-from training.config import episode_sizes
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "8",
          "--d_model", "16", "--dim_feedforward", "16", "--num_layers", "1", "--nhead", "2",

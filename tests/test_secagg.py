@@ -34,10 +34,9 @@ from flower_app.client_app import make_client_app
 from flower_app.federation import discover, federated_data, make_setup
 from flower_app.secagg_server import SecAggTrainer, effective_shares
 from orchestration.cli import build_parser
-from orchestration.config import secagg_config, server_config
+from orchestration.config import run_config
 from orchestration.entry import main
 from orchestration.flower_server import resolve_groups
-from training.config import client_config, model_config, resolve_metric
 from training.diagnostics import DIAGNOSTIC_KEYS
 from utils.checkpoint import load_checkpoint
 
@@ -112,8 +111,9 @@ def client_updates(monkeypatch):
 
 def check_secagg_flags(args):
     """The secure-aggregation check main_fl.py runs on its flags."""
-    server = server_config(args)
-    secagg_config(args).validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
+    run = run_config(args)
+    server = run.server
+    run.secagg.validate(engine=args.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
                                  byzantine=server.attack.byzantine, save_client=args.save_client)
 
 
@@ -126,14 +126,13 @@ def secure_trainer(tmp_path, *extra, app=None):
     node_mod._NODES.clear()
     args = parse(tmp_path / "unused", *extra)
     check_secagg_flags(args)
-    train, evals = resolve_groups(args)
+    run = run_config(args)
+    train, evals = resolve_groups(run)
     grid = WireGrid(app or make_client_app(train + evals), train + evals)
-    metric = resolve_metric(args)
-    setup = make_setup(vars(args), metric, train, evals)
+    setup = make_setup(run.data, run.client, run.model, run.federation.device, args.weighting, train, evals)
     reports = discover(grid, setup, train + evals, 5, log=lambda *a: None)
     data = federated_data(args.dataset, grid, setup, reports, train, evals, log=lambda *a: None)
-    trainer = SecAggTrainer(secagg_config(args), data, client_config(args, metric),
-                                  model_config(args, data.dim_x), weighting=args.weighting,
+    trainer = SecAggTrainer(run.secagg, data, run.client, run.model_for(data.dim_x), weighting=args.weighting,
                                   client_fraction=args.client_fraction, min_clients=args.min_clients,
                                   round_timeout=args.round_timeout)
     return trainer, grid
@@ -228,7 +227,7 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
     with use_backend("thread"):
         run_simulation(server_app=make_server_app(args, runtime="simulation-thread"),
                        client_app=make_client_app(TRAIN + EVAL), num_supernodes=len(TRAIN + EVAL),
-                       backend_config=backend_config(args))
+                       backend_config=backend_config(run_config(args).federation))
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in ref.iterdir()] + ["federation.json"])
     config = json.loads((out / "config.json").read_text())
     assert config["secagg"] is True and config["secagg_quant_range"] == 2 ** 22

@@ -27,7 +27,7 @@ from federated.strategies import (
     trimmed_mean,
 )
 from orchestration.cli import build_parser
-from orchestration.config import server_config
+from orchestration.config import run_config
 from training.local import proximal_penalty
 from utils.seeding import generator
 
@@ -468,7 +468,7 @@ def test_alie_moves_trimmed_mean_and_median_more_than_fedavg_within_an_honest_bo
 
 def parse(*argv):
     """The server configuration main_fl.py builds from these flags."""
-    return server_config(build_parser("fedavg").parse_args(list(argv)))
+    return run_config(build_parser("fedavg").parse_args(list(argv))).server
 
 
 def check_strategy_flags(cfg, num_train_clients):
