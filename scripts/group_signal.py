@@ -1,0 +1,244 @@
+"""Is there a group to read in the context? Non-learned probes of OpinionQA's group signal (issue 26).
+
+    PYTHONPATH=. python scripts/group_signal.py --out benchmarks/results/group_use/signal_split0.2_s0.json \
+        -- --dataset opinionqa --emb_model minilm --question_split 0.2 --seed 0
+    python scripts/group_signal.py --table benchmarks/results/group_use/signal_*.json   # the report's table
+
+The trained GPO scores the same with a group's own context answers as with another group's.
+Before asking a model to read the group, this script asks whether 20 context answers carry a
+group that a simple rule can read, on the same split, targets and metric as a run:
+
+- **nearest groups** (seen questions only): predict a target as the training groups' answers
+  weighted by softmax(−β · their mean distance to the context answers). It reads the group
+  through the answers alone, no embedding. β = 0 is the consensus.
+- **fold-in** (seen questions only): the consensus plus a ridge-fitted linear combination of
+  the training groups' deviations from it, fitted on the context questions: the group as a
+  point in the span of the training groups, as collaborative filtering folds in a new user.
+- **linear tilt**: p ∝ consensus · exp(z · w), z the option embedding centred over the
+  question's options, w fitted by ridge-penalised maximum likelihood on the group's context
+  questions (the in-context case), or on 80% of all its questions (`oracle`: how much of the
+  group's deviation from the consensus a direction of the embedding space explains at all).
+
+Each rule is scored with the group's own context answers and with its partner's (the run's
+seeded derangement), so specificity = own − partner, as in a run's record. Evaluation groups
+use the training groups' consensus; training groups use the consensus of the other training
+groups (leave-one-out), on their questions outside the global held-out set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_loaders.datasets import prepare_experiment  # noqa: E402
+from orchestration.cli import build_parser  # noqa: E402
+from orchestration.config import run_config  # noqa: E402
+from training.diagnostics import partners  # noqa: E402
+from utils.distances import score_questions  # noqa: E402
+from utils.seeding import generator  # noqa: E402
+
+BETAS = (0.0, 10.0, 30.0, 100.0, 300.0)
+FOLDS = (0.01, 0.1, 1.0)
+RIDGES = (0.001, 0.01, 0.1, 1.0)
+
+
+class Group:
+    """One group's questions as padded [Q, K] arrays keyed by question key."""
+
+    def __init__(self, g, heldout: set[int]):
+        off = g.offsets.tolist()
+        self.name, self.keys = g.name, [int(k) for k in g.qkeys.tolist()]
+        k_max = max(b - a for a, b in zip(off[:-1], off[1:]))
+        q, d = len(self.keys), g.x.shape[1]
+        self.p = np.zeros((q, k_max))
+        self.z = np.zeros((q, k_max, d))
+        self.mask = np.zeros((q, k_max), bool)
+        x, y = g.x.double().numpy(), g.y.double().numpy()
+        for i, (a, b) in enumerate(zip(off[:-1], off[1:])):
+            self.p[i, :b - a], self.mask[i, :b - a] = y[a:b], True
+            self.z[i, :b - a] = x[a:b] - x[a:b].mean(0)
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        self.trainable = np.array([k not in heldout for k in self.keys])
+        self.g = g
+
+
+def score(group: Group, rows: np.ndarray, pred: np.ndarray, metric: str) -> float:
+    """Mean alignment (1 − distance) of `pred` [len(rows), K] on the group's questions `rows`."""
+    g, off = group.g, group.g.offsets
+    sel = torch.as_tensor(rows)
+    sizes = (off[1:] - off[:-1])[sel]
+    new_off = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    idx = torch.cat([torch.arange(int(off[r]), int(off[r + 1])) for r in rows.tolist()])
+    pr = torch.as_tensor(pred[group.mask[rows]])
+    ords = None if g.ordinals is None else g.ordinals[idx]
+    dist = score_questions(pr, g.y[idx].double(), new_off, metric=metric, ordinals=ords)
+    return float(1 - dist.mean())
+
+
+def consensus(groups: list[Group], keys: list[int], k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean answers of `groups` per key [len(keys), K] and whether any of them trains on it."""
+    out, seen = np.zeros((len(keys), k_max)), np.zeros(len(keys), bool)
+    for j, k in enumerate(keys):
+        rows = [(g.p[g.row[k]]) for g in groups if k in g.row and g.trainable[g.row[k]]]
+        if rows:
+            out[j, :rows[0].shape[0]] = np.mean(rows, 0)
+            seen[j] = True
+    return out, seen
+
+
+def tilt_fit(base: np.ndarray, z: np.ndarray, mask: np.ndarray, p: np.ndarray, ridge: float) -> np.ndarray:
+    """w maximising Σ p·log softmax(log base + z·w) − ridge/2 ‖w‖² over the given questions."""
+    lb = torch.as_tensor(np.log(np.clip(base, 1e-9, None)))
+    zt, pt, mt = torch.as_tensor(z), torch.as_tensor(p), torch.as_tensor(mask)
+    w = torch.zeros(z.shape[-1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = (lb + zt @ w).masked_fill(~mt, -torch.inf)
+        loss = -(pt * torch.log_softmax(logits, -1).masked_fill(~mt, 0)).sum() + ridge / 2 * w.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().numpy()
+
+
+def tilted(base: np.ndarray, z: np.ndarray, mask: np.ndarray, w: np.ndarray) -> np.ndarray:
+    logit = np.where(mask, np.log(np.clip(base, 1e-9, None)) + z @ w, -np.inf)
+    e = np.exp(logit - logit.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def nearest(ctx_p: np.ndarray, ctx_mask: np.ndarray, others: list[np.ndarray], other_tgt: list[np.ndarray],
+            beta: float) -> np.ndarray:
+    """Training groups' target answers weighted by softmax(−β · mean TV to the context answers)."""
+    d = np.array([0.5 * np.abs(np.where(ctx_mask, ctx_p - o, 0)).sum(-1).mean() for o in others])
+    w = np.exp(-beta * (d - d.min()))
+    w /= w.sum()
+    return np.tensordot(w, np.stack(other_tgt), 1)
+
+
+def fold_in(ctx_p: np.ndarray, ctx_mask: np.ndarray, ctx_cons: np.ndarray, others: list[np.ndarray],
+            other_tgt: list[np.ndarray], tgt_cons: np.ndarray, tgt_mask: np.ndarray, ridge: float) -> np.ndarray:
+    """Consensus plus a ridge-fitted combination of the training groups' deviations from it:
+    the group as a point in the span of the training groups (collaborative filtering's fold-in)."""
+    dev_ctx = np.stack([(o - ctx_cons)[ctx_mask] for o in others], 1)        # [points, T]
+    a = np.linalg.solve(dev_ctx.T @ dev_ctx + ridge * np.eye(dev_ctx.shape[1]),
+                        dev_ctx.T @ (ctx_p - ctx_cons)[ctx_mask])
+    pred = tgt_cons + np.tensordot(a, np.stack([o - tgt_cons for o in other_tgt]), 1)
+    pred = np.where(tgt_mask, np.clip(pred, 1e-6, None), 0)
+    return pred / pred.sum(-1, keepdims=True)
+
+
+def probe(group: Group, partner: Group, pool: list[Group], metric: str, n_ctx: int, rng: np.random.Generator,
+          draws: int) -> dict:
+    """Scores of every rule on `draws` random context/target splits of `group`'s questions."""
+    rows = np.flatnonzero(group.trainable) if group.trainable.any() else np.arange(len(group.keys))
+    shared = [r for r in rows if group.keys[r] in partner.row]
+    k_max = group.p.shape[1]
+    out: dict[str, list[float]] = {}
+    add = lambda key, v: out.setdefault(key, []).append(v)  # noqa: E731
+    for _ in range(draws):
+        ctx = rng.choice(shared, n_ctx, replace=False)
+        tgt = np.setdiff1d(np.arange(len(group.keys)), ctx)
+        cons, seen = consensus(pool, group.keys, k_max)
+        tgt_seen = tgt[seen[tgt]]
+        ctx_keys = [group.keys[r] for r in ctx]
+        answers = {"own": group.p[ctx], "partner": np.stack([partner.p[partner.row[k]] for k in ctx_keys])}
+        add("uniform_seen", score(group, tgt_seen, np.where(group.mask[tgt_seen], 1, 0) /
+                                  group.mask[tgt_seen].sum(-1, keepdims=True), metric))
+        add("consensus_seen", score(group, tgt_seen, cons[tgt_seen], metric))
+        usable = [o for o in pool if all(k in o.row for k in ctx_keys + [group.keys[r] for r in tgt_seen])]
+        ctx_others = [o.p[[o.row[k] for k in ctx_keys]] for o in usable]
+        tgt_others = [o.p[[o.row[group.keys[r]] for r in tgt_seen]] for o in usable]
+        for who, ans in answers.items():
+            for beta in BETAS[1:]:
+                pred = nearest(ans, group.mask[ctx], ctx_others, tgt_others, beta)
+                add(f"nearest_b{beta:g}_{who}", score(group, tgt_seen, pred, metric))
+            for ridge in FOLDS:
+                pred = fold_in(ans, group.mask[ctx], cons[ctx], ctx_others, tgt_others, cons[tgt_seen],
+                               group.mask[tgt_seen], ridge)
+                add(f"foldin_r{ridge:g}_{who}", score(group, tgt_seen, pred, metric))
+            for ridge in RIDGES:
+                w = tilt_fit(cons[ctx], group.z[ctx], group.mask[ctx], ans, ridge)
+                add(f"tilt_r{ridge:g}_{who}", score(group, tgt_seen, tilted(cons[tgt_seen], group.z[tgt_seen],
+                                                                              group.mask[tgt_seen], w), metric))
+    # how much one direction of the embedding space explains, given 80% of the group's questions
+    cons, seen = consensus(pool, group.keys, k_max)
+    rows_seen = np.flatnonzero(seen)
+    perm = rng.permutation(rows_seen)
+    fit, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
+    for ridge in RIDGES:
+        w = tilt_fit(cons[fit], group.z[fit], group.mask[fit], group.p[fit], ridge)
+        out.setdefault(f"oracle_tilt_r{ridge:g}", []).append(
+            score(group, test, tilted(cons[test], group.z[test], group.mask[test], w), metric))
+    out.setdefault("oracle_consensus", []).append(score(group, test, cons[test], metric))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+TABLE = (("consensus", "consensus_seen"), ("nearest own", "nearest_b100_own"),
+         ("nearest partner", "nearest_b100_partner"), ("fold-in own", "foldin_r0.1_own"),
+         ("fold-in partner", "foldin_r0.1_partner"), ("tilt own", "tilt_r0.01_own"),
+         ("tilt partner", "tilt_r0.01_partner"), ("oracle tilt", "oracle_tilt_r0.01"),
+         ("oracle consensus", "oracle_consensus"))
+
+
+def table(paths: list[str]) -> str:
+    """One markdown row per file and role, each rule at one setting (β 100, fold-in ridge 0.1, tilt
+    ridge 0.01), read off seed 0 of the leakage-free split and then fixed for every file."""
+    head = "| file | groups | " + " | ".join(n for n, _ in TABLE) + " | nearest spec | fold-in spec |"
+    rows = [head, "|" + "---|" * (len(TABLE) + 4)]
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for role in ("eval", "train"):
+            m = d[f"mean_{role}"]
+            vals = " | ".join(f"{m[k]:.4f}" if k in m else "–" for _, k in TABLE)
+            spec = lambda rule: (f"{m[rule + '_own'] - m[rule + '_partner']:+.4f}"  # noqa: E731
+                                 if rule + "_own" in m else "–")
+            rows.append(f"| {Path(path).stem} | {role} | {vals} | {spec('nearest_b100')} | {spec('foldin_r0.1')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["--table"]:
+        print(table(sys.argv[2:]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n_ctx", type=int, default=20)
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("run_flags", nargs=argparse.REMAINDER)
+    a = ap.parse_args(argv)
+    flags = a.run_flags[1:] if a.run_flags[:1] == ["--"] else a.run_flags
+    args = build_parser("fedavg").parse_args(flags)
+    run = run_config(args, "fedavg")
+    data = prepare_experiment(run.data, log=lambda *m: None)
+    metric = run.client.metric
+    held = set() if data.heldout_qkeys is None else {int(k) for k in data.heldout_qkeys.tolist()}
+    train = {n: Group(g, held) for n, g in data.train.items()}
+    evals = {n: Group(g, held) for n, g in data.eval.items()}
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator(args.seed, "group_signal"))))
+    result = {"flags": flags, "metric": metric, "n_ctx": a.n_ctx, "draws": a.draws, "groups": {}}
+    for role, groups in (("eval", evals), ("train", train)):
+        pairs = partners(list(groups), args.seed)
+        for name, grp in sorted(groups.items()):
+            pool = list(train.values()) if role == "eval" else [g for n, g in train.items() if n != name]
+            result["groups"][f"{role}:{name}"] = probe(grp, groups[pairs[name]], pool, metric, a.n_ctx, rng, a.draws)
+            print(role, name, {k: round(v, 4) for k, v in result["groups"][f"{role}:{name}"].items()}, flush=True)
+    for role in ("eval", "train"):
+        rows = [v for k, v in result["groups"].items() if k.startswith(role + ":")]
+        result[f"mean_{role}"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True))
+    for role in ("eval", "train"):
+        print(role, json.dumps({k: round(v, 4) for k, v in result[f"mean_{role}"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
