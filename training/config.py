@@ -51,7 +51,9 @@ def model_config(args, dim_x: int) -> GPOConfig:
                      num_layers=args.num_layers, bound_std=args.bound_std, precision=args.precision,
                      layer_init=getattr(args, "layer_init", "independent"),
                      loss_reduction=getattr(args, "loss_reduction", "sum"),
-                     context_answer=getattr(args, "context_answer", "concat"))
+                     context_answer=getattr(args, "context_answer", "concat"),
+                     context_factors=getattr(args, "context_factors", 0),
+                     factor_ridge=getattr(args, "factor_ridge", 1e-2))
 
 
 def resolve_metric(args) -> str:
