@@ -135,6 +135,8 @@ class GPO(nn.Module):
                 raise ValueError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(choices)}")
         if c.context_factors < 0:
             raise ValueError(f"context_factors {c.context_factors}: give 0 (off) or a positive number of factors")
+        if c.context_factors and not c.factor_ridge > 0:  # a context shorter than F makes the fit singular
+            raise ValueError(f"factor_ridge {c.factor_ridge}: the context factors need a positive ridge penalty")
         self.product = c.context_answer == "product"
         self.embedder = mlp(c.input_dim, c.d_model, c.d_model, c.emb_depth)
         self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)

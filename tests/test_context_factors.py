@@ -8,12 +8,14 @@ import torch
 from conftest import load_script
 
 from data_loaders.episodes import collate
-from data_loaders.schema import build_group_data
+from data_loaders.schema import DataError, build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
 from federated.client import GroupClient
 from inference import GroupPredictor
 from models.gpo import GPO, GPOConfig
+from orchestration.cli import build_parser
 from orchestration.entry import main as train_main
+from orchestration.experiment import check_flags
 from training.config import client_config
 from utils.checkpoint import load_checkpoint
 
@@ -122,6 +124,12 @@ def test_projected_episodes_carry_the_head_outputs_and_predict_the_same():
 def test_bad_factor_settings_are_refused():
     with pytest.raises(ValueError, match="context_factors"):
         GPO(replace(CFG, context_factors=-1))
+    with pytest.raises(ValueError, match="factor_ridge"):
+        GPO(replace(CFG, context_factors=2, factor_ridge=0.0))
+    for flag, value in (("--context_factors", "-1"), ("--factor_ridge", "0")):
+        args = build_parser("fedavg").parse_args(["--dataset", "synthetic", flag, value])
+        with pytest.raises(DataError, match=f"{flag} .* must be"):
+            check_flags(args)
     ep = replace(collate(groups(), CTX, TGT), ctx_seg=None)
     with pytest.raises(ValueError, match="ctx_seg"):
         factor_model().predict(ep)
