@@ -73,10 +73,10 @@ def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torc
     ctx_parts = [gather_points(g.offsets, q.to(dev)) for g, q in zip(groups, ctx_q)]
     tgt_parts = [gather_points(g.offsets, q.to(dev)) for g, q in zip(tgt_groups, tgt_q)]
     if B == 1:  # a client's own episode: nothing to pad
-        (cp, _), (tp, tseg), g, tg = ctx_parts[0], tgt_parts[0], groups[0], tgt_groups[0]
+        (cp, cseg), (tp, tseg), g, tg = ctx_parts[0], tgt_parts[0], groups[0], tgt_groups[0]
         ones = lambda n: torch.ones(1, n, dtype=torch.bool, device=dev)  # noqa: E731
         return Episode(g.x[cp][None], g.y[cp][None], ones(len(cp)), tg.x[tp][None], tg.y[tp][None],
-                       ones(len(tp)), tseg[None], len(tgt_q[0]))
+                       ones(len(tp)), tseg[None], len(tgt_q[0]), ctx_seg=cseg[None], num_ctx_q=len(ctx_q[0]))
     nc = max(len(p) for p, _ in ctx_parts)
     nt = max(len(p) for p, _ in tgt_parts)
     ref, ref_y = groups[0].x, groups[0].y  # x may be stored in bf16 (bf16_input), y never is
@@ -86,12 +86,13 @@ def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torc
     ctx_mask = torch.zeros(B, nc, dtype=torch.bool, device=ref.device)
     tgt_mask = torch.zeros(B, nt, dtype=torch.bool, device=ref.device)
     tgt_seg = torch.zeros(B, nt, dtype=torch.long, device=ref.device)
-    for b, (g, tg, (cp, _), (tp, tseg)) in enumerate(zip(groups, tgt_groups, ctx_parts, tgt_parts)):
+    ctx_seg = torch.zeros(B, nc, dtype=torch.long, device=ref.device)
+    for b, (g, tg, (cp, cseg), (tp, tseg)) in enumerate(zip(groups, tgt_groups, ctx_parts, tgt_parts)):
         xc[b, :len(cp)], yc[b, :len(cp)], ctx_mask[b, :len(cp)] = g.x[cp], g.y[cp], True
         xt[b, :len(tp)], yt[b, :len(tp)], tgt_mask[b, :len(tp)] = tg.x[tp], tg.y[tp], True
-        tgt_seg[b, :len(tp)] = tseg
-    num_tgt_q = max(len(q) for q in tgt_q)
-    return Episode(xc, yc, ctx_mask, xt, yt, tgt_mask, tgt_seg, num_tgt_q)
+        tgt_seg[b, :len(tp)], ctx_seg[b, :len(cp)] = tseg, cseg
+    return Episode(xc, yc, ctx_mask, xt, yt, tgt_mask, tgt_seg, max(len(q) for q in tgt_q),
+                   ctx_seg=ctx_seg, num_ctx_q=max(len(q) for q in ctx_q))
 
 
 def virtual_group(group: GroupData, tilt: float, gen: torch.Generator) -> GroupData:

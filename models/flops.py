@@ -27,6 +27,8 @@ def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
     embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
     if getattr(cfg, "context_answer", "concat") == "product":  # (y·x)·W_p, context points only
         embedder += n_ctx * cfg.dim_x * d
+    if getattr(cfg, "context_factors", 0):  # the factor head x -> (c, B), on every point
+        embedder += tokens * (cfg.dim_x * d + d * (1 + cfg.context_factors))
     layers = (cfg.num_layers - 1) * layer_macs(cfg, tokens, n_ctx) + layer_macs(cfg, n_tgt, n_ctx)
     predictor = n_tgt * (d * ff + ff * 2 * cfg.dim_y)
     return embedder + layers + predictor

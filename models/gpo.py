@@ -7,7 +7,7 @@ scoring all of a group's questions in one pass equals scoring them one at a time
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,11 @@ class GPOConfig:
     # scales a copy of the option embedding with weights of its own, so a context pooled by
     # attention carries the answer-weighted embedding linearly. Targets (y = 0) are unchanged.
     context_answer: str = "concat"
+    # In-context factors (issue 26, docs/group_use.md): F > 0 adds a head x -> (c(x), B(x) in R^F) and adds
+    # B(x_t)·a to the target mean logits, a the ridge fit (penalty factor_ridge) of the context residuals
+    # y - softmax(c) on B(x_c): a real group is nearly a low-rank mix of the training groups' deviations.
+    context_factors: int = 0
+    factor_ridge: float = 1e-2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +71,8 @@ class Episode:
     tgt_seg: torch.Tensor   # [B, Nt] long
     num_tgt_q: int          # max target questions per episode (segment count)
     projected: bool = False  # xc/xt already hold x·W_x + b (see GPO.project), [B, N, d_model]
+    ctx_seg: torch.Tensor | None = None  # [B, Nc] long, as tgt_seg (the context factors' softmax needs it)
+    num_ctx_q: int = 0
 
     def to(self, device) -> "Episode":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
@@ -126,6 +133,10 @@ class GPO(nn.Module):
                               ("loss_reduction", LOSS_REDUCTIONS)):
             if getattr(c, name) not in choices:
                 raise ValueError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(choices)}")
+        if c.context_factors < 0:
+            raise ValueError(f"context_factors {c.context_factors}: give 0 (off) or a positive number of factors")
+        if c.context_factors and not c.factor_ridge > 0:  # a context shorter than F makes the fit singular
+            raise ValueError(f"factor_ridge {c.factor_ridge}: the context factors need a positive ridge penalty")
         self.product = c.context_answer == "product"
         self.embedder = mlp(c.input_dim, c.d_model, c.d_model, c.emb_depth)
         self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)
@@ -136,16 +147,21 @@ class GPO(nn.Module):
             # nn.TransformerEncoder deep-copies the layer it is given, so all layers start equal.
             for layer in self.layers[1:]:
                 layer.load_state_dict(self.layers[0].state_dict())
+        # Built last and only when asked for, so that F = 0 draws the same initial weights as before.
+        # It reads x alone: a context point's factors must not see its answer.
+        self.factor_head = mlp(c.dim_x, c.d_model, 1 + c.context_factors, 2) if c.context_factors else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x·W_x + b, the embedder's first layer without the y column, for points given once.
 
         Evaluation embeds a whole group's points with it and then gathers 128-wide rows, instead of gathering
         4096-wide embeddings into an episode first. With context_answer "product" the rows are [x·W_x + b, x·W_p]
-        (2·d_model wide): y·(x·W_p) is the product term (y·x)·W_p, so it needs no raw x either."""
+        (2·d_model wide): y·(x·W_p) is the product term (y·x)·W_p, so it needs no raw x either. With context
+        factors the factor head's 1 + F outputs (fp32) are appended last."""
         with self._autocast(x):
             h = self._x_linear(x)
-            return torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
+            h = torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
+        return torch.cat([h, self.factor_head(x.float())], dim=-1) if self.factor_head is not None else h
 
     def _x_linear(self, x: torch.Tensor, product: bool = False) -> torch.Tensor:
         """x·W_x + b, or x·W_p (no bias) with `product`: the columns that multiply y·x."""
@@ -197,12 +213,23 @@ class GPO(nn.Module):
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""
+        if self.factor_head is not None:
+            ep, head_c, head_t = self._factor_outputs(ep)
         with self._autocast(ep.xc):
             out = self.predictor(self.encode_targets(ep))
-        raw_mean, raw_std = out[..., 0], out[..., 1]
-        mean = segment_softmax(raw_mean.float(), ep.tgt_seg, ep.tgt_mask, ep.num_tgt_q)
+        raw_mean, raw_std = out[..., 0].float(), out[..., 1]
+        if self.factor_head is not None:
+            raw_mean = raw_mean + fold_in(head_c, head_t, ep, self.config.factor_ridge)
+        mean = segment_softmax(raw_mean, ep.tgt_seg, ep.tgt_mask, ep.num_tgt_q)
         std = 0.05 + 0.95 * F.softplus(raw_std.float()) if self.config.bound_std else raw_std.float().exp()
         return mean, std
+
+    def _factor_outputs(self, ep: Episode) -> tuple[Episode, torch.Tensor, torch.Tensor]:
+        """(the episode without the head's columns, head outputs of context and targets [B, N, 1 + F])."""
+        if not ep.projected:
+            return ep, self.factor_head(ep.xc.float()), self.factor_head(ep.xt.float())
+        k = 1 + self.config.context_factors  # project() appended them
+        return replace(ep, xc=ep.xc[..., :-k], xt=ep.xt[..., :-k]), ep.xc[..., -k:], ep.xt[..., -k:]
 
     def forward(self, ep: Episode) -> torch.Tensor:
         """Per-episode negative log-likelihood summed over real target points, [B]."""
@@ -251,6 +278,20 @@ class FirstLayer(torch.autograd.Function):
         grad_w[:, :dim_x].addmm_(gt.t(), xt.reshape(-1, dim_x))
         torch.mv(gc.t(), yc.reshape(-1), out=grad_w[:, dim_x])
         return None, None, None, grad_w, gc.sum(0) + gt.sum(0)
+
+
+def fold_in(head_c: torch.Tensor, head_t: torch.Tensor, ep: Episode, ridge: float) -> torch.Tensor:
+    """B(x_t)·a for every target point, [B, Nt]: a = argmin ||B_c a - r||² + ridge·||a||², r = y_c - softmax(c(x_c))
+    per context question, solved in closed form per episode (padded context points drop out of both sums)."""
+    if ep.ctx_seg is None:
+        raise ValueError("context factors need the context's question segments (Episode.ctx_seg); build the "
+                         "episode with data_loaders.episodes.collate")
+    mask = ep.ctx_mask.to(head_c.dtype)
+    resid = (ep.yc.to(head_c.dtype) - segment_softmax(head_c[..., 0], ep.ctx_seg, ep.ctx_mask, ep.num_ctx_q)) * mask
+    b_c = head_c[..., 1:] * mask.unsqueeze(-1)
+    eye = torch.eye(b_c.shape[-1], dtype=b_c.dtype, device=b_c.device)
+    loadings = torch.linalg.solve(b_c.transpose(1, 2) @ b_c + ridge * eye, (b_c.transpose(1, 2) @ resid.unsqueeze(-1)))
+    return (head_t[..., 1:] @ loadings).squeeze(-1)
 
 
 def segment_softmax(values: torch.Tensor, seg: torch.Tensor, mask: torch.Tensor, num_seg: int) -> torch.Tensor:

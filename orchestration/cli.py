@@ -71,6 +71,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="how a context answer y enters the embedder: concat = [x, y] (the paper); product = "
                         "[x, y, y·x], the answer also scales a copy of the option embedding (issue 26, "
                         "docs/group_use.md). Default concat")
+    m.add_argument("--context_factors", type=int, default=0,
+                   help="F > 0: add F in-context factors, a head x -> (c(x), B(x)) whose loadings are the ridge fit "
+                        "of the context answers' residuals y - softmax(c) on B, added to the target logits as "
+                        "B(x)·a (issue 26, docs/group_use.md). Default 0 (off, the paper)")
+    m.add_argument("--factor_ridge", type=float, default=1e-2,
+                   help="ridge penalty of the context factors' loadings. Default 0.01")
     m.add_argument("--loss_reduction", default="sum", choices=LOSS_REDUCTIONS,
                    help="sum: negative log-likelihood summed over target points, mean over episodes (GPO's "
                         "objective); slot_mean: divided by every padded target slot (released code)")

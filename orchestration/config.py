@@ -46,6 +46,8 @@ _FLAG_RULES = (
     ("eval_batch_size", lambda v: v >= 0, ">= 0 (0 = all targets at once)"),
     ("client_workers", lambda v: v >= 0, ">= 0 (0 = torch's intra-op thread count)"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("context_factors", lambda v: v >= 0, ">= 0 (0 = off, the paper)"),
+    ("factor_ridge", lambda v: v > 0, "> 0 (a context shorter than --context_factors makes the fit singular)"),
     ("d_model", lambda v: v >= 1, ">= 1"),
     ("num_layers", lambda v: v >= 1, ">= 1"),
     ("emb_depth", lambda v: v >= 1, ">= 1 linear layers"),

@@ -151,7 +151,8 @@ PRESETS = {
     "group_use": Preset(
         base=[*OPINIONQA, "--question_split", "0.2"],
         variants={"concat": [], "product": ["--context_answer", "product"],
-                  **{f"product_tilt{t}": ["--context_answer", "product", "--virtual_tilt", t] for t in ("0.5", "1")}},
+                  **{f"product_tilt{t}": ["--context_answer", "product", "--virtual_tilt", t] for t in ("0.5", "1")},
+                  "factors4": ["--context_factors", "4"]},
         baseline="concat", seeds=[0, 1],
         title="Does FedAvg use the group? --context_answer and virtual groups on OpinionQA, leakage-free "
               "(300 rounds, 2 seeds)",
@@ -171,10 +172,37 @@ PRESETS = {
                "a random direction of the embedding space, new every episode (z: the options' centred scores in "
                "units of their spread), so that remembering the 10 training groups does not lower the loss. "
                "Evaluation scores the real groups' answers.",
+               "- factors4 adds the in-context fold-in head (--context_factors 4): from the option embedding "
+               "alone a head gives a consensus logit c(x) and 4 factors B(x); a ridge solve on the context's "
+               "residuals y - softmax(c) gives the group's loadings a, and the targets' logits gain B(x)·a "
+               "(docs/results/group_specificity.md).",
                "- Group specificity: each evaluation group's targets scored with its own context answers minus "
                "with a partner group's answers to the same questions (README, Metrics): above 0 means the "
                "model uses the group. The consensus row is the per-question mean of the training groups' "
                "answers, the table lookup to beat on seen questions; on unseen questions it is uniform."]),
+    # Issue 26: the fold-in head where the non-learned fold-in finds the group (seen questions,
+    # docs/results/group_specificity.md section 2): the paper's question split, concat vs factors.
+    "group_factors": Preset(
+        base=OPINIONQA,
+        variants={"concat": [], "factors4": ["--context_factors", "4"]},
+        baseline="concat", seeds=[0, 1],
+        title="Does the in-context fold-in head make FedAvg use the group? OpinionQA, the paper's split "
+              "(300 rounds, 2 seeds)",
+        report="docs/results/group_factors_opinionqa.md",
+        setup=["OpinionQA, the default seeded 60/40 split, MiniLM embeddings, the paper's defaults otherwise "
+               "(6 local steps, lr 3e-4, weights by episode), 300 rounds, evaluation every 10, seeds 0-1, the "
+               "paper's question split: the evaluation groups' targets are questions the training groups train "
+               "on (seen), where a non-learned fold-in of the training groups' deviations reads the group from "
+               "20 context answers (docs/results/group_specificity.md).",
+               "",
+               "- concat is the paper's model. factors4 adds the in-context fold-in head (--context_factors 4): "
+               "from the option embedding alone a head gives a consensus logit c(x) and 4 factors B(x); a ridge "
+               "solve (--factor_ridge 0.01) on the context's residuals y - softmax(c) gives the group's "
+               "loadings a, and the targets' logits gain B(x)·a.",
+               "- Group specificity: each evaluation group's targets scored with its own context answers minus "
+               "with a partner group's answers to the same questions (README, Metrics): above 0 means the "
+               "model uses the group. The consensus row is the per-question mean of the training groups' "
+               "answers, the table lookup to beat on seen questions."]),
 }
 
 

@@ -22,6 +22,7 @@ CODE_FLAGS=(--methods fedavg centralized --seeds 0 1 --loss_reduction slot_mean 
 STEPS=(
   "scripts/reproduce.py --preset paper_unseen"
   "scripts/sweep.py --preset group_use"
+  "scripts/sweep.py --preset group_factors"
   "scripts/reproduce.py --preset paper"
   "scripts/sweep.py --preset privacy"
   "scripts/sweep.py --preset strategies"

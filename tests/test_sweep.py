@@ -57,8 +57,16 @@ def test_group_use_preset_compares_the_context_answer_on_unseen_questions():
     assert g.seeds == [0, 1] and g.variants == {
         "concat": [], "product": ["--context_answer", "product"],
         "product_tilt0.5": ["--context_answer", "product", "--virtual_tilt", "0.5"],
-        "product_tilt1": ["--context_answer", "product", "--virtual_tilt", "1"]}
+        "product_tilt1": ["--context_answer", "product", "--virtual_tilt", "1"],
+        "factors4": ["--context_factors", "4"]}
     assert g.baseline == "concat" and g.base[g.base.index("--question_split") + 1] == "0.2"
+    assert g.base[g.base.index("--comm_round") + 1] == "300"
+
+
+def test_group_factors_preset_compares_the_fold_in_head_on_seen_questions():
+    g = PRESETS["group_factors"]
+    assert g.seeds == [0, 1] and g.variants == {"concat": [], "factors4": ["--context_factors", "4"]}
+    assert g.baseline == "concat" and "--question_split" not in g.base
     assert g.base[g.base.index("--comm_round") + 1] == "300"
 
 
