@@ -4,7 +4,6 @@ refused when their flags differ, stale when a replay's losses move, reports from
 equal to reports from the run folders, --status, --commit_records, --jobs."""
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -17,6 +16,8 @@ import pytest
 
 from data_loaders.schema import DataError
 from orchestration import records, resume
+from orchestration.cli import build_parser
+from orchestration.config import run_config
 from orchestration.replay import compare_losses, relative_difference, tolerance_for
 from reporting import reproduce
 from reporting.jobs import resolve_jobs
@@ -284,7 +285,8 @@ def test_a_record_or_run_with_a_retired_setting_is_refused_naming_it(copied, cap
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(vmap))
     with pytest.raises(DataError, match="no longer runs: client_engine: 'vmap' was retired"):
-        resume.plan_run("fedavg", argparse.Namespace(resume=True), {**vmap, "client_engine": "loop"}, out_dir=folder)
+        run = run_config(build_parser("fedavg").parse_args(["--resume", "--out_dir", str(folder)]), "fedavg")
+        resume.plan_run(run, {**vmap, "client_engine": "loop"}, out_dir=folder)
 
 
 def test_report_from_records_equals_report_from_run_folders(trained, tmp_path, monkeypatch):
