@@ -144,10 +144,10 @@ def probe(group: Group, partner: Group, pool: list[Group], metric: str, n_ctx: i
     k_max = group.p.shape[1]
     out: dict[str, list[float]] = {}
     add = lambda key, v: out.setdefault(key, []).append(v)  # noqa: E731
+    cons, seen = consensus(pool, group.keys, k_max)  # the same for every draw
     for _ in range(draws):
         ctx = rng.choice(shared, n_ctx, replace=False)
         tgt = np.setdiff1d(np.arange(len(group.keys)), ctx)
-        cons, seen = consensus(pool, group.keys, k_max)
         tgt_seen = tgt[seen[tgt]]
         ctx_keys = [group.keys[r] for r in ctx]
         answers = {"own": group.p[ctx], "partner": np.stack([partner.p[partner.row[k]] for k in ctx_keys])}
@@ -170,7 +170,6 @@ def probe(group: Group, partner: Group, pool: list[Group], metric: str, n_ctx: i
                 add(f"tilt_r{ridge:g}_{who}", score(group, tgt_seen, tilted(cons[tgt_seen], group.z[tgt_seen],
                                                                               group.mask[tgt_seen], w), metric))
     # how much one direction of the embedding space explains, given 80% of the group's questions
-    cons, seen = consensus(pool, group.keys, k_max)
     rows_seen = np.flatnonzero(seen)
     perm = rng.permutation(rows_seen)
     fit, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
