@@ -1,14 +1,7 @@
-"""What a model must beat, and which questions it has seen: built from the training side only.
-
-A question is *seen* when at least one training group trains on it (its local split). The
-two reference predictors need no model:
-
-  uniform    every option of a question equally likely
-  consensus  per question, the mean of the training groups' answer distributions over the
-             questions they train on; uniform where no training group trains on it
-
-A model that predicts an evaluation group's answers no better than `consensus` has learnt a
-table lookup, not the group. Both are scored on exactly the questions the model is scored on.
+"""What a model must beat, and which questions it has seen, from the training side only (README.md,
+"Metrics"): a question is seen when some training group trains on it; `uniform` and `consensus` (the
+training groups' mean answer, uniform where none trains on it) need no model. A model no better than
+`consensus` on an evaluation group has learnt a table lookup, not the group.
 """
 from __future__ import annotations
 
