@@ -237,8 +237,7 @@ def projection(rec: dict, args) -> dict:
             "terms": {k: {"count": n, "seconds": v} for k, (n, v) in terms.items()}, "total_s": total}
 
 
-def run_point(point: dict, log: Callable[[str], None]) -> dict:
-    """Every measurement of one scale point, in this process."""
+def run_point(point: dict) -> dict:
     if point.get("threads"):
         torch.set_num_threads(point["threads"])
     args = run_parser("fedavg").parse_args(cli_argv(point))
@@ -364,7 +363,6 @@ def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
 
 
 def emit(result: dict, path: Path | None) -> None:
-    """The result as JSON on stdout and, with a path, in that file."""
     text = json.dumps(result, indent=2, allow_nan=False)
     print(text)
     if path is not None:
@@ -422,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
     if opts.one_scale is not None:  # a child of the driver: one scale, one JSON line
-        return exit_on_error(lambda: print(json.dumps(run_point(json.loads(opts.one_scale), log), allow_nan=False)))
+        return exit_on_error(lambda: print(json.dumps(run_point(json.loads(opts.one_scale)), allow_nan=False)))
     if opts.markdown:
         log(f"wrote {write_markdown(Path(opts.results_dir))}")
         return 0

@@ -1,9 +1,10 @@
-"""What a round costs on each engine: in-process, Flower simulation (thread and Ray backends, SecAgg+ on
-3 training groups), and a Flower deployment (SuperLink + 3 SuperNodes on 127.0.0.1), on one small
-synthetic experiment; with the bytes a round moves (federated/comm.py). Per-round figures are medians
-over the rounds after the first (Flower's warm-up). Every engine uses --threads torch threads per
-process (default 1, as Flower's Ray workers): more threads than free cores make OpenMP spin and drown
-the overhead measured. Prints JSON; commands in benchmarks/README.md.
+"""What a FedAvg round costs on each engine, on one small synthetic experiment.
+
+In process, through Flower's simulation (thread and Ray backends; SecAgg+ on 3 training groups) and as
+a deployment (SuperLink + 3 SuperNodes on 127.0.0.1), with the bytes a round moves (federated/comm.py).
+Per-round figures are medians over the rounds after the first (Flower's warm-up). Every engine uses
+--threads torch threads per process (default 1, as Flower's Ray workers): more threads than free cores
+make OpenMP spin and drown the overhead measured. Prints JSON; commands in benchmarks/README.md.
 """
 from __future__ import annotations
 
