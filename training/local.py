@@ -35,7 +35,7 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss, weights or predictions; names the round and the client."""
 
     def __init__(self, round_: int, client: str, what: str):
-        self.round, self.client, self.what = round_, client, what
+        self.round, self.client = round_, client
         super().__init__(f"training diverged at round {round_}: {what} (client {client!r})\n  hint: {DIVERGENCE_HINT}")
 
 
