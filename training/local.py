@@ -100,7 +100,8 @@ def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, stat
     if proximal is None:
         loss.backward()
     else:
-        (loss + proximal_penalty(dict(model.named_parameters()), proximal[1], proximal[0])).backward()
+        mu, anchor = proximal
+        (loss + proximal_penalty(dict(model.named_parameters()), anchor, mu)).backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
