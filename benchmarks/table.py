@@ -43,15 +43,10 @@ def load_results(results_dir: Path) -> list[dict]:
     return out
 
 
-def lookup(run: dict, key: str):
+def cell(run: dict, key: str, mult, fmt: str) -> str:
     value = run
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def cell(run: dict, key: str, mult, fmt: str) -> str:
-    value = lookup(run, key)
     if value is None:
         return "–"
     return fmt.format(value * mult if mult not in (None, 1) else value)
