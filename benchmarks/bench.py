@@ -1,14 +1,8 @@
 """Time what users run: data loading, a local step, a FedAvg round, evaluation, a centralized epoch.
 
-Every number goes through the code path of main_fl.py: flags parsed by
-orchestration.cli.build_parser("fedavg"), data built by prepare_experiment, trainers made by
-orchestration.experiment.make_trainer. Each scale point (and engine / precision) runs in a
-fresh subprocess (`--one-scale`), so its peak RSS is its own. Commands and the meaning
-of every number: benchmarks/README.md.
-
-    python -m benchmarks.bench --scale paper --save
-    python -m benchmarks.bench --scale paper --engines threads,loop --precisions fp32,bf16 --save
-    python -m benchmarks.bench --markdown
+Each scale point (and engine / precision) goes through main_fl.py's flags, data loading and trainers
+in a fresh subprocess (`--one-scale`), so its peak RSS is its own. Commands and the meaning of every
+number: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -17,7 +11,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import shlex
@@ -33,18 +26,25 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.plot import RESULTS_DIR, write_markdown
+from benchmarks.table import RESULTS_DIR, write_markdown
 from data_loaders.synthetic import group_names
 from models.flops import train_flops
 from orchestration.cli import build_parser as run_parser
 from orchestration.experiment import check_flags, load_data, make_trainer, validate
 from utils.device import resolve_device
 from utils.errors import exit_on_error
-from utils.provenance import cpu_model, environment_info
+from utils.provenance import environment_info
 from utils.seeding import seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEASURES = ("step", "round", "eval", "central")
+# Flags that override one field of the preset, with their help.
+OVERRIDES = {"eval_clients": "evaluation groups", "questions": "questions per group",
+             "min_options": "fewest options per question", "max_options": "most options per question",
+             "dim": "embedding dimension", "epochs": "local steps per client per round",
+             "rounds": "timed FedAvg rounds (+1 warm-up)",
+             "central_epochs": "timed centralized epochs per mode (+1 warm-up)",
+             "repeats": "timed local-step fits and evaluations (+1 warm-up)"}
 
 
 # --- scales -------------------------------------------------------------------------
@@ -106,10 +106,9 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def repeat_timed(fn: Callable[[int], Any], n: int, device: torch.device, first: int = 1) -> list[tuple[Any, float]]:
-    """Call fn(i) for i = first .. first+n (the first call warms up and is dropped)."""
-    runs = [timed(lambda i=i: fn(i), device) for i in range(first, first + n + 1)]
-    return runs[1:]
+def repeat_timed(fn: Callable[[int], Any], n: int, device: torch.device) -> list[tuple[Any, float]]:
+    """Call fn(i) for i = 1 .. n+1; the first call warms up and is dropped."""
+    return [timed(lambda i=i: fn(i), device) for i in range(1, n + 2)][1:]
 
 
 def median_s(runs: list[tuple[Any, float]]) -> float:
@@ -141,14 +140,13 @@ def peak_rss_mb() -> float:
 
 def machine_info(device: torch.device) -> dict:
     env = environment_info()
-    info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+    info = {**{k: env.get(k) for k in ("cpu_model", "cpu_count", "python", "platform", "cuda", "git_commit",
+                                       "git_dirty")},
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),  # MemTotal
-            "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
-            "device_name": cpu_model(), "cuda": torch.version.cuda, "cuda_device": None,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty")}
+            "device_name": env.get("cpu_model"), "cuda_device": None,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         info["cuda_device"] = info["device_name"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
@@ -163,17 +161,17 @@ def device_slug(info: dict) -> str:
 
 # --- one scale point (child process) ------------------------------------------------
 
-def measure_local_step(trainer, model, cfg, model_cfg, repeats: int, device) -> dict:
+def measure_local_step(trainer, model_cfg, epochs: int, repeats: int, device) -> dict:
     """Local steps of one client on the loop path: GroupClient.fit time / epochs."""
     _, client = min(trainer.clients.items())
     base = 10_000  # rounds the FedAvg timing never reaches, so its episodes stay untouched
-    runs = repeat_timed(lambda r: client.fit(model, trainer.global_state, base + r), repeats, device)
+    runs = repeat_timed(lambda r: client.fit(trainer.model, trainer.global_state, base + r), repeats, device)
     eps = [client.round_episodes(base + r) for r in range(2, repeats + 2)]
     flops = [sum(train_flops(model_cfg, c, t) for c, t in e) for e in eps]
     secs = [s for _, s in runs]
     points = [p for e in eps for p in e]
-    return {"local_step_s": statistics.median(s / cfg.epochs for s in secs),
-            "local_step_samples_s": [s / cfg.epochs for s in secs],
+    return {"local_step_s": statistics.median(s / epochs for s in secs),
+            "local_step_samples_s": [s / epochs for s in secs],
             "gflop_per_step": sum(flops) / len(points) / 1e9, "step_gflops": sum(flops) / sum(secs) / 1e9,
             "mean_ctx_points": sum(c for c, _ in points) / len(points),
             "mean_tgt_points": sum(t for _, t in points) / len(points)}
@@ -189,9 +187,9 @@ def measure_rounds(trainer, model_cfg, rounds: int, device) -> dict:
             "gflop_per_round": sum(flops) / len(flops) / 1e9, "round_gflops": sum(flops) / sum(secs) / 1e9}
 
 
-def measure_eval(trainer, model, repeats: int, device) -> dict:
+def measure_eval(trainer, repeats: int, device) -> dict:
     """Evaluation groups only (what the eval alignment needs), and the full evaluate (+ train held-out)."""
-    groups = repeat_timed(lambda r: {n: c.evaluate(model, trainer.global_state, r)
+    groups = repeat_timed(lambda r: {n: c.evaluate(trainer.model, trainer.global_state, r)
                                      for n, c in trainer.eval_clients.items()}, repeats, device)
     full = repeat_timed(trainer.evaluate, repeats, device)
     return {"eval_s": median_s(groups), "eval_full_s": median_s(full)}
@@ -239,9 +237,7 @@ def projection(rec: dict, args) -> dict:
             "terms": {k: {"count": n, "seconds": v} for k, (n, v) in terms.items()}, "total_s": total}
 
 
-def run_point(point: dict, log: Callable[[str], None]) -> dict:
-    """Every measurement of one scale point, in this process."""
-
+def run_point(point: dict) -> dict:
     if point.get("threads"):
         torch.set_num_threads(point["threads"])
     args = run_parser("fedavg").parse_args(cli_argv(point))
@@ -249,23 +245,22 @@ def run_point(point: dict, log: Callable[[str], None]) -> dict:
     device = resolve_device(run.federation.device)
     (data, load_s) = timed(lambda: load_data(run, log=log), device)
     validate(run, data)
-    cfg, model_cfg = run.client, run.model_for(data.dim_x)
+    model_cfg = run.model_for(data.dim_x)
     seed_everything(args.seed)
     rec: dict[str, Any] = {**point, "model": model_cfg.to_dict(), "torch_threads": torch.get_num_threads(),
                            "load_s": load_s}
     measure = set(point["measure"])
     if measure & {"step", "round", "eval"}:
         trainer = make_trainer(run, data, device)
-        model = trainer.model
         rec["engine_requested"], rec["engine"] = point["engine"], trainer.client_engine  # `auto` resolves per machine
         if "step" in measure:
-            stage(rec, "local steps", lambda: measure_local_step(trainer, model, cfg, model_cfg, point["repeats"],
-                                                                 device))
+            stage(rec, "local steps", lambda: measure_local_step(trainer, model_cfg, run.client.epochs,
+                                                                 point["repeats"], device))
         if "round" in measure:
             stage(rec, "fedavg rounds", lambda: measure_rounds(trainer, model_cfg, point["rounds"], device))
         if "eval" in measure:
-            stage(rec, "evaluation", lambda: measure_eval(trainer, model, point["repeats"], device))
-        del trainer, model
+            stage(rec, "evaluation", lambda: measure_eval(trainer, point["repeats"], device))
+        del trainer
         free(device)
     if "central" in measure:
         stage(rec, "centralized epochs", lambda: measure_central(run, data, point["central_epochs"],
@@ -319,9 +314,7 @@ def variants(parser: argparse.ArgumentParser, flag: str, requested: str | None) 
 
 def scale_points(opts: argparse.Namespace) -> list[dict]:
     sc = SCALES[opts.scale]
-    over = {k: getattr(opts, k) for k in ("eval_clients", "questions", "min_options", "max_options", "dim",
-                                          "epochs", "rounds", "central_epochs", "repeats")
-            if getattr(opts, k) is not None}
+    over = {k: getattr(opts, k) for k in OVERRIDES if getattr(opts, k) is not None}
     if opts.clients:
         over["clients"] = tuple(int(c) for c in opts.clients.split(","))
     if opts.measure:
@@ -364,15 +357,18 @@ def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
     result = {"benchmark": "plurallm", "scale": opts.scale, "created": datetime.now(timezone.utc).isoformat(),
               "command": ["python", "-m", "benchmarks.bench", *argv], "machine": machine,
               "matmul_peak": peaks, "runs": runs}
+    tag = f"_{opts.tag}" if opts.tag else ""
+    emit(result, Path(opts.results_dir) / f"{opts.scale}{tag}_{device_slug(machine)}.json" if opts.save else None)
+    return 1 if any("error" in r for r in runs) else 0
+
+
+def emit(result: dict, path: Path | None) -> None:
     text = json.dumps(result, indent=2, allow_nan=False)
     print(text)
-    if opts.save:
-        tag = f"_{opts.tag}" if opts.tag else ""
-        out = Path(opts.results_dir) / f"{opts.scale}{tag}_{device_slug(machine)}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        log(f"saved {out}")
-    return 1 if any("error" in r for r in runs) else 0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        log(f"saved {path}")
 
 
 def summary_line(rec: dict) -> str:
@@ -403,15 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scale", default="minilm", choices=sorted(SCALES), help="named preset (benchmarks/README.md)")
     p.add_argument("--clients", default=None, help="comma-separated training-client counts (overrides the preset)")
-    p.add_argument("--eval_clients", type=int, default=None, help="evaluation groups")
-    p.add_argument("--questions", type=int, default=None, help="questions per group")
-    p.add_argument("--min_options", type=int, default=None, help="fewest options per question")
-    p.add_argument("--max_options", type=int, default=None, help="most options per question")
-    p.add_argument("--dim", type=int, default=None, help="embedding dimension")
-    p.add_argument("--epochs", type=int, default=None, help="local steps per client per round")
-    p.add_argument("--rounds", type=int, default=None, help="timed FedAvg rounds (+1 warm-up)")
-    p.add_argument("--central_epochs", type=int, default=None, help="timed centralized epochs per mode (+1 warm-up)")
-    p.add_argument("--repeats", type=int, default=None, help="timed local-step fits and evaluations (+1 warm-up)")
+    for name, what in OVERRIDES.items():
+        p.add_argument(f"--{name}", type=int, default=None, help=what)
     p.add_argument("--measure", default=None, help=f"comma-separated subset of {','.join(MEASURES)}")
     p.add_argument("--engines", default=None, help="comma-separated --client_engine values (default: its default)")
     p.add_argument("--precisions", default=None, help="comma-separated --precision values (default: its default)")
@@ -431,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = build_parser().parse_args(argv)
     if opts.one_scale is not None:  # a child of the driver: one scale, one JSON line
-        return exit_on_error(lambda: print(json.dumps(run_point(json.loads(opts.one_scale), log), allow_nan=False)))
+        return exit_on_error(lambda: print(json.dumps(run_point(json.loads(opts.one_scale)), allow_nan=False)))
     if opts.markdown:
         log(f"wrote {write_markdown(Path(opts.results_dir))}")
         return 0

@@ -1,22 +1,16 @@
-"""What a round costs on each engine: in-process, Flower simulation, Flower deployment on loopback.
+"""What a FedAvg round costs on each engine, on one small synthetic experiment.
 
-The same small synthetic experiment (2 training groups + 1 evaluation group) runs in process, through
-`main_fl.py --engine flower` (thread and Ray backends, and with --secagg on 3 training groups), and on a
-SuperLink + 3 SuperNodes on 127.0.0.1; each reports the wall time of every round and evaluation and the
-bytes a round moves (federated/comm.py). Flower's first round pays for warm-up, so per-round figures are
-medians over the later rounds. Every engine uses --threads torch threads per process (default 1, as
-Flower's Ray workers): more threads than free cores make OpenMP spin and drown the overhead measured.
-Prints JSON; --save writes benchmarks/results/flower_overhead_cpu.json.
-
-    python -m benchmarks.flower_overhead --save
-    python -m benchmarks.flower_overhead --engines inprocess,simulation --rounds 4
+In process, through Flower's simulation (thread and Ray backends; SecAgg+ on 3 training groups) and as
+a deployment (SuperLink + 3 SuperNodes on 127.0.0.1), with the bytes a round moves (federated/comm.py).
+Per-round figures are medians over the rounds after the first (Flower's warm-up). Every engine uses
+--threads torch threads per process (default 1, as Flower's Ray workers): more threads than free cores
+make OpenMP spin and drown the overhead measured. Prints JSON; commands in benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +19,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from benchmarks.bench import emit, machine_info, timed
+from benchmarks.table import RESULTS_DIR
 from data_loaders.datasets import prepare_experiment
 from flower_app.loopback import LoopbackFederation
 from orchestration.cli import build_parser
@@ -32,19 +30,21 @@ from orchestration.config import run_config
 from orchestration.experiment import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 ENGINES = ("inprocess", "simulation", "simulation_ray", "deployment", "simulation_secagg")
 GROUPS = ["g00", "g01", "g02"]
-FLAGS = ["--dataset", "synthetic", "--syn_groups", "3", "--syn_questions", "100", "--syn_dim", "64",
-         "--train_groups", "g00,g01", "--eval_groups", "g02", "--d_model", "32", "--dim_feedforward", "32",
-         "--num_layers", "2", "--min_ctx_num_qs", "5", "--max_ctx_num_qs", "20", "--min_tar_num_qs", "5",
-         "--max_tar_num_qs", "20", "--eval_num_qs", "10", "--epochs", "6", "--wandb", "off", "--quiet",
-         "--device", "cpu"]
+CPU = torch.device("cpu")
 
 
-# SecAgg+ needs at least 3 clients: the same experiment with a third training group.
-SECAGG_FLAGS = [*(f if f != "3" else "4" for f in FLAGS[:4]), *FLAGS[4:]]
-SECAGG_FLAGS[SECAGG_FLAGS.index("--train_groups") + 1] = "g00,g01,g03"
+def flags(train_groups: str = "g00,g01") -> list[str]:
+    """The experiment's main_fl.py flags; g02 evaluates (SecAgg+ needs a third training group, g03)."""
+    return ["--dataset", "synthetic", "--syn_groups", str(len(train_groups.split(",")) + 1), "--syn_questions",
+            "100", "--syn_dim", "64", "--train_groups", train_groups, "--eval_groups", "g02", "--d_model", "32",
+            "--dim_feedforward", "32", "--num_layers", "2", "--min_ctx_num_qs", "5", "--max_ctx_num_qs", "20",
+            "--min_tar_num_qs", "5", "--max_tar_num_qs", "20", "--eval_num_qs", "10", "--epochs", "6",
+            "--wandb", "off", "--quiet", "--device", "cpu"]
+
+
+FLAGS = flags()
 
 
 def comm(rows: list[dict]) -> dict:
@@ -56,10 +56,6 @@ def comm(rows: list[dict]) -> dict:
             "bytes_per_client_per_round": statistics.median((d + u) / c for d, u, c in zip(down, up, clients))}
 
 
-def losses_comm(out: Path) -> dict:
-    return comm([json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()])
-
-
 def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
     later = round_s[1:] or round_s
     return {"round_s": [round(x, 4) for x in round_s], "first_round_s": round(round_s[0], 4),
@@ -68,27 +64,23 @@ def summarise(round_s: list[float], eval_s: list[float], **extra) -> dict:
 
 
 def run_inprocess(rounds: int) -> dict:
-    """Time FedAvgTrainer.train_round and .evaluate directly: no messages at all."""
-    args = build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)])
-    run = run_config(args)
+    """FedAvgTrainer.train_round and .evaluate called directly: no messages at all."""
+    run = run_config(build_parser("fedavg").parse_args([*FLAGS, "--comm_round", str(rounds)]))
     run = replace(run, client=replace(run.client, metric="jsd"))
     trainer = make_trainer(run, prepare_experiment(run.data, log=lambda *a: None), "cpu")
-    round_s, eval_s, stats = [], [], []
-    for when, fn in [(0, trainer.evaluate)] + [(r, trainer.train_round) for r in range(1, rounds + 1)] + \
-            [(rounds, trainer.evaluate)]:
-        t0 = time.perf_counter()
-        out = fn(when)
-        (eval_s if fn == trainer.evaluate else round_s).append(time.perf_counter() - t0)
-        if fn == trainer.train_round:
-            stats.append({**out["comm"], "train_loss_per_client": out["train_loss_per_client"]})
-    return summarise(round_s, eval_s, **comm(stats))
+    first_eval = timed(lambda: trainer.evaluate(0), CPU)[1]
+    fits = [timed(lambda r=r: trainer.train_round(r), CPU) for r in range(1, rounds + 1)]
+    eval_s = [first_eval, timed(lambda: trainer.evaluate(rounds), CPU)[1]]
+    stats = [{**out["comm"], "train_loss_per_client": out["train_loss_per_client"]} for out, _ in fits]
+    return summarise([s for _, s in fits], eval_s, **comm(stats))
 
 
 def flower_record(out: Path, wall: float) -> dict:
     fed = json.loads((out / "federation.json").read_text())
     if fed["failures"] or not (out / "summary.json").exists():
         raise RuntimeError(f"the Flower run in {out} did not finish cleanly: {fed['failures']}")
-    return summarise(fed["round_seconds"], fed["eval_seconds"], total_wall_s=round(wall, 2), **losses_comm(out))
+    losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    return summarise(fed["round_seconds"], fed["eval_seconds"], total_wall_s=round(wall, 2), **comm(losses))
 
 
 def thread_env(threads: int) -> dict:
@@ -97,13 +89,13 @@ def thread_env(threads: int) -> dict:
 
 def run_simulation(rounds: int, tmp: Path, threads: int, backend: str, secagg: bool = False) -> dict:
     out = tmp / f"simulation_{backend}{'_secagg' if secagg else ''}"
-    flags = [*SECAGG_FLAGS, "--secagg"] if secagg else FLAGS
+    run_flags = [*flags("g00,g01,g03"), "--secagg"] if secagg else FLAGS
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "main_fl.py", *flags, "--comm_round", str(rounds), "--federated_eval",
+    subprocess.run([sys.executable, "main_fl.py", *run_flags, "--comm_round", str(rounds), "--federated_eval",
                     str(rounds), "--out_dir", str(out), "--engine", "flower", "--sim_backend", backend],
-                   cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, **thread_env(threads),
-                                                   "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, **thread_env(threads), "FLWR_TELEMETRY_ENABLED": "0",
+                        "RAY_USAGE_STATS_ENABLED": "0"})
     return flower_record(out, time.perf_counter() - t0)
 
 
@@ -124,13 +116,6 @@ def run_deployment(rounds: int, tmp: Path, threads: int) -> dict:
             print(f"warning: processes left running: {left}", file=sys.stderr)
 
 
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
@@ -138,22 +123,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process, on every engine")
     p.add_argument("--save", action="store_true", help="also write benchmarks/results/flower_overhead_cpu.json")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    import torch
     torch.set_num_threads(args.threads)
     result = {"config": {"flags": FLAGS, "rounds": args.rounds, "threads": args.threads,
                          "groups": {"train": GROUPS[:2], "eval": GROUPS[2:]}},
-              "machine": machine()}
+              "machine": {**machine_info(CPU), "load_average_1m_at_start": round(os.getloadavg()[0], 2)}}
     with tempfile.TemporaryDirectory(prefix="flower_overhead_") as tmp:
+        runners = {"inprocess": lambda: run_inprocess(args.rounds),
+                   "simulation": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread"),
+                   "simulation_ray": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "ray"),
+                   "deployment": lambda: run_deployment(args.rounds, Path(tmp), args.threads),
+                   "simulation_secagg": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread",
+                                                               secagg=True)}
         for engine in args.engines.split(","):
             print(f"{engine}...", file=sys.stderr, flush=True)
-            runner = {"inprocess": lambda: run_inprocess(args.rounds),
-                      "simulation": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread"),
-                      "simulation_ray": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "ray"),
-                      "deployment": lambda: run_deployment(args.rounds, Path(tmp), args.threads),
-                      "simulation_secagg": lambda: run_simulation(args.rounds, Path(tmp), args.threads, "thread",
-                                                                  secagg=True)}[engine]
-            result[engine] = runner()
+            result[engine] = runners[engine]()
     if "inprocess" in result:
         base = result["inprocess"]
         result["overhead_vs_inprocess"] = {
@@ -161,11 +144,7 @@ def main(argv=None) -> int:
                 "per_eval_s": round(result[e]["median_eval_s"] - base["median_eval_s"], 4),
                 "round_ratio": round(result[e]["median_round_s"] / base["median_round_s"], 1)}
             for e in ENGINES[1:] if e in result and e != "simulation_secagg"}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "flower_overhead_cpu.json").write_text(text + "\n")
+    emit(result, RESULTS_DIR / "flower_overhead_cpu.json" if args.save else None)
     return 0
 
 

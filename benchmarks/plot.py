@@ -1,117 +1,18 @@
-"""Figures and tables from the saved benchmark JSON (benchmarks/results/*.json).
+"""The figure and table of the saved benchmark results (benchmarks/results/*.json).
 
-    python -m benchmarks.plot                  # round_time_vs_clients.png and results.md
+    python -m benchmarks.plot                  # results.md and round_time_vs_clients.png
     python -m benchmarks.plot --scales clients,tiny
-
-matplotlib is needed for the figure only; the Markdown table needs nothing beyond the stdlib.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+import matplotlib.pyplot as plt
 
-# (column title, run key or dotted path, multiplier, format)
-COLUMNS = [
-    ("clients", "clients", 1, "{:d}"),
-    ("dim", "dim", 1, "{:d}"),
-    ("questions", "questions", 1, "{:d}"),
-    ("engine", "engine", None, "{}"),
-    ("precision", "precision", None, "{}"),
-    ("load s", "load_s", 1, "{:.2f}"),
-    ("local step ms", "local_step_s", 1e3, "{:.1f}"),
-    ("FedAvg round s", "fedavg_round_s", 1, "{:.3f}"),
-    ("eval s", "eval_s", 1, "{:.3f}"),
-    ("eval + held-out s", "eval_full_s", 1, "{:.3f}"),
-    ("central seq. epoch s", "central_epoch_s.sequential", 1, "{:.3f}"),
-    ("central batched epoch s", "central_epoch_s.batched", 1, "{:.3f}"),
-    ("peak RSS MB", "peak_rss_mb", 1, "{:.0f}"),
-    ("step GFLOP/s", "step_gflops", 1, "{:.1f}"),
-    ("step % of peak", "step_fraction_of_peak", 100, "{:.1f}"),
-    ("round GFLOP/s", "round_gflops", 1, "{:.1f}"),
-    ("projected protocol h", "projected_full_protocol_s", 1 / 3600, "{:.2f}"),
-]
-
-
-def load_results(results_dir: Path) -> list[dict]:
-    """Every saved result, oldest scale name first; unreadable files are an error naming the file."""
-    out = []
-    for path in sorted(results_dir.glob("*.json")):
-        try:
-            res = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise SystemExit(f"error: cannot read benchmark result {path}: {err}")
-        if res.get("benchmark") == "plurallm":
-            res["_file"] = path.name
-            out.append(res)
-    return out
-
-
-def lookup(run: dict, key: str):
-    value = run
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def cell(run: dict, key: str, mult, fmt: str) -> str:
-    value = lookup(run, key)
-    if value is None:
-        return "–"
-    return fmt.format(value * mult if mult not in (None, 1) else value)
-
-
-def machine_line(m: dict) -> str:
-    gpu = f", GPU {m['cuda_device']} ({m.get('gpu_memory_gb')} GB)" if m.get("cuda_device") else ""
-    return (f"{m['cpu_model']}, {m['cpu_count']} cores ({m.get('cpu_affinity')} usable), "
-            f"{m.get('memory_gb')} GB RAM{gpu}; torch {m['torch']} with {m['torch_threads']} threads, "
-            f"device `{m['device']}`; commit {str(m.get('git_commit'))[:10]}{' (dirty)' if m.get('git_dirty') else ''}")
-
-
-def peak_line(peaks: dict) -> str:
-    parts = [f"{k} {v['gflops']:.1f} GFLOP/s ({v['size']}² mm)" if "gflops" in v else f"{k}: {v.get('error')}"
-             for k, v in peaks.items()]
-    return "matmul peak: " + ", ".join(parts)
-
-
-def markdown_section(res: dict) -> list[str]:
-    lines = [f"## {res['scale']} — {res['machine']['device_name']}", "",
-             f"`{' '.join(res['command'])}` ({res['created'][:19]}Z, file `{res['_file']}`)", "",
-             machine_line(res["machine"]), "", peak_line(res["matmul_peak"]), "",
-             "| " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    for run in res["runs"]:
-        if "error" in run:
-            head = [cell(run, key, mult, fmt) for _, key, mult, fmt in COLUMNS[:5]]
-            lines.append("| " + " | ".join(head + [f"failed: {run['error']}"] + [""] * (len(COLUMNS) - 6)) + " |")
-            continue
-        lines.append("| " + " | ".join(cell(run, key, mult, fmt) for _, key, mult, fmt in COLUMNS) + " |")
-    proj = next((r["projection"]["formula"] for r in res["runs"] if r.get("projected_full_protocol_s")), None)
-    if proj:
-        lines += ["", f"Projection: `{proj}`."]
-    return lines + [""]
-
-
-def write_markdown(results_dir: Path = RESULTS_DIR) -> Path:
-    results = load_results(results_dir)
-    if not results:
-        raise SystemExit(f"error: no benchmark results in {results_dir}; run python -m benchmarks.bench --save first")
-    lines = ["# Benchmark results", "",
-             "Written by `python -m benchmarks.bench --markdown` from the JSON files beside this one; "
-             "what each column means: benchmarks/README.md. FedAvg rounds and centralized epochs are "
-             "means (medians in files written before that change), local steps and evaluations "
-             "medians; – means not measured at that scale. Each section names the commit it ran; "
-             "its GFLOP figures use that commit's FLOP model: files from before commit 5bb6d84 "
-             "count the last layer's context rows (computed then, skipped since) and an input "
-             "gradient of x·W_x that was never computed, so their GFLOP/s read high.", ""]
-    for res in results:
-        lines += markdown_section(res)
-    out = results_dir / "results.md"
-    out.write_text("\n".join(lines))
-    return out
+from benchmarks.table import RESULTS_DIR, load_results, write_markdown
+from reporting.figures import finish
 
 
 def round_time_series(results: list[dict], scales: set[str]) -> dict[str, list[tuple[int, float]]]:
@@ -129,33 +30,21 @@ def round_time_series(results: list[dict], scales: set[str]) -> dict[str, list[t
 
 
 def plot_round_time(results_dir: Path = RESULTS_DIR, scales: tuple[str, ...] = ("clients",)) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = round_time_series(load_results(results_dir), set(scales))
     if not series:
         raise SystemExit(f"error: no FedAvg round times for scale(s) {', '.join(scales)} in {results_dir}; "
                          "run python -m benchmarks.bench --scale clients --save first")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in series.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ticks = sorted({x for points in series.values() for x, _ in points})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set_yscale("log")
-    ax.set_xlabel("training clients per round")
-    ax.set_ylabel("FedAvg round time (s)")
-    ax.set_title("FedAvg round time against the number of clients")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = results_dir / "round_time_vs_clients.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return finish(fig, ax, "FedAvg round time against the number of clients", "training clients per round",
+                  "FedAvg round time (s)", results_dir / "round_time_vs_clients.png",
+                  note="one line per device · engine · precision · embedding dim", legend_size=7)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,1 @@
-"""What both methods share: local steps, evaluation, the centralized baseline, the run loop."""
+"""What both methods and every engine share: a client's local steps, in-context evaluation and its diagnostics."""

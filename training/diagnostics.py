@@ -1,21 +1,8 @@
-"""What an evaluation's mean hides: seen vs unseen questions, the no-model baselines, and
-whether the model uses the group at all.
+"""What an evaluation's mean hides, logged beside the paper's numbers at every evaluation: seen vs
+unseen questions, the no-model baselines, group specificity (own vs a partner's context answers),
+and at the end the context controls and curve. Each key is defined in README.md, "Metrics".
 
-Logged beside the paper's numbers at every evaluation (metrics.jsonl, W&B, summary.json):
-
-  seen / unseen    the evaluation groups' scores on questions that some training group
-                   trains on, and on the others (training/reference.py)
-  baselines        uniform and consensus predictions, scored on exactly the model's targets
-  specificity      each evaluation group scored twice on the same targets: with its own
-                   context answers and with a partner group's answers to the same context
-                   questions (a seeded pairing). own − partner ≈ 0 means the prediction
-                   does not depend on whose answers the context holds: no in-context adaptation
-  at the end       the controls (uniform and option-shuffled context answers) and the context
-                   curve: alignment with 1, 5, 10, 20 and 40 context questions on fixed targets
-                   (the model cannot take an empty context, so 1 is the smallest)
-
-Everything runs where the data is (the in-process engines); the Flower engine's server holds
-no data, so it logs the paper's numbers only.
+It needs the groups' data, so only the in-process engines log it (the Flower server holds none).
 """
 from __future__ import annotations
 
@@ -57,8 +44,6 @@ def seen_unseen(prefix: str, evals: dict[str, GroupEval], reference: QuestionRef
 
 @dataclass
 class _Pair:
-    """An evaluation group, its partner, and the questions both are scored on."""
-
     name: str
     partner: str
     ctx: torch.Tensor      # context question indices in the group's data
@@ -76,22 +61,16 @@ def partners(names: list[str], seed: int) -> dict[str, str]:
 
 
 class Diagnostics:
-    """Computes the extra fields of an evaluation record from the global weights.
-
-    `eval_clients` / `train_clients`: GroupClients (their `local`, `eval_questions`, and
-    under --question_split `context_pool` / `target_mask`). The training groups' local
-    splits define what is seen and the consensus; nothing of the evaluation groups' answers
-    leaks into either."""
+    """The extra fields of an evaluation record, from the global weights and the GroupClients.
+    The training groups' local splits alone define what is seen and the consensus."""
 
     def __init__(self, model: GPO, eval_clients: dict, train_clients: dict, metric: str, eval_num_qs: int,
                  eval_seed: int, chunk: int = 0):
         self.model, self.metric, self.chunk = model, metric, chunk
         self.eval_clients, self.train_clients = eval_clients, train_clients
         self.reference = QuestionReference.from_groups(c.local for c in train_clients.values())
-        self.pairs = self._pairs(eval_num_qs, eval_seed)
-        self.eval_num_qs, self.eval_seed = eval_num_qs, eval_seed
+        self.eval_seed, self.pairs = eval_seed, self._pairs(eval_num_qs, eval_seed)
 
-    # --- the record ------------------------------------------------------------------
     def record(self, round_: int, evals: dict[str, GroupEval], trains: dict[str, GroupEval],
                state: dict, final: bool) -> dict:
         rec = {**seen_unseen("eval", evals, self.reference), **seen_unseen("train", trains, self.reference)}
@@ -126,7 +105,6 @@ class Diagnostics:
                                       tgt.qkeys.cpu()[tgt_q.cpu()])
         return out
 
-    # --- does the model use the group? -------------------------------------------------
     def _pairs(self, k: int, seed: int) -> list[_Pair]:
         out = []
         for name, partner in sorted(partners(list(self.eval_clients), seed).items()):
@@ -144,13 +122,12 @@ class Diagnostics:
             out.append(_Pair(name, partner, ctx, partner_ctx, mask.nonzero().squeeze(1)))
         return out
 
-    def _score_with(self, pair: _Pair, answers: torch.Tensor, targets: torch.Tensor | None = None) -> GroupEval:
-        """The group's targets, predicted from its context questions carrying `answers`."""
+    def _score_with(self, pair: _Pair, kind: str) -> GroupEval:
+        """The group's targets, predicted from its context questions carrying `kind` answers."""
         group = self.eval_clients[pair.name].local
         ctx = group.subset(pair.ctx.to(group.offsets.device))
-        ctx = replace(ctx, y=answers.to(ctx.y.device, ctx.y.dtype))
-        tgt_q = pair.targets if targets is None else targets
-        return score_group(self.model, ctx, torch.arange(len(pair.ctx)), group, tgt_q, self.metric, self.chunk)
+        ctx = replace(ctx, y=self._answers(pair, kind).to(ctx.y.device, ctx.y.dtype))
+        return score_group(self.model, ctx, torch.arange(len(pair.ctx)), group, pair.targets, self.metric, self.chunk)
 
     def _answers(self, pair: _Pair, kind: str) -> torch.Tensor:
         group = self.eval_clients[pair.name].local
@@ -176,7 +153,7 @@ class Diagnostics:
             return {"eval_group_specificity": None}
         per_group, diffs = {}, []
         for pair in self.pairs:
-            own, other = (self._score_with(pair, self._answers(pair, k)) for k in ("own", "partner"))
+            own, other = (self._score_with(pair, k) for k in ("own", "partner"))
             per_group[pair.name] = own.score - other.score
             diffs.append(other.distances - own.distances)
         d = torch.cat(diffs)
@@ -190,32 +167,29 @@ class Diagnostics:
         """Mean alignment (question-weighted) of the paired groups under each context answer."""
         out = {}
         for kind in CONTROLS:
-            evals = {p.name: self._score_with(p, self._answers(p, kind)) for p in self.pairs}
+            evals = {p.name: self._score_with(p, kind) for p in self.pairs}
             out[kind] = group_stats(evals)["alignment_score"]
         return out
 
     def context_curve(self) -> dict:
-        """Alignment against the number of context questions, on targets fixed across sizes.
-
-        Each group's contexts are nested prefixes of one seeded draw of up to 40 questions,
-        and its targets the questions outside that draw (under --question_split: the held-out
-        ones), so only the context size changes along the curve."""
-        rows = [self._curve_group(name, c) for name, c in sorted(self.eval_clients.items())]
-        rows = [r for r in rows if r is not None]
-        ks = [k for k in CONTEXT_CURVE if rows and all(k <= r[0] for r in rows)]
+        """Alignment against the number of context questions. Each group's contexts are nested
+        prefixes of one seeded draw, its targets fixed across sizes (outside the draw, or under
+        --question_split the held-out questions), so only the context size changes."""
+        curves = {name: s for name, c in sorted(self.eval_clients.items()) if (s := self._curve_group(name, c))}
+        ks = [k for k in CONTEXT_CURVE if curves and all(k in s for s in curves.values())]
         curve = {"k": ks, "alignment": [], "seen": [], "unseen": []}
         for k in ks:
-            evals = {name: score for _, name, scores in rows for kk, score in scores if kk == k}
-            curve["alignment"].append(group_stats(evals)["alignment_score"])
+            evals = {name: s[k] for name, s in curves.items()}
             parts = seen_unseen("eval", evals, self.reference)
+            curve["alignment"].append(group_stats(evals)["alignment_score"])
             curve["seen"].append(parts["eval_alignment_seen"])
             curve["unseen"].append(parts["eval_alignment_unseen"])
-        if ks:
-            parts = seen_unseen("eval", {name: scores[0][1] for _, name, scores in rows}, self.reference)
-            curve["questions_seen"], curve["questions_unseen"] = parts["eval_questions_seen"], parts["eval_questions_unseen"]
+            if k == ks[0]:  # the targets, hence these counts, are the same at every k
+                curve["questions_seen"], curve["questions_unseen"] = (parts["eval_questions_seen"],
+                                                                      parts["eval_questions_unseen"])
         return curve
 
-    def _curve_group(self, name: str, client) -> tuple[int, str, list] | None:
+    def _curve_group(self, name: str, client) -> dict[int, GroupEval]:
         group: GroupData = client.local
         pool = torch.arange(group.num_questions) if client.context_pool is None else client.context_pool
         order = pool[torch.randperm(len(pool), generator=generator(self.eval_seed, "context_curve", name))]
@@ -227,9 +201,8 @@ class Diagnostics:
             order = order[:max(CONTEXT_CURVE)]
             mask &= client.target_mask
         if len(order) == 0 or not mask.any():
-            return None
+            return {}
         targets = mask.nonzero().squeeze(1)
-        scores = [(k, score_group(self.model, group, order[:k], group, targets, self.metric, self.chunk))
-                  for k in CONTEXT_CURVE if k <= len(order)]
-        return len(order), name, scores
+        return {k: score_group(self.model, group, order[:k], group, targets, self.metric, self.chunk)
+                for k in CONTEXT_CURVE if k <= len(order)}
 

@@ -1,8 +1,7 @@
 """A client's local steps: Adam with a cosine learning rate that persists across rounds.
 
-The learning rate is the closed form of CosineAnnealingLR(T_max=num_steps) at the
-client's step count, so the schedule state is one integer that travels with the
-optimizer state (and equals PyTorch's scheduler, tested in tests/test_training.py).
+The rate is CosineAnnealingLR(T_max=num_steps) in closed form at the client's step count, so the
+schedule's state is one integer that travels with the optimizer state (tests/test_training.py).
 """
 from __future__ import annotations
 
@@ -36,16 +35,8 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss, weights or predictions; names the round and the client."""
 
     def __init__(self, round_: int, client: str, what: str):
-        self.round, self.client, self.what = round_, client, what
+        self.round, self.client = round_, client
         super().__init__(f"training diverged at round {round_}: {what} (client {client!r})\n  hint: {DIVERGENCE_HINT}")
-
-
-def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
-    """Name of the first floating tensor holding NaN/inf, else None (one fused check per tensor)."""
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 def check_finite(round_: int, client: str, losses, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -53,9 +44,9 @@ def check_finite(round_: int, client: str, losses, state: dict[str, torch.Tensor
     bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
         raise DivergenceError(round_, client, f"loss is {losses[bad[0]]} at local step {bad[0] + 1}")
-    name = first_nonfinite(state) if state is not None else None
-    if name is not None:
-        raise DivergenceError(round_, client, f"weight {name!r} holds NaN/inf")
+    for name, t in (state or {}).items():  # one fused check per tensor
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DivergenceError(round_, client, f"weight {name!r} holds NaN/inf")
 
 
 @dataclass
@@ -90,13 +81,11 @@ def proximal_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Te
     """FedProx's (mu/2)·||w - w_global||² over the floating tensors of `params`, differentiable
     in `params` only (the anchor is the global weights the client received)."""
     ref = next(iter(params.values()))
-    total = torch.zeros((), dtype=ref.dtype, device=ref.device)
+    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
     if mu == 0:
-        return total
-    for key, p in params.items():
-        if p.is_floating_point():
-            total = total + (p - anchor[key].detach().to(p.dtype)).pow(2).sum()
-    return 0.5 * mu * total
+        return zero
+    return 0.5 * mu * sum(((p - anchor[k].detach().to(p.dtype)).pow(2).sum()
+                           for k, p in params.items() if p.is_floating_point()), zero)
 
 
 def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, state: OptimState,
@@ -108,12 +97,11 @@ def adam_step(model: GPO, opt: torch.optim.Adam, episode, cfg: OptimConfig, stat
         group["lr"] = cosine_lr(state.step, cfg)
     opt.zero_grad(set_to_none=True)
     loss = model.loss(episode)
-    if proximal is not None:
-        mu, anchor = proximal
-        loss_total = loss + proximal_penalty(dict(model.named_parameters()), anchor, mu)
+    if proximal is None:
+        loss.backward()
     else:
-        loss_total = loss
-    loss_total.backward()
+        mu, anchor = proximal
+        (loss + proximal_penalty(dict(model.named_parameters()), anchor, mu)).backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()

@@ -1,20 +1,14 @@
-"""What a model must beat, and which questions it has seen: built from the training side only.
-
-A question is *seen* when at least one training group trains on it (its local split). The
-two reference predictors need no model:
-
-  uniform    every option of a question equally likely
-  consensus  per question, the mean of the training groups' answer distributions over the
-             questions they train on; uniform where no training group trains on it
-
-A model that predicts an evaluation group's answers no better than `consensus` has learnt a
-table lookup, not the group. Both are scored on exactly the questions the model is scored on.
+"""What a model must beat, and which questions it has seen, from the training side only (README.md,
+"Metrics"): a question is seen when some training group trains on it; `uniform` and `consensus` (the
+training groups' mean answer, uniform where none trains on it) need no model. A model no better than
+`consensus` on an evaluation group has learnt a table lookup, not the group.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from data_loaders.schema import GroupData, gather_points
@@ -39,8 +33,8 @@ class QuestionReference:
         if not groups:
             empty = torch.zeros(0, dtype=torch.long)
             return cls(empty, torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
-        keys = torch.cat([g.qkeys for g in groups])
-        qkeys, first = _first_occurrence(keys)
+        keys = torch.cat([g.qkeys for g in groups]).numpy()
+        qkeys, first = (torch.from_numpy(a) for a in np.unique(keys, return_index=True))  # first occurrences
         sizes = torch.cat([g.sizes for g in groups])[first]
         offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         total = torch.zeros(int(offsets[-1]), dtype=torch.float64)
@@ -86,14 +80,6 @@ class QuestionReference:
         points, _ = gather_points(tgt_cpu.offsets, tgt_q)
         return score_questions(self.predict(kind, tgt_cpu, tgt_q), tgt_cpu.y[points].double(), offsets,
                                metric=metric, ordinals=target_ordinals(tgt_cpu, tgt_q, metric))
-
-
-def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted unique keys, index in `keys` of the first occurrence of each)."""
-    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    first = torch.full((len(uniq),), len(keys), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(keys)), reduce="amin")
-    return uniq, first
 
 
 def _check_sizes(group: GroupData, offsets: torch.Tensor, rows: torch.Tensor) -> None:
