@@ -40,18 +40,14 @@ def resolve_csv(data_path: str | None, log=print) -> Path:
         return _download_csv(log)
     origin, path = given
     if path.is_dir():
-        raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file", _folder_hint(path))
+        csvs = sorted(path.glob("*.csv"))
+        raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file",
+                        f"pass the CSV file itself, e.g. --data_path {csvs[0]}" if csvs else
+                        "pass the path of the CSV file (the hub's data/global_opinions.csv), not its folder")
     if not path.is_file():
         raise DataError(f"GlobalOpinionQA CSV not found: {path} (from {origin})",
                         "pass the path of global_opinions.csv with --data_path")
     return path
-
-
-def _folder_hint(folder: Path) -> str:
-    csvs = sorted(p.name for p in folder.glob("*.csv"))[:3]
-    if csvs:
-        return f"pass the CSV file itself, e.g. --data_path {folder / csvs[0]}"
-    return "pass the path of the CSV file (the hub's data/global_opinions.csv), not its folder"
 
 
 def decode_csv(path: Path, data: bytes, encoding: str) -> str:
@@ -196,8 +192,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             continue
         seen_groups.update(sel)
         present = [g for g in groups if g in sel]
-        problems = {g: _check_vector(sel[g], len(opts)) for g in present}
-        bad = {g: why for g, why in problems.items() if why}
+        bad = {g: why for g in present if (why := _check_vector(sel[g], len(opts)))}
         for g, why in bad.items():
             if strict and why not in PAPER_FILTER:
                 detail = (f"has {len(sel[g])} probabilities for {len(opts)} options"
