@@ -105,14 +105,10 @@ def hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def parse_selections(text: str) -> dict:
-    """`defaultdict(<class 'list'>, {...})` -> the dict between the first `{` and its `}`."""
-    return selections_and_repeats(text)[0]
-
-
-def selections_and_repeats(text: str) -> tuple[dict, list]:
-    """The selections dict and the keys its literal names more than once: a dict literal
-    keeps the last of them silently, so they are only visible in the syntax tree."""
+def parse_selections(text: str) -> tuple[dict, list]:
+    """`defaultdict(<class 'list'>, {...})` -> the dict between the first `{` and its `}`, and the
+    keys its literal names more than once: a dict literal keeps the last of them silently, so
+    they are only visible in the syntax tree."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         raise ValueError("no {...} dict literal")
@@ -162,7 +158,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     if reader.fieldnames is None:
         raise DataError(f"{path}: the file is empty", "the file must be the hub's "
                         "data/global_opinions.csv format: a header row, then one question per row")
-    missing = {"question", "selections", "options"} - set(reader.fieldnames or [])
+    missing = {"question", "selections", "options"} - set(reader.fieldnames)
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}",
                         "the file must be the hub's data/global_opinions.csv format")
@@ -180,7 +176,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             continue
         try:
             opts = parse_options(row["options"])
-            sel, repeats = selections_and_repeats(row.get("selections") or "")
+            sel, repeats = parse_selections(row.get("selections") or "")
         except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
             report.skip(strict, "unparsable row", f"{where}: unparsable row ({err})",
                         "selections must hold a {...} dict literal and options a [...] list literal", warn=True)
