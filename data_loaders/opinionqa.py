@@ -37,6 +37,7 @@ import io
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -251,27 +252,14 @@ def _info_row(files: _Files, q: _Question, report: LoadReport,
         return None
 
 
-@dataclass
-class _Tally:
-    """Where options and ordinals came from (LoadReport notes)."""
-
-    from_refs: int = 0
-    repaired: int = 0
-    from_mc: int = 0
-    ord_info: int = 0
-    ord_fallback: int = 0
-    refused: float = 0.0  # respondents, selected groups
-    flat: list[str] = field(default_factory=list)
-
-
 def _options(files: _Files, q: _Question, report: LoadReport, strict: bool,
-             tally: _Tally) -> tuple[list[str], list[float]] | None:
+             tally: Counter) -> tuple[list[str], list[float]] | None:
     """All options (refusals included) and the kept options' ordinals; None drops the question."""
     info = _info_row(files, q, report, strict)
     options = info[0] if info else q.mc_options
-    tally.from_refs += info is not None
-    tally.repaired += info is not None and info[0] != q.mc_options
-    tally.from_mc += info is None
+    tally["from_refs"] += info is not None
+    tally["repaired"] += info is not None and info[0] != q.mc_options
+    tally["from_mc"] += info is None
     for option in dict.fromkeys(options):
         if option in REFUSAL_OPTIONS:
             report.drop(f"refusal option {option!r} removed (questions)")
@@ -282,15 +270,9 @@ def _options(files: _Files, q: _Question, report: LoadReport, strict: bool,
     if k < 2:
         report.drop("question with fewer than 2 non-refusal options (questions)")
         return None
-    if info is not None and len(info[1]) == k:
-        tally.ord_info += 1
-        ordinals = info[1]
-    else:
-        tally.ord_fallback += 1
-        ordinals = [float(i) for i in range(1, k + 1)]
-    if min(ordinals) == max(ordinals):
-        tally.flat.append(f"{q.wave}/{q.key}")
-    return options, ordinals
+    from_info = info is not None and len(info[1]) == k
+    tally["ord_info" if from_info else "ord_fallback"] += 1
+    return options, info[1] if from_info else [float(i) for i in range(1, k + 1)]
 
 
 def _counts_problem(counts: object, column: dict[str, int]) -> tuple[str, str, str] | None:
@@ -366,7 +348,8 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
     selected = _select(groups, set(names.values()), report)
     wanted = set(selected)
     key_names = sorted(files.questions)
-    tally = _Tally()
+    tally: Counter = Counter()  # where options and ordinals came from; refusal answers (report notes)
+    flat: list[str] = []  # questions whose ordinals are all equal
     bank_rows: list[tuple[int, str, list[str], list[float]]] = []
     per_group: dict[str, tuple[list[int], list[np.ndarray]]] = {g: ([], []) for g in selected}
     for qkey, name in enumerate(key_names):
@@ -375,8 +358,10 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
         if resolved is None:
             continue
         options, ordinals = resolved
+        if min(ordinals) == max(ordinals):
+            flat.append(name)
         probs, usable, refused = _question_probs(q, options, names, wanted, report, strict)
-        tally.refused += refused
+        tally["refused"] += refused
         if not usable:
             report.drop("question with no usable (question, group) pair (questions)")
             continue
@@ -384,32 +369,32 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
         for g, p in probs.items():
             per_group[g][0].append(qkey)
             per_group[g][1].append(p)
-    raw = _assemble(files, bank_rows, per_group, report, tally)
+    raw = _assemble(files, bank_rows, per_group, report, tally, flat)
     raw.key_names = key_names  # plain attribute: qkey -> '<wave>/<key>'
     return raw
 
 
 def _assemble(files: _Files, bank_rows: list[tuple[int, str, list[str], list[float]]],
               per_group: dict[str, tuple[list[int], list[np.ndarray]]], report: LoadReport,
-              tally: _Tally) -> RawDataset:
+              tally: Counter, flat: list[str]) -> RawDataset:
     bank = QuestionBank(np.array([r[0] for r in bank_rows], dtype=np.int64), [r[1] for r in bank_rows],
                         [r[2] for r in bank_rows], [r[3] for r in bank_rows])
     report.kept_questions = len(bank)
-    report.drop("refusal answers removed (respondents, selected groups)", int(round(tally.refused)))
+    report.drop("refusal answers removed (respondents, selected groups)", int(round(tally["refused"])))
     report.dropped = {k: n for k, n in report.dropped.items() if n}
     empty = [g for g, (k, _) in per_group.items() if not k]
     if empty:
         report.drop("selected group with no usable question (groups; left out)", len(empty))
         report.notes.append(f"selected groups with no usable question: {empty}")
     report.notes += [
-        f"options from info.csv references for {tally.from_refs} questions ({tally.repaired} "
-        f"differ from MC_options), from MC_options for {tally.from_mc}",
-        f"ordinals from info.csv option_ordinal for {tally.ord_info} questions, "
-        f"by position 1..k (fallback) for {tally.ord_fallback}",
+        f"options from info.csv references for {tally['from_refs']} questions ({tally['repaired']} "
+        f"differ from MC_options), from MC_options for {tally['from_mc']}",
+        f"ordinals from info.csv option_ordinal for {tally['ord_info']} questions, "
+        f"by position 1..k (fallback) for {tally['ord_fallback']}",
         f"refusal options removed: {list(REFUSAL_OPTIONS)}; non-groups: {list(NON_GROUPS)}",
         "qkey = index of '<wave>/<key>' in sorted question keys (raw.key_names)",
     ]
-    if tally.flat:
-        report.notes.append(f"questions whose ordinals are all equal (no Wasserstein spread): {tally.flat}")
+    if flat:
+        report.notes.append(f"questions whose ordinals are all equal (no Wasserstein spread): {flat}")
     groups = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in per_group.items() if k}
     return RawDataset("opinionqa", bank, groups, report, files.source_hash())
