@@ -362,8 +362,8 @@ def _cache_writable(folder: Path, log: Log) -> bool:
     return False
 
 
-def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None, device: str = "auto", batch_size: int = 16,
-                   dtype: str = "fp32", load_in_8bit: bool = False,
+def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None,
+                   device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
                    pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
     """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained.
 
@@ -446,8 +446,8 @@ def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list
         emb = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))[points]
         source = "pickle"
     else:
-        log(f"embedding {len(missing)} option texts with {spec.model_id} "
-            f"(device {resolve_device(device, flag='--emb_device')}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
+        log(f"embedding {len(missing)} option texts with {spec.model_id} (device "
+            f"{resolve_device(device, flag='--emb_device')}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
         emb = embed_texts([texts[i] for i in points], spec.load_path, device=device,
                           batch_size=batch_size, dtype=dtype, load_in_8bit=load_in_8bit,
                           normalize=spec.normalize, max_length=spec.max_length, log=log)

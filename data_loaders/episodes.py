@@ -139,7 +139,8 @@ def episode_token_counts(group: GroupData, sizes: EpisodeSizes, gen: torch.Gener
     """(context points, target points) of the next `steps` episodes sample_episode would draw
     from `gen`: the same draws, without gathering any embedding (for cost estimates)."""
     q_sizes = group.sizes.cpu()
-    return [(int(q_sizes[c].sum()), int(q_sizes[t].sum())) for c, t, _ in (_draws(group, sizes, gen) for _ in range(steps))]
+    draws = (_draws(group, sizes, gen) for _ in range(steps))
+    return [(int(q_sizes[c].sum()), int(q_sizes[t].sum())) for c, t, _ in draws]
 
 
 def sample_batch(groups: list[GroupData], sizes: EpisodeSizes, gen: torch.Generator,

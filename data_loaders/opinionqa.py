@@ -179,7 +179,8 @@ def _add_question(files: _Files, wave: str, attribute: str, path: Path, key: str
     elif (q.text, q.mc_options) != (entry["question_text"], mc):
         report.skip(strict, "question text/options differ from an earlier attribute file (entries; first kept)",
                     f"{path}: question {key!r} has a different text or MC_options than in an earlier "
-                    "attribute file of the same wave", "every attribute file of a wave must describe the same questions")
+                    "attribute file of the same wave",
+                    "every attribute file of a wave must describe the same questions")
     for value, counts in entry.items():
         if value in NON_GROUPS:
             report.drop(f"non-group {value!r} ((question, group) entries)")
