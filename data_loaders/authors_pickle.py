@@ -21,15 +21,10 @@ import pandas as pd
 from data_loaders.prompts import answer_text
 from data_loaders.schema import DataError, QuestionBank
 
-PICKLE_WARNING = ("WARNING: loading a pickle executes any code stored in it; only load files "
-                  "you trust (here: {path})")
-REQUIRED_COLUMNS = ("qkey", "embedding")
 
-
-def read_pickle_frame(path: str | Path, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Unpickle the DataFrame, with the warning and errors that name the file."""
-    path = Path(path)
-    log(PICKLE_WARNING.format(path=path))
+def _read_frame(path: Path, log: Callable[[str], None]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The unpickled DataFrame, its [rows, D] float32 embeddings and its qkeys; errors name the file."""
+    log(f"WARNING: loading a pickle executes any code stored in it; only load files you trust (here: {path})")
     if not path.is_file():
         raise DataError(f"authors' embedding pickle not found: {path}",
                         hint="check --emb_pickle, or drop the file into data_loaders/llm_embedding/")
@@ -42,15 +37,10 @@ def read_pickle_frame(path: str | Path, log: Callable[[str], None] = print) -> p
     if not isinstance(frame, pd.DataFrame):
         raise DataError(f"{path} holds a {type(frame).__name__}, not a pandas DataFrame",
                         hint="expected the authors' embeddings_alpaca_<dataset>.pkl")
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    missing = [c for c in ("qkey", "embedding") if c not in frame.columns]
     if missing:
         raise DataError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)}",
                         hint="expected one row per (question, option) with 'qkey' and 'embedding'")
-    return frame
-
-
-def embedding_matrix(frame: pd.DataFrame, path: Path) -> np.ndarray:
-    """[rows, D] float32 from the `embedding` column; every row must have the same length."""
     lengths = frame["embedding"].map(len).to_numpy()
     if len(lengths) == 0:
         raise DataError(f"{path} has no rows", hint="the file is empty or truncated")
@@ -59,7 +49,13 @@ def embedding_matrix(frame: pd.DataFrame, path: Path) -> np.ndarray:
         raise DataError(f"{path}: embedding dimension is inconsistent: row 0 has {lengths[0]} "
                         f"values, row {bad[0]} has {lengths[bad[0]]} ({len(bad)} rows differ from row 0)",
                         hint="the file is damaged or mixes models; re-create or re-download it")
-    return np.asarray(np.stack(frame["embedding"].map(np.asarray).to_list()), dtype=np.float32)
+    matrix = np.asarray(np.stack(frame["embedding"].map(np.asarray).to_list()), dtype=np.float32)
+    try:
+        qkeys = frame["qkey"].to_numpy().astype(np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: column 'qkey' is not integer ({exc})",
+                        hint="only the GlobalOpinionQA layout (qkey = CSV row index) is supported") from exc
+    return frame, matrix, qkeys
 
 
 def bank_row_indices(frame_qkeys: np.ndarray, bank: QuestionBank, path: Path) -> np.ndarray:
@@ -103,13 +99,7 @@ def load_authors_pickle(path: str | Path, bank: QuestionBank,
                         log: Callable[[str], None] = print) -> np.ndarray:
     """[bank.num_points, D] float32 embeddings in bank order from the authors' pickle."""
     path = Path(path)
-    frame = read_pickle_frame(path, log)
-    matrix = embedding_matrix(frame, path)
-    try:
-        qkeys = frame["qkey"].to_numpy().astype(np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: column 'qkey' is not integer ({exc})",
-                        hint="only the GlobalOpinionQA layout (qkey = CSV row index) is supported") from exc
+    frame, matrix, qkeys = _read_frame(path, log)
     rows = bank_row_indices(qkeys, bank, path)
     check_answers(frame, rows, bank, log)
     unused = len(frame) - len(np.unique(rows))

@@ -17,7 +17,7 @@ from data_loaders.opinionqa import OPINIONQA_GROUPS, load_opinionqa, resolve_roo
 from utils.seeding import generator
 
 from .schema import DataError, GroupData, RawDataset, build_group_data
-from .synthetic import SyntheticSpec, make_synthetic
+from .synthetic import SyntheticSpec, group_names, make_synthetic
 
 DATASETS = ("globalqa", "opinionqa", "synthetic")
 # Default share of groups used for training when groups are split at random (paper: 60/40).
@@ -151,10 +151,13 @@ def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: in
     return train, evals
 
 
-def chosen_groups(cfg: DataConfig, all_groups: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """The run's train and eval groups (`all_groups`: the synthetic generator's names)."""
-    return choose_groups(cfg.dataset, cfg.train_groups, cfg.eval_groups, cfg.group_split, cfg.split_seed,
-                         all_groups=all_groups)
+def chosen_groups(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """The run's train and eval groups."""
+    pool = None
+    if cfg.dataset == "synthetic":
+        cfg.synthetic.validate()  # a bad spec is named before a split of too few groups fails
+        pool = group_names(cfg.synthetic.num_groups)
+    return choose_groups(cfg.dataset, cfg.train_groups, cfg.eval_groups, cfg.group_split, cfg.split_seed, pool)
 
 
 def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData:
@@ -164,6 +167,7 @@ def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData
     configuration that cannot run fails in seconds, not after an embedding pass.
     """
     t0 = time.perf_counter()
+    train, evals = chosen_groups(cfg)
 
     def checked(raw: RawDataset) -> None:
         _check_known(raw, train + evals, cfg.dataset)
@@ -172,13 +176,7 @@ def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData
         check_holdout(raw, question_holdout(raw.bank.qkeys, cfg.question_split, cfg.split_seed), train, evals,
                       cfg.eval_num_qs, cfg.min_episode_qs)
 
-    if cfg.dataset == "synthetic":
-        raw, emb, emb_info = load_embedded(cfg, None, log)
-        train, evals = chosen_groups(cfg, list(raw.groups))
-        checked(raw)
-    else:
-        train, evals = chosen_groups(cfg)
-        raw, emb, emb_info = load_embedded(cfg, train + evals, log, check=checked)
+    raw, emb, emb_info = load_embedded(cfg, train + evals, log, check=checked)
     build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
     held = question_holdout(raw.bank.qkeys, cfg.question_split, cfg.split_seed)
     data = ExperimentData(cfg.dataset, build(train), build(evals), int(emb.shape[1]),
@@ -202,22 +200,19 @@ def load_embedded(cfg: DataConfig, groups: list[str] | None, log=print, check=No
     """
     if cfg.dataset == "synthetic":
         raw, emb = make_synthetic(cfg.synthetic)
-        _log_report(raw, log)
-        return raw, emb, {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
-    raw = load_raw_dataset(cfg.dataset, cfg.data_path, strict=cfg.strict, groups=groups, log=log,
-                           encoding=cfg.encoding)
-    _log_report(raw, log)
+    else:
+        raw = load_raw_dataset(cfg.dataset, cfg.data_path, strict=cfg.strict, groups=groups, log=log,
+                               encoding=cfg.encoding)
+    for line in raw.report.lines():
+        log(line)
     if check is not None:
         check(raw)
+    if cfg.dataset == "synthetic":
+        return raw, emb, {"emb_model": "synthetic", "dim": int(emb.shape[1]), "source": "generated"}
     emb, emb_info = embeddings.get_embeddings(raw, **vars(cfg.embedding), log=log)
     if emb_info.get("source") != "pickle" and emb_info.get("precision") != PICKLE_PRECISION:
         emb_info["probe"] = probe_record(raw, emb)  # no model behind the authors' vectors to compare with
     return raw, emb, emb_info
-
-
-def _log_report(raw: RawDataset, log) -> None:
-    for line in raw.report.lines():
-        log(line)
 
 
 def data_info(raw: RawDataset, emb_info: dict, seconds: float) -> dict:

@@ -6,9 +6,7 @@ One store per (dataset, model, prompt style, precision):
 
 holds an [N, D] fp32 tensor; its JSON sidecar (same name, .json) lists, row by row, the
 sha256 of the text each row embeds, plus the model, dimension, pooling and a checksum of
-the tensor. A lookup goes by text, so a copy of the data with other answer counts (or
-other groups) but the same question/option texts embeds nothing, and a changed question
-embeds only its own texts, which are appended to the store.
+the tensor. A lookup goes by text: a changed question's texts are appended to the store.
 
 A store is used when its key (model id, prompt style, precision, pooling) matches, its
 tensor and sidecar belong together, its shape is [rows, dim] and its checksum holds;
@@ -154,15 +152,7 @@ def read_store(entry: CacheEntry, model_id: str, dim: int | None) -> Store:
     if meta.get("format") != CACHE_FORMAT:
         return Store(meta=meta, why=f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}",
                      warn=True)
-    check_identity(meta, entry, model_id, dim)
-    if meta.get("key") != entry.key:
-        return Store(meta=meta, why=f"cache {st.name} was built with other settings: "
-                                    f"{_changes(meta.get('key_parts', {}), entry.parts)}")
-    return _read_tensor(entry, meta)
-
-
-def check_identity(meta: dict, entry: CacheEntry, model_id: str, dim: int | None) -> None:
-    """The file name promised this model: metadata saying otherwise is not ours to overwrite."""
+    # The file name promised this model: metadata saying otherwise is not ours to overwrite.
     files = f"{entry.sidecar} and {entry.path}"
     if meta.get("model_id") != model_id:
         other = meta.get("emb_model_arg") or meta.get("model_id")
@@ -173,6 +163,10 @@ def check_identity(meta: dict, entry: CacheEntry, model_id: str, dim: int | None
         raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but "
                         f"{model_id} gives {dim}",
                         hint=f"delete {files} to rebuild it, or pass the --emb_model that made it")
+    if meta.get("key") != entry.key:
+        return Store(meta=meta, why=f"cache {st.name} was built with other settings: "
+                                    f"{_changes(meta.get('key_parts', {}), entry.parts)}")
+    return _read_tensor(entry, meta)
 
 
 def _read_tensor(entry: CacheEntry, meta: dict) -> Store:

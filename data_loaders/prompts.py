@@ -20,7 +20,6 @@ ALPACA_TEMPLATE = (
 LLAMA2_TEMPLATE = "[INST] <<SYS>>\n{instruction}\n<</SYS>>\n\n{input} [/INST] "
 
 TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "llama2": LLAMA2_TEMPLATE}
-STYLES = tuple(TEMPLATES)
 
 
 def option_letter(index: int) -> str:
@@ -39,16 +38,12 @@ def answer_text(index: int, option: str) -> str:
     return f"{option_letter(index)}. {option}"
 
 
-def question_input(question: str, options: list[str]) -> str:
-    listed = "".join(f"\n{answer_text(i, opt)}" for i, opt in enumerate(options))
-    return f"{question}\n\nOptions:{listed}"
-
-
 def question_prompt(question: str, options: list[str], style: str = "alpaca") -> str:
     """The prompt shared by all options of one question (ends where the answer starts)."""
     if style not in TEMPLATES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
-    return TEMPLATES[style].format(instruction=INSTRUCTION, input=question_input(question, options))
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(TEMPLATES)}")
+    listed = "".join(f"\n{answer_text(i, opt)}" for i, opt in enumerate(options))
+    return TEMPLATES[style].format(instruction=INSTRUCTION, input=f"{question}\n\nOptions:{listed}")
 
 
 def option_texts(bank: QuestionBank, style: str = "alpaca") -> list[str]:

@@ -7,8 +7,9 @@ u_g ∈ R^r, and its distribution over a question's options is
     p_g(k) = softmax_k( < gamma * w + beta * u_g, f_k > / sqrt(r) )
 
 where w is a direction of popularity shared by all groups. The shared term is learnable
-from any group and carries over to unseen questions; the group term can only be predicted for an unseen group by inferring u_g from
-its context answers, which is exactly the in-context transfer GPO is meant to do.
+from any group and carries over to unseen questions; the group term can only be predicted
+for an unseen group by inferring u_g from its context answers, which is exactly the
+in-context transfer GPO is meant to do.
 Everything is drawn from one torch.Generator seeded by `seed`: same spec, same tensors.
 """
 from __future__ import annotations

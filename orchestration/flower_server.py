@@ -18,7 +18,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from data_loaders.datasets import chosen_groups
 from data_loaders.schema import DataError
-from data_loaders.synthetic import group_names
 from flower_app.federation import discover, federated_data, make_setup
 from orchestration.cli import build_parser
 from orchestration.config import RunConfig
@@ -44,8 +43,7 @@ def args_from_run_config(run_config: dict):
 
 def resolve_groups(run: RunConfig) -> tuple[list[str], list[str]]:
     """The train/eval groups prepare_experiment would choose, without loading any data."""
-    names = group_names(run.data.synthetic.num_groups) if run.data.dataset == "synthetic" else None
-    return chosen_groups(run.data, names)
+    return chosen_groups(run.data)
 
 
 def check_supported(run: RunConfig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_loaders.opinionqa import OPINIONQA_GROUPS, load_opinionqa, question_key_names
+from data_loaders.opinionqa import OPINIONQA_GROUPS, load_opinionqa
 from data_loaders.schema import DataError, RawDataset
 
 
@@ -168,7 +168,6 @@ def test_synthetic_exact_counts_and_distributions(tmp_path):
         for p, want in zip(prefs.probs, by_key.values()):
             assert p.dtype == np.float64
             np.testing.assert_array_equal(p, want)
-    assert question_key_names(tmp_path / "opinionqa") == raw.key_names
 
 
 def test_synthetic_shared_values_are_qualified_and_selectable(tmp_path):
