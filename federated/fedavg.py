@@ -41,7 +41,8 @@ def make_clients(data: ExperimentData, cfg: ClientConfig, device) -> tuple[dict,
 
 def make_diagnostics(model: GPO, cfg: ClientConfig, eval_clients: dict, train_clients: dict) -> Diagnostics:
     """Seen/unseen scores, baselines and group specificity, on a scratch model evaluation may borrow."""
-    return Diagnostics(model, eval_clients, train_clients, cfg.metric, cfg.eval_num_qs, cfg.eval_seed,
+    return Diagnostics(model, {n: c.split for n, c in eval_clients.items()},
+                       {n: c.split for n, c in train_clients.items()}, cfg.metric, cfg.eval_num_qs, cfg.eval_seed,
                        cfg.eval_batch_size)
 
 

@@ -78,8 +78,7 @@ def partners(names: list[str], seed: int) -> dict[str, str]:
 class Diagnostics:
     """Computes the extra fields of an evaluation record from the global weights.
 
-    `eval_clients` / `train_clients`: GroupClients (their `local`, `eval_questions`, and
-    under --question_split `context_pool` / `target_mask`). The training groups' local
+    `eval_clients` / `train_clients`: the groups' EvalSplits (evaluation.eval_split). The training groups' local
     splits define what is seen and the consensus; nothing of the evaluation groups' answers
     leaks into either."""
 
