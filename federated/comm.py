@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 NUMBER_BYTES = 8  # a float64 or int64 scalar on the wire
+METRIC_PREFIX = "metric."  # a client's strategy metrics in its fit reply (e.g. metric.heldout_alignment)
 
 
 def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -68,7 +69,7 @@ def fit_metrics_record(res) -> dict:
     """The numbers of a FitResult's reply (flower_app/protocol.py: fit_reply sends these)."""
     return {"num_examples": res.num_examples, "episode_points": res.episode_points, "points": res.points,
             "losses": [float(x) for x in res.losses],
-            **{f"metric.{k}": float(v) for k, v in res.metrics.items()}}
+            **{f"{METRIC_PREFIX}{k}": float(v) for k, v in res.metrics.items()}}
 
 
 def up_bytes(res) -> int:

@@ -242,5 +242,4 @@ class FlowerTrainer(FedAvgRound):
         if state.get("clients"):
             raise DataError("this checkpoint holds in-process clients' optimizer states",
                             "resume it with --engine inprocess")
-        if "server" in state:
-            self.server.load_state_dict(state["server"])
+        self.server.load_state_dict(state["server"])

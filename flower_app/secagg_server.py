@@ -9,7 +9,6 @@ in-process engine's weighted FedAvg up to the quantisation of θ and r.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -198,8 +197,13 @@ class SecAggTrainer(FlowerTrainer):
                                       clipping_range=self.clip_range, quantization_range=self.quant_range,
                                       modulus_range=MODULUS_RANGE, timeout=self.timeout)
         grid = _FastGrid(self.grid)
-        with _flower_warnings_only():  # its INFO lines ("sampled 3 clients (out of 0)") describe its own loop
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(max(level, logging.WARNING))  # its INFO lines ("sampled 3 clients (out of 0)") are its loop's
+        try:
             workflow(grid, context)
+        finally:
+            flwr_log.setLevel(level)
         return strategy, grid
 
     def _record_failures(self, by_node: dict[int, str], replied, grid: _FastGrid, round_: int) -> None:
@@ -225,13 +229,3 @@ class SecAggTrainer(FlowerTrainer):
         return {k: torch.from_numpy(np.asarray(a)).reshape(self.global_state[k].shape).to(self.global_state[k].dtype)
                 for k, a in zip(self.keys, arrays)}
 
-
-@contextlib.contextmanager
-def _flower_warnings_only():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
