@@ -138,9 +138,8 @@ class SecAggTrainer(FlowerTrainer):
     def __init__(self, secagg: SecAggConfig, data, cfg, model_cfg, **kw):
         """`secagg`: validated settings (SecAggConfig.validate); `kw`: FlowerTrainer's."""
         super().__init__(data, cfg, model_cfg, **kw)
-        self.num_shares, self.threshold = secagg.num_shares, secagg.threshold
-        self.clip_range, self.quant_range = float(secagg.clip_range), int(secagg.quant_range)
-        self.remote = dict(data.train)
+        self.num_shares, self.threshold, self.quant_range = secagg.num_shares, secagg.threshold, int(secagg.quant_range)
+        self.clip_range, self.remote = float(secagg.clip_range), dict(data.train)
         self.keys = list(self.global_state)
         n = self.sampled_per_round
         if n < MIN_CLIENTS:
