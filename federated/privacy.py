@@ -116,7 +116,8 @@ class DPFedAvg:
         self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
         # adaptive clipping (Andrew et al. 2021): C follows the clip_quantile of the update norms
         self.clip_quantile, self.clip_lr = clip_quantile, clip_lr
-        self.count_std = default_count_std(num_sampled) if count_std is None else count_std
+        # σ_b of the noised unclipped count: by default m/20, Andrew et al.'s and Flower's
+        self.count_std = num_sampled / 20 if count_std is None else count_std
         self.update_noise = (noise_multiplier if clip_quantile is None
                              else update_noise_multiplier(noise_multiplier, self.count_std))
         self.last_info: dict = {}
@@ -175,11 +176,6 @@ class DPFedAvg:
             if state["accountant"] is None:
                 raise DataError("the checkpoint holds no privacy accountant", "resume with the flags it was run with")
             self.accountant.load_state_dict(state["accountant"])
-
-
-def default_count_std(num_sampled: int) -> float:
-    """σ_b of the noised unclipped count: m/20, Andrew et al.'s and Flower's default."""
-    return num_sampled / 20
 
 
 def update_noise_multiplier(z: float, count_std: float) -> float:
