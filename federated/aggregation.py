@@ -26,17 +26,18 @@ def l2_norm(update: Tensors) -> float:
     return math.sqrt(sum(float(update[k].pow(2).sum()) for k in sorted(update)))
 
 
+def raw_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float], mode: str) -> list[float]:
+    """Unnormalised p_g for each replying client (SecAgg+ sums them in the clear and normalises itself)."""
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"--weighting {mode!r}: choose one of {', '.join(WEIGHTINGS)}")
+    by_mode = {"dataset_size": dataset_sizes, "episode_points": episode_points, "uniform": [1.0] * len(dataset_sizes)}
+    return [float(n) for n in by_mode[mode]]
+
+
 def aggregation_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float],
                         mode: str) -> list[float]:
     """Normalised p_g for each replying client."""
-    if mode == "dataset_size":
-        raw = [float(n) for n in dataset_sizes]
-    elif mode == "episode_points":
-        raw = [float(n) for n in episode_points]
-    elif mode == "uniform":
-        raw = [1.0] * len(dataset_sizes)
-    else:
-        raise ValueError(f"--weighting {mode!r}: choose one of {', '.join(WEIGHTINGS)}")
+    raw = raw_weights(dataset_sizes, episode_points, mode)
     total = sum(raw)
     if not raw or total <= 0:
         raise ValueError(f"cannot aggregate: weights {raw} (mode {mode}) have no positive mass")

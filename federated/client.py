@@ -14,7 +14,7 @@ from data_loaders.episodes import episode_token_counts
 from data_loaders.schema import DataError, GroupData
 from models.gpo import GPO
 from training.config import ClientConfig
-from training.evaluation import GroupEval, context_questions, score_group
+from training.evaluation import GroupEval, eval_split, score_group
 from training.local import OptimState, local_train
 from utils.seeding import derive_seed, generator
 
@@ -47,28 +47,13 @@ HELDOUT_ALIGNMENT = "heldout_alignment"
 
 
 class GroupClient:
-    """role 'train': trains on its first data_split of questions, scores the rest.
-    role 'eval': never trains; adapts in context and scores its other questions."""
+    """role 'train': trains on its `local` questions and scores its held-out ones; role 'eval': never trains,
+    adapts in context and scores its other questions (which questions: training.evaluation.eval_split)."""
 
     def __init__(self, group: GroupData, cfg: ClientConfig, role: str, heldout_qkeys: torch.Tensor | None = None):
-        """`heldout_qkeys` (--question_split): questions no group trains on. A training group then
-        trains on its other questions and scores these; an evaluation group draws its context from
-        its other questions and scores these. None: the paper's split (the last 1 - data_split of a
-        training group's questions in key order; an evaluation group scores all but its context)."""
-        self.name, self.cfg, self.role = group.name, cfg, role
-        if role not in ("train", "eval"):
-            raise ValueError(f"role must be 'train' or 'eval', not {role!r}")
-        held = None if heldout_qkeys is None else torch.isin(group.qkeys, heldout_qkeys.to(group.qkeys.device))
-        self.context_pool = self.target_mask = None
-        if role == "train":
-            self.local, self.heldout = (group.split(cfg.data_split) if held is None else
-                                        (group.subset(_where(~held)), group.subset(_where(held))))
-        else:
-            self.local, self.heldout = group, None
-            if held is not None:
-                self.context_pool, self.target_mask = _where(~held).cpu(), held.cpu()
+        self.cfg, self.split = cfg, eval_split(group, cfg, role, heldout_qkeys)
+        self.name, self.role, self.local, self.heldout = group.name, role, self.split.local, self.split.heldout
         self.optim_state = OptimState()
-        self._fixed_ctx: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -114,27 +99,7 @@ class GroupClient:
         return score_group(model, self.local, ctx_q, tgt, tgt_q, self.cfg.metric, self.cfg.eval_batch_size)
 
     def eval_questions(self, round_: int) -> tuple[torch.Tensor, GroupData, torch.Tensor]:
-        """(context questions of `local`, the target group, its target questions) at evaluation:
-        an eval group scores all its non-context questions, a training group its held-out ones."""
-        ctx_q = self._context(round_)
-        if self.role == "train":
-            return ctx_q, self.heldout, torch.arange(self.heldout.num_questions)
-        mask = torch.ones(self.local.num_questions, dtype=torch.bool)
-        mask[ctx_q] = False
-        if self.target_mask is not None:
-            mask &= self.target_mask
-        return ctx_q, self.local, mask.nonzero().squeeze(1)
-
-    def _context(self, round_: int) -> torch.Tensor:
-        c = self.cfg
-        pool = self.context_pool
-        if c.eval_resample:
-            return context_questions(self.local.num_questions, c.eval_num_qs, c.eval_seed, self.name, round_,
-                                     self.role, pool)
-        if self._fixed_ctx is None:  # drawn once from eval_seed, reused at every evaluation
-            self._fixed_ctx = context_questions(self.local.num_questions, c.eval_num_qs, c.eval_seed,
-                                                self.name, None, self.role, pool)
-        return self._fixed_ctx
+        return self.split.eval_questions(round_)
 
     # what a checkpoint needs to resume this client exactly
     def state_dict(self) -> dict:
@@ -143,6 +108,3 @@ class GroupClient:
     def load_state_dict(self, state: dict) -> None:
         self.optim_state = OptimState(state["adam"], int(state["step"]))
 
-
-def _where(mask: torch.Tensor) -> torch.Tensor:
-    return mask.nonzero().squeeze(1)

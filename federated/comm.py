@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 NUMBER_BYTES = 8  # a float64 or int64 scalar on the wire
+METRIC_PREFIX = "metric."  # a client's strategy metrics in its fit reply (e.g. metric.heldout_alignment)
 
 
 def tensor_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Each tensor as Flower sends it (a .npy blob: header plus raw data) plus its name."""
-    return sum(_npy_header_bytes(t) + t.numel() * t.element_size() + len(k) for k, t in state.items())
+    return sum(_header_bytes(str(np.dtype(str(t.dtype).removeprefix("torch."))), tuple(t.shape))
+               + t.numel() * t.element_size() + len(k) for k, t in state.items())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -29,10 +31,6 @@ def _header_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(view))
     return len(buf.getvalue())  # the magic string, the header length and the padded header
-
-
-def _npy_header_bytes(t: torch.Tensor) -> int:
-    return _header_bytes(str(np.dtype(str(t.dtype).removeprefix("torch."))), tuple(t.shape))
 
 
 def value_bytes(value) -> int:
@@ -68,7 +66,7 @@ def fit_metrics_record(res) -> dict:
     """The numbers of a FitResult's reply (flower_app/protocol.py: fit_reply sends these)."""
     return {"num_examples": res.num_examples, "episode_points": res.episode_points, "points": res.points,
             "losses": [float(x) for x in res.losses],
-            **{f"metric.{k}": float(v) for k, v in res.metrics.items()}}
+            **{f"{METRIC_PREFIX}{k}": float(v) for k, v in res.metrics.items()}}
 
 
 def up_bytes(res) -> int:

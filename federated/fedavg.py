@@ -41,14 +41,9 @@ def make_clients(data: ExperimentData, cfg: ClientConfig, device) -> tuple[dict,
 
 def make_diagnostics(model: GPO, cfg: ClientConfig, eval_clients: dict, train_clients: dict) -> Diagnostics:
     """Seen/unseen scores, baselines and group specificity, on a scratch model evaluation may borrow."""
-    return Diagnostics(model, eval_clients, train_clients, cfg.metric, cfg.eval_num_qs, cfg.eval_seed,
+    return Diagnostics(model, {n: c.split for n, c in eval_clients.items()},
+                       {n: c.split for n, c in train_clients.items()}, cfg.metric, cfg.eval_num_qs, cfg.eval_seed,
                        cfg.eval_batch_size)
-
-
-def check_replies(round_: int, results: list[FitResult]) -> None:
-    """A NaN/inf loss or weight stops the run naming the client (DivergenceError), before aggregation spreads it."""
-    for r in sorted(results, key=lambda r: r.name):
-        check_finite(round_, r.name, r.losses, r.state)
 
 
 def round_stats(losses: dict[str, list[float]], points: int) -> dict:
@@ -64,20 +59,15 @@ def round_stats(losses: dict[str, list[float]], points: int) -> dict:
 def resolve_client_engine(requested: str, device: torch.device, model_cfg: GPOConfig) -> str:
     """`auto`: threads on a CPU where torch may use more than one thread (thread_engine.py), else loop
     (a GPU runs one client's kernels at a time anyway)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cpu" and default_workers() > 1 and not model_cfg.dropout:
-        return "threads"
-    return "loop"
-
-
-def check_client_engine(engine: str, model_cfg: GPOConfig) -> None:
-    if engine not in CLIENT_ENGINES:
-        raise ValueError(f"--client_engine {engine!r}: choose one of {', '.join(CLIENT_ENGINES)}")
-    if engine == "threads" and model_cfg.dropout:
+    if requested == "auto":
+        return "threads" if device.type == "cpu" and default_workers() > 1 and not model_cfg.dropout else "loop"
+    if requested not in CLIENT_ENGINES:
+        raise ValueError(f"--client_engine {requested!r}: choose one of {', '.join(CLIENT_ENGINES)}")
+    if requested == "threads" and model_cfg.dropout:
         raise DataError(f"--dropout {model_cfg.dropout} does not work with --client_engine threads: dropout draws "
                         "from torch's one global RNG, which concurrent clients would share",
                         "use --client_engine loop with dropout (the paper uses --dropout 0)")
+    return requested
 
 
 def check_min_clients(min_clients: int, sampled: int) -> None:
@@ -105,7 +95,8 @@ class FedAvgRound(ABC):
 
     def aggregate_replies(self, replies: list[FitResult], sampled: int, round_: int, fit_config: dict) -> dict:
         """The server's rules on the replies, once each is known finite; the round's record."""
-        check_replies(round_, replies)
+        for r in sorted(replies, key=lambda r: r.name):  # a NaN/inf stops the run before aggregation spreads it
+            check_finite(round_, r.name, r.losses, r.state)
         self.last_client_states = {r.name: r.state for r in replies}  # for --save_client
         comm = round_comm(self.global_state, round_, fit_config, sampled, replies)
         self.global_state = self.server.aggregate(self.global_state, replies, round_)
@@ -129,7 +120,6 @@ class FedAvgTrainer(FedAvgRound):
         self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
         self.last_client_states: dict[str, dict] = {}
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
-        check_client_engine(self.client_engine, model_cfg)
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)
 
@@ -151,8 +141,7 @@ class FedAvgTrainer(FedAvgRound):
     def load_state_dict(self, state: dict) -> None:
         for n, s in state["clients"].items():
             self.clients[n].load_state_dict(s)
-        if "server" in state:  # checkpoints from before strategies existed hold plain FedAvg (no state)
-            self.server.load_state_dict(state["server"])
+        self.server.load_state_dict(state["server"])
 
 
 def evaluate_clients(model: GPO, global_state: dict, eval_clients: dict, train_clients: dict,

@@ -31,6 +31,12 @@ class PrivacyBudgetExhausted(DataError, StopTraining):
     """The next release would spend more than --dp_epsilon."""
 
 
+def check_dp_strategy(name: str) -> None:
+    if name not in DP_STRATEGIES:
+        raise DataError(f"--dp does not compose with --strategy {name}: its sensitivity to one client is "
+                        "not S/m (the noise would not cover it)", f"use --strategy {' or '.join(DP_STRATEGIES)}")
+
+
 def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
     """(Δ · min(1, S/||Δ||), ||Δ||) with the norm over all tensors jointly."""
     norm = l2_norm(update)
@@ -53,8 +59,7 @@ SECURE_DRAWS = 4  # Opacus secure_mode: each coordinate is the normalised sum of
 
 
 def os_uniform(n: int) -> np.ndarray:
-    """n float64 uniforms from os.urandom, 53 bits each, offset by half a step: never 0 (Box-Muller
-    takes its logarithm) nor 1."""
+    """n float64 uniforms from os.urandom, 53 bits each, offset by half a step: never 0 (Box-Muller takes its log)."""
     bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
     return (bits.astype(np.float64) + 0.5) / float(2 ** 53)
 
@@ -104,16 +109,15 @@ class DPFedAvg:
                  accountant: PrivacyAccountant | None = None, max_epsilon: float | None = None,
                  secure_noise: bool = False, clip_quantile: float | None = None, clip_lr: float = 0.2,
                  count_std: float | None = None):
-        if strategy.name not in DP_STRATEGIES:
-            raise DataError(f"--dp does not compose with --strategy {strategy.name}: its sensitivity to one "
-                            "client is not S/m", f"use --strategy {' or '.join(DP_STRATEGIES)} with --dp")
+        check_dp_strategy(strategy.name)
         self.strategy, self.clip, self.noise_multiplier = strategy, clip, noise_multiplier
         self.seed, self.num_sampled = seed, num_sampled
         self.accountant, self.max_epsilon = accountant, max_epsilon
         self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
         # adaptive clipping (Andrew et al. 2021): C follows the clip_quantile of the update norms
         self.clip_quantile, self.clip_lr = clip_quantile, clip_lr
-        self.count_std = default_count_std(num_sampled) if count_std is None else count_std
+        # σ_b of the noised unclipped count: by default m/20, Andrew et al.'s and Flower's
+        self.count_std = num_sampled / 20 if count_std is None else count_std
         self.update_noise = (noise_multiplier if clip_quantile is None
                              else update_noise_multiplier(noise_multiplier, self.count_std))
         self.last_info: dict = {}
@@ -174,11 +178,6 @@ class DPFedAvg:
             self.accountant.load_state_dict(state["accountant"])
 
 
-def default_count_std(num_sampled: int) -> float:
-    """σ_b of the noised unclipped count: m/20, Andrew et al.'s and Flower's default."""
-    return num_sampled / 20
-
-
 def update_noise_multiplier(z: float, count_std: float) -> float:
     """z_Δ with z_Δ⁻² + (2σ_b)⁻² = z⁻² (Andrew et al. 2021, §3): update and count together cost what z
     alone would, so the accountant keeps counting z. 0 for z = 0."""
@@ -218,65 +217,50 @@ def epsilon_floor(delta: float) -> float:
     return float(get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)[0])
 
 
-def accounted_noise(noise_multiplier: float, sample_rate: float) -> float:
-    """Each round's noise-to-sensitivity ratio, no amplification: z with every client (zero-out neighbours,
-    sensitivity S), z/2 with sampling (replace-one neighbours, a swapped group moves the sum by 2S)."""
-    return noise_multiplier if sample_rate >= 1 else noise_multiplier / 2
-
-
 class PrivacyAccountant:
-    """ε spent after `steps` DP-FedAvg rounds at (noise_multiplier z, sample rate m/n, δ)."""
+    """ε spent after `steps` DP-FedAvg rounds at (noise_multiplier z, sample rate m/n, δ). A round is counted
+    without amplification (`accounted_noise`): noise z with every client (zero-out neighbours, sensitivity S),
+    z/2 with sampling (replace-one neighbours, a swapped group moves the sum by 2S)."""
 
     def __init__(self, noise_multiplier: float, sample_rate: float, delta: float):
         if not noise_multiplier >= 0 or not 0 < sample_rate <= 1 or not 0 < delta < 1:
             raise ValueError(f"bad accountant settings z={noise_multiplier}, q={sample_rate}, delta={delta}")
         self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
         self.steps = 0
-
-    @property
-    def neighbouring(self) -> str:
-        """The relation ε is stated for (accounted_noise)."""
-        return "zero_out" if self.sample_rate >= 1 else "replace_one"
+        self.neighbouring = "zero_out" if sample_rate >= 1 else "replace_one"
+        self.accounted_noise = noise_multiplier if sample_rate >= 1 else noise_multiplier / 2
 
     def step(self) -> None:
         self.steps += 1
 
-    def epsilon(self, steps: int | None = None) -> float:
+    def epsilon(self, steps: int | None = None, noise: float | None = None) -> float:
+        """RDP ε after `steps` rounds (default: those taken) of noise `noise` (default: accounted_noise)."""
         steps = self.steps if steps is None else steps
-        if steps == 0:
-            return 0.0
-        if self.noise_multiplier == 0:
-            return math.inf
+        noise = self.accounted_noise if noise is None else noise
+        if steps == 0 or noise == 0:
+            return 0.0 if steps == 0 else math.inf
         rdp, _ = _opacus()
         acc = rdp()
-        # one history entry = `steps` identical rounds of a Gaussian mechanism (sample rate 1)
-        acc.history = [(accounted_noise(self.noise_multiplier, self.sample_rate), 1.0, steps)]
+        acc.history = [(noise, 1.0, steps)]  # one entry = `steps` identical Gaussian rounds (sample rate 1)
         return float(acc.get_epsilon(self.delta, alphas=rdp_orders()))
 
     def epsilon_replace_one(self, steps: int | None = None) -> float:
         """RDP ε for replace-one neighbours (noise z/2 each round); with sampling this is `epsilon`."""
-        if self.sample_rate < 1:
-            return self.epsilon(steps)
-        half = PrivacyAccountant(self.noise_multiplier / 2, 1.0, self.delta)
-        return half.epsilon(self.steps if steps is None else steps)
+        return self.epsilon(steps, self.noise_multiplier / 2)
 
     def epsilon_exact(self, steps: int | None = None) -> float:
         """The tight ε: T Gaussian rounds of noise z' (accounted_noise) compose exactly to μ-GDP with
         μ = √T/z' (Dong, Roth and Su 2022), what Opacus's PRV accountant approximates (tested)."""
         steps = self.steps if steps is None else steps
-        if steps == 0:
-            return 0.0
-        if self.noise_multiplier == 0:
-            return math.inf
-        return gdp_epsilon(math.sqrt(steps) / accounted_noise(self.noise_multiplier, self.sample_rate), self.delta)
-
-    def would_exceed(self, max_epsilon: float) -> bool:
-        return self.epsilon(self.steps + 1) > max_epsilon
+        if steps == 0 or self.noise_multiplier == 0:
+            return 0.0 if steps == 0 else math.inf
+        return gdp_epsilon(math.sqrt(steps) / self.accounted_noise, self.delta)
 
     def check_next(self, max_epsilon: float) -> None:
-        if self.would_exceed(max_epsilon):
+        spent = self.epsilon(self.steps + 1)
+        if spent > max_epsilon:
             raise PrivacyBudgetExhausted(
-                f"privacy budget exhausted: round {self.steps + 1} would spend ε = {self.epsilon(self.steps + 1):.4g} "
+                f"privacy budget exhausted: round {self.steps + 1} would spend ε = {spent:.4g} "
                 f"> --dp_epsilon {max_epsilon} (δ = {self.delta}); {self.steps} round(s) released, ε = "
                 f"{self.epsilon():.4g}", "the last checkpoint is the private model; more rounds need a larger "
                 "--dp_epsilon or a new run with more --dp_noise")
@@ -323,7 +307,7 @@ def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: fl
                         f"noise z = {MAX_SIGMA:g} spends ε = {least:.3g}",
                         f"raise --dp_epsilon to {least:.3g} or more (the accountant cannot certify less than "
                         f"{epsilon_floor(delta):.2g} at this δ), raise --dp_delta, or lower --comm_round") from None
-    return z if sample_rate >= 1 else 2 * z   # accounted_noise halves z when sampling
+    return z if sample_rate >= 1 else 2 * z   # the accountant halves z when sampling
 
 
 def check_budget(accountant: PrivacyAccountant, rounds: int, max_epsilon: float) -> float:
@@ -388,9 +372,7 @@ class PrivacyConfig:
         if weighting != "uniform":
             raise DataError(f"--dp with --weighting {weighting}: a client's weight would scale its influence past "
                             "S/m, and its data size is itself private", "add --weighting uniform")
-        if strategy not in DP_STRATEGIES:
-            raise DataError(f"--dp does not compose with --strategy {strategy}: its sensitivity to one client is "
-                            "not S/m (the noise would not cover it)", f"use --strategy {' or '.join(DP_STRATEGIES)}")
+        check_dp_strategy(strategy)
         warnings = []
         if delta > 1 / num_train_clients:
             warnings.append(f"--dp_delta {delta} exceeds 1/{num_train_clients} clients: a mechanism that "

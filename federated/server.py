@@ -50,7 +50,7 @@ class ServerRules:
         return new
 
     def info(self) -> dict:
-        info = dict(getattr(self.strategy, "last_info", {}))
+        info = dict(self.strategy.last_info)
         if self.last_step_ratio is not None:
             info["server_step_ratio"] = self.last_step_ratio
         return info

@@ -209,7 +209,7 @@ def weighted_delta(global_state: Tensors, states: Sequence[Tensors], weights: Se
 def server_opt_step(global_state: Tensors, delta: Tensors, cfg: StrategyConfig, opt: dict) -> Tensors:
     """w + the server optimizer's step on the aggregate delta Δ (float64), updating `opt` ({"step", "m", "v"})
     as Flower's FedAdam/FedYogi do (formulas: docs/strategies_privacy.md)."""
-    lr = resolved_server_lr(cfg)
+    lr = DEFAULT_SERVER_LR[cfg.server_opt] if cfg.server_lr is None else cfg.server_lr
     opt["step"] += 1
     t, b1, b2, tau = opt["step"], cfg.server_beta1, cfg.server_beta2, cfg.server_tau
     if cfg.server_opt == "adam":
@@ -228,10 +228,6 @@ def server_opt_step(global_state: Tensors, delta: Tensors, cfg: StrategyConfig, 
         opt["m"][key], opt["v"][key] = m, v
         out[key] = w + lr * m / (v.sqrt() + tau)
     return out
-
-
-def resolved_server_lr(cfg: StrategyConfig) -> float:
-    return DEFAULT_SERVER_LR[cfg.server_opt] if cfg.server_lr is None else cfg.server_lr
 
 
 # --- the strategy object ----------------------------------------------------------------

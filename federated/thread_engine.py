@@ -6,7 +6,6 @@ whole clients on one intra-op thread: a client's numbers then do not depend on t
 engine's on one thread."""
 from __future__ import annotations
 
-import contextlib
 import queue
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -21,17 +20,6 @@ from .client import FitResult, GroupClient
 def default_workers() -> int:
     """torch's intra-op thread count (cores, OMP_NUM_THREADS or torch.set_num_threads): one per client."""
     return torch.get_num_threads()
-
-
-@contextlib.contextmanager
-def one_intra_op_thread():
-    """torch's intra-op thread count is process-wide: 1 while the workers run, then restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class ThreadClientEngine:
@@ -58,13 +46,16 @@ class ThreadClientEngine:
         cost = [sum(train_flops(self.model_cfg, c, t) for c, t in client.round_episodes(round_))
                 for client in clients]
         order = sorted(range(len(clients)), key=lambda i: -cost[i])
-        with one_intra_op_thread():
-            futures = {i: self._pool.submit(run, clients[i]) for i in order}
-            try:
-                wait(futures.values())  # all done before the thread count is restored
-            except BaseException:  # Ctrl-C: drop the clients not started, let the running ones end
-                for f in futures.values():
-                    f.cancel()
-                wait(futures.values())
-                raise
+        threads = torch.get_num_threads()  # process-wide: 1 while the workers run, then restored
+        torch.set_num_threads(1)
+        futures = {i: self._pool.submit(run, clients[i]) for i in order}
+        try:
+            wait(futures.values())  # all done before the thread count is restored
+        except BaseException:  # Ctrl-C: drop the clients not started, let the running ones end
+            for f in futures.values():
+                f.cancel()
+            wait(futures.values())
+            raise
+        finally:
+            torch.set_num_threads(threads)
         return [futures[i].result() for i in range(len(clients))]  # client order; errors re-raised here

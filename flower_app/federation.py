@@ -216,13 +216,8 @@ class FlowerTrainer(FedAvgRound):
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()
         names = self.eval_names + self.train_names
-        if self.serial_eval:  # the next group is asked only once the last one has replied
-            replies = {}
-            for name in names:
-                replies.update(self._ask(EVALUATE, [name], round_))
-        else:
-            replies = self._ask(EVALUATE, names, round_)
-        scored = {n: read_eval_reply(n, m) for n, m in replies.items()}
+        batches = [[n] for n in names] if self.serial_eval else [names]  # serial: one group after the other
+        scored = {n: read_eval_reply(n, m) for batch in batches for n, m in self._ask(EVALUATE, batch, round_).items()}
         evals = {n: scored[n] for n in self.eval_names if scored.get(n) is not None}
         trains = {n: scored[n] for n in self.train_names if scored.get(n) is not None}
         if not evals:
@@ -242,5 +237,4 @@ class FlowerTrainer(FedAvgRound):
         if state.get("clients"):
             raise DataError("this checkpoint holds in-process clients' optimizer states",
                             "resume it with --engine inprocess")
-        if "server" in state:
-            self.server.load_state_dict(state["server"])
+        self.server.load_state_dict(state["server"])

@@ -5,11 +5,8 @@ the overhead benchmark and trying a deployment on one machine:
 
     python -m flower_app.loopback --groups g00,g01,g02      # then, in another shell, the printed `flwr run`
 
-Each process runs in its own session. `close()` stops the SuperNodes (SIGTERM: they deregister),
-then the SuperLink (SIGINT), kills what is left of them and their descendants, and returns the pids
-that survived. The command stops the same way on SIGINT and SIGTERM (exit 130 / 143) and makes itself
-the subreaper, so an orphaned ClientApp is reaped too. The ServerApp runs in the SuperLink's folder,
-so the printed `flwr run` line names its --out_dir absolutely.
+Each process runs in its own session. The command stops on SIGINT and SIGTERM (exit 130 / 143) and makes
+itself the subreaper, so an orphaned ClientApp is reaped too.
 """
 from __future__ import annotations
 
@@ -117,20 +114,13 @@ class LoopbackFederation:
                     "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        proc = self.procs[name]
-        family = descendants(proc.pid)
-        self.seen |= family
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        family = descendants(self.procs[name].pid)
+        self._signal_all([name], sig, timeout)
         self._kill(family)  # SuperExec leaves with its parent; anything still running is killed
 
     def close(self, timeout: float = 15) -> list[int]:
-        """Stop every process: SuperNodes first (all at once), then the SuperLink; kill what stays."""
+        """Stop the SuperNodes (SIGTERM, all at once: they deregister), then the SuperLink (SIGINT); kill what
+        is left of them and their descendants; return the pids that survived."""
         nodes = [n for n in self.procs if n != "superlink"]
         self._signal_all(nodes, signal.SIGTERM, timeout)
         self._signal_all([n for n in self.procs if n == "superlink"], signal.SIGINT, timeout)
@@ -269,6 +259,7 @@ def _serve(args) -> int:
         fed.start_superlink()
         for group in groups:
             fed.start_supernode(group, args.dataset, args.data_path)
+        # the ServerApp runs in the SuperLink's folder: the printed line names its --out_dir absolutely
         out_dir = fed.root / "runs" / time.strftime("%Y%m%d-%H%M%S_fedavg")
         print(f"SuperLink on 127.0.0.1:{fed.port}; logs in {fed.root}. In another shell:\n"
               f"  {fed.run_command(out_dir)}\n"

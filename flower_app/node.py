@@ -1,12 +1,7 @@
-"""The client side of the federation: one node holds one group and runs the in-process engine's client.
-
-A node learns which group it holds from its node config (`group`, `dataset`, `data-path`,
-optionally `cache-dir` and `device`; in simulation, from its partition id), and the
-run's typed configs (data, client, model) from each instruction. It loads only that group's GroupData and
-wraps it in the same `GroupClient` the in-process engine uses, so a round on a node is
-the same computation as a round in one process: episodes from (seed, group, round), the
-client's Adam state carried across rounds in the node's own context.
-"""
+"""The client side of the federation: one node holds one group and runs the in-process engine's `GroupClient`
+on it, so a round on a node is the same computation as in one process (the client's Adam state is carried across
+rounds in the node's own context). The node config names the group (`group`, `dataset`, `data-path`, optionally
+`cache-dir` and `device`; in simulation, the partition id); each instruction carries the run's typed configs."""
 from __future__ import annotations
 
 import contextlib
@@ -53,20 +48,15 @@ class NodeIdentity:
 
 def node_identity(node_config: dict, partition_groups: list[str] | None) -> NodeIdentity:
     """From the SuperNode's --node-config, or the simulation's partition id -> group table."""
+    given = {k: str(v) for k, v in node_config.items() if v not in (None, "")}
     if "group" in node_config:
-        if node_config.get("dataset") in (None, ""):  # a node must say what it holds; the run checks it
+        if "dataset" not in given:  # a node must say what it holds; the run checks it
             raise DataError(f"the node config of group {node_config['group']!r} names no dataset", NODE_CONFIG_HINT)
-        return NodeIdentity(str(node_config["group"]), str(node_config["dataset"]),
-                            _optional(node_config, "data-path"), _optional(node_config, "cache-dir"),
-                            _optional(node_config, "device"))
+        return NodeIdentity(str(node_config["group"]), given["dataset"], given.get("data-path"),
+                            given.get("cache-dir"), given.get("device"))
     if partition_groups is not None and "partition-id" in node_config:
         return NodeIdentity(partition_groups[int(node_config["partition-id"])])
     raise DataError("this SuperNode's node config names no group", NODE_CONFIG_HINT)
-
-
-def _optional(node_config: dict, key: str) -> str | None:
-    value = node_config.get(key)
-    return None if value in (None, "") else str(value)
 
 
 def node_data(setup: dict, ident: NodeIdentity) -> DataConfig:
@@ -114,6 +104,8 @@ class NodeClient:
 # so there the data are loaded per message and only the Adam state persists (context.state).
 _NODES: dict[tuple, NodeClient] = {}
 _NODES_LOCK = threading.Lock()  # the simulation's thread backend serves several nodes at once
+# GroupClient.fit seeds dropout from (seed, group, round) in torch's global RNG: concurrent fits in one
+# process (thread backend) take turns on it.
 _GLOBAL_RNG_LOCK = threading.Lock()
 
 
@@ -129,17 +121,6 @@ def get_node_client(setup: dict, context: Context, partition_groups: list[str] |
                 del _NODES[old]  # an earlier run, or this node's earlier setup: free its tensors
             _NODES[key] = node
     return node
-
-
-@contextlib.contextmanager
-def dropout_rng(node: NodeClient):
-    """GroupClient.fit seeds dropout from (seed, group, round) in torch's global RNG; concurrent
-    fits in one process (thread backend) must take turns on it. Without dropout: nothing."""
-    if not node.model.config.dropout:
-        yield
-        return
-    with _GLOBAL_RNG_LOCK:
-        yield
 
 
 def build_node_client(setup: dict, ident: NodeIdentity, node_id: int) -> NodeClient:
@@ -177,7 +158,7 @@ def handle_train(msg: Message, context: Context, partition_groups: list[str] | N
                         "the server sends train instructions to training groups only")
     if ADAM_ARRAYS in context.state:
         node.client.load_state_dict(adam_from_records(context.state[ADAM_ARRAYS], context.state[ADAM_META]))
-    with dropout_rng(node):
+    with _GLOBAL_RNG_LOCK if node.model.config.dropout else contextlib.nullcontext():
         res = node.client.fit(node.model, {k: v.to(node.device) for k, v in state.items()}, round_,
                               read_fit_config(msg))
     records = adam_to_records(node.client.state_dict())

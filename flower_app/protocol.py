@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from federated.client import FitResult
-from federated.comm import record_bytes
+from federated.comm import METRIC_PREFIX, fit_config_record, fit_metrics_record, record_bytes
 from training.evaluation import GroupEval
 
 # Message types (Flower's built-in ones) and record names.
@@ -20,7 +20,6 @@ QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 WEIGHTS, CONFIG, FIT, SCORES, NODE = "weights", "config", "fit", "scores", "node"
 # Keys of the ClientApp's node-local context.state (never sent to the server).
 ADAM_ARRAYS, ADAM_META = "plurallm.adam", "plurallm.adam_meta"
-METRIC_PREFIX = "metric."  # a client's strategy metrics in its fit reply (e.g. metric.heldout_alignment)
 
 
 @dataclass
@@ -52,10 +51,7 @@ def instruction(kind: str, node_id: int, setup: str, round_: int,
                 state: dict[str, torch.Tensor] | None = None, fit_config: dict | None = None) -> Message:
     """One instruction for one node (`group_id`: the round, as Flower's strategies use it). Each carries
     the whole setup, so a node needs no memory: the deployment starts a ClientApp process per message."""
-    config = {"setup": setup, "round": round_}
-    if fit_config:  # the strategy's per-round instructions (proximal term, metrics wanted back)
-        config["fit_config"] = json.dumps(fit_config, sort_keys=True)
-    content = RecordDict({CONFIG: ConfigRecord(config)})
+    content = RecordDict({CONFIG: ConfigRecord({"setup": setup, **fit_config_record(round_, fit_config)})})
     if state is not None:
         content[WEIGHTS] = weights_record(state)
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(round_))
@@ -90,9 +86,7 @@ def read_query_reply(msg: Message) -> NodeReport:
 
 
 def fit_reply(msg: Message, res: FitResult) -> Message:
-    metrics = MetricRecord({"num_examples": res.num_examples, "episode_points": res.episode_points,
-                            "points": res.points, "losses": [float(x) for x in res.losses],
-                            **{f"{METRIC_PREFIX}{k}": float(v) for k, v in res.metrics.items()}})
+    metrics = MetricRecord(fit_metrics_record(res))
     return Message(RecordDict({WEIGHTS: weights_record(res.state), FIT: metrics}), reply_to=msg)
 
 

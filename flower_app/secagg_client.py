@@ -22,6 +22,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.compat.common import recorddict_compat as compat
 
 from data_loaders.schema import DataError
+from federated.aggregation import raw_weights
 from training.local import check_finite
 from utils.seeding import derive_seed
 
@@ -37,14 +38,6 @@ _NP_RNG_LOCK = threading.Lock()  # the thread backend runs several nodes' mods a
 def is_secagg_message(msg: Message) -> bool:
     return (msg.metadata.message_type == MessageType.TRAIN and msg.has_content()
             and RECORD_KEY_CONFIGS in msg.content.config_records)
-
-
-def raw_weight(num_examples: int, episode_points: int, weighting: str) -> int:
-    """The unnormalised p_g of federated.aggregation.aggregation_weights, which SecAgg+ normalises."""
-    weights = {"dataset_size": num_examples, "episode_points": episode_points, "uniform": 1}
-    if weighting not in weights:
-        raise ValueError(f"--weighting {weighting!r}: choose one of {', '.join(weights)}")
-    return int(weights[weighting])
 
 
 def make_secagg_mod(partition_groups: list[str] | None = None):
@@ -100,7 +93,7 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next,
     group = node_identity(dict(ctxt.node_config), partition_groups).group
     run = json.loads(setup)
     res = read_fit_reply(group, reply)
-    weight = raw_weight(res.num_examples, res.episode_points, run["weighting"])
+    weight = int(raw_weights([res.num_examples], [res.episode_points], run["weighting"])[0])
     clip, max_weight = float(cfg[CLIP]), float(cfg[MAX_WEIGHT])
     if weight > max_weight:  # the server's bound is wrong: the masked sum could wrap around
         raise ValueError(f"group {group}: aggregation weight {weight} above the server's max_weight {max_weight:g}")

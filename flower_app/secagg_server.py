@@ -9,7 +9,6 @@ in-process engine's weighted FedAvg up to the quantisation of θ and r.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -139,9 +138,8 @@ class SecAggTrainer(FlowerTrainer):
     def __init__(self, secagg: SecAggConfig, data, cfg, model_cfg, **kw):
         """`secagg`: validated settings (SecAggConfig.validate); `kw`: FlowerTrainer's."""
         super().__init__(data, cfg, model_cfg, **kw)
-        self.num_shares, self.threshold = secagg.num_shares, secagg.threshold
-        self.clip_range, self.quant_range = float(secagg.clip_range), int(secagg.quant_range)
-        self.remote = dict(data.train)
+        self.num_shares, self.threshold, self.quant_range = secagg.num_shares, secagg.threshold, int(secagg.quant_range)
+        self.clip_range, self.remote = float(secagg.clip_range), dict(data.train)
         self.keys = list(self.global_state)
         n = self.sampled_per_round
         if n < MIN_CLIENTS:
@@ -198,8 +196,13 @@ class SecAggTrainer(FlowerTrainer):
                                       clipping_range=self.clip_range, quantization_range=self.quant_range,
                                       modulus_range=MODULUS_RANGE, timeout=self.timeout)
         grid = _FastGrid(self.grid)
-        with _flower_warnings_only():  # its INFO lines ("sampled 3 clients (out of 0)") describe its own loop
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(max(level, logging.WARNING))  # its INFO lines ("sampled 3 clients (out of 0)") are its loop's
+        try:
             workflow(grid, context)
+        finally:
+            flwr_log.setLevel(level)
         return strategy, grid
 
     def _record_failures(self, by_node: dict[int, str], replied, grid: _FastGrid, round_: int) -> None:
@@ -225,13 +228,3 @@ class SecAggTrainer(FlowerTrainer):
         return {k: torch.from_numpy(np.asarray(a)).reshape(self.global_state[k].shape).to(self.global_state[k].dtype)
                 for k, a in zip(self.keys, arrays)}
 
-
-@contextlib.contextmanager
-def _flower_warnings_only():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

@@ -12,9 +12,9 @@ import torch
 
 from data_loaders.datasets import load_embedded, question_holdout
 from data_loaders.schema import DataError, GroupData, RawDataset, build_group_data
-from federated.client import GroupClient
 from models.gpo import GPO, GPOConfig
 from orchestration.config import RunConfig, run_from_json
+from training.evaluation import EvalSplit, eval_split
 from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from utils.distances import DEFAULT_METRIC
 from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
@@ -121,9 +121,9 @@ class RunData:
         """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
         return question_holdout(self.raw.bank.qkeys, self.run.data.question_split, self.run.data.split_seed)
 
-    def client(self, name: str, role: str) -> GroupClient:
+    def client(self, name: str, role: str) -> EvalSplit:
         """The group as the run's evaluation saw it: its split, held-out questions and context draws."""
-        return GroupClient(self.group(name), replace(self.run.client, metric=self.metric), role, self.heldout_qkeys())
+        return eval_split(self.group(name), self.run.client, role, self.heldout_qkeys())
 
     def training_texts(self, config: dict) -> set[str]:
         """Texts of the questions some training group of the run trained on (its local split)."""

@@ -4,8 +4,6 @@ Unless named, the pair and the question are those whose true distributions diffe
 JS distance; 3–6 options preferred, as they read best as bars)."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 
@@ -13,10 +11,9 @@ from data_loaders.datasets import DataConfig, ExperimentData, load_raw_dataset, 
 from data_loaders.episodes import collate
 from data_loaders.schema import gather_points
 from data_loaders.synthetic import make_synthetic
-from federated.client import GroupClient
 from models.gpo import GPO
 from orchestration.config import RunConfig, run_from_json
-from training.evaluation import target_ordinals
+from training.evaluation import eval_split, target_ordinals
 from utils.checkpoint import load_checkpoint
 from utils.distances import js_distance, metric_label, score_questions
 
@@ -31,9 +28,9 @@ def load_model(run: Run) -> GPO:
     return model
 
 
-def _targets(group, run: RunConfig, metric: str, rnd: int, heldout=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets(group, run: RunConfig, rnd: int, heldout=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The (context, target) questions the group's evaluation used at round `rnd`."""
-    ctx, _, tgt = GroupClient(group, replace(run.client, metric=metric), "eval", heldout).eval_questions(rnd)
+    ctx, _, tgt = eval_split(group, run.client, "eval", heldout).eval_questions(rnd)
     return ctx, tgt
 
 
@@ -50,7 +47,7 @@ def choose(data: ExperimentData, run: RunConfig, metric: str, rnd: int, groups: 
            qkey: int | None = None) -> tuple[list[str], int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(two eval groups, question key, {group: (context, targets)})."""
     names = sorted(data.eval)
-    ctx_tgt = {g: _targets(data.eval[g], run, metric, rnd, data.heldout_qkeys) for g in names}
+    ctx_tgt = {g: _targets(data.eval[g], run, rnd, data.heldout_qkeys) for g in names}
     pairs = [tuple(groups)] if groups else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     best = None
     for a, b in pairs:

@@ -29,11 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from data_loaders.datasets import prepare_experiment  # noqa: E402
 from data_loaders.episodes import collate, sample_batch  # noqa: E402
-from federated.client import GroupClient  # noqa: E402
 from orchestration.cli import build_parser  # noqa: E402
 from orchestration.experiment import check_flags, make_trainer  # noqa: E402
 from training.diagnostics import Diagnostics  # noqa: E402
-from training.evaluation import GroupEval, group_stats  # noqa: E402
+from training.evaluation import GroupEval, eval_split, group_stats  # noqa: E402
 from utils.seeding import generator  # noqa: E402
 
 # No shared preference (gamma 0), strong group preference (beta 3): all there is to learn beyond
@@ -183,13 +182,13 @@ def main(argv=None) -> dict:
     checkpoints = sorted(int(c) for c in a.checkpoints.split(","))
     trainer, args, data = build(a.seed, a.extra)
     diag = trainer.diagnostics
-    train_diag = Diagnostics(diag.model, trainer.clients, trainer.clients, diag.metric, args.eval_num_qs,
+    train_diag = Diagnostics(diag.model, diag.train_clients, diag.train_clients, diag.metric, args.eval_num_qs,
                              args.eval_seed)
     # The training groups again, scored on their held-out questions (no group trains on them),
     # with contexts from their local ones: does what they learned of a training group carry to new questions?
     held = torch.cat([c.heldout.qkeys for c in trainer.clients.values()]).unique()
-    heldout_clients = {n: GroupClient(data.train[n], trainer.cfg, "eval", held) for n in trainer.clients}
-    heldout_diag = Diagnostics(diag.model, heldout_clients, trainer.clients, diag.metric, args.eval_num_qs,
+    heldout_clients = {n: eval_split(data.train[n], trainer.cfg, "eval", held) for n in trainer.clients}
+    heldout_diag = Diagnostics(diag.model, heldout_clients, diag.train_clients, diag.metric, args.eval_num_qs,
                                args.eval_seed)
     probe = sample_batch([c.local for c in trainer.clients.values()], trainer.cfg.sizes,
                          generator(a.seed, "group_use_probe"), shared_sizes=False)

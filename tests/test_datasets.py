@@ -7,8 +7,8 @@ from data_loaders.episodes import choose_questions
 from data_loaders.globalqa import EVAL_GROUPS, TRAIN_GROUPS
 from data_loaders.schema import DataError, build_group_data
 from data_loaders.synthetic import SyntheticSpec, make_synthetic
-from federated.client import GroupClient
 from training.config import ClientConfig
+from training.evaluation import eval_split
 from utils.device import resolve_device
 
 
@@ -61,12 +61,13 @@ def test_episode_keeps_min_targets_when_group_is_small():
 def test_eval_context_fixed_or_resampled():
     raw, x = make_synthetic(SyntheticSpec(num_groups=2, num_questions=40, dim=4))
     g = build_group_data(raw, "g01", x)
-    fixed = GroupClient(g, ClientConfig(eval_num_qs=5, eval_seed=3), "eval")
-    assert torch.equal(fixed._context(1), fixed._context(2))
-    again = GroupClient(g, ClientConfig(eval_num_qs=5, eval_seed=3), "eval")
-    assert torch.equal(fixed._context(1), again._context(9))  # from eval_seed alone
-    moving = GroupClient(g, ClientConfig(eval_num_qs=5, eval_seed=3, eval_resample=True), "eval")
-    assert not all(torch.equal(moving._context(1), moving._context(r)) for r in range(2, 6))
+    def context(cfg, round_):
+        return eval_split(g, cfg, "eval").eval_questions(round_)[0]
+
+    fixed = ClientConfig(eval_num_qs=5, eval_seed=3)
+    assert torch.equal(context(fixed, 1), context(fixed, 2))  # from eval_seed alone
+    moving = ClientConfig(eval_num_qs=5, eval_seed=3, eval_resample=True)
+    assert not all(torch.equal(context(moving, 1), context(moving, r)) for r in range(2, 6))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown when CUDA is absent")

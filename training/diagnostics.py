@@ -61,8 +61,8 @@ def partners(names: list[str], seed: int) -> dict[str, str]:
 
 
 class Diagnostics:
-    """The extra fields of an evaluation record, from the global weights and the GroupClients.
-    The training groups' local splits alone define what is seen and the consensus."""
+    """The extra fields of an evaluation record, from the global weights and the groups' EvalSplits
+    (evaluation.eval_split). The training groups' local splits alone define what is seen and the consensus."""
 
     def __init__(self, model: GPO, eval_clients: dict, train_clients: dict, metric: str, eval_num_qs: int,
                  eval_seed: int, chunk: int = 0):

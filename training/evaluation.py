@@ -16,6 +16,8 @@ from utils.distances import NonFiniteError, needed_ordinals, score_questions
 from utils.metrics import cov, fairness_index, mean_alignment, worst_group
 from utils.seeding import generator
 
+from .config import ClientConfig
+
 
 @dataclass
 class GroupEval:
@@ -44,6 +46,52 @@ def context_questions(num_q: int, eval_num_qs: int, seed: int, name: str, round_
     n = num_q if pool is None else len(pool)
     order = torch.randperm(n, generator=generator(seed, *parts))[:min(eval_num_qs, n)]
     return order if pool is None else pool[order]
+
+
+@dataclass(frozen=True, eq=False)
+class EvalSplit:
+    """A group's questions as a run uses them. A training group trains on `local` and scores `heldout`; an
+    evaluation group adapts on `local` (all of it), draws its context from `context_pool` (None: any question)
+    and scores its other questions in `target_mask` (None: all)."""
+
+    name: str
+    role: str
+    local: GroupData
+    heldout: GroupData | None
+    context_pool: torch.Tensor | None
+    target_mask: torch.Tensor | None
+    cfg: ClientConfig
+
+    def eval_questions(self, round_: int) -> tuple[torch.Tensor, GroupData, torch.Tensor]:
+        """(context questions of `local`, the target group, its target questions) at round `round_`'s evaluation."""
+        c = self.cfg
+        ctx_q = context_questions(self.local.num_questions, c.eval_num_qs, c.eval_seed, self.name,
+                                  round_ if c.eval_resample else None, self.role, self.context_pool)
+        if self.role == "train":
+            return ctx_q, self.heldout, torch.arange(self.heldout.num_questions)
+        mask = torch.ones(self.local.num_questions, dtype=torch.bool)
+        mask[ctx_q] = False
+        if self.target_mask is not None:
+            mask &= self.target_mask
+        return ctx_q, self.local, mask.nonzero().squeeze(1)
+
+
+def eval_split(group: GroupData, cfg: ClientConfig, role: str, heldout_qkeys: torch.Tensor | None = None) -> EvalSplit:
+    """The one choice of a group's training, context and target questions, for every engine, the predictor and
+    the reports. `heldout_qkeys` (--question_split): questions no group trains on; a training group then trains on
+    its other questions and scores these, an evaluation group draws its context from its other questions and
+    scores these. None: the paper's split (a training group holds back the last 1 - data_split of its questions
+    in key order; an evaluation group scores all but its context)."""
+    if role not in ("train", "eval"):
+        raise ValueError(f"role must be 'train' or 'eval', not {role!r}")
+    if heldout_qkeys is None:
+        local, heldout = group.split(cfg.data_split) if role == "train" else (group, None)
+        return EvalSplit(group.name, role, local, heldout, None, None, cfg)
+    held = torch.isin(group.qkeys, heldout_qkeys.to(group.qkeys.device))
+    inside, outside = held.nonzero().squeeze(1), (~held).nonzero().squeeze(1)
+    if role == "train":
+        return EvalSplit(group.name, role, group.subset(outside), group.subset(inside), None, None, cfg)
+    return EvalSplit(group.name, role, group, None, outside.cpu(), held.cpu(), cfg)
 
 
 @torch.no_grad()
