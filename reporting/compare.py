@@ -1,24 +1,18 @@
-"""Variants of one experiment (strategies, DP noise levels, ...) against a baseline, paired by seed.
-
-  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' --variant median='runs/strat/median_s*' \
-      --out docs/results/strategies.md
-"""
+"""scripts/sweep.py's report: variants of one experiment (strategies, DP noise levels, ...) against a
+baseline, paired by seed."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_loaders.schema import DataError
-from utils.errors import RunFolderError, exit_on_error
+from utils.errors import RunFolderError
 from utils.run_folder import record_value
 
 from .figures import finish, plain_y, plt
@@ -373,43 +367,3 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
             d = paired_difference(base, v, key)
             w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *csv_stat(d), ";".join(repr(x) for x in d.values)])
     return buf.getvalue()
-
-
-def _named(text: str, flag: str) -> tuple[str, list[str]]:
-    name, sep, globs = text.partition("=")
-    if not sep or not name or not globs:
-        raise DataError(f"{flag} {text!r} is not NAME=GLOB", f"e.g. {flag} fedavg='runs/strat/fedavg_s*' (globs "
-                        "separated by commas)")
-    return name, [g for g in globs.split(",") if g]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reporting.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", required=True, help="NAME=GLOB[,GLOB...]: the variant the others are compared with")
-    p.add_argument("--variant", action="append", default=[], help="NAME=GLOB[,GLOB...]; repeat for each variant")
-    p.add_argument("--out", required=True, help="the Markdown report; table and figures go next to it")
-    p.add_argument("--title", default=None, help="the report's title")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return exit_on_error(lambda: _compare(args, argv))
-
-
-def _compare(args, argv: list[str]) -> None:
-    base = load_variant(*_named(args.baseline, "--baseline"))
-    others = [load_variant(*_named(t, "--variant")) for t in args.variant]
-    names = [base.name] + [v.name for v in others]
-    if len(set(names)) != len(names):
-        raise DataError(f"variant names repeat: {names}", "give every --baseline/--variant its own NAME")
-    if not others:
-        raise DataError("no --variant given", "name at least one variant to compare with the baseline")
-    command = ["python", "-m", "reporting.compare", *argv]
-    for k, path in write_comparison(base, others, Path(args.out), args.title, command).items():
-        print(f"wrote {k}: {path}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
