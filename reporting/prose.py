@@ -1,0 +1,20 @@
+"""The reports' fixed prose, kept as Markdown in reporting/templates/ and filled in from Python."""
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+@cache
+def template(name: str) -> str:
+    return (TEMPLATES / name).read_text(encoding="utf-8")
+
+
+@cache
+def snippets(name: str) -> dict[str, str]:
+    """The pieces of a template, each after its own `<!-- key -->` line, by key (ends stripped of newlines)."""
+    parts = re.split(r"^<!-- (\w+) -->\n", template(name), flags=re.M)
+    return {key: text.strip("\n") for key, text in zip(parts[1::2], parts[2::2])}
