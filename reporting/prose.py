@@ -18,3 +18,13 @@ def snippets(name: str) -> dict[str, str]:
     """The pieces of a template, each after its own `<!-- key -->` line, by key (ends stripped of newlines)."""
     parts = re.split(r"^<!-- (\w+) -->\n", template(name), flags=re.M)
     return {key: text.strip("\n") for key, text in zip(parts[1::2], parts[2::2])}
+
+
+def fill(text: str, **values) -> list[str]:
+    """The template's lines with str.format's fields filled; a line that is one `{field}` whose value is
+    a list becomes that list's lines (none for an empty list)."""
+    out = []
+    for line in text.removesuffix("\n").split("\n"):
+        value = values.get(line[1:-1]) if line.startswith("{") and line.endswith("}") else None
+        out += value if isinstance(value, list) else [line.format(**values)]
+    return out
