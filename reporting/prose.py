@@ -28,3 +28,10 @@ def fill(text: str, **values) -> list[str]:
         value = values.get(line[1:-1]) if line.startswith("{") and line.endswith("}") else None
         out += value if isinstance(value, list) else [line.format(**values)]
     return out
+
+
+class Fields(dict):
+    """A dict whose missing keys read as None in a template's `{c[key]}`, as `dict.get` would."""
+
+    def __missing__(self, key):
+        return None
