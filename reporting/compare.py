@@ -17,6 +17,7 @@ from utils.run_folder import record_value
 
 from .figures import finish, plain_y, plt
 from .paths import shown, shown_argv
+from .prose import fill, template
 from .runs import (
     Run,
     find_run_folders,
@@ -159,8 +160,6 @@ def paired_table(base: Variant, others: list[Variant]) -> list[str]:
             mark = " *" if significance(d) == "excludes" else ""
             cells.append(stat_cell(d, _signed(spec)) + mark)
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: the per-seed difference variant − baseline over the seeds both have, mean ± std [95% CI, "
-              "Student t]; * = the CI excludes 0 (a CI of zero width, no variance across the seeds, gets none)."]
     return lines
 
 
@@ -314,37 +313,29 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
         paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    first = partial_note(partial)
-    body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
-            f"{f' ({partial})' if partial else ''}", "",
-            f"{first}Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"
-            f"{f' and {n_failed} that diverged' if n_failed else ''}"
-            f"{' by the command below' if command else ''}; baseline **{base.name}**. Every number is computed "
-            "from the folders' summary.json and metrics.jsonl.", ""]
-    if command:
-        body += ["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""]
-    if setup:
-        body += ["## Setup", "", *setup, ""]
-    body += ["## Variants", "", "| Variant | Run folders (as given) | Finished seeds | Diverged | Interrupted |",
-             "|---|---|---|---|---|"]
-    body += [f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | {', '.join(map(str, sorted(v.runs))) or '–'} | "
-             f"{', '.join(divergence(r) for _, r in sorted(v.failed.items())) or '–'} | {len(v.interrupted)} |"
-             for v in variants]
-    body += ["", "## Results over seeds", "", *results_table(variants), "",
-             "Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds. Worst-group: the "
-             "lowest evaluation group's alignment at the last evaluation; bottom quarter: the mean of the lowest "
-             "quarter of groups (at least one).", "",
-             f"## Against {base.name}, paired by seed", "", *paired_table(base, others), "",
-             *verdict_lines(base, others), "", "## Figures", ""]
+    figures = []
     for key, text in (("worst_vs_round", "Worst-group evaluation alignment vs round"),
                       ("mean_vs_worst", "Final mean vs worst-group evaluation alignment"),
                       ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε"),
                       ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round")):
         if key in paths:
-            body += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
+            figures += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
     warnings = consistency_warnings(variants)
-    if warnings:
-        body += ["## Warnings", "", *[f"- {w}" for w in warnings]]
+    body = fill(template("sweep_report.md"),
+                title=f"{title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
+                      f"{f' ({partial})' if partial else ''}",
+                first=partial_note(partial), date=time.strftime("%Y-%m-%d"), n=n,
+                diverged=f" and {n_failed} that diverged" if n_failed else "",
+                by_command=" by the command below" if command else "", base=base.name,
+                command=["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""] if command else [],
+                setup=["## Setup", "", *setup, ""] if setup else [],
+                variants=[f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | "
+                          f"{', '.join(map(str, sorted(v.runs))) or '–'} | "
+                          f"{', '.join(divergence(r) for _, r in sorted(v.failed.items())) or '–'} | "
+                          f"{len(v.interrupted)} |" for v in variants],
+                results=results_table(variants), paired=paired_table(base, others),
+                verdicts=verdict_lines(base, others), figures=figures,
+                warnings=["## Warnings", "", *[f"- {w}" for w in warnings]] if warnings else [])
     out.write_text("\n".join(body).rstrip() + "\n", encoding="utf-8")
     return paths
 
