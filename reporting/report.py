@@ -11,9 +11,9 @@ from .convergence import GAIN_WINDOW_EVALS
 from .figures import FIGURES, make_figures
 from .lookup import lookup_lines
 from .paths import shown_argv
-from .prose import fill, template
+from .prose import fill, snippets, template
 from .runs import RunSet, partial_note, run_commands
-from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
+from .sections import SNIPPETS, agreement_lines, means_line, reason_lines, run_lines, setup_lines
 from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
 from .verdicts import claims_lines, definitions_lines
 
@@ -69,41 +69,17 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
 
     runs = runset.all_finished()
     dataset = runs[0].config.get("dataset") if runs else stem
-    cmd_lines = []
-    if manifest and manifest.get("command"):
-        cmd_lines += ["Training and report (one command; finished runs are reused, interrupted ones resumed):",
-                      "", "```bash", shown_command(manifest["command"]), "```", ""]
-    elif runs and run_commands(runs):
-        cmd_lines += ["Commands recorded in the run folders (config.json → environment.argv):", "", "```bash",
-                      *(shown_command(c) for c in run_commands(runs)), "```", ""]
-    elif report_command and "--report_only" in report_command:
-        training = [a for a in report_command if a != "--report_only"]
-        cmd_lines += ["Training (runs whose record exists are reused after a verified 2-round replay):", "",
-                      "```bash", "python " + " ".join(shlex.quote(a) for a in shown_argv(training)), "```", ""]
-    if report_command:
-        cmd_lines += ["This report (from the run folders alone):", "", "```bash",
-                      "python " + " ".join(shlex.quote(a) for a in shown_argv(report_command)), "```", ""]
-    if manifest and manifest.get("wall_time_s") is not None:
-        jobs = manifest.get("jobs") or 1
-        at_once = "one process" if jobs == 1 else f"{jobs} runs at once, one process each"
-        cmd_lines.append(f"The training command took {manifest['wall_time_s'] / 60:.1f} min of wall time "
-                         f"(all methods and seeds, {at_once}, {manifest.get('threads') or 'default'} torch "
-                         f"thread(s){'' if jobs == 1 else ' each'}).")
-        cmd_lines.append("")
-
+    text = snippets(SNIPPETS)
     fig_lines = []
-    for key, _, text, _ in FIGURES:
+    for key, _, caption, _ in FIGURES:
         if key in figs:
-            fig_lines += [f"**{text}**", "", f"![{text}]({_rel(figs[key], results_dir)})", ""]
+            fig_lines += [f"**{caption}**", "", f"![{caption}]({_rel(figs[key], results_dir)})", ""]
     if "predictions" not in figs:
-        fig_lines += [f"Fig. 3 was not drawn: {pred_error or 'no prediction data'}.", ""]
-    fig_lines.append("Curves: line = mean over seeds, band = min–max over seeds; loss curves are smoothed per "
-                     "seed with the same centred moving average that defines the convergence round.")
+        fig_lines += [text["fig3_missing"].format(why=pred_error or "no prediction data"), ""]
+    fig_lines.append(text["curves"])
     if pred:
-        g1, g2 = pred["groups"]
-        fig_lines.append(f"Fig. 3 shows question {pred['qkey']} for {g1} and {g2} (seed {pred['seed']}, final "
-                         "weights): the evaluation-group pair and target question whose true distributions "
-                         "differ most (largest JS distance between the two groups).")
+        fig_lines.append(text["fig3"].format(qkey=pred["qkey"], g1=pred["groups"][0], g2=pred["groups"][1],
+                                             seed=pred["seed"]))
 
     st = method_stats(runset)
     fi_means = {m: st["final_eval_fi"][m].mean for m in runset.methods}
@@ -116,13 +92,38 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
                 date=time.strftime("%Y-%m-%d"), n_runs=len(runs), lookup=lookup_lines(runset),
                 means=means_line(runset, st), agreement=agreement_lines(items), claims=claims_lines(items, fi_means),
                 gain_window=GAIN_WINDOW_EVALS, definitions=definitions_lines(runset),
-                setup=setup_lines(runset, manifest), commands=cmd_lines, runs=run_lines(runset), table=table_md,
+                setup=setup_lines(runset, manifest), commands=command_lines(runs, manifest, report_command), runs=run_lines(runset), table=table_md,
                 comm_note=comm_note(runset), table_md=paths["table_md"].name, table_csv=paths["table_csv"].name,
                 headlines=head_md, reasons=reason_lines(runset, manifest), figures=fig_lines)
     if runset.warnings:
         body += ["", "## Warnings", ""] + [f"- {w}" for w in runset.warnings]
     paths["report"].write_text("\n".join(body).rstrip() + "\n", encoding="utf-8")
     return paths
+
+
+def command_lines(runs: list, manifest: dict | None, report_command: list[str] | None) -> list[str]:
+    blocks = []
+    if manifest and manifest.get("command"):
+        blocks.append(("cmd_manifest", [shown_command(manifest["command"])]))
+    elif runs and run_commands(runs):
+        blocks.append(("cmd_recorded", [shown_command(c) for c in run_commands(runs)]))
+    elif report_command and "--report_only" in report_command:
+        blocks.append(("cmd_training", [_python([a for a in report_command if a != "--report_only"])]))
+    if report_command:
+        blocks.append(("cmd_report", [_python(report_command)]))
+    text = snippets(SNIPPETS)
+    lines = [line for key, cmds in blocks for line in (text[key], "", "```bash", *cmds, "```", "")]
+    if manifest and manifest.get("wall_time_s") is not None:
+        jobs = manifest.get("jobs") or 1
+        lines += [text["wall_time"].format(
+            minutes=manifest["wall_time_s"] / 60, threads=manifest.get("threads") or "default",
+            at_once="one process" if jobs == 1 else f"{jobs} runs at once, one process each",
+            each="" if jobs == 1 else " each"), ""]
+    return lines
+
+
+def _python(argv: list[str]) -> str:
+    return "python " + " ".join(shlex.quote(a) for a in shown_argv(argv))
 
 
 def shown_command(command: str) -> str:
