@@ -22,7 +22,6 @@ from orchestration.entry import main as train
 from orchestration.experiment import check_flags, resolved_config
 from utils.device import resolve_device
 from utils.errors import exit_on_error
-from utils.run_folder import read_failure
 from utils.run_lock import RunLock
 
 from .batch import (
@@ -30,8 +29,7 @@ from .batch import (
     Planned,
     RecordState,
     add_batch_arguments,
-    differences_text,
-    folder_action,
+    plan_action,
     record_state,
     records_root,
     resolve_batch_args,
@@ -39,7 +37,7 @@ from .batch import (
 )
 from .compare import load_variant, write_comparison
 from .jobs import Task
-from .paths import default_data_path, shown
+from .paths import default_data_path
 from .prose import template
 from .runs import partial_label
 
@@ -179,16 +177,7 @@ class Planner:
 
     def plan(self, runs: list[Planned]) -> None:
         for r in runs:
-            if (r.folder / "summary.json").is_file():
-                r.action = "reuse"
-            elif read_failure(r.folder) is not None:  # deterministic: a rerun would diverge the same way
-                r.action = "failed"
-            else:
-                st = self.state(r)
-                if st.status == "stale-config":
-                    self.log(f"record  {shown(r.record)} was made with other flags (record -> planned: "
-                             f"{differences_text(st.differences)}); not reused: planned to run, its record replaced then")
-                r.action = "record" if st.usable else folder_action(r.folder)
+            r.action = plan_action(r.folder, lambda: self.state(r), self.log)
 
     def replay(self, run: Planned):
         args = self.parsed(run)
