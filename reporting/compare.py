@@ -29,7 +29,7 @@ from .runs import (
     partial_note,
     prefer_done,
 )
-from .tables import Stat, csv_stat, describe, no_variance, significance, stat_cell
+from .tables import Stat, csv_stat, describe, md_table, no_variance, significance, stat_cell
 
 
 @dataclass
@@ -139,11 +139,8 @@ def results_table(variants: list[Variant]) -> list[str]:
     eps = has_epsilon(variants)
     rows = [m for m in METRICS if eps or m[0] not in EPSILONS]
     head = ["Metric"] + [f"{v.name} (n={len(v.runs)})" for v in variants]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label, _, spec in rows:
-        cells = [stat_cell(describe(list(values(v)[key].values())), spec) for v in variants]
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    return lines
+    return md_table(head, ([label] + [stat_cell(describe(list(values(v)[key].values())), spec) for v in variants]
+                           for key, label, _, spec in rows))
 
 
 def _signed(spec: str) -> str:
@@ -151,16 +148,11 @@ def _signed(spec: str) -> str:
 
 
 def paired_table(base: Variant, others: list[Variant]) -> list[str]:
-    lines = ["| Variant − " + base.name + " | " + " | ".join(label for _, label, _, _ in COMPARED) + " |",
-             "|" + "---|" * (len(COMPARED) + 1)]
-    for v in others:
-        cells = []
-        for key, _, _, spec in COMPARED:
-            d = paired_difference(base, v, key)
-            mark = " *" if significance(d) == "excludes" else ""
-            cells.append(stat_cell(d, _signed(spec)) + mark)
-        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
-    return lines
+    def cell(v: Variant, key: str, spec: str) -> str:
+        d = paired_difference(base, v, key)
+        return stat_cell(d, _signed(spec)) + (" *" if significance(d) == "excludes" else "")
+    return md_table([f"Variant − {base.name}", *(label for _, label, _, _ in COMPARED)],
+                    ([v.name, *(cell(v, key, spec) for key, _, _, spec in COMPARED)] for v in others))
 
 
 def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:

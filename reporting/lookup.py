@@ -3,7 +3,7 @@ does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
 from .runs import METHOD_LABELS, RunSet
-from .tables import Stat, describe, fmt, no_variance, significance, vs_consensus
+from .tables import Stat, describe, fmt, md_table, no_variance, significance, vs_consensus
 
 # A specificity below this is too small to matter for any use of the prediction, whatever its CI:
 # one thousandth of alignment is a tenth of the smallest difference the paper reports.
@@ -65,11 +65,8 @@ def controls_table(runset: RunSet) -> list[str]:
                             for r in runset.finished(m).values()]) for k, _ in rows} for m in methods}
     if not any(vals[m]["own"].mean is not None for m in methods):
         return []
-    head = "| Context of the same questions | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |"
-    out = [head, "|---" * (len(methods) + 1) + "|"]
-    for k, text in rows:
-        out.append(f"| {text} | " + " | ".join(fmt(vals[m][k].mean) for m in methods) + " |")
-    return out
+    return md_table(["Context of the same questions", *(METHOD_LABELS.get(m, m) for m in methods)],
+                    ([text, *(fmt(vals[m][k].mean) for m in methods)] for k, text in rows))
 
 
 def curve_table(runset: RunSet) -> list[str]:
@@ -78,16 +75,11 @@ def curve_table(runset: RunSet) -> list[str]:
     ks = next((c["k"] for m in methods for c in curves[m] if c and c.get("k")), None)
     if not ks:
         return []
-    head = "| Context questions | " + " | ".join(f"{METHOD_LABELS.get(m, m)}: seen / unseen" for m in methods) + " |"
-    out = [head, "|---" * (len(methods) + 1) + "|"]
-    for i, k in enumerate(ks):
-        cells = []
-        for m in methods:
-            seen = describe([c["seen"][i] for c in curves[m] if c and len(c.get("seen", [])) > i])
-            unseen = describe([c["unseen"][i] for c in curves[m] if c and len(c.get("unseen", [])) > i])
-            cells.append(f"{fmt(seen.mean)} / {fmt(unseen.mean)}")
-        out.append(f"| {k} | " + " | ".join(cells) + " |")
-    return out
+    def mean(m: str, part: str, i: int) -> str:
+        return fmt(describe([c[part][i] for c in curves[m] if c and len(c.get(part, [])) > i]).mean)
+    return md_table(["Context questions", *(f"{METHOD_LABELS.get(m, m)}: seen / unseen" for m in methods)],
+                    ([str(k), *(f"{mean(m, 'seen', i)} / {mean(m, 'unseen', i)}" for m in methods)]
+                     for i, k in enumerate(ks)))
 
 
 def lookup_lines(runset: RunSet) -> list[str]:

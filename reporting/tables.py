@@ -326,22 +326,20 @@ def stat_cell(s: Stat, spec: str) -> str:
     return f"{fmt(s.mean, spec)} ± {fmt(s.std, unsigned)} [{fmt(s.ci_low, spec)}, {fmt(s.ci_high, spec)}]"
 
 
+def md_table(head: list[str], rows) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown_table(runset: RunSet, rows=ROWS, st: dict | None = None) -> str:
     st = st if st is not None else method_stats(runset)
     ns = {m: len(runset.finished(m)) for m in runset.methods}
     head = ["Metric"] + [f"{METHOD_LABELS[m]} (n={ns[m]})" for m in runset.methods]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label, _, spec in rows:
-        cells = []
-        for m in runset.methods:
-            s = st[key][m]
-            cell = stat_cell(s, spec)
-            if s.dropped:
-                cell += f" ({s.dropped} seed(s) without a value)"
-            cells.append(cell)
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    lines.append("")
-    lines.append("Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds.")
+
+    def cell(s: Stat, spec: str) -> str:
+        return stat_cell(s, spec) + (f" ({s.dropped} seed(s) without a value)" if s.dropped else "")
+    lines = md_table(head, ([label] + [cell(st[key][m], spec) for m in runset.methods] for key, label, _, spec in rows))
+    lines += ["", "Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds."]
     return "\n".join(lines) + "\n"
 
 
