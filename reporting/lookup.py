@@ -2,6 +2,7 @@
 does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
+from .prose import snippets
 from .runs import METHOD_LABELS, RunSet
 from .tables import Stat, describe, fmt, md_table, no_variance, significance, vs_consensus
 
@@ -84,42 +85,26 @@ def curve_table(runset: RunSet) -> list[str]:
 
 def lookup_lines(runset: RunSet) -> list[str]:
     """The section's lines (markdown), or a one-line note for runs without diagnostics."""
+    text = snippets()
     if not any("baselines" in (r.summary or {}) for r in runset.all_finished()):
-        return ["These runs predate the evaluation diagnostics (consensus and uniform baselines, seen and unseen "
-                "questions, group specificity): rerun them to see whether a method beats a table lookup.", ""]
+        return [text["no_diagnostics"], ""]
     runs = runset.all_finished()
     cons = describe([r.baseline("consensus") for r in runs])
     uni = describe([r.baseline("uniform") for r in runs])
     seen_n = describe([r.value("final_eval_questions_seen") for r in runs]).mean or 0
     unseen_n = describe([r.value("final_eval_questions_unseen") for r in runs]).mean or 0
     share = seen_n / (seen_n + unseen_n) if seen_n + unseen_n else 0.0
-    out = [f"Without any model, the **consensus** lookup (per question, the mean answer of the training groups over "
-           f"the questions they train on; uniform where none does) scores {fmt(cons.mean)} mean evaluation "
-           f"alignment and the **uniform** predictor {fmt(uni.mean)}, on exactly the targets the models are scored "
-           f"on. {100 * share:.1f}% of those targets are *seen*: some training group trains on them.", ""]
+    out = [text["lookup"].format(cons=fmt(cons.mean), uni=fmt(uni.mean), share=100 * share), ""]
     out += [line for m in runset.methods if (line := beats_line(runset, m))]
-    out.append("")
-    out += unseen_lines(runset)
-    out += ["Does the model use the group? Each evaluation group is scored twice on the same targets: with its own "
-            "answers to its context questions and with another evaluation group's answers to the same questions "
-            "(a fixed, seeded pairing). Group specificity = own − other (mean over groups), at the last evaluation:",
-            ""]
+    out += ["", *unseen_lines(runset), text["specificity"], ""]
     out += [line for m in runset.methods if (line := specificity_line(runset, m))]
     shared = [n for r in runs for _, n in (r.value("eval_specificity_context") or {}).values()]
     if shared:
-        out += ["", f"Each pair's context holds the questions both groups answered, up to `--eval_num_qs`: "
-                f"{min(shared)}–{max(shared)} context questions per group here."]
-    controls = controls_table(runset)
-    if controls:
-        out += ["", "Controls at the last evaluation (mean alignment of the paired groups on the same targets):", "",
-                *controls]
-    curve = curve_table(runset)
-    if curve:
-        out += ["", "Context curve at the last evaluation (GPO's claim: more context answers, better prediction; "
-                "targets fixed across sizes; 1 is the smallest context the model accepts), seen / unseen targets:",
-                "", *curve]
-    out.append("")
-    return out
+        out += ["", text["shared_context"].format(low=min(shared), high=max(shared))]
+    for key, table in (("controls", controls_table(runset)), ("curve", curve_table(runset))):
+        if table:
+            out += ["", text[key], "", *table]
+    return out + [""]
 
 
 def unseen_lines(runset: RunSet) -> list[str]:
@@ -133,7 +118,6 @@ def unseen_lines(runset: RunSet) -> list[str]:
         if final.mean is None:
             continue
         gap = describe([None if u is None or f is None else f - u for f, u in zip(finals, unis)])
-        out.append(f"- {METHOD_LABELS.get(m, m)} on unseen questions: {fmt(final.mean)} (seen: {fmt(seen.mean)}); "
-                   f"uniform scores {fmt(uni.mean)} there, so the model adds {_cell(gap)} on questions no training "
-                   "group trained on.")
+        out.append(snippets()["unseen"].format(method=METHOD_LABELS.get(m, m), final=fmt(final.mean),
+                                                       seen=fmt(seen.mean), uni=fmt(uni.mean), gap=_cell(gap)))
     return out + ([""] if out else [])

@@ -14,7 +14,7 @@ def template(name: str) -> str:
 
 
 @cache
-def snippets(name: str) -> dict[str, str]:
+def snippets(name: str = "reproduce_sections.md") -> dict[str, str]:
     """The pieces of a template, each after its own `<!-- key -->` line, by key (ends stripped of newlines)."""
     parts = re.split(r"^<!-- (\w+) -->\n", template(name), flags=re.M)
     return {key: text.strip("\n") for key, text in zip(parts[1::2], parts[2::2])}

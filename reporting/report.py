@@ -13,7 +13,7 @@ from .lookup import lookup_lines
 from .paths import shown_argv
 from .prose import fill, snippets, template
 from .runs import RunSet, partial_note, run_commands
-from .sections import SNIPPETS, agreement_lines, means_line, reason_lines, run_lines, setup_lines
+from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
 from .tables import PAPER, csv_table, headlines, markdown_headlines, markdown_table, method_stats
 from .verdicts import claims_lines, definitions_lines
 
@@ -69,7 +69,7 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
 
     runs = runset.all_finished()
     dataset = runs[0].config.get("dataset") if runs else stem
-    text = snippets(SNIPPETS)
+    text = snippets()
     fig_lines = []
     for key, _, caption, _ in FIGURES:
         if key in figs:
@@ -111,7 +111,7 @@ def command_lines(runs: list, manifest: dict | None, report_command: list[str] |
         blocks.append(("cmd_training", [_python([a for a in report_command if a != "--report_only"])]))
     if report_command:
         blocks.append(("cmd_report", [_python(report_command)]))
-    text = snippets(SNIPPETS)
+    text = snippets()
     lines = [line for key, cmds in blocks for line in (text[key], "", "```bash", *cmds, "```", "")]
     if manifest and manifest.get("wall_time_s") is not None:
         jobs = manifest.get("jobs") or 1

@@ -10,7 +10,6 @@ from .prose import Fields, snippets
 from .runs import METHOD_LABELS, METHODS, RunSet
 from .tables import PAIR_TEXT, PAIRS, PAPER, fmt
 
-SNIPPETS = "reproduce_sections.md"
 DATASET_TEXT = {
     "opinionqa": "OpinionQA (Pew American Trends Panel, US demographic groups; scored with 1 − normalised "
                  "Wasserstein distance over option ordinals, GPO's metric)",
@@ -58,7 +57,7 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     tr, ev = c.get("train_groups") or [], c.get("eval_groups") or []
     same_split = len({json.dumps([r.config.get("train_groups"), r.config.get("eval_groups")]) for r in runs}) == 1
     seeds = sorted({r.seed for r in runs})
-    text = snippets(SNIPPETS)
+    text = snippets()
     lines = text["setup"].format(
         dataset=DATASET_TEXT.get(c["dataset"], c["dataset"]), source=shown(data["source"]), data=data,
         hash=str(data["source_hash"])[:12], n_train=len(tr), n_eval=len(ev),
@@ -103,7 +102,7 @@ def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     runs = runset.all_finished()
     if not runs:
         return []
-    c, text = Fields(runs[0].config), snippets(SNIPPETS)
+    c, text = Fields(runs[0].config), snippets()
     fed_steps, cen_steps = _steps_per_round(runset, "fedavg"), _steps_per_round(runset, "centralized")
     rounds = max(r.summary.get("rounds", 0) for r in runs)
     lines = []
@@ -158,7 +157,7 @@ def agreement_lines(items) -> list[str]:
         pair = [h for h in items if (h.a, h.b) == (a, b)]
         if not pair:
             continue
-        against = snippets(SNIPPETS)[f"against_{b}"]
+        against = snippets()[f"against_{b}"]
         out += ["", against, ""] if out else [against, ""]
         for h in pair:
             if h.measured is None:

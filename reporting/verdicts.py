@@ -7,6 +7,7 @@ direction, CI excludes 0. FI ≈ 1 holds when both mean FIs are ≥ 0.99 and dif
 from __future__ import annotations
 
 from .convergence import DEFINITIONS
+from .prose import snippets
 from .runs import METHOD_LABELS, RunSet
 from .tables import (
     PAIR_TEXT,
@@ -63,12 +64,7 @@ def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> li
         return ["No claim could be checked: FedAvg and a centralized baseline must both have finished runs."]
     lines = md_table(["The paper's claim", *(f"against {PAIR_TEXT[b]}" for b in others)],
                      ([text, *(f"**{st.get(key, {}).get(b, 'not measured')}**" for b in others)] for key, text in CLAIMS))
-    lines += ["", "Status: *holds* = the claim's direction with a paired 95% CI that excludes 0; *same direction, "
-              "not significant* = the CI includes 0; *same direction, no variance across n seeds* = every seed gave "
-              "the same difference, so the CI has zero width and tests nothing; *does not hold* = no difference or the opposite direction "
-              "within the CI; *reversed* = the opposite direction, CI excludes 0.", ""]
-    lines.append(matched_change(st))
-    return lines
+    return [*lines, "", snippets()["claim_status"], "", matched_change(st)]
 
 
 def matched_change(st: dict[str, dict[str, str]]) -> str:
