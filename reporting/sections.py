@@ -8,7 +8,7 @@ from pathlib import Path
 from .paths import shown
 from .prose import Fields, snippets
 from .runs import METHOD_LABELS, METHODS, RunSet
-from .tables import PAIR_TEXT, PAIRS, PAPER, fmt
+from .tables import PAIR_TEXT, PAIRS, PAPER, fmt, md_table
 
 DATASET_TEXT = {
     "opinionqa": "OpinionQA (Pew American Trends Panel, US demographic groups; scored with 1 − normalised "
@@ -79,23 +79,17 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
 
 
 def run_lines(runset: RunSet) -> list[str]:
-    lines = ["| Method | Expected seeds | Finished | Interrupted (no summary.json) | Missing |", "|---|---|---|---|---|"]
-    for m, c in runset.counts().items():
-        lines.append(f"| {METHOD_LABELS[m]} | {c['expected']} | {c['finished']} | {c['interrupted']} | "
-                     f"{c['missing']} |")
-    lines.append("")
-    lines += ["| Run folder | Method | Seed | Rounds | Wall time (s) | Convergence round |", "|---|---|---|---|---|---|"]
-    for r in runset.all_finished():
-        s = r.summary or {}
-        lines.append(f"| `{r.path.name}` | {r.method} | {r.seed} | {s.get('rounds')} | "
-                     f"{fmt(s.get('wall_time_s'), '{:.1f}')} | {s.get('convergence_round')} |")
-    for r in runset.interrupted:
-        lines.append(f"| `{r.path.name}` | {r.method} | {r.seed} | {r.last_round} of {r.planned_rounds} "
-                     "(interrupted, not in the statistics) | – | – |")
-    for m in runset.methods:
-        for s in runset.missing(m):
-            lines.append(f"| – | {m} | {s} | missing (not in the statistics) | – | – |")
-    return lines
+    counts = md_table(["Method", "Expected seeds", "Finished", "Interrupted (no summary.json)", "Missing"],
+                      ([METHOD_LABELS[m], *(str(c[k]) for k in ("expected", "finished", "interrupted", "missing"))]
+                       for m, c in runset.counts().items()))
+    rows = [[f"`{r.path.name}`", r.method, r.seed, (s := r.summary or {}).get("rounds"),
+             fmt(s.get("wall_time_s"), "{:.1f}"), s.get("convergence_round")] for r in runset.all_finished()]
+    rows += [[f"`{r.path.name}`", r.method, r.seed,
+              f"{r.last_round} of {r.planned_rounds} (interrupted, not in the statistics)", "–", "–"]
+             for r in runset.interrupted]
+    rows += [["–", m, s, "missing (not in the statistics)", "–", "–"] for m in runset.methods for s in runset.missing(m)]
+    return [*counts, "", *md_table(["Run folder", "Method", "Seed", "Rounds", "Wall time (s)", "Convergence round"],
+                                   ([str(x) for x in row] for row in rows))]
 
 
 def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:

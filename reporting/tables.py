@@ -348,13 +348,12 @@ def _spec(key: str) -> str:
 
 
 def markdown_headlines(items: list[Headline]) -> str:
-    lines = ["| Comparison | Measured here (from seed means) | Per seed, paired (mean ± std [95% CI]) "
-             "| Paper | Verdict |", "|---|---|---|---|---|"]
-    for h in items:
-        spec = _spec(h.key)
+    def row(h: Headline, spec: str) -> list[str]:
         meas = "–" if h.measured is None else f"{spec.format(h.measured)}{h.unit}"
         paper = h.paper_note if h.paper is None else f"{spec.format(h.paper)}{h.unit} ({h.paper_note})"
-        lines.append(f"| {h.label} | {meas} | {stat_cell(h.paired, spec)} | {paper} | {h.verdict} |")
+        return [h.label, meas, stat_cell(h.paired, spec), paper, h.verdict]
+    lines = md_table(["Comparison", "Measured here (from seed means)", "Per seed, paired (mean ± std [95% CI])",
+                      "Paper", "Verdict"], (row(h, _spec(h.key)) for h in items))
     lines.append("")
     lines.append("'Fewer' is 100·(1 − FedAvg/other); alignment gain is 100·(FedAvg − other)/other. "
                  "Paired: the comparison computed per seed (the methods share the seed, hence the initial "
