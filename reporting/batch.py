@@ -165,6 +165,19 @@ def folder_action(path: Path) -> str:
     return "resume" if latest_checkpoint(path / "checkpoints") is not None else "restart"
 
 
+def plan_action(folder: Path, state: Callable[[], RecordState], log=print) -> str:
+    """What a planned run's folder and record leave to do; state() is asked only when the folder is not done."""
+    if is_finished(folder):
+        return "reuse"
+    if read_failure(folder) is not None:  # deterministic: a rerun would diverge the same way
+        return "failed"
+    st = state()
+    if st.status == "stale-config":
+        log(f"record  {shown(st.path)} was made with other flags (record -> planned: "
+            f"{differences_text(st.differences)}); not reused: planned to run, its record replaced then")
+    return "record" if st.usable else folder_action(folder)
+
+
 @dataclass
 class Planned:
     kind: str                  # the method (reproduce.py) or the variant (sweep.py)

@@ -1,28 +1,23 @@
-"""Variants of one experiment (strategies, DP noise levels, ...) against a baseline, paired by seed.
-
-  python -m reporting.compare --baseline fedavg='runs/strat/fedavg_s*' --variant median='runs/strat/median_s*' \
-      --out docs/results/strategies.md
-"""
+"""scripts/sweep.py's report: variants of one experiment (strategies, DP noise levels, ...) against a
+baseline, paired by seed."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_loaders.schema import DataError
-from utils.errors import RunFolderError, exit_on_error
+from utils.errors import RunFolderError
 from utils.run_folder import record_value
 
 from .figures import finish, plain_y, plt
 from .paths import shown, shown_argv
+from .prose import fill, template
 from .runs import (
     Run,
     find_run_folders,
@@ -34,7 +29,7 @@ from .runs import (
     partial_note,
     prefer_done,
 )
-from .tables import Stat, csv_stat, describe, no_variance, significance, stat_cell
+from .tables import Stat, csv_stat, describe, md_table, no_variance, significance, stat_cell
 
 
 @dataclass
@@ -144,11 +139,8 @@ def results_table(variants: list[Variant]) -> list[str]:
     eps = has_epsilon(variants)
     rows = [m for m in METRICS if eps or m[0] not in EPSILONS]
     head = ["Metric"] + [f"{v.name} (n={len(v.runs)})" for v in variants]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label, _, spec in rows:
-        cells = [stat_cell(describe(list(values(v)[key].values())), spec) for v in variants]
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    return lines
+    return md_table(head, ([label] + [stat_cell(describe(list(values(v)[key].values())), spec) for v in variants]
+                           for key, label, _, spec in rows))
 
 
 def _signed(spec: str) -> str:
@@ -156,18 +148,11 @@ def _signed(spec: str) -> str:
 
 
 def paired_table(base: Variant, others: list[Variant]) -> list[str]:
-    lines = ["| Variant − " + base.name + " | " + " | ".join(label for _, label, _, _ in COMPARED) + " |",
-             "|" + "---|" * (len(COMPARED) + 1)]
-    for v in others:
-        cells = []
-        for key, _, _, spec in COMPARED:
-            d = paired_difference(base, v, key)
-            mark = " *" if significance(d) == "excludes" else ""
-            cells.append(stat_cell(d, _signed(spec)) + mark)
-        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: the per-seed difference variant − baseline over the seeds both have, mean ± std [95% CI, "
-              "Student t]; * = the CI excludes 0 (a CI of zero width, no variance across the seeds, gets none)."]
-    return lines
+    def cell(v: Variant, key: str, spec: str) -> str:
+        d = paired_difference(base, v, key)
+        return stat_cell(d, _signed(spec)) + (" *" if significance(d) == "excludes" else "")
+    return md_table([f"Variant − {base.name}", *(label for _, label, _, _ in COMPARED)],
+                    ([v.name, *(cell(v, key, spec) for key, _, _, spec in COMPARED)] for v in others))
 
 
 def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
@@ -320,37 +305,29 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
         paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    first = partial_note(partial)
-    body = [f"# {title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
-            f"{f' ({partial})' if partial else ''}", "",
-            f"{first}Generated on {time.strftime('%Y-%m-%d')} from {n} finished run folders"
-            f"{f' and {n_failed} that diverged' if n_failed else ''}"
-            f"{' by the command below' if command else ''}; baseline **{base.name}**. Every number is computed "
-            "from the folders' summary.json and metrics.jsonl.", ""]
-    if command:
-        body += ["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""]
-    if setup:
-        body += ["## Setup", "", *setup, ""]
-    body += ["## Variants", "", "| Variant | Run folders (as given) | Finished seeds | Diverged | Interrupted |",
-             "|---|---|---|---|---|"]
-    body += [f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | {', '.join(map(str, sorted(v.runs))) or '–'} | "
-             f"{', '.join(divergence(r) for _, r in sorted(v.failed.items())) or '–'} | {len(v.interrupted)} |"
-             for v in variants]
-    body += ["", "## Results over seeds", "", *results_table(variants), "",
-             "Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds. Worst-group: the "
-             "lowest evaluation group's alignment at the last evaluation; bottom quarter: the mean of the lowest "
-             "quarter of groups (at least one).", "",
-             f"## Against {base.name}, paired by seed", "", *paired_table(base, others), "",
-             *verdict_lines(base, others), "", "## Figures", ""]
+    figures = []
     for key, text in (("worst_vs_round", "Worst-group evaluation alignment vs round"),
                       ("mean_vs_worst", "Final mean vs worst-group evaluation alignment"),
                       ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε"),
                       ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round")):
         if key in paths:
-            body += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
+            figures += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
     warnings = consistency_warnings(variants)
-    if warnings:
-        body += ["## Warnings", "", *[f"- {w}" for w in warnings]]
+    body = fill(template("sweep_report.md"),
+                title=f"{title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
+                      f"{f' ({partial})' if partial else ''}",
+                first=partial_note(partial), date=time.strftime("%Y-%m-%d"), n=n,
+                diverged=f" and {n_failed} that diverged" if n_failed else "",
+                by_command=" by the command below" if command else "", base=base.name,
+                command=["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""] if command else [],
+                setup=["## Setup", "", *setup, ""] if setup else [],
+                variants=[f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | "
+                          f"{', '.join(map(str, sorted(v.runs))) or '–'} | "
+                          f"{', '.join(divergence(r) for _, r in sorted(v.failed.items())) or '–'} | "
+                          f"{len(v.interrupted)} |" for v in variants],
+                results=results_table(variants), paired=paired_table(base, others),
+                verdicts=verdict_lines(base, others), figures=figures,
+                warnings=["## Warnings", "", *[f"- {w}" for w in warnings]] if warnings else [])
     out.write_text("\n".join(body).rstrip() + "\n", encoding="utf-8")
     return paths
 
@@ -373,43 +350,3 @@ def csv_text(base: Variant, others: list[Variant]) -> str:
             d = paired_difference(base, v, key)
             w.writerow([f"paired_vs_{base.name}", key, v.name, d.n, *csv_stat(d), ";".join(repr(x) for x in d.values)])
     return buf.getvalue()
-
-
-def _named(text: str, flag: str) -> tuple[str, list[str]]:
-    name, sep, globs = text.partition("=")
-    if not sep or not name or not globs:
-        raise DataError(f"{flag} {text!r} is not NAME=GLOB", f"e.g. {flag} fedavg='runs/strat/fedavg_s*' (globs "
-                        "separated by commas)")
-    return name, [g for g in globs.split(",") if g]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reporting.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", required=True, help="NAME=GLOB[,GLOB...]: the variant the others are compared with")
-    p.add_argument("--variant", action="append", default=[], help="NAME=GLOB[,GLOB...]; repeat for each variant")
-    p.add_argument("--out", required=True, help="the Markdown report; table and figures go next to it")
-    p.add_argument("--title", default=None, help="the report's title")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return exit_on_error(lambda: _compare(args, argv))
-
-
-def _compare(args, argv: list[str]) -> None:
-    base = load_variant(*_named(args.baseline, "--baseline"))
-    others = [load_variant(*_named(t, "--variant")) for t in args.variant]
-    names = [base.name] + [v.name for v in others]
-    if len(set(names)) != len(names):
-        raise DataError(f"variant names repeat: {names}", "give every --baseline/--variant its own NAME")
-    if not others:
-        raise DataError("no --variant given", "name at least one variant to compare with the baseline")
-    command = ["python", "-m", "reporting.compare", *argv]
-    for k, path in write_comparison(base, others, Path(args.out), args.title, command).items():
-        print(f"wrote {k}: {path}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

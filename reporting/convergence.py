@@ -52,4 +52,3 @@ DEFINITIONS = (
     Definition("conv_loss_099", "loss progress ≥ 99%", "loss", 0.99),
     Definition("conv_gain_095", "eval alignment gain ≥ 95%", "gain", 0.95),
 )
-DEFAULT_DEFINITION = "conv_loss_095"

@@ -2,8 +2,9 @@
 does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
+from .prose import snippets
 from .runs import METHOD_LABELS, RunSet
-from .tables import Stat, describe, fmt, no_variance, significance, vs_consensus
+from .tables import Stat, describe, fmt, md_table, no_variance, significance, vs_consensus
 
 # A specificity below this is too small to matter for any use of the prediction, whatever its CI:
 # one thousandth of alignment is a tenth of the smallest difference the paper reports.
@@ -65,11 +66,8 @@ def controls_table(runset: RunSet) -> list[str]:
                             for r in runset.finished(m).values()]) for k, _ in rows} for m in methods}
     if not any(vals[m]["own"].mean is not None for m in methods):
         return []
-    head = "| Context of the same questions | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |"
-    out = [head, "|---" * (len(methods) + 1) + "|"]
-    for k, text in rows:
-        out.append(f"| {text} | " + " | ".join(fmt(vals[m][k].mean) for m in methods) + " |")
-    return out
+    return md_table(["Context of the same questions", *(METHOD_LABELS.get(m, m) for m in methods)],
+                    ([text, *(fmt(vals[m][k].mean) for m in methods)] for k, text in rows))
 
 
 def curve_table(runset: RunSet) -> list[str]:
@@ -78,56 +76,35 @@ def curve_table(runset: RunSet) -> list[str]:
     ks = next((c["k"] for m in methods for c in curves[m] if c and c.get("k")), None)
     if not ks:
         return []
-    head = "| Context questions | " + " | ".join(f"{METHOD_LABELS.get(m, m)}: seen / unseen" for m in methods) + " |"
-    out = [head, "|---" * (len(methods) + 1) + "|"]
-    for i, k in enumerate(ks):
-        cells = []
-        for m in methods:
-            seen = describe([c["seen"][i] for c in curves[m] if c and len(c.get("seen", [])) > i])
-            unseen = describe([c["unseen"][i] for c in curves[m] if c and len(c.get("unseen", [])) > i])
-            cells.append(f"{fmt(seen.mean)} / {fmt(unseen.mean)}")
-        out.append(f"| {k} | " + " | ".join(cells) + " |")
-    return out
+    def mean(m: str, part: str, i: int) -> str:
+        return fmt(describe([c[part][i] for c in curves[m] if c and len(c.get(part, [])) > i]).mean)
+    return md_table(["Context questions", *(f"{METHOD_LABELS.get(m, m)}: seen / unseen" for m in methods)],
+                    ([str(k), *(f"{mean(m, 'seen', i)} / {mean(m, 'unseen', i)}" for m in methods)]
+                     for i, k in enumerate(ks)))
 
 
 def lookup_lines(runset: RunSet) -> list[str]:
     """The section's lines (markdown), or a one-line note for runs without diagnostics."""
+    text = snippets()
     if not any("baselines" in (r.summary or {}) for r in runset.all_finished()):
-        return ["These runs predate the evaluation diagnostics (consensus and uniform baselines, seen and unseen "
-                "questions, group specificity): rerun them to see whether a method beats a table lookup.", ""]
+        return [text["no_diagnostics"], ""]
     runs = runset.all_finished()
     cons = describe([r.baseline("consensus") for r in runs])
     uni = describe([r.baseline("uniform") for r in runs])
     seen_n = describe([r.value("final_eval_questions_seen") for r in runs]).mean or 0
     unseen_n = describe([r.value("final_eval_questions_unseen") for r in runs]).mean or 0
     share = seen_n / (seen_n + unseen_n) if seen_n + unseen_n else 0.0
-    out = [f"Without any model, the **consensus** lookup (per question, the mean answer of the training groups over "
-           f"the questions they train on; uniform where none does) scores {fmt(cons.mean)} mean evaluation "
-           f"alignment and the **uniform** predictor {fmt(uni.mean)}, on exactly the targets the models are scored "
-           f"on. {100 * share:.1f}% of those targets are *seen*: some training group trains on them.", ""]
+    out = [text["lookup"].format(cons=fmt(cons.mean), uni=fmt(uni.mean), share=100 * share), ""]
     out += [line for m in runset.methods if (line := beats_line(runset, m))]
-    out.append("")
-    out += unseen_lines(runset)
-    out += ["Does the model use the group? Each evaluation group is scored twice on the same targets: with its own "
-            "answers to its context questions and with another evaluation group's answers to the same questions "
-            "(a fixed, seeded pairing). Group specificity = own − other (mean over groups), at the last evaluation:",
-            ""]
+    out += ["", *unseen_lines(runset), text["specificity"], ""]
     out += [line for m in runset.methods if (line := specificity_line(runset, m))]
     shared = [n for r in runs for _, n in (r.value("eval_specificity_context") or {}).values()]
     if shared:
-        out += ["", f"Each pair's context holds the questions both groups answered, up to `--eval_num_qs`: "
-                f"{min(shared)}–{max(shared)} context questions per group here."]
-    controls = controls_table(runset)
-    if controls:
-        out += ["", "Controls at the last evaluation (mean alignment of the paired groups on the same targets):", "",
-                *controls]
-    curve = curve_table(runset)
-    if curve:
-        out += ["", "Context curve at the last evaluation (GPO's claim: more context answers, better prediction; "
-                "targets fixed across sizes; 1 is the smallest context the model accepts), seen / unseen targets:",
-                "", *curve]
-    out.append("")
-    return out
+        out += ["", text["shared_context"].format(low=min(shared), high=max(shared))]
+    for key, table in (("controls", controls_table(runset)), ("curve", curve_table(runset))):
+        if table:
+            out += ["", text[key], "", *table]
+    return out + [""]
 
 
 def unseen_lines(runset: RunSet) -> list[str]:
@@ -141,7 +118,6 @@ def unseen_lines(runset: RunSet) -> list[str]:
         if final.mean is None:
             continue
         gap = describe([None if u is None or f is None else f - u for f, u in zip(finals, unis)])
-        out.append(f"- {METHOD_LABELS.get(m, m)} on unseen questions: {fmt(final.mean)} (seen: {fmt(seen.mean)}); "
-                   f"uniform scores {fmt(uni.mean)} there, so the model adds {_cell(gap)} on questions no training "
-                   "group trained on.")
+        out.append(snippets()["unseen"].format(method=METHOD_LABELS.get(m, m), final=fmt(final.mean),
+                                                       seen=fmt(seen.mean), uni=fmt(uni.mean), gap=_cell(gap)))
     return out + ([""] if out else [])

@@ -38,15 +38,14 @@ from .batch import (
     Batch,
     Planned,
     add_batch_arguments,
-    differences_text,
-    folder_action,
+    plan_action,
     record_state,
     records_root,
     resolve_batch_args,
     status_report,
 )
 from .jobs import Task
-from .paths import default_data_path, shown, shown_argv
+from .paths import default_data_path, shown_argv
 from .predictions import prediction_data
 from .report import MANIFEST, write_report
 from .runs import ENTRY_POINTS, METHODS, collect, find_run_folders, method_label, prefer_done
@@ -233,39 +232,36 @@ def _planned_runs(args, data_for_seed, device, log=print):
             yield method, seed, path, (root / path.name if root else None), requested
 
 
+def folder_error(path: Path, method: str, requested: dict) -> str | None:
+    """Why an existing run folder cannot serve this (method, seed): another method, other flags, unreadable."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        if path.is_dir() and any(f.name != ".lock" for f in path.iterdir()):
+            return f"{path} exists and is not empty but holds no config.json"
+        return None
+    try:
+        stored = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        return f"{cfg_path} is unreadable ({e})"
+    if method_label(stored) != method:
+        return f"{path} holds a {method_label(stored)!r} run, not {method!r}"
+    diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
+    if diffs:
+        more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
+        return f"{path} was trained with different flags (folder -> requested): {'; '.join(diffs[:8])}{more}"
+    return None
+
+
 def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
     """Every (method, seed) against its folder and record; a folder trained with other flags is an error."""
     plan, errors = [], []
     for method, seed, path, record, requested in _planned_runs(args, data_for_seed, device, log):
-        state = record_state(record, requested)
-        if state.status == "stale-config":
-            log(f"record  {shown(record)} was made with other flags (record -> planned: "
-                f"{differences_text(state.differences)}); not reused: planned to run, its record replaced then")
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            if path.is_dir() and any(f.name != ".lock" for f in path.iterdir()):
-                errors.append(f"{path} exists and is not empty but holds no config.json")
-                continue
-            plan.append(Planned(method, seed, path, record, "record" if state.usable else "fresh"))
-            continue
-        try:
-            stored = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            errors.append(f"{cfg_path} is unreadable ({e})")
-            continue
-        if method_label(stored) != method:
-            errors.append(f"{path} holds a {method_label(stored)!r} run, not {method!r}")
-            continue
-        diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
-        if diffs:
-            more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
-            errors.append(f"{path} was trained with different flags (folder -> requested): "
-                          f"{'; '.join(diffs[:8])}{more}")
-            continue
-        if (path / "summary.json").is_file():
-            plan.append(Planned(method, seed, path, record, "reuse"))
-        else:  # interrupted here, finished elsewhere: the record saves the rest of the run
-            plan.append(Planned(method, seed, path, record, "record" if state.usable else folder_action(path)))
+        error = folder_error(path, method, requested)
+        if error:
+            errors.append(error)
+        else:
+            action = plan_action(path, lambda: record_state(record, requested), log)
+            plan.append(Planned(method, seed, path, record, action))
     if errors:
         raise RunFolderError("cannot use these run folders:\n  - " + "\n  - ".join(errors),
                              "pass the flags those runs used, choose another --out_root, or delete the folders "

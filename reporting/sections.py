@@ -6,8 +6,9 @@ from collections import Counter
 from pathlib import Path
 
 from .paths import shown
-from .runs import METHOD_LABELS, RunSet
-from .tables import PAIR_TEXT, PAIRS, PAPER, fmt
+from .prose import Fields, snippets
+from .runs import METHOD_LABELS, METHODS, RunSet
+from .tables import PAIR_TEXT, PAIRS, PAPER, fmt, md_table
 
 DATASET_TEXT = {
     "opinionqa": "OpinionQA (Pew American Trends Panel, US demographic groups; scored with 1 − normalised "
@@ -50,139 +51,79 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     runs = runset.all_finished()
     if not runs:
         return ["No finished runs."]
-    fed = next(iter(runset.finished("fedavg").values()), None)
-    cen = next(iter(runset.finished("centralized").values()), None)
-    mat = next(iter(runset.finished("centralized_matched").values()), None)
-    first = fed or cen or mat
-    c = first.config
-    data = c.get("data") or {}
-    emb = data.get("embedding") or {}
+    firsts = {m: run for m in METHODS if (run := next(iter(runset.finished(m).values()), None))}
+    first = next(iter(firsts.values()))
+    c, data = Fields(first.config), Fields(first.config.get("data") or {})
     tr, ev = c.get("train_groups") or [], c.get("eval_groups") or []
     same_split = len({json.dumps([r.config.get("train_groups"), r.config.get("eval_groups")]) for r in runs}) == 1
-    split = (manifest or {}).get("split_rule") or "as recorded in each run's config.json"
     seeds = sorted({r.seed for r in runs})
-    lines = [
-        f"- **Data**: {DATASET_TEXT.get(c.get('dataset'), c.get('dataset'))}; source `{shown(data.get('source'))}`, "
-        f"{data.get('kept_questions')} questions kept; content hash `{str(data.get('source_hash'))[:12]}`.",
-        f"- **Groups**: {len(tr)} training clients / {len(ev)} unseen evaluation groups "
-        f"({'the same split for every seed and method' if same_split else 'NOT the same split in every run'}; "
-        f"{split}).",
-        f"  - train: {', '.join(tr)}",
-        f"  - eval: {', '.join(ev)}",
-        f"- **Embeddings**: {emb.get('model_id', c.get('emb_model'))}, {c.get('dim_x')} dimensions "
-        f"(paper: {PAPER['emb_model']}, {PAPER['emb_dim']}).",
-        f"- **Model**: GPO, d_model {c.get('d_model')}, {c.get('num_layers')} layers, {c.get('nhead')} heads, "
-        f"FFN {c.get('dim_feedforward')}, precision {c.get('precision')}.",
-        f"- **Episodes**: context {c.get('min_ctx_num_qs')}–{c.get('max_ctx_num_qs')} and targets "
-        f"{c.get('min_tar_num_qs')}–{c.get('max_tar_num_qs')} questions; local split {c.get('data_split')}; "
-        f"evaluation context {c.get('eval_num_qs')} questions (fixed by eval_seed {c.get('eval_seed')}).",
-        f"- **Seeds**: {', '.join(map(str, seeds))} ({len(seeds)}); a seed sets initial weights (shared by every "
-        "method), episodes and client sampling.",
-    ]
-    if fed:
-        f = fed.config
-        lines.append(f"- **FedAvg**: {f.get('comm_round')} rounds, {f.get('epochs')} local steps per client, "
-                     f"weighting {f.get('weighting')}, client fraction {f.get('client_fraction')}, "
-                     f"engine `{f.get('client_engine_resolved') or f.get('client_engine')}`, evaluation every {f.get('federated_eval')} rounds; "
-                     f"{fmt(_steps_per_round(runset, 'fedavg'), '{:.0f}')} gradient steps per round.")
-    if cen:
-        k = cen.config
-        lines.append(f"- **Centralized**: {k.get('central_epochs')} epochs, mode `{k.get('central_mode')}`, "
-                     f"evaluation every {k.get('eval_freq')} epochs; "
-                     f"{fmt(_steps_per_round(runset, 'centralized'), '{:.0f}')} gradient steps per epoch.")
-    if mat:
-        k = mat.config
-        lines.append(f"- **Centralized, compute-matched**: the centralized baseline with {k.get('central_steps')} "
-                     f"steps per training group per epoch (`--central_steps`, = FedAvg's local steps), each on its "
-                     f"own episode; {k.get('central_epochs')} epochs, mode `{k.get('central_mode')}`, evaluation "
-                     f"every {k.get('eval_freq')} epochs; "
-                     f"{fmt(_steps_per_round(runset, 'centralized_matched'), '{:.0f}')} gradient steps per epoch.")
+    text = snippets()
+    lines = text["setup"].format(
+        dataset=DATASET_TEXT.get(c["dataset"], c["dataset"]), source=shown(data["source"]), data=data,
+        hash=str(data["source_hash"])[:12], n_train=len(tr), n_eval=len(ev),
+        same_split="the same split for every seed and method" if same_split else "NOT the same split in every run",
+        split=(manifest or {}).get("split_rule") or "as recorded in each run's config.json", train=", ".join(tr),
+        eval=", ".join(ev), emb_model=(data["embedding"] or {}).get("model_id", c["emb_model"]), c=c, paper=PAPER,
+        seeds=", ".join(map(str, seeds)), n_seeds=len(seeds)).split("\n")
+    for m, run in firsts.items():
+        k = Fields(run.config)
+        lines.append(text[f"setup_{m}"].format(c=k, engine=k["client_engine_resolved"] or k["client_engine"],
+                                               steps=fmt(_steps_per_round(runset, m), "{:.0f}")))
     lines.append(machine_line(runs, manifest))
     variant = variant_line(runs)
     if variant:
         lines.append(variant)
-    lines.append(f"- **Convergence round** (method.md §7): first round where the training loss, smoothed by a "
-                 f"centred moving average of {(first.summary.get('convergence') or {}).get('window_rounds')} "
-                 "rounds, has made 95% of its total progress (L₀ − L_t)/(L₀ − L_final).")
+    window = (first.summary.get("convergence") or {}).get("window_rounds")
+    lines.append(text["setup_convergence"].format(window=window))
     return lines
 
 
 def run_lines(runset: RunSet) -> list[str]:
-    lines = ["| Method | Expected seeds | Finished | Interrupted (no summary.json) | Missing |", "|---|---|---|---|---|"]
-    for m, c in runset.counts().items():
-        lines.append(f"| {METHOD_LABELS[m]} | {c['expected']} | {c['finished']} | {c['interrupted']} | "
-                     f"{c['missing']} |")
-    lines.append("")
-    lines += ["| Run folder | Method | Seed | Rounds | Wall time (s) | Convergence round |", "|---|---|---|---|---|---|"]
-    for r in runset.all_finished():
-        s = r.summary or {}
-        lines.append(f"| `{r.path.name}` | {r.method} | {r.seed} | {s.get('rounds')} | "
-                     f"{fmt(s.get('wall_time_s'), '{:.1f}')} | {s.get('convergence_round')} |")
-    for r in runset.interrupted:
-        lines.append(f"| `{r.path.name}` | {r.method} | {r.seed} | {r.last_round} of {r.planned_rounds} "
-                     "(interrupted, not in the statistics) | – | – |")
-    for m in runset.methods:
-        for s in runset.missing(m):
-            lines.append(f"| – | {m} | {s} | missing (not in the statistics) | – | – |")
-    return lines
+    counts = md_table(["Method", "Expected seeds", "Finished", "Interrupted (no summary.json)", "Missing"],
+                      ([METHOD_LABELS[m], *(str(c[k]) for k in ("expected", "finished", "interrupted", "missing"))]
+                       for m, c in runset.counts().items()))
+    rows = [[f"`{r.path.name}`", r.method, r.seed, (s := r.summary or {}).get("rounds"),
+             fmt(s.get("wall_time_s"), "{:.1f}"), s.get("convergence_round")] for r in runset.all_finished()]
+    rows += [[f"`{r.path.name}`", r.method, r.seed,
+              f"{r.last_round} of {r.planned_rounds} (interrupted, not in the statistics)", "–", "–"]
+             for r in runset.interrupted]
+    rows += [["–", m, s, "missing (not in the statistics)", "–", "–"] for m in runset.methods for s in runset.missing(m)]
+    return [*counts, "", *md_table(["Run folder", "Method", "Seed", "Rounds", "Wall time (s)", "Convergence round"],
+                                   ([str(x) for x in row] for row in rows))]
 
 
 def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     runs = runset.all_finished()
     if not runs:
         return []
-    c = runs[0].config
+    c, text = Fields(runs[0].config), snippets()
     fed_steps, cen_steps = _steps_per_round(runset, "fedavg"), _steps_per_round(runset, "centralized")
     rounds = max(r.summary.get("rounds", 0) for r in runs)
     lines = []
     if rounds < PAPER["rounds"]:
-        lines.append(f"- **Fewer rounds than the paper**: {rounds} instead of {PAPER['rounds']:,} "
-                     f"({100 * rounds / PAPER['rounds']:.0f}%). The convergence round is measured against each "
-                     f"run's own final loss, so it is at most {rounds} and only its ratio between the methods "
-                     "compares with the paper's 634 vs 1,180; a run that is still improving at its last round "
-                     "converges 'late' by construction.")
+        lines.append(text["reason_rounds"].format(rounds=rounds, paper_rounds=PAPER["rounds"],
+                                                  share=100 * rounds / PAPER["rounds"]))
     late = [r for r in runs if (r.summary or {}).get("convergence_round") is not None
             and r.summary["convergence_round"] >= 0.8 * r.summary.get("rounds", 0)]
     if late:
         names = ", ".join(f"{r.method} s{r.seed} ({r.summary['convergence_round']}/{r.summary['rounds']})"
                           for r in late)
-        lines.append(f"- **Still improving at the end**: {len(late)} of {len(runs)} runs reached 95% of their loss "
-                     f"progress only in the last 20% of their rounds ({names}): their loss was still falling late in "
-                     "the run, and a longer run would likely move their convergence round later.")
+        lines.append(text["reason_late"].format(n_late=len(late), n_runs=len(runs), names=names))
     if fed_steps and cen_steps:
         mat_steps = _steps_per_round(runset, "centralized_matched")
-        matched = (f" The compute-matched baseline takes {mat_steps:.0f} per epoch, as many as FedAvg per round, "
-                   "and separates the two effects: more steps per round, and averaging over clients."
-                   if mat_steps else "")
-        lines.append(f"- **Rounds hide compute**: per round FedAvg takes {fed_steps:.0f} gradient steps "
-                     f"(clients × local steps) and the centralized baseline {cen_steps:.0f} "
-                     f"(one per training group), {fed_steps / cen_steps:.1f}× fewer. Counted in gradient steps "
-                     "(the compute-normalised figures and the steps row of the table) the comparison can reverse."
-                     + matched)
-    dim = c.get("dim_x")
-    if dim and dim != PAPER["emb_dim"]:
-        lines.append(f"- **Embedding model**: {((c.get('data') or {}).get('embedding') or {}).get('model_id')} "
-                     f"({dim} dimensions) instead of {PAPER['emb_model']} ({PAPER['emb_dim']}): a smaller "
-                     "sentence encoder gives the model different (and fewer) features to learn from.")
-    ds = c.get("dataset")
-    if ds == "opinionqa":
-        lines.append("- **Dataset and metric**: OpinionQA's US demographic groups, scored with 1 − normalised "
-                     "Wasserstein distance, instead of GlobalOpinionQA's 14 countries scored with "
-                     "1 − JS distance: other groups and another distance, so absolute alignment and FI values "
-                     "do not compare with the paper's; the direction of the comparisons does.")
-    elif ds == "globalqa":
-        src = str((c.get("data") or {}).get("source") or "")
-        lines.append(f"- **Dataset**: `{Path(src).name}` with {(c.get('data') or {}).get('kept_questions')} "
-                     "questions kept; a country has tens of questions here instead of hundreds in the full "
-                     "GlobalOpinionQA, so episodes are much smaller "
-                     f"(context {c.get('min_ctx_num_qs')}–{c.get('max_ctx_num_qs')}, evaluation context "
-                     f"{c.get('eval_num_qs')} questions) and each group's score rests on few questions.")
+        lines.append(text["reason_compute"].format(fed=fed_steps, cen=cen_steps, ratio=fed_steps / cen_steps)
+                     + (text["reason_matched"].format(steps=mat_steps) if mat_steps else ""))
+    data = Fields(c["data"] or {})
+    if c["dim_x"] and c["dim_x"] != PAPER["emb_dim"]:
+        model = (data["embedding"] or {}).get("model_id")
+        lines.append(text["reason_embedding"].format(model=model, dim=c["dim_x"], paper=PAPER))
+    if c["dataset"] in ("opinionqa", "globalqa"):
+        lines.append(text[f"reason_{c['dataset']}"].format(name=Path(str(data["source"] or "")).name, c=c, data=data))
     n = min((len(runset.finished(m)) for m in runset.methods), default=0)
     if n < 4:
-        lines.append(f"- **Seeds**: {n} per method (paper: 4); the confidence intervals are wide.")
-    if c.get("central_mode") == "batched":
-        lines.append("- **Centralized mode**: `batched` (the released code: one step per epoch), not the "
-                     "paper's sequential one step per group.")
+        lines.append(text["reason_seeds"].format(n=n))
+    if c["central_mode"] == "batched":
+        lines.append(text["reason_batched"])
     return lines
 
 
@@ -202,9 +143,6 @@ _AGREEMENT = {
                              "FedAvg's worst evaluation group scores {value:.4f} {word} than {other}'s",
                              "paper: not reported"),
 }
-_AGAINST = {"centralized": "Against the paper's centralized baseline (one gradient step per training group per epoch):",
-            "centralized_matched": "Against the compute-matched centralized baseline (as many gradient steps per "
-                                   "epoch as FedAvg takes per round, so rounds and gradient steps compare alike):"}
 
 
 def agreement_lines(items) -> list[str]:
@@ -213,7 +151,8 @@ def agreement_lines(items) -> list[str]:
         pair = [h for h in items if (h.a, h.b) == (a, b)]
         if not pair:
             continue
-        out += ["", _AGAINST[b], ""] if out else [_AGAINST[b], ""]
+        against = snippets()[f"against_{b}"]
+        out += ["", against, ""] if out else [against, ""]
         for h in pair:
             if h.measured is None:
                 out.append(f"- {h.label}: not measured.")

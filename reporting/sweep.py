@@ -22,7 +22,6 @@ from orchestration.entry import main as train
 from orchestration.experiment import check_flags, resolved_config
 from utils.device import resolve_device
 from utils.errors import exit_on_error
-from utils.run_folder import read_failure
 from utils.run_lock import RunLock
 
 from .batch import (
@@ -30,8 +29,7 @@ from .batch import (
     Planned,
     RecordState,
     add_batch_arguments,
-    differences_text,
-    folder_action,
+    plan_action,
     record_state,
     records_root,
     resolve_batch_args,
@@ -39,12 +37,17 @@ from .batch import (
 )
 from .compare import load_variant, write_comparison
 from .jobs import Task
-from .paths import default_data_path, shown
+from .paths import default_data_path
+from .prose import template
 from .runs import partial_label
 
 # OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
 OPINIONQA = ["--dataset", "opinionqa", "--emb_model", "minilm", "--comm_round", "300", "--federated_eval", "10",
              "--wandb", "off", "--quiet"]
+
+
+def _setup(preset: str) -> list[str]:
+    return template(f"sweep_{preset}_setup.md").splitlines()
 
 
 @dataclass
@@ -86,20 +89,7 @@ PRESETS = {
         },
         baseline="fedavg", title="Aggregation strategies on OpinionQA (300 rounds, 3 seeds)",
         report="docs/results/strategies.md",
-        setup=["OpinionQA, the default seeded 60/40 split (10 training groups, all sampled every round, 7 "
-               "evaluation groups), MiniLM embeddings, the paper's other defaults (6 local steps, lr 3e-4), 300 "
-               "rounds, evaluation every 10, seeds 0-2. The split and the initial weights are drawn from the "
-               "seed: every variant of a seed shares them, so differences are paired by seed.",
-               "",
-               "- fedprox: mu 0.01; qfedavg: FedAvg's weights tilted by F^0.1, F = each client's held-out "
-               "misalignment 1 - AS (q-FFL's reweighting at FedAvg's step size, issue 22); adaptive: "
-               "softmax((1 - AS)/0.1) over a 5-evaluation window; trimmed_mean: 20% cut at each end; median; "
-               "fedadam: server Adam on the mean client delta (lr 1e-3, betas 0.9/0.99, tau 1e-3).",
-               "- Attack: 1 of the 10 training groups (drawn from the seed) sends w - 10 (w_k - w) every round "
-               "(sign flip scaled by 10); *_attacked variants. *_alie: 3 of the 10 groups send ALIE's w + mu - "
-               "0.52 sigma of the honest updates (Baruch et al. 2019; 3 because 1 of 10 gives z = 0, a void "
-               "attack). adaptive_report_score: 1 group trains honestly but reports held-out alignment 0; its "
-               "weight is capped at 3/10. Formulas: README, Aggregation strategies."]),
+        setup=_setup("strategies")),
     # DP needs uniform weights, so the no-DP baseline is uniform too. The clip S = 0.1 is about the
     # median client update norm over the first 30 rounds of this setup, which the cosine schedule
     # moves between 3e-4 and 0.8 (dp_median_norm in losses.jsonl of main_fl.py --dataset opinionqa
@@ -118,30 +108,7 @@ PRESETS = {
         },
         baseline="no_dp", title="Client-level DP-FedAvg on OpinionQA (300 rounds, 3 seeds)",
         report="docs/results/privacy.md",
-        setup=["OpinionQA, the default seeded 60/40 split (10 training groups, every one sampled every round, so "
-               "the sampling rate is 1), MiniLM embeddings, 300 rounds, evaluation every 10, seeds 0-2, uniform "
-               "weights for every variant (DP requires them, so the no-DP baseline uses them too). The split is "
-               "drawn from the seed: each seed evaluates other groups, and every variant of a seed the same ones, "
-               "so differences are paired by seed.",
-               "",
-               "- Mechanism: each client's update is clipped to L2 norm S = 0.1; the server adds N(0, (z S / 10)^2) "
-               "per coordinate to the mean of the 10 clipped updates. epsilon: Opacus's RDP accountant, "
-               "delta = 1e-5, with respect to one group's whole data, for zero-out neighbours (m = 10 is fixed "
-               "and public: one group's update replaced by zero); losses.jsonl also holds replace-one "
-               "(dp_epsilon_replace_one, noise z/2) and the exact composition's (dp_epsilon_exact, = PRV).",
-               "- Clip norm: S = 0.1 is about the median client update norm over the first 30 rounds of a "
-               "no-noise, no-clip run of this setup (dp_median_norm in its losses.jsonl), which the cosine "
-               "schedule moves between 3e-4 and 0.8; so about half the updates are clipped (dp_clipped in each DP "
-               "run's losses.jsonl counts them per round). S was chosen from that non-private run of the same "
-               "data: a data-dependent choice that the accountant does not cover (a deployment would fix S in "
-               "advance or spend budget on choosing it, e.g. --dp_clip_quantile).",
-               "- dp_clip_only clips at the same S with no noise (ε infinite): the gap no_dp − dp_clip_only is the "
-               "clipping bias, dp_clip_only − dp_z* the noise. The signal-to-noise figure divides the norm of the "
-               "clipped mean (at most S) by the norm of the noise added that round (about z S / 10 √P, P the "
-               "number of parameters), both logged per round in losses.jsonl (dp_signal_norm, dp_noise_norm, "
-               "dp_params).",
-               "- The uniform predictor row is the no-model baseline on the same targets: a variant whose final "
-               "alignment equals it has collapsed to predicting uniform answers."]),
+        setup=_setup("privacy")),
     # Issue 26, item 2's short protocol on real data: do --context_answer product and virtual groups
     # (--virtual_tilt; docs/group_use.md: on planted synthetic groups product alone remembers the few
     # training groups, product with virtual groups infers new ones) make FedAvg use the group on
@@ -157,29 +124,7 @@ PRESETS = {
         title="Does FedAvg use the group? --context_answer and virtual groups on OpinionQA, leakage-free "
               "(300 rounds, 2 seeds)",
         report="docs/results/group_use_opinionqa.md",
-        setup=["OpinionQA, the default seeded 60/40 split, MiniLM embeddings, the paper's defaults otherwise "
-               "(6 local steps, lr 3e-4, weights by episode), 300 rounds, evaluation every 10, seeds 0-1. "
-               "--question_split 0.2: a seeded random 20% of the questions (the same for every group, drawn from "
-               "the split seed) is held out of all training, and the evaluation groups are scored on those alone "
-               "(as the paper_unseen protocol).",
-               "",
-               "- concat is the paper's model: a context token's input is [x, y], one answer value beside 384 "
-               "embedding dimensions. product adds y·(x W_p), so the answer scales a whole embedding-wide "
-               "channel (models/gpo.py; docs/group_use.md has the diagnosis and the synthetic runs that "
-               "motivated it).",
-               "- product_tilt0.5 and product_tilt1 also train on virtual groups (--virtual_tilt): each training "
-               "episode's answers, context and targets, are the client's own answers tilted by exp(tilt·z) along "
-               "a random direction of the embedding space, new every episode (z: the options' centred scores in "
-               "units of their spread), so that remembering the 10 training groups does not lower the loss. "
-               "Evaluation scores the real groups' answers.",
-               "- factors4 adds the in-context fold-in head (--context_factors 4): from the option embedding "
-               "alone a head gives a consensus logit c(x) and 4 factors B(x); a ridge solve on the context's "
-               "residuals y - softmax(c) gives the group's loadings a, and the targets' logits gain B(x)·a "
-               "(docs/results/group_specificity.md).",
-               "- Group specificity: each evaluation group's targets scored with its own context answers minus "
-               "with a partner group's answers to the same questions (README, Metrics): above 0 means the "
-               "model uses the group. The consensus row is the per-question mean of the training groups' "
-               "answers, the table lookup to beat on seen questions; on unseen questions it is uniform."]),
+        setup=_setup("group_use")),
     # Issue 26: the fold-in head where the non-learned fold-in finds the group (seen questions,
     # docs/results/group_specificity.md section 2): the paper's question split, concat vs factors.
     "group_factors": Preset(
@@ -189,20 +134,7 @@ PRESETS = {
         title="Does the in-context fold-in head make FedAvg use the group? OpinionQA, the paper's split "
               "(300 rounds, 2 seeds)",
         report="docs/results/group_factors_opinionqa.md",
-        setup=["OpinionQA, the default seeded 60/40 split, MiniLM embeddings, the paper's defaults otherwise "
-               "(6 local steps, lr 3e-4, weights by episode), 300 rounds, evaluation every 10, seeds 0-1, the "
-               "paper's question split: the evaluation groups' targets are questions the training groups train "
-               "on (seen), where a non-learned fold-in of the training groups' deviations reads the group from "
-               "20 context answers (docs/results/group_specificity.md).",
-               "",
-               "- concat is the paper's model. factors4 adds the in-context fold-in head (--context_factors 4): "
-               "from the option embedding alone a head gives a consensus logit c(x) and 4 factors B(x); a ridge "
-               "solve (--factor_ridge 0.01) on the context's residuals y - softmax(c) gives the group's "
-               "loadings a, and the targets' logits gain B(x)·a.",
-               "- Group specificity: each evaluation group's targets scored with its own context answers minus "
-               "with a partner group's answers to the same questions (README, Metrics): above 0 means the "
-               "model uses the group. The consensus row is the per-question mean of the training groups' "
-               "answers, the table lookup to beat on seen questions."]),
+        setup=_setup("group_factors")),
 }
 
 
@@ -245,16 +177,7 @@ class Planner:
 
     def plan(self, runs: list[Planned]) -> None:
         for r in runs:
-            if (r.folder / "summary.json").is_file():
-                r.action = "reuse"
-            elif read_failure(r.folder) is not None:  # deterministic: a rerun would diverge the same way
-                r.action = "failed"
-            else:
-                st = self.state(r)
-                if st.status == "stale-config":
-                    self.log(f"record  {shown(r.record)} was made with other flags (record -> planned: "
-                             f"{differences_text(st.differences)}); not reused: planned to run, its record replaced then")
-                r.action = "record" if st.usable else folder_action(r.folder)
+            r.action = plan_action(r.folder, lambda: self.state(r), self.log)
 
     def replay(self, run: Planned):
         args = self.parsed(run)

@@ -326,22 +326,20 @@ def stat_cell(s: Stat, spec: str) -> str:
     return f"{fmt(s.mean, spec)} ± {fmt(s.std, unsigned)} [{fmt(s.ci_low, spec)}, {fmt(s.ci_high, spec)}]"
 
 
+def md_table(head: list[str], rows) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown_table(runset: RunSet, rows=ROWS, st: dict | None = None) -> str:
     st = st if st is not None else method_stats(runset)
     ns = {m: len(runset.finished(m)) for m in runset.methods}
     head = ["Metric"] + [f"{METHOD_LABELS[m]} (n={ns[m]})" for m in runset.methods]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label, _, spec in rows:
-        cells = []
-        for m in runset.methods:
-            s = st[key][m]
-            cell = stat_cell(s, spec)
-            if s.dropped:
-                cell += f" ({s.dropped} seed(s) without a value)"
-            cells.append(cell)
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    lines.append("")
-    lines.append("Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds.")
+
+    def cell(s: Stat, spec: str) -> str:
+        return stat_cell(s, spec) + (f" ({s.dropped} seed(s) without a value)" if s.dropped else "")
+    lines = md_table(head, ([label] + [cell(st[key][m], spec) for m in runset.methods] for key, label, _, spec in rows))
+    lines += ["", "Cells: mean ± sample std [95% CI, Student t with n−1 degrees of freedom] over seeds."]
     return "\n".join(lines) + "\n"
 
 
@@ -350,13 +348,12 @@ def _spec(key: str) -> str:
 
 
 def markdown_headlines(items: list[Headline]) -> str:
-    lines = ["| Comparison | Measured here (from seed means) | Per seed, paired (mean ± std [95% CI]) "
-             "| Paper | Verdict |", "|---|---|---|---|---|"]
-    for h in items:
-        spec = _spec(h.key)
+    def row(h: Headline, spec: str) -> list[str]:
         meas = "–" if h.measured is None else f"{spec.format(h.measured)}{h.unit}"
         paper = h.paper_note if h.paper is None else f"{spec.format(h.paper)}{h.unit} ({h.paper_note})"
-        lines.append(f"| {h.label} | {meas} | {stat_cell(h.paired, spec)} | {paper} | {h.verdict} |")
+        return [h.label, meas, stat_cell(h.paired, spec), paper, h.verdict]
+    lines = md_table(["Comparison", "Measured here (from seed means)", "Per seed, paired (mean ± std [95% CI])",
+                      "Paper", "Verdict"], (row(h, _spec(h.key)) for h in items))
     lines.append("")
     lines.append("'Fewer' is 100·(1 − FedAvg/other); alignment gain is 100·(FedAvg − other)/other. "
                  "Paired: the comparison computed per seed (the methods share the seed, hence the initial "

@@ -7,6 +7,7 @@ direction, CI excludes 0. FI ≈ 1 holds when both mean FIs are ≥ 0.99 and dif
 from __future__ import annotations
 
 from .convergence import DEFINITIONS
+from .prose import snippets
 from .runs import METHOD_LABELS, RunSet
 from .tables import (
     PAIR_TEXT,
@@ -14,6 +15,7 @@ from .tables import (
     Headline,
     Stat,
     describe,
+    md_table,
     method_stats,
     no_variance,
     pct_fewer,
@@ -60,17 +62,9 @@ def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> li
     others = [b for _, b in PAIRS if any(b in v for v in st.values())]
     if not others:
         return ["No claim could be checked: FedAvg and a centralized baseline must both have finished runs."]
-    lines = ["| The paper's claim | " + " | ".join(f"against {PAIR_TEXT[b]}" for b in others) + " |",
-             "|---|" + "---|" * len(others)]
-    for key, text in CLAIMS:
-        lines.append(f"| {text} | " + " | ".join(f"**{st.get(key, {}).get(b, 'not measured')}**" for b in others)
-                     + " |")
-    lines += ["", "Status: *holds* = the claim's direction with a paired 95% CI that excludes 0; *same direction, "
-              "not significant* = the CI includes 0; *same direction, no variance across n seeds* = every seed gave "
-              "the same difference, so the CI has zero width and tests nothing; *does not hold* = no difference or the opposite direction "
-              "within the CI; *reversed* = the opposite direction, CI excludes 0.", ""]
-    lines.append(matched_change(st))
-    return lines
+    lines = md_table(["The paper's claim", *(f"against {PAIR_TEXT[b]}" for b in others)],
+                     ([text, *(f"**{st.get(key, {}).get(b, 'not measured')}**" for b in others)] for key, text in CLAIMS))
+    return [*lines, "", snippets()["claim_status"], "", matched_change(st)]
 
 
 def matched_change(st: dict[str, dict[str, str]]) -> str:
@@ -120,16 +114,11 @@ def definitions_lines(runset: RunSet) -> list[str]:
     others = [b for _, b in PAIRS if rows and b in rows[0]["pairs"]]
     head = (["Definition"] + [f"{METHOD_LABELS[m]} (round)" for m in runset.methods]
             + [f"FedAvg % fewer rounds than {PAIR_TEXT[b]} (paired) → claim" for b in others])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["definition"].label] + [stat_cell(r["methods"][m], "{:.1f}") for m in runset.methods]
-        for b in others:
-            measured, paired, s = r["pairs"][b]
-            cells.append(f"{'–' if measured is None else f'{measured:+.1f}%'} ({stat_cell(paired, '{:+.1f}')}) "
-                         f"→ **{s}**")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", flip_sentence(rows, others)]
-    return lines
+    def pair(measured: float | None, paired: Stat, s: str) -> str:
+        return f"{'–' if measured is None else f'{measured:+.1f}%'} ({stat_cell(paired, '{:+.1f}')}) → **{s}**"
+    return [*md_table(head, ([r["definition"].label, *(stat_cell(r["methods"][m], "{:.1f}") for m in runset.methods),
+                              *(pair(*r["pairs"][b]) for b in others)] for r in rows)),
+            "", flip_sentence(rows, others)]
 
 
 def flip_sentence(rows: list[dict], others: list[str]) -> str:

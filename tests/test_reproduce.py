@@ -17,6 +17,7 @@ import pytest
 from reporting import reproduce
 from reporting.runs import collect, find_run_folders
 from reporting.tables import PAPER, describe, headlines, markdown_table, pct_fewer, pct_gain
+from utils.errors import RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +267,7 @@ def test_figure_labels_and_axes(designed, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# reporting.compare: variants (strategies, DP noise levels) against a baseline
+# reporting.compare (scripts/sweep.py's report): variants (strategies, DP noise levels) against a baseline
 
 
 def _variant_run(folder: Path, seed: int, mean: float, worst: float, eps: float | None = None):
@@ -287,7 +288,7 @@ def _variant_run(folder: Path, seed: int, mean: float, worst: float, eps: float 
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_compare_variants_paired_against_a_baseline(tmp_path, capsys):
+def test_compare_variants_paired_against_a_baseline(tmp_path):
     from reporting import compare
     root = tmp_path / "strat"
     for seed, (m, w) in enumerate(((0.80, 0.70), (0.82, 0.72))):
@@ -300,11 +301,11 @@ def test_compare_variants_paired_against_a_baseline(tmp_path, capsys):
     (root / "trimmed_s2").mkdir()
     (root / "trimmed_s2" / "config.json").write_text(json.dumps({"method": "fedavg", "seed": 2}))  # interrupted
     out = tmp_path / "res" / "strategies.md"
-    argv = ["--baseline", f"fedavg={root}/fedavg_s*", "--variant", f"trimmed={root}/trimmed_s*",
-            "--variant", f"noise1={root}/noise1_s*", "--variant", f"noise2={root}/noise2_s*", "--out", str(out)]
-    assert compare.main(argv) == 0
+    base = compare.load_variant("fedavg", [f"{root}/fedavg_s*"])
+    others = [compare.load_variant(n, [f"{root}/{n}_s*"]) for n in ("trimmed", "noise1", "noise2")]
+    compare.write_comparison(base, others, out)
     text = out.read_text()
-    assert "```bash\npython -m reporting.compare --baseline 'fedavg=" in text and "## Setup" not in text
+    assert "```bash" not in text and "## Setup" not in text
     # per seed: mean -0.02, -0.03 and worst +0.02, +0.03: t(0.975, 1) * 0.00707 / sqrt(2) = 0.0635
     assert ("| trimmed | -0.0250 ± 0.0071 [-0.0885, +0.0385] | +0.0250 ± 0.0071 [-0.0385, +0.0885] |") in text
     assert ("- **trimmed** against fedavg: mean evaluation alignment 0.0250 lower (not significant over these "
@@ -324,10 +325,8 @@ def test_compare_variants_paired_against_a_baseline(tmp_path, capsys):
     assert rows[("paired_vs_fedavg", "final_eval_worst_alignment", "trimmed")]["n"] == "2"
     assert float(rows[("metric", "final_eval_worst_alignment", "trimmed")]["mean"]) == pytest.approx(0.735)
 
-    assert compare.main(["--baseline", "fedavg", "--variant", "x=y", "--out", str(out)]) == 2
-    assert "is not NAME=GLOB" in capsys.readouterr().err
-    assert compare.main(["--baseline", f"fedavg={root}/none_*", "--variant", "x=y", "--out", str(out)]) == 2
-    assert "no finished run folder matches" in capsys.readouterr().err
+    with pytest.raises(RunFolderError, match="no finished run folder matches"):
+        compare.load_variant("fedavg", [f"{root}/none_*"])
 
 
 # ----------------------------------------------------------------------------------------
