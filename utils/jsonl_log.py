@@ -40,7 +40,6 @@ class MetricsWriter:
         os.truncate(self.path, keep)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record; NaN/inf raise ValueError before anything is written."""
         if self._fd is None:
             raise ValueError(f"metrics log {self.path} is closed")
         if not isinstance(record, dict):

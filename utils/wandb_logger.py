@@ -107,7 +107,6 @@ def has_wandb_credentials() -> bool:
 
 
 def _resolve_mode(mode: str) -> tuple[str, str]:
-    """(online|offline|off, why) for a requested mode."""
     if mode not in MODES:
         raise ValueError(f"wandb mode {mode!r} is not one of {MODES}")
     if mode != "auto":
@@ -125,8 +124,6 @@ def _resolve_mode(mode: str) -> tuple[str, str]:
 
 
 class WandbLogger:
-    """Thin wrapper around a wandb run; see the module docstring for the modes."""
-
     def __init__(self, mode: str = "auto", project: str = "plurallm", run_name: str | None = None,
                  config: dict[str, Any] | None = None, dir: str | Path = "runs",
                  group: str | None = None):
@@ -150,11 +147,8 @@ class WandbLogger:
             raise ImportError(f"wandb mode {mode!r} needs the wandb package\n  hint: pip install "
                               "wandb, or choose wandb mode 'off'") from e
         self._wandb = wandb
-        self.dir = Path(dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        init_kwargs = dict(project=project, name=run_name, config=config or {}, group=group,
-                           dir=str(self.dir))
-        self.run = self._start(init_kwargs)
+        Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run = self._start(dict(project=project, name=run_name, config=config or {}, group=group, dir=str(dir)))
         if self.run is None:
             return
         if self.mode == "online":
@@ -186,23 +180,21 @@ class WandbLogger:
             return None
         return Path(self.run.dir).parent  # run.dir is <sync_dir>/files
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _guard(self, what: str, call: Any) -> None:
         if self.run is None or self._failed_log:
             return
         try:
-            fn(*args, **kwargs)
+            call(self.run)
         except Exception as e:
             self._failed_log = True
             warnings.warn(f"wandb {what} failed: {e!r}; W&B logging stops here "
                           "(metrics.jsonl is unaffected)", stacklevel=3)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self._guard("log", self.run.log, metrics, step=step)
+        self._guard("log", lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            self._guard("summary", self.run.summary.update, values)
+        self._guard("summary", lambda run: run.summary.update(values))
 
     def finish(self) -> None:
         """Close the run (idempotent); for offline runs print how to upload them."""
