@@ -48,10 +48,6 @@ class GroupPredictor:
         self.info = info or {}          # provenance: run folder, checkpoint, dataset, groups, summary
         self.run_data = run_data        # the run's dataset, when it was found on disk
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     # ------------------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "final", *, data_path: str | None = None,
@@ -74,9 +70,17 @@ class GroupPredictor:
                 "export": export_config(config, summary, checkpoint, meta.get("round"))}
         run_data = None
         if use_run_data:
-            run_data = cls._run_data(config, data_path, cache_dir, embedder.emb_model, use_run_data, log)
-            if run_data is not None:
-                embedder.remember(run_data.raw.bank, run_data.emb)
+            log(f"reading the run's {config.get('dataset')} data, to give its questions the run's own vectors")
+            try:
+                run_data = load_run_data(config, data_path=data_path, cache_dir=cache_dir,
+                                         emb_model=embedder.emb_model, log=quiet)
+            except DataError as exc:
+                if use_run_data is True:
+                    raise
+                log(f"note: the run's data is not available ({str(exc).splitlines()[0]}); every text is embedded "
+                    "anew (its questions then match the run's vectors to float rounding, not bit for bit)")
+        if run_data is not None:
+            embedder.remember(run_data.raw.bank, run_data.emb)
         log(f"loaded {run_dir} (checkpoint {checkpoint}, round {meta.get('round')}): metric {config.get('metric')}, "
             f"embeddings {embedder.emb_model} ({model.config.dim_x} dims)")
         return cls(model, config.get("metric", DEFAULT_METRIC), embedder, info, run_data)
@@ -89,19 +93,6 @@ class GroupPredictor:
             kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "emb_model", "device", "log")}
             return cls.from_pretrained(path, **kwargs)
         return cls.from_run(path, checkpoint, **kwargs)
-
-    @staticmethod
-    def _run_data(config: dict, data_path, cache_dir, emb_model: str, mode, log: Log) -> RunData | None:
-        log(f"reading the run's {config.get('dataset')} data, to give its questions the run's own vectors")
-        try:
-            return load_run_data(config, data_path=data_path, cache_dir=cache_dir, emb_model=emb_model,
-                                 log=quiet)
-        except DataError as exc:
-            if mode is True:
-                raise
-            log(f"note: the run's data is not available ({str(exc).splitlines()[0]}); every text is embedded "
-                "anew (its questions then match the run's vectors to float rounding, not bit for bit)")
-            return None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, cache_dir: str | None = None, emb_model: str | None = None,
@@ -168,7 +159,7 @@ class GroupPredictor:
         """Predictions from option vectors: one [k_i, D] tensor per question, context with its y."""
         if not tgt_x:
             return []
-        group = _as_group(ctx_x, ctx_y, tgt_x, self.device)
+        group = _as_group(ctx_x, ctx_y, tgt_x, next(self.model.parameters()).device)
         projected = replace(group, x=self.model.project(group.x))
         nc, nt = len(ctx_x), len(tgt_x)
         ctx_q = torch.arange(nc)

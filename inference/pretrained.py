@@ -13,6 +13,7 @@ from utils.checkpoint import verified_bytes
 from utils.distances import DEFAULT_METRIC, metric_label
 from utils.run_folder import read_json
 
+from .embedding import quiet
 from .loading import REEXPORT, build_model, embedding_of, gpo_config, text_embedder
 
 FORMAT = "plurallm-group-predictor/1"
@@ -111,7 +112,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     emb = embedding_of(card, cfg.dim_x, f"{folder}/config.json")
     embedder = text_embedder(emb, card.get("embedding_options") or {}, cfg.dim_x, emb_model, str(folder), cache_dir,
                              log)
-    (log or (lambda _: None))(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} "
+    (log or quiet)(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} "
                               f"({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}

@@ -157,27 +157,34 @@ def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torc
     return model_state, extra_states, record["meta"]
 
 
+def _records(directory: Path, warn: bool) -> dict[str, dict[str, Any]]:
+    """Tag -> index record of every readable checkpoint index in `directory` (the others skipped)."""
+    records = {}
+    for json_path in directory.glob("*.json") if directory.is_dir() else ():
+        try:
+            records[json_path.stem] = _read_record(json_path)
+        except (CheckpointError, FileNotFoundError) as e:
+            if warn:
+                warnings.warn(f"ignoring checkpoint index {json_path}: {e}", stacklevel=3)
+    return records
+
+
+def _age(record: dict[str, Any]) -> tuple[int, float]:
+    return int(record["round"]), float(record.get("saved_at_unix", 0.0))
+
+
 def latest_checkpoint(directory: str | Path) -> str | None:
     """Tag of the complete checkpoint with the highest round (ties: the last saved), or None; damaged
     or incomplete ones are skipped with a warning."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best: tuple[int, float, str] | None = None
-    for json_path in directory.glob("*.json"):
-        try:
-            record = _read_record(json_path)
-        except (CheckpointError, FileNotFoundError) as e:
-            warnings.warn(f"ignoring checkpoint index {json_path}: {e}", stacklevel=2)
-            continue
-        if not all((directory / f["name"]).is_file() for f in record["files"].values()):
-            warnings.warn(f"ignoring incomplete checkpoint {json_path} (a file it names is missing)",
+    complete = {}
+    for tag, record in _records(directory, warn=True).items():
+        if all((directory / f["name"]).is_file() for f in record["files"].values()):
+            complete[tag] = record
+        else:
+            warnings.warn(f"ignoring incomplete checkpoint {directory / tag}.json (a file it names is missing)",
                           stacklevel=2)
-            continue
-        key = (int(record["round"]), float(record.get("saved_at_unix", 0.0)), json_path.stem)
-        if best is None or key > best:
-            best = key
-    return best[2] if best else None
+    return max(complete, key=lambda tag: (*_age(complete[tag]), tag), default=None)
 
 
 def alias_checkpoint(directory: str | Path, src_tag: str, dst_tag: str, meta: dict[str, Any] | None = None) -> Path:
@@ -199,14 +206,9 @@ def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") 
         raise ValueError(f"keep must be >= 1 (the newest checkpoint is what a resume needs), got {keep}")
     if not directory.is_dir():
         return []
-    records = {}
-    for json_path in directory.glob("*.json"):
-        try:
-            records[json_path.stem] = _read_record(json_path)
-        except (CheckpointError, FileNotFoundError):
-            continue
+    records = _records(directory, warn=False)
     ours = sorted((t for t in records if t.startswith(prefix) and "alias_of" not in records[t]),
-                  key=lambda t: (int(records[t]["round"]), float(records[t].get("saved_at_unix", 0.0))))
+                  key=lambda t: _age(records[t]))
     removed = ours[:-keep]
     for tag in removed:
         (directory / f"{tag}.json").unlink(missing_ok=True)

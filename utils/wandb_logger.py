@@ -92,13 +92,9 @@ def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    if "NETRC" in os.environ:
-        candidates = [Path(os.environ["NETRC"]).expanduser()]
-    else:
-        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
-    for path in candidates:
+    for path in [os.environ["NETRC"]] if "NETRC" in os.environ else ["~/.netrc", "~/_netrc"]:
         try:
-            creds = netrc.netrc(path).authenticators(host or "")
+            creds = netrc.netrc(Path(path).expanduser()).authenticators(host or "")
         except (OSError, netrc.NetrcParseError):
             continue
         if creds and creds[2]:
