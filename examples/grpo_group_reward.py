@@ -21,7 +21,7 @@ from data_loaders.prompts import question_prompt  # noqa: E402
 from data_loaders.schema import DataError  # noqa: E402
 from inference import GroupPredictor, GroupReward  # noqa: E402
 from inference.items import read_context_file, read_questions_file  # noqa: E402
-from inference.predict import group_context  # noqa: E402
+from inference.predict import group_evaluation  # noqa: E402
 from utils.errors import UserError, exit_on_error  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def questions_and_context(pred: GroupPredictor, args):
     if args.group:
-        context, scored = group_context(pred, args.group)
+        context, scored = group_evaluation(pred, args.group)
         return (read_questions_file(args.questions) if args.questions else scored), context
     if not args.questions:
         raise DataError("--context needs --questions (the training questions)", "add --questions new.jsonl")

@@ -89,8 +89,13 @@ def group_split(pred: GroupPredictor, name: str):
     return (client, *client.eval_questions(int(pred.info.get("round") or 0)))
 
 
-def group_context(pred: GroupPredictor, name: str) -> tuple[list[Answer], list[Question]]:
-    """The group's evaluation context as answers, and the questions the run scored for it (GroupReward, examples)."""
+def group_context(pred: GroupPredictor, name: str) -> list[Answer]:
+    """The group's evaluation context as answers, for the API or GroupReward."""
+    return group_evaluation(pred, name)[0]
+
+
+def group_evaluation(pred: GroupPredictor, name: str) -> tuple[list[Answer], list[Question]]:
+    """The group's evaluation context as answers, and the questions the run scored for it."""
     client, ctx_q, tgt, tgt_q = group_split(pred, name)
     bank = pred.run_data.raw.bank
     _, ys, qkeys = _split(client.local, ctx_q)
