@@ -21,7 +21,7 @@ from data_loaders.prompts import question_prompt  # noqa: E402
 from data_loaders.schema import DataError  # noqa: E402
 from inference import GroupPredictor, GroupReward  # noqa: E402
 from inference.items import read_context_file, read_questions_file  # noqa: E402
-from inference.predict import _bank_question, group_context, group_split  # noqa: E402
+from inference.predict import group_evaluation  # noqa: E402
 from utils.errors import UserError, exit_on_error  # noqa: E402
 
 
@@ -48,11 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def questions_and_context(pred: GroupPredictor, args):
     if args.group:
-        context = group_context(pred, args.group)
-        if args.questions:
-            return read_questions_file(args.questions), context
-        _, _, tgt, tgt_q = group_split(pred, args.group)
-        return [_bank_question(pred.run_data.raw.bank, int(tgt.qkeys[i])) for i in tgt_q], context
+        context, scored = group_evaluation(pred, args.group)
+        return (read_questions_file(args.questions) if args.questions else scored), context
     if not args.questions:
         raise DataError("--context needs --questions (the training questions)", "add --questions new.jsonl")
     return read_questions_file(args.questions), read_context_file(args.context)

@@ -22,7 +22,7 @@ from .items import Question
 Log = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
     pass
 
 
@@ -41,7 +41,7 @@ class TextEmbedder:
         self.probe = probe  # the run's vector of one of its texts (config.json data.embedding.probe)
         self.cache_dir, self.device, self.batch_size = cache_dir, device, batch_size
         self.dtype, self.load_in_8bit = dtype, load_in_8bit
-        self.log = log or _quiet
+        self.log = log or quiet
         self.known: dict[str, torch.Tensor] = {}            # option text -> vector
         self.known_ordinals: dict[tuple, tuple[float, ...]] = {}  # (question, options) -> ordinals
 

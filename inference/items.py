@@ -12,7 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -133,33 +133,27 @@ def _unpack(item: Any, where: str, value_names: tuple[str, ...]) -> tuple[Questi
 
 
 def to_questions(items: Any, what: str = "question") -> list[Question]:
-    """Questions from (question, options) tuples, dicts or Question objects."""
     return [_unpack(item, f"{what} {i}", ())[0] for i, item in enumerate(_as_list(items, what))]
 
 
 def to_answers(items: Any, what: str = "context item") -> list[Answer]:
-    """(question, options, distribution) items, each distribution checked."""
-    return _answers((f"{what} {i}", item) for i, item in enumerate(_as_list(items, what)))
+    return [_group_answer(item, f"{what} {i}") for i, item in enumerate(_as_list(items, what))]
 
 
-def _answers(placed: Iterable[tuple[str, Any]]) -> list[Answer]:
-    out = []
-    for where, item in placed:
-        q, value = _unpack(item, where, ("distribution",))
-        if value is None:
-            raise DataError(f'{where}: no "distribution"', "a context item is a question the group answered: "
-                            "give its distribution over the options, [p_1, ..., p_k]")
-        out.append(Answer(q, check_distribution(value, len(q.options), where)))
-    return out
+def _group_answer(item: Any, where: str) -> Answer:
+    q, value = _unpack(item, where, ("distribution",))
+    if value is None:
+        raise DataError(f'{where}: no "distribution"', "a context item is a question the group answered: "
+                        "give its distribution over the options, [p_1, ..., p_k]")
+    return Answer(q, check_distribution(value, len(q.options), where))
 
 
 def to_llm_answers(items: Any, what: str = "item") -> list[Answer]:
     """(question, options, answer) where answer is a distribution, an option index, letter or text."""
     out = []
     for i, item in enumerate(_as_list(items, what)):
-        where = f"{what} {i}"
-        q, value = _unpack(item, where, ("answer", "distribution"))
-        out.append(Answer(q, answer_distribution(value, q, where)))
+        q, value = _unpack(item, f"{what} {i}", ("answer", "distribution"))
+        out.append(Answer(q, answer_distribution(value, q, f"{what} {i}")))
     return out
 
 
@@ -255,7 +249,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 def read_context_file(path: str | Path) -> list[Answer]:
     """A group's answers: {"question", "options", "distribution", optional "ordinals"} per line."""
-    out = _answers(read_jsonl(path))
+    out = [_group_answer(obj, where) for where, obj in read_jsonl(path)]
     if not out:
         raise DataError(f"{path} holds no context answers", "give at least one answered question")
     return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -15,11 +14,12 @@ from data_loaders.schema import DataError, GroupData, RawDataset, build_group_da
 from models.gpo import GPO, GPOConfig
 from orchestration.config import RunConfig, run_from_json
 from training.evaluation import EvalSplit, eval_split
-from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from utils.checkpoint import latest_checkpoint, load_checkpoint
 from utils.distances import DEFAULT_METRIC
 from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
 
-Log = Callable[[str], None]
+from .embedding import Log, TextEmbedder
+
 NAMED_EMB_MODELS = ("minilm", "alpaca", "llama")
 REEXPORT = "the folder is damaged; re-export or retrain"  # the hint for a damaged run or exported folder
 
@@ -47,7 +47,7 @@ def read_weights(run_dir: Path, checkpoint: str) -> tuple[dict[str, torch.Tensor
     folder = run_dir / CHECKPOINTS
     try:
         weights, _, meta = load_checkpoint(folder, checkpoint)
-    except (CheckpointError, ValueError) as exc:
+    except ValueError as exc:  # a CheckpointError, or a bad tag
         tags = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
         raise DataError(f"run {run_dir}: cannot load checkpoint {checkpoint!r}: {str(exc).splitlines()[0]}",
                         f"complete checkpoints here: {', '.join(tags) or 'none'}") from None
@@ -105,6 +105,16 @@ def check_emb_override(run_model: str, override: str | None, where: str) -> str:
     return override  # e.g. a local folder of the run's model: TextEmbedder checks the run's probe vector
 
 
+def text_embedder(emb: dict, options: dict, dim_x: int, override: str | None, where: str, cache_dir: str | None,
+                  log: Log) -> TextEmbedder:
+    """The embedder of a run's or export's embedding model `emb` (embedding_of), with its device and precision
+    `options` (emb_device, emb_dtype, emb_load_in_8bit)."""
+    return TextEmbedder(check_emb_override(emb["emb_model"], override, where), emb["prompt_style"], dim_x,
+                        cache_dir=cache_dir, device=options.get("emb_device") or "auto",
+                        dtype=options.get("emb_dtype") or "fp32", load_in_8bit=bool(options.get("emb_load_in_8bit")),
+                        probe=emb.get("probe"), log=log)
+
+
 # ---------------------------------------------------------------------------- the run's data
 
 @dataclass
@@ -132,18 +142,12 @@ class RunData:
         return {bank.questions[bank.row(k)] for k in keys}
 
 
-def run_of(config: dict, data_path: str | None, cache_dir: str | None, emb_model: str) -> RunConfig:
-    run = run_from_json(config, data_path, cache_dir)
-    if run.data.dataset == "synthetic":
-        return run
-    embedding = replace(run.data.embedding, emb_model=emb_model)  # the model this predictor embeds new texts with
-    return replace(run, data=replace(run.data, embedding=embedding))
-
-
 def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None, emb_model: str,
                   log: Log) -> RunData:
     """The run's groups and vectors, as the run loaded them; DataError if the data is not there or differs."""
-    run = run_of(config, data_path, cache_dir, emb_model)
+    run = run_from_json(config, data_path, cache_dir)
+    if run.data.dataset != "synthetic":  # the run's data, embedded with the model this predictor embeds new texts with
+        run = replace(run, data=replace(run.data, embedding=replace(run.data.embedding, emb_model=emb_model)))
     groups = list(config.get("train_groups") or []) + list(config.get("eval_groups") or [])
     raw, emb, _ = load_embedded(run.data, groups or None, log=log)
     want = (config.get("data") or {}).get("source_hash")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_loaders.schema import DataError
+from data_loaders.schema import DataError, GroupData
 from utils.distances import needed_ordinals
 from utils.errors import exit_on_error
 
@@ -50,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Job:
-    """What to predict: context (as vectors), targets, and the truth where it is known."""
-
     who: str
     ctx_x: list
     ctx_y: list
@@ -93,49 +91,47 @@ def group_split(pred: GroupPredictor, name: str):
 
 def group_context(pred: GroupPredictor, name: str) -> list[Answer]:
     """The group's evaluation context as answers, for the API or GroupReward."""
-    client, ctx_q, _, _ = group_split(pred, name)
+    return group_evaluation(pred, name)[0]
+
+
+def group_evaluation(pred: GroupPredictor, name: str) -> tuple[list[Answer], list[Question]]:
+    """The group's evaluation context as answers, and the questions the run scored for it."""
+    client, ctx_q, tgt, tgt_q = group_split(pred, name)
     bank = pred.run_data.raw.bank
-    return [Answer(_bank_question(bank, int(client.local.qkeys[i])), y.double().numpy())
-            for i, y in zip(ctx_q.tolist(), _split(client.local, ctx_q)[1])]
+    _, ys, qkeys = _split(client.local, ctx_q)
+    context = [Answer(_bank_question(bank, k), y.double().numpy()) for k, y in zip(qkeys, ys)]
+    return context, [_bank_question(bank, k) for k in _split(tgt, tgt_q)[2]]
 
 
 def group_job(pred: GroupPredictor, args, log) -> Job:
     client, ctx_q, tgt, tgt_q = group_split(pred, args.group)
-    ctx_x, ctx_y = _split(client.local, ctx_q)
-    bank = pred.run_data.raw.bank
+    ctx_x, ctx_y, _ = _split(client.local, ctx_q)
+    bank, who = pred.run_data.raw.bank, f"group {args.group!r}"
     if args.questions:
         qs = read_questions_file(args.questions)
-        answered = _answers_by_key(client.local, bank) | (_answers_by_key(tgt, bank) if tgt is not client.local else {})
-        return Job(f"group {args.group!r}", ctx_x, ctx_y, qs, pred.embedder.embed(qs),
-                   [answered.get(q.key) for q in qs])
-    tgt_x, tgt_y = _split(tgt, tgt_q)
-    qs = [_bank_question(bank, int(tgt.qkeys[i])) for i in tgt_q]
+        answered: dict = {}
+        for group in (tgt, client.local):  # a question's first answer wins, the target group's before the local
+            _, ys, qkeys = _split(group)
+            for qkey, y in zip(qkeys, ys):
+                answered.setdefault(_bank_question(bank, qkey).key, y.double().numpy())
+        return Job(who, ctx_x, ctx_y, qs, pred.embedder.embed(qs), [answered.get(q.key) for q in qs])
+    tgt_x, tgt_y, qkeys = _split(tgt, tgt_q)
     log(f"group {args.group!r} ({client.role} group): {len(ctx_q)} context questions, "
-        f"{len(qs)} scored questions, as in the run's evaluation")
-    return Job(f"group {args.group!r}", ctx_x, ctx_y, qs, tgt_x, [y.double().numpy() for y in tgt_y])
+        f"{len(qkeys)} scored questions, as in the run's evaluation")
+    return Job(who, ctx_x, ctx_y, [_bank_question(bank, k) for k in qkeys], tgt_x, [y.double().numpy() for y in tgt_y])
 
 
-def _split(group, q_idx) -> tuple[list, list]:
-    """Per-question vectors and distributions of questions `q_idx` of a GroupData, in that order."""
-    xs, ys = [], []
-    for i in q_idx.tolist():
-        lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
-        xs.append(group.x[lo:hi])
-        ys.append(group.y[lo:hi])
-    return xs, ys
+def _split(group: GroupData, q_idx: torch.Tensor | None = None) -> tuple[list, list, list[int]]:
+    """(vectors, distributions, qkeys) per question of questions `q_idx` (default all) of a group, in that order."""
+    sub = group if q_idx is None else group.subset(q_idx)
+    sizes = sub.sizes.tolist()
+    return list(sub.x.split(sizes)), list(sub.y.split(sizes)), sub.qkeys.tolist()
 
 
 def _bank_question(bank, qkey: int) -> Question:
     row = bank.row(qkey)
     ords = tuple(bank.ordinals[row]) if bank.ordinals is not None else None
     return Question(bank.questions[row], tuple(bank.options[row]), ords, qkey)
-
-
-def _answers_by_key(group, bank) -> dict:
-    out: dict = {}
-    for qkey, y in zip(group.qkeys.tolist(), _split(group, torch.arange(group.num_questions))[1]):
-        out.setdefault(_bank_question(bank, qkey).key, y.double().numpy())
-    return out
 
 
 def run(args, log) -> dict:
@@ -169,16 +165,14 @@ def run(args, log) -> dict:
 def mark_training_questions(pred: GroupPredictor, questions: list[Question], rows: list[dict], log) -> None:
     """`in_training`: whether some training group trained on the question's text (a prediction may then
     be recall, not in-context inference); null without the run's data."""
-    texts = None
-    if pred.run_data is not None and pred.info.get("config"):
-        texts = pred.run_data.training_texts(pred.info["config"])
+    texts = None if pred.run_data is None else pred.run_data.training_texts(pred.info["config"])
     for q, row in zip(questions, rows):
         row["in_training"] = None if texts is None else q.text in texts
     if texts is None:
         log("in_training: unknown (the run's data is not loaded), written as null")
     else:
-        seen = sum(1 for r in rows if r["in_training"])
-        log(f"{seen} of {len(rows)} question(s) were training questions of some training group (in_training)")
+        log(f"{sum(1 for r in rows if r['in_training'])} of {len(rows)} question(s) were training questions of "
+            "some training group (in_training)")
 
 
 def _row(q: Question, p: np.ndarray) -> dict:

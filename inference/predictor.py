@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,26 +23,20 @@ from models.gpo import GPO
 from utils.distances import DEFAULT_METRIC, needed_ordinals, score_questions
 from utils.run_folder import CONFIG, read_json, read_summary
 
-from .embedding import TextEmbedder
+from .embedding import Log, TextEmbedder, quiet
 from .items import Answer, Question, to_answers, to_llm_answers, to_questions
 from .loading import (
     REEXPORT,
     RunData,
     build_model,
-    check_emb_override,
     embedding_of,
     gpo_config,
     load_run_data,
     read_run_config,
     read_weights,
+    text_embedder,
 )
 from .pretrained import FORMAT, export_config, load_pretrained, push_to_hub, save_pretrained
-
-Log = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 class GroupPredictor:
@@ -54,10 +48,6 @@ class GroupPredictor:
         self.info = info or {}          # provenance: run folder, checkpoint, dataset, groups, summary
         self.run_data = run_data        # the run's dataset, when it was found on disk
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     # ------------------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "final", *, data_path: str | None = None,
@@ -66,29 +56,33 @@ class GroupPredictor:
         """Load a run folder's config, the weights of `checkpoint` and its embedding model. use_run_data:
         "auto" adopts the run's data (its questions get the run's exact vectors) when it is on disk,
         True requires it, False skips it."""
-        log = log or _quiet
+        log = log or quiet
         run_dir = Path(run_dir)
         config = read_run_config(run_dir, checkpoint)
         weights, meta = read_weights(run_dir, checkpoint)
         where = f"run {run_dir}"
         model = build_model(gpo_config(config, where), weights, where, device)
         emb = embedding_of(config, model.config.dim_x, where)
-        emb_name = check_emb_override(emb["emb_model"], emb_model, where)
-        embedder = TextEmbedder(emb_name, emb["prompt_style"], model.config.dim_x, cache_dir=cache_dir,
-                                device=config.get("emb_device", "auto"), dtype=config.get("emb_dtype", "fp32"),
-                                load_in_8bit=bool(config.get("emb_load_in_8bit", False)),
-                                probe=emb.get("probe"), log=log)
+        embedder = text_embedder(emb, config, model.config.dim_x, emb_model, where, cache_dir, log)
         summary = read_summary(run_dir, "run summary", REEXPORT)
         info = {"source": "run", "run_dir": str(run_dir), "checkpoint": checkpoint, "round": meta.get("round"),
                 "config": config, "embedding": emb,
                 "export": export_config(config, summary, checkpoint, meta.get("round"))}
         run_data = None
         if use_run_data:
-            run_data = cls._run_data(config, data_path, cache_dir, emb_name, use_run_data, log)
-            if run_data is not None:
-                embedder.remember(run_data.raw.bank, run_data.emb)
+            log(f"reading the run's {config.get('dataset')} data, to give its questions the run's own vectors")
+            try:
+                run_data = load_run_data(config, data_path=data_path, cache_dir=cache_dir,
+                                         emb_model=embedder.emb_model, log=quiet)
+            except DataError as exc:
+                if use_run_data is True:
+                    raise
+                log(f"note: the run's data is not available ({str(exc).splitlines()[0]}); every text is embedded "
+                    "anew (its questions then match the run's vectors to float rounding, not bit for bit)")
+        if run_data is not None:
+            embedder.remember(run_data.raw.bank, run_data.emb)
         log(f"loaded {run_dir} (checkpoint {checkpoint}, round {meta.get('round')}): metric {config.get('metric')}, "
-            f"embeddings {emb_name} ({model.config.dim_x} dims)")
+            f"embeddings {embedder.emb_model} ({model.config.dim_x} dims)")
         return cls(model, config.get("metric", DEFAULT_METRIC), embedder, info, run_data)
 
     @classmethod
@@ -99,19 +93,6 @@ class GroupPredictor:
             kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "emb_model", "device", "log")}
             return cls.from_pretrained(path, **kwargs)
         return cls.from_run(path, checkpoint, **kwargs)
-
-    @staticmethod
-    def _run_data(config: dict, data_path, cache_dir, emb_model: str, mode, log: Log) -> RunData | None:
-        log(f"reading the run's {config.get('dataset')} data, to give its questions the run's own vectors")
-        try:
-            return load_run_data(config, data_path=data_path, cache_dir=cache_dir, emb_model=emb_model,
-                                 log=_quiet)
-        except DataError as exc:
-            if mode is True:
-                raise
-            log(f"note: the run's data is not available ({str(exc).splitlines()[0]}); every text is embedded "
-                "anew (its questions then match the run's vectors to float rounding, not bit for bit)")
-            return None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, cache_dir: str | None = None, emb_model: str | None = None,
@@ -135,23 +116,21 @@ class GroupPredictor:
         """One predicted distribution per question, given the group's (question, options, distribution)
         answers in `context` (items may also be dicts: docs/inference.md)."""
         ctx, tgt = to_answers(context), to_questions(questions)
-        return self.predict_embedded(*self._embed_context(ctx), self.embedder.embed(tgt),
+        return self.predict_embedded(*self.embed_context(ctx), self.embedder.embed(tgt),
                                      batch_size=batch_size, progress=progress)
 
     def distances(self, context: Sequence, answers: Sequence) -> np.ndarray:
         """Per-question distance (the run's metric) between each answer's distribution and the prediction."""
-        ctx, ans = to_answers(context), to_llm_answers(answers, "answer")
-        return self._distances(ctx, ans)
+        return self._distances(to_answers(context), to_llm_answers(answers, "answer"))
 
     def reward(self, items: Sequence, context: Sequence) -> list[float]:
         """1 - distance between each item's answer (a distribution, or an option by index, letter
         or text) and the group's predicted distribution, with the run's metric."""
-        ctx, ans = to_answers(context), to_llm_answers(items)
-        return [1.0 - float(d) for d in self._distances(ctx, ans)]
+        return [1.0 - float(d) for d in self._distances(to_answers(context), to_llm_answers(items))]
 
     def _distances(self, ctx: list[Answer], ans: list[Answer]) -> np.ndarray:
         qs = [a.question for a in ans]
-        pred = self.predict_embedded(*self._embed_context(ctx), self.embedder.embed(qs))
+        pred = self.predict_embedded(*self.embed_context(ctx), self.embedder.embed(qs))
         return self.score(pred, [a.distribution for a in ans], qs)
 
     def score(self, pred: Sequence[np.ndarray], true: Sequence[np.ndarray], questions: Sequence[Question]
@@ -166,7 +145,7 @@ class GroupPredictor:
             [o for q in questions for o in self.embedder.ordinals(q)], dtype=torch.float64))
         return score_questions(cat(pred), cat(true), offsets, metric=self.metric, ordinals=ords).numpy()
 
-    def _embed_context(self, ctx: list[Answer]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def embed_context(self, ctx: list[Answer]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if not ctx:
             raise DataError("the context is empty", "give at least one (question, options, distribution) "
                             "the group answered")
@@ -180,7 +159,7 @@ class GroupPredictor:
         """Predictions from option vectors: one [k_i, D] tensor per question, context with its y."""
         if not tgt_x:
             return []
-        group = _as_group(ctx_x, ctx_y, tgt_x, self.device)
+        group = _as_group(ctx_x, ctx_y, tgt_x, next(self.model.parameters()).device)
         projected = replace(group, x=self.model.project(group.x))
         nc, nt = len(ctx_x), len(tgt_x)
         ctx_q = torch.arange(nc)

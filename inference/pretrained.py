@@ -9,11 +9,12 @@ from typing import Any
 
 from data_loaders.schema import DataError
 from utils.atomic_write import atomic_write_bytes, atomic_write_json, to_strict_json
+from utils.checkpoint import verified_bytes
 from utils.distances import DEFAULT_METRIC, metric_label
 from utils.run_folder import read_json
 
-from .embedding import TextEmbedder
-from .loading import REEXPORT, build_model, check_emb_override, embedding_of, gpo_config
+from .embedding import quiet
+from .loading import REEXPORT, build_model, embedding_of, gpo_config, text_embedder
 
 FORMAT = "plurallm-group-predictor/1"
 WEIGHTS = "model.safetensors"
@@ -105,31 +106,17 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     if card.get("format") != FORMAT:
         raise DataError(f"{folder}/config.json has format {card.get('format')!r}, not {FORMAT!r}",
                         "a run folder loads with GroupPredictor.from_run; re-export older folders")
-    blob = _read_weights(folder, card)
+    blob = verified_bytes(folder / WEIGHTS, card.get("weights") or {}, "config.json", "re-export the folder", what="")
     cfg = gpo_config({"model_config": card.get("gpo_config")}, f"{folder}/config.json")
     model = build_model(cfg, safetensors_load(blob), str(folder / WEIGHTS), device)
     emb = embedding_of(card, cfg.dim_x, f"{folder}/config.json")
-    name = check_emb_override(emb["emb_model"], emb_model, str(folder))
-    opts = card.get("embedding_options") or {}
-    embedder = TextEmbedder(name, emb["prompt_style"], cfg.dim_x, cache_dir=cache_dir,
-                            dtype=opts.get("emb_dtype") or "fp32", load_in_8bit=bool(opts.get("emb_load_in_8bit")),
-                            probe=emb.get("probe"), log=log)
-    (log or (lambda _: None))(f"loaded {folder}: metric {card.get('metric')}, embeddings {name} ({cfg.dim_x} dims)")
+    embedder = text_embedder(emb, card.get("embedding_options") or {}, cfg.dim_x, emb_model, str(folder), cache_dir,
+                             log)
+    (log or quiet)(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} "
+                              f"({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}
     return cls(model, card.get("metric", DEFAULT_METRIC), embedder, info)
-
-
-def _read_weights(folder: Path, card: dict) -> bytes:
-    path = folder / WEIGHTS
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read ({exc.strerror})", "re-export the folder") from None
-    want = (card.get("weights") or {}).get("sha256")
-    if want and hashlib.sha256(blob).hexdigest() != want:
-        raise DataError(f"{path} is corrupted (its SHA-256 differs from config.json's)", "re-export the folder")
-    return blob
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True,

@@ -42,8 +42,6 @@ def completion_text(completion: Any) -> str:
 
 
 class GroupReward:
-    """Scores LLM completions by how well they answer as the group would (see module doc)."""
-
     def __init__(self, predictor: GroupPredictor, context: Sequence, *, mode: str = "distribution",
                  credit: str = "leave_one_out", questions: Mapping[str, Any] | None = None,
                  question_key: str = "question", options_key: str = "options", unmatched_reward: float = 0.0,

@@ -19,10 +19,8 @@ def layer_macs(cfg, n_query: int, n_ctx: int) -> int:
 
 
 def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
-    """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points.
-
-    Counts matrix products only (biases, LayerNorm, softmax, activations are O(T·d), not O(T·d²)). The last layer
-    computes target rows only (GPO.encode_targets)."""
+    """Multiply-adds of one GPO forward pass on one episode of n_ctx context and n_tgt target points (the last
+    layer computes target rows only: GPO.encode_targets)."""
     d, ff, tokens = cfg.d_model, cfg.dim_feedforward, n_ctx + n_tgt
     embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
     if getattr(cfg, "context_answer", "concat") == "product":  # (y·x)·W_p, context points only

@@ -179,12 +179,6 @@ def test_convergence_round_negative_losses():
     assert convergence_round(list(range(11)), losses, smoothing="none") == 5
 
 
-def test_convergence_round_ema():
-    # EMA with alpha ½ of (1, 0, 0, ...) is 2^-t: same progress as above -> t = 5.
-    losses = [1.0] + [0.0] * 10
-    assert convergence_round(list(range(11)), losses, smoothing="ema", alpha=0.5) == 5
-
-
 def test_convergence_round_none_cases():
     assert convergence_round([0], [1.0]) is None
     assert convergence_round([], []) is None

@@ -50,7 +50,6 @@ def _first_nonfinite(obj: Any, where: str) -> str | None:
 
 
 def to_strict_json(obj: Any, *, what: str = "value", indent: int | None = None) -> str:
-    """Serialise ``obj`` as strict JSON; NaN/inf raise a ValueError naming the key."""
     try:
         return json.dumps(obj, allow_nan=False, indent=indent, default=_json_default)
     except ValueError as e:
@@ -128,6 +127,5 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as strict, indented JSON atomically (NaN/inf raise ValueError)."""
     text = to_strict_json(obj, what=Path(path).name, indent=indent) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))

@@ -22,7 +22,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from utils.atomic_write import atomic_write_bytes, atomic_write_json, remove_stale_temps
-from utils.errors import UserError
+from utils.errors import DataError
 
 FORMAT_VERSION = 1
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -30,12 +30,11 @@ _RESUME_HINT = "delete it or resume from an earlier checkpoint"
 _PLAIN = (str, int, float, bool, type(None))
 
 
-class CheckpointError(UserError, ValueError):
+class CheckpointError(DataError):
     """A checkpoint is missing, incomplete or corrupted; the message names the file."""
 
 
 def round_tag(round_num: int) -> str:
-    """The tag of the checkpoint saved after round ``round_num``, e.g. ``round_00010``."""
     return f"round_{round_num:05d}"
 
 
@@ -114,15 +113,15 @@ def _read_record(json_path: Path) -> dict[str, Any]:
     return record
 
 
-def _read_verified(json_path: Path, entry: dict[str, Any]) -> bytes:
-    path = json_path.parent / entry["name"]
+def verified_bytes(path: Path, entry: dict[str, Any], index: str, hint: str = _RESUME_HINT,
+                   what: str = "checkpoint file ") -> bytes:
+    """The file's bytes, checked against the size and SHA-256 that `index` recorded in `entry`."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({e.strerror})", _RESUME_HINT) from e
-    if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"checkpoint file {path} is corrupted (size or SHA-256 differs from "
-                              f"what {json_path.name} recorded)", _RESUME_HINT)
+        raise CheckpointError(f"{what}{path} cannot be read ({e.strerror})", hint) from e
+    if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise CheckpointError(f"{what}{path} is corrupted (size or SHA-256 differs from what {index} recorded)", hint)
     return data
 
 
@@ -141,8 +140,8 @@ def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torc
             f"resume from the latest complete checkpoint ({latest!r})" if latest
             else "no complete checkpoint in that folder; start a fresh run") from None
     files = record["files"]
-    raw_weights = _read_verified(json_path, files["model"])
-    raw_state = _read_verified(json_path, files["state"])
+    raw_weights, raw_state = (verified_bytes(directory / files[role]["name"], files[role], json_path.name)
+                              for role in ("model", "state"))
     try:
         model_state = safetensors_load(raw_weights)
     except Exception as e:
@@ -158,27 +157,34 @@ def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torc
     return model_state, extra_states, record["meta"]
 
 
+def _records(directory: Path, warn: bool) -> dict[str, dict[str, Any]]:
+    """Tag -> index record of every readable checkpoint index in `directory` (the others skipped)."""
+    records = {}
+    for json_path in directory.glob("*.json") if directory.is_dir() else ():
+        try:
+            records[json_path.stem] = _read_record(json_path)
+        except (CheckpointError, FileNotFoundError) as e:
+            if warn:
+                warnings.warn(f"ignoring checkpoint index {json_path}: {e}", stacklevel=3)
+    return records
+
+
+def _age(record: dict[str, Any]) -> tuple[int, float]:
+    return int(record["round"]), float(record.get("saved_at_unix", 0.0))
+
+
 def latest_checkpoint(directory: str | Path) -> str | None:
     """Tag of the complete checkpoint with the highest round (ties: the last saved), or None; damaged
     or incomplete ones are skipped with a warning."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best: tuple[int, float, str] | None = None
-    for json_path in directory.glob("*.json"):
-        try:
-            record = _read_record(json_path)
-        except (CheckpointError, FileNotFoundError) as e:
-            warnings.warn(f"ignoring checkpoint index {json_path}: {e}", stacklevel=2)
-            continue
-        if not all((directory / f["name"]).is_file() for f in record["files"].values()):
-            warnings.warn(f"ignoring incomplete checkpoint {json_path} (a file it names is missing)",
+    complete = {}
+    for tag, record in _records(directory, warn=True).items():
+        if all((directory / f["name"]).is_file() for f in record["files"].values()):
+            complete[tag] = record
+        else:
+            warnings.warn(f"ignoring incomplete checkpoint {directory / tag}.json (a file it names is missing)",
                           stacklevel=2)
-            continue
-        key = (int(record["round"]), float(record.get("saved_at_unix", 0.0)), json_path.stem)
-        if best is None or key > best:
-            best = key
-    return best[2] if best else None
+    return max(complete, key=lambda tag: (*_age(complete[tag]), tag), default=None)
 
 
 def alias_checkpoint(directory: str | Path, src_tag: str, dst_tag: str, meta: dict[str, Any] | None = None) -> Path:
@@ -200,14 +206,9 @@ def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") 
         raise ValueError(f"keep must be >= 1 (the newest checkpoint is what a resume needs), got {keep}")
     if not directory.is_dir():
         return []
-    records = {}
-    for json_path in directory.glob("*.json"):
-        try:
-            records[json_path.stem] = _read_record(json_path)
-        except (CheckpointError, FileNotFoundError):
-            continue
+    records = _records(directory, warn=False)
     ours = sorted((t for t in records if t.startswith(prefix) and "alias_of" not in records[t]),
-                  key=lambda t: (int(records[t]["round"]), float(records[t].get("saved_at_unix", 0.0))))
+                  key=lambda t: _age(records[t]))
     removed = ours[:-keep]
     for tag in removed:
         (directory / f"{tag}.json").unlink(missing_ok=True)

@@ -40,7 +40,6 @@ class MetricsWriter:
         os.truncate(self.path, keep)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record; NaN/inf raise ValueError before anything is written."""
         if self._fd is None:
             raise ValueError(f"metrics log {self.path} is closed")
         if not isinstance(record, dict):
@@ -117,19 +116,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def check_rounds_increase(path: str | Path, records: list[dict[str, Any]]) -> None:
-    """Refuse a log whose rounds go backwards (two processes appended to it, or it was edited)."""
-    prev = None
-    for i, rec in enumerate(records, 1):
+def _repeats(records: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """(index, round, the highest round before it) of each record whose round does not exceed every round
+    kept before it (two processes appended to the log, or it was edited)."""
+    out, last = [], None
+    for i, rec in enumerate(records):
         rnd = rec.get("round")
-        if prev is not None and isinstance(rnd, int) and rnd <= prev:
-            raise OutputDirError(
-                f"{path}: record {i} is round {rnd} after round {prev}; the log holds the same rounds twice "
-                "(two processes appended to it at once, or it was edited)",
-                f"repair it with `python -m utils.repair_logs {Path(path).parent}` (keeps the first record of "
-                "each round, in order), then rerun with --resume")
-        if isinstance(rnd, int):
-            prev = rnd
+        if isinstance(rnd, int) and last is not None and rnd <= last:
+            out.append((i, rnd, last))
+        elif isinstance(rnd, int):
+            last = rnd
+    return out
+
+
+def check_rounds_increase(path: str | Path, records: list[dict[str, Any]]) -> None:
+    repeats = _repeats(records)
+    if repeats:
+        i, rnd, prev = repeats[0]
+        raise OutputDirError(
+            f"{path}: record {i + 1} is round {rnd} after round {prev}; the log holds the same rounds twice "
+            "(two processes appended to it at once, or it was edited)",
+            f"repair it with `python -m utils.repair_logs {Path(path).parent}` (keeps the first record of "
+            "each round, in order), then rerun with --resume")
 
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
@@ -142,13 +150,8 @@ def repair_log(path: str | Path) -> tuple[int, int]:
     first of a round is as good as any); returns (kept, dropped)."""
     path = Path(path)
     records = read_metrics(path)
-    kept, last = [], None
-    for rec in records:
-        rnd = rec.get("round")
-        if isinstance(rnd, int) and last is not None and rnd <= last:
-            continue
-        kept.append(rec)
-        last = rnd if isinstance(rnd, int) else last
+    dropped = {i for i, _, _ in _repeats(records)}
+    kept = [rec for i, rec in enumerate(records) if i not in dropped]
     if len(kept) != len(records):
         _rewrite(path, kept)
     return len(kept), len(records) - len(kept)

@@ -72,43 +72,33 @@ def worst_group(scores: Mapping[str, float] | Sequence[float] | torch.Tensor) ->
 # ---------------------------------------------------------------------------------------
 # Convergence
 
-SMOOTHINGS = ("centred", "ema", "none")
+SMOOTHINGS = ("centred", "none")
 
 
-def smooth_curve(losses: Sequence[float], *, smoothing: str = "centred", window: int = 5,
-                 alpha: float = 0.1) -> np.ndarray:
+def smooth_curve(losses: Sequence[float], *, smoothing: str = "centred", window: int = 5) -> np.ndarray:
     """Smoothed copy of a loss curve (see `convergence_round` for the choices)."""
     y = np.asarray(losses, dtype=np.float64)
     if smoothing == "none":
         return y.copy()
-    if smoothing == "centred":
-        if window < 1 or window % 2 == 0:
-            raise MetricError(f"window must be a positive odd number of evaluations, got {window}")
-        half = window // 2
-        csum = np.concatenate([[0.0], np.cumsum(y)])
-        i = np.arange(len(y))
-        lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(y))
-        return (csum[hi] - csum[lo]) / (hi - lo)
-    if smoothing == "ema":
-        if not 0 < alpha <= 1:
-            raise MetricError(f"alpha must be in (0, 1], got {alpha}")
-        out = np.empty_like(y)
-        acc = y[0] if len(y) else 0.0
-        for j, v in enumerate(y):  # a loop over rounds, not questions: short and sequential
-            acc = alpha * v + (1 - alpha) * acc
-            out[j] = acc
-        return out
-    raise MetricError(f"unknown smoothing {smoothing!r}; choose one of {SMOOTHINGS}")
+    if smoothing != "centred":
+        raise MetricError(f"unknown smoothing {smoothing!r}; choose one of {SMOOTHINGS}")
+    if window < 1 or window % 2 == 0:
+        raise MetricError(f"window must be a positive odd number of evaluations, got {window}")
+    half = window // 2
+    csum = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(len(y))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(y))
+    return (csum[hi] - csum[lo]) / (hi - lo)
 
 
 def convergence_round(rounds: Sequence[int], losses: Sequence[float], *, threshold: float = 0.95,
-                      smoothing: str = "centred", window: int = 5, alpha: float = 0.1) -> int | None:
+                      smoothing: str = "centred", window: int = 5) -> int | None:
     """First round t with (S_0 − S_t) / (S_0 − S_final) ≥ `threshold`, S the smoothed loss (§7): progress,
     since the loss can be negative. None for fewer than 2 points or no progress.
 
     "centred" (the default) averages `window` evaluations (odd, truncated at the ends): computed after
-    training, it has no lag on a locally linear curve, where a trailing average or an EMA ("ema", for
-    comparison) report convergence late. S_0 and S_final are smoothed too.
+    training, it has no lag on a locally linear curve, where a trailing average or an EMA report convergence
+    late. S_0 and S_final are smoothed too; "none" scores the raw curve.
     """
     if len(rounds) != len(losses):
         raise MetricError(f"rounds ({len(rounds)}) and losses ({len(losses)}) differ in length")
@@ -123,7 +113,7 @@ def convergence_round(rounds: Sequence[int], losses: Sequence[float], *, thresho
         raise MetricError("rounds must be strictly increasing")
     if len(y) < 2:
         return None
-    s = smooth_curve(y, smoothing=smoothing, window=window, alpha=alpha)
+    s = smooth_curve(y, smoothing=smoothing, window=window)
     total = s[0] - s[-1]
     if not total > 0:
         return None

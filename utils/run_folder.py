@@ -91,9 +91,6 @@ class RunDir:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
-
 
 def read_json(path: Path, what: str = "", hint: str = DAMAGED) -> dict:
     """A JSON object file; FileNotFoundError when absent, RunFolderError (ending with `hint`) when unreadable."""
@@ -115,7 +112,6 @@ def is_finished(folder: Path) -> bool:
 
 
 def read_summary(folder: Path, what: str = "", hint: str = DAMAGED) -> dict | None:
-    """summary.json; None for a run that has not finished."""
     return read_json(folder / SUMMARY, what, hint) if is_finished(folder) else None
 
 

@@ -12,10 +12,6 @@ from utils.atomic_write import write_all
 from utils.errors import OutputDirError
 
 
-class RunLockedError(OutputDirError):
-    """Another live process holds the run folder's lock."""
-
-
 class RunLock:
     """``flock`` on ``<folder>/.lock``: the kernel drops it however the process ends, so it never goes
     stale. The file names the holder (PID, start, command) for a refused process's message."""
@@ -59,8 +55,8 @@ class RunLock:
         finally:
             os.close(fd)  # also drops the probe's own lock
 
-    def _in_use(self, fd: int) -> RunLockedError:
-        return RunLockedError(
+    def _in_use(self, fd: int) -> OutputDirError:
+        return OutputDirError(
             f"{self.what} {self.folder} is in use by {_holder(fd)}; two processes writing one folder would "
             "interleave their logs", f"wait for it to finish (or stop it), or use another {self.flag}")
 
@@ -79,11 +75,8 @@ class RunLock:
 def _holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-        cmd = _shortened(" ".join(str(a) for a in info.get("argv", [])), 120)
+        cmd = " ".join(str(a) for a in info.get("argv", []))
+        cmd = cmd if len(cmd) <= 120 else cmd[:119] + "…"  # the ellipsis says it was cut
         return f"process {info['pid']} (started {info.get('started', '?')}: {cmd})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (its PID could not be read)"
-
-
-def _shortened(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"  # the ellipsis says it was cut

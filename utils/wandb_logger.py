@@ -92,13 +92,9 @@ def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    if "NETRC" in os.environ:
-        candidates = [Path(os.environ["NETRC"]).expanduser()]
-    else:
-        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
-    for path in candidates:
+    for path in [os.environ["NETRC"]] if "NETRC" in os.environ else ["~/.netrc", "~/_netrc"]:
         try:
-            creds = netrc.netrc(path).authenticators(host or "")
+            creds = netrc.netrc(Path(path).expanduser()).authenticators(host or "")
         except (OSError, netrc.NetrcParseError):
             continue
         if creds and creds[2]:
@@ -107,7 +103,6 @@ def has_wandb_credentials() -> bool:
 
 
 def _resolve_mode(mode: str) -> tuple[str, str]:
-    """(online|offline|off, why) for a requested mode."""
     if mode not in MODES:
         raise ValueError(f"wandb mode {mode!r} is not one of {MODES}")
     if mode != "auto":
@@ -125,8 +120,6 @@ def _resolve_mode(mode: str) -> tuple[str, str]:
 
 
 class WandbLogger:
-    """Thin wrapper around a wandb run; see the module docstring for the modes."""
-
     def __init__(self, mode: str = "auto", project: str = "plurallm", run_name: str | None = None,
                  config: dict[str, Any] | None = None, dir: str | Path = "runs",
                  group: str | None = None):
@@ -150,11 +143,8 @@ class WandbLogger:
             raise ImportError(f"wandb mode {mode!r} needs the wandb package\n  hint: pip install "
                               "wandb, or choose wandb mode 'off'") from e
         self._wandb = wandb
-        self.dir = Path(dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        init_kwargs = dict(project=project, name=run_name, config=config or {}, group=group,
-                           dir=str(self.dir))
-        self.run = self._start(init_kwargs)
+        Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run = self._start(dict(project=project, name=run_name, config=config or {}, group=group, dir=str(dir)))
         if self.run is None:
             return
         if self.mode == "online":
@@ -186,23 +176,21 @@ class WandbLogger:
             return None
         return Path(self.run.dir).parent  # run.dir is <sync_dir>/files
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _guard(self, what: str, call: Any) -> None:
         if self.run is None or self._failed_log:
             return
         try:
-            fn(*args, **kwargs)
+            call(self.run)
         except Exception as e:
             self._failed_log = True
             warnings.warn(f"wandb {what} failed: {e!r}; W&B logging stops here "
                           "(metrics.jsonl is unaffected)", stacklevel=3)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self._guard("log", self.run.log, metrics, step=step)
+        self._guard("log", lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            self._guard("summary", self.run.summary.update, values)
+        self._guard("summary", lambda run: run.summary.update(values))
 
     def finish(self) -> None:
         """Close the run (idempotent); for offline runs print how to upload them."""
