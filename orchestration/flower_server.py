@@ -17,13 +17,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from data_loaders.datasets import chosen_groups
-from data_loaders.schema import DataError
 from data_loaders.synthetic import group_names
 from flower_app.federation import discover, federated_data, make_setup
 from orchestration.cli import build_parser
 from orchestration.config import RunConfig
 from orchestration.experiment import check_flags, run_method
 from utils.atomic_write import atomic_write_bytes
+from utils.errors import DataError
 from utils.run_folder import default_run_dir
 
 

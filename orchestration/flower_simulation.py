@@ -16,10 +16,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
 from orchestration.config import run_config
 from orchestration.flower_server import check_supported, make_server_app, resolve_groups
+from utils.errors import DataError
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 SIM_BACKENDS = ("thread", "ray")
