@@ -3,6 +3,7 @@ from a run's config.json, and validated here. Nothing below orchestration reads 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -16,7 +17,6 @@ from federated.strategies import Strategy, StrategyConfig
 from flower_app.secagg import SecAggConfig
 from models.gpo import GPOConfig
 from orchestration.cli import flag_defaults
-from orchestration.extras import check_extras
 from orchestration.loop import LoopConfig
 from orchestration.resume import check_resume_early
 from training.config import ClientConfig
@@ -171,7 +171,7 @@ def check_run(run: RunConfig, resume: bool = False) -> None:
     for flag, value in sorted(run.flags.items()):  # inf/nan break every range check and strict JSON
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"--{flag} {value} is not a finite number", f"give --{flag} a finite value")
-    check_extras(run.federation.engine, run.federation.sim_backend, run.server.privacy.enabled)
+    check_extras(run)
     if resume:
         check_resume_early(run)
     if run.method == "fedavg":  # FedAvg's server rules, with the client count when the flags decide it
@@ -184,10 +184,8 @@ def check_run(run: RunConfig, resume: bool = False) -> None:
         value = run.flags.get(flag)
         if value is not None and not ok(value):
             raise DataError(f"--{flag} {value} must be {need}", f"fix --{flag}")
-    if run.data.question_split and run.federation.engine == "flower":
-        raise DataError("--question_split does not work with --engine flower: the nodes split their own data "
-                        "and the server never sees which questions they hold",
-                        "run the leakage-free protocol with --engine inprocess (the default)")
+    if run.federation.engine == "flower":
+        check_federation(run)
     if run.model.d_model % run.model.nhead:
         raise DataError(f"--d_model {run.model.d_model} is not divisible by --nhead {run.model.nhead}",
                         "attention splits d_model evenly across heads; the paper uses 128 and 4")
@@ -200,6 +198,41 @@ def check_run(run: RunConfig, resume: bool = False) -> None:
     resolve_device(run.federation.device)  # an unknown or absent device fails here, not after minutes of embedding
     if run.data.embedding.device != "auto":
         resolve_device(run.data.embedding.device, "--emb_device")
+
+
+def check_federation(run: RunConfig) -> None:
+    """Settings that mean something in one process but not in a federation (--engine flower)."""
+    fed = run.federation
+    refused = (
+        (run.data.question_split, "--question_split does not work with --engine flower: the nodes split their own "
+         "data and the server never sees which questions they hold",
+         "run the leakage-free protocol with --engine inprocess (the default)"),
+        (run.output.resume, "--resume is not supported with --engine flower: the clients' Adam states live on "
+         "their nodes, so a restarted federation would not continue the same run",
+         "rerun from round 0, or use --engine inprocess for resumable runs"),
+        (run.output.also_centralized, "--also_centralized pools every group's data in one process, which a "
+         "federation does not have", "run main_centralized.py with the same flags instead"),
+        (fed.client_engine not in ("auto", "loop"), f"--client_engine {fed.client_engine} runs clients inside one "
+         "process; with --engine flower every client runs on its own node", "drop --client_engine"))
+    for bad, error, hint in refused:
+        if bad:
+            raise DataError(error, hint)
+
+
+def check_extras(run: RunConfig) -> None:
+    """The optional packages (pyproject.toml extras) the flags need: one found missing mid-run would
+    leave a run folder behind that the rerun refuses as "already holds a run"."""
+    flower = run.federation.engine == "flower"
+    needs = (("--engine flower", flower, "flwr", "flower"),
+             ("--sim_backend ray", flower and run.federation.sim_backend == "ray", "ray", "flower"),
+             ("--dp", run.server.privacy.enabled, "opacus", "dp"))
+    for flag, module, extra in ((f, m, e) for f, wanted, m, e in needs if wanted):
+        try:
+            importlib.import_module(module)  # a real import: a broken install counts as missing
+        except ImportError as why:
+            raise DataError(f"{flag} needs the optional package {module!r}, which cannot be imported ({why})",
+                            f"pip install 'plurallm[{extra}]' (from a clone: pip install -e '.[{extra}]'), "
+                            f"or drop {flag}") from why
 
 
 def check_server(run: RunConfig, num_train: int | None, log=None) -> None:

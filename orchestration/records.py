@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from utils.atomic_write import atomic_write_bytes
 from utils.errors import DataError, OutputDirError, exit_on_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,17 +97,12 @@ def _replace_folder(target: Path, files: dict[str, bytes]) -> None:
     tmp.mkdir(parents=True)
     try:
         for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        old = None
+            atomic_write_bytes(tmp / name, data)
+        old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
         if target.exists():  # a record made from other flags: replaced, never merged
-            old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
             target.rename(old)
         tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,15 +8,16 @@ model's kernels differ in the last bits, which training amplifies (AMD EPYC reco
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from orchestration.config import RunConfig
+from orchestration.config import RunConfig, run_config
 from orchestration.experiment import run_method
 from utils.jsonl_log import read_metrics
 
@@ -59,10 +60,7 @@ def replay_losses(run: RunConfig, data, rounds: int, threads: int | None) -> lis
     quiet = {"wandb": "off", "no_plots": True, "quiet": True, "log_every": 0, "keep_checkpoints": 1, "resume": False}
     with tempfile.TemporaryDirectory(prefix="plurallm-replay-") as tmp, torch_threads(threads):
         folder = Path(tmp) / "run"
-        run = replace(run, flags={**run.flags, **quiet, "out_dir": str(folder)},
-                      data=replace(run.data, quiet=True),
-                      loop=replace(run.loop, plots=False, log_every=0, keep_checkpoints=1),
-                      output=replace(run.output, wandb="off", resume=False, out_dir=str(folder)))
+        run = run_config(argparse.Namespace(**{**run.flags, **quiet, "out_dir": str(folder)}), run.method)
         run_method(run, data, folder, log=lambda *_: None, stop_after=rounds)
         return read_metrics(folder / "losses.jsonl")
 

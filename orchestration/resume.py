@@ -16,7 +16,7 @@ from models.gpo import GPOConfig
 from orchestration.cli import flag_defaults
 from utils.atomic_write import atomic_write_json
 from utils.errors import DataError
-from utils.run_folder import FAILED, RunDir, default_run_dir, is_finished, read_failure
+from utils.run_folder import FAILED, RunDir, default_run_dir, is_finished, read_failure, read_json
 from utils.run_lock import RunLock
 
 RUNS_ROOT = "runs"
@@ -106,12 +106,7 @@ def _diff(a, b, prefix, defaults):
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} cannot be read as JSON ({e})",
-                        "the run folder is damaged; delete it or point --out_dir elsewhere") from e
+    return read_json(folder / "config.json", hint="the run folder is damaged; delete it or point --out_dir elsewhere")
 
 
 def mark_failed(folder: Path, reason: str, **details) -> Path:
@@ -141,11 +136,7 @@ class RunPlan:
     run_dir: RunDir
     resume: bool        # continue from the latest checkpoint in run_dir
     finished: bool      # nothing left to do: the summary is already there
-    lock: RunLock | None = None  # held until the run ends: one process per folder
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+    lock: RunLock       # held until the run ends (release it then): one process per folder
 
 
 def plan_run(run, config: dict, out_dir=None, log=print) -> RunPlan:
@@ -166,19 +157,17 @@ def plan_run(run, config: dict, out_dir=None, log=print) -> RunPlan:
     folder = folder or default_run_dir(method, run.client.seed, RUNS_ROOT)
     lock = RunLock(folder).acquire()
     try:
-        if resume:
-            plan = _continue(folder, method, config, log)
-        elif _holds_run(folder):
+        if not resume and _holds_run(folder):
             raise DataError(f"--out_dir {out_dir} already holds a run (config.json and outputs are there)",
                             "add --resume to continue it, or choose another --out_dir (or delete that folder)")
-        else:
-            plan = RunPlan(RunDir(folder), resume=False, finished=False)
-            plan.run_dir.write_config(config)
+        finished = resume and _continue(folder, method, config, log)
+        run_dir = RunDir(folder)
+        if not resume:
+            run_dir.write_config(config)
     except BaseException:
         lock.release()
         raise
-    plan.lock = lock
-    return plan
+    return RunPlan(run_dir, resume, finished, lock)
 
 
 def _holds_run(folder: Path) -> bool:
@@ -217,7 +206,8 @@ def check_resume_early(run) -> None:
     _check_same_run(folder, saved, run.method)
 
 
-def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
+def _continue(folder: Path, method: str, config: dict, log) -> bool:
+    """Refuse a folder --resume cannot continue with these flags; whether its run is finished."""
     saved = read_config(folder)
     _check_same_run(folder, saved, method)
     diff = differences(saved, config)
@@ -225,4 +215,4 @@ def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
         raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff), _RERUN_HINT)
     finished = is_finished(folder)
     log(f"--resume: {'already finished' if finished else 'continuing'} run {folder}")
-    return RunPlan(RunDir(folder), resume=True, finished=finished)
+    return finished
