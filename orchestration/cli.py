@@ -71,14 +71,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     m.add_argument("--layer_init", default="independent", choices=LAYER_INITS,
                    help="independent: each layer drawn on its own (paper); clones: copies of the first (released code)")
     m.add_argument("--context_answer", default="concat", choices=CONTEXT_ANSWERS,
-                   help="a context answer y enters the embedder as [x, y] (concat, the paper) or [x, y, y·x] "
-                        "(product; docs/group_use.md)")
+                   help="a context answer y enters the embedder as [x, y] (concat, paper) or [x, y, y·x] (product)")
     m.add_argument("--context_factors", type=int, default=0,
                    help="F > 0: F in-context factors fitted by ridge on the context answers (docs/group_use.md)")
     m.add_argument("--factor_ridge", type=float, default=1e-2, help="ridge penalty of the context factors' loadings")
     m.add_argument("--loss_reduction", default="sum", choices=LOSS_REDUCTIONS,
-                   help="sum: NLL summed over target points, mean over episodes (GPO); slot_mean: divided by every "
-                        "padded target slot (released code)")
+                   help="sum: NLL summed over target points (GPO); slot_mean: over padded slots (released code)")
 
     t = p.add_argument_group("training")
     t.add_argument("--seed", type=int, default=0,
@@ -90,8 +88,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--max_tar_num_qs", type=int, default=100, help="most target questions per episode")
     t.add_argument("--min_tar_num_qs", type=int, default=10, help="fewest target questions per episode")
     t.add_argument("--episode_bounds", default="flags", choices=("flags", "code"),
-                   help="flags: the four episode bounds as given (paper); code: scaled by --data_split and "
-                        "truncated, 10..100 -> 9..90 (released code)")
+                   help="flags: the episode bounds as given (paper); code: scaled by --data_split (released code)")
     t.add_argument("--virtual_tilt", type=float, default=0.0,
                    help="train on virtual groups: each episode's answers tilted by exp(tilt·z) along a new random "
                         "direction of the embedding space (0 = the real groups; docs/group_use.md)")
@@ -150,8 +147,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         g.add_argument("--trim_fraction", type=float, default=0.2,
                        help="trimmed_mean: share beta of values dropped at each end per coordinate (floor(beta·n))")
         g.add_argument("--max_weight_ratio", type=float, default=DEFAULT_MAX_WEIGHT_RATIO,
-                       help="qfedavg/adaptive: most a client's weight may be, as a multiple of its FedAvg weight "
-                            "(adaptive: of 1/n)")
+                       help="qfedavg/adaptive: cap on a client's weight, as a multiple of its FedAvg weight (or 1/n)")
         g.add_argument("--server_opt", default="none", choices=SERVER_OPTS,
                        help="server optimizer on the aggregate's delta (FedOpt): none (plain aggregate), sgd, adam, yogi")
         g.add_argument("--server_lr", type=float, default=None,
@@ -184,8 +180,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                        help="privacy budget ε over all --comm_round rounds; a run that would exceed it is refused")
         v.add_argument("--dp_delta", type=float, default=1e-5, help="δ of (ε, δ)-DP, well below 1/(number of clients)")
         v.add_argument("--dp_clip_quantile", type=float, default=None,
-                       help="adaptive clipping: move the clip norm each round toward this quantile of the update "
-                            "norms (default: fixed clip)")
+                       help="adaptive clipping toward this quantile of the update norms (default: fixed clip)")
         v.add_argument("--dp_clip_lr", type=float, default=0.2,
                        help="adaptive clipping: η of the update C <- C·exp(-η(b - γ))")
         v.add_argument("--dp_clip_count_std", type=float, default=None,
@@ -213,8 +208,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         f.add_argument("--secagg", action="store_true",
                        help="flower: Flower's SecAgg+: the server sees only the sum of the masked, quantised weights")
         f.add_argument("--secagg_num_shares", type=share_count, default=1.0,
-                       help="secagg: clients holding a share of each client's secrets: an integer >= 3, or a "
-                            "fraction of the sampled clients")
+                       help="secagg: clients holding shares of each secret: an integer >= 3, or a share of the clients")
         f.add_argument("--secagg_threshold", type=share_count, default=0.67,
                        help="secagg: shares needed to rebuild a secret: an integer >= 2, or a fraction of the shares")
         f.add_argument("--secagg_clip_range", type=float, default=DEFAULT_CLIP_RANGE,
@@ -273,8 +267,7 @@ def add_source_arguments(d, datasets=DATASETS, required: bool = False) -> None:
     d.add_argument("--eval_groups", type=group_names, default=None,
                    help="comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)")
     d.add_argument("--group_split", type=float, default=None,
-                   help="seeded random train share of the groups instead of fixed lists "
-                        "(opinionqa and synthetic default to 0.6)")
+                   help="seeded random train share of the groups (opinionqa and synthetic default to 0.6)")
 
 
 def add_embedding_arguments(d) -> None:

@@ -158,9 +158,8 @@ def probe(group: Group, partner: Group, pool: list[Group], metric: str, n_ctx: i
     fit, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
     for ridge in RIDGES:
         w = tilt_fit(cons[fit], group.z[fit], group.mask[fit], group.p[fit], ridge)
-        out.setdefault(f"oracle_tilt_r{ridge:g}", []).append(
-            score(group, test, tilted(cons[test], group.z[test], group.mask[test], w), metric))
-    out.setdefault("oracle_consensus", []).append(score(group, test, cons[test], metric))
+        add(f"oracle_tilt_r{ridge:g}", score(group, test, tilted(cons[test], group.z[test], group.mask[test], w), metric))
+    add("oracle_consensus", score(group, test, cons[test], metric))
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
@@ -214,9 +213,8 @@ def main(argv=None) -> int:
     for role in ("eval", "train"):
         rows = [v for k, v in result["groups"].items() if k.startswith(role + ":")]
         result[f"mean_{role}"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True))
-    for role in ("eval", "train"):
         print(role, json.dumps({k: round(v, 4) for k, v in result[f"mean_{role}"].items()}))
+    Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 

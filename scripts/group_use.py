@@ -52,8 +52,7 @@ def pair_episode(diag: Diagnostics, pair, kind: str):
 
 
 def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: Diagnostics) -> dict:
-    spec = diag.specificity()
-    controls = diag.controls()
+    spec, controls = diag.specificity(), diag.controls()
     cons = {p.name: GroupEval(p.name, diag.reference.distances("consensus", diag.eval_clients[p.name].local,
                                                                  p.targets, diag.metric)) for p in diag.pairs}
     moves = []
@@ -61,9 +60,7 @@ def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: 
         for pair in diag.pairs:
             own, other = (diag.model.predict(pair_episode(diag, pair, k))[0] for k in ("own", "partner"))
             ep = pair_episode(diag, pair, "own")
-            seg = ep.tgt_seg[0]
-            tv = torch.zeros(ep.num_tgt_q).index_add_(0, seg, (own - other).abs()) / 2
-            moves.append(tv)
+            moves.append(torch.zeros(ep.num_tgt_q).index_add_(0, ep.tgt_seg[0], (own - other).abs()) / 2)
     return {"specificity": spec["eval_group_specificity"], "specificity_se": spec["eval_group_specificity_se"],
             "train_specificity": train_diag.specificity()["eval_group_specificity"],
             "train_heldout_specificity": heldout_diag.specificity()["eval_group_specificity"],
