@@ -1,15 +1,11 @@
-"""The centralized baseline (method.md §6): one model trained on the training groups' pooled data.
+"""The centralized baseline (method.md §6): one model trained on the training groups' pooled local splits.
 
   sequential (paper)  each epoch, one step per training group, each on its own episode
   batched (code)      each epoch, one step per batch of up to train_batch_size groups,
                       one episode per group, n_ctx / n_tar drawn once per batch
 
-`central_steps` K repeats that K times per epoch (round-robin over the groups, each step on
-a fresh episode), so with K = FedAvg's local steps an epoch takes exactly the gradient steps
-of a FedAvg round (groups × K): the compute-matched baseline. K = 1 is the paper's epoch.
-
-Both use the same local 90% of every training group as FedAvg, so held-out scores and
-evaluation groups compare curve for curve.
+`central_steps` K repeats that K times per epoch, so with K = FedAvg's local steps an epoch takes
+the gradient steps of a FedAvg round: the compute-matched baseline. K = 1 is the paper's epoch.
 """
 from __future__ import annotations
 
@@ -74,10 +70,8 @@ class CentralizedTrainer:
                 "train_loss_per_client": per_client, "grad_steps": steps, "points": points, "clients": names}
 
     def _episodes(self, names: list[str], epoch: int):
-        """(episode, the groups it holds) for each step of the epoch, in step order.
-
-        One generator per group (sequential) or per batch (batched) and epoch: the k-th step
-        of a group draws its k-th episode, so K = 1 gives the paper's epoch unchanged."""
+        """(episode, the groups it holds) for each step of the epoch. One generator per group (sequential)
+        or batch (batched) and epoch: the k-th step draws its k-th episode, so K = 1 is the paper's epoch."""
         if self.mode == "sequential":
             gens = {n: generator(self.cfg.seed, "central_episodes", n, epoch) for n in names}
             for _ in range(self.central_steps):

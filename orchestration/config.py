@@ -1,11 +1,9 @@
-"""The run's typed configuration: one frozen RunConfig (data, model, client, loop, federation, output,
-server, secure aggregation; each a dataclass of the package that uses it) built once from the parsed flags
-(orchestration/cli.py) or from a run's config.json, and validated here. Nothing below orchestration
-reads the flags."""
+"""The run's typed configuration: one frozen RunConfig, built once from the parsed flags (cli.py) or
+from a run's config.json, and validated here. Nothing below orchestration reads the flags."""
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -18,8 +16,7 @@ from federated.server import ServerConfig
 from federated.strategies import Strategy, StrategyConfig
 from flower_app.secagg import SecAggConfig
 from models.gpo import GPOConfig
-from orchestration.cli import build_parser
-from orchestration.extras import check_extras
+from orchestration.cli import flag_defaults
 from orchestration.loop import LoopConfig
 from orchestration.resume import check_resume_early
 from training.config import ClientConfig
@@ -107,12 +104,6 @@ class RunConfig:
         return replace(self.model, dim_x=dim_x)
 
 
-@functools.cache
-def _defaults() -> dict:
-    """Every flag at its default (main_fl.py's parser declares a superset of main_centralized.py's)."""
-    return vars(build_parser("fedavg").parse_args([]))
-
-
 def _from_flags(cls, f, prefix: str = "", **given):
     """A config whose field x is the flag --<prefix>x, else --x (a field without a flag keeps its default)."""
     names = [(x.name, prefix + x.name) for x in fields(cls) if x.name not in given]
@@ -121,11 +112,12 @@ def _from_flags(cls, f, prefix: str = "", **given):
 
 def run_config(args: argparse.Namespace, method: str = "fedavg") -> RunConfig:
     """The typed configuration of a run of `method` with these flags (validated by `check_run`)."""
-    f = argparse.Namespace(**{**_defaults(), **vars(args)})
+    f = argparse.Namespace(**{**flag_defaults(), **vars(args)})
     fedavg = method == "fedavg"
     return RunConfig(
         method=method, flags=dict(vars(args)), data=data_config(f), model=_from_flags(GPOConfig, f, dim_x=0),
-        client=client_config(f, resolve_metric(f)), federation=_from_flags(FederationConfig, f),
+        client=_from_flags(ClientConfig, f, sizes=episode_sizes(f), optim=_from_flags(OptimConfig, f),
+                           metric=resolve_metric(f)), federation=_from_flags(FederationConfig, f),
         loop=_from_flags(LoopConfig, f, rounds=f.comm_round if fedavg else f.central_epochs, plots=not f.no_plots,
                          eval_every=max(1, f.federated_eval if fedavg else f.eval_freq)),
         output=_from_flags(OutputConfig, f, wandb_project=f.wndb_project_name),
@@ -152,17 +144,13 @@ def episode_sizes(f) -> EpisodeSizes:
     return EpisodeSizes(*bounds, virtual_tilt=f.virtual_tilt)
 
 
-def client_config(f, metric: str) -> ClientConfig:
-    return _from_flags(ClientConfig, f, sizes=episode_sizes(f), optim=_from_flags(OptimConfig, f), metric=metric)
-
-
 def resolve_metric(f) -> str:
     return f.metric if f.metric != "auto" else auto_metric(f.dataset)
 
 
 def run_from_json(config: dict, data_path: str | None = None, cache_dir: str | None = None) -> RunConfig:
     """The configuration a run was trained with, from its config.json (unknown keys ignored)."""
-    known = _defaults()
+    known = flag_defaults()
     args = argparse.Namespace(**{**known, **{k: v for k, v in config.items() if k in known}})
     args.group_split = None  # train_groups / eval_groups in a config are already resolved lists
     args.data_path, args.cache_dir = data_path or args.data_path, cache_dir or args.cache_dir
@@ -183,23 +171,21 @@ def check_run(run: RunConfig, resume: bool = False) -> None:
     for flag, value in sorted(run.flags.items()):  # inf/nan break every range check and strict JSON
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"--{flag} {value} is not a finite number", f"give --{flag} a finite value")
-    check_extras(run.federation.engine, run.federation.sim_backend, run.server.privacy.enabled)
+    check_extras(run)
     if resume:
         check_resume_early(run)
     if run.method == "fedavg":  # FedAvg's server rules, with the client count when the flags decide it
         train = None if run.data.dataset == "synthetic" else chosen_groups(run.data)[0]
         check_server(run, num_train=None if train is None else len(train))
-        server = run.server
-        run.secagg.validate(engine=run.federation.engine, dp=server.privacy.enabled, strategy=server.strategy.name,
-                            byzantine=server.attack.byzantine, save_client=run.loop.save_client)
+        s = run.server
+        run.secagg.validate(engine=run.federation.engine, dp=s.privacy.enabled, strategy=s.strategy.name,
+                            byzantine=s.attack.byzantine, save_client=run.loop.save_client)
     for flag, ok, need in _FLAG_RULES:
         value = run.flags.get(flag)
         if value is not None and not ok(value):
             raise DataError(f"--{flag} {value} must be {need}", f"fix --{flag}")
-    if run.data.question_split and run.federation.engine == "flower":
-        raise DataError("--question_split does not work with --engine flower: the nodes split their own data "
-                        "and the server never sees which questions they hold",
-                        "run the leakage-free protocol with --engine inprocess (the default)")
+    if run.federation.engine == "flower":
+        check_federation(run)
     if run.model.d_model % run.model.nhead:
         raise DataError(f"--d_model {run.model.d_model} is not divisible by --nhead {run.model.nhead}",
                         "attention splits d_model evenly across heads; the paper uses 128 and 4")
@@ -212,6 +198,41 @@ def check_run(run: RunConfig, resume: bool = False) -> None:
     resolve_device(run.federation.device)  # an unknown or absent device fails here, not after minutes of embedding
     if run.data.embedding.device != "auto":
         resolve_device(run.data.embedding.device, "--emb_device")
+
+
+def check_federation(run: RunConfig) -> None:
+    """Settings that mean something in one process but not in a federation (--engine flower)."""
+    fed = run.federation
+    refused = (
+        (run.data.question_split, "--question_split does not work with --engine flower: the nodes split their own "
+         "data and the server never sees which questions they hold",
+         "run the leakage-free protocol with --engine inprocess (the default)"),
+        (run.output.resume, "--resume is not supported with --engine flower: the clients' Adam states live on "
+         "their nodes, so a restarted federation would not continue the same run",
+         "rerun from round 0, or use --engine inprocess for resumable runs"),
+        (run.output.also_centralized, "--also_centralized pools every group's data in one process, which a "
+         "federation does not have", "run main_centralized.py with the same flags instead"),
+        (fed.client_engine not in ("auto", "loop"), f"--client_engine {fed.client_engine} runs clients inside one "
+         "process; with --engine flower every client runs on its own node", "drop --client_engine"))
+    for bad, error, hint in refused:
+        if bad:
+            raise DataError(error, hint)
+
+
+def check_extras(run: RunConfig) -> None:
+    """The optional packages (pyproject.toml extras) the flags need: one found missing mid-run would
+    leave a run folder behind that the rerun refuses as "already holds a run"."""
+    flower = run.federation.engine == "flower"
+    needs = (("--engine flower", flower, "flwr", "flower"),
+             ("--sim_backend ray", flower and run.federation.sim_backend == "ray", "ray", "flower"),
+             ("--dp", run.server.privacy.enabled, "opacus", "dp"))
+    for flag, module, extra in ((f, m, e) for f, wanted, m, e in needs if wanted):
+        try:
+            importlib.import_module(module)  # a real import: a broken install counts as missing
+        except ImportError as why:
+            raise DataError(f"{flag} needs the optional package {module!r}, which cannot be imported ({why})",
+                            f"pip install 'plurallm[{extra}]' (from a clone: pip install -e '.[{extra}]'), "
+                            f"or drop {flag}") from why
 
 
 def check_server(run: RunConfig, num_train: int | None, log=None) -> None:

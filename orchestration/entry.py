@@ -1,8 +1,8 @@
 """The command lines main_fl.py and main_centralized.py (and `plurallm-fl` / `plurallm-central`):
-flags parsed, the experiment run (orchestration/experiment.py), a user error printed as one line
-with exit code 2, an interrupt as one line that says how to resume."""
+a user error is one line and exit code 2, an interrupt one line that says how to resume."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -22,14 +22,8 @@ def main(method: str, argv=None) -> int:
                          resume_hint="rerun the same command with --resume to continue from the last checkpoint")
 
 
-def main_fl() -> int:
-    """The `plurallm-fl` command (= python main_fl.py)."""
-    return main("fedavg")
-
-
-def main_central() -> int:
-    """The `plurallm-central` command (= python main_centralized.py)."""
-    return main("centralized")
+main_fl = functools.partial(main, "fedavg")  # the `plurallm-fl` command (= python main_fl.py)
+main_central = functools.partial(main, "centralized")  # `plurallm-central` (= python main_centralized.py)
 
 
 def _main(method: str, args) -> None:
@@ -38,12 +32,10 @@ def _main(method: str, args) -> None:
     if run.federation.engine == "flower":  # clients on Flower nodes: flower_app/
         from orchestration.flower_simulation import run_simulation_engine
         run_simulation_engine(args)
-        print(f"done in {time.perf_counter() - t0:.1f} s")
-        return
-    data = load_data(run)
-    run_method(run, data, run.output.out_dir)
-    if method == "fedavg" and run.output.also_centralized:
-        # The baseline gets a sibling folder so both runs keep the standard layout.
+    else:
+        data = load_data(run)
         out = run.output.out_dir
-        run_method(run_config(args, "centralized"), data, f"{out.rstrip('/')}_centralized" if out else None)
+        run_method(run, data, out)
+        if method == "fedavg" and run.output.also_centralized:  # a sibling folder: both keep the standard layout
+            run_method(run_config(args, "centralized"), data, f"{out.rstrip('/')}_centralized" if out else None)
     print(f"done in {time.perf_counter() - t0:.1f} s")

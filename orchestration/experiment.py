@@ -9,6 +9,7 @@ from federated.aggregation import num_sampled_clients
 from federated.fedavg import FedAvgTrainer, check_min_clients, resolve_client_engine
 from federated.server import build_server
 from orchestration.centralized import CentralizedTrainer
+from orchestration.cli import build_parser
 from orchestration.config import RunConfig, check_question_counts, check_run, check_server, run_config
 from orchestration.loop import RunLoop
 from orchestration.resume import mark_failed, plan_run
@@ -33,6 +34,12 @@ def check_flags(args, method: str | None = None) -> RunConfig:
 def load_data(run: RunConfig, log=print) -> ExperimentData:
     """The run's groups as tensors; a group too small for the run fails before any embedding."""
     return prepare_experiment(run.data, log=log, check=lambda counts, tr, ev: check_question_counts(run, counts, tr, ev))
+
+
+def run_and_data(argv: list[str] | None, method: str = "fedavg") -> tuple[RunConfig, ExperimentData]:
+    """The checked run of these flags and its data, loaded without a word (the analysis scripts')."""
+    run = check_flags(build_parser(method).parse_args(argv))
+    return run, load_data(run, log=lambda *_: None)
 
 
 def validate(run: RunConfig, data: ExperimentData) -> None:
@@ -93,7 +100,7 @@ def run_method(run: RunConfig, data: ExperimentData, out_dir=None, log=print, st
     try:
         return _run_planned(plan, run, data, config, device, log, stop_after)
     finally:
-        plan.release()
+        plan.lock.release()
 
 
 def _run_planned(plan, run: RunConfig, data, config, device, log, stop_after=None) -> dict:

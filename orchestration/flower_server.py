@@ -1,11 +1,7 @@
-"""The ServerApp: the main_fl.py experiment with its clients on Flower nodes.
-
-It parses the same flags as main_fl.py (in a deployment, from the run config key `flags`:
-pyproject.toml [tool.flwr.app.config], overridden with `flwr run ... --run-config`),
-finds the node of every group, and hands a FlowerTrainer to the same `run_method` the
-in-process engine uses, so config.json, metrics.jsonl, losses.jsonl, summary.json,
-checkpoints and W&B come from the same code. It adds federation.json: which node held
-which group, every client left out of a round and why, and each round's wall time.
+"""The ServerApp: the main_fl.py experiment with its clients on Flower nodes, run by the same
+`run_method` as in one process. Its flags come, in a deployment, from the run config key `flags`
+(pyproject.toml [tool.flwr.app.config], or `flwr run ... --run-config`). It adds federation.json:
+which node held which group, every client left out of a round and why, each round's wall time.
 """
 from __future__ import annotations
 
@@ -17,12 +13,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from data_loaders.datasets import chosen_groups
-from data_loaders.schema import DataError
 from flower_app.federation import discover, federated_data, make_setup
 from orchestration.cli import build_parser
 from orchestration.config import RunConfig
 from orchestration.experiment import check_flags, run_method
 from utils.atomic_write import atomic_write_bytes
+from utils.errors import DataError
 from utils.run_folder import default_run_dir
 
 
@@ -46,20 +42,6 @@ def resolve_groups(run: RunConfig) -> tuple[list[str], list[str]]:
     return chosen_groups(run.data)
 
 
-def check_supported(run: RunConfig) -> None:
-    """Settings that mean something in one process but not in a federation."""
-    if run.output.resume:
-        raise DataError("--resume is not supported with --engine flower: the clients' Adam states live on "
-                        "their nodes, so a restarted federation would not continue the same run",
-                        "rerun from round 0, or use --engine inprocess for resumable runs")
-    if run.output.also_centralized:
-        raise DataError("--also_centralized pools every group's data in one process, which a federation "
-                        "does not have", "run main_centralized.py with the same flags instead")
-    if run.federation.client_engine not in ("auto", "loop"):
-        raise DataError(f"--client_engine {run.federation.client_engine} runs clients inside one process; with "
-                        "--engine flower every client runs on its own node", "drop --client_engine")
-
-
 def default_secure_noise(args, runtime: str) -> None:
     """In a real deployment (SuperLink and SuperNodes) DP noise comes from the OS, known only to the
     server, unless the flags say --no-dp_secure_noise; simulations stay reproducible (issue 22)."""
@@ -72,7 +54,6 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     args.engine = "flower"
     default_secure_noise(args, runtime)
     run = check_flags(args)
-    check_supported(run)
     train, evals = resolve_groups(run)
     setup = make_setup(run.data, run.client, run.model, run.federation.device, run.server.weighting, train, evals)
     log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
@@ -84,24 +65,17 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     try:
         return run_method(run, data, out_dir, log=log)
     finally:
-        if ours:
-            write_federation_record(out_dir, runtime, data)
-
-
-def write_federation_record(out_dir: Path, runtime: str, data) -> None:
-    record = {"engine": "flower", "runtime": runtime, "nodes": data.nodes,
-              "failures": data.failures, "round_seconds": [round(s, 4) for s in data.round_seconds],
-              "eval_seconds": [round(s, 4) for s in data.eval_seconds]}
-    if out_dir.is_dir():
-        atomic_write_bytes(out_dir / "federation.json", (json.dumps(record, indent=2) + "\n").encode())
+        if ours and out_dir.is_dir():
+            record = {"engine": "flower", "runtime": runtime, "nodes": data.nodes, "failures": data.failures,
+                      "round_seconds": [round(s, 4) for s in data.round_seconds],
+                      "eval_seconds": [round(s, 4) for s in data.eval_seconds]}
+            atomic_write_bytes(out_dir / "federation.json", (json.dumps(record, indent=2) + "\n").encode())
 
 
 def make_server_app(args=None, outcome: dict | None = None, runtime: str = "simulation") -> ServerApp:
     """A ServerApp for `args` (simulation), or for the run config's flags (`args=None`: deployment).
-
-    With `outcome`, the summary or the exception is stored there instead of raised, so the
-    simulation's caller can report it after the runtime has shut down.
-    """
+    With `outcome`, the summary or the exception is stored there instead of raised, for the caller
+    to report after the runtime has shut down."""
     app = ServerApp()
 
     @app.main()

@@ -1,9 +1,7 @@
 """`main_fl.py --engine flower`: the ServerApp and ClientApp on Flower's simulation runtime, one virtual
-SuperNode per group (node i holds the i-th of the train then eval groups). --sim_backend picks what runs
-the ClientApp: `thread`, worker threads of this process (no Ray, no ports, no start-up cost; the default),
-or `ray`, Flower's Ray backend (worker processes with CPU/GPU reservations; Ray's servers listen on every
-interface). flwr 1.41 hard-wires the Ray backend inside the runtime, so the thread backend, which
-implements the same `Backend` interface, is put in its place for the duration of one run only.
+SuperNode per group (train then eval groups). --sim_backend thread runs the ClientApp in worker threads of
+this process (no Ray, no ports); ray in Flower's Ray workers. flwr 1.41 hard-wires the Ray backend inside
+the runtime, so the thread backend, with the same `Backend` interface, takes its place for one run only.
 """
 from __future__ import annotations
 
@@ -16,13 +14,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
 from orchestration.config import run_config
-from orchestration.flower_server import check_supported, make_server_app, resolve_groups
+from orchestration.flower_server import make_server_app, resolve_groups
+from utils.errors import DataError
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-SIM_BACKENDS = ("thread", "ray")
 
 
 class ThreadBackend(Backend):
@@ -80,15 +77,10 @@ def backend_config(fed) -> dict:
 
 def run_simulation_engine(args, log=print) -> dict:
     """Run the experiment of `args` through Flower's simulation runtime; returns the summary."""
-    for key, value in QUIET_ENV.items():
-        os.environ[key] = value
+    os.environ.update(QUIET_ENV)
     args.engine = "flower"
-    run = run_config(args)
-    check_supported(run)  # before the runtime starts: these flags fail in seconds
+    run = run_config(args)  # checked by the caller (entry.py)
     fed = run.federation
-    if fed.sim_backend not in SIM_BACKENDS:
-        raise DataError(f"--sim_backend {fed.sim_backend!r} is not one of {', '.join(SIM_BACKENDS)}",
-                        "use --sim_backend thread (no Ray) or ray")
     from flwr.simulation import run_simulation
 
     train, evals = resolve_groups(run)

@@ -1,9 +1,6 @@
-"""The run loop shared by FedAvg and the centralized baseline.
-
-Read it top to bottom: (resume) → evaluate round 0 → for each round: train, log the loss,
-and every `eval_every` rounds (and at the end) evaluate, write metrics, checkpoint.
-A "round" is a communication round for FedAvg and an epoch for the centralized baseline.
-"""
+"""The run loop shared by FedAvg and the centralized baseline: (resume) → evaluate round 0 → for each
+round: train, log the loss, and every `eval_every` rounds (and at the end) evaluate, write metrics,
+checkpoint. A "round" is a communication round for FedAvg and an epoch for the centralized baseline."""
 from __future__ import annotations
 
 import shutil
@@ -49,9 +46,13 @@ class LoopConfig:
     plots: bool = True            # loss.png and alignment.png in the run folder at the end
 
 
+# metrics.jsonl key suffix -> group_stats key, in the order the records hold them
+_STATS = (("alignment_score", "alignment_score"), ("group_scores", "group_scores"), ("cov", "cov"), ("fi", "fi"),
+          ("worst_alignment", "worst"), ("alignment_gap", "gap"), ("bottom_quarter_alignment", "bottom_quarter"))
+
+
 def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_steps: int,
                 points: int, wall: float) -> dict:
-    e, t = group_stats(evals), group_stats(trains)
     rec = {"round": round_}
     if window_losses:
         per_client: dict[str, list[float]] = {}
@@ -62,12 +63,9 @@ def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_step
         rec["train_loss_per_client"] = {n: sum(v) / len(v) for n, v in sorted(per_client.items())}
     else:
         rec["train_loss"], rec["train_loss_per_client"] = None, {}
-    for prefix, s in (("eval", e), ("train", t)):
-        rec[f"{prefix}_alignment_score"] = s["alignment_score"]
-        rec[f"{prefix}_group_scores"] = s["group_scores"]
-        rec[f"{prefix}_cov"], rec[f"{prefix}_fi"] = s["cov"], s["fi"]
-        rec[f"{prefix}_worst_alignment"], rec[f"{prefix}_alignment_gap"] = s["worst"], s["gap"]
-        rec[f"{prefix}_bottom_quarter_alignment"] = s["bottom_quarter"]
+    for prefix, scored in (("eval", evals), ("train", trains)):
+        stats = group_stats(scored)
+        rec.update({f"{prefix}_{key}": stats[name] for key, name in _STATS})
     rec["grad_steps"], rec["points"], rec["wall_time_s"] = grad_steps, points, round(wall, 3)
     return rec
 
@@ -82,12 +80,12 @@ class ProgressLines:
     """Plain lines for log files (nohup, job scripts), where tqdm draws nothing: every
     `every` rounds and at every evaluation, with the loss, alignment, speed and ETA."""
 
-    def __init__(self, method: str, rounds: int, start_round: int, every: int, log, enabled: bool | None = None):
+    def __init__(self, method: str, rounds: int, start_round: int, every: int, log):
         self.method, self.rounds, self.start, self.every, self.log = method, rounds, start_round, every, log
-        self.enabled = (not sys.stderr.isatty()) if enabled is None else enabled
+        self.enabled = not sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
-    def __call__(self, rnd: int, loss: float, rec: dict | None, last: dict | None, server: dict | None = None) -> None:
+    def __call__(self, rnd: int, loss: float, rec: dict | None, last: dict | None, server: dict) -> None:
         if not self.enabled or not (rec is not None or (self.every and rnd % self.every == 0)):
             return
         per = (time.perf_counter() - self.t0) / max(1, rnd - self.start)
@@ -105,7 +103,7 @@ class ProgressLines:
                 parts.append(f"consensus {consensus:.4f}")
             if shown.get("eval_group_specificity") is not None:
                 parts.append(f"specificity {shown['eval_group_specificity']:+.4f}")
-        if server and "dp_epsilon" in server:
+        if "dp_epsilon" in server:
             parts.append(f"ε {server['dp_epsilon']:.2f}")
         if rec is not None and rec.get("comm_bytes_total"):
             parts.append(f"comm {human_bytes(rec['comm_bytes_total'])}")
@@ -116,7 +114,7 @@ class ProgressLines:
 class RunLoop:
     def __init__(self, trainer, cfg: LoopConfig, run_dir: RunDir, wandb: WandbLogger, log=print):
         self.trainer, self.cfg, self.run_dir, self.wandb, self.log = trainer, cfg, run_dir, wandb, log
-        self.losses_path, self.ckpt_dir = run_dir.losses_path, run_dir.checkpoint_dir
+        self.logs, self.ckpt_dir = (run_dir.metrics_path, run_dir.losses_path), run_dir.checkpoint_dir
         self.start_round, self.grad_steps, self.points, self.wall_offset = 0, 0, 0, 0.0
         self.comm = {"down": 0, "up": 0}  # cumulative bytes (federated/comm.py); stay 0 for the centralized baseline
         self.best: tuple[float, int] | None = None  # (mean eval alignment, round) of --keep_best
@@ -125,14 +123,14 @@ class RunLoop:
         self.stopped: str | None = None  # why the run ended before cfg.rounds (StopTraining)
 
     # --- resume -------------------------------------------------------------------
-    def resume(self) -> bool:
+    def resume(self) -> None:
         """Continue from the latest complete checkpoint; drop metrics written after it."""
         self._remove_stale_temps()
         tag = latest_checkpoint(self.ckpt_dir)
         if tag is None:  # killed before the round-0 checkpoint: anything logged so far is redone
             self._trim(-1)
             self.log(f"no complete checkpoint in {self.ckpt_dir}; starting from round 0")
-            return False
+            return
         weights, extra, meta = load_checkpoint(self.ckpt_dir, tag)
         self._check_logs_there(int(meta["round"]))
         self.trainer.load_global(weights)
@@ -150,7 +148,6 @@ class RunLoop:
                          if r.get("eval_alignment_score") is not None), default=None)
         self.log(f"resumed from checkpoint {tag} (round {self.start_round}) in {self.run_dir.path}")
         self.resumed = True
-        return True
 
     def _remove_stale_temps(self) -> None:
         """Temp files of writes the interrupted process never finished (we hold the run lock)."""
@@ -162,19 +159,19 @@ class RunLoop:
 
     def _check_logs_there(self, round_: int) -> None:
         """Every checkpoint comes after its round's records: a log missing beside one was deleted."""
-        for path in (self.run_dir.metrics_path, self.losses_path):
-            if not path.exists() and (round_ > 0 or path == self.run_dir.metrics_path):
+        for path in self.logs:
+            if not path.exists() and (round_ > 0 or path == self.logs[0]):
                 raise lost_log_error(path, f"is missing, but the run has a checkpoint of round {round_}")
 
-    def _read_logs(self) -> tuple[list[dict], list[dict]]:
+    def _read_logs(self) -> list[list[dict]]:
         """metrics.jsonl and losses.jsonl (absent: none yet), their rounds checked to increase."""
-        logs = [read_metrics(p) if p.exists() else [] for p in (self.run_dir.metrics_path, self.losses_path)]
-        for path, recs in zip((self.run_dir.metrics_path, self.losses_path), logs):
+        logs = [read_metrics(p) if p.exists() else [] for p in self.logs]
+        for path, recs in zip(self.logs, logs):
             check_rounds_increase(path, recs)
-        return logs[0], logs[1]
+        return logs
 
     def _trim(self, last_round: int) -> None:
-        for path in (self.run_dir.metrics_path, self.losses_path):
+        for path in self.logs:
             if path.exists():
                 dropped = trim_metrics(path, last_round)
                 if dropped:
@@ -191,7 +188,7 @@ class RunLoop:
 
     def _run(self) -> dict:
         t0 = time.perf_counter() - self.wall_offset
-        losses = MetricsWriter(self.losses_path)
+        losses = MetricsWriter(self.logs[1])
         if not self.resumed:  # resumed from round 0's checkpoint: round 0 is logged already
             self._evaluate(0, [], t0)
         window: list[dict] = []
@@ -225,26 +222,22 @@ class RunLoop:
         return self._finish(t0)
 
     def _log_round(self, losses: MetricsWriter, rnd: int, stats: dict, server: dict) -> dict:
-        """Count the round's compute and write its losses.jsonl row (and W&B); returns the row."""
+        """Count the round's compute and bytes, and write its losses.jsonl row (and W&B); returns the row."""
         self.grad_steps += stats["grad_steps"]
         self.points += stats["points"]
-        row = {"round": rnd, "train_loss": stats["train_loss"],
-               "train_loss_per_client": stats["train_loss_per_client"], "grad_steps": self.grad_steps,
-               "points": self.points, **server, **self._count_comm(stats.get("comm"))}
+        comm = stats.get("comm") or {}  # none for a centralized epoch
+        if comm:
+            self.comm["down"] += comm["comm_bytes_down"]
+            self.comm["up"] += comm["comm_bytes_up"]
+            comm = {**comm, "comm_bytes_down_total": self.comm["down"], "comm_bytes_up_total": self.comm["up"]}
+        row = {"round": rnd, "train_loss": stats["train_loss"], "train_loss_per_client": stats["train_loss_per_client"],
+               "grad_steps": self.grad_steps, "points": self.points, **server, **comm}
         losses.write(row)
         comm = {f"comm/{k.removeprefix('comm_')}": v for k, v in row.items() if k.startswith("comm_")}
         self.wandb.log({"loss/train_mean": stats["train_loss"], "compute/grad_steps": self.grad_steps,
                         "compute/points": self.points, **{f"server/{k}": v for k, v in server.items()}, **comm},
                        step=rnd)
         return row
-
-    def _count_comm(self, comm: dict | None) -> dict:
-        """The round's bytes and the run's cumulative totals (nothing for a centralized epoch)."""
-        if not comm:
-            return {}
-        self.comm["down"] += comm["comm_bytes_down"]
-        self.comm["up"] += comm["comm_bytes_up"]
-        return {**comm, "comm_bytes_down_total": self.comm["down"], "comm_bytes_up_total": self.comm["up"]}
 
     def _evaluate(self, rnd: int, window: list[dict], t0: float) -> dict:
         try:
@@ -261,7 +254,7 @@ class RunLoop:
             rec.update(diagnostics.record(rnd, evals, trains, self.trainer.global_state, final))
         if window and "dp_epsilon" in window[-1]:
             rec["dp_epsilon"] = window[-1]["dp_epsilon"]  # privacy spent by the weights just evaluated
-        if self.comm["down"] or self.comm["up"] or getattr(self.trainer, "method", "") == "fedavg":
+        if self.comm["down"] or self.comm["up"] or self.trainer.method == "fedavg":
             rec["comm_bytes_total"] = self.comm["down"] + self.comm["up"]  # to reach the weights just evaluated
         self.run_dir.log_metrics(rec)
         self.wandb.log(wandb_metrics(rec), step=rnd)
@@ -270,15 +263,10 @@ class RunLoop:
         if self.cfg.keep_best and (self.best is None or rec["eval_alignment_score"] > self.best[0]):
             self.best = (rec["eval_alignment_score"], rnd)
             alias_checkpoint(self.ckpt_dir, tag, "best", {"eval_alignment_score": rec["eval_alignment_score"]})
-        self._prune()
+        # `final` and `best` are indexes naming a round's files, which outlive that round's pruning
+        for pruned in prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints):
+            shutil.rmtree(self.ckpt_dir / "clients" / pruned, ignore_errors=True)
         return rec
-
-    def _prune(self) -> None:
-        """Keep the newest resumable checkpoints; `final` and `best` are indexes naming a round's
-        files, so those files survive their round's index (a round checkpoint of a paper-scale
-        FedAvg run is ~60 MB, almost all of it the clients' Adam states)."""
-        for tag in prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints):
-            shutil.rmtree(self.ckpt_dir / "clients" / tag, ignore_errors=True)
 
     def _checkpoint(self, tag: str, rnd: int, wall: float) -> None:
         extra = {"trainer": self.trainer.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -286,12 +274,9 @@ class RunLoop:
                 "method": self.trainer.method}
         weights = {k: v.detach().cpu().contiguous() for k, v in self.trainer.global_state.items()}
         save_checkpoint(self.ckpt_dir, tag, model_state=weights, extra_states=extra, meta=meta)
-        if self.cfg.save_client:
-            self._save_client_weights(tag)
-
-    def _save_client_weights(self, tag: str) -> None:
-        """Each client's locally trained weights of the last round (the released code's --save_client)."""
-        folder = self.ckpt_dir / "clients" / tag
+        if not self.cfg.save_client:
+            return
+        folder = self.ckpt_dir / "clients" / tag  # each client's weights of the last round (the released code's)
         folder.mkdir(parents=True, exist_ok=True)
         for name, state in getattr(self.trainer, "last_client_states", {}).items():
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
@@ -326,30 +311,21 @@ def build_summary(records: list[dict], losses: list[dict], cfg: LoopConfig, wall
     best = max(records, key=lambda r: r["eval_alignment_score"])
     conv = curve_convergence_round([r["round"] for r in losses], [r["train_loss"] for r in losses],
                                    threshold=cfg.convergence_threshold, window=cfg.convergence_window)
-    at_conv = next((r for r in losses if r["round"] == conv), {}) if conv is not None else {}
+    at_conv = next((r for r in losses if r["round"] == conv), {})
     return {
-        "rounds": final["round"],
-        "final_eval_alignment_score": final["eval_alignment_score"],
-        "best_eval_alignment_score": best["eval_alignment_score"],
-        "best_round": best["round"],
-        "final_eval_fi": final["eval_fi"], "final_eval_cov": final["eval_cov"],
-        "final_eval_worst_alignment": final.get("eval_worst_alignment"),
-        "final_eval_alignment_gap": final.get("eval_alignment_gap"),
-        "final_eval_bottom_quarter_alignment": final.get("eval_bottom_quarter_alignment"),
-        "final_train_worst_alignment": final.get("train_worst_alignment"),
-        "final_train_alignment_score": final["train_alignment_score"],
-        "final_train_fi": final["train_fi"], "final_train_cov": final["train_cov"],
+        "rounds": final["round"], "final_eval_alignment_score": final["eval_alignment_score"],
+        "best_eval_alignment_score": best["eval_alignment_score"], "best_round": best["round"],
+        **{f"final_{k}": final.get(k) for k in ("eval_fi", "eval_cov", "eval_worst_alignment", "eval_alignment_gap",
+                                                "eval_bottom_quarter_alignment", "train_worst_alignment",
+                                                "train_alignment_score", "train_fi", "train_cov")},
         "final_train_loss": losses[-1]["train_loss"] if losses else None,
-        "convergence_round": conv,
-        "convergence_grad_steps": at_conv.get("grad_steps"),
+        "convergence_round": conv, "convergence_grad_steps": at_conv.get("grad_steps"),
         "convergence_points": at_conv.get("points"),
         "convergence": {"threshold": cfg.convergence_threshold, "smoothing": "centred moving average",
                         "window_rounds": cfg.convergence_window},
         "dp_epsilon": final.get("dp_epsilon"),  # privacy spent by the final weights (DP runs)
         **comm_summary(losses, at_conv),
-        "total_grad_steps": final["grad_steps"],
-        "total_points": final.get("points"),
-        "wall_time_s": round(wall, 3),
+        "total_grad_steps": final["grad_steps"], "total_points": final.get("points"), "wall_time_s": round(wall, 3),
         "final_eval_group_scores": final["eval_group_scores"],
         **diagnostics_summary(final, best),
     }

@@ -1,15 +1,7 @@
-"""Run records: the files of a finished run folder that the reports read, small enough to commit.
-
-    runs/<A>/<B>/<run>/   ->   <records_dir>/<A>/<B>/<run>/        (record_path: the one mapping)
-        config.json, summary.json        copied byte for byte
-        metrics.jsonl.gz, losses.jsonl.gz    gzipped with no name and mtime 0 in the header, so an
-                                         unchanged run rewrites to the same bytes
-        failed.json                      only for a run that diverged (it is its result)
-        record.json                      where it ran (CPU model, torch threads and version, from the
-                                         run's config.json), the source folder, the file sizes
-
-Nothing else: no checkpoints, weights or client states (a record is for reports, not for
-resuming). An interrupted run (no summary.json, no failed.json) is never recorded.
+"""Run records: the files of a finished run folder that the reports read, small enough to commit
+(README: Run records). runs/<A>/<B>/<run>/ maps to <records_dir>/<A>/<B>/<run>/ holding config.json
+and summary.json (and failed.json) byte for byte, the logs gzipped reproducibly, and record.json
+(where it ran, the source folder, the file sizes); no checkpoints. Unfinished runs are never recorded.
 
     python -m orchestration.records RUN_DIR [RUN_DIR ...] [--records_dir results] [--commit_records]
 """
@@ -27,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from data_loaders.schema import DataError
-from utils.errors import OutputDirError, exit_on_error
+from utils.atomic_write import atomic_write_bytes
+from utils.errors import DataError, OutputDirError, exit_on_error
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS_ENV = "PLURALLLM_RECORDS_DIR"  # the default --records_dir (tests point it at a temporary folder)
@@ -76,9 +68,7 @@ def record_files(run_dir: Path, source: str) -> dict[str, bytes]:
         raise DataError(f"{run_dir} is an interrupted run (no summary.json, no failed.json); an unfinished run "
                         "is never recorded", "finish it first (rerun its command; it resumes), then record it")
     files = {name: (run_dir / name).read_bytes() for name in COPIED if (run_dir / name).is_file()}
-    for name in GZIPPED:
-        if (run_dir / name).is_file():
-            files[f"{name}.gz"] = gzip_bytes((run_dir / name).read_bytes())
+    files.update({f"{n}.gz": gzip_bytes((run_dir / n).read_bytes()) for n in GZIPPED if (run_dir / n).is_file()})
     try:
         env = json.loads(files["config.json"]).get("environment") or {}
     except ValueError as e:
@@ -107,17 +97,12 @@ def _replace_folder(target: Path, files: dict[str, bytes]) -> None:
     tmp.mkdir(parents=True)
     try:
         for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        old = None
+            atomic_write_bytes(tmp / name, data)
+        old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
         if target.exists():  # a record made from other flags: replaced, never merged
-            old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
             target.rename(old)
         tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -154,7 +139,6 @@ def read_info(record: Path) -> dict:
         return {}
 
 
-# ----------------------------------------------------------------------------------------
 # committing a record: only its own path, whatever else the working tree holds
 
 
@@ -163,8 +147,7 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def check_commit_target(records_dir: Path) -> Path:
-    """The git working tree that will hold the records; checked before any training, so that
-    --commit_records cannot fail only after the first run."""
+    """The git working tree that will hold the records (checked before any training)."""
     here = Path(records_dir).resolve()
     while not here.exists():
         here = here.parent
@@ -180,11 +163,7 @@ def commit_record(record: Path, log=print, attempts: int = 5, wait_s: float = 2.
     """`git add` and `git commit` limited to the record's folder; retried while another git process
     holds the index lock. Returns False when there was nothing to commit."""
     record = Path(record).resolve()
-    top = _git(record, "rev-parse", "--show-toplevel")
-    if top.returncode != 0:
-        raise DataError(f"--commit_records: {record} is not inside a git repository ({top.stderr.strip()})",
-                        "point --records_dir into a git working tree, or drop --commit_records")
-    repo = Path(top.stdout.strip())
+    repo = check_commit_target(record)
     rel = record.relative_to(repo).as_posix()
     for attempt in range(1, attempts + 1):
         out = _git(repo, "add", "--", rel)
@@ -202,9 +181,6 @@ def commit_record(record: Path, log=print, attempts: int = 5, wait_s: float = 2.
                             "the record is written; commit it by hand (git add/commit -- that path)")
         time.sleep(wait_s * attempt)  # another git process holds the index; it is gone in a moment
     return False
-
-
-# ----------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,32 +1,30 @@
 """Replay the first rounds of a recorded run on the current code and compare its losses.
 
-A record is reused only if this code still computes its numbers: its first REPLAY_ROUNDS rounds
-are trained again (same seed, flags, data and torch thread count, which decides a GEMM's last
-bits) in a temporary folder, and every logged loss is compared within a host-dependent tolerance.
-On the CPU model that recorded the run a replay agrees to 1e-5 relative (in practice exactly).
-Another CPU model runs other kernels whose last-bit differences training amplifies (AMD EPYC
-records replayed on an Intel Xeon moved by up to 3.4e-4), so it gets 1e-3; a changed formula moves
-far more. Differences are measured against each round's largest |loss|, at least SCALE_FLOOR, so a
-near-zero value is compared absolutely, not as the ratio of two tiny numbers.
+A record is reused only if this code still computes its numbers: its first REPLAY_ROUNDS rounds are
+trained again (same seed, flags, data and torch thread count) and every logged loss is compared.
+On the recording CPU model a replay agrees to 1e-5 relative (in practice exactly); another CPU
+model's kernels differ in the last bits, which training amplifies (AMD EPYC records moved by up to
+3.4e-4 on an Intel Xeon), so it gets 1e-3; a changed formula moves far more.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from orchestration.config import RunConfig
+from orchestration.config import RunConfig, run_config
 from orchestration.experiment import run_method
 from utils.jsonl_log import read_metrics
 
 REPLAY_ROUNDS = 2
 TOLERANCE = 1e-5             # relative, a replay on the CPU model that recorded the run (issue 21)
 CROSS_HOST_TOLERANCE = 1e-3  # relative, on another CPU model (measured above)
-SCALE_FLOOR = 1e-3           # the smallest scale a difference is measured against
+SCALE_FLOOR = 1e-3           # the smallest scale a difference is measured against: near 0, absolute
 
 
 def tolerance_for(recorded_cpu: str | None, here_cpu: str) -> float:
@@ -62,10 +60,7 @@ def replay_losses(run: RunConfig, data, rounds: int, threads: int | None) -> lis
     quiet = {"wandb": "off", "no_plots": True, "quiet": True, "log_every": 0, "keep_checkpoints": 1, "resume": False}
     with tempfile.TemporaryDirectory(prefix="plurallm-replay-") as tmp, torch_threads(threads):
         folder = Path(tmp) / "run"
-        run = replace(run, flags={**run.flags, **quiet, "out_dir": str(folder)},
-                      data=replace(run.data, quiet=True),
-                      loop=replace(run.loop, plots=False, log_every=0, keep_checkpoints=1),
-                      output=replace(run.output, wandb="off", resume=False, out_dir=str(folder)))
+        run = run_config(argparse.Namespace(**{**run.flags, **quiet, "out_dir": str(folder)}), run.method)
         run_method(run, data, folder, log=lambda *_: None, stop_after=rounds)
         return read_metrics(folder / "losses.jsonl")
 

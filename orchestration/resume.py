@@ -1,22 +1,22 @@
 """Which run folder a command writes to, and whether it continues an earlier run.
 
-A run is identified by what decides its numbers: flags, data (content hash, not path),
-embedding model, groups, model shape. Flags that only change where output goes or how
-fast it is computed (device, engine, batch sizes, logging) may differ between the
-interrupted command and the resuming one.
+A run is identified by what decides its numbers: flags, data (content hash, not path), embedding
+model, groups, model shape. Flags that only change where output goes or how fast it is computed
+may differ between the interrupted command and the resuming one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from data_loaders.schema import DataError
 from models.gpo import GPOConfig
-from orchestration.cli import build_parser
+from orchestration.cli import flag_defaults
 from utils.atomic_write import atomic_write_json
-from utils.run_folder import FAILED, RunDir, default_run_dir, is_finished, read_failure
+from utils.errors import DataError
+from utils.run_folder import FAILED, RunDir, default_run_dir, is_finished, read_failure, read_json
 from utils.run_lock import RunLock
 
 RUNS_ROOT = "runs"
@@ -73,16 +73,10 @@ def fingerprint(config: dict) -> str:
 
 
 def added_defaults(method: str | None) -> dict:
-    """Dotted key -> default value of every flag and model field this code knows.
-
-    A folder written before a flag existed lacks its key; the flag at its default reproduces
-    the old behaviour bit for bit (each new flag's default is the old behaviour), so such a
-    key is no difference. This keeps runs resumable and reusable across code versions."""
-    from dataclasses import fields
-
-    flags = vars(build_parser(method if method in ("fedavg", "centralized") else "fedavg").parse_args([]))
-    model = {f"model_config.{f.name}": f.default for f in fields(GPOConfig) if f.name != "dim_x"}
-    return {**flags, **model}
+    """Dotted key -> default of every flag and model field. A folder written before a flag existed
+    lacks its key, and each new flag's default is the old behaviour, so such a key is no difference."""
+    flags = flag_defaults(method if method in ("fedavg", "centralized") else "fedavg")
+    return {**flags, **{f"model_config.{f.name}": f.default for f in fields(GPOConfig) if f.name != "dim_x"}}
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
@@ -112,17 +106,11 @@ def _diff(a, b, prefix, defaults):
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} cannot be read as JSON ({e})",
-                        "the run folder is damaged; delete it or point --out_dir elsewhere") from e
+    return read_json(folder / "config.json", hint="the run folder is damaged; delete it or point --out_dir elsewhere")
 
 
 def mark_failed(folder: Path, reason: str, **details) -> Path:
     """A run that cannot go on (it diverged): never mistaken for an interrupted one."""
-    import time
     return atomic_write_json(folder / FAILED, {"reason": reason, **details,
                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -148,11 +136,7 @@ class RunPlan:
     run_dir: RunDir
     resume: bool        # continue from the latest checkpoint in run_dir
     finished: bool      # nothing left to do: the summary is already there
-    lock: RunLock | None = None  # held until the run ends: one process per folder
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+    lock: RunLock       # held until the run ends (release it then): one process per folder
 
 
 def plan_run(run, config: dict, out_dir=None, log=print) -> RunPlan:
@@ -160,46 +144,30 @@ def plan_run(run, config: dict, out_dir=None, log=print) -> RunPlan:
 
     The folder is locked before anything in it is read for a decision or written, and stays
     locked in the returned plan (release it when the run ends)."""
-    method, seed = run.method, run.client.seed
-    if run.output.resume:
-        folder = Path(out_dir) if out_dir else find_latest(Path(RUNS_ROOT), method, config)
+    method, resume = run.method, run.output.resume
+    folder = Path(out_dir) if out_dir else None
+    if resume and folder is None:
+        folder = find_latest(Path(RUNS_ROOT), method, config)
         if folder is None:
             log(f"--resume: no earlier {method} run with this configuration under {RUNS_ROOT}/; starting a new one")
-            return _fresh(method, seed, config)
-        if not (folder / "config.json").exists():
-            raise DataError(f"--resume: {folder} holds no run (no config.json)",
-                            "point --out_dir at the folder of the run to continue, or drop --resume")
-        return _locked(folder, lambda: _continue(folder, method, config, log))
-    if out_dir:
-        folder = Path(out_dir)
-        return _locked(folder, lambda: _fresh_into(folder, method, seed, config, out_dir))
-    return _fresh(method, seed, config)
-
-
-def _locked(folder: Path, decide) -> RunPlan:
+            resume = False
+    if resume and not (folder / "config.json").exists():
+        raise DataError(f"--resume: {folder} holds no run (no config.json)",
+                        "point --out_dir at the folder of the run to continue, or drop --resume")
+    folder = folder or default_run_dir(method, run.client.seed, RUNS_ROOT)
     lock = RunLock(folder).acquire()
     try:
-        plan = decide()
+        if not resume and _holds_run(folder):
+            raise DataError(f"--out_dir {out_dir} already holds a run (config.json and outputs are there)",
+                            "add --resume to continue it, or choose another --out_dir (or delete that folder)")
+        finished = resume and _continue(folder, method, config, log)
+        run_dir = RunDir(folder)
+        if not resume:
+            run_dir.write_config(config)
     except BaseException:
         lock.release()
         raise
-    plan.lock = lock
-    return plan
-
-
-def _fresh_into(folder: Path, method, seed, config, out_dir) -> RunPlan:
-    if _holds_run(folder):
-        raise DataError(f"--out_dir {out_dir} already holds a run (config.json and outputs are there)",
-                        "add --resume to continue it, or choose another --out_dir (or delete that folder)")
-    return _fresh(method, seed, config, out_dir)
-
-
-def _fresh(method, seed, config, out_dir=None) -> RunPlan:
-    folder = Path(out_dir) if out_dir else default_run_dir(method, seed, RUNS_ROOT)
-    lock = None if out_dir else RunLock(folder).acquire()  # --out_dir folders are locked by the caller
-    run_dir = RunDir(folder)
-    run_dir.write_config(config)
-    return RunPlan(run_dir, resume=False, finished=False, lock=lock)
+    return RunPlan(run_dir, resume, finished, lock)
 
 
 def _holds_run(folder: Path) -> bool:
@@ -238,7 +206,8 @@ def check_resume_early(run) -> None:
     _check_same_run(folder, saved, run.method)
 
 
-def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
+def _continue(folder: Path, method: str, config: dict, log) -> bool:
+    """Refuse a folder --resume cannot continue with these flags; whether its run is finished."""
     saved = read_config(folder)
     _check_same_run(folder, saved, method)
     diff = differences(saved, config)
@@ -246,4 +215,4 @@ def _continue(folder: Path, method: str, config: dict, log) -> RunPlan:
         raise DataError(f"--resume: the flags differ from the run in {folder}: " + "; ".join(diff), _RERUN_HINT)
     finished = is_finished(folder)
     log(f"--resume: {'already finished' if finished else 'continuing'} run {folder}")
-    return RunPlan(RunDir(folder), resume=True, finished=finished)
+    return finished

@@ -1,13 +1,7 @@
-"""Two figures inside one run folder, written at the end of a run (unless --no_plots):
-
-  loss.png       training loss per round, raw and smoothed with the centred moving average that
-                 defines the convergence round, and that round (loss progress ≥ 95%)
-  alignment.png  left: mean evaluation and training alignment and the worst evaluation group's
-                 alignment; right: the fairness index of both group sets
-
-Only metrics.jsonl and losses.jsonl are read, through utils/run_folder.py. matplotlib is
-imported here, inside the call, and drawn through a bare Figure (no pyplot, no global backend
-switch), so a training process pays for it once at the very end and a headless machine needs nothing.
+"""loss.png (the training loss, its smoothed curve and the convergence round) and alignment.png (mean and
+worst-group alignment, fairness index) inside a run folder, from its logs alone, at the end of a run.
+matplotlib is imported inside the call and drawn on a bare Figure (no pyplot, no global backend), so a
+training process pays for it once at the very end and a headless machine needs nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +14,6 @@ from utils.run_folder import read_log, record_value
 
 @dataclass
 class RunLogs:
-    """What the figures read: the folder's name and its two logs."""
     path: Path
     metrics: list[dict] = field(default_factory=list)   # one record per evaluation
     losses: list[dict] = field(default_factory=list)    # one record per round

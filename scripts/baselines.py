@@ -12,8 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from federated.fedavg import make_clients  # noqa: E402
-from orchestration.cli import build_parser  # noqa: E402
-from orchestration.experiment import check_flags, load_data  # noqa: E402
+from orchestration.experiment import run_and_data  # noqa: E402
 from training.diagnostics import seen_unseen  # noqa: E402
 from training.evaluation import GroupEval, group_stats  # noqa: E402
 from training.reference import BASELINES, QuestionReference  # noqa: E402
@@ -42,13 +41,9 @@ def baseline_table(data, run) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser("fedavg").parse_args(argv)
-    args.quiet = True
-
     def table() -> None:
-        run = check_flags(args)
-        for line in baseline_table(load_data(run, log=lambda *a: None), run):
-            print(line)
+        run, data = run_and_data(argv)
+        print("\n".join(baseline_table(data, run)))
     return exit_on_error(table)
 
 

@@ -4,16 +4,10 @@
     python scripts/golden.py --check                  # rerun every case and compare with tests/golden/
     python scripts/golden.py --check dp alie_trimmed  # some cases only
 
-Each case is one main_fl.py or main_centralized.py run (a few rounds, a small model) trained in
-this process with one torch thread and the loop client engine unless the case names another.
-Its metrics.jsonl and losses.jsonl are kept without their wall-clock field (`wall_time_s`), one
-JSON object per line with sorted keys. On the machine that recorded them (same CPU model and
-torch version, MACHINE.json) a rerun must give the same lines byte for byte; elsewhere every
-number must agree within the tolerance of the run records' replay check (orchestration/replay.py:
-1e-5 relative on the recording CPU model, 1e-3 on another, near-zero values compared absolutely),
-and the largest difference is reported. tests/test_golden.py runs the comparison for every case
-within that tolerance even on a machine of the same name (hosts that both say "AMD EPYC" can
-differ in the last bits); --check by hand is exact there.
+Each case is one main_fl.py or main_centralized.py run of a few rounds, trained here with one torch
+thread. Its metrics.jsonl and losses.jsonl, wall clock aside, must be byte for byte the recorded ones on
+the recording machine (MACHINE.json), elsewhere within the run records' replay tolerance
+(orchestration/replay.py). tests/test_golden.py accepts that tolerance everywhere (README: Design).
 """
 from __future__ import annotations
 
@@ -27,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from orchestration.entry import main as train_main  # noqa: E402
-from orchestration.replay import relative_difference, tolerance_for  # noqa: E402  (the records' replay check)
+from orchestration.replay import relative_difference, tolerance_for, torch_threads  # noqa: E402
 from reporting.paths import default_data_path  # noqa: E402
 from utils.provenance import cpu_model  # noqa: E402
 
@@ -101,65 +97,53 @@ def case_argv(name: str, out_dir: Path) -> tuple[str, list[str]]:
 
 def canonical_lines(path: Path) -> list[str]:
     """A JSONL log as sorted-key lines without its wall-clock fields (floats keep their exact repr)."""
-    out = []
-    for line in path.read_text().splitlines():
-        rec = {k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}
-        out.append(json.dumps(rec, sort_keys=True))
-    return out
+    return [json.dumps({k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}, sort_keys=True)
+            for line in path.read_text().splitlines()]
 
 
 def run_case(name: str, work: Path) -> dict[str, list[str]]:
     """Train the case into work/<name> with one torch thread; its logs as canonical lines."""
-    import torch
-
     method, argv = case_argv(name, work / name)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         rc = train_main(method, argv)
-    finally:
-        torch.set_num_threads(threads)
     if rc != 0:
         raise RuntimeError(f"golden case {name}: {method} exited {rc} ({' '.join(argv)})")
     return {log: canonical_lines(work / name / log) for log in LOGS}
 
 
 def machine() -> dict:
-    import torch
-
     return {"cpu_model": cpu_model(), "torch": torch.__version__, "torch_threads": 1}
 
 
-def _differences(got, want, where: str, out: list[tuple[float, str]]) -> None:
-    """Every disagreement between two decoded JSON values: (relative difference, where)."""
-    if isinstance(want, dict) and isinstance(got, dict):
-        for k in sorted(set(want) | set(got)):
-            if k not in want or k not in got:
-                out.append((math.inf, f"{where}.{k}: only in {'the rerun' if k in got else 'the golden log'}"))
-            else:
-                _differences(got[k], want[k], f"{where}.{k}", out)
-    elif isinstance(want, list) and isinstance(got, list):
-        if len(want) != len(got):
-            out.append((math.inf, f"{where}: {len(got)} items, golden {len(want)}"))
-        for i, (g, w) in enumerate(zip(got, want)):
-            _differences(g, w, f"{where}[{i}]", out)
-    elif isinstance(want, float) or isinstance(got, float):
-        if not (isinstance(got, (int, float)) and isinstance(want, (int, float))):
-            out.append((math.inf, f"{where}: {got!r}, golden {want!r}"))
-        elif got != want and not (math.isnan(got) and math.isnan(want)):
-            rel = relative_difference(got, want)
-            out.append((rel, f"{where}: {got!r}, golden {want!r} (relative {rel:.2e})"))
-    elif got != want:
-        out.append((math.inf, f"{where}: {got!r}, golden {want!r}"))
+def _leaves(value, where: str) -> dict:
+    """Every number, string, null or empty container in a decoded JSON value, by its path ('x.y[0]')."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{where}.{key}").items()}
+    if isinstance(value, list) and value:
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{where}[{i}]").items()}
+    return {where: value}
+
+
+def _differences(got, want, where: str) -> list[tuple[float, str]]:
+    """(relative difference, where) of every disagreement; floats within their relative difference."""
+    got, want = _leaves(got, where), _leaves(want, where)
+    out = []
+    for path in [*want, *(p for p in got if p not in want)]:
+        if path not in want or path not in got:
+            out.append((math.inf, f"{path}: only in {'the rerun' if path in got else 'the golden log'}"))
+            continue
+        g, w = got[path], want[path]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (g, w))
+        rel = relative_difference(g, w) if numbers and float in (type(g), type(w)) else (0.0 if g == w else math.inf)
+        if rel:
+            out.append((rel, f"{path}: {g!r}, golden {w!r}" + (f" (relative {rel:.2e})" if rel < math.inf else "")))
+    return out
 
 
 def compare(name: str, got: dict[str, list[str]], golden_dir: Path = GOLDEN_DIR,
             here: dict | None = None, strict: bool = True) -> tuple[bool, str]:
     """(passed, one line of explanation). Exact on the recording machine, else within the replay
-    tolerance for this CPU model against the recording one.
-
-    strict=False accepts that tolerance on the recording machine too: two hosts can both report
-    only "AMD EPYC" and still differ in the last bits (README, Sample output)."""
+    tolerance; strict=False accepts that tolerance there too (two "AMD EPYC" hosts can differ in the last bits)."""
     recorded = json.loads((golden_dir / "MACHINE.json").read_text())
     here = here or machine()
     exact = recorded == here and strict
@@ -171,7 +155,7 @@ def compare(name: str, got: dict[str, list[str]], golden_dir: Path = GOLDEN_DIR,
         if len(got[log]) != len(want):
             diffs.append((math.inf, f"{log}: {len(got[log])} lines, golden {len(want)}"))
         for i, (g, w) in enumerate(zip(got[log], want)):
-            _differences(json.loads(g), json.loads(w), f"{log} line {i + 1}", diffs)
+            diffs += _differences(json.loads(g), json.loads(w), f"{log} line {i + 1}")
     if not diffs:
         return True, f"{name}: identical" + ("" if recorded == here else " (on another machine)")
     worst = max(diffs)

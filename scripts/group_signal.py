@@ -4,25 +4,15 @@
         -- --dataset opinionqa --emb_model minilm --question_split 0.2 --seed 0
     python scripts/group_signal.py --table benchmarks/results/group_use/signal_*.json   # the report's table
 
-The trained GPO scores the same with a group's own context answers as with another group's.
-Before asking a model to read the group, this script asks whether 20 context answers carry a
-group that a simple rule can read, on the same split, targets and metric as a run:
-
-- **nearest groups** (seen questions only): predict a target as the training groups' answers
-  weighted by softmax(−β · their mean distance to the context answers). It reads the group
-  through the answers alone, no embedding. β = 0 is the consensus.
-- **fold-in** (seen questions only): the consensus plus a ridge-fitted linear combination of
-  the training groups' deviations from it, fitted on the context questions: the group as a
-  point in the span of the training groups, as collaborative filtering folds in a new user.
-- **linear tilt**: p ∝ consensus · exp(z · w), z the option embedding centred over the
-  question's options, w fitted by ridge-penalised maximum likelihood on the group's context
-  questions (the in-context case), or on 80% of all its questions (`oracle`: how much of the
-  group's deviation from the consensus a direction of the embedding space explains at all).
-
-Each rule is scored with the group's own context answers and with its partner's (the run's
-seeded derangement), so specificity = own − partner, as in a run's record. Evaluation groups
-use the training groups' consensus; training groups use the consensus of the other training
-groups (leave-one-out), on their questions outside the global held-out set.
+On a run's split, targets and metric, each rule predicts a group's targets from its 20 context answers:
+- nearest groups (seen questions): the training groups' answers weighted by softmax(−β · their mean
+  distance to the context answers); β = 0 is the consensus.
+- fold-in (seen questions): the consensus plus a ridge-fitted combination of the training groups'
+  deviations from it, as collaborative filtering folds in a new user.
+- linear tilt: p ∝ consensus · exp(z · w), z the centred option embedding, w fitted by ridge-penalised
+  maximum likelihood on the context (or, `oracle`, on 80% of all the group's questions).
+Specificity = own − partner context answers (the run's seeded derangement). Evaluation groups use the
+training groups' consensus, training groups that of the others (leave-one-out), outside the held-out set.
 """
 from __future__ import annotations
 
@@ -36,9 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_loaders.datasets import prepare_experiment  # noqa: E402
-from orchestration.cli import build_parser  # noqa: E402
-from orchestration.config import run_config  # noqa: E402
+from orchestration.experiment import run_and_data  # noqa: E402
 from training.diagnostics import partners  # noqa: E402
 from utils.distances import score_questions  # noqa: E402
 from utils.seeding import generator  # noqa: E402
@@ -70,14 +58,9 @@ class Group:
 
 def score(group: Group, rows: np.ndarray, pred: np.ndarray, metric: str) -> float:
     """Mean alignment (1 − distance) of `pred` [len(rows), K] on the group's questions `rows`."""
-    g, off = group.g, group.g.offsets
-    sel = torch.as_tensor(rows)
-    sizes = (off[1:] - off[:-1])[sel]
-    new_off = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    idx = torch.cat([torch.arange(int(off[r]), int(off[r + 1])) for r in rows.tolist()])
-    pr = torch.as_tensor(pred[group.mask[rows]])
-    ords = None if g.ordinals is None else g.ordinals[idx]
-    dist = score_questions(pr, g.y[idx].double(), new_off, metric=metric, ordinals=ords)
+    sub = group.g.subset(torch.as_tensor(rows))
+    dist = score_questions(torch.as_tensor(pred[group.mask[rows]]), sub.y.double(), sub.offsets, metric=metric,
+                           ordinals=sub.ordinals)
     return float(1 - dist.mean())
 
 
@@ -175,9 +158,8 @@ def probe(group: Group, partner: Group, pool: list[Group], metric: str, n_ctx: i
     fit, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
     for ridge in RIDGES:
         w = tilt_fit(cons[fit], group.z[fit], group.mask[fit], group.p[fit], ridge)
-        out.setdefault(f"oracle_tilt_r{ridge:g}", []).append(
-            score(group, test, tilted(cons[test], group.z[test], group.mask[test], w), metric))
-    out.setdefault("oracle_consensus", []).append(score(group, test, cons[test], metric))
+        add(f"oracle_tilt_r{ridge:g}", score(group, test, tilted(cons[test], group.z[test], group.mask[test], w), metric))
+    add("oracle_consensus", score(group, test, cons[test], metric))
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
@@ -215,17 +197,15 @@ def main(argv=None) -> int:
     ap.add_argument("run_flags", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     flags = a.run_flags[1:] if a.run_flags[:1] == ["--"] else a.run_flags
-    args = build_parser("fedavg").parse_args(flags)
-    run = run_config(args, "fedavg")
-    data = prepare_experiment(run.data, log=lambda *m: None)
-    metric = run.client.metric
+    run, data = run_and_data(flags)
+    metric, seed = run.client.metric, run.client.seed
     held = set() if data.heldout_qkeys is None else {int(k) for k in data.heldout_qkeys.tolist()}
     train = {n: Group(g, held) for n, g in data.train.items()}
     evals = {n: Group(g, held) for n, g in data.eval.items()}
-    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator(args.seed, "group_signal"))))
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator(seed, "group_signal"))))
     result = {"flags": flags, "metric": metric, "n_ctx": a.n_ctx, "draws": a.draws, "groups": {}}
     for role, groups in (("eval", evals), ("train", train)):
-        pairs = partners(list(groups), args.seed)
+        pairs = partners(list(groups), seed)
         for name, grp in sorted(groups.items()):
             pool = list(train.values()) if role == "eval" else [g for n, g in train.items() if n != name]
             result["groups"][f"{role}:{name}"] = probe(grp, groups[pairs[name]], pool, metric, a.n_ctx, rng, a.draws)
@@ -233,9 +213,8 @@ def main(argv=None) -> int:
     for role in ("eval", "train"):
         rows = [v for k, v in result["groups"].items() if k.startswith(role + ":")]
         result[f"mean_{role}"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True))
-    for role in ("eval", "train"):
         print(role, json.dumps({k: round(v, 4) for k, v in result[f"mean_{role}"].items()}))
+    Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 

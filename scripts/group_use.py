@@ -3,14 +3,10 @@
     python scripts/group_use.py                       # the small protocol below, seed 0
     python scripts/group_use.py --seed 1 --out runs/group_use_s1.json -- --d_model 64
 
-Trains the centralized model on the protocol and, at each checkpoint epoch, prints the group
-specificity (evaluation groups, training groups on their own and on held-out questions, with the
-own / partner / consensus alignment and how far predictions move with the partner's answers),
-where the loss gradient enters a context token (its answer y against its option embedding x, raw
-and as gradient × input, and the first layer's weights), and what the targets' attention does
-(mass on context, entropy, movement under the partner's answers, correlation with the options'
-cosine similarity). Seeded (--seed; data from --syn_seed); writes only `--out` (JSON). Flags
-after `--` go to the trainer (main_centralized.py's) and override the protocol's.
+Trains the centralized model and, at each checkpoint epoch, prints the group specificity (own /
+partner / consensus alignment, how far predictions move with the partner's answers), where the loss
+gradient enters a context token (answer y against option embedding x), and what the targets'
+attention does. Flags after `--` are main_centralized.py's and override the protocol's.
 """
 from __future__ import annotations
 
@@ -27,10 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from data_loaders.datasets import prepare_experiment  # noqa: E402
 from data_loaders.episodes import collate, sample_batch  # noqa: E402
-from orchestration.cli import build_parser  # noqa: E402
-from orchestration.experiment import check_flags, make_trainer  # noqa: E402
+from orchestration.experiment import make_trainer, run_and_data  # noqa: E402
 from training.diagnostics import Diagnostics  # noqa: E402
 from training.evaluation import GroupEval, eval_split, group_stats  # noqa: E402
 from utils.seeding import generator  # noqa: E402
@@ -44,10 +38,8 @@ CHECKPOINTS = (0, 10, 30, 100, 200, 300)
 
 
 def build(seed: int, extra: list[str]):
-    args = build_parser("centralized").parse_args([*PROTOCOL, "--seed", str(seed), *extra])
-    run = check_flags(args)
-    data = prepare_experiment(run.data, log=lambda *a: None)
-    return make_trainer(replace(run, client=replace(run.client, metric="jsd")), data, "cpu"), args, data
+    run, data = run_and_data([*PROTOCOL, "--seed", str(seed), *extra], "centralized")
+    return make_trainer(replace(run, client=replace(run.client, metric="jsd")), data, "cpu"), data
 
 
 # --- specificity -------------------------------------------------------------------------
@@ -59,8 +51,7 @@ def pair_episode(diag: Diagnostics, pair, kind: str):
 
 
 def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: Diagnostics) -> dict:
-    spec = diag.specificity()
-    controls = diag.controls()
+    spec, controls = diag.specificity(), diag.controls()
     cons = {p.name: GroupEval(p.name, diag.reference.distances("consensus", diag.eval_clients[p.name].local,
                                                                  p.targets, diag.metric)) for p in diag.pairs}
     moves = []
@@ -68,9 +59,7 @@ def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: 
         for pair in diag.pairs:
             own, other = (diag.model.predict(pair_episode(diag, pair, k))[0] for k in ("own", "partner"))
             ep = pair_episode(diag, pair, "own")
-            seg = ep.tgt_seg[0]
-            tv = torch.zeros(ep.num_tgt_q).index_add_(0, seg, (own - other).abs()) / 2
-            moves.append(tv)
+            moves.append(torch.zeros(ep.num_tgt_q).index_add_(0, ep.tgt_seg[0], (own - other).abs()) / 2)
     return {"specificity": spec["eval_group_specificity"], "specificity_se": spec["eval_group_specificity_se"],
             "train_specificity": train_diag.specificity()["eval_group_specificity"],
             "train_heldout_specificity": heldout_diag.specificity()["eval_group_specificity"],
@@ -166,9 +155,8 @@ def attention_block(model, diag: Diagnostics) -> dict:
 
 def measure(trainer, diag, train_diag, heldout_diag, probe) -> dict:
     diag.model.load_state_dict({k: v.detach().clone() for k, v in trainer.global_state.items()})
-    out = {"spec": specificity_block(diag, train_diag, heldout_diag), "grad": gradient_block(diag.model, probe),
-           "attention": attention_block(diag.model, diag)}
-    return out
+    return {"spec": specificity_block(diag, train_diag, heldout_diag), "grad": gradient_block(diag.model, probe),
+            "attention": attention_block(diag.model, diag)}
 
 
 def main(argv=None) -> dict:
@@ -180,16 +168,16 @@ def main(argv=None) -> dict:
     p.add_argument("extra", nargs="*", help="trainer flags after --, override the protocol's")
     a = p.parse_args(argv)
     checkpoints = sorted(int(c) for c in a.checkpoints.split(","))
-    trainer, args, data = build(a.seed, a.extra)
-    diag = trainer.diagnostics
-    train_diag = Diagnostics(diag.model, diag.train_clients, diag.train_clients, diag.metric, args.eval_num_qs,
-                             args.eval_seed)
+    trainer, data = build(a.seed, a.extra)
+    diag, cfg = trainer.diagnostics, trainer.cfg
+    train_diag = Diagnostics(diag.model, diag.train_clients, diag.train_clients, diag.metric, cfg.eval_num_qs,
+                             cfg.eval_seed)
     # The training groups again, scored on their held-out questions (no group trains on them),
     # with contexts from their local ones: does what they learned of a training group carry to new questions?
     held = torch.cat([c.heldout.qkeys for c in trainer.clients.values()]).unique()
     heldout_clients = {n: eval_split(data.train[n], trainer.cfg, "eval", held) for n in trainer.clients}
-    heldout_diag = Diagnostics(diag.model, heldout_clients, diag.train_clients, diag.metric, args.eval_num_qs,
-                               args.eval_seed)
+    heldout_diag = Diagnostics(diag.model, heldout_clients, diag.train_clients, diag.metric, cfg.eval_num_qs,
+                               cfg.eval_seed)
     probe = sample_batch([c.local for c in trainer.clients.values()], trainer.cfg.sizes,
                          generator(a.seed, "group_use_probe"), shared_sizes=False)
     print(f"train groups {sorted(trainer.clients)}, eval groups {sorted(trainer.eval_clients)}, "
