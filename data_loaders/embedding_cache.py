@@ -1,18 +1,10 @@
-"""The embedding cache: vectors stored by the text they embed, safely (safetensors + JSON).
-
-One store per (dataset, model, prompt style, precision):
+"""The embedding cache (README, "Embeddings"): one store per (dataset, model, prompt style, precision),
 
     <dir>/<dataset>-<model tail>-<model hash>-<style>-<precision>.safetensors
 
-holds an [N, D] fp32 tensor; its JSON sidecar (same name, .json) lists, row by row, the
-sha256 of the text each row embeds, plus the model, dimension, pooling and a checksum of
-the tensor. A lookup goes by text: a changed question's texts are appended to the store.
-
-A store is used when its key (model id, prompt style, precision, pooling) matches, its
-tensor and sidecar belong together, its shape is [rows, dim] and its checksum holds;
-otherwise it is rebuilt, with the reason on the console. A sidecar naming another model
-or dimension than the file name promises is an error (someone copied or edited it), not
-a silent rebuild. Writes are atomic: tensor, then sidecar, each via a temp file.
+an [N, D] fp32 tensor whose JSON sidecar lists the sha256 of the text each row embeds. A damaged
+or differently keyed store is rebuilt, saying why; a sidecar naming another model or dimension
+than the file name promises is an error (someone copied or edited it), not a silent rebuild.
 """
 from __future__ import annotations
 
@@ -47,11 +39,8 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def unwritable_reason(folder: Path) -> str | None:
-    """Why nothing can be saved in `folder` (None when it can).
-
-    Tried by creating the folder and a scratch file, not read from permission bits, which
-    root ignores and which say nothing about read-only mounts or a path through a file.
-    """
+    """Why nothing can be saved in `folder` (None when it can): tried with a scratch file, since
+    permission bits say nothing to root, nor about read-only mounts or a path through a file."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".plurallm-write-test-"):
@@ -117,7 +106,6 @@ class Store:
         return list(dict.fromkeys(h for h in hashes if h not in self._index))
 
     def gather(self, hashes: list[str]) -> torch.Tensor:
-        assert self.rows is not None
         return self.rows[torch.tensor([self._index[h] for h in hashes], dtype=torch.long)]
 
     def extended(self, hashes: list[str], rows: torch.Tensor) -> "Store":
@@ -194,13 +182,10 @@ def _read_tensor(entry: CacheEntry, meta: dict) -> Store:
 
 
 def write_store(entry: CacheEntry, store: Store, meta: dict, log: Log = print) -> bool:
-    """Atomic: tensor then sidecar, each via a temp file and os.replace; the sidecar goes last.
-
-    Any failure (a full disk shows up as safetensors' own error, not an OSError) is a warning:
-    the vectors are in memory, so the run goes on without saving them."""
+    """Atomic: tensor then sidecar, each via a temp file and os.replace. Any failure (a full disk shows
+    up as safetensors' own error, not an OSError) is a warning: the run keeps its vectors in memory."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    assert store.rows is not None
     tensor = store.rows.contiguous()
     meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts,
             "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor),

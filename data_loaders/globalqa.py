@@ -226,7 +226,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
     if unnormalised:
         report.notes.append(f"{unnormalised} (question, group) vectors did not sum to 1 "
                             "(|sum-1| > 1e-3) and were renormalised")
-    bank = QuestionBank(np.array(qkeys, dtype=np.int64), questions, options)
+    bank = QuestionBank(qkeys, questions, options)
     group_prefs = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in probs.items()}
     return RawDataset("globalqa", bank, group_prefs, report,
                       source_hash=hashlib.sha256(raw_bytes).hexdigest())

@@ -378,8 +378,7 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
 def _assemble(files: _Files, bank_rows: list[tuple[int, str, list[str], list[float]]],
               per_group: dict[str, tuple[list[int], list[np.ndarray]]], report: LoadReport,
               tally: Counter, flat: list[str]) -> RawDataset:
-    bank = QuestionBank(np.array([r[0] for r in bank_rows], dtype=np.int64), [r[1] for r in bank_rows],
-                        [r[2] for r in bank_rows], [r[3] for r in bank_rows])
+    bank = QuestionBank(*([r[i] for r in bank_rows] for i in range(4)))
     report.kept_questions = len(bank)
     report.drop("refusal answers removed (respondents, selected groups)", int(round(tally["refused"])))
     report.dropped = {k: n for k, n in report.dropped.items() if n}
