@@ -182,8 +182,6 @@ def load_model(model_id: str, device: torch.device, dtype: str = "fp32",
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int | None, log: Log) -> list[list[int]]:
     """Token ids per text; texts over max_length lose their start (shared preamble), not their answer."""
-    if not texts:
-        return []
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     too_long = 0 if max_length is None else sum(len(x) > max_length for x in ids)
     if not too_long:
@@ -221,11 +219,8 @@ def last_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -
 def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_size: int = 16,
                 dtype: str = "fp32", load_in_8bit: bool = False, normalize: bool = False,
                 max_length: int | None = None, log: Log = print, progress: bool = True) -> torch.Tensor:
-    """[len(texts), D] fp32 (CPU): masked mean of the last hidden layer of `model_id`.
-
-    Texts are batched longest first (less padding; memory trouble shows on the first batch)
-    and written back in their original order.
-    """
+    """[len(texts), D] fp32 (CPU): masked mean of the last hidden layer of `model_id`. Texts are batched
+    longest first (less padding; memory trouble shows on the first batch), returned in their order."""
     from tqdm.auto import tqdm
     if batch_size < 1:
         raise DataError(f"--emb_batch_size must be >= 1, got {batch_size}", hint="use e.g. 16")
@@ -249,8 +244,6 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
                 out = torch.empty(len(ids), pooled.shape[1])
             out[torch.from_numpy(rows)] = pooled
             bar.update(len(rows))
-    if out is None:
-        out = torch.empty(0, int(model.config.hidden_size))
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
 
@@ -355,10 +348,8 @@ def _cache_writable(folder: Path, log: Log) -> bool:
 def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None,
                    device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
                    pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
-    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained.
-
-    Only texts the cache does not hold yet are embedded: the cache is keyed by the texts themselves.
-    """
+    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained. Only texts
+    the cache does not hold yet are embedded."""
     start = time.perf_counter()
     folder = resolve_cache_dir(cache_dir)
     precision = precision_tag(dtype, load_in_8bit)

@@ -1,32 +1,21 @@
 """OpinionQA (Pew American Trends Panel) per-group answer counts -> RawDataset (method.md §9).
 
-Layout (../shared/data/opinionqa/SOURCE.md): `<root>/American_Trends_Panel_W<wave>/
-<ATTRIBUTE>_data.json` plus one `info.csv` per wave; `root` is `human_resp` or its parent.
-
-Decisions, each drop counted in the LoadReport:
-- Files: only single-attribute files are read (ATTRIBUTE has no '_' and is not NONE). The
-  intersection files (POLPARTY_RACE, ...) nest a second level of groups and define no new
-  group; NONE_data.json is byte-identical to POLPARTY_data.json in every wave that has it.
-- Groups: a group is an attribute value. NON_GROUPS ('Refused', 'nan') are respondents who
-  did not answer the demographic question, not groups. A value found under several
-  attributes ('Other' under POLPARTY and RACE) is ambiguous, so it is named
-  '<value> (<ATTRIBUTE>)'; other names are the raw values.
-- Options: info.csv `references` when the wave's info.csv has the key, else MC_options. The
-  JSON's MC_options split option texts at commas ('Yes, likely' -> 'Yes', 'likely') for 126
-  of the 684 questions while the counts use whole texts, which `references` keeps.
-- Refusals: REFUSAL_OPTIONS are removed from the options and from the counts before
-  normalising. 'Refused' is Pew's refusal code (99); 'Not sure' and "I don't know the answer"
-  are no-answer options that info.csv leaves off the ordinal scale wherever they occur.
-  Hedges that info.csv places on the scale ("I'm not sure" at 1.5) are answers and are kept.
-- Ordinals: info.csv option_ordinal has one number per kept option, in option order; when
-  it is absent or its length differs, positions 1..k are used (counted in the notes).
-- Question keys: qkey = index of '<wave>/<key>' (e.g. 'W26/SAFECRIME_W26') in the sorted list
-  of every question key in the files read: `raw.key_names[qkey]`.
-  A key repeated in two waves is two questions; within a wave the first attribute file (in
-  sorted order) defines the question text and options.
-- Bank: a question is kept when any group, selected or not, has a usable distribution, so the
-  bank depends only on the files and `source_hash` (sha256 over the relative path and bytes of
-  every file read) keys the embedding cache correctly.
+Layout (../shared/data/opinionqa/SOURCE.md): `<root>/American_Trends_Panel_W<wave>/<ATTRIBUTE>_data.json`
+plus one `info.csv` per wave; `root` is `human_resp` or its parent. Decisions, each drop counted:
+- Only single-attribute files are read: the intersection files (POLPARTY_RACE, ...) nest a second level
+  of groups and define no new group; NONE_data.json is byte-identical to POLPARTY_data.json.
+- A group is an attribute value; NON_GROUPS are respondents who did not answer the demographic question.
+  A value under several attributes ('Other' under POLPARTY and RACE) is named '<value> (<ATTRIBUTE>)'.
+- Options come from info.csv `references` where it has the key: the JSON's MC_options split texts at
+  commas ('Yes, likely' -> 'Yes', 'likely') for 126 of the 684 questions, while the counts use whole texts.
+- REFUSAL_OPTIONS leave the options and the counts before normalising: 'Refused' is Pew's refusal code
+  (99); 'Not sure' and "I don't know the answer" are no-answers that info.csv leaves off the ordinal
+  scale wherever they occur. Hedges it places on the scale ("I'm not sure" at 1.5) are answers, kept.
+- Ordinals: info.csv option_ordinal when it has one number per kept option, else positions 1..k.
+- qkey = index of '<wave>/<key>' in the sorted keys of the files read (`raw.key_names[qkey]`); a key in
+  two waves is two questions; within a wave the first attribute file defines text and options.
+- A question is kept when any group, selected or not, has a usable distribution, so the bank depends
+  only on the files, and `source_hash` (over every file's relative path and bytes) keys the embedding cache.
 """
 from __future__ import annotations
 
@@ -336,11 +325,8 @@ def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str
 
 def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict: bool = False,
                    log: Callable[[str], object] = print) -> RawDataset:
-    """Parse the per-wave OpinionQA counts into a RawDataset for `groups` (default: the 17).
-
-    Like load_globalqa, it does not print raw.report: its caller does, once (`log` is kept
-    for the loaders' common signature).
-    """
+    """Parse the per-wave OpinionQA counts into a RawDataset for `groups` (default: the 17). `log` is
+    unused (nothing to download): the caller prints raw.report, as for load_globalqa."""
     data_dir, waves = _data_dir(root)
     report, files = LoadReport(str(data_dir)), _Files(data_dir)
     for wave, folder in waves:

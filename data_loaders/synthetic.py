@@ -1,16 +1,9 @@
-"""Synthetic pluralistic preference data with planted, learnable structure.
+"""Synthetic preference data with planted, learnable structure.
 
-Every option has latent features f ∈ R^r; its embedding is a fixed random linear map of
-f plus noise (so the features are recoverable from x). Every group has a latent vector
-u_g ∈ R^r, and its distribution over a question's options is
-
-    p_g(k) = softmax_k( < gamma * w + beta * u_g, f_k > / sqrt(r) )
-
-where w is a direction of popularity shared by all groups. The shared term is learnable
-from any group and carries over to unseen questions; the group term can only be predicted
-for an unseen group by inferring u_g from its context answers, which is exactly the
-in-context transfer GPO is meant to do.
-Everything is drawn from one torch.Generator seeded by `seed`: same spec, same tensors.
+Options have latent features f ∈ R^r (embedded by a fixed random linear map plus noise), groups a
+latent u_g ∈ R^r, and p_g(k) = softmax_k(<gamma·w + beta·u_g, f_k> / sqrt(r)) with w shared by all
+groups. The shared term carries over to unseen questions; an unseen group's term can only be inferred
+from its context answers: the in-context transfer GPO is meant to do. One generator seeded by `seed`.
 """
 from __future__ import annotations
 
