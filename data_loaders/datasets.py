@@ -102,7 +102,6 @@ def _both_sides(fraction: float, n: int) -> int:
 
 
 def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded random train/eval split of `pool`; at least one group on each side."""
     if not 0 < fraction < 1:
         raise DataError(f"--group_split {fraction} must be in (0, 1)",
                         "it is the share of groups used for training, e.g. 0.6")
@@ -147,7 +146,6 @@ def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: in
 
 
 def chosen_groups(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """The run's train and eval groups."""
     pool = None
     if cfg.dataset == "synthetic":
         cfg.synthetic.validate()  # a bad spec is named before a split of too few groups fails

@@ -33,7 +33,6 @@ TENSOR_NAME = "embeddings"
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Argument, else $PLURALLLM_CACHE_DIR, else ~/.cache/plurallm/embeddings."""
     chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
     return Path(chosen).expanduser()
 
@@ -109,7 +108,6 @@ class Store:
         return self.rows[torch.tensor([self._index[h] for h in hashes], dtype=torch.long)]
 
     def extended(self, hashes: list[str], rows: torch.Tensor) -> "Store":
-        """This store plus new rows (a new object; this one is left as it was read)."""
         rows = rows.detach().float().cpu()
         merged = rows if self.rows is None else torch.cat([self.rows, rows])
         return Store(merged.contiguous(), self.hashes + list(hashes), dict(self.meta), self.why)

@@ -92,7 +92,6 @@ def minilm_spec() -> EmbSpec:
 
 
 def spec_for(emb_model: str) -> EmbSpec:
-    """The spec of an explicit --emb_model value (not 'auto')."""
     if emb_model in LLMS:
         model_id, style, dim = LLMS[emb_model]
         return EmbSpec(emb_model, model_id, style, dim, model_id)
@@ -271,7 +270,6 @@ def probe_distance(record: dict, vector: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- choosing
 
 def find_pickle(dataset: str, pickle_path: str | Path | None) -> Path | None:
-    """The explicit pickle (which must exist), else the drop-in file if present."""
     if not pickle_path:
         return _drop_in(dataset) if _drop_in(dataset).is_file() else None
     path = Path(pickle_path).expanduser()
@@ -392,7 +390,6 @@ def _stored(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, precision:
 def _add_missing(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list[str],
                  hashes: list[str], entry: CacheEntry, store: Store, missing: list[str],
                  settings: tuple, log: Log) -> Store:
-    """The store extended by the vectors of the `missing` texts."""
     if store.rows is None:
         log(f"{'WARNING: ' if store.warn else ''}{store.why}; building it")
     else:

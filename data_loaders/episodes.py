@@ -115,7 +115,6 @@ def _draws(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator
 
 
 def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) -> Episode:
-    """One training episode of one group (a client's local step)."""
     c, t, u = _draws(group, sizes, gen)
     if u is not None:
         group = tilt_answers(group, u.to(group.x.device), sizes.virtual_tilt)

@@ -107,7 +107,6 @@ def _waves(folder: Path) -> list[tuple[str, Path]]:
 
 
 def _data_dir(root: str | Path) -> tuple[Path, list[tuple[str, Path]]]:
-    """The folder holding the wave folders: `root` itself or `root/human_resp`."""
     root = Path(root).expanduser()
     hint = ("pass the OpinionQA folder (e.g. ../shared/data/opinionqa) or its human_resp "
             "subfolder, which holds American_Trends_Panel_W<wave>/ folders")

@@ -114,7 +114,6 @@ class GroupData:
         return self.offsets[1:] - self.offsets[:-1]
 
     def subset(self, q_idx: torch.Tensor) -> "GroupData":
-        """The group restricted to questions `q_idx` (kept in the given order)."""
         q_idx = torch.as_tensor(q_idx, dtype=torch.long)
         sizes = self.sizes[q_idx]
         offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
