@@ -21,18 +21,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from data_loaders import embedding_cache as stores
 from data_loaders.authors_pickle import load_authors_pickle
-from data_loaders.embedding_cache import (
-    CACHE_ENV,
-    CacheEntry,
-    Store,
-    cache_entry,
-    read_store,
-    resolve_cache_dir,
-    text_hash,
-    unwritable_reason,
-    write_store,
-)
+from data_loaders.embedding_cache import CACHE_ENV, CacheEntry, Store, resolve_cache_dir, text_hash
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, RawDataset
 from utils.device import resolve_device
@@ -294,7 +285,7 @@ def _pickle_fingerprint(path: Path) -> dict:
 
 
 def _entry(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path) -> CacheEntry:
-    return cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
+    return stores.cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
 
 
 def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[CacheEntry, Store] | None:
@@ -304,7 +295,7 @@ def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[C
     tags = [PICKLE_PRECISION, precision] + [precision_tag(d, q) for q in (False, True) for d in DTYPES]
     for tag in dict.fromkeys(tags):
         entry = _entry(raw, spec, tag, folder)
-        store = read_store(entry, spec.model_id, spec.dim)
+        store = stores.read_store(entry, spec.model_id, spec.dim)
         if store.rows is not None and not store.missing(hashes):
             return entry, store
     return None
@@ -335,7 +326,7 @@ def _choose(raw: RawDataset, emb_model: str, folder: Path, precision: str,
 
 def _cache_writable(folder: Path, log: Log) -> bool:
     """Checked before any embedding work, so an unwritable cache costs a warning, not the run."""
-    reason = unwritable_reason(folder)
+    reason = stores.unwritable_reason(folder)
     if reason:
         log(f"WARNING: the embedding cache folder {folder} cannot be written ({reason}); embeddings "
             f"computed now will not be saved (entries already there are still read); pass --cache_dir "
@@ -364,7 +355,7 @@ def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str |
                              (device, batch_size, dtype, load_in_8bit), log)
         source = "pickle" if pickle_file else "computed"
         if save:
-            write_store(entry, store, _store_meta(spec, pickle_file, store.meta), log)
+            stores.write_store(entry, store, _store_meta(spec, pickle_file, store.meta), log)
     else:
         log(f"embeddings: loaded from cache {entry.path}")
     emb = store.gather(hashes)
@@ -381,7 +372,7 @@ def _stored(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, precision:
             folder: Path) -> tuple[CacheEntry, Store]:
     """The store this run reads and extends; a pickle store is void once its pickle changes."""
     entry = _entry(raw, spec, PICKLE_PRECISION if pickle_file else precision, folder)
-    store = read_store(entry, spec.model_id, spec.dim)
+    store = stores.read_store(entry, spec.model_id, spec.dim)
     if pickle_file and store.rows is not None and store.meta.get("pickle") != _pickle_fingerprint(pickle_file):
         store = Store(why=f"the pickle {pickle_file} changed since {entry.path.name} was made")
     return entry, store
