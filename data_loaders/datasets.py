@@ -83,8 +83,7 @@ def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool
         return load_globalqa(data_path, groups=groups, strict=strict, log=log, encoding=encoding)
     if dataset == "opinionqa":
         return load_opinionqa(resolve_root(data_path), groups=groups, strict=strict, log=log)
-    raise DataError(f"--dataset {dataset!r} has no files to parse",
-                    f"choose one of {', '.join(DATASETS)}")
+    raise DataError(f"--dataset {dataset!r} has no files to parse", f"choose one of {', '.join(DATASETS)}")
 
 
 def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] | None]:
@@ -106,8 +105,7 @@ def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str]
         raise DataError(f"--group_split {fraction} must be in (0, 1)",
                         "it is the share of groups used for training, e.g. 0.6")
     if len(pool) < 2:
-        raise DataError(f"cannot split {len(pool)} group(s) into train and eval",
-                        "name at least two groups")
+        raise DataError(f"cannot split {len(pool)} group(s) into train and eval", "name at least two groups")
     perm = torch.randperm(len(pool), generator=generator(seed, "group_split")).tolist()
     n_train = _both_sides(fraction, len(pool))
     shuffled = [pool[i] for i in perm]
@@ -203,10 +201,9 @@ def load_embedded(cfg: DataConfig, groups: list[str] | None, log=print, check=No
 
 def data_info(raw: RawDataset, emb_info: dict, seconds: float) -> dict:
     """The data provenance a run folder records (config.json's "data")."""
-    return {"source_hash": raw.source_hash, "source": raw.report.source,
-            "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
-            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
-            "load_seconds": round(seconds, 3)}
+    return {"source_hash": raw.source_hash, "source": raw.report.source, "kept_questions": raw.report.kept_questions,
+            "dropped": dict(raw.report.dropped), "load_seconds": round(seconds, 3),
+            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"}}
 
 
 def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:

@@ -1,11 +1,7 @@
-"""The embedding cache (README, "Embeddings"): one store per (dataset, model, prompt style, precision),
-
-    <dir>/<dataset>-<model tail>-<model hash>-<style>-<precision>.safetensors
-
-an [N, D] fp32 tensor whose JSON sidecar lists the sha256 of the text each row embeds. A damaged
-or differently keyed store is rebuilt, saying why; a sidecar naming another model or dimension
-than the file name promises is an error (someone copied or edited it), not a silent rebuild.
-"""
+"""The embedding cache (README, "Embeddings"): per (dataset, model, prompt style, precision) an [N, D] fp32
+tensor, <dir>/<dataset>-<model tail>-<model hash>-<style>-<precision>.safetensors, whose JSON sidecar lists
+the sha256 of the text each row embeds. A sidecar naming another model or dimension than its file name
+promises is an error (someone copied or edited it), not a silent rebuild."""
 from __future__ import annotations
 
 import contextlib
@@ -136,8 +132,7 @@ def read_store(entry: CacheEntry, model_id: str, dim: int | None) -> Store:
     except (OSError, ValueError) as exc:
         return Store(why=f"cache metadata {js} is corrupted ({exc})", warn=True)
     if meta.get("format") != CACHE_FORMAT:
-        return Store(meta=meta, why=f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}",
-                     warn=True)
+        return Store(meta=meta, why=f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}", warn=True)
     # The file name promised this model: metadata saying otherwise is not ours to overwrite.
     files = f"{entry.sidecar} and {entry.path}"
     if meta.get("model_id") != model_id:
@@ -185,9 +180,8 @@ def write_store(entry: CacheEntry, store: Store, meta: dict, log: Log = print) -
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     tensor = store.rows.contiguous()
-    meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts,
-            "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor),
-            "text_sha256": store.hashes}
+    meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts, "text_sha256": store.hashes,
+            "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor)}
     st, js = entry.path, entry.sidecar
     tag = f"{os.getpid()}.{threading.get_ident()}"  # threads of one process may write at once
     tmp_st, tmp_js = st.with_name(f".{st.name}.{tag}.tmp"), js.with_name(f".{js.name}.{tag}.tmp")

