@@ -279,8 +279,9 @@ def _pickle_fingerprint(path: Path) -> dict:
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _entry(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path) -> CacheEntry:
-    return stores.cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
+def _open(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path) -> tuple[CacheEntry, Store]:
+    entry = stores.cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
+    return entry, stores.read_store(entry, spec.model_id, spec.dim)
 
 
 def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[CacheEntry, Store] | None:
@@ -289,8 +290,7 @@ def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[C
     hashes = [text_hash(t) for t in option_texts(raw.bank, spec.style)]
     tags = [PICKLE_PRECISION, precision] + [precision_tag(d, q) for q in (False, True) for d in DTYPES]
     for tag in dict.fromkeys(tags):
-        entry = _entry(raw, spec, tag, folder)
-        store = stores.read_store(entry, spec.model_id, spec.dim)
+        entry, store = _open(raw, spec, tag, folder)
         if store.rows is not None and not store.missing(hashes):
             return entry, store
     return None
@@ -365,8 +365,7 @@ def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str |
 def _stored(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, precision: str,
             folder: Path) -> tuple[CacheEntry, Store]:
     """The store this run reads and extends; a pickle store is void once its pickle changes."""
-    entry = _entry(raw, spec, PICKLE_PRECISION if pickle_file else precision, folder)
-    store = stores.read_store(entry, spec.model_id, spec.dim)
+    entry, store = _open(raw, spec, PICKLE_PRECISION if pickle_file else precision, folder)
     if pickle_file and store.rows is not None and store.meta.get("pickle") != _pickle_fingerprint(pickle_file):
         store = Store(why=f"the pickle {pickle_file} changed since {entry.path.name} was made")
     return entry, store

@@ -158,10 +158,9 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}",
                         "the file must be the hub's data/global_opinions.csv format")
 
-    qkeys, questions, options = [], [], []
     probs: dict[str, tuple[list[int], list[np.ndarray]]] = {g: ([], []) for g in groups}
     seen_groups: set[str] = set()
-    first_row: dict[tuple, int] = {}  # (question, *options) -> the kept row that holds them
+    kept: dict[tuple, int] = {}  # (question, *options) -> the row of each kept question
     unnormalised = 0
     for qkey, row in enumerate(reader):
         where = f"{path}: row {qkey} (ending on line {reader.line_num})"
@@ -179,7 +178,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         if not opts:
             report.drop("empty question or options")
             continue
-        if _repeated_row(report, strict, where, [g for g in repeats if g in groups], first_row.get((question, *opts))):
+        if _repeated_row(report, strict, where, [g for g in repeats if g in groups], kept.get((question, *opts))):
             continue
         seen_groups.update(sel)
         present = [g for g in groups if g in sel]
@@ -198,17 +197,14 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         if not present:
             report.drop("question answered by none of the considered groups")
             continue
-        first_row[(question, *opts)] = qkey
-        qkeys.append(qkey)
-        questions.append(question)
-        options.append(opts)
+        kept[(question, *opts)] = qkey
         for g in present:
             vec = np.asarray(sel[g], dtype=np.float64)
             unnormalised += abs(vec.sum() - 1.0) > 1e-3
             probs[g][0].append(qkey)
             probs[g][1].append(vec / vec.sum())
 
-    if not qkeys and sum(report.dropped.values()) == 0:  # every row is kept or counted once
+    if not kept and sum(report.dropped.values()) == 0:  # every row is kept or counted once
         raise DataError(f"{path}: the file has a header but no data rows",
                         "the file must hold one question per row after the header "
                         "(the hub's data/global_opinions.csv)")
@@ -217,11 +213,11 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         raise DataError(f"{path}: group(s) {unknown} appear in no row's selections",
                         close_names(unknown, seen_groups)
                         or "check --train_groups / --eval_groups against the CSV's country names")
-    report.kept_questions = len(qkeys)
+    report.kept_questions = len(kept)
     if unnormalised:
         report.notes.append(f"{unnormalised} (question, group) vectors did not sum to 1 "
                             "(|sum-1| > 1e-3) and were renormalised")
-    bank = QuestionBank(qkeys, questions, options)
+    bank = QuestionBank(list(kept.values()), [k[0] for k in kept], [list(k[1:]) for k in kept])
     group_prefs = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in probs.items()}
     return RawDataset("globalqa", bank, group_prefs, report, source_hash=hashlib.sha256(raw_bytes).hexdigest())
 

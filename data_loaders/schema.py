@@ -165,17 +165,12 @@ def gather_points(offsets: torch.Tensor, q_idx: torch.Tensor) -> tuple[torch.Ten
 
 def build_group_data(raw: RawDataset, name: str, embeddings: torch.Tensor) -> GroupData:
     """Tensors for one group from the shared embedding table (rows in bank order)."""
-    prefs = raw.groups[name]
-    bank = raw.bank
+    prefs, bank = raw.groups[name], raw.bank
     order = np.argsort(prefs.qkeys, kind="stable")
-    rows = np.array([bank.row(k) for k in prefs.qkeys[order]], dtype=np.int64)
-    rows_t = torch.from_numpy(rows)
-    points, _ = gather_points(torch.from_numpy(bank.offsets), rows_t)
-    sizes = torch.from_numpy(bank.offsets[rows + 1] - bank.offsets[rows])
-    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-    y = torch.from_numpy(np.concatenate([prefs.probs[i] for i in order]).astype(np.float32)) \
+    ords = None if bank.ordinals is None else torch.tensor([o for q in bank.ordinals for o in q], dtype=torch.float32)
+    whole = GroupData(name, embeddings.float(), torch.zeros(bank.num_points), torch.from_numpy(bank.offsets),
+                      torch.from_numpy(bank.qkeys), ords)
+    group = whole.subset(torch.tensor([bank.row(k) for k in prefs.qkeys[order]], dtype=torch.long))
+    group.y = torch.from_numpy(np.concatenate([prefs.probs[i] for i in order]).astype(np.float32)) \
         if len(order) else torch.zeros(0)
-    ords = None
-    if bank.ordinals is not None:
-        ords = torch.tensor([o for r in rows for o in bank.ordinals[r]], dtype=torch.float32)
-    return GroupData(name, embeddings[points].float(), y, offsets, torch.from_numpy(bank.qkeys[rows]), ords)
+    return group
