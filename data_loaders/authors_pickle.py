@@ -67,9 +67,8 @@ def bank_row_indices(frame_qkeys: np.ndarray, bank: QuestionBank, path: Path) ->
     wrong = [i for i, (r, opts) in enumerate(zip(rows, bank.options)) if len(r) != len(opts)]
     if wrong:
         q = wrong[0]
-        raise DataError(f"{path}: option counts differ for {len(wrong)} question(s); e.g. qkey "
-                        f"{bank.qkeys[q]} has {len(rows[q])} rows in the pickle but "
-                        f"{len(bank.options[q])} options in the dataset",
+        raise DataError(f"{path}: option counts differ for {len(wrong)} question(s); e.g. qkey {bank.qkeys[q]} has "
+                        f"{len(rows[q])} rows in the pickle but {len(bank.options[q])} options in the dataset",
                         hint="the pickle and the dataset disagree; use --emb_model minilm or alpaca")
     return np.array([r for q_rows in rows for r in q_rows], dtype=np.int64)
 

@@ -141,8 +141,7 @@ def read_store(entry: CacheEntry, model_id: str, dim: int | None) -> Store:
                         f"{meta.get('model_id')!r}, but {model_id!r} was requested",
                         hint=f"delete {files} to rebuild it, or pass --emb_model {other}")
     if dim is not None and meta.get("dim") != dim:
-        raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but "
-                        f"{model_id} gives {dim}",
+        raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but {model_id} gives {dim}",
                         hint=f"delete {files} to rebuild it, or pass the --emb_model that made it")
     if meta.get("key") != entry.key:
         return Store(meta=meta, why=f"cache {st.name} was built with other settings: "

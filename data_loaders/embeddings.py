@@ -415,7 +415,6 @@ def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list
                           max_length=spec.max_length, log=log)
     if spec.dim is not None and emb.shape[1] != spec.dim:
         origin = f"the pickle {pickle_file}" if pickle_file else spec.model_id
-        raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "
-                        f"({spec.model_id}) gives {spec.dim}",
+        raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} ({spec.model_id}) gives {spec.dim}",
                         hint="the files are not the expected model's; check --emb_model / --emb_pickle")
     return emb.float().contiguous()

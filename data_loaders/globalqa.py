@@ -206,8 +206,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
 
     if not kept and sum(report.dropped.values()) == 0:  # every row is kept or counted once
         raise DataError(f"{path}: the file has a header but no data rows",
-                        "the file must hold one question per row after the header "
-                        "(the hub's data/global_opinions.csv)")
+                        "the file must hold one question per row after the header (the hub's data/global_opinions.csv)")
     unknown = [g for g in groups if g not in seen_groups]
     if unknown:
         raise DataError(f"{path}: group(s) {unknown} appear in no row's selections",

@@ -116,8 +116,7 @@ def _data_dir(root: str | Path) -> tuple[Path, list[tuple[str, Path]]]:
     for folder in (root, root / "human_resp"):
         if folder.is_dir() and (waves := _waves(folder)):
             return folder, waves
-    raise DataError(f"no American_Trends_Panel_W<wave> folders in {root} or "
-                    f"{root / 'human_resp'}", hint)
+    raise DataError(f"no American_Trends_Panel_W<wave> folders in {root} or {root / 'human_resp'}", hint)
 
 
 def _read_bytes(files: _Files, path: Path) -> bytes:
