@@ -1,14 +1,8 @@
-"""Read the authors' precomputed Alpaca embeddings (`embeddings_alpaca_globalqa.pkl`).
-
-The file is a pickled pandas DataFrame with one row per (question, option) in CSV order:
-the CSV columns, `qkey` (the CSV row index), `prompt_answer` (the embedded text) and
-`embedding` (a list of 4096 floats). Rows are matched to the bank by `qkey`; within a qkey
-the rows are the options in order.
-
-Unpickling runs whatever code the file carries, so this module only opens a path the user
-gave or placed in the drop-in folder, and always says so on the console. The embeddings
-module converts the result once into its safe cache (safetensors), so later runs do not
-unpickle again.
+"""The authors' precomputed Alpaca embeddings (`embeddings_alpaca_globalqa.pkl`): a pickled DataFrame,
+one row per (question, option) in CSV order, with `qkey` (the CSV row index), `prompt_answer` (the
+embedded text) and `embedding`; rows match the bank by qkey, a qkey's rows being its options in order.
+Unpickling runs whatever code the file carries: only a path the user gave or dropped in is opened, with
+a warning, and the embeddings module converts it once into its safe cache.
 """
 from __future__ import annotations
 
@@ -59,26 +53,24 @@ def _read_frame(path: Path, log: Callable[[str], None]) -> tuple[pd.DataFrame, n
 
 
 def bank_row_indices(frame_qkeys: np.ndarray, bank: QuestionBank, path: Path) -> np.ndarray:
-    """For each bank point, the frame row holding it (vectorised; frame order kept per qkey)."""
-    order = np.argsort(frame_qkeys, kind="stable")  # stable: options stay in file order
-    uniq, starts, counts = np.unique(frame_qkeys[order], return_index=True, return_counts=True)
-    pos = np.clip(np.searchsorted(uniq, bank.qkeys), 0, max(len(uniq) - 1, 0))
-    missing = bank.qkeys[uniq[pos] != bank.qkeys] if len(uniq) else bank.qkeys
+    """For each bank point, the frame row holding it (a qkey's rows in file order)."""
+    rows_of: dict[int, list[int]] = {}
+    for row, qkey in enumerate(frame_qkeys.tolist()):
+        rows_of.setdefault(qkey, []).append(row)
+    missing = np.array([q for q in bank.qkeys.tolist() if q not in rows_of], dtype=np.int64)
     if len(missing):
         raise DataError(f"{path} has no rows for {len(missing)} bank question(s), qkeys "
                         f"{missing[:10].tolist()}{' ...' if len(missing) > 10 else ''}",
                         hint="the pickle was made from another version or filtering of the "
                              "dataset; pass --emb_model minilm (or alpaca with a GPU) to embed it here")
-    sizes = np.diff(bank.offsets)
-    wrong = np.flatnonzero(counts[pos] != sizes)
-    if len(wrong):
+    rows = [rows_of[q] for q in bank.qkeys.tolist()]
+    wrong = [i for i, (r, opts) in enumerate(zip(rows, bank.options)) if len(r) != len(opts)]
+    if wrong:
         q = wrong[0]
-        raise DataError(f"{path}: option counts differ for {len(wrong)} question(s); e.g. qkey "
-                        f"{bank.qkeys[q]} has {counts[pos[q]]} rows in the pickle but "
-                        f"{sizes[q]} options in the dataset",
+        raise DataError(f"{path}: option counts differ for {len(wrong)} question(s); e.g. qkey {bank.qkeys[q]} has "
+                        f"{len(rows[q])} rows in the pickle but {len(bank.options[q])} options in the dataset",
                         hint="the pickle and the dataset disagree; use --emb_model minilm or alpaca")
-    within = np.arange(bank.num_points) - np.repeat(bank.offsets[:-1], sizes)
-    return order[np.repeat(starts[pos], sizes) + within]
+    return np.array([r for q_rows in rows for r in q_rows], dtype=np.int64)
 
 
 def check_answers(frame: pd.DataFrame, rows: np.ndarray, bank: QuestionBank,

@@ -77,17 +77,13 @@ class ExperimentData:
 
 def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool = False,
                      groups: list[str] | None = None, log=print, encoding: str = "utf-8") -> RawDataset:
-    """Parse a real dataset's files (globalqa or opinionqa) without embedding them.
-
-    `encoding` is the globalqa CSV's (--encoding); OpinionQA's JSON files are UTF-8 by definition.
-    The parse summary (raw.report) is the caller's to print.
-    """
+    """Parse a real dataset's files without embedding them; the caller prints raw.report. `encoding` is
+    the globalqa CSV's (--encoding): OpinionQA's JSON files are UTF-8 by definition."""
     if dataset == "globalqa":
         return load_globalqa(data_path, groups=groups, strict=strict, log=log, encoding=encoding)
     if dataset == "opinionqa":
         return load_opinionqa(resolve_root(data_path), groups=groups, strict=strict, log=log)
-    raise DataError(f"--dataset {dataset!r} has no files to parse",
-                    f"choose one of {', '.join(DATASETS)}")
+    raise DataError(f"--dataset {dataset!r} has no files to parse", f"choose one of {', '.join(DATASETS)}")
 
 
 def default_pool(dataset: str) -> tuple[list[str], list[str] | None, list[str] | None]:
@@ -105,13 +101,11 @@ def _both_sides(fraction: float, n: int) -> int:
 
 
 def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded random train/eval split of `pool`; at least one group on each side."""
     if not 0 < fraction < 1:
         raise DataError(f"--group_split {fraction} must be in (0, 1)",
                         "it is the share of groups used for training, e.g. 0.6")
     if len(pool) < 2:
-        raise DataError(f"cannot split {len(pool)} group(s) into train and eval",
-                        "name at least two groups")
+        raise DataError(f"cannot split {len(pool)} group(s) into train and eval", "name at least two groups")
     perm = torch.randperm(len(pool), generator=generator(seed, "group_split")).tolist()
     n_train = _both_sides(fraction, len(pool))
     shuffled = [pool[i] for i in perm]
@@ -121,10 +115,8 @@ def split_groups(pool: list[str], fraction: float, seed: int) -> tuple[list[str]
 def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: int,
                   all_groups: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Resolve --train_groups / --eval_groups / --group_split into two disjoint lists."""
-    if dataset == "synthetic":
-        pool, fixed_train, fixed_eval = list(all_groups), None, None
-    else:
-        pool, fixed_train, fixed_eval = default_pool(dataset)
+    pool, fixed_train, fixed_eval = (list(all_groups), None, None) if dataset == "synthetic" \
+        else default_pool(dataset)
     if train_groups and eval_groups and group_split is None:
         train, evals = list(train_groups), list(eval_groups)
     elif train_groups or eval_groups:
@@ -152,7 +144,6 @@ def choose_groups(dataset: str, train_groups, eval_groups, group_split, seed: in
 
 
 def chosen_groups(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """The run's train and eval groups."""
     pool = None
     if cfg.dataset == "synthetic":
         cfg.synthetic.validate()  # a bad spec is named before a split of too few groups fails
@@ -161,11 +152,8 @@ def chosen_groups(cfg: DataConfig) -> tuple[list[str], list[str]]:
 
 
 def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData:
-    """Everything a run needs from its data: groups as tensors, plus provenance.
-
-    `check(question_counts, train, evals)` runs after parsing and before embedding, so a
-    configuration that cannot run fails in seconds, not after an embedding pass.
-    """
+    """Everything a run needs from its data: groups as tensors, plus provenance. `check(question_counts,
+    train, evals)` runs before embedding, so a configuration that cannot run fails in seconds."""
     t0 = time.perf_counter()
     train, evals = chosen_groups(cfg)
 
@@ -192,12 +180,8 @@ def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData
 
 
 def load_embedded(cfg: DataConfig, groups: list[str] | None, log=print, check=None):
-    """(raw dataset, option embeddings, embedding provenance).
-
-    Real datasets are parsed with every considered group (`groups`: a question is kept only
-    when each of them that answers it has a usable answer); `check(raw)` runs after parsing
-    and before embedding. The parse summary is printed here, once.
-    """
+    """(raw dataset, option embeddings, embedding provenance). Real datasets are parsed with every
+    considered group (`groups`: the filter asks each of them); `check(raw)` runs before embedding."""
     if cfg.dataset == "synthetic":
         raw, emb = make_synthetic(cfg.synthetic)
     else:
@@ -217,10 +201,9 @@ def load_embedded(cfg: DataConfig, groups: list[str] | None, log=print, check=No
 
 def data_info(raw: RawDataset, emb_info: dict, seconds: float) -> dict:
     """The data provenance a run folder records (config.json's "data")."""
-    return {"source_hash": raw.source_hash, "source": raw.report.source,
-            "kept_questions": raw.report.kept_questions, "dropped": dict(raw.report.dropped),
-            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"},
-            "load_seconds": round(seconds, 3)}
+    return {"source_hash": raw.source_hash, "source": raw.report.source, "kept_questions": raw.report.kept_questions,
+            "dropped": dict(raw.report.dropped), "load_seconds": round(seconds, 3),
+            "embedding": {k: v for k, v in emb_info.items() if k != "seconds"}}
 
 
 def _check_known(raw: RawDataset, names: list[str], dataset: str) -> None:
@@ -263,9 +246,8 @@ def check_holdout(raw: RawDataset, held: torch.Tensor | None, train: list[str], 
 
 
 def log_groups(data: ExperimentData, log=print, per_group: bool = True) -> None:
-    for role, groups in (("train", data.train), ("eval", data.eval)):
+    for role, groups in (("train", data.train), ("eval", data.eval)) if per_group else ():
         for name, g in groups.items():
-            if per_group:
-                log(f"  {role:5s} {name}: {g.num_questions} questions, {g.num_points} options")
+            log(f"  {role:5s} {name}: {g.num_questions} questions, {g.num_points} options")
     log(f"loaded {data.dataset}: {len(data.train)} train + {len(data.eval)} eval groups, "
         f"dim {data.dim_x}, in {data.info['load_seconds']:.2f} s")

@@ -1,19 +1,7 @@
-"""The embedding cache: vectors stored by the text they embed, safely (safetensors + JSON).
-
-One store per (dataset, model, prompt style, precision):
-
-    <dir>/<dataset>-<model tail>-<model hash>-<style>-<precision>.safetensors
-
-holds an [N, D] fp32 tensor; its JSON sidecar (same name, .json) lists, row by row, the
-sha256 of the text each row embeds, plus the model, dimension, pooling and a checksum of
-the tensor. A lookup goes by text: a changed question's texts are appended to the store.
-
-A store is used when its key (model id, prompt style, precision, pooling) matches, its
-tensor and sidecar belong together, its shape is [rows, dim] and its checksum holds;
-otherwise it is rebuilt, with the reason on the console. A sidecar naming another model
-or dimension than the file name promises is an error (someone copied or edited it), not
-a silent rebuild. Writes are atomic: tensor, then sidecar, each via a temp file.
-"""
+"""The embedding cache (README, "Embeddings"): per (dataset, model, prompt style, precision) an [N, D] fp32
+tensor, <dir>/<dataset>-<model tail>-<model hash>-<style>-<precision>.safetensors, whose JSON sidecar lists
+the sha256 of the text each row embeds. A sidecar naming another model or dimension than its file name
+promises is an error (someone copied or edited it), not a silent rebuild."""
 from __future__ import annotations
 
 import contextlib
@@ -41,17 +29,13 @@ TENSOR_NAME = "embeddings"
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Argument, else $PLURALLLM_CACHE_DIR, else ~/.cache/plurallm/embeddings."""
     chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
     return Path(chosen).expanduser()
 
 
 def unwritable_reason(folder: Path) -> str | None:
-    """Why nothing can be saved in `folder` (None when it can).
-
-    Tried by creating the folder and a scratch file, not read from permission bits, which
-    root ignores and which say nothing about read-only mounts or a path through a file.
-    """
+    """Why nothing can be saved in `folder` (None when it can): tried with a scratch file, since
+    permission bits say nothing to root, nor about read-only mounts or a path through a file."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".plurallm-write-test-"):
@@ -117,11 +101,9 @@ class Store:
         return list(dict.fromkeys(h for h in hashes if h not in self._index))
 
     def gather(self, hashes: list[str]) -> torch.Tensor:
-        assert self.rows is not None
         return self.rows[torch.tensor([self._index[h] for h in hashes], dtype=torch.long)]
 
     def extended(self, hashes: list[str], rows: torch.Tensor) -> "Store":
-        """This store plus new rows (a new object; this one is left as it was read)."""
         rows = rows.detach().float().cpu()
         merged = rows if self.rows is None else torch.cat([self.rows, rows])
         return Store(merged.contiguous(), self.hashes + list(hashes), dict(self.meta), self.why)
@@ -150,8 +132,7 @@ def read_store(entry: CacheEntry, model_id: str, dim: int | None) -> Store:
     except (OSError, ValueError) as exc:
         return Store(why=f"cache metadata {js} is corrupted ({exc})", warn=True)
     if meta.get("format") != CACHE_FORMAT:
-        return Store(meta=meta, why=f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}",
-                     warn=True)
+        return Store(meta=meta, why=f"cache {js} has format {meta.get('format')!r}, not {CACHE_FORMAT!r}", warn=True)
     # The file name promised this model: metadata saying otherwise is not ours to overwrite.
     files = f"{entry.sidecar} and {entry.path}"
     if meta.get("model_id") != model_id:
@@ -160,8 +141,7 @@ def read_store(entry: CacheEntry, model_id: str, dim: int | None) -> Store:
                         f"{meta.get('model_id')!r}, but {model_id!r} was requested",
                         hint=f"delete {files} to rebuild it, or pass --emb_model {other}")
     if dim is not None and meta.get("dim") != dim:
-        raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but "
-                        f"{model_id} gives {dim}",
+        raise DataError(f"embedding cache {entry.sidecar} says dimension {meta.get('dim')}, but {model_id} gives {dim}",
                         hint=f"delete {files} to rebuild it, or pass the --emb_model that made it")
     if meta.get("key") != entry.key:
         return Store(meta=meta, why=f"cache {st.name} was built with other settings: "
@@ -194,17 +174,13 @@ def _read_tensor(entry: CacheEntry, meta: dict) -> Store:
 
 
 def write_store(entry: CacheEntry, store: Store, meta: dict, log: Log = print) -> bool:
-    """Atomic: tensor then sidecar, each via a temp file and os.replace; the sidecar goes last.
-
-    Any failure (a full disk shows up as safetensors' own error, not an OSError) is a warning:
-    the vectors are in memory, so the run goes on without saving them."""
+    """Atomic: tensor then sidecar, each via a temp file and os.replace. Any failure (a full disk shows
+    up as safetensors' own error, not an OSError) is a warning: the run keeps its vectors in memory."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    assert store.rows is not None
     tensor = store.rows.contiguous()
-    meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts,
-            "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor),
-            "text_sha256": store.hashes}
+    meta = {**meta, "format": CACHE_FORMAT, "key": entry.key, "key_parts": entry.parts, "text_sha256": store.hashes,
+            "shape": list(tensor.shape), "dim": int(tensor.shape[1]), "sha256": _checksum(tensor)}
     st, js = entry.path, entry.sidecar
     tag = f"{os.getpid()}.{threading.get_ident()}"  # threads of one process may write at once
     tmp_st, tmp_js = st.with_name(f".{st.name}.{tag}.tmp"), js.with_name(f".{js.name}.{tag}.tmp")

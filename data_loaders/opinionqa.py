@@ -1,32 +1,21 @@
 """OpinionQA (Pew American Trends Panel) per-group answer counts -> RawDataset (method.md §9).
 
-Layout (../shared/data/opinionqa/SOURCE.md): `<root>/American_Trends_Panel_W<wave>/
-<ATTRIBUTE>_data.json` plus one `info.csv` per wave; `root` is `human_resp` or its parent.
-
-Decisions, each drop counted in the LoadReport:
-- Files: only single-attribute files are read (ATTRIBUTE has no '_' and is not NONE). The
-  intersection files (POLPARTY_RACE, ...) nest a second level of groups and define no new
-  group; NONE_data.json is byte-identical to POLPARTY_data.json in every wave that has it.
-- Groups: a group is an attribute value. NON_GROUPS ('Refused', 'nan') are respondents who
-  did not answer the demographic question, not groups. A value found under several
-  attributes ('Other' under POLPARTY and RACE) is ambiguous, so it is named
-  '<value> (<ATTRIBUTE>)'; other names are the raw values.
-- Options: info.csv `references` when the wave's info.csv has the key, else MC_options. The
-  JSON's MC_options split option texts at commas ('Yes, likely' -> 'Yes', 'likely') for 126
-  of the 684 questions while the counts use whole texts, which `references` keeps.
-- Refusals: REFUSAL_OPTIONS are removed from the options and from the counts before
-  normalising. 'Refused' is Pew's refusal code (99); 'Not sure' and "I don't know the answer"
-  are no-answer options that info.csv leaves off the ordinal scale wherever they occur.
-  Hedges that info.csv places on the scale ("I'm not sure" at 1.5) are answers and are kept.
-- Ordinals: info.csv option_ordinal has one number per kept option, in option order; when
-  it is absent or its length differs, positions 1..k are used (counted in the notes).
-- Question keys: qkey = index of '<wave>/<key>' (e.g. 'W26/SAFECRIME_W26') in the sorted list
-  of every question key in the files read: `raw.key_names[qkey]`.
-  A key repeated in two waves is two questions; within a wave the first attribute file (in
-  sorted order) defines the question text and options.
-- Bank: a question is kept when any group, selected or not, has a usable distribution, so the
-  bank depends only on the files and `source_hash` (sha256 over the relative path and bytes of
-  every file read) keys the embedding cache correctly.
+Layout (../shared/data/opinionqa/SOURCE.md): `<root>/American_Trends_Panel_W<wave>/<ATTRIBUTE>_data.json`
+plus one `info.csv` per wave; `root` is `human_resp` or its parent. Decisions, each drop counted:
+- Only single-attribute files are read: the intersection files (POLPARTY_RACE, ...) nest a second level
+  of groups and define no new group; NONE_data.json is byte-identical to POLPARTY_data.json.
+- A group is an attribute value; NON_GROUPS are respondents who did not answer the demographic question.
+  A value under several attributes ('Other' under POLPARTY and RACE) is named '<value> (<ATTRIBUTE>)'.
+- Options come from info.csv `references` where it has the key: the JSON's MC_options split texts at
+  commas ('Yes, likely' -> 'Yes', 'likely') for 126 of the 684 questions, while the counts use whole texts.
+- REFUSAL_OPTIONS leave the options and the counts before normalising: 'Refused' is Pew's refusal code
+  (99); 'Not sure' and "I don't know the answer" are no-answers that info.csv leaves off the ordinal
+  scale wherever they occur. Hedges it places on the scale ("I'm not sure" at 1.5) are answers, kept.
+- Ordinals: info.csv option_ordinal when it has one number per kept option, else positions 1..k.
+- qkey = index of '<wave>/<key>' in the sorted keys of the files read (`raw.key_names[qkey]`); a key in
+  two waves is two questions; within a wave the first attribute file defines text and options.
+- A question is kept when any group, selected or not, has a usable distribution, so the bank depends
+  only on the files, and `source_hash` (over every file's relative path and bytes) keys the embedding cache.
 """
 from __future__ import annotations
 
@@ -112,13 +101,11 @@ def resolve_root(data_path: str | None) -> Path:
 
 
 def _waves(folder: Path) -> list[tuple[str, Path]]:
-    found = [(m.group(1), p) for p in folder.iterdir()
-             if p.is_dir() and (m := WAVE_DIR.fullmatch(p.name))]
+    found = [(m.group(1), p) for p in folder.iterdir() if p.is_dir() and (m := WAVE_DIR.fullmatch(p.name))]
     return sorted(found, key=lambda w: int(w[0][1:]))
 
 
 def _data_dir(root: str | Path) -> tuple[Path, list[tuple[str, Path]]]:
-    """The folder holding the wave folders: `root` itself or `root/human_resp`."""
     root = Path(root).expanduser()
     hint = ("pass the OpinionQA folder (e.g. ../shared/data/opinionqa) or its human_resp "
             "subfolder, which holds American_Trends_Panel_W<wave>/ folders")
@@ -129,8 +116,7 @@ def _data_dir(root: str | Path) -> tuple[Path, list[tuple[str, Path]]]:
     for folder in (root, root / "human_resp"):
         if folder.is_dir() and (waves := _waves(folder)):
             return folder, waves
-    raise DataError(f"no American_Trends_Panel_W<wave> folders in {root} or "
-                    f"{root / 'human_resp'}", hint)
+    raise DataError(f"no American_Trends_Panel_W<wave> folders in {root} or {root / 'human_resp'}", hint)
 
 
 def _read_bytes(files: _Files, path: Path) -> bytes:
@@ -329,18 +315,14 @@ def _question_probs(q: _Question, options: list[str], names: dict[tuple[str, str
     sel = np.array([w is not None for w in who])
     refused = float(counts[sel][:, ~kept].sum())
     report.drop("zero count after removing refusals ((question, group) entries)", int(np.sum(sel & (totals == 0))))
-    probs = {w: counts[i, kept] / totals[i] for i, w in enumerate(who)
-             if w is not None and totals[i] > 0}
+    probs = {w: counts[i, kept] / totals[i] for i, w in enumerate(who) if w is not None and totals[i] > 0}
     return probs, bool(np.any(totals > 0)), refused
 
 
 def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict: bool = False,
                    log: Callable[[str], object] = print) -> RawDataset:
-    """Parse the per-wave OpinionQA counts into a RawDataset for `groups` (default: the 17).
-
-    Like load_globalqa, it does not print raw.report: its caller does, once (`log` is kept
-    for the loaders' common signature).
-    """
+    """Parse the per-wave OpinionQA counts into a RawDataset for `groups` (default: the 17). `log` is
+    unused (nothing to download): the caller prints raw.report, as for load_globalqa."""
     data_dir, waves = _data_dir(root)
     report, files = LoadReport(str(data_dir)), _Files(data_dir)
     for wave, folder in waves:
@@ -378,8 +360,7 @@ def load_opinionqa(root: str | Path, *, groups: list[str] | None = None, strict:
 def _assemble(files: _Files, bank_rows: list[tuple[int, str, list[str], list[float]]],
               per_group: dict[str, tuple[list[int], list[np.ndarray]]], report: LoadReport,
               tally: Counter, flat: list[str]) -> RawDataset:
-    bank = QuestionBank(np.array([r[0] for r in bank_rows], dtype=np.int64), [r[1] for r in bank_rows],
-                        [r[2] for r in bank_rows], [r[3] for r in bank_rows])
+    bank = QuestionBank(*([r[i] for r in bank_rows] for i in range(4)))
     report.kept_questions = len(bank)
     report.drop("refusal answers removed (respondents, selected groups)", int(round(tally["refused"])))
     report.dropped = {k: n for k, n in report.dropped.items() if n}

@@ -24,8 +24,6 @@ TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "llama2": LLAMA2_TEMPLATE}
 
 def option_letter(index: int) -> str:
     """0 -> 'A', 25 -> 'Z', 26 -> 'AA', 27 -> 'AB', 701 -> 'ZZ', 702 -> 'AAA'."""
-    if index < 0:
-        raise ValueError(f"option index must be >= 0, got {index}")
     letters = ""
     n = index + 1  # bijective base 26: there is no zero digit
     while n:

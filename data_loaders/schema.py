@@ -1,12 +1,7 @@
-"""The one data representation that flows through PluralLLM.
-
-A dataset is a `QuestionBank` (question texts and their options, shared by all groups)
-plus, per group, the group's answer distribution over each question it answered.
-`build_group_data` turns one group into tensors once, at load time: episodes and
-evaluation batches are index slices of those tensors, never re-parsed tables.
-
-Points are stored flat in CSR layout: question q of a group owns the points
-`offsets[q]:offsets[q+1]`, one point per option, ordered by option position.
+"""The one data representation: a `QuestionBank` (questions and options, shared by all groups) and
+per group its answer distributions, which `build_group_data` turns into tensors once, at load time;
+episodes and evaluation batches are index slices of them. Points are flat in CSR layout: question q
+of a group owns points `offsets[q]:offsets[q+1]`, one per option, in option order.
 """
 from __future__ import annotations
 
@@ -24,23 +19,15 @@ from utils.errors import DataError  # noqa: F401  (re-exported: data_loaders.sch
 
 @dataclass
 class QuestionBank:
-    """Questions with their options, in the order embeddings are stored.
+    """Questions with their options, in the order embeddings are stored."""
 
-    qkeys: stable integer key per question (GlobalOpinionQA: the CSV row index).
-    ordinals: per question, one number per option (OpinionQA's option_ordinal), or None.
-    """
-
-    qkeys: np.ndarray
+    qkeys: np.ndarray  # a stable integer key per question (GlobalOpinionQA: the CSV row index)
     questions: list[str]
     options: list[list[str]]
-    ordinals: list[list[float]] | None = None
+    ordinals: list[list[float]] | None = None  # per question one number per option (OpinionQA), or None
 
     def __post_init__(self) -> None:
         self.qkeys = np.asarray(self.qkeys, dtype=np.int64)
-        if not (len(self.qkeys) == len(self.questions) == len(self.options)):
-            raise ValueError("qkeys, questions and options must have the same length")
-        if self.ordinals is not None and len(self.ordinals) != len(self.options):
-            raise ValueError("ordinals must have one entry per question")
         sizes = np.array([len(o) for o in self.options], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._row_of_qkey = {int(k): i for i, k in enumerate(self.qkeys)}
@@ -105,21 +92,14 @@ class RawDataset:
 
 @dataclass
 class GroupData:
-    """One group as tensors: everything a client, an episode or an evaluation needs.
-
-    x:        [P, D] option embeddings, P = total options over the group's questions
-    y:        [P]    the group's probability for each option (sums to 1 per question)
-    offsets:  [Q+1]  CSR offsets; question q owns points offsets[q]:offsets[q+1]
-    qkeys:    [Q]    question keys, ascending
-    ordinals: [P]    option ordinals (Wasserstein scoring) or None
-    """
+    """One group as tensors: everything a client, an episode or an evaluation needs."""
 
     name: str
-    x: torch.Tensor
-    y: torch.Tensor
-    offsets: torch.Tensor
-    qkeys: torch.Tensor
-    ordinals: torch.Tensor | None = None
+    x: torch.Tensor        # [P, D] option embeddings, P = options over the group's questions
+    y: torch.Tensor        # [P] the group's probability of each option (sums to 1 per question)
+    offsets: torch.Tensor  # [Q+1] CSR offsets
+    qkeys: torch.Tensor    # [Q] question keys, ascending
+    ordinals: torch.Tensor | None = None  # [P] option ordinals (Wasserstein scoring)
 
     @property
     def num_questions(self) -> int:
@@ -134,28 +114,24 @@ class GroupData:
         return self.offsets[1:] - self.offsets[:-1]
 
     def subset(self, q_idx: torch.Tensor) -> "GroupData":
-        """The group restricted to questions `q_idx` (kept in the given order)."""
         q_idx = torch.as_tensor(q_idx, dtype=torch.long)
-        points, _ = gather_points(self.offsets, q_idx)
         sizes = self.sizes[q_idx]
         offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-        ords = None if self.ordinals is None else self.ordinals[points]
-        return GroupData(self.name, self.x[points], self.y[points], offsets, self.qkeys[q_idx], ords)
+        return self._points(gather_points(self.offsets, q_idx)[0], offsets, self.qkeys[q_idx])
 
     def split(self, fraction: float) -> tuple["GroupData", "GroupData"]:
-        """Client-local split (method.md §4): first `fraction` of questions in qkey order.
-
-        Both halves are views of this group's tensors (the questions are contiguous), so
-        a client's split costs no memory.
-        """
+        """Client-local split (method.md §4): the first `fraction` of questions in qkey order, and the
+        rest; both are views of this group's tensors (the questions are contiguous)."""
         n_train = int(self.num_questions * fraction)
         return self._range(0, n_train), self._range(n_train, self.num_questions)
 
     def _range(self, start: int, stop: int) -> "GroupData":
         lo, hi = int(self.offsets[start]), int(self.offsets[stop])
-        ords = None if self.ordinals is None else self.ordinals[lo:hi]
-        return GroupData(self.name, self.x[lo:hi], self.y[lo:hi], self.offsets[start:stop + 1] - lo,
-                         self.qkeys[start:stop], ords)
+        return self._points(slice(lo, hi), self.offsets[start:stop + 1] - lo, self.qkeys[start:stop])
+
+    def _points(self, points, offsets: torch.Tensor, qkeys: torch.Tensor) -> "GroupData":
+        ords = None if self.ordinals is None else self.ordinals[points]
+        return GroupData(self.name, self.x[points], self.y[points], offsets, qkeys, ords)
 
     def to(self, device: torch.device | str) -> "GroupData":
         ords = None if self.ordinals is None else self.ordinals.to(device)
@@ -178,10 +154,7 @@ def given_path(data_path: str | None, env_var: str) -> tuple[str, Path] | None:
 
 
 def gather_points(offsets: torch.Tensor, q_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Point indices of questions `q_idx` (in that order) and each point's position in q_idx.
-
-    Vectorised CSR gather: no Python loop over questions.
-    """
+    """Point indices of questions `q_idx` (in that order) and each point's position in q_idx."""
     starts = offsets[q_idx]
     sizes = offsets[q_idx + 1] - starts
     seg = torch.repeat_interleave(torch.arange(len(q_idx), device=offsets.device), sizes)
@@ -192,17 +165,12 @@ def gather_points(offsets: torch.Tensor, q_idx: torch.Tensor) -> tuple[torch.Ten
 
 def build_group_data(raw: RawDataset, name: str, embeddings: torch.Tensor) -> GroupData:
     """Tensors for one group from the shared embedding table (rows in bank order)."""
-    prefs = raw.groups[name]
-    bank = raw.bank
+    prefs, bank = raw.groups[name], raw.bank
     order = np.argsort(prefs.qkeys, kind="stable")
-    rows = np.array([bank.row(k) for k in prefs.qkeys[order]], dtype=np.int64)
-    rows_t = torch.from_numpy(rows)
-    points, _ = gather_points(torch.from_numpy(bank.offsets), rows_t)
-    sizes = torch.from_numpy(bank.offsets[rows + 1] - bank.offsets[rows])
-    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-    y = torch.from_numpy(np.concatenate([prefs.probs[i] for i in order]).astype(np.float32)) \
+    ords = None if bank.ordinals is None else torch.tensor([o for q in bank.ordinals for o in q], dtype=torch.float32)
+    whole = GroupData(name, embeddings.float(), torch.zeros(bank.num_points), torch.from_numpy(bank.offsets),
+                      torch.from_numpy(bank.qkeys), ords)
+    group = whole.subset(torch.tensor([bank.row(k) for k in prefs.qkeys[order]], dtype=torch.long))
+    group.y = torch.from_numpy(np.concatenate([prefs.probs[i] for i in order]).astype(np.float32)) \
         if len(order) else torch.zeros(0)
-    ords = None
-    if bank.ordinals is not None:
-        ords = torch.tensor([o for r in rows for o in bank.ordinals[r]], dtype=torch.float32)
-    return GroupData(name, embeddings[points].float(), y, offsets, torch.from_numpy(bank.qkeys[rows]), ords)
+    return group

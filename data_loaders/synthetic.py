@@ -1,17 +1,6 @@
-"""Synthetic pluralistic preference data with planted, learnable structure.
-
-Every option has latent features f ∈ R^r; its embedding is a fixed random linear map of
-f plus noise (so the features are recoverable from x). Every group has a latent vector
-u_g ∈ R^r, and its distribution over a question's options is
-
-    p_g(k) = softmax_k( < gamma * w + beta * u_g, f_k > / sqrt(r) )
-
-where w is a direction of popularity shared by all groups. The shared term is learnable
-from any group and carries over to unseen questions; the group term can only be predicted
-for an unseen group by inferring u_g from its context answers, which is exactly the
-in-context transfer GPO is meant to do.
-Everything is drawn from one torch.Generator seeded by `seed`: same spec, same tensors.
-"""
+"""Synthetic groups with planted, learnable structure (README, "Datasets"): p_g(k) = softmax_k(<gamma·w +
+beta·u_g, f_k> / sqrt(r)), w shared by all groups, u_g the group's latent vector, f_k the option's latent
+features, which its embedding maps linearly plus noise. One generator seeded by `seed` draws everything."""
 from __future__ import annotations
 
 import hashlib
@@ -81,8 +70,7 @@ def make_synthetic(spec: SyntheticSpec) -> tuple[RawDataset, torch.Tensor]:
     groups = {}
     for g, name in enumerate(names):
         qs = np.flatnonzero(answered[g].numpy())
-        groups[name] = GroupPrefs(name, qs.astype(np.int64),
-                                  [probs_np[g, offs[q]:offs[q + 1]] for q in qs])
+        groups[name] = GroupPrefs(name, qs.astype(np.int64), [probs_np[g, offs[q]:offs[q + 1]] for q in qs])
     bank = QuestionBank(np.arange(spec.num_questions),
                         [f"synthetic question {q}" for q in range(spec.num_questions)],
                         [[f"option {k}" for k in range(int(s))] for s in sizes])
@@ -95,8 +83,7 @@ def make_synthetic(spec: SyntheticSpec) -> tuple[RawDataset, torch.Tensor]:
 def _segment_softmax_rows(logits: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
     """Softmax of each row of `logits` within each segment of columns."""
     index = seg.expand_as(logits)
-    peak = logits.new_full((logits.shape[0], n_seg), -torch.inf).scatter_reduce(
-        1, index, logits, reduce="amax")
+    peak = logits.new_full((logits.shape[0], n_seg), -torch.inf).scatter_reduce(1, index, logits, reduce="amax")
     e = (logits - peak.gather(1, index)).exp()
     total = torch.zeros_like(peak).scatter_add(1, index, e)
     return e / total.gather(1, index)
