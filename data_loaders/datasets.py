@@ -16,6 +16,7 @@ from data_loaders.globalqa import COUNTRIES, EVAL_GROUPS, TRAIN_GROUPS, load_glo
 from data_loaders.opinionqa import OPINIONQA_GROUPS, load_opinionqa, resolve_root
 from utils.seeding import generator
 
+from .question_ids import with_question_ids
 from .schema import DataError, GroupData, RawDataset, build_group_data
 from .synthetic import SyntheticSpec, group_names, make_synthetic
 
@@ -54,6 +55,7 @@ class DataConfig:
     synthetic: SyntheticSpec = SyntheticSpec()
     eval_num_qs: int = 1        # context questions an evaluation group must spare
     min_episode_qs: int = 2     # questions a training episode needs at least
+    question_ids: bool = False  # one-hot question columns after the embeddings (data_loaders/question_ids.py)
     quiet: bool = False         # no per-group load lines
 
     @classmethod
@@ -73,6 +75,7 @@ class ExperimentData:
     has_ordinals: bool
     info: dict = field(default_factory=dict)
     heldout_qkeys: torch.Tensor | None = None  # --question_split: keys no group trains on (sorted)
+    question_ids: int = 0  # --question_ids: how many of dim_x's columns (the last) are question identities
 
 
 def load_raw_dataset(dataset: str, data_path: str | None = None, *, strict: bool = False,
@@ -165,11 +168,18 @@ def prepare_experiment(cfg: DataConfig, log=print, check=None) -> ExperimentData
                       cfg.eval_num_qs, cfg.min_episode_qs)
 
     raw, emb, emb_info = load_embedded(cfg, train + evals, log, check=checked)
-    build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
     held = question_holdout(raw.bank.qkeys, cfg.question_split, cfg.split_seed)
+    ids = 0
+    if cfg.question_ids:
+        emb, ids = with_question_ids(raw.bank, emb, held)
+        log(f"question ids: {ids} one-hot question columns after the {emb.shape[1] - ids}-dim embeddings "
+            f"(--question_ids){'; held-out questions get none' if held is not None else ''}")
+    build = lambda names: {g: build_group_data(raw, g, emb) for g in names}  # noqa: E731
     data = ExperimentData(cfg.dataset, build(train), build(evals), int(emb.shape[1]),
-                          raw.bank.ordinals is not None, heldout_qkeys=held)
+                          raw.bank.ordinals is not None, heldout_qkeys=held, question_ids=ids)
     data.info = data_info(raw, emb_info, time.perf_counter() - t0)
+    if ids:
+        data.info["question_ids"] = ids
     if held is not None:
         data.info["question_split"] = {"fraction": cfg.question_split, "pool_questions": len(raw.bank.qkeys),
                                        "heldout_questions": len(held), "seed": cfg.split_seed}

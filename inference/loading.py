@@ -80,6 +80,10 @@ def build_model(cfg: GPOConfig, weights: dict[str, torch.Tensor], where: str, de
 
 def embedding_of(config: dict, dim_x: int, where: str) -> dict:
     """The run's embedding model: {emb_model (an --emb_model value), model_id, dim, prompt_style, probe}."""
+    if (config.get("model_config") or {}).get("question_ids"):
+        raise DataError(f"{where} was trained with --question_ids: its inputs end in one column per training "
+                        "question, which a new text has no value for",
+                        "the predictor embeds text; use a run trained without --question_ids")
     emb = dict(((config.get("data") or {}).get("embedding")) or config.get("embedding") or {})
     name = emb.get("emb_model")
     if not name:

@@ -45,6 +45,9 @@ class GPOConfig:
     # y - softmax(c) on B(x_c): a real group is nearly a low-rank mix of the training groups' deviations.
     context_factors: int = 0
     factor_ridge: float = 1e-2
+    # --question_ids (issue 26): the last question_ids columns of x are one-hot question identities
+    # (data_loaders/question_ids.py). Their input weights start at 0, so a question no client trains on adds nothing.
+    question_ids: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +140,8 @@ class GPO(nn.Module):
             raise ValueError(f"context_factors {c.context_factors}: give 0 (off) or a positive number of factors")
         if c.context_factors and not c.factor_ridge > 0:  # a context shorter than F makes the fit singular
             raise ValueError(f"factor_ridge {c.factor_ridge}: the context factors need a positive ridge penalty")
+        if not 0 <= c.question_ids <= c.dim_x:
+            raise ValueError(f"question_ids {c.question_ids}: give 0 (off) or at most dim_x ({c.dim_x}) columns")
         self.product = c.context_answer == "product"
         self.embedder = mlp(c.input_dim, c.d_model, c.d_model, c.emb_depth)
         self.layers = nn.ModuleList(ContextAttentionLayer(c.d_model, c.nhead, c.dim_feedforward, c.dropout)
@@ -150,6 +155,18 @@ class GPO(nn.Module):
         # Built last and only when asked for, so that F = 0 draws the same initial weights as before.
         # It reads x alone: a context point's factors must not see its answer.
         self.factor_head = mlp(c.dim_x, c.d_model, 1 + c.context_factors, 2) if c.context_factors else None
+        if c.question_ids:
+            self._zero_question_id_weights()
+
+    @torch.no_grad()
+    def _zero_question_id_weights(self) -> None:
+        """After every initial draw, so the other weights are those of the same model without the columns."""
+        n, first = self.config.question_ids, self.embedder[0].weight
+        first[:, self.config.dim_x - n:self.config.dim_x] = 0
+        if self.product:  # the y·x columns come last
+            first[:, -n:] = 0
+        if self.factor_head is not None:
+            self.factor_head[0].weight[:, -n:] = 0
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x·W_x + b, the embedder's first layer without the y column, for points given once.

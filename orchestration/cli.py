@@ -49,6 +49,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     d.add_argument("--question_split", type=float, default=0.0,
                    help="leakage-free protocol: hold this share of all questions (drawn from --split_seed) out of all "
                         "training and score the groups on them alone (0 = the paper's split; replaces --data_split)")
+    d.add_argument("--question_ids", action="store_true",
+                   help="append a one-hot question identity to the option embeddings (issue 26; the paper: off); "
+                        "questions held out by --question_split get none")
     add_embedding_arguments(d)
     s = p.add_argument_group("synthetic data (--dataset synthetic)")
     s.add_argument("--syn_groups", type=int, default=14, help="number of groups")

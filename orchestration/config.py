@@ -100,8 +100,8 @@ class RunConfig:
     server: ServerConfig
     secagg: SecAggConfig
 
-    def model_for(self, dim_x: int) -> GPOConfig:
-        return replace(self.model, dim_x=dim_x)
+    def model_for(self, dim_x: int, question_ids: int = 0) -> GPOConfig:
+        return replace(self.model, dim_x=dim_x, question_ids=question_ids)
 
 
 def _from_flags(cls, f, prefix: str = "", **given):
@@ -210,6 +210,9 @@ def check_federation(run: RunConfig) -> None:
         (run.output.resume, "--resume is not supported with --engine flower: the clients' Adam states live on "
          "their nodes, so a restarted federation would not continue the same run",
          "rerun from round 0, or use --engine inprocess for resumable runs"),
+        (run.data.question_ids, "--question_ids does not work with --engine flower yet: the server builds the "
+         "model before the nodes report their data, so it cannot start the question columns' weights at 0",
+         "run --question_ids with --engine inprocess (the default)"),
         (run.output.also_centralized, "--also_centralized pools every group's data in one process, which a "
          "federation does not have", "run main_centralized.py with the same flags instead"),
         (fed.client_engine not in ("auto", "loop"), f"--client_engine {fed.client_engine} runs clients inside one "

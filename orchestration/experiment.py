@@ -55,7 +55,7 @@ def validate(run: RunConfig, data: ExperimentData) -> None:
 
 
 def make_trainer(run: RunConfig, data: ExperimentData, device):
-    fed, server, mcfg = run.federation, run.server, run.model_for(data.dim_x)
+    fed, server, mcfg = run.federation, run.server, run.model_for(data.dim_x, data.question_ids)
     if run.method == "centralized":
         return CentralizedTrainer(data, run.client, mcfg, central_mode=fed.central_mode,
                                   train_batch_size=fed.train_batch_size, central_steps=fed.central_steps, device=device)
@@ -77,7 +77,7 @@ def make_trainer(run: RunConfig, data: ExperimentData, device):
 
 def resolved_config(run: RunConfig, data: ExperimentData, device) -> dict:
     """config.json: the flags, then what the run resolved from them and the data."""
-    mcfg = run.model_for(data.dim_x)
+    mcfg = run.model_for(data.dim_x, data.question_ids)
     cfg = dict(run.flags)
     cfg.update(method=run.method, metric=run.client.metric, device_resolved=str(device), dim_x=data.dim_x,
                train_groups=sorted(data.train), eval_groups=sorted(data.eval),
