@@ -1,6 +1,8 @@
-"""The reports' fixed prose, kept as Markdown in reporting/templates/ and filled in from Python."""
+"""The reports' fixed prose (Markdown in reporting/templates/, filled in from Python) and the commands'
+presets (reporting/presets.json)."""
 from __future__ import annotations
 
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -11,6 +13,12 @@ TEMPLATES = Path(__file__).with_name("templates")
 @cache
 def template(name: str) -> str:
     return (TEMPLATES / name).read_text(encoding="utf-8")
+
+
+@cache
+def presets(command: str) -> dict:
+    """scripts/reproduce.py's or scripts/sweep.py's presets; each has a "why" for the reader."""
+    return json.loads(Path(__file__).with_name("presets.json").read_text(encoding="utf-8"))[command]
 
 
 @cache

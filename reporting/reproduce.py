@@ -47,6 +47,7 @@ from .batch import (
 from .jobs import Task
 from .paths import default_data_path, shown_argv
 from .predictions import prediction_data
+from .prose import presets
 from .report import MANIFEST, write_report
 from .runs import ENTRY_POINTS, METHODS, collect, find_run_folders, method_label, prefer_done
 
@@ -56,43 +57,8 @@ FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothin
                                 "centralized keeps the paper's 1)"}
 DEFAULT_METHODS = ["fedavg", "centralized"]
 
-# The paper's protocol (method.md §3-§7), every value written out so that a change of a parser
-# default cannot move it: 1,300 FedAvg rounds (every client, 6 local steps, dataset-size
-# weights) and 1,300 sequential centralized epochs, evaluation every 10, seeds 0-3, GPO's
-# model and episode sizes. OpinionQA with MiniLM by default (the data at hand; the paper's
-# Alpaca-7B embeddings are not), and the compute-matched baseline as a third method.
-PAPER_PROTOCOL = dict(
-    dataset="opinionqa", emb_model="minilm", seeds=[0, 1, 2, 3],
-    methods=["fedavg", "centralized", "centralized_matched"],
-    comm_round=1300, central_epochs=1300, central_mode="sequential", federated_eval=10, eval_freq=10,
-    epochs=6, client_fraction=1.0, weighting="dataset_size", lr=3e-4, num_steps=100,
-    min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100, episode_bounds="flags",
-    data_split=0.9, eval_num_qs=20, eval_seed=0, eval_resample=False, metric="auto", split_seed=0,
-    d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6, dropout=0.0, bound_std=False,
-    layer_init="independent", loss_reduction="sum", grad_clip=0.0, precision="fp32",
-    wandb="off", quiet=True,
-)
-
-# A few rounds of every method on the real GlobalOpinionQA sample with MiniLM embeddings and
-# a small model: the whole pipeline (train, reuse, report, figures) in about two minutes.
-PRESETS = {
-    "smoke": dict(dataset="globalqa", seeds=[0, 1], comm_round=4, central_epochs=4, federated_eval=2,
-                  eval_freq=2, epochs=2, emb_model="minilm", wandb="off", quiet=True, d_model=32,
-                  dim_feedforward=32, num_layers=2, min_ctx_num_qs=3, max_ctx_num_qs=15, min_tar_num_qs=3,
-                  max_tar_num_qs=15, eval_num_qs=5, name="smoke",
-                  methods=["fedavg", "centralized", "centralized_matched"]),
-    "paper": PAPER_PROTOCOL,
-    "paper_unseen": PAPER_PROTOCOL,
-}
-# Flags a preset adds to the command line as if typed first (a flag given later overrides them):
-# paper_unseen is the paper's protocol scored on questions no training group was trained on
-# (--question_split, orchestration/cli.py; the evaluation issue).
-PRESET_FLAGS = {"paper_unseen": ["--question_split", "0.2"]}
+PRESETS = presets("reproduce")
 PAPER_PRESETS = ("paper", "paper_unseen")
-PRESET_HELP = ("smoke: every method, 2 seeds, 4 rounds, small model, GlobalOpinionQA sample (about 2 minutes); "
-               "paper: the paper's protocol (1,300 rounds and epochs, seeds 0-3, every method; --dataset "
-               "opinionqa by default, or globalqa), outputs named <dataset>_paper; paper_unseen: the same with "
-               "--question_split 0.2 (scored on held-out questions), outputs named <dataset>_paper_unseen")
 
 
 def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -118,9 +84,10 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--fig3_groups", nargs=2, default=None, metavar=("GROUP_A", "GROUP_B"),
                    help="the two evaluation groups of Fig. 3 (default: the most different pair)")
     r.add_argument("--fig3_qkey", type=int, default=None, help="the question of Fig. 3 (default: chosen)")
-    r.add_argument("--preset", choices=sorted(PRESETS), default=preset, help=PRESET_HELP)
+    r.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                   help="; ".join(f"{name}: {p['help']}" for name, p in PRESETS.items()))
     if preset:
-        p.set_defaults(**PRESETS[preset])
+        p.set_defaults(**PRESETS[PRESETS[preset].get("defaults_of", preset)]["defaults"])
     return p
 
 
@@ -137,7 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag, instead in FORBIDDEN.items():
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise DataError(f"{flag} is not a flag of scripts/reproduce.py", f"use {instead}")
-    args = build_reproduce_parser(known.preset).parse_args([*PRESET_FLAGS.get(known.preset, []), *argv])
+    args = build_reproduce_parser(known.preset).parse_args([*PRESETS.get(known.preset, {}).get("flags", []), *argv])
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3]
     if len(set(args.seeds)) != len(args.seeds):
