@@ -10,12 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from utils.errors import RunFolderError
 from utils.run_folder import record_value
 
-from .figures import finish, plain_y, plt
+from .figures import band, finish, plain_y, plt, stack
 from .paths import shown, shown_argv
 from .prose import fill, template
 from .runs import (
@@ -182,43 +180,34 @@ def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
 # figures
 
 
-def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["round"], x) for r in run.metrics if (x := record_value(r, key)) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
+def _points(key: str):
+    return lambda run: [(r["round"], x) for r in run.metrics if (x := record_value(r, key)) is not None]
 
 
 def _finish(*args) -> Path:
     return finish(*args, legend_size=8)
 
 
-def _mean_curves(ax, variants: list[Variant], curve, lw: float, band: bool) -> None:
-    """Per variant, the mean over seeds of curve(run) -> (x, y), cut to the shortest (and the min–max band)."""
+def _mean_curves(ax, variants: list[Variant], points, lw: float, alpha: float) -> None:
     for i, v in enumerate(variants):
-        curves = [c for _, r in sorted(v.runs.items()) if (c := curve(r))[1]]
-        if not curves:
-            continue
-        t = min(len(c[1]) for c in curves)
-        ys = np.array([c[1][:t] for c in curves])
-        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=lw, label=f"{v.name} (n={len(curves)})")
-        if band and len(curves) > 1:
-            ax.fill_between(curves[0][0][:t], ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15, lw=0)
+        if len(a := stack(v.runs, points)):
+            band(ax, a[0, :, 0], a[..., 1], f"C{i}", v.name, lw, alpha)
 
 
-def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
+def fig_worst_vs_round(variants: list[Variant], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    _mean_curves(ax, variants, lambda r: _curve(r, "eval_worst_alignment"), 1.8, band=True)
+    _mean_curves(ax, variants, _points("eval_worst_alignment"), 1.8, 0.15)
     for i, v in enumerate(variants):
         for seed, r in sorted(v.failed.items()):
-            x, y = _curve(r, "eval_worst_alignment")
-            if y:
-                ax.plot(x, y, color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
+            if pts := _points("eval_worst_alignment")(r):
+                ax.plot(*zip(*pts), color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
     plain_y(ax, 0.02)
-    return _finish(fig, ax, "Worst-group evaluation alignment vs round", "Round",
+    return _finish(fig, ax, title, "Round",
                  "Lowest group alignment, eval groups", path,
                  "line: mean over seeds; band: min–max over seeds; dashed: a run that diverged, up to its last evaluation")
 
 
-def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
+def fig_mean_vs_worst(variants: list[Variant], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.8))
     for i, v in enumerate(variants):
         vals = values(v)
@@ -228,28 +217,27 @@ def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.5, s=24)
             ax.scatter([sum(p[0] for p in pts) / len(pts)], [sum(p[1] for p in pts) / len(pts)], color=f"C{i}",
                        marker="D", s=60, edgecolor="k", label=v.name)
-    return _finish(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
+    return _finish(fig, ax, title, "Mean eval alignment (final)",
                  "Worst-group eval alignment (final)", path, "dots: one run (seed); diamond: mean over seeds")
 
 
-def _snr(run: Run) -> tuple[list[int], list[float]]:
+def _snr(run: Run) -> list[tuple[int, float]]:
     """Per round: the clipped mean's norm over the noise's (DP runs that logged both, noise > 0)."""
-    pts = [(r["round"], r["dp_signal_norm"] / r["dp_noise_norm"]) for r in run.losses
-           if r.get("dp_signal_norm") is not None and r.get("dp_noise_norm")]
-    return [p[0] for p in pts], [p[1] for p in pts]
+    return [(r["round"], r["dp_signal_norm"] / r["dp_noise_norm"]) for r in run.losses
+            if r.get("dp_signal_norm") is not None and r.get("dp_noise_norm")]
 
 
 def has_snr(variants: list[Variant]) -> bool:
-    return any(_snr(r)[1] for v in variants for r in v.runs.values())
+    return any(_snr(r) for v in variants for r in v.runs.values())
 
 
-def fig_snr_vs_round(variants: list[Variant], path: Path) -> Path:
+def fig_snr_vs_round(variants: list[Variant], path: Path, title: str) -> Path:
     """Signal-to-noise per round: ||clipped mean|| (at most S) over ||noise|| (about z S / m sqrt(P))."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    _mean_curves(ax, variants, _snr, 1.5, band=False)
+    _mean_curves(ax, variants, _snr, 1.5, 0)
     ax.axhline(1.0, color="0.4", ls=":", lw=1, label="signal = noise")
     ax.set_yscale("log")
-    return _finish(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
+    return _finish(fig, ax, title, "Round",
                  "||clipped mean update|| / ||added noise||", path,
                  "mean over seeds; the noise is drawn over every parameter, the signal is at most the clip norm S")
 
@@ -259,7 +247,7 @@ def _mean_epsilon(v: Variant) -> float | None:
     return sum(eps) / len(eps) if eps else None
 
 
-def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
+def fig_alignment_vs_epsilon(variants: list[Variant], path: Path, title: str) -> Path:
     """Variants with an ε as points (mean ± 95% CI over seeds); those without (no DP) as dotted lines."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     with_eps = sorted(((e, v) for v in variants if (e := _mean_epsilon(v)) is not None), key=lambda p: p[0])
@@ -274,7 +262,7 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
             if ref is not None:
                 ax.axhline(ref, color=color, ls=ls, lw=1, label=f"{v.name}, {label} (no ε)")
     stopped = [(e, r) for v in variants for r in v.failed.values() if (e := r.last_logged("dp_epsilon")) is not None]
-    pts = [(e, y[-1]) for e, r in stopped if (y := _curve(r, "eval_alignment_score")[1])]
+    pts = [(e, y[-1][1]) for e, r in stopped if (y := _points("eval_alignment_score")(r))]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="k", zorder=3,
                    label="diverged run: ε and mean alignment when it stopped")
@@ -282,11 +270,18 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
-    return _finish(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
+    return _finish(fig, ax, title, "ε (final, log scale)",
                  "Eval alignment (final)", path, "points: mean over seeds of finished runs; bars: 95% CI")
 
 
-# ----------------------------------------------------------------------------------------
+# (key: file name after "<stem>_", title and caption, figure, drawn when)
+FIGURES = (
+    ("worst_vs_round", "Worst-group evaluation alignment vs round", fig_worst_vs_round, lambda vs: True),
+    ("mean_vs_worst", "Final mean vs worst-group evaluation alignment", fig_mean_vs_worst, lambda vs: True),
+    ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε", fig_alignment_vs_epsilon,
+     lambda vs: has_epsilon(vs[1:])),
+    ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round", fig_snr_vs_round, has_snr),
+)
 
 
 def write_comparison(base: Variant, others: list[Variant], out: Path, title: str | None = None,
@@ -296,22 +291,13 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem, variants = out.with_suffix(""), [base, *others]
-    paths = {"report": out, "table_csv": Path(f"{stem}_table.csv"),
-             "worst_vs_round": fig_worst_vs_round(variants, Path(f"{stem}_worst_vs_round.png")),
-             "mean_vs_worst": fig_mean_vs_worst(variants, Path(f"{stem}_mean_vs_worst.png"))}
-    if has_epsilon(others):
-        paths["alignment_vs_epsilon"] = fig_alignment_vs_epsilon(variants, Path(f"{stem}_alignment_vs_epsilon.png"))
-    if has_snr(variants):
-        paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
+    paths, figures = {"report": out, "table_csv": Path(f"{stem}_table.csv")}, []
+    for key, caption, draw, wanted in FIGURES:
+        if wanted(variants):
+            paths[key] = draw(variants, Path(f"{stem}_{key}.png"), caption)
+            figures += [f"**{caption}**", "", f"![{caption}]({paths[key].name})", ""]
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    figures = []
-    for key, text in (("worst_vs_round", "Worst-group evaluation alignment vs round"),
-                      ("mean_vs_worst", "Final mean vs worst-group evaluation alignment"),
-                      ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε"),
-                      ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round")):
-        if key in paths:
-            figures += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
     warnings = consistency_warnings(variants)
     body = fill(template("sweep_report.md"),
                 title=f"{title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"

@@ -1,15 +1,6 @@
-"""scripts/reproduce.py: train every (method, seed) of the paper's protocol, then report.
-
-  <out_root>/<method>_s<seed>/    one standard run folder each, for the methods of --methods:
-      fedavg                      main_fl.py
-      centralized                 main_centralized.py, one step per training group per epoch (paper)
-      centralized_matched         main_centralized.py with --central_steps = FedAvg's --epochs
-  <out_root>/reproduce.json       the command(s), split rule, timings (paths relative to the repository)
-
-Training goes through reporting/batch.py (reuse, resume, run records, --jobs). The group split
-is drawn once (from --split_seed) and passed to every run as explicit lists, so seeds vary only
-the training (initial weights, episodes, client sampling).
-"""
+"""scripts/reproduce.py: train every (method, seed) of the paper's protocol into <out_root>/<method>_s<seed>
+through reporting/batch.py, then report. The group split is drawn once (--split_seed) and passed to every
+run as explicit lists, so seeds vary only the training."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +29,7 @@ from .batch import (
     Batch,
     Planned,
     add_batch_arguments,
+    differences_text,
     plan_action,
     record_state,
     records_root,
@@ -55,8 +47,6 @@ FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothin
              "--also_centralized": "--methods",
              "--central_steps": "--methods ... centralized_matched (its steps per group are --epochs; "
                                 "centralized keeps the paper's 1)"}
-DEFAULT_METHODS = ["fedavg", "centralized"]
-
 PRESETS = presets("reproduce")
 PAPER_PRESETS = ("paper", "paper_unseen")
 
@@ -110,7 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if len(set(args.seeds)) != len(args.seeds):
         raise DataError(f"--seeds {args.seeds} names a seed twice", "list each seed once")
     args.methods_given = args.methods is not None  # by the user or a preset
-    methods = args.methods or DEFAULT_METHODS
+    methods = args.methods or ["fedavg", "centralized"]
     if len(set(methods)) != len(methods):
         raise DataError(f"--methods {' '.join(methods)} names a method twice", "list each method once")
     args.methods = [m for m in METHODS if m in methods]  # table and figure order
@@ -152,23 +142,18 @@ def resolve_split(args) -> str:
     return "the released code's fixed country lists (method.md §1), the same for every seed"
 
 
-def episode_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> str:
-    """The largest episode bounds these groups allow, in flags (small data: the GlobalOpinionQA sample)."""
-    local = min(int(counts[n] * args.data_split) for n in train)
-    ev = min(counts[n] for n in evals)
-    return (f"these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training group's "
-            f"local questions) and --eval_num_qs <= {ev - 1} (the smallest evaluation group has {ev}), e.g. "
-            f"--min_ctx_num_qs {local // 2} --min_tar_num_qs {local - local // 2} --eval_num_qs {ev - 1}; the "
-            "--max_* bounds may stay (an episode takes what a group has)")
-
-
 def check_counts_with_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
-    """check_question_counts, with the largest bounds the groups allow added to its hint."""
+    """check_question_counts, with the largest episode bounds these groups allow added to its hint (small
+    data: the GlobalOpinionQA sample)."""
     try:
         check_question_counts(run_config(args), counts, train, evals)
     except DataError as e:
-        what = str(e).split("\n  hint: ")[0]
-        raise DataError(what, f"{e.hint}; or {episode_limits(args, counts, train, evals)}") from e
+        local, ev = min(int(counts[n] * args.data_split) for n in train), min(counts[n] for n in evals)
+        raise DataError(str(e).split("\n  hint: ")[0], (
+            f"{e.hint}; or these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training "
+            f"group's local questions) and --eval_num_qs <= {ev - 1} (the smallest evaluation group has {ev}), e.g. "
+            f"--min_ctx_num_qs {local // 2} --min_tar_num_qs {local - local // 2} --eval_num_qs {ev - 1}; the "
+            "--max_* bounds may stay (an episode takes what a group has)")) from e
 
 
 _FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in set(ENTRY_POINTS.values())}
@@ -188,14 +173,14 @@ def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argp
     return a
 
 
-def _planned_runs(args, data_for_seed, device, log=print):
+def _planned_runs(args, data, device, log=print):
     """(method, seed, run folder, its record or None, the resolved config it would train with)."""
     root = records_root(args.out_root, args.records_dir, log)
     for seed in args.seeds:
         for method in args.methods:
             path = args.out_root / f"{method}_s{seed}"
             requested = resolved_config(run_config(seed_args(args, seed, path, False, method), ENTRY_POINTS[method]),
-                                        data_for_seed(seed), device)
+                                        data, device)
             yield method, seed, path, (root / path.name if root else None), requested
 
 
@@ -214,15 +199,14 @@ def folder_error(path: Path, method: str, requested: dict) -> str | None:
         return f"{path} holds a {method_label(stored)!r} run, not {method!r}"
     diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
     if diffs:
-        more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
-        return f"{path} was trained with different flags (folder -> requested): {'; '.join(diffs[:8])}{more}"
+        return f"{path} was trained with different flags (folder -> requested): {differences_text(diffs, 8)}"
     return None
 
 
-def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
+def plan_runs(args, data, device, log=print) -> list[Planned]:
     """Every (method, seed) against its folder and record; a folder trained with other flags is an error."""
     plan, errors = [], []
-    for method, seed, path, record, requested in _planned_runs(args, data_for_seed, device, log):
+    for method, seed, path, record, requested in _planned_runs(args, data, device, log):
         error = folder_error(path, method, requested)
         if error:
             errors.append(error)
@@ -246,10 +230,10 @@ def train_one(method: str, flags: dict, path: str) -> int:
     return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
-def make_batch(args, data_for_seed) -> Batch:
+def make_batch(args, data) -> Batch:
     def train(p: Planned) -> int:
         run_method(run_config(seed_args(args, p.seed, p.folder, p.resumes, p.kind), ENTRY_POINTS[p.kind]),
-                   data_for_seed(p.seed), p.folder, log=print)
+                   data, p.folder, log=print)
         return 0
 
     def task(p: Planned, threads: int) -> Task:
@@ -326,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int | None:
     args = parse_args(argv)
-    if getattr(args, "engine", "inprocess") != "inprocess":
+    if args.engine != "inprocess":
         raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
                         "train with the in-process engine here, or run main_fl.py --engine flower yourself "
                         "and report with --report_only --runs <folders>")
@@ -340,31 +324,24 @@ def _main(argv: list[str]) -> int | None:
     RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
     split_rule = resolve_split(args)
     print(f"groups: {split_rule}")
-    cache: dict = {}
-
-    def data_for_seed(seed: int):
-        # The data and the split do not depend on the seed (split fixed above, synthetic data
-        # from --syn_seed), so it is loaded once for every method and seed.
-        if not cache:
-            cache["data"] = prepare_experiment(run_config(args).data, log=print, check=lambda counts, tr, ev:
-                                               check_counts_with_limits(args, counts, tr, ev))
-        return cache["data"]
-
-    data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
+    # The data and the split do not depend on the seed (split fixed above, synthetic data from --syn_seed): loaded
+    # once for every method and seed, and its errors (groups too small for the episodes) come before any file is written
+    data = prepare_experiment(run_config(args).data, log=print,
+                              check=lambda counts, tr, ev: check_counts_with_limits(args, counts, tr, ev))
     device = resolve_device(args.device)
     if args.status:
         status_report([(path.name, record_state(record, requested))
-                       for _, _, path, record, requested in _planned_runs(args, data_for_seed, device)])
+                       for _, _, path, record, requested in _planned_runs(args, data, device)])
         return 0
     if args.commit_records:
         records.check_commit_target(args.records_dir)
     # One reproduce.py per --out_root; released also on an error or an interrupt: finished runs stay,
     # the interrupted one resumes.
     with RunLock(args.out_root, "reproduction folder", "--out_root"):
-        plan = plan_runs(args, data_for_seed, device)
-        batch = make_batch(args, data_for_seed)
+        plan = plan_runs(args, data, device)
+        batch = make_batch(args, data)
         verified = batch.verify(plan, lambda p: (ENTRY_POINTS[p.kind], seed_args(args, p.seed, p.folder, False, p.kind),
-                                                 data_for_seed(p.seed)))  # a stale record stops here
+                                                 data))  # a stale record stops here
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "record", "resume", "restart")}
         print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n)
               + (f"; {args.jobs} runs at once, {args.threads} torch thread(s) each" if args.jobs > 1 else ""))
@@ -378,8 +355,7 @@ def _main(argv: list[str]) -> int | None:
         save({}, "running")
         batch.on_progress = lambda done: save(done, "running")
         save(batch.run(plan), "finished")
-        report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
-               methods=args.methods)
+        report(args, argv, [p.source for p in plan], args.seeds, data=data, methods=args.methods)
     print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
