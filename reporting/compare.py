@@ -18,12 +18,12 @@ from .paths import shown, shown_argv
 from .prose import fill, template
 from .runs import (
     Run,
+    collect,
     find_run_folders,
     from_baseline,
     from_groups,
     from_summary,
     in_mb,
-    load_run,
     partial_note,
     prefer_done,
 )
@@ -42,18 +42,9 @@ class Variant:
 
 def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Variant:
     """A variant's runs; records: globs of run records of the same runs (runs.prefer_done)."""
-    v = Variant(name, [*patterns, *records])
-    for path in prefer_done(find_run_folders(patterns), find_run_folders(list(records))):
-        run = load_run(path)
-        if run.status == "interrupted":
-            v.interrupted.append(path)
-        elif run.status == "failed":
-            v.failed[run.seed] = run
-        elif run.status == "finished":
-            if run.seed in v.runs:
-                v.duplicates.append(path)
-            else:
-                v.runs[run.seed] = run
+    rs = collect(prefer_done(find_run_folders(patterns), find_run_folders(list(records))))
+    v = Variant(name, [*patterns, *records], rs.finished("fedavg"), [r.path for r in rs.interrupted], rs.duplicates,
+                {r.seed: r for r in rs.failed})
     if not v.runs and not v.failed:
         raise RunFolderError(f"variant {name!r}: no finished run folder matches {' '.join(patterns)}",
                              "check the glob (quote it so the shell does not expand it), or wait for the runs")

@@ -177,6 +177,7 @@ class RunSet:
     seeds: list[int]                  # the seeds expected (requested, or found)
     warnings: list[str]
     methods: tuple[str, ...] = METHODS  # the methods reported (requested, or found), in METHODS order
+    failed: list[Run] = field(default_factory=list)  # diverged (failed.json): named in the notes, never counted
 
     def finished(self, method: str) -> dict[int, Run]:
         return self.by_method.get(method, {})
@@ -212,7 +213,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
     """methods: those to report (one without any folder is reported missing); default: those found."""
     runs = [load_run(p) for p in paths]
     by_method: dict[str, dict[int, Run]] = {m: {} for m in METHODS}
-    interrupted, duplicates, notes = [], [], []
+    interrupted, duplicates, notes, failed = [], [], [], []
     for r in runs:
         if r.status == "empty":
             continue
@@ -220,6 +221,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
             interrupted.append(r)
             continue
         if r.status == "failed":  # a rerun would diverge again: reported, never resumed or counted
+            failed.append(r)
             notes.append(f"{shown(r.path)}: failed ({r.failure.get('reason')}); not in the statistics")
             continue
         slot = by_method[r.method]
@@ -245,7 +247,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
         seeds = sorted({r.seed for r in runs if r.seed is not None})
     present = {r.method for r in runs if r.status != "empty"}
     chosen = tuple(m for m in METHODS if (m in methods if methods is not None else m in present))
-    return RunSet(by_method, interrupted, duplicates, list(seeds), notes, chosen)
+    return RunSet(by_method, interrupted, duplicates, list(seeds), notes, chosen, failed)
 
 
 def run_commands(runs: list[Run]) -> list[str]:

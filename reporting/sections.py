@@ -127,26 +127,8 @@ def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     return lines
 
 
-# key -> (word when FedAvg's value is positive, word when negative, sentence, the paper's number)
-_AGREEMENT = {
-    "rounds_fewer_pct": ("fewer", "more", "FedAvg converged in {value:.1f}% {word} rounds than {other}",
-                         f"paper: {PAPER['rounds_fewer_pct']:.0f}% fewer, round 634 vs 1,180"),
-    "steps_fewer_pct": ("fewer", "more", "In gradient steps FedAvg needed {value:.1f}% {word} than {other} to converge",
-                        f"paper, implied: {abs(PAPER['steps_fewer_pct']):.0f}% more"),
-    "alignment_gain_pct": ("higher", "lower",
-                           "FedAvg's final mean evaluation alignment is {value:.2f}% {word} than {other}",
-                           "paper: about +4%"),
-    "best_alignment_gain_pct": ("higher", "lower",
-                                "Best-over-training mean evaluation alignment: FedAvg {value:.2f}% {word} than {other}",
-                                None),
-    "worst_alignment_diff": ("higher", "lower",
-                             "FedAvg's worst evaluation group scores {value:.4f} {word} than {other}'s",
-                             "paper: not reported"),
-}
-
-
 def agreement_lines(items) -> list[str]:
-    out = []
+    t, out = snippets("verdicts.md"), []
     for a, b in PAIRS:
         pair = [h for h in items if (h.a, h.b) == (a, b)]
         if not pair:
@@ -156,11 +138,12 @@ def agreement_lines(items) -> list[str]:
         for h in pair:
             if h.measured is None:
                 out.append(f"- {h.label}: not measured.")
-            elif h.key in _AGREEMENT:
-                up, down, sentence, paper = _AGREEMENT[h.key]
-                word = up if h.measured > 0 else down
-                note = f" ({paper})" if paper and b == "centralized" else ""
-                out.append("- " + sentence.format(value=abs(h.measured), word=word, other=PAIR_TEXT[b]) + note
+            elif f"agree_{h.key}" in t:
+                up, down = ("fewer", "more") if h.key.endswith("fewer_pct") else ("higher", "lower")
+                words = dict(value=abs(h.measured), word=up if h.measured > 0 else down, other=PAIR_TEXT[b],
+                             paper=PAPER, implied=abs(PAPER["steps_fewer_pct"]))
+                note = t.get(f"note_{h.key}") if b == "centralized" else None
+                out.append("- " + t[f"agree_{h.key}"].format(**words) + (f" ({note.format(**words)})" if note else "")
                            + f": **{h.verdict}**.")
             elif h.key == "fi_diff":
                 out.append(f"- Fairness: FI difference {h.measured:+.5f} against {PAIR_TEXT[b]} (paper: FI ≈ 1 for "

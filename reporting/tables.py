@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from scipy import stats as sps
 
 from .convergence import DEFINITIONS
+from .prose import snippets
 from .runs import METHOD_LABELS, Run, RunSet, from_baseline, from_groups, from_summary, in_mb
 
 # The paper's numbers (method.md §7): FedAvg converged at round 634, centralized at 1,180,
@@ -224,50 +225,34 @@ def _size(measured: float, paper: float, tolerance: float) -> str:
     return "smaller" if measured < paper else "larger"
 
 
+# The headlines compared with the paper: (below this |difference| there is none, the paper's within this is similar)
+_TOLERANCE = {"rounds_fewer_pct": (0.05, 10), "alignment_gain_pct": (0.005, 1.5),
+              "best_alignment_gain_pct": (0.005, 1.5)}
+
+
 def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float | None],
              b: str = "centralized") -> str:
     if measured is None:
         return "not measured (a method has no value)"
-    sig = {"excludes": " (paired 95% CI excludes 0)",
-           "includes": " (paired 95% CI includes 0: not significant over these seeds)",
-           "degenerate": f" ({no_variance(paired.n)}: no CI)"}.get(significance(paired), "")
-    matched = b == "centralized_matched"
-    if key == "rounds_fewer_pct":
-        p = PAPER["rounds_fewer_pct"]
-        if abs(measured) < 0.05:
-            return f"disagrees: no difference in rounds (paper: {p:.0f}% fewer){sig}"
-        if measured > 0:
-            return (f"agrees in direction (FedAvg converges in fewer rounds); {_size(measured, p, 10)} "
-                    f"than the paper's {p:.0f}%{sig}")
-        return f"disagrees: FedAvg needs {-measured:.1f}% more rounds (paper: {p:.0f}% fewer){sig}"
-    if key == "steps_fewer_pct":
-        where = "fewer" if measured > 0 else "more"
-        if matched:  # equal steps per round: the paper's claim of faster convergence, compute held equal
-            agree = measured > 0
-            return (f"{'agrees' if agree else 'disagrees'} with faster convergence at equal compute: "
-                    f"measured {abs(measured):.1f}% {where} steps{sig}")
-        p = PAPER["steps_fewer_pct"]
-        agree = (measured > 0) == (p > 0)
-        return (f"{'agrees' if agree else 'disagrees'} with the paper's implied {abs(p):.0f}% "
-                f"{'fewer' if p > 0 else 'more'} steps: measured {abs(measured):.1f}% {where}{sig}")
-    if key in ("alignment_gain_pct", "best_alignment_gain_pct"):
-        p = PAPER["alignment_gain_pct"]
-        if abs(measured) < 0.005:
-            return f"disagrees: no difference in alignment (paper: ~+{p:.0f}%){sig}"
-        if measured > 0:
-            return (f"agrees in direction (FedAvg aligns better); {_size(measured, p, 1.5)} "
-                    f"than the paper's ~+{p:.0f}%{sig}")
-        return f"disagrees: FedAvg aligns {abs(measured):.2f}% worse (paper: ~+{p:.0f}%){sig}"
+    t, up = snippets("verdicts.md"), "up" if measured > 0 else "down"
     if key == "fi_diff":
         f, c = fi.get("fedavg"), fi.get(b)
-        both = f is not None and c is not None and f >= 0.99 and c >= 0.99
-        if both and abs(measured) < 0.01:
-            return f"agrees: FI ≈ 1 for both ({f:.4f} vs {c:.4f}), difference {measured:+.5f}"
-        return f"disagrees: FI {fmt(f)} vs {fmt(c)} (paper: ≈ 1 for both)"
-    if key == "worst_alignment_diff":
-        word = "higher" if measured > 0 else "lower"
-        return f"no claim in the paper; FedAvg's worst evaluation group scores {abs(measured):.4f} {word}{sig}"
-    return ""
+        if f is not None and c is not None and f >= 0.99 and c >= 0.99 and abs(measured) < 0.01:
+            return t["fi_agrees"].format(f=f, c=c, m=measured)
+        return t["fi_disagrees"].format(f=fmt(f), c=fmt(c))
+    if key == "steps_fewer_pct":  # compute-matched: the paper's claim of faster convergence at equal compute
+        case = f"steps_matched_{up}" if b == "centralized_matched" else f"steps_{up}"
+    elif key == "worst_alignment_diff":
+        case = "worst"
+    elif key in _TOLERANCE:
+        case = ("rounds" if key == "rounds_fewer_pct" else "alignment") + (
+            "_none" if abs(measured) < _TOLERANCE[key][0] else f"_{up}")
+    else:
+        return ""
+    size = _size(measured, _PAPER_VALUE[key], _TOLERANCE[key][1]) if key in _TOLERANCE else ""
+    return t[case].format(a=abs(measured), size=size, paper=PAPER, implied=abs(PAPER["steps_fewer_pct"]),
+                          word="higher" if measured > 0 else "lower",
+                          sig=t.get(f"sig_{significance(paired)}", "").format(n=paired.n))
 
 
 _NOTES = {
