@@ -16,18 +16,8 @@ from utils.run_folder import record_value
 from .figures import band, finish, plain_y, plt, stack
 from .paths import shown, shown_argv
 from .prose import fill, template
-from .runs import (
-    Run,
-    collect,
-    find_run_folders,
-    from_baseline,
-    from_groups,
-    from_summary,
-    in_mb,
-    partial_note,
-    prefer_done,
-)
-from .tables import Stat, csv_stat, describe, md_table, no_variance, significance, stat_cell
+from .runs import Run, collect, find_run_folders, partial_note, prefer_done
+from .tables import Stat, csv_stat, describe, md_table, no_variance, row_table, significance, stat_cell
 
 
 @dataclass
@@ -51,27 +41,7 @@ def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Var
     return v
 
 
-# (key, label, getter, format)
-METRICS = (
-    ("final_eval_alignment_score", "Mean eval alignment (final)", from_summary("final_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
-    ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
-    ("dp_epsilon", "Privacy budget ε (final)", from_summary("dp_epsilon"), "{:.3g}"),
-    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", lambda r: r.last_logged("dp_epsilon_exact"), "{:.3g}"),
-    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", lambda r: r.last_logged("dp_epsilon_replace_one"),
-     "{:.3g}"),
-    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)",
-     from_summary("final_eval_alignment_unseen"), "{:.4f}"),
-    ("final_eval_group_specificity", "Group specificity (final)", from_summary("final_eval_group_specificity"), "{:.5f}"),
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
-    ("convergence_comm_mb", "Communication to convergence (MB)", in_mb("convergence_comm_bytes"), "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB)", in_mb("total_comm_bytes"), "{:.1f}"),
-)
+METRICS = row_table("sweep")
 # Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
 EPSILONS = ("dp_epsilon", "dp_epsilon_exact", "dp_epsilon_replace_one")
 COMPARED = tuple(m for m in METRICS if m[0] not in (*EPSILONS, "baseline_consensus", "baseline_uniform"))

@@ -1,5 +1,5 @@
-"""The reports' fixed prose (Markdown in reporting/templates/, filled in from Python) and the commands'
-presets (reporting/presets.json)."""
+"""The reports' fixed prose (Markdown in reporting/templates/, filled in from Python), their tables' rows
+(reporting/rows.json) and the commands' presets (reporting/presets.json)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,12 @@ def template(name: str) -> str:
 def presets(command: str) -> dict:
     """scripts/reproduce.py's or scripts/sweep.py's presets; each has a "why" for the reader."""
     return json.loads(Path(__file__).with_name("presets.json").read_text(encoding="utf-8"))[command]
+
+
+@cache
+def rows_data() -> dict:
+    """The rows of the reports' tables (reporting/rows.json)."""
+    return json.loads(Path(__file__).with_name("rows.json").read_text(encoding="utf-8"))
 
 
 @cache

@@ -92,23 +92,6 @@ class Run:
         return None
 
 
-# Row getters (run -> value) for the tables of tables.py and compare.py.
-def from_summary(key):
-    return lambda run: run.value(key)
-
-
-def from_groups(prefix, key):
-    return lambda run: run.final_group(prefix, key)
-
-
-def from_baseline(kind):
-    return lambda run: run.baseline(kind)
-
-
-def in_mb(key):
-    return lambda run: None if (v := run.value(key)) is None else v / 1e6
-
-
 def partial_label(done: int, seeds: int) -> str | None:
     """The label of a report over part of its plan: '2 of 4 seeds finished; partial'."""
     return None if done == seeds else f"{done} of {seeds} seeds finished; partial"

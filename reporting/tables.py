@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from scipy import stats as sps
 
 from .convergence import DEFINITIONS
-from .prose import snippets
-from .runs import METHOD_LABELS, Run, RunSet, from_baseline, from_groups, from_summary, in_mb
+from .prose import rows_data, snippets
+from .runs import METHOD_LABELS, Run, RunSet
 
 # The paper's numbers (method.md §7): FedAvg converged at round 634, centralized at 1,180,
 # ~4% higher mean evaluation alignment, FI ≈ 1 for both. Its protocol: 1,300 rounds, 8 train
@@ -76,56 +76,20 @@ def vs_consensus(run) -> float | None:
     return None if final is None or cons is None else final - cons
 
 
-# The evaluation diagnostics (training/diagnostics.py); empty cells for runs that predate them.
-EVALUATION_ROWS = (
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
-    ("final_vs_consensus", "Final eval alignment − consensus lookup", vs_consensus, "{:+.4f}"),
-    ("final_eval_alignment_seen", "Eval alignment, seen questions (final)", from_summary("final_eval_alignment_seen"),
-     "{:.4f}"),
-    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)", from_summary("final_eval_alignment_unseen"),
-     "{:.4f}"),
-    ("final_train_alignment_unseen", "Held-out alignment, train groups, unseen questions (final)",
-     from_summary("final_train_alignment_unseen"), "{:.4f}"),
-    ("final_eval_group_specificity", "Group specificity: own − another group's context (final)",
-     from_summary("final_eval_group_specificity"), "{:+.5f}"),
-)
+def row_table(name: str) -> tuple:
+    """The rows of a report's table (rows.json) as (key, label, the value of a run, format)."""
+    def reader(key: str, source: str):
+        kind, _, of = source.partition(":")
+        if kind == "mb":
+            return lambda run: None if (v := run.value(of)) is None else v / 1e6
+        return {"summary": lambda run: run.value(key), "logged": lambda run: run.last_logged(key),
+                "groups": lambda run: run.final_group(*key.split("_", 2)[1:]),
+                "baseline": lambda run: run.baseline(key.removeprefix("baseline_")),
+                "vs_consensus": vs_consensus, "wall_time_to_convergence": wall_time_to_convergence}[kind]
+    return tuple((key, label, reader(key, source), spec) for key, label, source, spec in rows_data()[name])
 
-# Communication (federated/comm.py), in MB. A centralized run moves no weights; its one-off
-# cost is pooling the training groups' local data, shown on every method's row for comparison.
-COMM_ROWS = (
-    ("convergence_comm_mb", "Communication to convergence (MB, down + up)", in_mb("convergence_comm_bytes"), "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB, down + up)", in_mb("total_comm_bytes"), "{:.1f}"),
-    ("comm_mb_per_round", "Communication per round (MB)", in_mb("comm_bytes_per_round"), "{:.2f}"),
-    ("pooling_mb", "Pooling the training data once instead (MB, float32)", in_mb("pooling_bytes"), "{:.2f}"),
-)
 
-ROWS = (
-    ("convergence_round", "Convergence round", from_summary("convergence_round"), "{:.1f}"),
-    ("final_eval_alignment_score", "Final mean eval alignment", from_summary("final_eval_alignment_score"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
-    ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_alignment_gap", "Best − worst eval group (final)", from_groups("eval", "alignment_gap"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
-    ("final_train_alignment_score", "Held-out alignment, train groups (final)", from_summary("final_train_alignment_score"),
-     "{:.4f}"),
-    ("final_train_worst_alignment", "Worst-group train alignment (final)", from_groups("train", "worst_alignment"), "{:.4f}"),
-    ("final_train_bottom_quarter_alignment", "Bottom-quarter train alignment (final)",
-     from_groups("train", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_train_alignment_gap", "Best − worst train group (final)", from_groups("train", "alignment_gap"), "{:.4f}"),
-    ("final_train_fi", "FI, train groups (final)", from_summary("final_train_fi"), "{:.5f}"),
-    ("final_train_cov", "CoV, train groups (final)", from_summary("final_train_cov"), "{:.4f}"),
-    ("wall_time_s", "Wall time, whole run (s)", from_summary("wall_time_s"), "{:.1f}"),
-    ("wall_time_to_convergence_s", "Wall time to convergence (s)", wall_time_to_convergence, "{:.1f}"),
-    ("convergence_grad_steps", "Gradient steps to convergence", from_summary("convergence_grad_steps"), "{:.0f}"),
-    ("convergence_points", "Points processed to convergence", from_summary("convergence_points"), "{:.0f}"),
-    ("total_grad_steps", "Gradient steps, whole run", from_summary("total_grad_steps"), "{:.0f}"),
-    *COMM_ROWS,
-    *EVALUATION_ROWS,
-)
+ROWS = row_table("reproduce")
 # The convergence round under each definition (reporting/convergence.py): its own table.
 CONVERGENCE_ROWS = tuple((d.key, f"Convergence round, {d.label}", d.round_of, "{:.1f}") for d in DEFINITIONS)
 ALL_ROWS = ROWS + CONVERGENCE_ROWS
