@@ -102,14 +102,10 @@ def results_table(variants: list[Variant]) -> list[str]:
                            for key, label, _, spec in rows))
 
 
-def _signed(spec: str) -> str:
-    return spec.replace("{:", "{:+")
-
-
 def paired_table(base: Variant, others: list[Variant]) -> list[str]:
     def cell(v: Variant, key: str, spec: str) -> str:
         d = paired_difference(base, v, key)
-        return stat_cell(d, _signed(spec)) + (" *" if significance(d) == "excludes" else "")
+        return stat_cell(d, spec.replace("{:", "{:+")) + (" *" if significance(d) == "excludes" else "")
     return md_table([f"Variant − {base.name}", *(label for _, label, _, _ in COMPARED)],
                     ([v.name, *(cell(v, key, spec) for key, _, _, spec in COMPARED)] for v in others))
 

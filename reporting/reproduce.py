@@ -81,12 +81,6 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     return p
 
 
-def _paper_name(args) -> str:
-    """opinionqa_paper; globalqa_sample_paper for the shared sample CSV, else globalqa_paper."""
-    sample = args.dataset == "globalqa" and "sample" in Path(str(args.data_path or "")).name
-    return f"{args.dataset}{'_sample' if sample else ''}_paper"
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
@@ -107,8 +101,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.preset and args.data_path is None:  # as the user gave it: env var, or ../shared/data/...
         args.data_path = default_data_path(args.dataset)
     args.name_given = args.name is not None or args.preset in PAPER_PRESETS  # the preset names its outputs
+    # opinionqa_paper, globalqa_sample_paper for the shared sample CSV, else globalqa_paper; _unseen added
+    sample = "_sample" if args.dataset == "globalqa" and "sample" in Path(str(args.data_path or "")).name else ""
     suffix = "_unseen" if args.preset == "paper_unseen" else ""
-    args.name = args.name or (_paper_name(args) + suffix if args.preset in PAPER_PRESETS else args.dataset)
+    args.name = args.name or (f"{args.dataset}{sample}_paper{suffix}" if args.preset in PAPER_PRESETS else args.dataset)
     args.out_root = Path(args.out_root or Path("runs") / "reproduce" / args.name)
     if args.results_dir is None:
         args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
@@ -316,7 +312,9 @@ def _main(argv: list[str]) -> int | None:
                         "and report with --report_only --runs <folders>")
     resolve_batch_args(args)
     if args.report_only:
-        report(args, argv, report_sources(args), _planned_seeds(args, argv),
+        # the seeds a report expects: given (--seeds, or a preset's), else those found
+        given = args.preset or any(a == "--seeds" or a.startswith("--seeds=") for a in argv)
+        report(args, argv, report_sources(args), args.seeds if given else None,
                methods=args.methods if args.methods_given else None)
         return 0
     t0 = time.perf_counter()
@@ -357,11 +355,6 @@ def _main(argv: list[str]) -> int | None:
         save(batch.run(plan), "finished")
         report(args, argv, [p.source for p in plan], args.seeds, data=data, methods=args.methods)
     print(f"done in {time.perf_counter() - t0:.1f} s")
-
-
-def _planned_seeds(args, argv: list[str]) -> list[int] | None:
-    """The seeds a report expects: given (--seeds, or a preset's), else those found."""
-    return args.seeds if args.preset or any(a == "--seeds" or a.startswith("--seeds=") for a in argv) else None
 
 
 def report_sources(args) -> list[Path]:

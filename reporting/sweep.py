@@ -1,8 +1,5 @@
-"""scripts/sweep.py: FedAvg variants over seeds, trained through main_fl.py's own entry point
-(reporting/batch.py: reuse, resume, run records, --jobs), then reported against a baseline
-(reporting/compare.py). A preset names the shared flags, the variants (name -> extra flags), the
-baseline and the report.
-"""
+"""scripts/sweep.py: FedAvg variants over seeds, trained through main_fl.py's own entry point and
+reporting/batch.py, then reported against a baseline (reporting/compare.py)."""
 from __future__ import annotations
 
 import argparse
@@ -99,22 +96,14 @@ class Planner:
         requested = resolved_config(run_cfg, self.data(args), resolve_device(run_cfg.federation.device))
         return record_state(run.record, requested)
 
-    def plan(self, runs: list[Planned]) -> None:
-        for r in runs:
-            r.action = plan_action(r.folder, lambda: self.state(r), self.log)
-
     def replay(self, run: Planned):
         args = self.parsed(run)
         return "fedavg", args, self.data(args)
 
 
-def _data_flags() -> tuple[str, ...]:
-    """The flags of main_fl.py's data groups: what prepare_experiment's result depends on (with --seed)."""
-    groups = build_fedavg_parser("fedavg")._action_groups
-    return tuple(a.dest for g in groups if (g.title or "").startswith(("data", "synthetic")) for a in g._group_actions)
-
-
-DATA_FLAGS = _data_flags()
+# The flags of main_fl.py's data groups: what prepare_experiment's result depends on (with --seed).
+DATA_FLAGS = tuple(a.dest for g in build_fedavg_parser("fedavg")._action_groups
+                   if (g.title or "").startswith(("data", "synthetic")) for a in g._group_actions)
 
 
 def _argv(p: Planned) -> list[str]:
@@ -160,7 +149,8 @@ def _sweep(args, argv: list[str]) -> int | None:
             records.check_commit_target(args.records_dir)
         with RunLock(out_root, "sweep folder", "--out_root"):
             t0 = time.perf_counter()
-            planner.plan(runs)
+            for r in runs:
+                r.action = plan_action(r.folder, lambda: planner.state(r))
             batch = make_batch(args)
             batch.verify(runs, planner.replay)  # before anything trains: a stale record stops here
             batch.run(runs)
