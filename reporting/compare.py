@@ -212,7 +212,8 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path, title: str) ->
     for key, label, color in (("final_eval_alignment_score", "mean", "C0"),
                               ("final_eval_worst_alignment", "worst group", "C3")):
         pts = [(e, s) for e, v in with_eps if (s := describe(list(values(v)[key].values()))).mean is not None]
-        ax.errorbar([e for e, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
+        half = [0.0 if s.ci_high is None else s.ci_high - s.mean for _, s in pts]
+        ax.errorbar([e for e, _ in pts], [s.mean for _, s in pts], yerr=half,
                     color=color, marker="o", capsize=3, label=f"{label} eval alignment")
         for v, ls in zip(without, (":", "--", "-.") * len(without)):
             ref = describe(list(values(v)[key].values())).mean

@@ -1,10 +1,6 @@
-"""Several runs at once (--jobs N), each in its own Python process with its own torch thread count.
-
-Measured on OpinionQA, 2 cores (benchmarks/README.md): two runs at once with 1 thread each gave
-1.25x the throughput of one after the other with 2 threads, hence 2 runs at once by default. A
-child's output comes back prefixed with its run's name; stopping the parent stops the children,
-each leaving a resumable folder.
-"""
+"""Several runs at once (--jobs N), each in its own Python process with its own torch thread count; 2 by
+default from the measurement in benchmarks/README.md. Stopping the parent stops the children, each leaving
+a resumable folder."""
 from __future__ import annotations
 
 import importlib

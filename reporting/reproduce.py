@@ -39,7 +39,7 @@ from .batch import (
 from .jobs import Task
 from .paths import default_data_path, shown_argv
 from .predictions import prediction_data
-from .prose import presets
+from .prose import presets, snippets
 from .report import MANIFEST, write_report
 from .runs import ENTRY_POINTS, METHODS, collect, find_run_folders, method_label, prefer_done
 
@@ -122,20 +122,14 @@ def resolve_split(args) -> str:
         return "named with --train_groups / --eval_groups"
     if args.split_seed is None:  # main_fl.py would split by --seed; here the split must not move with it
         args.split_seed = 0
+    f = args.group_split if args.group_split is not None else DEFAULT_GROUP_SPLIT
     if args.dataset == "synthetic":  # group names exist only once generated: split inside data loading
-        f = args.group_split if args.group_split is not None else DEFAULT_GROUP_SPLIT
-        return (f"seeded random {f:.0%}/{1 - f:.0%} split of the generated groups (data from --syn_seed "
-                f"{args.syn_seed}) with --split_seed {args.split_seed}, the same for every seed")
-    frac = args.group_split
-    train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups, frac, args.split_seed)
-    random_split = frac is not None or args.dataset == "opinionqa"
-    args.train_groups, args.eval_groups, args.group_split = train, evals, None
-    if random_split:
-        f = frac if frac is not None else DEFAULT_GROUP_SPLIT
-        return (f"seeded random {f:.0%}/{1 - f:.0%} split of the groups drawn once with split seed "
-                f"{args.split_seed} (data_loaders.datasets.split_groups), passed to every run as explicit "
-                "lists so that the seeds vary training only")
-    return "the released code's fixed country lists (method.md §1), the same for every seed"
+        return snippets()["split_synthetic"].format(f=f, rest=1 - f, a=args)
+    random_split = args.group_split is not None or args.dataset == "opinionqa"
+    args.train_groups, args.eval_groups = choose_groups(args.dataset, args.train_groups, args.eval_groups,
+                                                        args.group_split, args.split_seed)
+    args.group_split = None
+    return snippets()["split_random" if random_split else "split_fixed"].format(f=f, rest=1 - f, a=args)
 
 
 def check_counts_with_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:

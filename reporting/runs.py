@@ -33,14 +33,6 @@ def _norm(v):
     return sorted(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
 
 
-def _get(cfg: dict, path: tuple[str, ...]):
-    for k in path:
-        if not isinstance(cfg, dict) or k not in cfg:
-            return None
-        cfg = cfg[k]
-    return cfg
-
-
 @dataclass
 class Run:
     path: Path
@@ -53,7 +45,6 @@ class Run:
 
     @property
     def method(self) -> str | None:
-        """fedavg | centralized | centralized_matched (see method_label)."""
         return method_label(self.config)
 
     @property
@@ -103,17 +94,12 @@ def partial_note(label: str | None) -> str:
             "the others finish. ") if label else ""
 
 
-def is_done(folder: Path) -> bool:
-    """Finished (summary.json) or diverged (failed.json): nothing left to train."""
-    return is_finished(folder) or (folder / FAILED).is_file()
-
-
 def prefer_done(folders: list[Path], records: list[Path]) -> list[Path]:
     """One source per run name: a finished or diverged run folder, else its record, else the
     (interrupted) folder; in name order."""
     chosen = {p.name: p for p in records}
     for p in folders:
-        if p.name not in chosen or is_done(p):
+        if p.name not in chosen or is_finished(p) or (p / FAILED).is_file():
             chosen[p.name] = p
     return [chosen[name] for name in sorted(chosen)]
 
@@ -219,7 +205,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
         values = {json.dumps(_norm(r.config.get(key)), sort_keys=True) for r in finished}
         if len(values) > 1:
             notes.append(f"runs disagree on {key}: {sorted(values)}")
-    hashes = {_get(r.config, ("data", "source_hash")) for r in finished}
+    hashes = {(r.config.get("data") or {}).get("source_hash") for r in finished}
     if len(hashes) > 1:
         notes.append(f"runs were trained on different data files (source hashes {sorted(map(str, hashes))})")
     for m in METHODS:
@@ -237,7 +223,7 @@ def run_commands(runs: list[Run]) -> list[str]:
     """The command lines that produced the runs (from each config's recorded argv), unique, in order."""
     seen: dict[str, None] = {}
     for r in runs:
-        argv = _get(r.config, ("environment", "argv"))
+        argv = (r.config.get("environment") or {}).get("argv")
         # a worker of reproduce.py / sweep.py --jobs (reporting/jobs.py) is nobody's command line
         if argv and not str(argv[0]).endswith("reporting/jobs.py"):
             seen["python " + " ".join(shlex.quote(a) for a in argv)] = None

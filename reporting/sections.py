@@ -10,13 +10,6 @@ from .prose import Fields, snippets
 from .runs import METHOD_LABELS, METHODS, RunSet
 from .tables import PAIR_TEXT, PAIRS, PAPER, fmt, md_table
 
-DATASET_TEXT = {
-    "opinionqa": "OpinionQA (Pew American Trends Panel, US demographic groups; scored with 1 − normalised "
-                 "Wasserstein distance over option ordinals, GPO's metric)",
-    "globalqa": "GlobalOpinionQA (countries; scored with 1 − Jensen–Shannon distance)",
-    "synthetic": "synthetic planted-structure data",
-}
-
 
 def _tally(values: list) -> str:
     """`a` when every run agrees, else `a` (3 runs), `b` (1 run): the runs of one report may come from
@@ -59,7 +52,7 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     seeds = sorted({r.seed for r in runs})
     text = snippets()
     lines = text["setup"].format(
-        dataset=DATASET_TEXT.get(c["dataset"], c["dataset"]), source=shown(data["source"]), data=data,
+        dataset=text.get(f"dataset_{c['dataset']}", c["dataset"]), source=shown(data["source"]), data=data,
         hash=str(data["source_hash"])[:12], n_train=len(tr), n_eval=len(ev),
         same_split="the same split for every seed and method" if same_split else "NOT the same split in every run",
         split=(manifest or {}).get("split_rule") or "as recorded in each run's config.json", train=", ".join(tr),
@@ -155,8 +148,8 @@ def means_line(runset: RunSet, st: dict) -> str:
     """Convergence round and final alignment, mean over seeds, per method."""
     def part(key, spec):
         return ", ".join(f"{METHOD_LABELS[m]} {fmt(st[key][m].mean, spec)}" for m in runset.methods)
-    return (f"Convergence round, mean over seeds: {part('convergence_round', '{:.1f}')} (paper: FedAvg 634, "
-            f"centralized 1,180). Final mean evaluation alignment: {part('final_eval_alignment_score', '{:.4f}')}.")
+    return snippets("verdicts.md")["means"].format(rounds=part("convergence_round", "{:.1f}"),
+                                                   alignment=part("final_eval_alignment_score", "{:.4f}"))
 
 
 # Flags where the released code differs from the paper (method.md §8), as (key, paper's value).

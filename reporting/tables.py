@@ -23,6 +23,7 @@ PAPER["rounds_fewer_pct"] = 100.0 * (1 - PAPER["fedavg_round"] / PAPER["centrali
 PAPER["fedavg_steps"] = PAPER["fedavg_round"] * PAPER["train_groups"] * PAPER["epochs"]
 PAPER["centralized_steps"] = PAPER["centralized_round"] * PAPER["train_groups"]
 PAPER["steps_fewer_pct"] = 100.0 * (1 - PAPER["fedavg_steps"] / PAPER["centralized_steps"])
+PAPER["fi_diff"] = 0.0  # FI ≈ 1 for both
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,6 @@ class Stat:
     ci_high: float | None
     values: tuple[float, ...] = ()
     dropped: int = 0            # seeds without a value
-
-    @property
-    def half_width(self) -> float | None:
-        return None if self.ci_high is None else self.ci_high - self.mean
 
 
 def describe(values, confidence: float = 0.95) -> Stat:
@@ -131,6 +128,9 @@ def diff(fed: float | None, cen: float | None) -> float | None:
     return None if fed is None or cen is None else fed - cen
 
 
+FORMULAS = {"pct_fewer": pct_fewer, "pct_gain": pct_gain, "diff": diff}  # rows.json's headlines name them
+
+
 # The pairs compared, FedAvg first: the paper's baseline, then the compute-matched one.
 PAIRS = (("fedavg", "centralized"), ("fedavg", "centralized_matched"))
 PAIR_TEXT = {"centralized": "centralized", "centralized_matched": "compute-matched centralized"}
@@ -152,20 +152,6 @@ class Headline:
     @property
     def pair(self) -> str:
         return f"{self.a}_vs_{self.b}"
-
-
-# (key, label with {b}, metric, formula, unit)
-HEADLINES = (
-    ("rounds_fewer_pct", "FedAvg needs fewer rounds to converge than {b}", "convergence_round", pct_fewer, "%"),
-    ("steps_fewer_pct", "FedAvg needs fewer gradient steps to converge than {b}", "convergence_grad_steps",
-     pct_fewer, "%"),
-    ("alignment_gain_pct", "Final mean eval alignment, FedAvg vs {b}", "final_eval_alignment_score", pct_gain, "%"),
-    ("best_alignment_gain_pct", "Best mean eval alignment, FedAvg vs {b}", "best_eval_alignment_score",
-     pct_gain, "%"),
-    ("fi_diff", "FI (eval groups, final), FedAvg − {b}", "final_eval_fi", diff, ""),
-    ("worst_alignment_diff", "Worst-group eval alignment (final), FedAvg − {b}", "final_eval_worst_alignment",
-     diff, ""),
-)
 
 
 def significance(paired: Stat) -> str | None:
@@ -213,24 +199,11 @@ def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float
             "_none" if abs(measured) < _TOLERANCE[key][0] else f"_{up}")
     else:
         return ""
-    size = _size(measured, _PAPER_VALUE[key], _TOLERANCE[key][1]) if key in _TOLERANCE else ""
+    paper = PAPER["rounds_fewer_pct" if key == "rounds_fewer_pct" else "alignment_gain_pct"]
+    size = _size(measured, paper, _TOLERANCE[key][1]) if key in _TOLERANCE else ""
     return t[case].format(a=abs(measured), size=size, paper=PAPER, implied=abs(PAPER["steps_fewer_pct"]),
                           word="higher" if measured > 0 else "lower",
                           sig=t.get(f"sig_{significance(paired)}", "").format(n=paired.n))
-
-
-_NOTES = {
-    "rounds_fewer_pct": "634 vs 1,180 rounds",
-    "steps_fewer_pct": (f"implied by its rounds, not reported: {PAPER['fedavg_steps']:,} vs "
-                        f"{PAPER['centralized_steps']:,} steps ({PAPER['train_groups']} clients × {PAPER['epochs']} "
-                        f"steps vs {PAPER['train_groups']} per epoch)"),
-    "alignment_gain_pct": "about +4%", "best_alignment_gain_pct": "about +4% (mean eval alignment)",
-    "fi_diff": "FI ≈ 1 for both (FedAvg +0.04% before convergence)",
-    "worst_alignment_diff": "not reported",
-}
-_PAPER_VALUE = {"rounds_fewer_pct": PAPER["rounds_fewer_pct"], "steps_fewer_pct": PAPER["steps_fewer_pct"],
-                "alignment_gain_pct": PAPER["alignment_gain_pct"],
-                "best_alignment_gain_pct": PAPER["alignment_gain_pct"], "fi_diff": 0.0, "worst_alignment_diff": None}
 
 
 def compare(vals: dict, st: dict, metric: str, fn, a: str, b: str, seeds: list[int]) -> tuple[float | None, Stat]:
@@ -249,10 +222,10 @@ def headlines(runset: RunSet) -> list[Headline]:
         if a not in runset.methods or b not in runset.methods:
             continue
         seeds = runset.paired_seeds(a, b)
-        for key, label, metric, fn, unit in HEADLINES:
-            measured, paired = compare(vals, st, metric, fn, a, b, seeds)
-            paper = _PAPER_VALUE[key] if b == "centralized" else None
-            note = _NOTES[key] if b == "centralized" else "no compute-matched baseline in the paper"
+        for key, label, metric, formula, unit, paper, note in rows_data()["headlines"]:
+            measured, paired = compare(vals, st, metric, FORMULAS[formula], a, b, seeds)
+            paper, note = (PAPER.get(paper), note.format(paper=PAPER)) if b == "centralized" else (
+                None, "no compute-matched baseline in the paper")
             out.append(Headline(key, label.format(b=PAIR_TEXT[b]), measured, paired, paper, note, unit,
                                 _verdict(key, measured, paired, fi, b), a, b))
     return out
@@ -303,11 +276,7 @@ def markdown_headlines(items: list[Headline]) -> str:
         return [h.label, meas, stat_cell(h.paired, spec), paper, h.verdict]
     lines = md_table(["Comparison", "Measured here (from seed means)", "Per seed, paired (mean ± std [95% CI])",
                       "Paper", "Verdict"], (row(h, _spec(h.key)) for h in items))
-    lines.append("")
-    lines.append("'Fewer' is 100·(1 − FedAvg/other); alignment gain is 100·(FedAvg − other)/other. "
-                 "Paired: the comparison computed per seed (the methods share the seed, hence the initial "
-                 "weights), then summarised over seeds; its 95% CI is Student t over the per-seed differences.")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", snippets("verdicts.md")["headlines_note"]]) + "\n"
 
 
 def csv_table(runset: RunSet, items: list[Headline]) -> str:

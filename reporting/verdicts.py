@@ -44,18 +44,11 @@ def status(key: str, measured: float | None, paired: Stat, fi: tuple[float | Non
     return "reversed" if sig == "excludes" and measured < 0 else "does not hold"
 
 
-def claim_statuses(items: list[Headline], fi_means: dict[str, float | None]) -> dict[str, dict[str, str]]:
-    """{claim key: {other method: status}} for each pair present."""
-    out: dict[str, dict[str, str]] = {}
-    for h in items:
-        if any(h.key == k for k, _ in CLAIMS):
-            out.setdefault(h.key, {})[h.b] = status(h.key, h.measured, h.paired, (fi_means.get(h.a), fi_means.get(h.b)))
-    return out
-
-
 def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> list[str]:
     """A Markdown table of the claims' status per baseline, and what the matched baseline changes."""
-    st = claim_statuses(items, fi_means)
+    st: dict[str, dict[str, str]] = {}  # {claim key: {other method: status}} for each pair present
+    for h in (h for h in items if h.key in dict(CLAIMS)):
+        st.setdefault(h.key, {})[h.b] = status(h.key, h.measured, h.paired, (fi_means.get(h.a), fi_means.get(h.b)))
     others = [b for _, b in PAIRS if any(b in v for v in st.values())]
     if not others:
         return ["No claim could be checked: FedAvg and a centralized baseline must both have finished runs."]
