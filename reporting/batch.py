@@ -1,6 +1,5 @@
-"""Train the planned runs of scripts/reproduce.py and scripts/sweep.py: finished folders reused, interrupted
-ones resumed, run records reused when their configuration is the planned one and a replay of their first
-rounds reproduces them (README, Run records)."""
+"""Train the planned runs of reproduce.py and sweep.py: finished folders reused, interrupted ones resumed,
+verified run records reused (README, Run records)."""
 from __future__ import annotations
 
 import time

@@ -1,11 +1,9 @@
-"""scripts/sweep.py's report: variants of one experiment (strategies, DP noise levels, ...) against a
-baseline, paired by seed."""
+"""scripts/sweep.py's report: variants of one experiment against a baseline, paired by seed."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +12,7 @@ from utils.errors import RunFolderError
 from utils.run_folder import record_value
 
 from .figures import band, finish, plain_y, plt, stack
-from .paths import shown, shown_argv
+from .paths import shown, shown_command
 from .prose import fill, template
 from .runs import Run, collect, find_run_folders, partial_note, prefer_done
 from .tables import Stat, csv_stat, describe, md_table, no_variance, row_table, significance, stat_cell
@@ -60,12 +58,11 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
 def divergence(run: Run) -> str:
     """'seed 0 at round 276 (ε 40.3)': where a failed run stopped, with the budget spent by then."""
     eps = run.last_logged("dp_epsilon")
-    where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
-    return where + (f" (ε {eps:.3g})" if eps is not None else "")
+    return f"seed {run.seed} at round {run.failure.get('round', '?')}" + (f" (ε {eps:.3g})" if eps is not None else "")
 
 
 def has_epsilon(variants: list[Variant]) -> bool:
-    return any(values(v)["dp_epsilon"][s] is not None for v in variants for s in v.runs)
+    return any(_mean_epsilon(v) is not None for v in variants)
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,7 +260,7 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
                 first=partial_note(partial), date=time.strftime("%Y-%m-%d"), n=n,
                 diverged=f" and {n_failed} that diverged" if n_failed else "",
                 by_command=" by the command below" if command else "", base=base.name,
-                command=["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""] if command else [],
+                command=["```bash", shown_command(command), "```", ""] if command else [],
                 setup=["## Setup", "", *setup, ""] if setup else [],
                 variants=[f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | "
                           f"{', '.join(map(str, sorted(v.runs))) or '–'} | "

@@ -1,5 +1,4 @@
-"""The convergence round under several definitions (README, "Convergence, four definitions"), to see
-whether a verdict depends on the choice; loss progress at 0.95 is summary.json's convergence_round."""
+"""The convergence round under the README's four definitions (loss progress at 0.95: summary.json's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

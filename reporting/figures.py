@@ -163,13 +163,10 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
                   path)
 
 
-BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
-                  "uniform": ("0.55", ":", "uniform predictor (no model)")}
-
-
 def _baseline_lines(ax, runset: RunSet, key: str = "eval_alignment_score") -> None:
     """The no-model baselines of the runs (training/reference.py) as horizontal lines, mean over runs."""
-    for kind, (color, ls, label) in BASELINE_STYLE.items():
+    for kind, color, ls, label in (("consensus", "0.15", "--", "consensus lookup (no model)"),
+                                   ("uniform", "0.55", ":", "uniform predictor (no model)")):
         vals = [v for r in runset.all_finished() if (v := r.baseline(kind, key)) is not None]
         if vals:
             ax.axhline(float(np.mean(vals)), color=color, ls=ls, lw=1.2, label=label)

@@ -34,13 +34,9 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_jobs(cores: int) -> int:
-    return 2 if cores >= 2 else 1
-
-
 def resolve_jobs(jobs: int | None, threads: int, cores: int) -> tuple[int, int]:
     """(runs at once, torch threads per run; 0 = torch's default, only for a single in-process run)."""
-    jobs = default_jobs(cores) if jobs is None else jobs
+    jobs = (2 if cores >= 2 else 1) if jobs is None else jobs
     if jobs < 1:
         raise DataError(f"--jobs {jobs} must be >= 1", "--jobs 1 trains one run at a time, in this process")
     if threads < 0:

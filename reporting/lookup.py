@@ -1,5 +1,4 @@
-"""The report's first question, from the diagnostics every run logs (training/diagnostics.py):
-does a method beat the consensus lookup, and does it use the group?"""
+"""The report's first question: does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
 from .prose import snippets

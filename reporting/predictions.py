@@ -1,7 +1,5 @@
-"""Fig. 3: one question, two evaluation groups, the true answer distribution against FedAvg's and
-the centralized baseline's final predictions, each group evaluated exactly as during training.
-Unless named, the pair and the question are those whose true distributions differ most (largest
-JS distance; 3–6 options preferred, as they read best as bars)."""
+"""Fig. 3: one question, two evaluation groups, truth against FedAvg's and centralized's final predictions;
+unless named, the pair and question whose true distributions differ most (3–6 options preferred, as bars)."""
 from __future__ import annotations
 
 import numpy as np

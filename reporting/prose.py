@@ -1,5 +1,4 @@
-"""The reports' fixed prose (Markdown in reporting/templates/, filled in from Python), their tables' rows
-(reporting/rows.json) and the commands' presets (reporting/presets.json)."""
+"""The reports' fixed prose (templates/*.md), their tables' rows (rows.json) and the presets (presets.json)."""
 from __future__ import annotations
 
 import json

@@ -10,7 +10,7 @@ from pathlib import Path
 from .convergence import GAIN_WINDOW_EVALS
 from .figures import FIGURES, make_figures
 from .lookup import lookup_lines
-from .paths import shown_argv
+from .paths import shown_command
 from .prose import fill, snippets, template
 from .runs import RunSet, partial_note, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
@@ -94,13 +94,14 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
 def command_lines(runs: list, manifest: dict | None, report_command: list[str] | None) -> list[str]:
     blocks = []
     if manifest and manifest.get("command"):
-        blocks.append(("cmd_manifest", [shown_command(manifest["command"])]))
+        blocks.append(("cmd_manifest", [_recorded(manifest["command"])]))
     elif runs and run_commands(runs):
-        blocks.append(("cmd_recorded", [shown_command(c) for c in run_commands(runs)]))
+        blocks.append(("cmd_recorded", [_recorded(c) for c in run_commands(runs)]))
     elif report_command and "--report_only" in report_command:
-        blocks.append(("cmd_training", [_python([a for a in report_command if a != "--report_only"])]))
+        training = [a for a in report_command if a != "--report_only"]
+        blocks.append(("cmd_training", [shown_command(["python", *training])]))
     if report_command:
-        blocks.append(("cmd_report", [_python(report_command)]))
+        blocks.append(("cmd_report", [shown_command(["python", *report_command])]))
     text = snippets()
     lines = [line for key, cmds in blocks for line in (text[key], "", "```bash", *cmds, "```", "")]
     if manifest and manifest.get("wall_time_s") is not None:
@@ -112,16 +113,11 @@ def command_lines(runs: list, manifest: dict | None, report_command: list[str] |
     return lines
 
 
-def _python(argv: list[str]) -> str:
-    return "python " + " ".join(shlex.quote(a) for a in shown_argv(argv))
-
-
-def shown_command(command: str) -> str:
+def _recorded(command: str) -> str:
     """A recorded command line with its absolute paths shown relative to the repository."""
     try:
-        words = shlex.split(command)
+        return shown_command(shlex.split(command))
     except ValueError:
         return command
-    return " ".join(shlex.quote(w) for w in shown_argv(words))
 
 

@@ -1,12 +1,10 @@
-"""scripts/reproduce.py: train every (method, seed) of the paper's protocol into <out_root>/<method>_s<seed>
-through reporting/batch.py, then report. The group split is drawn once (--split_seed) and passed to every
-run as explicit lists, so seeds vary only the training."""
+"""scripts/reproduce.py: every (method, seed) into <out_root>/<method>_s<seed> through batch.py, then the report;
+the group split is drawn once (--split_seed) and passed to every run, so seeds vary only the training."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from .batch import (
     status_report,
 )
 from .jobs import Task
-from .paths import default_data_path, shown_argv
+from .paths import default_data_path, shown_command
 from .predictions import prediction_data
 from .prose import presets, snippets
 from .report import MANIFEST, write_report
@@ -212,11 +210,9 @@ def plan_runs(args, data, device, log=print) -> list[Planned]:
 
 def train_one(method: str, flags: dict, path: str) -> int:
     """One run in its own process (--jobs): the data loaded again, then trained; the exit code."""
-    run_args, path = argparse.Namespace(**flags), Path(path)
-
     def train() -> None:
-        run = run_config(run_args, ENTRY_POINTS[method])
-        run_method(run, prepare_experiment(run.data, log=print), path)
+        run = run_config(argparse.Namespace(**flags), ENTRY_POINTS[method])
+        run_method(run, prepare_experiment(run.data, log=print), Path(path))
     return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
@@ -234,18 +230,16 @@ def make_batch(args, data) -> Batch:
 
 def _command(argv: list[str]) -> str:
     """The command as typed, absolute paths shown relative to the repository (the manifest travels)."""
-    return "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in shown_argv(argv))
+    return "python scripts/reproduce.py " + shown_command(argv)
 
 
 def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, session: dict) -> None:
     """Insert or replace this invocation's entry (keyed by its start time) in <out_root>/reproduce.json."""
     path = out_root / MANIFEST
-    manifest = {}
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError:
-            manifest = {}
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        manifest = {}
     sessions = [s for s in manifest.get("sessions", []) if s.get("started") != session["started"]] + [session]
     working = [s for s in sessions if s.get("trained") or s.get("resumed")]
     manifest.update(command=_command(argv), split_rule=split_rule, threads=args.threads or torch.get_num_threads(),
@@ -261,8 +255,7 @@ def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, sess
 def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, data=None, log=print,
            methods: list[str] | None = None) -> dict:
     runset = collect(paths, seeds, methods)
-    c = runset.counts()
-    for m, k in c.items():
+    for m, k in runset.counts().items():
         log(f"{m}: {k['finished']} finished, {k['interrupted']} interrupted, {k['missing']} missing "
             f"(of {k['expected']} seeds)")
     for w in runset.warnings:

@@ -1,5 +1,4 @@
-"""Run folders and records as the reports see them: found by glob, classified, read once
-(utils/run_folder.py), so folders from another machine report like local ones."""
+"""Run folders and records as the reports see them: found by glob, classified, read once (utils/run_folder.py)."""
 from __future__ import annotations
 
 import glob
@@ -57,12 +56,6 @@ class Run:
         rounds = [r["round"] for r in self.losses] or [r["round"] for r in self.metrics] or [0]
         return int(max(rounds))
 
-    @property
-    def planned_rounds(self) -> int | None:
-        key = "comm_round" if self.method == "fedavg" else "central_epochs"
-        v = self.config.get(key)
-        return int(v) if v is not None else None
-
     def value(self, key: str):
         return (self.summary or {}).get(key)
 
@@ -89,7 +82,6 @@ def partial_label(done: int, seeds: int) -> str | None:
 
 
 def partial_note(label: str | None) -> str:
-    """The first words of such a report."""
     return (f"**{label[0].upper() + label[1:]}**: the numbers below cover the finished runs only and change as "
             "the others finish. ") if label else ""
 
@@ -120,19 +112,12 @@ def load_run(path: str | Path) -> Run:
 
 def find_run_folders(patterns: list[str]) -> list[Path]:
     """Folders matched by the globs that hold a config.json; a root folder yields its run subfolders."""
-    found: dict[Path, None] = {}
+    found: dict[Path, None] = {}  # in order, once each
     for pat in patterns:
-        matches = sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])
-        for m in matches:
-            p = Path(m)
-            if not p.is_dir():
-                continue
-            if (p / CONFIG).is_file():
-                found[p] = None
-            else:
-                for child in sorted(p.iterdir()):
-                    if child.is_dir() and (child / CONFIG).is_file():
-                        found[child] = None
+        for p in map(Path, sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])):
+            if p.is_dir():
+                found.update(dict.fromkeys([p] if (p / CONFIG).is_file() else
+                                           [c for c in sorted(p.iterdir()) if c.is_dir() and (c / CONFIG).is_file()]))
     return list(found)
 
 

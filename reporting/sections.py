@@ -78,8 +78,8 @@ def run_lines(runset: RunSet) -> list[str]:
     rows = [[f"`{r.path.name}`", r.method, r.seed, (s := r.summary or {}).get("rounds"),
              fmt(s.get("wall_time_s"), "{:.1f}"), s.get("convergence_round")] for r in runset.all_finished()]
     rows += [[f"`{r.path.name}`", r.method, r.seed,
-              f"{r.last_round} of {r.planned_rounds} (interrupted, not in the statistics)", "–", "–"]
-             for r in runset.interrupted]
+              f"{r.last_round} of {r.config.get('comm_round' if r.method == 'fedavg' else 'central_epochs')} "
+              "(interrupted, not in the statistics)", "–", "–"] for r in runset.interrupted]
     rows += [["–", m, s, "missing (not in the statistics)", "–", "–"] for m in runset.methods for s in runset.missing(m)]
     return [*counts, "", *md_table(["Run folder", "Method", "Seed", "Rounds", "Wall time (s)", "Convergence round"],
                                    ([str(x) for x in row] for row in rows))]

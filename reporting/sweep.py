@@ -1,9 +1,7 @@
-"""scripts/sweep.py: FedAvg variants over seeds, trained through main_fl.py's own entry point and
-reporting/batch.py, then reported against a baseline (reporting/compare.py)."""
+"""scripts/sweep.py: FedAvg variants over seeds through main_fl.py's entry point, then reported (compare.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -76,17 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 class Planner:
     """The sweep's runs against their folders and records; data loaded once per data setting."""
 
-    def __init__(self, log=print):
-        self.log, self._data = log, {}
+    def __init__(self):
+        self._data = {}
 
     def parsed(self, run: Planned) -> argparse.Namespace:
         return build_fedavg_parser("fedavg").parse_args([*run.argv, "--out_dir", str(run.folder)])
 
     def data(self, args: argparse.Namespace):
-        key = json.dumps({k: getattr(args, k, None) for k in (*DATA_FLAGS, "seed")}, sort_keys=True, default=str)
-        if key not in self._data:
-            self._data[key] = prepare_experiment(run_config(args).data, log=self.log)
-        return self._data[key]
+        data = run_config(args).data  # all that prepare_experiment's result depends on
+        if data not in self._data:
+            self._data[data] = prepare_experiment(data)
+        return self._data[data]
 
     def state(self, run: Planned) -> RecordState:
         if run.record is None or not (run.record / "config.json").is_file():
@@ -101,9 +99,6 @@ class Planner:
         return "fedavg", args, self.data(args)
 
 
-# The flags of main_fl.py's data groups: what prepare_experiment's result depends on (with --seed).
-DATA_FLAGS = tuple(a.dest for g in build_fedavg_parser("fedavg")._action_groups
-                   if (g.title or "").startswith(("data", "synthetic")) for a in g._group_actions)
 
 
 def _argv(p: Planned) -> list[str]:

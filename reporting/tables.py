@@ -1,5 +1,4 @@
-"""Numbers over seeds (mean, sample std, Student-t 95% CI; n = seeds with a value) and the paper's
-headline comparisons of FedAvg against each centralized baseline."""
+"""Numbers over seeds (mean, sample std, Student-t 95% CI) and the paper's headline comparisons."""
 from __future__ import annotations
 
 import csv
@@ -249,7 +248,6 @@ def stat_cell(s: Stat, spec: str) -> str:
 
 
 def md_table(head: list[str], rows) -> list[str]:
-    """A Markdown table's lines: the header, its rule, one line per row of cells."""
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
@@ -265,17 +263,14 @@ def markdown_table(runset: RunSet, rows=ROWS, st: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _spec(key: str) -> str:
-    return "{:+.5f}" if key == "fi_diff" else "{:+.4f}" if key == "worst_alignment_diff" else "{:+.1f}"
-
-
 def markdown_headlines(items: list[Headline]) -> str:
-    def row(h: Headline, spec: str) -> list[str]:
+    def row(h: Headline) -> list[str]:
+        spec = {"fi_diff": "{:+.5f}", "worst_alignment_diff": "{:+.4f}"}.get(h.key, "{:+.1f}")
         meas = "–" if h.measured is None else f"{spec.format(h.measured)}{h.unit}"
         paper = h.paper_note if h.paper is None else f"{spec.format(h.paper)}{h.unit} ({h.paper_note})"
         return [h.label, meas, stat_cell(h.paired, spec), paper, h.verdict]
     lines = md_table(["Comparison", "Measured here (from seed means)", "Per seed, paired (mean ± std [95% CI])",
-                      "Paper", "Verdict"], (row(h, _spec(h.key)) for h in items))
+                      "Paper", "Verdict"], map(row, items))
     return "\n".join([*lines, "", snippets("verdicts.md")["headlines_note"]]) + "\n"
 
 

@@ -1,6 +1,4 @@
-"""Which of the paper's claims hold, against which baseline, under which convergence definition (the
-statuses are defined in templates/reproduce_sections.md, claim_status; FI ≈ 1 holds when both mean FIs
-are ≥ 0.99 and differ by < 0.01)."""
+"""Which of the paper's claims hold (statuses: templates/reproduce_sections.md), under which definition."""
 from __future__ import annotations
 
 from .convergence import DEFINITIONS
