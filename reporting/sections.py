@@ -63,12 +63,8 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
         lines.append(text[f"setup_{m}"].format(c=k, engine=k["client_engine_resolved"] or k["client_engine"],
                                                steps=fmt(_steps_per_round(runset, m), "{:.0f}")))
     lines.append(machine_line(runs, manifest))
-    variant = variant_line(runs)
-    if variant:
-        lines.append(variant)
     window = (first.summary.get("convergence") or {}).get("window_rounds")
-    lines.append(text["setup_convergence"].format(window=window))
-    return lines
+    return [*lines, *variant_line(runs), text["setup_convergence"].format(window=window)]
 
 
 def run_lines(runset: RunSet) -> list[str]:
@@ -158,7 +154,7 @@ VARIANT_KEYS = (("loss_reduction", "sum"), ("layer_init", "independent"), ("epis
                 ("eval_resample", False))
 
 
-def variant_line(runs) -> str | None:
+def variant_line(runs) -> list[str]:
     """The flags that differ from the paper's protocol (the released-code variant), if any."""
     diffs = {}
     for r in runs:
@@ -166,7 +162,5 @@ def variant_line(runs) -> str | None:
             v = r.config.get(key, paper)
             if v != paper:
                 diffs.setdefault(key, (v, paper))
-    if not diffs:
-        return None
     text = ", ".join(f"`--{k} {v}` (paper: {p})" for k, (v, p) in diffs.items())
-    return f"- **Variant**: {text}."
+    return [f"- **Variant**: {text}."] if diffs else []
