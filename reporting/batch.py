@@ -1,13 +1,5 @@
-"""Train a batch of planned runs (scripts/reproduce.py, scripts/sweep.py), reusing what is done.
-
-A finished folder is reused, an interrupted one resumed. A planned run whose run record
-(orchestration/records.py) exists is not trained again when
-  1. the record's resolved configuration is the planned one (orchestration.resume.differences), and
-  2. a replay of its first rounds reproduces its logged losses to 1e-5 relative on the CPU model
-     that recorded it, 1e-3 on another (orchestration/replay.py): a code change that alters numbers.
-A record that fails 1 is planned to run and replaced when that run finishes. One that fails 2
-is stale: nothing trains until it is retrained on purpose (--rerun_stale).
-"""
+"""Train the planned runs of reproduce.py and sweep.py: finished folders reused, interrupted ones resumed,
+verified run records reused (README, Run records)."""
 from __future__ import annotations
 
 import time
@@ -60,10 +52,6 @@ class RecordState:
     status: str                # finished | diverged | stale-config | missing
     differences: list[str] = field(default_factory=list)   # record -> planned, for stale-config
 
-    @property
-    def usable(self) -> bool:
-        return self.status in ("finished", "diverged")
-
 
 def record_state(record: Path | None, requested: dict) -> RecordState:
     if record is None or not (record / CONFIG).is_file():
@@ -80,14 +68,9 @@ def differences_text(diffs: list[str], most: int = 4) -> str:
     return "; ".join(diffs[:most]) + more
 
 
-@dataclass
-class Verdict:
-    record: Path
-    ok: bool
-    text: str   # the largest difference and both CPU models, or the first differing value
-
-
-def verify(record: Path, method: str, args, data) -> Verdict:
+def verify(record: Path, method: str, args, data) -> tuple[bool, str]:
+    """Whether a replay of the record's first rounds reproduces it, and the largest difference (or the first
+    one beyond the tolerance) with both CPU models."""
     info = records.read_info(record)
     recorded = read_log(record, "losses")
     rounds = min(REPLAY_ROUNDS, len(recorded))  # a run that diverged at round 2 logged one round
@@ -96,21 +79,20 @@ def verify(record: Path, method: str, args, data) -> Verdict:
     where = (f"recorded on {info.get('cpu_model') or 'an unrecorded CPU'} with "
              f"{info.get('torch_threads') or 'default'} torch thread(s), replayed on {here}")
     if rounds == 0:
-        return Verdict(record, True, "no round logged before it diverged: nothing to replay")
+        return True, "no round logged before it diverged: nothing to replay"
     try:
         replayed = replay_losses(run_config(args, method), data, rounds, info.get("torch_threads"))
     except DataError as e:
-        return Verdict(record, False, f"the replay failed: {str(e).splitlines()[0]}")
+        return False, f"the replay failed: {str(e).splitlines()[0]}"
     cmp = compare_losses(recorded, replayed, tolerance)
     if cmp.ok:
-        return Verdict(record, True, f"replay of {rounds} rounds: {cmp.values} losses, largest relative "
-                                     f"difference {cmp.max_rel:.2g} (tolerance {tolerance:g}); {where}")
-    return Verdict(record, False, f"replay of {rounds} rounds: first value beyond {tolerance:g}: "
-                                  f"{cmp.first_diff}; {where}")
+        return True, (f"replay of {rounds} rounds: {cmp.values} losses, largest relative difference "
+                      f"{cmp.max_rel:.2g} (tolerance {tolerance:g}); {where}")
+    return False, f"replay of {rounds} rounds: first value beyond {tolerance:g}: {cmp.first_diff}; {where}"
 
 
-def stale_error(stale: list[Verdict]) -> RunFolderError:
-    lines = "\n  - ".join(f"{shown(v.record)}: {v.text}" for v in stale)
+def stale_error(stale: list[tuple[Path, str]]) -> RunFolderError:
+    lines = "\n  - ".join(f"{shown(record)}: {text}" for record, text in stale)
     return RunFolderError(
         f"{len(stale)} record(s) are stale: this code no longer reproduces their first {REPLAY_ROUNDS} rounds "
         f"(beyond {TOLERANCE:g} relative on the recording CPU model, {CROSS_HOST_TOLERANCE:g} on another); "
@@ -175,7 +157,7 @@ def plan_action(folder: Path, state: Callable[[], RecordState], log=print) -> st
     if st.status == "stale-config":
         log(f"record  {shown(st.path)} was made with other flags (record -> planned: "
             f"{differences_text(st.differences)}); not reused: planned to run, its record replaced then")
-    return "record" if st.usable else folder_action(folder)
+    return "record" if st.status in ("finished", "diverged") else folder_action(folder)
 
 
 @dataclass
@@ -215,16 +197,14 @@ class Batch:
         """Replay each reused record (replay(run) -> (method, args, data)) before anything trains; stale
         records stop the command, or with --rerun_stale are planned to run. Returns the log lines."""
         stale, lines = [], []
-        for p in plan:
-            if p.action != "record":
-                continue
-            v = verify(p.record, *replay(p))
-            lines.append(f"record  {shown(p.record)}: {'verified' if v.ok else 'STALE'}; {v.text}")
+        for p in (p for p in plan if p.action == "record"):
+            ok, text = verify(p.record, *replay(p))
+            lines.append(f"record  {shown(p.record)}: {'verified' if ok else 'STALE'}; {text}")
             self.log(lines[-1])
-            if not v.ok:
-                stale.append((p, v))
+            if not ok:
+                stale.append((p, text))
         if stale and not self.args.rerun_stale:
-            raise stale_error([v for _, v in stale])
+            raise stale_error([(p.record, text) for p, text in stale])
         for p, _ in stale:
             p.action = folder_action(p.folder)
             self.log(f"--rerun_stale: {p.name} is planned to {p.action} (its record is replaced then)")

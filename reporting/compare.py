@@ -1,35 +1,21 @@
-"""scripts/sweep.py's report: variants of one experiment (strategies, DP noise levels, ...) against a
-baseline, paired by seed."""
+"""scripts/sweep.py's report: variants of one experiment against a baseline, paired by seed."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from utils.errors import RunFolderError
 from utils.run_folder import record_value
 
-from .figures import finish, plain_y, plt
-from .paths import shown, shown_argv
+from .figures import band, finish, plain_y, plt, stack
+from .paths import shown, shown_command
 from .prose import fill, template
-from .runs import (
-    Run,
-    find_run_folders,
-    from_baseline,
-    from_groups,
-    from_summary,
-    in_mb,
-    load_run,
-    partial_note,
-    prefer_done,
-)
-from .tables import Stat, csv_stat, describe, md_table, no_variance, significance, stat_cell
+from .runs import Run, collect, find_run_folders, partial_note, prefer_done
+from .tables import Stat, csv_stat, describe, md_table, no_variance, row_table, significance, stat_cell
 
 
 @dataclass
@@ -44,45 +30,16 @@ class Variant:
 
 def load_variant(name: str, patterns: list[str], records: list[str] = ()) -> Variant:
     """A variant's runs; records: globs of run records of the same runs (runs.prefer_done)."""
-    v = Variant(name, [*patterns, *records])
-    for path in prefer_done(find_run_folders(patterns), find_run_folders(list(records))):
-        run = load_run(path)
-        if run.status == "interrupted":
-            v.interrupted.append(path)
-        elif run.status == "failed":
-            v.failed[run.seed] = run
-        elif run.status == "finished":
-            if run.seed in v.runs:
-                v.duplicates.append(path)
-            else:
-                v.runs[run.seed] = run
+    rs = collect(prefer_done(find_run_folders(patterns), find_run_folders(list(records))))
+    v = Variant(name, [*patterns, *records], rs.finished("fedavg"), [r.path for r in rs.interrupted], rs.duplicates,
+                {r.seed: r for r in rs.failed})
     if not v.runs and not v.failed:
         raise RunFolderError(f"variant {name!r}: no finished run folder matches {' '.join(patterns)}",
                              "check the glob (quote it so the shell does not expand it), or wait for the runs")
     return v
 
 
-# (key, label, getter, format)
-METRICS = (
-    ("final_eval_alignment_score", "Mean eval alignment (final)", from_summary("final_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
-    ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
-    ("dp_epsilon", "Privacy budget ε (final)", from_summary("dp_epsilon"), "{:.3g}"),
-    ("dp_epsilon_exact", "ε, exact composition = PRV (final)", lambda r: r.last_logged("dp_epsilon_exact"), "{:.3g}"),
-    ("dp_epsilon_replace_one", "ε, replace-one neighbours (final)", lambda r: r.last_logged("dp_epsilon_replace_one"),
-     "{:.3g}"),
-    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)",
-     from_summary("final_eval_alignment_unseen"), "{:.4f}"),
-    ("final_eval_group_specificity", "Group specificity (final)", from_summary("final_eval_group_specificity"), "{:.5f}"),
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
-    ("convergence_comm_mb", "Communication to convergence (MB)", in_mb("convergence_comm_bytes"), "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB)", in_mb("total_comm_bytes"), "{:.1f}"),
-)
+METRICS = row_table("sweep")
 # Compared with the baseline (ε is a setting and the consensus lookup is the data's, not outcomes).
 EPSILONS = ("dp_epsilon", "dp_epsilon_exact", "dp_epsilon_replace_one")
 COMPARED = tuple(m for m in METRICS if m[0] not in (*EPSILONS, "baseline_consensus", "baseline_uniform"))
@@ -101,12 +58,11 @@ def paired_difference(base: Variant, v: Variant, key: str) -> Stat:
 def divergence(run: Run) -> str:
     """'seed 0 at round 276 (ε 40.3)': where a failed run stopped, with the budget spent by then."""
     eps = run.last_logged("dp_epsilon")
-    where = f"seed {run.seed} at round {run.failure.get('round', '?')}"
-    return where + (f" (ε {eps:.3g})" if eps is not None else "")
+    return f"seed {run.seed} at round {run.failure.get('round', '?')}" + (f" (ε {eps:.3g})" if eps is not None else "")
 
 
 def has_epsilon(variants: list[Variant]) -> bool:
-    return any(values(v)["dp_epsilon"][s] is not None for v in variants for s in v.runs)
+    return any(_mean_epsilon(v) is not None for v in variants)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,14 +99,10 @@ def results_table(variants: list[Variant]) -> list[str]:
                            for key, label, _, spec in rows))
 
 
-def _signed(spec: str) -> str:
-    return spec.replace("{:", "{:+")
-
-
 def paired_table(base: Variant, others: list[Variant]) -> list[str]:
     def cell(v: Variant, key: str, spec: str) -> str:
         d = paired_difference(base, v, key)
-        return stat_cell(d, _signed(spec)) + (" *" if significance(d) == "excludes" else "")
+        return stat_cell(d, spec.replace("{:", "{:+")) + (" *" if significance(d) == "excludes" else "")
     return md_table([f"Variant − {base.name}", *(label for _, label, _, _ in COMPARED)],
                     ([v.name, *(cell(v, key, spec) for key, _, _, spec in COMPARED)] for v in others))
 
@@ -182,43 +134,34 @@ def verdict_lines(base: Variant, others: list[Variant]) -> list[str]:
 # figures
 
 
-def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["round"], x) for r in run.metrics if (x := record_value(r, key)) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
+def _points(key: str):
+    return lambda run: [(r["round"], x) for r in run.metrics if (x := record_value(r, key)) is not None]
 
 
 def _finish(*args) -> Path:
     return finish(*args, legend_size=8)
 
 
-def _mean_curves(ax, variants: list[Variant], curve, lw: float, band: bool) -> None:
-    """Per variant, the mean over seeds of curve(run) -> (x, y), cut to the shortest (and the min–max band)."""
+def _mean_curves(ax, variants: list[Variant], points, lw: float, alpha: float) -> None:
     for i, v in enumerate(variants):
-        curves = [c for _, r in sorted(v.runs.items()) if (c := curve(r))[1]]
-        if not curves:
-            continue
-        t = min(len(c[1]) for c in curves)
-        ys = np.array([c[1][:t] for c in curves])
-        ax.plot(curves[0][0][:t], ys.mean(0), color=f"C{i}", lw=lw, label=f"{v.name} (n={len(curves)})")
-        if band and len(curves) > 1:
-            ax.fill_between(curves[0][0][:t], ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15, lw=0)
+        if len(a := stack(v.runs, points)):
+            band(ax, a[0, :, 0], a[..., 1], f"C{i}", v.name, lw, alpha)
 
 
-def fig_worst_vs_round(variants: list[Variant], path: Path) -> Path:
+def fig_worst_vs_round(variants: list[Variant], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    _mean_curves(ax, variants, lambda r: _curve(r, "eval_worst_alignment"), 1.8, band=True)
+    _mean_curves(ax, variants, _points("eval_worst_alignment"), 1.8, 0.15)
     for i, v in enumerate(variants):
         for seed, r in sorted(v.failed.items()):
-            x, y = _curve(r, "eval_worst_alignment")
-            if y:
-                ax.plot(x, y, color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
+            if pts := _points("eval_worst_alignment")(r):
+                ax.plot(*zip(*pts), color=f"C{i}", lw=1, ls="--", label=f"{v.name} seed {seed}, diverged")
     plain_y(ax, 0.02)
-    return _finish(fig, ax, "Worst-group evaluation alignment vs round", "Round",
+    return _finish(fig, ax, title, "Round",
                  "Lowest group alignment, eval groups", path,
                  "line: mean over seeds; band: min–max over seeds; dashed: a run that diverged, up to its last evaluation")
 
 
-def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
+def fig_mean_vs_worst(variants: list[Variant], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.8))
     for i, v in enumerate(variants):
         vals = values(v)
@@ -228,28 +171,27 @@ def fig_mean_vs_worst(variants: list[Variant], path: Path) -> Path:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.5, s=24)
             ax.scatter([sum(p[0] for p in pts) / len(pts)], [sum(p[1] for p in pts) / len(pts)], color=f"C{i}",
                        marker="D", s=60, edgecolor="k", label=v.name)
-    return _finish(fig, ax, "Final mean vs worst-group evaluation alignment", "Mean eval alignment (final)",
+    return _finish(fig, ax, title, "Mean eval alignment (final)",
                  "Worst-group eval alignment (final)", path, "dots: one run (seed); diamond: mean over seeds")
 
 
-def _snr(run: Run) -> tuple[list[int], list[float]]:
+def _snr(run: Run) -> list[tuple[int, float]]:
     """Per round: the clipped mean's norm over the noise's (DP runs that logged both, noise > 0)."""
-    pts = [(r["round"], r["dp_signal_norm"] / r["dp_noise_norm"]) for r in run.losses
-           if r.get("dp_signal_norm") is not None and r.get("dp_noise_norm")]
-    return [p[0] for p in pts], [p[1] for p in pts]
+    return [(r["round"], r["dp_signal_norm"] / r["dp_noise_norm"]) for r in run.losses
+            if r.get("dp_signal_norm") is not None and r.get("dp_noise_norm")]
 
 
 def has_snr(variants: list[Variant]) -> bool:
-    return any(_snr(r)[1] for v in variants for r in v.runs.values())
+    return any(_snr(r) for v in variants for r in v.runs.values())
 
 
-def fig_snr_vs_round(variants: list[Variant], path: Path) -> Path:
+def fig_snr_vs_round(variants: list[Variant], path: Path, title: str) -> Path:
     """Signal-to-noise per round: ||clipped mean|| (at most S) over ||noise|| (about z S / m sqrt(P))."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    _mean_curves(ax, variants, _snr, 1.5, band=False)
+    _mean_curves(ax, variants, _snr, 1.5, 0)
     ax.axhline(1.0, color="0.4", ls=":", lw=1, label="signal = noise")
     ax.set_yscale("log")
-    return _finish(fig, ax, "Signal-to-noise ratio of the server's update vs round", "Round",
+    return _finish(fig, ax, title, "Round",
                  "||clipped mean update|| / ||added noise||", path,
                  "mean over seeds; the noise is drawn over every parameter, the signal is at most the clip norm S")
 
@@ -259,7 +201,7 @@ def _mean_epsilon(v: Variant) -> float | None:
     return sum(eps) / len(eps) if eps else None
 
 
-def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
+def fig_alignment_vs_epsilon(variants: list[Variant], path: Path, title: str) -> Path:
     """Variants with an ε as points (mean ± 95% CI over seeds); those without (no DP) as dotted lines."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     with_eps = sorted(((e, v) for v in variants if (e := _mean_epsilon(v)) is not None), key=lambda p: p[0])
@@ -267,14 +209,15 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
     for key, label, color in (("final_eval_alignment_score", "mean", "C0"),
                               ("final_eval_worst_alignment", "worst group", "C3")):
         pts = [(e, s) for e, v in with_eps if (s := describe(list(values(v)[key].values()))).mean is not None]
-        ax.errorbar([e for e, _ in pts], [s.mean for _, s in pts], yerr=[s.half_width or 0.0 for _, s in pts],
+        half = [0.0 if s.ci_high is None else s.ci_high - s.mean for _, s in pts]
+        ax.errorbar([e for e, _ in pts], [s.mean for _, s in pts], yerr=half,
                     color=color, marker="o", capsize=3, label=f"{label} eval alignment")
         for v, ls in zip(without, (":", "--", "-.") * len(without)):
             ref = describe(list(values(v)[key].values())).mean
             if ref is not None:
                 ax.axhline(ref, color=color, ls=ls, lw=1, label=f"{v.name}, {label} (no ε)")
     stopped = [(e, r) for v in variants for r in v.failed.values() if (e := r.last_logged("dp_epsilon")) is not None]
-    pts = [(e, y[-1]) for e, r in stopped if (y := _curve(r, "eval_alignment_score")[1])]
+    pts = [(e, y[-1][1]) for e, r in stopped if (y := _points("eval_alignment_score")(r))]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", color="k", zorder=3,
                    label="diverged run: ε and mean alignment when it stopped")
@@ -282,11 +225,18 @@ def fig_alignment_vs_epsilon(variants: list[Variant], path: Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
-    return _finish(fig, ax, "Final evaluation alignment vs privacy budget ε", "ε (final, log scale)",
+    return _finish(fig, ax, title, "ε (final, log scale)",
                  "Eval alignment (final)", path, "points: mean over seeds of finished runs; bars: 95% CI")
 
 
-# ----------------------------------------------------------------------------------------
+# (key: file name after "<stem>_", title and caption, figure, drawn when)
+FIGURES = (
+    ("worst_vs_round", "Worst-group evaluation alignment vs round", fig_worst_vs_round, lambda vs: True),
+    ("mean_vs_worst", "Final mean vs worst-group evaluation alignment", fig_mean_vs_worst, lambda vs: True),
+    ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε", fig_alignment_vs_epsilon,
+     lambda vs: has_epsilon(vs[1:])),
+    ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round", fig_snr_vs_round, has_snr),
+)
 
 
 def write_comparison(base: Variant, others: list[Variant], out: Path, title: str | None = None,
@@ -296,22 +246,13 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem, variants = out.with_suffix(""), [base, *others]
-    paths = {"report": out, "table_csv": Path(f"{stem}_table.csv"),
-             "worst_vs_round": fig_worst_vs_round(variants, Path(f"{stem}_worst_vs_round.png")),
-             "mean_vs_worst": fig_mean_vs_worst(variants, Path(f"{stem}_mean_vs_worst.png"))}
-    if has_epsilon(others):
-        paths["alignment_vs_epsilon"] = fig_alignment_vs_epsilon(variants, Path(f"{stem}_alignment_vs_epsilon.png"))
-    if has_snr(variants):
-        paths["snr_vs_round"] = fig_snr_vs_round(variants, Path(f"{stem}_snr_vs_round.png"))
+    paths, figures = {"report": out, "table_csv": Path(f"{stem}_table.csv")}, []
+    for key, caption, draw, wanted in FIGURES:
+        if wanted(variants):
+            paths[key] = draw(variants, Path(f"{stem}_{key}.png"), caption)
+            figures += [f"**{caption}**", "", f"![{caption}]({paths[key].name})", ""]
     paths["table_csv"].write_text(csv_text(base, others), encoding="utf-8")
     n, n_failed = sum(len(v.runs) for v in variants), sum(len(v.failed) for v in variants)
-    figures = []
-    for key, text in (("worst_vs_round", "Worst-group evaluation alignment vs round"),
-                      ("mean_vs_worst", "Final mean vs worst-group evaluation alignment"),
-                      ("alignment_vs_epsilon", "Final evaluation alignment vs privacy budget ε"),
-                      ("snr_vs_round", "Signal-to-noise ratio of the server's update vs round")):
-        if key in paths:
-            figures += [f"**{text}**", "", f"![{text}]({paths[key].name})", ""]
     warnings = consistency_warnings(variants)
     body = fill(template("sweep_report.md"),
                 title=f"{title or 'Variants compared: ' + ', '.join(v.name for v in variants)}"
@@ -319,7 +260,7 @@ def write_comparison(base: Variant, others: list[Variant], out: Path, title: str
                 first=partial_note(partial), date=time.strftime("%Y-%m-%d"), n=n,
                 diverged=f" and {n_failed} that diverged" if n_failed else "",
                 by_command=" by the command below" if command else "", base=base.name,
-                command=["```bash", " ".join(shlex.quote(a) for a in shown_argv(command)), "```", ""] if command else [],
+                command=["```bash", shown_command(command), "```", ""] if command else [],
                 setup=["## Setup", "", *setup, ""] if setup else [],
                 variants=[f"| {v.name} | `{' '.join(shown(p) for p in v.patterns)}` | "
                           f"{', '.join(map(str, sorted(v.runs))) or '–'} | "

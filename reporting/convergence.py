@@ -1,10 +1,4 @@
-"""The convergence round under several definitions, to see whether a verdict depends on the choice.
-
-loss progress (method.md §7; 0.95 reproduces summary.json's convergence_round): the first round at
-    which the training loss, smoothed as by the run loop, has made `threshold` of its total progress.
-alignment gain: the first evaluation at which the mean evaluation alignment, smoothed over 3
-    evaluations, has made `threshold` of its total gain (progress on −A); none if it never rose.
-"""
+"""The convergence round under the README's four definitions (loss progress at 0.95: summary.json's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

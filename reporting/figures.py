@@ -1,6 +1,5 @@
-"""The paper's figures from run folders: per method, the mean over seeds as a line and the
-min–max over seeds as a band; loss curves smoothed per seed as the convergence round is defined,
-so its dotted vertical line sits on the drawn curve."""
+"""The paper's figures from run folders; loss curves smoothed per seed as the convergence round is
+defined, so its dotted vertical line sits on the drawn curve."""
 from __future__ import annotations
 
 import textwrap
@@ -16,6 +15,7 @@ import numpy as np
 from utils.metrics import smooth_curve
 from utils.run_folder import record_value
 
+from .convergence import loss_window
 from .runs import METHOD_LABELS, Run, RunSet
 
 COLORS = {"fedavg": "tab:blue", "centralized": "tab:orange", "centralized_matched": "tab:green"}
@@ -25,45 +25,45 @@ STEPS = "Gradient steps (cumulative, all clients)"
 
 
 def smoothing_window(run: Run, length: int) -> int:
-    w = int(((run.summary or {}).get("convergence") or {}).get("window_rounds", 21))
-    w = max(1, min(w, length))
+    w = max(1, min(loss_window(run), length))
     return w if w % 2 else w - 1
+
+
+def stack(runs: dict[int, Run], points) -> np.ndarray:
+    """points(run) -> [(round, value, ...)] of every run that has any, as [runs, T, k], cut to the shortest."""
+    series = [s for _, r in sorted(runs.items()) if (s := points(r))]
+    if not series:
+        return np.zeros((0, 0, 3))
+    t = min(len(s) for s in series)
+    return np.array([s[:t] for s in series], dtype=float)
 
 
 def loss_matrix(runs: dict[int, Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(rounds [T], smoothed loss [S, T], cumulative gradient steps [S, T], window), cut to the shortest run."""
-    series = [r.losses for _, r in sorted(runs.items()) if r.losses]
-    if not series:
+    a = stack(runs, lambda r: [(rec["round"], rec["train_loss"], rec.get("grad_steps", np.nan)) for rec in r.losses])
+    if not len(a):
         return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), 1
-    t = min(len(s) for s in series)
-    rounds = np.array([rec["round"] for rec in series[0][:t]])
-    first = next(r for _, r in sorted(runs.items()) if r.losses)
-    w = smoothing_window(first, t)
-    loss = np.stack([smooth_curve([rec["train_loss"] for rec in s[:t]], smoothing="centred", window=w)
-                     for s in series])
-    steps = np.stack([np.array([rec.get("grad_steps", np.nan) for rec in s[:t]], dtype=float) for s in series])
-    return rounds, loss, steps, w
+    w = smoothing_window(next(r for _, r in sorted(runs.items()) if r.losses), a.shape[1])
+    loss = np.stack([smooth_curve(list(y), smoothing="centred", window=w) for y in a[..., 1]])
+    return a[0, :, 0], loss, a[..., 2], w
 
 
 def eval_matrix(runs: dict[int, Run], key: str, x_key: str = "grad_steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rounds [E], values [S, E], x_key [S, E]) of an evaluation metric, cut to the shortest run."""
-    series = [[(rec, v) for rec in r.metrics if (v := record_value(rec, key)) is not None]
-              for _, r in sorted(runs.items())]
-    series = [s for s in series if s]
-    if not series:
-        return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
-    t = min(len(s) for s in series)
-    rounds = np.array([rec["round"] for rec, _ in series[0][:t]])
-    vals = np.stack([np.array([v for _, v in s[:t]], dtype=float) for s in series])
-    steps = np.stack([np.array([rec.get(x_key, np.nan) for rec, _ in s[:t]], dtype=float) for s in series])
-    return rounds, vals, steps
+    a = stack(runs, lambda r: [(rec["round"], v, rec.get(x_key, np.nan)) for rec in r.metrics
+                               if (v := record_value(rec, key)) is not None])
+    return (a[0, :, 0] if len(a) else np.zeros(0)), a[..., 1], a[..., 2]
+
+
+def band(ax, x, ys, color, name: str, lw: float = 1.8, alpha: float = 0.2) -> None:
+    """The mean over runs as a line labelled with their count, their min–max as a band (alpha 0: none)."""
+    ax.plot(x, ys.mean(0), color=color, lw=lw, label=f"{name} (n={ys.shape[0]})")
+    if alpha and ys.shape[0] > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=alpha, lw=0)
 
 
 def _band(ax, x, ys, method):
-    c = COLORS[method]
-    ax.plot(x, ys.mean(0), color=c, lw=1.8, label=f"{METHOD_LABELS[method]} (n={ys.shape[0]})")
-    if ys.shape[0] > 1:
-        ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.2, lw=0)
+    band(ax, x, ys, COLORS[method], METHOD_LABELS[method])
 
 
 def _eval_bands(ax, runset: RunSet, key: str) -> bool:
@@ -121,11 +121,6 @@ def finish(fig, ax, title, xlabel, ylabel, path: Path, note: str = BAND, legend_
     return _save(fig, path, note)
 
 
-def _nothing(fig) -> None:
-    plt.close(fig)
-    return None
-
-
 def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn, windows = False, set()
@@ -138,15 +133,13 @@ def fig_loss(runset: RunSet, path: Path, x_axis: str = "round") -> Path | None:
         _band(ax, x, loss, m)
         drawn = True
     if not drawn:
-        return _nothing(fig)
-    _conv_lines(ax, runset, "convergence_round" if x_axis == "round" else "convergence_grad_steps")
-    xlabel = (ROUNDS if x_axis == "round"
-              else STEPS)
-    title = ("Training loss vs round (paper Fig. 2)" if x_axis == "round"
-             else "Training loss vs gradient steps (compute-normalised Fig. 2)")
+        return plt.close(fig)  # nothing to draw: no file
+    rounds = x_axis == "round"
+    _conv_lines(ax, runset, "convergence_round" if rounds else "convergence_grad_steps")
+    title = "Training loss vs " + ("round (paper Fig. 2)" if rounds else "gradient steps (compute-normalised Fig. 2)")
     smooth = "/".join(str(w) for w in sorted(windows))
-    return finish(fig, ax, title, xlabel, f"Training loss (NLL; centred {smooth}-round moving average)", path,
-                   BAND + "; dotted: mean convergence " + ("round" if x_axis == "round" else "gradient steps"))
+    return finish(fig, ax, title, ROUNDS if rounds else STEPS, f"Training loss (NLL; centred {smooth}-round moving "
+                  "average)", path, BAND + "; dotted: mean convergence " + ("round" if rounds else "gradient steps"))
 
 
 def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_axis: str = "round") -> Path | None:
@@ -160,25 +153,20 @@ def fig_eval(runset: RunSet, path: Path, key: str = "eval_alignment_score", x_ax
         _band(ax, x, vals, m)
         drawn = True
     if not drawn:
-        return _nothing(fig)
+        return plt.close(fig)  # nothing to draw: no file
     _baseline_lines(ax, runset)
-    xlabel = {"round": ROUNDS,
-              "steps": STEPS,
-              "bytes": "Communication (cumulative MB, down + up)"}[x_axis]
-    title = {"round": "Mean evaluation alignment vs round (paper Fig. 4)",
-             "steps": "Mean evaluation alignment vs gradient steps (compute-normalised Fig. 4)",
-             "bytes": "Mean evaluation alignment vs communication"}[x_axis]
+    xlabel, title = {"round": (ROUNDS, "round (paper Fig. 4)"),
+                     "steps": (STEPS, "gradient steps (compute-normalised Fig. 4)"),
+                     "bytes": ("Communication (cumulative MB, down + up)", "communication")}[x_axis]
     plain_y(ax, 0.02)
-    return finish(fig, ax, title, xlabel, "Mean alignment score, unseen eval groups", path)
-
-
-BASELINE_STYLE = {"consensus": ("0.15", "--", "consensus lookup (no model)"),
-                  "uniform": ("0.55", ":", "uniform predictor (no model)")}
+    return finish(fig, ax, f"Mean evaluation alignment vs {title}", xlabel, "Mean alignment score, unseen eval groups",
+                  path)
 
 
 def _baseline_lines(ax, runset: RunSet, key: str = "eval_alignment_score") -> None:
     """The no-model baselines of the runs (training/reference.py) as horizontal lines, mean over runs."""
-    for kind, (color, ls, label) in BASELINE_STYLE.items():
+    for kind, color, ls, label in (("consensus", "0.15", "--", "consensus lookup (no model)"),
+                                   ("uniform", "0.55", ":", "uniform predictor (no model)")):
         vals = [v for r in runset.all_finished() if (v := r.baseline(kind, key)) is not None]
         if vals:
             ax.axhline(float(np.mean(vals)), color=color, ls=ls, lw=1.2, label=label)
@@ -205,7 +193,7 @@ def fig_unseen(runset: RunSet, path: Path) -> Path | None:
                "unseen questions (no training group trains on them)")
         plain_y(ax, 0.02)
     if not drawn:
-        return _nothing(fig)
+        return plt.close(fig)  # nothing to draw: no file
     axes[0].set_ylabel("Mean alignment score, unseen eval groups")
     return _finish_pair(fig, "Evaluation alignment on seen and unseen questions", path)
 
@@ -213,7 +201,7 @@ def fig_unseen(runset: RunSet, path: Path) -> Path | None:
 def fig_specificity(runset: RunSet, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if not _eval_bands(ax, runset, "eval_group_specificity"):
-        return _nothing(fig)
+        return plt.close(fig)  # nothing to draw: no file
     ax.axhline(0.0, color="0.3", lw=0.8)
     return finish(fig, ax, "Group specificity vs round (0: the model ignores whose answers it is given)", ROUNDS,
                   "Alignment, own − another group's context", path)
@@ -229,7 +217,7 @@ def fig_fi(runset: RunSet, path: Path) -> Path | None:
         _panel(ax, ROUNDS, f"FI over {what}")
         plain_y(ax, 0.01, top=1.0, decimals=4)  # FI sits near 1: 1e-7 differences are not worth an axis
     if not drawn:
-        return _nothing(fig)
+        return plt.close(fig)  # nothing to draw: no file
     return _finish_pair(fig, "Fairness index vs round (paper Fig. 5)", path)
 
 
@@ -244,7 +232,7 @@ def fig_worst(runset: RunSet, path: Path) -> Path | None:
             _band(axes[1], np.nanmean(steps, 0), vals, m)
             drawn = True
     if not drawn:
-        return _nothing(fig)
+        return plt.close(fig)  # nothing to draw: no file
     _panel(axes[0], ROUNDS)
     _panel(axes[1], STEPS)
     axes[0].set_ylabel("Lowest group alignment, unseen eval groups")

@@ -1,10 +1,6 @@
-"""Several runs at once (--jobs N), each in its own Python process with its own torch thread count.
-
-Measured on OpinionQA, 2 cores (benchmarks/README.md): two runs at once with 1 thread each gave
-1.25x the throughput of one after the other with 2 threads, hence 2 runs at once by default. A
-child's output comes back prefixed with its run's name; stopping the parent stops the children,
-each leaving a resumable folder.
-"""
+"""Several runs at once (--jobs N), each in its own Python process with its own torch thread count; 2 by
+default from the measurement in benchmarks/README.md. Stopping the parent stops the children, each leaving
+a resumable folder."""
 from __future__ import annotations
 
 import importlib
@@ -38,13 +34,9 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_jobs(cores: int) -> int:
-    return 2 if cores >= 2 else 1
-
-
 def resolve_jobs(jobs: int | None, threads: int, cores: int) -> tuple[int, int]:
     """(runs at once, torch threads per run; 0 = torch's default, only for a single in-process run)."""
-    jobs = default_jobs(cores) if jobs is None else jobs
+    jobs = (2 if cores >= 2 else 1) if jobs is None else jobs
     if jobs < 1:
         raise DataError(f"--jobs {jobs} must be >= 1", "--jobs 1 trains one run at a time, in this process")
     if threads < 0:

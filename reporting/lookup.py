@@ -1,10 +1,9 @@
-"""The report's first question, from the diagnostics every run logs (training/diagnostics.py):
-does a method beat the consensus lookup, and does it use the group?"""
+"""The report's first question: does a method beat the consensus lookup, and does it use the group?"""
 from __future__ import annotations
 
 from .prose import snippets
 from .runs import METHOD_LABELS, RunSet
-from .tables import Stat, describe, fmt, md_table, no_variance, significance, vs_consensus
+from .tables import Stat, describe, fmt, md_table, significance, vs_consensus
 
 # A specificity below this is too small to matter for any use of the prediction, whatever its CI:
 # one thousandth of alignment is a tenth of the smallest difference the paper reports.
@@ -23,18 +22,11 @@ def beats_line(runset: RunSet, method: str) -> str | None:
     m = describe([vs_consensus(r) for r in runs.values()])
     if m.mean is None:
         return None
-    label = METHOD_LABELS.get(method, method)
-    sig = significance(m)
-    if sig == "degenerate":  # the same margin on every seed: a zero-width CI tests nothing
-        side = "above" if m.mean > 0 else "below" if m.mean < 0 else "level with"
-        verdict = f"scores {side} the consensus lookup by the same margin on every seed ({no_variance(m.n)})"
-    elif m.mean > 0 and sig != "includes":
-        verdict = "**beats** the consensus lookup"
-    elif m.mean < 0 and sig != "includes":
-        verdict = "**does not beat** the consensus lookup (it scores below it)"
-    else:
-        verdict = "is **level with** the consensus lookup (the paired 95% CI includes 0)"
-    return f"- {label} {verdict}: final alignment − consensus = {_cell(m)}, paired by seed."
+    sig, side = significance(m), "above" if m.mean > 0 else "below" if m.mean < 0 else "level"
+    # the same margin on every seed: a zero-width CI tests nothing
+    case = "degenerate" if sig == "degenerate" else "level" if sig == "includes" else side
+    return snippets()[f"beats_{case}"].format(method=METHOD_LABELS.get(method, method), cell=_cell(m), n=m.n,
+                                              side=side.replace("level", "level with"))
 
 
 def specificity_line(runset: RunSet, method: str) -> str | None:
@@ -42,20 +34,14 @@ def specificity_line(runset: RunSet, method: str) -> str | None:
     s = describe([r.value("final_eval_group_specificity") for r in runs.values()])
     if s.mean is None:
         return None
-    label = METHOD_LABELS.get(method, method)
     ses = [r.value("final_eval_group_specificity_se") for r in runs.values()]
     noise = s.ci_high is not None and s.ci_low <= 0 <= s.ci_high
     if s.n == 1 and ses[0] is not None:
         noise = abs(s.mean) < 2 * ses[0]
-    if noise or abs(s.mean) < NEGLIGIBLE_SPECIFICITY:
-        why = "within noise of 0" if noise else f"below {NEGLIGIBLE_SPECIFICITY:g} though outside noise"
-        words = (f"{why}: **the model ignores the group**; its predictions depend on the question, not on "
-                 "whose answers the context holds")
-    elif s.mean > 0:
-        words = "clearly above 0: the model **uses the group's own context answers**"
-    else:
-        words = "clearly below 0: another group's answers serve it better than the group's own"
-    return f"- {label}: group specificity {_cell(s, '{:+.5f}')}: {words}."
+    case = ("noise" if noise else "negligible" if abs(s.mean) < NEGLIGIBLE_SPECIFICITY
+            else "above" if s.mean > 0 else "below")
+    return snippets()[f"specificity_{case}"].format(method=METHOD_LABELS.get(method, method),
+                                                    cell=_cell(s, "{:+.5f}"), negligible=NEGLIGIBLE_SPECIFICITY)
 
 
 def controls_table(runset: RunSet) -> list[str]:

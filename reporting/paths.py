@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,11 @@ def shown(path: str | Path | None) -> str | None:
         return os.path.relpath(text, REPO).replace(os.sep, "/")
     except ValueError:  # another drive on Windows: no relative form; the name is still informative
         return Path(text).name
+
+
+def shown_command(argv: list[str]) -> str:
+    """A command line as committed files show it (shown_argv), quoted for a shell."""
+    return " ".join(shlex.quote(a) for a in shown_argv(argv))
 
 
 def shown_argv(argv: list[str]) -> list[str]:
@@ -38,9 +44,8 @@ def _shown_word(word: str) -> str:
 
 
 def default_data_path(dataset: str) -> str | None:
-    """The data the presets read when --data_path is not given: the dataset's environment variable,
-    else the shared data folder next to the repository (../shared/data/...), else None (the loader
-    then says what to pass)."""
+    """The data the presets read without --data_path: the dataset's environment variable, else
+    ../shared/data/..., else None (the loader then says what to pass)."""
     env, rel = {"globalqa": ("PLURALLLM_GLOBALQA_CSV",
                              ("globalopinionqa_sample", "global_opinions_sample.csv")),
                 "opinionqa": ("PLURALLLM_OPINIONQA_DIR", ("opinionqa",))}.get(dataset, (None, None))

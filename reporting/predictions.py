@@ -1,7 +1,5 @@
-"""Fig. 3: one question, two evaluation groups, the true answer distribution against FedAvg's and
-the centralized baseline's final predictions, each group evaluated exactly as during training.
-Unless named, the pair and the question are those whose true distributions differ most (largest
-JS distance; 3–6 options preferred, as they read best as bars)."""
+"""Fig. 3: one question, two evaluation groups, truth against FedAvg's and centralized's final predictions;
+unless named, the pair and question whose true distributions differ most (3–6 options preferred, as bars)."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,12 +26,6 @@ def load_model(run: Run) -> GPO:
     return model
 
 
-def _targets(group, run: RunConfig, rnd: int, heldout=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (context, target) questions the group's evaluation used at round `rnd`."""
-    ctx, _, tgt = eval_split(group, run.client, "eval", heldout).eval_questions(rnd)
-    return ctx, tgt
-
-
 def _per_question(values: torch.Tensor, sizes: torch.Tensor) -> list[np.ndarray]:
     return [v.numpy() for v in torch.split(values.detach().double().cpu(), sizes.tolist())]
 
@@ -47,7 +39,10 @@ def choose(data: ExperimentData, run: RunConfig, metric: str, rnd: int, groups: 
            qkey: int | None = None) -> tuple[list[str], int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(two eval groups, question key, {group: (context, targets)})."""
     names = sorted(data.eval)
-    ctx_tgt = {g: _targets(data.eval[g], run, rnd, data.heldout_qkeys) for g in names}
+    ctx_tgt = {}
+    for g in names:  # the (context, target) questions each group's evaluation used at round `rnd`
+        ctx, _, tgt = eval_split(data.eval[g], run.client, "eval", data.heldout_qkeys).eval_questions(rnd)
+        ctx_tgt[g] = ctx, tgt
     pairs = [tuple(groups)] if groups else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     best = None
     for a, b in pairs:

@@ -1,6 +1,7 @@
-"""The reports' fixed prose, kept as Markdown in reporting/templates/ and filled in from Python."""
+"""The reports' fixed prose (templates/*.md), their tables' rows (rows.json) and the presets (presets.json)."""
 from __future__ import annotations
 
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -11,6 +12,18 @@ TEMPLATES = Path(__file__).with_name("templates")
 @cache
 def template(name: str) -> str:
     return (TEMPLATES / name).read_text(encoding="utf-8")
+
+
+@cache
+def presets(command: str) -> dict:
+    """scripts/reproduce.py's or scripts/sweep.py's presets; each has a "why" for the reader."""
+    return json.loads(Path(__file__).with_name("presets.json").read_text(encoding="utf-8"))[command]
+
+
+@cache
+def rows_data() -> dict:
+    """The rows of the reports' tables (reporting/rows.json)."""
+    return json.loads(Path(__file__).with_name("rows.json").read_text(encoding="utf-8"))
 
 
 @cache

@@ -10,7 +10,7 @@ from pathlib import Path
 from .convergence import GAIN_WINDOW_EVALS
 from .figures import FIGURES, make_figures
 from .lookup import lookup_lines
-from .paths import shown_argv
+from .paths import shown_command
 from .prose import fill, snippets, template
 from .runs import RunSet, partial_note, run_commands
 from .sections import agreement_lines, means_line, reason_lines, run_lines, setup_lines
@@ -22,14 +22,8 @@ MANIFEST = "reproduce.json"
 
 def comm_note(runset: RunSet) -> str:
     """Which runs' communication was not counted, so that an empty cell is never read as zero."""
-    missing = [r for r in runset.all_finished()
-               if r.method == "fedavg" and "total_comm_bytes" not in (r.summary or {})]
-    note = ("Communication rows: FedAvg's bytes down and up (federated/comm.py); the centralized baselines move "
-            "no weights, their one-off cost is the pooling row.")
-    if missing:
-        note += (f" {len(missing)} FedAvg run(s) were made before bytes were counted: their communication is "
-                 "**not counted** (–), not zero.")
-    return note + "\n"
+    missing = [r for r in runset.all_finished() if r.method == "fedavg" and "total_comm_bytes" not in (r.summary or {})]
+    return snippets()["comm"] + (snippets()["comm_missing"].format(n=len(missing)) if missing else "") + "\n"
 
 
 def find_manifest(runset: RunSet) -> dict | None:
@@ -44,13 +38,8 @@ def find_manifest(runset: RunSet) -> dict | None:
     return None
 
 
-def _rel(path: Path, start: Path) -> str:
-    return os.path.relpath(path, start).replace(os.sep, "/")
-
-
 def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | None = None,
-                 pred_error: str | None = None, report_command: list[str] | None = None,
-                 title: str | None = None) -> dict[str, Path]:
+                 pred_error: str | None = None, report_command: list[str] | None = None) -> dict[str, Path]:
     """<stem>.md, <stem>_table.md, <stem>_table.csv and the figures; returns their paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     manifest = find_manifest(runset)
@@ -69,11 +58,11 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
 
     runs = runset.all_finished()
     dataset = runs[0].config.get("dataset") if runs else stem
-    text = snippets()
-    fig_lines = []
+    text, fig_lines = snippets(), []
     for key, _, caption, _ in FIGURES:
         if key in figs:
-            fig_lines += [f"**{caption}**", "", f"![{caption}]({_rel(figs[key], results_dir)})", ""]
+            where = os.path.relpath(figs[key], results_dir).replace(os.sep, "/")
+            fig_lines += [f"**{caption}**", "", f"![{caption}]({where})", ""]
     if "predictions" not in figs:
         fig_lines += [text["fig3_missing"].format(why=pred_error or "no prediction data"), ""]
     fig_lines.append(text["curves"])
@@ -88,11 +77,12 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
         f"Short-horizon check ({rounds} rounds; the paper trains {PAPER['rounds']:,}), not the paper's protocol: ")
     default_title = f"{horizon}reproduction over seeds: {dataset}" + ("" if stem == dataset else f" ({stem})")
     body = fill(template("reproduce_report.md"),
-                title=(title or default_title[0].upper() + default_title[1:]) + label, first=partial_note(partial),
+                title=default_title[0].upper() + default_title[1:] + label, first=partial_note(partial),
                 date=time.strftime("%Y-%m-%d"), n_runs=len(runs), lookup=lookup_lines(runset),
                 means=means_line(runset, st), agreement=agreement_lines(items), claims=claims_lines(items, fi_means),
                 gain_window=GAIN_WINDOW_EVALS, definitions=definitions_lines(runset),
-                setup=setup_lines(runset, manifest), commands=command_lines(runs, manifest, report_command), runs=run_lines(runset), table=table_md,
+                setup=setup_lines(runset, manifest), commands=command_lines(runs, manifest, report_command),
+                runs=run_lines(runset), table=table_md,
                 comm_note=comm_note(runset), table_md=paths["table_md"].name, table_csv=paths["table_csv"].name,
                 headlines=head_md, reasons=reason_lines(runset, manifest), figures=fig_lines)
     if runset.warnings:
@@ -104,13 +94,14 @@ def write_report(runset: RunSet, results_dir: Path, stem: str, *, pred: dict | N
 def command_lines(runs: list, manifest: dict | None, report_command: list[str] | None) -> list[str]:
     blocks = []
     if manifest and manifest.get("command"):
-        blocks.append(("cmd_manifest", [shown_command(manifest["command"])]))
+        blocks.append(("cmd_manifest", [_recorded(manifest["command"])]))
     elif runs and run_commands(runs):
-        blocks.append(("cmd_recorded", [shown_command(c) for c in run_commands(runs)]))
+        blocks.append(("cmd_recorded", [_recorded(c) for c in run_commands(runs)]))
     elif report_command and "--report_only" in report_command:
-        blocks.append(("cmd_training", [_python([a for a in report_command if a != "--report_only"])]))
+        training = [a for a in report_command if a != "--report_only"]
+        blocks.append(("cmd_training", [shown_command(["python", *training])]))
     if report_command:
-        blocks.append(("cmd_report", [_python(report_command)]))
+        blocks.append(("cmd_report", [shown_command(["python", *report_command])]))
     text = snippets()
     lines = [line for key, cmds in blocks for line in (text[key], "", "```bash", *cmds, "```", "")]
     if manifest and manifest.get("wall_time_s") is not None:
@@ -122,16 +113,11 @@ def command_lines(runs: list, manifest: dict | None, report_command: list[str] |
     return lines
 
 
-def _python(argv: list[str]) -> str:
-    return "python " + " ".join(shlex.quote(a) for a in shown_argv(argv))
-
-
-def shown_command(command: str) -> str:
+def _recorded(command: str) -> str:
     """A recorded command line with its absolute paths shown relative to the repository."""
     try:
-        words = shlex.split(command)
+        return shown_command(shlex.split(command))
     except ValueError:
         return command
-    return " ".join(shlex.quote(w) for w in shown_argv(words))
 
 

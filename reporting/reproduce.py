@@ -1,21 +1,10 @@
-"""scripts/reproduce.py: train every (method, seed) of the paper's protocol, then report.
-
-  <out_root>/<method>_s<seed>/    one standard run folder each, for the methods of --methods:
-      fedavg                      main_fl.py
-      centralized                 main_centralized.py, one step per training group per epoch (paper)
-      centralized_matched         main_centralized.py with --central_steps = FedAvg's --epochs
-  <out_root>/reproduce.json       the command(s), split rule, timings (paths relative to the repository)
-
-Training goes through reporting/batch.py (reuse, resume, run records, --jobs). The group split
-is drawn once (from --split_seed) and passed to every run as explicit lists, so seeds vary only
-the training (initial weights, episodes, client sampling).
-"""
+"""scripts/reproduce.py: every (method, seed) into <out_root>/<method>_s<seed> through batch.py, then the report;
+the group split is drawn once (--split_seed) and passed to every run, so seeds vary only the training."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +27,7 @@ from .batch import (
     Batch,
     Planned,
     add_batch_arguments,
+    differences_text,
     plan_action,
     record_state,
     records_root,
@@ -45,8 +35,9 @@ from .batch import (
     status_report,
 )
 from .jobs import Task
-from .paths import default_data_path, shown_argv
+from .paths import default_data_path, shown_command
 from .predictions import prediction_data
+from .prose import presets, snippets
 from .report import MANIFEST, write_report
 from .runs import ENTRY_POINTS, METHODS, collect, find_run_folders, method_label, prefer_done
 
@@ -54,45 +45,8 @@ FORBIDDEN = {"--seed": "--seeds", "--out_dir": "--out_root", "--resume": "nothin
              "--also_centralized": "--methods",
              "--central_steps": "--methods ... centralized_matched (its steps per group are --epochs; "
                                 "centralized keeps the paper's 1)"}
-DEFAULT_METHODS = ["fedavg", "centralized"]
-
-# The paper's protocol (method.md §3-§7), every value written out so that a change of a parser
-# default cannot move it: 1,300 FedAvg rounds (every client, 6 local steps, dataset-size
-# weights) and 1,300 sequential centralized epochs, evaluation every 10, seeds 0-3, GPO's
-# model and episode sizes. OpinionQA with MiniLM by default (the data at hand; the paper's
-# Alpaca-7B embeddings are not), and the compute-matched baseline as a third method.
-PAPER_PROTOCOL = dict(
-    dataset="opinionqa", emb_model="minilm", seeds=[0, 1, 2, 3],
-    methods=["fedavg", "centralized", "centralized_matched"],
-    comm_round=1300, central_epochs=1300, central_mode="sequential", federated_eval=10, eval_freq=10,
-    epochs=6, client_fraction=1.0, weighting="dataset_size", lr=3e-4, num_steps=100,
-    min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100, episode_bounds="flags",
-    data_split=0.9, eval_num_qs=20, eval_seed=0, eval_resample=False, metric="auto", split_seed=0,
-    d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6, dropout=0.0, bound_std=False,
-    layer_init="independent", loss_reduction="sum", grad_clip=0.0, precision="fp32",
-    wandb="off", quiet=True,
-)
-
-# A few rounds of every method on the real GlobalOpinionQA sample with MiniLM embeddings and
-# a small model: the whole pipeline (train, reuse, report, figures) in about two minutes.
-PRESETS = {
-    "smoke": dict(dataset="globalqa", seeds=[0, 1], comm_round=4, central_epochs=4, federated_eval=2,
-                  eval_freq=2, epochs=2, emb_model="minilm", wandb="off", quiet=True, d_model=32,
-                  dim_feedforward=32, num_layers=2, min_ctx_num_qs=3, max_ctx_num_qs=15, min_tar_num_qs=3,
-                  max_tar_num_qs=15, eval_num_qs=5, name="smoke",
-                  methods=["fedavg", "centralized", "centralized_matched"]),
-    "paper": PAPER_PROTOCOL,
-    "paper_unseen": PAPER_PROTOCOL,
-}
-# Flags a preset adds to the command line as if typed first (a flag given later overrides them):
-# paper_unseen is the paper's protocol scored on questions no training group was trained on
-# (--question_split, orchestration/cli.py; the evaluation issue).
-PRESET_FLAGS = {"paper_unseen": ["--question_split", "0.2"]}
+PRESETS = presets("reproduce")
 PAPER_PRESETS = ("paper", "paper_unseen")
-PRESET_HELP = ("smoke: every method, 2 seeds, 4 rounds, small model, GlobalOpinionQA sample (about 2 minutes); "
-               "paper: the paper's protocol (1,300 rounds and epochs, seeds 0-3, every method; --dataset "
-               "opinionqa by default, or globalqa), outputs named <dataset>_paper; paper_unseen: the same with "
-               "--question_split 0.2 (scored on held-out questions), outputs named <dataset>_paper_unseen")
 
 
 def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -118,16 +72,11 @@ def build_reproduce_parser(preset: str | None = None) -> argparse.ArgumentParser
     r.add_argument("--fig3_groups", nargs=2, default=None, metavar=("GROUP_A", "GROUP_B"),
                    help="the two evaluation groups of Fig. 3 (default: the most different pair)")
     r.add_argument("--fig3_qkey", type=int, default=None, help="the question of Fig. 3 (default: chosen)")
-    r.add_argument("--preset", choices=sorted(PRESETS), default=preset, help=PRESET_HELP)
+    r.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                   help="; ".join(f"{name}: {p['help']}" for name, p in PRESETS.items()))
     if preset:
-        p.set_defaults(**PRESETS[preset])
+        p.set_defaults(**PRESETS[PRESETS[preset].get("defaults_of", preset)]["defaults"])
     return p
-
-
-def _paper_name(args) -> str:
-    """opinionqa_paper; globalqa_sample_paper for the shared sample CSV, else globalqa_paper."""
-    sample = args.dataset == "globalqa" and "sample" in Path(str(args.data_path or "")).name
-    return f"{args.dataset}{'_sample' if sample else ''}_paper"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -137,21 +86,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag, instead in FORBIDDEN.items():
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise DataError(f"{flag} is not a flag of scripts/reproduce.py", f"use {instead}")
-    args = build_reproduce_parser(known.preset).parse_args([*PRESET_FLAGS.get(known.preset, []), *argv])
+    args = build_reproduce_parser(known.preset).parse_args([*PRESETS.get(known.preset, {}).get("flags", []), *argv])
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3]
     if len(set(args.seeds)) != len(args.seeds):
         raise DataError(f"--seeds {args.seeds} names a seed twice", "list each seed once")
     args.methods_given = args.methods is not None  # by the user or a preset
-    methods = args.methods or DEFAULT_METHODS
+    methods = args.methods or ["fedavg", "centralized"]
     if len(set(methods)) != len(methods):
         raise DataError(f"--methods {' '.join(methods)} names a method twice", "list each method once")
     args.methods = [m for m in METHODS if m in methods]  # table and figure order
     if args.preset and args.data_path is None:  # as the user gave it: env var, or ../shared/data/...
         args.data_path = default_data_path(args.dataset)
     args.name_given = args.name is not None or args.preset in PAPER_PRESETS  # the preset names its outputs
+    # opinionqa_paper, globalqa_sample_paper for the shared sample CSV, else globalqa_paper; _unseen added
+    sample = "_sample" if args.dataset == "globalqa" and "sample" in Path(str(args.data_path or "")).name else ""
     suffix = "_unseen" if args.preset == "paper_unseen" else ""
-    args.name = args.name or (_paper_name(args) + suffix if args.preset in PAPER_PRESETS else args.dataset)
+    args.name = args.name or (f"{args.dataset}{sample}_paper{suffix}" if args.preset in PAPER_PRESETS else args.dataset)
     args.out_root = Path(args.out_root or Path("runs") / "reproduce" / args.name)
     if args.results_dir is None:
         args.results_dir = args.out_root / "results" if args.preset == "smoke" else Path("docs") / "results"
@@ -169,39 +120,28 @@ def resolve_split(args) -> str:
         return "named with --train_groups / --eval_groups"
     if args.split_seed is None:  # main_fl.py would split by --seed; here the split must not move with it
         args.split_seed = 0
+    f = args.group_split if args.group_split is not None else DEFAULT_GROUP_SPLIT
     if args.dataset == "synthetic":  # group names exist only once generated: split inside data loading
-        f = args.group_split if args.group_split is not None else DEFAULT_GROUP_SPLIT
-        return (f"seeded random {f:.0%}/{1 - f:.0%} split of the generated groups (data from --syn_seed "
-                f"{args.syn_seed}) with --split_seed {args.split_seed}, the same for every seed")
-    frac = args.group_split
-    train, evals = choose_groups(args.dataset, args.train_groups, args.eval_groups, frac, args.split_seed)
-    random_split = frac is not None or args.dataset == "opinionqa"
-    args.train_groups, args.eval_groups, args.group_split = train, evals, None
-    if random_split:
-        f = frac if frac is not None else DEFAULT_GROUP_SPLIT
-        return (f"seeded random {f:.0%}/{1 - f:.0%} split of the groups drawn once with split seed "
-                f"{args.split_seed} (data_loaders.datasets.split_groups), passed to every run as explicit "
-                "lists so that the seeds vary training only")
-    return "the released code's fixed country lists (method.md §1), the same for every seed"
-
-
-def episode_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> str:
-    """The largest episode bounds these groups allow, in flags (small data: the GlobalOpinionQA sample)."""
-    local = min(int(counts[n] * args.data_split) for n in train)
-    ev = min(counts[n] for n in evals)
-    return (f"these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training group's "
-            f"local questions) and --eval_num_qs <= {ev - 1} (the smallest evaluation group has {ev}), e.g. "
-            f"--min_ctx_num_qs {local // 2} --min_tar_num_qs {local - local // 2} --eval_num_qs {ev - 1}; the "
-            "--max_* bounds may stay (an episode takes what a group has)")
+        return snippets()["split_synthetic"].format(f=f, rest=1 - f, a=args)
+    random_split = args.group_split is not None or args.dataset == "opinionqa"
+    args.train_groups, args.eval_groups = choose_groups(args.dataset, args.train_groups, args.eval_groups,
+                                                        args.group_split, args.split_seed)
+    args.group_split = None
+    return snippets()["split_random" if random_split else "split_fixed"].format(f=f, rest=1 - f, a=args)
 
 
 def check_counts_with_limits(args, counts: dict[str, int], train: list[str], evals: list[str]) -> None:
-    """check_question_counts, with the largest bounds the groups allow added to its hint."""
+    """check_question_counts, with the largest episode bounds these groups allow added to its hint (small
+    data: the GlobalOpinionQA sample)."""
     try:
         check_question_counts(run_config(args), counts, train, evals)
     except DataError as e:
-        what = str(e).split("\n  hint: ")[0]
-        raise DataError(what, f"{e.hint}; or {episode_limits(args, counts, train, evals)}") from e
+        local, ev = min(int(counts[n] * args.data_split) for n in train), min(counts[n] for n in evals)
+        raise DataError(str(e).split("\n  hint: ")[0], (
+            f"{e.hint}; or these groups allow --min_ctx_num_qs + --min_tar_num_qs <= {local} (the smallest training "
+            f"group's local questions) and --eval_num_qs <= {ev - 1} (the smallest evaluation group has {ev}), e.g. "
+            f"--min_ctx_num_qs {local // 2} --min_tar_num_qs {local - local // 2} --eval_num_qs {ev - 1}; the "
+            "--max_* bounds may stay (an episode takes what a group has)")) from e
 
 
 _FLAGS = {m: frozenset(vars(build_parser(m).parse_args([]))) for m in set(ENTRY_POINTS.values())}
@@ -221,14 +161,14 @@ def seed_args(args, seed: int, out_dir: Path, resume: bool, method: str) -> argp
     return a
 
 
-def _planned_runs(args, data_for_seed, device, log=print):
+def _planned_runs(args, data, device, log=print):
     """(method, seed, run folder, its record or None, the resolved config it would train with)."""
     root = records_root(args.out_root, args.records_dir, log)
     for seed in args.seeds:
         for method in args.methods:
             path = args.out_root / f"{method}_s{seed}"
             requested = resolved_config(run_config(seed_args(args, seed, path, False, method), ENTRY_POINTS[method]),
-                                        data_for_seed(seed), device)
+                                        data, device)
             yield method, seed, path, (root / path.name if root else None), requested
 
 
@@ -247,15 +187,14 @@ def folder_error(path: Path, method: str, requested: dict) -> str | None:
         return f"{path} holds a {method_label(stored)!r} run, not {method!r}"
     diffs = differences(stored, requested)  # the training code's own run identity (as --resume)
     if diffs:
-        more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
-        return f"{path} was trained with different flags (folder -> requested): {'; '.join(diffs[:8])}{more}"
+        return f"{path} was trained with different flags (folder -> requested): {differences_text(diffs, 8)}"
     return None
 
 
-def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
+def plan_runs(args, data, device, log=print) -> list[Planned]:
     """Every (method, seed) against its folder and record; a folder trained with other flags is an error."""
     plan, errors = [], []
-    for method, seed, path, record, requested in _planned_runs(args, data_for_seed, device, log):
+    for method, seed, path, record, requested in _planned_runs(args, data, device, log):
         error = folder_error(path, method, requested)
         if error:
             errors.append(error)
@@ -271,18 +210,16 @@ def plan_runs(args, data_for_seed, device, log=print) -> list[Planned]:
 
 def train_one(method: str, flags: dict, path: str) -> int:
     """One run in its own process (--jobs): the data loaded again, then trained; the exit code."""
-    run_args, path = argparse.Namespace(**flags), Path(path)
-
     def train() -> None:
-        run = run_config(run_args, ENTRY_POINTS[method])
-        run_method(run, prepare_experiment(run.data, log=print), path)
+        run = run_config(argparse.Namespace(**flags), ENTRY_POINTS[method])
+        run_method(run, prepare_experiment(run.data, log=print), Path(path))
     return exit_on_error(train, interrupts=True, stream=sys.stdout)  # stdout: the parent keeps the run's log
 
 
-def make_batch(args, data_for_seed) -> Batch:
+def make_batch(args, data) -> Batch:
     def train(p: Planned) -> int:
         run_method(run_config(seed_args(args, p.seed, p.folder, p.resumes, p.kind), ENTRY_POINTS[p.kind]),
-                   data_for_seed(p.seed), p.folder, log=print)
+                   data, p.folder, log=print)
         return 0
 
     def task(p: Planned, threads: int) -> Task:
@@ -293,18 +230,16 @@ def make_batch(args, data_for_seed) -> Batch:
 
 def _command(argv: list[str]) -> str:
     """The command as typed, absolute paths shown relative to the repository (the manifest travels)."""
-    return "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in shown_argv(argv))
+    return "python scripts/reproduce.py " + shown_command(argv)
 
 
 def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, session: dict) -> None:
     """Insert or replace this invocation's entry (keyed by its start time) in <out_root>/reproduce.json."""
     path = out_root / MANIFEST
-    manifest = {}
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError:
-            manifest = {}
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        manifest = {}
     sessions = [s for s in manifest.get("sessions", []) if s.get("started") != session["started"]] + [session]
     working = [s for s in sessions if s.get("trained") or s.get("resumed")]
     manifest.update(command=_command(argv), split_rule=split_rule, threads=args.threads or torch.get_num_threads(),
@@ -320,8 +255,7 @@ def update_manifest(out_root: Path, argv: list[str], args, split_rule: str, sess
 def report(args, argv: list[str], paths: list[Path], seeds: list[int] | None, data=None, log=print,
            methods: list[str] | None = None) -> dict:
     runset = collect(paths, seeds, methods)
-    c = runset.counts()
-    for m, k in c.items():
+    for m, k in runset.counts().items():
         log(f"{m}: {k['finished']} finished, {k['interrupted']} interrupted, {k['missing']} missing "
             f"(of {k['expected']} seeds)")
     for w in runset.warnings:
@@ -359,13 +293,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int | None:
     args = parse_args(argv)
-    if getattr(args, "engine", "inprocess") != "inprocess":
+    if args.engine != "inprocess":
         raise DataError(f"--engine {args.engine} is not supported by scripts/reproduce.py",
                         "train with the in-process engine here, or run main_fl.py --engine flower yourself "
                         "and report with --report_only --runs <folders>")
     resolve_batch_args(args)
     if args.report_only:
-        report(args, argv, report_sources(args), _planned_seeds(args, argv),
+        # the seeds a report expects: given (--seeds, or a preset's), else those found
+        given = args.preset or any(a == "--seeds" or a.startswith("--seeds=") for a in argv)
+        report(args, argv, report_sources(args), args.seeds if given else None,
                methods=args.methods if args.methods_given else None)
         return 0
     t0 = time.perf_counter()
@@ -373,31 +309,24 @@ def _main(argv: list[str]) -> int | None:
     RunLock(args.out_root, "reproduction folder", "--out_root").check_free()  # before minutes of loading
     split_rule = resolve_split(args)
     print(f"groups: {split_rule}")
-    cache: dict = {}
-
-    def data_for_seed(seed: int):
-        # The data and the split do not depend on the seed (split fixed above, synthetic data
-        # from --syn_seed), so it is loaded once for every method and seed.
-        if not cache:
-            cache["data"] = prepare_experiment(run_config(args).data, log=print, check=lambda counts, tr, ev:
-                                               check_counts_with_limits(args, counts, tr, ev))
-        return cache["data"]
-
-    data_for_seed(args.seeds[0])  # data errors (e.g. groups too small for the episodes) before any file is written
+    # The data and the split do not depend on the seed (split fixed above, synthetic data from --syn_seed): loaded
+    # once for every method and seed, and its errors (groups too small for the episodes) come before any file is written
+    data = prepare_experiment(run_config(args).data, log=print,
+                              check=lambda counts, tr, ev: check_counts_with_limits(args, counts, tr, ev))
     device = resolve_device(args.device)
     if args.status:
         status_report([(path.name, record_state(record, requested))
-                       for _, _, path, record, requested in _planned_runs(args, data_for_seed, device)])
+                       for _, _, path, record, requested in _planned_runs(args, data, device)])
         return 0
     if args.commit_records:
         records.check_commit_target(args.records_dir)
     # One reproduce.py per --out_root; released also on an error or an interrupt: finished runs stay,
     # the interrupted one resumes.
     with RunLock(args.out_root, "reproduction folder", "--out_root"):
-        plan = plan_runs(args, data_for_seed, device)
-        batch = make_batch(args, data_for_seed)
+        plan = plan_runs(args, data, device)
+        batch = make_batch(args, data)
         verified = batch.verify(plan, lambda p: (ENTRY_POINTS[p.kind], seed_args(args, p.seed, p.folder, False, p.kind),
-                                                 data_for_seed(p.seed)))  # a stale record stops here
+                                                 data))  # a stale record stops here
         actions = {a: sum(1 for p in plan if p.action == a) for a in ("fresh", "reuse", "record", "resume", "restart")}
         print("plan: " + ", ".join(f"{n} {a}" for a, n in actions.items() if n)
               + (f"; {args.jobs} runs at once, {args.threads} torch thread(s) each" if args.jobs > 1 else ""))
@@ -411,14 +340,8 @@ def _main(argv: list[str]) -> int | None:
         save({}, "running")
         batch.on_progress = lambda done: save(done, "running")
         save(batch.run(plan), "finished")
-        report(args, argv, [p.source for p in plan], args.seeds, data=data_for_seed(args.seeds[0]),
-               methods=args.methods)
+        report(args, argv, [p.source for p in plan], args.seeds, data=data, methods=args.methods)
     print(f"done in {time.perf_counter() - t0:.1f} s")
-
-
-def _planned_seeds(args, argv: list[str]) -> list[int] | None:
-    """The seeds a report expects: given (--seeds, or a preset's), else those found."""
-    return args.seeds if args.preset or any(a == "--seeds" or a.startswith("--seeds=") for a in argv) else None
 
 
 def report_sources(args) -> list[Path]:

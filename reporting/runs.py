@@ -1,5 +1,4 @@
-"""Run folders and records as the reports see them: found by glob, classified, read once
-(utils/run_folder.py), so folders from another machine report like local ones."""
+"""Run folders and records as the reports see them: found by glob, classified, read once (utils/run_folder.py)."""
 from __future__ import annotations
 
 import glob
@@ -33,14 +32,6 @@ def _norm(v):
     return sorted(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
 
 
-def _get(cfg: dict, path: tuple[str, ...]):
-    for k in path:
-        if not isinstance(cfg, dict) or k not in cfg:
-            return None
-        cfg = cfg[k]
-    return cfg
-
-
 @dataclass
 class Run:
     path: Path
@@ -53,7 +44,6 @@ class Run:
 
     @property
     def method(self) -> str | None:
-        """fedavg | centralized | centralized_matched (see method_label)."""
         return method_label(self.config)
 
     @property
@@ -65,12 +55,6 @@ class Run:
     def last_round(self) -> int:
         rounds = [r["round"] for r in self.losses] or [r["round"] for r in self.metrics] or [0]
         return int(max(rounds))
-
-    @property
-    def planned_rounds(self) -> int | None:
-        key = "comm_round" if self.method == "fedavg" else "central_epochs"
-        v = self.config.get(key)
-        return int(v) if v is not None else None
 
     def value(self, key: str):
         return (self.summary or {}).get(key)
@@ -92,37 +76,14 @@ class Run:
         return None
 
 
-# Row getters (run -> value) for the tables of tables.py and compare.py.
-def from_summary(key):
-    return lambda run: run.value(key)
-
-
-def from_groups(prefix, key):
-    return lambda run: run.final_group(prefix, key)
-
-
-def from_baseline(kind):
-    return lambda run: run.baseline(kind)
-
-
-def in_mb(key):
-    return lambda run: None if (v := run.value(key)) is None else v / 1e6
-
-
 def partial_label(done: int, seeds: int) -> str | None:
     """The label of a report over part of its plan: '2 of 4 seeds finished; partial'."""
     return None if done == seeds else f"{done} of {seeds} seeds finished; partial"
 
 
 def partial_note(label: str | None) -> str:
-    """The first words of such a report."""
     return (f"**{label[0].upper() + label[1:]}**: the numbers below cover the finished runs only and change as "
             "the others finish. ") if label else ""
-
-
-def is_done(folder: Path) -> bool:
-    """Finished (summary.json) or diverged (failed.json): nothing left to train."""
-    return is_finished(folder) or (folder / FAILED).is_file()
 
 
 def prefer_done(folders: list[Path], records: list[Path]) -> list[Path]:
@@ -130,7 +91,7 @@ def prefer_done(folders: list[Path], records: list[Path]) -> list[Path]:
     (interrupted) folder; in name order."""
     chosen = {p.name: p for p in records}
     for p in folders:
-        if p.name not in chosen or is_done(p):
+        if p.name not in chosen or is_finished(p) or (p / FAILED).is_file():
             chosen[p.name] = p
     return [chosen[name] for name in sorted(chosen)]
 
@@ -151,19 +112,12 @@ def load_run(path: str | Path) -> Run:
 
 def find_run_folders(patterns: list[str]) -> list[Path]:
     """Folders matched by the globs that hold a config.json; a root folder yields its run subfolders."""
-    found: dict[Path, None] = {}
+    found: dict[Path, None] = {}  # in order, once each
     for pat in patterns:
-        matches = sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])
-        for m in matches:
-            p = Path(m)
-            if not p.is_dir():
-                continue
-            if (p / CONFIG).is_file():
-                found[p] = None
-            else:
-                for child in sorted(p.iterdir()):
-                    if child.is_dir() and (child / CONFIG).is_file():
-                        found[child] = None
+        for p in map(Path, sorted(glob.glob(pat)) or ([pat] if Path(pat).exists() else [])):
+            if p.is_dir():
+                found.update(dict.fromkeys([p] if (p / CONFIG).is_file() else
+                                           [c for c in sorted(p.iterdir()) if c.is_dir() and (c / CONFIG).is_file()]))
     return list(found)
 
 
@@ -177,6 +131,7 @@ class RunSet:
     seeds: list[int]                  # the seeds expected (requested, or found)
     warnings: list[str]
     methods: tuple[str, ...] = METHODS  # the methods reported (requested, or found), in METHODS order
+    failed: list[Run] = field(default_factory=list)  # diverged (failed.json): named in the notes, never counted
 
     def finished(self, method: str) -> dict[int, Run]:
         return self.by_method.get(method, {})
@@ -212,7 +167,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
     """methods: those to report (one without any folder is reported missing); default: those found."""
     runs = [load_run(p) for p in paths]
     by_method: dict[str, dict[int, Run]] = {m: {} for m in METHODS}
-    interrupted, duplicates, notes = [], [], []
+    interrupted, duplicates, notes, failed = [], [], [], []
     for r in runs:
         if r.status == "empty":
             continue
@@ -220,6 +175,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
             interrupted.append(r)
             continue
         if r.status == "failed":  # a rerun would diverge again: reported, never resumed or counted
+            failed.append(r)
             notes.append(f"{shown(r.path)}: failed ({r.failure.get('reason')}); not in the statistics")
             continue
         slot = by_method[r.method]
@@ -234,7 +190,7 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
         values = {json.dumps(_norm(r.config.get(key)), sort_keys=True) for r in finished}
         if len(values) > 1:
             notes.append(f"runs disagree on {key}: {sorted(values)}")
-    hashes = {_get(r.config, ("data", "source_hash")) for r in finished}
+    hashes = {(r.config.get("data") or {}).get("source_hash") for r in finished}
     if len(hashes) > 1:
         notes.append(f"runs were trained on different data files (source hashes {sorted(map(str, hashes))})")
     for m in METHODS:
@@ -245,14 +201,14 @@ def collect(paths: list[Path], seeds: list[int] | None = None, methods: list[str
         seeds = sorted({r.seed for r in runs if r.seed is not None})
     present = {r.method for r in runs if r.status != "empty"}
     chosen = tuple(m for m in METHODS if (m in methods if methods is not None else m in present))
-    return RunSet(by_method, interrupted, duplicates, list(seeds), notes, chosen)
+    return RunSet(by_method, interrupted, duplicates, list(seeds), notes, chosen, failed)
 
 
 def run_commands(runs: list[Run]) -> list[str]:
     """The command lines that produced the runs (from each config's recorded argv), unique, in order."""
     seen: dict[str, None] = {}
     for r in runs:
-        argv = _get(r.config, ("environment", "argv"))
+        argv = (r.config.get("environment") or {}).get("argv")
         # a worker of reproduce.py / sweep.py --jobs (reporting/jobs.py) is nobody's command line
         if argv and not str(argv[0]).endswith("reporting/jobs.py"):
             seen["python " + " ".join(shlex.quote(a) for a in argv)] = None

@@ -10,13 +10,6 @@ from .prose import Fields, snippets
 from .runs import METHOD_LABELS, METHODS, RunSet
 from .tables import PAIR_TEXT, PAIRS, PAPER, fmt, md_table
 
-DATASET_TEXT = {
-    "opinionqa": "OpinionQA (Pew American Trends Panel, US demographic groups; scored with 1 − normalised "
-                 "Wasserstein distance over option ordinals, GPO's metric)",
-    "globalqa": "GlobalOpinionQA (countries; scored with 1 − Jensen–Shannon distance)",
-    "synthetic": "synthetic planted-structure data",
-}
-
 
 def _tally(values: list) -> str:
     """`a` when every run agrees, else `a` (3 runs), `b` (1 run): the runs of one report may come from
@@ -59,7 +52,7 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     seeds = sorted({r.seed for r in runs})
     text = snippets()
     lines = text["setup"].format(
-        dataset=DATASET_TEXT.get(c["dataset"], c["dataset"]), source=shown(data["source"]), data=data,
+        dataset=text.get(f"dataset_{c['dataset']}", c["dataset"]), source=shown(data["source"]), data=data,
         hash=str(data["source_hash"])[:12], n_train=len(tr), n_eval=len(ev),
         same_split="the same split for every seed and method" if same_split else "NOT the same split in every run",
         split=(manifest or {}).get("split_rule") or "as recorded in each run's config.json", train=", ".join(tr),
@@ -70,12 +63,8 @@ def setup_lines(runset: RunSet, manifest: dict | None) -> list[str]:
         lines.append(text[f"setup_{m}"].format(c=k, engine=k["client_engine_resolved"] or k["client_engine"],
                                                steps=fmt(_steps_per_round(runset, m), "{:.0f}")))
     lines.append(machine_line(runs, manifest))
-    variant = variant_line(runs)
-    if variant:
-        lines.append(variant)
     window = (first.summary.get("convergence") or {}).get("window_rounds")
-    lines.append(text["setup_convergence"].format(window=window))
-    return lines
+    return [*lines, *variant_line(runs), text["setup_convergence"].format(window=window)]
 
 
 def run_lines(runset: RunSet) -> list[str]:
@@ -85,8 +74,8 @@ def run_lines(runset: RunSet) -> list[str]:
     rows = [[f"`{r.path.name}`", r.method, r.seed, (s := r.summary or {}).get("rounds"),
              fmt(s.get("wall_time_s"), "{:.1f}"), s.get("convergence_round")] for r in runset.all_finished()]
     rows += [[f"`{r.path.name}`", r.method, r.seed,
-              f"{r.last_round} of {r.planned_rounds} (interrupted, not in the statistics)", "–", "–"]
-             for r in runset.interrupted]
+              f"{r.last_round} of {r.config.get('comm_round' if r.method == 'fedavg' else 'central_epochs')} "
+              "(interrupted, not in the statistics)", "–", "–"] for r in runset.interrupted]
     rows += [["–", m, s, "missing (not in the statistics)", "–", "–"] for m in runset.methods for s in runset.missing(m)]
     return [*counts, "", *md_table(["Run folder", "Method", "Seed", "Rounds", "Wall time (s)", "Convergence round"],
                                    ([str(x) for x in row] for row in rows))]
@@ -127,26 +116,8 @@ def reason_lines(runset: RunSet, manifest: dict | None) -> list[str]:
     return lines
 
 
-# key -> (word when FedAvg's value is positive, word when negative, sentence, the paper's number)
-_AGREEMENT = {
-    "rounds_fewer_pct": ("fewer", "more", "FedAvg converged in {value:.1f}% {word} rounds than {other}",
-                         f"paper: {PAPER['rounds_fewer_pct']:.0f}% fewer, round 634 vs 1,180"),
-    "steps_fewer_pct": ("fewer", "more", "In gradient steps FedAvg needed {value:.1f}% {word} than {other} to converge",
-                        f"paper, implied: {abs(PAPER['steps_fewer_pct']):.0f}% more"),
-    "alignment_gain_pct": ("higher", "lower",
-                           "FedAvg's final mean evaluation alignment is {value:.2f}% {word} than {other}",
-                           "paper: about +4%"),
-    "best_alignment_gain_pct": ("higher", "lower",
-                                "Best-over-training mean evaluation alignment: FedAvg {value:.2f}% {word} than {other}",
-                                None),
-    "worst_alignment_diff": ("higher", "lower",
-                             "FedAvg's worst evaluation group scores {value:.4f} {word} than {other}'s",
-                             "paper: not reported"),
-}
-
-
 def agreement_lines(items) -> list[str]:
-    out = []
+    t, out = snippets("verdicts.md"), []
     for a, b in PAIRS:
         pair = [h for h in items if (h.a, h.b) == (a, b)]
         if not pair:
@@ -156,11 +127,12 @@ def agreement_lines(items) -> list[str]:
         for h in pair:
             if h.measured is None:
                 out.append(f"- {h.label}: not measured.")
-            elif h.key in _AGREEMENT:
-                up, down, sentence, paper = _AGREEMENT[h.key]
-                word = up if h.measured > 0 else down
-                note = f" ({paper})" if paper and b == "centralized" else ""
-                out.append("- " + sentence.format(value=abs(h.measured), word=word, other=PAIR_TEXT[b]) + note
+            elif f"agree_{h.key}" in t:
+                up, down = ("fewer", "more") if h.key.endswith("fewer_pct") else ("higher", "lower")
+                words = dict(value=abs(h.measured), word=up if h.measured > 0 else down, other=PAIR_TEXT[b],
+                             paper=PAPER, implied=abs(PAPER["steps_fewer_pct"]))
+                note = t.get(f"note_{h.key}") if b == "centralized" else None
+                out.append("- " + t[f"agree_{h.key}"].format(**words) + (f" ({note.format(**words)})" if note else "")
                            + f": **{h.verdict}**.")
             elif h.key == "fi_diff":
                 out.append(f"- Fairness: FI difference {h.measured:+.5f} against {PAIR_TEXT[b]} (paper: FI ≈ 1 for "
@@ -172,8 +144,8 @@ def means_line(runset: RunSet, st: dict) -> str:
     """Convergence round and final alignment, mean over seeds, per method."""
     def part(key, spec):
         return ", ".join(f"{METHOD_LABELS[m]} {fmt(st[key][m].mean, spec)}" for m in runset.methods)
-    return (f"Convergence round, mean over seeds: {part('convergence_round', '{:.1f}')} (paper: FedAvg 634, "
-            f"centralized 1,180). Final mean evaluation alignment: {part('final_eval_alignment_score', '{:.4f}')}.")
+    return snippets("verdicts.md")["means"].format(rounds=part("convergence_round", "{:.1f}"),
+                                                   alignment=part("final_eval_alignment_score", "{:.4f}"))
 
 
 # Flags where the released code differs from the paper (method.md §8), as (key, paper's value).
@@ -182,7 +154,7 @@ VARIANT_KEYS = (("loss_reduction", "sum"), ("layer_init", "independent"), ("epis
                 ("eval_resample", False))
 
 
-def variant_line(runs) -> str | None:
+def variant_line(runs) -> list[str]:
     """The flags that differ from the paper's protocol (the released-code variant), if any."""
     diffs = {}
     for r in runs:
@@ -190,7 +162,5 @@ def variant_line(runs) -> str | None:
             v = r.config.get(key, paper)
             if v != paper:
                 diffs.setdefault(key, (v, paper))
-    if not diffs:
-        return None
     text = ", ".join(f"`--{k} {v}` (paper: {p})" for k, (v, p) in diffs.items())
-    return f"- **Variant**: {text}."
+    return [f"- **Variant**: {text}."] if diffs else []

@@ -1,12 +1,7 @@
-"""scripts/sweep.py: FedAvg variants over seeds, trained through main_fl.py's own entry point
-(reporting/batch.py: reuse, resume, run records, --jobs), then reported against a baseline
-(reporting/compare.py). A preset names the shared flags, the variants (name -> extra flags), the
-baseline and the report.
-"""
+"""scripts/sweep.py: FedAvg variants over seeds through main_fl.py's entry point, then reported (compare.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -38,20 +33,13 @@ from .batch import (
 from .compare import load_variant, write_comparison
 from .jobs import Task
 from .paths import default_data_path
-from .prose import template
+from .prose import presets, template
 from .runs import partial_label
-
-# OpinionQA, the default seeded 60/40 split, MiniLM: the setup of the strategy and privacy issues.
-OPINIONQA = ["--dataset", "opinionqa", "--emb_model", "minilm", "--comm_round", "300", "--federated_eval", "10",
-             "--wandb", "off", "--quiet"]
-
-
-def _setup(preset: str) -> list[str]:
-    return template(f"sweep_{preset}_setup.md").splitlines()
 
 
 @dataclass
 class Preset:
+    """A sweep (reporting/presets.json): main_fl.py's flags, the variants (name -> extra flags), the baseline."""
     base: list[str]
     variants: dict[str, list[str]]
     baseline: str
@@ -61,81 +49,12 @@ class Preset:
     setup: list[str] = field(default_factory=list)  # the report's "Setup" section (Markdown lines)
 
 
-PRESETS = {
-    "strategies": Preset(
-        base=OPINIONQA,
-        variants={
-            "fedavg": [],
-            "fedprox": ["--strategy", "fedprox", "--proximal_mu", "0.01"],
-            "qfedavg": ["--strategy", "qfedavg", "--qffl_q", "0.1"],
-            "adaptive": ["--strategy", "adaptive", "--adaptive_temperature", "0.1", "--adaptive_window", "5"],
-            "trimmed_mean": ["--strategy", "trimmed_mean", "--trim_fraction", "0.2"],
-            "median": ["--strategy", "median"],
-            "fedadam": ["--server_opt", "adam"],
-            # one attack scenario: 1 of the 10 training groups sign-flips its update, scaled by 10
-            "fedavg_attacked": ["--byzantine", "1", "--attack", "sign_flip", "--attack_scale", "10"],
-            "trimmed_mean_attacked": ["--strategy", "trimmed_mean", "--trim_fraction", "0.2", "--byzantine", "1",
-                                      "--attack", "sign_flip", "--attack_scale", "10"],
-            "median_attacked": ["--strategy", "median", "--byzantine", "1", "--attack", "sign_flip",
-                                "--attack_scale", "10"],
-            # the in-range attack: 3 of the 10 groups send mu - z sigma of the honest updates, z = 0.52
-            # (1 attacker of 10 would give z = 0 and send the honest mean; 2 give z = 0.25)
-            **{f"{rule}_alie": [*flags, "--byzantine", "3", "--attack", "alie"] for rule, flags in (
-                ("fedavg", []), ("trimmed_mean", ["--strategy", "trimmed_mean", "--trim_fraction", "0.2"]),
-                ("median", ["--strategy", "median"]))},
-            # metric poisoning: 1 group reports held-out alignment 0 to draw adaptive's (capped) weight
-            "adaptive_report_score": ["--strategy", "adaptive", "--adaptive_temperature", "0.1", "--adaptive_window",
-                                      "5", "--byzantine", "1", "--attack", "report_score", "--attack_report", "0"],
-        },
-        baseline="fedavg", title="Aggregation strategies on OpinionQA (300 rounds, 3 seeds)",
-        report="docs/results/strategies.md",
-        setup=_setup("strategies")),
-    # DP needs uniform weights, so the no-DP baseline is uniform too. The clip S = 0.1 is about the
-    # median client update norm over the first 30 rounds of this setup, which the cosine schedule
-    # moves between 3e-4 and 0.8 (dp_median_norm in losses.jsonl of main_fl.py --dataset opinionqa
-    # --emb_model minilm --weighting uniform --dp --dp_noise 0 --dp_clip 1000 --comm_round 30).
-    "privacy": Preset(
-        base=[*OPINIONQA, "--weighting", "uniform"],
-        variants={
-            "no_dp": [],
-            # clipping without noise: separates the clipping bias from the noise (epsilon infinite)
-            "dp_clip_only": ["--dp", "--dp_clip", "0.1", "--dp_noise", "0"],
-            "dp_z0.1": ["--dp", "--dp_clip", "0.1", "--dp_noise", "0.1"],
-            "dp_z1": ["--dp", "--dp_clip", "0.1", "--dp_noise", "1"],
-            "dp_z3": ["--dp", "--dp_clip", "0.1", "--dp_noise", "3"],
-            # epsilon ~ 9 after 300 rounds (delta 1e-5): the one level a user might call private
-            "dp_z10": ["--dp", "--dp_clip", "0.1", "--dp_noise", "10"],
-        },
-        baseline="no_dp", title="Client-level DP-FedAvg on OpinionQA (300 rounds, 3 seeds)",
-        report="docs/results/privacy.md",
-        setup=_setup("privacy")),
-    # Issue 26, item 2's short protocol on real data: do --context_answer product and virtual groups
-    # (--virtual_tilt; docs/group_use.md: on planted synthetic groups product alone remembers the few
-    # training groups, product with virtual groups infers new ones) make FedAvg use the group on
-    # OpinionQA, scored on questions no training group trained on (--question_split 0.2, as paper_unseen)?
-    # The tilts: 0.5 moves a group's answers by a total variation of 0.14 per question, about twice the
-    # largest real group's distance from the mean of the groups (0.03-0.12); 1 by 0.25.
-    "group_use": Preset(
-        base=[*OPINIONQA, "--question_split", "0.2"],
-        variants={"concat": [], "product": ["--context_answer", "product"],
-                  **{f"product_tilt{t}": ["--context_answer", "product", "--virtual_tilt", t] for t in ("0.5", "1")},
-                  "factors4": ["--context_factors", "4"]},
-        baseline="concat", seeds=[0, 1],
-        title="Does FedAvg use the group? --context_answer and virtual groups on OpinionQA, leakage-free "
-              "(300 rounds, 2 seeds)",
-        report="docs/results/group_use_opinionqa.md",
-        setup=_setup("group_use")),
-    # Issue 26: the fold-in head where the non-learned fold-in finds the group (seen questions,
-    # docs/results/group_specificity.md section 2): the paper's question split, concat vs factors.
-    "group_factors": Preset(
-        base=OPINIONQA,
-        variants={"concat": [], "factors4": ["--context_factors", "4"]},
-        baseline="concat", seeds=[0, 1],
-        title="Does the in-context fold-in head make FedAvg use the group? OpinionQA, the paper's split "
-              "(300 rounds, 2 seeds)",
-        report="docs/results/group_factors_opinionqa.md",
-        setup=_setup("group_factors")),
-}
+def _preset(name: str, p: dict) -> Preset:
+    return Preset([*presets("sweep")["common"], *p.get("flags", [])], p["variants"], p["baseline"], p["title"],
+                  p["report"], p.get("seeds", [0, 1, 2]), template(f"sweep_{name}_setup.md").splitlines())
+
+
+PRESETS = {name: _preset(name, p) for name, p in presets("sweep")["presets"].items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,17 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 class Planner:
     """The sweep's runs against their folders and records; data loaded once per data setting."""
 
-    def __init__(self, log=print):
-        self.log, self._data = log, {}
+    def __init__(self):
+        self._data = {}
 
     def parsed(self, run: Planned) -> argparse.Namespace:
         return build_fedavg_parser("fedavg").parse_args([*run.argv, "--out_dir", str(run.folder)])
 
     def data(self, args: argparse.Namespace):
-        key = json.dumps({k: getattr(args, k, None) for k in (*DATA_FLAGS, "seed")}, sort_keys=True, default=str)
-        if key not in self._data:
-            self._data[key] = prepare_experiment(run_config(args).data, log=self.log)
-        return self._data[key]
+        data = run_config(args).data  # all that prepare_experiment's result depends on
+        if data not in self._data:
+            self._data[data] = prepare_experiment(data)
+        return self._data[data]
 
     def state(self, run: Planned) -> RecordState:
         if run.record is None or not (run.record / "config.json").is_file():
@@ -175,22 +94,11 @@ class Planner:
         requested = resolved_config(run_cfg, self.data(args), resolve_device(run_cfg.federation.device))
         return record_state(run.record, requested)
 
-    def plan(self, runs: list[Planned]) -> None:
-        for r in runs:
-            r.action = plan_action(r.folder, lambda: self.state(r), self.log)
-
     def replay(self, run: Planned):
         args = self.parsed(run)
         return "fedavg", args, self.data(args)
 
 
-def _data_flags() -> tuple[str, ...]:
-    """The flags of main_fl.py's data groups: what prepare_experiment's result depends on (with --seed)."""
-    groups = build_fedavg_parser("fedavg")._action_groups
-    return tuple(a.dest for g in groups if (g.title or "").startswith(("data", "synthetic")) for a in g._group_actions)
-
-
-DATA_FLAGS = _data_flags()
 
 
 def _argv(p: Planned) -> list[str]:
@@ -236,7 +144,8 @@ def _sweep(args, argv: list[str]) -> int | None:
             records.check_commit_target(args.records_dir)
         with RunLock(out_root, "sweep folder", "--out_root"):
             t0 = time.perf_counter()
-            planner.plan(runs)
+            for r in runs:
+                r.action = plan_action(r.folder, lambda: planner.state(r))
             batch = make_batch(args)
             batch.verify(runs, planner.replay)  # before anything trains: a stale record stops here
             batch.run(runs)

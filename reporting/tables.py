@@ -1,5 +1,4 @@
-"""Numbers over seeds (mean, sample std, Student-t 95% CI; n = seeds with a value) and the paper's
-headline comparisons of FedAvg against each centralized baseline."""
+"""Numbers over seeds (mean, sample std, Student-t 95% CI) and the paper's headline comparisons."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +9,8 @@ from dataclasses import dataclass
 from scipy import stats as sps
 
 from .convergence import DEFINITIONS
-from .runs import METHOD_LABELS, Run, RunSet, from_baseline, from_groups, from_summary, in_mb
+from .prose import rows_data, snippets
+from .runs import METHOD_LABELS, Run, RunSet
 
 # The paper's numbers (method.md §7): FedAvg converged at round 634, centralized at 1,180,
 # ~4% higher mean evaluation alignment, FI ≈ 1 for both. Its protocol: 1,300 rounds, 8 train
@@ -22,6 +22,7 @@ PAPER["rounds_fewer_pct"] = 100.0 * (1 - PAPER["fedavg_round"] / PAPER["centrali
 PAPER["fedavg_steps"] = PAPER["fedavg_round"] * PAPER["train_groups"] * PAPER["epochs"]
 PAPER["centralized_steps"] = PAPER["centralized_round"] * PAPER["train_groups"]
 PAPER["steps_fewer_pct"] = 100.0 * (1 - PAPER["fedavg_steps"] / PAPER["centralized_steps"])
+PAPER["fi_diff"] = 0.0  # FI ≈ 1 for both
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,6 @@ class Stat:
     ci_high: float | None
     values: tuple[float, ...] = ()
     dropped: int = 0            # seeds without a value
-
-    @property
-    def half_width(self) -> float | None:
-        return None if self.ci_high is None else self.ci_high - self.mean
 
 
 def describe(values, confidence: float = 0.95) -> Stat:
@@ -75,56 +72,20 @@ def vs_consensus(run) -> float | None:
     return None if final is None or cons is None else final - cons
 
 
-# The evaluation diagnostics (training/diagnostics.py); empty cells for runs that predate them.
-EVALUATION_ROWS = (
-    ("baseline_consensus", "Consensus lookup, eval alignment (no model)", from_baseline("consensus"), "{:.4f}"),
-    ("baseline_uniform", "Uniform predictor, eval alignment (no model)", from_baseline("uniform"), "{:.4f}"),
-    ("final_vs_consensus", "Final eval alignment − consensus lookup", vs_consensus, "{:+.4f}"),
-    ("final_eval_alignment_seen", "Eval alignment, seen questions (final)", from_summary("final_eval_alignment_seen"),
-     "{:.4f}"),
-    ("final_eval_alignment_unseen", "Eval alignment, unseen questions (final)", from_summary("final_eval_alignment_unseen"),
-     "{:.4f}"),
-    ("final_train_alignment_unseen", "Held-out alignment, train groups, unseen questions (final)",
-     from_summary("final_train_alignment_unseen"), "{:.4f}"),
-    ("final_eval_group_specificity", "Group specificity: own − another group's context (final)",
-     from_summary("final_eval_group_specificity"), "{:+.5f}"),
-)
+def row_table(name: str) -> tuple:
+    """The rows of a report's table (rows.json) as (key, label, the value of a run, format)."""
+    def reader(key: str, source: str):
+        kind, _, of = source.partition(":")
+        if kind == "mb":
+            return lambda run: None if (v := run.value(of)) is None else v / 1e6
+        return {"summary": lambda run: run.value(key), "logged": lambda run: run.last_logged(key),
+                "groups": lambda run: run.final_group(*key.split("_", 2)[1:]),
+                "baseline": lambda run: run.baseline(key.removeprefix("baseline_")),
+                "vs_consensus": vs_consensus, "wall_time_to_convergence": wall_time_to_convergence}[kind]
+    return tuple((key, label, reader(key, source), spec) for key, label, source, spec in rows_data()[name])
 
-# Communication (federated/comm.py), in MB. A centralized run moves no weights; its one-off
-# cost is pooling the training groups' local data, shown on every method's row for comparison.
-COMM_ROWS = (
-    ("convergence_comm_mb", "Communication to convergence (MB, down + up)", in_mb("convergence_comm_bytes"), "{:.1f}"),
-    ("total_comm_mb", "Communication, whole run (MB, down + up)", in_mb("total_comm_bytes"), "{:.1f}"),
-    ("comm_mb_per_round", "Communication per round (MB)", in_mb("comm_bytes_per_round"), "{:.2f}"),
-    ("pooling_mb", "Pooling the training data once instead (MB, float32)", in_mb("pooling_bytes"), "{:.2f}"),
-)
 
-ROWS = (
-    ("convergence_round", "Convergence round", from_summary("convergence_round"), "{:.1f}"),
-    ("final_eval_alignment_score", "Final mean eval alignment", from_summary("final_eval_alignment_score"), "{:.4f}"),
-    ("best_eval_alignment_score", "Best mean eval alignment", from_summary("best_eval_alignment_score"), "{:.4f}"),
-    ("final_eval_worst_alignment", "Worst-group eval alignment (final)", from_groups("eval", "worst_alignment"), "{:.4f}"),
-    ("final_eval_bottom_quarter_alignment", "Bottom-quarter eval alignment (final)",
-     from_groups("eval", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_eval_alignment_gap", "Best − worst eval group (final)", from_groups("eval", "alignment_gap"), "{:.4f}"),
-    ("final_eval_fi", "FI, eval groups (final)", from_summary("final_eval_fi"), "{:.5f}"),
-    ("final_eval_cov", "CoV, eval groups (final)", from_summary("final_eval_cov"), "{:.4f}"),
-    ("final_train_alignment_score", "Held-out alignment, train groups (final)", from_summary("final_train_alignment_score"),
-     "{:.4f}"),
-    ("final_train_worst_alignment", "Worst-group train alignment (final)", from_groups("train", "worst_alignment"), "{:.4f}"),
-    ("final_train_bottom_quarter_alignment", "Bottom-quarter train alignment (final)",
-     from_groups("train", "bottom_quarter_alignment"), "{:.4f}"),
-    ("final_train_alignment_gap", "Best − worst train group (final)", from_groups("train", "alignment_gap"), "{:.4f}"),
-    ("final_train_fi", "FI, train groups (final)", from_summary("final_train_fi"), "{:.5f}"),
-    ("final_train_cov", "CoV, train groups (final)", from_summary("final_train_cov"), "{:.4f}"),
-    ("wall_time_s", "Wall time, whole run (s)", from_summary("wall_time_s"), "{:.1f}"),
-    ("wall_time_to_convergence_s", "Wall time to convergence (s)", wall_time_to_convergence, "{:.1f}"),
-    ("convergence_grad_steps", "Gradient steps to convergence", from_summary("convergence_grad_steps"), "{:.0f}"),
-    ("convergence_points", "Points processed to convergence", from_summary("convergence_points"), "{:.0f}"),
-    ("total_grad_steps", "Gradient steps, whole run", from_summary("total_grad_steps"), "{:.0f}"),
-    *COMM_ROWS,
-    *EVALUATION_ROWS,
-)
+ROWS = row_table("reproduce")
 # The convergence round under each definition (reporting/convergence.py): its own table.
 CONVERGENCE_ROWS = tuple((d.key, f"Convergence round, {d.label}", d.round_of, "{:.1f}") for d in DEFINITIONS)
 ALL_ROWS = ROWS + CONVERGENCE_ROWS
@@ -166,6 +127,9 @@ def diff(fed: float | None, cen: float | None) -> float | None:
     return None if fed is None or cen is None else fed - cen
 
 
+FORMULAS = {"pct_fewer": pct_fewer, "pct_gain": pct_gain, "diff": diff}  # rows.json's headlines name them
+
+
 # The pairs compared, FedAvg first: the paper's baseline, then the compute-matched one.
 PAIRS = (("fedavg", "centralized"), ("fedavg", "centralized_matched"))
 PAIR_TEXT = {"centralized": "centralized", "centralized_matched": "compute-matched centralized"}
@@ -189,20 +153,6 @@ class Headline:
         return f"{self.a}_vs_{self.b}"
 
 
-# (key, label with {b}, metric, formula, unit)
-HEADLINES = (
-    ("rounds_fewer_pct", "FedAvg needs fewer rounds to converge than {b}", "convergence_round", pct_fewer, "%"),
-    ("steps_fewer_pct", "FedAvg needs fewer gradient steps to converge than {b}", "convergence_grad_steps",
-     pct_fewer, "%"),
-    ("alignment_gain_pct", "Final mean eval alignment, FedAvg vs {b}", "final_eval_alignment_score", pct_gain, "%"),
-    ("best_alignment_gain_pct", "Best mean eval alignment, FedAvg vs {b}", "best_eval_alignment_score",
-     pct_gain, "%"),
-    ("fi_diff", "FI (eval groups, final), FedAvg − {b}", "final_eval_fi", diff, ""),
-    ("worst_alignment_diff", "Worst-group eval alignment (final), FedAvg − {b}", "final_eval_worst_alignment",
-     diff, ""),
-)
-
-
 def significance(paired: Stat) -> str | None:
     """'excludes' / 'includes' 0 for the paired 95% CI; 'degenerate' when every seed gave the same
     value (a zero-width CI tests nothing); None with fewer than 2 paired seeds."""
@@ -224,64 +174,35 @@ def _size(measured: float, paper: float, tolerance: float) -> str:
     return "smaller" if measured < paper else "larger"
 
 
+# The headlines compared with the paper: (below this |difference| there is none, the paper's within this is similar)
+_TOLERANCE = {"rounds_fewer_pct": (0.05, 10), "alignment_gain_pct": (0.005, 1.5),
+              "best_alignment_gain_pct": (0.005, 1.5)}
+
+
 def _verdict(key: str, measured: float | None, paired: Stat, fi: dict[str, float | None],
              b: str = "centralized") -> str:
     if measured is None:
         return "not measured (a method has no value)"
-    sig = {"excludes": " (paired 95% CI excludes 0)",
-           "includes": " (paired 95% CI includes 0: not significant over these seeds)",
-           "degenerate": f" ({no_variance(paired.n)}: no CI)"}.get(significance(paired), "")
-    matched = b == "centralized_matched"
-    if key == "rounds_fewer_pct":
-        p = PAPER["rounds_fewer_pct"]
-        if abs(measured) < 0.05:
-            return f"disagrees: no difference in rounds (paper: {p:.0f}% fewer){sig}"
-        if measured > 0:
-            return (f"agrees in direction (FedAvg converges in fewer rounds); {_size(measured, p, 10)} "
-                    f"than the paper's {p:.0f}%{sig}")
-        return f"disagrees: FedAvg needs {-measured:.1f}% more rounds (paper: {p:.0f}% fewer){sig}"
-    if key == "steps_fewer_pct":
-        where = "fewer" if measured > 0 else "more"
-        if matched:  # equal steps per round: the paper's claim of faster convergence, compute held equal
-            agree = measured > 0
-            return (f"{'agrees' if agree else 'disagrees'} with faster convergence at equal compute: "
-                    f"measured {abs(measured):.1f}% {where} steps{sig}")
-        p = PAPER["steps_fewer_pct"]
-        agree = (measured > 0) == (p > 0)
-        return (f"{'agrees' if agree else 'disagrees'} with the paper's implied {abs(p):.0f}% "
-                f"{'fewer' if p > 0 else 'more'} steps: measured {abs(measured):.1f}% {where}{sig}")
-    if key in ("alignment_gain_pct", "best_alignment_gain_pct"):
-        p = PAPER["alignment_gain_pct"]
-        if abs(measured) < 0.005:
-            return f"disagrees: no difference in alignment (paper: ~+{p:.0f}%){sig}"
-        if measured > 0:
-            return (f"agrees in direction (FedAvg aligns better); {_size(measured, p, 1.5)} "
-                    f"than the paper's ~+{p:.0f}%{sig}")
-        return f"disagrees: FedAvg aligns {abs(measured):.2f}% worse (paper: ~+{p:.0f}%){sig}"
+    t, up = snippets("verdicts.md"), "up" if measured > 0 else "down"
     if key == "fi_diff":
         f, c = fi.get("fedavg"), fi.get(b)
-        both = f is not None and c is not None and f >= 0.99 and c >= 0.99
-        if both and abs(measured) < 0.01:
-            return f"agrees: FI ≈ 1 for both ({f:.4f} vs {c:.4f}), difference {measured:+.5f}"
-        return f"disagrees: FI {fmt(f)} vs {fmt(c)} (paper: ≈ 1 for both)"
-    if key == "worst_alignment_diff":
-        word = "higher" if measured > 0 else "lower"
-        return f"no claim in the paper; FedAvg's worst evaluation group scores {abs(measured):.4f} {word}{sig}"
-    return ""
-
-
-_NOTES = {
-    "rounds_fewer_pct": "634 vs 1,180 rounds",
-    "steps_fewer_pct": (f"implied by its rounds, not reported: {PAPER['fedavg_steps']:,} vs "
-                        f"{PAPER['centralized_steps']:,} steps ({PAPER['train_groups']} clients × {PAPER['epochs']} "
-                        f"steps vs {PAPER['train_groups']} per epoch)"),
-    "alignment_gain_pct": "about +4%", "best_alignment_gain_pct": "about +4% (mean eval alignment)",
-    "fi_diff": "FI ≈ 1 for both (FedAvg +0.04% before convergence)",
-    "worst_alignment_diff": "not reported",
-}
-_PAPER_VALUE = {"rounds_fewer_pct": PAPER["rounds_fewer_pct"], "steps_fewer_pct": PAPER["steps_fewer_pct"],
-                "alignment_gain_pct": PAPER["alignment_gain_pct"],
-                "best_alignment_gain_pct": PAPER["alignment_gain_pct"], "fi_diff": 0.0, "worst_alignment_diff": None}
+        if f is not None and c is not None and f >= 0.99 and c >= 0.99 and abs(measured) < 0.01:
+            return t["fi_agrees"].format(f=f, c=c, m=measured)
+        return t["fi_disagrees"].format(f=fmt(f), c=fmt(c))
+    if key == "steps_fewer_pct":  # compute-matched: the paper's claim of faster convergence at equal compute
+        case = f"steps_matched_{up}" if b == "centralized_matched" else f"steps_{up}"
+    elif key == "worst_alignment_diff":
+        case = "worst"
+    elif key in _TOLERANCE:
+        case = ("rounds" if key == "rounds_fewer_pct" else "alignment") + (
+            "_none" if abs(measured) < _TOLERANCE[key][0] else f"_{up}")
+    else:
+        return ""
+    paper = PAPER["rounds_fewer_pct" if key == "rounds_fewer_pct" else "alignment_gain_pct"]
+    size = _size(measured, paper, _TOLERANCE[key][1]) if key in _TOLERANCE else ""
+    return t[case].format(a=abs(measured), size=size, paper=PAPER, implied=abs(PAPER["steps_fewer_pct"]),
+                          word="higher" if measured > 0 else "lower",
+                          sig=t.get(f"sig_{significance(paired)}", "").format(n=paired.n))
 
 
 def compare(vals: dict, st: dict, metric: str, fn, a: str, b: str, seeds: list[int]) -> tuple[float | None, Stat]:
@@ -300,10 +221,10 @@ def headlines(runset: RunSet) -> list[Headline]:
         if a not in runset.methods or b not in runset.methods:
             continue
         seeds = runset.paired_seeds(a, b)
-        for key, label, metric, fn, unit in HEADLINES:
-            measured, paired = compare(vals, st, metric, fn, a, b, seeds)
-            paper = _PAPER_VALUE[key] if b == "centralized" else None
-            note = _NOTES[key] if b == "centralized" else "no compute-matched baseline in the paper"
+        for key, label, metric, formula, unit, paper, note in rows_data()["headlines"]:
+            measured, paired = compare(vals, st, metric, FORMULAS[formula], a, b, seeds)
+            paper, note = (PAPER.get(paper), note.format(paper=PAPER)) if b == "centralized" else (
+                None, "no compute-matched baseline in the paper")
             out.append(Headline(key, label.format(b=PAIR_TEXT[b]), measured, paired, paper, note, unit,
                                 _verdict(key, measured, paired, fi, b), a, b))
     return out
@@ -327,7 +248,6 @@ def stat_cell(s: Stat, spec: str) -> str:
 
 
 def md_table(head: list[str], rows) -> list[str]:
-    """A Markdown table's lines: the header, its rule, one line per row of cells."""
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
@@ -343,22 +263,15 @@ def markdown_table(runset: RunSet, rows=ROWS, st: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _spec(key: str) -> str:
-    return "{:+.5f}" if key == "fi_diff" else "{:+.4f}" if key == "worst_alignment_diff" else "{:+.1f}"
-
-
 def markdown_headlines(items: list[Headline]) -> str:
-    def row(h: Headline, spec: str) -> list[str]:
+    def row(h: Headline) -> list[str]:
+        spec = {"fi_diff": "{:+.5f}", "worst_alignment_diff": "{:+.4f}"}.get(h.key, "{:+.1f}")
         meas = "–" if h.measured is None else f"{spec.format(h.measured)}{h.unit}"
         paper = h.paper_note if h.paper is None else f"{spec.format(h.paper)}{h.unit} ({h.paper_note})"
         return [h.label, meas, stat_cell(h.paired, spec), paper, h.verdict]
     lines = md_table(["Comparison", "Measured here (from seed means)", "Per seed, paired (mean ± std [95% CI])",
-                      "Paper", "Verdict"], (row(h, _spec(h.key)) for h in items))
-    lines.append("")
-    lines.append("'Fewer' is 100·(1 − FedAvg/other); alignment gain is 100·(FedAvg − other)/other. "
-                 "Paired: the comparison computed per seed (the methods share the seed, hence the initial "
-                 "weights), then summarised over seeds; its 95% CI is Student t over the per-seed differences.")
-    return "\n".join(lines) + "\n"
+                      "Paper", "Verdict"], map(row, items))
+    return "\n".join([*lines, "", snippets("verdicts.md")["headlines_note"]]) + "\n"
 
 
 def csv_table(runset: RunSet, items: list[Headline]) -> str:

@@ -1,9 +1,4 @@
-"""Which of the paper's claims hold, against which baseline, under which convergence definition.
-
-holds: the claim's direction with a paired 95% CI that excludes 0; same direction, not significant:
-the CI includes 0; does not hold: no difference or the opposite direction; reversed: the opposite
-direction, CI excludes 0. FI ≈ 1 holds when both mean FIs are ≥ 0.99 and differ by < 0.01.
-"""
+"""Which of the paper's claims hold (statuses: templates/reproduce_sections.md), under which definition."""
 from __future__ import annotations
 
 from .convergence import DEFINITIONS
@@ -14,7 +9,7 @@ from .tables import (
     PAIRS,
     Headline,
     Stat,
-    describe,
+    compare,
     md_table,
     method_stats,
     no_variance,
@@ -47,18 +42,11 @@ def status(key: str, measured: float | None, paired: Stat, fi: tuple[float | Non
     return "reversed" if sig == "excludes" and measured < 0 else "does not hold"
 
 
-def claim_statuses(items: list[Headline], fi_means: dict[str, float | None]) -> dict[str, dict[str, str]]:
-    """{claim key: {other method: status}} for each pair present."""
-    out: dict[str, dict[str, str]] = {}
-    for h in items:
-        if any(h.key == k for k, _ in CLAIMS):
-            out.setdefault(h.key, {})[h.b] = status(h.key, h.measured, h.paired, (fi_means.get(h.a), fi_means.get(h.b)))
-    return out
-
-
 def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> list[str]:
     """A Markdown table of the claims' status per baseline, and what the matched baseline changes."""
-    st = claim_statuses(items, fi_means)
+    st: dict[str, dict[str, str]] = {}  # {claim key: {other method: status}} for each pair present
+    for h in (h for h in items if h.key in dict(CLAIMS)):
+        st.setdefault(h.key, {})[h.b] = status(h.key, h.measured, h.paired, (fi_means.get(h.a), fi_means.get(h.b)))
     others = [b for _, b in PAIRS if any(b in v for v in st.values())]
     if not others:
         return ["No claim could be checked: FedAvg and a centralized baseline must both have finished runs."]
@@ -69,23 +57,18 @@ def claims_lines(items: list[Headline], fi_means: dict[str, float | None]) -> li
 
 def matched_change(st: dict[str, dict[str, str]]) -> str:
     """One sentence: which claims change status when the baseline takes FedAvg's gradient steps."""
-    pairs = [(text, v["centralized"], v["centralized_matched"]) for key, text in CLAIMS
+    t = snippets("verdicts.md")
+    pairs = [(claim, v["centralized"], v["centralized_matched"]) for key, claim in CLAIMS
              if (v := st.get(key, {})) and "centralized" in v and "centralized_matched" in v]
     if not pairs:
-        return ("The compute-matched baseline was not run (or not with the paper's baseline), so its effect is not "
-                "measured.")
-    unmeasured = [t for t, a, b in pairs if "not measured" in (a, b)]
-    pairs = [(t, a, b) for t, a, b in pairs if t not in unmeasured]
-    if not pairs:
-        return "The compute-matched comparison could not be measured (a method has no value)."
-    changed = [(t, a, b) for t, a, b in pairs if a != b]
-    if not changed:
-        return ("**What the compute-matched baseline changes:** no claim's status: each stands the same against the "
-                "baseline that takes as many gradient steps per epoch as FedAvg per round.")
-    parts = "; ".join(f"“{t.split(' (paper')[0]}”: {a} → {b}" for t, a, b in changed)
-    verb = "changes" if len(changed) == 1 else "change"
-    return (f"**What the compute-matched baseline changes:** {len(changed)} of {len(pairs)} claims {verb} status "
-            f"when the baseline takes as many gradient steps per epoch as FedAvg per round ({parts}).")
+        return t["matched_not_run"]
+    pairs = [(c, a, b) for c, a, b in pairs if "not measured" not in (a, b)]
+    changed = [(c, a, b) for c, a, b in pairs if a != b]
+    if not pairs or not changed:
+        return t["matched_unmeasured" if not pairs else "matched_same"]
+    parts = "; ".join(f"“{c.split(' (paper')[0]}”: {a} → {b}" for c, a, b in changed)
+    return t["matched_changed"].format(n=len(changed), of=len(pairs), parts=parts,
+                                       verb="changes" if len(changed) == 1 else "change")
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,9 +84,7 @@ def definition_rows(runset: RunSet) -> list[dict]:
         row = {"definition": d, "methods": {m: st[d.key][m] for m in runset.methods}, "pairs": {}}
         for a, b in PAIRS:
             if a in runset.methods and b in runset.methods:
-                measured = pct_fewer(st[d.key][a].mean, st[d.key][b].mean)
-                seeds = runset.paired_seeds(a, b)
-                paired = describe([pct_fewer(vals[d.key][a][s], vals[d.key][b][s]) for s in seeds])
+                measured, paired = compare(vals, st, d.key, pct_fewer, a, b, runset.paired_seeds(a, b))
                 row["pairs"][b] = (measured, paired, status("rounds_fewer_pct", measured, paired))
         rows.append(row)
     return rows

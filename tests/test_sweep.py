@@ -78,7 +78,7 @@ def test_snr_is_signal_over_noise_per_logged_round():
         {"round": 2, "dp_signal_norm": 0.05, "dp_noise_norm": 0.0},   # clip only: no ratio
         {"round": 3, "train_loss": 1.0},                              # a run before the norms were logged
         {"round": 4, "dp_signal_norm": 0.08, "dp_noise_norm": 0.25}])
-    assert _snr(run) == ([1, 4], [0.2, 0.32])
+    assert _snr(run) == [(1, 0.2), (4, 0.32)]
 
 
 def test_a_variant_that_diverges_is_reported_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
