@@ -8,6 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
 from data_loaders.schema import DataError
 from utils.atomic_write import atomic_write_bytes, atomic_write_json, to_strict_json
 from utils.checkpoint import verified_bytes
@@ -62,7 +65,8 @@ def check_out_folder(out: Path, card: dict, overwrite: bool) -> None:
 
 
 def save_pretrained(predictor, out_dir: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save as safetensors_save
+    """GroupPredictor.save_pretrained: the folder; one holding a run, or a different export (unless `overwrite`),
+    is refused."""
     out = Path(out_dir)
     card = dict(predictor.info.get("export") or {})
     if not card:
@@ -98,7 +102,7 @@ def _locate(path: str | Path) -> Path:
 
 
 def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, device="cpu", log=print):
-    from safetensors.torch import load as safetensors_load
+    """GroupPredictor.from_pretrained: a folder written by save_pretrained or inference.export, or a hub repo id."""
     folder = _locate(path)
     try:
         card = read_json(folder / "config.json", "predictor config", REEXPORT)
@@ -113,8 +117,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     emb = embedding_of(card, cfg.dim_x, f"{folder}/config.json")
     embedder = text_embedder(emb, card.get("embedding_options") or {}, cfg.dim_x, emb_model, str(folder), cache_dir,
                              log)
-    (log or quiet)(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} "
-                              f"({cfg.dim_x} dims)")
+    (log or quiet)(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} ({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}
     return cls(model, card.get("metric", DEFAULT_METRIC), embedder, info)
