@@ -107,8 +107,8 @@ def group_job(pred: GroupPredictor, args, log) -> Job:
     ctx_x, ctx_y = [x for _, x, _ in ctx], [y for _, _, y in ctx]
     if args.questions:
         qs = read_questions_file(args.questions)
-        answered: dict = {}
-        for q, _, y in _items(bank, tgt) + _items(bank, client.local):  # first answer wins, the target group's before the local
+        answered: dict = {}  # a question's first answer wins, the target group's before the local
+        for q, _, y in _items(bank, tgt) + _items(bank, client.local):
             answered.setdefault(q.key, y.double().numpy())
         return Job(who, ctx_x, ctx_y, qs, pred.embedder.embed(qs), [answered.get(q.key) for q in qs])
     targets = _items(bank, tgt, tgt_q)
@@ -141,7 +141,7 @@ def run(args, log) -> dict:
     known = [i for i, t in enumerate(job.truth) if t is not None]
     dist = pred.score([preds[i] for i in known], [job.truth[i] for i in known], [job.questions[i] for i in known])
     rows = [({} if q.id is None else {"id": q.id}) | {"question": q.text, "options": list(q.options),
-                                                         "prediction": p.tolist()} for q, p in zip(job.questions, preds)]
+                                                     "prediction": p.tolist()} for q, p in zip(job.questions, preds)]
     mark_training_questions(pred, job.questions, rows, log)
     for i, d in zip(known, dist.tolist()):
         rows[i].update(truth=job.truth[i].tolist(), distance=d)

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,8 @@ def _first_nonfinite(obj: Any, where: str) -> str | None:
     """Where the first NaN/inf sits in a nested structure, e.g. ``summary['eval_cov']``."""
     if isinstance(obj, float):
         return None if math.isfinite(obj) else where
-    if isinstance(obj, dict):
-        items: Iterable = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return None
-    for k, v in items:
-        found = _first_nonfinite(v, f"{where}[{k!r}]")
-        if found:
-            return found
-    return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return next((found for k, v in items if (found := _first_nonfinite(v, f"{where}[{k!r}]"))), None)
 
 
 def to_strict_json(obj: Any, *, what: str = "value", indent: int | None = None) -> str:
@@ -94,6 +84,14 @@ def remove_stale_temps(directory: str | Path) -> int:
             path.unlink(missing_ok=True)
             freed += size
     return freed
+
+
+def make_folder(path: Path, what: str = "run folder") -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"cannot create {what} {path}: {e.strerror}", err=e.errno) from e
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

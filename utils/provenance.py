@@ -52,8 +52,7 @@ def environment_info() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "argv": list(sys.argv),
     }
-    for dist in ("torch", "numpy", "transformers", "flwr", "safetensors", "wandb"):
-        info[dist] = _dist_version(dist)
+    info |= {dist: _dist_version(dist) for dist in ("torch", "numpy", "transformers", "flwr", "safetensors", "wandb")}
     info["cuda"] = info["cuda_device"] = info["torch_threads"] = None
     try:
         import torch
