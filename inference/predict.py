@@ -61,8 +61,8 @@ class Job:
 def context_job(pred: GroupPredictor, args) -> Job:
     if not args.questions:
         raise DataError("--context needs --questions (the questions to predict)", "add --questions new.jsonl")
-    ctx_x, ctx_y = pred.embed_context(read_context_file(args.context))
-    qs = read_questions_file(args.questions)
+    ctx, qs = read_context_file(args.context), read_questions_file(args.questions)
+    ctx_x, ctx_y = pred.embed_context(ctx)
     return Job(f"the group in {args.context}", ctx_x, ctx_y, qs, pred.embedder.embed(qs), [None] * len(qs))
 
 
@@ -71,9 +71,8 @@ def group_split(pred: GroupPredictor, name: str):
     the run's evaluation chose them at the checkpoint's round."""
     data = pred.run_data
     if pred.info.get("source") == "pretrained":
-        raise DataError(f"--group needs a run folder; {pred.info.get('path')} is an exported predictor "
-                        "without its data",
-                        "pass the run folder it was exported from, or give the context with --context")
+        raise DataError(f"--group needs a run folder; {pred.info.get('path')} is an exported predictor without its "
+                        "data", "pass the run folder it was exported from, or give the context with --context")
     if data is None:
         raise DataError("--group needs the run's dataset, which was not found",
                         "pass it with --data_path (see the run's config.json for what it was trained on)")
@@ -165,11 +164,9 @@ def mark_training_questions(pred: GroupPredictor, questions: list[Question], row
     texts = None if pred.run_data is None else pred.run_data.training_texts(pred.info["config"])
     for q, row in zip(questions, rows):
         row["in_training"] = None if texts is None else q.text in texts
-    if texts is None:
-        log("in_training: unknown (the run's data is not loaded), written as null")
-    else:
-        log(f"{sum(1 for r in rows if r['in_training'])} of {len(rows)} question(s) were training questions of "
-            "some training group (in_training)")
+    log("in_training: unknown (the run's data is not loaded), written as null" if texts is None else
+        f"{sum(1 for r in rows if r['in_training'])} of {len(rows)} question(s) were training questions of some "
+        "training group (in_training)")
 
 
 def _write(out: str, rows: list[dict]) -> None:

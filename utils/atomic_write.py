@@ -61,9 +61,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 def _fsync_dir(directory: Path) -> None:
     """Persist a rename: on POSIX the directory entry itself must be flushed."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; the data is synced
+    with contextlib.suppress(OSError):  # some filesystems (and Windows) refuse it on a folder; the data is synced
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -104,8 +102,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         state = "does not exist" if e.errno == errno.ENOENT else "is not writable"
-        raise OutputDirError(f"cannot write {path.name}: folder {directory} {state} ({e.strerror})",
-                             err=e.errno) from e
+        raise OutputDirError(f"cannot write {path.name}: folder {directory} {state} ({e.strerror})", err=e.errno) from e
     try:
         try:
             write_all(fd, data)

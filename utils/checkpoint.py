@@ -40,8 +40,7 @@ def round_tag(round_num: int) -> str:
 
 def _check_tag(tag: str) -> None:
     if not _TAG_RE.match(tag):
-        raise ValueError(f"checkpoint tag {tag!r} must be letters, digits, '_', '.', '-' "
-                         "(it becomes a file name)")
+        raise ValueError(f"checkpoint tag {tag!r} must be letters, digits, '_', '.', '-' (it becomes a file name)")
 
 
 def _loadable(obj: Any, where: str) -> Any:
@@ -107,8 +106,7 @@ def _read_record(json_path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint index {json_path} is unreadable or malformed ({e!r})",
-                              _RESUME_HINT) from e
+        raise CheckpointError(f"checkpoint index {json_path} is unreadable or malformed ({e!r})", _RESUME_HINT) from e
     return record
 
 

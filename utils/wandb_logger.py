@@ -104,7 +104,7 @@ class WandbLogger:
         self._failed_log = False
         if self.mode == "off":
             return
-        if self.mode == "online" and mode == "online" and not has_wandb_credentials():
+        if mode == "online" and not has_wandb_credentials():
             raise RuntimeError("wandb mode 'online' was requested but no W&B credentials were found\n  hint: run "
                                "`wandb login` (or set WANDB_API_KEY), or choose wandb mode 'offline' or 'off'")
         # wandb's own banners would interleave with the progress bar; we print our own lines.
