@@ -1,11 +1,8 @@
-"""GroupPredictor: a trained GPO that predicts how a group answers, from a few of its answers.
+"""GroupPredictor: a trained GPO that predicts how a group answers, from a few of its answers (docs/inference.md).
 
-    p = GroupPredictor.from_run("runs/opinionqa_fedavg_50")
-    dists = p.predict(context=[(question, options, distribution), ...], questions=[(question, options), ...])
-
-Prediction is the run's own evaluation: context and targets form one group scored in one forward
-pass (targets attend only to the context), so a run's evaluation group, given its evaluation
-context, gets exactly the per-question distances the run logged.
+Prediction is the run's own evaluation: context and targets form one group scored in one forward pass (targets
+attend only to the context), so a run's evaluation group, given its evaluation context, gets exactly the
+per-question distances the run logged.
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """A group reward for RL fine-tuning, callable as TRL's `reward_funcs` take it (docs/inference.md).
 
-    reward = GroupReward(GroupPredictor.from_run(run), context=group_answers)
-    trainer = GRPOTrainer(model=..., reward_funcs=[reward], train_dataset=ds, ...)
-
 Mode "distribution" (default) scores the share of a prompt's completions choosing each option against the
 group's predicted distribution; credit "leave_one_out" (default) gives each completion that score minus the
 score without it, since GRPO and RLOO learn nothing from equal rewards within a prompt. Mode "option" scores
