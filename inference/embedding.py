@@ -32,15 +32,12 @@ def bank_of(questions: Sequence[Question]) -> QuestionBank:
 
 class TextEmbedder:
     """Vectors for questions' options with the run's embedding model (an --emb_model value, or
-    "synthetic": no texts) and prompt style."""
+    "synthetic": no texts) and prompt style; `options` go to get_embeddings (cache_dir, device, dtype...)."""
 
-    def __init__(self, emb_model: str, style: str, dim: int, *, cache_dir: str | None = None,
-                 device: str = "auto", batch_size: int = 16, dtype: str = "fp32", load_in_8bit: bool = False,
-                 probe: dict | None = None, log: Log | None = print):
-        self.emb_model, self.style, self.dim = emb_model, style, dim
+    def __init__(self, emb_model: str, style: str, dim: int, *, probe: dict | None = None, log: Log | None = print,
+                 **options):
+        self.emb_model, self.style, self.dim, self.options = emb_model, style, dim, options
         self.probe = probe  # the run's vector of one of its texts (config.json data.embedding.probe)
-        self.cache_dir, self.device, self.batch_size = cache_dir, device, batch_size
-        self.dtype, self.load_in_8bit = dtype, load_in_8bit
         self.log = log or quiet
         self.known: dict[str, torch.Tensor] = {}            # option text -> vector
         self.known_ordinals: dict[tuple, tuple[float, ...]] = {}  # (question, options) -> ordinals
@@ -63,10 +60,7 @@ class TextEmbedder:
     def embed(self, questions: Sequence[Question]) -> list[torch.Tensor]:
         """One [k, dim] tensor per question, in order."""
         texts = [self.texts(q) for q in questions]
-        missing: dict[tuple, Question] = {}
-        for q, ts in zip(questions, texts):
-            if any(t not in self.known for t in ts):
-                missing.setdefault(q.key, q)
+        missing = {q.key: q for q, ts in zip(questions, texts) if any(t not in self.known for t in ts)}
         if missing:
             self._check_probe(compute=True)
             self._compute(list(missing.values()))
@@ -74,23 +68,19 @@ class TextEmbedder:
 
     def _compute(self, questions: list[Question]) -> None:
         if self.emb_model == "synthetic":
-            q = questions[0]
-            raise DataError(f"question {q.text[:60]!r} is not in the run's synthetic data, and a run trained on "
-                            "synthetic vectors cannot embed text",
+            raise DataError(f"question {questions[0].text[:60]!r} is not in the run's synthetic data, and a run "
+                            "trained on synthetic vectors cannot embed text",
                             "use the synthetic bank's questions ('synthetic question N'), or a run on real data")
         bank = bank_of(questions)
         digest = hashlib.sha256(json.dumps([bank.questions, bank.options, self.style]).encode()).hexdigest()
         raw = RawDataset("inference", bank, {}, LoadReport("new questions", len(questions)), digest)
         self.log(f"embedding {bank.num_points} option texts of {len(questions)} new question(s)")
-        emb, info = get_embeddings(raw, self.emb_model, cache_dir=self.cache_dir, device=self.device,
-                                   batch_size=self.batch_size, dtype=self.dtype, load_in_8bit=self.load_in_8bit,
-                                   log=self.log)
+        emb, info = get_embeddings(raw, self.emb_model, **self.options, log=self.log)
         if emb.shape[1] != self.dim:
             raise DataError(f"embedding model {info.get('model_id', self.emb_model)} gives {emb.shape[1]}-dim "
                             f"vectors, but the run's model takes {self.dim}",
                             "use the embedding model the run was trained with (its config.json, data.embedding)")
-        for text, row in zip(option_texts(bank, self.style), emb):
-            self.known[text] = row
+        self.known.update(zip(option_texts(bank, self.style), emb))
 
     def _check_probe(self, compute: bool) -> None:
         """Refuse, once, a model that does not embed the run's probe text as the run did (a name cannot

@@ -59,9 +59,8 @@ def _question_fields(text: Any, options: Any, ordinals: Any, where: str, id_: An
     bad = [o for o in options if not isinstance(o, str) or not o.strip()]
     if bad:
         raise DataError(f"{where}: every option must be a non-empty string, got {bad[0]!r}", "fix the options list")
-    _check_text(text, "the question", where)
-    for i, option in enumerate(options):
-        _check_text(option, f"option {i}", where)
+    for what, value in [("the question", text), *((f"option {i}", o) for i, o in enumerate(options))]:
+        _check_text(value, what, where)
     return Question(text, tuple(options), _ordinals(ordinals, len(options), where), id_)
 
 

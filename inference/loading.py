@@ -15,7 +15,6 @@ from models.gpo import GPO, GPOConfig
 from orchestration.config import RunConfig, run_from_json
 from training.evaluation import EvalSplit, eval_split
 from utils.checkpoint import latest_checkpoint, load_checkpoint
-from utils.distances import DEFAULT_METRIC
 from utils.run_folder import CHECKPOINTS, CONFIG, is_finished, read_json
 
 from .embedding import Log, TextEmbedder
@@ -24,8 +23,9 @@ NAMED_EMB_MODELS = ("minilm", "alpaca", "llama")
 REEXPORT = "the folder is damaged; re-export or retrain"  # the hint for a damaged run or exported folder
 
 
-def read_run_config(run_dir: Path, checkpoint: str) -> dict:
-    """config.json of a run that can serve `checkpoint` ('final' needs a finished run)."""
+def read_run(run_dir: Path, checkpoint: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(config.json, weights, checkpoint meta) of a run that can serve `checkpoint` ('final' needs a finished
+    run); errors name the folder and the checkpoints that exist."""
     if not run_dir.is_dir():
         raise DataError(f"run folder {run_dir} does not exist", "pass the folder a training run wrote (--out_dir)")
     try:
@@ -33,25 +33,20 @@ def read_run_config(run_dir: Path, checkpoint: str) -> dict:
     except FileNotFoundError:
         raise DataError(f"{run_dir} holds no run (no config.json)",
                         "pass the folder a training run wrote (--out_dir)") from None
+    folder = run_dir / CHECKPOINTS
     if checkpoint == "final" and not is_finished(run_dir):
-        latest = latest_checkpoint(run_dir / CHECKPOINTS)
+        latest = latest_checkpoint(folder)
         alt = f"or load its latest complete checkpoint with checkpoint={latest!r}" if latest else \
             "it has no complete checkpoint yet"
         raise DataError(f"run {run_dir} is unfinished (no summary.json), so it has no final checkpoint",
                         f"let it finish, or resume it with --resume; {alt}")
-    return config
-
-
-def read_weights(run_dir: Path, checkpoint: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, checkpoint meta), errors naming the folder and the checkpoints that exist."""
-    folder = run_dir / CHECKPOINTS
     try:
         weights, _, meta = load_checkpoint(folder, checkpoint)
     except ValueError as exc:  # a CheckpointError, or a bad tag
         tags = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
         raise DataError(f"run {run_dir}: cannot load checkpoint {checkpoint!r}: {str(exc).splitlines()[0]}",
                         f"complete checkpoints here: {', '.join(tags) or 'none'}") from None
-    return weights, meta
+    return config, weights, meta
 
 
 def gpo_config(config: dict, where: str) -> GPOConfig:
@@ -99,24 +94,19 @@ def embedding_of(config: dict, dim_x: int, where: str) -> dict:
     return emb
 
 
-def check_emb_override(run_model: str, override: str | None, where: str) -> str:
-    """The embedding model to use: the run's, or an override that can be the same model."""
-    if not override or override == run_model:
-        return run_model
-    if run_model == "synthetic" or (override in NAMED_EMB_MODELS and run_model in NAMED_EMB_MODELS):
-        raise DataError(f"embedding model {override!r} does not match the run's {run_model!r} ({where})",
-                        f"drop the override, or pass the run's model ({run_model})")
-    return override  # e.g. a local folder of the run's model: TextEmbedder checks the run's probe vector
-
-
 def text_embedder(emb: dict, options: dict, dim_x: int, override: str | None, where: str, cache_dir: str | None,
                   log: Log) -> TextEmbedder:
-    """The embedder of a run's or export's embedding model `emb` (embedding_of), with its device and precision
-    `options` (emb_device, emb_dtype, emb_load_in_8bit)."""
-    return TextEmbedder(check_emb_override(emb["emb_model"], override, where), emb["prompt_style"], dim_x,
-                        cache_dir=cache_dir, device=options.get("emb_device") or "auto",
-                        dtype=options.get("emb_dtype") or "fp32", load_in_8bit=bool(options.get("emb_load_in_8bit")),
-                        probe=emb.get("probe"), log=log)
+    """The embedder of a run's or export's embedding model `emb` (embedding_of), or of an `override` that can be
+    the same model, with its device and precision `options` (emb_device, emb_dtype, emb_load_in_8bit)."""
+    name = emb["emb_model"]
+    if override and override != name:
+        if name == "synthetic" or (override in NAMED_EMB_MODELS and name in NAMED_EMB_MODELS):
+            raise DataError(f"embedding model {override!r} does not match the run's {name!r} ({where})",
+                            f"drop the override, or pass the run's model ({name})")
+        name = override  # e.g. a local folder of the run's model: TextEmbedder checks the run's probe vector
+    return TextEmbedder(name, emb["prompt_style"], dim_x, probe=emb.get("probe"), log=log, cache_dir=cache_dir,
+                        device=options.get("emb_device") or "auto", dtype=options.get("emb_dtype") or "fp32",
+                        load_in_8bit=bool(options.get("emb_load_in_8bit")))
 
 
 # ---------------------------------------------------------------------------- the run's data
@@ -126,18 +116,15 @@ class RunData:
     raw: RawDataset
     emb: torch.Tensor
     run: RunConfig
-    metric: str
 
     def group(self, name: str) -> GroupData:
         return build_group_data(self.raw, name, self.emb)
 
-    def heldout_qkeys(self):
-        """The run's --question_split held-out keys (None for the paper's split), drawn as the run drew them."""
-        return question_holdout(self.raw.bank.qkeys, self.run.data.question_split, self.run.data.split_seed)
-
     def client(self, name: str, role: str) -> EvalSplit:
-        """The group as the run's evaluation saw it: its split, held-out questions and context draws."""
-        return eval_split(self.group(name), self.run.client, role, self.heldout_qkeys())
+        """The group as the run's evaluation saw it: its split, held-out questions (--question_split, drawn as the
+        run drew them) and context draws."""
+        held = question_holdout(self.raw.bank.qkeys, self.run.data.question_split, self.run.data.split_seed)
+        return eval_split(self.group(name), self.run.client, role, held)
 
     def training_texts(self, config: dict) -> set[str]:
         """Texts of the questions some training group of the run trained on (its local split)."""
@@ -158,4 +145,4 @@ def load_run_data(config: dict, *, data_path: str | None, cache_dir: str | None,
     if want and raw.source_hash != want:
         raise DataError(f"the {run.data.dataset} data at {run.data.data_path} (hash {raw.source_hash[:12]}) is not the "
                         f"data the run was trained on (hash {want[:12]})", "pass the run's data with --data_path")
-    return RunData(raw, emb, run, config.get("metric", DEFAULT_METRIC))
+    return RunData(raw, emb, run)

@@ -61,10 +61,8 @@ class Job:
 def context_job(pred: GroupPredictor, args) -> Job:
     if not args.questions:
         raise DataError("--context needs --questions (the questions to predict)", "add --questions new.jsonl")
-    ctx = read_context_file(args.context)
-    qs = read_questions_file(args.questions)
-    ctx_x = pred.embedder.embed([a.question for a in ctx])
-    ctx_y = [torch.from_numpy(a.distribution).float() for a in ctx]
+    ctx, qs = read_context_file(args.context), read_questions_file(args.questions)
+    ctx_x, ctx_y = pred.embed_context(ctx)
     return Job(f"the group in {args.context}", ctx_x, ctx_y, qs, pred.embedder.embed(qs), [None] * len(qs))
 
 
@@ -73,9 +71,8 @@ def group_split(pred: GroupPredictor, name: str):
     the run's evaluation chose them at the checkpoint's round."""
     data = pred.run_data
     if pred.info.get("source") == "pretrained":
-        raise DataError(f"--group needs a run folder; {pred.info.get('path')} is an exported predictor "
-                        "without its data",
-                        "pass the run folder it was exported from, or give the context with --context")
+        raise DataError(f"--group needs a run folder; {pred.info.get('path')} is an exported predictor without its "
+                        "data", "pass the run folder it was exported from, or give the context with --context")
     if data is None:
         raise DataError("--group needs the run's dataset, which was not found",
                         "pass it with --data_path (see the run's config.json for what it was trained on)")
@@ -98,34 +95,33 @@ def group_evaluation(pred: GroupPredictor, name: str) -> tuple[list[Answer], lis
     """The group's evaluation context as answers, and the questions the run scored for it."""
     client, ctx_q, tgt, tgt_q = group_split(pred, name)
     bank = pred.run_data.raw.bank
-    _, ys, qkeys = _split(client.local, ctx_q)
-    context = [Answer(_bank_question(bank, k), y.double().numpy()) for k, y in zip(qkeys, ys)]
-    return context, [_bank_question(bank, k) for k in _split(tgt, tgt_q)[2]]
+    return ([Answer(q, y.double().numpy()) for q, _, y in _items(bank, client.local, ctx_q)],
+            [q for q, _, _ in _items(bank, tgt, tgt_q)])
 
 
 def group_job(pred: GroupPredictor, args, log) -> Job:
     client, ctx_q, tgt, tgt_q = group_split(pred, args.group)
-    ctx_x, ctx_y, _ = _split(client.local, ctx_q)
     bank, who = pred.run_data.raw.bank, f"group {args.group!r}"
+    ctx = _items(bank, client.local, ctx_q)
+    ctx_x, ctx_y = [x for _, x, _ in ctx], [y for _, _, y in ctx]
     if args.questions:
         qs = read_questions_file(args.questions)
-        answered: dict = {}
-        for group in (tgt, client.local):  # a question's first answer wins, the target group's before the local
-            _, ys, qkeys = _split(group)
-            for qkey, y in zip(qkeys, ys):
-                answered.setdefault(_bank_question(bank, qkey).key, y.double().numpy())
+        answered: dict = {}  # a question's first answer wins, the target group's before the local
+        for q, _, y in _items(bank, tgt) + _items(bank, client.local):
+            answered.setdefault(q.key, y.double().numpy())
         return Job(who, ctx_x, ctx_y, qs, pred.embedder.embed(qs), [answered.get(q.key) for q in qs])
-    tgt_x, tgt_y, qkeys = _split(tgt, tgt_q)
+    targets = _items(bank, tgt, tgt_q)
     log(f"group {args.group!r} ({client.role} group): {len(ctx_q)} context questions, "
-        f"{len(qkeys)} scored questions, as in the run's evaluation")
-    return Job(who, ctx_x, ctx_y, [_bank_question(bank, k) for k in qkeys], tgt_x, [y.double().numpy() for y in tgt_y])
+        f"{len(targets)} scored questions, as in the run's evaluation")
+    return Job(who, ctx_x, ctx_y, [q for q, _, _ in targets], [x for _, x, _ in targets],
+               [y.double().numpy() for _, _, y in targets])
 
 
-def _split(group: GroupData, q_idx: torch.Tensor | None = None) -> tuple[list, list, list[int]]:
-    """(vectors, distributions, qkeys) per question of questions `q_idx` (default all) of a group, in that order."""
+def _items(bank, group: GroupData, q_idx: torch.Tensor | None = None) -> list[tuple]:
+    """(question, option vectors, distribution) of questions `q_idx` (default all) of a group, in that order."""
     sub = group if q_idx is None else group.subset(q_idx)
     sizes = sub.sizes.tolist()
-    return list(sub.x.split(sizes)), list(sub.y.split(sizes)), sub.qkeys.tolist()
+    return list(zip([_bank_question(bank, k) for k in sub.qkeys.tolist()], sub.x.split(sizes), sub.y.split(sizes)))
 
 
 def _bank_question(bank, qkey: int) -> Question:
@@ -136,19 +132,19 @@ def _bank_question(bank, qkey: int) -> Question:
 
 def run(args, log) -> dict:
     pred = GroupPredictor.load(args.run, args.checkpoint, data_path=args.data_path, cache_dir=args.cache_dir,
-                                   emb_model=args.emb_model, device=args.device,
-                                   use_run_data=True if args.group else "auto", log=log)
+                               emb_model=args.emb_model, device=args.device,
+                               use_run_data=True if args.group else "auto", log=log)
     job = group_job(pred, args, log) if args.group else context_job(pred, args)
     preds = pred.predict_embedded(job.ctx_x, job.ctx_y, job.tgt_x, batch_size=args.batch_size,
                                   progress=None if not args.quiet else False)
     known = [i for i, t in enumerate(job.truth) if t is not None]
     dist = pred.score([preds[i] for i in known], [job.truth[i] for i in known], [job.questions[i] for i in known])
-    rows = [_row(q, p) for q, p in zip(job.questions, preds)]
+    rows = [({} if q.id is None else {"id": q.id}) | {"question": q.text, "options": list(q.options),
+                                                     "prediction": p.tolist()} for q, p in zip(job.questions, preds)]
     mark_training_questions(pred, job.questions, rows, log)
     for i, d in zip(known, dist.tolist()):
-        q = job.questions[i]
         rows[i].update(truth=job.truth[i].tolist(), distance=d)
-        ords = needed_ordinals(pred.metric, lambda: list(pred.embedder.ordinals(q)))
+        ords = needed_ordinals(pred.metric, lambda: list(pred.embedder.ordinals(job.questions[i])))
         if ords is not None:  # the ordinals the distance used
             rows[i]["ordinals"] = ords
     _write(args.out, rows)
@@ -168,17 +164,9 @@ def mark_training_questions(pred: GroupPredictor, questions: list[Question], row
     texts = None if pred.run_data is None else pred.run_data.training_texts(pred.info["config"])
     for q, row in zip(questions, rows):
         row["in_training"] = None if texts is None else q.text in texts
-    if texts is None:
-        log("in_training: unknown (the run's data is not loaded), written as null")
-    else:
-        log(f"{sum(1 for r in rows if r['in_training'])} of {len(rows)} question(s) were training questions of "
-            "some training group (in_training)")
-
-
-def _row(q: Question, p: np.ndarray) -> dict:
-    row = {"id": q.id} if q.id is not None else {}
-    row.update(question=q.text, options=list(q.options), prediction=p.tolist())
-    return row
+    log("in_training: unknown (the run's data is not loaded), written as null" if texts is None else
+        f"{sum(1 for r in rows if r['in_training'])} of {len(rows)} question(s) were training questions of some "
+        "training group (in_training)")
 
 
 def _write(out: str, rows: list[dict]) -> None:
@@ -196,8 +184,7 @@ def _write(out: str, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # progress and notes go to stderr when predictions go to stdout
-    log = (lambda *a: None) if args.quiet else (
-        (lambda m: print(m, file=sys.stderr)) if args.out == "-" else print)
+    log = (lambda *a: None) if args.quiet else ((lambda m: print(m, file=sys.stderr)) if args.out == "-" else print)
     t0 = time.perf_counter()
 
     def predict() -> None:

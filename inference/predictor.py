@@ -1,11 +1,8 @@
-"""GroupPredictor: a trained GPO that predicts how a group answers, from a few of its answers.
+"""GroupPredictor: a trained GPO that predicts how a group answers, from a few of its answers (docs/inference.md).
 
-    p = GroupPredictor.from_run("runs/opinionqa_fedavg_50")
-    dists = p.predict(context=[(question, options, distribution), ...], questions=[(question, options), ...])
-
-Prediction is the run's own evaluation: context and targets form one group scored in one forward
-pass (targets attend only to the context), so a run's evaluation group, given its evaluation
-context, gets exactly the per-question distances the run logged.
+Prediction is the run's own evaluation: context and targets form one group scored in one forward pass (targets
+attend only to the context), so a run's evaluation group, given its evaluation context, gets exactly the
+per-question distances the run logged.
 """
 from __future__ import annotations
 
@@ -25,17 +22,7 @@ from utils.run_folder import CONFIG, read_json, read_summary
 
 from .embedding import Log, TextEmbedder, quiet
 from .items import Answer, Question, to_answers, to_llm_answers, to_questions
-from .loading import (
-    REEXPORT,
-    RunData,
-    build_model,
-    embedding_of,
-    gpo_config,
-    load_run_data,
-    read_run_config,
-    read_weights,
-    text_embedder,
-)
+from .loading import REEXPORT, RunData, build_model, embedding_of, gpo_config, load_run_data, read_run, text_embedder
 from .pretrained import FORMAT, export_config, load_pretrained, push_to_hub, save_pretrained
 
 
@@ -58,8 +45,7 @@ class GroupPredictor:
         True requires it, False skips it."""
         log = log or quiet
         run_dir = Path(run_dir)
-        config = read_run_config(run_dir, checkpoint)
-        weights, meta = read_weights(run_dir, checkpoint)
+        config, weights, meta = read_run(run_dir, checkpoint)
         where = f"run {run_dir}"
         model = build_model(gpo_config(config, where), weights, where, device)
         emb = embedding_of(config, model.config.dim_x, where)
@@ -94,16 +80,8 @@ class GroupPredictor:
             return cls.from_pretrained(path, **kwargs)
         return cls.from_run(path, checkpoint, **kwargs)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, cache_dir: str | None = None, emb_model: str | None = None,
-                        device: str = "cpu", log: Log | None = print) -> "GroupPredictor":
-        """Load a folder written by `save_pretrained` / `python -m inference.export` (or a hub repo id)."""
-        return load_pretrained(cls, path, cache_dir=cache_dir, emb_model=emb_model, device=device, log=log)
-
-    def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write a Hugging Face-style folder (model.safetensors, config.json, README.md); a folder holding
-        a run, or a different export (unless `overwrite`), is refused."""
-        return save_pretrained(self, out_dir, overwrite)
+    from_pretrained = classmethod(load_pretrained)  # the Hugging Face-style folder: inference/pretrained.py
+    save_pretrained = save_pretrained
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """save_pretrained into a temporary folder and upload it (inference.pretrained.push_to_hub)."""
@@ -119,27 +97,24 @@ class GroupPredictor:
         return self.predict_embedded(*self.embed_context(ctx), self.embedder.embed(tgt),
                                      batch_size=batch_size, progress=progress)
 
-    def distances(self, context: Sequence, answers: Sequence) -> np.ndarray:
+    def distances(self, context: Sequence, answers: Sequence, what: str = "answer") -> np.ndarray:
         """Per-question distance (the run's metric) between each answer's distribution and the prediction."""
-        return self._distances(to_answers(context), to_llm_answers(answers, "answer"))
+        ctx, ans = to_answers(context), to_llm_answers(answers, what)
+        qs = [a.question for a in ans]
+        pred = self.predict_embedded(*self.embed_context(ctx), self.embedder.embed(qs))
+        return self.score(pred, [a.distribution for a in ans], qs)
 
     def reward(self, items: Sequence, context: Sequence) -> list[float]:
         """1 - distance between each item's answer (a distribution, or an option by index, letter
         or text) and the group's predicted distribution, with the run's metric."""
-        return [1.0 - float(d) for d in self._distances(to_answers(context), to_llm_answers(items))]
-
-    def _distances(self, ctx: list[Answer], ans: list[Answer]) -> np.ndarray:
-        qs = [a.question for a in ans]
-        pred = self.predict_embedded(*self.embed_context(ctx), self.embedder.embed(qs))
-        return self.score(pred, [a.distribution for a in ans], qs)
+        return [1.0 - float(d) for d in self.distances(context, items, "item")]
 
     def score(self, pred: Sequence[np.ndarray], true: Sequence[np.ndarray], questions: Sequence[Question]
               ) -> np.ndarray:
         """Per-question distances with the run's metric (ordinals: see TextEmbedder.ordinals)."""
         if not questions:
             return np.zeros(0)
-        sizes = torch.tensor([len(q.options) for q in questions])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        offsets = _offsets([len(q.options) for q in questions])
         cat = lambda arrays: torch.from_numpy(np.concatenate([np.asarray(a, np.float64) for a in arrays]))  # noqa: E731
         ords = needed_ordinals(self.metric, lambda: torch.tensor(
             [o for q in questions for o in self.embedder.ordinals(q)], dtype=torch.float64))
@@ -179,7 +154,10 @@ class GroupPredictor:
 def _as_group(ctx_x, ctx_y, tgt_x, device) -> GroupData:
     """Context then targets as one GroupData (targets' y are zeros: the model never reads them)."""
     xs = list(ctx_x) + list(tgt_x)
-    sizes = torch.tensor([x.shape[0] for x in xs])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
     y = torch.cat(list(ctx_y) + [torch.zeros(x.shape[0]) for x in tgt_x])
-    return GroupData("context", torch.cat(xs).float(), y.float(), offsets, torch.arange(len(xs))).to(device)
+    return GroupData("context", torch.cat(xs).float(), y.float(), _offsets([x.shape[0] for x in xs]),
+                     torch.arange(len(xs))).to(device)
+
+
+def _offsets(sizes: list[int]) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(sizes).cumsum(0)])

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from data_loaders.schema import DataError
 from utils.atomic_write import atomic_write_bytes, atomic_write_json, to_strict_json
@@ -61,7 +65,8 @@ def check_out_folder(out: Path, card: dict, overwrite: bool) -> None:
 
 
 def save_pretrained(predictor, out_dir: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save as safetensors_save
+    """GroupPredictor.save_pretrained: the folder; one holding a run, or a different export (unless `overwrite`),
+    is refused."""
     out = Path(out_dir)
     card = dict(predictor.info.get("export") or {})
     if not card:
@@ -97,7 +102,7 @@ def _locate(path: str | Path) -> Path:
 
 
 def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, device="cpu", log=print):
-    from safetensors.torch import load as safetensors_load
+    """GroupPredictor.from_pretrained: a folder written by save_pretrained or inference.export, or a hub repo id."""
     folder = _locate(path)
     try:
         card = read_json(folder / "config.json", "predictor config", REEXPORT)
@@ -112,8 +117,7 @@ def load_pretrained(cls, path: str | Path, *, cache_dir=None, emb_model=None, de
     emb = embedding_of(card, cfg.dim_x, f"{folder}/config.json")
     embedder = text_embedder(emb, card.get("embedding_options") or {}, cfg.dim_x, emb_model, str(folder), cache_dir,
                              log)
-    (log or quiet)(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} "
-                              f"({cfg.dim_x} dims)")
+    (log or quiet)(f"loaded {folder}: metric {card.get('metric')}, embeddings {embedder.emb_model} ({cfg.dim_x} dims)")
     info = {"source": "pretrained", "path": str(folder), "export": {k: v for k, v in card.items() if k != "weights"},
             "config": card, "round": card.get("round"), "embedding": emb}
     return cls(model, card.get("metric", DEFAULT_METRIC), embedder, info)
@@ -135,83 +139,24 @@ def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, p
 
 # ---------------------------------------------------------------------------- model card
 
+CARD_TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
 
 
 def model_card(card: dict) -> str:
-    s, emb, g = card.get("summary") or {}, card.get("embedding") or {}, card.get("gpo_config") or {}
-    metric = card.get("metric", DEFAULT_METRIC)
-    groups = s.get("final_eval_group_scores") or {}
-    rows = "\n".join(f"| {name} | {_fmt(score)} |" for name, score in sorted(groups.items()))
-    return f"""---
-library_name: plurallm
-tags:
-- pluralistic-alignment
-- group-preference-prediction
-- gpo
-- {card.get('method') or 'plurallm'}
----
+    """README.md of an exported folder: templates/model_card.md filled from its config.json (absent fields: None)."""
+    def fields(d: dict | None) -> defaultdict:
+        return defaultdict(lambda: None, d or {})
 
-# PluralLLM group-preference predictor ({card.get('dataset')}, {card.get('method')})
-
-A GPO in-context transformer: given a few answers of a group of people (a country, a
-demographic group) to multiple-choice survey questions, it predicts the group's answer
-distribution on new questions. Trained with PluralLLM ({card.get('method')}, seed
-{card.get('seed')}), checkpoint `{card.get('checkpoint')}` (round {card.get('round')}).
-
-## Data and groups
-
-- Dataset: `{card.get('dataset')}` ({(card.get('data') or {}).get('kept_questions')} questions; data hash
-  `{str((card.get('data') or {}).get('source_hash'))[:16]}`).
-- Training groups: {', '.join(card.get('train_groups') or []) or '–'}.
-- Evaluation groups (never trained on): {', '.join(card.get('eval_groups') or []) or '–'}.
-
-## Embedding model
-
-Each option is embedded as the text of its question's prompt ({emb.get('prompt_style')} style) followed
-by the option, with `{emb.get('model_id')}` (`--emb_model {emb.get('emb_model')}`, {emb.get('dim')} dims,
-mean-pooled last hidden layer). New questions must be embedded the same way; the loader does it.
-
-Model: d_model {g.get('d_model')}, {g.get('num_layers')} layers, {g.get('nhead')} heads, feed-forward
-{g.get('dim_feedforward')}, input embedder depth {g.get('emb_depth')}.
-
-## Metrics
-
-Alignment = 1 − mean {metric_label(metric)} between predicted and true distributions,
-each evaluation group given {card.get('eval_num_qs')} of its answers as context (from the run's `summary.json`):
-
-| metric | value |
-|---|---|
-| final mean eval alignment | {_fmt(s.get('final_eval_alignment_score'))} |
-| best mean eval alignment (round {_fmt(s.get('best_round'))}) | {_fmt(s.get('best_eval_alignment_score'))} |
-| fairness index (eval groups) | {_fmt(s.get('final_eval_fi'))} |
-| CoV (eval groups) | {_fmt(s.get('final_eval_cov'))} |
-| training groups, held-out questions | {_fmt(s.get('final_train_alignment_score'))} |
-| rounds | {_fmt(s.get('rounds'))} |
-
-| evaluation group | alignment |
-|---|---|
-{rows or '| – | – |'}
-
-## How to load
-
-With the PluralLLM code (https://arxiv.org/abs/2503.09925 describes the method):
-
-```python
-from inference import GroupPredictor
-p = GroupPredictor.from_pretrained("path/to/this/folder")  # or the hub repo id
-dists = p.predict(context=[("Question?", ["Yes", "No"], [0.7, 0.3])],
-                  questions=[("Another question?", ["Agree", "Disagree"])])
-rewards = p.reward([("Another question?", ["Agree", "Disagree"], "A")], context=[...])
-```
-
-or `python -m inference.predict --run path/to/this/folder --context answers.jsonl --questions new.jsonl`.
-Files: `{WEIGHTS}` (GPO weights, safetensors), `config.json` (model shape, metric, embedding model, groups).
-
-## Limitations
-
-Predictions describe survey respondents of the training data's groups, from the options' text
-alone; they inherit the surveys' sampling and the embedding model's view of the text. A group's
-prediction is only as good as the context answers it is given.
-"""
+    summary, data = card.get("summary") or {}, fields(card.get("data"))
+    groups = sorted((summary.get("final_eval_group_scores") or {}).items())
+    return CARD_TEMPLATE.read_text(encoding="utf-8").format(
+        c=fields(card), data=data, emb=fields(card.get("embedding")), g=fields(card.get("gpo_config")),
+        s={k: _fmt(summary.get(k)) for k in _SUMMARY_KEYS}, tag=card.get("method") or "plurallm",
+        data_hash=str(data["source_hash"])[:16], metric_label=metric_label(card.get("metric", DEFAULT_METRIC)),
+        train_groups=", ".join(card.get("train_groups") or []) or "–",
+        eval_groups=", ".join(card.get("eval_groups") or []) or "–",
+        group_rows="\n".join(f"| {name} | {_fmt(score)} |" for name, score in groups) or "| – | – |", weights=WEIGHTS)

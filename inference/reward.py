@@ -1,18 +1,9 @@
-"""A group reward for RL fine-tuning, callable as TRL's `reward_funcs` take it.
+"""A group reward for RL fine-tuning, callable as TRL's `reward_funcs` take it (docs/inference.md).
 
-    reward = GroupReward(GroupPredictor.from_run(run), context=group_answers)
-    trainer = GRPOTrainer(model=..., reward_funcs=[reward], train_dataset=ds, ...)
-
-Each completion is mapped to an option (`parse_choice`) and scored against the group's predicted
-distribution for its question (the dataset's `question`/`options` columns, or a `questions` map),
-with the run's metric. Mode "distribution" (default) scores the share of a prompt's completions
-choosing each option, 1 - distance(shares, prediction): its best policy answers in the group's
-proportions. Credit "leave_one_out" (default) gives each completion that score minus the score
-without it, since GRPO and RLOO learn nothing from equal rewards within a prompt; "shared" gives
-each the whole score. Mode "option" scores each completion's one-hot alone: its optimum is one
-answer for everyone (under JSD the likeliest option; under the normalised Wasserstein distance the
-ordinal median, which can be the least likely: [0.45, 0.10, 0.45] rewards A, B, C 0.50, 0.55, 0.50).
-A completion naming no option (or several) gets `unmatched_reward` and is not counted.
+Mode "distribution" (default) scores the share of a prompt's completions choosing each option against the
+group's predicted distribution; credit "leave_one_out" (default) gives each completion that score minus the
+score without it, since GRPO and RLOO learn nothing from equal rewards within a prompt. Mode "option" scores
+each completion's one-hot alone: its optimum is one answer for everyone, not the group's proportions.
 """
 from __future__ import annotations
 
@@ -47,8 +38,7 @@ class GroupReward:
                  question_key: str = "question", options_key: str = "options", unmatched_reward: float = 0.0,
                  name: str = "group_reward"):
         if mode not in MODES:
-            raise DataError(f"mode {mode!r} is not one of {MODES}",
-                            "use 'distribution' (the default) or 'option'")
+            raise DataError(f"mode {mode!r} is not one of {MODES}", "use 'distribution' (the default) or 'option'")
         if credit not in CREDITS:
             raise DataError(f"credit {credit!r} is not one of {CREDITS}", "use 'leave_one_out' or 'shared'")
         self.predictor, self.mode, self.credit = predictor, mode, credit

@@ -22,6 +22,7 @@ from inference import GroupPredictor, GroupReward, parse_choice
 from inference.export import main as export_main
 from inference.items import check_distribution, to_questions
 from inference.predict import main as predict_main
+from inference.pretrained import model_card
 from orchestration.entry import main as train_main
 from utils.checkpoint import load_checkpoint
 
@@ -320,6 +321,23 @@ def test_cli_group_with_questions_adds_the_truth_where_the_group_answered(syn_ru
 
 
 # ---------------------------------------------------------------------------- export
+
+def test_model_card_fills_every_field_of_its_template():
+    card = model_card({"method": "fedavg", "dataset": "opinionqa", "seed": 3, "round": 50, "eval_num_qs": 10,
+                       "data": {"source_hash": "abcdef0123456789abcdef", "kept_questions": 123},
+                       "train_groups": ["A", "B"], "embedding": {"emb_model": "minilm", "dim": 384},
+                       "gpo_config": {"d_model": 128}, "summary": {"final_eval_alignment_score": 0.83934,
+                                                                  "best_round": 40, "final_eval_group_scores": {"Z": 1}}})
+    assert "{" not in card and "}" not in card  # every field filled
+    for line in ("- fedavg\n", "# PluralLLM group-preference predictor (opinionqa, fedavg)", "(fedavg, seed\n3)",
+                 "(123 questions; data hash\n  `abcdef0123456789`)", "- Training groups: A, B.",
+                 "- Evaluation groups (never trained on): –.", "`--emb_model minilm`, 384 dims", "d_model 128, None layers",
+                 "| final mean eval alignment | 0.8393 |", "| best mean eval alignment (round 40) | – |", "| Z | 1 |",
+                 "Files: `model.safetensors`"):
+        assert line in card, line
+    assert model_card({}).startswith("---\nlibrary_name: plurallm\n") and "- plurallm\n---" in model_card({})
+    assert "| – | – |" in model_card({}) and card.endswith("the context answers it is given.\n")
+
 
 def test_export_and_from_pretrained_predict_the_same(syn_run, syn_pred, tmp_path, capsys):
     out = tmp_path / "export"

@@ -328,6 +328,41 @@ def test_wandb_metrics_mapping_exact():
     assert wandb_metrics({"round": 1, "lr": 0.1}) == {"other/lr": 0.1}
 
 
+# every dashboard name W&B gets, pinned: a renamed key would split a project's charts across versions
+WANDB_SCALARS = {
+    "train_loss": "loss/train_mean", "eval_alignment_score": "alignment/eval_mean",
+    "train_alignment_score": "alignment/train_heldout_mean", "eval_fi": "fairness/eval_fi",
+    "eval_cov": "fairness/eval_cov", "train_fi": "fairness/train_fi", "train_cov": "fairness/train_cov",
+    "dp_epsilon": "privacy/epsilon", "eval_worst_alignment": "alignment/eval_worst",
+    "eval_alignment_gap": "fairness/eval_gap", "eval_bottom_quarter_alignment": "alignment/eval_bottom_quarter",
+    "train_worst_alignment": "alignment/train_heldout_worst", "train_alignment_gap": "fairness/train_gap",
+    "train_bottom_quarter_alignment": "alignment/train_heldout_bottom_quarter", "grad_steps": "compute/grad_steps",
+    "points": "compute/points", "wall_time_s": "time/wall_s", "eval_alignment_seen": "alignment/eval_seen",
+    "eval_alignment_unseen": "alignment/eval_unseen", "eval_worst_alignment_seen": "alignment/eval_worst_seen",
+    "eval_worst_alignment_unseen": "alignment/eval_worst_unseen", "eval_fi_seen": "fairness/eval_fi_seen",
+    "eval_fi_unseen": "fairness/eval_fi_unseen", "train_alignment_seen": "alignment/train_heldout_seen",
+    "train_alignment_unseen": "alignment/train_heldout_unseen", "eval_group_specificity": "group_use/specificity",
+    "eval_group_specificity_se": "group_use/specificity_se"}
+WANDB_PER_GROUP = {"train_loss_per_client": "loss/client", "eval_group_scores": "alignment/eval",
+                   "train_group_scores": "alignment/train_heldout",
+                   "eval_group_specificity_per_group": "group_use/specificity", "context_controls": "group_use/context"}
+WANDB_SKIPPED = ["context_curve", "eval_questions_seen", "eval_questions_unseen", "eval_specificity_context", "round",
+                 "train_fi_seen", "train_fi_unseen", "train_questions_seen", "train_questions_unseen",
+                 "train_worst_alignment_seen", "train_worst_alignment_unseen"]
+
+
+def test_wandb_metrics_every_dashboard_name():
+    record = {key: i + 0.5 for i, key in enumerate(WANDB_SCALARS)}
+    record |= {key: {"a/b": 1.0, "c": None} for key in WANDB_PER_GROUP} | {key: 7 for key in WANDB_SKIPPED}
+    record |= {"comm_bytes_total": 5, "eval_loss": 1.0, "lr": None, "other_dict": {"g": 2},
+               "baselines": {"consensus": {"eval_alignment_score": 0.9, "per_group": {"x": 1}, "n": None}}}
+    want = {name: i + 0.5 for i, name in enumerate(WANDB_SCALARS.values())}
+    want |= {f"{name}/a-b": 1.0 for name in WANDB_PER_GROUP.values()}
+    want |= {"other/comm_bytes_total": 5, "other/eval_loss": 1.0, "other/other_dict/g": 2,
+             "baseline/consensus/eval_alignment_score": 0.9}
+    assert wandb_metrics(record) == want
+
+
 def test_wandb_off_never_imports_wandb():
     code = ("import sys\nfrom utils.wandb_logger import WandbLogger\n"
             "lg = WandbLogger('off', project='p', run_name='r', config={}, dir='.')\n"

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,8 @@ def _first_nonfinite(obj: Any, where: str) -> str | None:
     """Where the first NaN/inf sits in a nested structure, e.g. ``summary['eval_cov']``."""
     if isinstance(obj, float):
         return None if math.isfinite(obj) else where
-    if isinstance(obj, dict):
-        items: Iterable = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return None
-    for k, v in items:
-        found = _first_nonfinite(v, f"{where}[{k!r}]")
-        if found:
-            return found
-    return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return next((found for k, v in items if (found := _first_nonfinite(v, f"{where}[{k!r}]"))), None)
 
 
 def to_strict_json(obj: Any, *, what: str = "value", indent: int | None = None) -> str:
@@ -71,9 +61,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 def _fsync_dir(directory: Path) -> None:
     """Persist a rename: on POSIX the directory entry itself must be flushed."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; the data is synced
+    with contextlib.suppress(OSError):  # some filesystems (and Windows) refuse it on a folder; the data is synced
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -96,6 +84,14 @@ def remove_stale_temps(directory: str | Path) -> int:
     return freed
 
 
+def make_folder(path: Path, what: str = "run folder") -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"cannot create {what} {path}: {e.strerror}", err=e.errno) from e
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file and ``os.replace``; on failure ``path`` keeps its content."""
     path = Path(path)
@@ -106,8 +102,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         state = "does not exist" if e.errno == errno.ENOENT else "is not writable"
-        raise OutputDirError(f"cannot write {path.name}: folder {directory} {state} ({e.strerror})",
-                             err=e.errno) from e
+        raise OutputDirError(f"cannot write {path.name}: folder {directory} {state} ({e.strerror})", err=e.errno) from e
     try:
         try:
             write_all(fd, data)

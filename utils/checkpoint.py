@@ -40,8 +40,7 @@ def round_tag(round_num: int) -> str:
 
 def _check_tag(tag: str) -> None:
     if not _TAG_RE.match(tag):
-        raise ValueError(f"checkpoint tag {tag!r} must be letters, digits, '_', '.', '-' "
-                         "(it becomes a file name)")
+        raise ValueError(f"checkpoint tag {tag!r} must be letters, digits, '_', '.', '-' (it becomes a file name)")
 
 
 def _loadable(obj: Any, where: str) -> Any:
@@ -62,9 +61,8 @@ def _loadable(obj: Any, where: str) -> Any:
                     "or generator.get_state(), not the object)")
 
 
-def _paths(directory: Path, tag: str) -> tuple[Path, Path, Path]:
-    return (directory / f"{tag}.safetensors", directory / f"{tag}.state.pt",
-            directory / f"{tag}.json")
+def _paths(directory: Path, tag: str) -> list[Path]:
+    return [directory / f"{tag}{ext}" for ext in (".safetensors", ".state.pt", ".json")]
 
 
 def save_checkpoint(directory: str | Path, tag: str, *, model_state: dict[str, torch.Tensor],
@@ -108,8 +106,7 @@ def _read_record(json_path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint index {json_path} is unreadable or malformed ({e!r})",
-                              _RESUME_HINT) from e
+        raise CheckpointError(f"checkpoint index {json_path} is unreadable or malformed ({e!r})", _RESUME_HINT) from e
     return record
 
 
@@ -125,9 +122,8 @@ def verified_bytes(path: Path, entry: dict[str, Any], index: str, hint: str = _R
     return data
 
 
-def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torch.device = "cpu"
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Load ``(model_state, extra_states, meta)``; never unpickles arbitrary objects."""
+def load_checkpoint(directory: str | Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Load ``(model_state, extra_states, meta)`` on the CPU; never unpickles arbitrary objects."""
     directory = Path(directory)
     _check_tag(tag)
     weights_path, state_path, json_path = _paths(directory, tag)
@@ -145,15 +141,12 @@ def load_checkpoint(directory: str | Path, tag: str, *, map_location: str | torc
     try:
         model_state = safetensors_load(raw_weights)
     except Exception as e:
-        raise CheckpointError(f"checkpoint file {weights_path} is not valid safetensors ({e})",
-                              _RESUME_HINT) from e
+        raise CheckpointError(f"checkpoint file {weights_path} is not valid safetensors ({e})", _RESUME_HINT) from e
     try:
-        extra_states = torch.load(io.BytesIO(raw_state), map_location=map_location, weights_only=True)
+        extra_states = torch.load(io.BytesIO(raw_state), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint file {state_path} cannot be loaded with "
-                              f"weights_only=True ({e})", _RESUME_HINT) from e
-    if map_location != "cpu":
-        model_state = {k: v.to(map_location) for k, v in model_state.items()}
+        raise CheckpointError(f"checkpoint file {state_path} cannot be loaded with weights_only=True ({e})",
+                              _RESUME_HINT) from e
     return model_state, extra_states, record["meta"]
 
 
@@ -198,8 +191,8 @@ def alias_checkpoint(directory: str | Path, src_tag: str, dst_tag: str, meta: di
     return atomic_write_json(directory / f"{dst_tag}.json", record)
 
 
-def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") -> list[str]:
-    """Delete all but the newest ``keep`` ``<prefix>*`` checkpoints; returns the tags removed. Indexes go
+def prune_checkpoints(directory: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` ``round_*`` checkpoints; returns the tags removed. Indexes go
     first, then every file no index names (also those a crash orphaned before their index)."""
     directory = Path(directory)
     if keep < 1:
@@ -207,7 +200,7 @@ def prune_checkpoints(directory: str | Path, keep: int, prefix: str = "round_") 
     if not directory.is_dir():
         return []
     records = _records(directory, warn=False)
-    ours = sorted((t for t in records if t.startswith(prefix) and "alias_of" not in records[t]),
+    ours = sorted((t for t in records if t.startswith("round_") and "alias_of" not in records[t]),
                   key=lambda t: _age(records[t]))
     removed = ours[:-keep]
     for tag in removed:

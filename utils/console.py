@@ -15,19 +15,12 @@ def _fmt(value: float | None) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
-def _mean(scores: Mapping[str, float]) -> float | None:
-    vals = [float(v) for v in scores.values() if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _section(title: str, scores: Mapping[str, float], cov: float | None,
-             fi: float | None) -> list[tuple[str, str]]:
-    rows = [(title, "")]
-    rows += [(f"  {group}", _fmt(score)) for group, score in scores.items()]
+def _section(title: str, scores: Mapping[str, float], cov: float | None, fi: float | None) -> list[tuple[str, str]]:
+    rows = [(title, ""), *((f"  {group}", _fmt(score)) for group, score in scores.items())]
     # Unweighted over groups; the run's headline mean alignment weights questions (method.md §7).
-    worst = min((float(v) for v in scores.values() if v is not None), default=None)
-    rows += [("  mean of groups", _fmt(_mean(scores))), ("  worst group", _fmt(worst)),
-             ("  CoV", _fmt(cov)), ("  FI", _fmt(fi))]
+    vals = [float(v) for v in scores.values() if v is not None]
+    rows += [("  mean of groups", _fmt(sum(vals) / len(vals) if vals else None)),
+             ("  worst group", _fmt(min(vals, default=None))), ("  CoV", _fmt(cov)), ("  FI", _fmt(fi))]
     return rows
 
 

@@ -5,6 +5,7 @@ The kinds keep the built-in base (ValueError, OSError) that `except` clauses exp
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable, TextIO
 
@@ -45,11 +46,8 @@ def exit_on_error(body: Callable[[], int | None], *, interrupts: bool = False, r
     "interrupted at round N; <resume_hint>" line, exit 130 / 143. Anything else keeps its traceback."""
     stream = sys.stderr if stream is None else stream
     try:
-        if not interrupts:
+        with signals_raise() if interrupts else contextlib.nullcontext():
             code = body()
-        else:
-            with signals_raise():
-                code = body()
     except UserError as err:
         print(f"error: {err}", file=stream)
         return 2

@@ -44,7 +44,7 @@ class MetricsWriter:
             raise ValueError(f"metrics log {self.path} is closed")
         if not isinstance(record, dict):
             raise TypeError(f"a metrics record must be a dict, got {type(record).__name__}")
-        self.check_in_place()
+        self._check_in_place()
         line = (to_strict_json(record, what="metrics record") + "\n").encode("utf-8")
         try:
             write_all(self._fd, line)
@@ -53,10 +53,8 @@ class MetricsWriter:
             raise OutputDirError(f"could not append to {self.path}: {e.strerror or e}",
                                  "free some disk space, or " + OUT_DIR_HINT, e.errno) from e
 
-    def check_in_place(self) -> None:
+    def _check_in_place(self) -> None:
         """Stop when the log was deleted or replaced: the descriptor would write into the lost file."""
-        if self._fd is None:
-            return
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
@@ -87,14 +85,6 @@ def lost_log_error(path: Path, what: str) -> OutputDirError:
                           "the run anew in another --out_dir")
 
 
-def _parse_record(raw: bytes) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSON-lines log (gzipped if named .gz). A bad last line (a crash mid-append) is dropped
     with a warning; a bad line elsewhere is a ValueError naming it."""
@@ -104,8 +94,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
     records: list[dict[str, Any]] = []
     for k, (lineno, raw) in enumerate(numbered):
-        rec = _parse_record(raw)
-        if rec is not None:
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            rec = None
+        if isinstance(rec, dict):
             records.append(rec)
         elif k == len(numbered) - 1:
             warnings.warn(f"{path}: line {lineno} is truncated or invalid JSON (a write was "

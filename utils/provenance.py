@@ -22,8 +22,7 @@ def _dist_version(name: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True,
-                             timeout=5, check=True)
+        out = subprocess.run(["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -45,15 +44,9 @@ def environment_info() -> dict[str, Any]:
 
     The CPU model and torch's thread count are kept because both can change a run's last bits
     (a GEMM's reduction order): a replay of a recorded run uses the same thread count."""
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "argv": list(sys.argv),
-    }
-    for dist in ("torch", "numpy", "transformers", "flwr", "safetensors", "wandb"):
-        info[dist] = _dist_version(dist)
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "argv": list(sys.argv)}
+    info |= {dist: _dist_version(dist) for dist in ("torch", "numpy", "transformers", "flwr", "safetensors", "wandb")}
     info["cuda"] = info["cuda_device"] = info["torch_threads"] = None
     try:
         import torch

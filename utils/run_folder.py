@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from utils.atomic_write import atomic_write_json
+from utils.atomic_write import atomic_write_json, make_folder
 from utils.errors import OutputDirError, RunFolderError
 from utils.jsonl_log import MetricsWriter, read_metrics
 from utils.metrics import worst_group
@@ -32,11 +32,7 @@ def default_run_dir(method: str, seed: int, root: str | Path = "runs") -> Path:
     the same second cannot both claim it (the loser gets a ``-1``, ``-2``... suffix)."""
     safe_method = re.sub(r"[^A-Za-z0-9_.-]+", "-", method).strip("-") or "run"
     base = f"{time.strftime('%Y%m%d-%H%M%S')}_{safe_method}_s{seed}"
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputDirError(f"cannot create run root folder {root}: {e.strerror}", err=e.errno) from e
+    root = make_folder(Path(root), "run root folder")
     for n in range(10_000):
         candidate = root / (base if n == 0 else f"{base}-{n}")
         try:
@@ -53,11 +49,7 @@ class RunDir:
     """One run's output folder as the run writes it: config, metrics log, summary, checkpoints."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputDirError(f"cannot create run folder {self.path}: {e.strerror}", err=e.errno) from e
+        self.path = make_folder(Path(path))
         self._metrics: MetricsWriter | None = None
 
     config_path = property(lambda self: self.path / CONFIG)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.atomic_write import write_all
+from utils.atomic_write import make_folder, write_all
 from utils.errors import OutputDirError
 
 
@@ -22,10 +22,7 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputDirError(f"cannot create run folder {self.folder}: {e.strerror}", err=e.errno) from e
+        make_folder(self.folder)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:

@@ -16,54 +16,31 @@ from typing import Any
 from urllib.parse import urlsplit
 
 MODES = ("auto", "online", "offline", "off")
-_MODE_HINT = "run `wandb login` (or set WANDB_API_KEY), or choose wandb mode 'offline' or 'off'"
 
-# metrics.jsonl key -> dashboard name; dict-valued keys get "/<group>" appended.
+# metrics.jsonl key -> dashboard name, by section; dict-valued keys get "/<group>" appended.
 _SCALARS = {
-    "train_loss": "loss/train_mean",
-    "eval_alignment_score": "alignment/eval_mean",
-    "train_alignment_score": "alignment/train_heldout_mean",
-    "eval_fi": "fairness/eval_fi",
-    "eval_cov": "fairness/eval_cov",
-    "train_fi": "fairness/train_fi",
-    "train_cov": "fairness/train_cov",
-    "dp_epsilon": "privacy/epsilon",
-    "eval_worst_alignment": "alignment/eval_worst",
-    "eval_alignment_gap": "fairness/eval_gap",
+    "train_loss": "loss/train_mean", "dp_epsilon": "privacy/epsilon", "wall_time_s": "time/wall_s",
+    "grad_steps": "compute/grad_steps", "points": "compute/points",
+    "eval_group_specificity": "group_use/specificity", "eval_group_specificity_se": "group_use/specificity_se",
+    "eval_alignment_score": "alignment/eval_mean", "eval_worst_alignment": "alignment/eval_worst",
     "eval_bottom_quarter_alignment": "alignment/eval_bottom_quarter",
-    "train_worst_alignment": "alignment/train_heldout_worst",
-    "train_alignment_gap": "fairness/train_gap",
-    "train_bottom_quarter_alignment": "alignment/train_heldout_bottom_quarter",
-    "grad_steps": "compute/grad_steps",
-    "points": "compute/points",
-    "wall_time_s": "time/wall_s",
-    "eval_alignment_seen": "alignment/eval_seen",
-    "eval_alignment_unseen": "alignment/eval_unseen",
+    "eval_alignment_seen": "alignment/eval_seen", "eval_alignment_unseen": "alignment/eval_unseen",
     "eval_worst_alignment_seen": "alignment/eval_worst_seen",
     "eval_worst_alignment_unseen": "alignment/eval_worst_unseen",
-    "eval_fi_seen": "fairness/eval_fi_seen",
-    "eval_fi_unseen": "fairness/eval_fi_unseen",
-    "train_alignment_seen": "alignment/train_heldout_seen",
-    "train_alignment_unseen": "alignment/train_heldout_unseen",
-    "eval_group_specificity": "group_use/specificity",
-    "eval_group_specificity_se": "group_use/specificity_se",
+    "train_alignment_score": "alignment/train_heldout_mean", "train_worst_alignment": "alignment/train_heldout_worst",
+    "train_bottom_quarter_alignment": "alignment/train_heldout_bottom_quarter",
+    "train_alignment_seen": "alignment/train_heldout_seen", "train_alignment_unseen": "alignment/train_heldout_unseen",
+    "eval_fi": "fairness/eval_fi", "eval_cov": "fairness/eval_cov", "eval_alignment_gap": "fairness/eval_gap",
+    "eval_fi_seen": "fairness/eval_fi_seen", "eval_fi_unseen": "fairness/eval_fi_unseen",
+    "train_fi": "fairness/train_fi", "train_cov": "fairness/train_cov", "train_alignment_gap": "fairness/train_gap",
 }
-_PER_GROUP = {
-    "train_loss_per_client": "loss/client",
-    "eval_group_scores": "alignment/eval",
-    "train_group_scores": "alignment/train_heldout",
-    "eval_group_specificity_per_group": "group_use/specificity",
-    "context_controls": "group_use/context",
-}
+_PER_GROUP = {"train_loss_per_client": "loss/client", "context_controls": "group_use/context",
+              "eval_group_scores": "alignment/eval", "train_group_scores": "alignment/train_heldout",
+              "eval_group_specificity_per_group": "group_use/specificity"}
 # counts and curves that are tables, not per-round scalars: kept in metrics.jsonl and summary.json
 _SKIP = {"round", "eval_questions_seen", "eval_questions_unseen", "train_questions_seen", "train_questions_unseen",
          "train_worst_alignment_seen", "train_worst_alignment_unseen", "train_fi_seen", "train_fi_unseen",
          "eval_specificity_context", "context_curve"}
-
-
-def _clean_group(name: Any) -> str:
-    # a "/" inside a group name would open a spurious dashboard section
-    return str(name).replace("/", "-")
 
 
 def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +57,8 @@ def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
                         if v is not None and not isinstance(v, dict)})
             continue
         prefix = _PER_GROUP.get(key, f"other/{key}")
-        if isinstance(value, dict):
-            out.update({f"{prefix}/{_clean_group(g)}": v for g, v in value.items() if v is not None})
+        if isinstance(value, dict):  # a "/" inside a group name would open a spurious dashboard section
+            out.update({f"{prefix}/{str(g).replace('/', '-')}": v for g, v in value.items() if v is not None})
         else:
             out[prefix] = value
     return out
@@ -121,16 +98,15 @@ def _resolve_mode(mode: str) -> tuple[str, str]:
 
 class WandbLogger:
     def __init__(self, mode: str = "auto", project: str = "plurallm", run_name: str | None = None,
-                 config: dict[str, Any] | None = None, dir: str | Path = "runs",
-                 group: str | None = None):
+                 config: dict[str, Any] | None = None, dir: str | Path = "runs", group: str | None = None):
         self.mode, why = _resolve_mode(mode)
         self.run: Any = None
         self._failed_log = False
         if self.mode == "off":
             return
-        if self.mode == "online" and mode == "online" and not has_wandb_credentials():
-            raise RuntimeError(f"wandb mode 'online' was requested but no W&B credentials were "
-                               f"found\n  hint: {_MODE_HINT}")
+        if mode == "online" and not has_wandb_credentials():
+            raise RuntimeError("wandb mode 'online' was requested but no W&B credentials were found\n  hint: run "
+                               "`wandb login` (or set WANDB_API_KEY), or choose wandb mode 'offline' or 'off'")
         # wandb's own banners would interleave with the progress bar; we print our own lines.
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
@@ -145,12 +121,9 @@ class WandbLogger:
         self._wandb = wandb
         Path(dir).mkdir(parents=True, exist_ok=True)
         self.run = self._start(dict(project=project, name=run_name, config=config or {}, group=group, dir=str(dir)))
-        if self.run is None:
-            return
-        if self.mode == "online":
-            print(f"wandb: logging online ({why}): {getattr(self.run, 'url', '')}")
-        else:
-            print(f"wandb: logging offline ({why}) to {self.sync_dir}")
+        if self.run is not None:
+            print(f"wandb: logging online ({why}): {getattr(self.run, 'url', '')}" if self.mode == "online"
+                  else f"wandb: logging offline ({why}) to {self.sync_dir}")
 
     def _start(self, init_kwargs: dict[str, Any]) -> Any:
         """Start a run, degrading online -> offline -> off instead of raising."""
@@ -172,9 +145,7 @@ class WandbLogger:
     @property
     def sync_dir(self) -> Path | None:
         """The offline run folder that ``wandb sync`` uploads (None when not logging)."""
-        if self.run is None:
-            return None
-        return Path(self.run.dir).parent  # run.dir is <sync_dir>/files
+        return None if self.run is None else Path(self.run.dir).parent  # run.dir is <sync_dir>/files
 
     def _guard(self, what: str, call: Any) -> None:
         if self.run is None or self._failed_log:
@@ -204,9 +175,3 @@ class WandbLogger:
             warnings.warn(f"wandb finish failed: {e!r}", stacklevel=2)
         if offline:
             print(f"wandb: offline run saved; to upload it run:\n  wandb sync {sync_dir}")
-
-    def __enter__(self) -> WandbLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.finish()
