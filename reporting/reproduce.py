@@ -69,7 +69,7 @@ PAPER_PROTOCOL = dict(
     min_ctx_num_qs=10, max_ctx_num_qs=100, min_tar_num_qs=10, max_tar_num_qs=100, episode_bounds="flags",
     data_split=0.9, eval_num_qs=20, eval_seed=0, eval_resample=False, metric="auto", split_seed=0,
     d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6, dropout=0.0, bound_std=False,
-    layer_init="independent", loss_reduction="sum", grad_clip=0.0, precision="fp32",
+    layer_init="independent", loss_reduction="sum", grad_clip=0.0,
     wandb="off", quiet=True,
 )
 
