@@ -91,16 +91,12 @@ def cli_argv(point: dict) -> list[str]:
 
 # --- timing -------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    sync(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -128,8 +124,7 @@ def matmul_peak(size: int, device: torch.device, min_time: float = 0.5, min_reps
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 2 ** 10
+    scale = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 2 ** 10  # ru_maxrss: KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
@@ -151,9 +146,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def device_slug(info: dict) -> str:
-    if info["device"].startswith("cuda"):
-        return re.sub(r"[^a-z0-9]+", "-", info["cuda_device"].lower()).strip("-")
-    return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", info["cuda_device"].lower()).strip("-") if info["cuda_device"] else "cpu"
 
 
 # --- one scale point (child process) ------------------------------------------------

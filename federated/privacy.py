@@ -1,9 +1,8 @@
-"""Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) and its accountant (issue 15).
+"""Client-level DP-FedAvg (McMahan et al., ICLR 2018) and its accountant (issue 15).
 
 Each round the server clips each sampled client's update Δ_k = θ_k - θ to norm S, averages over the m clients sampled,
 adds N(0, (z·S/m)²) per coordinate and hands the noisy mean to the strategy's server optimizer: one group moves the
-clipped sum by at most S (central DP, a trusted server). Accounting wraps Opacus's RDP accountant; the mechanism and
-the accounting: docs/strategies_privacy.md."""
+clipped sum by at most S (central DP, a trusted server). Mechanism and accounting: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import math
@@ -16,8 +15,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
-from data_loaders.schema import DataError
 from training.local import StopTraining
+from utils.errors import DataError
 from utils.seeding import generator
 
 from .aggregation import Tensors, client_update, float_keys, l2_norm, num_sampled_clients
@@ -45,9 +44,8 @@ def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
 
 
 def gaussian_noise(like: Tensors, std: float, gen: torch.Generator | None) -> Tensors:
-    """N(0, std²) per coordinate in float64 from `gen`, or from the OS CSPRNG when gen is None (not
-    reproducible, never stored). Drawn on the CPU in sorted key order: a state dict's order changes
-    on its way through a checkpoint or a Flower record, the noise must not."""
+    """N(0, std²) per coordinate in float64 from `gen`, or from the OS CSPRNG when gen is None. Drawn on
+    the CPU in sorted key order: a state dict's order changes through a checkpoint or a Flower record."""
     def draw(t: torch.Tensor) -> torch.Tensor:
         if gen is None:
             return torch.from_numpy(secure_standard_normal(t.numel())).reshape(t.shape)
@@ -78,8 +76,7 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
                   noise_multiplier: float, num_sampled: int, gen: torch.Generator | None,
                   secure: bool = False) -> tuple[Tensors, dict]:
     """(noisy mean clipped update, diagnostics), clients in the given order. The denominator is the number
-    sampled, fixed in advance, so one client moves the sum by at most S whoever replies. Noise from `gen`,
-    or with `secure` from the OS CSPRNG."""
+    sampled, fixed in advance, so one client moves the sum by at most S whoever replies."""
     if len(client_states) > num_sampled:
         raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
@@ -110,8 +107,7 @@ class DPFedAvg:
                  secure_noise: bool = False, clip_quantile: float | None = None, clip_lr: float = 0.2,
                  count_std: float | None = None):
         check_dp_strategy(strategy.name)
-        self.strategy, self.clip, self.noise_multiplier = strategy, clip, noise_multiplier
-        self.seed, self.num_sampled = seed, num_sampled
+        self.strategy, self.clip, self.seed, self.num_sampled = strategy, clip, seed, num_sampled
         self.accountant, self.max_epsilon = accountant, max_epsilon
         self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
         # adaptive clipping (Andrew et al. 2021): C follows the clip_quantile of the update norms

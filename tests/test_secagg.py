@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DIAGNOSTIC_KEYS
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -37,7 +38,6 @@ from orchestration.cli import build_parser
 from orchestration.config import run_config
 from orchestration.entry import main
 from orchestration.flower_server import resolve_groups
-from training.diagnostics import DIAGNOSTIC_KEYS
 from utils.checkpoint import load_checkpoint
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "16",

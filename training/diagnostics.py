@@ -19,12 +19,6 @@ from .reference import BASELINES, QuestionReference
 
 CONTEXT_CURVE = (1, 5, 10, 20, 40)
 CONTROLS = ("own", "partner", "uniform", "shuffled")
-# Every key Diagnostics.record can add to an evaluation record (engines without data add none).
-DIAGNOSTIC_KEYS = frozenset(
-    [f"{role}_{what}_{part}" for role in ("eval", "train") for part in ("seen", "unseen")
-     for what in ("alignment", "worst_alignment", "fi", "questions")]
-    + ["baselines", "eval_group_specificity", "eval_group_specificity_se", "eval_group_specificity_per_group",
-       "eval_specificity_context", "context_controls", "context_curve"])
 
 
 def seen_unseen(prefix: str, evals: dict[str, GroupEval], reference: QuestionReference) -> dict:
