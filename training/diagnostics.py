@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from data_loaders.schema import GroupData
 from models.gpo import GPO
 from utils.seeding import generator
 
@@ -103,17 +102,13 @@ class Diagnostics:
         out = []
         for name, partner in sorted(partners(list(self.eval_clients), seed).items()):
             a, b = self.eval_clients[name], self.eval_clients[partner]
-            pool = torch.arange(a.local.num_questions) if a.context_pool is None else a.context_pool
+            pool = a.pool()
             shared = pool[torch.isin(a.local.qkeys.cpu()[pool], b.local.qkeys.cpu())]
             ctx = shared[torch.randperm(len(shared), generator=generator(seed, "specificity", name))[:k]]
-            mask = torch.ones(a.local.num_questions, dtype=torch.bool)
-            mask[ctx] = False
-            if a.target_mask is not None:
-                mask &= a.target_mask
-            if len(ctx) == 0 or not mask.any():
-                continue
-            partner_ctx = torch.searchsorted(b.local.qkeys.cpu(), a.local.qkeys.cpu()[ctx])
-            out.append(_Pair(name, partner, ctx, partner_ctx, mask.nonzero().squeeze(1)))
+            targets = a.targets(ctx)
+            if len(ctx) and len(targets):
+                partner_ctx = torch.searchsorted(b.local.qkeys.cpu(), a.local.qkeys.cpu()[ctx])
+                out.append(_Pair(name, partner, ctx, partner_ctx, targets))
         return out
 
     def _score_with(self, pair: _Pair, kind: str) -> GroupEval:
@@ -183,20 +178,14 @@ class Diagnostics:
                                                                       parts["eval_questions_unseen"])
         return curve
 
-    def _curve_group(self, name: str, client) -> dict[int, GroupEval]:
-        group: GroupData = client.local
-        pool = torch.arange(group.num_questions) if client.context_pool is None else client.context_pool
+    def _curve_group(self, name: str, split) -> dict[int, GroupEval]:
+        pool = split.pool()
         order = pool[torch.randperm(len(pool), generator=generator(self.eval_seed, "context_curve", name))]
-        mask = torch.ones(group.num_questions, dtype=torch.bool)
-        if client.target_mask is None:
-            order = order[:min(max(CONTEXT_CURVE), len(order) - 1)]
-            mask[order] = False
-        else:
-            order = order[:max(CONTEXT_CURVE)]
-            mask &= client.target_mask
-        if len(order) == 0 or not mask.any():
+        # without held-out targets, the targets are the questions outside the largest context
+        order = order[:max(CONTEXT_CURVE) if split.target_mask is not None else min(max(CONTEXT_CURVE), len(order) - 1)]
+        targets = split.targets(order)
+        if len(order) == 0 or not len(targets):
             return {}
-        targets = mask.nonzero().squeeze(1)
-        return {k: score_group(self.model, group, order[:k], group, targets, self.metric, self.chunk)
+        return {k: score_group(self.model, split.local, order[:k], split.local, targets, self.metric, self.chunk)
                 for k in CONTEXT_CURVE if k <= len(order)}
 

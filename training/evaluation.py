@@ -69,11 +69,19 @@ class EvalSplit:
                                   round_ if c.eval_resample else None, self.role, self.context_pool)
         if self.role == "train":
             return ctx_q, self.heldout, torch.arange(self.heldout.num_questions)
+        return ctx_q, self.local, self.targets(ctx_q)
+
+    def targets(self, ctx_q: torch.Tensor) -> torch.Tensor:
+        """The questions of `local` an evaluation scores beside the context `ctx_q`: the others in target_mask."""
         mask = torch.ones(self.local.num_questions, dtype=torch.bool)
         mask[ctx_q] = False
         if self.target_mask is not None:
             mask &= self.target_mask
-        return ctx_q, self.local, mask.nonzero().squeeze(1)
+        return mask.nonzero().squeeze(1)
+
+    def pool(self) -> torch.Tensor:
+        """The questions a context may use."""
+        return torch.arange(self.local.num_questions) if self.context_pool is None else self.context_pool
 
 
 def eval_split(group: GroupData, cfg: ClientConfig, role: str, heldout_qkeys: torch.Tensor | None = None) -> EvalSplit:
