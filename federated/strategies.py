@@ -1,8 +1,6 @@
-"""Server aggregation strategies beyond FedAvg (issue 14): fedavg, fedprox (its client side is
-training.local.proximal_penalty), qfedavg (q-FFL), adaptive, trimmed_mean and median, each optionally followed by a
-server optimizer (FedOpt: sgd, adam, yogi) on the aggregate's delta. Every rule is a pure function of the replies
-(sorted by name, sums in float64); what must survive a --resume lives in `Strategy.state_dict()`. Formulas, defaults
-and sources: docs/strategies_privacy.md."""
+"""Server aggregation strategies beyond FedAvg (issue 14), each optionally followed by a server optimizer (FedOpt) on
+the aggregate's delta. Every rule is a pure function of the replies (sorted by name, sums in float64); what must
+survive a --resume lives in `Strategy.state_dict()`. Formulas, defaults and sources: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import math

@@ -1,8 +1,5 @@
-"""The server side of the federation: find each group's node, then run FedAvg over the Grid.
-
-`FlowerTrainer` is a `federated.fedavg.FedAvgRound` with FedAvgTrainer's interface, so the same
-RunLoop drives it; only `fit_sampled` (where a client's computation happens) differs.
-"""
+"""The server side of the federation: find each group's node, then run FedAvg over the Grid. `FlowerTrainer`
+has FedAvgTrainer's interface, so the same RunLoop drives it; only `fit_sampled` differs."""
 from __future__ import annotations
 
 import json

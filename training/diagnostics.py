@@ -1,9 +1,5 @@
-"""What an evaluation's mean hides, logged beside the paper's numbers at every evaluation: seen vs
-unseen questions, the no-model baselines, group specificity (own vs a partner's context answers),
-and at the end the context controls and curve. Each key is defined in README.md, "Metrics".
-
-It needs the groups' data, so only the in-process engines log it (the Flower server holds none).
-"""
+"""What an evaluation's mean hides, logged beside the paper's numbers (each key: README.md, "Metrics"). It needs
+the groups' data, so only the in-process engines log it (the Flower server holds none)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
