@@ -37,30 +37,31 @@ from utils.seeding import seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEASURES = ("step", "round", "eval", "central")
-# Flags that override one field of the preset, with their help.
-OVERRIDES = {"eval_clients": "evaluation groups", "questions": "questions per group",
-             "min_options": "fewest options per question", "max_options": "most options per question",
-             "dim": "embedding dimension", "epochs": "local steps per client per round",
-             "rounds": "timed FedAvg rounds (+1 warm-up)",
-             "central_epochs": "timed centralized epochs per mode (+1 warm-up)",
-             "repeats": "timed local-step fits and evaluations (+1 warm-up)"}
 
 
 # --- scales -------------------------------------------------------------------------
 
+def _override(default: int, help: str):
+    """A preset field that a flag of the same name overrides (`help`: the flag's help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Scale:
     clients: tuple[int, ...]      # training clients, one benchmark point each
-    eval_clients: int = 6         # held-out evaluation groups
-    questions: int = 800          # questions per group (every group answers every question)
-    min_options: int = 2
-    max_options: int = 7
-    dim: int = 4096               # option-embedding size
-    epochs: int = 6               # local steps per client per round
-    rounds: int = 3               # timed FedAvg rounds, after one warm-up
-    central_epochs: int = 24      # timed centralized epochs per mode (8 steps each at 8 clients)
-    repeats: int = 3              # timed local-step fits / evaluations, after one warm-up
+    eval_clients: int = _override(6, "held-out evaluation groups")
+    questions: int = _override(800, "questions per group (every group answers every question)")
+    min_options: int = _override(2, "fewest options per question")
+    max_options: int = _override(7, "most options per question")
+    dim: int = _override(4096, "embedding dimension")
+    epochs: int = _override(6, "local steps per client per round")
+    rounds: int = _override(3, "timed FedAvg rounds (+1 warm-up)")
+    central_epochs: int = _override(24, "timed centralized epochs per mode (+1 warm-up)")
+    repeats: int = _override(3, "timed local-step fits and evaluations (+1 warm-up)")
     measure: tuple[str, ...] = MEASURES
+
+
+OVERRIDES = {f.name: f.metadata["help"] for f in dataclasses.fields(Scale) if f.metadata}
 
 
 SCALES: dict[str, Scale] = {

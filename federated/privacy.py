@@ -294,8 +294,7 @@ def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: fl
         raise ValueError(f"need epsilon > 0 and rounds >= 1, got {epsilon}, {rounds}")
     _, solve = _opacus()
     try:
-        z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds,
-                        alphas=rdp_orders()))
+        z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds, alphas=rdp_orders()))
     except ValueError:  # Opacus gives up past z = 1e6: say what these rounds can reach instead
         from opacus.accountants.utils import MAX_SIGMA
         least = PrivacyAccountant(MAX_SIGMA, 1.0, delta).epsilon(rounds)

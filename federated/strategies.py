@@ -252,8 +252,7 @@ class Strategy:
     def client_config(self, round_: int) -> dict:
         return {"proximal_mu": self.cfg.proximal_mu} if self.cfg.name == "fedprox" else {}
 
-    def aggregate(self, global_state: Tensors, replies: Sequence, round_: int,
-                  weighting: str) -> Tensors:
+    def aggregate(self, global_state: Tensors, replies: Sequence, round_: int, weighting: str) -> Tensors:
         if not replies:
             raise ValueError("cannot aggregate: no client replied")
         replies = sorted(replies, key=lambda r: r.name)
@@ -277,8 +276,7 @@ class Strategy:
 
     def _weights(self, replies: Sequence, weighting: str) -> list[float]:
         """The averaging weights: --weighting's, or qfedavg's and adaptive's (capped, reported in last_info)."""
-        base = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies],
-                                   weighting)
+        base = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies], weighting)
         if self.cfg.name not in ("qfedavg", "adaptive"):
             return base
         scores = [reported_score(r) for r in replies]

@@ -209,8 +209,7 @@ class FlowerTrainer(FedAvgRound):
         evals = {n: scored[n] for n in self.eval_names if scored.get(n) is not None}
         trains = {n: scored[n] for n in self.train_names if scored.get(n) is not None}
         if not evals:
-            raise DataError(f"round {round_}: no evaluation group replied",
-                            "check the evaluation groups' SuperNodes")
+            raise DataError(f"round {round_}: no evaluation group replied", "check the evaluation groups' SuperNodes")
         self.data.eval_seconds.append(time.perf_counter() - t0)
         return evals, trains
 

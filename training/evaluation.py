@@ -121,8 +121,7 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
         ctx_p, tgt_p = replace(ctx, x=model.project(ctx.x)), replace(tgt, x=model.project(tgt.x))
     step = chunk if chunk and len(tgt_q) > chunk else len(tgt_q)
     try:
-        parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
-                 for i in range(0, len(tgt_q), step)]
+        parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric) for i in range(0, len(tgt_q), step)]
     except NonFiniteError as err:
         err.group = err.group or ctx.name  # the run loop names the group that diverged
         raise
