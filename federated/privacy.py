@@ -73,10 +73,10 @@ def secure_standard_normal(n: int) -> np.ndarray:
 
 
 def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,
-                  noise_multiplier: float, num_sampled: int, gen: torch.Generator | None,
-                  secure: bool = False) -> tuple[Tensors, dict]:
-    """(noisy mean clipped update, diagnostics), clients in the given order. The denominator is the number
-    sampled, fixed in advance, so one client moves the sum by at most S whoever replies."""
+                  noise_multiplier: float, num_sampled: int, gen: torch.Generator | None) -> tuple[Tensors, dict]:
+    """(noisy mean clipped update, diagnostics), clients in the given order, noise from `gen` (None: the OS
+    CSPRNG). The denominator is the number sampled, fixed in advance, so one client moves the sum by at most S
+    whoever replies."""
     if len(client_states) > num_sampled:
         raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
@@ -87,7 +87,7 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
         for k, d in clipped.items():
             total[k] += d
     std = noise_multiplier * clip / num_sampled
-    noise = gaussian_noise(total, std, None if secure else gen)
+    noise = gaussian_noise(total, std, gen)
     mean = {k: total[k] / num_sampled + noise[k] for k in total}
     # diagnostics for choosing S (not covered by the guarantee) and the per-round signal-to-noise ratio
     info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
@@ -137,8 +137,7 @@ class DPFedAvg:
         replies = sorted(replies, key=lambda r: r.name)
         delta, self.last_info = dp_mean_delta(global_state, [r.state for r in replies], clip=self.clip,
                                               noise_multiplier=self.update_noise, num_sampled=self.num_sampled,
-                                              gen=None if self.secure_noise else generator(self.seed, "dp", round_),
-                                              secure=self.secure_noise)
+                                              gen=None if self.secure_noise else generator(self.seed, "dp", round_))
         new = self.strategy.apply_delta(global_state, delta, round_)
         if self.clip_quantile is not None:
             self._adapt_clip(len(replies) - self.last_info["dp_clipped"], len(replies), round_)
@@ -152,10 +151,8 @@ class DPFedAvg:
     def _adapt_clip(self, unclipped: int, replied: int, round_: int) -> None:
         """C ← C·exp(-η(b̃ - γ)), b̃ = ½ + (Σ_k (b_k - ½) + N(0, σ_b²))/m the noised share of unclipped
         updates (centred bits: a zeroed-out group moves the sum by ½). The new C applies from the next round."""
-        if self.secure_noise:
-            noise = float(secure_standard_normal(1)[0])
-        else:
-            noise = float(torch.randn(1, generator=generator(self.seed, "dp_count", round_), dtype=torch.float64))
+        gen = None if self.secure_noise else generator(self.seed, "dp_count", round_)
+        noise = float(gaussian_noise({"count": torch.zeros(1, dtype=torch.float64)}, 1.0, gen)["count"])
         share = 0.5 + (unclipped - 0.5 * replied + self.count_std * noise) / self.num_sampled
         self.last_info.update(dp_clip=self.clip, dp_unclipped_share=share)
         self.clip = self.clip * math.exp(-self.clip_lr * (share - self.clip_quantile))

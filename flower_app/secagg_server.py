@@ -21,7 +21,7 @@ from flwr.common import FitIns, Parameters, ndarray_to_bytes, parameters_to_ndar
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy
+from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
@@ -67,16 +67,15 @@ def max_weight(groups: dict, names: list[str], weighting: str) -> float:
     return float(max(getattr(groups[n], attr) for n in names))
 
 
-class _RoundStrategy(Strategy):
-    """A legacy Strategy for one SecAgg+ round: fixed instructions in, the unmasked aggregate out."""
+class _RoundStrategy(FedAvg):
+    """A legacy Strategy for one SecAgg+ round: fixed instructions in, the unmasked aggregate out. The
+    workflow calls only these two methods; FedAvg supplies the others a Strategy must have."""
 
     def __init__(self, instructions: list[tuple[GridClientProxy, FitIns]]):
+        super().__init__(fraction_evaluate=0.0)
         self.instructions = instructions
         self.results: list = []
         self.aggregate: list[np.ndarray] | None = None
-
-    def initialize_parameters(self, client_manager):
-        return None
 
     def configure_fit(self, server_round, parameters, client_manager):
         return self.instructions
@@ -86,15 +85,6 @@ class _RoundStrategy(Strategy):
         if results:  # every FitRes holds the same aggregate (SecAggPlusWorkflow.unmask_stage)
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
         return (results[0][1].parameters if results else None), {}
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return []
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return None, {}
-
-    def evaluate(self, server_round, parameters):
-        return None
 
 
 @dataclass
