@@ -217,7 +217,7 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
     evaluate = FlowerTrainer.evaluate
 
     def recording_evaluate(self, round_):
-        serial.append(self.serial_eval)
+        serial.append(self.data.serial_eval)
         return evaluate(self, round_)
 
     monkeypatch.setattr(FlowerTrainer, "evaluate", recording_evaluate)
