@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="timed rounds of each (after one warm-up each)")
     p.add_argument("--device", default="cpu")
     opts = p.parse_args(argv)
-    point = {**dataclasses.asdict(SCALES[opts.scale]), "clients": SCALES[opts.scale].clients[0],
-             "device": opts.device}
+    point = {**dataclasses.asdict(SCALES[opts.scale]), "clients": SCALES[opts.scale].clients[0], "device": opts.device}
     trainers = {"a": trainer(point, opts.a), "b": trainer(point, opts.b)}
     device = resolve_device(opts.device)
     for tr in trainers.values():

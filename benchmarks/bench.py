@@ -1,8 +1,7 @@
 """Time what users run: data loading, a local step, a FedAvg round, evaluation, a centralized epoch.
 
-Each scale point (and engine / precision) goes through main_fl.py's flags, data loading and trainers
-in a fresh subprocess (`--one-scale`), so its peak RSS is its own. Commands and the meaning of every
-number: benchmarks/README.md.
+Each scale point (and engine) goes through main_fl.py's flags, data loading and trainers in a fresh
+subprocess (`--one-scale`), so its peak RSS is its own. Commands and numbers: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -38,30 +37,31 @@ from utils.seeding import seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEASURES = ("step", "round", "eval", "central")
-# Flags that override one field of the preset, with their help.
-OVERRIDES = {"eval_clients": "evaluation groups", "questions": "questions per group",
-             "min_options": "fewest options per question", "max_options": "most options per question",
-             "dim": "embedding dimension", "epochs": "local steps per client per round",
-             "rounds": "timed FedAvg rounds (+1 warm-up)",
-             "central_epochs": "timed centralized epochs per mode (+1 warm-up)",
-             "repeats": "timed local-step fits and evaluations (+1 warm-up)"}
 
 
 # --- scales -------------------------------------------------------------------------
 
+def _override(default: int, help: str):
+    """A preset field that a flag of the same name overrides (`help`: the flag's help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Scale:
     clients: tuple[int, ...]      # training clients, one benchmark point each
-    eval_clients: int = 6         # held-out evaluation groups
-    questions: int = 800          # questions per group (every group answers every question)
-    min_options: int = 2
-    max_options: int = 7
-    dim: int = 4096               # option-embedding size
-    epochs: int = 6               # local steps per client per round
-    rounds: int = 3               # timed FedAvg rounds, after one warm-up
-    central_epochs: int = 24      # timed centralized epochs per mode (8 steps each at 8 clients)
-    repeats: int = 3              # timed local-step fits / evaluations, after one warm-up
+    eval_clients: int = _override(6, "held-out evaluation groups")
+    questions: int = _override(800, "questions per group (every group answers every question)")
+    min_options: int = _override(2, "fewest options per question")
+    max_options: int = _override(7, "most options per question")
+    dim: int = _override(4096, "embedding dimension")
+    epochs: int = _override(6, "local steps per client per round")
+    rounds: int = _override(3, "timed FedAvg rounds (+1 warm-up)")
+    central_epochs: int = _override(24, "timed centralized epochs per mode (+1 warm-up)")
+    repeats: int = _override(3, "timed local-step fits and evaluations (+1 warm-up)")
     measure: tuple[str, ...] = MEASURES
+
+
+OVERRIDES = {f.name: f.metadata["help"] for f in dataclasses.fields(Scale) if f.metadata}
 
 
 SCALES: dict[str, Scale] = {
@@ -86,23 +86,18 @@ def cli_argv(point: dict) -> list[str]:
             "--syn_max_options", str(point["max_options"]), "--syn_dim", str(point["dim"]),
             "--train_groups", ",".join(names[:n_train]), "--eval_groups", ",".join(names[n_train:]),
             "--epochs", str(point["epochs"]), "--device", point["device"], "--wandb", "off", "--quiet"]
-    for flag, key in (("--client_engine", "engine"), ("--precision", "precision")):  # benchmarks.ab passes neither
-        argv += [flag, point[key]] if key in point else []
+    argv += ["--client_engine", point["engine"]] if "engine" in point else []  # benchmarks.ab passes none
     return argv + shlex.split(point.get("cli_args", ""))
 
 
 # --- timing -------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    sync(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -115,24 +110,22 @@ def median_s(runs: list[tuple[Any, float]]) -> float:
     return statistics.median(s for _, s in runs)
 
 
-def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, min_time: float = 0.5,
-                min_reps: int = 3, max_reps: int = 1000) -> dict:
-    """This machine's achieved GFLOP/s on a size×size torch.mm: best and median of repeats."""
+def matmul_peak(size: int, device: torch.device, min_time: float = 0.5, min_reps: int = 3,
+                max_reps: int = 1000) -> dict:
+    """This machine's achieved fp32 GFLOP/s on a size×size torch.mm: best and median of repeats."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    a, b = (torch.randn(size, size, generator=gen).to(device) for _ in range(2))
     timed(lambda: torch.mm(a, b), device)  # warm-up: kernel selection, allocation
     times: list[float] = []
     while len(times) < max_reps and (len(times) < min_reps or sum(times) < min_time):
         times.append(timed(lambda: torch.mm(a, b), device)[1])
     flop = 2 * size ** 3
-    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "reps": len(times),
+    return {"size": size, "dtype": "float32", "reps": len(times),
             "gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9}
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 2 ** 10
+    scale = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 2 ** 10  # ru_maxrss: KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
@@ -154,9 +147,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def device_slug(info: dict) -> str:
-    if info["device"].startswith("cuda"):
-        return re.sub(r"[^a-z0-9]+", "-", info["cuda_device"].lower()).strip("-")
-    return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", info["cuda_device"].lower()).strip("-") if info["cuda_device"] else "cpu"
 
 
 # --- one scale point (child process) ------------------------------------------------
@@ -275,11 +266,8 @@ def run_point(point: dict) -> dict:
 
 # --- driver -------------------------------------------------------------------------
 
-def add_peak_fractions(rec: dict, peaks: dict) -> None:
-    """Achieved / measured matmul peak of the run's precision (bf16 runs against the bf16 peak)."""
-    peak = peaks.get("bf16" if rec.get("precision") == "bf16" else "fp32")
-    if not peak or "error" in peak:
-        return
+def add_peak_fractions(rec: dict, peak: dict) -> None:
+    """Achieved / measured fp32 matmul peak."""
     for key in ("step_gflops", "round_gflops"):
         if rec.get(key) is not None:
             rec[key.replace("gflops", "fraction_of_peak")] = rec[key] / peak["gflops"]
@@ -303,7 +291,7 @@ def run_child(point: dict) -> dict:
 
 
 def variants(parser: argparse.ArgumentParser, flag: str, requested: str | None) -> list[str]:
-    """The values of --engines / --precisions (default: main_fl.py's default), checked against its choices."""
+    """The values of --engines (default: main_fl.py's default), checked against the flag's choices."""
     action = next(a for a in parser._actions if flag in a.option_strings)
     values = requested.split(",") if requested else [action.default]
     bad = [v for v in values if v not in action.choices]
@@ -323,13 +311,11 @@ def scale_points(opts: argparse.Namespace) -> list[dict]:
             raise SystemExit(f"error: --measure {sorted(unknown)}: choose from {', '.join(MEASURES)}")
         over["measure"] = tuple(opts.measure.split(","))
     sc = dataclasses.replace(sc, **over)
-    parser = run_parser("fedavg")
-    engines = variants(parser, "--client_engine", opts.engines)
-    precisions = variants(parser, "--precision", opts.precisions)
+    engines = variants(run_parser("fedavg"), "--client_engine", opts.engines)
     base = {k: v for k, v in dataclasses.asdict(sc).items() if k != "clients"}
-    return [{"scale": opts.scale, **base, "clients": n, "engine": e, "precision": p, "device": opts.device,
-             "threads": opts.threads, "cli_args": opts.cli_args}
-            for n in sc.clients for e in engines for p in precisions]
+    # fp32 is the model's only precision since bf16 was retired; older result files also hold bf16 runs
+    return [{"scale": opts.scale, **base, "clients": n, "engine": e, "precision": "fp32", "device": opts.device,
+             "threads": opts.threads, "cli_args": opts.cli_args} for n in sc.clients for e in engines]
 
 
 def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
@@ -339,24 +325,18 @@ def run_driver(opts: argparse.Namespace, argv: list[str]) -> int:
     device = resolve_device(opts.device)
     machine = machine_info(device)
     size = opts.peak_size or (8192 if device.type == "cuda" else 2048)
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        try:
-            peaks[name] = matmul_peak(dtype, size, device)
-        except RuntimeError as err:  # a device without that dtype's matmul: say so, keep going
-            peaks[name] = {"error": str(err)}
-    log("matmul peak: " + ", ".join(f"{k} {v.get('gflops', 0):.1f} GFLOP/s" for k, v in peaks.items()))
+    peak = matmul_peak(size, device)
+    log(f"matmul peak: fp32 {peak['gflops']:.1f} GFLOP/s")
     runs = []
     for point in points:
-        log(f"point: {point['clients']} clients, dim {point['dim']}, engine {point['engine']}, "
-            f"precision {point['precision']}")
+        log(f"point: {point['clients']} clients, dim {point['dim']}, engine {point['engine']}")
         rec = run_child(point)
-        add_peak_fractions(rec, peaks)
+        add_peak_fractions(rec, peak)
         runs.append(rec)
         log(summary_line(rec))
     result = {"benchmark": "plurallm", "scale": opts.scale, "created": datetime.now(timezone.utc).isoformat(),
               "command": ["python", "-m", "benchmarks.bench", *argv], "machine": machine,
-              "matmul_peak": peaks, "runs": runs}
+              "matmul_peak": {"fp32": peak}, "runs": runs}
     tag = f"_{opts.tag}" if opts.tag else ""
     emit(result, Path(opts.results_dir) / f"{opts.scale}{tag}_{device_slug(machine)}.json" if opts.save else None)
     return 1 if any("error" in r for r in runs) else 0
@@ -403,7 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=None, help=what)
     p.add_argument("--measure", default=None, help=f"comma-separated subset of {','.join(MEASURES)}")
     p.add_argument("--engines", default=None, help="comma-separated --client_engine values (default: its default)")
-    p.add_argument("--precisions", default=None, help="comma-separated --precision values (default: its default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on CUDA)")

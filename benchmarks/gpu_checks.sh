@@ -28,6 +28,6 @@ run_bench() {  # seconds, then bench flags; the log lines of every point land in
     2> >(tee -a "$OUT/bench.log" >&2) > /dev/null
   echo "== exit $? (bench $*)" | tee -a "$OUT/bench.log"
 }
-run_bench 150 --scale "$PAPER" --engines loop --precisions fp32,bf16
+run_bench 150 --scale "$PAPER" --engines loop
 run_bench 200 --scale "$CLIENTS" --engines loop
 ls -la "$OUT"

@@ -34,8 +34,7 @@ def raw_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float],
     return [float(n) for n in by_mode[mode]]
 
 
-def aggregation_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float],
-                        mode: str) -> list[float]:
+def aggregation_weights(dataset_sizes: Sequence[float], episode_points: Sequence[float], mode: str) -> list[float]:
     """Normalised p_g for each replying client."""
     raw = raw_weights(dataset_sizes, episode_points, mode)
     total = sum(raw)

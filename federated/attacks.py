@@ -1,10 +1,6 @@
-"""Byzantine clients for robustness experiments (issue 14): who attacks, and what they send.
-
-The attackers are drawn once from (seed, "byzantine"), so the same clients attack on every engine and after a resume.
-An attacker trains honestly, then replaces its weights w_k, given the global w: sign_flip w - c·(w_k - w), scale w +
-c·(w_k - w), gaussian w_k + N(0, σ²), alie w + μ - z·σ (Baruch et al. 2019), ipm w - ε·μ (Xie et al. 2020), with μ, σ
-the honest updates' per-coordinate mean and std this round (known to the attackers: the strongest case); report_score
-keeps w_k and reports --attack_report as its held-out alignment. Details: docs/strategies_privacy.md."""
+"""Byzantine clients for robustness experiments (issue 14): who attacks, and what they send (the formulas:
+docs/strategies_privacy.md). The attackers are drawn once from (seed, "byzantine"), so the same clients attack
+on every engine and after a resume; alie and ipm know the round's honest updates (the strongest case)."""
 from __future__ import annotations
 
 import dataclasses

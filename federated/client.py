@@ -81,8 +81,7 @@ class GroupClient:
             res = local_train(model, self.local, self.cfg.epochs, self.cfg.sizes, self.cfg.optim,
                               self.optim_state, gen, proximal=(mu, anchor) if anchor is not None else None)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points,
-                         metrics)
+        return FitResult(self.name, state, self.num_examples, res.first_episode_points, res.losses, res.points, metrics)
 
     def round_episodes(self, round_: int) -> list[tuple[int, int]]:
         """(context, target) points of the episodes fit(..., round_) trains on, replayed from the

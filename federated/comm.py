@@ -1,10 +1,6 @@
-"""Communication cost: the payload bytes of the messages flower_app/protocol.py sends in a round.
-
-Down to each sampled client: the global weights, the round and the strategy's fit config; up from each: its weights,
-counts, losses and the metrics asked for. Counted by Flower's own `count_bytes` rule (a tensor its .npy blob plus its
-name, a number 8 bytes, a string its length, every key); protobuf framing (bounded in tests/test_comm.py) and the
-setup string repeated in every instruction are left out. Every engine calls these functions, so all report the same
-numbers for the same run."""
+"""Communication cost: the payload bytes of the messages flower_app/protocol.py sends in a round, by Flower's
+own `count_bytes` rule; protobuf framing (bounded in tests/test_comm.py) and the setup string repeated in every
+instruction are left out. Every engine calls these functions, so all report the same numbers for the same run."""
 from __future__ import annotations
 
 import functools

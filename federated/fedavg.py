@@ -77,10 +77,16 @@ def check_min_clients(min_clients: int, sampled: int) -> None:
 
 
 class FedAvgRound(ABC):
-    """One FedAvg round: sample, fit, check the replies, aggregate, stats. A trainer holds train_names,
-    client_fraction, cfg, server and global_state and fits the sampled clients its way (SecAgg+, whose
-    server gets one sum, also aggregates its own way)."""
+    """One FedAvg round: sample, fit, check the replies, aggregate, stats. Each trainer fits the sampled
+    clients its way (SecAgg+, whose server gets one sum, also aggregates its own way)."""
     method = "fedavg"
+
+    def __init__(self, cfg: ClientConfig, model_cfg: GPOConfig, train_names: list[str], weighting: str,
+                 client_fraction: float, server: ServerRules | None):
+        self.cfg, self.client_fraction, self.train_names = cfg, client_fraction, train_names
+        self.server = server or ServerRules(weighting=weighting)
+        self.global_state = init_global_state(model_cfg, cfg.seed)
+        self.last_client_states: dict[str, dict] = {}  # for --save_client
 
     def train_round(self, round_: int) -> dict:
         sampled = sample_clients(self.train_names, self.client_fraction,
@@ -97,7 +103,7 @@ class FedAvgRound(ABC):
         """The server's rules on the replies, once each is known finite; the round's record."""
         for r in sorted(replies, key=lambda r: r.name):  # a NaN/inf stops the run before aggregation spreads it
             check_finite(round_, r.name, r.losses, r.state)
-        self.last_client_states = {r.name: r.state for r in replies}  # for --save_client
+        self.last_client_states = {r.name: r.state for r in replies}
         comm = round_comm(self.global_state, round_, fit_config, sampled, replies)
         self.global_state = self.server.aggregate(self.global_state, replies, round_)
         stats = round_stats({r.name: r.losses for r in replies}, sum(r.points for r in replies))
@@ -109,16 +115,13 @@ class FedAvgTrainer(FedAvgRound):
                  weighting: str = "dataset_size", client_fraction: float = 1.0, device="cpu",
                  client_engine: str = "loop", client_workers: int = 0,
                  server: ServerRules | None = None):
-        self.cfg, self.client_fraction = cfg, client_fraction
-        self.server = server or ServerRules(weighting=weighting)
         self.device = torch.device(device)
         self.clients, self.eval_clients = make_clients(data, cfg, self.device)
-        self.train_names = list(self.clients)
+        super().__init__(cfg, model_cfg, list(self.clients), weighting, client_fraction, server)
         self.model = GPO(model_cfg).to(self.device)  # scratch compute shared by local clients
         self.diagnostics = make_diagnostics(self.model, cfg, self.eval_clients, self.clients)
         self.pooling_bytes = pooling_bytes(c.local for c in self.clients.values())  # what centralizing would move
-        self.global_state = {k: v.to(self.device) for k, v in init_global_state(model_cfg, cfg.seed).items()}
-        self.last_client_states: dict[str, dict] = {}
+        self.load_global(self.global_state)
         self.client_engine = resolve_client_engine(client_engine, self.device, model_cfg)
         self.threads = (ThreadClientEngine(model_cfg, self.device, client_workers)
                         if self.client_engine == "threads" else None)

@@ -1,9 +1,8 @@
-"""Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) and its accountant (issue 15).
+"""Client-level DP-FedAvg (McMahan et al., ICLR 2018) and its accountant (issue 15).
 
 Each round the server clips each sampled client's update Δ_k = θ_k - θ to norm S, averages over the m clients sampled,
 adds N(0, (z·S/m)²) per coordinate and hands the noisy mean to the strategy's server optimizer: one group moves the
-clipped sum by at most S (central DP, a trusted server). Accounting wraps Opacus's RDP accountant; the mechanism and
-the accounting: docs/strategies_privacy.md."""
+clipped sum by at most S (central DP, a trusted server). Mechanism and accounting: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import math
@@ -16,8 +15,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
-from data_loaders.schema import DataError
 from training.local import StopTraining
+from utils.errors import DataError
 from utils.seeding import generator
 
 from .aggregation import Tensors, client_update, float_keys, l2_norm, num_sampled_clients
@@ -45,9 +44,8 @@ def clip_update(update: Tensors, clip: float) -> tuple[Tensors, float]:
 
 
 def gaussian_noise(like: Tensors, std: float, gen: torch.Generator | None) -> Tensors:
-    """N(0, std²) per coordinate in float64 from `gen`, or from the OS CSPRNG when gen is None (not
-    reproducible, never stored). Drawn on the CPU in sorted key order: a state dict's order changes
-    on its way through a checkpoint or a Flower record, the noise must not."""
+    """N(0, std²) per coordinate in float64 from `gen`, or from the OS CSPRNG when gen is None. Drawn on
+    the CPU in sorted key order: a state dict's order changes through a checkpoint or a Flower record."""
     def draw(t: torch.Tensor) -> torch.Tensor:
         if gen is None:
             return torch.from_numpy(secure_standard_normal(t.numel())).reshape(t.shape)
@@ -75,11 +73,10 @@ def secure_standard_normal(n: int) -> np.ndarray:
 
 
 def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, clip: float,
-                  noise_multiplier: float, num_sampled: int, gen: torch.Generator | None,
-                  secure: bool = False) -> tuple[Tensors, dict]:
-    """(noisy mean clipped update, diagnostics), clients in the given order. The denominator is the number
-    sampled, fixed in advance, so one client moves the sum by at most S whoever replies. Noise from `gen`,
-    or with `secure` from the OS CSPRNG."""
+                  noise_multiplier: float, num_sampled: int, gen: torch.Generator | None) -> tuple[Tensors, dict]:
+    """(noisy mean clipped update, diagnostics), clients in the given order, noise from `gen` (None: the OS
+    CSPRNG). The denominator is the number sampled, fixed in advance, so one client moves the sum by at most S
+    whoever replies."""
     if len(client_states) > num_sampled:
         raise ValueError(f"{len(client_states)} replies but only {num_sampled} clients were sampled")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in float_keys(global_state)}
@@ -90,7 +87,7 @@ def dp_mean_delta(global_state: Tensors, client_states: Sequence[Tensors], *, cl
         for k, d in clipped.items():
             total[k] += d
     std = noise_multiplier * clip / num_sampled
-    noise = gaussian_noise(total, std, None if secure else gen)
+    noise = gaussian_noise(total, std, gen)
     mean = {k: total[k] / num_sampled + noise[k] for k in total}
     # diagnostics for choosing S (not covered by the guarantee) and the per-round signal-to-noise ratio
     info = {"dp_noise_std": std, "dp_clipped": sum(n > clip for n in norms),
@@ -110,8 +107,7 @@ class DPFedAvg:
                  secure_noise: bool = False, clip_quantile: float | None = None, clip_lr: float = 0.2,
                  count_std: float | None = None):
         check_dp_strategy(strategy.name)
-        self.strategy, self.clip, self.noise_multiplier = strategy, clip, noise_multiplier
-        self.seed, self.num_sampled = seed, num_sampled
+        self.strategy, self.clip, self.seed, self.num_sampled = strategy, clip, seed, num_sampled
         self.accountant, self.max_epsilon = accountant, max_epsilon
         self.secure_noise = secure_noise  # OS randomness: nothing about the noise is kept or reproducible
         # adaptive clipping (Andrew et al. 2021): C follows the clip_quantile of the update norms
@@ -141,8 +137,7 @@ class DPFedAvg:
         replies = sorted(replies, key=lambda r: r.name)
         delta, self.last_info = dp_mean_delta(global_state, [r.state for r in replies], clip=self.clip,
                                               noise_multiplier=self.update_noise, num_sampled=self.num_sampled,
-                                              gen=None if self.secure_noise else generator(self.seed, "dp", round_),
-                                              secure=self.secure_noise)
+                                              gen=None if self.secure_noise else generator(self.seed, "dp", round_))
         new = self.strategy.apply_delta(global_state, delta, round_)
         if self.clip_quantile is not None:
             self._adapt_clip(len(replies) - self.last_info["dp_clipped"], len(replies), round_)
@@ -156,10 +151,8 @@ class DPFedAvg:
     def _adapt_clip(self, unclipped: int, replied: int, round_: int) -> None:
         """C ← C·exp(-η(b̃ - γ)), b̃ = ½ + (Σ_k (b_k - ½) + N(0, σ_b²))/m the noised share of unclipped
         updates (centred bits: a zeroed-out group moves the sum by ½). The new C applies from the next round."""
-        if self.secure_noise:
-            noise = float(secure_standard_normal(1)[0])
-        else:
-            noise = float(torch.randn(1, generator=generator(self.seed, "dp_count", round_), dtype=torch.float64))
+        gen = None if self.secure_noise else generator(self.seed, "dp_count", round_)
+        noise = float(gaussian_noise({"count": torch.zeros(1, dtype=torch.float64)}, 1.0, gen)["count"])
         share = 0.5 + (unclipped - 0.5 * replied + self.count_std * noise) / self.num_sampled
         self.last_info.update(dp_clip=self.clip, dp_unclipped_share=share)
         self.clip = self.clip * math.exp(-self.clip_lr * (share - self.clip_quantile))
@@ -298,8 +291,7 @@ def noise_for_epsilon(epsilon: float, delta: float, rounds: int, sample_rate: fl
         raise ValueError(f"need epsilon > 0 and rounds >= 1, got {epsilon}, {rounds}")
     _, solve = _opacus()
     try:
-        z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds,
-                        alphas=rdp_orders()))
+        z = float(solve(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds, alphas=rdp_orders()))
     except ValueError:  # Opacus gives up past z = 1e6: say what these rounds can reach instead
         from opacus.accountants.utils import MAX_SIGMA
         least = PrivacyAccountant(MAX_SIGMA, 1.0, delta).epsilon(rounds)

@@ -1,10 +1,7 @@
 """The server's rules for one run: strategy (optionally wrapped in DP) and simulated attackers.
 
 Every engine's FedAvg round (federated.fedavg.FedAvgRound) calls one ServerRules the same way, so they aggregate
-identically and none knows which strategy runs: `fit_config(round)` goes to every sampled client with the weights,
-`aggregate(global, replies, round)` gives the new weights, `info()` the numbers for the logs. server_step_ratio =
-||new - w|| / ||FedAvg's aggregate - w|| over the replies as received (attacked ones included): 1 for fedavg, how far
-another rule steps compared with it."""
+identically and none knows which strategy runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,7 +17,8 @@ from .strategies import Strategy, StrategyConfig
 
 
 def step_ratio(global_state: Tensors, new_state: Tensors, fedavg_state: Tensors) -> float | None:
-    """||new - w|| / ||fedavg - w||; None when FedAvg would not move (nothing to compare with)."""
+    """||new - w|| / ||fedavg - w|| over the replies as received (attacked ones included): 1 for fedavg, how far
+    another rule steps compared with it; None when FedAvg would not move."""
     ref = l2_norm(client_update(global_state, fedavg_state))
     return l2_norm(client_update(global_state, new_state)) / ref if ref > 0 else None
 

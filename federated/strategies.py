@@ -1,8 +1,6 @@
-"""Server aggregation strategies beyond FedAvg (issue 14): fedavg, fedprox (its client side is
-training.local.proximal_penalty), qfedavg (q-FFL), adaptive, trimmed_mean and median, each optionally followed by a
-server optimizer (FedOpt: sgd, adam, yogi) on the aggregate's delta. Every rule is a pure function of the replies
-(sorted by name, sums in float64); what must survive a --resume lives in `Strategy.state_dict()`. Formulas, defaults
-and sources: docs/strategies_privacy.md."""
+"""Server aggregation strategies beyond FedAvg (issue 14), each optionally followed by a server optimizer (FedOpt) on
+the aggregate's delta. Every rule is a pure function of the replies (sorted by name, sums in float64); what must
+survive a --resume lives in `Strategy.state_dict()`. Formulas, defaults and sources: docs/strategies_privacy.md."""
 from __future__ import annotations
 
 import math
@@ -254,8 +252,7 @@ class Strategy:
     def client_config(self, round_: int) -> dict:
         return {"proximal_mu": self.cfg.proximal_mu} if self.cfg.name == "fedprox" else {}
 
-    def aggregate(self, global_state: Tensors, replies: Sequence, round_: int,
-                  weighting: str) -> Tensors:
+    def aggregate(self, global_state: Tensors, replies: Sequence, round_: int, weighting: str) -> Tensors:
         if not replies:
             raise ValueError("cannot aggregate: no client replied")
         replies = sorted(replies, key=lambda r: r.name)
@@ -279,8 +276,7 @@ class Strategy:
 
     def _weights(self, replies: Sequence, weighting: str) -> list[float]:
         """The averaging weights: --weighting's, or qfedavg's and adaptive's (capped, reported in last_info)."""
-        base = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies],
-                                   weighting)
+        base = aggregation_weights([r.num_examples for r in replies], [r.episode_points for r in replies], weighting)
         if self.cfg.name not in ("qfedavg", "adaptive"):
             return base
         scores = [reported_score(r) for r in replies]

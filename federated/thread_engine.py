@@ -1,9 +1,8 @@
 """Sampled clients trained side by side on a thread pool (`--client_engine threads`).
 
-A local step is many small operations, which two intra-op threads split poorly (paper scale, 2 cores: 71 ms on one
-thread, 38 ms on two, while two one-thread clients finish a step every 34 ms; README, Speed). So each worker runs
-whole clients on one intra-op thread: a client's numbers then do not depend on the workers (tested) and equal the loop
-engine's on one thread."""
+A local step is many small operations, which intra-op threads split poorly (README, Speed), so each worker runs whole
+clients on one intra-op thread: a client's numbers then do not depend on the workers and equal the loop engine's
+on one thread."""
 from __future__ import annotations
 
 import queue

@@ -1,8 +1,5 @@
-"""The server side of the federation: find each group's node, then run FedAvg over the Grid.
-
-`FlowerTrainer` is a `federated.fedavg.FedAvgRound` with FedAvgTrainer's interface, so the same
-RunLoop drives it; only `fit_sampled` (where a client's computation happens) differs.
-"""
+"""The server side of the federation: find each group's node, then run FedAvg over the Grid. `FlowerTrainer`
+has FedAvgTrainer's interface, so the same RunLoop drives it; only `fit_sampled` differs."""
 from __future__ import annotations
 
 import json
@@ -17,7 +14,7 @@ from data_loaders.datasets import DataConfig, ExperimentData
 from data_loaders.schema import DataError
 from federated.aggregation import num_sampled_clients
 from federated.client import FitResult
-from federated.fedavg import FedAvgRound, check_min_clients, init_global_state
+from federated.fedavg import FedAvgRound, check_min_clients
 from federated.server import ServerRules
 from models.gpo import GPOConfig
 from training.config import ClientConfig
@@ -164,24 +161,15 @@ class FlowerTrainer(FedAvgRound):
     def __init__(self, data: FederatedData, cfg: ClientConfig, model_cfg: GPOConfig, *,
                  weighting: str = "dataset_size", client_fraction: float = 1.0, min_clients: int = 1,
                  round_timeout: float = 0.0, server: ServerRules | None = None):
-        self.grid, self.setup, self.nodes = data.grid, data.setup, dict(data.nodes)
-        self.cfg, self.weighting, self.client_fraction = cfg, weighting, client_fraction
-        self.server = server or ServerRules(weighting=weighting)
-        self.min_clients, self.log = max(1, min_clients), data.log
-        self.timeout = round_timeout if round_timeout > 0 else None
-        self.serial_eval = data.serial_eval
-        self.train_names, self.eval_names = sorted(data.train), sorted(data.eval)
-        self.global_state = init_global_state(model_cfg, cfg.seed)
-        self.last_client_states: dict[str, dict] = {}
-        self.failures = data.failures            # every client left out, with round, phase and reason
-        self.round_seconds = data.round_seconds  # wall time of each train_round (for the benchmark)
-        self.eval_seconds = data.eval_seconds    # and of each evaluation
+        super().__init__(cfg, model_cfg, sorted(data.train), weighting, client_fraction, server)
+        self.data, self.grid, self.weighting, self.eval_names = data, data.grid, weighting, sorted(data.eval)
+        self.min_clients, self.timeout = max(1, min_clients), round_timeout if round_timeout > 0 else None
         self.sampled_per_round = num_sampled_clients(len(self.train_names), client_fraction)
         check_min_clients(self.min_clients, self.sampled_per_round)
 
     def _ask(self, kind: str, names: list[str], round_: int, fit_config: dict | None = None) -> dict[str, Message]:
         """Send `kind` to each group's node; return the good replies, log and record the rest."""
-        msgs = {n: instruction(kind, self.nodes[n], self.setup, round_, self.global_state, fit_config)
+        msgs = {n: instruction(kind, self.data.nodes[n], self.data.setup, round_, self.global_state, fit_config)
                 for n in names}
         replies = exchange(self.grid, msgs, self.timeout)
         good = {}
@@ -195,13 +183,13 @@ class FlowerTrainer(FedAvgRound):
         return good
 
     def left_out(self, round_: int, phase: str, name: str, reason: str) -> None:
-        self.failures.append({"round": round_, "phase": phase, "client": name, "reason": reason})
-        self.log(f"flower: round {round_} {phase}: client {name} left out ({reason})")
+        self.data.failures.append({"round": round_, "phase": phase, "client": name, "reason": reason})
+        self.data.log(f"flower: round {round_} {phase}: client {name} left out ({reason})")
 
     def train_round(self, round_: int) -> dict:
         t0 = time.perf_counter()
         stats = super().train_round(round_)
-        self.round_seconds.append(time.perf_counter() - t0)
+        self.data.round_seconds.append(time.perf_counter() - t0)
         return stats
 
     def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> list[FitResult]:
@@ -216,14 +204,13 @@ class FlowerTrainer(FedAvgRound):
     def evaluate(self, round_: int) -> tuple[dict[str, GroupEval], dict[str, GroupEval]]:
         t0 = time.perf_counter()
         names = self.eval_names + self.train_names
-        batches = [[n] for n in names] if self.serial_eval else [names]  # serial: one group after the other
+        batches = [[n] for n in names] if self.data.serial_eval else [names]  # serial: one group after the other
         scored = {n: read_eval_reply(n, m) for batch in batches for n, m in self._ask(EVALUATE, batch, round_).items()}
         evals = {n: scored[n] for n in self.eval_names if scored.get(n) is not None}
         trains = {n: scored[n] for n in self.train_names if scored.get(n) is not None}
         if not evals:
-            raise DataError(f"round {round_}: no evaluation group replied",
-                            "check the evaluation groups' SuperNodes")
-        self.eval_seconds.append(time.perf_counter() - t0)
+            raise DataError(f"round {round_}: no evaluation group replied", "check the evaluation groups' SuperNodes")
+        self.data.eval_seconds.append(time.perf_counter() - t0)
         return evals, trains
 
     def load_global(self, weights: dict) -> None:

@@ -21,7 +21,7 @@ from flwr.common import FitIns, Parameters, ndarray_to_bytes, parameters_to_ndar
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy
+from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
@@ -67,16 +67,15 @@ def max_weight(groups: dict, names: list[str], weighting: str) -> float:
     return float(max(getattr(groups[n], attr) for n in names))
 
 
-class _RoundStrategy(Strategy):
-    """A legacy Strategy for one SecAgg+ round: fixed instructions in, the unmasked aggregate out."""
+class _RoundStrategy(FedAvg):
+    """A legacy Strategy for one SecAgg+ round: fixed instructions in, the unmasked aggregate out. The
+    workflow calls only these two methods; FedAvg supplies the others a Strategy must have."""
 
     def __init__(self, instructions: list[tuple[GridClientProxy, FitIns]]):
+        super().__init__(fraction_evaluate=0.0)
         self.instructions = instructions
         self.results: list = []
         self.aggregate: list[np.ndarray] | None = None
-
-    def initialize_parameters(self, client_manager):
-        return None
 
     def configure_fit(self, server_round, parameters, client_manager):
         return self.instructions
@@ -86,15 +85,6 @@ class _RoundStrategy(Strategy):
         if results:  # every FitRes holds the same aggregate (SecAggPlusWorkflow.unmask_stage)
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
         return (results[0][1].parameters if results else None), {}
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return []
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return None, {}
-
-    def evaluate(self, server_round, parameters):
-        return None
 
 
 @dataclass
@@ -139,8 +129,7 @@ class SecAggTrainer(FlowerTrainer):
         """`secagg`: validated settings (SecAggConfig.validate); `kw`: FlowerTrainer's."""
         super().__init__(data, cfg, model_cfg, **kw)
         self.num_shares, self.threshold, self.quant_range = secagg.num_shares, secagg.threshold, int(secagg.quant_range)
-        self.clip_range, self.remote = float(secagg.clip_range), dict(data.train)
-        self.keys = list(self.global_state)
+        self.clip_range, self.keys = float(secagg.clip_range), list(self.global_state)
         n = self.sampled_per_round
         if n < MIN_CLIENTS:
             raise DataError(f"--secagg needs at least {MIN_CLIENTS} clients per round; {n} sampled (a sum of one "
@@ -155,14 +144,14 @@ class SecAggTrainer(FlowerTrainer):
             raise DataError(f"--secagg_num_shares {self.num_shares} / --secagg_threshold {self.threshold} give {shares} "
                             f"shares and a threshold of {need} for {n} clients per round",
                             "keep the threshold at or below the shares and the shares at or below the clients")
-        self.log(f"secagg: SecAgg+ over {n} clients per round, each secret in {shares} shares, {need} to rebuild "
+        self.data.log(f"secagg: SecAgg+ over {n} clients per round, each secret in {shares} shares, {need} to rebuild "
                  f"it (up to {shares - need} may drop out); quantisation step "
                  f"{2 * self.clip_range / self.quant_range:.3g}")
 
     def fit_sampled(self, sampled: list[str], round_: int, fit_config: dict) -> SecureReplies:
         """One SecAgg+ round; `fit_config` is FedAvg's, which asks a client for nothing (--secagg allows no other)."""
         strategy, grid = self._secure_round(sampled, round_)
-        by_node = {self.nodes[n]: n for n in sampled}
+        by_node = {self.data.nodes[n]: n for n in sampled}
         replied = {by_node[proxy.node_id]: fitres.metrics for proxy, fitres in strategy.results}
         self._record_failures(by_node, replied, grid, round_)
         if strategy.aggregate is None or len(replied) < self.min_clients:
@@ -180,11 +169,11 @@ class SecAggTrainer(FlowerTrainer):
         return {**round_stats(losses, sum(int(m["points"]) for m in replies.metrics.values())), "comm": replies.comm}
 
     def _secure_round(self, names: list[str], round_: int) -> tuple[_RoundStrategy, _FastGrid]:
-        weight_bound = max_weight(self.remote, names, self.weighting)
+        weight_bound = max_weight(self.data.train, names, self.weighting)
         tensors = [ndarray_to_bytes(self.global_state[k].detach().cpu().numpy()) for k in self.keys]
-        config = {SETUP: self.setup, ROUND: round_, KEYS: json.dumps(self.keys), CLIP: self.clip_range,
+        config = {SETUP: self.data.setup, ROUND: round_, KEYS: json.dumps(self.keys), CLIP: self.clip_range,
                   MAX_WEIGHT: weight_bound}
-        instructions = [(GridClientProxy(self.nodes[n], self.grid, 0),
+        instructions = [(GridClientProxy(self.data.nodes[n], self.grid, 0),
                          FitIns(Parameters(tensors=list(tensors), tensor_type="numpy.ndarray"), dict(config)))
                         for n in names]
         strategy = _RoundStrategy(instructions)

@@ -23,9 +23,9 @@ def forward_macs(cfg, n_ctx: int, n_tgt: int) -> int:
     layer computes target rows only: GPO.encode_targets)."""
     d, ff, tokens = cfg.d_model, cfg.dim_feedforward, n_ctx + n_tgt
     embedder = tokens * ((cfg.dim_x + cfg.dim_y) * d + (cfg.emb_depth - 1) * d * d)
-    if getattr(cfg, "context_answer", "concat") == "product":  # (y·x)·W_p, context points only
+    if cfg.context_answer == "product":  # (y·x)·W_p, context points only
         embedder += n_ctx * cfg.dim_x * d
-    if getattr(cfg, "context_factors", 0):  # the factor head x -> (c, B), on every point
+    if cfg.context_factors:  # the factor head x -> (c, B), on every point
         embedder += tokens * (cfg.dim_x * d + d * (1 + cfg.context_factors))
     layers = (cfg.num_layers - 1) * layer_macs(cfg, tokens, n_ctx) + layer_macs(cfg, n_tgt, n_ctx)
     predictor = n_tgt * (d * ff + ff * 2 * cfg.dim_y)

@@ -29,7 +29,6 @@ class GPOConfig:
     dropout: float = 0.0
     num_layers: int = 6
     bound_std: bool = False
-    precision: str = "fp32"       # "bf16": matmuls under autocast; softmax, loss and std stay fp32
     # "independent" (paper): every layer drawn on its own; "clones" (released code): all start as layer 0.
     layer_init: str = "independent"
     # "sum" (GPO): NLL summed over real target points, mean over episodes; "slot_mean" (released
@@ -174,20 +173,16 @@ class GPO(nn.Module):
         Evaluation embeds a whole group's points with it and then gathers 128-wide rows, instead of gathering
         4096-wide embeddings into an episode first. With context_answer "product" the rows are [x·W_x + b, x·W_p]
         (2·d_model wide): y·(x·W_p) is the product term (y·x)·W_p, so it needs no raw x either. With context
-        factors the factor head's 1 + F outputs (fp32) are appended last."""
-        with self._autocast(x):
-            h = self._x_linear(x)
-            h = torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
-        return torch.cat([h, self.factor_head(x.float())], dim=-1) if self.factor_head is not None else h
+        factors the factor head's 1 + F outputs are appended last."""
+        h = self._x_linear(x)
+        h = torch.cat([h, self._x_linear(x, product=True)], dim=-1) if self.product else h
+        return torch.cat([h, self.factor_head(x)], dim=-1) if self.factor_head is not None else h
 
     def _x_linear(self, x: torch.Tensor, product: bool = False) -> torch.Tensor:
         """x·W_x + b, or x·W_p (no bias) with `product`: the columns that multiply y·x."""
         first, dim_x = self.embedder[0], self.config.dim_x
         w_x = first.weight[:, dim_x + self.config.dim_y:] if product else first.weight[:, :dim_x]
         return F.linear(x, w_x, None if product else first.bias)
-
-    def _autocast(self, x: torch.Tensor):
-        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def embed(self, x: torch.Tensor, y: torch.Tensor | None, projected: bool = False) -> torch.Tensor:
         """The embedder MLP on [x, y] (y = 0 for targets), without building [x, y].
@@ -222,29 +217,27 @@ class GPO(nn.Module):
         return h
 
     def _fused_first_layer(self, ep: Episode) -> bool:
-        """FirstLayer serves fp32 training steps; autocast, already-projected episodes and inputs that
-        want their own gradient (FirstLayer computes the weights' only) take the plain path (same numbers)."""
+        """FirstLayer serves training steps; already-projected episodes and inputs that want their own
+        gradient (FirstLayer computes the weights' only) take the plain path (same numbers)."""
         inputs_grad = ep.xc.requires_grad or ep.yc.requires_grad or ep.xt.requires_grad
-        return (torch.is_grad_enabled() and not ep.projected and self.config.precision == "fp32"
-                and not inputs_grad and not self.product)
+        return torch.is_grad_enabled() and not ep.projected and not inputs_grad and not self.product
 
     def predict_raw(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-question softmax of the means, std), both [B, Nt]."""
         if self.factor_head is not None:
             ep, head_c, head_t = self._factor_outputs(ep)
-        with self._autocast(ep.xc):
-            out = self.predictor(self.encode_targets(ep))
-        raw_mean, raw_std = out[..., 0].float(), out[..., 1]
+        out = self.predictor(self.encode_targets(ep))
+        raw_mean, raw_std = out[..., 0], out[..., 1]
         if self.factor_head is not None:
             raw_mean = raw_mean + fold_in(head_c, head_t, ep, self.config.factor_ridge)
         mean = segment_softmax(raw_mean, ep.tgt_seg, ep.tgt_mask, ep.num_tgt_q)
-        std = 0.05 + 0.95 * F.softplus(raw_std.float()) if self.config.bound_std else raw_std.float().exp()
+        std = 0.05 + 0.95 * F.softplus(raw_std) if self.config.bound_std else raw_std.exp()
         return mean, std
 
     def _factor_outputs(self, ep: Episode) -> tuple[Episode, torch.Tensor, torch.Tensor]:
         """(the episode without the head's columns, head outputs of context and targets [B, N, 1 + F])."""
         if not ep.projected:
-            return ep, self.factor_head(ep.xc.float()), self.factor_head(ep.xt.float())
+            return ep, self.factor_head(ep.xc), self.factor_head(ep.xt)
         k = 1 + self.config.context_factors  # project() appended them
         return replace(ep, xc=ep.xc[..., :-k], xt=ep.xt[..., :-k]), ep.xc[..., -k:], ep.xt[..., -k:]
 

@@ -99,8 +99,6 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="largest L2 norm of one local step's gradient (0 = off, the paper)")
     t.add_argument("--train_batch_size", type=int, default=32, help="groups per step in --central_mode batched")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="bf16 runs the model's matmuls under autocast (loss and softmax stay fp32)")
     if fedavg:
         t.add_argument("--comm_round", type=int, default=1300, help="communication rounds (paper: 1300)")
         t.add_argument("--epochs", type=int, default=6, help="local steps per client per round")

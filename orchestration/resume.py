@@ -33,11 +33,12 @@ _DATA_IDENTITY = ("source_hash", "kept_questions")
 _EMBEDDING_IDENTITY = ("model_id", "dim", "prompt_style", "precision")
 
 # Flags removed in issue 25, with the value every saved config that has them holds when the flag
-# did nothing (--model had one choice; --vmap_chunk 0 is the default, unused off vmap): at that
-# value the key is ignored, any other value is a retired setting.
-REMOVED_FLAGS = {"model": "gpo", "vmap_chunk": 0}
+# did nothing (--model had one choice; --vmap_chunk 0 is the default, unused off vmap; --precision
+# fp32 is what the model computes in): at that value the key (also in model_config) is ignored,
+# any other value is a retired setting.
+REMOVED_FLAGS = {"model": "gpo", "vmap_chunk": 0, "precision": "fp32"}
 # Choices removed from flags that remain (benchmarks/README.md, "Retired"): this code cannot run them.
-RETIRED_CHOICES = {"client_engine": "vmap", "precision": "bf16_input"}
+RETIRED_CHOICES = {"client_engine": "vmap"}
 
 
 def retired_settings(config: dict) -> list[str]:
@@ -48,10 +49,15 @@ def retired_settings(config: dict) -> list[str]:
     return [f"{k}: {config[k]!r} was retired (issue 25; benchmarks/README.md says why)" for k in used]
 
 
+def _removed(k: str, v) -> bool:
+    return k in REMOVED_FLAGS and v == REMOVED_FLAGS[k]
+
+
 def run_identity(config: dict) -> dict:
     """The part of a resolved config that decides the run's numbers."""
-    ident = {k: v for k, v in config.items()
-             if k not in VOLATILE and k != "data" and not (k in REMOVED_FLAGS and v == REMOVED_FLAGS[k])}
+    ident = {k: v for k, v in config.items() if k not in VOLATILE and k != "data" and not _removed(k, v)}
+    if isinstance(ident.get("model_config"), dict):
+        ident["model_config"] = {k: v for k, v in ident["model_config"].items() if not _removed(k, v)}
     data = config.get("data") or {}
     ident["data"] = {k: data.get(k) for k in _DATA_IDENTITY}
     emb = data.get("embedding") or {}

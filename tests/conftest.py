@@ -94,3 +94,12 @@ def flower_task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# Every key training.diagnostics.Diagnostics.record can add to an evaluation record (engines without
+# the groups' data, Flower's, add none).
+DIAGNOSTIC_KEYS = frozenset(
+    [f"{role}_{what}_{part}" for role in ("eval", "train") for part in ("seen", "unseen")
+     for what in ("alignment", "worst_alignment", "fi", "questions")]
+    + ["baselines", "eval_group_specificity", "eval_group_specificity_se", "eval_group_specificity_per_group",
+       "eval_specificity_context", "context_controls", "context_curve"])

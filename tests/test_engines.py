@@ -97,15 +97,6 @@ def test_threads_with_dropout_is_refused_clearly():
         trainer("--client_engine", "threads", "--dropout", "0.1")
 
 
-def test_bf16_trains_with_loop_and_threads():
-    for engine in ("loop", "threads"):
-        tr = trainer("--precision", "bf16", "--client_engine", engine)
-        stats = tr.train_round(1)
-        assert all(torch.isfinite(torch.tensor(v)) for v in stats["train_loss_per_client"].values())
-        evals, _ = tr.evaluate(1)
-        assert evals and all(0 < e.score <= 1 for e in evals.values())
-
-
 def test_threads_engine_interrupted_drops_the_clients_not_started(monkeypatch):
     """Ctrl-C during a round: clients not yet started are cancelled, the thread count restored."""
     import concurrent.futures

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIAGNOSTIC_KEYS
 from flwr.app import Context, Error, Message, RecordDict
 
 import flower_app.node as node_mod
@@ -35,7 +36,6 @@ from orchestration.cli import build_parser
 from orchestration.config import run_config
 from orchestration.entry import main
 from orchestration.flower_server import resolve_groups, run_federation
-from training.diagnostics import DIAGNOSTIC_KEYS
 from training.evaluation import GroupEval
 from utils.checkpoint import load_checkpoint
 

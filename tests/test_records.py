@@ -260,13 +260,16 @@ def _set_config(record: Path, **keys) -> dict:
 
 
 def test_removed_flags_at_their_retired_default_are_no_difference(copied, capsys):
-    """Committed records carry "model": "gpo" and "vmap_chunk": 0 from before those flags were removed."""
+    """Committed records carry "model": "gpo", "vmap_chunk": 0 and "precision": "fp32" (also in model_config)
+    from before those flags were removed."""
     root, rec = copied
     for run in ("fedavg_s0", "centralized_s0"):
-        cfg = _set_config(rec / "reproduce" / "tiny" / run, model="gpo", vmap_chunk=0)
+        cfg = _set_config(rec / "reproduce" / "tiny" / run, model="gpo", vmap_chunk=0, precision="fp32")
+        cfg = _set_config(rec / "reproduce" / "tiny" / run, model_config={**cfg["model_config"], "precision": "fp32"})
     assert reproduce.main(_argv(root, rec, ("0",), "--status")) == 0
     assert "2 planned: 2 finished, 0 diverged, 0 stale-config" in capsys.readouterr().out.splitlines()[-1]
-    bare = {k: v for k, v in cfg.items() if k not in ("model", "vmap_chunk")}
+    bare = {k: v for k, v in cfg.items() if k not in ("model", "vmap_chunk", "precision")}
+    bare["model_config"] = {k: v for k, v in cfg["model_config"].items() if k != "precision"}
     assert resume.fingerprint(cfg) == resume.fingerprint(bare) and resume.differences(cfg, bare) == []
 
 
@@ -281,6 +284,8 @@ def test_a_record_or_run_with_a_retired_setting_is_refused_naming_it(copied, cap
         assert any(ln.startswith("stale-config") and run in ln and why in ln for ln in lines), (run, lines)
     assert resume.differences({**vmap, "client_engine": "auto", "vmap_chunk": 4}, vmap) == [
         "vmap_chunk: 4 was retired (issue 25; benchmarks/README.md says why)"]
+    assert resume.differences({**vmap, "client_engine": "auto", "precision": "bf16"}, vmap) == [
+        "precision: 'bf16' was retired (issue 25; benchmarks/README.md says why)"]
     folder = tmp_path / "interrupted"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(vmap))

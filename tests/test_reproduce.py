@@ -441,7 +441,7 @@ PAPER_VALUES = dict(
     episode_bounds="flags", data_split=0.9, eval_num_qs=20, eval_seed=0, eval_resample=False, metric="auto",
     split_seed=0, group_split=None, d_model=128, emb_depth=4, dim_feedforward=128, nhead=4, num_layers=6,
     dropout=0.0, bound_std=False, layer_init="independent", loss_reduction="sum", grad_clip=0.0,
-    precision="fp32", wandb="off", keep_checkpoints=3, engine="inprocess")
+    wandb="off", keep_checkpoints=3, engine="inprocess")
 
 
 def test_paper_preset_resolves_to_the_papers_protocol(monkeypatch):

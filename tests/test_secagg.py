@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DIAGNOSTIC_KEYS
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -37,7 +38,6 @@ from orchestration.cli import build_parser
 from orchestration.config import run_config
 from orchestration.entry import main
 from orchestration.flower_server import resolve_groups
-from training.diagnostics import DIAGNOSTIC_KEYS
 from utils.checkpoint import load_checkpoint
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "16",
@@ -158,7 +158,7 @@ def test_secure_round_equals_fedavg_of_the_same_updates_within_quantisation(tmp_
     # such errors is divided by Σ w_g / max_weight; plus float32's last bit on weights up to 1.
     raw = {"dataset_size": [u.num_examples for u in updates], "uniform": [1, 1, 1],
            "episode_points": [u.episode_points for u in updates]}[weighting]
-    bound = {"dataset_size": 40, "episode_points": max(trainer.remote[n].num_points for n in TRAIN), "uniform": 1}
+    bound = {"dataset_size": 40, "episode_points": max(trainer.data.train[n].num_points for n in TRAIN), "uniform": 1}
     assert 0 < max_abs <= 3 * STEP / (sum(raw) / bound[weighting]) + 2 ** -24
     assert rel < 3e-5
     assert stats["clients"] == TRAIN and stats["grad_steps"] == 3 * 2
@@ -181,7 +181,7 @@ def test_server_receives_only_masked_vectors_and_the_unmasked_sum(tmp_path, clie
     trainer.train_round(1)
     replies = [m for m in grid.received if m.metadata.message_type == "train"]
     assert len(replies) == 4 * len(TRAIN)  # setup, share keys, masked vectors, unmask: one reply each
-    group_of = {node: name for name, node in trainer.nodes.items()}
+    group_of = {node: name for name, node in trainer.data.nodes.items()}
     masked = {}
     for reply in replies:
         content = reply.content
@@ -217,7 +217,7 @@ def test_run_folder_on_flowers_simulation_runtime_matches_the_in_process_engine(
     evaluate = FlowerTrainer.evaluate
 
     def recording_evaluate(self, round_):
-        serial.append(self.serial_eval)
+        serial.append(self.data.serial_eval)
         return evaluate(self, round_)
 
     monkeypatch.setattr(FlowerTrainer, "evaluate", recording_evaluate)
@@ -267,7 +267,7 @@ def test_serial_evaluation_asks_one_group_at_a_time_in_name_order(tmp_path):
     together = trainer.evaluate(0)
     assert batches == [EVAL + TRAIN]
     batches.clear()
-    trainer.serial_eval = True
+    trainer.data.serial_eval = True
     one_by_one = trainer.evaluate(0)
     assert batches == [[g] for g in sorted(EVAL) + sorted(TRAIN)]
     for a, b in zip(together, one_by_one):
@@ -275,7 +275,7 @@ def test_serial_evaluation_asks_one_group_at_a_time_in_name_order(tmp_path):
 
 
 def trainer_group(trainer, node_id: int) -> str:
-    return next(g for g, n in trainer.nodes.items() if n == node_id)
+    return next(g for g, n in trainer.data.nodes.items() if n == node_id)
 
 
 def test_client_dropping_out_mid_protocol_is_left_out_and_the_rest_aggregated(tmp_path, client_updates):
@@ -293,7 +293,7 @@ def test_client_dropping_out_mid_protocol_is_left_out_and_the_rest_aggregated(tm
     trainer, _ = secure_trainer(tmp_path, "--secagg_num_shares", "3", "--secagg_threshold", "2", app=app)
     stats = trainer.train_round(1)
     assert stats["clients"] == ["g00", "g03"]
-    assert [(f["client"], f["reason"].split(":")[0]) for f in trainer.failures] == [
+    assert [(f["client"], f["reason"].split(":")[0]) for f in trainer.data.failures] == [
         ("g01", "SecAgg+ stage collect_masked_vectors")]
     plain = aggregate([client_updates[(n, 1)] for n in ("g00", "g03")], "dataset_size")
     assert errors(trainer.global_state, plain)[0] <= 2 * STEP

@@ -1,16 +1,11 @@
-"""What an evaluation's mean hides, logged beside the paper's numbers at every evaluation: seen vs
-unseen questions, the no-model baselines, group specificity (own vs a partner's context answers),
-and at the end the context controls and curve. Each key is defined in README.md, "Metrics".
-
-It needs the groups' data, so only the in-process engines log it (the Flower server holds none).
-"""
+"""What an evaluation's mean hides, logged beside the paper's numbers (each key: README.md, "Metrics"). It needs
+the groups' data, so only the in-process engines log it (the Flower server holds none)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import torch
 
-from data_loaders.schema import GroupData
 from models.gpo import GPO
 from utils.seeding import generator
 
@@ -19,12 +14,6 @@ from .reference import BASELINES, QuestionReference
 
 CONTEXT_CURVE = (1, 5, 10, 20, 40)
 CONTROLS = ("own", "partner", "uniform", "shuffled")
-# Every key Diagnostics.record can add to an evaluation record (engines without data add none).
-DIAGNOSTIC_KEYS = frozenset(
-    [f"{role}_{what}_{part}" for role in ("eval", "train") for part in ("seen", "unseen")
-     for what in ("alignment", "worst_alignment", "fi", "questions")]
-    + ["baselines", "eval_group_specificity", "eval_group_specificity_se", "eval_group_specificity_per_group",
-       "eval_specificity_context", "context_controls", "context_curve"])
 
 
 def seen_unseen(prefix: str, evals: dict[str, GroupEval], reference: QuestionReference) -> dict:
@@ -109,17 +98,13 @@ class Diagnostics:
         out = []
         for name, partner in sorted(partners(list(self.eval_clients), seed).items()):
             a, b = self.eval_clients[name], self.eval_clients[partner]
-            pool = torch.arange(a.local.num_questions) if a.context_pool is None else a.context_pool
+            pool = a.pool()
             shared = pool[torch.isin(a.local.qkeys.cpu()[pool], b.local.qkeys.cpu())]
             ctx = shared[torch.randperm(len(shared), generator=generator(seed, "specificity", name))[:k]]
-            mask = torch.ones(a.local.num_questions, dtype=torch.bool)
-            mask[ctx] = False
-            if a.target_mask is not None:
-                mask &= a.target_mask
-            if len(ctx) == 0 or not mask.any():
-                continue
-            partner_ctx = torch.searchsorted(b.local.qkeys.cpu(), a.local.qkeys.cpu()[ctx])
-            out.append(_Pair(name, partner, ctx, partner_ctx, mask.nonzero().squeeze(1)))
+            targets = a.targets(ctx)
+            if len(ctx) and len(targets):
+                partner_ctx = torch.searchsorted(b.local.qkeys.cpu(), a.local.qkeys.cpu()[ctx])
+                out.append(_Pair(name, partner, ctx, partner_ctx, targets))
         return out
 
     def _score_with(self, pair: _Pair, kind: str) -> GroupEval:
@@ -189,20 +174,14 @@ class Diagnostics:
                                                                       parts["eval_questions_unseen"])
         return curve
 
-    def _curve_group(self, name: str, client) -> dict[int, GroupEval]:
-        group: GroupData = client.local
-        pool = torch.arange(group.num_questions) if client.context_pool is None else client.context_pool
+    def _curve_group(self, name: str, split) -> dict[int, GroupEval]:
+        pool = split.pool()
         order = pool[torch.randperm(len(pool), generator=generator(self.eval_seed, "context_curve", name))]
-        mask = torch.ones(group.num_questions, dtype=torch.bool)
-        if client.target_mask is None:
-            order = order[:min(max(CONTEXT_CURVE), len(order) - 1)]
-            mask[order] = False
-        else:
-            order = order[:max(CONTEXT_CURVE)]
-            mask &= client.target_mask
-        if len(order) == 0 or not mask.any():
+        # without held-out targets, the targets are the questions outside the largest context
+        order = order[:max(CONTEXT_CURVE) if split.target_mask is not None else min(max(CONTEXT_CURVE), len(order) - 1)]
+        targets = split.targets(order)
+        if len(order) == 0 or not len(targets):
             return {}
-        targets = mask.nonzero().squeeze(1)
-        return {k: score_group(self.model, group, order[:k], group, targets, self.metric, self.chunk)
+        return {k: score_group(self.model, split.local, order[:k], split.local, targets, self.metric, self.chunk)
                 for k in CONTEXT_CURVE if k <= len(order)}
 

@@ -69,11 +69,19 @@ class EvalSplit:
                                   round_ if c.eval_resample else None, self.role, self.context_pool)
         if self.role == "train":
             return ctx_q, self.heldout, torch.arange(self.heldout.num_questions)
+        return ctx_q, self.local, self.targets(ctx_q)
+
+    def targets(self, ctx_q: torch.Tensor) -> torch.Tensor:
+        """The questions of `local` an evaluation scores beside the context `ctx_q`: the others in target_mask."""
         mask = torch.ones(self.local.num_questions, dtype=torch.bool)
         mask[ctx_q] = False
         if self.target_mask is not None:
             mask &= self.target_mask
-        return ctx_q, self.local, mask.nonzero().squeeze(1)
+        return mask.nonzero().squeeze(1)
+
+    def pool(self) -> torch.Tensor:
+        """The questions a context may use."""
+        return torch.arange(self.local.num_questions) if self.context_pool is None else self.context_pool
 
 
 def eval_split(group: GroupData, cfg: ClientConfig, role: str, heldout_qkeys: torch.Tensor | None = None) -> EvalSplit:
@@ -113,8 +121,7 @@ def score_group(model: GPO, ctx: GroupData, ctx_q: torch.Tensor, tgt: GroupData,
         ctx_p, tgt_p = replace(ctx, x=model.project(ctx.x)), replace(tgt, x=model.project(tgt.x))
     step = chunk if chunk and len(tgt_q) > chunk else len(tgt_q)
     try:
-        parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric)
-                 for i in range(0, len(tgt_q), step)]
+        parts = [_distances(model, ctx_p, ctx_q, tgt_p, tgt_q[i:i + step], metric) for i in range(0, len(tgt_q), step)]
     except NonFiniteError as err:
         err.group = err.group or ctx.name  # the run loop names the group that diverged
         raise

@@ -76,8 +76,7 @@ def make_adam(model: GPO, cfg: OptimConfig, state: OptimState) -> torch.optim.Ad
     return opt
 
 
-def proximal_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-                     mu: float) -> torch.Tensor:
+def proximal_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's (mu/2)·||w - w_global||² over the floating tensors of `params`, differentiable
     in `params` only (the anchor is the global weights the client received)."""
     ref = next(iter(params.values()))
