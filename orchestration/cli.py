@@ -44,7 +44,6 @@ def _add(group, name: str, default, text: str, **kw) -> None:
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    """method: 'fedavg' or 'centralized' (decides a few flags and the description)."""
     desc = {"fedavg": "Train GPO with FedAvg: one client per training group (PluralLLM).",
             "centralized": "Train GPO on the training groups' pooled data (the centralized baseline)."}[method]
     p = argparse.ArgumentParser(description=desc, formatter_class=DefaultsOnce)
@@ -54,8 +53,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     add_source_arguments(d)
     _add(d, "split_seed", None, "seed of the --group_split draw (default: --seed)", type=int)
     _add(d, "data_split", 0.9, "share of each training group's questions (qkey order) used for local training")
-    _add(d, "question_split", 0.0, "leakage-free protocol: hold this share of all questions out of all training "
-         "and score on them alone (0 = the paper's split)")
+    _add(d, "question_split", 0.0, "leakage-free: share of questions held out of all training, scored alone (0: off)")
     add_embedding_arguments(d)
     s = p.add_argument_group("synthetic data (--dataset synthetic)")
     _add(s, "syn_groups", 14, "number of groups")
@@ -75,14 +73,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     _add(m, "num_layers", 6, "transformer layers")
     _add(m, "dropout", 0.0, "dropout")
     _add(m, "bound_std", False, "std = 0.05 + 0.95·softplus instead of exp")
-    _add(m, "layer_init", "independent", "independent (paper) or clones of the first layer (released code)",
-         choices=LAYER_INITS)
-    _add(m, "context_answer", "concat", "a context answer enters as [x, y] (concat, paper) or [x, y, y·x] (product)",
-         choices=CONTEXT_ANSWERS)
+    _add(m, "layer_init", "independent", "clones: copies of the first layer (released code)", choices=LAYER_INITS)
+    _add(m, "context_answer", "concat", "[x, y] (concat, paper) or [x, y, y·x] (product)", choices=CONTEXT_ANSWERS)
     _add(m, "context_factors", 0, "F > 0: F in-context factors fitted by ridge on the context answers")
     _add(m, "factor_ridge", 1e-2, "ridge penalty of the context factors' loadings")
-    _add(m, "loss_reduction", "sum", "sum: NLL over target points (GPO); slot_mean: over padded slots (released code)",
-         choices=LOSS_REDUCTIONS)
+    _add(m, "loss_reduction", "sum", "NLL sum over targets (GPO) or mean over padded slots", choices=LOSS_REDUCTIONS)
 
     t = p.add_argument_group("training")
     _add(t, "seed", 0, "controls model init, episodes, client sampling and random group splits")
@@ -92,8 +87,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     _add(t, "min_ctx_num_qs", 10, "fewest context questions per episode")
     _add(t, "max_tar_num_qs", 100, "most target questions per episode")
     _add(t, "min_tar_num_qs", 10, "fewest target questions per episode")
-    _add(t, "episode_bounds", "flags", "flags: as given (paper); code: scaled by --data_split (released code)",
-         choices=("flags", "code"))
+    _add(t, "episode_bounds", "flags", "code: scaled by --data_split (released code)", choices=("flags", "code"))
     _add(t, "virtual_tilt", 0.0, "train on virtual groups: answers tilted by exp(tilt·z) (0 = the real groups)")
     _add(t, "grad_clip", 0.0, "largest L2 norm of one local step's gradient (0 = off, the paper)")
     _add(t, "train_batch_size", 32, "groups per step in --central_mode batched")
@@ -105,15 +99,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         _add(t, "client_fraction", 1.0, "share of training clients sampled per round")
         _add(t, "weighting", "dataset_size", "FedAvg weights: dataset_size (paper), episode_points (released code), "
              "uniform", choices=WEIGHTINGS)
-        _add(t, "client_engine", "auto", "loop: clients one after another; threads: one thread each; auto: threads "
-             "where torch uses several threads", choices=CLIENT_ENGINES)
+        _add(t, "client_engine", "auto", "auto: threads where torch uses several threads", choices=CLIENT_ENGINES)
         _add(t, "client_workers", 0, "with --client_engine threads: worker threads (0 = torch's thread count)")
-        _add(t, "save_client", False, "also save each client's locally trained weights of the last round at every "
-             "checkpoint")
+        _add(t, "save_client", False, "also save each client's locally trained weights at every checkpoint")
         _add(t, "also_centralized", False, "then train the centralized baseline in the same process")
     _add(t, "central_epochs", 1300, "centralized epochs (paper: 1300)")
-    _add(t, "central_mode", "sequential", "sequential: one step per group per epoch (paper); batched: one step per "
-         "batch (released code)", choices=CENTRAL_MODES)
+    _add(t, "central_mode", "sequential", "one step per group (paper) or per batch (code)", choices=CENTRAL_MODES)
     _add(t, "central_steps", 1, "centralized: steps per group or batch per epoch (= --epochs: compute-matched)")
 
     e = p.add_argument_group("evaluation")
@@ -133,8 +124,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         _add(g, "adaptive_temperature", 0.1, "adaptive: softmax temperature T over (1 - mean held-out alignment)")
         _add(g, "adaptive_window", 5, "adaptive: rounds of each client's held-out alignment history averaged")
         _add(g, "trim_fraction", 0.2, "trimmed_mean: share beta of values dropped at each end per coordinate")
-        _add(g, "max_weight_ratio", DEFAULT_MAX_WEIGHT_RATIO, "qfedavg/adaptive: cap on a client's weight, as a "
-             "multiple of its FedAvg weight")
+        _add(g, "max_weight_ratio", DEFAULT_MAX_WEIGHT_RATIO, "qfedavg/adaptive: cap on weight / FedAvg weight")
         _add(g, "server_opt", "none", "server optimizer on the aggregate's delta (FedOpt)", choices=SERVER_OPTS)
         _add(g, "server_lr", None, "server learning rate (default: sgd 1.0 = FedAvg, adam/yogi 1e-3)", type=float)
         _add(g, "server_beta1", 0.9, "adam/yogi: first-moment decay")
@@ -143,7 +133,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
         a = p.add_argument_group("simulated Byzantine clients (federated/attacks.py)")
         _add(a, "byzantine", 0, "number of Byzantine training clients, drawn once from --seed (0 = none)")
-        _add(a, "attack", "sign_flip", "what a Byzantine client sends (README: Aggregation strategies)", choices=ATTACKS)
+        _add(a, "attack", "sign_flip", "what a Byzantine client sends (README: Aggregation strategies)",
+             choices=ATTACKS)
         _add(a, "attack_scale", 10.0, "c of sign_flip and scale")
         _add(a, "attack_std", 1.0, "gaussian: noise std per coordinate")
         _add(a, "attack_eps", 0.5, "ipm: ε of w - ε·μ")
@@ -153,16 +144,12 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         _add(v, "dp", False, "DP-FedAvg: clip each client's update to --dp_clip, average uniformly, add Gaussian noise "
              "(needs --weighting uniform and --strategy fedavg or fedprox)")
         _add(v, "dp_clip", 0.5, "S: largest L2 norm of one client's update (near the median norm the log reports)")
-        _add(v, "dp_noise", None, "z: noise std on the mean update is z·S/m (default: solved from --dp_epsilon)",
-             type=float)
-        _add(v, "dp_epsilon", None, "privacy budget ε over all rounds; a run that would exceed it is refused",
-             type=float)
+        _add(v, "dp_noise", None, "z: noise std z·S/m on the mean update (default: from --dp_epsilon)", type=float)
+        _add(v, "dp_epsilon", None, "budget ε over all rounds; a run that would exceed it is refused", type=float)
         _add(v, "dp_delta", 1e-5, "δ of (ε, δ)-DP, well below 1/(number of clients)")
-        _add(v, "dp_clip_quantile", None, "adaptive clipping toward this quantile of the update norms (default: "
-             "fixed clip)", type=float)
+        _add(v, "dp_clip_quantile", None, "adaptive clip toward this norm quantile (default: fixed)", type=float)
         _add(v, "dp_clip_lr", 0.2, "adaptive clipping: η of the update C <- C·exp(-η(b - γ))")
-        _add(v, "dp_clip_count_std", None, "adaptive clipping: noise std on the unclipped count (default m/20)",
-             type=float)
+        _add(v, "dp_clip_count_std", None, "adaptive clip: noise std on the unclipped count (default m/20)", type=float)
         _add(v, "dp_secure_noise", None, "DP noise from the OS's secure randomness, not from --seed (default: on in "
              "a Flower deployment, else off)", action=argparse.BooleanOptionalAction)
 
@@ -173,17 +160,14 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         _add(f, "min_clients", 1, "fewest training clients whose replies a round aggregates")
         _add(f, "round_timeout", 0.0, "flower: seconds to wait for a round's replies (0 = all)")
         _add(f, "node_wait", 120.0, "flower: seconds to wait for every group's node")
-        _add(f, "sim_backend", "thread", "flower simulation: virtual clients in threads or in Ray workers",
-             choices=("thread", "ray"))
+        _add(f, "sim_backend", "thread", "flower simulation: threads or Ray workers", choices=("thread", "ray"))
         _add(f, "sim_client_cpus", 1.0, "flower simulation: CPU cores per virtual client")
         _add(f, "sim_client_gpus", 0.0, "flower simulation, ray backend: GPUs per virtual client")
         _add(f, "secagg", False, "flower: Flower's SecAgg+ (the server sees only the sum of masked weights)")
-        _add(f, "secagg_num_shares", 1.0, "secagg: shares per secret: an integer >= 3, or a share of the clients",
-             type=share_count)
-        _add(f, "secagg_threshold", 0.67, "secagg: shares to rebuild a secret: an integer >= 2, or a fraction",
-             type=share_count)
+        _add(f, "secagg_num_shares", 1.0, "secagg: shares per secret: >= 3, or a fraction", type=share_count)
+        _add(f, "secagg_threshold", 0.67, "secagg: shares to rebuild a secret: >= 2, or a fraction", type=share_count)
         _add(f, "secagg_clip_range", DEFAULT_CLIP_RANGE, "secagg: every scaled weight must lie in [-R, R]")
-        _add(f, "secagg_quant_range", DEFAULT_QUANT_RANGE, "secagg: levels a weight is quantised to (clients x levels < 2**32)")
+        _add(f, "secagg_quant_range", DEFAULT_QUANT_RANGE, "secagg: quantisation levels (clients x levels < 2**32)")
 
     o = p.add_argument_group("output")
     _add(o, "out_dir", None, "run folder (default runs/<timestamp>_<method>_s<seed>)")
@@ -228,8 +212,7 @@ def add_source_arguments(d, datasets=DATASETS, required: bool = False) -> None:
          "paper's 8 countries for globalqa)", type=group_names)
     _add(d, "eval_groups", None, "comma-separated held-out evaluation groups (default: the paper's 6 for globalqa)",
          type=group_names)
-    _add(d, "group_split", None, "seeded random train share of the groups (opinionqa and synthetic default to 0.6)",
-         type=float)
+    _add(d, "group_split", None, "seeded train share of the groups (default: 0.6 for opinionqa, synthetic)", type=float)
 
 
 def add_embedding_arguments(d) -> None:

@@ -77,7 +77,6 @@ def backend_config(fed) -> dict:
 
 
 def run_simulation_engine(args, log=print) -> dict:
-    """Run the experiment of `args` through Flower's simulation runtime; returns the summary."""
     os.environ.update(QUIET_ENV)
     run = run_config(args)  # checked by the caller (entry.py)
     fed = run.federation

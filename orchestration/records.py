@@ -61,7 +61,6 @@ def gzip_bytes(data: bytes) -> bytes:
 
 
 def record_files(run_dir: Path, source: str) -> dict[str, bytes]:
-    """The record's file names and bytes, built from a finished (or diverged) run folder."""
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir} holds no run (no config.json)", "point at a run folder")
     if not (run_dir / "summary.json").is_file() and not (run_dir / "failed.json").is_file():

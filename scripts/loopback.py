@@ -1,9 +1,9 @@
-"""Start a SuperLink and one SuperNode per group on 127.0.0.1 (flower_app/loopback.py), until Ctrl+C or SIGTERM.
+"""Start a SuperLink and one SuperNode per group on 127.0.0.1 (insecure: loopback only) until Ctrl+C or SIGTERM.
 
     python scripts/loopback.py --groups g00,g01,g02      # then, in another shell, the printed `flwr run`
 
-Stops on SIGINT and SIGTERM (exit 130 / 143) and makes itself the subreaper, so an orphaned ClientApp
-is reaped too.
+The federation is flower_app/loopback.py's. Stops on SIGINT and SIGTERM (exit 130 / 143) and makes itself
+the subreaper, so an orphaned ClientApp is reaped too.
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from utils.interrupts import exit_code, signals_raise  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Start a SuperLink and one SuperNode per group on 127.0.0.1 "
-                                            "(insecure: loopback only) until Ctrl+C or SIGTERM.")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", default="g00,g01,g02", help="comma-separated groups, one SuperNode each")
     p.add_argument("--dataset", default="synthetic", help="dataset every SuperNode holds")
     p.add_argument("--data_path", default=None, help="data path given to every SuperNode (real datasets)")
