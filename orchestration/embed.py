@@ -46,7 +46,6 @@ def considered_groups(args: argparse.Namespace) -> list[str]:
 
 
 def describe(raw: RawDataset, log: Callable[[str], None]) -> None:
-    """Groups, questions per group, options per question, and what the loader dropped."""
     for line in raw.report.lines():
         log(line)
     sizes = np.diff(raw.bank.offsets)

@@ -15,7 +15,6 @@ from flwr.serverapp import Grid, ServerApp
 from data_loaders.datasets import chosen_groups
 from flower_app.federation import discover, federated_data, make_setup
 from orchestration.cli import build_parser
-from orchestration.config import RunConfig
 from orchestration.experiment import check_flags, run_method
 from utils.atomic_write import atomic_write_bytes
 from utils.errors import DataError
@@ -33,13 +32,7 @@ def args_from_run_config(run_config: dict):
     except SystemExit as err:  # argparse already printed what is wrong
         raise DataError(f"the run config's flags are not valid main_fl.py flags: {text!r}",
                         "python main_fl.py --help lists them") from err
-    args.engine = "flower"
     return args
-
-
-def resolve_groups(run: RunConfig) -> tuple[list[str], list[str]]:
-    """The train/eval groups prepare_experiment would choose, without loading any data."""
-    return chosen_groups(run.data)
 
 
 def default_secure_noise(args, runtime: str) -> None:
@@ -54,7 +47,7 @@ def run_federation(grid: Grid, args, runtime: str, log=print) -> dict:
     args.engine = "flower"
     default_secure_noise(args, runtime)
     run = check_flags(args)
-    train, evals = resolve_groups(run)
+    train, evals = chosen_groups(run.data)  # without loading any data
     setup = make_setup(run.data, run.client, run.model, run.federation.device, run.server.weighting, train, evals)
     log(f"flower ({runtime}): waiting for the nodes of {len(train)} train + {len(evals)} eval groups")
     reports = discover(grid, setup, train + evals, run.federation.node_wait, log)

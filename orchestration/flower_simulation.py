@@ -14,9 +14,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
+from data_loaders.datasets import chosen_groups
 from flower_app.client_app import make_client_app
 from orchestration.config import run_config
-from orchestration.flower_server import make_server_app, resolve_groups
+from orchestration.flower_server import make_server_app
 from utils.errors import DataError
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -76,15 +77,13 @@ def backend_config(fed) -> dict:
 
 
 def run_simulation_engine(args, log=print) -> dict:
-    """Run the experiment of `args` through Flower's simulation runtime; returns the summary."""
     os.environ.update(QUIET_ENV)
-    args.engine = "flower"
     run = run_config(args)  # checked by the caller (entry.py)
     fed = run.federation
     from flwr.simulation import run_simulation
 
-    train, evals = resolve_groups(run)
-    groups = list(train) + list(evals)
+    train, evals = chosen_groups(run.data)
+    groups = [*train, *evals]
     outcome: dict = {}
     log(f"flower simulation ({fed.sim_backend} backend): {len(groups)} virtual SuperNodes, one per group")
     with use_backend(fed.sim_backend):

@@ -53,16 +53,13 @@ _STATS = (("alignment_score", "alignment_score"), ("group_scores", "group_scores
 
 def eval_record(round_: int, evals, trains, window_losses: list[dict], grad_steps: int,
                 points: int, wall: float) -> dict:
-    rec = {"round": round_}
-    if window_losses:
-        per_client: dict[str, list[float]] = {}
-        for w in window_losses:
-            for n, v in w["train_loss_per_client"].items():
-                per_client.setdefault(n, []).append(v)
-        rec["train_loss"] = sum(w["train_loss"] for w in window_losses) / len(window_losses)
-        rec["train_loss_per_client"] = {n: sum(v) / len(v) for n, v in sorted(per_client.items())}
-    else:
-        rec["train_loss"], rec["train_loss_per_client"] = None, {}
+    per_client: dict[str, list[float]] = {}
+    for w in window_losses:
+        for n, v in w["train_loss_per_client"].items():
+            per_client.setdefault(n, []).append(v)
+    mean_loss = sum(w["train_loss"] for w in window_losses) / len(window_losses) if window_losses else None
+    rec = {"round": round_, "train_loss": mean_loss,
+           "train_loss_per_client": {n: sum(v) / len(v) for n, v in sorted(per_client.items())}}
     for prefix, scored in (("eval", evals), ("train", trains)):
         stats = group_stats(scored)
         rec.update({f"{prefix}_{key}": stats[name] for key, name in _STATS})
@@ -96,13 +93,10 @@ class ProgressLines:
             parts.append(f"eval alignment {shown['eval_alignment_score']:.4f}"
                          + (f" (worst group {worst:.4f})" if worst is not None else "")
                          + ("" if rec is not None else f" at round {shown['round']}"))
-            if shown.get("eval_alignment_unseen") is not None:
-                parts.append(f"unseen questions {shown['eval_alignment_unseen']:.4f}")
-            consensus = (shown.get("baselines") or {}).get("consensus", {}).get("eval_alignment_score")
-            if consensus is not None:
-                parts.append(f"consensus {consensus:.4f}")
-            if shown.get("eval_group_specificity") is not None:
-                parts.append(f"specificity {shown['eval_group_specificity']:+.4f}")
+            optional = (("unseen questions", shown.get("eval_alignment_unseen"), ".4f"),
+                        ("consensus", (shown.get("baselines") or {}).get("consensus", {}).get("eval_alignment_score"),
+                         ".4f"), ("specificity", shown.get("eval_group_specificity"), "+.4f"))
+            parts += [f"{label} {value:{fmt}}" for label, value, fmt in optional if value is not None]
         if "dp_epsilon" in server:
             parts.append(f"ε {server['dp_epsilon']:.2f}")
         if rec is not None and rec.get("comm_bytes_total"):
@@ -192,17 +186,17 @@ class RunLoop:
         if not self.resumed:  # resumed from round 0's checkpoint: round 0 is logged already
             self._evaluate(0, [], t0)
         window: list[dict] = []
-        bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=self.trainer.method,
-                   unit="round", dynamic_ncols=True, disable=None)
-        lines = ProgressLines(self.trainer.method, self.cfg.rounds, self.start_round, self.cfg.log_every, self.log)
-        last = None
+        method, last = self.trainer.method, None
+        bar = tqdm(range(self.start_round + 1, self.cfg.rounds + 1), desc=method, unit="round", dynamic_ncols=True,
+                   disable=None)
+        lines = ProgressLines(method, self.cfg.rounds, self.start_round, self.cfg.log_every, self.log)
         for rnd in bar:
             self.current_round = rnd
             try:
                 stats = self.trainer.train_round(rnd)
             except StopTraining as stop:  # nothing of round rnd was released: end at rnd - 1
                 self.stopped = f"{str(stop).splitlines()[0]} (stopped before round {rnd})"
-                self.log(f"{self.trainer.method}: {self.stopped}")
+                self.log(f"{method}: {self.stopped}")
                 if window:
                     self._evaluate(rnd - 1, window, t0)
                 break
@@ -210,13 +204,11 @@ class RunLoop:
             window.append(self._log_round(losses, rnd, stats, server))
             rec = None
             if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
-                rec = self._evaluate(rnd, window, t0)
-                last, window = rec, []
-            postfix = {"loss": f"{stats['train_loss']:.3f}",
-                       "align": "-" if last is None else f"{last['eval_alignment_score']:.4f}"}
-            if "dp_epsilon" in server:
-                postfix["eps"] = f"{server['dp_epsilon']:.2f}"
-            bar.set_postfix(postfix)
+                rec = last = self._evaluate(rnd, window, t0)
+                window = []
+            eps = {"eps": f"{server['dp_epsilon']:.2f}"} if "dp_epsilon" in server else {}
+            bar.set_postfix({"loss": f"{stats['train_loss']:.3f}",
+                             "align": "-" if last is None else f"{last['eval_alignment_score']:.4f}", **eps})
             lines(rnd, stats["train_loss"], rec, last, server)
         losses.close()
         return self._finish(t0)
@@ -227,9 +219,8 @@ class RunLoop:
         self.points += stats["points"]
         comm = stats.get("comm") or {}  # none for a centralized epoch
         if comm:
-            self.comm["down"] += comm["comm_bytes_down"]
-            self.comm["up"] += comm["comm_bytes_up"]
-            comm = {**comm, "comm_bytes_down_total": self.comm["down"], "comm_bytes_up_total": self.comm["up"]}
+            self.comm = {k: total + comm[f"comm_bytes_{k}"] for k, total in self.comm.items()}
+            comm = {**comm, **{f"comm_bytes_{k}_total": total for k, total in self.comm.items()}}
         row = {"round": rnd, "train_loss": stats["train_loss"], "train_loss_per_client": stats["train_loss_per_client"],
                "grad_steps": self.grad_steps, "points": self.points, **server, **comm}
         losses.write(row)

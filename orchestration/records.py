@@ -61,7 +61,6 @@ def gzip_bytes(data: bytes) -> bytes:
 
 
 def record_files(run_dir: Path, source: str) -> dict[str, bytes]:
-    """The record's file names and bytes, built from a finished (or diverged) run folder."""
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir} holds no run (no config.json)", "point at a run folder")
     if not (run_dir / "summary.json").is_file() and not (run_dir / "failed.json").is_file():
@@ -183,7 +182,7 @@ def commit_record(record: Path, log=print, attempts: int = 5, wait_s: float = 2.
     return False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestration.records",
                                 description="Write the commit-sized record of finished run folders.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders under runs/")
@@ -191,11 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"records root (default ${RECORDS_ENV}, else results/ at the repository root)")
     p.add_argument("--commit_records", action="store_true",
                    help="git-commit each record, and nothing else, in the repository holding it")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
     records_dir = Path(args.records_dir) if args.records_dir else default_records_dir()
 
     def record_all() -> None:

@@ -68,14 +68,13 @@ def run_identity(config: dict) -> dict:
 def fingerprint(config: dict) -> str:
     """Hash of the identity with keys at their added-flag defaults dropped, so a folder from
     before a flag existed and one written now with the flag at its default hash alike."""
-    ident = run_identity(config)
-    defaults = added_defaults(config.get("method"))
-    ident = {k: v for k, v in ident.items() if not (k in defaults and v == defaults[k])}
-    if isinstance(ident.get("model_config"), dict):
-        ident["model_config"] = {k: v for k, v in ident["model_config"].items()
-                                 if not (f"model_config.{k}" in defaults and v == defaults[f"model_config.{k}"])}
-    blob = json.dumps(ident, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    ident = _without_defaults(run_identity(config), added_defaults(config.get("method")))
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _without_defaults(ident: dict, defaults: dict, prefix: str = "") -> dict:
+    return {k: _without_defaults(v, defaults, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in ident.items() if not (f"{prefix}{k}" in defaults and v == defaults[f"{prefix}{k}"])}
 
 
 def added_defaults(method: str | None) -> dict:

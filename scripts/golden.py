@@ -168,7 +168,7 @@ def compare(name: str, got: dict[str, list[str]], golden_dir: Path = GOLDEN_DIR,
                 f"torch {here['torch']}): {worst[1]}")
 
 
-def write(names: list[str], golden_dir: Path = GOLDEN_DIR) -> None:
+def write(names: list[str], golden_dir: Path = GOLDEN_DIR) -> int:
     golden_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
         for name in names:
@@ -178,6 +178,7 @@ def write(names: list[str], golden_dir: Path = GOLDEN_DIR) -> None:
                 (golden_dir / name / log).write_text("\n".join(lines) + "\n")
             print(f"wrote {name}: " + ", ".join(f"{log} {len(v)} lines" for log, v in logs.items()), flush=True)
     (golden_dir / "MACHINE.json").write_text(json.dumps(machine(), indent=2, sort_keys=True) + "\n")
+    return 0
 
 
 def check(names: list[str]) -> int:
@@ -201,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     names = opts.cases or list(CASES)
-    if opts.write:
-        write(names)
-        return 0
-    return check(names)
+    return write(names) if opts.write else check(names)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,10 @@
         -- --dataset opinionqa --emb_model minilm --question_split 0.2 --seed 0
     python scripts/group_signal.py --table benchmarks/results/group_use/signal_*.json   # the report's table
 
-On a run's split, targets and metric, each rule predicts a group's targets from its 20 context answers:
-- nearest groups (seen questions): the training groups' answers weighted by softmax(−β · their mean
-  distance to the context answers); β = 0 is the consensus.
-- fold-in (seen questions): the consensus plus a ridge-fitted combination of the training groups'
-  deviations from it, as collaborative filtering folds in a new user.
-- linear tilt: p ∝ consensus · exp(z · w), z the centred option embedding, w fitted by ridge-penalised
-  maximum likelihood on the context (or, `oracle`, on 80% of all the group's questions).
-Specificity = own − partner context answers (the run's seeded derangement). Evaluation groups use the
-training groups' consensus, training groups that of the others (leave-one-out), outside the held-out set.
+On a run's split, targets and metric, each rule (nearest groups, fold-in, linear tilt; each function
+says how, docs/results/group_specificity.md §2 what it found) predicts a group's targets from its context
+answers, own or its partner's (the run's seeded derangement): specificity = own − partner. Evaluation
+groups use the training groups' consensus, training groups that of the others, outside the held-out set.
 """
 from __future__ import annotations
 
@@ -76,7 +71,8 @@ def consensus(groups: list[Group], keys: list[int], k_max: int) -> tuple[np.ndar
 
 
 def tilt_fit(base: np.ndarray, z: np.ndarray, mask: np.ndarray, p: np.ndarray, ridge: float) -> np.ndarray:
-    """w maximising Σ p·log softmax(log base + z·w) − ridge/2 ‖w‖² over the given questions."""
+    """w of the linear tilt p ∝ base · exp(z · w) (z the centred option embedding): maximising
+    Σ p·log softmax(log base + z·w) − ridge/2 ‖w‖² over the given questions."""
     lb = torch.as_tensor(np.log(np.clip(base, 1e-9, None)))
     zt, pt, mt = torch.as_tensor(z), torch.as_tensor(p), torch.as_tensor(mask)
     w = torch.zeros(z.shape[-1], dtype=torch.float64, requires_grad=True)
@@ -100,7 +96,8 @@ def tilted(base: np.ndarray, z: np.ndarray, mask: np.ndarray, w: np.ndarray) -> 
 
 def nearest(ctx_p: np.ndarray, ctx_mask: np.ndarray, others: list[np.ndarray], other_tgt: list[np.ndarray],
             beta: float) -> np.ndarray:
-    """Training groups' target answers weighted by softmax(−β · mean TV to the context answers)."""
+    """Training groups' target answers weighted by softmax(−β · mean TV to the context answers); β = 0 is
+    the consensus. Seen questions only."""
     d = np.array([0.5 * np.abs(np.where(ctx_mask, ctx_p - o, 0)).sum(-1).mean() for o in others])
     w = np.exp(-beta * (d - d.min()))
     w /= w.sum()
@@ -109,8 +106,8 @@ def nearest(ctx_p: np.ndarray, ctx_mask: np.ndarray, others: list[np.ndarray], o
 
 def fold_in(ctx_p: np.ndarray, ctx_mask: np.ndarray, ctx_cons: np.ndarray, others: list[np.ndarray],
             other_tgt: list[np.ndarray], tgt_cons: np.ndarray, tgt_mask: np.ndarray, ridge: float) -> np.ndarray:
-    """Consensus plus a ridge-fitted combination of the training groups' deviations from it:
-    the group as a point in the span of the training groups (collaborative filtering's fold-in)."""
+    """Consensus plus a ridge-fitted combination of the training groups' deviations from it: the group as
+    a point in the span of the training groups (collaborative filtering's fold-in). Seen questions only."""
     dev_ctx = np.stack([(o - ctx_cons)[ctx_mask] for o in others], 1)        # [points, T]
     a = np.linalg.solve(dev_ctx.T @ dev_ctx + ridge * np.eye(dev_ctx.shape[1]),
                         dev_ctx.T @ (ctx_p - ctx_cons)[ctx_mask])
@@ -124,42 +121,39 @@ def probe(group: Group, partner: Group, pool: list[Group], metric: str, n_ctx: i
     """Scores of every rule on `draws` random context/target splits of `group`'s questions."""
     rows = np.flatnonzero(group.trainable) if group.trainable.any() else np.arange(len(group.keys))
     shared = [r for r in rows if group.keys[r] in partner.row]
-    k_max = group.p.shape[1]
     out: dict[str, list[float]] = {}
-    add = lambda key, v: out.setdefault(key, []).append(v)  # noqa: E731
-    cons, seen = consensus(pool, group.keys, k_max)  # the same for every draw
+
+    def add(key: str, rows: np.ndarray, pred: np.ndarray) -> None:
+        out.setdefault(key, []).append(score(group, rows, pred, metric))
+    cons, seen = consensus(pool, group.keys, group.p.shape[1])  # the same for every draw
     for _ in range(draws):
         ctx = rng.choice(shared, n_ctx, replace=False)
         tgt = np.setdiff1d(np.arange(len(group.keys)), ctx)
         tgt_seen = tgt[seen[tgt]]
         ctx_keys = [group.keys[r] for r in ctx]
+        ctx_mask, tgt_mask = group.mask[ctx], group.mask[tgt_seen]
         answers = {"own": group.p[ctx], "partner": np.stack([partner.p[partner.row[k]] for k in ctx_keys])}
-        add("uniform_seen", score(group, tgt_seen, np.where(group.mask[tgt_seen], 1, 0) /
-                                  group.mask[tgt_seen].sum(-1, keepdims=True), metric))
-        add("consensus_seen", score(group, tgt_seen, cons[tgt_seen], metric))
+        add("uniform_seen", tgt_seen, np.where(tgt_mask, 1, 0) / tgt_mask.sum(-1, keepdims=True))
+        add("consensus_seen", tgt_seen, cons[tgt_seen])
         usable = [o for o in pool if all(k in o.row for k in ctx_keys + [group.keys[r] for r in tgt_seen])]
         ctx_others = [o.p[[o.row[k] for k in ctx_keys]] for o in usable]
         tgt_others = [o.p[[o.row[group.keys[r]] for r in tgt_seen]] for o in usable]
         for who, ans in answers.items():
             for beta in BETAS[1:]:
-                pred = nearest(ans, group.mask[ctx], ctx_others, tgt_others, beta)
-                add(f"nearest_b{beta:g}_{who}", score(group, tgt_seen, pred, metric))
+                add(f"nearest_b{beta:g}_{who}", tgt_seen, nearest(ans, ctx_mask, ctx_others, tgt_others, beta))
             for ridge in FOLDS:
-                pred = fold_in(ans, group.mask[ctx], cons[ctx], ctx_others, tgt_others, cons[tgt_seen],
-                               group.mask[tgt_seen], ridge)
-                add(f"foldin_r{ridge:g}_{who}", score(group, tgt_seen, pred, metric))
+                add(f"foldin_r{ridge:g}_{who}", tgt_seen, fold_in(ans, ctx_mask, cons[ctx], ctx_others, tgt_others,
+                                                                  cons[tgt_seen], tgt_mask, ridge))
             for ridge in RIDGES:
-                w = tilt_fit(cons[ctx], group.z[ctx], group.mask[ctx], ans, ridge)
-                add(f"tilt_r{ridge:g}_{who}", score(group, tgt_seen, tilted(cons[tgt_seen], group.z[tgt_seen],
-                                                                              group.mask[tgt_seen], w), metric))
+                w = tilt_fit(cons[ctx], group.z[ctx], ctx_mask, ans, ridge)
+                add(f"tilt_r{ridge:g}_{who}", tgt_seen, tilted(cons[tgt_seen], group.z[tgt_seen], tgt_mask, w))
     # how much one direction of the embedding space explains, given 80% of the group's questions
-    rows_seen = np.flatnonzero(seen)
-    perm = rng.permutation(rows_seen)
+    perm = rng.permutation(np.flatnonzero(seen))
     fit, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
     for ridge in RIDGES:
         w = tilt_fit(cons[fit], group.z[fit], group.mask[fit], group.p[fit], ridge)
-        add(f"oracle_tilt_r{ridge:g}", score(group, test, tilted(cons[test], group.z[test], group.mask[test], w), metric))
-    add("oracle_consensus", score(group, test, cons[test], metric))
+        add(f"oracle_tilt_r{ridge:g}", test, tilted(cons[test], group.z[test], group.mask[test], w))
+    add("oracle_consensus", test, cons[test])
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 

@@ -37,11 +37,6 @@ PROTOCOL = ["--dataset", "synthetic", "--syn_groups", "10", "--syn_questions", "
 CHECKPOINTS = (0, 10, 30, 100, 200, 300)
 
 
-def build(seed: int, extra: list[str]):
-    run, data = run_and_data([*PROTOCOL, "--seed", str(seed), *extra], "centralized")
-    return make_trainer(replace(run, client=replace(run.client, metric="jsd")), data, "cpu"), data
-
-
 # --- specificity -------------------------------------------------------------------------
 def pair_episode(diag: Diagnostics, pair, kind: str):
     """The episode `Diagnostics` scores a pair on, with context answers `kind` (own / partner)."""
@@ -57,9 +52,9 @@ def specificity_block(diag: Diagnostics, train_diag: Diagnostics, heldout_diag: 
     moves = []
     with torch.no_grad():
         for pair in diag.pairs:
-            own, other = (diag.model.predict(pair_episode(diag, pair, k))[0] for k in ("own", "partner"))
-            ep = pair_episode(diag, pair, "own")
-            moves.append(torch.zeros(ep.num_tgt_q).index_add_(0, ep.tgt_seg[0], (own - other).abs()) / 2)
+            ep, other = pair_episode(diag, pair, "own"), pair_episode(diag, pair, "partner")
+            tv = (diag.model.predict(ep)[0] - diag.model.predict(other)[0]).abs()
+            moves.append(torch.zeros(ep.num_tgt_q).index_add_(0, ep.tgt_seg[0], tv) / 2)
     return {"specificity": spec["eval_group_specificity"], "specificity_se": spec["eval_group_specificity_se"],
             "train_specificity": train_diag.specificity()["eval_group_specificity"],
             "train_heldout_specificity": heldout_diag.specificity()["eval_group_specificity"],
@@ -168,7 +163,8 @@ def main(argv=None) -> dict:
     p.add_argument("extra", nargs="*", help="trainer flags after --, override the protocol's")
     a = p.parse_args(argv)
     checkpoints = sorted(int(c) for c in a.checkpoints.split(","))
-    trainer, data = build(a.seed, a.extra)
+    run, data = run_and_data([*PROTOCOL, "--seed", str(a.seed), *a.extra], "centralized")
+    trainer = make_trainer(replace(run, client=replace(run.client, metric="jsd")), data, "cpu")
     diag, cfg = trainer.diagnostics, trainer.cfg
     train_diag = Diagnostics(diag.model, diag.train_clients, diag.train_clients, diag.metric, cfg.eval_num_qs,
                              cfg.eval_seed)

@@ -18,6 +18,7 @@ from conftest import DIAGNOSTIC_KEYS
 from flwr.app import Context, Error, Message, RecordDict
 
 import flower_app.node as node_mod
+from data_loaders.datasets import chosen_groups
 from data_loaders.schema import DataError
 from flower_app.client_app import make_client_app
 from flower_app.federation import make_setup
@@ -35,7 +36,7 @@ from flower_app.protocol import (
 from orchestration.cli import build_parser
 from orchestration.config import run_config
 from orchestration.entry import main
-from orchestration.flower_server import resolve_groups, run_federation
+from orchestration.flower_server import run_federation
 from training.evaluation import GroupEval
 from utils.checkpoint import load_checkpoint
 
@@ -107,7 +108,7 @@ def parse(out: Path, *extra):
 
 def local_run(out: Path, *extra, app=None, **grid_kw):
     args = parse(out, *extra)
-    train, evals = resolve_groups(run_config(args))
+    train, evals = chosen_groups(run_config(args).data)
     grid = LocalGrid(app or make_client_app(train + evals), train + evals, **grid_kw)
     logs: list[str] = []
     summary = run_federation(grid, args, runtime="local-test", log=logs.append)
@@ -136,7 +137,7 @@ def inprocess(tmp_path_factory):
 
 def test_resolved_groups_match_the_in_process_split(inprocess):
     config = json.loads((inprocess / "config.json").read_text())
-    assert resolve_groups(run_config(parse(inprocess))) == (TRAIN, EVAL)
+    assert chosen_groups(run_config(parse(inprocess)).data) == (TRAIN, EVAL)
     assert (config["train_groups"], config["eval_groups"]) == (TRAIN, EVAL)
 
 
@@ -258,7 +259,7 @@ def test_erroring_client_is_left_out_logged_and_the_run_continues(tmp_path):
 
 def test_silent_node_times_out_and_is_left_out(tmp_path):
     args = parse(tmp_path / "t", "--round_timeout", "0.3", "--comm_round", "1")
-    train, evals = resolve_groups(run_config(args))
+    train, evals = chosen_groups(run_config(args).data)
     grid = LocalGrid(make_client_app(train + evals), train + evals)
     grid.dead.add(101)  # g01's node: joins, then never answers again
     original = grid.push_messages
@@ -360,7 +361,7 @@ def test_node_loads_exactly_its_groups_tensors_from_real_data(globalqa_csv, monk
                                               "--emb_model", "minilm", "--quiet"])
     run = run_config(args)
     data = prepare_experiment(run.data, log=lambda *a: None)
-    train, evals = resolve_groups(run)
+    train, evals = chosen_groups(run.data)
     assert (sorted(data.train), sorted(data.eval)) == (sorted(train), sorted(evals))
     for group, want in [(train[0], data.train[train[0]]), (evals[-1], data.eval[evals[-1]])]:
         got, has_ordinals, info = load_group(run.data, group, train + evals, log=lambda *a: None)

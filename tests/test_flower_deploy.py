@@ -1,14 +1,14 @@
 """Real processes: a SuperLink and one SuperNode per group on 127.0.0.1, runs started with `flwr run`.
 
 The federation is what docs/federation.md tells users to start, minus TLS (`--insecure`
-on loopback), through flower_app.loopback: the SuperLink with runtime dependency
+on loopback), through flower_app/loopback.py: the SuperLink with runtime dependency
 installation disabled (nothing is downloaded; nodes use this environment), each
 SuperNode pointed at its own group by --node-config. The fixture's teardown stops every
 process with its descendants (SuperExec, ServerApp, ClientApp) and fails if any survives.
 Every wait is a poll with a deadline.
 
 Also here: a SecAgg+ run on the same processes (test_secure_aggregation_...), and the
-`python -m flower_app.loopback` command itself: SIGTERM and SIGINT stop and reap every
+`python scripts/loopback.py` command itself: SIGTERM and SIGINT stop and reap every
 Flower process it started, and its printed `flwr run` line names the run folder the
 ServerApp will really write.
 """
@@ -205,8 +205,8 @@ def test_loopback_command_stops_and_reaps_every_process_on_a_signal(tmp_path, si
     makes it slower; whatever happens, every process it started is killed at the end."""
     root = tmp_path / "loopback root"  # a space: the printed command must quote it
     home = root / "flwr_home"
-    proc = subprocess.Popen([sys.executable, "-m", "flower_app.loopback", "--groups", "g00", "--root", str(root)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    argv = [sys.executable, str(REPO / "scripts" / "loopback.py"), "--groups", "g00", "--root", str(root)]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         printed = []

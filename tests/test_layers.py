@@ -172,11 +172,6 @@ def test_the_checks_see_what_they_forbid(tmp_path, monkeypatch):
     assert hidden_imports() == [("utils.b", "utils.a"), ("utils.c", "utils.b")]
 
 
-# Tools with their own command line (python -m flower_app.loopback, python -m utils.repair_logs) that
-# parse their own flags, not main_fl.py's.
-OWN_COMMAND_LINE = {"flower_app.loopback", "utils.repair_logs"}
-
-
 BELOW_ORCHESTRATION = [p for p, layer in LAYERS.items() if layer < LAYERS["orchestration"]]
 
 
@@ -201,7 +196,7 @@ def namespace_uses() -> list[tuple[str, str]]:
             elif isinstance(node, (ast.Name, ast.Attribute)) and getattr(node, "id", getattr(node, "attr", "")) in (
                     "Namespace", "SimpleNamespace"):
                 found.append((name, f"{getattr(node, 'id', getattr(node, 'attr', ''))} on line {node.lineno}"))
-    return [(n, w) for n, w in found if n not in OWN_COMMAND_LINE]
+    return found
 
 
 def test_engines_read_no_flags():
@@ -222,4 +217,5 @@ def test_the_flag_check_sees_what_it_forbids(tmp_path, monkeypatch):
     assert sorted(namespace_uses()) == [("data_loaders.worse", "SimpleNamespace on line 4"),
                                         ("data_loaders.worse", "args.seed on line 4"),
                                         ("federated.bad", "getattr(args, ...) on line 4"),
-                                        ("federated.bad", "import argparse")]
+                                        ("federated.bad", "import argparse"),
+                                        ("flower_app.loopback", "import argparse")]

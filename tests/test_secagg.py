@@ -29,6 +29,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 
 import federated.client as client_mod
 import flower_app.node as node_mod
+from data_loaders.datasets import chosen_groups
 from data_loaders.schema import DataError
 from federated.aggregation import aggregate
 from flower_app.client_app import make_client_app
@@ -37,7 +38,6 @@ from flower_app.secagg_server import SecAggTrainer, effective_shares
 from orchestration.cli import build_parser
 from orchestration.config import run_config
 from orchestration.entry import main
-from orchestration.flower_server import resolve_groups
 from utils.checkpoint import load_checkpoint
 
 SMALL = ["--dataset", "synthetic", "--syn_groups", "5", "--syn_questions", "40", "--syn_dim", "16",
@@ -127,7 +127,7 @@ def secure_trainer(tmp_path, *extra, app=None):
     args = parse(tmp_path / "unused", *extra)
     check_secagg_flags(args)
     run = run_config(args)
-    train, evals = resolve_groups(run)
+    train, evals = chosen_groups(run.data)
     grid = WireGrid(app or make_client_app(train + evals), train + evals)
     setup = make_setup(run.data, run.client, run.model, run.federation.device, args.weighting, train, evals)
     reports = discover(grid, setup, train + evals, 5, log=lambda *a: None)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from orchestration.entry import main
 from utils.checkpoint import latest_checkpoint, load_checkpoint
@@ -129,8 +130,8 @@ def test_a_log_written_twice_names_the_file_and_the_repair(tmp_path, capsys):
     capsys.readouterr()
     assert main("fedavg", [*flags, "--comm_round", "4", "--out_dir", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert str(losses) in err and "round 2 after round 3" in err and "python -m utils.repair_logs" in err
-    from utils.repair_logs import main as repair
+    assert str(losses) in err and "round 2 after round 3" in err and "python scripts/repair_logs.py" in err
+    repair = load_script("scripts/repair_logs.py").main
     assert repair([str(out)]) == 0
     assert [r["round"] for r in records(losses)] == [1, 2, 3, 4]
     assert main("fedavg", [*flags, "--comm_round", "4", "--out_dir", str(out), "--resume"]) == 0

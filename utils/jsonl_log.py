@@ -129,7 +129,7 @@ def check_rounds_increase(path: str | Path, records: list[dict[str, Any]]) -> No
         raise OutputDirError(
             f"{path}: record {i + 1} is round {rnd} after round {prev}; the log holds the same rounds twice "
             "(two processes appended to it at once, or it was edited)",
-            f"repair it with `python -m utils.repair_logs {Path(path).parent}` (keeps the first record of "
+            f"repair it with `python scripts/repair_logs.py {Path(path).parent}` (keeps the first record of "
             "each round, in order), then rerun with --resume")
 
 

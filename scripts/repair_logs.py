@@ -1,6 +1,6 @@
 """Repair a run folder's logs that two processes appended to at once, keeping each round's first record.
 
-    python -m utils.repair_logs runs/<run>        # then rerun the run's command with --resume
+    python scripts/repair_logs.py runs/<run>        # then rerun the run's command with --resume
 """
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.errors import UserError, exit_on_error
-from utils.jsonl_log import repair_log
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.errors import UserError, exit_on_error  # noqa: E402
+from utils.jsonl_log import repair_log  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,7 @@ def repair(folder: Path) -> None:
     for path in logs:
         kept, dropped = repair_log(path)
         print(f"{path}: kept {kept} records, dropped {dropped} repeated or out-of-order")
+
 
 if __name__ == "__main__":
     sys.exit(main())
