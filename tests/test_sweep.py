@@ -63,9 +63,11 @@ def test_group_use_preset_compares_the_context_answer_on_unseen_questions():
     assert g.base[g.base.index("--comm_round") + 1] == "300"
 
 
-def test_group_factors_preset_compares_the_fold_in_head_on_seen_questions():
+def test_group_factors_preset_compares_the_fold_in_head_and_question_ids_on_seen_questions():
     g = PRESETS["group_factors"]
-    assert g.seeds == [0, 1] and g.variants == {"concat": [], "factors4": ["--context_factors", "4"]}
+    assert g.seeds == [0, 1] and g.variants == {"concat": [], "factors4": ["--context_factors", "4"],
+                                                "ids": ["--question_ids"],
+                                                "ids_factors4": ["--question_ids", "--context_factors", "4"]}
     assert g.baseline == "concat" and "--question_split" not in g.base
     assert g.base[g.base.index("--comm_round") + 1] == "300"
 
